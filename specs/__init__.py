@@ -1,0 +1,1 @@
+"""The nlgraph spec library: YAML specs addressable by short name (``hope``, ``equiv/...``)."""
