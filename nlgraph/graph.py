@@ -87,21 +87,6 @@ def _memory_io(memory: Any, width_in: int, where: str, path: str) -> tuple[int, 
     return heads, d_in, d_out
 
 
-def _memory_params(memory: Any, d_in: int, d_out: int) -> int:
-    h = memory.heads
-    if isinstance(memory, LinearMemorySpec):
-        return h * d_in * d_out
-    from .spec.schema import resolve_width
-
-    hidden = resolve_width(memory.hidden, d_in)
-    gated = getattr(memory, "activation", "") in ("swiglu", "geglu")
-    dims = [d_in] + [hidden] * (memory.depth - 1) + [d_out]
-    n = 0
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        n += a * b * (2 if gated and i < len(dims) - 2 else 1) + (b if memory.bias else 0)
-    return h * n
-
-
 # --------------------------------------------------------------------------- builder
 
 
@@ -127,7 +112,7 @@ class _Builder:
     def build(self) -> nx.DiGraph:
         spec, g = self.spec, self.g
         self.node("embed", kind="embed", label="embed", frequency="never", path="model.vocab",
-                  block=None, order=-1, params=spec.model.vocab * self.d)
+                  block=None, order=-1)
         prev = "embed"
         order = 0
         used = set()
@@ -137,8 +122,8 @@ class _Builder:
                 bpath = f"model.blocks[{b}][{j}]"
                 if name not in spec.levels:
                     raise GraphError(
-                        f"unknown level '{name}'{did_you_mean(name, spec.levels) or ''}; "
-                        f"defined levels: {', '.join(spec.levels)}",
+                        f"unknown level '{name}' (defined: {', '.join(spec.levels)})"
+                        f"{did_you_mean(name, spec.levels)}",
                         nodes=[f"b{b}.{name}"],
                         path=bpath,
                     )
@@ -158,8 +143,7 @@ class _Builder:
             for name, nid in names.items():
                 self.wire_reads(nid, name, spec.levels[name], names, b)
         self.node("head", kind="head", label="head", frequency="never", path="model",
-                  block=None, order=order,
-                  params=0 if spec.model.tie_embeddings else spec.model.vocab * self.d)
+                  block=None, order=order)
         self.edge(prev, "head", "stream")
         g.graph["unused"] = [n for n in spec.levels if n not in used]
         self.check_cycles()
@@ -179,18 +163,16 @@ class _Builder:
                     path=f"{path}.heads",
                 )
             kv = entry.kv_heads or heads
-            params = self.d * d_head * (heads + 2 * kv) + heads * d_head * self.d
-            params += entry.persistent_tokens * 2 * kv * d_head
             for role in ("keys", "values", "queries"):
                 self.check_stream(nid, path, role, getattr(entry, role),
                                   (kv if role != "queries" else heads) * d_head)
             self.node(nid, kind="attention", label=name, frequency=None, path=path, block=b,
-                      order=order, spec=entry, params=params,
+                      order=order, spec=entry, heads=heads, d_head=d_head,
                       family="sliding-window attention" if entry.window else "softmax attention")
             return
         if isinstance(entry, ChainSpec):
             self.node(nid, kind="chain", label=name, frequency=None, path=path, block=b,
-                      order=order, spec=entry, params=0)
+                      order=order, spec=entry)
             last = None
             for j, link in enumerate(entry.levels):
                 lid = f"{nid}[{j}]"
@@ -211,9 +193,6 @@ class _Builder:
                             path=f"{lpath}.frequency",
                         )
                 last = lid
-            self.g.nodes[nid]["params"] = sum(
-                self.g.nodes[f"{nid}[{j}]"]["params"] for j in range(len(entry.levels))
-            )
             self.g.nodes[nid]["periods"] = [lv.frequency for lv in entry.levels]
             return
         self.add_level(nid, name, entry, b, order, path)
@@ -221,8 +200,6 @@ class _Builder:
     def add_level(self, nid: str, label: str, lv: LevelSpec, b: int, order: int, path: str) -> None:
         d = self.d
         heads, d_in, d_out = _memory_io(lv.memory, d, nid, path)
-        params = _memory_params(lv.memory, d_in, d_out) if lv.memory.init == "learned" or (
-            not isinstance(lv.memory, LinearMemorySpec)) else 0
         if lv.objective.kind == "outer":
             if heads * d_in != d or heads * d_out != d:
                 raise GraphError(
@@ -232,12 +209,9 @@ class _Builder:
                     nodes=[nid],
                     path=f"{path}.memory",
                 )
-        else:
-            params += heads * d_out * d  # output projection
         widths = {"keys": heads * d_in, "values": heads * d_out, "queries": heads * d_in}
         self.node(nid, kind="level", label=label, frequency=lv.frequency, path=path, block=b,
-                  order=order, spec=lv, heads=heads, d_in=d_in, d_out=d_out, params=params,
-                  widths=widths)
+                  order=order, spec=lv, heads=heads, d_in=d_in, d_out=d_out, widths=widths)
         for aname, amem in lv.adaptive.items():
             aid = f"{nid}.adaptive.{aname}"
             apath = f"{path}.adaptive.{aname}"
@@ -250,8 +224,7 @@ class _Builder:
                     path=apath,
                 )
             self.node(aid, kind="adaptive", label=f"{label}.{aname}", frequency=lv.frequency,
-                      path=apath, block=b, order=order, spec=amem, out_width=ah * ao,
-                      params=_memory_params(amem, ai, ao))
+                      path=apath, block=b, order=order, spec=amem, out_width=ah * ao)
             self.edge(aid, nid, "part_of")
         if lv.objective.kind != "outer":
             for role in ("keys", "values", "queries"):
@@ -281,11 +254,8 @@ class _Builder:
                 nodes=[oid, nid],
                 path=f"{path}.level.frequency",
             )
-        h = getattr(mem, "heads", 1)
-        d_out = getattr(mem, "d_out", None) or getattr(mem, "d_value", None) or key_width
         self.node(oid, kind="optimizer", label=f"{label}.optimizer", frequency=inner.frequency,
-                  path=f"{path}.level", block=b, order=order, spec=inner,
-                  params=_memory_params(mem, key_width, d_out) if h else 0)
+                  path=f"{path}.level", block=b, order=order, spec=inner)
         self.edge(oid, nid, "optimizes")
         self.add_optimizer(oid, f"{label}.optimizer", inner, inner.optimizer, b, order,
                            f"{path}.level.optimizer", key_width)
@@ -337,8 +307,8 @@ class _Builder:
             if aname not in adaptive:
                 declared = ", ".join(adaptive) or "none"
                 raise GraphError(
-                    f"unknown adaptive projection '{aname}'{did_you_mean(aname, adaptive)} "
-                    f"(declared: {declared}); add it under 'adaptive' or read from input",
+                    f"unknown adaptive projection '{aname}' (declared: {declared}); add it under "
+                    f"'adaptive' or read from input{did_you_mean(aname, adaptive)}",
                     nodes=[nid],
                     path=f"{path}.from",
                 )
@@ -346,8 +316,8 @@ class _Builder:
             return
         if src not in self.spec.levels:
             raise GraphError(
-                f"unknown reference '{src}'{did_you_mean(src, self.spec.levels) or ''}; a source "
-                f"is input, self, adaptive.<name> or a level of the same block",
+                f"unknown reference '{src}' (a source is input, self, adaptive.<name> or a level "
+                f"of the same block){did_you_mean(src, self.spec.levels)}",
                 nodes=[nid],
                 path=f"{path}.from",
             )

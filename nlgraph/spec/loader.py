@@ -53,10 +53,11 @@ class SpecSource:
     def locate(self, path: Sequence[str | int]) -> tuple[str | None, int | None, str | None]:
         """``(file, line, override)`` for a YAML path: the override that set it, or the last file
         (main file first, then includes from the last) that writes it."""
-        dotted = _dotted(path)
+        parts = [str(p) for p in path]
         for ov in reversed(self.overrides):
-            key = ov.split("=", 1)[0].strip()
-            if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            key = ov.split("=", 1)[0].strip().split(".")
+            n = min(len(key), len(parts))
+            if n and key[:n] == parts[:n]:
                 return self.file, None, ov
         for name, text in [(self.file, self.text), *reversed(self.includes)]:
             line = _line_of(text, path)
@@ -531,6 +532,8 @@ def _restore_kinds(model: Any, data: Any) -> Any:
     if isinstance(model, BaseModel) and isinstance(data, dict):
         if "kind" in type(model).model_fields:
             data = {"kind": model.kind, **data}
+        if "from_" in type(model).model_fields and "from" not in data:
+            data = {"from": model.from_, **data}  # a gate is recognised by its `from`
         for name, f in type(model).model_fields.items():
             key = f.alias or name
             if key in data:

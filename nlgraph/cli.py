@@ -1,0 +1,218 @@
+"""The ``nlgraph`` command line.
+
+Exit codes: 0 ok, 1 invalid spec (or other user error, reported in one line), 2 usage error.
+User errors never print a traceback; set ``NLGRAPH_DEBUG=1`` to see one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import NLGraphError
+
+__all__ = ["COMMANDS", "main"]
+
+COMMANDS = ("validate", "show", "list", "schema")
+"""The sub-commands, in help order (pinned by a test)."""
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="a spec file (.yaml) or a library name such as 'hope'")
+    p.add_argument(
+        "overrides",
+        metavar="KEY=VALUE",
+        nargs="*",
+        help="overrides applied after includes, e.g. model.d_model=256 levels.mixer.frequency=16",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nlgraph",
+        description="Declarative Nested Learning: validate, inspect and build specs of nested "
+        "optimization levels.",
+        epilog="Run 'nlgraph COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"nlgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check a spec and its level graph",
+                       description="Load, validate and build the level graph of a spec; print one "
+                       "line with its name and hash, or the first problem (exit 1).")
+    _add_spec_args(p)
+    p.add_argument("--all", action="store_true", help="list every problem found, not just the first")
+
+    p = sub.add_parser("show", help="print the resolved spec, a table of levels, and draw the graph",
+                       description="Print the resolved YAML (includes, interpolations, overrides and "
+                       "defaults applied) and a table of levels; optionally draw the level graph.")
+    _add_spec_args(p)
+    p.add_argument("--graph", metavar="FILE", help="draw the level graph to FILE (.png, .svg, .pdf or .dot)")
+    p.add_argument("--minimal", action="store_true", help="print only non-default fields in the YAML")
+    p.add_argument("--no-yaml", action="store_true", help="do not print the resolved YAML")
+
+    sub.add_parser("list", help="list the specs shipped in the library",
+                   description="List the library specs usable by short name, with their descriptions.")
+
+    p = sub.add_parser("schema", help="print the JSON schema of a spec",
+                       description="Print the JSON schema of the spec language (for editors).")
+    p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace):
+    from .graph import build_graph
+    from .spec.loader import load_raw, load_spec
+
+    raw, source = load_raw(args.spec, args.overrides)
+    spec = load_spec(args.spec, args.overrides)
+    graph = build_graph(args.spec, args.overrides)
+    return spec, graph, source
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    spec, graph, source = _load(args)
+    n_levels = sum(1 for _, d in graph.nodes(data=True) if d["kind"] not in ("embed", "head", "chain"))
+    where = source.file or args.spec
+    unused = graph.graph["unused"]
+    note = f"; unused levels: {', '.join(unused)}" if unused else ""
+    print(f"ok: {where}: {spec.name or 'spec'} (hash {graph.graph['hash']}, {n_levels} levels, "
+          f"{len(spec.model.blocks)} block type{'s' if len(spec.model.blocks) > 1 else ''} "
+          f"x{spec.model.repeat}){note}")
+    return 0
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def level_rows(graph) -> list[list[str]]:
+    """Rows of the ``show`` table: one per level node in data-flow order."""
+    from .families import describe_level, recognise
+    from .graph import format_period, level_order
+
+    rows = []
+    for nid in level_order(graph):
+        d = graph.nodes[nid]
+        if d["kind"] in ("embed", "head", "chain"):
+            continue
+        spec = d["spec"]
+        if d["kind"] == "adaptive":
+            rows.append([nid, "adaptive projection", spec.kind, "(level's)", "(level's)", "-",
+                         format_period(d["frequency"])])
+            continue
+        if d["kind"] == "optimizer":
+            rows.append([nid, "optimizer level", spec.memory.kind, spec.objective.kind,
+                         spec.optimizer.kind, spec.retention.kind if spec.retention else "-",
+                         format_period(spec.frequency)])
+            continue
+        desc = describe_level(spec)
+        freq = "every token (in context)" if d["kind"] == "attention" else format_period(spec.frequency)
+        if d["kind"] == "level" and spec.gradient_point != "token":
+            freq += f", grad @ {spec.gradient_point.chunk}-chunk"
+        rows.append([nid, recognise(spec), desc["memory"], desc["objective"], desc["optimizer"],
+                     desc["retention"], freq])
+    return rows
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .spec.loader import dump_spec
+
+    if args.graph and os.path.splitext(args.graph)[1].lower() not in (".png", ".svg", ".pdf", ".dot"):
+        raise _UsageError(f"--graph {args.graph}: use a .png, .svg, .pdf or .dot file")
+    spec, graph, source = _load(args)
+    if not args.no_yaml:
+        print(f"# resolved spec: {source.file or args.spec}"
+              + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+        print(dump_spec(spec, exclude_defaults=args.minimal), end="")
+        print()
+    g = graph.graph
+    print(f"{spec.name or 'spec'}: hash {g['hash']}, d_model {g['d_model']}, vocab {g['vocab']}, "
+          f"blocks {spec.model.blocks} x{spec.model.repeat}")
+    print(_table(level_rows(graph), ["node", "family", "memory", "objective", "optimizer",
+                                     "retention", "frequency"]))
+    if g["unused"]:
+        print(f"unused levels (defined, in no block): {', '.join(g['unused'])}")
+    if args.graph:
+        from .viz import draw_graph
+
+        try:
+            out = draw_graph(graph, args.graph)
+        except ImportError as e:
+            raise NLGraphError(str(e)) from None
+        except OSError as e:
+            raise NLGraphError(f"cannot write {args.graph}: {e.strerror}") from None
+        print(f"graph drawn to {out}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .spec.loader import library_specs
+
+    rows = []
+    for name, path in library_specs().items():
+        desc = ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("description:"):
+                desc = line.split(":", 1)[1].strip()
+                break
+        rows.append([name, desc])
+    print(_table(rows, ["spec", "description"]))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .spec.schema import Spec
+
+    text = json.dumps(Spec.model_json_schema(by_alias=True), indent=2) + "\n"
+    if args.out:
+        from .viz import _atomic_write
+        from pathlib import Path
+
+        try:
+            _atomic_write(Path(args.out), text.encode())
+        except OSError as e:
+            raise NLGraphError(f"cannot write {args.out}: {e.strerror}") from None
+    else:
+        print(text, end="")
+    return 0
+
+
+_HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "list": _cmd_list, "schema": _cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nlgraph`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _HANDLERS[args.command](args)
+    except _UsageError as e:
+        parser.exit(2, f"nlgraph {args.command}: error: {e}\n")
+    except NLGraphError as e:
+        if os.environ.get("NLGRAPH_DEBUG"):
+            raise
+        lines = e.all_lines() if getattr(args, "all", False) else [e.render()]
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
