@@ -76,9 +76,10 @@ class SpecSource:
 
 def _display(path: Path) -> str:
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(path)
     except ValueError:
         return str(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def library_specs() -> dict[str, Path]:
@@ -258,7 +259,8 @@ def _apply_override(cfg: DictConfig, override: str, source: SpecSource) -> None:
         if isinstance(node, DictConfig):
             if part not in node:
                 break  # a new subtree: the schema will judge it
-            node = node[part]
+            node = OmegaConf.to_container(node, resolve=False)[part] if not isinstance(
+                node.get(part, None), (DictConfig, ListConfig)) else node[part]
         elif isinstance(node, ListConfig):
             if not part.isdigit() or int(part) >= len(node):
                 raise SpecError(
@@ -271,6 +273,19 @@ def _apply_override(cfg: DictConfig, override: str, source: SpecSource) -> None:
             raise SpecError(
                 f"bad override '{override}': '{'.'.join(parts[: depth])}' is a value "
                 f"({node!r}), not a mapping",
+                file=source.file,
+            )
+    else:
+        if isinstance(node, ListConfig) and (not parts[-1].isdigit() or int(parts[-1]) >= len(node)):
+            raise SpecError(
+                f"bad override '{override}': '{'.'.join(parts[:-1])}' is a list of length "
+                f"{len(node)}; '{parts[-1]}' is not one of its indices",
+                file=source.file,
+            )
+        if not isinstance(node, (DictConfig, ListConfig)):
+            raise SpecError(
+                f"bad override '{override}': '{'.'.join(parts[:-1])}' is a value ({node!r}), not "
+                f"a mapping",
                 file=source.file,
             )
     try:
@@ -410,7 +425,10 @@ def _describe(err: dict, data: Any, root: Any) -> tuple[list[str | int], str]:
         return path, f"expected a string, got {value!r}"
     if kind.startswith(("greater", "less")):
         return path, f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
-    if kind in ("too_short", "too_long"):
+    if kind == "too_short":
+        n = ctx.get("min_length", 1)
+        return path, f"needs at least {n} entr{'y' if n == 1 else 'ies'}, got {ctx.get('actual_length', 0)}"
+    if kind == "too_long":
         return path, f"{err['msg'][0].lower()}{err['msg'][1:]}"
     return path, f"{err['msg']} (got {value!r})"
 

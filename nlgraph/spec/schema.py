@@ -23,8 +23,10 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
+    ValidationInfo,
     ConfigDict,
     Discriminator,
     Field,
@@ -77,6 +79,23 @@ WIDTH_RE = re.compile(r"^[0-9]+(\.[0-9]+)?x$")
 RESERVED_NAMES = frozenset({"input", "self", "adaptive", "embed", "head", "output"})
 
 ACTIVATIONS = ("identity", "sigmoid", "logsigmoid", "softplus", "exp", "tanh", "silu", "relu")
+
+
+def _check_identifier(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(f"name {name!r} is not an identifier (letters, digits and _)")
+    return name
+
+
+def _check_level_name(name: str) -> str:
+    _check_identifier(name)
+    if name in RESERVED_NAMES:
+        raise ValueError(f"level name {name!r} is reserved; rename the level")
+    return name
+
+
+Identifier = Annotated[str, AfterValidator(_check_identifier)]
+LevelName = Annotated[str, AfterValidator(_check_level_name)]
 
 
 class _Spec(BaseModel):
@@ -544,7 +563,7 @@ class LevelSpec(_Spec):
     """Source of the values v_t (the regression targets when writing)."""
     queries: StreamSpec = Field(default_factory=StreamSpec)
     """Source of the queries q_t (the memory's inputs when reading)."""
-    adaptive: dict[str, MemorySpec] = Field(default_factory=dict)
+    adaptive: dict[Identifier, MemorySpec] = Field(default_factory=dict)
     """Adaptive projections: named memories updated in context by this level's objective and
     optimizer, whose outputs feed streams and gates through ``from: adaptive.<name>``
     (self-modifying Titans: ``k``, ``v``, ``eta``, ``alpha``)."""
@@ -562,19 +581,12 @@ class LevelSpec(_Spec):
     output: OutputSpec = Field(default_factory=OutputSpec)
     """Normalisation and gating of the read."""
 
-    @field_validator("adaptive")
-    @classmethod
-    def _adaptive_names(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for name in v:
-            if not NAME_RE.match(name):
-                raise ValueError(f"adaptive projection name {name!r} is not an identifier")
-        return v
-
     @model_validator(mode="after")
     def _outer_has_no_streams(self) -> LevelSpec:
         if self.objective.kind == "outer":
+            # compared with the defaults, not `model_fields_set`, so a fully dumped spec reloads
             for field in ("keys", "values", "adaptive"):
-                if field in self.model_fields_set:
+                if getattr(self, field) != type(self).model_fields[field].get_default(call_default_factory=True):
                     raise ValueError(
                         f"an 'outer' objective learns from the model's training loss and maps its "
                         f"input directly; remove '{field}'"
@@ -583,13 +595,15 @@ class LevelSpec(_Spec):
             raise ValueError("values.self_target needs a regression objective (l2, lp, huber, dot)")
         if self.keys.self_target or self.queries.self_target:
             raise ValueError("self_target applies to values only")
-        if isinstance(self.gradient_point, ChunkPointSpec) and self.frequency != "never":
-            if self.gradient_point.chunk % self.frequency:
-                raise ValueError(
-                    f"gradient_point.chunk ({self.gradient_point.chunk}) must be a multiple of "
-                    f"frequency ({self.frequency})"
-                )
         return self
+
+    @field_validator("gradient_point")
+    @classmethod
+    def _chunk_multiple(cls, v: Any, info: ValidationInfo) -> Any:
+        freq = info.data.get("frequency")
+        if isinstance(v, ChunkPointSpec) and isinstance(freq, int) and v.chunk % freq:
+            raise ValueError(f"chunk ({v.chunk}) must be a multiple of frequency ({freq})")
+        return v
 
 
 class AttentionSpec(_Spec):
@@ -621,11 +635,13 @@ class AttentionSpec(_Spec):
     queries: StreamSpec = Field(default_factory=StreamSpec)
     """Source of the queries."""
 
-    @model_validator(mode="after")
-    def _kv_heads_divide(self) -> AttentionSpec:
-        if self.kv_heads is not None and self.heads % self.kv_heads:
-            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
-        return self
+    @field_validator("kv_heads")
+    @classmethod
+    def _kv_heads_divide(cls, v: int | None, info: ValidationInfo) -> int | None:
+        heads = info.data.get("heads")
+        if v is not None and heads and heads % v:
+            raise ValueError(f"kv_heads ({v}) must divide heads ({heads})")
+        return v
 
 
 class ChainSpec(_Spec):
@@ -715,21 +731,12 @@ class Spec(_Spec):
     """One-paragraph description."""
     vars: dict[str, Any] = Field(default_factory=dict)
     """Free values for ``${vars.<name>}`` interpolation (shared sizes, rates); not interpreted."""
-    levels: dict[str, LevelEntry] = Field(min_length=1)
+    levels: dict[LevelName, LevelEntry] = Field(min_length=1)
     """The levels, keyed by name. Names are identifiers and may not be reserved words
     (``input``, ``self``, ``adaptive``, ``embed``, ``head``, ``output``)."""
     model: ModelSpec
     """How the levels are stacked into a model."""
 
-    @field_validator("levels")
-    @classmethod
-    def _level_names(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for name in v:
-            if not NAME_RE.match(name):
-                raise ValueError(f"level name {name!r} is not an identifier (letters, digits, _)")
-            if name in RESERVED_NAMES:
-                raise ValueError(f"level name {name!r} is reserved; rename the level")
-        return v
 
 
 DeepMomentumSpec.model_rebuild()
