@@ -11,9 +11,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import NLGraphError
+from .io import atomic_write
 
 __all__ = ["COMMANDS", "main"]
 
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON schema of a spec",
                        description="Print the JSON schema of the spec language (for editors).")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("--markdown", action="store_true",
+                   help="render the human spec reference (docs/reference/spec.md) instead of JSON")
     return parser
 
 
@@ -175,15 +179,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from .spec.reference import render_reference
     from .spec.schema import Spec
 
-    text = json.dumps(Spec.model_json_schema(by_alias=True), indent=2) + "\n"
+    if args.markdown:
+        text = render_reference()
+    else:
+        text = json.dumps(Spec.model_json_schema(by_alias=True), indent=2) + "\n"
     if args.out:
-        from .viz import _atomic_write
-        from pathlib import Path
-
         try:
-            _atomic_write(Path(args.out), text.encode())
+            atomic_write(Path(args.out), text.encode())
         except OSError as e:
             raise NLGraphError(f"cannot write {args.out}: {e.strerror}") from None
     else:
@@ -197,7 +202,13 @@ _HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "list": _cmd_list, "s
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nlgraph`` command; returns the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    # overrides may follow options (`show hope --no-yaml a.b=1`): collect KEY=VALUE leftovers
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return _HANDLERS[args.command](args)
     except _UsageError as e:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import networkx as nx
 
 from .families import describe_level, recognise
 from .graph import format_period, period
+from .io import atomic_write
 
 __all__ = ["draw_graph", "to_dot"]
 
@@ -157,7 +157,7 @@ def draw_graph(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
     if suffix not in (".dot", ".png", ".svg", ".pdf"):
         raise ValueError(f"cannot draw to '{path.name}': use a .png, .svg, .pdf or .dot file")
     if suffix == ".dot":
-        return _atomic_write(path, to_dot(graph).encode())
+        return atomic_write(path, to_dot(graph).encode())
     try:
         import matplotlib
 
@@ -247,25 +247,7 @@ def draw_graph(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
     ax.set_ylim(min(y1 for _, y1 in band_box.values()) - 0.1, 0.3)
     ax.axis("off")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format=suffix[1:])
-        os.replace(tmp, path)
+        return atomic_write(path, lambda f: fig.savefig(f, format=suffix[1:]))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

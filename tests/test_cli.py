@@ -100,3 +100,14 @@ def test_console_script_reports_user_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nlgraph.cli", "validate", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr == f"error: {bad}:1: levels: needs at least 1 entry, got 0\n"
+
+
+def test_overrides_may_follow_options(capsys):
+    code, out, _ = run(["show", "deltanet", "--no-yaml", "levels.mixer.frequency=4"], capsys)
+    assert code == 0 and "every 4 tokens" in out
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["validate", "hope", "--bogus"])
+    assert e.value.code == 2

@@ -137,3 +137,29 @@ def test_every_schema_field_is_documented():
             if name == "kind":
                 continue
             assert f.description, f"{m.__name__}.{name} has no docstring"
+
+
+def test_override_with_another_kind_replaces_the_variant():
+    spec = load_spec("deltanet", ["levels.mixer.optimizer={kind: momentum, momentum: 0.5}"])
+    opt = spec.levels["mixer"].optimizer
+    assert opt.kind == "momentum" and opt.momentum == 0.5 and opt.lr == 1.0  # gd's gate is gone
+
+
+def test_override_with_the_same_kind_merges():
+    spec = load_spec("deltanet", ["levels.mixer.optimizer={kind: gd}"])
+    assert spec.levels["mixer"].optimizer.lr == load_spec("deltanet").levels["mixer"].optimizer.lr
+
+
+def test_include_with_another_kind_replaces_the_variant(tmp_path):
+    (tmp_path / "main.yaml").write_text(
+        "include: [deltanet]\nlevels:\n  mixer:\n    optimizer: {kind: adam, lr: 0.01}\n")
+    opt = load_spec(str(tmp_path / "main.yaml")).levels["mixer"].optimizer
+    assert opt.kind == "adam" and opt.lr == 0.01
+
+
+def test_reference_page_is_current():
+    from nlgraph.spec.reference import render_reference
+
+    page = Path(__file__).parent.parent / "docs" / "reference" / "spec.md"
+    assert page.read_text(encoding="utf-8") == render_reference(), (
+        "docs/reference/spec.md is stale: nlgraph schema --markdown --out docs/reference/spec.md")

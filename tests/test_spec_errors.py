@@ -91,3 +91,9 @@ def test_validate_all_lists_every_problem(capsys, monkeypatch, tmp_path):
     assert code == 1 and len(lines) == 2
     assert "levels.mixer.memory.heads: expected an integer" in lines[0]
     assert "levels.mixer.frequncy: unknown key 'frequncy'; did you mean 'frequency'?" in lines[1]
+
+
+def test_errors_page_lists_every_golden_line():
+    page = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+    for name, line in _golden().items():
+        assert f"| `{name}` | {line.removeprefix('error: ').replace('|', chr(92) + '|')} |" in page, name

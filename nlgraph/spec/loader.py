@@ -175,6 +175,33 @@ def _dotted(path: Sequence[str | int]) -> str:
     return out
 
 
+def _prune_switched_kinds(base: Any, top: Any) -> Any:
+    """Drop from ``base`` every mapping that ``top`` replaces with one of another ``kind``: a
+    variant switch replaces the old variant instead of merging fields that do not belong to it."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        if "kind" in base and "kind" in top and base["kind"] != top["kind"]:
+            return None
+        out = {}
+        for k, v in base.items():
+            if k in top:
+                pruned = _prune_switched_kinds(v, top[k])
+                if pruned is None and isinstance(v, dict):
+                    continue
+                out[k] = v if pruned is None else pruned
+            else:
+                out[k] = v
+        return out
+    return base
+
+
+def merge_specs(base: DictConfig, top: DictConfig) -> DictConfig:
+    """OmegaConf merge of ``top`` over ``base`` (mappings merge key by key, lists are replaced),
+    except that a mapping whose ``kind`` changes is replaced whole."""
+    b = OmegaConf.to_container(base, resolve=False)
+    t = OmegaConf.to_container(top, resolve=False)
+    return OmegaConf.merge(OmegaConf.create(_prune_switched_kinds(b, t)), OmegaConf.create(t))
+
+
 def _read_composed(path: Path, source: SpecSource, stack: tuple[Path, ...]) -> DictConfig:
     """Load ``path`` with its ``include:`` list merged underneath it (includes first, in order)."""
     display = _display(path)
@@ -229,8 +256,8 @@ def _read_composed(path: Path, source: SpecSource, stack: tuple[Path, ...]) -> D
         except SpecError as e:
             raise SpecError(e.message, file=display, path=f"{INCLUDE_KEY}[{i}]",
                             line=_line_of(text, [INCLUDE_KEY])) from None
-        merged = OmegaConf.merge(merged, _read_composed(target, source, (*stack, path.resolve())))
-    return OmegaConf.merge(merged, cfg)
+        merged = merge_specs(merged, _read_composed(target, source, (*stack, path.resolve())))
+    return merge_specs(merged, cfg)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -288,8 +315,12 @@ def _apply_override(cfg: DictConfig, override: str, source: SpecSource) -> None:
                 f"a mapping",
                 file=source.file,
             )
+    existing = OmegaConf.select(cfg, key, throw_on_resolution_failure=False) if node is not None else None
+    switch = (isinstance(value, dict) and isinstance(existing, DictConfig)
+              and "kind" in value and existing.get("kind") != value["kind"])
     try:
-        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        # a mapping with another `kind` replaces the old variant; otherwise mappings merge
+        OmegaConf.update(cfg, key, value, merge=not switch, force_add=True)
     except OmegaConfBaseException as e:
         raise SpecError(f"bad override '{override}': {str(e).splitlines()[0]}", file=source.file) from None
 
