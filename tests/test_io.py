@@ -31,3 +31,13 @@ def test_failure_keeps_the_old_content(tmp_path):
 def test_missing_folder_is_an_oserror(tmp_path):
     with pytest.raises(OSError):
         atomic_write(tmp_path / "nope" / "f.bin", b"x")
+
+
+def test_new_files_get_the_usual_mode(tmp_path):
+    import os
+
+    p = tmp_path / "f.bin"
+    atomic_write(p, b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
