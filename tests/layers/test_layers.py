@@ -1,0 +1,106 @@
+"""Outer building blocks: streaming equals one pass; attention equals a naive softmax loop."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nlgraph.layers import Attention, Gate, Mlp, ShortConv, Stream
+from nlgraph.spec.schema import AttentionSpec, GateSpec, MlpMemorySpec, StreamSpec
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _split_run(fn, x, cut):
+    y1, s = fn(x[:, :cut], None)
+    y2, _ = fn(x[:, cut:], s)
+    return torch.cat([y1, y2], dim=1)
+
+
+@given(st.integers(0, 2**31), st.integers(2, 5), st.integers(1, 11))
+def test_short_conv_segments_equal_one_pass(seed, kernel, cut):
+    g = torch.Generator().manual_seed(seed)
+    conv = ShortConv(3, kernel)
+    x = torch.randn(2, 12, 3, generator=g)
+    full, _ = conv(x)
+    assert torch.allclose(_split_run(conv, x, cut), full)
+    # causal: the output at t does not depend on inputs after t
+    x2 = x.clone()
+    x2[:, cut:] += 1.0
+    assert torch.allclose(conv(x2)[0][:, :cut], full[:, :cut])
+
+
+def test_stream_shapes_and_l2_norm():
+    s = Stream(StreamSpec(norm="l2", conv=4, feature_map="silu"), 16, heads=4, d_head=3)
+    y, state = s(torch.randn(2, 5, 16))
+    assert y.shape == (2, 5, 4, 3) and state.shape == (2, 3, 12)
+    assert torch.allclose(y.norm(dim=-1), torch.ones(2, 5, 4))
+
+
+def test_gate_granularities_and_logsigmoid():
+    x = torch.randn(2, 5, 16)
+    for per, shape in (("scalar", (2, 5, 1)), ("head", (2, 5, 4)), ("channel", (2, 5, 4, 3))):
+        g = Gate(GateSpec(per=per, act="logsigmoid", bias=3.0), 16, heads=4, d_head=3)
+        y = g(x)
+        assert y.shape == shape and bool(((y > 0) & (y < 1)).all())
+
+
+def test_swiglu_mlp():
+    m = Mlp(MlpMemorySpec(kind="mlp", hidden=8, activation="swiglu"), 6)
+    assert m.layers[0].out_features == 16 and m(torch.randn(2, 3, 6)).shape == (2, 3, 6)
+
+
+def _naive_attention(att: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Per-query softmax over the visible keys (the Nadaraya–Watson minimiser)."""
+    q, _ = att.q(x)
+    k, _ = att.k(x)
+    v, _ = att.v(x)
+    from nlgraph.layers import rotary
+
+    b, t, h, d = q.shape
+    pos = torch.arange(t)
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+    if att.spec.rotary:
+        q, k = rotary(q, pos, att.spec.rope_base), rotary(k, pos, att.spec.rope_base)
+    rep = att.heads // att.kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = torch.zeros(b, h, t, d)
+    for i in range(t):
+        lo = 0 if att.spec.window is None else max(0, i - att.spec.window + 1)
+        keys, vals = k[:, :, lo : i + 1], v[:, :, lo : i + 1]
+        if att.persistent_k is not None:
+            pk = att.persistent_k.repeat_interleave(rep, 0).unsqueeze(0).expand(b, -1, -1, -1)
+            pv = att.persistent_v.repeat_interleave(rep, 0).unsqueeze(0).expand(b, -1, -1, -1)
+            keys, vals = torch.cat([pk, keys], 2), torch.cat([pv, vals], 2)
+        w = torch.softmax((keys @ q[:, :, i, :, None]).squeeze(-1) / d**0.5, dim=-1)
+        out[:, :, i] = (w.unsqueeze(-1) * vals).sum(2)
+    return att.out(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kv_heads,persistent", [(None, 0), (2, 2)])
+def test_attention_matches_naive_and_streams(window, kv_heads, persistent):
+    torch.manual_seed(0)
+    spec = AttentionSpec(kind="attention", heads=4, kv_heads=kv_heads, window=window,
+                         persistent_tokens=persistent)
+    att = Attention(spec, 16)
+    x = torch.randn(2, 9, 16)
+    full, _ = att(x)
+    assert torch.allclose(full, _naive_attention(att, x), atol=1e-10)
+    for cut in (1, 4, 8):
+        assert torch.allclose(_split_run(att, x, cut), full, atol=1e-10)
+    # token by token (generation) with a bounded cache for sliding windows
+    state, ys = None, []
+    for i in range(9):
+        y, state = att(x[:, i : i + 1], state)
+        ys.append(y)
+        if window is not None:
+            assert state["k"].shape[2] <= window - 1
+    assert torch.allclose(torch.cat(ys, 1), full, atol=1e-10)
