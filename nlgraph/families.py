@@ -50,7 +50,8 @@ def recognise(entry: Any) -> str:
                 return "Gated DeltaNet" if ret.kind == "decay" else "Titans-form gated delta rule"
         if opt == "dgd" and obj == "l2":
             return "gated DGD memory" if ret is not None else "DGD memory"
-    if mem == "linear" and obj == "l2" and opt == "gd" and lv.gradient_point != "token":
+    shallow = mem == "linear" or (mem == "residual_mlp" and lv.memory.depth == 1)
+    if shallow and obj == "l2" and opt == "gd" and lv.gradient_point != "token":
         return "TTT-linear"
     if mem in ("mlp", "residual_mlp") and obj == "l2":
         if opt == "momentum":

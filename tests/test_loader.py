@@ -163,3 +163,10 @@ def test_reference_page_is_current():
     page = Path(__file__).parent.parent / "docs" / "reference" / "spec.md"
     assert page.read_text(encoding="utf-8") == render_reference(), (
         "docs/reference/spec.md is stale: nlgraph schema --markdown --out docs/reference/spec.md")
+
+
+def test_null_level_removes_an_included_level(tmp_path):
+    (tmp_path / "main.yaml").write_text("include: [deltanet]\nlevels:\n  mlp: null\nmodel:\n  blocks: [mixer]\n")
+    spec = load_spec(str(tmp_path / "main.yaml"))
+    assert set(spec.levels) == {"mixer"}
+    assert set(load_spec("deltanet", ["levels.mlp=null", "model.blocks=[mixer]"]).levels) == {"mixer"}

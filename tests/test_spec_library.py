@@ -40,10 +40,24 @@ def test_spec_file_is_commented(name):
         ("cms", "cms", "CMS"),
         ("transformer_pp", "attn", "softmax attention"),
         ("transformer_pp", "mlp", "MLP"),
+        ("hope_attention", "attn", "softmax attention"),
+        ("retnet", "mixer", "RetNet"),
+        ("mamba2", "mixer", "Mamba2-style decay"),
+        ("ttt_linear", "ttt", "TTT-linear"),
+        ("ttt_mlp", "ttt", "TTT-MLP"),
+        ("atlas", "memory", "Atlas-style memory"),
+        ("titans_mal", "swa", "sliding-window attention"),
+        ("dgd_gated", "mixer", "gated DGD memory"),
+        ("adam_memory", "memory", "custom"),
     ],
 )
 def test_family_recognised(name, level, family):
     assert recognise(load_spec(name).levels[level]) == family
+
+
+def test_hope_attention_drops_the_titans_level():
+    spec = load_spec("hope_attention")
+    assert "titans" not in spec.levels and spec.model.blocks == [["attn", "cms"]]
 
 
 def test_tiny_override_of_a_library_spec():

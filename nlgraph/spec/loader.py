@@ -519,6 +519,9 @@ def load_raw(source: Any, overrides: Iterable[str] = ()) -> tuple[dict, SpecSour
         if override:
             msg += f" (set by override '{override}')"
         raise SpecError(msg, file=file, line=line, path=key or None) from None
+    if isinstance(raw, dict) and isinstance(raw.get("levels"), dict):
+        # `levels.<name>: null` in an including file (or an override) removes an included level
+        raw["levels"] = {k: v for k, v in raw["levels"].items() if v is not None}
     return raw, info
 
 
