@@ -1,0 +1,197 @@
+"""Stage 4 of the pipeline: the language model a spec lowers to.
+
+``NLModel(tokens [B, T]) -> logits [B, T, vocab]`` and ``NLModel.stream(tokens, state) -> (logits,
+state)``, where feeding a sequence in segments with the returned state gives the logits of one pass.
+The model is ``repeat`` copies of the spec's blocks between a token embedding and a head; every block
+entry is wrapped in a residual connection with the spec's norm placement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import Attention, Mlp, make_norm
+from .spec.schema import AttentionSpec, ChainSpec, LevelSpec, ModelSpec, Spec
+
+__all__ = ["Block", "NLModel", "Residual"]
+
+State = dict[str, Any]
+
+
+class Residual(nn.Module):
+    """``x + f(norm(x))`` (pre-norm) or ``norm(x + f(x))`` (post-norm) around a stateful entry."""
+
+    def __init__(self, inner: nn.Module, model: ModelSpec, width: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.pre = model.norm_position == "pre"
+        self.residual = model.residual
+        self.norm = make_norm(model.norm, width)
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
+        if self.pre:
+            y, state = self.inner(self.norm(x), state)
+            return (x + y if self.residual else y), state
+        y, state = self.inner(x, state)
+        return self.norm(x + y if self.residual else y), state
+
+
+class StaticMlp(nn.Module):
+    """An ``outer`` level: an MLP trained by the outer loop, static inside a forward pass."""
+
+    def __init__(self, level: LevelSpec, width: int) -> None:
+        super().__init__()
+        self.mlp = Mlp(level.memory, width) if level.memory.kind == "mlp" else _ResidualMlp(level, width)
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
+        return self.mlp(x), state
+
+
+class _ResidualMlp(nn.Module):
+    def __init__(self, level: LevelSpec, width: int) -> None:
+        super().__init__()
+        from .spec.schema import MlpMemorySpec
+
+        mem = level.memory
+        inner = MlpMemorySpec(kind="mlp", depth=max(mem.depth, 1), hidden=mem.hidden,
+                              activation=mem.activation, bias=mem.bias)
+        self.branch = Mlp(inner, width)
+        self.norm = make_norm(mem.norm, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.branch(x))
+
+
+class AttentionEntry(nn.Module):
+    """Softmax attention as a block entry (its KV cache is its streaming state)."""
+
+    def __init__(self, spec: AttentionSpec, width: int) -> None:
+        super().__init__()
+        self.attn = Attention(spec, width)
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        return self.attn(x, state)
+
+
+class Chain(nn.Module):
+    """A chain of levels applied in turn: ``x ← x + M_i(norm(x))`` per link when ``residual``
+    (the block then adds no residual of its own), else ``y = M_K(… M_1(x))``."""
+
+    def __init__(self, spec: ChainSpec, model: ModelSpec, width: int) -> None:
+        super().__init__()
+        links = [make_entry(lv, model, width) for lv in spec.levels]
+        self.links = nn.ModuleList(Residual(m, model, width) if spec.residual else m for m in links)
+        self.residual = spec.residual
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        states = (state or {}).get("links") or [None] * len(self.links)
+        new = []
+        h = x
+        for link, st in zip(self.links, states):
+            h, st = link(h, st)
+            new.append(st)
+        return h, {"links": new}
+
+
+def make_entry(entry: Any, model: ModelSpec, width: int) -> nn.Module:
+    """The module for one block entry of the spec."""
+    if isinstance(entry, AttentionSpec):
+        return AttentionEntry(entry, width)
+    if isinstance(entry, ChainSpec):
+        return Chain(entry, model, width)
+    if entry.objective.kind == "outer":
+        return StaticMlp(entry, width)
+    from .memory import MemoryLevel
+
+    return MemoryLevel(entry, width)
+
+
+class Block(nn.Module):
+    """One block of the spec: its entries applied in order, each in a residual connection."""
+
+    def __init__(self, names: list[str], spec: Spec) -> None:
+        super().__init__()
+        width = spec.model.d_model
+        self.names = list(names)
+        entries = {}
+        for n in names:
+            entry, module = spec.levels[n], make_entry(spec.levels[n], spec.model, width)
+            # a residual chain wraps each link itself; anything else gets one residual here
+            own = isinstance(entry, ChainSpec) and entry.residual
+            entries[n] = module if own else Residual(module, spec.model, width)
+        self.entries = nn.ModuleDict(entries)
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        state = state or {}
+        new: State = {}
+        for name in self.names:
+            x, new[name] = self.entries[name](x, state.get(name))
+        return x, new
+
+
+class NLModel(nn.Module):
+    """A language model lowered from a spec.
+
+    Attributes:
+        spec: the validated spec it was built from.
+        blocks: ``repeat × len(spec.model.blocks)`` :class:`Block` modules, in order.
+    """
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.spec = spec
+        m = spec.model
+        self.embed = nn.Embedding(m.vocab, m.d_model)
+        self.blocks = nn.ModuleList(Block(names, spec) for _ in range(m.repeat) for names in m.blocks)
+        self.norm = make_norm(m.norm, m.d_model) if m.final_norm else nn.Identity()
+        self.head = nn.Linear(m.d_model, m.vocab, bias=False)
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, 0.0, 0.02)
+
+        self._compiled: list[nn.Module] | None = None
+
+    def compile_blocks(self, **options: Any) -> NLModel:
+        """Compile every block with ``torch.compile(fullgraph=True, dynamic=False, **options)``.
+
+        The compiled wrappers are kept outside the module tree, so ``state_dict`` keys, checkpoints
+        and :meth:`eager` use the plain blocks.
+        """
+        opts = {"fullgraph": True, "dynamic": False, **options}
+        self._compiled = [torch.compile(b, **opts) for b in self.blocks]
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`stream` runs the compiled blocks."""
+        return self._compiled is not None
+
+    def eager(self) -> NLModel:
+        """Drop the compiled blocks: run the plain modules again."""
+        self._compiled = None
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of ``tokens [B, T]`` from a fresh state."""
+        return self.stream(tokens)[0]
+
+    def stream(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Continue from ``state`` (``None``: a fresh sequence): ``(logits [B, T, vocab], state)``.
+
+        Feeding a sequence in segments, passing each returned state to the next call, gives the
+        logits of one pass over the whole sequence.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T] token ids, got shape {tuple(tokens.shape)}")
+        blocks = (state or {}).get("blocks") or [None] * len(self.blocks)
+        x = self.embed(tokens)
+        new = []
+        for block, st in zip(self._compiled or self.blocks, blocks):
+            x, st = block(x, st)
+            new.append(st)
+        return self.head(self.norm(x)), {"blocks": new}
