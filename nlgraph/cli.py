@@ -19,7 +19,7 @@ from .io import atomic_write
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS = ("validate", "show", "list", "schema")
+COMMANDS = ("validate", "show", "compile", "list", "schema")
 """The sub-commands, in help order (pinned by a test)."""
 
 
@@ -60,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", metavar="FILE", help="draw the level graph to FILE (.png, .svg, .pdf or .dot)")
     p.add_argument("--minimal", action="store_true", help="print only non-default fields in the YAML")
     p.add_argument("--no-yaml", action="store_true", help="do not print the resolved YAML")
+
+    p = sub.add_parser("compile", help="lower a spec to a model and print its execution plan",
+                       description="Build the model of a spec and print the plan: each level, its "
+                       "recognised family, its execution form, its shapes and parameter count, and "
+                       "the whole model's parameters. With --check, run one forward and backward "
+                       "pass on random tokens (eager, or compiled with --torch-compile).")
+    _add_spec_args(p)
+    p.add_argument("--check", action="store_true", help="run a forward and backward pass on random tokens")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="compile every block with torch.compile(fullgraph=True) for --check")
+    p.add_argument("--device", default=None, help="torch device for --check (default: cuda if present, else cpu)")
+    p.add_argument("--length", type=int, default=64, help="sequence length for --check (default 64)")
 
     sub.add_parser("list", help="list the specs shipped in the library",
                    description="List the library specs usable by short name, with their descriptions.")
@@ -196,7 +208,43 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-_HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "list": _cmd_list, "schema": _cmd_schema}
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .lower import build, plan
+
+    if args.length < 1:
+        raise _UsageError(f"--length must be at least 1, got {args.length}")
+    p = plan(args.spec, args.overrides)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = build(p.spec, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise NLGraphError(f"cannot build on device '{device}': {str(e).splitlines()[0]}") from None
+    print(f"{p.spec.name or 'spec'}: hash {p.hash}")
+    print(p.render(model))
+    if args.check:
+        if args.torch_compile:
+            model.compile_blocks()
+        tokens = torch.randint(0, p.spec.model.vocab, (2, args.length), device=device)
+        t0 = time.perf_counter()
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise NLGraphError(f"the forward pass gave a non-finite loss ({loss.item()}); check the "
+                               f"spec's rates and initial states")
+        dt = time.perf_counter() - t0
+        print(f"check: forward+backward on {tuple(tokens.shape)} tokens ok, loss {loss.item():.4f} "
+              f"(ln vocab = {torch.log(torch.tensor(float(p.spec.model.vocab))).item():.4f}), "
+              f"{dt:.2f} s{' incl. compile' if args.torch_compile else ''} on {device}")
+    return 0
+
+
+_HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "compile": _cmd_compile, "list": _cmd_list,
+             "schema": _cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,7 +83,7 @@ def _form_of(node: dict) -> str:
         return "chain"
     spec = node["spec"]
     if kind == "level" and spec.objective.kind == "outer":
-        return "static mlp"
+        return "static mlp" if spec.frequency == "never" else "static mlp, outer-loop period"
     if kind in ("adaptive", "optimizer"):
         return "with its level"
     from .memory import choose_form

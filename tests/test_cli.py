@@ -89,7 +89,7 @@ def test_schema_is_json(capsys, tmp_path):
 
 
 def test_help_everywhere():
-    for argv in (["--help"], *([c, "--help"] for c in ("validate", "show", "list", "schema"))):
+    for argv in (["--help"], *([c, "--help"] for c in ("validate", "show", "compile", "list", "schema"))):
         r = subprocess.run([sys.executable, "-m", "nlgraph.cli", *argv], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: nlgraph" in r.stdout
 
@@ -111,3 +111,11 @@ def test_unknown_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["validate", "hope", "--bogus"])
     assert e.value.code == 2
+
+
+def test_compile_prints_the_plan_and_checks(capsys):
+    code, out, err = run(["compile", "transformer_pp", "vars.d_model=32", "vars.heads=2", "vars.layers=1",
+                          "--check", "--length", "8"], capsys)
+    assert code == 0, err
+    assert "b0.attn" in out and "sdpa" in out and "parameters:" in out
+    assert "check: forward+backward on (2, 8) tokens ok" in out
