@@ -19,7 +19,7 @@ from .io import atomic_write
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS = ("validate", "show", "compile", "list", "schema")
+COMMANDS = ("validate", "show", "compile", "equiv", "list", "schema")
 """The sub-commands, in help order (pinned by a test)."""
 
 
@@ -72,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile every block with torch.compile(fullgraph=True) for --check")
     p.add_argument("--device", default=None, help="torch device for --check (default: cuda if present, else cpu)")
     p.add_argument("--length", type=int, default=64, help="sequence length for --check (default 64)")
+
+    p = sub.add_parser("equiv", help="check whether two specs compute the same function",
+                       description="Build both specs (float64), share parameters where they "
+                       "correspond, run both on random tokens and compare logits and every level's "
+                       "output. Exit 0 if equivalent, 3 if they differ, 1 if a spec is invalid.")
+    p.add_argument("spec_a", metavar="A", help="first spec (file or library name)")
+    p.add_argument("spec_b", metavar="B", help="second spec (file or library name)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="overrides applied to both specs")
+    p.add_argument("--seeds", type=int, default=3, help="random draws of weights and tokens (default 3)")
+    p.add_argument("--length", type=int, default=32, help="sequence length (default 32)")
+    p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance (default 1e-8)")
 
     sub.add_parser("list", help="list the specs shipped in the library",
                    description="List the library specs usable by short name, with their descriptions.")
@@ -243,8 +254,22 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-_HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "compile": _cmd_compile, "list": _cmd_list,
-             "schema": _cmd_schema}
+def _cmd_equiv(args: argparse.Namespace) -> int:
+    from .equiv import compare
+
+    if args.seeds < 1 or args.length < 1:
+        raise _UsageError("--seeds and --length must be at least 1")
+    try:
+        report = compare(args.spec_a, args.spec_b, overrides=args.overrides, seeds=args.seeds,
+                         length=args.length, tol=args.tol)
+    except ValueError as e:
+        raise NLGraphError(str(e)) from None
+    print(report.render(args.spec_a, args.spec_b))
+    return 0 if report.equivalent else 3
+
+
+_HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "compile": _cmd_compile, "equiv": _cmd_equiv,
+             "list": _cmd_list, "schema": _cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

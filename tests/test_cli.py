@@ -89,7 +89,7 @@ def test_schema_is_json(capsys, tmp_path):
 
 
 def test_help_everywhere():
-    for argv in (["--help"], *([c, "--help"] for c in ("validate", "show", "compile", "list", "schema"))):
+    for argv in (["--help"], *([c, "--help"] for c in ("validate", "show", "compile", "equiv", "list", "schema"))):
         r = subprocess.run([sys.executable, "-m", "nlgraph.cli", *argv], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: nlgraph" in r.stdout
 
