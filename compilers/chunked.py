@@ -1,0 +1,443 @@
+"""The chunked execution form: parallel inside a chunk, exact, for every level whose update is a
+linear recurrence in its parameters.
+
+One engine covers all of them. Per weight matrix ``W [d_out, d_in]`` (a bias is a last column fed
+by a constant input 1), token ``r`` of a chunk updates
+
+    e_r = b_r · W_{r−1} ḱ_r + f_r                      (the "written error", [d_out])
+    S_r = μ_r S_{r−1} − e_r x_rᵀ,   W_r = W_{r−1} D_r + S_r      (with momentum)
+    W_r = W_{r−1} D_r − e_r x_rᵀ                                  (without)
+
+with ``x_r`` the layer input, ``D_r`` the retention (``α_r I`` or ``Diag(α_r)`` on key channels),
+``ḱ_r = D_r x_r`` for ``decay`` (the erase sees the decayed state) and ``x_r`` for ``weight_decay``.
+The table below puts every supported level in that form (``η'`` is DGD's step, ``η`` or
+``η/(1 + η‖x‖²)``; ``δ`` the output gradient of the inner loss at the linearisation point):
+
+====================================  ==================  ===================
+level                                 ``b``               ``f``
+====================================  ==================  ===================
+online linear, gd / momentum, dot     0                   ``−η v``
+online linear, gd / momentum, l2      ``η``               ``−η v``
+online linear, dgd, dot / l2          ``η'`` / ``2η'``    ``−η' v``
+mini-batch (any memory), gd / mom.    0                   ``η δ``
+mini-batch (any memory), dgd          ``η'``              ``η' δ``
+====================================  ==================  ===================
+
+(``outer`` is ``dot`` with ``v = −u``.) Unrolling the recurrence over a chunk from ``(W_0, S_0)``
+gives, with transfer products ``G[r, j] = Π_{l=j+1..r} D_l``, ``Y[r, j] = Π_{l=j+1..r} μ_l`` and
+``Ω[r, j] = Σ_{i=j..r} G[r, i] Y[i, j]`` (``Ω = G`` without momentum), ``Z_r = Ω[r, 0] − G[r, 0]``:
+
+    W_r = W_0 G[r, 0] + S_0 Z_r − Σ_{j≤r} e_j (x_j ⊙ Ω[r, j])ᵀ
+
+so every ``e_r`` depends linearly on the earlier ones: ``(I + diag(b) K) E = diag(b) B + F`` with
+``K`` strictly lower triangular — the WY / UT representation, solved by one triangular solve per
+chunk. Reads ``W_r q_r`` (after the write) or ``W_{r−1} q_r`` (before) are the same expansion.
+The products ``G`` and ``Y`` are formed by masked cumulative products (no division, so α = 0 and
+μ = 0 are exact).
+
+Two drivers use the engine:
+
+* **online** (linear memory, period 1, gradient point ``token``): the exact chunkwise form of
+  DeltaNet, Gated DeltaNet, Titans-form / HOPE-form delta rules, linear attention, RetNet, Mamba2,
+  GLA, with or without momentum; the chunk size is a free knob with no effect on results;
+* **mini-batch** (gradient point ``{chunk: N}``, or period ``C`` = the gradient chunk): for any
+  memory and objective, the gradients of a chunk are taken at its linearisation point in one
+  batched forward / backward (local errors ``δ`` and layer inputs ``x`` of every token), then each
+  layer's recurrence is solved as above and the memory is read through the per-token weights one
+  layer after another — TTT's dual form (and Titans' mini-batch form) as masked matmuls.
+  Self-modifying levels run here too: their adaptive projections, gates and self-targets are read
+  at the linearisation point, which is what makes a chunk parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nlgraph.levels.gates import AdaptiveGate
+from nlgraph.levels.memories import Memory, apply_layer
+from nlgraph.levels.run import LevelRun, Stream, periods, schedule
+from nlgraph.spec.schema import LevelSpec
+
+from . import register_form
+
+__all__ = ["ChunkSolution", "run_chunked", "solve_chunk", "transfer", "why_not_chunked"]
+
+Params = dict[str, torch.Tensor]
+DEFAULT_CHUNK = 64
+
+
+def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
+    """Products of factors over a chunk: ``G[..., r, j] = Π_{l=j+1..r} f_l`` for ``0 ≤ j ≤ r ≤ n``
+    (index 0 is the chunk start, token l sits at index l), zero above the diagonal.
+
+    Args:
+        f: ``[..., n]``, or ``[..., n, D]`` with ``channel``.
+
+    Returns:
+        ``[..., n+1, n+1]`` or ``[..., n+1, n+1, D]``.
+    """
+    n = f.shape[-2] if channel else f.shape[-1]
+    idx = torch.arange(n + 1, device=f.device)
+    strictly = idx[:, None] > idx[None, :]
+    lower = (idx[:, None] >= idx[None, :]).to(f.dtype)
+    one = torch.ones((), dtype=f.dtype, device=f.device)
+    if channel:
+        pad = torch.cat([torch.ones_like(f[..., :1, :]), f], dim=-2)  # [..., n+1, D]
+        mat = torch.where(strictly[..., None], pad.unsqueeze(-2), one)
+        return torch.cumprod(mat, dim=-3) * lower[..., None]
+    pad = torch.cat([torch.ones_like(f[..., :1]), f], dim=-1)  # [..., n+1]
+    mat = torch.where(strictly, pad.unsqueeze(-1), one)
+    return torch.cumprod(mat, dim=-2) * lower
+
+
+@dataclass
+class ChunkSolution:
+    """One chunk of one weight matrix, solved: read it at any queries, or take its end state.
+
+    Shapes: ``w0, s0 [..., o, i]``, ``x [..., n, i]``, ``e [..., n, o]``, ``g, omega
+    [..., n+1, n+1(, i)]``, ``z [..., n+1(, i)]``, ``y [..., n+1, n+1]`` (``(, i)``: per-channel
+    retention).
+    """
+
+    w0: torch.Tensor
+    s0: torch.Tensor | None
+    x: torch.Tensor
+    g: torch.Tensor
+    omega: torch.Tensor
+    z: torch.Tensor | None
+    y: torch.Tensor | None
+    channel: bool
+    e: torch.Tensor | None = None
+
+    def _at(self, t: torch.Tensor, rows, cols) -> torch.Tensor:
+        """``t[..., rows, cols]`` on the two token axes, keeping a trailing channel axis."""
+        return t[..., rows, cols, :] if self.channel else t[..., rows, cols]
+
+    def _scale(self, u: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """``u [..., n, i]`` times per-token factors ``f [..., n]`` or ``[..., n, i]``."""
+        return u * (f if self.channel else f.unsqueeze(-1))
+
+    def _base(self, u: torch.Tensor, rows: slice) -> torch.Tensor:
+        out = self._scale(u, self._at(self.g, rows, 0)) @ self.w0.transpose(-1, -2)
+        if self.s0 is not None:
+            z = self.z[..., rows, :] if self.channel else self.z[..., rows]
+            out = out + self._scale(u, z) @ self.s0.transpose(-1, -2)
+        return out
+
+    def _kernel(self, u: torch.Tensor, rows: slice) -> torch.Tensor:
+        om = self._at(self.omega, rows, slice(1, None))
+        if self.channel:
+            return torch.einsum("...rd,...jd,...rjd->...rj", u, self.x, om)
+        return (u @ self.x.transpose(-1, -2)) * om
+
+    def read(self, u: torch.Tensor, before: bool) -> torch.Tensor:
+        """``W_r u_r`` (or ``W_{r−1} u_r`` when ``before``) for ``u [..., n, i]``: ``[..., n, o]``."""
+        n = u.shape[-2]
+        rows = slice(0, n) if before else slice(1, n + 1)
+        return self._base(u, rows) - self._kernel(u, rows) @ self.e
+
+    def end(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W_n, S_n)`` after the chunk."""
+        g_end, om_end = self._at(self.g, -1, 0), self._at(self.omega, -1, slice(1, None))
+        w = self._col(self.w0, g_end) - self.e.transpose(-1, -2) @ self._scale(self.x, om_end)
+        if self.s0 is None:
+            return w, None
+        z_end = self.z[..., -1, :] if self.channel else self.z[..., -1]
+        w = w + self._col(self.s0, z_end)
+        s = self.s0 * self.y[..., -1, 0, None, None] - self.e.transpose(-1, -2) @ (self.x * self.y[..., -1, 1:, None])
+        return w, s
+
+    def _col(self, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """A matrix ``[..., o, i]`` times a factor per head (``[...]``) or per column (``[..., i]``)."""
+        return w * (f.unsqueeze(-2) if self.channel else f[..., None, None])
+
+
+def solve_chunk(
+    w0: torch.Tensor,
+    s0: torch.Tensor | None,
+    x: torch.Tensor,
+    erase: torch.Tensor,
+    b: torch.Tensor | None,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    y: torch.Tensor | None,
+    channel: bool,
+) -> ChunkSolution:
+    """Solve one chunk of the recurrence in the module docstring.
+
+    Args:
+        w0: ``[..., o, i]`` the weights at the chunk start; s0: the momentum buffer or ``None``.
+        x: ``[..., n, i]`` layer inputs; erase: ``ḱ`` ``[..., n, i]``.
+        b: ``[..., n]`` erase coefficients, ``None`` when the update does not read the state.
+        f: ``[..., n, o]`` forcing. g: :func:`transfer` of the retention; y: of the momentum.
+    """
+    if y is None:
+        omega, z = g, None
+    else:
+        omega = torch.einsum("...rid,...ij->...rjd", g, y) if channel else g @ y
+        z = omega[..., :, 0, :] - g[..., :, 0, :] if channel else omega[..., :, 0] - g[..., :, 0]
+    sol = ChunkSolution(w0, s0, x, g, omega, z, y, channel)
+    if b is None:
+        sol.e = f
+        return sol
+    n = x.shape[-2]
+    rows = slice(0, n)  # W_{r−1}: the state each token's erase sees
+    k = sol._kernel(erase, rows)
+    a = torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * k
+    rhs = b.unsqueeze(-1) * sol._base(erase, rows) + f
+    sol.e = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    return sol
+
+
+# --------------------------------------------------------------------------- support
+
+
+def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
+    """``None`` when the chunked form computes ``spec``'s semantics exactly, else why not."""
+    if spec.frequency == "never":
+        return None
+    opt = spec.optimizer
+    if opt.kind not in ("gd", "momentum", "dgd"):
+        return f"the {opt.kind} optimizer's update is not a linear recurrence in the memory"
+    if opt.kind == "momentum" and opt.nesterov:
+        return "nesterov momentum has no chunkwise form here"
+    period, chunk = periods(spec)
+    if period == 1 and chunk == 1:
+        if spec.memory.kind != "linear":
+            return (
+                f"an exact-online {spec.memory.kind} memory (frequency 1, gradient_point token) "
+                "has no parallel form: each token's gradient passes through the non-linearity at "
+                "the previous token's state; use gradient_point: {chunk: N} for mini-batch semantics"
+            )
+        if spec.adaptive or spec.values.self_target:
+            return (
+                "an exact-online self-modifying level reads its projections at the previous "
+                "token's state, which is sequential; use gradient_point: {chunk: N}"
+            )
+        if spec.objective.kind not in ("dot", "l2", "outer"):
+            return f"the {spec.objective.kind} objective's gradient is not affine in the memory"
+        return None
+    if period > 1 and chunk != period:
+        return f"a gradient-point chunk ({chunk}) longer than the period ({period})"
+    return None
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def _seq(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """``[B, T, H, ...] -> [B, H, e−s, ...]``."""
+    return x[:, s:e].transpose(1, 2)
+
+
+def _stream(run: LevelRun, stream: Stream, s: int, e: int, lin: dict[str, Params]) -> torch.Tensor:
+    x = _seq(stream.data, s, e)
+    if stream.slot is None:
+        return x
+    return stream.post(run.memories[stream.slot].forward(lin[stream.slot], x))
+
+
+def _rate(run: LevelRun, rate, s: int, e: int, lin: dict[str, Params]) -> torch.Tensor | None:
+    if rate is None:
+        return None
+    if isinstance(rate, AdaptiveGate):
+        slot = f"adaptive.{rate.memory}"
+        return rate.value(run.memories[slot].forward(lin[slot], _seq(rate.x, s, e)))
+    return _seq(rate, s, e)
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+def _local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Tensor, run: LevelRun):
+    """Every layer's input ``x`` and output gradient ``δ = ∂ℓ_r/∂z_r`` for all tokens of a chunk at
+    once, at ``params``: one batched forward and backward. A zero *probe* is added to every
+    layer's pre-activations and the loss is differentiated with respect to the probes; each
+    token's loss depends only on its own pre-activations, so that gradient is every token's own
+    δ (no per-sample gradients needed)."""
+    def loss(probes: Params) -> tuple[torch.Tensor, Params]:
+        inputs: Params = {}
+
+        def apply(layer, h):
+            inputs[layer.weight] = h
+            return apply_layer(params, layer, h) + probes[layer.weight]
+
+        return run.objective.loss(mem.forward_with(k, apply), target).sum(), inputs
+
+    zeros = {layer.weight: k.new_zeros(k.shape[:-1] + (layer.d_out,)) for layer in mem.layers}
+    deltas, inputs = torch.func.grad(loss, has_aux=True)(zeros)
+    return inputs, deltas
+
+
+def _decays(alpha: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if alpha is None:
+        return transfer(like.new_ones(like.shape[:2] + (n,)), False), False
+    channel = alpha.dim() == 4
+    return transfer(alpha, channel), channel
+
+
+def _erase(x: torch.Tensor, alpha: torch.Tensor | None, run: LevelRun) -> torch.Tensor:
+    if run.retention != "decay":
+        return x
+    return x * (alpha if alpha.dim() == 4 else alpha.unsqueeze(-1))
+
+
+def _online(run: LevelRun, chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    b, T, h = run.shape
+    w = run.state["memory.w0"]
+    momentum = run.optimizer.uses_momentum
+    s_buf = run.state["optimizer.memory.momentum.w0"] if momentum else None
+    dgd = run.optimizer.kind == "dgd"
+    l2 = run.objective.kind == "l2"
+    sign = 1.0 if run.objective.kind == "outer" else -1.0  # δ = −v (dot, l2's constant part), +u (outer)
+    outs = []
+    for s in range(0, T, chunk_size):
+        e = min(T, s + chunk_size)
+        n = e - s
+        k, v, q = (_seq(st.data, s, e) for st in (run.keys, run.values, run.queries))
+        lr, alpha = _seq(run.lr, s, e), _rate(run, run.alpha, s, e, {})
+        g, channel = _decays(alpha, n, w)
+        if dgd:
+            eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
+            coef = eta * (2.0 if l2 else 1.0)
+        else:
+            eta, coef = lr, (lr if l2 else None)
+        y = transfer(_seq(run.mu, s, e), False) if momentum else None
+        sol = solve_chunk(w, s_buf, k, _erase(k, alpha, run), coef, sign * eta.unsqueeze(-1) * v, g, y, channel)
+        outs.append(sol.read(q, run.read_before))
+        w, s_buf = sol.end()
+    state = dict(run.state)
+    state["position"] = run.state["position"] + T
+    state["memory.w0"] = w
+    if momentum:
+        state["optimizer.memory.momentum.w0"] = s_buf
+    return _outputs(outs, run), state
+
+
+def _outputs(outs: list[torch.Tensor], run: LevelRun) -> torch.Tensor:
+    """Chunk reads ``[B, H, n, D_v]`` → ``[B, T, H, D_v]`` (an empty sequence gives T = 0)."""
+    if not outs:
+        b, _, h = run.shape
+        return run.values.data.new_zeros(b, 0, h, run.memories["memory"].d_out)
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _minibatch(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    b, T, h = run.shape
+    slots = list(run.memories)
+    main = run.memories["memory"]
+    committed = {s: run.params("", s) for s in slots}
+    if run.has_pending:
+        pend = {s: run.params("pending", s) for s in slots}
+        working = {s: {p: committed[s][p] + pend[s][p] for p in committed[s]} for s in slots}
+    else:
+        working = dict(committed)
+    anchor = {s: run.params("anchor", s) for s in slots} if run.has_anchor else None
+    buffers = {s: run.buffers(s) for s in slots}
+    momentum = run.optimizer.uses_momentum
+    dgd = run.optimizer.kind == "dgd"
+    outs = []
+    for s, e in schedule(run.position, T, run.chunk):
+        n, end = e - s, run.position + e
+        lin = anchor if anchor is not None else committed
+        q = _stream(run, run.queries, s, e, lin)
+        k = _stream(run, run.keys, s, e, lin)
+        v = _stream(run, run.values, s, e, lin)
+        lr, alpha, mu = (_rate(run, r, s, e, lin) for r in (run.lr, run.alpha, run.mu))
+        g, channel = _decays(alpha, n, k)
+        y = transfer(mu, False) if momentum else None
+        sols: dict[tuple[str, str], ChunkSolution] = {}
+        new_working: dict[str, Params] = {}
+        for slot in slots:
+            mem = run.memories[slot]
+            target = mem.forward(lin[slot], v) if run.self_target else v
+            inputs, deltas = _local_errors(mem, lin[slot], k, target, run)
+            params: Params = {}
+            for layer in mem.layers:
+                x, w0 = inputs[layer.weight], working[slot][layer.weight]
+                s0 = buffers[slot][f"momentum.{layer.weight}"] if momentum else None
+                if layer.bias is not None:
+                    x = _augment(x)
+                    w0 = torch.cat([w0, working[slot][layer.bias].unsqueeze(-1)], dim=-1)
+                    if momentum:
+                        s0 = torch.cat([s0, buffers[slot][f"momentum.{layer.bias}"].unsqueeze(-1)], dim=-1)
+                if dgd:
+                    eta = lr / (1.0 + lr * x.square().sum(-1)) if run.optimizer.proximal else lr
+                    coef = eta
+                else:
+                    eta, coef = lr, None
+                sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, eta.unsqueeze(-1) * deltas[layer.weight],
+                                  g, y, channel)
+                sols[(slot, layer.weight)] = sol
+                w_end, s_end = sol.end()
+                if layer.bias is not None:
+                    params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
+                    if momentum:
+                        buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end[..., :-1],
+                                         f"momentum.{layer.bias}": s_end[..., -1]}
+                else:
+                    params[layer.weight] = w_end
+                    if momentum:
+                        buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end}
+            new_working[slot] = params
+        if run.has_pending:
+            # reads see the committed state, which moves only at the period's last token
+            out = main.forward(committed["memory"], q)
+            if not run.read_before and end % run.period == 0:
+                last = main.forward(new_working["memory"], q[..., -1:, :])
+                out = torch.cat([out[..., :-1, :], last], dim=-2)
+        else:
+
+            def apply(layer, x):
+                sol = sols[("memory", layer.weight)]
+                return sol.read(_augment(x) if layer.bias is not None else x, run.read_before)
+
+            out = main.forward_with(q, apply)
+        outs.append(out)
+        working = new_working
+        if not run.has_pending or end % run.period == 0:
+            committed = working
+        if anchor is not None and end % run.chunk == 0:
+            anchor = working
+    state: dict[str, torch.Tensor] = {"position": run.state["position"] + T}
+    for slot in slots:
+        for p, val in committed[slot].items():
+            state[f"{slot}.{p}"] = val
+            if run.has_pending:
+                state[f"pending.{slot}.{p}"] = working[slot][p] - val
+            if anchor is not None:
+                state[f"anchor.{slot}.{p}"] = anchor[slot][p]
+        for name, val in buffers[slot].items():
+            state[f"optimizer.{slot}.{name}"] = val
+    return _outputs(outs, run), state
+
+
+def _static(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    main = run.memories["memory"]
+    q = _stream(run, run.queries, 0, run.shape[1], {s: run.params("", s) for s in run.memories})
+    state = dict(run.state)
+    state["position"] = run.state["position"] + run.shape[1]
+    return main.forward(run.params("", "memory"), q).transpose(1, 2), state
+
+
+@register_form("memory", "chunked", priority=10, supports=why_not_chunked)
+def run_chunked(run: LevelRun, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Execute ``run`` in parallel chunks. Returns ``(outputs [B, T, H, D_v], state)``.
+
+    Args:
+        chunk_size: implementation chunk of the online form (default 64); the mini-batch form
+            chunks at the level's own gradient-point boundaries.
+    """
+    why = why_not_chunked(run.spec)
+    if why is not None:
+        raise ValueError(f"the chunked form cannot run this level: {why}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if run.period is None:
+        return _static(run)
+    if run.online:
+        return _online(run, chunk_size or DEFAULT_CHUNK)
+    return _minibatch(run)

@@ -1,0 +1,144 @@
+"""The reference execution form: one token at a time, the definition of every level kind.
+
+It is deliberately plain: gradients come from autograd on the token's inner loss, the optimizer is
+applied as written in :mod:`nlgraph.levels.optimizers`, and retention, periods and gradient points
+follow the rules below literally. It runs in any dtype (float64 for the equivalence tests) and is
+differentiable end to end (outer gradients flow through every inner step).
+
+Token ``t`` (global position ``p``), for every memory slot (the level memory and its adaptive
+projections), with ``L`` the linearisation point — the anchor (state at the last ``N``-boundary)
+when the gradient-point chunk ``N`` exceeds the period ``C``, else the committed state:
+
+1. streams and gates are read at ``L``: ``k = M_k,L(x)`` for adaptive keys, ``η = gate(M_η,L(x))``;
+2. ``read: before_write`` reads the committed level memory: ``y = M(q)``;
+3. targets: ``v̂ = M_L(v)`` with ``self_target``, else ``v``;
+4. ``decay`` retention scales the working state first: ``W ← α W``;
+5. the gradient ``g = ∇ℓ(M(k), v̂)`` is taken at the (decayed) working state when the level is
+   exact online (C = 1, gradient point ``token``), else at ``L``;
+6. the optimizer turns ``g`` into ``Δ``; ``weight_decay`` retention gives ``W ← α W + Δ``, otherwise
+   ``W ← W + Δ``;
+7. commit every ``C`` tokens (``(p + 1) mod C = 0``): the committed state becomes the working
+   state; with C = 1 every token commits. The anchor moves every ``N`` tokens the same way;
+8. ``read: after_write`` reads the committed level memory.
+
+A period that the sequence ends inside is not committed: its summed updates stay in ``pending``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nlgraph.levels.gates import AdaptiveGate
+from nlgraph.levels.memories import apply_layer
+from nlgraph.levels.optimizers import gradients
+from nlgraph.levels.run import LevelRun, Stream
+
+from . import register_form
+
+__all__ = ["run_reference", "retain"]
+
+Params = dict[str, torch.Tensor]
+
+
+def retain(params: Params, alpha: torch.Tensor) -> Params:
+    """Scale parameters by the retention factor: ``α [B, H]`` everywhere, or ``α [B, H, D]`` on the
+    key channels of a matrix memory (``W·Diag(α)``)."""
+    out = {}
+    for k, p in params.items():
+        if alpha.dim() == 3:
+            out[k] = p * alpha.unsqueeze(-2)
+        else:
+            out[k] = p * alpha.reshape(alpha.shape + (1,) * (p.dim() - 2))
+    return out
+
+
+def _stream_at(run: LevelRun, stream: Stream, t: int, lin: dict[str, Params]) -> torch.Tensor:
+    x = stream.data[:, t].unsqueeze(2)  # [B, H, 1, D]
+    if stream.slot is None:
+        return x
+    return stream.post(run.memories[stream.slot].forward(lin[stream.slot], x))
+
+
+def _rate_at(run: LevelRun, rate, t: int, lin: dict[str, Params]) -> torch.Tensor | None:
+    if rate is None:
+        return None
+    if isinstance(rate, AdaptiveGate):
+        slot = f"adaptive.{rate.memory}"
+        read = run.memories[slot].forward(lin[slot], rate.x[:, t].unsqueeze(2))
+        return rate.value(read).squeeze(2)
+    return rate[:, t]
+
+
+@register_form("memory", "reference", priority=0)
+def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Execute ``run`` token by token. Returns ``(outputs [B, T, H, D_v], state)``."""
+    b, T, h = run.shape
+    slots = list(run.memories)
+    main = run.memories["memory"]
+    committed = {s: run.params("", s) for s in slots}
+    working = {s: {p: committed[s][p] + run.params("pending", s)[p] for p in committed[s]} for s in slots} \
+        if run.has_pending else dict(committed)
+    anchor = {s: run.params("anchor", s) for s in slots} if run.has_anchor else None
+    buffers = {s: run.buffers(s) for s in slots}
+    opt, obj = run.optimizer, run.objective
+    outputs = []
+    for t in range(T):
+        pos = run.position + t
+        lin = anchor if anchor is not None else committed
+        q = _stream_at(run, run.queries, t, lin)
+        if run.period is None:  # frequency never: a static memory
+            outputs.append(main.forward(committed["memory"], q))
+            continue
+        k = _stream_at(run, run.keys, t, lin)
+        v = _stream_at(run, run.values, t, lin)
+        if run.read_before:
+            outputs.append(main.forward(committed["memory"], q))
+        lr = _rate_at(run, run.lr, t, lin)
+        alpha = _rate_at(run, run.alpha, t, lin)
+        mu = _rate_at(run, run.mu, t, lin)
+        new_working = {}
+        for s in slots:
+            mem = run.memories[s]
+            target = mem.forward(lin[s], v) if run.self_target else v
+            w = working[s]
+            if run.retention == "decay":
+                w = retain(w, alpha)
+            point = w if run.online else lin[s]
+
+            def loss(p: Params, mem=mem, target=target) -> tuple[torch.Tensor, Params]:
+                trace: Params = {}
+
+                def apply(layer, x):
+                    trace[layer.weight] = x
+                    return apply_layer(p, layer, x)
+
+                return obj.loss(mem.forward_with(k, apply), target).sum(), trace
+
+            grads, inputs = gradients(loss, point)
+            delta, buffers[s] = opt.step(mem, w, grads, lr=lr, momentum=mu, buffers=buffers[s], inputs=inputs)
+            if run.retention == "weight_decay":
+                w = retain(w, alpha)
+            new_working[s] = {p: w[p] + delta[p] for p in w}
+        working = new_working
+        if run.period == 1 or (pos + 1) % run.period == 0:
+            committed = working
+        if anchor is not None and (pos + 1) % run.chunk == 0:
+            anchor = working
+        if not run.read_before:
+            outputs.append(main.forward(committed["memory"], q))
+    y = torch.cat(outputs, dim=2).transpose(1, 2) if outputs else run.values.data.new_zeros(b, 0, h, main.d_out)
+    return y, _final_state(run, committed, working, anchor, buffers, T)
+
+
+def _final_state(run: LevelRun, committed, working, anchor, buffers, steps: int) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {"position": run.state["position"] + steps}
+    for s in run.memories:
+        for p, v in committed[s].items():
+            state[f"{s}.{p}"] = v
+            if run.has_pending:
+                state[f"pending.{s}.{p}"] = working[s][p] - v
+            if anchor is not None:
+                state[f"anchor.{s}.{p}"] = anchor[s][p]
+        for n, v in buffers[s].items():
+            state[f"optimizer.{s}.{n}"] = v
+    return state

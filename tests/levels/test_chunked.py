@@ -1,0 +1,170 @@
+"""The chunked (parallel) form equals the reference form on outputs, final state and gradients
+with respect to keys, values, queries, gates and the initial state, for every level kind that has
+a parallel form; its implementation chunk size never changes results."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from levelcheck import SEEDS, Draw, assert_close, assert_states_close, run
+
+from nlgraph.runtime import init_state, level_form
+from nlgraph.spec.loader import load_level
+
+
+def _optimizer(draw) -> dict:
+    kind = draw(st.sampled_from(["gd", "momentum", "dgd", "dgd_proximal", "dgd_momentum"]))
+    opt = {"kind": "dgd" if kind.startswith("dgd") else kind, "lr": {"from": "input"}}
+    if kind in ("momentum", "dgd_momentum"):
+        opt["momentum"] = {"from": "input"}
+    if kind == "dgd_proximal":
+        opt["form"] = "proximal"
+    return opt
+
+
+@st.composite
+def online_levels(draw):
+    """Linear memories, exact online: DeltaNet / GDN / Titans-form / linear attention / GLA ..."""
+    level = {"memory": {"kind": "linear"}, "objective": {"kind": draw(st.sampled_from(["dot", "l2", "outer"]))},
+             "optimizer": _optimizer(draw), "read": draw(st.sampled_from(["after_write", "before_write"]))}
+    retention = draw(st.sampled_from([None, "decay", "weight_decay"]))
+    per = draw(st.sampled_from(["head", "channel"]))
+    if retention:
+        level["retention"] = {"kind": retention, "gate": {"from": "input", "per": per}}
+    return level
+
+
+@st.composite
+def minibatch_levels(draw):
+    """Any memory and objective under mini-batch semantics (gradient-point chunk, or a period)."""
+    memory = draw(st.sampled_from([
+        {"kind": "linear"},
+        {"kind": "mlp", "depth": 2, "hidden": 4, "activation": "gelu", "bias": True},
+        {"kind": "mlp", "depth": 3, "hidden": 3, "activation": "swiglu"},
+        {"kind": "residual_mlp", "hidden": "2x", "activation": "tanh", "norm": "rms", "bias": True},
+    ]))
+    objective = draw(st.sampled_from([{"kind": "l2"}, {"kind": "dot"}, {"kind": "huber", "delta": 0.5},
+                                      {"kind": "lp", "p": 3.0}]))
+    level = {"memory": memory, "objective": objective, "optimizer": _optimizer(draw),
+             "read": draw(st.sampled_from(["after_write", "before_write"]))}
+    if draw(st.booleans()):
+        level["gradient_point"] = {"chunk": draw(st.integers(2, 6))}
+    else:
+        level["frequency"] = draw(st.integers(2, 5))
+    retention = draw(st.sampled_from([None, "decay", "weight_decay"]))
+    if retention:
+        level["retention"] = {"kind": retention, "gate": {"from": "input"}}
+    return level
+
+
+def _inputs(level, d: Draw, b, t, h, dim):
+    """Leaf tensors for everything a level reads, all requiring grad."""
+    spec = load_level(level)
+    channel = spec.retention is not None and spec.retention.gate.per == "channel"
+    x = {
+        "keys": d.unit(b, t, h, dim), "values": d.normal(b, t, h, dim), "queries": d.normal(b, t, h, dim),
+        # small enough steps that no drawn dynamics diverge (lp's gradient grows like |r|^{p−1},
+        # and through a depth-3 SwiGLU memory the inner dynamics are of high degree)
+        "lr": d.uniform(b, t, h, lo=0.02, hi=0.5 if spec.memory.kind == "linear" else 0.1)
+        * (0.2 if spec.objective.kind == "lp" else 1.0),
+    }
+    if spec.retention is not None:
+        x["retention"] = d.uniform(b, t, h, dim, lo=0.5, hi=1.0) if channel else d.uniform(b, t, h, lo=0.5, hi=1.0)
+    if "momentum" in level["optimizer"]:
+        x["momentum"] = d.uniform(b, t, h, lo=0.0, hi=0.9)
+    state = init_state(spec, batch=b, d_key=dim, d_value=dim, generator=d.g)
+    x["state"] = {n: s + 0.2 * d.normal(*s.shape) for n, s in state.items() if n.startswith(("memory.", "adaptive."))}
+    return x
+
+
+def _leaves(x: dict) -> dict:
+    out = {k: v.clone().requires_grad_() for k, v in x.items() if k != "state"}
+    out["state"] = {k: v.clone().requires_grad_() for k, v in x["state"].items()}
+    return out
+
+
+def _check(level, x: dict, d: Draw, chunk_size: int | None = None) -> None:
+    assert level_form(level) == "chunked"
+    results = []
+    for form in ("reference", "chunked"):
+        leaves = _leaves(x)
+        y, state = run(level, form, **leaves, chunk_size=chunk_size)
+        results.append((leaves, y, state))
+    (l1, y1, s1), (l2, y2, s2) = results
+    assert_close(y2, y1, "outputs")
+    assert_states_close(s2, s1)
+    # one random cotangent for the outputs and for every final floating state tensor
+    cot_g = torch.Generator().manual_seed(1234)
+    cot_y = torch.randn(y1.shape, generator=cot_g)
+    cot_s = {k: torch.randn(v.shape, generator=cot_g) for k, v in s1.items() if v.is_floating_point()}
+    grads = []
+    for leaves, y, state in results:
+        loss = (y * cot_y).sum() + sum((state[k] * c).sum() for k, c in cot_s.items())
+        flat = [v for k, v in leaves.items() if k != "state"] + list(leaves["state"].values())
+        grads.append(torch.autograd.grad(loss, flat, allow_unused=True))
+    names = [k for k in l1 if k != "state"] + [f"state[{k}]" for k in l1["state"]]
+    for name, g1, g2 in zip(names, *grads):
+        g1 = torch.zeros(()) if g1 is None else g1
+        g2 = torch.zeros(()) if g2 is None else g2
+        assert_close(g2, g1, f"d/d{name}", tol=1e-8)
+
+
+@given(SEEDS, online_levels(), st.integers(1, 2), st.integers(1, 16), st.integers(1, 2), st.integers(2, 5), st.integers(1, 7))
+def test_chunked_equals_reference_online(seed, level, b, t, h, dim, chunk_size):
+    level["memory"]["heads"] = h
+    d = Draw(seed)
+    _check(level, _inputs(level, d, b, t, h, dim), d, chunk_size)
+
+
+@given(SEEDS, minibatch_levels(), st.integers(1, 16), st.integers(1, 2), st.integers(2, 4))
+def test_chunked_equals_reference_minibatch(seed, level, t, h, dim):
+    level["memory"]["heads"] = h
+    d = Draw(seed)
+    _check(level, _inputs(level, d, 2, t, h, dim), d)
+
+
+@st.composite
+def self_modifying_levels(draw):
+    """HOPE's self-modifying Titans (adaptive k, v, η, α; self-generated targets) at chunk N."""
+    mem = draw(st.sampled_from([{"kind": "residual_mlp", "hidden": "2x"}, {"kind": "linear"},
+                                {"kind": "mlp", "hidden": 3, "activation": "silu"}]))
+    level = {
+        "memory": {"kind": "residual_mlp", "hidden": "2x"},
+        "objective": {"kind": "l2"},
+        "optimizer": {"kind": "dgd", "form": draw(st.sampled_from(["explicit", "proximal"])),
+                      "lr": {"from": "adaptive.eta", "act": "sigmoid", "scale": 0.1},
+                      "momentum": {"from": "input"}},
+        "retention": {"kind": draw(st.sampled_from(["decay", "weight_decay"])),
+                      "gate": {"from": "adaptive.alpha", "act": "sigmoid", "bias": 3.0}},
+        "adaptive": {"k": mem, "v": mem, "eta": mem, "alpha": mem},
+        "keys": {"from": "adaptive.k", "project": False, "norm": "l2"},
+        "values": {"from": "adaptive.v", "project": False, "self_target": True},
+        "queries": {"from": "input", "norm": "l2"},
+        "read": draw(st.sampled_from(["after_write", "before_write"])),
+        "gradient_point": {"chunk": draw(st.integers(2, 5))},
+    }
+    return level
+
+
+@given(SEEDS, self_modifying_levels(), st.integers(1, 12), st.integers(2, 4))
+def test_chunked_equals_reference_self_modifying(seed, level, t, dim):
+    d = Draw(seed)
+    b, h = 2, 1
+    xin = d.normal(b, t, h, dim)
+    spec = load_level(level)
+    state = init_state(spec, batch=b, d_key=dim, d_value=dim, generator=d.g)
+    x = {"keys": xin, "values": xin.clone(), "queries": d.unit(b, t, h, dim), "momentum": d.uniform(b, t, h, hi=0.9),
+         "state": {n: s + 0.1 * d.normal(*s.shape) for n, s in state.items() if n.startswith(("memory.", "adaptive."))}}
+    _check(level, x, d)
+
+
+@given(SEEDS, st.integers(1, 20), st.integers(1, 8), st.integers(1, 8))
+def test_chunk_size_is_a_free_knob(seed, t, c1, c2):
+    """The implementation chunk of the exact online form never changes results (Gated DeltaNet)."""
+    d = Draw(seed)
+    level = {"memory": {"kind": "linear"}, "objective": {"kind": "l2"},
+             "optimizer": {"kind": "momentum", "lr": 0.3, "momentum": 0.5}, "retention": {"kind": "decay", "gate": 0.9}}
+    k, v, q = d.unit(2, t, 1, 3), d.normal(2, t, 1, 3), d.normal(2, t, 1, 3)
+    y1, s1 = run(level, "chunked", keys=k, values=v, queries=q, chunk_size=c1)
+    y2, s2 = run(level, "chunked", keys=k, values=v, queries=q, chunk_size=c2)
+    assert_close(y1, y2, "outputs")
+    assert_states_close(s1, s2)
