@@ -228,8 +228,13 @@ def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
 
 
 def _seq(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """``[B, T, H, ...] -> [B, H, e−s, ...]``."""
-    return x[:, s:e].transpose(1, 2)
+    """``[B, T, H, ...] -> [B, H, e−s, ...]``.
+
+    Built by unbinding heads and stacking them, not by a transpose: the gradient that flows back
+    to the caller is then a freshly stacked, contiguous ``[B, T, H, ...]`` tensor. A transposed
+    gradient breaks callers whose backward views it (a ``Linear`` after ``softplus``) in a compiled
+    (AOT) backward on torch 2.13."""
+    return torch.stack(x[:, s:e].unbind(2), dim=1)
 
 
 def _stream(run: LevelRun, stream: Stream, s: int, e: int, lin: dict[str, Params]) -> torch.Tensor:

@@ -319,8 +319,8 @@ class DeepMomentum(InnerOptimizer):
             if kind == "decay":
                 mp = {n: _bc(alpha, t) * t for n, t in mp.items()}
 
-            def loss(p: Params) -> tuple[torch.Tensor, None]:
-                return self.objective.loss(m.forward(p, rows), rows).sum(), None
+            def loss(p: Params) -> tuple[torch.Tensor, Params]:
+                return self.objective.loss(m.forward(p, rows), rows).sum(), {}
 
             mg, _ = gradients(loss, mp)
             mdelta, mb = self.inner.step(

@@ -159,6 +159,7 @@ def init_state(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    given: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A fresh state for ``level`` at position 0.
 
@@ -170,21 +171,29 @@ def init_state(
     Args:
         level: a validated :class:`LevelSpec`.
         batch, d_key, d_value: ``B`` and the per-head key and value widths.
+        given: memory parameters to start from instead of drawing them (``memory.<p>``,
+            ``adaptive.<name>.<p>``); the buffers are built around them.
     """
     dtype = dtype or torch.get_default_dtype()
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = generator
     period, chunk = periods(level)
     heads = level.memory.heads
     state: dict[str, torch.Tensor] = {"position": torch.zeros((), dtype=torch.int64, device=device)}
     optimizer = build_optimizer(level.optimizer)
     for slot, (mspec, din, dout) in _slot_widths(level, d_key, d_value).items():
         mem = build_memory(mspec, din, dout)
-        zeros = isinstance(mspec, LinearMemorySpec) or mspec.init == "zeros"
-        if isinstance(mspec, LinearMemorySpec):
-            init = {p: torch.zeros(heads, *s, dtype=dtype, device=device) for p, s in mem.shapes().items()}
+        if given is not None and all(f"{slot}.{p}" in given for p in mem.shapes()):
+            # the caller's parameters (a model's meta-learned M_0): nothing to draw, which also
+            # keeps random-number generators out of compiled regions
+            params = {p: given[f"{slot}.{p}"] for p in mem.shapes()}
         else:
-            init = mem.init(heads, zeros=zeros, generator=gen, dtype=dtype, device=device)
-        params = {p: t.unsqueeze(0).expand(batch, *t.shape).clone() for p, t in init.items()}
+            if isinstance(mspec, LinearMemorySpec):
+                init = {p: torch.zeros(heads, *s, dtype=dtype, device=device) for p, s in mem.shapes().items()}
+            else:
+                if gen is None:
+                    gen = torch.Generator().manual_seed(0)
+                init = mem.init(heads, zeros=mspec.init == "zeros", generator=gen, dtype=dtype, device=device)
+            params = {p: t.unsqueeze(0).expand(batch, *t.shape).clone() for p, t in init.items()}
         state.update({f"{slot}.{p}": t for p, t in params.items()})
         if period is not None and period > 1:
             state.update({f"pending.{slot}.{p}": torch.zeros_like(t) for p, t in params.items()})
@@ -286,9 +295,12 @@ def prepare(
         if isinstance(gate, AdaptiveGate) and gate.spec.per == "channel":
             raise ValueError(f"{name}: a per-channel gate is only meaningful for retention")
 
-    full = init_state(spec, batch=b, d_key=dk, d_value=dv, dtype=keys.dtype, device=keys.device)
+    full = init_state(spec, batch=b, d_key=dk, d_value=dv, dtype=keys.dtype, device=keys.device, given=state)
     if state is not None:
         full = _merge_state(full, state)
+    # a state without a position starts a sequence: position 0 is then known without reading a
+    # tensor (no host sync; the chunk schedule stays static under torch.compile)
+    position = int(full["position"]) if state is not None and "position" in state else 0
     return LevelRun(
         spec=spec,
         shape=(b, t, h),
@@ -307,7 +319,7 @@ def prepare(
         alpha=alpha_t,
         mu=mu_t,
         state=full,
-        position=int(full["position"]),
+        position=position,
     )
 
 
