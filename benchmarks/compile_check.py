@@ -79,6 +79,7 @@ def main() -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--verbose", action="store_true", help="print the whole error of a failed spec")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     print(f"torch {torch.__version__}, device {args.device}"
@@ -97,6 +98,8 @@ def main() -> int:
         except Exception as e:  # report and continue with the next spec
             ok = False
             print(f"{name:<16} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            if args.verbose:
+                print(str(e)[:4000])
         sys.stdout.flush()
     return 0 if ok else 1
 

@@ -283,7 +283,7 @@ class DeepMomentum(InnerOptimizer):
         self.rates = {
             "lr": _constant(getattr(level.optimizer, "lr", 1.0), "optimizer.level.optimizer.lr"),
             "momentum": _constant(getattr(level.optimizer, "momentum", None) or 0.0, "optimizer.level.optimizer.momentum"),
-            "retention": _constant(level.retention.gate if level.retention else 1.0, "optimizer.level.retention.gate"),
+            "retention": _constant(level.retention.gate if level.retention is not None else 1.0, "optimizer.level.retention.gate"),
         }
         self._memories: dict[int, Memory] = {}
 

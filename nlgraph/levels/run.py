@@ -23,7 +23,7 @@ State layout (a flat ``dict[str, Tensor]``; every memory tensor has leading ``[B
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,8 +92,7 @@ class LevelRun:
     alpha: Any
     mu: Any
     state: dict[str, torch.Tensor]
-    position: int
-    options: dict[str, Any] = field(default_factory=dict)
+    position: int  # tokens consumed before this call; 0 when no period or chunk depends on it
 
     @property
     def online(self) -> bool:
@@ -182,7 +181,8 @@ def init_state(
     optimizer = build_optimizer(level.optimizer)
     for slot, (mspec, din, dout) in _slot_widths(level, d_key, d_value).items():
         mem = build_memory(mspec, din, dout)
-        if given is not None and all(f"{slot}.{p}" in given for p in mem.shapes()):
+        shapes = {f"{slot}.{p}": (batch, heads, *shape) for p, shape in mem.shapes().items()}
+        if given is not None and all(k in given and tuple(given[k].shape) == s for k, s in shapes.items()):
             # the caller's parameters (a model's meta-learned M_0): nothing to draw, which also
             # keeps random-number generators out of compiled regions
             params = {p: given[f"{slot}.{p}"] for p in mem.shapes()}
@@ -298,16 +298,17 @@ def prepare(
     full = init_state(spec, batch=b, d_key=dk, d_value=dv, dtype=keys.dtype, device=keys.device, given=state)
     if state is not None:
         full = _merge_state(full, state)
-    # a state without a position starts a sequence: position 0 is then known without reading a
-    # tensor (no host sync; the chunk schedule stays static under torch.compile)
-    position = int(full["position"]) if state is not None and "position" in state else 0
+    # where periods or chunks fall depends on the position; read it from the tensor only then (a
+    # host sync, data-dependent under torch.compile). A state without one starts a sequence.
+    scheduled = period is not None and (period > 1 or chunk > 1)
+    position = int(full["position"]) if scheduled and state is not None and "position" in state else 0
     return LevelRun(
         spec=spec,
         shape=(b, t, h),
         memories=memories,
         objective=objective,
         optimizer=optimizer,
-        retention=spec.retention.kind if spec.retention else None,
+        retention=spec.retention.kind if spec.retention is not None else None,
         period=period,
         chunk=chunk,
         read_before=spec.read == "before_write",
