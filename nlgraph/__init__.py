@@ -13,14 +13,29 @@ from .spec.schema import Spec
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # torch-backed entry points load on first use, so spec tools (validate, show) start fast
+    if name == "build":
+        from .lower import build
+
+        return build
+    if name == "run_level":
+        from .runtime import run_level
+
+        return run_level
+    raise AttributeError(f"module 'nlgraph' has no attribute {name!r}")
+
 __all__ = [
     "GraphError",
     "NLGraphError",
     "Spec",
     "SpecError",
+    "build",
     "build_graph",
     "dump_spec",
     "library_specs",
     "load_spec",
+    "run_level",
     "spec_hash",
 ]

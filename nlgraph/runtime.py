@@ -26,6 +26,10 @@ Contract (issue 3):
 * ``form``: ``"reference"`` (per token, the definition), ``"chunked"`` (parallel), or ``"auto"``
   (chunked when the level has a parallel form, else the reference form with one warning).
   ``chunk_size`` is the implementation chunk of the exact chunkwise form; it never changes results.
+* ``torch.compile(fullgraph=True)`` traces a call whole, in either form, given a validated spec
+  object (validation itself is pydantic, outside the graph) and an explicit ``form``. Continuing
+  a level with a period or a gradient-point chunk reads ``state["position"]`` to place the
+  boundaries, which is data-dependent; exact online levels never read it.
 
 Returns ``(outputs [B, T, H, D_v], state)``; outputs read the memory after the write of the same
 token unless the level says ``read: before_write``.

@@ -8,10 +8,12 @@ PUBLIC = {
     "NLGraphError",
     "Spec",
     "SpecError",
+    "build",
     "build_graph",
     "dump_spec",
     "library_specs",
     "load_spec",
+    "run_level",
     "spec_hash",
 }
 
@@ -44,3 +46,17 @@ def test_compilers_live_inside_the_package():
     assert importlib.util.find_spec("compilers") is None or "nlgraph" not in str(
         importlib.util.find_spec("compilers").origin or ""
     )
+
+
+def test_entry_point_signatures():
+    import inspect
+
+    sig = inspect.signature(nlgraph.run_level)
+    assert list(sig.parameters)[:1] == ["level"]
+    for name in ("keys", "values", "queries", "lr", "retention", "momentum", "state", "form"):
+        assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert sig.parameters["form"].default == "auto"
+    b = inspect.signature(nlgraph.build)
+    for name in ("compile", "device", "dtype"):
+        assert b.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert b.parameters["compile"].default is False
