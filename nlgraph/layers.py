@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .levels.memories import _activation
 from .spec.schema import AttentionSpec, GateSpec, MlpMemorySpec, StreamSpec, resolve_width
 
 __all__ = ["Attention", "Gate", "Mlp", "ShortConv", "Stream", "make_norm", "rotary"]
@@ -24,20 +25,6 @@ def make_norm(kind: str, width: int, eps: float = 1e-6) -> nn.Module:
     if kind == "layer":
         return nn.LayerNorm(width, eps=eps)
     return nn.Identity()
-
-
-def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "silu":
-        return F.silu(x)
-    if name == "relu":
-        return F.relu(x)
-    if name == "relu2":
-        return F.relu(x).square()
-    if name == "tanh":
-        return torch.tanh(x)
-    raise ValueError(f"unknown activation {name!r}")
 
 
 class ShortConv(nn.Module):
