@@ -57,7 +57,7 @@ import torch
 
 from nlgraph.levels.gates import AdaptiveGate
 from nlgraph.levels.memories import Memory, apply_layer
-from nlgraph.levels.run import LevelRun, Stream, periods, schedule
+from nlgraph.levels.run import LevelRun, Stream, final_state, periods, schedule
 from nlgraph.spec.schema import LevelSpec
 
 from . import register_form
@@ -417,7 +417,7 @@ def _minibatch(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                 state[f"anchor.{slot}.{p}"] = anchor[slot][p]
         for name, val in buffers[slot].items():
             state[f"optimizer.{slot}.{name}"] = val
-    return _outputs(outs, run), state
+    return _outputs(outs, run), final_state(run, committed, working, anchor, buffers, T)
 
 
 def _static(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -31,7 +31,7 @@ import torch
 from nlgraph.levels.gates import AdaptiveGate
 from nlgraph.levels.memories import apply_layer
 from nlgraph.levels.optimizers import gradients
-from nlgraph.levels.run import LevelRun, Stream
+from nlgraph.levels.run import LevelRun, Stream, final_state
 
 from . import register_form
 
@@ -127,18 +127,4 @@ def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         if not run.read_before:
             outputs.append(main.forward(committed["memory"], q))
     y = torch.cat(outputs, dim=2).transpose(1, 2) if outputs else run.values.data.new_zeros(b, 0, h, main.d_out)
-    return y, _final_state(run, committed, working, anchor, buffers, T)
-
-
-def _final_state(run: LevelRun, committed, working, anchor, buffers, steps: int) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {"position": run.state["position"] + steps}
-    for s in run.memories:
-        for p, v in committed[s].items():
-            state[f"{s}.{p}"] = v
-            if run.has_pending:
-                state[f"pending.{s}.{p}"] = working[s][p] - v
-            if anchor is not None:
-                state[f"anchor.{s}.{p}"] = anchor[s][p]
-        for n, v in buffers[s].items():
-            state[f"optimizer.{s}.{n}"] = v
-    return state
+    return y, final_state(run, committed, working, anchor, buffers, T)

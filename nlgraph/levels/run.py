@@ -342,3 +342,18 @@ def _merge_state(default: dict[str, torch.Tensor], given: dict[str, torch.Tensor
             out[k] = given[k[len("anchor."):]]
     return out
 
+
+def final_state(run: LevelRun, committed, working, anchor, buffers, steps: int) -> dict[str, torch.Tensor]:
+    """The state a form returns after ``steps`` tokens: committed parameters, what is pending of
+    the current period, the anchor and the optimizer buffers (layout in the module docstring)."""
+    state: dict[str, torch.Tensor] = {"position": run.state["position"] + steps}
+    for s in run.memories:
+        for p, v in committed[s].items():
+            state[f"{s}.{p}"] = v
+            if run.has_pending:
+                state[f"pending.{s}.{p}"] = working[s][p] - v
+            if anchor is not None:
+                state[f"anchor.{s}.{p}"] = anchor[s][p]
+        for n, v in buffers[s].items():
+            state[f"optimizer.{s}.{n}"] = v
+    return state
