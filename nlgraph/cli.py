@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import NLGraphError
+from .graph import GROUP_KINDS
 from .io import atomic_write
 
 __all__ = ["COMMANDS", "main"]
@@ -110,7 +111,7 @@ def _load(args: argparse.Namespace):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     spec, graph, source = _load(args)
-    n_levels = sum(1 for _, d in graph.nodes(data=True) if d["kind"] not in ("embed", "head", "chain"))
+    n_levels = sum(1 for _, d in graph.nodes(data=True) if d["kind"] not in ("embed", "head", *GROUP_KINDS))
     where = source.file or args.spec
     unused = graph.graph["unused"]
     note = f"; unused levels: {', '.join(unused)}" if unused else ""
@@ -134,7 +135,7 @@ def level_rows(graph) -> list[list[str]]:
     rows = []
     for nid in level_order(graph):
         d = graph.nodes[nid]
-        if d["kind"] in ("embed", "head", "chain"):
+        if d["kind"] in ("embed", "head", *GROUP_KINDS):
             continue
         spec = d["spec"]
         if d["kind"] == "adaptive":
@@ -147,7 +148,7 @@ def level_rows(graph) -> list[list[str]]:
                          format_period(spec.frequency)])
             continue
         desc = describe_level(spec)
-        freq = "every token (in context)" if d["kind"] == "attention" else format_period(spec.frequency)
+        freq = "every token (in context)" if d["kind"] == "attention" else format_period(d["frequency"])
         if d["kind"] == "level" and spec.gradient_point != "token":
             freq += f", grad @ {spec.gradient_point.chunk}-chunk"
         rows.append([nid, recognise(spec), desc["memory"], desc["objective"], desc["optimizer"],

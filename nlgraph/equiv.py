@@ -101,8 +101,11 @@ def share_parameters(a: NLModel, b: NLModel) -> tuple[int, list[str], list[str]]
                     used_b.add(match[0])
                     free_b.remove(match)
                     shared += 1
-    only_a = [n for n in pa if n not in used_a and not (n == "head.weight" and a.spec.model.tie_embeddings)]
-    only_b = [n for n in pb if n not in used_b and not (n == "head.weight" and b.spec.model.tie_embeddings)]
+    # frozen parameters (a zero initial state that is not meta-learned) are constants, not weights
+    only_a = [n for n, p in pa.items() if n not in used_a and p.requires_grad
+              and not (n == "head.weight" and a.spec.model.tie_embeddings)]
+    only_b = [n for n, p in pb.items() if n not in used_b and p.requires_grad
+              and not (n == "head.weight" and b.spec.model.tie_embeddings)]
     return shared, only_a, only_b
 
 

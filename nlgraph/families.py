@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec.schema import AttentionSpec, ChainSpec, GateSpec, LevelSpec
+from .spec.schema import (
+    AttentionSpec,
+    ChainSpec,
+    DeltaRuleSpec,
+    GateSpec,
+    LevelSpec,
+    LinearAttentionSpec,
+    MemoryContextSpec,
+    ParallelSpec,
+)
 
 __all__ = ["describe_level", "recognise"]
 
@@ -29,6 +38,14 @@ def recognise(entry: Any) -> str:
             periods = {lv.frequency for lv in entry.levels}
             return "MLP chain" if periods == {"never"} else "CMS"
         return "chain"
+    if isinstance(entry, ParallelSpec):
+        return f"parallel ({entry.combine})"
+    if isinstance(entry, MemoryContextSpec):
+        return "Titans MAC (memory as context)"
+    if isinstance(entry, LinearAttentionSpec):
+        return "linear attention (normalised)" if entry.normalize else "linear attention"
+    if isinstance(entry, DeltaRuleSpec):
+        return "DeltaNet" if entry.decay is None else "Gated DeltaNet"
     lv: LevelSpec = entry
     mem, obj, opt, ret = lv.memory.kind, lv.objective.kind, lv.optimizer.kind, lv.retention
     if obj == "outer":
@@ -69,9 +86,21 @@ def describe_level(entry: Any) -> dict[str, str]:
         window = f", window {entry.window}" if entry.window else ""
         return {"memory": f"non-parametric ({entry.heads} heads{window})", "objective": "nadaraya-watson",
                 "optimizer": "-", "retention": "-"}
+    if isinstance(entry, ParallelSpec):
+        return {"memory": f"parallel: {', '.join(entry.branches)}", "objective": "-", "optimizer": "-",
+                "retention": "-"}
+    if isinstance(entry, MemoryContextSpec):
+        return {"memory": f"{entry.memory} + {entry.attention}, segment {entry.segment}", "objective": "-",
+                "optimizer": "-", "retention": "-"}
     if isinstance(entry, ChainSpec):
         return {"memory": f"chain of {len(entry.levels)}", "objective": "-", "optimizer": "-",
                 "retention": "-"}
+    if isinstance(entry, (LinearAttentionSpec, DeltaRuleSpec)):
+        heads = f" x{entry.heads}" if entry.heads > 1 else ""
+        delta = isinstance(entry, DeltaRuleSpec)
+        return {"memory": f"linear{heads} (closed form)", "objective": "l2" if delta else "dot",
+                "optimizer": "gd (β)" if delta else "gd (lr 1)",
+                "retention": "decay" if delta and entry.decay is not None else "-"}
     mem = entry.memory
     memory = mem.kind + (f" x{mem.heads}" if mem.heads > 1 else "")
     if mem.kind != "linear":

@@ -29,6 +29,10 @@ from .spec.loader import SpecSource, load_raw, load_spec, spec_hash
 from .spec.schema import (
     AttentionSpec,
     ChainSpec,
+    DeltaRuleSpec,
+    LinearAttentionSpec,
+    MemoryContextSpec,
+    ParallelSpec,
     DeepMomentumSpec,
     GateSpec,
     LevelSpec,
@@ -40,9 +44,20 @@ from .spec.schema import (
     StreamSpec,
 )
 
-__all__ = ["build_graph", "format_period", "level_order", "period"]
+__all__ = ["GROUP_KINDS", "build_graph", "format_period", "group_size", "level_order", "period"]
+
+GROUP_KINDS = ("chain", "parallel", "memory_context")
+"""Node kinds that only group other level nodes (drawn as frames, not run on their own)."""
 
 NEVER = math.inf
+
+
+def group_size(node: dict) -> int:
+    """How many member nodes (``<id>[j]``) a group node (chain, parallel, memory_context) has."""
+    spec = node["spec"]
+    if isinstance(spec, ChainSpec):
+        return len(spec.levels)
+    return len(spec.branches) if isinstance(spec, ParallelSpec) else 2
 
 
 def period(frequency: int | str) -> float:
@@ -115,7 +130,7 @@ class _Builder:
                   block=None, order=-1)
         prev = "embed"
         order = 0
-        used = set()
+        used = self.used = set()
         for b, block in enumerate(spec.model.blocks):
             names = {}
             for j, name in enumerate(block):
@@ -170,6 +185,25 @@ class _Builder:
                       order=order, spec=entry, heads=heads, d_head=d_head,
                       family="sliding-window attention" if entry.window else "softmax attention")
             return
+        if isinstance(entry, (LinearAttentionSpec, DeltaRuleSpec)):
+            heads = entry.heads
+            if (entry.d_key is None or entry.d_value is None) and self.d % heads:
+                raise GraphError(
+                    f"dimension mismatch: d_model={self.d} is not divisible by heads={heads}; "
+                    f"set d_key and d_value explicitly",
+                    nodes=[nid],
+                    path=f"{path}.heads",
+                )
+            d_in, d_out = entry.d_key or self.d // heads, entry.d_value or self.d // heads
+            widths = {"keys": heads * d_in, "values": heads * d_out, "queries": heads * d_in}
+            for role in ("keys", "values", "queries"):
+                self.check_stream(nid, path, role, getattr(entry, role), widths[role])
+            self.node(nid, kind=entry.kind, label=name, frequency=1, path=path, block=b,
+                      order=order, spec=entry, heads=heads, d_in=d_in, d_out=d_out, widths=widths)
+            return
+        if isinstance(entry, (ParallelSpec, MemoryContextSpec)):
+            self.add_group(nid, name, entry, b, order, path)
+            return
         if isinstance(entry, ChainSpec):
             self.node(nid, kind="chain", label=name, frequency=None, path=path, block=b,
                       order=order, spec=entry)
@@ -196,6 +230,55 @@ class _Builder:
             self.g.nodes[nid]["periods"] = [lv.frequency for lv in entry.levels]
             return
         self.add_level(nid, name, entry, b, order, path)
+
+    def group_members(self, entry: Any) -> list[tuple[str, str]]:
+        """``(role path below the group, level name)`` of the levels a group runs."""
+        if isinstance(entry, ParallelSpec):
+            return [(f"branches[{j}]", n) for j, n in enumerate(entry.branches)]
+        return [("memory", entry.memory), ("attention", entry.attention)]
+
+    def add_group(self, nid: str, name: str, entry: Any, b: int, order: int, path: str) -> None:
+        self.node(nid, kind=entry.kind, label=name, frequency=None, path=path, block=b, order=order,
+                  spec=entry)
+        levels = self.spec.levels
+        for j, (role, member) in enumerate(self.group_members(entry)):
+            where = f"{path}.{role}"
+            if member not in levels:
+                raise GraphError(
+                    f"unknown level '{member}' (defined: {', '.join(levels)}){did_you_mean(member, levels)}",
+                    nodes=[nid],
+                    path=where,
+                )
+            if member == name:
+                raise GraphError(f"'{name}' lists itself; name the levels it groups", nodes=[nid], path=where)
+            sub = levels[member]
+            allowed = self.group_rule(entry, role, sub)
+            if allowed is not None:
+                raise GraphError(f"'{member}' cannot be the {role.split('[')[0].rstrip('es')} of a "
+                                 f"{entry.kind}: {allowed}", nodes=[nid, f"{nid}[{j}]"], path=where)
+            self.used.add(member)
+            self.add_entry(f"{nid}[{j}]", member, sub, b, order)
+            self.g.nodes[f"{nid}[{j}]"]["label"] = f"{name}.{member}"
+            self.edge(f"{nid}[{j}]", nid, "part_of")
+
+    @staticmethod
+    def group_rule(entry: Any, role: str, sub: Any) -> str | None:
+        """Why ``sub`` cannot fill ``role`` of the group ``entry`` (``None``: it can)."""
+        if isinstance(sub, (ChainSpec, ParallelSpec, MemoryContextSpec)):
+            return f"it is a {sub.kind}; groups hold single levels"
+        if isinstance(entry, ParallelSpec):
+            return None
+        if role == "attention":
+            if not isinstance(sub, AttentionSpec):
+                return "it must be a kind: attention level"
+            if sub.window is not None:
+                return "attention stays inside a segment; remove its window"
+            return None
+        if not isinstance(sub, LevelSpec) or sub.objective.kind == "outer":
+            return "it must be a parametric level (memory, objective, optimizer)"
+        if sub.adaptive or any(getattr(sub, r).from_ != "input" for r in ("keys", "values", "queries")):
+            return "its keys, values and queries must come from input (the attention output)"
+        return None
 
     def add_level(self, nid: str, label: str, lv: LevelSpec, b: int, order: int, path: str) -> None:
         d = self.d
@@ -282,10 +365,12 @@ class _Builder:
         if isinstance(entry, ChainSpec):
             for j, link in enumerate(entry.levels):
                 self.wire_level_reads(f"{nid}[{j}]", f"levels.{name}.levels[{j}]", link, block, b)
-        elif isinstance(entry, AttentionSpec):
-            for role in ("keys", "values", "queries"):
-                self.wire_source(nid, f"levels.{name}.{role}", getattr(entry, role).from_, role,
-                                 block, b, adaptive=())
+        elif isinstance(entry, (ParallelSpec, MemoryContextSpec)):
+            for j, (_, member) in enumerate(self.group_members(entry)):
+                self.wire_reads(f"{nid}[{j}]", member, self.spec.levels[member], block, b)
+        elif isinstance(entry, (AttentionSpec, LinearAttentionSpec, DeltaRuleSpec)):
+            for role, src in _sources(entry):
+                self.wire_source(nid, f"levels.{name}.{role}", src, role, block, b, adaptive=())
         else:
             self.wire_level_reads(nid, f"levels.{name}", entry, block, b)
 
@@ -364,8 +449,12 @@ class _Builder:
         )
 
 
-def _sources(lv: LevelSpec) -> list[tuple[str, str]]:
+def _sources(lv: Any) -> list[tuple[str, str]]:
+    """``(YAML path below the entry, source)`` of every stream and gate of an entry."""
     out = [(role, getattr(lv, role).from_) for role in ("keys", "values", "queries")]
+    if not isinstance(lv, LevelSpec):
+        rates = {name: getattr(lv, name, None) for name in ("beta", "decay")}
+        return out + [(n, g.from_) for n, g in rates.items() if isinstance(g, GateSpec)]
     gates = {
         "optimizer.lr": getattr(lv.optimizer, "lr", None),
         "optimizer.momentum": getattr(lv.optimizer, "momentum", None),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .families import recognise
-from .graph import build_graph, format_period, level_order
+from .graph import GROUP_KINDS, build_graph, format_period, level_order
 from .model import NLModel
 from .spec.loader import load_spec
 from .spec.schema import Spec
@@ -68,10 +68,14 @@ def _params_by_node(model: NLModel) -> dict[str, int]:
         for name in names:
             mod = block.entries[name]
             out[f"b{b}.{name}"] = sum(p.numel() for p in mod.parameters())
-            links = getattr(getattr(mod, "inner", mod), "links", None)
-            if links is not None:
-                for j, link in enumerate(links):
-                    out[f"b{b}.{name}[{j}]"] = sum(p.numel() for p in link.parameters())
+            inner = getattr(mod, "inner", mod)
+            members = getattr(inner, "links", None)
+            if members is None and hasattr(inner, "branches"):
+                members = list(inner.branches.values())
+            if members is None and hasattr(inner, "segment"):
+                members = [inner.memory, inner.attention]
+            for j, member in enumerate(members or []):
+                out[f"b{b}.{name}[{j}]"] = sum(p.numel() for p in member.parameters())
     return out
 
 
@@ -79,13 +83,17 @@ def _form_of(node: dict) -> str:
     kind = node["kind"]
     if kind == "attention":
         return "sdpa (sliding window)" if node["spec"].window else "sdpa"
-    if kind == "chain":
-        return "chain"
+    if kind in GROUP_KINDS:
+        return kind
     spec = node["spec"]
     if kind == "level" and spec.objective.kind == "outer":
         return "static mlp" if spec.frequency == "never" else "static mlp, outer-loop period"
     if kind in ("adaptive", "optimizer"):
         return "with its level"
+    if kind in ("linear_attention", "delta_rule"):
+        from .runtime import level_form
+
+        return level_form(node["spec"])
     from .memory import choose_form
 
     return choose_form(spec)
@@ -101,16 +109,17 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = ()) -> Plan:
         if node["kind"] in ("embed", "head"):
             continue
         entry = node.get("spec")
-        family = recognise(entry) if node["kind"] in ("level", "attention", "chain") else node["kind"]
+        entry_kinds = ("level", "attention", "linear_attention", "delta_rule", *GROUP_KINDS)
+        family = recognise(entry) if node["kind"] in entry_kinds else node["kind"]
         if node["kind"] == "attention":
             shapes = f"{node['heads']} heads x {node['d_head']}"
             freq = "every token (in context)"
-        elif node["kind"] == "level":
+        elif node["kind"] in ("level", "linear_attention", "delta_rule"):
             shapes = f"{node['heads']} heads, {node['d_in']} -> {node['d_out']}"
             freq = format_period(node["frequency"])
         else:
             shapes = ""
-            freq = format_period(node.get("frequency")) if node["kind"] != "chain" else ""
+            freq = format_period(node.get("frequency")) if node["kind"] not in GROUP_KINDS else ""
         levels.append(LevelPlan(nid, family, _form_of(node), freq, shapes))
     return Plan(spec, tuple(levels), graph.graph["hash"])
 

@@ -17,9 +17,16 @@ from torch import nn
 from .errors import GraphError
 from .layers import Gate, ShortConv, Stream
 from .levels.memories import build_memory
-from .spec.schema import GateSpec, LevelSpec, LinearMemorySpec, MlpMemorySpec
+from .spec.schema import (
+    DeltaRuleSpec,
+    GateSpec,
+    LevelSpec,
+    LinearAttentionSpec,
+    LinearMemorySpec,
+    MlpMemorySpec,
+)
 
-__all__ = ["MemoryLevel", "choose_form", "level_widths"]
+__all__ = ["ClosedFormLevel", "MemoryLevel", "choose_form", "level_widths"]
 
 
 def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:
@@ -63,20 +70,16 @@ class _AdaptiveInput(nn.Module):
         return y.unflatten(-1, (self.heads, self.d)), new
 
 
-class MemoryLevel(nn.Module):
-    """A level of the spec as a block entry: ``forward(x [B, T, C], state) -> (y [B, T, C], state)``.
+class _Entry(nn.Module):
+    """The outer parameters every memory-like entry shares: stream projections (with their short
+    convolutions), gate projections, and the read's norm, gate and output projection."""
 
-    ``state`` holds the runtime's state (memory parameters, pending sums, optimizer buffers,
-    position) and the short-convolution tails, so a sequence continued in segments gives the output
-    of one pass. A fresh state starts every memory at its meta-learned initial parameters.
-    """
+    heads: int
+    d_key: int
+    d_value: int
 
-    def __init__(self, spec: LevelSpec, width: int) -> None:
-        super().__init__()
-        self.spec = spec
-        heads, dk, dv = level_widths(spec, width)
-        self.heads, self.d_key, self.d_value = heads, dk, dv
-        self.form = choose_form(spec)
+    def _build_inputs(self, spec: Any, width: int, rates: dict[str, Any]) -> None:
+        heads, dk, dv = self.heads, self.d_key, self.d_value
         for role in ("keys", "values", "queries"):
             s = getattr(spec, role)
             if s.from_ not in ("input",) and not s.from_.startswith("adaptive."):
@@ -94,7 +97,7 @@ class MemoryLevel(nn.Module):
                 Stream(s, width, heads, d_role[role]))
             self.streams[role[0]] = mod
         self.gates = nn.ModuleDict()
-        for name, rate in self._rates().items():
+        for name, rate in rates.items():
             if isinstance(rate, GateSpec) and not rate.from_.startswith("adaptive."):
                 if rate.from_ != "input":
                     raise GraphError(
@@ -103,6 +106,50 @@ class MemoryLevel(nn.Module):
                         path=name,
                     )
                 self.gates[name] = Gate(rate, width, heads, dk)
+
+    def _build_output(self, spec: Any, width: int) -> None:
+        dv = self.d_value
+        self.out_norm = nn.RMSNorm(dv, eps=1e-6) if spec.output.norm == "rms" else (
+            nn.LayerNorm(dv, eps=1e-6) if spec.output.norm == "layer" else None)
+        self.out_gate = nn.Linear(width, self.heads * dv, bias=False) if spec.output.gate != "none" else None
+        self.out = nn.Linear(self.heads * dv, width, bias=False)
+
+    def _inputs(self, x: torch.Tensor, state: dict) -> tuple[dict, dict, dict]:
+        """``(streams {role: [B, T, H, D]}, gates {name: [B, T, H]}, conv tails)``."""
+        conv_state: dict[str, torch.Tensor] = {}
+        tensors = {}
+        for role in ("keys", "values", "queries"):
+            tensors[role], cs = self.streams[role[0]](x, state.get(f"conv.{role}"))
+            if cs is not None:
+                conv_state[f"conv.{role}"] = cs
+        return tensors, {name: g(x) for name, g in self.gates.items()}, conv_state
+
+    def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The read ``y [B, T, H, D_v]`` normalised, gated by the input ``x`` and projected back to
+        ``[B, T, C]``."""
+        if self.out_norm is not None:
+            y = self.out_norm(y)
+        if self.out_gate is not None:
+            g = self.out_gate(x).unflatten(-1, (self.heads, self.d_value))
+            y = y * (torch.sigmoid(g) if self.spec.output.gate == "sigmoid" else F.silu(g))
+        return self.out(y.flatten(2))
+
+
+class MemoryLevel(_Entry):
+    """A level of the spec as a block entry: ``forward(x [B, T, C], state) -> (y [B, T, C], state)``.
+
+    ``state`` holds the runtime's state (memory parameters, pending sums, optimizer buffers,
+    position) and the short-convolution tails, so a sequence continued in segments gives the output
+    of one pass. A fresh state starts every memory at its meta-learned initial parameters.
+    """
+
+    def __init__(self, spec: LevelSpec, width: int) -> None:
+        super().__init__()
+        self.spec = spec
+        heads, dk, dv = level_widths(spec, width)
+        self.heads, self.d_key, self.d_value = heads, dk, dv
+        self.form = choose_form(spec)
+        self._build_inputs(spec, width, self._rates())
         # meta-learned initial states M_0 of the memory and of every adaptive projection
         self.init_params = nn.ParameterDict()
         slots = {"memory": (spec.memory, dk, dv), **{f"adaptive.{n}": (m, dk, dk) for n, m in spec.adaptive.items()}}
@@ -117,10 +164,7 @@ class MemoryLevel(nn.Module):
             for p, t in init.items():
                 key = f"{slot}.{p}".replace(".", "__")
                 self.init_params[key] = nn.Parameter(t, requires_grad=learned)
-        self.out_norm = nn.RMSNorm(dv, eps=1e-6) if spec.output.norm == "rms" else (
-            nn.LayerNorm(dv, eps=1e-6) if spec.output.norm == "layer" else None)
-        self.out_gate = nn.Linear(width, heads * dv, bias=False) if spec.output.gate != "none" else None
-        self.out = nn.Linear(heads * dv, width, bias=False)
+        self._build_output(spec, width)
 
     def _rates(self) -> dict[str, Any]:
         opt = self.spec.optimizer
@@ -135,21 +179,32 @@ class MemoryLevel(nn.Module):
         """The memory parameters every sequence starts from, expanded over the batch."""
         return {k.replace("__", "."): p.unsqueeze(0).expand(batch, *p.shape) for k, p in self.init_params.items()}
 
+    def read(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """Read the memory without writing: ``h = out(M(q(x)))`` with the committed parameters of
+        ``state`` (``None``: the initial ``M_0``). ``x [B, T, C] -> (h [B, T, C], state)``; only
+        the query stream's convolution tail (``conv.read``) advances.
+
+        Titans MAC retrieves its context tokens this way (Eq. 21)."""
+        state = dict(state or {})
+        q, tail = self.streams["q"](x, state.get("conv.read"))
+        if tail is not None:
+            state["conv.read"] = tail
+        level = state.get("level")
+        if level is None:
+            level = self.initial_state(x.shape[0])
+        mem = build_memory(self.spec.memory, self.d_key, self.d_value)
+        params = {p: level[f"memory.{p}"] for p in mem.shapes()}
+        y = mem.forward(params, q.transpose(1, 2)).transpose(1, 2)  # [B, T, H, Dv]
+        return self._output(x, y), state
+
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         from .runtime import run_level
 
-        b = x.shape[0]
         state = state or {}
-        conv_state: dict[str, torch.Tensor] = {}
-        tensors = {}
-        for role in ("keys", "values", "queries"):
-            tensors[role], cs = self.streams[role[0]](x, state.get(f"conv.{role}"))
-            if cs is not None:
-                conv_state[f"conv.{role}"] = cs
-        gates = {name: g(x) for name, g in self.gates.items()}
+        tensors, gates, conv_state = self._inputs(x, state)
         level_state = state.get("level")
         if level_state is None:
-            level_state = self.initial_state(b)
+            level_state = self.initial_state(x.shape[0])
         y, level_state = run_level(
             self.spec,
             keys=tensors["keys"],
@@ -161,9 +216,38 @@ class MemoryLevel(nn.Module):
             state=level_state,
             form=self.form,
         )  # y: [B, T, H, Dv]
-        if self.out_norm is not None:
-            y = self.out_norm(y)
-        if self.out_gate is not None:
-            g = self.out_gate(x).unflatten(-1, (self.heads, self.d_value))
-            y = y * (torch.sigmoid(g) if self.spec.output.gate == "sigmoid" else F.silu(g))
-        return self.out(y.flatten(2)), {"level": level_state, **conv_state}
+        return self._output(x, y), {"level": level_state, **conv_state}
+
+
+class ClosedFormLevel(_Entry):
+    """A ``linear_attention`` or ``delta_rule`` entry: the same outer parameters as a level
+    (streams, gates, output), with the update rule run by its own execution forms
+    (:mod:`nlgraph.compilers.linear_attention`, :mod:`nlgraph.compilers.delta_rule`).
+
+    ``forward(x [B, T, C], state) -> (y [B, T, C], state)``; the state is the ``[B, H, D_v, D_k]``
+    matrix (plus the normaliser), its position and the convolution tails.
+    """
+
+    def __init__(self, spec: LinearAttentionSpec | DeltaRuleSpec, width: int) -> None:
+        super().__init__()
+        from .runtime import level_form
+
+        self.spec = spec
+        self.heads = spec.heads
+        self.d_key = spec.d_key or width // spec.heads
+        self.d_value = spec.d_value or width // spec.heads
+        self.form = level_form(spec)
+        rates = {"beta": spec.beta, "decay": spec.decay} if isinstance(spec, DeltaRuleSpec) else {}
+        self._build_inputs(spec, width, rates)
+        self._build_output(spec, width)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        from .runtime import run_level
+
+        state = state or {}
+        tensors, gates, conv_state = self._inputs(x, state)
+        y, level_state = run_level(self.spec, keys=tensors["keys"], values=tensors["values"],
+                                   queries=tensors["queries"], lr=gates.get("beta"),
+                                   retention=gates.get("decay"), state=state.get("level"),
+                                   form=self.form)
+        return self._output(x, y), {"level": level_state, **conv_state}

@@ -14,9 +14,19 @@ import torch
 from torch import nn
 
 from .layers import Attention, Mlp, make_norm
-from .spec.schema import AttentionSpec, ChainSpec, LevelSpec, ModelSpec, Spec
+from .spec.schema import (
+    AttentionSpec,
+    ChainSpec,
+    DeltaRuleSpec,
+    LevelSpec,
+    LinearAttentionSpec,
+    MemoryContextSpec,
+    ModelSpec,
+    ParallelSpec,
+    Spec,
+)
 
-__all__ = ["Block", "NLModel", "Residual"]
+__all__ = ["Block", "MemoryContext", "NLModel", "Parallel", "Residual"]
 
 State = dict[str, Any]
 
@@ -96,12 +106,98 @@ class Chain(nn.Module):
         return h, {"links": new}
 
 
-def make_entry(entry: Any, model: ModelSpec, width: int) -> nn.Module:
-    """The module for one block entry of the spec."""
+class Parallel(nn.Module):
+    """Levels run side by side on the same input (``kind: parallel``; Titans MAG), combined by a
+    gate ``N_1(y_1) ⊙ σ(N_2(y_2))``, a sum or a mean. Each branch keeps its own state."""
+
+    def __init__(self, spec: ParallelSpec, levels: dict[str, Any], model: ModelSpec, width: int) -> None:
+        super().__init__()
+        self.names = list(spec.branches)
+        self.combine = spec.combine
+        self.branches = nn.ModuleDict({n: make_entry(levels[n], model, width, levels) for n in self.names})
+        if spec.combine == "gate":
+            self.norms = nn.ModuleList([nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)])
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        state = state or {}
+        outs, new = [], {}
+        for name in self.names:
+            y, new[name] = self.branches[name](x, state.get(name))
+            outs.append(y)
+        if self.combine == "gate":
+            return gate(self.norms, outs[0], outs[1]), new
+        total = torch.stack(outs).sum(0)
+        return (total / len(outs) if self.combine == "mean" else total), new
+
+
+def gate(norms: nn.ModuleList, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Titans' non-linear gate ``y ⊗ M``: ``N_1(y) ⊙ σ(N_2(m))`` with learned RMS norms."""
+    return norms[0](y) * torch.sigmoid(norms[1](m))
+
+
+class MemoryContext(nn.Module):
+    """Titans memory as a context (``kind: memory_context``, MAC): see
+    :class:`~nlgraph.spec.schema.MemoryContextSpec` for the rule.
+
+    ``forward(x [B, T, C], state) -> (o [B, T, C], state)``. Per segment: ``h = M_{s−1}(q(x))``
+    (read at the segment-start state), attention over ``[h_1, x_1, h_2, x_2, …]`` (persistent tokens
+    in front, reset at every segment), ``y`` = its outputs at the x positions, the memory trained on
+    ``y`` and read after each write (``m``), ``o = N_1(y) ⊙ σ(N_2(m))``. The state carries the memory,
+    its segment-start copy, the attention cache of the current segment and the position, so a
+    sequence fed in pieces gives the output of one pass.
+    """
+
+    def __init__(self, spec: MemoryContextSpec, levels: dict[str, Any], width: int) -> None:
+        super().__init__()
+        from .memory import MemoryLevel
+
+        self.segment = spec.segment
+        self.memory = MemoryLevel(levels[spec.memory], width)
+        self.attention = Attention(levels[spec.attention], width)
+        self.norms = nn.ModuleList([nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)])
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        state = dict(state or {})
+        # a fresh sequence starts at 0 without reading a tensor (keeps compiled graphs static)
+        pos = int(state["position"]) if "position" in state else 0
+        memory, start = state.get("memory"), state.get("start")
+        attn, read = state.get("attention"), state.get("read")
+        outs = []
+        t, done = x.shape[1], 0
+        while done < t:
+            offset = pos % self.segment
+            if offset == 0:  # a new segment: the memory as it is now answers the whole segment
+                start, attn = memory, None
+            n = min(self.segment - offset, t - done)
+            piece = x[:, done:done + n]
+            h, read_state = self.memory.read(piece, {**(start or {}), **(read or {})})
+            read = {k: v for k, v in read_state.items() if k == "conv.read"}
+            both = torch.stack([h, piece], dim=2).flatten(1, 2)  # [h_1, x_1, h_2, x_2, ...]
+            a, attn = self.attention(both, attn)
+            y = a[:, 1::2]
+            m, memory = self.memory(y, memory)
+            outs.append(gate(self.norms, y, m))
+            done, pos = done + n, pos + n
+        new = {"memory": memory, "start": start, "attention": attn, "read": read,
+               "position": torch.tensor(pos, dtype=torch.int64, device=x.device)}
+        return torch.cat(outs, dim=1), new
+
+
+def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] | None = None) -> nn.Module:
+    """The module for one block entry of the spec (``levels``: the spec's levels, which groups
+    such as ``parallel`` and ``memory_context`` refer to by name)."""
     if isinstance(entry, AttentionSpec):
         return AttentionEntry(entry, width)
     if isinstance(entry, ChainSpec):
         return Chain(entry, model, width)
+    if isinstance(entry, ParallelSpec):
+        return Parallel(entry, levels or {}, model, width)
+    if isinstance(entry, MemoryContextSpec):
+        return MemoryContext(entry, levels or {}, width)
+    if isinstance(entry, (LinearAttentionSpec, DeltaRuleSpec)):
+        from .memory import ClosedFormLevel
+
+        return ClosedFormLevel(entry, width)
     if entry.objective.kind == "outer":
         return StaticMlp(entry, width)
     from .memory import MemoryLevel
@@ -118,7 +214,7 @@ class Block(nn.Module):
         self.names = list(names)
         entries = {}
         for n in names:
-            entry, module = spec.levels[n], make_entry(spec.levels[n], spec.model, width)
+            entry, module = spec.levels[n], make_entry(spec.levels[n], spec.model, width, spec.levels)
             # a residual chain wraps each link itself; anything else gets one residual here
             own = isinstance(entry, ChainSpec) and entry.residual
             entries[n] = module if own else Residual(module, spec.model, width)

@@ -44,11 +44,13 @@ import torch
 
 from .compilers import attention as _attention  # noqa: F401  (registers the attention forms)
 from .compilers import chunked as _chunked  # noqa: F401  (registers the chunked form)
+from .compilers import delta_rule as _delta_rule  # noqa: F401  (registers the delta_rule forms)
+from .compilers import linear_attention as _linear_attention  # noqa: F401
 from .compilers import forms, select_form
 from .compilers import reference as _reference  # noqa: F401  (registers the reference form)
 from .levels.run import init_state, prepare
 from .spec.loader import load_level
-from .spec.schema import AttentionSpec, ChainSpec, LevelSpec
+from .spec.schema import AttentionSpec, ChainSpec, DeltaRuleSpec, LevelSpec, LinearAttentionSpec
 
 __all__ = ["init_state", "level_form", "run_level"]
 
@@ -63,8 +65,13 @@ def level_form(level: Any, form: str = "auto") -> str:
             asked for a level that has no parallel form (the message says why).
     """
     spec = load_level(level)
-    family = "attention" if isinstance(spec, AttentionSpec) else "memory"
-    return _select(family, spec, form).name
+    return _select(_family(spec), spec, form).name
+
+
+def _family(spec: Any) -> str:
+    if isinstance(spec, (AttentionSpec, LinearAttentionSpec, DeltaRuleSpec)):
+        return spec.kind
+    return "memory"
 
 
 def _select(family: str, spec: Any, form: str):
@@ -120,6 +127,14 @@ def run_level(
             raise ValueError("softmax attention has no learning rate, retention or momentum gates")
         chosen = _select("attention", spec, form)
         return chosen.run(spec, keys=keys, values=values, queries=queries, state=state)
+    if isinstance(spec, (LinearAttentionSpec, DeltaRuleSpec)):
+        # closed-form kinds: the learning rate is the delta rule's β, the retention its decay α
+        if momentum is not None or (isinstance(spec, LinearAttentionSpec) and (lr, retention) != (None, None)):
+            raise ValueError(f"a {spec.kind} takes no {'momentum' if momentum is not None else 'lr or retention'} gate")
+        chosen = _select(spec.kind, spec, form)
+        extra = {"beta": lr, "decay": retention} if isinstance(spec, DeltaRuleSpec) else {}
+        return chosen.run(spec, keys=keys, values=values, queries=queries, state=state,
+                          chunk_size=chunk_size, **extra)
     assert isinstance(spec, LevelSpec)
     chosen = _select("memory", spec, form)
     if form == "auto" and chosen.name != "chunked":

@@ -12,7 +12,7 @@ from pathlib import Path
 import networkx as nx
 
 from .families import describe_level, recognise
-from .graph import format_period, period
+from .graph import GROUP_KINDS, format_period, group_size, period
 from .io import atomic_write
 
 __all__ = ["draw_graph", "to_dot"]
@@ -29,7 +29,7 @@ def _band(data: dict) -> float:
     """Sort key of a node's frequency band: period in tokens; attention is updated every token."""
     if data["kind"] == "attention":
         return 1.0
-    if data["kind"] == "chain":
+    if data["kind"] in GROUP_KINDS:
         return -1.0  # drawn as a frame, not a band member
     return period(data["frequency"])
 
@@ -53,6 +53,8 @@ def _node_text(nid: str, data: dict) -> str:
     fam = recognise(spec)
     if kind == "attention":
         return f"{data['label']}\n{fam}\n{d['memory']}"
+    if kind in ("linear_attention", "delta_rule"):
+        return f"{data['label']}\n{fam}\n{kind} (closed form)\n{format_period(data['frequency'])}"
     lines = [data["label"], fam if fam != "custom" else d["memory"].split(" (")[0]]
     lines.append(f"{spec.objective.kind} · {d['optimizer']}" + (f" · {d['retention']}" if d["retention"] != "-" else ""))
     lines.append(format_period(spec.frequency))
@@ -69,7 +71,7 @@ def to_dot(graph: nx.DiGraph) -> str:
     ]
     bands: dict[float, list[str]] = {}
     for nid, data in graph.nodes(data=True):
-        if data["kind"] == "chain":
+        if data["kind"] in GROUP_KINDS:
             continue
         bands.setdefault(_band(data), []).append(nid)
         text = _node_text(nid, data).replace("\n", "\\n").replace('"', "'")
@@ -78,7 +80,7 @@ def to_dot(graph: nx.DiGraph) -> str:
         out.append(f'  subgraph cluster_f{i} {{ label="{_band_label(p)}"; style=dashed; '
                    + " ".join(f'"{n}";' for n in nodes) + " }")
     for a, b, data in graph.edges(data=True):
-        if graph.nodes[a]["kind"] == "chain" or graph.nodes[b]["kind"] == "chain":
+        if graph.nodes[a]["kind"] in GROUP_KINDS or graph.nodes[b]["kind"] in GROUP_KINDS:
             # stream edges into / out of a chain attach to its first / last link
             if data["role"] == "part_of":
                 continue
@@ -93,9 +95,9 @@ def to_dot(graph: nx.DiGraph) -> str:
 
 
 def _chain_end(graph: nx.DiGraph, nid: str, *, last: bool) -> str:
-    if graph.nodes[nid]["kind"] != "chain":
+    if graph.nodes[nid]["kind"] not in GROUP_KINDS:
         return nid
-    n = len(graph.nodes[nid]["spec"].levels)
+    n = group_size(graph.nodes[nid])
     return f"{nid}[{n - 1 if last else 0}]"
 
 
@@ -103,7 +105,7 @@ def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], dict[flo
     """Node centres, band extents ``{period: (y_top, y_bottom)}`` and chain frames."""
     from .graph import level_order
 
-    members = [d for _, d in graph.nodes(data=True) if d["kind"] != "chain"]
+    members = [d for _, d in graph.nodes(data=True) if d["kind"] not in GROUP_KINDS]
     bands = sorted({_band(d) for d in members})
     # a band grows one sub-row for adaptive projections / nested optimizers placed under a level
     extra = {p: 0 for p in bands}
@@ -123,8 +125,8 @@ def _layout(graph: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], dict[flo
         data = graph.nodes[nid]
         if data["kind"] in ("adaptive", "optimizer") or "[" in nid:
             continue
-        if data["kind"] == "chain":
-            n = len(data["spec"].levels)
+        if data["kind"] in GROUP_KINDS:
+            n = group_size(data)
             for j in range(n):
                 lid = f"{nid}[{j}]"
                 pos[lid] = (x + 1.7 * j, row_y[_band(graph.nodes[lid])])
@@ -192,7 +194,7 @@ def draw_graph(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
                 color="#444444", style="italic")
     # chain frames
     for nid, (x0, x1) in frames.items():
-        links = [f"{nid}[{j}]" for j in range(len(graph.nodes[nid]["spec"].levels))]
+        links = [f"{nid}[{j}]" for j in range(group_size(graph.nodes[nid]))]
         ly = [pos[k][1] for k in links]
         ax.add_patch(FancyBboxPatch((x0 - 0.8, min(ly) - 0.6), x1 - x0 + 1.6, max(ly) - min(ly) + 1.2,
                                     boxstyle="round,pad=0.05", fill=False, ls="--", ec="#7f7f7f", zorder=1))
@@ -200,7 +202,7 @@ def draw_graph(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
                 fontsize=8, color="#555555", va="bottom")
     # edges
     for a, b, data in graph.edges(data=True):
-        if graph.nodes[a]["kind"] == "chain" or graph.nodes[b]["kind"] == "chain":
+        if graph.nodes[a]["kind"] in GROUP_KINDS or graph.nodes[b]["kind"] in GROUP_KINDS:
             if data["role"] == "part_of":
                 continue
             a, b = _chain_end(graph, a, last=True), _chain_end(graph, b, last=False)

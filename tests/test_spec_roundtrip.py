@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from nlgraph import build_graph, dump_spec, load_spec, spec_hash
 from nlgraph.testing.strategies import specs
 
+ENTRY_KINDS = ("level", "attention", "chain", "linear_attention", "delta_rule")
+
 
 def _shuffled(obj, rng: random.Random):
     if isinstance(obj, dict):
@@ -27,7 +29,7 @@ def test_drawn_specs_validate_and_build(raw):
     spec = load_spec(raw)
     graph = build_graph(spec)
     names = {n for block in spec.model.blocks for n in block}
-    assert {graph.nodes[n]["label"] for n in graph if graph.nodes[n]["kind"] in ("level", "attention", "chain")} >= names
+    assert {graph.nodes[n]["label"] for n in graph if graph.nodes[n]["kind"] in ENTRY_KINDS} >= names
     assert graph.graph["hash"] == spec_hash(spec)
 
 

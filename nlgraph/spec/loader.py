@@ -175,16 +175,19 @@ def _dotted(path: Sequence[str | int]) -> str:
     return out
 
 
-def _prune_switched_kinds(base: Any, top: Any) -> Any:
+def _prune_switched_kinds(base: Any, top: Any, path: tuple = ()) -> Any:
     """Drop from ``base`` every mapping that ``top`` replaces with one of another ``kind``: a
-    variant switch replaces the old variant instead of merging fields that do not belong to it."""
+    variant switch replaces the old variant instead of merging fields that do not belong to it.
+    An entry of ``levels`` without a ``kind`` is a ``level``."""
     if isinstance(base, dict) and isinstance(top, dict):
-        if "kind" in base and "kind" in top and base["kind"] != top["kind"]:
+        implicit = "level" if len(path) == 2 and path[0] == "levels" else None
+        old_kind = base.get("kind", implicit)
+        if old_kind is not None and "kind" in top and old_kind != top["kind"]:
             return None
         out = {}
         for k, v in base.items():
             if k in top:
-                pruned = _prune_switched_kinds(v, top[k])
+                pruned = _prune_switched_kinds(v, top[k], (*path, k))
                 if pruned is None and isinstance(v, dict):
                     continue
                 out[k] = v if pruned is None else pruned

@@ -17,7 +17,9 @@ __all__ = ["render_reference"]
 # (section title, models) in reading order
 SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
     ("Top level", [S.Spec, S.ModelSpec]),
-    ("Level entries (`levels.<name>`)", [S.LevelSpec, S.AttentionSpec, S.ChainSpec]),
+    ("Level entries (`levels.<name>`)", [S.LevelSpec, S.AttentionSpec, S.ChainSpec,
+                                          S.LinearAttentionSpec, S.DeltaRuleSpec, S.ParallelSpec,
+                                          S.MemoryContextSpec]),
     ("Memories (`memory`, `adaptive.<name>`)", [S.LinearMemorySpec, S.MlpMemorySpec, S.ResidualMlpMemorySpec]),
     ("Objectives (`objective`)", [S.DotObjectiveSpec, S.L2ObjectiveSpec, S.LpObjectiveSpec,
                                   S.HuberObjectiveSpec, S.OuterObjectiveSpec]),

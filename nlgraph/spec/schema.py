@@ -40,7 +40,9 @@ __all__ = [
     "AttentionSpec",
     "ChainSpec",
     "ChunkPointSpec",
+    "ClosedFormSpec",
     "DeepMomentumSpec",
+    "DeltaRuleSpec",
     "DgdSpec",
     "DotObjectiveSpec",
     "GateSpec",
@@ -49,8 +51,10 @@ __all__ = [
     "L2ObjectiveSpec",
     "LevelEntry",
     "LevelSpec",
+    "LinearAttentionSpec",
     "LinearMemorySpec",
     "LpObjectiveSpec",
+    "MemoryContextSpec",
     "MemorySpec",
     "MlpMemorySpec",
     "ModelSpec",
@@ -62,6 +66,7 @@ __all__ = [
     "OptimizerSpec",
     "OuterObjectiveSpec",
     "OutputSpec",
+    "ParallelSpec",
     "Rate",
     "ResidualMlpMemorySpec",
     "RetentionSpec",
@@ -644,6 +649,101 @@ class AttentionSpec(_Spec):
         return v
 
 
+class LinearAttentionSpec(_Spec):
+    """Linear attention (Katharopoulos et al. 2020) as a closed-form kind: no inner objective or
+    optimizer is declared, the rule is written out,
+
+        S_t = S_{t−1} + v_t k_tᵀ,   y_t = S_t q_t = Σ_{s≤t} (q_t·k_s) v_s   (S_0 = 0),
+
+    with φ applied by the streams' ``feature_map``. Nested learning derives the same function as one
+    GD step (lr 1) on the dot objective of a zero-initialised linear memory; ``nlgraph equiv`` checks
+    the pair ``linear_attention`` / ``equiv/linear_attention_kind``."""
+
+    kind: Literal["linear_attention"]
+    heads: int = Field(1, ge=1)
+    """Number of heads, each with its own ``d_value × d_key`` state."""
+    d_key: int | None = Field(None, ge=1)
+    """Key (and query) width per head. Default: the model width divided by ``heads``."""
+    d_value: int | None = Field(None, ge=1)
+    """Value width per head. Default: the model width divided by ``heads``."""
+    normalize: bool = False
+    """Divide the read by ``q_t · Σ_{s≤t} k_s`` (the original paper's normaliser; needs positive
+    feature maps such as ``elu1``). Off, the read is unnormalised (use ``output.norm``)."""
+    keys: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the keys k_t."""
+    values: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the values v_t."""
+    queries: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the queries q_t."""
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    """Normalisation and gating of the read."""
+
+    @model_validator(mode="after")
+    def _plain_streams(self) -> LinearAttentionSpec:
+        _check_closed_form_streams(self)
+        return self
+
+
+class DeltaRuleSpec(_Spec):
+    """The (gated) delta rule as a closed-form kind (DeltaNet, Schlag et al. 2021 / Yang et al.
+    2024; Gated DeltaNet, Yang et al. 2025 with ``decay``):
+
+        S_t = α_t S_{t−1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ,   y_t = S_t q_t   (S_0 = 0).
+
+    Nested learning derives it as one GD step (lr β_t) on ½‖S k_t − v_t‖² after decaying the state
+    by α_t; ``nlgraph equiv`` checks the pairs ``deltanet`` / ``equiv/deltanet_rule`` and
+    ``gated_deltanet`` / ``equiv/gated_deltanet_rule``."""
+
+    kind: Literal["delta_rule"]
+    heads: int = Field(1, ge=1)
+    """Number of heads, each with its own ``d_value × d_key`` state."""
+    d_key: int | None = Field(None, ge=1)
+    """Key (and query) width per head. Default: the model width divided by ``heads``."""
+    d_value: int | None = Field(None, ge=1)
+    """Value width per head. Default: the model width divided by ``heads``."""
+    beta: Rate = Field(default_factory=lambda: GateSpec(act="sigmoid", per="head"))
+    """Writing strength β_t ∈ (0, 1]: constant or a gate (per head or scalar)."""
+    decay: Rate | None = None
+    """State decay α_t ∈ (0, 1], applied before the step (Gated DeltaNet); ``null``: none. A gate
+    with ``act: logsigmoid`` gives α = sigmoid(z) computed in log space."""
+    keys: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the keys k_t (L2-normalise them: the rule is stable for ‖k‖ ≤ 1, β ≤ 1)."""
+    values: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the values v_t."""
+    queries: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the queries q_t."""
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    """Normalisation and gating of the read."""
+
+    @model_validator(mode="after")
+    def _scalar_rates(self) -> DeltaRuleSpec:
+        for name in ("beta", "decay"):
+            rate = getattr(self, name)
+            if isinstance(rate, GateSpec) and rate.per == "channel":
+                raise ValueError(
+                    f"{name} of a delta_rule is per head or scalar; for per-channel rates write the "
+                    f"level out (memory: linear, objective: l2, optimizer: gd, retention: decay)"
+                )
+        _check_closed_form_streams(self)
+        return self
+
+
+def _check_closed_form_streams(entry: Any) -> None:
+    for role in ("keys", "values", "queries"):
+        s = getattr(entry, role)
+        if s.self_target:
+            raise ValueError(f"{role}.self_target needs a level with an inner objective")
+        if s.from_.startswith("adaptive."):
+            raise ValueError(
+                f"{role} from '{s.from_}': a {entry.kind} has no adaptive projections; read from "
+                f"input or another level"
+            )
+    for name in ("beta", "decay"):
+        rate = getattr(entry, name, None)
+        if isinstance(rate, GateSpec) and rate.from_.startswith("adaptive."):
+            raise ValueError(f"{name} from '{rate.from_}': a {entry.kind} has no adaptive projections")
+
+
 class ChainSpec(_Spec):
     """A chain of levels applied one after another, ``y = M_K(… M_1(x))`` — the Continuum Memory
     System when its links are MLPs with increasing periods (NeurIPS Eqs. 30–31)."""
@@ -658,6 +758,52 @@ class ChainSpec(_Spec):
     """Each link adds its input back: ``x ← x + M_i(norm(x))``."""
 
 
+class ParallelSpec(_Spec):
+    """Levels run side by side on the same input and combined — Titans' memory as a gate (MAG,
+    Titans Eq. 28: ``o = y ⊗ M(x)`` with y the sliding-window attention output)."""
+
+    kind: Literal["parallel"]
+    branches: list[LevelName] = Field(min_length=2)
+    """Names of the levels (defined under ``levels``) that read the same input; each keeps its own
+    state. A branch may be a level, attention or a closed-form kind, not a chain or another group."""
+    combine: Literal["gate", "sum", "mean"] = "gate"
+    """``gate`` (two branches): ``o = N_1(y_1) ⊙ σ(N_2(y_2))`` with learned RMS norms (Titans MAG:
+    "we normalize the outputs using learnable vector-valued weights, followed by a non-linearity");
+    ``sum`` / ``mean`` of the branch outputs."""
+
+    @model_validator(mode="after")
+    def _gate_pairs(self) -> ParallelSpec:
+        if self.combine == "gate" and len(self.branches) != 2:
+            raise ValueError(f"combine: gate needs exactly two branches, got {len(self.branches)}; "
+                             f"use sum or mean for more")
+        if len(set(self.branches)) != len(self.branches):
+            raise ValueError("a level appears twice in branches; define a second level for a copy")
+        return self
+
+
+class MemoryContextSpec(_Spec):
+    """Titans' memory as a context (MAC, Titans Eqs. 21–25): the sequence is cut into segments;
+    for every segment the memory is read with the segment's queries (``h = M_{s−1}(q)``, the state
+    at the segment start), attention runs over the persistent tokens, ``h`` and the segment, the
+    memory is then trained on the attention output ``y`` and read after its writes, and
+    ``o = N_1(y) ⊙ σ(N_2(M(y)))``.
+
+    Causality (a reading of the paper, math.md §8): token i of a segment sees ``h_j`` and ``x_j`` only
+    for ``j ≤ i`` (both are interleaved, ``[h_1, x_1, h_2, x_2, …]``, under a causal mask), and
+    the memory's output at token i reads the state after writing token i — never a state that has
+    seen later tokens of the segment."""
+
+    kind: Literal["memory_context"]
+    memory: LevelName
+    """Name of the neural memory level (a parametric ``level`` with a linear or deep memory, keys,
+    values and queries from its input, no adaptive projections)."""
+    attention: LevelName
+    """Name of the ``attention`` level that attends within a segment (its ``persistent_tokens``
+    are the persistent memory); its ``window`` must be unset."""
+    segment: int = Field(ge=1)
+    """Segment length C in tokens (attention never looks past the current segment)."""
+
+
 def _entry_tag(value: Any) -> str | None:
     if isinstance(value, dict):
         kind = value.get("kind", "level")
@@ -670,11 +816,19 @@ LevelEntry = Annotated[
         Annotated[LevelSpec, Tag("level")],
         Annotated[AttentionSpec, Tag("attention")],
         Annotated[ChainSpec, Tag("chain")],
+        Annotated[LinearAttentionSpec, Tag("linear_attention")],
+        Annotated[DeltaRuleSpec, Tag("delta_rule")],
+        Annotated[ParallelSpec, Tag("parallel")],
+        Annotated[MemoryContextSpec, Tag("memory_context")],
     ],
     Discriminator(_entry_tag),
 ]
 """An entry of ``levels``: a parametric ``level`` (the default kind), non-parametric
-``attention``, or a ``chain`` of levels."""
+``attention``, a ``chain`` of levels, a closed-form ``linear_attention`` / ``delta_rule``, or a
+group of other levels (``parallel``, ``memory_context``)."""
+
+ClosedFormSpec = Union[LinearAttentionSpec, DeltaRuleSpec]
+"""Entry kinds whose update rule is written out instead of derived from an objective."""
 
 
 # --------------------------------------------------------------------------- model and spec
@@ -739,6 +893,8 @@ class Spec(_Spec):
 
 
 
+LinearAttentionSpec.model_rebuild()
+DeltaRuleSpec.model_rebuild()
 DeepMomentumSpec.model_rebuild()
 OptimizerLevelSpec.model_rebuild()
 LevelSpec.model_rebuild()

@@ -141,7 +141,28 @@ def level_specs(draw, d_model: int, earlier: list[str], *, outer: bool | None = 
 
 @st.composite
 def level_entries(draw, d_model: int, earlier: list[str]) -> dict:
-    kind = draw(st.sampled_from(["level", "level", "attention", "chain"]))
+    kind = draw(st.sampled_from(["level", "level", "attention", "chain", "linear_attention", "delta_rule"]))
+    if kind in ("linear_attention", "delta_rule"):
+        heads = draw(st.sampled_from([h for h in (1, 2, 4) if d_model % h == 0]))
+        c: dict[str, Any] = {"kind": kind, "heads": heads}
+        sources = ["input", "self", *earlier]
+        for role in ("keys", "values", "queries"):
+            if draw(st.booleans()):
+                s: dict[str, Any] = {"from": draw(st.sampled_from(sources))}
+                _maybe(draw, "norm", st.sampled_from(["none", "l2", "rms"]), s)
+                _maybe(draw, "conv", st.integers(0, 4), s)
+                _maybe(draw, "feature_map", st.sampled_from(["identity", "silu", "elu1"]), s)
+                c[role] = s
+        if kind == "linear_attention":
+            _maybe(draw, "normalize", st.booleans(), c)
+        else:
+            _maybe(draw, "beta", st.one_of(st.floats(0.05, 1.0), st.fixed_dictionaries(
+                {"from": st.sampled_from(sources), "act": st.just("sigmoid"),
+                 "per": st.sampled_from(["head", "scalar"])})), c)
+            _maybe(draw, "decay", st.one_of(st.floats(0.5, 1.0), st.fixed_dictionaries(
+                {"from": st.sampled_from(sources), "act": st.just("logsigmoid"),
+                 "per": st.sampled_from(["head", "scalar"])})), c)
+        return c
     if kind == "attention":
         heads = draw(st.sampled_from([h for h in (1, 2, 4, 8) if d_model % h == 0]))
         a: dict[str, Any] = {"kind": "attention", "heads": heads}
