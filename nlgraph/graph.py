@@ -273,6 +273,8 @@ class _Builder:
                 return "it must be a kind: attention level"
             if sub.window is not None:
                 return "attention stays inside a segment; remove its window"
+            if any(getattr(sub, r).from_ != "input" for r in ("keys", "values", "queries")):
+                return "its keys, values and queries must come from input (the segment and h)"
             return None
         if not isinstance(sub, LevelSpec) or sub.objective.kind == "outer":
             return "it must be a parametric level (memory, objective, optimizer)"

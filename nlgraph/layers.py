@@ -194,6 +194,12 @@ class Attention(nn.Module):
         self.heads = spec.heads
         self.kv_heads = spec.kv_heads or spec.heads
         self.d_head = spec.d_head or width // spec.heads
+        # role -> the level whose output (same token, same block) it reads instead of the input
+        self.reads = {r: getattr(spec, r).from_ for r in ("keys", "values", "queries")
+                      if getattr(spec, r).from_ != "input"}
+        if "self" in self.reads.values():
+            raise ValueError("attention cannot read 'self': its output at a token needs that token's "
+                             "keys; read from input or an earlier level")
         self.q = Stream(spec.queries, width, self.heads, self.d_head)
         self.k = Stream(spec.keys, width, self.kv_heads, self.d_head)
         self.v = Stream(spec.values, width, self.kv_heads, self.d_head)
@@ -205,12 +211,16 @@ class Attention(nn.Module):
         self.persistent_k = nn.Parameter(torch.randn(self.kv_heads, n, self.d_head) * 0.02) if n else None
         self.persistent_v = nn.Parameter(torch.randn(self.kv_heads, n, self.d_head) * 0.02) if n else None
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """``sources``: outputs ``[B, T, C]`` of earlier levels of the block, by name, for the
+        streams that read another level instead of the input."""
         b, t, _ = x.shape
         state = state or {}
-        q, sq = self.q(x, state.get("conv_q"))
-        k, sk = self.k(x, state.get("conv_k"))
-        v, sv = self.v(x, state.get("conv_v"))
+        src = lambda role: sources[self.reads[role]] if role in self.reads else x  # noqa: E731
+        q, sq = self.q(src("queries"), state.get("conv_q"))
+        k, sk = self.k(src("keys"), state.get("conv_k"))
+        v, sv = self.v(src("values"), state.get("conv_v"))
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
         if self.spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -70,6 +70,16 @@ class _AdaptiveInput(nn.Module):
         return y.unflatten(-1, (self.heads, self.d)), new
 
 
+def _refuse_self(source: str, path: str) -> None:
+    if source == "self":
+        raise GraphError(
+            "the compiler cannot lower 'from: self' yet: reading the level's own previous output "
+            "makes every token wait for the last read, and no execution form runs that recurrence; "
+            "read from input, an adaptive projection or an earlier level of the block",
+            path=path,
+        )
+
+
 class _Entry(nn.Module):
     """The outer parameters every memory-like entry shares: stream projections (with their short
     convolutions), gate projections, and the read's norm, gate and output projection."""
@@ -80,14 +90,13 @@ class _Entry(nn.Module):
 
     def _build_inputs(self, spec: Any, width: int, rates: dict[str, Any]) -> None:
         heads, dk, dv = self.heads, self.d_key, self.d_value
+        # role or gate name -> the level whose output (same token, same block) it reads
+        self.reads: dict[str, str] = {}
         for role in ("keys", "values", "queries"):
             s = getattr(spec, role)
-            if s.from_ not in ("input",) and not s.from_.startswith("adaptive."):
-                raise GraphError(
-                    f"the compiler cannot lower {role} from '{s.from_}' yet; read from input or an "
-                    f"adaptive projection",
-                    path=f"{role}.from",
-                )
+            _refuse_self(s.from_, f"{role}.from")
+            if s.from_ != "input" and not s.from_.startswith("adaptive."):
+                self.reads[role] = s.from_
         d_role = {"keys": dk, "values": dv, "queries": dk}
         # ModuleDict keys k / v / q: `keys` and `values` are ModuleDict methods
         self.streams = nn.ModuleDict()
@@ -99,12 +108,9 @@ class _Entry(nn.Module):
         self.gates = nn.ModuleDict()
         for name, rate in rates.items():
             if isinstance(rate, GateSpec) and not rate.from_.startswith("adaptive."):
+                _refuse_self(rate.from_, name)
                 if rate.from_ != "input":
-                    raise GraphError(
-                        f"the compiler cannot lower a {name} gate from '{rate.from_}' yet; read it "
-                        f"from input or an adaptive projection",
-                        path=name,
-                    )
+                    self.reads[name] = rate.from_
                 self.gates[name] = Gate(rate, width, heads, dk)
 
     def _build_output(self, spec: Any, width: int) -> None:
@@ -114,15 +120,17 @@ class _Entry(nn.Module):
         self.out_gate = nn.Linear(width, self.heads * dv, bias=False) if spec.output.gate != "none" else None
         self.out = nn.Linear(self.heads * dv, width, bias=False)
 
-    def _inputs(self, x: torch.Tensor, state: dict) -> tuple[dict, dict, dict]:
-        """``(streams {role: [B, T, H, D]}, gates {name: [B, T, H]}, conv tails)``."""
+    def _inputs(self, x: torch.Tensor, state: dict, sources: dict | None) -> tuple[dict, dict, dict]:
+        """``(streams {role: [B, T, H, D]}, gates {name: [B, T, H]}, conv tails)``; a stream or
+        gate that reads another level takes that level's output from ``sources`` instead of ``x``."""
+        src = lambda name: sources[self.reads[name]] if name in self.reads else x  # noqa: E731
         conv_state: dict[str, torch.Tensor] = {}
         tensors = {}
         for role in ("keys", "values", "queries"):
-            tensors[role], cs = self.streams[role[0]](x, state.get(f"conv.{role}"))
+            tensors[role], cs = self.streams[role[0]](src(role), state.get(f"conv.{role}"))
             if cs is not None:
                 conv_state[f"conv.{role}"] = cs
-        return tensors, {name: g(x) for name, g in self.gates.items()}, conv_state
+        return tensors, {name: g(src(name)) for name, g in self.gates.items()}, conv_state
 
     def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The read ``y [B, T, H, D_v]`` normalised, gated by the input ``x`` and projected back to
@@ -197,11 +205,14 @@ class MemoryLevel(_Entry):
         y = mem.forward(params, q.transpose(1, 2)).transpose(1, 2)  # [B, T, H, Dv]
         return self._output(x, y), state
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """``sources``: outputs ``[B, T, C]`` of earlier levels of the block, by name, for the
+        streams and gates that read them."""
         from .runtime import run_level
 
         state = state or {}
-        tensors, gates, conv_state = self._inputs(x, state)
+        tensors, gates, conv_state = self._inputs(x, state, sources)
         level_state = state.get("level")
         if level_state is None:
             level_state = self.initial_state(x.shape[0])
@@ -241,11 +252,14 @@ class ClosedFormLevel(_Entry):
         self._build_inputs(spec, width, rates)
         self._build_output(spec, width)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """``sources``: outputs ``[B, T, C]`` of earlier levels of the block, by name, for the
+        streams and gates that read them."""
         from .runtime import run_level
 
         state = state or {}
-        tensors, gates, conv_state = self._inputs(x, state)
+        tensors, gates, conv_state = self._inputs(x, state, sources)
         y, level_state = run_level(self.spec, keys=tensors["keys"], values=tensors["values"],
                                    queries=tensors["queries"], lr=gates.get("beta"),
                                    retention=gates.get("decay"), state=state.get("level"),

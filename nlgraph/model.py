@@ -41,12 +41,20 @@ class Residual(nn.Module):
         self.residual = model.residual
         self.norm = make_norm(model.norm, width)
 
-    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
-        if self.pre:
-            y, state = self.inner(self.norm(x), state)
-            return (x + y if self.residual else y), state
-        y, state = self.inner(x, state)
-        return self.norm(x + y if self.residual else y), state
+    def forward(self, x: torch.Tensor, state: State | None, sources: dict[str, torch.Tensor] | None = None,
+                with_output: bool = False) -> tuple:
+        """``(new stream, state)``, or ``(new stream, state, y)`` with ``with_output``, where ``y`` is
+        the entry's own output — what other levels of the block read with ``from: <name>``.
+        ``sources`` (outputs of earlier levels by name) reaches entries that read other levels."""
+        h = self.norm(x) if self.pre else x
+        y, state = self.inner(h, state, sources) if reads_levels(self.inner) else self.inner(h, state)
+        out = (x + y if self.residual else y) if self.pre else self.norm(x + y if self.residual else y)
+        return (out, state, y) if with_output else (out, state)
+
+
+def reads_levels(module: nn.Module) -> bool:
+    """Whether an entry module reads other levels' outputs (and so takes ``sources``)."""
+    return bool(getattr(module, "reads", None))
 
 
 class StaticMlp(nn.Module):
@@ -81,9 +89,11 @@ class AttentionEntry(nn.Module):
     def __init__(self, spec: AttentionSpec, width: int) -> None:
         super().__init__()
         self.attn = Attention(spec, width)
+        self.reads = self.attn.reads
 
-    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        return self.attn(x, state)
+    def forward(self, x: torch.Tensor, state: State | None,
+                sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, State]:
+        return self.attn(x, state, sources)
 
 
 class Chain(nn.Module):
@@ -117,12 +127,18 @@ class Parallel(nn.Module):
         self.branches = nn.ModuleDict({n: make_entry(levels[n], model, width, levels) for n in self.names})
         if spec.combine == "gate":
             self.norms = nn.ModuleList([nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)])
+        self.reads = {n: n for n in self.names if reads_levels(self.branches[n])}
 
-    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None,
+                sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, State]:
         state = state or {}
         outs, new = [], {}
         for name in self.names:
-            y, new[name] = self.branches[name](x, state.get(name))
+            branch = self.branches[name]
+            if reads_levels(branch):
+                y, new[name] = branch(x, state.get(name), sources)
+            else:
+                y, new[name] = branch(x, state.get(name))
             outs.append(y)
         if self.combine == "gate":
             return gate(self.norms, outs[0], outs[1]), new
@@ -223,8 +239,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         state = state or {}
         new: State = {}
+        outputs: dict[str, torch.Tensor] = {}  # each entry's own output, for `from: <level>`
         for name in self.names:
-            x, new[name] = self.entries[name](x, state.get(name))
+            entry = self.entries[name]
+            if isinstance(entry, Residual):
+                h, new[name], outputs[name] = entry(x, state.get(name), outputs, True)
+            else:  # a residual chain: its output is what it added to the stream
+                h, new[name] = entry(x, state.get(name))
+                outputs[name] = h - x
+            x = h
         return x, new
 
 

@@ -474,8 +474,10 @@ class StreamSpec(_Spec):
     """Where a level's keys, values or queries come from, and how they are shaped."""
 
     from_: str = Field("input", alias="from")
-    """``input`` (the level input), ``self`` (the level's previous output), ``adaptive.<name>``
-    (this level's adaptive projection ``<name>``, a memory updated in context) or a level name."""
+    """``input`` (the level input), ``self`` (the level's previous output; validated but not yet
+    lowered by the compiler), ``adaptive.<name>`` (this level's adaptive projection ``<name>``, a
+    memory updated in context) or the name of an earlier level of the block (its output at the same
+    token)."""
     project: bool = True
     """Apply a learned linear projection to the memory's width. With ``false`` the source width
     must already equal it."""
