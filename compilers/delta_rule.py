@@ -88,9 +88,11 @@ def delta_rule_chunked(spec: DeltaRuleSpec, *, keys, values, queries, beta=None,
                        state=None, chunk_size: int | None = None, **_):
     """Exact chunkwise WY / UT form (see the module docstring). ``chunk_size`` default 64."""
     queries, beta, alpha, state = _setup(spec, keys, values, queries, beta, decay, state)
+    out_dtype, state_dtype = values.dtype, state["memory"].dtype
+    keys, values, queries, beta, alpha, state = _upcast(keys, values, queries, beta, alpha, state)
     b, t_len, h, dk = keys.shape
     if t_len == 0:
-        return values.new_zeros(values.shape), dict(state)
+        return values.new_zeros(values.shape, dtype=out_dtype), {**state, "memory": state["memory"].to(state_dtype)}
     c = max(1, min(chunk_size or 64, max(t_len, 1)))
     n = -(-t_len // c)
     pad = n * c - t_len
@@ -122,4 +124,16 @@ def delta_rule_chunked(spec: DeltaRuleSpec, *, keys, values, queries, beta=None,
         outs.append(gamma[:, :, j] * (q[:, :, j] @ s.transpose(-1, -2)) + read[:, :, j] @ delta)
         s = gamma[:, :, j, -1:] * s + (to_end[:, :, j] * delta).transpose(-1, -2) @ k[:, :, j]
     y = torch.stack(outs, 2).flatten(2, 3)[:, :, :t_len].transpose(1, 2)
-    return y, {"memory": s, "position": state["position"] + t_len}
+    return y.to(out_dtype), {"memory": s.to(state_dtype), "position": state["position"] + t_len}
+
+
+def _upcast(*xs):
+    """bf16 / fp16 inputs run in float32: the triangular solve has no half-precision kernel, and the
+    state summed over thousands of tokens needs the mantissa (fla keeps its states in float32 too)."""
+    def up(x):
+        if isinstance(x, dict):
+            return {k: up(v) for k, v in x.items()}
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+            return x.float()
+        return x
+    return tuple(up(x) for x in xs)

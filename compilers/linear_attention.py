@@ -10,7 +10,8 @@ The rule (M acts on column vectors, ``y = S q``)::
 causal part is ``(Q Kᵀ ⊙ mask) V``; the state every chunk starts from is ``S_0`` plus an exclusive
 prefix sum of the chunks' ``Vᵀ K``. The chunk size changes nothing but the cost.
 
-Inputs ``keys / queries [B, T, H, D_k]``, ``values [B, T, H, D_v]`` (feature maps already applied);
+Inputs ``keys / queries [B, T, H, D_k]``, ``values [B, T, H, D_v]`` (feature maps already applied;
+bf16 / fp16 chunk products stay in their dtype, the running state is float32);
 output ``[B, T, H, D_v]``. State: ``memory [B, H, D_v, D_k]``, ``normalizer [B, H, D_k]`` (with
 ``normalize``) and ``position`` (0-d int64, tokens consumed).
 """
@@ -82,9 +83,14 @@ def linear_attention_chunked(spec: LinearAttentionSpec, *, keys, values, queries
                              chunk_size: int | None = None, **_):
     """Exact chunkwise-parallel form (see the module docstring). ``chunk_size`` default 64."""
     queries, state = _setup(spec, keys, values, queries, state)
-    b, t_len, h, dk = keys.shape
+    t_len = keys.shape[1]
     if t_len == 0:
         return values.new_zeros(values.shape), dict(state)
+    out_dtype = values.dtype
+    low = (torch.float16, torch.bfloat16)
+    # half-precision inputs: chunk products in their dtype, the running state in float32
+    state = {k: (v.float() if v.dtype in low else v) for k, v in state.items()}
+    b, _, h, dk = keys.shape
     c = max(1, min(chunk_size or 64, max(t_len, 1)))
     n = -(-t_len // c)
     pad = n * c - t_len
@@ -93,19 +99,21 @@ def linear_attention_chunked(spec: LinearAttentionSpec, *, keys, values, queries
         return F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(1, 2).unflatten(2, (n, c))
 
     k, v, q = blocks(keys), blocks(values), blocks(queries)
+    acc = state["memory"].dtype
     mask = torch.ones(c, c, dtype=torch.bool, device=keys.device).tril()
     scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B, H, N, C, C]
-    per_chunk = v.transpose(-1, -2) @ k  # Σ_i v_i k_iᵀ of each chunk, [B, H, N, Dv, Dk]
+    per_chunk = (v.transpose(-1, -2) @ k).to(acc)  # Σ_i v_i k_iᵀ of each chunk, [B, H, N, Dv, Dk]
     # the state each chunk starts from: S_0 + Σ of the chunks before it
     starts = state["memory"].unsqueeze(2) + per_chunk.cumsum(2) - per_chunk
-    num = scores @ v + q @ starts.transpose(-1, -2)
+    num = (scores @ v).to(acc) + q.to(acc) @ starts.transpose(-1, -2)
     den = z = None
     if spec.normalize:
-        k_sum = k.sum(3)  # [B, H, N, Dk]
+        k_sum = k.sum(3, dtype=acc)  # [B, H, N, Dk]
         z_starts = state["normalizer"].unsqueeze(2) + k_sum.cumsum(2) - k_sum
-        den = scores.sum(-1) + (q * z_starts.unsqueeze(3)).sum(-1)
+        den = scores.sum(-1, dtype=acc) + (q.to(acc) * z_starts.unsqueeze(3)).sum(-1)
         den = den.flatten(2, 3)[:, :, :t_len].transpose(1, 2)
-        z = state["normalizer"] + keys.sum(1)
+        z = state["normalizer"] + keys.sum(1, dtype=acc)
     num = num.flatten(2, 3)[:, :, :t_len].transpose(1, 2)
     s = state["memory"] + per_chunk.sum(2)
-    return _finish(spec, num, den, state, s, z, t_len)
+    y, new = _finish(spec, num, den, state, s, z, t_len)
+    return y.to(out_dtype), new
