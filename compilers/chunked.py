@@ -51,9 +51,12 @@ Two drivers use the engine:
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.levels.gates import AdaptiveGate
 from nlgraph.levels.memories import Memory, apply_layer
@@ -66,6 +69,15 @@ __all__ = ["ChunkSolution", "run_chunked", "solve_chunk", "transfer", "why_not_c
 
 Params = dict[str, torch.Tensor]
 DEFAULT_CHUNK = 64
+
+# torch 2.13: scan's autograd calls GraphModule.compile() on its joint graph, which imports
+# torch._inductor; that import pulls in torch.utils.mkldnn, whose class bodies call the deprecated
+# torch.jit.script_method — a DeprecationWarning from torch's own code, once per process, raised
+# inside the compile (an error under -W error / pytest's filterwarnings=error). Import that one
+# module here (~20 ms) with that one warning ignored.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
+    import torch.utils.mkldnn  # noqa: F401
 
 
 def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
@@ -224,33 +236,143 @@ def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- chunk loops
+
+#: How the drivers step through chunks: ``"python"`` (a Python loop), ``"scan"`` (torch's
+#: higher-order ``scan`` over the run of full chunks) or ``"auto"`` (scan while
+#: ``torch.compile`` traces, the Python loop in eager). :func:`run_chunked`'s ``loop=None`` reads it.
+LOOP = "auto"
+LOOPS = ("auto", "python", "scan")
+#: ``auto`` scans a run of at least this many full chunks. A scan's compile has a fixed cost (its
+#: step is traced, partitioned into forward and backward and checked several times): for HOPE's
+#: block on CPU, torch 2.13, it was 2.5× the unrolled loop's at 2 chunks (83 s vs 33 s, aot_eager)
+#: and half of it at 8 (73 s vs 103 s aot_eager, 284 s vs 550 s inductor).
+MIN_SCAN_CHUNKS = 4
+
+
+def _use_scan(loop: str, n_chunks: int) -> bool:
+    if loop == "python" or n_chunks < 1:
+        return False
+    if loop == "scan":
+        return True
+    return n_chunks >= MIN_SCAN_CHUNKS and torch.compiler.is_compiling()
+
+
+def _seq(x: torch.Tensor) -> torch.Tensor:
+    """``[B, n, H, ...] -> [B, H, n, ...]``.
+
+    Built by unbinding heads and stacking them, not by a transpose: the gradient that flows back
+    to the caller is then a freshly stacked, contiguous ``[B, n, H, ...]`` tensor. A transposed
+    gradient breaks callers whose backward views it (a ``Linear`` after ``softplus``) in a compiled
+    (AOT) backward on torch 2.13."""
+    return torch.stack(x.unbind(2), dim=1)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The per-token inputs of one chunk: ``parts`` are ``[B, n, H, ...]`` slices of the level's
+    distinct per-token tensors (:class:`_Inputs`), ``index`` says which part each role reads."""
+
+    parts: list[torch.Tensor]
+    index: dict[str, int]
+
+    def seq(self, role: str) -> torch.Tensor:
+        """Role ``keys`` / ``values`` / ``queries`` (stream data) or ``lr`` / ``alpha`` / ``mu``
+        (a rate, or an adaptive gate's input) over the chunk: ``[B, H, n, ...]``."""
+        return _seq(self.parts[self.index[role]])
+
+
+class _Inputs:
+    """Every per-token tensor a level reads (``[B, T, H, ...]``), each once.
+
+    A tensor read in several roles (HOPE passes its input ``x`` as keys, values and the gates'
+    input) is one part, so the slices a :func:`scan` body receives never alias each other."""
+
+    def __init__(self, run: LevelRun) -> None:
+        found = {role: getattr(run, role).data for role in ("keys", "values", "queries")}
+        for role in ("lr", "alpha", "mu"):
+            rate = getattr(run, role)
+            if rate is not None:
+                found[role] = rate.x if isinstance(rate, AdaptiveGate) else rate
+        self.tensors: list[torch.Tensor] = []
+        self.index: dict[str, int] = {}
+        for role, t in found.items():
+            for i, u in enumerate(self.tensors):
+                if u is t:
+                    self.index[role] = i
+                    break
+            else:
+                self.index[role] = len(self.tensors)
+                self.tensors.append(t)
+
+    def chunk(self, s: int, e: int) -> _Chunk:
+        """Tokens ``[s, e)``."""
+        return _Chunk([t[:, s:e] for t in self.tensors], self.index)
+
+    def scan(self, step, carry, s: int, n_chunks: int, size: int):
+        """``n_chunks`` full chunks of ``size`` tokens from token ``s`` through torch's :func:`scan`:
+        ``step(carry, chunk) -> (carry, out [B, H, size, ...])`` is traced once, not once per chunk.
+        Returns ``(carry, outs [B, H, n_chunks·size, ...])``.
+
+        ``carry`` is a pytree of ``[B, H, ...]`` tensors of one dtype. The scan carries them packed
+        into one contiguous ``[B, H, Σ numel]`` tensor, for three of scan's rules: the carry must
+        alias nothing (a layer's weight and bias are views of one solved matrix; a buffer the step
+        does not change would be its own input), keep its strides from step to step, and in the
+        backward scan the gradient that arrives for the final carry must have the strides of the
+        one each step returns — a split's gradient is a concatenation, contiguous on both sides."""
+        from torch._higher_order_ops.scan import scan
+
+        leaves, spec = tree_flatten(carry)
+        lead = leaves[0].shape[:2]
+        shapes = [t.shape[2:] for t in leaves]
+        sizes = [math.prod(shape) for shape in shapes]
+
+        def pack(c) -> torch.Tensor:
+            return torch.cat([t.reshape(*lead, -1) for t in tree_flatten(c)[0]], dim=2)
+
+        def unpack(flat: torch.Tensor):
+            parts = torch.split(flat, sizes, dim=2)
+            return tree_unflatten([p.reshape(*lead, *shape) for p, shape in zip(parts, shapes)], spec)
+
+        def body(flat, parts):
+            c, out = step(unpack(flat), _Chunk(list(parts), self.index))
+            return pack(c), out
+
+        # contiguous chunks, so each step's slice has the strides scan traced its step with
+        xs = [t[:, s:s + n_chunks * size].unflatten(1, (n_chunks, size)).movedim(1, 0).contiguous()
+              for t in self.tensors]
+        if torch.compiler.is_compiling():
+            flat, ys = scan(body, pack(carry), xs)
+        else:
+            # eager (loop="scan" forced): torch's scan compiles the step with dynamo on every call;
+            # keep that compile's shapes static (a recompile with dynamic shapes lifts a
+            # torch.Size into the scan, which torch 2.13 refuses)
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                flat, ys = scan(body, pack(carry), xs)
+        # joined by unbind and cat, not by a view, for the same reason: the gradient that comes
+        # back for ys is then a stack, contiguous, as the backward scan traced its step with
+        return unpack(flat), torch.cat(ys.unbind(0), dim=2)
+
+
 # --------------------------------------------------------------------------- drivers
 
 
-def _seq(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """``[B, T, H, ...] -> [B, H, e−s, ...]``.
-
-    Built by unbinding heads and stacking them, not by a transpose: the gradient that flows back
-    to the caller is then a freshly stacked, contiguous ``[B, T, H, ...]`` tensor. A transposed
-    gradient breaks callers whose backward views it (a ``Linear`` after ``softplus``) in a compiled
-    (AOT) backward on torch 2.13."""
-    return torch.stack(x[:, s:e].unbind(2), dim=1)
-
-
-def _stream(run: LevelRun, stream: Stream, s: int, e: int, lin: dict[str, Params]) -> torch.Tensor:
-    x = _seq(stream.data, s, e)
+def _stream(run: LevelRun, role: str, chunk: _Chunk, lin: dict[str, Params]) -> torch.Tensor:
+    stream: Stream = getattr(run, role)
+    x = chunk.seq(role)
     if stream.slot is None:
         return x
     return stream.post(run.memories[stream.slot].forward(lin[stream.slot], x))
 
 
-def _rate(run: LevelRun, rate, s: int, e: int, lin: dict[str, Params]) -> torch.Tensor | None:
+def _rate(run: LevelRun, role: str, chunk: _Chunk, lin: dict[str, Params]) -> torch.Tensor | None:
+    rate = getattr(run, role)
     if rate is None:
         return None
     if isinstance(rate, AdaptiveGate):
         slot = f"adaptive.{rate.memory}"
-        return rate.value(run.memories[slot].forward(lin[slot], _seq(rate.x, s, e)))
-    return _seq(rate, s, e)
+        return rate.value(run.memories[slot].forward(lin[slot], chunk.seq(role)))
+    return chunk.seq(role)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -290,30 +412,44 @@ def _erase(x: torch.Tensor, alpha: torch.Tensor | None, run: LevelRun) -> torch.
     return x * (alpha if alpha.dim() == 4 else alpha.unsqueeze(-1))
 
 
-def _online(run: LevelRun, chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    b, T, h = run.shape
+def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Tensor | None):
+    """One chunk of the exact online form from ``(W, S)`` at its start: ``(reads [B, H, n, D_v],
+    W, S)`` at its end (``S`` is ``None`` without momentum)."""
+    k, v, q = (chunk.seq(role) for role in ("keys", "values", "queries"))
+    lr, alpha = chunk.seq("lr"), _rate(run, "alpha", chunk, {})
+    g, channel = _decays(alpha, k.shape[-2], w)
+    if run.optimizer.kind == "dgd":
+        eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
+        coef = eta * (2.0 if run.objective.kind == "l2" else 1.0)
+    else:
+        eta, coef = lr, (lr if run.objective.kind == "l2" else None)
+    y = transfer(chunk.seq("mu"), False) if run.optimizer.uses_momentum else None
+    sign = 1.0 if run.objective.kind == "outer" else -1.0  # δ = −v (dot, l2's constant part), +u (outer)
+    sol = solve_chunk(w, s_buf, k, _erase(k, alpha, run), coef, sign * eta.unsqueeze(-1) * v, g, y, channel)
+    return (sol.read(q, run.read_before), *sol.end())
+
+
+def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    T = run.shape[1]
     w = run.state["memory.w0"]
     momentum = run.optimizer.uses_momentum
     s_buf = run.state["optimizer.memory.momentum.w0"] if momentum else None
-    dgd = run.optimizer.kind == "dgd"
-    l2 = run.objective.kind == "l2"
-    sign = 1.0 if run.objective.kind == "outer" else -1.0  # δ = −v (dot, l2's constant part), +u (outer)
-    outs = []
-    for s in range(0, T, chunk_size):
-        e = min(T, s + chunk_size)
-        n = e - s
-        k, v, q = (_seq(st.data, s, e) for st in (run.keys, run.values, run.queries))
-        lr, alpha = _seq(run.lr, s, e), _rate(run, run.alpha, s, e, {})
-        g, channel = _decays(alpha, n, w)
-        if dgd:
-            eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
-            coef = eta * (2.0 if l2 else 1.0)
-        else:
-            eta, coef = lr, (lr if l2 else None)
-        y = transfer(_seq(run.mu, s, e), False) if momentum else None
-        sol = solve_chunk(w, s_buf, k, _erase(k, alpha, run), coef, sign * eta.unsqueeze(-1) * v, g, y, channel)
-        outs.append(sol.read(q, run.read_before))
-        w, s_buf = sol.end()
+    inputs = _Inputs(run)
+    outs, start = [], 0
+    full = T // chunk_size
+    if _use_scan(loop, full):
+
+        def step(c, chunk):
+            out, w, s = _online_chunk(run, chunk, c["w"], c.get("s"))
+            return ({"w": w, "s": s} if momentum else {"w": w}), out
+
+        carry, out = inputs.scan(step, {"w": w, "s": s_buf} if momentum else {"w": w}, 0, full, chunk_size)
+        w, s_buf = carry["w"], carry.get("s")
+        outs.append(out)
+        start = full * chunk_size
+    for s in range(start, T, chunk_size):
+        out, w, s_buf = _online_chunk(run, inputs.chunk(s, min(T, s + chunk_size)), w, s_buf)
+        outs.append(out)
     state = dict(run.state)
     state["position"] = run.state["position"] + T
     state["memory.w0"] = w
@@ -330,10 +466,76 @@ def _outputs(outs: list[torch.Tensor], run: LevelRun) -> torch.Tensor:
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def _minibatch(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    b, T, h = run.shape
+def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committed: dict[str, Params],
+                     working: dict[str, Params], buffers: dict[str, Params], commits: bool):
+    """One segment of the mini-batch form: gradients at ``lin`` (the anchor, or the committed
+    parameters), every slot's recurrence solved from ``working`` and the optimizer ``buffers``;
+    reads through the per-token weights, or of ``committed`` while updates are pending
+    (``commits``: the segment ends a period, so its last token reads the new state).
+
+    Returns ``(reads [B, H, n, D_v], working, buffers)`` at the segment's end."""
     slots = list(run.memories)
     main = run.memories["memory"]
+    momentum = run.optimizer.uses_momentum
+    dgd = run.optimizer.kind == "dgd"
+    buffers = dict(buffers)
+    q, k, v = (_stream(run, role, chunk, lin) for role in ("queries", "keys", "values"))
+    lr, alpha, mu = (_rate(run, role, chunk, lin) for role in ("lr", "alpha", "mu"))
+    g, channel = _decays(alpha, k.shape[-2], k)
+    y = transfer(mu, False) if momentum else None
+    sols: dict[tuple[str, str], ChunkSolution] = {}
+    new_working: dict[str, Params] = {}
+    for slot in slots:
+        mem = run.memories[slot]
+        target = mem.forward(lin[slot], v) if run.self_target else v
+        inputs, deltas = _local_errors(mem, lin[slot], k, target, run)
+        params: Params = {}
+        for layer in mem.layers:
+            x, w0 = inputs[layer.weight], working[slot][layer.weight]
+            s0 = buffers[slot][f"momentum.{layer.weight}"] if momentum else None
+            if layer.bias is not None:
+                x = _augment(x)
+                w0 = torch.cat([w0, working[slot][layer.bias].unsqueeze(-1)], dim=-1)
+                if momentum:
+                    s0 = torch.cat([s0, buffers[slot][f"momentum.{layer.bias}"].unsqueeze(-1)], dim=-1)
+            if dgd:
+                eta = lr / (1.0 + lr * x.square().sum(-1)) if run.optimizer.proximal else lr
+                coef = eta
+            else:
+                eta, coef = lr, None
+            sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, eta.unsqueeze(-1) * deltas[layer.weight],
+                              g, y, channel)
+            sols[(slot, layer.weight)] = sol
+            w_end, s_end = sol.end()
+            if layer.bias is not None:
+                params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
+                if momentum:
+                    buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end[..., :-1],
+                                     f"momentum.{layer.bias}": s_end[..., -1]}
+            else:
+                params[layer.weight] = w_end
+                if momentum:
+                    buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end}
+        new_working[slot] = params
+    if run.has_pending:
+        # reads see the committed state, which moves only at the period's last token
+        out = main.forward(committed["memory"], q)
+        if not run.read_before and commits:
+            last = main.forward(new_working["memory"], q[..., -1:, :])
+            out = torch.cat([out[..., :-1, :], last], dim=-2)
+    else:
+
+        def apply(layer, x):
+            sol = sols[("memory", layer.weight)]
+            return sol.read(_augment(x) if layer.bias is not None else x, run.read_before)
+
+        out = main.forward_with(q, apply)
+    return out, new_working, buffers
+
+
+def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    T = run.shape[1]
+    slots = list(run.memories)
     committed = {s: run.params("", s) for s in slots}
     if run.has_pending:
         pend = {s: run.params("pending", s) for s in slots}
@@ -342,107 +544,92 @@ def _minibatch(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         working = dict(committed)
     anchor = {s: run.params("anchor", s) for s in slots} if run.has_anchor else None
     buffers = {s: run.buffers(s) for s in slots}
-    momentum = run.optimizer.uses_momentum
-    dgd = run.optimizer.kind == "dgd"
-    outs = []
-    for s, e in schedule(run.position, T, run.chunk):
-        n, end = e - s, run.position + e
+    inputs = _Inputs(run)
+    segments = schedule(run.position, T, run.chunk)
+    # A scan runs full chunks that each start where committed = working = anchor, the same step
+    # each time: gradients and reads at the carried parameters, and a chunk that ends on a chunk
+    # boundary, which is a period boundary too (the period is 1 or the chunk), so it commits and
+    # re-anchors. Every segment after the first but a partial last one is such a chunk. So is the
+    # first when it is a full chunk with nothing pending (period 1) whose anchor is the committed
+    # parameters themselves (a fresh sequence, or one continued from a chunk boundary); otherwise
+    # (inside a chunk, from pending updates or an anchor of its own) it runs in Python.
+    shared = not run.has_pending and (
+        anchor is None or all(anchor[s][p] is committed[s][p] for s in slots for p in committed[s]))
+    full = [i for i, (s, e) in enumerate(segments) if e - s == run.chunk and (i > 0 or shared)]
+    start = full[0] if _use_scan(loop, len(full)) else -1
+    outs, i = [], 0
+    while i < len(segments):
+        if i == start:
+
+            def step(c, chunk):
+                w = c["working"]
+                out, w, b = _minibatch_chunk(run, chunk, w, w, w, c["buffers"], True)
+                return {"working": w, "buffers": b}, out
+
+            carry, out = inputs.scan(step, {"working": working, "buffers": buffers},
+                                     segments[i][0], len(full), run.chunk)
+            outs.append(out)
+            committed = working = carry["working"]
+            buffers = carry["buffers"]
+            if anchor is not None:
+                anchor = working
+            i += len(full)
+            continue
+        s, e = segments[i]
+        end = run.position + e
         lin = anchor if anchor is not None else committed
-        q = _stream(run, run.queries, s, e, lin)
-        k = _stream(run, run.keys, s, e, lin)
-        v = _stream(run, run.values, s, e, lin)
-        lr, alpha, mu = (_rate(run, r, s, e, lin) for r in (run.lr, run.alpha, run.mu))
-        g, channel = _decays(alpha, n, k)
-        y = transfer(mu, False) if momentum else None
-        sols: dict[tuple[str, str], ChunkSolution] = {}
-        new_working: dict[str, Params] = {}
-        for slot in slots:
-            mem = run.memories[slot]
-            target = mem.forward(lin[slot], v) if run.self_target else v
-            inputs, deltas = _local_errors(mem, lin[slot], k, target, run)
-            params: Params = {}
-            for layer in mem.layers:
-                x, w0 = inputs[layer.weight], working[slot][layer.weight]
-                s0 = buffers[slot][f"momentum.{layer.weight}"] if momentum else None
-                if layer.bias is not None:
-                    x = _augment(x)
-                    w0 = torch.cat([w0, working[slot][layer.bias].unsqueeze(-1)], dim=-1)
-                    if momentum:
-                        s0 = torch.cat([s0, buffers[slot][f"momentum.{layer.bias}"].unsqueeze(-1)], dim=-1)
-                if dgd:
-                    eta = lr / (1.0 + lr * x.square().sum(-1)) if run.optimizer.proximal else lr
-                    coef = eta
-                else:
-                    eta, coef = lr, None
-                sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, eta.unsqueeze(-1) * deltas[layer.weight],
-                                  g, y, channel)
-                sols[(slot, layer.weight)] = sol
-                w_end, s_end = sol.end()
-                if layer.bias is not None:
-                    params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
-                    if momentum:
-                        buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end[..., :-1],
-                                         f"momentum.{layer.bias}": s_end[..., -1]}
-                else:
-                    params[layer.weight] = w_end
-                    if momentum:
-                        buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end}
-            new_working[slot] = params
-        if run.has_pending:
-            # reads see the committed state, which moves only at the period's last token
-            out = main.forward(committed["memory"], q)
-            if not run.read_before and end % run.period == 0:
-                last = main.forward(new_working["memory"], q[..., -1:, :])
-                out = torch.cat([out[..., :-1, :], last], dim=-2)
-        else:
-
-            def apply(layer, x):
-                sol = sols[("memory", layer.weight)]
-                return sol.read(_augment(x) if layer.bias is not None else x, run.read_before)
-
-            out = main.forward_with(q, apply)
+        out, working, buffers = _minibatch_chunk(run, inputs.chunk(s, e), lin, committed, working, buffers,
+                                                 end % run.period == 0)
         outs.append(out)
-        working = new_working
         if not run.has_pending or end % run.period == 0:
             committed = working
         if anchor is not None and end % run.chunk == 0:
             anchor = working
-    state: dict[str, torch.Tensor] = {"position": run.state["position"] + T}
-    for slot in slots:
-        for p, val in committed[slot].items():
-            state[f"{slot}.{p}"] = val
-            if run.has_pending:
-                state[f"pending.{slot}.{p}"] = working[slot][p] - val
-            if anchor is not None:
-                state[f"anchor.{slot}.{p}"] = anchor[slot][p]
-        for name, val in buffers[slot].items():
-            state[f"optimizer.{slot}.{name}"] = val
+        i += 1
     return _outputs(outs, run), final_state(run, committed, working, anchor, buffers, T)
 
 
 def _static(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     main = run.memories["memory"]
-    q = _stream(run, run.queries, 0, run.shape[1], {s: run.params("", s) for s in run.memories})
+    q = _stream(run, "queries", _Inputs(run).chunk(0, run.shape[1]), {s: run.params("", s) for s in run.memories})
     state = dict(run.state)
     state["position"] = run.state["position"] + run.shape[1]
     return main.forward(run.params("", "memory"), q).transpose(1, 2), state
 
 
 @register_form("memory", "chunked", priority=10, supports=why_not_chunked)
-def run_chunked(run: LevelRun, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def run_chunked(
+    run: LevelRun, chunk_size: int | None = None, loop: str | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Execute ``run`` in parallel chunks. Returns ``(outputs [B, T, H, D_v], state)``.
 
     Args:
         chunk_size: implementation chunk of the online form (default 64); the mini-batch form
             chunks at the level's own gradient-point boundaries.
+        loop: how to step through the chunks — ``"python"``, ``"scan"`` or ``"auto"``; ``None``
+            takes the module default :data:`LOOP` (``"auto"``). Results are the same either way.
+            A Python loop is what eager wants, but ``torch.compile`` unrolls it: the graph holds
+            one copy of the chunk's maths per chunk, and compile time grows with ``T / chunk``
+            (minutes for HOPE at T = 256, chunk 16). ``scan`` traces the chunk once and loops in
+            the graph; ``auto`` uses it while compiling, for at least :data:`MIN_SCAN_CHUNKS`
+            full chunks. In eager, torch's scan compiles its body on every call, so ``auto``
+            keeps the Python loop there. What scans: the online form's full chunks, and the
+            mini-batch form's full chunks from the first that starts where the committed, working
+            and anchor parameters are one (the first chunk of a fresh sequence of a ``frequency:
+            1`` level, else the second segment). A first segment inside a chunk, or with pending
+            updates (a period), and a partial last chunk run in Python, so a graph holds at most
+            three copies of the chunk's maths.
     """
     why = why_not_chunked(run.spec)
     if why is not None:
         raise ValueError(f"the chunked form cannot run this level: {why}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    loop = LOOP if loop is None else loop
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
     if run.period is None:
         return _static(run)
     if run.online:
-        return _online(run, chunk_size or DEFAULT_CHUNK)
-    return _minibatch(run)
+        return _online(run, chunk_size or DEFAULT_CHUNK, loop)
+    return _minibatch(run, loop)
