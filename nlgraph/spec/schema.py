@@ -651,7 +651,32 @@ class AttentionSpec(_Spec):
         return v
 
 
-class LinearAttentionSpec(_Spec):
+class _ClosedFormEntry(_Spec):
+    """Fields every closed-form kind shares: heads, widths, streams and the read's output."""
+
+    heads: int = Field(1, ge=1)
+    """Number of heads, each with its own ``d_value × d_key`` state."""
+    d_key: int | None = Field(None, ge=1)
+    """Key (and query) width per head. Default: the model width divided by ``heads``."""
+    d_value: int | None = Field(None, ge=1)
+    """Value width per head. Default: the model width divided by ``heads``."""
+    keys: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the keys k_t (L2-normalise them for the delta rule: it is stable for ‖k‖ ≤ 1,
+    β ≤ 1)."""
+    values: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the values v_t."""
+    queries: StreamSpec = Field(default_factory=StreamSpec)
+    """Source of the queries q_t."""
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    """Normalisation and gating of the read."""
+
+    @model_validator(mode="after")
+    def _plain_streams(self) -> _ClosedFormEntry:
+        _check_closed_form_streams(self)
+        return self
+
+
+class LinearAttentionSpec(_ClosedFormEntry):
     """Linear attention (Katharopoulos et al. 2020) as a closed-form kind: no inner objective or
     optimizer is declared, the rule is written out,
 
@@ -662,31 +687,11 @@ class LinearAttentionSpec(_Spec):
     the pair ``linear_attention`` / ``equiv/linear_attention_kind``."""
 
     kind: Literal["linear_attention"]
-    heads: int = Field(1, ge=1)
-    """Number of heads, each with its own ``d_value × d_key`` state."""
-    d_key: int | None = Field(None, ge=1)
-    """Key (and query) width per head. Default: the model width divided by ``heads``."""
-    d_value: int | None = Field(None, ge=1)
-    """Value width per head. Default: the model width divided by ``heads``."""
     normalize: bool = False
     """Divide the read by ``q_t · Σ_{s≤t} k_s`` (the original paper's normaliser; needs positive
     feature maps such as ``elu1``). Off, the read is unnormalised (use ``output.norm``)."""
-    keys: StreamSpec = Field(default_factory=StreamSpec)
-    """Source of the keys k_t."""
-    values: StreamSpec = Field(default_factory=StreamSpec)
-    """Source of the values v_t."""
-    queries: StreamSpec = Field(default_factory=StreamSpec)
-    """Source of the queries q_t."""
-    output: OutputSpec = Field(default_factory=OutputSpec)
-    """Normalisation and gating of the read."""
 
-    @model_validator(mode="after")
-    def _plain_streams(self) -> LinearAttentionSpec:
-        _check_closed_form_streams(self)
-        return self
-
-
-class DeltaRuleSpec(_Spec):
+class DeltaRuleSpec(_ClosedFormEntry):
     """The (gated) delta rule as a closed-form kind (DeltaNet, Schlag et al. 2021 / Yang et al.
     2024; Gated DeltaNet, Yang et al. 2025 with ``decay``):
 
@@ -697,25 +702,11 @@ class DeltaRuleSpec(_Spec):
     ``gated_deltanet`` / ``equiv/gated_deltanet_rule``."""
 
     kind: Literal["delta_rule"]
-    heads: int = Field(1, ge=1)
-    """Number of heads, each with its own ``d_value × d_key`` state."""
-    d_key: int | None = Field(None, ge=1)
-    """Key (and query) width per head. Default: the model width divided by ``heads``."""
-    d_value: int | None = Field(None, ge=1)
-    """Value width per head. Default: the model width divided by ``heads``."""
     beta: Rate = Field(default_factory=lambda: GateSpec(act="sigmoid", per="head"))
     """Writing strength β_t ∈ (0, 1]: constant or a gate (per head or scalar)."""
     decay: Rate | None = None
     """State decay α_t ∈ (0, 1], applied before the step (Gated DeltaNet); ``null``: none. A gate
     with ``act: logsigmoid`` gives α = sigmoid(z) computed in log space."""
-    keys: StreamSpec = Field(default_factory=StreamSpec)
-    """Source of the keys k_t (L2-normalise them: the rule is stable for ‖k‖ ≤ 1, β ≤ 1)."""
-    values: StreamSpec = Field(default_factory=StreamSpec)
-    """Source of the values v_t."""
-    queries: StreamSpec = Field(default_factory=StreamSpec)
-    """Source of the queries q_t."""
-    output: OutputSpec = Field(default_factory=OutputSpec)
-    """Normalisation and gating of the read."""
 
     @model_validator(mode="after")
     def _scalar_rates(self) -> DeltaRuleSpec:
@@ -726,7 +717,6 @@ class DeltaRuleSpec(_Spec):
                     f"{name} of a delta_rule is per head or scalar; for per-channel rates write the "
                     f"level out (memory: linear, objective: l2, optimizer: gd, retention: decay)"
                 )
-        _check_closed_form_streams(self)
         return self
 
 

@@ -27,12 +27,7 @@ from nlgraph.spec.loader import load_level  # noqa: E402
 scan_module = importlib.import_module("torch._higher_order_ops.scan")
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 RESIDUAL = {"kind": "residual_mlp", "hidden": "2x"}

@@ -10,12 +10,7 @@ from nlgraph.spec.schema import AttentionSpec, GateSpec, MlpMemorySpec, StreamSp
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _split_run(fn, x, cut):
