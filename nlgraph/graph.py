@@ -254,7 +254,8 @@ class _Builder:
             sub = levels[member]
             allowed = self.group_rule(entry, role, sub)
             if allowed is not None:
-                raise GraphError(f"'{member}' cannot be the {role.split('[')[0].rstrip('es')} of a "
+                noun = "branch" if isinstance(entry, ParallelSpec) else role
+                raise GraphError(f"'{member}' cannot be the {noun} of a "
                                  f"{entry.kind}: {allowed}", nodes=[nid, f"{nid}[{j}]"], path=where)
             self.used.add(member)
             self.add_entry(f"{nid}[{j}]", member, sub, b, order)
