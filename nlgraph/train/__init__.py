@@ -1,0 +1,1 @@
+"""Training and evaluation: the outer loop, checkpoints, metrics."""

@@ -1,0 +1,317 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, no pickle anywhere.
+
+Layout of a run folder ``DIR``::
+
+    DIR/latest.json                    {"checkpoint": "checkpoints/step-000200", "step": 200}
+    DIR/checkpoints/step-000200/
+        model.safetensors              the model's parameters and buffers (tied weights stored once)
+        optimizer.safetensors          the outer optimizer's per-parameter state
+        spec.yaml                      the resolved spec
+        state.json                     step, tokens, data position, RNG states, spec hash, the
+                                       optimizer's hyper-parameters, sha256 of every file above
+
+A checkpoint is written into ``step-N.tmp`` (every file fsynced), renamed to ``step-N`` and only
+then named by ``latest.json`` (written atomically); older checkpoints are deleted after that, so a
+crash at any point leaves the previous checkpoint loadable. Loading checks every file's sha256, the
+tensors' names and shapes, and that the stored spec hashes to the recorded hash, so a truncated,
+corrupted or tampered checkpoint is refused with one clear error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import NLGraphError
+from ..io import atomic_write
+
+__all__ = ["CheckpointError", "Checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "nlgraph-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(NLGraphError):
+    """A checkpoint or run folder could not be read, or does not fit the model it is loaded into."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: tensors on the CPU, the resolved spec text and the run state."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    spec_yaml: str
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def model_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The module's state dict with tied tensors stored once: ``(tensors, aliases)`` where
+    ``aliases[name] = stored_name`` for every tensor that shares storage with an earlier one."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in module.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer's state dict: per-parameter tensors as ``"{index}.{key}"`` and the rest
+    (param groups, non-tensor state) as JSON-able data."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what :func:`optimizer_tensors` saved into ``optimizer`` (tensors move to each
+    parameter's device on load, as ``Optimizer.load_state_dict`` does)."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
+    for name, value in meta.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states (CPU and every CUDA device), JSON-able."""
+    out = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    raw = base64.b64decode(state["cpu"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                      for s in state["cuda"]])
+
+
+def save_checkpoint(
+    out: str | os.PathLike,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    spec_yaml: str,
+    spec_hash: str,
+    state: dict[str, Any],
+    keep: int = 1,
+) -> Path:
+    """Write a checkpoint of ``model`` (and ``optimizer``) at ``step`` into the run folder ``out``.
+
+    ``state`` holds the caller's JSON-able run state (data position, config, metrics so far...);
+    RNG states, the spec hash and file checksums are added here. ``keep`` complete checkpoints are
+    kept (the newest ones); the previous one is removed only after the new one is complete.
+    Returns the checkpoint's folder.
+    """
+    out = Path(out)
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = root / name
+    tmp = root / f"{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors, aliases = model_tensors(model)
+    files: dict[str, bytes] = {"model.safetensors": st_save(tensors), "spec.yaml": spec_yaml.encode()}
+    opt_meta = None
+    if optimizer is not None:
+        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        files["optimizer.safetensors"] = st_save(opt_tensors)
+    for fname, data in files.items():
+        _write_synced(tmp / fname, data)
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "spec_hash": spec_hash,
+        "aliases": aliases,
+        "optimizer": opt_meta,
+        "rng": rng_state(),
+        "files": {fname: _sha256(data) for fname, data in files.items()},
+        **state,
+    }
+    _write_synced(tmp / "state.json", json.dumps(record, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step (a resumed run saving again): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write(out / "latest.json", json.dumps({"checkpoint": f"checkpoints/{name}", "step": int(step)}).encode())
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                      and not p.name.endswith(".tmp"))
+    for old in complete[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The folder named by ``out/latest.json``, or ``None`` when the run has no checkpoint yet."""
+    out = Path(out)
+    pointer = out / "latest.json"
+    if not pointer.exists():
+        return None
+    try:
+        rel = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError, OSError):
+        raise CheckpointError("latest.json is not a checkpoint pointer; delete it to start over, or "
+                              "point it at a folder under checkpoints/", file=str(pointer)) from None
+    path = (out / rel).resolve()
+    if out.resolve() not in path.parents:
+        raise CheckpointError(f"latest.json points outside the run folder ({rel!r})", file=str(pointer))
+    return path
+
+
+def _read(path: Path, fname: str, expected: dict[str, str]) -> bytes:
+    f = path / fname
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read the checkpoint file: {e.strerror}; the checkpoint is "
+                              f"incomplete — resume from an earlier one or start a new run",
+                              file=str(f)) from None
+    want = expected.get(fname)
+    if want is None:
+        raise CheckpointError("file not listed in state.json; the checkpoint was not written by "
+                              "nlgraph or was altered", file=str(f))
+    if _sha256(data) != want:
+        raise CheckpointError(f"checksum mismatch ({len(data):,} bytes): the file is truncated or "
+                              f"corrupted; resume from an earlier checkpoint or start a new run",
+                              file=str(f))
+    return data
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint from its folder, or from a run folder (its latest checkpoint).
+
+    Raises :class:`CheckpointError` (one line: the file and what to do) when anything is missing,
+    truncated, corrupted, of an unknown format, or when the stored spec does not hash to the
+    recorded hash.
+    """
+    from ..spec.loader import load_spec, spec_hash
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such checkpoint or run folder; train one with `nlgraph train SPEC "
+                              "--out DIR`", file=str(path))
+    if (path / "latest.json").exists() or (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError("the run folder has no checkpoint yet (no latest.json)", file=str(path))
+        path = found
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except OSError:
+        raise CheckpointError("not a checkpoint folder (no readable state.json); pass a run folder "
+                              "or one of its checkpoints/step-N folders", file=str(path)) from None
+    except ValueError:
+        raise CheckpointError("state.json is not valid JSON: the checkpoint is truncated or "
+                              "corrupted; resume from an earlier checkpoint", file=str(state_file)) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"not an nlgraph checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})",
+                              file=str(state_file))
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint format version {state.get('version')!r} is not supported "
+                              f"(this nlgraph reads version {VERSION})", file=str(state_file))
+    expected = state.get("files") or {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for fname in ("model.safetensors", "optimizer.safetensors"):
+        if fname not in expected:
+            tensors[fname] = {}
+            continue
+        data = _read(path, fname, expected)
+        try:
+            tensors[fname] = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"not a valid safetensors file ({str(e).splitlines()[0]})",
+                                  file=str(path / fname)) from None
+    spec_yaml = _read(path, "spec.yaml", expected).decode("utf-8", errors="replace")
+    try:
+        spec = load_spec(spec_yaml)
+    except NLGraphError as e:
+        raise CheckpointError(f"the stored spec does not load: {e.render()}", file=str(path / "spec.yaml")) from None
+    if spec_hash(spec) != state.get("spec_hash"):
+        raise CheckpointError(f"the stored spec hashes to {spec_hash(spec)}, not the recorded "
+                              f"{state.get('spec_hash')}: the checkpoint was altered", file=str(path / "spec.yaml"))
+    return Checkpoint(path, tensors["model.safetensors"], tensors["optimizer.safetensors"], spec_yaml, state)
+
+
+def load_model_state(module: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Copy a checkpoint's tensors into ``module``: names and shapes must match exactly."""
+    want = module.state_dict()
+    aliases = ckpt.state.get("aliases", {})
+    missing = [k for k in want if k not in ckpt.model and k not in aliases]
+    unexpected = [k for k in ckpt.model if k not in want]
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint does not fit this model ({len(missing)} tensors "
+                              f"missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                              f"{unexpected[:2]}); load it with the spec it was trained with",
+                              file=str(ckpt.path / "model.safetensors"))
+    for name, t in ckpt.model.items():
+        if tuple(t.shape) != tuple(want[name].shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)} in the checkpoint and "
+                                  f"{tuple(want[name].shape)} in the model; load it with the spec it was "
+                                  f"trained with", file=str(ckpt.path / "model.safetensors"))
+    module.load_state_dict(ckpt.model, strict=False)

@@ -1,0 +1,612 @@
+"""The outer training loop: ``nlgraph train SPEC``.
+
+AdamW with linear warmup and cosine decay, gradient clipping, bf16 autocast and per-block
+``torch.compile`` on CUDA, validation every ``eval_every`` steps, ``metrics.jsonl`` and
+``loss.png`` in the run folder, checkpoints (see :mod:`nlgraph.train.checkpoint`) that resume
+exactly, SIGINT/SIGTERM handling, a clean stop on a non-finite loss or gradient naming the first
+level whose output or state went non-finite, and data parallelism under ``torchrun`` (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NLGraphError
+from ..io import atomic_write
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    restore_optimizer,
+    save_checkpoint,
+    set_rng_state,
+)
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "lr_at"]
+
+
+class TrainError(NLGraphError):
+    """Training could not start or had to stop (bad data, non-finite loss, wrong resume)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the ``nlgraph train`` options)."""
+
+    out: str = "runs/train"
+    """Run folder: checkpoints, ``metrics.jsonl``, ``loss.png``, ``spec.yaml``."""
+    steps: int = 1000
+    """Optimizer steps in all (a resumed run continues up to this number)."""
+    batch: int = 8
+    """Global batch: sequences per step over all data-parallel ranks."""
+    length: int = 256
+    """Tokens per training sequence."""
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at ``lr * min_lr_ratio``."""
+    warmup: int | None = None
+    """Linear warmup steps (default: 10% of ``steps``, at most 200)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only (not on norms, biases, gates' biases or embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    """Gradient-norm clipping threshold (0 turns clipping off)."""
+    seed: int = 0
+    eval_every: int = 100
+    """Validate (and checkpoint) every this many steps, and at the end."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    save_every: int | None = None
+    """Checkpoint period in steps (default: ``eval_every``)."""
+    keep: int = 1
+    """Complete checkpoints kept in the run folder."""
+    device: str | None = None
+    """``cuda``, ``cpu``, ``cuda:1``...; default: CUDA when present."""
+    compile: bool | None = None
+    """Per-block ``torch.compile``; default: on for CUDA, off for CPU."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
+    task: str = "corpus"
+    """``corpus`` (next-token prediction on text) or a synthetic task name (``nlgraph.data.TASKS``)."""
+    data: str | None = None
+    """A text file or folder instead of the default corpus."""
+    domain: str = "shakespeare"
+    """Domain of the default corpus (``shakespeare`` or ``milton``)."""
+    tokenizer: str = "byte"
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    """Settings of a synthetic task other than its length (``num_kv_pairs``, ``vocab_size``...)."""
+    progress: bool | None = None
+    """A rich progress bar (default: when standard error is a terminal); else a line per eval."""
+    overrides: list[str] = field(default_factory=list)
+    """The spec overrides the run was started with (recorded for ``nlgraph eval``)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did: last step, losses, tokens/s, where it stopped and why."""
+
+    out: Path
+    step: int
+    loss: float | None
+    val_loss: float | None
+    tokens: int
+    tok_s: float
+    stopped: str  # "done", "interrupted"
+    params: int
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): linear warmup, then cosine decay
+    from ``lr`` to ``lr * min_lr_ratio`` at the last step."""
+    warm = _warmup(cfg)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    span = max(cfg.steps - warm, 1)
+    progress = min((step - warm) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _warmup(cfg: TrainConfig) -> int:
+    return max(1, cfg.warmup if cfg.warmup is not None else min(200, cfg.steps // 10))
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist(device_hint: str | None) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return _Dist(rank, world, local)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class _Data:
+    """Training batches and validation batches for the configured task, resumable."""
+
+    def __init__(self, cfg: TrainConfig, vocab: int, device: torch.device, dist: _Dist, spec_file: str | None):
+        self.cfg, self.device, self.dist = cfg, device, dist
+        if cfg.batch % dist.world:
+            raise TrainError(f"--batch {cfg.batch} is not divisible by the {dist.world} data-parallel "
+                             f"ranks; use a multiple of {dist.world}")
+        self.local_batch = cfg.batch // dist.world
+        if cfg.task == "corpus":
+            from ..data import TokenBatcher, check_vocab, get_tokenizer, load_corpus
+
+            self.tokenizer = get_tokenizer(cfg.tokenizer)
+            check_vocab(vocab, self.tokenizer, file=spec_file)
+            corpus = load_corpus(cfg.data, domain=cfg.domain)
+            self.corpus_name = corpus.name
+            import numpy as np
+
+            train_ids = np.asarray(self.tokenizer.encode(corpus.train_text), dtype=np.int64)
+            self.val_ids = np.asarray(self.tokenizer.encode(corpus.val_text), dtype=np.int64)
+            if len(train_ids) <= cfg.length + 1 or len(self.val_ids) <= cfg.length + 1:
+                raise TrainError(f"the corpus '{corpus.name}' is too short for --length {cfg.length} "
+                                 f"({len(train_ids):,} training and {len(self.val_ids):,} validation "
+                                 f"tokens); use a shorter --length or more text")
+            self.batcher = TokenBatcher(train_ids, self.local_batch, cfg.length, seed=cfg.seed,
+                                        rank=dist.rank, world=dist.world)
+            self.task = None
+        else:
+            from ..data import TaskBatcher, get_task
+
+            task = get_task(cfg.task)
+            settings = {"length": cfg.length, **cfg.task_settings}
+            need = task.vocab_needed(**settings)
+            if need > vocab:
+                raise TrainError(f"task '{cfg.task}' uses {need} token ids but the spec's model.vocab is "
+                                 f"{vocab}; add the override model.vocab={need}", file=spec_file,
+                                 path="model.vocab")
+            self.task = task
+            self.tokenizer = None
+            self.corpus_name = cfg.task
+            self.batcher = TaskBatcher(task, self.local_batch, seed=cfg.seed, rank=dist.rank,
+                                       world=dist.world, **settings)
+            self.settings = settings
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batcher.next()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batcher": self.batcher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.task is None:
+            from ..data import val_batches
+
+            for x, y in val_batches(self.val_ids, self.local_batch, self.cfg.length, self.cfg.eval_batches):
+                yield x.to(self.device), y.to(self.device)
+        else:
+            from ..data import step_seed
+
+            # held-out draws: seeds no training step uses
+            for i in range(self.cfg.eval_batches):
+                x, y = self.task.generate(self.local_batch, seed=step_seed(self.cfg.seed + 7_777_777, i),
+                                          **self.settings)
+                yield x.to(self.device), y.to(self.device)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (and higher), none on vectors/scalars and embeddings."""
+    decay, no_decay = [], []
+    embed_ids = {id(p) for n, p in model.named_parameters() if n.startswith("embed.")}
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over scored positions (targets ``-100`` are ignored).
+    ``logits [B, T, V]``, ``targets [B, T]``."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def _finite_tree(obj: Any) -> bool:
+    if torch.is_tensor(obj):
+        return obj.is_floating_point() is False or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_finite_tree(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_finite_tree(v) for v in obj)
+    return True
+
+
+def locate_nonfinite(model: torch.nn.Module, tokens: torch.Tensor, autocast: Any) -> str | None:
+    """Run ``model`` eagerly on ``tokens`` and name the first module (in execution order, innermost
+    first) whose output or returned state holds a non-finite value; ``None`` if all is finite."""
+    found: list[str] = []
+    hooks = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, _inp, out):
+        if not found and not _finite_tree(out):
+            found.append(names.get(mod, type(mod).__name__))
+
+    for m in model.modules():
+        hooks.append(m.register_forward_hook(hook))
+    compiled = getattr(model, "_compiled", None)
+    try:
+        if compiled is not None:
+            model._compiled = None
+        with torch.no_grad(), autocast():
+            model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+        if compiled is not None:
+            model._compiled = compiled
+    if not found:
+        return None
+    return _describe_module(found[0])
+
+
+def _describe_module(qualname: str) -> str:
+    parts = qualname.split(".")
+    if len(parts) >= 4 and parts[0] == "blocks" and parts[2] == "entries":
+        rest = ".".join(parts[4:])
+        return f"block {parts[1]}, level '{parts[3]}'" + (f" (module {rest})" if rest else "")
+    return f"module '{qualname}'"
+
+
+def _plot(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = [m["step"] for m in metrics if "loss" in m]
+    loss = [m["loss"] for m in metrics if "loss" in m]
+    vsteps = [m["step"] for m in metrics if "val_loss" in m]
+    vloss = [m["val_loss"] for m in metrics if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if loss:
+        ax.plot(steps, loss, lw=0.8, alpha=0.45, label="train (per step)")
+        k = max(1, len(loss) // 50)
+        if k > 1:
+            smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+            ax.plot(steps, smooth, lw=1.4, label=f"train ({k}-step mean)")
+    if vloss:
+        ax.plot(vsteps, vloss, "o-", lw=1.4, ms=3, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+    def write(f):
+        fig.savefig(f, format="png")
+
+    atomic_write(path, write)
+    plt.close(fig)
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, enabled: bool | None, total: int, start: int, main: bool) -> None:
+        self.main = main
+        self.total = total
+        self.rich = main and (sys.stderr.isatty() if enabled is None else enabled)
+        self.bar = None
+        if self.rich:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def line(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if rec.get("step", 0) <= upto:
+            out.append(rec)
+    return out
+
+
+def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
+          on_step: Callable[[int, float, torch.nn.Module], None] | None = None) -> TrainResult:
+    """Train ``spec`` (a :class:`~nlgraph.Spec`, file, library name or YAML text, with
+    ``cfg.overrides`` applied) with the outer optimizer; see :class:`TrainConfig`.
+
+    With ``resume``, continue from the run folder's latest checkpoint: the spec must hash to the
+    checkpoint's (pass ``spec=None`` to take the checkpoint's own), and the losses of every later
+    step equal those of an uninterrupted run (on CPU, bit for bit).
+
+    ``on_step(step, loss, model)`` is called after every optimizer step (tests use it to interrupt).
+    Raises :class:`TrainError` / :class:`~nlgraph.train.checkpoint.CheckpointError` for bad input
+    and non-finite losses; the last good checkpoint is never touched by a failing run.
+    """
+    from ..graph import build_graph
+    from ..lower import build
+    from ..spec.loader import dump_spec, load_spec, spec_hash
+
+    dist = _init_dist(cfg.device)
+    out = Path(cfg.out)
+    ckpt = None
+    if resume:
+        if latest_checkpoint(out) is None:
+            raise TrainError(f"--resume: no checkpoint in {out} (no latest.json); start without --resume",
+                             file=str(out))
+        ckpt = load_checkpoint(out)
+    if spec is None:
+        if ckpt is None:
+            raise TrainError("no spec given and nothing to resume")
+        spec_obj = load_spec(ckpt.spec_yaml)
+        spec_file = str(ckpt.path / "spec.yaml")
+    else:
+        spec_obj = load_spec(spec, cfg.overrides)
+        spec_file = str(spec) if isinstance(spec, (str, os.PathLike)) and "\n" not in str(spec) else None
+    build_graph(spec_obj)
+    shash = spec_hash(spec_obj)
+    if ckpt is not None and ckpt.state["spec_hash"] != shash:
+        raise CheckpointError(f"the checkpoint was trained with another spec (hash "
+                              f"{ckpt.state['spec_hash']}, this spec {shash}); resume with the same spec "
+                              f"and overrides (the run's own is {out / 'spec.yaml'})",
+                              file=str(ckpt.path / "state.json"))
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise TrainError(f"--precision {cfg.precision}: choose auto, bf16 or fp32")
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    torch.manual_seed(cfg.seed)
+    model = build(spec_obj, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            fused=device.type == "cuda")
+    data = _Data(cfg, spec_obj.model.vocab, device, dist, spec_file)
+    start = 0
+    tokens_seen = 0
+    if ckpt is not None:
+        load_model_state(model, ckpt)
+        if ckpt.optimizer:
+            restore_optimizer(opt, ckpt.optimizer, ckpt.state["optimizer"])
+        data.load_state_dict(ckpt.state["data"])
+        start = ckpt.step
+        tokens_seen = int(ckpt.state.get("tokens", 0))
+        set_rng_state(ckpt.state["rng"])
+    if start >= cfg.steps and dist.main:
+        print(f"nothing to do: the checkpoint is at step {start} and --steps is {cfg.steps}", file=sys.stderr)
+
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile:
+        model.compile_blocks()
+    runner: torch.nn.Module = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    spec_yaml = dump_spec(spec_obj)
+    metrics_path = out / "metrics.jsonl"
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "spec.yaml", spec_yaml.encode())
+        metrics = _read_metrics(metrics_path, start) if ckpt is not None else []
+        # a resumed run drops what was logged after its checkpoint: the steps are redone
+        atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    else:
+        metrics = []
+    title = f"{spec_obj.name or 'spec'} on {data.corpus_name} ({n_params / 1e6:.2f}M params)"
+
+    def evaluate() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), autocast():
+            for x, y in data.val_batches():
+                logits = model(x)
+                n = int((y != -100).sum())
+                total += float(lm_loss(logits, y)) * n
+                count += n
+        model.train()
+        return total / max(count, 1)
+
+    def checkpoint(step: int) -> None:
+        if dist.main:
+            save_checkpoint(out, step=step, model=model, optimizer=opt, spec_yaml=spec_yaml, spec_hash=shash,
+                            state={"tokens": tokens_seen, "data": data.state_dict(), "config": _config_json(cfg),
+                                   "world": dist.world}, keep=cfg.keep)
+        if dist.world > 1:
+            torch.distributed.barrier()
+
+    save_every = cfg.save_every or cfg.eval_every
+    progress = _Progress(cfg.progress, cfg.steps, start, dist.main)
+    last_loss = val_loss = None
+    tok_s = 0.0
+    stopped = "done"
+    step = start
+    log = open(metrics_path, "a") if dist.main else None
+    t_run = time.perf_counter()
+    tokens_run = 0
+    model.train()
+    try:
+        with _Stop() as stop:
+            while step < cfg.steps:
+                lr = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x, y = data.next()
+                t0 = time.perf_counter()
+                with autocast():
+                    logits = runner(x)
+                loss = lm_loss(logits, y)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+                loss_v = float(loss.detach())
+                if dist.world > 1:
+                    t = torch.tensor([loss_v], device=device)
+                    torch.distributed.all_reduce(t)
+                    loss_v = float(t) / dist.world
+                if not math.isfinite(loss_v) or not math.isfinite(float(gnorm)):
+                    what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+                    where = locate_nonfinite(model, x, autocast)
+                    last = latest_checkpoint(out)
+                    keep_note = (f"the last good checkpoint ({last.name}) is kept" if last is not None
+                                 else "no checkpoint was written yet")
+                    raise TrainError(f"step {step + 1}: the {what} is {loss_v if what == 'loss' else float(gnorm)}"
+                                     + (f"; first non-finite output: {where}" if where else "")
+                                     + f"; {keep_note}. Lower --lr, or check the spec's inner rates "
+                                       f"and initial states", file=spec_file)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                step += 1
+                n_tok = cfg.batch * cfg.length
+                tokens_seen += n_tok
+                tokens_run += n_tok
+                tok_s = n_tok / max(dt, 1e-9)
+                last_loss = loss_v
+                rec: dict[str, Any] = {"step": step, "loss": round(loss_v, 6), "tokens": tokens_seen,
+                                       "tok_s": round(tok_s, 1), "lr": lr, "grad_norm": round(float(gnorm), 4)}
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    val_loss = evaluate() if dist.main else None
+                    if val_loss is not None:
+                        rec["val_loss"] = round(val_loss, 6)
+                if dist.main:
+                    metrics.append(rec)
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    info = f"loss {loss_v:.4f} · {tok_s:,.0f} tok/s"
+                    progress.update(step, info)
+                    if "val_loss" in rec:
+                        progress.line(f"step {step}/{cfg.steps}  loss {loss_v:.4f}  val_loss {val_loss:.4f}  "
+                                      f"{tok_s:,.0f} tok/s  lr {lr:.2e}")
+                        _plot(metrics, out / "loss.png", title)
+                if step % save_every == 0 or step == cfg.steps:
+                    checkpoint(step)
+                if on_step is not None:
+                    on_step(step, loss_v, model)
+                if stop.signal is not None:
+                    if step % save_every and step != cfg.steps:
+                        checkpoint(step)
+                    stopped = "interrupted"
+                    progress.line(f"stopped by {signal.Signals(stop.signal).name} at step {step}; "
+                                  f"checkpoint saved in {out}; continue with --resume")
+                    break
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+    elapsed = time.perf_counter() - t_run
+    result = TrainResult(out, step, last_loss, val_loss, tokens_seen,
+                         tokens_run / elapsed if elapsed > 0 and tokens_run else tok_s, stopped, n_params)
+    return result
+
+
+def _config_json(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["betas"] = list(cfg.betas)
+    return d

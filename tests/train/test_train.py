@@ -1,0 +1,214 @@
+"""nlgraph train: exact resume, checkpoints that survive crashes and refuse damage, clean stops on
+SIGTERM and on a non-finite loss, and DDP (gloo, 2 CPU processes) equal to one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlgraph.cli import main
+from nlgraph.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from nlgraph.train.loop import TrainConfig, TrainError, lr_at, train
+
+TINY = ["vars.d_model=32", "vars.layers=1", "vars.heads=2", "levels.mlp.memory.hidden=64"]
+
+
+@pytest.fixture
+def text(tmp_path) -> Path:
+    """A small corpus written by the test: pseudo-sentences over a fixed word list."""
+    g = torch.Generator().manual_seed(0)
+    words = "the of and to in that it is was he for on are as with his they at be this from".split()
+    lines = []
+    for _ in range(400):
+        n = int(torch.randint(4, 12, (1,), generator=g))
+        idx = torch.randint(0, len(words), (n,), generator=g).tolist()
+        lines.append(" ".join(words[i] for i in idx).capitalize() + ".")
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _cfg(out: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(out=str(out), steps=6, batch=2, length=32, lr=1e-3, eval_every=3, eval_batches=2,
+                device="cpu", data=str(data), overrides=list(TINY), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)  # half-way through the cosine
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, text):
+    full = tmp_path / "full"
+    train("transformer_pp", _cfg(full, text))
+
+    part = tmp_path / "part"
+
+    def interrupt(step, loss, model):
+        if step == 4:  # not a checkpoint step: the stop itself must save
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = train("transformer_pp", _cfg(part, text), on_step=interrupt)
+    assert res.stopped == "interrupted" and res.step == 4
+    assert load_checkpoint(part).step == 4  # SIGTERM left a loadable checkpoint
+    res = train("transformer_pp", _cfg(part, text), resume=True)
+    assert res.step == 6
+    a, b = _losses(full), _losses(part)
+    assert sorted(b) == list(range(1, 7))  # nothing logged twice
+    assert a == b  # bit for bit on CPU
+
+
+def test_resume_refuses_a_checkpoint_of_another_spec(tmp_path, text, capsys):
+    out = tmp_path / "run"
+    train("transformer_pp", _cfg(out, text, steps=3))
+    with pytest.raises(CheckpointError, match="another spec"):
+        train("transformer_pp", _cfg(out, text, steps=6, overrides=[*TINY, "vars.layers=2"]), resume=True)
+    capsys.readouterr()
+    code = main(["train", "transformer_pp", *TINY, "vars.layers=2", "--out", str(out), "--resume",
+                 "--data", str(text), "--device", "cpu", "--steps", "6", "--batch", "2", "--length", "32"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "another spec" in err and "Traceback" not in err
+
+
+def _tiny_checkpoint(out: Path, step: int, value: float) -> None:
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, value)
+    spec_yaml = __import__("nlgraph").dump_spec(__import__("nlgraph").load_spec("transformer_pp", TINY))
+    from nlgraph.spec.loader import load_spec, spec_hash
+
+    save_checkpoint(out, step=step, model=model, optimizer=None, spec_yaml=spec_yaml,
+                    spec_hash=spec_hash(load_spec(spec_yaml)), state={"data": {}})
+
+
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _tiny_checkpoint(out, 1, 1.0)
+    import nlgraph.train.checkpoint as ck
+
+    real = ck._write_synced
+
+    def crash(path, data):
+        if path.name == "optimizer.safetensors" or path.name == "state.json":
+            path.write_bytes(data[: len(data) // 2])  # half written, then the process dies
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(ck, "_write_synced", crash)
+    with pytest.raises(OSError):
+        _tiny_checkpoint(out, 2, 2.0)
+    monkeypatch.setattr(ck, "_write_synced", real)
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 1 and float(ckpt.model["weight"][0, 0]) == 1.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "state"])
+def test_damaged_checkpoints_are_refused_with_one_clear_line(tmp_path, damage, capsys):
+    out = tmp_path / "run"
+    _tiny_checkpoint(out, 1, 1.0)
+    _tiny_checkpoint(out, 2, 2.0)  # keep=1: only step 2 remains
+    path = latest_checkpoint(out)
+    if damage == "truncate":
+        f = path / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-5])
+        expect = "truncated or corrupted"
+    elif damage == "flip":
+        f = path / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF
+        f.write_bytes(bytes(data))
+        expect = "truncated or corrupted"
+    else:
+        f = path / "state.json"
+        f.write_text(f.read_text()[:40])
+        expect = "not valid JSON"
+    with pytest.raises(CheckpointError, match=expect) as info:
+        load_checkpoint(out)
+    assert "\n" not in str(info.value) and str(f) in str(info.value)
+    assert main(["sample", str(out), "--tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_tampered_spec_is_refused(tmp_path):
+    out = tmp_path / "run"
+    _tiny_checkpoint(out, 1, 1.0)
+    path = latest_checkpoint(out)
+    state = json.loads((path / "state.json").read_text())
+    spec = (path / "spec.yaml").read_text().replace("d_model: 32", "d_model: 48")
+    (path / "spec.yaml").write_text(spec)
+    import hashlib
+
+    state["files"]["spec.yaml"] = hashlib.sha256(spec.encode()).hexdigest()  # checksums fixed up too
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="altered"):
+        load_checkpoint(out)
+
+
+def test_a_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, text):
+    out = tmp_path / "run"
+
+    def poison(step, loss, model):
+        if step == 3:  # after the step-3 checkpoint: break the first block's attention output
+            with torch.no_grad():
+                model.blocks[0].entries["attn"].inner.attn.out.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainError) as info:
+        train("transformer_pp", _cfg(out, text), on_step=poison)
+    msg = str(info.value)
+    assert "step 4" in msg and "block 0, level 'attn'" in msg and "step-000003" in msg
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 3 and all(torch.isfinite(t).all() for t in ckpt.model.values())
+
+
+def test_cli_train_writes_metrics_plot_and_summary(tmp_path, text, capsys):
+    out = tmp_path / "cli"
+    code = main(["train", "transformer_pp", *TINY, f"data={text}", "--out", str(out), "--steps", "4",
+                 "--batch", "2", "--length", "32", "--eval-every", "2", "--device", "cpu", "--sample", "20"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("done: transformer_pp, step 4/4")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert {"step", "loss", "tokens", "tok_s", "lr"} <= set(recs[0]) and "val_loss" in recs[1]
+    assert recs[-1]["tokens"] == 4 * 2 * 32
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "spec.yaml").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_ddp_with_gloo_on_two_processes_equals_one_process(tmp_path, text):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    common = ["gated_deltanet", "vars.d_model=32", "vars.layers=1", "vars.heads=2", "levels.mlp.memory.hidden=64",
+              f"data={text}", "--steps", "3", "--batch", "4", "--length", "32", "--device", "cpu",
+              "--eval-every", "3", "--eval-batches", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "nlgraph", "train", *common, "--out", str(one)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "nlgraph", "train",
+                        *common, "--out", str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6)
+    wa, wb = load_checkpoint(one).model, load_checkpoint(two).model
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
