@@ -20,7 +20,8 @@ from .io import atomic_write
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS = ("validate", "show", "compile", "equiv", "list", "schema")
+COMMANDS = ("validate", "show", "compile", "equiv", "train", "eval", "sample", "demo", "data", "list",
+            "schema")
 """The sub-commands, in help order (pinned by a test)."""
 
 
@@ -36,6 +37,30 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
         nargs="*",
         help="overrides applied after includes, e.g. model.d_model=256 levels.mixer.frequency=16",
     )
+    _add_trust_args(p)
+
+
+def _size(text: str) -> int:
+    from .limits import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_trust_args(p: argparse.ArgumentParser) -> None:
+    """Options that let a trusted spec reach further than a shared one may (docs/security.md)."""
+    g = p.add_argument_group("trust and resource bounds (docs/security.md)")
+    g.add_argument("--allow-outside-includes", metavar="DIR", action="append", default=[],
+                   help="let includes name files inside DIR (repeatable); by default an include "
+                   "stays inside the spec's folder or names a library spec or fragment")
+    g.add_argument("--max-spec-bytes", metavar="SIZE", type=_size, default=None,
+                   help="largest spec file to read (default 1M)")
+    g.add_argument("--max-params", metavar="N", type=_size, default=None,
+                   help="most parameters a model may have (default 1e10)")
+    g.add_argument("--max-memory", metavar="SIZE", type=_size, default=None,
+                   help="most memory a model may need, e.g. 200G (default: the device's memory)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="random draws of weights and tokens (default 3)")
     p.add_argument("--length", type=int, default=32, help="sequence length (default 32)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance (default 1e-8)")
+    _add_trust_args(p)
+
+    from .train.cli import add_parsers
+
+    add_parsers(sub)
+
+    from .data.cli import add_data_parser
+
+    add_data_parser(sub)
 
     sub.add_parser("list", help="list the specs shipped in the library",
                    description="List the library specs usable by short name, with their descriptions.")
@@ -100,12 +134,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
+    from .errors import GraphError
     from .graph import build_graph
-    from .spec.loader import load_raw, load_spec
+    from .spec.loader import load_raw, validate_raw
 
+    # read and validate once (a large spec costs its parse, not three), then locate graph errors
+    # in the files as build_graph does when it reads them itself
     raw, source = load_raw(args.spec, args.overrides)
-    spec = load_spec(args.spec, args.overrides)
-    graph = build_graph(args.spec, args.overrides)
+    spec = validate_raw(raw, source)
+    try:
+        graph = build_graph(spec)
+    except GraphError as e:
+        if not e.path or e.file is not None:
+            raise
+        file, line, override = source.locate_dotted(e.path)
+        msg = e.message + (f" (set by override '{override}')" if override else "")
+        raise GraphError(msg, nodes=e.nodes, path=e.path, file=file, line=line) from None
     return spec, graph, source
 
 
@@ -231,6 +275,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise _UsageError(f"--length must be at least 1, got {args.length}")
     p = plan(args.spec, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.check:
+        from .limits import check_model_size
+        from .spec.loader import current_options
+
+        # before anything is allocated: weights, gradients and activations of the check's batch
+        check_model_size(p.spec, device=device, batch=2, length=args.length, training=True,
+                         limits=current_options().limits)
     try:
         model = build(p.spec, device=device)
     except (RuntimeError, AssertionError) as e:
@@ -269,8 +320,22 @@ def _cmd_equiv(args: argparse.Namespace) -> int:
     return 0 if report.equivalent else 3
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data.cli import cli_data
+
+    return cli_data(args)
+
+
 _HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "compile": _cmd_compile, "equiv": _cmd_equiv,
-             "list": _cmd_list, "schema": _cmd_schema}
+             "data": _cmd_data, "list": _cmd_list, "schema": _cmd_schema}
+
+
+def _handler(command: str):
+    if command in _HANDLERS:
+        return _HANDLERS[command]
+    from .train.cli import HANDLERS
+
+    return HANDLERS[command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,8 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from .limits import Limits
+    from .spec.loader import load_options
+
+    limits = Limits().raised(max_spec_bytes=getattr(args, "max_spec_bytes", None),
+                             max_params=getattr(args, "max_params", None),
+                             max_memory=getattr(args, "max_memory", None))
     try:
-        return _HANDLERS[args.command](args)
+        with load_options(allow_includes_from=getattr(args, "allow_outside_includes", ()), limits=limits):
+            return _handler(args.command)(args)
     except _UsageError as e:
         parser.exit(2, f"nlgraph {args.command}: error: {e}\n")
     except NLGraphError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 
-__all__ = ["GraphError", "NLGraphError", "SpecError", "did_you_mean"]
+__all__ = ["DataError", "GraphError", "NLGraphError", "SpecError", "did_you_mean"]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -70,3 +70,9 @@ class GraphError(NLGraphError):
     def __init__(self, message: str, *, nodes: Sequence[str] = (), **kwargs) -> None:
         self.nodes = list(nodes)
         super().__init__(message, **kwargs)
+
+
+class DataError(NLGraphError):
+    """A corpus, tokenizer file or data setting cannot be used (missing or unreadable corpus, vocab
+    smaller than the tokenizer's, a task setting out of range). ``file`` names the data file or
+    folder; ``path`` the argument or setting at fault."""

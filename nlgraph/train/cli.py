@@ -72,6 +72,8 @@ def add_parsers(sub) -> None:
     _common_run_args(p, steps=1000, batch=8, length=256)
     p.add_argument("--out", metavar="DIR", default=None, help="run folder (default runs/<spec name>)")
     p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+    p.add_argument("--time-limit", type=_positive_float("--time-limit"), default=None, metavar="SECONDS",
+                   help="stop with a checkpoint once this much training time has passed")
     p.add_argument("--eval-every", type=_positive("--eval-every"), default=100,
                    help="validate and checkpoint every N steps (default 100)")
     p.add_argument("--eval-batches", type=_positive("--eval-batches"), default=8, help="validation batches (default 8)")
@@ -83,6 +85,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: off; default 1.0)")
     p.add_argument("--task", default="corpus", help="corpus (default) or a synthetic task: mqar, niah, "
                    "parity, ... (see `nlgraph eval --help`)")
+    p.add_argument("--task-setting", action="append", metavar="KEY=VALUE", default=[],
+                   help="a setting of the synthetic task, e.g. num_kv_pairs=16 (repeatable)")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="print N sampled tokens at the end")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -98,6 +102,10 @@ def add_parsers(sub) -> None:
     _common_run_args(p, steps=300, batch=32, length=256)
     p.add_argument("--eval-batches", type=_positive("--eval-batches"), default=16, help="evaluation batches (default 16)")
     p.add_argument("--out", metavar="DIR", default=None, help="run folder for training a SPEC (default: runs/eval-<spec>-<task>)")
+    p.add_argument("--task-setting", action="append", metavar="KEY=VALUE", default=[],
+                   help="a setting of the task, e.g. num_kv_pairs=16 vocab_size=512 (repeatable)")
+    p.add_argument("--eval-lengths", metavar="L1,L2,...", default=None,
+                   help="evaluate at these sequence lengths (default: the training length)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE", default=None, help="write a PNG (accuracy vs length for mqar/niah)")
 
@@ -136,13 +144,14 @@ def _split_data_override(args) -> None:
 
 def _config(args, out: str):
     from .loop import TrainConfig
+    from .tasks_eval import _task_settings
 
-    return TrainConfig(
+    return TrainConfig(task_settings=_task_settings(args),
         out=out, steps=args.steps, batch=args.batch, length=args.length, lr=args.lr, seed=args.seed,
         device=args.device, compile=False if args.no_compile else None, precision=args.precision,
         data=args.data, domain=args.domain, tokenizer=args.tokenizer, overrides=list(args.overrides),
         **{k: getattr(args, k) for k in ("eval_every", "eval_batches", "save_every", "keep", "warmup",
-                                          "weight_decay", "clip", "task", "progress") if hasattr(args, k)})
+                                          "weight_decay", "clip", "task", "progress", "time_limit") if hasattr(args, k)})
 
 
 def _spec_name(spec: str) -> str:
@@ -195,7 +204,7 @@ def _sample_text(target: Path, prompt: str, tokens: int, temperature: float, top
         raise NLGraphError(f"this run was trained on the synthetic task '{cfg.get('task')}', not text; "
                            f"nothing to sample", file=str(target))
     tok = get_tokenizer(cfg.get("tokenizer", "byte"))
-    ids = tok.encode(prompt) or [0]
+    ids = [int(i) for i in tok.encode(prompt)] or [0]
     x = torch.tensor([list(ids)], dtype=torch.long, device=dev)
     out = generate(model, x, tokens, temperature=temperature, top_k=top_k, seed=seed)
     return prompt + tok.decode(out[0].tolist())

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import NLGraphError
 from ..io import atomic_write
 
 __all__ = ["run_demo", "matched_overrides"]
@@ -106,6 +107,9 @@ def run_demo(args) -> list[dict[str, Any]]:
         print(f"==> training {name} ({' '.join(ov)}) for {args.steps} steps of {BATCH}x{LENGTH} bytes", flush=True)
         t0 = time.perf_counter()
         res = train(name, cfg)
+        if res.stopped != "done":
+            raise NLGraphError(f"the demo stopped while training {name} ({res.stopped} at step {res.step}); "
+                               f"run `nlgraph demo` again to start over", file=str(out))
         runs.append({"name": name, "overrides": ov, "params": res.params, "val_loss": res.val_loss,
                      "first_loss": None, "loss": res.loss, "tok_s": res.tok_s, "seconds": time.perf_counter() - t0,
                      "out": str(res.out)})

@@ -73,7 +73,11 @@ def _train_first(args, task: str) -> str:
     cfg.eval_every = max(args.steps // 4, 1)
     print(f"==> training {args.target} on {task} for {args.steps} steps ({args.batch}x{args.length}) -> {out}",
           flush=True)
-    train(args.target, cfg)
+    res = train(args.target, cfg)
+    if res.stopped != "done":
+        raise NLGraphError(f"training on {task} stopped at step {res.step} of {args.steps}; finish it with "
+                           f"`nlgraph train {args.target} --task {task} --out {out} --steps {args.steps} --resume` "
+                           f"(same options), then evaluate the run folder", file=out)
     return out
 
 

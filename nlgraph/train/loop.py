@@ -92,6 +92,8 @@ class TrainConfig:
     """Settings of a synthetic task other than its length (``num_kv_pairs``, ``vocab_size``...)."""
     progress: bool | None = None
     """A rich progress bar (default: when standard error is a terminal); else a line per eval."""
+    time_limit: float | None = None
+    """Stop (with a checkpoint) after the first step that ends past this many seconds of training."""
     overrides: list[str] = field(default_factory=list)
     """The spec overrides the run was started with (recorded for ``nlgraph eval``)."""
 
@@ -106,7 +108,7 @@ class TrainResult:
     val_loss: float | None
     tokens: int
     tok_s: float
-    stopped: str  # "done", "interrupted"
+    stopped: str  # "done", "interrupted", "time limit"
     params: int
 
 
@@ -589,6 +591,13 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                     checkpoint(step)
                 if on_step is not None:
                     on_step(step, loss_v, model)
+                if cfg.time_limit is not None and time.perf_counter() - t_run > cfg.time_limit and step < cfg.steps:
+                    if step % save_every:
+                        checkpoint(step)
+                    stopped = "time limit"
+                    progress.line(f"time limit of {cfg.time_limit:.0f} s reached at step {step}; checkpoint "
+                                  f"saved in {out}; continue with --resume")
+                    break
                 if stop.signal is not None:
                     if step % save_every and step != cfg.steps:
                         checkpoint(step)
