@@ -15,7 +15,8 @@ import torch
 from .families import recognise
 from .graph import GROUP_KINDS, build_graph, format_period, level_order
 from .model import NLModel
-from .spec.loader import load_spec
+from .limits import check_model_size
+from .spec.loader import current_options, load_spec
 from .spec.schema import Spec
 
 __all__ = ["LevelPlan", "Plan", "build", "plan"]
@@ -141,12 +142,19 @@ def build(
         device, dtype: where and in which dtype to create the parameters.
         overrides: ``key=value`` strings applied to the spec first.
 
+    Raises:
+        ResourceError: the model would exceed ``Limits.max_params`` or the memory of ``device``
+            (raise them with :func:`nlgraph.spec.loader.load_options`).
+
     Returns:
         :class:`~nlgraph.model.NLModel` with ``model(tokens [B, T]) -> logits [B, T, vocab]`` and
         ``model.stream(tokens, state) -> (logits, state)``.
     """
     spec = load_spec(spec, overrides)
     build_graph(spec)  # every graph check runs before any module is built
+    # refuse a model too large for its device before allocating it (docs/security.md)
+    check_model_size(spec, device=device, dtype_bytes=(dtype or torch.get_default_dtype()).itemsize,
+                     limits=current_options().limits)
     model = NLModel(spec)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)

@@ -20,6 +20,7 @@ Every model forbids unknown keys and is immutable, so a validated spec is a hash
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -34,6 +35,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from ..limits import MAX_MEMORY_DEPTH, MAX_NS_STEPS, MAX_OPTIMIZER_DEPTH, MAX_REPEAT
 
 __all__ = [
     "ACTIVATIONS",
@@ -86,9 +89,26 @@ RESERVED_NAMES = frozenset({"input", "self", "adaptive", "embed", "head", "outpu
 ACTIVATIONS = ("identity", "sigmoid", "logsigmoid", "softplus", "exp", "tanh", "silu", "relu")
 
 
+def _non_ascii_hint(name: str) -> str:
+    """``; it contains 'і' (U+0456 CYRILLIC SMALL LETTER …)`` for the first non-ASCII character, so
+    a confusable that looks like an ASCII letter is visible in the error."""
+    c = next((c for c in name if ord(c) > 127), None)
+    if c is None:
+        return ""
+    return f"; it contains U+{ord(c):04X} {unicodedata.name(c, 'an unnamed character')}, not ASCII"
+
+
+def _shown(name: str) -> str:
+    """A name from the spec as an error shows it: escaped and short (never the whole input)."""
+    out = name.encode("ascii", "backslashreplace").decode("ascii")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in out)
+    return out if len(out) <= 40 else out[:39] + "…"
+
+
 def _check_identifier(name: str) -> str:
     if not NAME_RE.match(name):
-        raise ValueError(f"name {name!r} is not an identifier (letters, digits and _)")
+        raise ValueError(f"name '{_shown(name)}' is not an identifier (ASCII letters, digits and _)"
+                         f"{_non_ascii_hint(name)}")
     return name
 
 
@@ -107,6 +127,7 @@ class _Spec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,  # a NaN or infinite rate or size is never meant
         use_attribute_docstrings=True,
         validate_default=True,
         populate_by_name=True,
@@ -226,7 +247,7 @@ class MlpMemorySpec(_Spec):
     kind: Literal["mlp"]
     heads: int = Field(1, ge=1)
     """Number of independent heads; each head has its own MLP acting on its slice."""
-    depth: int = Field(2, ge=1)
+    depth: int = Field(2, ge=1, le=MAX_MEMORY_DEPTH)
     """Number of linear layers (1 is a matrix memory with a bias)."""
     hidden: Width = "4x"
     """Hidden width: units, or a multiple of the per-head input width (``'4x'``)."""
@@ -255,7 +276,7 @@ class ResidualMlpMemorySpec(_Spec):
     kind: Literal["residual_mlp"]
     heads: int = Field(1, ge=1)
     """Number of independent heads; each head has its own residual MLP on its slice."""
-    depth: int = Field(2, ge=1)
+    depth: int = Field(2, ge=1, le=MAX_MEMORY_DEPTH)
     """Number of linear layers inside the residual branch."""
     hidden: Width = "2x"
     """Hidden width of the residual branch: units, or a multiple of the per-head width."""
@@ -403,7 +424,7 @@ class MuonSpec(_Spec):
     """Momentum coefficient of the buffer ``B ← μ B + G``."""
     nesterov: bool = True
     """Orthogonalise ``G + μ B`` instead of ``B``."""
-    ns_steps: int = Field(5, ge=1)
+    ns_steps: int = Field(5, ge=1, le=MAX_NS_STEPS)
     """Newton–Schulz iterations."""
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)
     """Quintic Newton–Schulz coefficients (a, b, c)."""
@@ -442,6 +463,16 @@ class OptimizerLevelSpec(_Spec):
     frequency: Frequency = 1
     """Update period in tokens; must be at most the optimized level's period."""
 
+    @model_validator(mode="after")
+    def _nesting(self) -> OptimizerLevelSpec:
+        depth, opt = 1, self.optimizer
+        while getattr(opt, "kind", None) == "deep_momentum":
+            depth, opt = depth + 1, opt.level.optimizer
+        if depth > MAX_OPTIMIZER_DEPTH:
+            raise ValueError(f"optimizer levels nested {depth} deep; at most {MAX_OPTIMIZER_DEPTH} "
+                             f"(deep_momentum inside deep_momentum ...)")
+        return self
+
 
 OptimizerSpec = Annotated[
     Union[GdSpec, MomentumSpec, DgdSpec, AdamSpec, MuonSpec, DeepMomentumSpec],
@@ -468,6 +499,11 @@ class RetentionSpec(_Spec):
     gate: Rate = 1.0
     """Retention factor α ∈ [0, 1] (1 keeps everything; Titans' forget gate is 1 − α). A gate
     with ``per: channel`` gives a diagonal (GLA-style) retention."""
+    toward: Literal["zero", "initial"] = "zero"
+    """What the state decays toward. ``zero``: ``α M`` (the papers' ``α_t I``, HOPE Eq. 88, Titans'
+    ``(1 − α) M``). ``initial``: ``M_0 + α (M − M_0)``, the sequence's initial (meta-learned) state
+    is kept and only what was learned in context decays — with ``zero`` a deep memory forgets its
+    meta-learned ``M_0`` like ``α^t`` over a sequence."""
 
 
 class StreamSpec(_Spec):
@@ -583,8 +619,12 @@ class LevelSpec(_Spec):
     lifetime: Literal["sequence", "persistent"] = "sequence"
     """``sequence``: state resets to the initial state for every sequence. ``persistent``: state
     carries over across sequences (continual learning)."""
-    read: Literal["after_write", "before_write"] = "after_write"
-    """Whether the output at token t reads the memory after or before the write of token t."""
+    read: Literal["after_write", "before_write", "chunk_start"] = "after_write"
+    """What the output at token t reads: the memory after the write of token t (``after_write``),
+    before it (``before_write``: the rolling state ``M_{t−1}``, HOPE arXiv Eq. 94), or the state at
+    the gradient point — the last chunk boundary of ``gradient_point: {chunk: N}`` or the committed
+    state of a period (``chunk_start``: arXiv Eq. 90, where the read is among the quantities taken
+    at the chunk boundary). For an exact-online level ``chunk_start`` equals ``before_write``."""
     output: OutputSpec = Field(default_factory=OutputSpec)
     """Normalisation and gating of the read."""
 
@@ -836,7 +876,7 @@ class ModelSpec(_Spec):
     blocks: list[list[str]] = Field(min_length=1)
     """Ordered blocks; each block is an ordered list of level names applied one after another,
     each wrapped in a residual connection."""
-    repeat: int = Field(1, ge=1)
+    repeat: int = Field(1, ge=1, le=MAX_REPEAT)
     """How many times the whole ``blocks`` list is stacked (with fresh parameters each time)."""
     norm: Literal["rms", "layer", "none"] = "rms"
     """Normalisation used around every level and before the head."""
@@ -865,6 +905,10 @@ class ModelSpec(_Spec):
         for i, block in enumerate(v):
             if not block:
                 raise ValueError(f"block {i} is empty; list at least one level name")
+            for name in block:
+                if not NAME_RE.match(name):
+                    raise ValueError(f"block {i} names '{_shown(name)}', not a level name (ASCII "
+                                     f"letters, digits and _){_non_ascii_hint(name)}")
         return v
 
 
@@ -875,6 +919,14 @@ class Spec(_Spec):
     """Short name of the architecture (shown by ``nlgraph show``)."""
     description: str | None = None
     """One-paragraph description."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        # `validate` prints the name in its one-line verdict: a line break could forge a second line
+        if v is not None and (len(v) > 100 or any(c in v for c in "\n\r\x0b\x0c\x85\u2028\u2029")):
+            raise ValueError("a name is one line of at most 100 characters; put more in 'description'")
+        return v
     vars: dict[str, Any] = Field(default_factory=dict)
     """Free values for ``${vars.<name>}`` interpolation (shared sizes, rates); not interpreted."""
     levels: dict[LevelName, LevelEntry] = Field(min_length=1)

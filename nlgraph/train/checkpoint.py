@@ -213,20 +213,57 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     if not pointer.exists():
         return None
     try:
-        rel = json.loads(pointer.read_text())["checkpoint"]
-    except (ValueError, KeyError, TypeError, OSError):
+        rel = _json(_bounded_read(pointer, out, MAX_JSON_BYTES), pointer)["checkpoint"]
+        if not isinstance(rel, str):
+            raise TypeError
+    except (KeyError, TypeError, OSError):
         raise CheckpointError("latest.json is not a checkpoint pointer; delete it to start over, or "
                               "point it at a folder under checkpoints/", file=str(pointer)) from None
     path = (out / rel).resolve()
     if out.resolve() not in path.parents:
-        raise CheckpointError(f"latest.json points outside the run folder ({rel!r})", file=str(pointer))
+        from ..spec.loader import excerpt
+
+        raise CheckpointError(f"latest.json points outside the run folder ({excerpt(rel)})", file=str(pointer))
     return path
+
+
+MAX_JSON_BYTES = 16 * 2**20
+"""state.json / latest.json larger than this are refused before they are read."""
+
+
+def _bounded_read(f: Path, root: Path, limit: int | None) -> bytes:
+    """Read ``f`` only if it is a regular file inside ``root`` (symlinks resolved) and, with
+    ``limit``, at most that many bytes: a FIFO or device never blocks or floods the loader."""
+    import stat as st
+
+    real = f.resolve()
+    if real != root.resolve() and root.resolve() not in real.parents:
+        raise CheckpointError("the file points outside the checkpoint folder; refusing to read it", file=str(f))
+    info = os.stat(real)  # OSError (missing) is handled by the caller
+    if not st.S_ISREG(info.st_mode):
+        raise CheckpointError("not a regular file; the checkpoint was altered", file=str(f))
+    if limit is not None and info.st_size > limit:
+        raise CheckpointError(f"{info.st_size:,} bytes, over the {limit:,} allowed for this file; the "
+                              f"checkpoint was altered", file=str(f))
+    return real.read_bytes()
+
+
+def _json(data: bytes, f: Path) -> Any:
+    """Parse JSON from a checkpoint: no NaN/Infinity, no pathological nesting, one clear error."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"non-finite constant {name}")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=refuse)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{f.name} is not valid JSON: the checkpoint is truncated or corrupted; "
+                              f"resume from an earlier checkpoint", file=str(f)) from None
 
 
 def _read(path: Path, fname: str, expected: dict[str, str]) -> bytes:
     f = path / fname
     try:
-        data = f.read_bytes()
+        data = _bounded_read(f, path, None)
     except OSError as e:
         raise CheckpointError(f"cannot read the checkpoint file: {e.strerror}; the checkpoint is "
                               f"incomplete — resume from an earlier one or start a new run",
@@ -249,7 +286,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     truncated, corrupted, of an unknown format, or when the stored spec does not hash to the
     recorded hash.
     """
-    from ..spec.loader import load_spec, spec_hash
+    from ..spec.loader import load_resolved_spec, spec_hash
 
     path = Path(path)
     if not path.exists():
@@ -262,20 +299,26 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         path = found
     state_file = path / "state.json"
     try:
-        state = json.loads(state_file.read_text())
+        state = _json(_bounded_read(state_file, path, MAX_JSON_BYTES), state_file)
     except OSError:
         raise CheckpointError("not a checkpoint folder (no readable state.json); pass a run folder "
                               "or one of its checkpoints/step-N folders", file=str(path)) from None
-    except ValueError:
-        raise CheckpointError("state.json is not valid JSON: the checkpoint is truncated or "
-                              "corrupted; resume from an earlier checkpoint", file=str(state_file)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"not an nlgraph checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})",
+        from ..spec.loader import excerpt
+
+        fmt = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"not an nlgraph checkpoint (format {excerpt(fmt)})",
                               file=str(state_file))
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint format version {state.get('version')!r} is not supported "
                               f"(this nlgraph reads version {VERSION})", file=str(state_file))
-    expected = state.get("files") or {}
+    expected = state.get("files")
+    step = state.get("step")
+    if (not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values())
+            or not isinstance(step, int) or isinstance(step, bool) or step < 0
+            or not isinstance(state.get("spec_hash"), str)):
+        raise CheckpointError("state.json lacks a valid step, spec hash or file list; the checkpoint "
+                              "was altered", file=str(state_file))
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for fname in ("model.safetensors", "optimizer.safetensors"):
         if fname not in expected:
@@ -287,11 +330,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"not a valid safetensors file ({str(e).splitlines()[0]})",
                                   file=str(path / fname)) from None
-    spec_yaml = _read(path, "spec.yaml", expected).decode("utf-8", errors="replace")
+    raw_spec = _read(path, "spec.yaml", expected)
     try:
-        spec = load_spec(spec_yaml)
+        # text only: never a path or library name, no include, no live ${...}
+        spec = load_resolved_spec(raw_spec, file=str(path / "spec.yaml"))
     except NLGraphError as e:
         raise CheckpointError(f"the stored spec does not load: {e.render()}", file=str(path / "spec.yaml")) from None
+    spec_yaml = raw_spec.decode("utf-8")
     if spec_hash(spec) != state.get("spec_hash"):
         raise CheckpointError(f"the stored spec hashes to {spec_hash(spec)}, not the recorded "
                               f"{state.get('spec_hash')}: the checkpoint was altered", file=str(path / "spec.yaml"))

@@ -462,6 +462,12 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    from ..limits import check_model_size
+    from ..spec.loader import current_options
+
+    # weights, gradients, AdamW's two moments and an activation estimate, before anything is allocated
+    check_model_size(spec_obj, device=device, dtype_bytes=4, batch=max(cfg.batch // dist.world, 1),
+                     length=cfg.length, training=True, optimizer_states=2, limits=current_options().limits)
     torch.manual_seed(cfg.seed)
     model = build(spec_obj, device=device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -212,3 +212,38 @@ def test_ddp_with_gloo_on_two_processes_equals_one_process(tmp_path, text):
     wa, wb = load_checkpoint(one).model, load_checkpoint(two).model
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["fifo", "symlink_outside", "nan_json", "deep_json", "spec_is_a_name"])
+def test_hostile_checkpoints_are_refused_without_reading_beyond(tmp_path, case):
+    out = tmp_path / "run"
+    _tiny_checkpoint(out, 1, 1.0)
+    path = latest_checkpoint(out)
+    state = path / "state.json"
+    if case == "fifo":
+        state.unlink()
+        os.mkfifo(state)  # reading it would block forever
+        expect = "not a regular file"
+    elif case == "symlink_outside":
+        secret = tmp_path / "secret.yaml"
+        secret.write_text("name: secret\n")
+        (path / "spec.yaml").unlink()
+        (path / "spec.yaml").symlink_to(secret)
+        expect = "outside the checkpoint folder"
+    elif case == "nan_json":
+        state.write_text(state.read_text().replace('"step": 1', '"step": NaN'))
+        expect = "not valid JSON"
+    elif case == "deep_json":
+        state.write_text("[" * 100_000 + "]" * 100_000)
+        expect = "not valid JSON"
+    else:  # a one-line spec.yaml naming a library spec must not be looked up as a name or a path
+        import hashlib
+
+        (path / "spec.yaml").write_text("transformer_pp")
+        rec = json.loads(state.read_text())
+        rec["files"]["spec.yaml"] = hashlib.sha256(b"transformer_pp").hexdigest()
+        state.write_text(json.dumps(rec))
+        expect = "stored spec does not load"
+    with pytest.raises(CheckpointError, match=expect) as info:
+        load_checkpoint(out)
+    assert "\n" not in str(info.value)
