@@ -18,10 +18,19 @@ from .spec.schema import AttentionSpec, GateSpec, MlpMemorySpec, StreamSpec, res
 __all__ = ["Attention", "Gate", "Mlp", "ShortConv", "Stream", "make_norm", "rotary"]
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose weight follows the input's dtype: under bf16 autocast a bf16 input with
+    the fp32 master weight would leave torch's fused kernel for the slow composite path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
 def make_norm(kind: str, width: int, eps: float = 1e-6) -> nn.Module:
     """``rms`` → RMSNorm, ``layer`` → LayerNorm, ``none`` → identity."""
     if kind == "rms":
-        return nn.RMSNorm(width, eps=eps)
+        return RMSNorm(width, eps=eps)
     if kind == "layer":
         return nn.LayerNorm(width, eps=eps)
     return nn.Identity()
@@ -205,8 +214,8 @@ class Attention(nn.Module):
         self.v = Stream(spec.values, width, self.kv_heads, self.d_head)
         self.out = nn.Linear(self.heads * self.d_head, width, bias=False)
         if spec.qk_norm:
-            self.q_norm = nn.RMSNorm(self.d_head, eps=1e-6)
-            self.k_norm = nn.RMSNorm(self.d_head, eps=1e-6)
+            self.q_norm = RMSNorm(self.d_head, eps=1e-6)
+            self.k_norm = RMSNorm(self.d_head, eps=1e-6)
         n = spec.persistent_tokens
         self.persistent_k = nn.Parameter(torch.randn(self.kv_heads, n, self.d_head) * 0.02) if n else None
         self.persistent_v = nn.Parameter(torch.randn(self.kv_heads, n, self.d_head) * 0.02) if n else None

@@ -1,0 +1,485 @@
+"""Check and time nlgraph's Triton (gated) delta-rule kernels on a GPU, in one process.
+
+    python benchmarks/kernels.py --out kernels.json           # checks, then B=4 T=4096 H=16 D=128 bf16
+    bash benchmarks/device.sh python benchmarks/kernels.py --out "$OUT/kernels.json"   # on the GPU tool
+
+1. **Checks.** ``nlgraph.compilers.kernels.chunk_delta_rule`` against nlgraph's own forms of the
+   ``delta_rule`` level run in float64 on the same (rounded) inputs: the token-by-token ``reference``
+   at a small fp32 shape, the exact chunked WY form at bf16 shapes. Compared: the output, the final
+   state and the gradients of q, k, v, β, the log decay g and the initial state, as
+   ‖x − ref‖ / ‖ref‖. Limits: 1e-4 for fp32 inputs (ieee dots), 2e-2 for bf16. Triton 3.4–3.7 has
+   miscompiled backward kernels on Hopper, so a FAIL here means the timings below are of a wrong
+   kernel. A ``torch.compile(fullgraph=True)`` (inductor) call is checked against eager too.
+2. **Timings** at the anchor shape, CUDA events around each call (warm-up, then the median of
+   ``--reps``), forward and forward + backward, with the extra peak memory of one forward + backward
+   and the first call's seconds (compile + autotune): the Triton kernels (plain and gated), nlgraph's
+   PyTorch chunked form (eager), and fla's ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` when fla
+   is importable (relative error of the outputs against fla's where the function is the same).
+3. ``--profile``: the CUDA kernels of one Triton forward + backward, by total time.
+
+``--resources`` instead compiles every kernel for sm_90 with each autotune config, on any machine
+(no GPU: triton ships ptxas and cuobjdump), and prints registers, spills, shared memory and the
+count of wgmma (HGMMA) instructions: ``python benchmarks/kernels.py --resources``.
+
+``NLGRAPH_TRITON_WARPS=2`` (or ``4``, ``8``, ``4,8``) sets the warp counts every kernel's autotuner may
+pick (default: 4 and 8, the three heavy backward kernels 8 only): a way around a Hopper miscompile if
+a check FAILs. Without CUDA it says so and exits 0. The table is printed last; ``--out`` writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nlgraph.io import atomic_write
+
+try:  # the anchors are optional
+    from fla.ops.delta_rule import chunk_delta_rule as fla_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gated_delta_rule
+
+    HAVE_FLA = True
+except Exception:  # noqa: BLE001  (any import failure just drops the fla rows)
+    HAVE_FLA = False
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_inputs(b, t, h, dk, dv, dtype, *, gated, with_h0, seed, device):
+    """q, k unit-norm, v normal, β = sigmoid(U(0, 1)), g = log α with α ∈ (0.9, 1) (fp32), h0 normal."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = {
+        "q": F.normalize(torch.randn(b, t, h, dk, device=device, generator=gen), dim=-1).to(dtype),
+        "k": F.normalize(torch.randn(b, t, h, dk, device=device, generator=gen), dim=-1).to(dtype),
+        "v": torch.randn(b, t, h, dv, device=device, generator=gen).to(dtype),
+        "beta": torch.rand(b, t, h, device=device, generator=gen).sigmoid().to(dtype),
+    }
+    if gated:
+        x["g"] = (0.9 + 0.1 * torch.rand(b, t, h, device=device, generator=gen)).log()
+    if with_h0:
+        x["h0"] = torch.randn(b, h, dk, dv, device=device, generator=gen)
+    return x
+
+
+def ours(x: dict, scale: float, chunk: int, final: bool):
+    from nlgraph.compilers.kernels import chunk_delta_rule
+
+    return chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x.get("g"), initial_state=x.get("h0"),
+                            output_final_state=final, scale=scale, chunk=chunk)
+
+
+def reference(x: dict, scale: float, form: str):
+    """nlgraph's delta_rule level in float64: ``memory = hᵀ``, ``decay = exp(g)``, output × scale."""
+    from nlgraph.compilers.delta_rule import delta_rule_chunked, delta_rule_reference
+    from nlgraph.spec.schema import DeltaRuleSpec
+
+    b, _, h, dk = x["q"].shape
+    dv = x["v"].shape[-1]
+    memory = x["h0"].transpose(-1, -2) if "h0" in x else x["q"].new_zeros(b, h, dv, dk)
+    fn = delta_rule_reference if form == "reference" else delta_rule_chunked
+    y, state = fn(DeltaRuleSpec(kind="delta_rule"), keys=x["k"], values=x["v"], queries=x["q"], beta=x["beta"],
+                  decay=x["g"].exp() if "g" in x else None,
+                  state={"memory": memory, "position": torch.zeros((), dtype=torch.int64, device=memory.device)})
+    return y * scale, state["memory"].transpose(-1, -2)
+
+
+CHECKS = [  # name, (B, T, H, Dk, Dv), dtype, gated, h0, chunk, reference form, limit
+    ("fp32 gated + h0, T=333 (partial chunk)", (2, 333, 4, 64, 64), torch.float32, True, True, 64, "reference", 1e-4),
+    ("fp32 plain, Dv=32 (no state in)", (2, 200, 4, 64, 32), torch.float32, False, False, 64, "reference", 1e-4),
+    ("bf16 gated + h0, D=128", (2, 1000, 4, 128, 128), torch.bfloat16, True, True, 64, "chunked", 2e-2),
+    ("bf16 plain, D=128", (2, 1000, 4, 128, 128), torch.bfloat16, False, False, 64, "chunked", 2e-2),
+]
+
+
+def run_checks(device: str) -> list[dict]:
+    rows = []
+    for name, (b, t, h, dk, dv), dtype, gated, with_h0, chunk, form, limit in CHECKS:
+        row = {"check": name, "limit": limit}
+        try:
+            x = make_inputs(b, t, h, dk, dv, dtype, gated=gated, with_h0=with_h0, seed=t, device=device)
+            got = {n: a.clone().requires_grad_() for n, a in x.items()}
+            ref = {n: a.detach().double().requires_grad_() for n, a in x.items()}
+            scale = dk ** -0.5
+            t0 = time.perf_counter()
+            o, ht = ours(got, scale, chunk, True)
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            y, s = reference(ref, scale, form)
+            gen = torch.Generator(device=device).manual_seed(1)
+            do = torch.randn(o.shape, device=device, generator=gen).to(dtype)
+            dht = torch.randn(ht.shape, device=device, generator=gen)
+            errs = {"o": rel(o, y), "final_state": rel(ht, s)}
+            ((o * do).sum() + (ht * dht).sum()).backward()
+            ((y * do.double()).sum() + (s * dht.double()).sum()).backward()
+            for n in x:
+                errs["d" + n] = rel(got[n].grad, ref[n].grad)
+            row["rel_err"] = errs
+            row["max_rel_err"] = max(errs.values())
+            row["ok"] = bool(row["max_rel_err"] <= limit)
+        except Exception as e:  # noqa: BLE001  (a failing check is a result: report it, go on)
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row["ok"] = False
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows.append(check_compile(device))
+    return rows
+
+
+def check_compile(device: str) -> dict:
+    """``torch.compile(fullgraph=True)`` around the op (inductor) equals eager, gradients included."""
+    row = {"check": "torch.compile fullgraph (inductor) == eager, bf16 gated", "limit": 1e-2}
+    try:
+        x = make_inputs(2, 512, 4, 128, 128, torch.bfloat16, gated=True, with_h0=True, seed=11, device=device)
+
+        def f(q, k, v, beta, g, h0):
+            from nlgraph.compilers.kernels import chunk_delta_rule
+
+            o, ht = chunk_delta_rule(q, F.normalize(k.float(), dim=-1).to(k.dtype), v, beta, g=g,
+                                     initial_state=h0, output_final_state=True, scale=1.0)
+            return o, ht
+
+        names = ("q", "k", "v", "beta", "g", "h0")
+        eager = [x[n].clone().requires_grad_() for n in names]
+        comp = [x[n].clone().requires_grad_() for n in names]
+        outs_e = f(*eager)
+        t0 = time.perf_counter()
+        outs_c = torch.compile(f, fullgraph=True)(*comp)
+        torch.cuda.synchronize()
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        sum(o.float().sum() for o in outs_e).backward()
+        sum(o.float().sum() for o in outs_c).backward()
+        errs = {"o": rel(outs_c[0], outs_e[0]), "final_state": rel(outs_c[1], outs_e[1])}
+        for n, a, b in zip(names, comp, eager):
+            errs["d" + n] = rel(a.grad, b.grad)
+        row["rel_err"] = errs
+        row["max_rel_err"] = max(errs.values())
+        row["ok"] = bool(row["max_rel_err"] <= row["limit"])
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        row["ok"] = False
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn`` between two CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(run: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def fwd_bwd(fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
+    grad = None
+
+    def run():
+        nonlocal grad
+        for a in leaves:
+            a.grad = None
+        y = fn(*leaves)
+        if grad is None:
+            grad = torch.randn_like(y)
+        y.backward(grad)
+
+    return run
+
+
+def nlgraph_chunked(gated: bool):
+    """nlgraph's current chunked form of the level (PyTorch, eager), as models run it."""
+    from nlgraph.runtime import run_level
+    from nlgraph.spec.loader import load_level
+
+    def fn(q, k, v, beta, *g):
+        heads = q.shape[2]
+        entry = {"kind": "delta_rule", "heads": heads}
+        if gated:
+            entry["decay"] = {"act": "logsigmoid"}
+        spec = load_level(entry)
+        kw = {"lr": beta}
+        if gated:
+            kw["retention"] = g[0].exp()
+        return run_level(spec, keys=k, values=v, queries=q, form="chunked", **kw)[0]
+
+    return fn
+
+
+def timing_rows(args, device: str) -> list[dict]:
+    b, t, h, d = args.batch, args.length, args.heads, args.dim
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    outputs: dict[str, torch.Tensor] = {}
+
+    def triton_fn(gated: bool):
+        def fn(q, k, v, beta, *g):
+            from nlgraph.compilers.kernels import chunk_delta_rule
+
+            return chunk_delta_rule(q, k, v, beta, g=g[0] if gated else None, scale=1.0, chunk=args.chunk)[0]
+        return fn
+
+    impls = []  # name, fn, gated, same-function anchor
+    if HAVE_FLA and not args.skip_fla:
+        impls.append(("fla chunk_delta_rule", lambda q, k, v, beta: fla_delta_rule(q, k, v, beta, scale=1.0)[0],
+                      False, None))
+        impls.append(("fla chunk_gated_delta_rule",
+                      lambda q, k, v, beta, g: fla_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0], True, None))
+    impls.append(("nlgraph triton chunk_delta_rule", triton_fn(False), False, "fla chunk_delta_rule"))
+    impls.append(("nlgraph triton chunk_delta_rule + g", triton_fn(True), True, "fla chunk_gated_delta_rule"))
+    if not args.skip_nlgraph_chunked:
+        impls.append(("nlgraph chunked form (PyTorch), eager", nlgraph_chunked(False), False, "fla chunk_delta_rule"))
+        impls.append(("nlgraph chunked form + decay, eager", nlgraph_chunked(True), True,
+                      "fla chunk_gated_delta_rule"))
+
+    x = make_inputs(b, t, h, d, d, dtype, gated=True, with_h0=False, seed=0, device=device)
+    for name, fn, gated, anchor in impls:
+        inputs = [x["q"], x["k"], x["v"], x["beta"]] + ([x["g"]] if gated else [])
+        row = {"name": name}
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                y = fn(*inputs)
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            outputs[name] = y
+            if anchor in outputs:
+                row["rel_err_vs_" + anchor.split()[0]] = rel(y, outputs[anchor])
+            with torch.no_grad():
+                row["fwd_ms"] = time_ms(lambda: fn(*inputs), args.warmup, args.reps)
+            leaves = [a.clone().requires_grad_() for a in inputs]
+            run = fwd_bwd(fn, leaves)
+            try:
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                row["first_bwd_s"] = round(time.perf_counter() - t0, 2)
+                row["fwd_bwd_ms"] = time_ms(run, args.warmup, args.reps)
+                row["peak_mib"] = peak_mib(run)
+            except Exception as e:  # noqa: BLE001  (a refused backward is a result too)
+                row["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def profile_rows(args, device: str) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from nlgraph.compilers.kernels import chunk_delta_rule
+
+    x = make_inputs(args.batch, args.length, args.heads, args.dim, args.dim, getattr(torch, args.dtype),
+                    gated=True, with_h0=False, seed=0, device=device)
+    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "beta", "g")]
+    run = fwd_bwd(lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g=g, scale=1.0, chunk=args.chunk)[0],
+                  leaves)
+    run()
+    torch.cuda.synchronize()
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": e.key[:60], "ms_per_step": total / 1e3 / reps, "calls_per_step": e.count / reps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:16]
+
+
+def resource_rows(args) -> list[dict]:
+    """Compile every kernel for sm_90 (Hopper) with each autotune config, without a GPU (triton ships
+    ptxas and cuobjdump), and read registers, spills (stack bytes, LDL/STL in the SASS), shared
+    memory and whether the products use wgmma (HGMMA)."""
+    import inspect
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nlgraph.compilers.kernels import _delta_rule_triton as kmod
+
+    dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
+    d, c = args.dim, args.chunk
+    kp = max(16, 1 << (d - 1).bit_length())
+    prec = "ieee" if dt == "fp32" else "tf32"
+    f32, x = "*fp32", "*" + dt
+    tok = {"T": "i32"}
+    sigs = {
+        "prepare": (dict(k=x, v=x, beta=x, g=f32, bcum=f32, tm=x, w=x, u=x, **tok),
+                    dict(BK=min(kp, 64), BV=min(kp, 64), SOLVE=True, SPREC=prec, NB=c // 16)),
+        "state_fwd": (dict(k=x, w=x, u=x, bcum=f32, h0=f32, hs=x, vn=x, ht=f32, NT="i32", **tok),
+                      dict(BK=kp, USE_H0=True, STORE_HT=True)),
+        "output": (dict(q=x, k=x, vn=x, hs=x, bcum=f32, o=x, scale="fp32", NT="i32", **tok),
+                   dict(BK=min(kp, 64), BV=min(kp, 64))),
+        "dv_local": (dict(q=x, k=x, do=x, bcum=f32, dvl=x, scale="fp32", **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
+        "state_bwd": (dict(q=x, k=x, w=x, bcum=f32, do=x, dvl=x, dht=f32, dhs=x, dvn=x, dh0=f32, scale="fp32",
+                           NT="i32", **tok), dict(BK=kp, USE_DHT=True, STORE_DH0=True)),
+        "qkw_bwd": (dict(q=x, k=x, vn=x, dvn=x, do=x, hs=x, dhs=x, bcum=f32, dq=x, dk=f32, dw=f32, db=f32,
+                         scale="fp32", NT="i32", B="i32", **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
+        "wy_bwd": (dict(k=x, v=x, beta=x, bcum=f32, tm=x, dw=f32, dvn=x, dkp=f32, db=f32, dk=x, dv=x, dbeta=x,
+                        dg=f32, **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
+    }
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    rows = []
+    for name, (sig, consts) in sigs.items():
+        fn = triton.jit(kmod._SOURCES[name])
+        params = list(inspect.signature(kmod._SOURCES[name]).parameters)
+        base = {"H": args.heads, "K": d, "V": d, "C": c, "PREC": prec, "USE_G": True, **consts}
+        blocks = [{"BV": bv} for bv in (32, 64)] if name in kmod.STATE_KERNELS else [{}]
+        for extra in blocks:
+            for warps in kmod._WARPS:  # every count the env allows, to show why some are left out
+                cx = {k: v for k, v in {**base, **extra}.items() if k in params}
+                full = {a: "constexpr" if a in cx else sig[a] for a in params}
+                row = {"kernel": name, "warps": warps, **extra}
+                try:
+                    ck = triton.compile(ASTSource(fn, full, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                                        options={"num_warps": warps, "num_stages": 2})
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(ck.asm["cubin"])
+                        f.flush()
+                        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                                             capture_output=True, text=True).stdout
+                        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
+                                              capture_output=True, text=True).stdout
+                    for key in ("REG", "STACK"):
+                        m = re.search(key + r":(\d+)", res)
+                        row[key.lower()] = int(m.group(1)) if m else None
+                    row["smem"] = ck.metadata.shared
+                    row.update({op: sass.count(op) for op in ("HGMMA", "LDL", "STL")})
+                except Exception as e:  # noqa: BLE001  (a kernel that does not compile is the finding)
+                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="write checks, timings and profile as JSON to this file")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--skip-fla", action="store_true")
+    p.add_argument("--skip-nlgraph-chunked", action="store_true", help="skip the PyTorch chunked-form rows")
+    p.add_argument("--profile", action="store_true", help="per-kernel CUDA times of one Triton fwd+bwd")
+    p.add_argument("--resources", action="store_true",
+                   help="only compile the kernels for sm_90 (no GPU needed) and print registers / spills")
+    args = p.parse_args()
+    if args.resources:
+        rows = resource_rows(args)
+        if args.out:
+            atomic_write(args.out, (json.dumps({"resources": rows}, indent=2) + "\n").encode())
+        print(f"\n{'kernel':<10} {'BV':>3} {'warps':>5} {'regs':>5} {'stack B':>8} {'smem B':>7} {'HGMMA':>6} "
+              f"{'LDL':>5}  error")
+        for r in rows:
+            print(f"{r['kernel']:<10} {r.get('BV', '-'):>3} {r['warps']:>5} {r.get('reg', '-'):>5} "
+                  f"{r.get('stack', '-'):>8} {r.get('smem', '-'):>7} {r.get('HGMMA', '-'):>6} {r.get('LDL', '-'):>5}"
+                  f"  {r.get('error', '')}")
+        return 1 if any("error" in r for r in rows) else 0
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA device here, so nothing to check or time (exit 0)")
+        return 0
+    device = "cuda"
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "fla": HAVE_FLA,
+            "warps": os.environ.get("NLGRAPH_TRITON_WARPS", "default"),
+            "shape": {"B": args.batch, "T": args.length, "H": args.heads, "D": args.dim, "dtype": args.dtype,
+                      "chunk": args.chunk}}
+    checks = [] if args.skip_checks else run_checks(device)
+    timings = timing_rows(args, device)
+    prof = profile_rows(args, device) if args.profile else []
+    result = {"meta": meta, "checks": checks, "timings": timings, "profile": prof}
+    if args.out:
+        atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
+
+    print()
+    print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fla {'yes' if HAVE_FLA else 'no'}")
+    if checks:
+        print(f"{'check':<58} {'max rel err':>11} {'limit':>7}  result")
+        for c in checks:
+            err = f"{c['max_rel_err']:.2e}" if "max_rel_err" in c else "-"
+            print(f"{c['check']:<58} {err:>11} {c['limit']:>7.0e}  {'ok' if c['ok'] else 'FAIL ' + c.get('error', '')}")
+            if "rel_err" in c and not c["ok"]:
+                print("    " + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_err"].items()))
+    if prof:
+        print(f"\n{'kernel (one Triton gated fwd+bwd)':<62} {'ms':>8} {'calls':>6}")
+        for r in prof:
+            print(f"{r['kernel']:<62} {r['ms_per_step']:>8.3f} {r['calls_per_step']:>6.1f}")
+    print(f"\nB={args.batch} T={args.length} H={args.heads} D={args.dim} {args.dtype}, chunk {args.chunk}; "
+          f"median of {args.reps} (CUDA events)")
+    anchors = {r["name"]: r for r in timings if r["name"].startswith("fla")}
+    print(f"{'implementation':<42} {'fwd ms':>8} {'f+b ms':>8} {'x fla f':>8} {'x fla fb':>8} {'peak MiB':>9} "
+          f"{'1st s':>6}  note")
+    for r in timings:
+        anchor = anchors.get("fla chunk_gated_delta_rule" if ("+ g" in r["name"] or "decay" in r["name"]
+                                                              or "gated" in r["name"]) else "fla chunk_delta_rule")
+
+        def ratio(key):
+            if anchor is None or anchor is r or key not in r or key not in anchor:
+                return "-"
+            return f"{r[key] / anchor[key]:.2f}"
+
+        def num(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+
+        note = r.get("error") or r.get("bwd_error") or ", ".join(
+            f"{k} {v:.1e}" for k, v in r.items() if k.startswith("rel_err"))
+        print(f"{r['name']:<42} {num('fwd_ms', '.3f'):>8} {num('fwd_bwd_ms', '.3f'):>8} {ratio('fwd_ms'):>8} "
+              f"{ratio('fwd_bwd_ms'):>8} {num('peak_mib', '.0f'):>9} {num('first_call_s', '.1f'):>6}  {note}")
+    failed = [c["check"] for c in checks if not c["ok"]]
+    if failed:
+        print(f"\nFAILED checks: {'; '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

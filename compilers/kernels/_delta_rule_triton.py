@@ -1,0 +1,487 @@
+"""Triton kernels of the chunked (gated) delta rule, forward and backward.
+
+Conventions (fla's): the state ``h [K, V]`` is the transpose of nlgraph's ``memory [V, K]``; per token,
+with ``α_t = exp(g_t)``::
+
+    h_t = α_t h_{t−1} + β_t k_t (v_t − α_t h_{t−1}ᵀ k_t)ᵀ,   o_t = scale · h_tᵀ q_t
+
+Per chunk of ``C`` tokens starting from ``h0`` (``b = cumsum(g)`` inside the chunk, ``γ = exp(b)``,
+``Γ[r, j] = exp(b_r − b_j)`` for ``j ≤ r``)::
+
+    A   = strict_lower(diag(β) (Γ ⊙ K Kᵀ)),   T = (I + A)⁻¹           (the UT transform)
+    W   = T diag(βγ) K,   U = T diag(β) V                               (WY representation)
+    Vn  = U − W h0                                                      (the values written)
+    O   = scale (diag(γ) Q h0 + (Q Kᵀ ⊙ Γ) Vn)
+    h1  = γ_C h0 + (diag(γ_C / γ) K)ᵀ Vn
+
+Forward: ``_prepare`` (T, W, U; parallel over chunks) → ``_state_fwd`` (the chunk recurrence, the
+state ``h`` held in registers, one program per (batch·head, V-block)) → ``_output`` (parallel).
+Backward recomputes W, U and the chunk states from the saved ``T`` and ``b``, then ``_dv_local`` →
+``_state_bwd`` (reverse recurrence of ``dh``) → ``_qkw_bwd`` (dq, the direct dk, dW, d b) →
+``_wy_bwd`` (through the UT transform: dk, dv, dβ, and dg as the reverse cumsum of d b).
+
+With ``TRITON_INTERPRET=1`` set before triton is first imported, the same kernels run under Triton's
+interpreter on CPU tensors (tests at small shapes, debugging).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import triton
+import triton.language as tl
+
+__all__ = ["kernels"]
+
+
+@triton.jit
+def _rows(x, tok, T, H: tl.constexpr, D: tl.constexpr, t0, d0, BT: tl.constexpr, BD: tl.constexpr):
+    """Block pointer to tokens ``t0 …`` / channels ``d0 …`` of one (batch, head) of ``x [B, T, H, D]``.
+    Block pointers (not tiles of per-element pointers) keep the address arithmetic out of registers."""
+    return tl.make_block_ptr(x + tok * D, (T, D), (H * D, 1), (t0, d0), (BT, BD), (1, 0))
+
+
+def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+             SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, NB: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    r = tl.arange(0, C)
+    t = i_t * C + r
+    valid = t < T
+    row = (i_b * T + t) * H + i_h
+    dt = k.dtype.element_ty
+    bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
+    bg = bt
+    if USE_G:
+        if SOLVE:
+            # padded tokens load g = 0, so b stays at its last real value past the end of T
+            bc = tl.cumsum(tl.load(g + row, mask=valid, other=0.).to(tl.float32), axis=0)
+            tl.store(bcum + row, bc, mask=valid)
+        else:
+            bc = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+        bg = bt * tl.exp(bc)
+    p_tm = _rows(tm, tok, T, H, C, i_t * C, 0, C, C)
+    if SOLVE:
+        kk = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1),
+                         padding_option="zero")
+            kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+        strict = r[:, None] > r[None, :]
+        a = kk * bt[:, None]
+        if USE_G:
+            # exponent masked first: above the diagonal b_r − b_j > 0 could overflow
+            a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
+        a = tl.where(strict, a, 0.)
+        # T = (I + A)⁻¹ by blocks of 16 rows: with D the block-diagonal part of A and L the rest,
+        # I + A = (I + D)(I + N), N = (I + D)⁻¹ L, so T = (I + N)⁻¹ (I + D)⁻¹. (I + D)⁻¹ is forward
+        # substitution on the NB = C / 16 diagonal blocks at once, as an [NB, 16, 16] batch (15 cheap
+        # vector steps, no wasted products on the zero blocks); N is nilpotent of order NB, so
+        # (I + N)⁻¹ = I − N + N² − … exactly, in Horner form (NB − 1 products).
+        i16 = tl.arange(0, 16)
+        nb = tl.arange(0, NB)
+        same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]
+        d3 = tl.sum(tl.where(same, tl.reshape(a, [NB, 16, NB, 16]), 0.), axis=2)  # [NB, 16, 16]
+        t3 = tl.zeros([NB, 16, 16], dtype=tl.float32) + tl.where(i16[:, None] == i16[None, :], 1., 0.)[None, :, :]
+        for i in range(1, 16):
+            at = i16[None, :, None] == i
+            ai = tl.sum(tl.where(at, d3, 0.), axis=1)  # [NB, 16]: row i of each block
+            upd = tl.sum(ai[:, :, None] * t3, axis=1)  # [NB, 16]: Σ_j A[i, j] T[j, :] per block
+            t3 = tl.where(at, t3 - upd[:, None, :], t3)
+        td = tl.reshape(tl.where(same, t3[:, :, None, :], 0.), [C, C])
+        d = tl.where((r // 16)[:, None] == (r // 16)[None, :], a, 0.)
+        eye = tl.where(r[:, None] == r[None, :], 1., 0.)
+        n = tl.dot(td, a - d, input_precision=SPREC)
+        x = eye
+        for _ in range(1, NB):
+            x = eye - tl.dot(n, x, input_precision=SPREC)
+        tmf = tl.dot(x, td, input_precision=SPREC)
+        tl.store(p_tm, tmf.to(tm.dtype.element_ty), boundary_check=(0, 1))
+    else:
+        tmf = tl.load(p_tm, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    tmd = tmf.to(dt)
+    for i_k in range(tl.cdiv(K, BK)):
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        wb = tl.dot(tmd, (kb * bg[:, None]).to(dt), input_precision=PREC)
+        tl.store(_rows(w, tok, T, H, K, i_t * C, i_k * BK, C, BK), wb.to(w.dtype.element_ty), boundary_check=(0, 1))
+    for i_v in range(tl.cdiv(V, BV)):
+        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        ub = tl.dot(tmd, (vb * bt[:, None]).to(dt), input_precision=PREC)
+        tl.store(_rows(u, tok, T, H, V, i_t * C, i_v * BV, C, BV), ub.to(u.dtype.element_ty), boundary_check=(0, 1))
+
+
+def _state_fwd(k, w, u, bcum, h0, hs, vn, ht, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = k.dtype.element_ty
+    h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        p0 = tl.make_block_ptr(h0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        h += tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    r = tl.arange(0, C)
+    for i_t in range(NT):
+        t = i_t * C + r
+        p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
+                                (BK, BV), (1, 0))
+        tl.store(p_h, h.to(hs.dtype.element_ty), boundary_check=(0, 1))
+        wb = tl.load(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        ub = tl.load(_rows(u, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        vnb = ub.to(tl.float32) - tl.dot(wb, h.to(dt), input_precision=PREC)
+        tl.store(_rows(vn, tok, T, H, V, i_t * C, i_v * BV, C, BV), vnb.to(vn.dtype.element_ty),
+                 boundary_check=(0, 1))
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        if USE_G:
+            last = tl.minimum(i_t * C + C, T) - 1
+            bl = tl.load(bcum + (i_b * T + last) * H + i_h)
+            bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+            h = h * tl.exp(bl)
+            kb = (kb * tl.exp(bl - bb)[:, None]).to(dt)
+        h += tl.dot(tl.trans(kb), vnb.to(dt), input_precision=PREC)
+    if STORE_HT:
+        pt = tl.make_block_ptr(ht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(pt, h, boundary_check=(0, 1))
+
+
+def _output(q, k, vn, hs, bcum, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    r = tl.arange(0, C)
+    t = i_t * C + r
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    qk = tl.zeros([C, C], dtype=tl.float32)
+    hbase = hs + ((i_b * NT + i_t) * H + i_h) * K * V
+    for i_k in range(tl.cdiv(K, BK)):
+        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        p_h = tl.make_block_ptr(hbase, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        hb = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        acc += tl.dot(qb, hb.to(dt), input_precision=PREC)
+        qk += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    incl = r[:, None] >= r[None, :]
+    if USE_G:
+        bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+        acc = acc * tl.exp(bb)[:, None]
+        qk = qk * tl.exp(tl.where(incl, bb[:, None] - bb[None, :], 0.))
+    qk = tl.where(incl, qk, 0.)
+    vnb = tl.load(_rows(vn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+    acc += tl.dot(qk.to(dt), vnb, input_precision=PREC)
+    tl.store(_rows(o, tok, T, H, V, i_t * C, i_v * BV, C, BV), (acc * scale).to(o.dtype.element_ty),
+             boundary_check=(0, 1))
+
+
+def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+    # dVn from the intra-chunk read: scale (Q Kᵀ ⊙ Γ)ᵀ dO
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    r = tl.arange(0, C)
+    t = i_t * C + r
+    kq = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        kq += tl.dot(kb, tl.trans(qb), input_precision=PREC)
+    upper = r[:, None] <= r[None, :]  # kq[j, r] is used for r ≥ j
+    if USE_G:
+        bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+        kq = kq * tl.exp(tl.where(upper, bb[None, :] - bb[:, None], 0.))
+    kq = tl.where(upper, kq * scale, 0.).to(dt)
+    dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+    dvb = tl.dot(kq, dob, input_precision=PREC)
+    tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty), boundary_check=(0, 1))
+
+
+def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        pt = tl.make_block_ptr(dht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        dh += tl.load(pt, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    r = tl.arange(0, C)
+    for i_t in range(NT - 1, -1, -1):
+        t = i_t * C + r
+        # dhs[n] is the gradient of the state at the END of chunk n
+        p_dh = tl.make_block_ptr(dhs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
+                                 (BK, BV), (1, 0))
+        tl.store(p_dh, dh.to(dhs.dtype.element_ty), boundary_check=(0, 1))
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                     padding_option="zero").to(tl.float32) * scale
+        if USE_G:
+            last = tl.minimum(i_t * C + C, T) - 1
+            bl = tl.load(bcum + (i_b * T + last) * H + i_h)
+            bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+            kb = (kb * tl.exp(bl - bb)[:, None]).to(dt)
+            qb = qb * tl.exp(bb)[:, None]
+        dvb = tl.load(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero").to(tl.float32)
+        dvb += tl.dot(kb, dh.to(dt), input_precision=PREC)
+        tl.store(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvn.dtype.element_ty),
+                 boundary_check=(0, 1))
+        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        wb = tl.load(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        if USE_G:
+            dh = dh * tl.exp(bl)
+        dh += tl.dot(tl.trans(qb.to(dt)), dob, input_precision=PREC)
+        dh -= tl.dot(tl.trans(wb), dvb.to(dt), input_precision=PREC)
+    if STORE_DH0:
+        p0 = tl.make_block_ptr(dh0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p0, dh, boundary_check=(0, 1))
+
+
+def _qkw_bwd(q, k, vn, dvn, do, hs, dhs, bcum, dq, dk, dw, db, scale, T, NT, B, H: tl.constexpr,
+             K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             USE_G: tl.constexpr, PREC: tl.constexpr):
+    i_k = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    r = tl.arange(0, C)
+    t = i_t * C + r
+    valid = t < T
+    row = (i_b * T + t) * H + i_h
+    dqg = tl.zeros([C, BK], dtype=tl.float32)   # dO h0ᵀ
+    dkd = tl.zeros([C, BK], dtype=tl.float32)   # Vn dh1ᵀ
+    dwv = tl.zeros([C, BK], dtype=tl.float32)   # dVn h0ᵀ
+    dav = tl.zeros([C, C], dtype=tl.float32)    # dO Vnᵀ
+    davt = tl.zeros([C, C], dtype=tl.float32)   # Vn dOᵀ: its transpose, formed directly (see below)
+    hdh = tl.zeros([BK], dtype=tl.float32)      # Σ h0 ⊙ dh1 (for the chunk's total decay)
+    sbase = ((i_b * NT + i_t) * H + i_h) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        p_h = tl.make_block_ptr(hs + sbase, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        p_dh = tl.make_block_ptr(dhs + sbase, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        hb = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        dhb = tl.load(p_dh, boundary_check=(0, 1), padding_option="zero")
+        vnb = tl.load(_rows(vn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        dvb = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        dqg += tl.dot(dob, tl.trans(hb.to(dt)), input_precision=PREC)
+        dkd += tl.dot(vnb, tl.trans(dhb.to(dt)), input_precision=PREC)
+        dwv += tl.dot(dvb, tl.trans(hb.to(dt)), input_precision=PREC)
+        dav += tl.dot(dob, tl.trans(vnb), input_precision=PREC)
+        davt += tl.dot(vnb, tl.trans(dob), input_precision=PREC)
+        hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), axis=1)
+    qb = tl.load(_rows(q, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+    kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+    incl = r[:, None] >= r[None, :]
+    # dk needs (dO Vnᵀ ⊙ Γ)ᵀ. It is built from its own product instead of tl.trans of a product:
+    # transposing an MMA result that feeds another dot is what triton 3.4-3.7 miscompiles on Hopper
+    # (fla issue 640), and the extra C×C×V product is cheap.
+    upper = r[:, None] <= r[None, :]
+    dqg = dqg * scale
+    if USE_G:
+        last = tl.minimum(i_t * C + C, T) - 1
+        bl = tl.load(bcum + (i_b * T + last) * H + i_h)
+        bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+        gam = tl.exp(bb)
+        e = tl.exp(bl - bb)
+        da = tl.where(incl, dav * scale * tl.exp(tl.where(incl, bb[:, None] - bb[None, :], 0.)), 0.)
+        dat = tl.where(upper, davt * scale * tl.exp(tl.where(upper, bb[None, :] - bb[:, None], 0.)), 0.)
+        dqb = dqg * gam[:, None]
+        dkb = dkd * e[:, None]
+    else:
+        da = tl.where(incl, dav * scale, 0.)
+        dat = tl.where(upper, davt * scale, 0.)
+        dqb = dqg
+        dkb = dkd
+    dqb += tl.dot(da.to(dt), kb, input_precision=PREC)
+    dkb += tl.dot(dat.to(dt), qb, input_precision=PREC)
+    tl.store(_rows(dq, tok, T, H, K, i_t * C, i_k * BK, C, BK), dqb.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(dk, tok, T, H, K, i_t * C, i_k * BK, C, BK), dkb, boundary_check=(0, 1))
+    tl.store(_rows(dw, tok, T, H, K, i_t * C, i_k * BK, C, BK), -dwv, boundary_check=(0, 1))
+    if USE_G:
+        x = da * tl.dot(qb, tl.trans(kb), input_precision=PREC)
+        kd_dot = e * tl.sum(dkd * kb.to(tl.float32), axis=1)
+        dbv = gam * tl.sum(dqg * qb.to(tl.float32), axis=1) - kd_dot + tl.sum(x, axis=1) - tl.sum(x, axis=0)
+        dbv += tl.where(t == last, tl.sum(kd_dot, axis=0) + tl.exp(bl) * tl.sum(hdh, axis=0), 0.)
+        tl.store(db + i_k * B * T * H + row, dbv, mask=valid)
+
+
+def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.constexpr, K: tl.constexpr,
+            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+            PREC: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = k.dtype.element_ty
+    r = tl.arange(0, C)
+    t = i_t * C + r
+    valid = t < T
+    row = (i_b * T + t) * H + i_h
+    bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
+    # Tᵀ loaded by address (a transposed block pointer), not by tl.trans of a tile: see _qkw_bwd
+    p_tmt = tl.make_block_ptr(tm + tok * C, (C, T), (1, H * C), (0, i_t * C), (C, C), (0, 1))
+    tmt = tl.load(p_tmt, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    if USE_G:
+        bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
+        gam = tl.exp(bb)
+        dbv = tl.load(db + row, mask=valid, other=0.)
+    else:
+        gam = tl.full([C], 1., tl.float32)
+    bg = bt * gam
+    dtm = tl.zeros([C, C], dtype=tl.float32)
+    dtmt = tl.zeros([C, C], dtype=tl.float32)
+    dbt = tl.zeros([C], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        kf = kb.to(tl.float32)
+        dwb = tl.load(_rows(dw, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        dtm += tl.dot(dwb, tl.trans(kf * bg[:, None]), input_precision=PREC)
+        dtmt += tl.dot(kf * bg[:, None], tl.trans(dwb), input_precision=PREC)
+        dkw = tl.dot(tmt, dwb, input_precision=PREC)  # Tᵀ dW
+        rs = tl.sum(dkw * kf, axis=1)
+        dbt += rs * gam
+        if USE_G:
+            dbv += rs * bg
+        p_dkp = _rows(dkp, tok, T, H, K, i_t * C, i_k * BK, C, BK)
+        acc = tl.load(p_dkp, boundary_check=(0, 1), padding_option="zero") + dkw * bg[:, None]
+        tl.store(p_dkp, acc, boundary_check=(0, 1))
+    for i_v in range(tl.cdiv(V, BV)):
+        vf = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                     padding_option="zero").to(tl.float32)
+        duf = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero").to(tl.float32)
+        dtm += tl.dot(duf, tl.trans(vf * bt[:, None]), input_precision=PREC)
+        dtmt += tl.dot(vf * bt[:, None], tl.trans(duf), input_precision=PREC)
+        dvu = tl.dot(tmt, duf, input_precision=PREC)  # Tᵀ dU
+        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), (dvu * bt[:, None]).to(dv.dtype.element_ty),
+                 boundary_check=(0, 1))
+        dbt += tl.sum(dvu * vf, axis=1)
+    # T = (I + A)⁻¹  ⇒  dA = −Tᵀ dT Tᵀ (and dAᵀ = −T dTᵀ T), kept strictly below (above) the diagonal
+    da = -tl.dot(tl.dot(tmt, dtm, input_precision=PREC), tmt, input_precision=PREC)
+    # T itself is loaded only now, so it does not hold registers through the loops above
+    tmf = tl.load(_rows(tm, tok, T, H, C, i_t * C, 0, C, C), boundary_check=(0, 1),
+                  padding_option="zero").to(tl.float32)
+    dat = -tl.dot(tl.dot(tmf, dtmt, input_precision=PREC), tmf, input_precision=PREC)
+    strict = r[:, None] > r[None, :]
+    supper = r[:, None] < r[None, :]
+    if USE_G:
+        da = da * tl.exp(tl.where(strict, bb[:, None] - bb[None, :], 0.))
+        dat = dat * tl.exp(tl.where(supper, bb[None, :] - bb[:, None], 0.))
+    da = tl.where(strict, da, 0.)
+    dat = tl.where(supper, dat, 0.)
+    yy = da * bt[:, None] + dat * bt[None, :]  # Y + Yᵀ, Y = diag(β) (dA ⊙ Γ)
+    kk = tl.zeros([C, C], dtype=tl.float32)  # K Kᵀ, formed here so it holds no registers above
+    for i_k in range(tl.cdiv(K, BK)):
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
+        kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+        acc = tl.load(_rows(dkp, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1),
+                      padding_option="zero")
+        acc += tl.dot(yy, kb.to(tl.float32), input_precision=PREC)
+        tl.store(_rows(dk, tok, T, H, K, i_t * C, i_k * BK, C, BK), acc.to(dk.dtype.element_ty),
+                 boundary_check=(0, 1))
+    gm = da * kk
+    dbt += tl.sum(gm, axis=1)
+    tl.store(dbeta + row, dbt.to(dbeta.dtype.element_ty), mask=valid)
+    if USE_G:
+        x = gm * bt[:, None]
+        dbv += tl.sum(x, axis=1) - tl.sum(x, axis=0)
+        # b = cumsum(g) inside the chunk, so dg is the reverse cumulative sum of db
+        dgv = tl.sum(dbv, axis=0) - tl.cumsum(dbv, axis=0) + dbv
+        tl.store(dg + row, dgv.to(dg.dtype.element_ty), mask=valid)
+
+
+_SOURCES = {f.__name__.lstrip("_"): f for f in (_prepare, _state_fwd, _output, _dv_local, _state_bwd,
+                                                 _qkw_bwd, _wy_bwd)}
+
+# Triton decides at import time whether ``@triton.jit`` compiles or interprets (its own library
+# functions, tl.sum and tl.cumsum included, are decorated then), so the mode is fixed per process.
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+def _numpy_index_shim() -> None:
+    """triton 3.6's interpreter turns a kernel's integer argument into a 1-element array and gives
+    it ``__index__ = int(array)``, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted"), so ``range(n)`` over a run-time bound fails. Re-patch ``__index__`` to read the one
+    element; it is undone with the interpreter's own patches after each launch."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_nlgraph_shim", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch._nlgraph_shim = True
+    interpreter._patch_lang_tensor = patch
+
+
+if INTERPRETED:
+    _numpy_index_shim()
+
+
+# Warps the autotuner may pick from. With 4 warps the backward's recurrence and its two per-chunk
+# kernels spill hundreds of registers on sm_90 (benchmarks/kernels.py --resources), so they try 8
+# only; fewer configs also keep the first call's tuning short. triton 3.4-3.7 has miscompiled some
+# backward kernels on Hopper at particular warp counts (fla pins num_warps=2 for one), so when
+# benchmarks/kernels.py reports a FAIL, rerun it with NLGRAPH_TRITON_WARPS=2 (or 4, 8, "4,8"):
+# that list then applies to every kernel.
+STATE_KERNELS = ("state_fwd", "state_bwd")
+_WARPS_ENV = os.environ.get("NLGRAPH_TRITON_WARPS")
+_WARPS = tuple(int(w) for w in (_WARPS_ENV or "4,8").split(","))
+_HEAVY = ("state_bwd", "qkw_bwd", "wy_bwd")
+
+
+def _warps(name: str) -> tuple[int, ...]:
+    return (8,) if name in _HEAVY and _WARPS_ENV is None else _WARPS
+
+
+def _tuned(name: str, fn):
+    """On the GPU each kernel picks its warps and pipelining depth from a few configs, keyed on the
+    head dims and chunk (seconds of tuning on the first call per shape family)."""
+    jitted = triton.jit(fn)
+    if INTERPRETED:
+        return jitted
+    if name in STATE_KERNELS:
+        # the chunk recurrences: one program per (batch·head, V block), so the V block sets both the
+        # parallelism (B·H·V/BV programs) and the registers each holds; pipelined across chunks
+        configs = [triton.Config({"BV": bv}, num_warps=w, num_stages=2) for bv in (32, 64) for w in _warps(name)]
+    else:
+        configs = [triton.Config({}, num_warps=w, num_stages=2) for w in _warps(name)]
+    # _wy_bwd adds into its dk buffer: every trial must start from the same values
+    restore = ["dkp"] if name == "wy_bwd" else None
+    return triton.autotune(configs=configs, key=["K", "V", "C"], restore_value=restore)(jitted)
+
+
+_KERNELS = SimpleNamespace(**{n: _tuned(n, f) for n, f in _SOURCES.items()})
+
+
+def kernels() -> SimpleNamespace:
+    """The kernels: compiled and autotuned, or interpreted when ``TRITON_INTERPRET=1`` was set before
+    triton was first imported (then CPU tensors work, slowly)."""
+    return _KERNELS

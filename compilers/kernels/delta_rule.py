@@ -1,0 +1,284 @@
+"""The chunked (gated) delta rule as a differentiable custom op over Triton kernels.
+
+``chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, scale, chunk)`` computes,
+token by token (``α_t = exp(g_t)``, or 1 without ``g``; the state ``h [Dk, Dv]``)::
+
+    h_t = α_t h_{t−1} + β_t k_t (v_t − α_t h_{t−1}ᵀ k_t)ᵀ,    o_t = scale · h_tᵀ q_t
+
+in the chunkwise WY / UT form (see ``_delta_rule_triton``), forward and backward in Triton, with
+fp32 accumulation and an fp32 state. It is registered as the custom ops
+``nlgraph::chunk_delta_rule_fwd`` / ``nlgraph::chunk_delta_rule_bwd`` (with a fake implementation and
+autograd), so ``torch.compile(fullgraph=True)`` traces through it without a graph break.
+
+nlgraph's ``delta_rule`` level (``compilers/delta_rule.py``) is the same rule with ``memory = hᵀ``
+(``[B, H, Dv, Dk]``), ``decay = α = exp(g)`` and ``scale = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from nlgraph.errors import NLGraphError
+
+__all__ = ["chunk_delta_rule"]
+
+_OP = "chunk_delta_rule"
+
+
+def _triton():
+    try:
+        from . import _delta_rule_triton
+    except ImportError as e:  # pragma: no cover - exercised only without triton
+        raise NLGraphError(f"the Triton delta-rule kernels need the 'triton' package ({e}); install "
+                           "triton (it ships with torch's CUDA builds) or use the 'chunked' form",
+                           path=_OP) from e
+    return _delta_rule_triton
+
+
+def _kernels(q: torch.Tensor):
+    mod = _triton()
+    if not q.is_cuda and not mod.INTERPRETED:
+        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
+                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
+                           path=f"{_OP}.q")
+    return mod.kernels()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    kp, vp = _pow2(dk), _pow2(dv)
+    return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=-(-t // chunk), KP=kp, BK=min(kp, 64),
+                BV=min(vp, 64), interpret=_triton().INTERPRETED,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                # bf16 inputs: the inverse is rounded to bf16 before use, so tf32 products suffice
+                SPREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _state_launch(p: dict):
+    """Grid and block arguments of the two chunk recurrences: on the GPU the autotuner picks the V
+    block (the grid follows it); the interpreter gets a fixed one."""
+    bh = p["B"] * p["H"]
+    if p["interpret"]:
+        return (_cdiv(p["V"], p["BV"]), bh), {"BV": p["BV"]}
+    return (lambda meta: (_cdiv(p["V"], meta["BV"]), bh)), {}
+
+
+def _wu(kn, p, k, v, beta, g, bcum, tm, solve: bool):
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    use_g = g is not None
+    dummy = k.new_empty(0)
+    kn.prepare[(p["NT"], p["B"] * p["H"])](
+        k, v, beta, g if use_g else dummy, bcum if use_g else dummy, tm, w, u, p["T"], H=p["H"], K=p["K"],
+        V=p["V"], C=p["C"], BK=p["BK"], BV=p["BV"], USE_G=use_g, SOLVE=solve, PREC=p["PREC"],
+        SPREC=p["SPREC"], NB=p["C"] // 16)
+    return w, u
+
+
+def _states(kn, p, k, w, u, bcum, h0, store_ht: bool):
+    b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
+    hs = k.new_empty(b, nt, h, p["K"], p["V"])
+    vn = torch.empty_like(u)
+    ht = k.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if store_ht else k.new_empty(0)
+    grid, blocks = _state_launch(p)
+    kn.state_fwd[grid](
+        k, w, u, bcum if bcum is not None else k.new_empty(0), h0 if h0 is not None else k.new_empty(0), hs, vn,
+        ht, t, nt, H=h, K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], USE_G=bcum is not None,
+        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], **blocks)
+    return hs, vn, ht
+
+
+def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state):
+    kn = _kernels(q)
+    p = _plan(q, v, chunk)
+    b, t, h = p["B"], p["T"], p["H"]
+    tm = q.new_empty(b, t, h, chunk)
+    bcum = q.new_empty(b, t, h, dtype=torch.float32) if g is not None else None
+    w, u = _wu(kn, p, k, v, beta, g, bcum, tm, solve=True)
+    hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state)
+    o = torch.empty_like(v)
+    kn.output[(_cdiv(p["V"], p["BV"]), p["NT"], b * h)](
+        q, k, vn, hs, bcum if bcum is not None else q.new_empty(0), o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"],
+        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, PREC=p["PREC"])
+    return o, ht, tm, bcum if bcum is not None else q.new_empty(0)
+
+
+def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
+    kn = _kernels(q)
+    p = _plan(q, v, chunk)
+    b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
+    use_g = g is not None
+    bc = bcum if use_g else None
+    dummy = q.new_empty(0)
+    w, u = _wu(kn, p, k, v, beta, g, bc, tm, solve=False)
+    hs, vn, _ = _states(kn, p, k, w, u, bc, h0, False)
+    del u  # intermediates are dropped as soon as they are used up, to keep the peak down
+    do = do.contiguous()
+    dvl = torch.empty_like(v)
+    kn.dv_local[(_cdiv(p["V"], p["BV"]), nt, b * h)](
+        q, k, do, bcum if use_g else dummy, dvl, scale, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BK"],
+        BV=p["BV"], USE_G=use_g, PREC=p["PREC"])
+    dhs = torch.empty_like(hs)
+    dvn = torch.empty_like(v)
+    dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else dummy
+    use_dht = dht is not None
+    grid, blocks = _state_launch(p)
+    kn.state_bwd[grid](
+        q, k, w, bcum if use_g else dummy, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale,
+        t, nt, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], USE_G=use_g, USE_DHT=use_dht,
+        STORE_DH0=h0 is not None, PREC=p["PREC"], **blocks)
+    del dvl
+    # K in blocks of 64: with one block of 128 the three [C, 128] fp32 accumulators spill heavily
+    # (benchmarks/kernels.py --resources). fla's analogous kernel was miscompiled on Hopper at BK = 64
+    # (fla issue 640), through tl.trans of a product feeding a dot, a pattern this kernel avoids.
+    bk = p["BK"]
+    nk = _cdiv(p["K"], bk)
+    dq = torch.empty_like(q)
+    dkp = q.new_empty(q.shape, dtype=torch.float32)
+    dw = q.new_empty(q.shape, dtype=torch.float32)
+    db = q.new_empty(nk, b, t, h, dtype=torch.float32) if use_g else dummy
+    kn.qkw_bwd[(nk, nt, b * h)](
+        q, k, vn, dvn, do, hs, dhs, bcum if use_g else dummy, dq, dkp, dw, db, scale, t, nt, b, H=h, K=p["K"],
+        V=p["V"], C=chunk, BK=bk, BV=p["BV"], USE_G=use_g, PREC=p["PREC"])
+    del hs, dhs, vn
+    if use_g:
+        db = db.sum(0)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g) if use_g else q.new_empty(0)
+    kn.wy_bwd[(nt, b * h)](
+        k, v, beta, bcum if use_g else dummy, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, t, H=h, K=p["K"], V=p["V"],
+        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"])
+    return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
+
+
+@torch.library.custom_op("nlgraph::chunk_delta_rule_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
+            h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
+    cumulative log decay [B, T, H] fp32 or empty)``; the last two are saved for the backward."""
+    return _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, beta, g, h0, scale, chunk, output_final_state):
+    b, t, h, dk = q.shape
+    ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
+    bcum = q.new_empty(b, t, h, dtype=torch.float32) if g is not None else q.new_empty(0)
+    return torch.empty_like(v), ht, q.new_empty(b, t, h, chunk), bcum
+
+
+@torch.library.custom_op("nlgraph::chunk_delta_rule_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
+            h0: Optional[torch.Tensor], tm: torch.Tensor, bcum: torch.Tensor, do: torch.Tensor,
+            dht: Optional[torch.Tensor], scale: float, chunk: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dq, dk, dv, dbeta, dg or empty, dh0 or empty)``."""
+    return _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
+    e = q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta),
+            torch.empty_like(g) if g is not None else e, torch.empty_like(h0) if h0 is not None else e)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, g, h0, scale, chunk, _ = inputs
+    _, _, tm, bcum = output
+    ctx.save_for_backward(q, k, v, beta, g, h0, tm, bcum)
+    ctx.scale, ctx.chunk = scale, chunk
+
+
+def _autograd_backward(ctx, do, dht, _dtm, _dbcum):
+    q, k, v, beta, g, h0, tm, bcum = ctx.saved_tensors
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    dq, dk, dv, dbeta, dg, dh0 = _bwd_op(q, k, v, beta, g, h0, tm, bcum, do, dht, ctx.scale, ctx.chunk)
+    return (dq, dk, dv, dbeta, dg if g is not None else None, dh0 if h0 is not None else None,
+            None, None, None)
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _check(q, k, v, beta, g, initial_state, chunk) -> None:
+    def bad(arg: str, what: str) -> NLGraphError:
+        return NLGraphError(what, path=f"{_OP}.{arg}")
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise bad(name, "expected a [B, T, H, D] tensor; pass queries, keys and values token-major")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise bad(name, f"dtype {x.dtype} is not supported; pass float32, bfloat16 or float16")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise bad("k", f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree on "
+                       "[B, T, H] (q and k also on Dk) and share one dtype")
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        raise bad("q", f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} exceed 256; split the heads")
+    for name, x in (("beta", beta), ("g", g)):
+        if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(q.shape[:3])):
+            raise bad(name, f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor")
+    if initial_state is not None and tuple(initial_state.shape) != (q.shape[0], q.shape[2], q.shape[3], v.shape[3]):
+        raise bad("initial_state", f"expected [B, H, Dk, Dv] = {(q.shape[0], q.shape[2], q.shape[3], v.shape[3])}, "
+                                   f"got {tuple(initial_state.shape)}")
+    if chunk not in (16, 32, 64):
+        raise bad("chunk", f"chunk {chunk} must be 16, 32 or 64")
+    devices = {x.device for x in (q, k, v, beta, g, initial_state) if x is not None}
+    if len(devices) != 1:
+        raise bad("q", f"inputs are on several devices {sorted(map(str, devices))}; move them to one")
+
+
+def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                     g: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+                     output_final_state: bool = False, scale: float | None = None, chunk: int = 64
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (gated) delta rule, chunked, in Triton (CUDA tensors compiled; CPU tensors interpreted).
+
+    Args:
+        q, k: ``[B, T, H, Dk]`` queries and keys (float32 / bfloat16 / float16; keys are used as
+            given: normalise them first if the model wants unit keys).
+        v: ``[B, T, H, Dv]`` values, same dtype.
+        beta: ``[B, T, H]`` write strengths β.
+        g: ``[B, T, H]`` log decays (``α = exp(g)``, applied before the write), or ``None`` for the
+            plain delta rule.
+        initial_state: ``[B, H, Dk, Dv]`` starting state ``h`` (fp32 recommended), or ``None`` (zeros).
+        output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
+        scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
+        chunk: tokens per chunk (16, 32 or 64); results do not depend on it beyond rounding.
+
+    Returns:
+        ``(o [B, T, H, Dv] in v's dtype, final state or None)``.
+    """
+    _check(q, k, v, beta, g, initial_state, chunk)
+    _kernels(q)  # a missing triton or a CPU tensor without the interpreter fails here, in one line
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not math.isfinite(scale):
+        raise NLGraphError(f"scale {scale} is not finite", path=f"{_OP}.scale")
+    if q.shape[1] == 0:
+        b, _, h, dk = q.shape
+        final = None
+        if output_final_state:
+            final = initial_state.float() if initial_state is not None else q.new_zeros(
+                b, h, dk, v.shape[-1], dtype=torch.float32)
+        return v.new_zeros(v.shape), final
+    o, ht, _, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
+                          g.contiguous() if g is not None else None,
+                          initial_state.contiguous() if initial_state is not None else None, scale, chunk,
+                          output_final_state)
+    return o, (ht if output_final_state else None)

@@ -1,0 +1,202 @@
+"""The Triton chunked (gated) delta rule equals nlgraph's token-by-token reference.
+
+``nlgraph.compilers.kernels.chunk_delta_rule`` (forward and backward in Triton) is checked against
+the ``reference`` form of the ``delta_rule`` level (``compilers/delta_rule.py``) run in float64:
+outputs, final state and the gradients of every input (q, k, v, β, the log decay g and the initial
+state), with a partial last chunk, with and without decay, initial state and final state. Streaming
+(the final state fed back as the next call's initial state) equals one call, and the op traces under
+``torch.compile(fullgraph=True)``.
+
+Without CUDA the kernels run in Triton's interpreter: ``TRITON_INTERPRET`` must be set before triton
+is first imported, so this module sets it around that import only (and restores it), leaving the rest
+of the process as it was. With CUDA the same checks run the compiled kernels.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_INTERPRET = not torch.cuda.is_available()
+
+
+def _set_interpret(value):
+    old = os.environ.get("TRITON_INTERPRET")
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+    return old
+
+
+if _INTERPRET and "triton" not in sys.modules:
+    _old = _set_interpret("1")
+    try:
+        pytest.importorskip("triton")
+        from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: F401  (decorated now)
+    finally:
+        _set_interpret(_old)
+else:
+    pytest.importorskip("triton")
+
+from nlgraph.compilers.delta_rule import delta_rule_reference  # noqa: E402
+from nlgraph.compilers.kernels import _delta_rule_triton, chunk_delta_rule  # noqa: E402
+from nlgraph.errors import NLGraphError  # noqa: E402
+from nlgraph.spec.schema import DeltaRuleSpec  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if _INTERPRET and not _delta_rule_triton.INTERPRETED:  # pragma: no cover - import-order guard
+    pytest.fail("triton was imported before this module could set TRITON_INTERPRET=1, so its kernels "
+                "cannot run on CPU here; run this file in its own process", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_while_testing():
+    """Triton also reads the setting when a launch first imports parts of itself (gluon), so keep it
+    on while this module's tests run, and put it back afterwards."""
+    if not _INTERPRET:
+        yield
+        return
+    old = _set_interpret("1")
+    yield
+    _set_interpret(old)
+
+
+def _inputs(b, t, h, dk, dv, *, gated, with_h0, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = {
+        "q": rnd(b, t, h, dk),
+        "k": F.normalize(rnd(b, t, h, dk), dim=-1),  # DeltaNet's unit keys
+        "v": rnd(b, t, h, dv),
+        "beta": torch.rand(b, t, h, generator=gen, dtype=torch.float64),
+    }
+    if gated:
+        x["g"] = F.logsigmoid(rnd(b, t, h) + 2.0)  # α = sigmoid(z) ∈ (0, 1), mostly near 1
+    if with_h0:
+        x["h0"] = rnd(b, h, dk, dv)
+    return x
+
+
+def _reference(x, scale):
+    """nlgraph's delta_rule level, token by token, in float64: ``memory = hᵀ``, ``decay = exp(g)``."""
+    b, _, h, dk = x["q"].shape
+    dv = x["v"].shape[-1]
+    memory = x["h0"].transpose(-1, -2) if "h0" in x else x["q"].new_zeros(b, h, dv, dk)
+    y, state = delta_rule_reference(
+        DeltaRuleSpec(kind="delta_rule"), keys=x["k"], values=x["v"], queries=x["q"], beta=x["beta"],
+        decay=x["g"].exp() if "g" in x else None,
+        state={"memory": memory, "position": torch.zeros((), dtype=torch.int64)})
+    return y * scale, state["memory"].transpose(-1, -2)
+
+
+def _kernel(x, scale, chunk, final):
+    return chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x.get("g"), initial_state=x.get("h0"),
+                            output_final_state=final, scale=scale, chunk=chunk)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "b, t, h, dk, dv, chunk, gated, with_h0, final",
+    [
+        (2, 37, 2, 16, 32, 16, True, True, True),    # gated, 3 chunks, last one partial
+        (1, 45, 2, 32, 16, 32, False, False, False),  # plain delta rule, no state in or out
+        (1, 21, 2, 24, 20, 16, True, False, True),    # gated from zeros, head dims not powers of 2
+        (1, 19, 2, 16, 16, 16, False, True, False),   # plain, initial state, output only
+        (1, 70, 1, 16, 16, 64, True, True, True),     # chunk 64: four 16-row blocks in the inverse
+        (1, 20, 1, 80, 16, 16, True, True, True),     # Dk in two blocks of 64 (partial sums of dg)
+    ],
+)
+def test_matches_reference_values_and_gradients(b, t, h, dk, dv, chunk, gated, with_h0, final):
+    scale = 0.75
+    x64 = _inputs(b, t, h, dk, dv, gated=gated, with_h0=with_h0, seed=t)
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    got = {n: a.float().to(DEVICE).requires_grad_() for n, a in x64.items()}
+    y_ref, s_ref = _reference(ref, scale)
+    o, ht = _kernel(got, scale, chunk, final)
+    assert o.shape == (b, t, h, dv) and o.dtype == torch.float32
+    assert _rel(o.cpu(), y_ref.detach()) < 1e-5
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    loss_ref = (y_ref * do).sum()
+    loss = (o * do.float().to(DEVICE)).sum()
+    if final:
+        assert ht.shape == (b, h, dk, dv) and ht.dtype == torch.float32
+        assert _rel(ht.cpu(), s_ref.detach()) < 1e-5
+        dht = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+        loss_ref = loss_ref + (s_ref * dht).sum()
+        loss = loss + (ht * dht.float().to(DEVICE)).sum()
+    else:
+        assert ht is None
+    loss_ref.backward()
+    loss.backward()
+    for name in x64:
+        assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
+
+
+def test_streaming_continues_from_the_final_state():
+    """Two calls, the first's final state as the second's initial state, equal one call."""
+    x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 40, 2, 16, 16, gated=True, with_h0=True, seed=3).items()}
+    o, ht = _kernel(x, 1.0, 16, True)
+    first = {n: a[:, :23] if a.dim() > 2 and n != "h0" else a for n, a in x.items()}
+    o1, h1 = _kernel(first, 1.0, 16, True)
+    second = {n: a[:, 23:] if a.dim() > 2 and n != "h0" else a for n, a in x.items()}
+    second["h0"] = h1
+    o2, h2 = _kernel(second, 1.0, 16, True)
+    assert _rel(torch.cat([o1, o2], 1).cpu(), o.double().cpu()) < 1e-6
+    assert _rel(h2.cpu(), ht.double().cpu()) < 1e-6
+
+
+def test_compiles_fullgraph_and_matches_eager():
+    x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 20, 2, 16, 16, gated=True, with_h0=True, seed=5).items()}
+
+    def f(q, k, v, beta, g, h0):
+        o, ht = chunk_delta_rule(q, k, v, beta, g=g, initial_state=h0, output_final_state=True, scale=1.0,
+                                 chunk=16)
+        return o.square().sum() + ht.sum()
+
+    args = [x[n] for n in ("q", "k", "v", "beta", "g", "h0")]
+    eager = [a.clone().requires_grad_() for a in args]
+    f(*eager).backward()
+    traced = [a.clone().requires_grad_() for a in args]
+    # aot_eager traces the graph (fullgraph: no break around the custom op) without a C++ toolchain
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    torch.compile(f, fullgraph=True, backend=backend)(*traced).backward()
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_sequence_returns_the_initial_state():
+    x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 0, 2, 16, 16, gated=True, with_h0=True, seed=7).items()}
+    o, ht = _kernel(x, 1.0, 16, True)
+    assert o.shape == (1, 0, 2, 16)
+    torch.testing.assert_close(ht, x["h0"])
+
+
+@pytest.mark.parametrize("arg, change, words", [
+    ("q", lambda x: x.update(q=x["q"][..., :8]), "chunk_delta_rule.k"),
+    ("beta", lambda x: x.update(beta=x["beta"][:, :, :1]), "chunk_delta_rule.beta"),
+    ("h0", lambda x: x.update(h0=x["h0"].transpose(-1, -2)[..., :8]), "chunk_delta_rule.initial_state"),
+])
+def test_bad_arguments_name_the_argument(arg, change, words):
+    x = {n: a.float() for n, a in _inputs(1, 8, 2, 16, 16, gated=True, with_h0=True, seed=9).items()}
+    change(x)
+    with pytest.raises(NLGraphError) as err:
+        _kernel(x, 1.0, 16, False)
+    assert err.value.path == words and "\n" not in err.value.render()
+
+
+def test_bad_chunk_is_a_one_line_error():
+    x = {n: a.float() for n, a in _inputs(1, 8, 2, 16, 16, gated=False, with_h0=False, seed=9).items()}
+    with pytest.raises(NLGraphError, match="16, 32 or 64"):
+        _kernel(x, 1.0, 48, False)
