@@ -33,7 +33,12 @@ so every ``e_r`` depends linearly on the earlier ones: ``(I + diag(b) K) E = dia
 ``K`` strictly lower triangular — the WY / UT representation, solved by one triangular solve per
 chunk. Reads ``W_r q_r`` (after the write) or ``W_{r−1} q_r`` (before) are the same expansion.
 The products ``G`` and ``Y`` are formed by masked cumulative products (no division, so α = 0 and
-μ = 0 are exact).
+μ = 0 are exact), in float32 at least whatever the working precision (see :func:`transfer`).
+
+Retention toward the initial state (``retention: {toward: initial}``, ``W ← W_0 + α (W − W_0)``)
+is the same recurrence in the deviation ``U = W − W_0``: ``U_r = U_{r−1} D_r − e_r x_rᵀ`` with
+``e_r = b_r U_{r−1} ḱ_r + (f_r + b_r W_0 x_r)`` (the erase reads the whole state ``W = U + W_0``);
+reads and the end state add ``W_0`` back.
 
 Two drivers use the engine:
 
@@ -84,12 +89,27 @@ def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
     """Products of factors over a chunk: ``G[..., r, j] = Π_{l=j+1..r} f_l`` for ``0 ≤ j ≤ r ≤ n``
     (index 0 is the chunk start, token l sits at index l), zero above the diagonal.
 
+    The products are taken in float32 (float64 stays float64) and returned in ``f``'s dtype. In
+    bfloat16 a product underflows to exact zeros sooner, and ``cumprod``'s backward over an input
+    with zeros takes a separate zero-handling path (on CUDA through ``masked_scatter_``, which needs
+    one dtype); under CUDA autocast a bfloat16 retention made that backward fail with a dtype
+    mismatch. Casting explicitly, with autocast off, keeps input, output and gradient of the
+    ``cumprod`` in one dtype.
+
     Args:
         f: ``[..., n]``, or ``[..., n, D]`` with ``channel``.
 
     Returns:
-        ``[..., n+1, n+1]`` or ``[..., n+1, n+1, D]``.
+        ``[..., n+1, n+1]`` or ``[..., n+1, n+1, D]``, in ``f``'s dtype.
     """
+    dtype = f.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast(f.device.type, enabled=False):
+            return _transfer(f.float(), channel).to(dtype)
+    return _transfer(f, channel)
+
+
+def _transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
     n = f.shape[-2] if channel else f.shape[-1]
     idx = torch.arange(n + 1, device=f.device)
     strictly = idx[:, None] > idx[None, :]
@@ -122,6 +142,7 @@ class ChunkSolution:
     y: torch.Tensor | None
     channel: bool
     e: torch.Tensor | None = None
+    origin: torch.Tensor | None = None  # W_0 [..., o, i] of retention toward the initial state
 
     def _at(self, t: torch.Tensor, rows, cols) -> torch.Tensor:
         """``t[..., rows, cols]`` on the two token axes, keeping a trailing channel axis."""
@@ -148,12 +169,15 @@ class ChunkSolution:
         """``W_r u_r`` (or ``W_{r−1} u_r`` when ``before``) for ``u [..., n, i]``: ``[..., n, o]``."""
         n = u.shape[-2]
         rows = slice(0, n) if before else slice(1, n + 1)
-        return self._base(u, rows) - self._kernel(u, rows) @ self.e
+        out = self._base(u, rows) - self._kernel(u, rows) @ self.e
+        return out if self.origin is None else out + u @ self.origin.transpose(-1, -2)
 
     def end(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W_n, S_n)`` after the chunk."""
         g_end, om_end = self._at(self.g, -1, 0), self._at(self.omega, -1, slice(1, None))
         w = self._col(self.w0, g_end) - self.e.transpose(-1, -2) @ self._scale(self.x, om_end)
+        if self.origin is not None:
+            w = w + self.origin
         if self.s0 is None:
             return w, None
         z_end = self.z[..., -1, :] if self.channel else self.z[..., -1]
@@ -176,6 +200,7 @@ def solve_chunk(
     g: torch.Tensor,
     y: torch.Tensor | None,
     channel: bool,
+    origin: torch.Tensor | None = None,
 ) -> ChunkSolution:
     """Solve one chunk of the recurrence in the module docstring.
 
@@ -184,13 +209,19 @@ def solve_chunk(
         x: ``[..., n, i]`` layer inputs; erase: ``ḱ`` ``[..., n, i]``.
         b: ``[..., n]`` erase coefficients, ``None`` when the update does not read the state.
         f: ``[..., n, o]`` forcing. g: :func:`transfer` of the retention; y: of the momentum.
+        origin: ``W_0 [..., o, i]`` when retention decays toward the initial state, else ``None``.
     """
+    if origin is not None:
+        # solve for the deviation U = W − W_0; the erase of the W_0 part is a known forcing
+        w0 = w0 - origin
+        if b is not None:
+            f = f + b.unsqueeze(-1) * (x @ origin.transpose(-1, -2))
     if y is None:
         omega, z = g, None
     else:
         omega = torch.einsum("...rid,...ij->...rjd", g, y) if channel else g @ y
         z = omega[..., :, 0, :] - g[..., :, 0, :] if channel else omega[..., :, 0] - g[..., :, 0]
-    sol = ChunkSolution(w0, s0, x, g, omega, z, y, channel)
+    sol = ChunkSolution(w0, s0, x, g, omega, z, y, channel, origin=origin)
     if b is None:
         sol.e = f
         return sol
@@ -199,8 +230,20 @@ def solve_chunk(
     k = sol._kernel(erase, rows)
     a = torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * k
     rhs = b.unsqueeze(-1) * sol._base(erase, rows) + f
-    sol.e = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    sol.e = _solve_lower(a, rhs)
     return sol
+
+
+def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``a⁻¹ rhs`` for unit lower-triangular ``a [..., n, n]``, ``rhs [..., n, o]``, in the promoted
+    dtype of the two. Half precisions are solved in float32 (no triangular solve takes bfloat16;
+    under autocast the operands arrive in mixed dtypes) and cast back."""
+    work = torch.promote_types(a.dtype, rhs.dtype)
+    if work in (torch.float16, torch.bfloat16):
+        with torch.autocast(a.device.type, enabled=False):
+            e = torch.linalg.solve_triangular(a.float(), rhs.float(), upper=False, unitriangular=True)
+        return e.to(work)
+    return torch.linalg.solve_triangular(a.to(work), rhs.to(work), upper=False, unitriangular=True)
 
 
 # --------------------------------------------------------------------------- support
@@ -412,9 +455,11 @@ def _erase(x: torch.Tensor, alpha: torch.Tensor | None, run: LevelRun) -> torch.
     return x * (alpha if alpha.dim() == 4 else alpha.unsqueeze(-1))
 
 
-def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Tensor | None):
+def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Tensor | None,
+                  origin: torch.Tensor | None = None):
     """One chunk of the exact online form from ``(W, S)`` at its start: ``(reads [B, H, n, D_v],
-    W, S)`` at its end (``S`` is ``None`` without momentum)."""
+    W, S)`` at its end (``S`` is ``None`` without momentum). ``origin``: ``W_0`` of retention
+    toward the initial state."""
     k, v, q = (chunk.seq(role) for role in ("keys", "values", "queries"))
     lr, alpha = chunk.seq("lr"), _rate(run, "alpha", chunk, {})
     g, channel = _decays(alpha, k.shape[-2], w)
@@ -425,7 +470,8 @@ def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Te
         eta, coef = lr, (lr if run.objective.kind == "l2" else None)
     y = transfer(chunk.seq("mu"), False) if run.optimizer.uses_momentum else None
     sign = 1.0 if run.objective.kind == "outer" else -1.0  # δ = −v (dot, l2's constant part), +u (outer)
-    sol = solve_chunk(w, s_buf, k, _erase(k, alpha, run), coef, sign * eta.unsqueeze(-1) * v, g, y, channel)
+    sol = solve_chunk(w, s_buf, k, _erase(k, alpha, run), coef, sign * eta.unsqueeze(-1) * v, g, y, channel,
+                      origin)
     return (sol.read(q, run.read_before), *sol.end())
 
 
@@ -434,25 +480,34 @@ def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, di
     w = run.state["memory.w0"]
     momentum = run.optimizer.uses_momentum
     s_buf = run.state["optimizer.memory.momentum.w0"] if momentum else None
+    origin = run.state["origin.memory.w0"] if run.has_origin else None
     inputs = _Inputs(run)
     outs, start = [], 0
     full = T // chunk_size
     if _use_scan(loop, full):
 
         def step(c, chunk):
-            out, w, s = _online_chunk(run, chunk, c["w"], c.get("s"))
-            return ({"w": w, "s": s} if momentum else {"w": w}), out
+            out, w, s = _online_chunk(run, chunk, c["w"], c.get("s"), c.get("o"))
+            new = {"w": w, "s": s} if momentum else {"w": w}
+            if "o" in c:  # W_0 rides along unchanged: a constant of the step, not a closure
+                new["o"] = c["o"]
+            return new, out
 
-        carry, out = inputs.scan(step, {"w": w, "s": s_buf} if momentum else {"w": w}, 0, full, chunk_size)
+        carry = {"w": w, "s": s_buf} if momentum else {"w": w}
+        if origin is not None:
+            carry["o"] = origin
+        carry, out = inputs.scan(step, carry, 0, full, chunk_size)
         w, s_buf = carry["w"], carry.get("s")
         outs.append(out)
         start = full * chunk_size
     for s in range(start, T, chunk_size):
-        out, w, s_buf = _online_chunk(run, inputs.chunk(s, min(T, s + chunk_size)), w, s_buf)
+        out, w, s_buf = _online_chunk(run, inputs.chunk(s, min(T, s + chunk_size)), w, s_buf, origin)
         outs.append(out)
     state = dict(run.state)
     state["position"] = run.state["position"] + T
     state["memory.w0"] = w
+    if origin is not None:
+        state["origin.memory.w0"] = origin
     if momentum:
         state["optimizer.memory.momentum.w0"] = s_buf
     return _outputs(outs, run), state
@@ -467,11 +522,14 @@ def _outputs(outs: list[torch.Tensor], run: LevelRun) -> torch.Tensor:
 
 
 def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committed: dict[str, Params],
-                     working: dict[str, Params], buffers: dict[str, Params], commits: bool):
+                     working: dict[str, Params], buffers: dict[str, Params], commits: bool,
+                     origin: dict[str, Params] | None = None):
     """One segment of the mini-batch form: gradients at ``lin`` (the anchor, or the committed
     parameters), every slot's recurrence solved from ``working`` and the optimizer ``buffers``;
     reads through the per-token weights, or of ``committed`` while updates are pending
-    (``commits``: the segment ends a period, so its last token reads the new state).
+    (``commits``: the segment ends a period, so its last token reads the new state), or of ``lin``
+    with ``read: chunk_start``. ``origin``: every slot's ``W_0`` (retention toward the initial
+    state).
 
     Returns ``(reads [B, H, n, D_v], working, buffers)`` at the segment's end."""
     slots = list(run.memories)
@@ -493,9 +551,12 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
         for layer in mem.layers:
             x, w0 = inputs[layer.weight], working[slot][layer.weight]
             s0 = buffers[slot][f"momentum.{layer.weight}"] if momentum else None
+            o0 = origin[slot][layer.weight] if origin is not None else None
             if layer.bias is not None:
                 x = _augment(x)
                 w0 = torch.cat([w0, working[slot][layer.bias].unsqueeze(-1)], dim=-1)
+                if o0 is not None:
+                    o0 = torch.cat([o0, origin[slot][layer.bias].unsqueeze(-1)], dim=-1)
                 if momentum:
                     s0 = torch.cat([s0, buffers[slot][f"momentum.{layer.bias}"].unsqueeze(-1)], dim=-1)
             if dgd:
@@ -504,7 +565,7 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
             else:
                 eta, coef = lr, None
             sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, eta.unsqueeze(-1) * deltas[layer.weight],
-                              g, y, channel)
+                              g, y, channel, o0)
             sols[(slot, layer.weight)] = sol
             w_end, s_end = sol.end()
             if layer.bias is not None:
@@ -517,7 +578,10 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 if momentum:
                     buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end}
         new_working[slot] = params
-    if run.has_pending:
+    if run.read == "chunk_start":
+        # Eq. 90: the read is taken at the chunk boundary, with the gradients
+        out = main.forward(lin["memory"], q)
+    elif run.has_pending:
         # reads see the committed state, which moves only at the period's last token
         out = main.forward(committed["memory"], q)
         if not run.read_before and commits:
@@ -544,6 +608,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         working = dict(committed)
     anchor = {s: run.params("anchor", s) for s in slots} if run.has_anchor else None
     buffers = {s: run.buffers(s) for s in slots}
+    origin = {s: run.params("origin", s) for s in slots} if run.has_origin else None
     inputs = _Inputs(run)
     segments = schedule(run.position, T, run.chunk)
     # A scan runs full chunks that each start where committed = working = anchor, the same step
@@ -563,11 +628,16 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
 
             def step(c, chunk):
                 w = c["working"]
-                out, w, b = _minibatch_chunk(run, chunk, w, w, w, c["buffers"], True)
-                return {"working": w, "buffers": b}, out
+                out, w, b = _minibatch_chunk(run, chunk, w, w, w, c["buffers"], True, c.get("origin"))
+                new = {"working": w, "buffers": b}
+                if "origin" in c:  # W_0 rides along unchanged: a constant of the step, not a closure
+                    new["origin"] = c["origin"]
+                return new, out
 
-            carry, out = inputs.scan(step, {"working": working, "buffers": buffers},
-                                     segments[i][0], len(full), run.chunk)
+            carry = {"working": working, "buffers": buffers}
+            if origin is not None:
+                carry["origin"] = origin
+            carry, out = inputs.scan(step, carry, segments[i][0], len(full), run.chunk)
             outs.append(out)
             committed = working = carry["working"]
             buffers = carry["buffers"]
@@ -579,7 +649,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         end = run.position + e
         lin = anchor if anchor is not None else committed
         out, working, buffers = _minibatch_chunk(run, inputs.chunk(s, e), lin, committed, working, buffers,
-                                                 end % run.period == 0)
+                                                 end % run.period == 0, origin)
         outs.append(out)
         if not run.has_pending or end % run.period == 0:
             committed = working
@@ -631,5 +701,12 @@ def run_chunked(
     if run.period is None:
         return _static(run)
     if run.online:
+        # (gated) delta-rule levels on CUDA run the Triton kernel instead (exact, the same maths;
+        # kernels.dispatch says which levels qualify); None means this PyTorch driver runs them
+        from .kernels.dispatch import online_delta_rule
+
+        done = online_delta_rule(run, chunk_size or DEFAULT_CHUNK)
+        if done is not None:
+            return done
         return _online(run, chunk_size or DEFAULT_CHUNK, loop)
     return _minibatch(run, loop)

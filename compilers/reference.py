@@ -10,9 +10,11 @@ projections), with ``L`` the linearisation point — the anchor (state at the la
 when the gradient-point chunk ``N`` exceeds the period ``C``, else the committed state:
 
 1. streams and gates are read at ``L``: ``k = M_k,L(x)`` for adaptive keys, ``η = gate(M_η,L(x))``;
-2. ``read: before_write`` reads the committed level memory: ``y = M(q)``;
+2. ``read: before_write`` reads the committed level memory: ``y = M(q)``; ``read: chunk_start``
+   reads it at ``L``;
 3. targets: ``v̂ = M_L(v)`` with ``self_target``, else ``v``;
-4. ``decay`` retention scales the working state first: ``W ← α W``;
+4. ``decay`` retention scales the working state first: ``W ← α W`` (``toward: initial``:
+   ``W ← W_0 + α (W − W_0)`` with ``W_0`` the sequence's initial state, here and in 6);
 5. the gradient ``g = ∇ℓ(M(k), v̂)`` is taken at the (decayed) working state when the level is
    exact online (C = 1, gradient point ``token``), else at ``L``;
 6. the optimizer turns ``g`` into ``Δ``; ``weight_decay`` retention gives ``W ← α W + Δ``, otherwise
@@ -40,15 +42,18 @@ __all__ = ["run_reference", "retain"]
 Params = dict[str, torch.Tensor]
 
 
-def retain(params: Params, alpha: torch.Tensor) -> Params:
+def retain(params: Params, alpha: torch.Tensor, origin: Params | None = None) -> Params:
     """Scale parameters by the retention factor: ``α [B, H]`` everywhere, or ``α [B, H, D]`` on the
-    key channels of a matrix memory (``W·Diag(α)``)."""
+    key channels of a matrix memory (``W·Diag(α)``). With ``origin`` (``W_0``) the deviation from
+    it is scaled instead: ``W_0 + α (W − W_0)``."""
     out = {}
     for k, p in params.items():
+        d = p if origin is None else p - origin[k]
         if alpha.dim() == 3:
-            out[k] = p * alpha.unsqueeze(-2)
+            d = d * alpha.unsqueeze(-2)
         else:
-            out[k] = p * alpha.reshape(alpha.shape + (1,) * (p.dim() - 2))
+            d = d * alpha.reshape(alpha.shape + (1,) * (p.dim() - 2))
+        out[k] = d if origin is None else origin[k] + d
     return out
 
 
@@ -92,7 +97,7 @@ def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         k = _stream_at(run, run.keys, t, lin)
         v = _stream_at(run, run.values, t, lin)
         if run.read_before:
-            outputs.append(main.forward(committed["memory"], q))
+            outputs.append(main.forward((lin if run.read == "chunk_start" else committed)["memory"], q))
         lr = _rate_at(run, run.lr, t, lin)
         alpha = _rate_at(run, run.alpha, t, lin)
         mu = _rate_at(run, run.mu, t, lin)
@@ -101,8 +106,9 @@ def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
             mem = run.memories[s]
             target = mem.forward(lin[s], v) if run.self_target else v
             w = working[s]
+            origin = run.params("origin", s) if run.has_origin else None
             if run.retention == "decay":
-                w = retain(w, alpha)
+                w = retain(w, alpha, origin)
             point = w if run.online else lin[s]
 
             def loss(p: Params, mem=mem, target=target) -> tuple[torch.Tensor, Params]:
@@ -117,7 +123,7 @@ def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
             grads, inputs = gradients(loss, point)
             delta, buffers[s] = opt.step(mem, w, grads, lr=lr, momentum=mu, buffers=buffers[s], inputs=inputs)
             if run.retention == "weight_decay":
-                w = retain(w, alpha)
+                w = retain(w, alpha, origin)
             new_working[s] = {p: w[p] + delta[p] for p in w}
         working = new_working
         if run.period == 1 or (pos + 1) % run.period == 0:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GraphError
-from .layers import Gate, ShortConv, Stream
+from .layers import Gate, RMSNorm, ShortConv, Stream
 from .levels.memories import build_memory
 from .spec.schema import (
     DeltaRuleSpec,
@@ -115,7 +115,7 @@ class _Entry(nn.Module):
 
     def _build_output(self, spec: Any, width: int) -> None:
         dv = self.d_value
-        self.out_norm = nn.RMSNorm(dv, eps=1e-6) if spec.output.norm == "rms" else (
+        self.out_norm = RMSNorm(dv, eps=1e-6) if spec.output.norm == "rms" else (
             nn.LayerNorm(dv, eps=1e-6) if spec.output.norm == "layer" else None)
         self.out_gate = nn.Linear(width, self.heads * dv, bias=False) if spec.output.gate != "none" else None
         self.out = nn.Linear(self.heads * dv, width, bias=False)

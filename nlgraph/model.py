@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import Attention, Mlp, make_norm
+from .layers import Attention, Mlp, RMSNorm, make_norm
 from .spec.schema import (
     AttentionSpec,
     ChainSpec,
@@ -126,7 +126,7 @@ class Parallel(nn.Module):
         self.combine = spec.combine
         self.branches = nn.ModuleDict({n: make_entry(levels[n], model, width, levels) for n in self.names})
         if spec.combine == "gate":
-            self.norms = nn.ModuleList([nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)])
+            self.norms = nn.ModuleList([RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)])
         self.reads = {n: n for n in self.names if reads_levels(self.branches[n])}
 
     def forward(self, x: torch.Tensor, state: State | None,
@@ -170,7 +170,7 @@ class MemoryContext(nn.Module):
         self.segment = spec.segment
         self.memory = MemoryLevel(levels[spec.memory], width)
         self.attention = Attention(levels[spec.attention], width)
-        self.norms = nn.ModuleList([nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)])
+        self.norms = nn.ModuleList([RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)])
 
     def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         state = dict(state or {})

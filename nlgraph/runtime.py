@@ -32,7 +32,10 @@ Contract (issue 3):
   boundaries, which is data-dependent; exact online levels never read it.
 
 Returns ``(outputs [B, T, H, D_v], state)``; outputs read the memory after the write of the same
-token unless the level says ``read: before_write``.
+token unless the level says ``read: before_write`` (the state before it) or ``read: chunk_start``
+(the state at the gradient point: the last chunk boundary). With ``retention: {toward: initial}``
+the state also carries ``origin.*``, the sequence's initial parameters that retention decays toward;
+a state without them starts the sequence at the memory it gives.
 """
 
 from __future__ import annotations
@@ -57,15 +60,26 @@ __all__ = ["init_state", "level_form", "run_level"]
 FORMS = ("auto", "reference", "chunked")
 
 
-def level_form(level: Any, form: str = "auto") -> str:
+def level_form(level: Any, form: str = "auto", device: torch.device | str | None = None) -> str:
     """The execution form ``run_level`` would use for ``level``: ``"chunked"`` or ``"reference"``.
+
+    With ``device``, the label says where the form hands its work to a Triton kernel there:
+    ``"chunked (triton)"`` (``" (triton, interpreted)"`` on CPU with ``NLGRAPH_KERNELS=interpret``).
+    Only the bare name (no ``device``) is a ``form`` that ``run_level`` accepts.
 
     Raises:
         ValueError: ``form`` is not one of ``auto``, ``reference``, ``chunked``, or ``chunked`` is
             asked for a level that has no parallel form (the message says why).
     """
     spec = load_level(level)
-    return _select(_family(spec), spec, form).name
+    name = _select(_family(spec), spec, form).name
+    if device is None or name != "chunked":
+        return name
+    from .compilers.kernels.dispatch import kernel_label, why_no_online_kernel
+
+    if isinstance(spec, DeltaRuleSpec) or (isinstance(spec, LevelSpec) and why_no_online_kernel(spec) is None):
+        return name + kernel_label(device)
+    return name
 
 
 def _family(spec: Any) -> str:

@@ -15,6 +15,8 @@ State layout (a flat ``dict[str, Tensor]``; every memory tensor has leading ``[B
   committed yet (zero right after a commit; a partial last period stays here);
 * ``anchor.<slot>.<p>``: with a gradient-point chunk N longer than the period, the parameters at
   the last N-boundary, where gradients are linearised;
+* ``origin.<slot>.<p>``: with ``retention: {toward: initial}``, the initial parameters ``M_0`` of
+  the sequence, which retention decays toward (constant over the sequence);
 * ``optimizer.<slot>.<buffer>``: the inner optimizer's buffers (``momentum.w0``, ``exp_avg.w0``,
   ``step``, deep-momentum memories ``w0.memory.w0`` ...).
 
@@ -93,6 +95,12 @@ class LevelRun:
     mu: Any
     state: dict[str, torch.Tensor]
     position: int  # tokens consumed before this call; 0 when no period or chunk depends on it
+    read: str = "after_write"  # after_write, before_write or chunk_start (the gradient point)
+
+    @property
+    def has_origin(self) -> bool:
+        """Retention decays toward the sequence's initial state ``M_0`` (``origin.*`` entries)."""
+        return self.spec.retention is not None and self.spec.retention.toward == "initial"
 
     @property
     def online(self) -> bool:
@@ -199,6 +207,8 @@ def init_state(
             state.update({f"pending.{slot}.{p}": torch.zeros_like(t) for p, t in params.items()})
         if period is not None and chunk > period:
             state.update({f"anchor.{slot}.{p}": t.clone() for p, t in params.items()})
+        if level.retention is not None and level.retention.toward == "initial":
+            state.update({f"origin.{slot}.{p}": t for p, t in params.items()})
         state.update({f"optimizer.{slot}.{k}": v for k, v in optimizer.buffers(mem, params).items()})
     return state
 
@@ -311,7 +321,7 @@ def prepare(
         retention=spec.retention.kind if spec.retention is not None else None,
         period=period,
         chunk=chunk,
-        read_before=spec.read == "before_write",
+        read_before=spec.read in ("before_write", "chunk_start"),
         self_target=spec.values.self_target,
         keys=streams["keys"],
         values=streams["values"],
@@ -321,6 +331,7 @@ def prepare(
         mu=mu_t,
         state=full,
         position=position,
+        read=spec.read,
     )
 
 
@@ -340,6 +351,10 @@ def _merge_state(default: dict[str, torch.Tensor], given: dict[str, torch.Tensor
     for k in default:
         if k.startswith("anchor.") and k not in given and k[len("anchor."):] in given:
             out[k] = given[k[len("anchor."):]]
+    # ... and one that gives a memory but not its origin starts the sequence there: M_0 is the memory
+    for k in default:
+        if k.startswith("origin.") and k not in given and k[len("origin."):] in given:
+            out[k] = given[k[len("origin."):]]
     return out
 
 
@@ -354,6 +369,8 @@ def final_state(run: LevelRun, committed, working, anchor, buffers, steps: int) 
                 state[f"pending.{s}.{p}"] = working[s][p] - v
             if anchor is not None:
                 state[f"anchor.{s}.{p}"] = anchor[s][p]
+            if run.has_origin:
+                state[f"origin.{s}.{p}"] = run.state[f"origin.{s}.{p}"]
         for n, v in buffers[s].items():
             state[f"optimizer.{s}.{n}"] = v
     return state

@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from nlgraph.runtime import run_level
 
 SEEDS = st.integers(0, 2**31 - 1)
+# Elementwise tolerances for float64 maths: |a − b| ≤ ATOL + TOL·|expected| at every entry. TOL bounds
+# the relative round-off a long recurrence accumulates (float64 eps is 2.2e-16, so 1e-9 leaves
+# ~10⁶ ulps); ATOL only absorbs entries that are zero up to cancellation of O(1) terms (errors of a
+# few ulps of the operands), so an entry of size 1e-6 is still checked to ~1e-6 relative.
 TOL = 1e-9
+ATOL = 1e-12
 
 
 class Draw:
@@ -32,22 +37,42 @@ class Draw:
         return torch.nn.functional.normalize(self.normal(*shape), dim=-1)
 
 
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
-    """Equal up to ``tol`` relative to the larger magnitude (float64 round-off on long recurrences)."""
+def _excess(a: torch.Tensor, b: torch.Tensor, tol: float, atol: float) -> torch.Tensor:
+    """``|a − b| − (atol + tol·|b|)`` per entry (positive where the entry fails); NaN counts as failing."""
     a, b = a.double(), b.double()
-    scale = max(1.0, b.abs().max().item() if b.numel() else 1.0)
-    return a.shape == b.shape and bool(((a - b).abs() <= tol * scale).all())
+    excess = (a - b).abs() - (atol + tol * b.abs())
+    return torch.where(torch.isnan(a) | torch.isnan(b), torch.full_like(a, float("inf")), excess)
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, what: str = "", tol: float = TOL) -> None:
-    err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    assert close(a, b, tol), f"{what}: max |a - b| = {err:.3e} (shapes {list(a.shape)} vs {list(b.shape)})"
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL, atol: float = ATOL) -> bool:
+    """``a`` equals the expected ``b`` entry by entry: ``|a − b| ≤ atol + tol·|b|`` everywhere."""
+    if a.shape != b.shape:
+        return False
+    return a.numel() == 0 or bool((_excess(a, b, tol, atol) <= 0).all())
 
 
-def assert_states_close(s1: dict, s2: dict, tol: float = TOL) -> None:
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str = "", tol: float = TOL, atol: float = ATOL) -> None:
+    """:func:`close`, with the worst entry (index, both values) in the message. ``b`` is the expected value."""
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes {list(a.shape)} vs {list(b.shape)}")
+    if close(a, b, tol, atol):
+        return
+    excess = _excess(a, b, tol, atol)
+    i = int(excess.flatten().argmax())
+    idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), a.shape))
+    x, y = a.double().flatten()[i].item(), b.double().flatten()[i].item()
+    n_bad = int((excess > 0).sum())
+    raise AssertionError(
+        f"{what}: {n_bad} of {a.numel()} entries differ beyond {atol:.0e} + {tol:.0e}·|expected|; worst at "
+        f"{list(idx)}: got {x:.12e}, expected {y:.12e} (|Δ| {abs(x - y):.3e})"
+    )
+
+
+def assert_states_close(s1: dict, s2: dict, tol: float = TOL, atol: float = ATOL) -> None:
+    """Same entries, each :func:`assert_close` (``s2`` is the expected state)."""
     assert set(s1) == set(s2), f"state keys differ: {sorted(set(s1) ^ set(s2))}"
     for k in s1:
-        assert_close(s1[k], s2[k], f"state[{k!r}]", tol)
+        assert_close(s1[k], s2[k], f"state[{k!r}]", tol, atol)
 
 
 def run(level, form: str, **kw):

@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 
-from nlgraph.levels import prepare
-from nlgraph.runtime import level_form, run_level
+from nlgraph.runtime import init_state, level_form, run_level
 from nlgraph.spec.loader import load_level
 
 GDN_YAML = """
@@ -128,15 +127,24 @@ def test_dtype_follows_the_inputs():
 
 
 def test_static_level_reads_its_initial_state():
-    level = {"memory": {"kind": "mlp", "hidden": 4}, "objective": {"kind": "l2"}, "frequency": "never"}
+    """``frequency: never``: the output is the initial memory read at the queries, written out
+    here as ``W1 gelu(W0 q)`` (exact GELU), for a given initial state and for the default one."""
+    level = {"memory": {"kind": "mlp", "hidden": 4, "depth": 2, "activation": "gelu", "bias": False},
+             "objective": {"kind": "l2"}, "frequency": "never"}
     k, v, q, _ = _data(h=1)
-    run = prepare(load_level(level), keys=k, values=v, queries=q)
-    mem = run.memories["memory"]
-    expected = mem.forward(run.params("", "memory"), q.transpose(1, 2)).transpose(1, 2)
-    for form in ("reference", "chunked"):
-        y, state = run_level(level, keys=k, values=v, queries=q, form=form)
-        assert torch.allclose(y, expected)
-        assert torch.equal(state["memory.w0"], run.state["memory.w0"]) and int(state["position"]) == 7
+    g = torch.Generator().manual_seed(1)
+    given = {"memory.w0": torch.randn(2, 1, 4, 3, generator=g), "memory.w1": torch.randn(2, 1, 3, 4, generator=g)}
+    default = init_state(load_level(level), batch=2, d_key=3, d_value=3)
+    for state in (given, None):
+        params = given if state is not None else default
+        z = torch.einsum("bhoi,bthi->btho", params["memory.w0"], q)
+        expected = torch.einsum("bhoi,bthi->btho", params["memory.w1"], z * 0.5 * (1 + torch.erf(z / 2**0.5)))
+        for form in ("reference", "chunked"):
+            y, out = run_level(level, keys=k, values=v, queries=q, state=state, form=form)
+            torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-14)
+            for n in ("memory.w0", "memory.w1"):
+                assert torch.equal(out[n], params[n])
+            assert int(out["position"]) == 7
 
 
 def test_queries_default_to_keys_for_an_outer_level():
