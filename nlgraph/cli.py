@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="run a forward and backward pass on random tokens")
     p.add_argument("--torch-compile", action="store_true",
                    help="compile every block with torch.compile(fullgraph=True) for --check")
-    p.add_argument("--device", default=None, help="torch device for --check (default: cuda if present, else cpu)")
+    p.add_argument("--device", default=None, help="torch device for --check and the plan's forms, e.g. "
+                   "'chunked (triton)' on cuda (default: cuda if present, else cpu)")
     p.add_argument("--length", type=int, default=64, help="sequence length for --check (default 64)")
 
     p = sub.add_parser("equiv", help="check whether two specs compute the same function",
@@ -273,8 +274,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     if args.length < 1:
         raise _UsageError(f"--length must be at least 1, got {args.length}")
-    p = plan(args.spec, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p = plan(args.spec, args.overrides, device=device)
     if args.check:
         from .limits import check_model_size
         from .spec.loader import current_options

@@ -80,7 +80,7 @@ def _params_by_node(model: NLModel) -> dict[str, int]:
     return out
 
 
-def _form_of(node: dict) -> str:
+def _form_of(node: dict, device: str | None = None) -> str:
     kind = node["kind"]
     if kind == "attention":
         return "sdpa (sliding window)" if node["spec"].window else "sdpa"
@@ -94,14 +94,19 @@ def _form_of(node: dict) -> str:
     if kind in ("linear_attention", "delta_rule"):
         from .runtime import level_form
 
-        return level_form(node["spec"])
+        return level_form(node["spec"], device=device)
+    if device is not None:
+        from .runtime import level_form
+
+        return level_form(spec, device=device)  # choose_form's choice, labelled for the device
     from .memory import choose_form
 
     return choose_form(spec)
 
 
-def plan(spec: Any, overrides: tuple[str, ...] | list[str] = ()) -> Plan:
-    """Check the spec's graph and decide how every level node runs."""
+def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: str | None = None) -> Plan:
+    """Check the spec's graph and decide how every level node runs. With ``device``, forms that
+    hand their work to a Triton kernel on it say so (``chunked (triton)``)."""
     spec = load_spec(spec, overrides)
     graph = build_graph(spec)
     levels = []
@@ -121,7 +126,7 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = ()) -> Plan:
         else:
             shapes = ""
             freq = format_period(node.get("frequency")) if node["kind"] not in GROUP_KINDS else ""
-        levels.append(LevelPlan(nid, family, _form_of(node), freq, shapes))
+        levels.append(LevelPlan(nid, family, _form_of(node, device), freq, shapes))
     return Plan(spec, tuple(levels), graph.graph["hash"])
 
 

@@ -1,0 +1,230 @@
+"""When nlgraph's execution forms hand a level to the Triton kernels, and how its maths maps onto them.
+
+Two forms route here, each keeping its PyTorch code as the exact fallback:
+
+* the ``chunked`` form of the closed-form ``delta_rule`` kind (:mod:`nlgraph.compilers.delta_rule`);
+* the online driver of the ``chunked`` memory form (:mod:`nlgraph.compilers.chunked`) for the levels
+  that are a (gated) delta rule in disguise (:func:`why_no_online_kernel` lists them).
+
+nlgraph's rule ``S_t = α_t S_{t−1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ``, ``y_t = S_t q_t`` with
+``memory [B, H, D_v, D_k]`` is the kernel's with ``h = memoryᵀ``, ``g = log α`` and ``scale = 1``.
+The online driver writes ``W_r = W_{r−1} D_r − e_r x_rᵀ`` with ``e_r = b_r W_{r−1} ḱ_r + f_r``; with
+``retention: decay`` (``ḱ_r = α_r x_r``, ``D_r = α_r``) that is
+``W_r = α_r W_{r−1} (I − b_r x_r x_rᵀ) − f_r x_rᵀ``: the delta rule with ``β = b`` and values
+``−f / b``. For gd + l2, ``b = η``, ``f = −η v`` (``β = η``, values ``v``); for DGD + l2,
+``b = 2η'``, ``f = −η' v`` (``β = 2η'``, values ``v / 2``); for DGD + dot, ``b = η'`` (values ``v``).
+Levels with ``b = 0`` (linear attention, GLA), the ``weight_decay`` order, per-channel decay,
+momentum, a read before the write, retention toward the initial state and the mini-batch driver
+keep their PyTorch forms.
+
+Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
+
+* ``auto`` (default): CUDA tensors, when triton imports;
+* ``off``: never (the PyTorch forms everywhere; for A/B checks and as an escape hatch);
+* ``interpret``: CUDA tensors, and CPU tensors through Triton's interpreter (slow; for tests at small
+  shapes). The interpreter is chosen when triton is first imported: this mode sets
+  ``TRITON_INTERPRET=1`` if triton is not imported yet.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from nlgraph.errors import NLGraphError
+
+__all__ = ["MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode", "online_delta_rule",
+           "set_kernels", "why_no_kernel", "why_no_online_kernel"]
+
+MODES = ("auto", "off", "interpret")
+ENV = "NLGRAPH_KERNELS"
+#: chunk sizes the kernels take (the forms' default is 64; results do not depend on it)
+CHUNKS = (16, 32, 64)
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# log α for α = 0: exp(−87.3) is float32's smallest normal, ~1e-38 from the exact 0, and clamping α
+# (not log α) keeps the gradient finite (0 instead of 0 · ∞)
+_TINY = torch.finfo(torch.float32).tiny
+
+_override: str | None = None
+# the environment is read once (and again by set_kernels(None)), not on every call: compiled blocks
+# call into this module, and the mode must not be a per-call environment lookup inside their graphs
+_env: str = os.environ.get(ENV, "")
+
+
+def _check_mode(mode: str, where: str) -> str:
+    if mode not in MODES:
+        raise NLGraphError(f"unknown kernel mode {mode!r}; use one of {', '.join(MODES)}", path=where)
+    return mode
+
+
+def set_kernels(mode: str | None) -> None:
+    """Choose the kernel mode for this process (``auto``, ``off``, ``interpret``), over
+    ``NLGRAPH_KERNELS``; ``None`` goes back to the environment variable."""
+    global _override, _env
+    _override = None if mode is None else _check_mode(mode, "set_kernels(mode)")
+    if mode is None:
+        _env = os.environ.get(ENV, "")
+
+
+def kernel_mode() -> str:
+    """The mode in force: :func:`set_kernels`'s, else ``NLGRAPH_KERNELS``'s (as the process started,
+    or as :func:`set_kernels(None) <set_kernels>` last read it), else ``auto``."""
+    if _override is not None:
+        return _override
+    return _check_mode(_env.strip().lower() or "auto", ENV)
+
+
+def _triton_module():
+    """The kernels' Triton module, or the reason it cannot load (a string)."""
+    if kernel_mode() == "interpret" and not torch.compiler.is_compiling() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        from . import _delta_rule_triton
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return _delta_rule_triton
+
+
+def why_no_kernel(device: torch.device | str) -> str | None:
+    """``None`` when tensors on ``device`` run the Triton kernels in the current mode, else why not."""
+    mode = kernel_mode()
+    if mode == "off":
+        return f"kernels are off ({ENV}=off or set_kernels('off'))"
+    dev = torch.device(device).type
+    if dev != "cuda" and not (mode == "interpret" and dev == "cpu"):
+        return f"the Triton kernels run on CUDA (here: {dev}; {ENV}=interpret runs CPU tensors interpreted)"
+    mod = _triton_module()
+    if isinstance(mod, str):
+        return mod
+    if dev == "cpu" and not mod.INTERPRETED:
+        return "triton was imported without TRITON_INTERPRET=1, so it cannot interpret kernels on CPU"
+    return None
+
+
+def kernel_label(device: torch.device | str | None) -> str:
+    """What a plan appends to a form that hands its work to the kernels on ``device``: ``" (triton)"``,
+    ``" (triton, interpreted)"`` or ``""``."""
+    if device is None or why_no_kernel(device) is not None:
+        return ""
+    return " (triton, interpreted)" if torch.device(device).type == "cpu" else " (triton)"
+
+
+def _fits(q: torch.Tensor, v: torch.Tensor, chunk: int) -> bool:
+    if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, v.dtype):
+        # Triton 3.6's interpreter computes bfloat16 kernels wrongly (numpy has no bfloat16;
+        # errors of 1e9 against float32 where float16 gives 6e-4), so CPU bf16 stays in PyTorch
+        return False
+    return (chunk in CHUNKS and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
+            and q.dtype in _DTYPES and v.dtype in _DTYPES and why_no_kernel(q.device) is None)
+
+
+def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """One dtype for q, k, v (the kernel takes one): theirs, or float32 when they differ."""
+    dtypes = {x.dtype for x in xs}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
+               alpha: torch.Tensor | None, memory: torch.Tensor, chunk: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """nlgraph's (gated) delta rule through the kernel.
+
+    Args:
+        queries, keys: ``[B, T, H, D_k]``; values ``[B, T, H, D_v]``.
+        beta, alpha: ``[B, T, H]`` (``alpha`` the activated decay, ``None`` for none).
+        memory: ``[B, H, D_v, D_k]`` the state at the start.
+
+    Returns:
+        ``(y [B, T, H, D_v] in values' dtype, memory [B, H, D_v, D_k] in memory's dtype)``; the
+        state is carried in float32 inside.
+    """
+    from .delta_rule import chunk_delta_rule
+
+    out_dtype = values.dtype
+    work = _work_dtype(queries, keys, values)
+    g = None
+    if alpha is not None:
+        g = torch.log(alpha.float().clamp_min(_TINY))
+    h0 = memory.transpose(-1, -2).float()
+    y, ht = chunk_delta_rule(queries.to(work), keys.to(work), values.to(work), beta.float(), g,
+                             initial_state=h0, output_final_state=True, scale=1.0, chunk=chunk)
+    return y.to(out_dtype), ht.transpose(-1, -2).to(memory.dtype)
+
+
+def closed_form_fits(keys: torch.Tensor, values: torch.Tensor, chunk: int) -> bool:
+    """Whether the closed-form ``delta_rule`` kind's chunked form hands these inputs to the kernel."""
+    return _fits(keys, values, chunk)
+
+
+# --------------------------------------------------------------------------- the online driver
+
+
+def why_no_online_kernel(spec: Any) -> str | None:
+    """``None`` when a memory level (``LevelSpec``) run online by the chunked form is a (gated) delta
+    rule the kernel computes exactly, else why not (the level then keeps the PyTorch form)."""
+    if spec.memory.kind != "linear":
+        return f"a {spec.memory.kind} memory"
+    from nlgraph.levels.run import periods
+
+    if spec.frequency == "never" or periods(spec) != (1, 1):
+        return "not an exact-online level (frequency 1, gradient point token)"
+    if spec.adaptive or spec.values.self_target:
+        return "a self-modifying level"
+    opt, obj = spec.optimizer.kind, spec.objective.kind
+    if opt == "gd" and obj != "l2":
+        return f"gd on the {obj} objective does not read the memory in its update (b = 0: linear attention)"
+    if opt == "dgd" and obj not in ("l2", "dot"):
+        return f"dgd on the {obj} objective"
+    if opt not in ("gd", "dgd"):
+        return f"the {opt} optimizer (momentum has no kernel yet)"
+    if opt == "dgd" and spec.optimizer.momentum is not None:
+        return "dgd with momentum"
+    if spec.read != "after_write":
+        return f"read: {spec.read}"
+    ret = spec.retention
+    if ret is not None:
+        if ret.kind != "decay":
+            return f"retention {ret.kind} (the kernel decays before the erase: kind decay)"
+        if ret.toward == "initial":
+            return "retention toward the initial state"
+        if getattr(ret.gate, "per", "head") == "channel":
+            return "a per-channel decay"
+    return None
+
+
+def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Run a ``LevelRun`` of the online driver through the kernel, or ``None`` when it does not
+    qualify (:func:`why_no_online_kernel`, tensors, chunk size, dtypes), so the caller falls back.
+
+    Returns ``(outputs [B, T, H, D_v], state)`` as the online driver does."""
+    if why_no_online_kernel(run.spec) is not None or run.read_before or run.has_origin:
+        return None
+    if run.optimizer.uses_momentum or (run.retention not in (None, "decay")):
+        return None
+    k, v, q = run.keys.data, run.values.data, run.queries.data
+    lr, alpha = run.lr, run.alpha
+    if not isinstance(lr, torch.Tensor) or (alpha is not None and (not isinstance(alpha, torch.Tensor)
+                                                                    or alpha.dim() != 3)):
+        return None
+    if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
+        return None
+    b, t, h = run.shape
+    lr = lr.expand(b, t, h)
+    if run.optimizer.kind == "dgd":
+        eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
+        if run.objective.kind == "l2":
+            beta, v = 2.0 * eta, v * 0.5  # b = 2η', f = −η' v: values −f / b = v / 2
+        else:
+            beta = eta
+    else:
+        beta = lr
+    w = run.state["memory.w0"]
+    y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk)
+    state = dict(run.state)
+    state["position"] = run.state["position"] + t
+    state["memory.w0"] = w
+    return y, state

@@ -1,0 +1,244 @@
+"""Levels and models hand their (gated) delta rule to the Triton kernel, and get what the PyTorch
+forms give.
+
+``nlgraph.compilers.kernels.dispatch`` routes the closed-form ``delta_rule`` kind and the qualifying
+online levels of the chunked memory form (DeltaNet, Gated DeltaNet, DGD on a linear memory) to
+``chunk_delta_rule``. Here (no CUDA) the kernels run under Triton's interpreter with
+``set_kernels("interpret")``: each routed level equals the per-token ``reference`` form on outputs,
+final state and gradients (float32, a partial last chunk, from a non-zero state); small DeltaNet /
+Gated DeltaNet models give the same logits and parameter gradients with and without kernels, and
+stream in segments like one pass. A spy counts kernel calls, so a silent fallback fails the tests.
+Levels the kernel does not cover keep the PyTorch form, and the plan names the form in use.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_INTERPRET = not torch.cuda.is_available()
+
+
+def _set_interpret(value):
+    old = os.environ.get("TRITON_INTERPRET")
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+    return old
+
+
+if _INTERPRET and "triton" not in sys.modules:
+    _old = _set_interpret("1")
+    try:
+        pytest.importorskip("triton")
+        from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: F401  (decorated now)
+    finally:
+        _set_interpret(_old)
+else:
+    pytest.importorskip("triton")
+
+from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: E402
+from nlgraph.compilers.kernels import delta_rule as kernel_module  # noqa: E402
+from nlgraph.compilers.kernels import dispatch  # noqa: E402
+from nlgraph.errors import NLGraphError  # noqa: E402
+from nlgraph.lower import build, plan  # noqa: E402
+from nlgraph.runtime import level_form, run_level  # noqa: E402
+from nlgraph.spec.loader import load_level  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODE = "interpret" if _INTERPRET else "auto"
+
+if _INTERPRET and not _delta_rule_triton.INTERPRETED:  # pragma: no cover - import-order guard
+    pytest.fail("triton was imported before this module could set TRITON_INTERPRET=1, so its kernels "
+                "cannot run on CPU here; run this file in its own process", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    old = _set_interpret("1") if _INTERPRET else None
+    dispatch.set_kernels(MODE)
+    yield
+    dispatch.set_kernels(None)  # monkeypatch (torn down first) has put NLGRAPH_KERNELS back by now
+    if _INTERPRET:
+        _set_interpret(old)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many times the kernel ran."""
+    count = {"n": 0}
+    real = kernel_module.chunk_delta_rule
+
+    def spy(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "chunk_delta_rule", spy)
+    return count
+
+
+def _data(seed, b=2, t=70, h=2, dk=8, dv=6):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device="cpu").to(DEVICE)
+
+    k = F.normalize(rnd(b, t, h, dk), dim=-1)
+    q, v = rnd(b, t, h, dk), rnd(b, t, h, dv)
+    lr = (0.05 + 0.9 * torch.rand(b, t, h, generator=gen)).to(DEVICE)
+    alpha = (0.6 + 0.4 * torch.rand(b, t, h, generator=gen)).to(DEVICE)
+    s0 = 0.3 * rnd(b, h, dv, dk)
+    return k, v, q, lr, alpha, s0
+
+
+LEVELS = {
+    "deltanet": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+                 "optimizer": {"kind": "gd", "lr": {"act": "sigmoid"}}, "frequency": 1},
+    "gated_deltanet": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+                       "optimizer": {"kind": "gd", "lr": {"act": "sigmoid"}},
+                       "retention": {"kind": "decay", "gate": {"act": "sigmoid"}}, "frequency": 1},
+    "dgd_l2": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+               "optimizer": {"kind": "dgd", "lr": {"act": "sigmoid"}},
+               "retention": {"kind": "decay", "gate": {"act": "sigmoid"}}, "frequency": 1},
+    "dgd_dot_proximal": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "dot"},
+                         "optimizer": {"kind": "dgd", "form": "proximal", "lr": {"act": "sigmoid"}},
+                         "frequency": 1},
+}
+
+
+def _run(spec, form, k, v, q, lr, alpha, s0, rates):
+    state = {"memory.w0": s0, "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+    return run_level(spec, keys=k, values=v, queries=q, lr=lr,
+                     retention=alpha if rates else None, state=state, form=form)
+
+
+@pytest.mark.parametrize("name", sorted(LEVELS))
+def test_online_levels_equal_the_reference(name, calls):
+    spec = load_level(LEVELS[name])
+    rates = spec.retention is not None
+    leaves = [x.requires_grad_() for x in _data(1)]
+    y, st = _run(spec, "chunked", *leaves, rates)
+    assert calls["n"] == 1 and level_form(spec, device=DEVICE).startswith("chunked (triton")
+    loss = (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + st["memory.w0"].square().sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    y_ref, st_ref = _run(spec, "reference", *leaves, rates)
+    loss_ref = (y_ref * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + st_ref["memory.w0"].square().sum()
+    grads_ref = torch.autograd.grad(loss_ref, leaves, allow_unused=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(st["memory.w0"], st_ref["memory.w0"], rtol=1e-4, atol=1e-4)
+    assert int(st["position"]) == int(st_ref["position"]) == 70
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is None:  # the retention of a level without one
+            assert g is None
+            continue
+        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_closed_form_kind_equals_the_reference(calls):
+    spec = load_level({"kind": "delta_rule", "heads": 2, "decay": {"act": "logsigmoid"}})
+    k, v, q, beta, alpha, s0 = (x.requires_grad_() for x in _data(2))
+    alpha_zero = alpha.detach().clone()
+    alpha_zero[:, 5] = 0.0  # α = 0 forgets everything: log α is clamped, still exact
+    alpha_zero.requires_grad_()
+    outs = {}
+    for form in ("chunked", "reference"):
+        y, st = run_level(spec, keys=k, values=v, queries=q, lr=beta, retention=alpha_zero, form=form,
+                          state={"memory": s0, "position": torch.zeros((), dtype=torch.int64, device=DEVICE)})
+        loss = y.square().sum() + st["memory"].sum()
+        outs[form] = (y, st["memory"], torch.autograd.grad(loss, (k, v, q, beta, alpha_zero, s0)))
+    assert calls["n"] == 1
+    (y, m, g), (y_ref, m_ref, g_ref) = outs["chunked"], outs["reference"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m, m_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g[:4] + g[5:], g_ref[:4] + g_ref[5:]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    # the kernel is parametrised by log α: at α = 0 exactly its gradient in α is 0 (∂/∂α = ∂/∂log α / α
+    # is 0 / 0 there); elsewhere it is the reference's
+    dalpha, dalpha_ref = g[4], g_ref[4]
+    torch.testing.assert_close(dalpha[:, 5], torch.zeros_like(dalpha[:, 5]))
+    keep = torch.ones(dalpha.shape[1], dtype=torch.bool)
+    keep[5] = False
+    torch.testing.assert_close(dalpha[:, keep], dalpha_ref[:, keep], rtol=1e-3, atol=1e-3)
+
+
+def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
+    k, v, q, lr, alpha, s0 = _data(3, t=20)
+    uncovered = {
+        "linear attention (b = 0)": {**LEVELS["deltanet"], "objective": {"kind": "dot"}},
+        "weight_decay order": {**LEVELS["gated_deltanet"], "retention": {"kind": "weight_decay", "gate": 0.9}},
+        "momentum": {**LEVELS["deltanet"], "optimizer": {"kind": "momentum", "lr": 0.5, "momentum": 0.5}},
+        "read before write": {**LEVELS["deltanet"], "read": "before_write"},
+    }
+    for what, level in uncovered.items():
+        spec = load_level(level)
+        assert dispatch.why_no_online_kernel(spec) is not None, what
+        assert level_form(spec, device=DEVICE) == "chunked", what
+        rates = spec.retention is not None and spec.retention.kind == "decay"
+        y, _ = _run(spec, "chunked", k, v, q, lr if spec.optimizer.kind == "gd" else None, alpha, s0, rates)
+        y_ref, _ = _run(spec, "reference", k, v, q, lr if spec.optimizer.kind == "gd" else None, alpha, s0, rates)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # a chunk size the kernel does not take falls back too
+    _run(load_level(LEVELS["deltanet"]), "chunked", k, v, q, lr, alpha, s0, False)
+    assert calls["n"] == 1
+    state = {"memory.w0": s0, "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+    run_level(load_level(LEVELS["deltanet"]), keys=k, values=v, queries=q, lr=lr, state=state, form="chunked",
+              chunk_size=8)
+    assert calls["n"] == 1
+    if _INTERPRET:  # the interpreter gets bfloat16 wrong, so bf16 CPU tensors stay in PyTorch
+        half = [x.bfloat16() for x in (k, v, q, lr)]
+        y, _ = run_level(load_level(LEVELS["deltanet"]), keys=half[0], values=half[1], queries=half[2],
+                         lr=half[3], form="chunked")
+        assert calls["n"] == 1 and y.dtype == torch.bfloat16
+
+
+def _tiny_model(name):
+    overrides = ["model.vocab=64", "vars.d_model=32", "vars.heads=2", "vars.layers=1"]
+    torch.manual_seed(0)
+    return build(name, overrides=overrides, device=DEVICE)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "deltanet", "equiv/gated_deltanet_rule"])
+def test_models_equal_the_pytorch_path_and_stream(name, calls):
+    model = _tiny_model(name)
+    tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = {}
+    for mode in (MODE, "off"):
+        dispatch.set_kernels(mode)
+        model.zero_grad()
+        logits = model(tokens)
+        logits.logsumexp(-1).mean().backward()
+        results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None})
+    assert calls["n"] == 1
+    (lk, gk), (lp, gp) = results[MODE], results["off"]
+    torch.testing.assert_close(lk, lp, rtol=1e-4, atol=1e-4)
+    assert gk.keys() == gp.keys() and len(gk) > 10
+    for n in gk:
+        torch.testing.assert_close(gk[n], gp[n], rtol=1e-3, atol=1e-4, msg=n)
+    dispatch.set_kernels(MODE)
+    with torch.no_grad():
+        a, state = model.stream(tokens[:, :45])
+        b, _ = model.stream(tokens[:, 45:], state)
+    assert calls["n"] == 3
+    torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_names_the_kernel_and_the_switch_turns_it_off(monkeypatch):
+    forms = {lv.node: lv.form for lv in plan("gated_deltanet", device=DEVICE).levels}
+    label = "chunked (triton)" if DEVICE == "cuda" else "chunked (triton, interpreted)"
+    assert label in forms.values()
+    assert "chunked (triton" not in " ".join(lv.form for lv in plan("gated_deltanet").levels)
+    monkeypatch.setenv("NLGRAPH_KERNELS", "off")
+    dispatch.set_kernels(None)  # reads the environment again
+    assert all("triton" not in lv.form for lv in plan("gated_deltanet", device=DEVICE).levels)
+    assert "NLGRAPH_KERNELS=off" in dispatch.why_no_kernel(DEVICE)
+    monkeypatch.setenv("NLGRAPH_KERNELS", "fast")
+    dispatch.set_kernels(None)
+    with pytest.raises(NLGraphError, match="NLGRAPH_KERNELS.*auto, off, interpret") as e:
+        dispatch.kernel_mode()
+    assert "\n" not in str(e.value)
+    with pytest.raises(NLGraphError, match="set_kernels"):
+        dispatch.set_kernels("on")
