@@ -367,6 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # a path the user gave cannot be written or read (a file where a folder should be, no
+        # permission, a full disk): one line, as for any other user error
+        if os.environ.get("NLGRAPH_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -195,7 +195,9 @@ class _Data:
             need = task.vocab_needed(**settings)
             if need > vocab:
                 raise TrainError(f"task '{cfg.task}' uses {need} token ids but the spec's model.vocab is "
-                                 f"{vocab}; add the override model.vocab={need}", file=spec_file,
+                                 f"{vocab}; add the override model.vocab={need}"
+                                 + (f", or shrink the task's vocab with --task-setting vocab_size={vocab}"
+                                    if "vocab_size" in task.defaults else ""), file=spec_file,
                                  path="model.vocab")
             self.task = task
             self.tokenizer = None

@@ -247,3 +247,17 @@ def test_hostile_checkpoints_are_refused_without_reading_beyond(tmp_path, case):
     with pytest.raises(CheckpointError, match=expect) as info:
         load_checkpoint(out)
     assert "\n" not in str(info.value)
+
+
+def test_cli_errors_are_one_line(tmp_path, text, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cases = [
+        (["--out", str(blocker / "run")], "Not a directory"),
+        (["--tokenizer", "gpt2", "--out", str(tmp_path / "a")], "model.vocab"),
+        (["--task", "mqar", "--out", str(tmp_path / "b")], "--task-setting vocab_size=256"),
+    ]
+    for extra, expect in cases:
+        code = main(["train", "transformer_pp", *TINY, f"data={text}", "--steps", "1", "--device", "cpu", *extra])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
