@@ -12,34 +12,13 @@ is first imported, so this module sets it around that import only (and restores 
 of the process as it was. With CUDA the same checks run the compiled kernels.
 """
 
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-_INTERPRET = not torch.cuda.is_available()
-
-
-def _set_interpret(value):
-    old = os.environ.get("TRITON_INTERPRET")
-    if value is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = value
-    return old
-
-
-if _INTERPRET and "triton" not in sys.modules:
-    _old = _set_interpret("1")
-    try:
-        pytest.importorskip("triton")
-        from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: F401  (decorated now)
-    finally:
-        _set_interpret(_old)
-else:
-    pytest.importorskip("triton")
+from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import set_interpret as _set_interpret  # noqa: E402
 
 from nlgraph.compilers.delta_rule import delta_rule_reference  # noqa: E402
 from nlgraph.compilers.kernels import _delta_rule_triton, chunk_delta_rule  # noqa: E402
@@ -47,10 +26,6 @@ from nlgraph.errors import NLGraphError  # noqa: E402
 from nlgraph.spec.schema import DeltaRuleSpec  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if _INTERPRET and not _delta_rule_triton.INTERPRETED:  # pragma: no cover - import-order guard
-    pytest.fail("triton was imported before this module could set TRITON_INTERPRET=1, so its kernels "
-                "cannot run on CPU here; run this file in its own process", pytrace=False)
 
 
 @pytest.fixture(autouse=True, scope="module")

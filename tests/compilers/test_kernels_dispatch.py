@@ -11,34 +11,13 @@ stream in segments like one pass. A spy counts kernel calls, so a silent fallbac
 Levels the kernel does not cover keep the PyTorch form, and the plan names the form in use.
 """
 
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-_INTERPRET = not torch.cuda.is_available()
-
-
-def _set_interpret(value):
-    old = os.environ.get("TRITON_INTERPRET")
-    if value is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = value
-    return old
-
-
-if _INTERPRET and "triton" not in sys.modules:
-    _old = _set_interpret("1")
-    try:
-        pytest.importorskip("triton")
-        from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: F401  (decorated now)
-    finally:
-        _set_interpret(_old)
-else:
-    pytest.importorskip("triton")
+from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import set_interpret as _set_interpret  # noqa: E402
 
 from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: E402
 from nlgraph.compilers.kernels import delta_rule as kernel_module  # noqa: E402
@@ -50,10 +29,6 @@ from nlgraph.spec.loader import load_level  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODE = "interpret" if _INTERPRET else "auto"
-
-if _INTERPRET and not _delta_rule_triton.INTERPRETED:  # pragma: no cover - import-order guard
-    pytest.fail("triton was imported before this module could set TRITON_INTERPRET=1, so its kernels "
-                "cannot run on CPU here; run this file in its own process", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

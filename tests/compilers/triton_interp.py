@@ -1,0 +1,40 @@
+"""Shared set-up of the kernel tests: without CUDA, Triton kernels run in its interpreter, which
+Triton reads from ``TRITON_INTERPRET`` when it is first imported — so it is set only around that
+import (and, by the tests' fixtures, while kernel tests run), then put back, leaving other tests
+untouched. Importing this module skips the importing test module when triton is absent."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+"""Whether the kernels run in Triton's interpreter (no CUDA here)."""
+
+
+def set_interpret(value):
+    """Set (``"1"``) or clear (``None``) ``TRITON_INTERPRET``; returns the previous value."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+    return old
+
+
+if INTERPRET and "triton" not in sys.modules:
+    _old = set_interpret("1")
+    try:
+        pytest.importorskip("triton")
+        from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: F401  (decorated now)
+    finally:
+        set_interpret(_old)
+else:
+    pytest.importorskip("triton")
+
+from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: E402
+
+if INTERPRET and not _delta_rule_triton.INTERPRETED:  # pragma: no cover - import-order guard
+    pytest.fail("triton was imported before the kernel tests could set TRITON_INTERPRET=1, so its "
+                "kernels cannot run on CPU here; run these files in their own process", pytrace=False)
