@@ -10,6 +10,7 @@ same ids (tested against tiktoken and against known ids). Special tokens are enc
 
 from __future__ import annotations
 
+import abc
 import functools
 import json
 import re
@@ -25,18 +26,20 @@ from .corpus import cache_dir, tokenizer_dir
 __all__ = ["TOKENIZERS", "ByteTokenizer", "GPT2Tokenizer", "Tokenizer", "check_vocab", "get_tokenizer"]
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Text <-> token ids. ``encode`` returns a 1-D ``np.ndarray`` of int64 ids; ``decode`` accepts
     any sequence of ints (list, array, 1-D tensor) and never raises on ids it cannot render."""
 
     name: str
     vocab_size: int
 
-    def encode(self, text: str) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> np.ndarray:
+        """``text`` -> int64 ids ``[N]``."""
 
-    def decode(self, ids: Iterable[int]) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """ids -> text; ids that do not render become U+FFFD."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"

@@ -14,30 +14,24 @@ from ..io import atomic_write
 __all__ = ["add_parsers", "HANDLERS"]
 
 
-def _positive(name: str):
-    def parse(text: str) -> int:
+def _positive(name: str, cast=int):
+    """An argparse type: a positive finite ``cast`` (int: at least 1), with an error naming ``name``."""
+    kind = "an integer" if cast is int else "a number"
+
+    def parse(text: str):
         try:
-            v = int(text)
+            v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text}")
         return v
 
     return parse
 
 
 def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive finite number, got {text}")
-        return v
-
-    return parse
+    return _positive(name, float)
 
 
 def _common_run_args(p: argparse.ArgumentParser, *, steps: int, batch: int, length: int) -> None:

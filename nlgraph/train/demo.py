@@ -23,13 +23,10 @@ LR = 2e-3
 
 
 def _params(spec: str, overrides: list[str]) -> int:
-    import torch
+    from ..limits import count_parameters
+    from ..spec.loader import load_spec
 
-    import nlgraph
-
-    with torch.device("meta"):
-        model = nlgraph.build(nlgraph.load_spec(spec, overrides))
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(load_spec(spec, overrides))
 
 
 def matched_overrides(spec: str, target: int, base: list[str]) -> list[str]:
@@ -58,6 +55,8 @@ def matched_overrides(spec: str, target: int, base: list[str]) -> list[str]:
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    from .loop import moving_mean
+
     try:
         import matplotlib
 
@@ -70,8 +69,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
         recs = [json.loads(line) for line in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines() if line]
         steps = [r["step"] for r in recs]
         loss = [r["loss"] for r in recs]
-        k = max(1, len(loss) // 30)
-        smooth = [sum(loss[max(0, j - k + 1):j + 1]) / len(loss[max(0, j - k + 1):j + 1]) for j in range(len(loss))]
+        smooth = moving_mean(loss, max(1, len(loss) // 30))
         color = f"C{i}"
         ax.plot(steps, smooth, color=color, lw=1.2, label=f"{run['name']} train")
         v = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
@@ -110,12 +108,10 @@ def run_demo(args) -> list[dict[str, Any]]:
         if res.stopped != "done":
             raise NLGraphError(f"the demo stopped while training {name} ({res.stopped} at step {res.step}); "
                                f"run `nlgraph demo` again to start over", file=str(out))
+        first = json.loads((Path(res.out) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
         runs.append({"name": name, "overrides": ov, "params": res.params, "val_loss": res.val_loss,
-                     "first_loss": None, "loss": res.loss, "tok_s": res.tok_s, "seconds": time.perf_counter() - t0,
+                     "first_loss": first, "loss": res.loss, "tok_s": res.tok_s, "seconds": time.perf_counter() - t0,
                      "out": str(res.out)})
-    for run in runs:
-        recs = [json.loads(line) for line in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines() if line]
-        run["first_loss"] = recs[0]["loss"]
     print()
     print(f"{'model':<16}{'params':>10}{'first loss':>12}{'val loss':>10}{'bits/byte':>11}{'tok/s':>9}{'time':>8}")
     for r in runs:

@@ -12,10 +12,11 @@ import torch
 
 from ..errors import NLGraphError
 
-__all__ = ["run_eval", "perplexity", "task_accuracy"]
+__all__ = ["run_eval", "perplexity"]
 
 
-def _is_run(target: str) -> bool:
+def is_run(target: str) -> bool:
+    """Whether ``target`` is a run folder (or one checkpoint of it) rather than a spec."""
     p = Path(target)
     return p.is_dir() and ((p / "latest.json").exists() or (p / "state.json").exists())
 
@@ -39,20 +40,6 @@ def perplexity(model, ids, *, batch: int, length: int, max_batches: int, device)
         raise NLGraphError(f"the validation split has fewer than {length + 1} tokens; use a shorter --length")
     loss = total / count
     return {"val_loss": loss, "ppl": math.exp(min(loss, 50)), "bits_per_token": loss / math.log(2), "tokens": count}
-
-
-@torch.no_grad()
-def task_accuracy(model, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Accuracy of greedy predictions at the scored positions (``y != -100``): per position and
-    per sequence (every scored position right). ``x, y [B, T]``."""
-    model.eval()
-    pred = model(x).argmax(-1)
-    mask = y != -100
-    right = (pred == y) & mask
-    per_seq = (right.sum(1) == mask.sum(1)) & (mask.sum(1) > 0)
-    n_seq = int((mask.sum(1) > 0).sum())
-    return {"accuracy": float(right.sum()) / max(int(mask.sum()), 1),
-            "sequence_accuracy": float(per_seq.sum()) / max(n_seq, 1), "scored": int(mask.sum())}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -87,7 +74,7 @@ def run_eval(args) -> dict[str, Any]:
 
     task = args.task
     if task == "ppl":
-        target = args.target if _is_run(args.target) else _train_first(args, "corpus")
+        target = args.target if is_run(args.target) else _train_first(args, "corpus")
         model, ckpt, spec, dev = _load_run(target, args.device)
         cfg = ckpt.state.get("config", {})
         if cfg.get("task", "corpus") != "corpus":

@@ -299,6 +299,17 @@ def _describe_module(qualname: str) -> str:
     return f"module '{qualname}'"
 
 
+def moving_mean(values: list[float], k: int) -> list[float]:
+    """Trailing mean over up to ``k`` values at each position (the loss curves' smoothing)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= k:
+            total -= values[i - k]
+        out.append(total / min(i + 1, k))
+    return out
+
+
 def _plot(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -316,8 +327,7 @@ def _plot(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(steps, loss, lw=0.8, alpha=0.45, label="train (per step)")
         k = max(1, len(loss) // 50)
         if k > 1:
-            smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
-            ax.plot(steps, smooth, lw=1.4, label=f"train ({k}-step mean)")
+            ax.plot(steps, moving_mean(loss, k), lw=1.4, label=f"train ({k}-step mean)")
     if vloss:
         ax.plot(vsteps, vloss, "o-", lw=1.4, ms=3, label="validation")
     ax.set_xlabel("step")

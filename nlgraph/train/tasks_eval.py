@@ -17,6 +17,7 @@ import torch
 
 from ..errors import NLGraphError
 from ..io import atomic_write
+from .evaluate import is_run
 
 __all__ = ["evaluate_task", "accuracy_on"]
 
@@ -91,11 +92,6 @@ def _task_settings(args) -> dict[str, Any]:
     return out
 
 
-def _is_run(target: str) -> bool:
-    p = Path(target)
-    return p.is_dir() and ((p / "latest.json").exists() or (p / "state.json").exists())
-
-
 def _ensure_vocab(args, need: int) -> None:
     """A spec evaluated on a task whose tokens outnumber its vocab gets ``model.vocab`` raised."""
     from ..spec.loader import load_spec
@@ -105,13 +101,14 @@ def _ensure_vocab(args, need: int) -> None:
         args.overrides = [*args.overrides, f"model.vocab={need}"]
 
 
-def _one_task(args, name: str, train_first, lengths: list[int], extra: dict[str, Any]) -> dict[str, Any]:
+def _one_task(args, name: str, train_first, lengths: list[int], extra: dict[str, Any]):
+    """Train (given a spec) or load the run, score it at ``lengths``: ``(results, model, device)``."""
     from ..data import get_task
     from .cli import _load_run
 
     task = get_task(name)
     settings = {**extra}
-    if _is_run(args.target):
+    if is_run(args.target):
         run = args.target
     else:
         _ensure_vocab(args, task.vocab_needed(**{"length": args.length, **settings}))
@@ -129,7 +126,7 @@ def _one_task(args, name: str, train_first, lengths: list[int], extra: dict[str,
         acc = accuracy_on(model, task, args.eval_batches, min(args.batch, 64), dev, **s)
         rows.append({"task": name, "length": length, "accuracy": acc, "trained_length": trained["length"],
                      **{k: v for k, v in s.items() if k != "length"}})
-    return {"run": str(run), "step": ckpt.step, "spec": spec.name, "rows": rows}
+    return {"run": str(run), "step": ckpt.step, "spec": spec.name, "rows": rows}, model, dev
 
 
 def evaluate_task(args, train_first, table) -> dict[str, Any]:
@@ -139,7 +136,7 @@ def evaluate_task(args, train_first, table) -> dict[str, Any]:
     extra = _task_settings(args)
     name = args.task
     if name == "formal":
-        if _is_run(args.target):
+        if is_run(args.target):
             raise NLGraphError("--task formal trains one model per language; give a SPEC, or evaluate a "
                                "run with its own language (--task parity, ...)", file=args.target)
         base_out = args.out
@@ -148,13 +145,11 @@ def evaluate_task(args, train_first, table) -> dict[str, Any]:
         for lang in FORMAL_LANGUAGES:
             args.out = f"{base_out or 'runs/eval-formal'}/{lang}"
             saved = list(args.overrides)
-            res = _one_task(args, lang, train_first, [args.length, 2 * args.length], extra)
+            res, model, dev = _one_task(args, lang, train_first, [args.length], extra)
             args.overrides = saved
             # beyond the training lengths: strings of length L+1..2L only
             from ..data import get_task
-            from .cli import _load_run
 
-            model, ckpt, _, dev = _load_run(res["run"], args.device)
             far = accuracy_on(model, get_task(lang), args.eval_batches, min(args.batch, 64), dev,
                               length=2 * args.length, min_length=args.length + 1)
             rows.append({"task": lang, "in_distribution": res["rows"][0]["accuracy"], "longer": far,
@@ -165,7 +160,7 @@ def evaluate_task(args, train_first, table) -> dict[str, Any]:
         return {"task": "formal", "runs": runs, "rows": rows, "table": tbl}
 
     lengths = _parse_lengths(getattr(args, "eval_lengths", None), args.length)
-    res = _one_task(args, name, train_first, lengths, extra)
+    res, _, _ = _one_task(args, name, train_first, lengths, extra)
     tbl = table(["task", "length", "accuracy", "trained at"],
                 [[r["task"], r["length"], f"{r['accuracy']:.3f}", r["trained_length"]] for r in res["rows"]])
     if args.plot:

@@ -8,22 +8,17 @@ import json
 import torch
 
 from nlgraph.cli import main
-from nlgraph.train.evaluate import task_accuracy
+from nlgraph.data import sequence_accuracy, token_accuracy
 
 TINY = ["vars.d_model=32", "vars.layers=1", "vars.heads=2", "levels.mlp.memory.hidden=64"]
 
 
-def test_task_accuracy_counts_only_scored_positions():
-    class Fixed(torch.nn.Module):
-        def forward(self, x):  # predicts token 1 everywhere
-            out = torch.zeros(*x.shape, 4)
-            out[..., 1] = 1.0
-            return out
-
-    x = torch.zeros(2, 4, dtype=torch.long)
+def test_task_metrics_count_only_scored_positions():
+    logits = torch.zeros(2, 4, 4)
+    logits[..., 1] = 1.0  # predicts token 1 everywhere
     y = torch.tensor([[1, -100, 1, -100], [1, 2, -100, -100]])
-    acc = task_accuracy(Fixed(), x, y)
-    assert acc["accuracy"] == 3 / 4 and acc["sequence_accuracy"] == 1 / 2 and acc["scored"] == 4
+    assert token_accuracy(logits, y).tolist() == [1.0, 0.5]
+    assert sequence_accuracy(logits, y).tolist() == [1.0, 0.0]
 
 
 def test_eval_trains_a_spec_on_a_task_then_evaluates_the_run(tmp_path, capsys):
