@@ -89,12 +89,9 @@ def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
     """Products of factors over a chunk: ``G[..., r, j] = Π_{l=j+1..r} f_l`` for ``0 ≤ j ≤ r ≤ n``
     (index 0 is the chunk start, token l sits at index l), zero above the diagonal.
 
-    The products are taken in float32 (float64 stays float64) and returned in ``f``'s dtype. In
-    bfloat16 a product underflows to exact zeros sooner, and ``cumprod``'s backward over an input
-    with zeros takes a separate zero-handling path (on CUDA through ``masked_scatter_``, which needs
-    one dtype); under CUDA autocast a bfloat16 retention made that backward fail with a dtype
-    mismatch. Casting explicitly, with autocast off, keeps input, output and gradient of the
-    ``cumprod`` in one dtype.
+    The products are taken in float32 (float64 stays float64) and returned in ``f``'s dtype: in
+    bfloat16 a product underflows to exact zeros sooner. Casting explicitly, with autocast off,
+    keeps input, output and gradient of the products in one dtype.
 
     Args:
         f: ``[..., n]``, or ``[..., n, D]`` with ``channel``.
@@ -118,10 +115,26 @@ def _transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
     if channel:
         pad = torch.cat([torch.ones_like(f[..., :1, :]), f], dim=-2)  # [..., n+1, D]
         mat = torch.where(strictly[..., None], pad.unsqueeze(-2), one)
-        return torch.cumprod(mat, dim=-3) * lower[..., None]
+        return _cumprod(mat, -3) * lower[..., None]
     pad = torch.cat([torch.ones_like(f[..., :1]), f], dim=-1)  # [..., n+1]
     mat = torch.where(strictly, pad.unsqueeze(-1), one)
-    return torch.cumprod(mat, dim=-2) * lower
+    return _cumprod(mat, -2) * lower
+
+
+def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inclusive cumulative product along ``dim`` by ⌈log₂ n⌉ doubling steps of multiplications.
+
+    Not ``torch.cumprod``: its backward asks whether the input holds a zero (a retention or momentum
+    gate may be exactly 0), a host synchronisation that breaks CUDA-graph capture and stalls the
+    stream; products of multiplications differentiate without one, zeros included."""
+    n = x.shape[dim]
+    step = 1
+    while step < n:
+        # x[r] ← x[r] · x[r − step] for r ≥ step (Hillis–Steele)
+        head, tail = x.narrow(dim, 0, step), x.narrow(dim, step, n - step)
+        x = torch.cat([head, tail * x.narrow(dim, 0, n - step)], dim=dim)
+        step *= 2
+    return x
 
 
 @dataclass
@@ -171,6 +184,20 @@ class ChunkSolution:
         rows = slice(0, n) if before else slice(1, n + 1)
         out = self._base(u, rows) - self._kernel(u, rows) @ self.e
         return out if self.origin is None else out + u @ self.origin.transpose(-1, -2)
+
+    def pick(self, i: int) -> ChunkSolution:
+        """Slot ``i`` of a solution stacked on a leading slot axis (weights ``[S, ..., o, i]``;
+        transfer products and inputs shared by the slots carry no slot axis)."""
+        if self.w0.dim() == self._lead() + 2:
+            return self
+        def one(t):
+            return t if t is None or t.dim() == self._lead() + 2 else t[i]
+        return ChunkSolution(one(self.w0), one(self.s0), one(self.x), self.g, self.omega, self.z, self.y,
+                             self.channel, one(self.e), one(self.origin))
+
+    def _lead(self) -> int:
+        """How many leading axes an unstacked solution has (``B, H``), read off ``g``."""
+        return self.g.dim() - 2 - int(self.channel)
 
     def end(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W_n, S_n)`` after the chunk."""
@@ -422,6 +449,29 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
+def _signature(mem: Memory) -> tuple:
+    """What makes two memories the same function of their parameters (kind, widths, layers,
+    activation, norm ...): slots with one signature are solved stacked."""
+    # plain attributes only (the layers are frozen dataclasses; a name index dict repeats them)
+    return type(mem), tuple((k, v) for k, v in vars(mem).items() if not isinstance(v, dict))
+
+
+def _groups(run: LevelRun) -> list[list[str]]:
+    """The level's slots grouped by memory architecture, in slot order (HOPE's five memories are
+    one group: one stacked solve per layer instead of five)."""
+    groups: dict[tuple, list[str]] = {}
+    for slot, mem in run.memories.items():
+        groups.setdefault(_signature(mem), []).append(slot)
+    return list(groups.values())
+
+
+def _stack(params: list[Params]) -> Params:
+    """Per-slot parameter dicts ``[B, H, ...]`` → one dict ``[S, B, H, ...]`` (a view for one slot)."""
+    if len(params) == 1:
+        return {p: t.unsqueeze(0) for p, t in params[0].items()}
+    return {p: torch.stack([d[p] for d in params]) for p in params[0]}
+
+
 def _local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Tensor, run: LevelRun):
     """Every layer's input ``x`` and output gradient ``δ = ∂ℓ_r/∂z_r`` for all tokens of a chunk at
     once, at ``params``: one batched forward and backward. A zero *probe* is added to every
@@ -437,7 +487,9 @@ def _local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Te
 
         return run.objective.loss(mem.forward_with(k, apply), target).sum(), inputs
 
-    zeros = {layer.weight: k.new_zeros(k.shape[:-1] + (layer.d_out,)) for layer in mem.layers}
+    # probes carry the parameters' leading axes (a stacked slot axis too) and the chunk's tokens
+    lead = params[mem.layers[0].weight].shape[:-2] + k.shape[-2:-1]
+    zeros = {layer.weight: k.new_zeros(lead + (layer.d_out,)) for layer in mem.layers}
     deltas, inputs = torch.func.grad(loss, has_aux=True)(zeros)
     return inputs, deltas
 
@@ -541,24 +593,31 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
     lr, alpha, mu = (_rate(run, role, chunk, lin) for role in ("lr", "alpha", "mu"))
     g, channel = _decays(alpha, k.shape[-2], k)
     y = transfer(mu, False) if momentum else None
-    sols: dict[tuple[str, str], ChunkSolution] = {}
+    sols: dict[str, tuple[ChunkSolution, int]] = {}
     new_working: dict[str, Params] = {}
-    for slot in slots:
-        mem = run.memories[slot]
-        target = mem.forward(lin[slot], v) if run.self_target else v
-        inputs, deltas = _local_errors(mem, lin[slot], k, target, run)
+    for group in _groups(run):
+        # the group's slots share one architecture: their parameters are stacked on a leading slot
+        # axis [S, B, H, ...] and every layer's recurrence of all of them is solved at once
+        mem = run.memories[group[0]]
+        at = _stack([lin[s] for s in group])
+        work = _stack([working[s] for s in group])
+        bufs = _stack([buffers[s] for s in group]) if momentum else None
+        orig = _stack([origin[s] for s in group]) if origin is not None else None
+        target = mem.forward(at, v) if run.self_target else v
+        inputs, deltas = _local_errors(mem, at, k, target, run)
         params: Params = {}
+        moms: Params = {}
         for layer in mem.layers:
-            x, w0 = inputs[layer.weight], working[slot][layer.weight]
-            s0 = buffers[slot][f"momentum.{layer.weight}"] if momentum else None
-            o0 = origin[slot][layer.weight] if origin is not None else None
+            x, w0 = inputs[layer.weight], work[layer.weight]
+            s0 = bufs[f"momentum.{layer.weight}"] if momentum else None
+            o0 = orig[layer.weight] if orig is not None else None
             if layer.bias is not None:
                 x = _augment(x)
-                w0 = torch.cat([w0, working[slot][layer.bias].unsqueeze(-1)], dim=-1)
+                w0 = torch.cat([w0, work[layer.bias].unsqueeze(-1)], dim=-1)
                 if o0 is not None:
-                    o0 = torch.cat([o0, origin[slot][layer.bias].unsqueeze(-1)], dim=-1)
+                    o0 = torch.cat([o0, orig[layer.bias].unsqueeze(-1)], dim=-1)
                 if momentum:
-                    s0 = torch.cat([s0, buffers[slot][f"momentum.{layer.bias}"].unsqueeze(-1)], dim=-1)
+                    s0 = torch.cat([s0, bufs[f"momentum.{layer.bias}"].unsqueeze(-1)], dim=-1)
             if dgd:
                 eta = lr / (1.0 + lr * x.square().sum(-1)) if run.optimizer.proximal else lr
                 coef = eta
@@ -566,18 +625,21 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 eta, coef = lr, None
             sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, eta.unsqueeze(-1) * deltas[layer.weight],
                               g, y, channel, o0)
-            sols[(slot, layer.weight)] = sol
+            if "memory" in group:
+                sols[layer.weight] = (sol, group.index("memory"))
             w_end, s_end = sol.end()
             if layer.bias is not None:
                 params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
                 if momentum:
-                    buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end[..., :-1],
-                                     f"momentum.{layer.bias}": s_end[..., -1]}
+                    moms[f"momentum.{layer.weight}"], moms[f"momentum.{layer.bias}"] = s_end[..., :-1], s_end[..., -1]
             else:
                 params[layer.weight] = w_end
                 if momentum:
-                    buffers[slot] = {**buffers[slot], f"momentum.{layer.weight}": s_end}
-        new_working[slot] = params
+                    moms[f"momentum.{layer.weight}"] = s_end
+        for i, slot in enumerate(group):
+            new_working[slot] = {p: t[i] for p, t in params.items()}
+            if momentum:
+                buffers[slot] = {**buffers[slot], **{n: t[i] for n, t in moms.items()}}
     if run.read == "chunk_start":
         # Eq. 90: the read is taken at the chunk boundary, with the gradients
         out = main.forward(lin["memory"], q)
@@ -590,7 +652,7 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
     else:
 
         def apply(layer, x):
-            sol = sols[("memory", layer.weight)]
+            sol = sols[layer.weight][0].pick(sols[layer.weight][1])
             return sol.read(_augment(x) if layer.bias is not None else x, run.read_before)
 
         out = main.forward_with(q, apply)

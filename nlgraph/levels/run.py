@@ -185,7 +185,9 @@ def init_state(
     gen = generator
     period, chunk = periods(level)
     heads = level.memory.heads
-    state: dict[str, torch.Tensor] = {"position": torch.zeros((), dtype=torch.int64, device=device)}
+    # on the host whatever the device: where periods and chunks fall is read from it (int()), which
+    # for a GPU tensor would be a synchronisation, and one that breaks CUDA-graph capture
+    state: dict[str, torch.Tensor] = {"position": torch.zeros((), dtype=torch.int64)}
     optimizer = build_optimizer(level.optimizer)
     for slot, (mspec, din, dout) in _slot_widths(level, d_key, d_value).items():
         mem = build_memory(mspec, din, dout)

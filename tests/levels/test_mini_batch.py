@@ -50,9 +50,12 @@ def test_mini_batch_parallel_is_sequential_with_chunk_start_gradients(seed, memo
     state0 = initial_memories(level, d, b, dim, noise=0.3)
     y, state = run(level, form, keys=k, values=v, queries=q, lr=theta, retention=alpha, state=state0)
     ys, m = _sequential(spec, state0, k, v, q, theta, alpha, chunk)
-    assert_close(y, ys, "outputs")
+    # a layer-normed memory's gradient scales by 1/σ of its hidden output, which a draw can make
+    # small: float64 rounding then reaches ~5e-9 relative (seen: 5e-11 on 1.1e-2), not 1e-9
+    tol = 1e-8 if memory.get("norm") == "layer" else 1e-9
+    assert_close(y, ys, "outputs", tol)
     for n, x in m.items():
-        assert_close(state[f"memory.{n}"], x, n)
+        assert_close(state[f"memory.{n}"], x, n, tol)
 
 
 @given(SEEDS, st.integers(1, 24), st.integers(2, 5), st.integers(1, 8))
