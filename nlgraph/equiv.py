@@ -110,19 +110,21 @@ def share_parameters(a: NLModel, b: NLModel) -> tuple[int, list[str], list[str]]
 
 
 def _entry_outputs(model: NLModel, tokens: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    outs: list[tuple[str, torch.Tensor]] = []
+    # an entry's output over the whole sequence: a model with in-context levels reads it in
+    # segments (one hook call each), joined along the tokens
+    outs: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for b, block in enumerate(model.blocks):
         for name in block.names:
             node = f"block{b}.{name}"
             hooks.append(block.entries[name].register_forward_hook(
-                lambda mod, args, out, node=node: outs.append((node, out[0].detach()))))
+                lambda mod, args, out, node=node: outs.setdefault(node, []).append(out[0].detach())))
     try:
         logits = model(tokens)
     finally:
         for h in hooks:
             h.remove()
-    return logits.detach(), outs
+    return logits.detach(), [(n, torch.cat(v, dim=1)) for n, v in outs.items()]
 
 
 def compare(

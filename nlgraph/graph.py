@@ -42,6 +42,7 @@ from .spec.schema import (
     ResidualMlpMemorySpec,
     Spec,
     StreamSpec,
+    in_context_outer_problem,
 )
 
 __all__ = ["GROUP_KINDS", "build_graph", "format_period", "group_size", "level_order", "period"]
@@ -295,6 +296,10 @@ class _Builder:
                     nodes=[nid],
                     path=f"{path}.memory",
                 )
+        if lv.objective.kind == "outer" and lv.frequency != "never" and lv.objective.updates == "in_context":
+            problem = in_context_outer_problem(lv)
+            if problem is not None:
+                raise GraphError(problem[0], nodes=[nid], path=f"{path}.{problem[1]}")
         widths = {"keys": heads * d_in, "values": heads * d_out, "queries": heads * d_in}
         self.node(nid, kind="level", label=label, frequency=lv.frequency, path=path, block=b,
                   order=order, spec=lv, heads=heads, d_in=d_in, d_out=d_out, widths=widths)

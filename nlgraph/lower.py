@@ -88,7 +88,14 @@ def _form_of(node: dict, device: str | None = None) -> str:
         return kind
     spec = node["spec"]
     if kind == "level" and spec.objective.kind == "outer":
-        return "static mlp" if spec.frequency == "never" else "static mlp, outer-loop period"
+        if spec.frequency == "never":
+            return "static mlp"
+        if spec.objective.updates == "outer_loop":
+            return f"static mlp; the outer optimizer steps it every {spec.frequency} training tokens"
+        order = ", second-order meta-gradient" if spec.objective.meta_gradient == "second_order" else ""
+        life = ", persistent" if spec.lifetime == "persistent" else ""
+        return (f"in context: commits every {spec.frequency} tokens "
+                f"({spec.optimizer.kind}, {spec.objective.reduce}{order}{life})")
     if kind in ("adaptive", "optimizer"):
         return "with its level"
     if kind in ("linear_attention", "delta_rule"):

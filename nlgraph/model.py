@@ -62,6 +62,7 @@ class StaticMlp(nn.Module):
 
     def __init__(self, level: LevelSpec, width: int) -> None:
         super().__init__()
+        self.spec = level
         self.mlp = Mlp(level.memory, width) if level.memory.kind == "mlp" else _ResidualMlp(level, width)
 
     def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
@@ -215,7 +216,10 @@ def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] 
 
         return ClosedFormLevel(entry, width)
     if entry.objective.kind == "outer":
-        return StaticMlp(entry, width)
+        from .cms import InContextMlp, is_in_context
+
+        # a finite period run in context; `never` and `updates: outer_loop` are static in the forward
+        return InContextMlp(entry, width) if is_in_context(entry) else StaticMlp(entry, width)
     from .memory import MemoryLevel
 
     return MemoryLevel(entry, width)
@@ -274,6 +278,14 @@ class NLModel(nn.Module):
             nn.init.normal_(self.head.weight, 0.0, 0.02)
 
         self._compiled: list[nn.Module] | None = None
+        from .cms import find_carried, find_slots
+
+        # in-context levels (CMS with a finite period): the model commits their updates
+        self._slots = find_slots(self)
+        # `lifetime: persistent` levels of the runtime: their state carries into the next sequence
+        self._carried = find_carried(self)
+        self._persistent: dict[str, dict] = {}
+        self.learn = True
 
     def compile_blocks(self, **options: Any) -> NLModel:
         """Compile every block with ``torch.compile(fullgraph=True, dynamic=False, **options)``.
@@ -295,22 +307,60 @@ class NLModel(nn.Module):
         self._compiled = None
         return self
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` of ``tokens [B, T]`` from a fresh state."""
-        return self.stream(tokens)[0]
+    def forward(self, tokens: torch.Tensor, *, learn: bool | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of ``tokens [B, T]`` from a fresh state (``learn``: see
+        :meth:`stream`)."""
+        return self.stream(tokens, learn=learn)[0]
 
-    def stream(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    @property
+    def in_context(self) -> bool:
+        """Whether some level commits updates while the model reads (a CMS with a finite period)."""
+        return bool(self._slots)
+
+    def stream(self, tokens: torch.Tensor, state: State | None = None, *,
+               learn: bool | None = None) -> tuple[torch.Tensor, State]:
         """Continue from ``state`` (``None``: a fresh sequence): ``(logits [B, T, vocab], state)``.
 
         Feeding a sequence in segments, passing each returned state to the next call, gives the
-        logits of one pass over the whole sequence.
+        logits of one pass over the whole sequence. In-context levels (``objective: outer`` with a
+        finite period) commit their updates as the tokens arrive (:mod:`nlgraph.cms`);
+        ``learn=False`` (default: ``self.learn``) freezes them at their committed parameters.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T] token ids, got shape {tuple(tokens.shape)}")
+        if self._slots:
+            from .cms import stream_in_context
+
+            return stream_in_context(self, tokens, state, self.learn if learn is None else learn)
         blocks = (state or {}).get("blocks") or [None] * len(self.blocks)
+        if self._carried and state is None:
+            from .cms import start_carried
+
+            blocks = start_carried(self, blocks, tokens.shape[0])
         x = self.embed(tokens)
         new = []
         for block, st in zip(self._compiled or self.blocks, blocks):
             x, st = block(x, st)
             new.append(st)
+        if self._carried:
+            from .cms import keep_carried
+
+            keep_carried(self, new)
         return self.head(self.norm(x)), {"blocks": new}
+
+    def save_memory(self, path: Any) -> Any:
+        """Write the persistent memory (the committed parameters and optimizer buffers of every
+        ``lifetime: persistent`` level, per batch row) to a safetensors file, atomically."""
+        from .cms import save_memory
+
+        return save_memory(self, path)
+
+    def load_memory(self, path: Any) -> None:
+        """Load a file written by :meth:`save_memory` (raises ``MemoryStateError``, one line)."""
+        from .cms import load_memory
+
+        load_memory(self, path)
+
+    def reset_memory(self) -> None:
+        """Forget the persistent memory: the next sequence starts from the initial parameters."""
+        self._persistent = {}

@@ -119,10 +119,8 @@ def test_only_an_infinite_period_is_the_static_mlp(frequency, float64):
     assert (ys[0][:, 3:] - ys[1][:, 3:]).abs().min() > 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9: models lower every 'outer' level to a static MLP, so a CMS "
-                   "frequency has no effect on a model's forward pass yet; when in-context CMS updates land "
-                   "this passes and the marker must go")
 def test_a_finite_period_cms_model_is_not_the_transformer():
+    # issue 9: the finite period runs in context, so the model leaves the Transformer++ at token 4
     b = load_spec("equiv/cms_never", TINY + ["levels.cms.levels.0.frequency=4"])
     report = compare("transformer_pp", b, overrides=TINY, seeds=1, length=16)
     assert not report.equivalent

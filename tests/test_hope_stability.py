@@ -77,9 +77,11 @@ def test_the_literal_reading_still_runs_and_diverges_on_indented_code():
     """Same weights' seed, same window: the default is finite, the literal reading is not — the
     options are what changed, and the literal one stays available to see it."""
     x = _tokens(SNIPPET[:256])
+    # the CMS frozen (learn=False, issue 9): the options under test are the Titans level's, and
+    # in-context CMS steps change the later blocks' inputs enough to move where it diverges
     with torch.no_grad():
-        assert torch.isfinite(_hope(64, 4, 0)(x)).all()
-        assert not torch.isfinite(_hope(64, 4, 0, LITERAL)(x)).all()
+        assert torch.isfinite(_hope(64, 4, 0)(x, learn=False)).all()
+        assert not torch.isfinite(_hope(64, 4, 0, LITERAL)(x, learn=False)).all()
 
 
 def _memory_norms(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -158,10 +160,11 @@ def _products(f: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_retention_products_are_dtype_clean_in_bf16(autocast):
-    """Exact zeros in a bf16 retention (a saturated gate) send ``cumprod``'s backward down its
-    zero-handling path (an exclusive cumprod and masked writes; on CUDA a ``masked_scatter_`` that
-    needs one dtype). Every cumprod runs on float32 in and out, no op but an explicit cast mixes
-    floating dtypes, and the gradient equals the float64 one of the hand-written products."""
+    """Exact zeros in a bf16 retention (a saturated gate): the products are multiplications in
+    float32 (no ``cumprod``, whose backward asks the host whether the input holds a zero: a
+    synchronisation that breaks CUDA-graph capture), no op reads a value back to the host, no op
+    but an explicit cast mixes floating dtypes, and the gradient equals the float64 one of the
+    hand-written products."""
     f = torch.tensor([0.5, 0.0, 0.875, 0.0, 0.75, 1.0], dtype=torch.bfloat16, requires_grad=True)
     weights = torch.linspace(-1, 1, 49).reshape(7, 7)
     with _Dtypes() as mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -169,10 +172,10 @@ def test_retention_products_are_dtype_clean_in_bf16(autocast):
         loss = (g.float() * weights).sum()
         (grad,) = torch.autograd.grad(loss, f)
     assert g.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
-    cumprods = [s for s in mode.seen if s[0] == "cumprod"]
-    # forward, and the backward's exclusive product that only the zero-handling path computes
-    assert len(cumprods) >= 2, cumprods
-    assert all(ins == [torch.float32] and out == torch.float32 for _, ins, out in cumprods), cumprods
+    names = {s[0] for s in mode.seen}
+    assert not names & {"cumprod", "_local_scalar_dense", "nonzero", "item", "is_nonzero"}, names
+    muls = [s for s in mode.seen if s[0] == "mul"]
+    assert muls and all(ins == [torch.float32, torch.float32] for _, ins, _ in muls), muls
     mixed = [s for s in mode.seen if len(set(s[1])) > 1 and s[0] not in ("_to_copy", "copy_")]
     assert not mixed, mixed
     f64 = f.detach().double().requires_grad_(True)

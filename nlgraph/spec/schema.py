@@ -335,9 +335,24 @@ class HuberObjectiveSpec(_Spec):
 
 class OuterObjectiveSpec(_Spec):
     """The model's own training loss: the level is an MLP ``y = M(x)`` whose in-context updates (if
-    its frequency is finite) use the gradient of the outer loss (CMS, NeurIPS Eqs. 30–31)."""
+    its frequency is finite) use the gradient of the outer loss (CMS, NeurIPS Eqs. 30–31): at every
+    multiple e of the period C the level commits ``θ ← θ − η Σ_{t=e−C}^{e−1} ∇_θ ℓ_t``, every
+    gradient at the period-start θ, ℓ_t the model's next-token loss at t."""
 
     kind: Literal["outer"]
+    reduce: Literal["sum", "mean"] = "sum"
+    """How the period's per-token gradients combine: their ``sum`` (NeurIPS Eq. 31) or their
+    ``mean`` (the sum divided by C)."""
+    updates: Literal["in_context", "outer_loop"] = "in_context"
+    """``in_context``: the period is run while the model reads a stream (training forward, eval,
+    generation, ``model.stream``), each sequence with its own trajectory. ``outer_loop``: the level
+    is static inside the forward and the outer optimizer updates it only once every C training
+    tokens (the multi-rate outer-optimizer reading; `nlgraph.cms.MultiRateOuter` applies it)."""
+    meta_gradient: Literal["first_order", "second_order"] = "first_order"
+    """How the outer loop differentiates through the in-context updates: ``first_order`` treats
+    each committed step as a constant (the outer gradient of θ_0 is the sum of the gradients at
+    every period's parameters); ``second_order`` differentiates through every step (exact, keeps
+    the graph of the inner gradients)."""
 
 
 ObjectiveSpec = Annotated[
@@ -618,7 +633,11 @@ class LevelSpec(_Spec):
     ``{chunk: N}`` (at the last N-token boundary: TTT / Titans mini-batch semantics)."""
     lifetime: Literal["sequence", "persistent"] = "sequence"
     """``sequence``: state resets to the initial state for every sequence. ``persistent``: state
-    carries over across sequences (continual learning)."""
+    carries over across sequences (continual learning): a fresh sequence starts from the committed
+    parameters and optimizer buffers the level had at the end of the model's last call, per batch
+    row (``model.save_memory`` / ``load_memory`` / ``reset_memory``); its position, uncommitted
+    partial period, gradient-point anchor and retention origin start afresh. The memory of a
+    ``memory_context`` group does not carry its state yet."""
     read: Literal["after_write", "before_write", "chunk_start"] = "after_write"
     """What the output at token t reads: the memory after the write of token t (``after_write``),
     before it (``before_write``: the rolling state ``M_{t−1}``, HOPE arXiv Eq. 94), or the state at
@@ -651,6 +670,25 @@ class LevelSpec(_Spec):
         if isinstance(v, ChunkPointSpec) and isinstance(freq, int) and v.chunk % freq:
             raise ValueError(f"chunk ({v.chunk}) must be a multiple of frequency ({freq})")
         return v
+
+
+def in_context_outer_problem(level: LevelSpec) -> tuple[str, str] | None:
+    """Why a model cannot run ``level`` as an in-context ``outer`` level (a CMS link with a finite
+    period), as ``(message, YAML sub-path)``, or ``None``. Its step is one update per period from
+    the period's summed gradient, so per-token quantities have no meaning there. (The level runtime
+    reads an ``outer`` objective per token, so a level spec alone is not refused: the graph stage
+    asks this of the levels a model stacks.)"""
+    opt = level.optimizer
+    if opt.kind in ("dgd", "deep_momentum"):
+        return (f"an in-context 'outer' level commits one step per period from the period's gradient; "
+                f"optimizer '{opt.kind}' is defined per event; use gd, momentum, adam or muon", "optimizer.kind")
+    if opt.kind == "muon" and getattr(level.memory, "bias", False):
+        return "optimizer muon orthogonalises matrices, but the memory has biases; set memory.bias: false", "memory.bias"
+    for name in ("lr", "momentum"):
+        if isinstance(getattr(opt, name, None), GateSpec):
+            return (f"an in-context 'outer' level takes a constant {name} (one step per period, not per "
+                    f"token); write a number", f"optimizer.{name}")
+    return None
 
 
 class AttentionSpec(_Spec):

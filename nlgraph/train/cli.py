@@ -43,6 +43,9 @@ def _common_run_args(p: argparse.ArgumentParser, *, steps: int, batch: int, leng
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--no-compile", action="store_true", help="run eagerly (default on CUDA: per-block torch.compile)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each step's forward and backward as CUDA graphs (default: on for an "
+                        "uncompiled model on one GPU, eager if capture fails)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--data", metavar="PATH", default=None,
@@ -89,10 +92,15 @@ def add_parsers(sub) -> None:
         "eval", help="evaluate a checkpoint or a spec: perplexity or a synthetic task",
         description="--task ppl: validation loss, perplexity and bits per byte of a trained run "
         "(CHECKPOINT_DIR). --task mqar|niah|formal: accuracy on the task; given a SPEC the model "
-        "is first trained on the task from scratch (as Zoology does) with the options below.")
+        "is first trained on the task from scratch (as Zoology does) with the options below. "
+        "--task continual: train a SPEC on each of --domains in turn and report every domain's "
+        "validation loss after each phase, forgetting and backward transfer.")
     p.add_argument("target", metavar="CHECKPOINT_DIR|SPEC")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="spec overrides (with a SPEC)")
-    p.add_argument("--task", default="ppl", help="ppl (default), mqar, niah, formal")
+    p.add_argument("--task", default="ppl", help="ppl (default), mqar, niah, formal, continual")
+    p.add_argument("--domains", metavar="D1,D2,...", default="shakespeare,milton",
+                   help="--task continual: the domains trained one after the other, --steps each "
+                        "(default shakespeare,milton)")
     _common_run_args(p, steps=300, batch=32, length=256)
     p.add_argument("--eval-batches", type=_positive("--eval-batches"), default=16, help="evaluation batches (default 16)")
     p.add_argument("--out", metavar="DIR", default=None, help="run folder for training a SPEC (default: runs/eval-<spec>-<task>)")
@@ -102,6 +110,8 @@ def add_parsers(sub) -> None:
                    help="evaluate at these sequence lengths (default: the training length)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE", default=None, help="write a PNG (accuracy vs length for mqar/niah)")
+    p.add_argument("--no-learn", action="store_true", help="freeze every in-context level (a CMS with a finite period) at its trained "
+                        "parameters: the static model, no test-time learning")
 
     p = sub.add_parser("sample", help="generate text from a trained run",
                        description="Continue a prompt with a trained model, token by token through "
@@ -113,6 +123,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-learn", action="store_true", help="freeze every in-context level (a CMS with a finite period) at its trained "
+                        "parameters: the static model, no test-time learning")
 
     p = sub.add_parser("demo", help="train a tiny HOPE and a tiny Transformer++ and compare them",
                        description="The README's demo: train a small HOPE and a Transformer++ of about "
@@ -143,6 +155,7 @@ def _config(args, out: str):
     return TrainConfig(task_settings=_task_settings(args),
         out=out, steps=args.steps, batch=args.batch, length=args.length, lr=args.lr, seed=args.seed,
         device=args.device, compile=False if args.no_compile else None, precision=args.precision,
+        cuda_graph=getattr(args, "cuda_graph", None),
         data=args.data, domain=args.domain, tokenizer=args.tokenizer, overrides=list(args.overrides),
         **{k: getattr(args, k) for k in ("eval_every", "eval_batches", "save_every", "keep", "warmup",
                                           "weight_decay", "clip", "task", "progress", "time_limit") if hasattr(args, k)})
@@ -170,7 +183,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(target: str, device: str | None):
+def _load_run(target: str, device: str | None, learn: bool = True):
+    """The trained model of a run folder; ``learn=False`` freezes its in-context levels."""
     import torch
 
     from ..lower import build
@@ -182,17 +196,18 @@ def _load_run(target: str, device: str | None):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(spec, device=dev)
     load_model_state(model, ckpt)
+    model.learn = learn
     return model, ckpt, spec, dev
 
 
 def _sample_text(target: Path, prompt: str, tokens: int, temperature: float, top_k: int, seed: int,
-                 device: str | None) -> str:
+                 device: str | None, learn: bool = True) -> str:
     import torch
 
     from ..data import get_tokenizer
     from .sample import generate
 
-    model, ckpt, spec, dev = _load_run(str(target), device)
+    model, ckpt, spec, dev = _load_run(str(target), device, learn)
     cfg = ckpt.state.get("config", {})
     if cfg.get("task", "corpus") != "corpus":
         raise NLGraphError(f"this run was trained on the synthetic task '{cfg.get('task')}', not text; "
@@ -206,7 +221,7 @@ def _sample_text(target: Path, prompt: str, tokens: int, temperature: float, top
 
 def cmd_sample(args) -> int:
     print(_sample_text(Path(args.target), args.prompt, args.tokens, args.temperature, args.top_k, args.seed,
-                       args.device))
+                       args.device, not args.no_learn))
     return 0
 
 

@@ -75,7 +75,7 @@ def run_eval(args) -> dict[str, Any]:
     task = args.task
     if task == "ppl":
         target = args.target if is_run(args.target) else _train_first(args, "corpus")
-        model, ckpt, spec, dev = _load_run(target, args.device)
+        model, ckpt, spec, dev = _load_run(target, args.device, not getattr(args, "no_learn", False))
         cfg = ckpt.state.get("config", {})
         if cfg.get("task", "corpus") != "corpus":
             raise NLGraphError(f"this run was trained on the task '{cfg.get('task')}'; perplexity needs "
@@ -95,6 +95,10 @@ def run_eval(args) -> dict[str, Any]:
                        [[target, corpus.name, ckpt.step, f"{res['val_loss']:.4f}", f"{res['ppl']:.3f}",
                          f"{res['bits_per_token']:.4f}", f"{res['tokens']:,}"]])
         return {"task": "ppl", "run": str(target), "step": ckpt.step, "corpus": corpus.name, **res, "table": table}
+    if task == "continual":
+        from .continual import evaluate_continual
+
+        return evaluate_continual(args, _table)
     from .tasks_eval import evaluate_task
 
     return evaluate_task(args, _train_first, _table)

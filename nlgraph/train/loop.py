@@ -81,6 +81,11 @@ class TrainConfig:
     """Per-block ``torch.compile``; default: on for CUDA, off for CPU."""
     precision: str = "auto"
     """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
+    cuda_graph: bool | None = None
+    """Capture the forward and backward of a training step as CUDA graphs and replay them each
+    step (no Python or launch overhead: what deep-memory levels, thousands of small kernels a step,
+    are bound by). Default: on for an uncompiled model on one CUDA device, falling back to eager
+    with a note when the model cannot be captured; ``True`` makes a failed capture an error."""
     task: str = "corpus"
     """``corpus`` (next-token prediction on text) or a synthetic task name (``nlgraph.data.TASKS``)."""
     data: str | None = None
@@ -260,6 +265,34 @@ def _finite_tree(obj: Any) -> bool:
     if isinstance(obj, (list, tuple)):
         return all(_finite_tree(v) for v in obj)
     return True
+
+
+class _LossStep(torch.nn.Module):
+    """The loss of one training batch, the unit a CUDA graph captures."""
+
+    def __init__(self, model: torch.nn.Module, autocast: Any) -> None:
+        super().__init__()
+        self.model, self.autocast = model, autocast
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(x)
+        return lm_loss(logits, y)
+
+
+def graph_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.nn.Module:
+    """``step(x, y) -> loss`` whose forward and backward replay CUDA graphs captured on ``x [B, T]``,
+    ``y [B, T]``: each call copies its batch into the captured inputs, and ``loss.backward()``
+    accumulates every parameter's gradient into ``.grad`` as eager autograd does. Autocast runs
+    with its cast cache off, which capture requires. Raises whatever capture raises (an operation
+    that synchronises with the host, a shape that changes)."""
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        return nullcontext()
+
+    # one warm-up pass (the default three would triple the start of a slow model's run)
+    return torch.cuda.make_graphed_callables(_LossStep(model, autocast), (x, y), num_warmup_iters=1)
 
 
 def locate_nonfinite(model: torch.nn.Module, tokens: torch.Tensor, autocast: Any) -> str | None:
@@ -495,6 +528,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         data.load_state_dict(ckpt.state["data"])
         start = ckpt.step
         tokens_seen = int(ckpt.state.get("tokens", 0))
+        if (out / "memory.safetensors").is_file():
+            model.load_memory(out / "memory.safetensors")
         set_rng_state(ckpt.state["rng"])
     if start >= cfg.steps and dist.main:
         print(f"nothing to do: the checkpoint is at step {start} and --steps is {cfg.steps}", file=sys.stderr)
@@ -502,6 +537,11 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if use_compile:
         model.compile_blocks()
+    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (
+        device.type == "cuda" and not use_compile and dist.world == 1)
+    if use_graph and (device.type != "cuda" or use_compile or dist.world > 1):
+        raise TrainError("--cuda-graph needs one CUDA device and no --compile (a compiled model "
+                         "can use torch.compile's own graphs)")
     runner: torch.nn.Module = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -533,6 +573,9 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         return total / max(count, 1)
 
     def checkpoint(step: int) -> None:
+        if dist.main and getattr(model, "_persistent", None):
+            # `lifetime: persistent` levels: what they carry into the next sequence (rank 0's rows)
+            model.save_memory(out / "memory.safetensors")
         if dist.main:
             save_checkpoint(out, step=step, model=model, optimizer=opt, spec_yaml=spec_yaml, spec_hash=shash,
                             state={"tokens": tokens_seen, "data": data.state_dict(), "config": _config_json(cfg),
@@ -550,6 +593,31 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     t_run = time.perf_counter()
     tokens_run = 0
     model.train()
+    graphed = None
+    from ..cms import MultiRateOuter
+
+    # `updates: outer_loop` levels: the optimizer moves them once every C training tokens
+    multi = MultiRateOuter(model)
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal graphed, use_graph
+        if use_graph and graphed is None:
+            try:
+                graphed = graph_step(model, x, y, precision)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager (or is reported)
+                if cfg.cuda_graph:
+                    raise TrainError(f"--cuda-graph: this model cannot be captured as a CUDA graph "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                     f"train without --cuda-graph", file=spec_file) from e
+                use_graph = False
+                progress.line(f"note: CUDA graph capture failed ({type(e).__name__}); training eagerly")
+                torch.cuda.synchronize(device)
+        if graphed is not None:
+            return graphed(x, y)
+        with autocast():
+            logits = runner(x)
+        return lm_loss(logits, y)
+
     try:
         with _Stop() as stop:
             while step < cfg.steps:
@@ -558,10 +626,10 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                     g["lr"] = lr
                 x, y = data.next()
                 t0 = time.perf_counter()
-                with autocast():
-                    logits = runner(x)
-                loss = lm_loss(logits, y)
+                loss = step_loss(x, y)
                 loss.backward()
+                if multi.groups:
+                    multi.before_step(cfg.batch * cfg.length)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
                 loss_v = float(loss.detach())
                 if dist.world > 1:

@@ -114,7 +114,7 @@ def _one_task(args, name: str, train_first, lengths: list[int], extra: dict[str,
         _ensure_vocab(args, task.vocab_needed(**{"length": args.length, **settings}))
         args.task_setting = [f"{k}={v}" for k, v in settings.items()]
         run = train_first(args, name)
-    model, ckpt, spec, dev = _load_run(run, args.device)
+    model, ckpt, spec, dev = _load_run(run, args.device, not getattr(args, "no_learn", False))
     cfg = ckpt.state.get("config", {})
     if cfg.get("task") != name:
         raise NLGraphError(f"this run was trained on '{cfg.get('task')}', not '{name}'; evaluate it with "

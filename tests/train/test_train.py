@@ -261,3 +261,80 @@ def test_cli_errors_are_one_line(tmp_path, text, capsys):
         code = main(["train", "transformer_pp", *TINY, f"data={text}", "--steps", "1", "--device", "cpu", *extra])
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
+
+
+def _cms_spec(updates: str, period: int, lifetime: str = "sequence") -> dict:
+    return {"name": "tiny_cms_train",
+            "levels": {"attn": {"kind": "attention", "heads": 2},
+                       "cms": {"memory": {"kind": "mlp", "hidden": "2x"},
+                               "objective": {"kind": "outer", "updates": updates},
+                               "optimizer": {"kind": "gd", "lr": 0.1}, "frequency": period,
+                               "lifetime": lifetime}},
+            "model": {"vocab": 256, "d_model": 16, "blocks": [["attn", "cms"]]}}
+
+
+def test_an_outer_loop_level_moves_only_every_period_of_training_tokens(tmp_path, text):
+    """``updates: outer_loop`` with C = 128 training tokens and 64 tokens a step (2 × 32): the
+    optimizer moves the level on every second step only; the rest of the model every step."""
+    seen = []
+
+    def record(step, loss, model):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    train(_cms_spec("outer_loop", 128), _cfg(tmp_path / "run", text, overrides=[], weight_decay=0.0),
+          on_step=record)
+    # the level's own MLP; the pre-norm of its residual is an ordinary parameter
+    cms = [n for n in seen[0] if ".cms.inner." in n]
+    other = [n for n in seen[0] if ".cms.inner." not in n]
+    assert cms and other
+    for step in range(1, len(seen)):
+        moved = any(not torch.equal(seen[step][n], seen[step - 1][n]) for n in cms)
+        assert moved == (step % 2 == 1), step  # steps 2, 4, 6 (0-based 1, 3, 5) cross 128k tokens
+        assert all(not torch.equal(seen[step][n], seen[step - 1][n]) for n in other)
+
+
+def test_persistent_memory_is_saved_with_the_run_and_restored_on_resume(tmp_path, text):
+    """A ``lifetime: persistent`` level's carried memory is written with each checkpoint and read
+    back on ``--resume``: the resumed step differs from one resumed without the file (which starts
+    the memory afresh), and equals an uninterrupted run's."""
+    import shutil
+
+    spec = _cms_spec("in_context", 8, lifetime="persistent")
+    full = tmp_path / "full"
+    train(spec, _cfg(full, text, overrides=[], steps=4, eval_every=3))
+    out = tmp_path / "run"
+
+    def interrupt(step, loss, model):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = train(spec, _cfg(out, text, overrides=[], steps=4, eval_every=3), on_step=interrupt)
+    assert res.step == 3 and (out / "memory.safetensors").is_file()
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "memory.safetensors").unlink()
+    train(spec, _cfg(out, text, overrides=[], steps=4, eval_every=3), resume=True)
+    train(spec, _cfg(bare, text, overrides=[], steps=4, eval_every=3), resume=True)
+    assert _losses(out)[4] == _losses(full)[4]
+    assert _losses(bare)[4] != _losses(out)[4]
+
+
+def test_eval_and_sample_no_learn_freeze_in_context_levels(tmp_path, text, capsys):
+    """``--no-learn``: the run's in-context CMS reads its trained parameters only, so perplexity
+    differs from the learning model's; sampling takes the flag too."""
+    import yaml
+
+    spec = tmp_path / "cms.yaml"
+    spec.write_text(yaml.safe_dump(_cms_spec("in_context", 4)))
+    out = tmp_path / "run"
+    assert main(["train", str(spec), f"data={text}", "--out", str(out), "--steps", "2", "--batch", "2",
+                 "--length", "32", "--eval-every", "2", "--device", "cpu", "--lr", "1e-2"]) == 0
+    capsys.readouterr()
+    ppl = {}
+    for flag in ([], ["--no-learn"]):
+        assert main(["eval", str(out), "--task", "ppl", f"data={text}", "--eval-batches", "2",
+                     "--length", "32", "--device", "cpu", *flag]) == 0
+        ppl[bool(flag)] = capsys.readouterr().out
+    assert ppl[True] != ppl[False]
+    assert main(["sample", str(out), "--tokens", "8", "--device", "cpu", "--no-learn"]) == 0
+    assert capsys.readouterr().out
