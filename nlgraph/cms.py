@@ -336,6 +336,17 @@ def _commit(slots: list[Slot], ic: State, position: int, outer_grad: bool) -> No
 def stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, learn: bool) -> tuple[torch.Tensor, State]:
     """:meth:`NLModel.stream` for a model with in-context levels (see the module docstring):
     ``tokens [B, T]`` -> ``(logits [B, T, V], state)``."""
+    if model._compiled:
+        # a commit differentiates the period's segments (retain_graph) before the outer backward
+        # does, so a compiled block's backward runs more than once: it must not donate (free) its
+        # saved buffers, which AOT autograd does by default. The flag is read when the forward is
+        # compiled, in the first call here.
+        with torch._functorch.config.patch(donated_buffer=False):
+            return _stream_in_context(model, tokens, state, learn)
+    return _stream_in_context(model, tokens, state, learn)
+
+
+def _stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, learn: bool) -> tuple[torch.Tensor, State]:
     slots: list[Slot] = model._slots
     b, t = tokens.shape
     fresh = state is None  # a fresh sequence: persistent levels start from what they carry
