@@ -379,6 +379,22 @@ class _Inputs:
         """Tokens ``[s, e)``."""
         return _Chunk([t[:, s:e] for t in self.tensors], self.index)
 
+    def split(self, bounds: list[tuple[int, int]]) -> dict[int, _Chunk]:
+        """The chunks ``[s, e)`` of consecutive ``bounds`` (keyed by ``s``), as one ``split`` of each
+        tensor: its backward is one concatenation, where a slice per chunk would zero-fill a
+        gradient of the whole sequence per chunk and add them up (quadratic in the length)."""
+        if not bounds:
+            return {}
+        if torch.compiler.is_compiling():
+            # traced, a continued sequence's bounds derive from its position tensor (data-dependent
+            # sizes that a split must guard on); slices keep them symbolic, and the compiler fuses
+            # their backward
+            return {s: self.chunk(s, e) for s, e in bounds}
+        first, last = bounds[0][0], bounds[-1][1]
+        sizes = [e - s for s, e in bounds]
+        parts = [t[:, first:last].split(sizes, dim=1) for t in self.tensors]
+        return {s: _Chunk([p[i] for p in parts], self.index) for i, (s, _) in enumerate(bounds)}
+
     def scan(self, step, carry, s: int, n_chunks: int, size: int):
         """``n_chunks`` full chunks of ``size`` tokens from token ``s`` through torch's :func:`scan`:
         ``step(carry, chunk) -> (carry, out [B, H, size, ...])`` is traced once, not once per chunk.
@@ -552,8 +568,9 @@ def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, di
         w, s_buf = carry["w"], carry.get("s")
         outs.append(out)
         start = full * chunk_size
+    pieces = inputs.split([(s, min(T, s + chunk_size)) for s in range(start, T, chunk_size)])
     for s in range(start, T, chunk_size):
-        out, w, s_buf = _online_chunk(run, inputs.chunk(s, min(T, s + chunk_size)), w, s_buf, origin)
+        out, w, s_buf = _online_chunk(run, pieces[s], w, s_buf, origin)
         outs.append(out)
     state = dict(run.state)
     state["position"] = run.state["position"] + T
@@ -636,10 +653,14 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 params[layer.weight] = w_end
                 if momentum:
                     moms[f"momentum.{layer.weight}"] = s_end
+        # unbind, not an index per slot: its backward is one stack, where each index would zero-fill
+        # a gradient of the whole stack
+        per_param = {p: t.unbind(0) for p, t in params.items()}
+        per_mom = {n: t.unbind(0) for n, t in moms.items()}
         for i, slot in enumerate(group):
-            new_working[slot] = {p: t[i] for p, t in params.items()}
+            new_working[slot] = {p: t[i] for p, t in per_param.items()}
             if momentum:
-                buffers[slot] = {**buffers[slot], **{n: t[i] for n, t in moms.items()}}
+                buffers[slot] = {**buffers[slot], **{n: t[i] for n, t in per_mom.items()}}
     if run.read == "chunk_start":
         # Eq. 90: the read is taken at the chunk boundary, with the gradients
         out = main.forward(lin["memory"], q)
@@ -684,6 +705,8 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         anchor is None or all(anchor[s][p] is committed[s][p] for s in slots for p in committed[s]))
     full = [i for i, (s, e) in enumerate(segments) if e - s == run.chunk and (i > 0 or shared)]
     start = full[0] if _use_scan(loop, len(full)) else -1
+    # every segment as one split (the scanned ones go unused: their gradient is zeros in one cat)
+    pieces = inputs.split(segments) if start < 0 or len(full) < len(segments) else {}
     outs, i = [], 0
     while i < len(segments):
         if i == start:
@@ -710,7 +733,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         s, e = segments[i]
         end = run.position + e
         lin = anchor if anchor is not None else committed
-        out, working, buffers = _minibatch_chunk(run, inputs.chunk(s, e), lin, committed, working, buffers,
+        out, working, buffers = _minibatch_chunk(run, pieces[s], lin, committed, working, buffers,
                                                  end % run.period == 0, origin)
         outs.append(out)
         if not run.has_pending or end % run.period == 0:
