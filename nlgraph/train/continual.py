@@ -92,8 +92,8 @@ def continual_metrics(losses: Sequence[Sequence[float]]) -> dict[str, Any]:
 
 
 def _domain_ids(domains: Sequence[str], data: str | None, tokenizer) -> dict[str, tuple[Any, Any]]:
-    """Train and validation token ids ``(int64 [N],)`` of every domain, read before any training so a
-    missing corpus fails first."""
+    """domain -> ``(train ids, validation ids)``, int64 arrays ``[N]``; every domain is read before
+    any training, so a missing corpus or domain fails first."""
     import numpy as np
 
     from ..data import load_corpus
