@@ -27,20 +27,16 @@ import sys
 import time
 from pathlib import Path
 
+# the gradient snapshot and relative error of the kernel check, one directory over (run as a script)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import _grads, _rel  # noqa: E402
+
 
 def _overrides(spec: str, chunk: int | None, width: int, layers: int, heads: int) -> list[str]:
     ov = ["model.vocab=256", f"vars.d_model={width}", f"vars.layers={layers}", f"vars.heads={heads}"]
     if chunk is not None:
         ov.append("vars.chunk=%d" % chunk if spec.startswith("hope") else f"levels.memory.gradient_point.chunk={chunk}")
     return ov
-
-
-def _grads(model):
-    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _log(row: dict, phase: str) -> None:

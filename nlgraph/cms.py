@@ -50,10 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NLGraphError
-from .layers import Mlp, make_norm
-from .levels.memories import _activation
+from .layers import Mlp
 from .levels.optimizers import build_optimizer
-from .spec.schema import LevelSpec, MlpMemorySpec
+from .spec.schema import LevelSpec
 
 __all__ = ["InContextMlp", "MemoryStateError", "MultiRateOuter", "is_in_context", "stream_in_context"]
 
@@ -85,24 +84,8 @@ def mlp_forward(mlp: Mlp, params: dict[str, torch.Tensor], x: torch.Tensor) -> t
         if bias is not None:
             x = x + bias[:, 0].unsqueeze(1)
         if i < n - 1:
-            if mlp.gated:
-                a, g = x.chunk(2, dim=-1)
-                x = a * (F.silu(g) if mlp.spec.activation == "swiglu" else F.gelu(g))
-            else:
-                x = _activation(mlp.spec.activation, x)
+            x = mlp.hidden(x)
     return x
-
-
-class _Branch(nn.Module):
-    """``residual_mlp``'s branch: ``x + norm(mlp(x))`` (the norm is an outer parameter)."""
-
-    def __init__(self, level: LevelSpec, width: int) -> None:
-        super().__init__()
-        mem = level.memory
-        inner = MlpMemorySpec(kind="mlp", depth=max(mem.depth, 1), hidden=mem.hidden,
-                              activation=mem.activation, bias=mem.bias)
-        self.branch = Mlp(inner, width)
-        self.norm = make_norm(mem.norm, width)
 
 
 class InContextMlp(nn.Module):
@@ -120,7 +103,10 @@ class InContextMlp(nn.Module):
         self.spec = level
         self.period: int = int(level.frequency)
         self.residual = level.memory.kind != "mlp"
-        self.mlp = Mlp(level.memory, width) if not self.residual else _Branch(level, width)
+        from .model import ResidualMlp
+
+        # the static level's modules, so a `frequency: never` spec's weights load into this one
+        self.mlp = Mlp(level.memory, width) if not self.residual else ResidualMlp(level, width)
         self.optimizer = build_optimizer(level.optimizer)
         self.reduce = level.objective.reduce
         self.second_order = level.objective.meta_gradient == "second_order"

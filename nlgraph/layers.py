@@ -168,12 +168,15 @@ class Mlp(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                if self.gated:
-                    a, g = x.chunk(2, dim=-1)
-                    x = a * (F.silu(g) if self.spec.activation == "swiglu" else F.gelu(g))
-                else:
-                    x = _activation(self.spec.activation, x)
+                x = self.hidden(x)
         return x
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The non-linearity after a hidden layer (a gated one halves the width)."""
+        if self.gated:
+            a, g = x.chunk(2, dim=-1)
+            return a * (F.silu(g) if self.spec.activation == "swiglu" else F.gelu(g))
+        return _activation(self.spec.activation, x)
 
 
 def rotary(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:

@@ -63,13 +63,15 @@ class StaticMlp(nn.Module):
     def __init__(self, level: LevelSpec, width: int) -> None:
         super().__init__()
         self.spec = level
-        self.mlp = Mlp(level.memory, width) if level.memory.kind == "mlp" else _ResidualMlp(level, width)
+        self.mlp = Mlp(level.memory, width) if level.memory.kind == "mlp" else ResidualMlp(level, width)
 
     def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
         return self.mlp(x), state
 
 
-class _ResidualMlp(nn.Module):
+class ResidualMlp(nn.Module):
+    """``residual_mlp``'s branch as an outer level: ``x + norm(mlp(x))`` (the norm has no state)."""
+
     def __init__(self, level: LevelSpec, width: int) -> None:
         super().__init__()
         from .spec.schema import MlpMemorySpec
