@@ -65,6 +65,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.levels.gates import AdaptiveGate
 from nlgraph.levels.memories import Memory, apply_layer
+from nlgraph.levels.optimizers import newton_schulz
 from nlgraph.levels.run import LevelRun, Stream, final_state, periods, schedule
 from nlgraph.spec.schema import LevelSpec
 
@@ -281,11 +282,19 @@ def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
     if spec.frequency == "never":
         return None
     opt = spec.optimizer
-    if opt.kind not in ("gd", "momentum", "dgd"):
+    if opt.kind not in ("gd", "momentum", "dgd", *MAPPED):
         return f"the {opt.kind} optimizer's update is not a linear recurrence in the memory"
     if opt.kind == "momentum" and opt.nesterov:
         return "nesterov momentum has no chunkwise form here"
     period, chunk = periods(spec)
+    if opt.kind in MAPPED:
+        if period == 1 and chunk == 1:
+            return (f"an exact-online {opt.kind} memory (frequency 1, gradient_point token) steps on "
+                    "each token's gradient at the previous token's state, which is sequential; use "
+                    "gradient_point: {chunk: N} for its mini-batch form")
+        gate = spec.retention.gate if spec.retention is not None else None
+        if getattr(gate, "per", None) == "channel":
+            return f"the {opt.kind} mini-batch form takes a retention gate per head, not per channel"
     if period == 1 and chunk == 1:
         if spec.memory.kind != "linear":
             return (
@@ -304,6 +313,10 @@ def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
     if period > 1 and chunk != period:
         return f"a gradient-point chunk ({chunk}) longer than the period ({period})"
     return None
+
+
+#: Optimizers whose mini-batch form materialises the per-token states (:func:`_mapped_chunk`).
+MAPPED = ("adam", "muon")
 
 
 # --------------------------------------------------------------------------- chunk loops
@@ -661,15 +674,8 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
             new_working[slot] = {p: t[i] for p, t in per_param.items()}
             if momentum:
                 buffers[slot] = {**buffers[slot], **{n: t[i] for n, t in per_mom.items()}}
-    if run.read == "chunk_start":
-        # Eq. 90: the read is taken at the chunk boundary, with the gradients
-        out = main.forward(lin["memory"], q)
-    elif run.has_pending:
-        # reads see the committed state, which moves only at the period's last token
-        out = main.forward(committed["memory"], q)
-        if not run.read_before and commits:
-            last = main.forward(new_working["memory"], q[..., -1:, :])
-            out = torch.cat([out[..., :-1, :], last], dim=-2)
+    if run.read == "chunk_start" or run.has_pending:
+        out = _period_reads(run, q, lin, committed, new_working, commits)
     else:
 
         def apply(layer, x):
@@ -678,6 +684,157 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
 
         out = main.forward_with(q, apply)
     return out, new_working, buffers
+
+
+def _states(f: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, last: bool = False) -> torch.Tensor:
+    """Every state of ``s_r = f_r s_{r−1} + x_r`` over a chunk, from ``s_0 = x0``: ``f [..., n]``
+    (per-token factors, broadcast against ``x``'s leading axes), ``x [..., n, P]``, ``x0 [..., P]``
+    → ``[..., n, P]`` (``s_1 .. s_n``), or only ``s_n`` as ``[..., 1, P]`` when ``last``. One matmul
+    with the chunk's :func:`transfer` products."""
+    g = transfer(f, False)
+    rows = slice(-1, None) if last else slice(1, None)
+    return g[..., rows, 1:] @ x + g[..., rows, 0:1] * x0.unsqueeze(-2)
+
+
+def _constant(value: float, n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((n,), value, dtype=like.dtype, device=like.device)
+
+
+def _mapped_updates(run: LevelRun, grads: Params, bufs: Params, step0: torch.Tensor | None,
+                    lr: torch.Tensor, shapes: dict[str, tuple[int, ...]]):
+    """The adam / muon update of every token of a chunk from its gradients ``g_t`` (all at the
+    linearisation point, so known at once): the buffers are linear recurrences with constant
+    coefficients (:func:`_states`) and the update a per-token map of them (elementwise for adam,
+    a batched Newton–Schulz for muon).
+
+    ``grads``: name → ``[S, B, H, n, P]`` (flattened parameter); ``bufs``: buffer name →
+    ``[S, B, H, P]``; ``lr [B, H, n]``. Returns ``(u, wd, new_bufs)``: ``u`` name → ``[S, B, H, n, P]``
+    with ``Δ_t = u_t − wd_t ⊙ W`` (``wd [B, H, n]`` or ``None``), and the buffers after the chunk."""
+    opt = run.optimizer
+    n = lr.shape[-1]
+    eta = lr.unsqueeze(-1)  # [B, H, n, 1]
+    u: Params = {}
+    new: Params = {}
+    if opt.kind == "adam":
+        b1, b2 = opt.betas
+        # the bias corrections in float32 at least: 1 − β₂ᵗ is small for the first steps
+        steps = (step0 + torch.arange(1, n + 1, device=lr.device)).to(
+            torch.promote_types(lr.dtype, torch.float32)).unsqueeze(-1)  # [n, 1]
+        if opt.bias_correction:
+            bc1, bc2 = 1 - b1**steps, (1 - b2**steps).sqrt()
+        else:
+            bc1 = bc2 = torch.ones_like(steps)
+        for name, g in grads.items():
+            m = _states(_constant(b1, n, g), (1 - b1) * g, bufs[f"exp_avg.{name}"])
+            v = _states(_constant(b2, n, g), (1 - b2) * g * g, bufs[f"exp_avg_sq.{name}"])
+            u[name] = -(eta / bc1) * (m / (v.sqrt() / bc2 + opt.eps))
+            new[f"exp_avg.{name}"], new[f"exp_avg_sq.{name}"] = m[..., -1, :], v[..., -1, :]
+        return u, None, new
+    spec = opt.spec  # muon
+    mu = spec.momentum
+    for name, g in grads.items():
+        buf = _states(_constant(mu, n, g), (1 - mu) * g, bufs[f"momentum.{name}"])
+        new[f"momentum.{name}"] = buf[..., -1, :]
+        update = (1 - mu) * g + mu * buf if spec.nesterov else buf
+        shape = shapes[name]
+        o = newton_schulz(update.unflatten(-1, shape), spec.ns_coefficients, spec.ns_steps, spec.eps,
+                          opt.ns_dtype, batched=True).to(g.dtype).flatten(-2)
+        u[name] = -(eta * opt._ratio(shape)) * o
+    return u, (lr * spec.weight_decay if spec.weight_decay else None), new
+
+
+def _mapped_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committed: dict[str, Params],
+                  working: dict[str, Params], buffers: dict[str, Params], commits: bool,
+                  origin: dict[str, Params] | None = None):
+    """One segment of the mini-batch form for ``adam`` and ``muon``: the contract of
+    :func:`_minibatch_chunk`. Their update is not linear in the gradients, so the per-token states
+    are materialised instead of solved: every token's gradient ``g_t = δ_t x_tᵀ`` at ``lin``, the
+    optimizer's buffers and updates ``u_t`` for all tokens at once (:func:`_mapped_updates`), and
+    the weights ``W_t = a_t W_{t−1} + b_t W_0 + u_t`` by one matmul with the chunk's transfer
+    products, where ``a_t, b_t`` fold in the retention (``decay`` scales the state before the
+    optimizer reads it, ``weight_decay`` after; ``b`` is the pull toward the initial state ``W_0``)
+    and muon's decoupled weight decay. Costs ``n`` copies of each memory per chunk."""
+    main = run.memories["memory"]
+    buffers = dict(buffers)
+    q, k, v = (_stream(run, role, chunk, lin) for role in ("queries", "keys", "values"))
+    lr, alpha = _rate(run, "lr", chunk, lin), _rate(run, "alpha", chunk, lin)
+    n = k.shape[-2]
+    per_token = run.read != "chunk_start" and not run.has_pending
+    new_working: dict[str, Params] = {}
+    weights: Params = {}  # the level memory's per-token weights [B, H, n, ...] for the reads
+    for group in _groups(run):
+        mem = run.memories[group[0]]
+        shapes = mem.shapes()
+        at = _stack([lin[s] for s in group])
+        work = _stack([working[s] for s in group])
+        target = mem.forward(at, v) if run.self_target else v
+        inputs, deltas = _local_errors(mem, at, k, target, run)
+        grads: Params = {}
+        for layer in mem.layers:
+            grads[layer.weight] = (deltas[layer.weight].unsqueeze(-1) * inputs[layer.weight].unsqueeze(-2)).flatten(-2)
+            if layer.bias is not None:
+                grads[layer.bias] = deltas[layer.weight]
+        bufs = {b: t.flatten(3) for b, t in _stack([{b: t for b, t in buffers[s].items() if b != "step"}
+                                                     for s in group]).items()}
+        step0 = buffers[group[0]].get("step")
+        u, wd, new_bufs = _mapped_updates(run, grads, bufs, step0, lr, shapes)
+        keep = alpha if run.retention is not None else torch.ones_like(lr)
+        if run.retention == "decay":
+            a = keep if wd is None else (1 - wd) * keep
+        else:
+            a = keep if wd is None else keep - wd
+        pull = None
+        if origin is not None:
+            pull = 1 - keep if run.retention != "decay" or wd is None else (1 - wd) * (1 - keep)
+            orig = _stack([origin[s] for s in group])
+        ends: Params = {}
+        for name, shape in shapes.items():
+            x = u[name]
+            if pull is not None:
+                x = x + pull.unsqueeze(-1) * orig[name].flatten(3).unsqueeze(-2)
+            w0 = work[name].flatten(3)
+            if per_token and "memory" in group:
+                states = _states(a, x, w0)  # [S, B, H, n, P]
+                i = group.index("memory")
+                before = torch.cat([w0[i].unsqueeze(-2), states[i, ..., :-1, :]], dim=-2)
+                weights[name] = (before if run.read_before else states[i]).unflatten(-1, shape)
+                ends[name] = states[..., -1, :]
+            else:
+                ends[name] = _states(a, x, w0, last=True).squeeze(-2)
+        per_param = {p: t.unflatten(-1, shapes[p]).unbind(0) for p, t in ends.items()}
+        per_buf = {b: t.unbind(0) for b, t in new_bufs.items()}
+        for i, slot in enumerate(group):
+            new_working[slot] = {p: t[i] for p, t in per_param.items()}
+            upd = {b: t[i].unflatten(-1, buffers[slot][b].shape[2:]) for b, t in per_buf.items()}
+            if step0 is not None:
+                upd["step"] = buffers[slot]["step"] + n
+            buffers[slot] = {**buffers[slot], **upd}
+    if per_token:
+
+        def apply(layer, x):
+            z = (weights[layer.weight] @ x.unsqueeze(-1)).squeeze(-1)
+            return z + weights[layer.bias] if layer.bias is not None else z
+
+        out = main.forward_with(q, apply)
+    else:
+        out = _period_reads(run, q, lin, committed, new_working, commits)
+    return out, new_working, buffers
+
+
+def _period_reads(run: LevelRun, q: torch.Tensor, lin, committed, new_working, commits: bool) -> torch.Tensor:
+    """Reads that do not walk the per-token weights: at the chunk boundary (``read: chunk_start``)
+    or, with a period, of the committed state (the last token of a committing segment reads after
+    its write when ``read: after_write``)."""
+    main = run.memories["memory"]
+    if run.read == "chunk_start":
+        # Eq. 90: the read is taken at the chunk boundary, with the gradients
+        return main.forward(lin["memory"], q)
+    # reads see the committed state, which moves only at the period's last token
+    out = main.forward(committed["memory"], q)
+    if not run.read_before and commits:
+        last = main.forward(new_working["memory"], q[..., -1:, :])
+        out = torch.cat([out[..., :-1, :], last], dim=-2)
+    return out
 
 
 def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -701,10 +858,13 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
     # first when it is a full chunk with nothing pending (period 1) whose anchor is the committed
     # parameters themselves (a fresh sequence, or one continued from a chunk boundary); otherwise
     # (inside a chunk, from pending updates or an anchor of its own) it runs in Python.
+    chunk_fn = _mapped_chunk if run.optimizer.kind in MAPPED else _minibatch_chunk
     shared = not run.has_pending and (
         anchor is None or all(anchor[s][p] is committed[s][p] for s in slots for p in committed[s]))
     full = [i for i, (s, e) in enumerate(segments) if e - s == run.chunk and (i > 0 or shared)]
-    start = full[0] if _use_scan(loop, len(full)) else -1
+    # adam's step count is a 0-d integer buffer, which the scan's packed [B, H, ...] carry cannot hold
+    scannable = run.optimizer.kind != "adam"
+    start = full[0] if scannable and _use_scan(loop, len(full)) else -1
     # every segment as one split (the scanned ones go unused: their gradient is zeros in one cat)
     pieces = inputs.split(segments) if start < 0 or len(full) < len(segments) else {}
     outs, i = [], 0
@@ -713,7 +873,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
 
             def step(c, chunk):
                 w = c["working"]
-                out, w, b = _minibatch_chunk(run, chunk, w, w, w, c["buffers"], True, c.get("origin"))
+                out, w, b = chunk_fn(run, chunk, w, w, w, c["buffers"], True, c.get("origin"))
                 new = {"working": w, "buffers": b}
                 if "origin" in c:  # W_0 rides along unchanged: a constant of the step, not a closure
                     new["origin"] = c["origin"]
@@ -733,7 +893,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         s, e = segments[i]
         end = run.position + e
         lin = anchor if anchor is not None else committed
-        out, working, buffers = _minibatch_chunk(run, pieces[s], lin, committed, working, buffers,
+        out, working, buffers = chunk_fn(run, pieces[s], lin, committed, working, buffers,
                                                  end % run.period == 0, origin)
         outs.append(out)
         if not run.has_pending or end % run.period == 0:

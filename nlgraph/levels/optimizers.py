@@ -68,16 +68,21 @@ def newton_schulz(
     steps: int,
     eps: float,
     dtype: torch.dtype | None = torch.bfloat16,
+    batched: bool = False,
 ) -> torch.Tensor:
     """The quintic Newton–Schulz orthogonalisation of ``torch.optim.Muon``, on every matrix of
     ``x [..., m, n]``: normalise by the Frobenius norm, then ``steps`` times
     ``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ`` on the wide orientation.
 
-    ``dtype`` is the working precision (bfloat16 like torch; ``None`` keeps ``x``'s dtype). The
-    matrices are processed one by one with the 2-D operations torch uses, so results match it bit
-    for bit. The result is returned in the working precision.
+    ``dtype`` is the working precision (bfloat16 like torch; ``None`` keeps ``x``'s dtype). By
+    default the matrices are processed one by one with the 2-D operations torch uses, so results
+    match it bit for bit; ``batched`` runs all of them as batched matmuls (the same maths, a few
+    kernels instead of a few per matrix; roundings may differ in the last bit). The result is
+    returned in the working precision.
     """
     a, b, c = coefficients
+    if batched:
+        return _newton_schulz_batched(x, a, b, c, steps, eps, dtype)
     flat = x.reshape(-1, *x.shape[-2:])
     out = []
     for g in flat.unbind(0):
@@ -92,6 +97,18 @@ def newton_schulz(
             o = torch.addmm(o, update, o, beta=a)
         out.append(o.T if wide else o)
     return torch.stack(out).reshape(x.shape[:-2] + out[0].shape)
+
+
+def _newton_schulz_batched(x, a, b, c, steps, eps, dtype):
+    o = x if dtype is None else x.to(dtype)
+    wide = x.shape[-2] > x.shape[-1]
+    if wide:
+        o = o.mT
+    o = o / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = o @ o.mT
+        o = a * o + (b * gram + c * (gram @ gram)) @ o
+    return o.mT if wide else o
 
 
 class InnerOptimizer:

@@ -2,11 +2,14 @@
 with respect to keys, values, queries, gates and the initial state, for every level kind that has
 a parallel form; its implementation chunk size never changes results."""
 
+from unittest import mock
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from levelcheck import SEEDS, Draw, assert_close, assert_states_close, run
 
+from nlgraph.levels import optimizers
 from nlgraph.runtime import init_state, level_form
 from nlgraph.spec.loader import load_level
 
@@ -168,3 +171,94 @@ def test_chunk_size_is_a_free_knob(seed, t, c1, c2):
     y2, s2 = run(level, "chunked", keys=k, values=v, queries=q, chunk_size=c2)
     assert_close(y1, y2, "outputs")
     assert_states_close(s1, s2)
+
+
+@st.composite
+def adam_muon_levels(draw):
+    """Adam and Muon memories (Atlas' optimizer) under mini-batch semantics: their per-token states
+    are materialised, not solved, in the chunked form."""
+    kind = draw(st.sampled_from(["adam", "muon"]))
+    if kind == "adam":
+        memory = draw(st.sampled_from([
+            {"kind": "linear"},
+            {"kind": "mlp", "depth": 2, "hidden": 4, "activation": "gelu", "bias": True},
+            {"kind": "residual_mlp", "hidden": "2x", "activation": "tanh", "norm": "rms"},
+        ]))
+        opt = {"kind": "adam", "lr": {"from": "input"}, "betas": [draw(st.sampled_from([0.0, 0.9])), 0.99],
+               "eps": 1e-3, "bias_correction": draw(st.booleans())}
+    else:  # muon orthogonalises matrices: no biases
+        memory = draw(st.sampled_from([{"kind": "linear"},
+                                       {"kind": "mlp", "depth": 2, "hidden": 3, "activation": "silu"}]))
+        opt = {"kind": "muon", "lr": {"from": "input"}, "momentum": draw(st.sampled_from([0.0, 0.9])),
+               "nesterov": draw(st.booleans()), "ns_steps": draw(st.integers(1, 3)),
+               "weight_decay": draw(st.sampled_from([0.0, 0.1])),
+               "adjust_lr": draw(st.sampled_from(["original", "match_rms_adamw", "none"]))}
+    level = {"memory": memory, "objective": draw(st.sampled_from([{"kind": "l2"}, {"kind": "dot"}])),
+             "optimizer": opt, "read": draw(st.sampled_from(["after_write", "before_write", "chunk_start"]))}
+    if draw(st.booleans()):
+        level["gradient_point"] = {"chunk": draw(st.integers(2, 6))}
+    else:
+        level["frequency"] = draw(st.integers(2, 5))
+    retention = draw(st.sampled_from([None, "decay", "weight_decay"]))
+    if retention:
+        level["retention"] = {"kind": retention, "gate": {"from": "input"},
+                              "toward": draw(st.sampled_from(["zero", "initial"]))}
+    return level
+
+
+@given(SEEDS, adam_muon_levels(), st.integers(1, 14), st.integers(1, 2), st.integers(2, 4))
+def test_chunked_equals_reference_adam_muon(seed, level, t, h, dim):
+    level["memory"]["heads"] = h
+    d = Draw(seed)
+    x = _inputs(level, d, 2, t, h, dim)
+    x["lr"] = x["lr"] * 0.5
+    x.pop("momentum", None)  # muon's momentum is a constant of the spec, not a gate
+    # muon's Newton–Schulz in float64 instead of bfloat16, so both forms are compared on their
+    # maths, not on bfloat16 roundings (test_muon_mini_batch_in_bfloat16_newton_schulz covers those)
+    with mock.patch.object(optimizers.Muon, "__init__", _float_ns_init):
+        _check(level, x, d)
+
+
+def _float_ns_init(self, spec):
+    self.spec, self.ns_dtype = spec, None
+
+
+def test_muon_mini_batch_in_bfloat16_newton_schulz():
+    """With muon's default bfloat16 Newton–Schulz, the batched iteration of the chunked form and
+    the reference's one matrix at a time agree to bfloat16 rounding."""
+    d = Draw(7)
+    level = {"memory": {"kind": "mlp", "depth": 2, "hidden": 4, "activation": "silu", "heads": 2},
+             "objective": {"kind": "l2"}, "optimizer": {"kind": "muon", "lr": {"from": "input"}},
+             "retention": {"kind": "weight_decay", "gate": {"from": "input"}}, "gradient_point": {"chunk": 4}}
+    x = _inputs(level, d, 2, 11, 2, 4)
+    x.pop("momentum", None)
+    (y1, s1), (y2, s2) = (run(level, form, **_leaves(x)) for form in ("reference", "chunked"))
+    assert_close(y2, y1, "outputs", tol=2e-2, atol=2e-2)
+    for k in s1:
+        assert_close(s2[k], s1[k], k, tol=2e-2, atol=2e-2)
+    assert not torch.equal(y2, run(level, "chunked", **{**_leaves(x), "lr": x["lr"] * 0})[0]), "the updates matter"
+
+
+@given(SEEDS, st.sampled_from(["adam", "muon"]), st.integers(1, 10), st.integers(2, 3),
+       st.sampled_from(["decay", "weight_decay"]))
+def test_chunked_equals_reference_self_modifying_adam_muon(seed, kind, t, dim, retention):
+    """A self-modifying level whose five memories (level, k, v, η, α) step by adam or muon: the
+    stacked slots of the chunked form against the reference."""
+    mem = {"kind": "mlp", "hidden": 3, "activation": "silu"}
+    lr = {"from": "adaptive.eta", "act": "sigmoid", "scale": 0.05}
+    opt = {"kind": "adam", "lr": lr} if kind == "adam" else {"kind": "muon", "lr": lr, "weight_decay": 0.1}
+    level = {"memory": {**mem}, "objective": {"kind": "l2"}, "optimizer": opt,
+             "retention": {"kind": retention, "toward": "initial",
+                           "gate": {"from": "adaptive.alpha", "act": "sigmoid", "bias": 3.0}},
+             "adaptive": {"k": mem, "v": mem, "eta": mem, "alpha": mem},
+             "keys": {"from": "adaptive.k", "project": False, "norm": "l2"},
+             "values": {"from": "adaptive.v", "project": False, "self_target": True},
+             "queries": {"from": "input", "norm": "l2"}, "read": "before_write", "gradient_point": {"chunk": 3}}
+    d = Draw(seed)
+    b, h = 2, 1
+    xin = d.normal(b, t, h, dim)
+    state = init_state(load_level(level), batch=b, d_key=dim, d_value=dim, generator=d.g)
+    x = {"keys": xin, "values": xin.clone(), "queries": d.unit(b, t, h, dim),
+         "state": {n: s + 0.1 * d.normal(*s.shape) for n, s in state.items() if n.startswith(("memory.", "adaptive."))}}
+    with mock.patch.object(optimizers.Muon, "__init__", _float_ns_init):
+        _check(level, x, d)

@@ -56,9 +56,11 @@ def test_chunked_refuses_exact_online_deep_memory():
     k, v, q, _ = _data(h=1)
     with pytest.raises(ValueError, match="exact-online residual_mlp memory .* no parallel form"):
         run_level(level, keys=k, values=v, queries=q, form="chunked")
-    with pytest.raises(ValueError, match="adam optimizer"):
-        run_level({**level, "optimizer": {"kind": "adam"}, "gradient_point": {"chunk": 4}}, keys=k, values=v, queries=q,
-                  form="chunked")
+    with pytest.raises(ValueError, match="exact-online adam memory .* sequential"):
+        run_level({**level, "optimizer": {"kind": "adam"}}, keys=k, values=v, queries=q, form="chunked")
+    with pytest.raises(ValueError, match="deep_momentum optimizer"):
+        run_level({**level, "optimizer": {"kind": "deep_momentum", "level": {"memory": {"kind": "linear"}}},
+                   "gradient_point": {"chunk": 4}}, keys=k, values=v, queries=q, form="chunked")
 
 
 @pytest.mark.parametrize(
