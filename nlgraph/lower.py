@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .families import recognise
-from .graph import GROUP_KINDS, build_graph, format_period, level_order
+from .graph import GROUP_KINDS, _sources, build_graph, format_period, level_order
 from .model import NLModel
 from .limits import check_model_size
 from .spec.loader import current_options, load_spec
@@ -81,6 +81,14 @@ def _params_by_node(model: NLModel) -> dict[str, int]:
 
 
 def _form_of(node: dict, device: str | None = None) -> str:
+    form = _entry_form(node, device)
+    if node["kind"] in ("level", "linear_attention", "delta_rule") and any(
+            src == "self" for _, src in _sources(node["spec"])):
+        return f"{form}, token by token (reads its own previous output)"
+    return form
+
+
+def _entry_form(node: dict, device: str | None = None) -> str:
     kind = node["kind"]
     if kind == "attention":
         return "sdpa (sliding window)" if node["spec"].window else "sdpa"

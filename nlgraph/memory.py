@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GraphError
 from .layers import Gate, RMSNorm, ShortConv, Stream
 from .levels.memories import build_memory
 from .spec.schema import (
@@ -70,16 +69,6 @@ class _AdaptiveInput(nn.Module):
         return y.unflatten(-1, (self.heads, self.d)), new
 
 
-def _refuse_self(source: str, path: str) -> None:
-    if source == "self":
-        raise GraphError(
-            "the compiler cannot lower 'from: self' yet: reading the level's own previous output "
-            "makes every token wait for the last read, and no execution form runs that recurrence; "
-            "read from input, an adaptive projection or an earlier level of the block",
-            path=path,
-        )
-
-
 class _Entry(nn.Module):
     """The outer parameters every memory-like entry shares: stream projections (with their short
     convolutions), gate projections, and the read's norm, gate and output projection."""
@@ -94,7 +83,6 @@ class _Entry(nn.Module):
         self.reads: dict[str, str] = {}
         for role in ("keys", "values", "queries"):
             s = getattr(spec, role)
-            _refuse_self(s.from_, f"{role}.from")
             if s.from_ != "input" and not s.from_.startswith("adaptive."):
                 self.reads[role] = s.from_
         d_role = {"keys": dk, "values": dv, "queries": dk}
@@ -108,7 +96,6 @@ class _Entry(nn.Module):
         self.gates = nn.ModuleDict()
         for name, rate in rates.items():
             if isinstance(rate, GateSpec) and not rate.from_.startswith("adaptive."):
-                _refuse_self(rate.from_, name)
                 if rate.from_ != "input":
                     self.reads[name] = rate.from_
                 self.gates[name] = Gate(rate, width, heads, dk)
@@ -131,6 +118,46 @@ class _Entry(nn.Module):
             if cs is not None:
                 conv_state[f"conv.{role}"] = cs
         return tensors, {name: g(src(name)) for name, g in self.gates.items()}, conv_state
+
+    @property
+    def reads_self(self) -> bool:
+        """A stream or gate reads the entry's own previous output (``from: self``)."""
+        return "self" in self.reads.values()
+
+    def _run(self, x: torch.Tensor, state: dict, sources: dict | None, step) -> tuple[torch.Tensor, dict]:
+        """Streams and gates, the level's run and the output, over ``x [B, T, C]``.
+
+        ``step(tensors, gates, level_state) -> (y [B, T, H, D_v], level_state)`` runs the level's
+        form. A level that reads its own output (``from: self``: the stream or gate of token t
+        reads this entry's output at token t − 1, zero before a fresh sequence's first token) runs
+        token by token. The previous output is carried in the state (``self.prev``, ``[B, 1, C]``), so
+        a sequence fed in pieces gives the outputs of one pass."""
+        if not self.reads_self:
+            tensors, gates, conv_state = self._inputs(x, state, sources)
+            y, level_state = step(tensors, gates, state.get("level"))
+            return self._output(x, y), {"level": level_state, **conv_state}
+        prev = state.get("self.prev")
+        if prev is None:
+            prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
+        carry = {k: v for k, v in state.items() if k.startswith("conv.")}
+        level_state = state.get("level")
+        outs = []
+        # each token runs the level's own form on one token: a continued sequence, exact by the
+        # runtime's contract (segments give the outputs of one pass)
+        for t in range(x.shape[1]):
+            xt = x[:, t:t + 1]
+            src = {n: v[:, t:t + 1] for n, v in (sources or {}).items()}
+            src["self"] = prev
+            tensors, gates, conv_state = self._inputs(xt, carry, src)
+            carry.update(conv_state)
+            y, level_state = step(tensors, gates, level_state)
+            prev = self._output(xt, y)
+            outs.append(prev)
+        if not outs:  # an empty sequence: nothing read, nothing carried forward
+            tensors, gates, conv_state = self._inputs(x, state, {**(sources or {}), "self": x})
+            y, level_state = step(tensors, gates, level_state)
+            return self._output(x, y), {**state, "level": level_state}
+        return torch.cat(outs, dim=1), {"level": level_state, **carry, "self.prev": prev}
 
     def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The read ``y [B, T, H, D_v]`` normalised, gated by the input ``x`` and projected back to
@@ -193,6 +220,8 @@ class MemoryLevel(_Entry):
         the query stream's convolution tail (``conv.read``) advances.
 
         Titans MAC retrieves its context tokens this way (Eq. 21)."""
+        if self.reads.get("queries") == "self":
+            raise ValueError("a memory read without a write needs queries that do not read the level's own output")
         state = dict(state or {})
         q, tail = self.streams["q"](x, state.get("conv.read"))
         if tail is not None:
@@ -211,23 +240,14 @@ class MemoryLevel(_Entry):
         streams and gates that read them."""
         from .runtime import run_level
 
-        state = state or {}
-        tensors, gates, conv_state = self._inputs(x, state, sources)
-        level_state = state.get("level")
-        if level_state is None:
-            level_state = self.initial_state(x.shape[0])
-        y, level_state = run_level(
-            self.spec,
-            keys=tensors["keys"],
-            values=tensors["values"],
-            queries=tensors["queries"],
-            lr=gates.get("lr"),
-            retention=gates.get("retention"),
-            momentum=gates.get("momentum"),
-            state=level_state,
-            form=self.form,
-        )  # y: [B, T, H, Dv]
-        return self._output(x, y), {"level": level_state, **conv_state}
+        def step(tensors: dict, gates: dict, level_state: dict | None):
+            if level_state is None:
+                level_state = self.initial_state(x.shape[0])
+            return run_level(self.spec, keys=tensors["keys"], values=tensors["values"],
+                             queries=tensors["queries"], lr=gates.get("lr"), retention=gates.get("retention"),
+                             momentum=gates.get("momentum"), state=level_state, form=self.form)
+
+        return self._run(x, state or {}, sources, step)
 
 
 class ClosedFormLevel(_Entry):
@@ -258,10 +278,9 @@ class ClosedFormLevel(_Entry):
         streams and gates that read them."""
         from .runtime import run_level
 
-        state = state or {}
-        tensors, gates, conv_state = self._inputs(x, state, sources)
-        y, level_state = run_level(self.spec, keys=tensors["keys"], values=tensors["values"],
-                                   queries=tensors["queries"], lr=gates.get("beta"),
-                                   retention=gates.get("decay"), state=state.get("level"),
-                                   form=self.form)
-        return self._output(x, y), {"level": level_state, **conv_state}
+        def step(tensors: dict, gates: dict, level_state: dict | None):
+            return run_level(self.spec, keys=tensors["keys"], values=tensors["values"],
+                             queries=tensors["queries"], lr=gates.get("beta"), retention=gates.get("decay"),
+                             state=level_state, form=self.form)
+
+        return self._run(x, state or {}, sources, step)

@@ -1,12 +1,11 @@
 """Streams and gates that read another level's output (``from: <level>``): the reading level gets
-the other level's own output at the same token, in one pass and in segments; ``from: self`` is
-refused with a clear error."""
+the other level's own output at the same token, in one pass and in segments (``from: self`` is
+tests/test_self_sources.py)."""
 
 import pytest
 import torch
 
 import nlgraph
-from nlgraph.errors import GraphError
 
 SPEC = """
 name: cross
@@ -65,8 +64,3 @@ def test_segments_equal_one_pass_and_compile(model):
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), full, rtol=1e-9, atol=1e-9)
 
-
-def test_reading_self_is_refused_with_the_fix():
-    spec = SPEC.replace("values: {from: attn}", "values: {from: self}")
-    with pytest.raises(GraphError, match="cannot lower 'from: self' yet.*read from input"):
-        nlgraph.build(spec)

@@ -174,7 +174,7 @@ class GateSpec(_Spec):
     """
 
     from_: str = Field("input", alias="from")
-    """Source of the gate: ``input`` (the level input), ``self`` (the level's previous output),
+    """Source of the gate: ``input`` (the level input), ``self`` (the entry's own previous output),
     ``adaptive.<name>`` (one of this level's adaptive projections) or the name of another level."""
     act: Literal["identity", "sigmoid", "logsigmoid", "softplus", "exp", "tanh", "silu", "relu"] = (
         "sigmoid"
@@ -525,10 +525,10 @@ class StreamSpec(_Spec):
     """Where a level's keys, values or queries come from, and how they are shaped."""
 
     from_: str = Field("input", alias="from")
-    """``input`` (the level input), ``self`` (the level's previous output; validated but not yet
-    lowered by the compiler), ``adaptive.<name>`` (this level's adaptive projection ``<name>``, a
-    memory updated in context) or the name of an earlier level of the block (its output at the same
-    token)."""
+    """``input`` (the level input), ``self`` (the entry's own output ``[C]`` at the previous token,
+    zero before a sequence's first token; the level then runs token by token), ``adaptive.<name>``
+    (this level's adaptive projection ``<name>``, a memory updated in context) or the name of an
+    earlier level of the block (its output at the same token)."""
     project: bool = True
     """Apply a learned linear projection to the memory's width. With ``false`` the source width
     must already equal it."""
