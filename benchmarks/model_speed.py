@@ -130,7 +130,7 @@ def speed(args, plan: list[tuple[str, int, bool, str]], t_start: float) -> list[
         steps = args.steps if kernels != "off" else 6
         cfg = TrainConfig(out=str(out), steps=steps, batch=args.batch, length=length, lr=3e-4, eval_every=steps,
                           eval_batches=1, device=args.device, compile=compiled, precision="bf16", overrides=ov,
-                          progress=False)
+                          progress=False, replace=True)
         t0 = time.perf_counter()
         try:
             res = train(name, cfg)

@@ -58,7 +58,8 @@ def main() -> int:
         out = Path(args.out) / name.replace("/", "_")
         cfg = TrainConfig(out=str(out), steps=args.steps, batch=args.batch, length=args.length, lr=args.lr,
                           eval_every=args.steps, eval_batches=2, device=args.device, compile=args.compile,
-                          precision=args.precision, overrides=ov, time_limit=args.time_per_spec, progress=False)
+                          precision=args.precision, overrides=ov, time_limit=args.time_per_spec, progress=False,
+                          replace=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -197,8 +197,11 @@ class MemoryContext(nn.Module):
             m, memory = self.memory(y, memory)
             outs.append(gate(self.norms, y, m))
             done, pos = done + n, pos + n
+        # the position stays on the host, like a level's: on a GPU, torch.tensor(pos, device=...)
+        # is a pageable host-to-device copy (refused inside CUDA-graph capture) and the int()
+        # above would then wait for the device when the next segment continues
         new = {"memory": memory, "start": start, "attention": attn, "read": read,
-               "position": torch.tensor(pos, dtype=torch.int64, device=x.device)}
+               "position": torch.tensor(pos, dtype=torch.int64)}
         return torch.cat(outs, dim=1), new
 
 

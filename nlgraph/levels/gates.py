@@ -120,7 +120,11 @@ def resolve_rate(
                 f"activated value as {name}= (a [B, T, H] tensor)"
             )
         value = float(spec)
-    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if isinstance(value, (int, float)):
+        # a constant: filled on the device, not copied from the host (a copy breaks CUDA-graph capture)
+        v = torch.full((), float(value), dtype=like.dtype, device=like.device)
+    else:
+        v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if v.dim() == 4:
         if not channel_ok:
             raise ValueError(

@@ -199,11 +199,38 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write(out / "latest.json", json.dumps({"checkpoint": f"checkpoints/{name}", "step": int(step)}).encode())
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                      and not p.name.endswith(".tmp"))
-    for old in complete[:-max(keep, 1)]:
+    # only earlier steps are pruned: the checkpoint just written always stays, and a later-step
+    # folder (another run's, left in this folder) is not this run's to delete
+    earlier = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                     and not p.name.endswith(".tmp") and p.name < name)
+    for old in earlier[:len(earlier) - (max(keep, 1) - 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def existing_run(out: str | os.PathLike) -> str | None:
+    """What of a previous run the folder ``out`` holds (``"a checkpoint at step N"``,
+    ``"checkpoints"``), or ``None`` when it holds none."""
+    out = Path(out)
+    pointer = out / "latest.json"
+    if pointer.is_file():
+        try:
+            return f"a checkpoint at step {int(json.loads(pointer.read_text())['step'])}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "latest.json"
+    root = out / "checkpoints"
+    if root.is_dir() and any(p.name.startswith("step-") for p in root.iterdir()):
+        return "checkpoints"
+    return None
+
+
+def clear_run(out: str | os.PathLike) -> None:
+    """Remove a previous run's checkpoints, pointer and logs from ``out`` (a folder the calling
+    command owns, such as the demo's); other files stay."""
+    out = Path(out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in ("latest.json", "metrics.jsonl", "memory.safetensors", "loss.png"):
+        (out / name).unlink(missing_ok=True)
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:

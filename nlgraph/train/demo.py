@@ -101,7 +101,7 @@ def run_demo(args) -> list[dict[str, Any]]:
     for name, ov in ((a, ov_a), (b, ov_b)):
         cfg = TrainConfig(out=str(out / name.replace("/", "_")), steps=args.steps, batch=BATCH, length=LENGTH,
                           lr=LR, eval_every=max(args.steps // 5, 1), eval_batches=8, device=args.device,
-                          overrides=ov, seed=0)
+                          overrides=ov, seed=0, replace=True)
         print(f"==> training {name} ({' '.join(ov)}) for {args.steps} steps of {BATCH}x{LENGTH} bytes", flush=True)
         t0 = time.perf_counter()
         res = train(name, cfg)

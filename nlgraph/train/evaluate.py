@@ -57,6 +57,8 @@ def _train_first(args, task: str) -> str:
     out = args.out or f"runs/eval-{_spec_name(args.target)}-{task}"
     cfg = _config(args, out)
     cfg.task = task
+    # the default folder is this command's own: evaluating again retrains from scratch there
+    cfg.replace = args.out is None
     cfg.eval_every = max(args.steps // 4, 1)
     print(f"==> training {args.target} on {task} for {args.steps} steps ({args.batch}x{args.length}) -> {out}",
           flush=True)

@@ -28,6 +28,8 @@ from ..errors import NLGraphError
 from ..io import atomic_write
 from .checkpoint import (
     CheckpointError,
+    clear_run,
+    existing_run,
     latest_checkpoint,
     load_checkpoint,
     load_model_state,
@@ -75,6 +77,9 @@ class TrainConfig:
     """Checkpoint period in steps (default: ``eval_every``)."""
     keep: int = 1
     """Complete checkpoints kept in the run folder."""
+    replace: bool = False
+    """A fresh run into a folder that holds a previous run's checkpoints replaces them (for folders
+    the calling command owns: the demo's, an evaluation's default); otherwise that is an error."""
     device: str | None = None
     """``cuda``, ``cpu``, ``cuda:1``...; default: CUDA when present."""
     compile: bool | None = None
@@ -477,6 +482,11 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
             raise TrainError(f"--resume: no checkpoint in {out} (no latest.json); start without --resume",
                              file=str(out))
         ckpt = load_checkpoint(out)
+    else:
+        found = existing_run(out)
+        if found is not None and not cfg.replace:
+            raise TrainError(f"{out} already holds a run ({found}); continue it with --resume, or train "
+                             f"into another --out (nothing was changed)", file=str(out))
     if spec is None:
         if ckpt is None:
             raise TrainError("no spec given and nothing to resume")
@@ -550,6 +560,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
 
     spec_yaml = dump_spec(spec_obj)
     metrics_path = out / "metrics.jsonl"
+    if ckpt is None and cfg.replace and dist.main:
+        clear_run(out)  # only now: a run that fails to start leaves the previous one as it was
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "spec.yaml", spec_yaml.encode())
@@ -610,7 +622,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                      f"train without --cuda-graph", file=spec_file) from e
                 use_graph = False
-                progress.line(f"note: CUDA graph capture failed ({type(e).__name__}); training eagerly")
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                progress.line(f"note: CUDA graph capture failed ({type(e).__name__}: {first}); training eagerly")
                 torch.cuda.synchronize(device)
         if graphed is not None:
             return graphed(x, y)

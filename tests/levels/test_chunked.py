@@ -85,7 +85,7 @@ def _leaves(x: dict) -> dict:
     return out
 
 
-def _check(level, x: dict, d: Draw, chunk_size: int | None = None) -> None:
+def _check(level, x: dict, d: Draw, chunk_size: int | None = None, grad_atol: float = 1e-12) -> None:
     assert level_form(level) == "chunked"
     results = []
     for form in ("reference", "chunked"):
@@ -108,7 +108,7 @@ def _check(level, x: dict, d: Draw, chunk_size: int | None = None) -> None:
     for name, g1, g2 in zip(names, *grads):
         g1 = torch.zeros(()) if g1 is None else g1
         g2 = torch.zeros(()) if g2 is None else g2
-        assert_close(g2, g1, f"d/d{name}", tol=1e-8)
+        assert_close(g2, g1, f"d/d{name}", tol=1e-8, atol=grad_atol)
 
 
 @given(SEEDS, online_levels(), st.integers(1, 2), st.integers(1, 16), st.integers(1, 2), st.integers(2, 5), st.integers(1, 7))
@@ -216,7 +216,9 @@ def test_chunked_equals_reference_adam_muon(seed, level, t, h, dim):
     # muon's Newton–Schulz in float64 instead of bfloat16, so both forms are compared on their
     # maths, not on bfloat16 roundings (test_muon_mini_batch_in_bfloat16_newton_schulz covers those)
     with mock.patch.object(optimizers.Muon, "__init__", _float_ns_init):
-        _check(level, x, d)
+        # adam's 1/(√v + ε) (ε = 1e-3 here) scales the rounding of its inputs by up to 1/ε in the
+        # outer gradients: an entry that is exactly 0 in the reference comes out ~1e-12 chunked
+        _check(level, x, d, grad_atol=1e-10)
 
 
 def _float_ns_init(self, spec):

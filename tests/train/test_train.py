@@ -117,6 +117,38 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert ckpt.step == 1 and float(ckpt.model["weight"][0, 0]) == 1.0
 
 
+def test_a_fresh_run_never_overwrites_a_previous_run(tmp_path, text, capsys):
+    """Training without --resume into a folder that holds a run is refused and changes nothing;
+    a command that owns its folder (``replace``) starts over there."""
+    out = tmp_path / "run"
+    train("transformer_pp", _cfg(out, text, steps=3, eval_every=3))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(TrainError, match=r"already holds a run \(a checkpoint at step 3\).*--resume"):
+        train("transformer_pp", _cfg(out, text, steps=2, eval_every=2))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    assert main(["train", "transformer_pp", *TINY, "--out", str(out), "--steps", "2", "--device", "cpu",
+                 "--data", str(text), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0]
+    res = train("transformer_pp", _cfg(out, text, steps=2, eval_every=2, replace=True))
+    assert res.step == 2 and load_checkpoint(out).step == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert sorted(_losses(out)) == [1, 2]
+
+
+def test_pruning_keeps_the_new_checkpoint_and_leaves_later_steps(tmp_path):
+    """``keep`` prunes earlier steps only: the checkpoint just written is never removed, even when
+    the folder holds a later step of some other run."""
+    out = tmp_path / "run"
+    _tiny_checkpoint(out, 84, 8.0)
+    _tiny_checkpoint(out, 1, 1.0)
+    _tiny_checkpoint(out, 2, 2.0)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000084"]
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 2 and float(ckpt.model["weight"][0, 0]) == 2.0
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "state"])
 def test_damaged_checkpoints_are_refused_with_one_clear_line(tmp_path, damage, capsys):
     out = tmp_path / "run"
