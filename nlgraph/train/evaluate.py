@@ -58,7 +58,7 @@ def _train_first(args, task: str) -> str:
     cfg = _config(args, out)
     cfg.task = task
     # the default folder is this command's own: evaluating again retrains from scratch there
-    cfg.replace = args.out is None
+    cfg.replace = args.out is None or getattr(args, "owned_out", False)
     cfg.eval_every = max(args.steps // 4, 1)
     print(f"==> training {args.target} on {task} for {args.steps} steps ({args.batch}x{args.length}) -> {out}",
           flush=True)

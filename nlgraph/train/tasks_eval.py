@@ -142,6 +142,8 @@ def evaluate_task(args, train_first, table) -> dict[str, Any]:
         base_out = args.out
         rows = []
         runs = []
+        # the default folders are this command's own (evaluating again starts them over)
+        args.owned_out = base_out is None
         for lang in FORMAL_LANGUAGES:
             args.out = f"{base_out or 'runs/eval-formal'}/{lang}"
             saved = list(args.overrides)
