@@ -66,7 +66,7 @@ _MQAR_CHUNK = 1024
 
 
 def mqar(batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int, *, seed, power_a: float = 0.01,
-         random_non_queries: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+         random_non_queries: bool = True, phase: int = 0, phases: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall, as ``zoology/data/multiquery_ar.py`` (Arora et al., 2024).
 
     Each row starts with ``num_kv_pairs`` pairs ``k1 v1 k2 v2 ...``: keys distinct, from
@@ -78,6 +78,11 @@ def mqar(batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int, *, seed, 
     positions of the query region are 0, or uniform random tokens of ``[0, vocab_size)`` with
     ``random_non_queries`` (Zoology's default; random tokens may then repeat a key).
 
+    Class-incremental phases (evaluation.md §1.4): with ``phases = P``, phase ``p`` (``0 <= p < P``)
+    draws its keys from the ``p``-th of ``P`` equal, disjoint slices of the key range and its values
+    from the ``p``-th slice of the value range, so every phase has a vocabulary of pairs of its own;
+    the filler stays uniform over the whole vocabulary.
+
     Returns ``(inputs, targets)``: ``LongTensor[batch, seq_len]`` each.
     Requires ``seq_len`` even, ``vocab_size > seq_len`` and ``4 num_kv_pairs <= seq_len``.
     """
@@ -87,16 +92,26 @@ def mqar(batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int, *, seed, 
         raise _bad("mqar", "vocab_size", f"must exceed seq_len ({seq_len}), got {vocab_size}")
     if num_kv_pairs < 1 or 4 * num_kv_pairs > seq_len:
         raise _bad("mqar", "num_kv_pairs", f"must be in [1, seq_len / 4 = {seq_len // 4}], got {num_kv_pairs}")
+    half = vocab_size // 2
+    if phases < 1 or not 0 <= phase < phases:
+        raise _bad("mqar", "phase", f"must be in [0, phases = {phases}), got {phase}")
+    key_w, value_w = (half - 1) // phases, (vocab_size - half) // phases
+    if num_kv_pairs > min(key_w, value_w):
+        raise _bad("mqar", "phases", f"{phases} phases leave {min(key_w, value_w)} keys or values per phase, "
+                                     f"fewer than num_kv_pairs = {num_kv_pairs}; use fewer phases or a larger "
+                                     f"vocab_size")
     rng = _rng(seed)
     if batch > _MQAR_CHUNK:
         # rows in chunks, one generator: the key draws hold batch x vocab/2 floats at a time
         parts = [mqar(min(_MQAR_CHUNK, batch - i), seq_len, num_kv_pairs, vocab_size, seed=rng,
-                      power_a=power_a, random_non_queries=random_non_queries)
+                      power_a=power_a, random_non_queries=random_non_queries, phase=phase, phases=phases)
                  for i in range(0, batch, _MQAR_CHUNK)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    k, ctx, half = num_kv_pairs, 2 * num_kv_pairs, vocab_size // 2
-    keys = 1 + _sample_without_replacement(rng, np.zeros((batch, half - 1)), k)
-    values = half + _sample_without_replacement(rng, np.zeros((batch, vocab_size - half)), k)
+    k, ctx = num_kv_pairs, 2 * num_kv_pairs
+    if phases == 1:  # the whole ranges, as Zoology draws them
+        key_w, value_w = half - 1, vocab_size - half
+    keys = 1 + phase * key_w + _sample_without_replacement(rng, np.zeros((batch, key_w)), k)
+    values = half + phase * value_w + _sample_without_replacement(rng, np.zeros((batch, value_w)), k)
     space = (seq_len - ctx) // 2
     logp = (power_a - 1.0) * np.log(np.arange(1, space + 1, dtype=np.float64))
     gaps = _sample_without_replacement(rng, np.broadcast_to(logp, (batch, space)), k)
@@ -377,9 +392,9 @@ class Task:
         return 128
 
 
-def _mqar(batch, *, seed, length, num_kv_pairs, vocab_size, power_a, random_non_queries):
+def _mqar(batch, *, seed, length, num_kv_pairs, vocab_size, power_a, random_non_queries, phase, phases):
     return mqar(batch, length, num_kv_pairs, vocab_size, seed=seed, power_a=power_a,
-                random_non_queries=random_non_queries)
+                random_non_queries=random_non_queries, phase=phase, phases=phases)
 
 
 def _niah(batch, *, seed, length, depth, tokenizer, digits):
@@ -396,7 +411,7 @@ def _formal(language):
 TASKS: dict[str, Task] = {
     "mqar": Task("mqar", "multi-query associative recall (Zoology); accuracy at the query positions",
                  _mqar, {"length": 64, "num_kv_pairs": 4, "vocab_size": 8192, "power_a": 0.01,
-                         "random_non_queries": True}),
+                         "random_non_queries": True, "phase": 0, "phases": 1}),
     "niah": Task("niah", "single needle in a haystack, RULER S-NIAH-1 (noise haystack, 7-digit value)",
                  _niah, {"length": 512, "depth": None, "tokenizer": "byte", "digits": 7}, "sequence"),
     **{name: Task(name, f"formal language {name}: {lang.doc}", _formal(name),

@@ -43,7 +43,8 @@ import torch
 from ..errors import NLGraphError
 from ..io import atomic_write
 
-__all__ = ["ContinualError", "forgetting", "backward_transfer", "continual_metrics", "run_continual",
+__all__ = ["ContinualError", "forgetting", "backward_transfer", "continual_metrics", "accuracy_metrics",
+           "mqar_phases", "run_continual",
            "loss_by_position", "evaluate_continual", "plot_phases", "DEFAULT_DOMAINS"]
 
 DEFAULT_DOMAINS = ("shakespeare", "milton")
@@ -119,27 +120,90 @@ def _domain_ids(domains: Sequence[str], data: str | None, tokenizer) -> dict[str
     return out
 
 
+def mqar_phases(domains: Sequence[str]) -> int | None:
+    """``P`` when ``domains`` are the class-incremental MQAR phases ``mqar-1, ..., mqar-P`` (in that
+    order), ``None`` when none is an MQAR phase; a mixture or a gap is a :class:`ContinualError`."""
+    tagged = [d for d in domains if d.startswith("mqar")]
+    if not tagged:
+        return None
+    want = [f"mqar-{i + 1}" for i in range(len(domains))]
+    if list(domains) != want or len(domains) < 2:
+        raise ContinualError(f"class-incremental MQAR runs its phases in order: --domains "
+                             f"{','.join(want) if len(want) > 1 else 'mqar-1,mqar-2'} (got {','.join(domains)}); "
+                             f"text domains and MQAR phases do not mix", path="--domains")
+    return len(domains)
+
+
+def _mqar_batches(settings: dict, *, phase: int, phases: int, batch: int, length: int, seed: int):
+    """Training batches of MQAR phase ``phase``: fresh draws every step, from its own seed stream."""
+    from ..data import get_task, step_seed
+
+    task = get_task("mqar")
+    return lambda step: task.generate(batch, seed=step_seed(seed + 1_000 * (phase + 1), step), length=length,
+                                      phase=phase, phases=phases, **settings)
+
+
+@torch.no_grad()
+def _mqar_eval(model, settings: dict, *, phase: int, phases: int, batch: int, length: int, eval_batches: int,
+               device) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on held-out draws of MQAR phase ``phase``: the cross-entropy
+    and the token accuracy at the query positions."""
+    from ..data import get_task, step_seed, token_accuracy
+    from .loop import lm_loss
+    from .tasks_eval import EVAL_SEED
+
+    task = get_task("mqar")
+    model.eval()
+    losses, accs = [], []
+    for i in range(eval_batches):
+        x, y = task.generate(batch, seed=step_seed(EVAL_SEED + phase, i), length=length, phase=phase,
+                             phases=phases, **settings)
+        logits = model(x.to(device)).float()
+        y = y.to(device)
+        losses.append(float(lm_loss(logits, y)))
+        acc = token_accuracy(logits, y)
+        accs.append(float(acc[~torch.isnan(acc)].mean()))
+    model.train()
+    return sum(losses) / len(losses), sum(accs) / len(accs)
+
+
+def accuracy_metrics(acc: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """On an accuracy matrix ``acc[j][i]`` (phase x domain, higher is better): ``acc_forgetting``
+    per old domain (``max_{l<T−1} acc[l][i] − acc[T−1][i]``, positive: forgotten), its mean, the
+    backward transfer ``acc_bwt`` (``mean (acc[T−1][i] − acc[i][i])``) and ``final_avg_acc``."""
+    neg = [[-a for a in row] for row in acc]
+    f = forgetting(neg)
+    return {"acc_forgetting": f, "avg_acc_forgetting": sum(f) / len(f), "acc_bwt": backward_transfer(neg),
+            "final_avg_acc": sum(acc[-1]) / len(acc[-1])}
+
+
 # --------------------------------------------------------------------------- the phases
 
 
-def _train_phase(model, opt, multi, ids, *, phase: int, domain: str, steps: int, batch: int, length: int,
-                 lr: float, warmup: int | None, clip: float, seed: int, device) -> list[float]:
-    """``steps`` AdamW steps on batches of ``ids`` with a fresh warmup + cosine; returns the losses."""
+def _text_batches(ids, *, domain: str, phase: int, batch: int, length: int, seed: int):
+    """Training batches of a text domain (a different order per phase: seed + phase)."""
     from ..data import TokenBatcher
-    from .loop import TrainConfig, lm_loss, lr_at
 
     if len(ids) <= length + 1:
         raise ContinualError(f"the '{domain}' training text has {len(ids):,} tokens, too few for "
                              f"--length {length}; use a shorter --length", path="--length")
-    sched = TrainConfig(steps=steps, lr=lr, warmup=warmup)
-    # a different batch order per phase: seed + phase
     batcher = TokenBatcher(ids, batch, length, seed=seed + phase)
+    return lambda step: batcher.next()
+
+
+def _train_phase(model, opt, multi, next_batch, *, phase: int, domain: str, steps: int, batch: int, length: int,
+                 lr: float, warmup: int | None, clip: float, seed: int, device) -> list[float]:
+    """``steps`` AdamW steps on ``next_batch(step) -> (x, y)`` with a fresh warmup + cosine; returns
+    the losses."""
+    from .loop import TrainConfig, lm_loss, lr_at
+
+    sched = TrainConfig(steps=steps, lr=lr, warmup=warmup)
     losses = []
     model.train()
     for s in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(s, sched)
-        x, y = batcher.next()
+        x, y = next_batch(s)
         x, y = x.to(device), y.to(device)
         loss = lm_loss(model(x), y)
         loss.backward()
@@ -172,10 +236,18 @@ def run_continual(spec: str, overrides: Sequence[str] = (), *, domains: Sequence
                   warmup: int | None = None, weight_decay: float = 0.1, clip: float = 1.0,
                   eval_batches: int = 8, seed: int = 0, device: str | None = None, data: str | None = None,
                   tokenizer: str = "byte", learn: bool = True, out: str | None = None,
+                  task_settings: dict[str, Any] | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``spec`` (with ``overrides``) on ``domains`` one after the other, ``steps`` steps each,
     and evaluate every domain after every phase (see the module doc). With ``out``, each phase's
     model is saved as a run folder ``out/phase-<j>-<domain>`` (``nlgraph eval/sample`` read it).
+
+    ``domains`` may instead be the class-incremental MQAR phases ``mqar-1, ..., mqar-P``: phase ``p``
+    trains on MQAR whose keys and values come from its own slice of the vocabulary
+    (:func:`nlgraph.data.mqar`'s ``phase``; ``task_settings`` such as ``num_kv_pairs`` and
+    ``vocab_size`` apply to every phase), and every phase is re-tested on held-out draws after
+    every phase: the loss at the query positions fills ``losses``, the token accuracy ``accuracy``
+    (with :func:`accuracy_metrics`).
 
     Returns JSON-able results: ``losses`` (``[T][T]``, phase x domain), the metrics of
     :func:`continual_metrics`, per-phase ``train_loss`` (first and last step), ``params``,
@@ -190,11 +262,25 @@ def run_continual(spec: str, overrides: Sequence[str] = (), *, domains: Sequence
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     domains = list(domains)
-    spec_obj = load_spec(spec, list(overrides))
+    phases = mqar_phases(domains)
+    settings = dict(task_settings or {})
+    overrides = list(overrides)
+    if phases is not None:
+        from ..data import get_task
+
+        get_task("mqar").settings(**settings)  # an unknown setting fails here, naming the choices
+        if {"phase", "phases", "length"} & set(settings):
+            raise ContinualError("the MQAR phases set phase, phases and length themselves (--length)",
+                                 path="--task-setting")
+        need = get_task("mqar").vocab_needed(**settings)
+        if load_spec(spec, overrides).model.vocab < need:
+            overrides.append(f"model.vocab={need}")
+    spec_obj = load_spec(spec, overrides)
     spec_file = str(spec) if str(spec).endswith((".yaml", ".yml")) else None
-    tok = get_tokenizer(tokenizer)
-    check_vocab(spec_obj.model.vocab, tok, file=spec_file)
-    ids = _domain_ids(domains, data, tok)
+    if phases is None:
+        tok = get_tokenizer(tokenizer)
+        check_vocab(spec_obj.model.vocab, tok, file=spec_file)
+        ids = _domain_ids(domains, data, tok)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = build(spec_obj, device=dev)
@@ -204,23 +290,37 @@ def run_continual(spec: str, overrides: Sequence[str] = (), *, domains: Sequence
     # `updates: outer_loop` levels: stepped once every C training tokens, across phases
     multi = MultiRateOuter(model)
     losses: list[list[float]] = []
+    accuracy: list[list[float]] = []
     train_loss = []
     t0 = time.perf_counter()
     for j, dom in enumerate(domains):
         log(f"==> {spec_obj.name or spec}: phase {j + 1}/{len(domains)}, {steps} steps on {dom} "
             f"({batch}x{length}{'' if learn else ', in-context levels frozen'})")
-        tl = _train_phase(model, opt, multi, ids[dom][0], phase=j, domain=dom, steps=steps, batch=batch,
+        if phases is None:
+            batches = _text_batches(ids[dom][0], domain=dom, phase=j, batch=batch, length=length, seed=seed)
+        else:
+            batches = _mqar_batches(settings, phase=j, phases=phases, batch=batch, length=length, seed=seed)
+        tl = _train_phase(model, opt, multi, batches, phase=j, domain=dom, steps=steps, batch=batch,
                           length=length, lr=lr, warmup=warmup, clip=clip, seed=seed, device=dev)
-        row = [_val_loss(model, ids[d][1], batch=batch, length=length, eval_batches=eval_batches, device=dev)
-               for d in domains]
+        if phases is None:
+            row = [_val_loss(model, ids[d][1], batch=batch, length=length, eval_batches=eval_batches,
+                             device=dev) for d in domains]
+        else:
+            pairs = [_mqar_eval(model, settings, phase=i, phases=phases, batch=batch, length=length,
+                                eval_batches=eval_batches, device=dev) for i in range(phases)]
+            row = [p[0] for p in pairs]
+            accuracy.append([p[1] for p in pairs])
+            log("    accuracy " + ", ".join(f"{d} {a:.3f}" for d, a in zip(domains, accuracy[-1])))
         losses.append(row)
         train_loss.append({"first": tl[0], "last": tl[-1]})
         log("    val loss " + ", ".join(f"{d} {v:.4f}" for d, v in zip(domains, row)))
         if out is not None:
+            where = ({"data": data, "domain": dom, "tokenizer": tokenizer} if phases is None else
+                     {"task": "mqar", "task_settings": {**settings, "phase": j, "phases": phases}})
             cfg = TrainConfig(out=str(Path(out) / f"phase-{j + 1}-{dom}"), steps=steps * (j + 1), batch=batch,
                               length=length, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
-                              seed=seed, eval_batches=eval_batches, device=device, data=data, domain=dom,
-                              tokenizer=tokenizer, overrides=list(overrides))
+                              seed=seed, eval_batches=eval_batches, device=device, overrides=list(overrides),
+                              **where)
             yaml = dump_spec(spec_obj)
             save_checkpoint(cfg.out, step=steps * (j + 1), model=model, optimizer=opt, spec_yaml=yaml,
                             spec_hash=spec_hash(spec_obj),
@@ -231,6 +331,7 @@ def run_continual(spec: str, overrides: Sequence[str] = (), *, domains: Sequence
             "learn": learn, "domains": domains, "steps_per_phase": steps, "batch": batch, "length": length,
             "lr": lr, "seed": seed, "eval_batches": eval_batches, "losses": losses,
             **continual_metrics(losses), "train_loss": train_loss,
+            **({"accuracy": accuracy, **accuracy_metrics(accuracy), "task_settings": settings} if phases else {}),
             "seconds": time.perf_counter() - t0}
 
 
@@ -302,17 +403,25 @@ def evaluate_continual(args, table) -> dict[str, Any]:
     if is_run(args.target):
         raise ContinualError("--task continual trains a model through every phase; give a SPEC (library "
                              "name or YAML file), not a run folder", file=args.target)
+    from .tasks_eval import _task_settings
+
     domains = _parse_domains(getattr(args, "domains", None))
     learn = not getattr(args, "no_learn", False)
     res = run_continual(args.target, args.overrides, domains=domains, steps=args.steps, batch=args.batch,
                         length=args.length, lr=args.lr, eval_batches=args.eval_batches, seed=args.seed,
                         device=args.device, data=args.data, tokenizer=args.tokenizer, learn=learn,
-                        out=args.out)
+                        out=args.out, task_settings=_task_settings(args))
     header = ["after phase", *[f"{d} val loss" for d in domains]]
     rows = [[f"{j + 1} ({d})", *[f"{v:.4f}" for v in res["losses"][j]]] for j, d in enumerate(domains)]
+    if "accuracy" in res:
+        header += [f"{d} accuracy" for d in domains]
+        rows = [r + [f"{a:.3f}" for a in res["accuracy"][j]] for j, r in enumerate(rows)]
     tbl = table(header, rows) + (
         f"\n\naverage forgetting {res['avg_forgetting']:+.4f} nats (final minus best earlier loss on the old "
         f"domains), BWT {res['bwt']:+.4f}, final mean loss {res['final_avg_loss']:.4f}; {res['params']:,} params")
+    if "accuracy" in res:
+        tbl += (f"\naccuracy: average forgetting {res['avg_acc_forgetting']:+.3f} (best earlier minus final on "
+                f"the old phases), BWT {res['acc_bwt']:+.3f}, final mean accuracy {res['final_avg_acc']:.3f}")
     if args.plot:
         plot_phases([res], Path(args.plot), f"{res['spec']}: validation loss after each phase")
     return {"task": "continual", **res, "table": tbl}

@@ -48,6 +48,31 @@ def test_mqar_matches_its_definition(seq_len, k, vocab, random_non_queries):
     check_mqar(x, y, seq_len, k, vocab, random_non_queries)
 
 
+@pytest.mark.parametrize("phases", [2, 3])
+def test_mqar_phases_draw_disjoint_pairs(phases):
+    """Class-incremental MQAR: each phase is MQAR by the definition, its keys and values lie in its
+    own slices of the key and value ranges, and no two phases share a key or a value."""
+    vocab, k = 200, 4
+    half = vocab // 2
+    seen = []
+    for p in range(phases):
+        x, y = mqar(64, 64, k, vocab, seed=p, phase=p, phases=phases, random_non_queries=False)
+        check_mqar(x, y, 64, k, vocab, False)
+        keys = set(x[:, 0:2 * k:2].flatten().tolist())
+        values = set(x[:, 1:2 * k:2].flatten().tolist())
+        kw, vw = (half - 1) // phases, (vocab - half) // phases
+        assert min(keys) >= 1 + p * kw and max(keys) < 1 + (p + 1) * kw
+        assert min(values) >= half + p * vw and max(values) < half + (p + 1) * vw
+        assert len(keys) > kw // 2  # the slice is used, not a few tokens of it
+        for other_keys, other_values in seen:
+            assert not keys & other_keys and not values & other_values
+        seen.append((keys, values))
+    with pytest.raises(DataError, match="phase"):
+        mqar(4, 64, k, vocab, seed=0, phase=phases, phases=phases)
+    with pytest.raises(DataError, match="fewer than num_kv_pairs"):
+        mqar(4, 64, k, vocab, seed=0, phase=0, phases=40)
+
+
 def test_mqar_random_filler_only_replaces_the_zeros():
     x0, y0 = mqar(32, 64, 4, 256, seed=5, random_non_queries=False)
     x1, y1 = mqar(32, 64, 4, 256, seed=5, random_non_queries=True)

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from nlgraph.cli import main
 from nlgraph.train.continual import (
     ContinualError,
+    accuracy_metrics,
     backward_transfer,
     continual_metrics,
     forgetting,
     loss_by_position,
+    run_continual,
 )
 
 HOPE_TINY = ["vars.d_model=16", "vars.layers=1", "vars.heads=2"]
@@ -118,6 +120,9 @@ def test_loss_by_position_matches_one_window_at_a_time():
 @pytest.mark.parametrize("extra, needle", [
     (["--domains", "shakespeare,miltn"], "unknown domain 'miltn'"),
     (["--domains", "milton"], "at least two different domains"),
+    (["--domains", "mqar-1,milton"], "do not mix"),
+    (["--domains", "mqar-2,mqar-1"], "runs its phases in order: --domains mqar-1,mqar-2"),
+    (["--domains", "mqar-1,mqar-2", "--task-setting", "phases=3"], "set phase, phases and length themselves"),
 ])
 def test_bad_domains_are_one_line(tmp_path, capsys, extra, needle):
     arch = _archive(tmp_path / "two.tar.gz")
@@ -139,3 +144,40 @@ def test_missing_corpus_and_single_text_are_one_line(tmp_path, capsys, monkeypat
                  "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "one domain" in err and len(err.strip().splitlines()) == 1
+
+
+def test_class_incremental_mqar_phases(tmp_path):
+    """MQAR phases with disjoint pairs: the loss and accuracy matrices are phase x phase, each phase's
+    saved run reproduces its own accuracy row, and the metrics are those of the matrices."""
+    from nlgraph.data import get_task, step_seed, token_accuracy
+    from nlgraph.train.cli import _load_run
+    from nlgraph.train.tasks_eval import EVAL_SEED
+
+    res = run_continual("gated_deltanet", ["vars.d_model=32", "vars.layers=1", "vars.heads=2"],
+                        domains=["mqar-1", "mqar-2"], steps=3, batch=4, length=32, lr=3e-3, eval_batches=2,
+                        device="cpu", out=str(tmp_path / "cl"), task_settings={"vocab_size": 128},
+                        log=lambda _: None)
+    assert len(res["losses"]) == len(res["accuracy"]) == 2
+    assert all(len(r) == 2 and all(0.0 <= a <= 1.0 for a in r) for r in res["accuracy"])
+    m = accuracy_metrics(res["accuracy"])
+    assert res["avg_acc_forgetting"] == m["avg_acc_forgetting"]
+    assert res["acc_bwt"] == pytest.approx(res["accuracy"][1][0] - res["accuracy"][0][0])
+    # the model saved after phase 2 gives the accuracy the run reported on phase 1's held-out draws
+    model, _, _, dev = _load_run(str(tmp_path / "cl" / "phase-2-mqar-2"), "cpu", True)
+    model.eval()
+    accs = []
+    with torch.no_grad():
+        for i in range(2):
+            x, y = get_task("mqar").generate(4, seed=step_seed(EVAL_SEED + 0, i), length=32, vocab_size=128,
+                                             phase=0, phases=2)
+            a = token_accuracy(model(x).float(), y)
+            accs.append(float(a[~torch.isnan(a)].mean()))
+    assert sum(accs) / 2 == pytest.approx(res["accuracy"][1][0], abs=1e-6)
+
+
+def test_accuracy_metrics_by_hand():
+    acc = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.1], [0.3, 0.6, 0.7]]
+    m = accuracy_metrics(acc)
+    assert m["acc_forgetting"] == pytest.approx([0.9 - 0.3, 0.8 - 0.6])
+    assert m["acc_bwt"] == pytest.approx(((0.3 - 0.9) + (0.6 - 0.8)) / 2)
+    assert m["final_avg_acc"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)
