@@ -84,6 +84,11 @@ def _form_of(node: dict, device: str | None = None) -> str:
     form = _entry_form(node, device)
     if node["kind"] in ("level", "linear_attention", "delta_rule") and any(
             src == "self" for _, src in _sources(node["spec"])):
+        from .memory import self_read_chunk
+
+        chunk = self_read_chunk(node["spec"])
+        if chunk is not None:
+            return f"{form}, {chunk} tokens at a time (reads its own previous output)"
         return f"{form}, token by token (reads its own previous output)"
     return form
 

@@ -25,7 +25,7 @@ from .spec.schema import (
     MlpMemorySpec,
 )
 
-__all__ = ["ClosedFormLevel", "MemoryLevel", "choose_form", "level_widths"]
+__all__ = ["ClosedFormLevel", "MemoryLevel", "choose_form", "level_widths", "self_read_chunk"]
 
 
 def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:
@@ -67,6 +67,19 @@ class _AdaptiveInput(nn.Module):
         if self.conv is not None:
             y, new = self.conv(y, state)
         return y.unflatten(-1, (self.heads, self.d)), new
+
+
+def self_read_chunk(spec: Any) -> int | None:
+    """The chunk a level that reads its own output (``from: self``) can run whole: its gradient-point
+    chunk (or period) when it reads at the chunk start (``read: chunk_start``) and its queries read
+    neither its own output nor an adaptive projection; ``None`` when it runs token by token."""
+    from .levels.run import periods
+
+    if not isinstance(spec, LevelSpec) or spec.read != "chunk_start" or spec.frequency == "never" \
+            or spec.queries.from_ == "self" or spec.queries.from_.startswith("adaptive."):
+        return None
+    chunk = periods(spec)[1]
+    return chunk if chunk > 1 else None
 
 
 class _Entry(nn.Module):
@@ -142,22 +155,37 @@ class _Entry(nn.Module):
         carry = {k: v for k, v in state.items() if k.startswith("conv.")}
         level_state = state.get("level")
         outs = []
-        # each token runs the level's own form on one token: a continued sequence, exact by the
-        # runtime's contract (segments give the outputs of one pass)
-        for t in range(x.shape[1]):
-            xt = x[:, t:t + 1]
-            src = {n: v[:, t:t + 1] for n, v in (sources or {}).items()}
-            src["self"] = prev
-            tensors, gates, conv_state = self._inputs(xt, carry, src)
+        segments = self._self_segments(level_state, x.shape[1])
+        if segments is None:
+            # token by token: each token runs the level's own form on one token, a continued
+            # sequence, exact by the runtime's contract (segments give the outputs of one pass)
+            segments = [(t, t + 1) for t in range(x.shape[1])]
+        for s, e in segments:
+            xs = x[:, s:e]
+            src = {n: v[:, s:e] for n, v in (sources or {}).items()}
+            if e - s == 1:
+                src["self"] = prev
+            else:
+                # the outputs of the whole segment are known before it runs: its reads are taken
+                # at the segment-start state (read: chunk_start), so token t's source o_{t−1} is
+                # the previous output for the first token and this read for the others
+                o = self._read_at_start(xs, carry, level_state, src)
+                src["self"] = torch.cat([prev, o[:, :-1]], dim=1)
+            tensors, gates, conv_state = self._inputs(xs, carry, src)
             carry.update(conv_state)
             y, level_state = step(tensors, gates, level_state)
-            prev = self._output(xt, y)
-            outs.append(prev)
+            out = self._output(xs, y)
+            prev = out[:, -1:]
+            outs.append(out)
         if not outs:  # an empty sequence: nothing read, nothing carried forward
             tensors, gates, conv_state = self._inputs(x, state, {**(sources or {}), "self": x})
             y, level_state = step(tensors, gates, level_state)
             return self._output(x, y), {**state, "level": level_state}
         return torch.cat(outs, dim=1), {"level": level_state, **carry, "self.prev": prev}
+
+    def _self_segments(self, level_state: dict | None, length: int) -> list[tuple[int, int]] | None:
+        """Segments a level reading its own output can run whole, or ``None`` (token by token)."""
+        return None
 
     def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The read ``y [B, T, H, D_v]`` normalised, gated by the input ``x`` and projected back to
@@ -209,6 +237,31 @@ class MemoryLevel(_Entry):
         if self.spec.retention is not None:
             rates["retention"] = self.spec.retention.gate
         return rates
+
+    def _self_segments(self, level_state: dict | None, length: int) -> list[tuple[int, int]] | None:
+        """With ``read: chunk_start`` the reads of a whole gradient-point chunk (or period) are taken
+        at one state, the anchor or the committed parameters at the chunk's start, so a level whose
+        keys, values or gates read its own output can run chunk by chunk (its queries must not read
+        it, nor an adaptive projection). ``None`` otherwise."""
+        from .levels.run import periods, schedule
+
+        if self_read_chunk(self.spec) is None:
+            return None
+        start = int(level_state["position"]) if level_state is not None and "position" in level_state else 0
+        return schedule(start, length, periods(self.spec)[1])
+
+    def _read_at_start(self, x: torch.Tensor, carry: dict, level_state: dict | None, src: dict) -> torch.Tensor:
+        """``out(M_L(q))`` over a segment ``x [B, n, C]``: the entry's output with the memory read at
+        the segment-start state ``L`` (the anchor when the level keeps one, else the committed
+        parameters), which is what ``read: chunk_start`` gives every token of the segment."""
+        if level_state is None:
+            level_state = self.initial_state(x.shape[0])
+        name = self.reads.get("queries")
+        q, _ = self.streams["q"](src[name] if name else x, carry.get("conv.queries"))
+        mem = build_memory(self.spec.memory, self.d_key, self.d_value)
+        params = {p: level_state.get(f"anchor.memory.{p}", level_state[f"memory.{p}"]) for p in mem.shapes()}
+        y = mem.forward(params, q.transpose(1, 2)).transpose(1, 2)
+        return self._output(x, y)
 
     def initial_state(self, batch: int) -> dict[str, torch.Tensor]:
         """The memory parameters every sequence starts from, expanded over the batch."""

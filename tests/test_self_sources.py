@@ -109,3 +109,57 @@ def test_plan_says_token_by_token():
     plan = make_plan(SPEC)
     forms = {lv.node: lv.form for lv in plan.levels}
     assert "token by token" in forms["b0.mixer"] and "token by token" in forms["b0.rule"]
+
+
+CHUNKED = """
+name: self_reading_chunks
+levels:
+  mixer:
+    memory: {kind: mlp, heads: 2, hidden: 3}
+    objective: {kind: l2}
+    optimizer: {kind: momentum, lr: {from: self, act: sigmoid}, momentum: 0.5}
+    retention: {kind: weight_decay, gate: {from: self, act: sigmoid, bias: 3.0}}
+    keys: {from: self, norm: l2, conv: 2}
+    values: {from: input}
+    queries: {from: input, conv: 2}
+    read: chunk_start
+    gradient_point: {chunk: 4}
+model: {vocab: 64, d_model: 8, blocks: [[mixer]]}
+"""
+
+
+def test_chunk_start_reads_run_chunk_by_chunk_exactly(monkeypatch):
+    """With ``read: chunk_start`` a self-reading level runs a gradient-point chunk at a time (its
+    chunk's outputs are read at the chunk-start state before the chunk runs); that equals the
+    token-by-token run, also for a sequence continued off the chunk grid, and its gradients too."""
+    from nlgraph.memory import MemoryLevel
+
+    torch.manual_seed(0)
+    model = nlgraph.build(CHUNKED, dtype=torch.float64)
+    mixer = model.blocks[0].entries["mixer"].inner
+    x = torch.randn(2, 13, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    calls = []
+    real = MemoryLevel._read_at_start
+    monkeypatch.setattr(MemoryLevel, "_read_at_start", lambda *a: calls.append(1) or real(*a))
+    fast, st = mixer(x, None)
+    assert calls, "the chunk path ran"
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
+    monkeypatch.setattr(MemoryLevel, "_self_segments", lambda self, level_state, length: None)
+    slow, st_slow = mixer(x, None)
+    (g_slow,) = torch.autograd.grad(slow.square().sum(), x)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-9, atol=1e-12)
+    for k in st_slow["level"]:
+        torch.testing.assert_close(st["level"][k], st_slow["level"][k], rtol=1e-10, atol=1e-12)
+    assert fast[:, 6:].abs().max() > 1e-3
+    monkeypatch.undo()
+    # continued sequences: from position 1 the first segment (tokens 1-3) starts inside a chunk,
+    # where it reads the anchor (the state at position 0), not the committed state after token 0
+    for split in (1, 3, 6):
+        a, sa = mixer(x[:, :split], None)
+        b, _ = mixer(x[:, split:], sa)
+        torch.testing.assert_close(torch.cat([a, b], 1), slow, rtol=1e-10, atol=1e-12)
+    from nlgraph.lower import plan as make_plan
+
+    forms = {lv.node: lv.form for lv in make_plan(CHUNKED).levels}
+    assert "4 tokens at a time" in forms["b0.mixer"]
