@@ -105,7 +105,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100, help="steps per phase (default 100)")
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--domains", default="shakespeare,milton")
+    ap.add_argument("--domains", default="shakespeare,milton",
+                    help="text domains, or the class-incremental MQAR phases mqar-1,mqar-2,...")
+    ap.add_argument("--length", type=int, default=None, help="tokens per sequence (default: the demo's)")
+    ap.add_argument("--task-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="MQAR phases: a setting of every phase, e.g. num_kv_pairs=4 vocab_size=256")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/continual", help="run folders: OUT/<model>/phase-<j>-<domain>")
     ap.add_argument("--json", default=None)
@@ -130,20 +134,26 @@ def main() -> int:
         "titans": ("titans", None, True, "Titans"),
         "transformer_pp": ("transformer_pp", None, True, "Transformer++"),
     }
+    from nlgraph.train.continual import mqar_phases
+    from nlgraph.train.tasks_eval import _task_settings
+
     domains = [d for d in args.domains.split(",") if d]
+    mqar = mqar_phases(domains) is not None
+    settings = _task_settings(args)
+    length = args.length or LENGTH
     results = []
     t_all = time.perf_counter()
     for key in args.models.split(","):
         spec, ov, learn, label = models[key]
         ov = ov if ov is not None else matched_overrides(spec, target, list(TINY))
-        res = run_continual(spec, ov, domains=domains, steps=args.steps, batch=BATCH, length=LENGTH, lr=LR,
+        res = run_continual(spec, ov, domains=domains, steps=args.steps, batch=BATCH, length=length, lr=LR,
                             eval_batches=args.eval_batches, device=args.device, learn=learn,
-                            out=str(Path(args.out) / key))
+                            out=str(Path(args.out) / key), task_settings=settings)
         res["label"], res["key"] = label, key
         results.append(res)
         print(f"{label}: {res['params']:,} params, {res['seconds']:.0f} s", file=sys.stderr, flush=True)
     payload: dict = {"command": " ".join(sys.argv), "models": results}
-    if "hope" in args.models.split(",") and args.ttl_windows > 0:
+    if "hope" in args.models.split(",") and args.ttl_windows > 0 and not mqar:
         run = Path(args.out) / "hope" / f"phase-1-{domains[0]}"
         print(f"==> test-time learning: {run} on {args.ttl_windows}x{args.ttl_length} bytes of "
               f"Milton validation text", file=sys.stderr, flush=True)
@@ -164,6 +174,16 @@ def main() -> int:
         cells += [f"{r['avg_forgetting']:+.3f}", f"{r['bwt']:+.3f}", f"{r['final_avg_loss']:.3f}",
                   f"{r['seconds']:.0f} s"]
         print("| " + " | ".join(cells) + " |")
+    if mqar:
+        head = (["model"] + [f"{d} after {j + 1}" for j in range(len(d0)) for d in d0]
+                + ["avg forgetting", "BWT", "final mean"])
+        print("\naccuracy at the query positions:\n")
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in results:
+            cells = [r["label"]] + [f"{v:.3f}" for row in r["accuracy"] for v in row]
+            cells += [f"{r['avg_acc_forgetting']:+.3f}", f"{r['acc_bwt']:+.3f}", f"{r['final_avg_acc']:.3f}"]
+            print("| " + " | ".join(cells) + " |")
     if "ttl" in payload:
         t = payload["ttl"]
         print(f"\ntest-time learning ({t['windows']}x{t['length']} bytes of Milton, phase-1 HOPE):")
@@ -172,7 +192,9 @@ def main() -> int:
                   f"{t[key]['last_quarter']:.4f}, mean {t[key]['mean']:.4f} ({t[key]['seconds']:.0f} s)")
     print(f"\ntotal {payload['seconds']:.0f} s", file=sys.stderr)
     if args.plot:
-        plot_phases(results, Path(args.plot), "Shakespeare then Milton (tiny, CPU): validation loss after each phase")
+        title = ("class-incremental MQAR (tiny, CPU): query-position loss after each phase" if mqar else
+                 "Shakespeare then Milton (tiny, CPU): validation loss after each phase")
+        plot_phases(results, Path(args.plot), title)
     if args.json:
         write_json(Path(args.json), payload)
     return 0
