@@ -292,9 +292,6 @@ def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
             return (f"an exact-online {opt.kind} memory (frequency 1, gradient_point token) steps on "
                     "each token's gradient at the previous token's state, which is sequential; use "
                     "gradient_point: {chunk: N} for its mini-batch form")
-        gate = spec.retention.gate if spec.retention is not None else None
-        if getattr(gate, "per", None) == "channel":
-            return f"the {opt.kind} mini-batch form takes a retention gate per head, not per channel"
     if period == 1 and chunk == 1:
         if spec.memory.kind != "linear":
             return (
@@ -686,18 +683,32 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
     return out, new_working, buffers
 
 
-def _states(f: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, last: bool = False) -> torch.Tensor:
+def _states(f: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, last: bool = False,
+            channel: bool = False) -> torch.Tensor:
     """Every state of ``s_r = f_r s_{r−1} + x_r`` over a chunk, from ``s_0 = x0``: ``f [..., n]``
     (per-token factors, broadcast against ``x``'s leading axes), ``x [..., n, P]``, ``x0 [..., P]``
     → ``[..., n, P]`` (``s_1 .. s_n``), or only ``s_n`` as ``[..., 1, P]`` when ``last``. One matmul
-    with the chunk's :func:`transfer` products."""
-    g = transfer(f, False)
+    with the chunk's :func:`transfer` products. With ``channel``, ``f [..., n, D]`` scales the key
+    channels of a matrix ``[O, D]`` flattened into ``P = O·D`` (a per-channel retention)."""
+    g = transfer(f, channel)
     rows = slice(-1, None) if last else slice(1, None)
-    return g[..., rows, 1:] @ x + g[..., rows, 0:1] * x0.unsqueeze(-2)
+    if channel:
+        d = f.shape[-1]
+        xs = x.unflatten(-1, (-1, d)).movedim(-1, -3)  # [..., D, n, O]
+        body = (g[..., rows, 1:, :].to(x.dtype).movedim(-1, -3) @ xs).movedim(-3, -1)  # [..., r, O, D]
+        head = g[..., rows, 0, :].unsqueeze(-2) * x0.unflatten(-1, (-1, d)).unsqueeze(-3)
+        return (body + head).flatten(-2).to(x0.dtype)
+    # the products meet x in x's dtype (without autocast a matmul takes one dtype); the result is
+    # in the state's dtype, which float32 factors or bias corrections would otherwise promote
+    out = g[..., rows, 1:].to(x.dtype) @ x + g[..., rows, 0:1] * x0.unsqueeze(-2)
+    return out.to(x0.dtype)
 
 
 def _constant(value: float, n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((n,), value, dtype=like.dtype, device=like.device)
+    """``value`` per token, in float32 at least: in bfloat16 β₂ = 0.999 rounds to 1 (no decay) and
+    0.9 to 0.898 (under autocast the gradients ``like`` are bfloat16)."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    return torch.full((n,), value, dtype=dtype, device=like.device)
 
 
 def _mapped_updates(run: LevelRun, grads: Params, bufs: Params, step0: torch.Tensor | None,
@@ -779,6 +790,11 @@ def _mapped_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committe
         step0 = buffers[group[0]].get("step")
         u, wd, new_bufs = _mapped_updates(run, grads, bufs, step0, lr, shapes)
         keep = alpha if run.retention is not None else torch.ones_like(lr)
+        # a retention per key channel, [B, H, n, D] (a linear memory, given as a tensor or by a
+        # `per: channel` gate): the per-head rates broadcast over its channel axis
+        channel = keep.dim() > lr.dim()
+        if wd is not None and channel:
+            wd = wd.unsqueeze(-1)
         if run.retention == "decay":
             a = keep if wd is None else (1 - wd) * keep
         else:
@@ -791,16 +807,19 @@ def _mapped_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committe
         for name, shape in shapes.items():
             x = u[name]
             if pull is not None:
-                x = x + pull.unsqueeze(-1) * orig[name].flatten(3).unsqueeze(-2)
+                if channel:  # [B, H, n, 1, D] · [S, B, H, 1, O, D]
+                    x = x + (pull.unsqueeze(-2) * orig[name].unsqueeze(-3)).flatten(-2)
+                else:
+                    x = x + pull.unsqueeze(-1) * orig[name].flatten(3).unsqueeze(-2)
             w0 = work[name].flatten(3)
             if per_token and "memory" in group:
-                states = _states(a, x, w0)  # [S, B, H, n, P]
+                states = _states(a, x, w0, channel=channel)  # [S, B, H, n, P]
                 i = group.index("memory")
                 before = torch.cat([w0[i].unsqueeze(-2), states[i, ..., :-1, :]], dim=-2)
                 weights[name] = (before if run.read_before else states[i]).unflatten(-1, shape)
                 ends[name] = states[..., -1, :]
             else:
-                ends[name] = _states(a, x, w0, last=True).squeeze(-2)
+                ends[name] = _states(a, x, w0, last=True, channel=channel).squeeze(-2)
         per_param = {p: t.unflatten(-1, shapes[p]).unbind(0) for p, t in ends.items()}
         per_buf = {b: t.unbind(0) for b, t in new_bufs.items()}
         for i, slot in enumerate(group):

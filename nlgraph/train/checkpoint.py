@@ -203,7 +203,9 @@ def save_checkpoint(
     # folder (another run's, left in this folder) is not this run's to delete
     earlier = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
                      and not p.name.endswith(".tmp") and p.name < name)
-    for old in earlier[:len(earlier) - (max(keep, 1) - 1)]:
+    # max(0, ...): with fewer earlier checkpoints than keep − 1 a negative bound would slice from
+    # the end and delete the oldest ones anyway
+    for old in earlier[:max(0, len(earlier) - (max(keep, 1) - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -219,7 +221,9 @@ def existing_run(out: str | os.PathLike) -> str | None:
         except (OSError, ValueError, KeyError, TypeError):
             return "latest.json"
     root = out / "checkpoints"
-    if root.is_dir() and any(p.name.startswith("step-") for p in root.iterdir()):
+    # a step-N.tmp folder is a checkpoint that was never completed (the process died writing it):
+    # nothing to resume (--resume refuses it), so nothing a fresh run must keep
+    if root.is_dir() and any(p.name.startswith("step-") and not p.name.endswith(".tmp") for p in root.iterdir()):
         return "checkpoints"
     return None
 

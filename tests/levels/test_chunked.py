@@ -203,6 +203,8 @@ def adam_muon_levels(draw):
     if retention:
         level["retention"] = {"kind": retention, "gate": {"from": "input"},
                               "toward": draw(st.sampled_from(["zero", "initial"]))}
+        if memory["kind"] == "linear" and draw(st.booleans()):  # W·Diag(α): a rate per key channel
+            level["retention"]["gate"]["per"] = "channel"
     return level
 
 
@@ -264,3 +266,31 @@ def test_chunked_equals_reference_self_modifying_adam_muon(seed, kind, t, dim, r
          "state": {n: s + 0.1 * d.normal(*s.shape) for n, s in state.items() if n.startswith(("memory.", "adaptive."))}}
     with mock.patch.object(optimizers.Muon, "__init__", _float_ns_init):
         _check(level, x, d)
+
+
+def test_adam_muon_mini_batch_under_bfloat16():
+    """The model's situation under bf16 autocast: bfloat16 streams, float32 memory and buffers. The
+    optimizers' constants (β₂ = 0.999 is 1 in bfloat16) stay float32, so after 256 tokens the
+    buffers agree with the float64 reference about as well as the reference's own autocast run
+    does; a bfloat16 run keeps bfloat16 states."""
+    g = torch.Generator().manual_seed(0)
+    b, t, h, dim = 2, 256, 1, 8
+    f32 = torch.float32  # this folder's default dtype is float64
+    x = {"keys": torch.nn.functional.normalize(torch.randn(b, t, h, dim, generator=g, dtype=f32), dim=-1),
+         "values": torch.randn(b, t, h, dim, generator=g, dtype=f32),
+         "queries": torch.randn(b, t, h, dim, generator=g, dtype=f32), "lr": torch.full((b, t, h), 1e-4, dtype=f32)}
+    for opt in ({"kind": "adam", "lr": {"from": "input"}}, {"kind": "muon", "lr": {"from": "input"}}):
+        level = {"memory": {"kind": "linear"}, "objective": {"kind": "l2"}, "optimizer": opt,
+                 "gradient_point": {"chunk": 16}}
+        _, exact = run(level, "reference", **{k: v.double() for k, v in x.items()})
+        low = {k: v.bfloat16() if k != "lr" else v for k, v in x.items()}
+        errors = {}
+        for form in ("reference", "chunked"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, s = run(level, form, **low, state={"memory.w0": torch.zeros(b, h, dim, dim, dtype=f32)})
+            errors[form] = {k: float((s[k].double() - exact[k]).norm() / exact[k].norm())
+                            for k in exact if k.startswith("optimizer.") and exact[k].is_floating_point()}
+        for k, e in errors["chunked"].items():
+            assert e < max(3 * errors["reference"][k], 1e-2), (opt["kind"], k, errors)
+        _, s = run(level, "chunked", **{k: v.bfloat16() for k, v in x.items()})
+        assert all(v.dtype == torch.bfloat16 for k, v in s.items() if v.is_floating_point()), s

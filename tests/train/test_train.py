@@ -149,6 +149,31 @@ def test_pruning_keeps_the_new_checkpoint_and_leaves_later_steps(tmp_path):
     assert ckpt.step == 2 and float(ckpt.model["weight"][0, 0]) == 2.0
 
 
+def test_pruning_keeps_the_last_keep_checkpoints(tmp_path):
+    """``keep`` = 4 over steps 1..6: nothing is removed until more than four exist, then the oldest
+    go (a negative slice bound once removed steps 1 and 2 at step 4)."""
+    out = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    seen = []
+    for step in range(1, 7):
+        save_checkpoint(out, step=step, model=model, optimizer=None, spec_yaml="", spec_hash="h",
+                        state={"data": {}}, keep=4)
+        seen.append([int(p.name.split("-")[1]) for p in sorted((out / "checkpoints").iterdir())])
+    assert seen == [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6]]
+
+
+def test_an_unfinished_first_checkpoint_is_not_a_run(tmp_path):
+    """A process killed while writing its first checkpoint leaves only ``step-N.tmp``: --resume
+    refuses that folder (no latest.json), so a fresh run must not refuse it too."""
+    from nlgraph.train.checkpoint import existing_run
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000005.tmp").mkdir(parents=True)
+    assert existing_run(out) is None
+    (out / "checkpoints" / "step-000004").mkdir()
+    assert existing_run(out) == "checkpoints"
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "state"])
 def test_damaged_checkpoints_are_refused_with_one_clear_line(tmp_path, damage, capsys):
     out = tmp_path / "run"
