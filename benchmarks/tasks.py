@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ def _run(spec: str, task: str, args, out: Path) -> dict:
     t0 = time.perf_counter()
     row = {"spec": spec, "task": task, "command": " ".join(cmd[1:])}
     res_file.unlink(missing_ok=True)
+    # the run folders are this sweep's own: a re-run (or a run killed by its time limit) starts over
+    shutil.rmtree(out / f"{spec}-{task}", ignore_errors=True)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_per_run)
         row["rc"] = p.returncode

@@ -813,11 +813,17 @@ def _mapped_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committe
                     x = x + pull.unsqueeze(-1) * orig[name].flatten(3).unsqueeze(-2)
             w0 = work[name].flatten(3)
             if per_token and "memory" in group:
-                states = _states(a, x, w0, channel=channel)  # [S, B, H, n, P]
+                # every token's weights only for the level memory, which is read through them; the
+                # other slots of the group (adaptive projections) need their end state only
                 i = group.index("memory")
-                before = torch.cat([w0[i].unsqueeze(-2), states[i, ..., :-1, :]], dim=-2)
-                weights[name] = (before if run.read_before else states[i]).unflatten(-1, shape)
-                ends[name] = states[..., -1, :]
+                states = _states(a, x[i], w0[i], channel=channel)  # [B, H, n, P]
+                before = torch.cat([w0[i].unsqueeze(-2), states[..., :-1, :]], dim=-2)
+                weights[name] = (before if run.read_before else states).unflatten(-1, shape)
+                if len(group) == 1:
+                    ends[name] = states[..., -1, :].unsqueeze(0)
+                else:
+                    rest = _states(a, x, w0, last=True, channel=channel).squeeze(-2)
+                    ends[name] = torch.cat([rest[:i], states[..., -1, :].unsqueeze(0), rest[i + 1:]])
             else:
                 ends[name] = _states(a, x, w0, last=True, channel=channel).squeeze(-2)
         per_param = {p: t.unflatten(-1, shapes[p]).unbind(0) for p, t in ends.items()}

@@ -154,6 +154,10 @@ def gate(norms: nn.ModuleList, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor
     return norms[0](y) * torch.sigmoid(norms[1](m))
 
 
+def _reads_self(block: nn.Module) -> bool:
+    return any(getattr(m, "reads_self", False) for m in block.modules())
+
+
 class MemoryContext(nn.Module):
     """Titans memory as a context (``kind: memory_context``, MAC): see
     :class:`~nlgraph.spec.schema.MemoryContextSpec` for the rule.
@@ -299,7 +303,10 @@ class NLModel(nn.Module):
         and :meth:`eager` use the plain blocks.
         """
         opts = {"fullgraph": True, "dynamic": False, **options}
-        self._compiled = [torch.compile(b, **opts) for b in self.blocks]
+        # a block with a level reading its own output (`from: self`) stays eager: it calls its
+        # level once per token or chunk, continuing the level's state, which reads the position
+        # (a graph of data-dependent sizes), and the unrolled loop would grow with the length
+        self._compiled = [b if _reads_self(b) else torch.compile(b, **opts) for b in self.blocks]
         return self
 
     @property

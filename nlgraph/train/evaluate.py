@@ -59,6 +59,14 @@ def _train_first(args, task: str) -> str:
     cfg.task = task
     # the default folder is this command's own: evaluating again retrains from scratch there
     cfg.replace = args.out is None or getattr(args, "owned_out", False)
+    if not cfg.replace:
+        from .checkpoint import existing_run
+
+        found = existing_run(out)
+        if found is not None:
+            raise NLGraphError(f"this folder already holds a run ({found}); evaluate it as it is with "
+                               f"`nlgraph eval {out} --task {task}`, or train into another --out (nothing "
+                               f"was changed)", file=out)
     cfg.eval_every = max(args.steps // 4, 1)
     print(f"==> training {args.target} on {task} for {args.steps} steps ({args.batch}x{args.length}) -> {out}",
           flush=True)

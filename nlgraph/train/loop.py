@@ -485,8 +485,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     else:
         found = existing_run(out)
         if found is not None and not cfg.replace:
-            raise TrainError(f"{out} already holds a run ({found}); continue it with --resume, or train "
-                             f"into another --out (nothing was changed)", file=str(out))
+            raise TrainError(f"this folder already holds a run ({found}); continue it with --resume, or "
+                             f"train into another --out (nothing was changed)", file=str(out))
     if spec is None:
         if ckpt is None:
             raise TrainError("no spec given and nothing to resume")
@@ -561,7 +561,9 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     spec_yaml = dump_spec(spec_obj)
     metrics_path = out / "metrics.jsonl"
     if ckpt is None and cfg.replace and dist.main:
-        clear_run(out)  # only now: a run that fails to start leaves the previous one as it was
+        # only now, with the spec, data and model built: a run that fails before this point leaves
+        # the previous one as it was (a failure after it, in the first steps, does not)
+        clear_run(out)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "spec.yaml", spec_yaml.encode())

@@ -39,3 +39,10 @@ def test_eval_trains_a_spec_on_a_task_then_evaluates_the_run(tmp_path, capsys):
     # and a run of one task is not silently scored on another
     assert main(["eval", str(out), "--task", "mqar"]) == 1
     assert "trained on 'parity'" in capsys.readouterr().err
+    # training again into the same --out is refused (the run there is kept) and says what to do
+    before = (out / "latest.json").read_bytes()
+    assert main(["eval", "transformer_pp", *TINY, "--task", "parity", "--length", "16", "--steps", "2",
+                 "--batch", "4", "--eval-batches", "1", "--device", "cpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"nlgraph eval {out} --task parity" in err[0]
+    assert (out / "latest.json").read_bytes() == before
