@@ -152,7 +152,7 @@ class Slot:
 def find_slots(model: nn.Module, kind: type | None = None) -> list[Slot]:
     """Every in-context level of an :class:`~nlgraph.model.NLModel` in model order (``kind``:
     modules of that class instead, e.g. :class:`~nlgraph.memory.MemoryLevel`)."""
-    from .model import Chain, Parallel, Residual
+    from .model import Chain, MemoryContext, Parallel, Residual
 
     slots: list[Slot] = []
     kind = kind or InContextMlp
@@ -168,6 +168,11 @@ def find_slots(model: nn.Module, kind: type | None = None) -> list[Slot]:
         elif isinstance(mod, Parallel):
             for name, branch in mod.branches.items():
                 visit(branch, f"{key}.{name}", path + (name,))
+        elif isinstance(mod, MemoryContext):
+            # Titans MAC: its memory's state is the context's "memory" entry (a `lifetime:
+            # persistent` memory carries into the next sequence, which answers its first segment
+            # from it)
+            visit(mod.memory, f"{key}.memory", path + ("memory",))
 
     for i, block in enumerate(model.blocks):
         for name in block.names:

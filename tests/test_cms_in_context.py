@@ -497,3 +497,22 @@ def test_compiled_hope_commits_and_trains_like_eager():
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_persistent_mac_memory_carries_into_the_next_sequence(tmp_path):
+    """``lifetime: persistent`` on the memory of a Titans MAC ``memory_context``: the next fresh
+    sequence answers its first segment from, and keeps writing, the memory the last one left.
+    Oracle: the same model continued from a hand-built state holding only that memory."""
+    ov = ["levels.memory.lifetime=persistent", "vars.d_model=16", "vars.heads=2", "vars.layers=1",
+          f"model.vocab={VOCAB}", "levels.mac.segment=4"]
+    model = build(load_spec("titans_mac", ov), dtype=torch.float64)
+    first, second = tokens(t=10, seed=4), tokens(t=9, seed=5)
+    _, state = model.stream(first)
+    level = state["blocks"][0]["mac"]["memory"]["level"]
+    carried = {k: v for k, v in level.items() if k.startswith(("memory.", "optimizer."))}
+    got = model(second)
+    want, _ = model.stream(second, {"blocks": [{"mac": {"memory": {"level": carried}}}]})
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    model.reset_memory()
+    fresh = model(second)
+    assert (got - fresh).abs().max() > 1e-6
