@@ -201,8 +201,10 @@ def save_checkpoint(
     atomic_write(out / "latest.json", json.dumps({"checkpoint": f"checkpoints/{name}", "step": int(step)}).encode())
     # only earlier steps are pruned: the checkpoint just written always stays, and a later-step
     # folder (another run's, left in this folder) is not this run's to delete
-    earlier = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                     and not p.name.endswith(".tmp") and p.name < name)
+    # by step number, not by name: step-1000000 sorts before step-999999 as text
+    steps = {p: int(p.name[5:]) for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()}
+    earlier = sorted((p for p, n in steps.items() if n < step), key=steps.__getitem__)
     # max(0, ...): with fewer earlier checkpoints than keep − 1 a negative bound would slice from
     # the end and delete the oldest ones anyway
     for old in earlier[:max(0, len(earlier) - (max(keep, 1) - 1))]:

@@ -137,6 +137,14 @@ def test_a_fresh_run_never_overwrites_a_previous_run(tmp_path, text, capsys):
     assert sorted(_losses(out)) == [1, 2]
 
 
+def test_pruning_orders_checkpoints_by_step_number(tmp_path):
+    out = tmp_path / "run"
+    _tiny_checkpoint(out, 999_999, 1.0)
+    _tiny_checkpoint(out, 1_000_000, 2.0)  # "step-1000000" < "step-999999" as text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1000000"]
+    assert load_checkpoint(out).step == 1_000_000
+
+
 def test_pruning_keeps_the_new_checkpoint_and_leaves_later_steps(tmp_path):
     """``keep`` prunes earlier steps only: the checkpoint just written is never removed, even when
     the folder holds a later step of some other run."""
