@@ -20,7 +20,7 @@ from .io import atomic_write
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS = ("validate", "show", "compile", "equiv", "train", "eval", "sample", "demo", "data", "list",
+COMMANDS = ("validate", "show", "compile", "equiv", "train", "eval", "sample", "demo", "data", "bench", "list",
             "schema")
 """The sub-commands, in help order (pinned by a test)."""
 
@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     from .data.cli import add_data_parser
 
     add_data_parser(sub)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     sub.add_parser("list", help="list the specs shipped in the library",
                    description="List the library specs usable by short name, with their descriptions.")
@@ -334,6 +338,10 @@ _HANDLERS = {"validate": _cmd_validate, "show": _cmd_show, "compile": _cmd_compi
 def _handler(command: str):
     if command in _HANDLERS:
         return _HANDLERS[command]
+    if command == "bench":
+        from .bench import cmd_bench
+
+        return cmd_bench
     from .train.cli import HANDLERS
 
     return HANDLERS[command]

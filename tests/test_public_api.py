@@ -31,7 +31,7 @@ def test_errors_hierarchy():
 
 def test_cli_commands_are_pinned():
     assert cli.COMMANDS == ("validate", "show", "compile", "equiv", "train", "eval", "sample", "demo", "data",
-                            "list", "schema")
+                            "bench", "list", "schema")
     parser = cli._parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert tuple(sub.choices) == cli.COMMANDS
