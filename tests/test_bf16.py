@@ -41,3 +41,31 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32(name):
     flat16 = torch.cat([g16[n].flatten().float() for n in g32])
     cos = torch.nn.functional.cosine_similarity(flat16, flat32, dim=0)
     assert cos > 0.95, f"{name}: bf16 and fp32 gradients have cosine {float(cos):.3f}"
+
+
+def _level_states(obj, found):
+    """Every tensor of every ``level`` state (a runtime level's memory, optimizer buffers...)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "level" and isinstance(v, dict):
+                found.update({n: t for n, t in v.items() if torch.is_tensor(t)})
+            else:
+                _level_states(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _level_states(v, found)
+    return found
+
+
+@pytest.mark.parametrize("name", ["titans", "hope", "atlas", "adam_memory", "ttt_mlp", "gated_deltanet"])
+def test_memory_state_stays_float32_under_bf16_autocast(name):
+    """Deep memories keep their in-context state (weights, momentum, Adam's moments) in float32
+    while their inputs are bfloat16: the state is a running sum that bfloat16 would round away."""
+    torch.manual_seed(0)
+    model = build(load_spec(name, TINY))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = model.stream(torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(2)))
+    states = _level_states(state, {})
+    assert states, f"{name}: no level state found"
+    low = sorted(n for n, t in states.items() if t.is_floating_point() and t.dtype != torch.float32)
+    assert not low, f"{name}: level state in {low[:3]} is not float32"
