@@ -254,13 +254,19 @@ class MemoryLevel(_Entry):
         """``out(M_L(q))`` over a segment ``x [B, n, C]``: the entry's output with the memory read at
         the segment-start state ``L`` (the anchor when the level keeps one, else the committed
         parameters), which is what ``read: chunk_start`` gives every token of the segment."""
-        if level_state is None:
-            level_state = self.initial_state(x.shape[0])
         name = self.reads.get("queries")
         q, _ = self.streams["q"](src[name] if name else x, carry.get("conv.queries"))
+        return self._read_memory(x, q, level_state, "anchor.")
+
+    def _read_memory(self, x: torch.Tensor, q: torch.Tensor, level: dict | None, prefer: str = "") -> torch.Tensor:
+        """``out(M(q))`` for queries ``q [B, T, H, D_k]``, the memory's parameters taken from the
+        level state (``prefer``: a state prefix such as ``anchor.`` used where present; ``None``:
+        the initial ``M_0``)."""
+        if level is None:
+            level = self.initial_state(x.shape[0])
         mem = build_memory(self.spec.memory, self.d_key, self.d_value)
-        params = {p: level_state.get(f"anchor.memory.{p}", level_state[f"memory.{p}"]) for p in mem.shapes()}
-        y = mem.forward(params, q.transpose(1, 2)).transpose(1, 2)
+        params = {p: level.get(f"{prefer}memory.{p}", level[f"memory.{p}"]) for p in mem.shapes()}
+        y = mem.forward(params, q.transpose(1, 2)).transpose(1, 2)  # [B, T, H, Dv]
         return self._output(x, y)
 
     def initial_state(self, batch: int) -> dict[str, torch.Tensor]:
@@ -279,13 +285,7 @@ class MemoryLevel(_Entry):
         q, tail = self.streams["q"](x, state.get("conv.read"))
         if tail is not None:
             state["conv.read"] = tail
-        level = state.get("level")
-        if level is None:
-            level = self.initial_state(x.shape[0])
-        mem = build_memory(self.spec.memory, self.d_key, self.d_value)
-        params = {p: level[f"memory.{p}"] for p in mem.shapes()}
-        y = mem.forward(params, q.transpose(1, 2)).transpose(1, 2)  # [B, T, H, Dv]
-        return self._output(x, y), state
+        return self._read_memory(x, q, state.get("level")), state
 
     def forward(self, x: torch.Tensor, state: dict | None = None,
                 sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
