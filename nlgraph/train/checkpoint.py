@@ -6,6 +6,8 @@ Layout of a run folder ``DIR``::
     DIR/checkpoints/step-000200/
         model.safetensors              the model's parameters and buffers (tied weights stored once)
         optimizer.safetensors          the outer optimizer's per-parameter state
+        outer.safetensors              (``updates: outer_loop`` levels only) the gradients held back
+                                       until the level's period of training tokens is complete
         spec.yaml                      the resolved spec
         state.json                     step, tokens, data position, RNG states, spec hash, the
                                        optimizer's hyper-parameters, sha256 of every file above
@@ -24,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,9 @@ from ..errors import NLGraphError
 from ..io import atomic_write
 
 __all__ = ["CheckpointError", "Checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+EXTRA_FILES = ("outer.safetensors",)
+"""Optional tensor files a checkpoint may hold besides the model's and the optimizer's."""
 
 FORMAT = "nlgraph-checkpoint"
 VERSION = 1
@@ -55,6 +60,8 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     spec_yaml: str
     state: dict[str, Any]
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Tensors of the optional files (:data:`EXTRA_FILES`) the checkpoint has, by file name."""
 
     @property
     def step(self) -> int:
@@ -85,10 +92,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def model_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The module's state dict with tied tensors stored once: ``(tensors, aliases)`` where
-    ``aliases[name] = stored_name`` for every tensor that shares storage with an earlier one."""
-    tensors: dict[str, torch.Tensor] = {}
+def tensor_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """``{name: stored_name}`` for every state-dict tensor of ``module`` that shares storage with an
+    earlier one (tied weights), as :func:`model_tensors` finds them; nothing is copied."""
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, t in module.state_dict().items():
@@ -97,7 +103,15 @@ def model_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
+    return aliases
+
+
+def model_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The module's state dict with tied tensors stored once: ``(tensors, aliases)`` where
+    ``aliases[name] = stored_name`` for every tensor that shares storage with an earlier one."""
+    aliases = tensor_aliases(module)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in module.state_dict().items()
+               if name not in aliases}
     return tensors, aliases
 
 
@@ -156,13 +170,19 @@ def save_checkpoint(
     spec_hash: str,
     state: dict[str, Any],
     keep: int = 1,
+    model_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
+    optimizer_state: tuple[dict[str, torch.Tensor], dict] | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint of ``model`` (and ``optimizer``) at ``step`` into the run folder ``out``.
 
     ``state`` holds the caller's JSON-able run state (data position, config, metrics so far...);
     RNG states, the spec hash and file checksums are added here. ``keep`` complete checkpoints are
     kept (the newest ones); the previous one is removed only after the new one is complete.
-    Returns the checkpoint's folder.
+    ``model_state`` / ``optimizer_state`` replace what :func:`model_tensors` /
+    :func:`optimizer_tensors` would read from ``model`` / ``optimizer`` (a sharded model's full
+    state, gathered by the caller, in the same layout). ``extra`` maps a name of
+    :data:`EXTRA_FILES` to the tensors written there. Returns the checkpoint's folder.
     """
     out = Path(out)
     root = out / "checkpoints"
@@ -173,12 +193,16 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors, aliases = model_tensors(model)
+    tensors, aliases = model_state if model_state is not None else model_tensors(model)
     files: dict[str, bytes] = {"model.safetensors": st_save(tensors), "spec.yaml": spec_yaml.encode()}
     opt_meta = None
-    if optimizer is not None:
-        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    if optimizer_state is not None or optimizer is not None:
+        opt_tensors, opt_meta = optimizer_state if optimizer_state is not None else optimizer_tensors(optimizer)
         files["optimizer.safetensors"] = st_save(opt_tensors)
+    for fname, more in (extra or {}).items():
+        if fname not in EXTRA_FILES:
+            raise ValueError(f"{fname!r} is not one of the checkpoint's optional files {EXTRA_FILES}")
+        files[fname] = st_save({k: v.detach().to("cpu").contiguous() for k, v in more.items()})
     for fname, data in files.items():
         _write_synced(tmp / fname, data)
     record = {
@@ -353,7 +377,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError("state.json lacks a valid step, spec hash or file list; the checkpoint "
                               "was altered", file=str(state_file))
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for fname in ("model.safetensors", "optimizer.safetensors"):
+    for fname in ("model.safetensors", "optimizer.safetensors", *EXTRA_FILES):
         if fname not in expected:
             tensors[fname] = {}
             continue
@@ -373,7 +397,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if spec_hash(spec) != state.get("spec_hash"):
         raise CheckpointError(f"the stored spec hashes to {spec_hash(spec)}, not the recorded "
                               f"{state.get('spec_hash')}: the checkpoint was altered", file=str(path / "spec.yaml"))
-    return Checkpoint(path, tensors["model.safetensors"], tensors["optimizer.safetensors"], spec_yaml, state)
+    return Checkpoint(path, tensors["model.safetensors"], tensors["optimizer.safetensors"], spec_yaml, state,
+                      {f: tensors[f] for f in EXTRA_FILES if f in expected})
 
 
 def load_model_state(module: torch.nn.Module, ckpt: Checkpoint) -> None:

@@ -69,6 +69,9 @@ def add_parsers(sub) -> None:
     _common_run_args(p, steps=1000, batch=8, length=256)
     p.add_argument("--out", metavar="DIR", default=None, help="run folder (default runs/<spec name>)")
     p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                        "(FSDP2) instead of replicating them (DDP); eager blocks")
     p.add_argument("--time-limit", type=_positive_float("--time-limit"), default=None, metavar="SECONDS",
                    help="stop with a checkpoint once this much training time has passed")
     p.add_argument("--eval-every", type=_positive("--eval-every"), default=100,
@@ -158,7 +161,7 @@ def _config(args, out: str):
         cuda_graph=getattr(args, "cuda_graph", None),
         data=args.data, domain=args.domain, tokenizer=args.tokenizer, overrides=list(args.overrides),
         **{k: getattr(args, k) for k in ("eval_every", "eval_batches", "save_every", "keep", "warmup",
-                                          "weight_decay", "clip", "task", "progress", "time_limit") if hasattr(args, k)})
+                                          "weight_decay", "clip", "task", "progress", "time_limit", "fsdp") if hasattr(args, k)})
 
 
 def _spec_name(spec: str) -> str:

@@ -91,6 +91,11 @@ class TrainConfig:
     step (no Python or launch overhead: what deep-memory levels, thousands of small kernels a step,
     are bound by). Default: on for an uncompiled model on one CUDA device, falling back to eager
     with a note when the model cannot be captured; ``True`` makes a failed capture an error."""
+    fsdp: bool = False
+    """Under ``torchrun``: shard parameters, gradients and AdamW's state over the ranks with FSDP2
+    (``torch.distributed.fsdp.fully_shard``, one group per block, then the root) instead of
+    replicating them with DDP. Checkpoints keep the one-process layout (resumable with or without
+    FSDP, on any number of ranks that divides ``batch``)."""
     task: str = "corpus"
     """``corpus`` (next-token prediction on text) or a synthetic task name (``nlgraph.data.TASKS``)."""
     data: str | None = None
@@ -167,6 +172,170 @@ def _init_dist(device_hint: str | None) -> _Dist:
     return _Dist(rank, world, local)
 
 
+def _agree(flags: list[bool], dist: _Dist, device: torch.device) -> list[bool]:
+    """Each flag true on any rank, on every rank (collective): a stop that only one rank saw (a
+    signal delivered between two ranks' checks, a time limit one rank passed first) must stop all
+    of them after the same step, or the others would wait in the next all-reduce for ever."""
+    if dist.world <= 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _row_share(rows: int, dist: _Dist) -> slice:
+    """This rank's rows of a global batch of ``rows`` rows: ``rows // world`` each when it divides
+    (as training splits ``--batch``), else as even as possible, earlier ranks one more."""
+    base, extra = divmod(rows, dist.world)
+    start = dist.rank * base + min(dist.rank, extra)
+    return slice(start, start + base + (dist.rank < extra))
+
+
+def _gather_rows(persistent: dict[str, dict], dist: _Dist, local: int) -> dict[str, dict]:
+    """The persistent memory of all ranks' batch rows, concatenated in rank order (collective):
+    what one process training the global batch would hold, ``[batch, ...]`` per tensor."""
+    if dist.world <= 1:
+        return persistent
+    out: dict[str, dict] = {}
+    for key in sorted(persistent):
+        out[key] = {}
+        for kind in ("values", "buffers"):
+            part = {}
+            for name in sorted(persistent[key][kind]):
+                v = persistent[key][kind][name]
+                if v.dim() and v.shape[0] == local:
+                    parts = [torch.empty_like(v) for _ in range(dist.world)]
+                    torch.distributed.all_gather(parts, v.contiguous())
+                    v = torch.cat(parts)
+                part[name] = v
+            out[key][kind] = part
+    return out
+
+
+def _shard_rows(persistent: dict[str, dict], dist: _Dist, batch: int) -> dict[str, dict]:
+    """This rank's rows of a persistent memory saved for the global ``batch`` (the inverse of
+    :func:`_gather_rows`); tensors of another row count (one row, broadcast) stay as they are."""
+    if dist.world <= 1:
+        return persistent
+    rows = _row_share(batch, dist)
+    return {key: {kind: {n: (v[rows].clone() if v.dim() and v.shape[0] == batch else v)
+                         for n, v in entry[kind].items()} for kind in ("values", "buffers")}
+            for key, entry in persistent.items()}
+
+
+# --------------------------------------------------------------------------- outer-loop levels
+
+
+def _outer_state(multi: Any, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What :class:`~nlgraph.cms.MultiRateOuter` holds between steps, by parameter name: the
+    gradient sums not yet released (``[*param.shape]``, full tensors; sharded ones are gathered, a
+    collective under FSDP) and the training tokens counted. Without it a resumed run would release
+    them at other steps, and lose the held-back part of the period."""
+    tensors, steps = {}, {}
+    for name, p in model.named_parameters():
+        acc = multi.acc.get(id(p))
+        if acc is None:
+            continue
+        tensors[name] = (acc.full_tensor() if hasattr(acc, "full_tensor") else acc).detach().to("cpu")
+        steps[name] = multi.steps[id(p)]
+    return tensors, {"tokens": multi.tokens, "steps": steps}
+
+
+def _load_outer(multi: Any, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                device: torch.device, file: str) -> None:
+    """Restore what :func:`_outer_state` saved (on any number of ranks, with or without FSDP)."""
+    params = dict(model.named_parameters())
+    if set(tensors) - set(params) or set(meta["steps"]) != set(tensors):
+        raise CheckpointError("the held-back outer-loop gradients name parameters this model lacks; resume "
+                              "with the spec the run was trained with", file=file)
+    multi.tokens = int(meta["tokens"])
+    for name, t in tensors.items():
+        p = params[name]
+        t = t.to(device)
+        if hasattr(p, "device_mesh"):  # an FSDP shard: keep this rank's part, sliced locally
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
+        multi.acc[id(p)] = t
+        multi.steps[id(p)] = int(meta["steps"][name])
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def _fsdp_shard(model: torch.nn.Module, device: torch.device, dist: _Dist) -> None:
+    """Shard the parameters (and so the gradients and AdamW's moments) over the ranks with FSDP2:
+    one group per block, gathered just before the block runs and freed after it, then the root's
+    group (embedding, final norm, head). ``model`` stays the same object."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _fsdp_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, aliases: dict[str, str]) -> tuple | None:
+    """The sharded model's and optimizer's full state, gathered on rank 0's CPU in the layout of a
+    one-process checkpoint (``(model_state, optimizer_state)`` for :func:`save_checkpoint`, AdamW
+    state keyed by parameter index); ``None`` on the other ranks. Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=options)
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    if torch.distributed.get_rank() != 0:
+        return None
+    tensors = {k: v.detach().contiguous() for k, v in msd.items() if k not in aliases}
+    # the parameter order of the optimizer's groups is what Optimizer.state_dict numbers
+    index = {fqn: i for i, fqn in enumerate(f for g in osd["param_groups"] for f in g["params"])}
+    opt_tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for fqn, st in osd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                opt_tensors[f"{index[fqn]}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index[fqn]}.{key}"] = value
+    groups = [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]
+    return (tensors, aliases), (opt_tensors, {"param_groups": groups, "scalars": scalars})
+
+
+def _fsdp_load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict) -> None:
+    """Load a one-process checkpoint's AdamW state (keyed by parameter index) into the optimizer of
+    the sharded ``model``: every rank passes the full state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    state: dict[str, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta.get("scalars", {}).items()]:
+        idx, key = name.split(".", 1)
+        if not 0 <= int(idx) < len(fqns):
+            raise CheckpointError(f"the optimizer state names parameter {idx} but the model has {len(fqns)}; "
+                                  f"resume with the spec the run was trained with")
+        state.setdefault(fqns[int(idx)], {})[key] = value
+    groups = [{**g, "params": [fqns[i] for i in g["params"]]} for g in meta["param_groups"]]
+    # broadcast from rank 0, then each rank keeps its shard: with every rank distributing its own
+    # full copy instead (broadcast_from_rank0=False), torch 2.13 on CPU/gloo loaded wrong moments
+    # for some parameters, differently from run to run (tests/train/test_distributed.py caught it)
+    set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    # a parameter AdamW never stepped (an outer-loop level before its first period ends) has no
+    # state in the checkpoint, as in one process; the loader's warm-up step gave it step 1 and
+    # zero moments, which would change its first update's bias correction: drop them again
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if names[id(p)] not in state:
+                opt.state.pop(p, None)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -227,19 +396,27 @@ class _Data:
         self.batcher.load_state_dict(state["batcher"])
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's rows of each validation batch of ``--batch`` rows (the same batches on any
+        number of ranks): ``x [b, T]``, ``y [b, T]``. A rank whose share of a short last batch is
+        empty gets one placeholder row with every target ignored (``-100``): under FSDP every rank
+        must take part in every forward."""
         if self.task is None:
             from ..data import val_batches
 
-            for x, y in val_batches(self.val_ids, self.local_batch, self.cfg.length, self.cfg.eval_batches):
-                yield x.to(self.device), y.to(self.device)
+            batches = val_batches(self.val_ids, self.cfg.batch, self.cfg.length, self.cfg.eval_batches)
         else:
             from ..data import step_seed
 
             # held-out draws: seeds no training step uses
-            for i in range(self.cfg.eval_batches):
-                x, y = self.task.generate(self.local_batch, seed=step_seed(self.cfg.seed + 7_777_777, i),
-                                          **self.settings)
-                yield x.to(self.device), y.to(self.device)
+            batches = (self.task.generate(self.cfg.batch, seed=step_seed(self.cfg.seed + 7_777_777, i),
+                                          **self.settings) for i in range(self.cfg.eval_batches))
+        for x, y in batches:
+            rows = _row_share(x.shape[0], self.dist)
+            if rows.start == rows.stop:
+                x, y = x[:1], torch.full_like(y[:1], -100)
+            else:
+                x, y = x[rows], y[rows]
+            yield x.to(self.device), y.to(self.device)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -487,6 +664,11 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         if found is not None and not cfg.replace:
             raise TrainError(f"this folder already holds a run ({found}); continue it with --resume, or "
                              f"train into another --out (nothing was changed)", file=str(out))
+    if cfg.fsdp and dist.world <= 1:
+        raise TrainError("--fsdp shards the model over torchrun's processes; start the run with "
+                         "`torchrun --nproc_per_node N -m nlgraph train ... --fsdp` (N >= 2), or drop --fsdp")
+    if ckpt is not None:
+        _check_resume_batch(cfg, ckpt, dist, out)
     if spec is None:
         if ckpt is None:
             raise TrainError("no spec given and nothing to resume")
@@ -523,28 +705,48 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     # weights, gradients, AdamW's two moments and an activation estimate, before anything is allocated
     check_model_size(spec_obj, device=device, dtype_bytes=4, batch=max(cfg.batch // dist.world, 1),
                      length=cfg.length, training=True, optimizer_states=2, limits=current_options().limits)
+    if cfg.fsdp and cfg.cuda_graph:
+        raise TrainError("--cuda-graph needs one CUDA device; --fsdp runs over several ranks: drop one of them")
+    if cfg.fsdp and cfg.compile:
+        # per-block torch.compile of FSDP2-sharded blocks is untested here: refused, not guessed
+        raise TrainError("--fsdp runs the blocks eagerly; train it with --no-compile")
     torch.manual_seed(cfg.seed)
     model = build(spec_obj, device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=device.type == "cuda")
     data = _Data(cfg, spec_obj.model.vocab, device, dist, spec_file)
     start = 0
     tokens_seen = 0
     if ckpt is not None:
+        # into the whole model, before any sharding: the checkpoint holds full tensors
         load_model_state(model, ckpt)
+    aliases = {}
+    if cfg.fsdp:
+        from .checkpoint import tensor_aliases
+
+        aliases = tensor_aliases(model)
+        _fsdp_shard(model, device, dist)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            fused=device.type == "cuda")
+    if ckpt is not None:
         if ckpt.optimizer:
-            restore_optimizer(opt, ckpt.optimizer, ckpt.state["optimizer"])
+            if cfg.fsdp:
+                _fsdp_load_optimizer(model, opt, ckpt.optimizer, ckpt.state["optimizer"])
+            else:
+                restore_optimizer(opt, ckpt.optimizer, ckpt.state["optimizer"])
+        # the position is a step counter of global batches: the same on any number of ranks
         data.load_state_dict(ckpt.state["data"])
         start = ckpt.step
         tokens_seen = int(ckpt.state.get("tokens", 0))
         if (out / "memory.safetensors").is_file():
             model.load_memory(out / "memory.safetensors")
+            # saved for the global batch (all ranks' rows): this rank takes its own
+            model._persistent = _shard_rows(model._persistent, dist, cfg.batch)
+        # rank 0's states, on every rank: the ranks drew the same numbers, as one process does
         set_rng_state(ckpt.state["rng"])
     if start >= cfg.steps and dist.main:
         print(f"nothing to do: the checkpoint is at step {start} and --steps is {cfg.steps}", file=sys.stderr)
 
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    use_compile = cfg.compile if cfg.compile is not None else (device.type == "cuda" and not cfg.fsdp)
     if use_compile:
         model.compile_blocks()
     use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (
@@ -553,7 +755,7 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         raise TrainError("--cuda-graph needs one CUDA device and no --compile (a compiled model "
                          "can use torch.compile's own graphs)")
     runner: torch.nn.Module = model
-    if dist.world > 1:
+    if dist.world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -575,25 +777,51 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     title = f"{spec_obj.name or 'spec'} on {data.corpus_name} ({n_params / 1e6:.2f}M params)"
 
     def evaluate() -> float:
+        """Validation loss over ``--batch``-row batches, each rank scoring its rows (collective)."""
         model.eval()
+        # validation reads the persistent memory but does not replace training's: its rows are
+        # the training batch's (per rank), which the next step and the checkpoint continue
+        kept = dict(getattr(model, "_persistent", {}))
         total, count = 0.0, 0
-        with torch.no_grad(), autocast():
-            for x, y in data.val_batches():
-                logits = model(x)
-                n = int((y != -100).sum())
-                total += float(lm_loss(logits, y)) * n
-                count += n
+        try:
+            with torch.no_grad(), autocast():
+                for x, y in data.val_batches():
+                    logits = model(x)
+                    n = int((y != -100).sum())
+                    if n:  # a placeholder row (nothing scored) would add 0 * nan
+                        total += float(lm_loss(logits, y)) * n
+                        count += n
+        finally:
+            if hasattr(model, "_persistent"):
+                model._persistent = kept
         model.train()
+        if dist.world > 1:
+            t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
         return total / max(count, 1)
 
     def checkpoint(step: int) -> None:
-        if dist.main and getattr(model, "_persistent", None):
-            # `lifetime: persistent` levels: what they carry into the next sequence (rank 0's rows)
-            model.save_memory(out / "memory.safetensors")
+        if getattr(model, "_persistent", None):
+            # `lifetime: persistent` levels: what they carry into the next sequence, every rank's
+            # rows, so that any number of ranks can resume it
+            memory = _gather_rows(model._persistent, dist, data.local_batch)
+            if dist.main:
+                local, model._persistent = model._persistent, memory
+                try:
+                    model.save_memory(out / "memory.safetensors")
+                finally:
+                    model._persistent = local
+        full = _fsdp_full_state(model, opt, aliases) if cfg.fsdp else None
+        # under FSDP every rank gathers its shards; under DDP the sums are alike, rank 0's suffice
+        outer = _outer_state(multi, model) if multi.groups and (cfg.fsdp or dist.main) else None
         if dist.main:
             save_checkpoint(out, step=step, model=model, optimizer=opt, spec_yaml=spec_yaml, spec_hash=shash,
                             state={"tokens": tokens_seen, "data": data.state_dict(), "config": _config_json(cfg),
-                                   "world": dist.world}, keep=cfg.keep)
+                                   "world": dist.world, "fsdp": cfg.fsdp,
+                                   **({"outer": outer[1]} if outer else {})}, keep=cfg.keep,
+                            model_state=full[0] if full else None, optimizer_state=full[1] if full else None,
+                            extra={"outer.safetensors": outer[0]} if outer else None)
         if dist.world > 1:
             torch.distributed.barrier()
 
@@ -612,6 +840,12 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
 
     # `updates: outer_loop` levels: the optimizer moves them once every C training tokens
     multi = MultiRateOuter(model)
+    if ckpt is not None and multi.groups:
+        if "outer" in ckpt.state:
+            _load_outer(multi, model, ckpt.extra.get("outer.safetensors", {}), ckpt.state["outer"], device,
+                        str(ckpt.path / "state.json"))
+        else:  # a checkpoint from before the held-back gradients were saved: the count at least
+            multi.tokens = tokens_seen
 
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         nonlocal graphed, use_graph
@@ -675,9 +909,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                 rec: dict[str, Any] = {"step": step, "loss": round(loss_v, 6), "tokens": tokens_seen,
                                        "tok_s": round(tok_s, 1), "lr": lr, "grad_norm": round(float(gnorm), 4)}
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    val_loss = evaluate() if dist.main else None
-                    if val_loss is not None:
-                        rec["val_loss"] = round(val_loss, 6)
+                    val_loss = evaluate()
+                    rec["val_loss"] = round(val_loss, 6)
                 if dist.main:
                     metrics.append(rec)
                     log.write(json.dumps(rec) + "\n")
@@ -692,18 +925,22 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                     checkpoint(step)
                 if on_step is not None:
                     on_step(step, loss_v, model)
-                if cfg.time_limit is not None and time.perf_counter() - t_run > cfg.time_limit and step < cfg.steps:
+                over_time, signalled = _agree(
+                    [cfg.time_limit is not None and time.perf_counter() - t_run > cfg.time_limit and step < cfg.steps,
+                     stop.signal is not None], dist, device)
+                if over_time:
                     if step % save_every:
                         checkpoint(step)
                     stopped = "time limit"
                     progress.line(f"time limit of {cfg.time_limit:.0f} s reached at step {step}; checkpoint "
                                   f"saved in {out}; continue with --resume")
                     break
-                if stop.signal is not None:
+                if signalled:
                     if step % save_every and step != cfg.steps:
                         checkpoint(step)
                     stopped = "interrupted"
-                    progress.line(f"stopped by {signal.Signals(stop.signal).name} at step {step}; "
+                    by = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another rank"
+                    progress.line(f"stopped by {by} at step {step}; "
                                   f"checkpoint saved in {out}; continue with --resume")
                     break
     finally:
@@ -714,6 +951,22 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     result = TrainResult(out, step, last_loss, val_loss, tokens_seen,
                          tokens_run / elapsed if elapsed > 0 and tokens_run else tok_s, stopped, n_params)
     return result
+
+
+def _check_resume_batch(cfg: TrainConfig, ckpt: Any, dist: _Dist, out: Path) -> None:
+    """A checkpoint resumes on any number of ranks that splits its global batch: the data position
+    counts global batches, and weights, AdamW's state and the RNG states are the same on every
+    rank. Another ``--batch`` would draw other batches; refuse both with the flag to change."""
+    saved = ckpt.state.get("config", {}).get("batch")
+    ranks = ckpt.state.get("world", 1)
+    if isinstance(saved, int) and saved != cfg.batch:
+        raise TrainError(f"--batch {cfg.batch}: the checkpoint was trained with a global batch of {saved} "
+                         f"(on {ranks} process{'es' if ranks != 1 else ''}); resume with --batch {saved}, "
+                         f"on any number of processes that divides it", file=str(out))
+    if cfg.batch % dist.world:
+        raise TrainError(f"--batch {cfg.batch} (the checkpoint's global batch) does not split over "
+                         f"{dist.world} processes; resume with a torchrun --nproc_per_node that divides "
+                         f"{cfg.batch}", file=str(out))
 
 
 def _config_json(cfg: TrainConfig) -> dict[str, Any]:
