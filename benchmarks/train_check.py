@@ -81,6 +81,8 @@ def main() -> int:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:  # after every spec: a sweep cut short by its command's time limit keeps its rows
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
     print()
     print("| spec | status | steps | params | first loss | last loss | val loss | tok/s | peak GiB | s |")
@@ -92,8 +94,6 @@ def main() -> int:
         val = f"{r['val_loss']:.3f}" if r.get("val_loss") is not None and math.isfinite(r["val_loss"]) else "-"
         print(f"| {r['spec']} | {r['status']} | {r['steps']} | {r['params']:,} | {r['first_loss']:.3f} | "
               f"{r['last_loss']:.3f} | {val} | {r['tok_s']:,.0f} | {r.get('peak_gib', '-')} | {r['seconds']} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0 if all("error" not in r for r in rows) else 1
 
 
