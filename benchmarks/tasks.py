@@ -36,6 +36,8 @@ def _run(spec: str, task: str, args, out: Path) -> dict:
            f"vars.d_model={args.d_model}", f"vars.layers={args.layers}", f"vars.heads={args.heads}"]
     if args.device:
         cmd += ["--device", args.device]
+    if args.train_time:
+        cmd += ["--time-limit", str(args.train_time)]
     if task == "mqar":
         cmd += ["--eval-lengths", args.eval_lengths, "--task-setting", f"num_kv_pairs={args.kv_pairs}",
                 "--task-setting", f"vocab_size={args.vocab}"]
@@ -69,26 +71,27 @@ def tables(rows: list[dict], eval_lengths: list[int]) -> str:
         return f"{r.get('error', 'no result')}" if r is not None and "result" not in r else "not run"
 
     if any(t == "mqar" for _, t in by):
-        out.append("| spec | " + " | ".join(f"MQAR, length {n}" for n in eval_lengths) + " | s |")
-        out.append("|---|" + "---|" * (len(eval_lengths) + 1))
+        out.append("| spec | " + " | ".join(f"MQAR, length {n}" for n in eval_lengths) + " | steps | s |")
+        out.append("|---|" + "---|" * (len(eval_lengths) + 2))
         for s in specs:
             r = by.get((s, "mqar"))
             if r is None or "result" not in r:
-                out.append(f"| {s} | {failed(r)} |" + " |" * len(eval_lengths))
+                out.append(f"| {s} | {failed(r)} |" + " |" * (len(eval_lengths) + 1))
                 continue
             acc = {x["length"]: x["accuracy"] for x in r["result"]["rows"]}
             out.append(f"| {s} | " + " | ".join(f"{acc[n]:.3f}" if n in acc else "-" for n in eval_lengths)
-                       + f" | {r['seconds']:.0f} |")
+                       + f" | {r['result'].get('step', '-')} | {r['seconds']:.0f} |")
         out.append("")
     if any(t == "niah" for _, t in by):
-        out.append("| spec | S-NIAH-1 accuracy | s |")
-        out.append("|---|---|---|")
+        out.append("| spec | S-NIAH-1 accuracy | steps | s |")
+        out.append("|---|---|---|---|")
         for s in specs:
             r = by.get((s, "niah"))
             if r is None or "result" not in r:
-                out.append(f"| {s} | {failed(r)} | |")
+                out.append(f"| {s} | {failed(r)} | | |")
                 continue
-            out.append(f"| {s} | {r['result']['rows'][0]['accuracy']:.3f} | {r['seconds']:.0f} |")
+            out.append(f"| {s} | {r['result']['rows'][0]['accuracy']:.3f} | {r['result'].get('step', '-')} | "
+                       f"{r['seconds']:.0f} |")
         out.append("")
     if any(t == "formal" for _, t in by):
         langs = []
@@ -96,17 +99,18 @@ def tables(rows: list[dict], eval_lengths: list[int]) -> str:
             if r["task"] == "formal" and "result" in r:
                 langs = [x["task"] for x in r["result"]["rows"]]
                 break
-        out.append("| spec | " + " | ".join(f"{lang} (in / longer)" for lang in langs) + " | s |")
-        out.append("|---|" + "---|" * (len(langs) + 1))
+        out.append("| spec | " + " | ".join(f"{lang} (in / longer)" for lang in langs) + " | fewest steps | s |")
+        out.append("|---|" + "---|" * (len(langs) + 2))
         for s in specs:
             r = by.get((s, "formal"))
             if r is None or "result" not in r:
-                out.append(f"| {s} | {failed(r)} |" + " |" * len(langs))
+                out.append(f"| {s} | {failed(r)} |" + " |" * (len(langs) + 1))
                 continue
             acc = {x["task"]: x for x in r["result"]["rows"]}
+            steps = [x["step"] for x in r["result"]["rows"] if "step" in x]
             out.append(f"| {s} | " + " | ".join(
                 f"{acc[lang]['in_distribution']:.2f} / {acc[lang]['longer']:.2f}" for lang in langs)
-                + f" | {r['seconds']:.0f} |")
+                + f" | {min(steps) if steps else '-'} | {r['seconds']:.0f} |")
         out.append("")
     return "\n".join(out)
 
@@ -130,7 +134,11 @@ def main() -> int:
     ap.add_argument("--formal-length", type=int, default=32)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--time-per-run", type=float, default=600)
+    ap.add_argument("--time-per-run", type=float, default=600,
+                    help="kill a run (training and evaluation) after this many seconds: no result")
+    ap.add_argument("--train-time", type=float, default=None,
+                    help="stop each training after this many seconds and evaluate what was trained "
+                         "(the tables give the step reached)")
     ap.add_argument("--out", type=Path, default=Path("runs/tasks"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)

@@ -111,6 +111,9 @@ def add_parsers(sub) -> None:
                    help="a setting of the task, e.g. num_kv_pairs=16 vocab_size=512 (repeatable)")
     p.add_argument("--eval-lengths", metavar="L1,L2,...", default=None,
                    help="evaluate at these sequence lengths (default: the training length)")
+    p.add_argument("--time-limit", type=_positive_float("--time-limit"), default=None, metavar="SECONDS",
+                   help="training a SPEC: stop each training run after this much time and evaluate what "
+                        "was trained (the JSON records the step reached)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE", default=None, help="write a PNG (accuracy vs length for mqar/niah)")
     p.add_argument("--no-learn", action="store_true", help="freeze every in-context level (a CMS with a finite period) at its trained "

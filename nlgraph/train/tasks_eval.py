@@ -154,7 +154,7 @@ def evaluate_task(args, train_first, table) -> dict[str, Any]:
 
             far = accuracy_on(model, get_task(lang), args.eval_batches, min(args.batch, 64), dev,
                               length=2 * args.length, min_length=args.length + 1)
-            rows.append({"task": lang, "in_distribution": res["rows"][0]["accuracy"], "longer": far,
+            rows.append({"task": lang, "in_distribution": res["rows"][0]["accuracy"], "longer": far, "step": res["step"],
                          "length": args.length})
             runs.append(res["run"])
         tbl = table(["language", f"accuracy, length 1-{args.length}", f"accuracy, length {args.length + 1}-{2 * args.length}"],

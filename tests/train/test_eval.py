@@ -46,3 +46,17 @@ def test_eval_trains_a_spec_on_a_task_then_evaluates_the_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"nlgraph eval {out} --task parity" in err[0]
     assert (out / "latest.json").read_bytes() == before
+
+
+def test_eval_with_a_time_limit_scores_the_training_it_reached(tmp_path, capsys):
+    """--time-limit shortens the training of a task run: the run is evaluated as far as it got, the
+    JSON says which step that was; without the flag an unfinished training stays an error."""
+    out = tmp_path / "parity"
+    report = tmp_path / "r.json"
+    code = main(["eval", "transformer_pp", *TINY, "--task", "parity", "--length", "16", "--steps", "50",
+                 "--batch", "4", "--eval-batches", "1", "--device", "cpu", "--out", str(out),
+                 "--time-limit", "1e-9", "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(report.read_text())
+    assert 1 <= res["step"] < 50
+    assert 0.0 <= res["rows"][0]["accuracy"] <= 1.0
