@@ -65,13 +65,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.levels.gates import AdaptiveGate
 from nlgraph.levels.memories import Memory, apply_layer
-from nlgraph.levels.optimizers import newton_schulz
+from nlgraph.levels.optimizers import newton_schulz, sqrt_second_moment
 from nlgraph.levels.run import LevelRun, Stream, final_state, periods, schedule
 from nlgraph.spec.schema import LevelSpec
 
 from . import register_form
 
-__all__ = ["ChunkSolution", "run_chunked", "solve_chunk", "transfer", "why_not_chunked"]
+__all__ = ["ChunkRows", "ChunkSolution", "chunk_rows", "run_chunked", "solve_chunk", "transfer", "why_not_chunked"]
 
 Params = dict[str, torch.Tensor]
 DEFAULT_CHUNK = 64
@@ -138,6 +138,91 @@ def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x
 
 
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every ``s_k = a_k s_{k−1} + b_k`` along ``dim`` from ``s_{−1} = 0``, by ⌈log₂ n⌉ doubling steps
+    that compose the affine maps (multiplications and additions only, like :func:`_cumprod`)."""
+    n = b.shape[dim]
+    step = 1
+    while step < n:
+        a_head, a_tail = a.narrow(dim, 0, step), a.narrow(dim, step, n - step)
+        b_head, b_tail = b.narrow(dim, 0, step), b.narrow(dim, step, n - step)
+        b = torch.cat([b_head, b_tail + a_tail * b.narrow(dim, 0, n - step)], dim=dim)
+        a = torch.cat([a_head, a_tail * a.narrow(dim, 0, n - step)], dim=dim)
+        step *= 2
+    return b
+
+
+@dataclass
+class ChunkRows:
+    """The last rows of a chunk's transfer products, all that its end state needs:
+    ``g [..., n+1(, D)]`` = ``G[n, j]``, ``omega`` = ``Ω[n, j]`` (``g`` without momentum) and
+    ``y [..., n+1]`` = ``Y[n, j]`` (``None`` without momentum), for ``j = 0..n``."""
+
+    g: torch.Tensor
+    omega: torch.Tensor
+    y: torch.Tensor | None
+    channel: bool
+
+
+def chunk_rows(alpha: torch.Tensor | None, mu: torch.Tensor | None, n: int, like: torch.Tensor) -> ChunkRows:
+    """:class:`ChunkRows` of retention ``alpha`` (``[..., n]``, ``[..., n, D]`` per channel, or ``None``)
+    and momentum ``mu [..., n]`` (or ``None``), in O(n log n) where :func:`transfer` builds
+    ``[n+1, n+1]`` matrices: a chunk whose tokens do not read its per-token weights (``read:
+    chunk_start``) needs only its end state, and then a chunk of 2,048 tokens costs what 32 chunks of
+    64 do. Products are taken in float32 at least and returned in the gates' dtype, as in
+    :func:`transfer`."""
+    if alpha is None:
+        alpha = like.new_ones(like.shape[:2] + (n,))
+    channel = alpha.dim() == 4
+    dtype = alpha.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    dim = -2 if channel else -1
+    with torch.autocast(like.device.type, enabled=False):
+        g = _suffix(alpha.to(work), dim)
+        y = omega = None
+        if mu is not None:
+            m = mu.to(work)
+            y = _suffix(m, -1)
+            # Ω[n, j] = Σ_{i=j..n} G[n, i] Y[i, j] satisfies Ω[n, j] = G[n, j] + μ_{j+1} Ω[n, j+1]
+            # from Ω[n, n] = 1: a linear recurrence run from j = n down to 0
+            a = torch.cat([torch.zeros_like(m[..., :1]), m.flip(-1)], dim=-1)
+            omega = _linear_scan(a.unsqueeze(-1) if channel else a, g.flip(dim), dim).flip(dim)
+    cast = (lambda t: t if t is None else t.to(dtype))
+    return ChunkRows(cast(g), cast(omega if omega is not None else g), cast(y), channel)
+
+
+def _suffix(f: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[Π_{i=j..n−1} f_i for j = 0..n−1] + [1]`` along ``dim``: row ``n`` of :func:`transfer`."""
+    suffix = _cumprod(f.flip(dim), dim).flip(dim)
+    return torch.cat([suffix, torch.ones_like(f.narrow(dim, 0, 1))], dim=dim)
+
+
+def _chunk_end(w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, e: torch.Tensor,
+               rows: ChunkRows, origin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W_n, S_n)`` after a chunk from its written errors ``e [..., n, o]``, layer inputs
+    ``x [..., n, i]``, the start ``w0`` (the deviation from ``origin`` when there is one) and ``s0``,
+    and the last rows of its transfer products (module docstring: ``W_n = W_0 G[n, 0] + S_0 Z_n −
+    Σ_j e_j (x_j ⊙ Ω[n, j])ᵀ``)."""
+
+    def col(w, f):  # a matrix [..., o, i] times a factor per head ([...]) or per column ([..., i])
+        return w * (f.unsqueeze(-2) if rows.channel else f[..., None, None])
+
+    def scale(u, f):  # u [..., n, i] times per-token factors [..., n] or [..., n, i]
+        return u * (f if rows.channel else f.unsqueeze(-1))
+
+    g_end = rows.g[..., 0, :] if rows.channel else rows.g[..., 0]
+    om = rows.omega[..., 1:, :] if rows.channel else rows.omega[..., 1:]
+    w = col(w0, g_end) - e.transpose(-1, -2) @ scale(x, om)
+    if origin is not None:
+        w = w + origin
+    if s0 is None:
+        return w, None
+    z_end = (rows.omega[..., 0, :] if rows.channel else rows.omega[..., 0]) - g_end
+    w = w + col(s0, z_end)
+    s = s0 * rows.y[..., 0, None, None] - e.transpose(-1, -2) @ (x * rows.y[..., 1:, None])
+    return w, s
+
 @dataclass
 class ChunkSolution:
     """One chunk of one weight matrix, solved: read it at any queries, or take its end state.
@@ -202,20 +287,9 @@ class ChunkSolution:
 
     def end(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W_n, S_n)`` after the chunk."""
-        g_end, om_end = self._at(self.g, -1, 0), self._at(self.omega, -1, slice(1, None))
-        w = self._col(self.w0, g_end) - self.e.transpose(-1, -2) @ self._scale(self.x, om_end)
-        if self.origin is not None:
-            w = w + self.origin
-        if self.s0 is None:
-            return w, None
-        z_end = self.z[..., -1, :] if self.channel else self.z[..., -1]
-        w = w + self._col(self.s0, z_end)
-        s = self.s0 * self.y[..., -1, 0, None, None] - self.e.transpose(-1, -2) @ (self.x * self.y[..., -1, 1:, None])
-        return w, s
-
-    def _col(self, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """A matrix ``[..., o, i]`` times a factor per head (``[...]``) or per column (``[..., i]``)."""
-        return w * (f.unsqueeze(-2) if self.channel else f[..., None, None])
+        rows = ChunkRows(self._at(self.g, -1, slice(None)), self._at(self.omega, -1, slice(None)),
+                         None if self.y is None else self.y[..., -1, :], self.channel)
+        return _chunk_end(self.w0, self.s0, self.x, self.e, rows, self.origin)
 
 
 def solve_chunk(
@@ -520,6 +594,24 @@ def _local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Te
     return inputs, deltas
 
 
+def _float_local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Tensor, run: LevelRun):
+    """:func:`_local_errors` in float32 at least, autocast off: adam's gradients.
+
+    Adam's step ``m̂ / (√v̂ + ε)`` is ``g / (|g| + ε)`` on a sequence's first gradient, whose
+    derivative is ``1/ε`` at ``g = 0`` (10⁶ for ε = 1e-6). In bfloat16 an output equals its target
+    (``δ = 0`` exactly) for about one coordinate in a few hundred, and each such coordinate adds a
+    ``1/ε``-sized term to the outer gradients (adam_memory under bf16 autocast: a gradient norm of
+    1,738 against 7.6 in float32, the same step). In float32 the errors are exact zeros only where
+    the maths makes them so."""
+    half = (torch.float16, torch.bfloat16)
+    autocast = k.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(k.device.type)
+    if not autocast and all(t.dtype not in half for t in (k, target, *params.values())):
+        return _local_errors(mem, params, k, target, run)  # float32 already (and a device may lack autocast)
+    work = torch.promote_types(k.dtype, torch.float32)
+    with torch.autocast(k.device.type, enabled=False):
+        return _local_errors(mem, {p: t.to(work) for p, t in params.items()}, k.to(work), target.to(work), run)
+
+
 def _decays(alpha: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if alpha is None:
         return transfer(like.new_ones(like.shape[:2] + (n,)), False), False
@@ -618,8 +710,23 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
     buffers = dict(buffers)
     q, k, v = (_stream(run, role, chunk, lin) for role in ("queries", "keys", "values"))
     lr, alpha, mu = (_rate(run, role, chunk, lin) for role in ("lr", "alpha", "mu"))
-    g, channel = _decays(alpha, k.shape[-2], k)
-    y = transfer(mu, False) if momentum else None
+    n = k.shape[-2]
+    # the reads walk the memory's per-token weights only for rolling reads; DGD's erase couples every
+    # token to the earlier ones. Other slots need just the chunk's end state, which the last rows of
+    # the transfer products give without the [n+1, n+1] matrices (what makes large chunks pay).
+    walks = not (run.read == "chunk_start" or run.has_pending)
+    products: dict[str, tuple] = {}
+
+    def full():
+        if "full" not in products:
+            products["full"] = (*_decays(alpha, n, k), transfer(mu, False) if momentum else None)
+        return products["full"]
+
+    def last():
+        if "last" not in products:
+            products["last"] = chunk_rows(alpha, mu if momentum else None, n, k)
+        return products["last"]
+
     sols: dict[str, tuple[ChunkSolution, int]] = {}
     new_working: dict[str, Params] = {}
     for group in _groups(run):
@@ -650,11 +757,15 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 coef = eta
             else:
                 eta, coef = lr, None
-            sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, eta.unsqueeze(-1) * deltas[layer.weight],
-                              g, y, channel, o0)
-            if "memory" in group:
-                sols[layer.weight] = (sol, group.index("memory"))
-            w_end, s_end = sol.end()
+            f = eta.unsqueeze(-1) * deltas[layer.weight]
+            if dgd or (walks and "memory" in group):
+                g, channel, y = full()
+                sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, f, g, y, channel, o0)
+                if "memory" in group:
+                    sols[layer.weight] = (sol, group.index("memory"))
+                w_end, s_end = sol.end()
+            else:  # without an erase the written errors are the forcing itself (module docstring)
+                w_end, s_end = _chunk_end(w0 if o0 is None else w0 - o0, s0, x, f, last(), o0)
             if layer.bias is not None:
                 params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
                 if momentum:
@@ -738,7 +849,7 @@ def _mapped_updates(run: LevelRun, grads: Params, bufs: Params, step0: torch.Ten
         for name, g in grads.items():
             m = _states(_constant(b1, n, g), (1 - b1) * g, bufs[f"exp_avg.{name}"])
             v = _states(_constant(b2, n, g), (1 - b2) * g * g, bufs[f"exp_avg_sq.{name}"])
-            u[name] = -(eta / bc1) * (m / (v.sqrt() / bc2 + opt.eps))
+            u[name] = -(eta / bc1) * (m / (sqrt_second_moment(v) / bc2 + opt.eps))
             new[f"exp_avg.{name}"], new[f"exp_avg_sq.{name}"] = m[..., -1, :], v[..., -1, :]
         return u, None, new
     spec = opt.spec  # muon
@@ -779,7 +890,8 @@ def _mapped_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committe
         at = _stack([lin[s] for s in group])
         work = _stack([working[s] for s in group])
         target = mem.forward(at, v) if run.self_target else v
-        inputs, deltas = _local_errors(mem, at, k, target, run)
+        errors = _float_local_errors if run.optimizer.kind == "adam" else _local_errors
+        inputs, deltas = errors(mem, at, k, target, run)
         grads: Params = {}
         for layer in mem.layers:
             grads[layer.weight] = (deltas[layer.weight].unsqueeze(-1) * inputs[layer.weight].unsqueeze(-2)).flatten(-2)

@@ -38,7 +38,7 @@ from ..spec.schema import GateSpec
 from .memories import Memory, build_memory
 from .objectives import build_objective
 
-__all__ = ["InnerOptimizer", "build_optimizer", "gradients", "newton_schulz"]
+__all__ = ["InnerOptimizer", "build_optimizer", "gradients", "newton_schulz", "sqrt_second_moment"]
 
 Params = dict[str, torch.Tensor]
 
@@ -109,6 +109,22 @@ def _newton_schulz_batched(x, a, b, c, steps, eps, dtype):
         gram = o @ o.mT
         o = a * o + (b * gram + c * (gram @ gram)) @ o
     return o.mT if wide else o
+
+
+def sqrt_second_moment(v: torch.Tensor) -> torch.Tensor:
+    """``√v`` of Adam's second moment ``v ≥ 0`` (any shape), with derivative 0 where ``v = 0``.
+
+    The forward is ``v.sqrt()`` bit for bit (NaN and inf included). Only the backward at an exact
+    zero changes: torch's is ``grad / (2·√0)``, and there ``grad = 0`` (the first moment is 0 too),
+    so ``0 / 0 = NaN``, which then poisons every outer gradient. ``v = 0`` means every gradient of
+    that coordinate so far was 0 (a silent key channel, a memory whose last layer starts at zero,
+    an output that equals its target in bfloat16), and there the update ``m̂ / (√v̂ + ε)`` is
+    ``m̂ / ε + O(|g|²)``: ``√v̂ = O(|g|)`` enters only beside ``m̂ = O(g)``, so the exact derivative
+    of the update receives nothing through ``√v``, which is what 0 gives (it is also the symmetric
+    subgradient of ``√(c g²) = √c |g|``). Two ``where`` with the same mask rather than a clamp, so
+    the unselected branch's ``√1`` has a finite derivative and nothing non-zero is altered."""
+    zero = v == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())  # scalars: no full-size temporaries
 
 
 class InnerOptimizer:
@@ -235,7 +251,7 @@ class Adam(InnerOptimizer):
                 bc1, bc2_sqrt = 1 - b1**n, (1 - b2**n).sqrt()
             else:
                 bc1, bc2_sqrt = 1.0, 1.0
-            denom = v.sqrt() / bc2_sqrt + self.eps
+            denom = sqrt_second_moment(v) / bc2_sqrt + self.eps
             delta[k] = -(_bc(lr, g) / bc1) * (m / denom)
         return delta, new
 
