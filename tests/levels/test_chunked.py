@@ -48,14 +48,18 @@ def minibatch_levels(draw):
     objective = draw(st.sampled_from([{"kind": "l2"}, {"kind": "dot"}, {"kind": "huber", "delta": 0.5},
                                       {"kind": "lp", "p": 3.0}]))
     level = {"memory": memory, "objective": objective, "optimizer": _optimizer(draw),
-             "read": draw(st.sampled_from(["after_write", "before_write"]))}
-    if draw(st.booleans()):
+             "read": draw(st.sampled_from(["after_write", "before_write", "chunk_start"]))}
+    if draw(st.booleans()) or level["read"] == "chunk_start":
         level["gradient_point"] = {"chunk": draw(st.integers(2, 6))}
     else:
         level["frequency"] = draw(st.integers(2, 5))
     retention = draw(st.sampled_from([None, "decay", "weight_decay"]))
     if retention:
-        level["retention"] = {"kind": retention, "gate": {"from": "input"}}
+        # per-channel retention scales a linear memory's key channels
+        per = draw(st.sampled_from(["head", "channel"])) if memory["kind"] == "linear" else "head"
+        level["retention"] = {"kind": retention, "gate": {"from": "input", "per": per}}
+        if draw(st.booleans()):
+            level["retention"]["toward"] = "initial"
     return level
 
 
@@ -294,3 +298,39 @@ def test_adam_muon_mini_batch_under_bfloat16():
             assert e < max(3 * errors["reference"][k], 1e-2), (opt["kind"], k, errors)
         _, s = run(level, "chunked", **{k: v.bfloat16() for k, v in x.items()})
         assert all(v.dtype == torch.bfloat16 for k, v in s.items() if v.is_floating_point()), s
+
+
+@given(SEEDS, st.integers(1, 12), st.integers(1, 3), st.booleans(), st.booleans(), st.booleans())
+def test_chunk_rows_are_the_last_rows_of_the_transfer_products(seed, n, d, channel, momentum, zeros):
+    """A chunk that only needs its end state takes the last rows of G, Y and Ω = G Y in O(n log n)
+    (``chunk_rows``), which must equal the rows of the full matrices, gates of exactly 0 included,
+    and give the same end state."""
+    from nlgraph.compilers.chunked import _chunk_end, chunk_rows, solve_chunk, transfer
+
+    g = torch.Generator().manual_seed(seed)
+    b, h, o, i = 2, 2, 3, d
+    alpha = torch.rand((b, h, n, i) if channel else (b, h, n), generator=g, dtype=torch.float64)
+    mu = torch.rand((b, h, n), generator=g, dtype=torch.float64) if momentum else None
+    if zeros:
+        alpha.view(-1)[::3] = 0.0
+        if mu is not None:
+            mu.view(-1)[::2] = 0.0
+    like = torch.zeros(b, h, n, i, dtype=torch.float64)
+    rows = chunk_rows(alpha, mu, n, like)
+    big_g = transfer(alpha, channel)
+    assert_close(rows.g, big_g[..., -1, :, :] if channel else big_g[..., -1, :], "G[n, :]")
+    if momentum:
+        big_y = transfer(mu, False)
+        big_om = torch.einsum("...rid,...ij->...rjd", big_g, big_y) if channel else big_g @ big_y
+        assert_close(rows.y, big_y[..., -1, :], "Y[n, :]")
+        assert_close(rows.omega, big_om[..., -1, :, :] if channel else big_om[..., -1, :], "Ω[n, :]")
+    w0 = torch.randn(b, h, o, i, generator=g, dtype=torch.float64)
+    s0 = torch.randn(b, h, o, i, generator=g, dtype=torch.float64) if momentum else None
+    x = torch.randn(b, h, n, i, generator=g, dtype=torch.float64)
+    f = torch.randn(b, h, n, o, generator=g, dtype=torch.float64)
+    sol = solve_chunk(w0, s0, x, x, None, f, big_g, transfer(mu, False) if momentum else None, channel)
+    w_ref, s_ref = sol.end()
+    w, s = _chunk_end(w0, s0, x, f, rows, None)
+    assert_close(w, w_ref, "W_n")
+    if momentum:
+        assert_close(s, s_ref, "S_n")
