@@ -288,7 +288,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         check_model_size(p.spec, device=device, batch=2, length=args.length, training=True,
                          limits=current_options().limits)
     try:
-        model = build(p.spec, device=device)
+        model = build(p, device=device)  # exactly the plan printed below
     except (RuntimeError, AssertionError) as e:
         raise NLGraphError(f"cannot build on device '{device}': {str(e).splitlines()[0]}") from None
     print(f"{p.spec.name or 'spec'}: hash {p.hash}")

@@ -3,15 +3,23 @@ to a (optionally ``torch.compile``d) :class:`~nlgraph.model.NLModel`.
 
     load_spec → build_graph → plan (infer shapes, recognise families, choose forms) → NLModel
     → torch.compile per block (fullgraph)
+
+The plan is the one place a level's execution form is decided: :func:`plan` asks the form registry
+(:func:`nlgraph.compilers.select_form`) once per level for the target device, records the answer in
+:attr:`LevelPlan.execution`, and :class:`~nlgraph.model.NLModel` builds every runtime level with that
+form. A backend that registers a form for a level family is therefore picked up by the plan, the
+model and ``nlgraph compile`` alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .errors import NLGraphError, did_you_mean
 from .families import recognise
 from .graph import GROUP_KINDS, _sources, build_graph, format_period, level_order
 from .model import NLModel
@@ -19,18 +27,42 @@ from .limits import check_model_size
 from .spec.loader import current_options, load_spec
 from .spec.schema import Spec
 
-__all__ = ["LevelPlan", "Plan", "build", "plan"]
+__all__ = ["LevelPlan", "Plan", "PlanError", "build", "plan"]
+
+# graph node kinds whose level the runtime runs (MemoryLevel / ClosedFormLevel); an `outer` level
+# among them is an MLP of the outer loop instead and has no execution form
+RUNTIME_KINDS = ("level", "linear_attention", "delta_rule")
+
+
+class PlanError(NLGraphError):
+    """A requested execution form (``forms=`` of :func:`plan` / :func:`build`) names no level the
+    runtime runs, or the form registry refuses it for that level. ``path`` is ``forms.<level>``."""
 
 
 @dataclass(frozen=True)
 class LevelPlan:
-    """How one graph node is executed: its family, execution form and shapes."""
+    """How one graph node is executed: its family, execution form and shapes.
+
+    Attributes:
+        node: the graph node (``b0.memory``, ``b0.cms[1]``, ``b0.mac[0]``).
+        family: the recognised family (``Titans (LMM)``, ``MLP``, ...).
+        form: the display label of the form (``chunked (triton)``, ``static mlp``, ``sdpa``, ...).
+        frequency, shapes: display strings.
+        level: the level's key below ``levels`` in the spec: its name, or ``<chain>.levels[j]`` for
+            a chain link (a level used by several blocks or groups has one key, and one form).
+        execution: for a level the runtime runs (a parametric level updated in context, a
+            ``linear_attention`` or ``delta_rule``), the registry form it is built with, a name
+            :func:`~nlgraph.runtime.run_level` accepts (``"chunked"`` or ``"reference"``); ``None``
+            for attention, static and in-context MLPs, groups and parts of levels.
+    """
 
     node: str
     family: str
     form: str
     frequency: str
     shapes: str
+    level: str = ""
+    execution: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +72,11 @@ class Plan:
     spec: Spec
     levels: tuple[LevelPlan, ...]
     hash: str
+
+    def executions(self) -> dict[str, str]:
+        """``{level key: execution form}`` for every level the runtime runs (see
+        :class:`LevelPlan`): what :class:`~nlgraph.model.NLModel` builds each level with."""
+        return {lv.level: lv.execution for lv in self.levels if lv.execution is not None}
 
     def render(self, model: NLModel | None = None) -> str:
         """A table of the plan; with ``model``, parameter counts per node and in total."""
@@ -80,10 +117,32 @@ def _params_by_node(model: NLModel) -> dict[str, int]:
     return out
 
 
-def _form_of(node: dict, device: str | None = None) -> str:
-    form = _entry_form(node, device)
-    if node["kind"] in ("level", "linear_attention", "delta_rule") and any(
-            src == "self" for _, src in _sources(node["spec"])):
+def _runs_in_runtime(node: dict) -> bool:
+    """Whether the model runs this node's level with :func:`~nlgraph.runtime.run_level`."""
+    return node["kind"] in RUNTIME_KINDS and not (
+        node["kind"] == "level" and node["spec"].objective.kind == "outer")
+
+
+def _choose_execution(node: dict, key: str, device: str, want: str) -> str:
+    """The registry's form for the node's level on ``device``: the best supported one (``want ==
+    "auto"``) or ``want`` by name, refused with a :class:`PlanError` naming the level."""
+    from .compilers import forms, select_form
+    from .runtime import _family  # importing the runtime registers every built-in form
+
+    spec = node["spec"]
+    family = _family(spec)
+    try:
+        return select_form(family, spec, device, want=want).name
+    except LookupError as e:
+        names = ", ".join(f.name for f in forms(family))
+        raise PlanError(f"level '{key}' cannot run in form '{want}' on {device}: {e}; force another "
+                        f"form of '{family}' ({names}) or drop forms['{key}'] to let the registry choose",
+                        path=f"forms.{key}") from None
+
+
+def _form_of(node: dict, execution: str | None, device: str | None = None) -> str:
+    form = _entry_form(node, execution, device)
+    if node["kind"] in RUNTIME_KINDS and any(src == "self" for _, src in _sources(node["spec"])):
         from .memory import self_read_chunk
 
         chunk = self_read_chunk(node["spec"])
@@ -93,7 +152,8 @@ def _form_of(node: dict, device: str | None = None) -> str:
     return form
 
 
-def _entry_form(node: dict, device: str | None = None) -> str:
+def _entry_form(node: dict, execution: str | None, device: str | None = None) -> str:
+    """The display label; for a runtime level, the label of the plan's ``execution`` form."""
     kind = node["kind"]
     if kind == "attention":
         return "sdpa (sliding window)" if node["spec"].window else "sdpa"
@@ -111,24 +171,41 @@ def _entry_form(node: dict, device: str | None = None) -> str:
                 f"({spec.optimizer.kind}, {spec.objective.reduce}{order}{life})")
     if kind in ("adaptive", "optimizer"):
         return "with its level"
-    if kind in ("linear_attention", "delta_rule"):
-        from .runtime import level_form
+    assert execution is not None, f"runtime node {node} has no execution form"
+    if device is None:
+        return execution
+    from .runtime import level_form
 
-        return level_form(node["spec"], device=device)
-    if device is not None:
-        from .runtime import level_form
-
-        return level_form(spec, device=device)  # choose_form's choice, labelled for the device
-    from .memory import choose_form
-
-    return choose_form(spec)
+    # the same form, labelled with where it hands its work to a kernel on the device
+    return level_form(spec, execution, device=device)
 
 
-def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: str | None = None) -> Plan:
-    """Check the spec's graph and decide how every level node runs. With ``device``, forms that
-    hand their work to a Triton kernel on it say so (``chunked (triton)``)."""
+def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = None,
+         forms: Mapping[str, str] | None = None) -> Plan:
+    """Check the spec's graph and decide how every level node runs.
+
+    Each level the runtime runs gets its execution form from the form registry
+    (:func:`nlgraph.compilers.select_form`) for ``device`` (default: CPU), decided once per level
+    key and recorded in :attr:`LevelPlan.execution`. With ``device``, the ``form`` labels of forms
+    that hand their work to a Triton kernel there say so (``chunked (triton)``).
+
+    Args:
+        spec: a :class:`Spec`, a spec file, a library name, YAML text or a mapping.
+        overrides: ``key=value`` strings applied to the spec first.
+        device: the device the model will run on (``"cuda"``, ``torch.device``, ...).
+        forms: ``{level key: form name}`` forcing a registered form (``"reference"``, ``"chunked"``,
+            ``"auto"``) for a level instead of the registry's best, e.g. ``{"memory": "reference"}``;
+            a chain link's key is ``"<chain>.levels[j]"``.
+
+    Raises:
+        PlanError: a key of ``forms`` names no level the runtime runs, or the registry refuses the
+            form for that level (one line naming ``forms.<level>`` and the reason).
+    """
     spec = load_spec(spec, overrides)
     graph = build_graph(spec)
+    forms = dict(forms or {})
+    target = torch.device(device).type if device is not None else "cpu"
+    chosen: dict[str, str] = {}  # level key -> execution: one decision per level
     levels = []
     for nid in level_order(graph):
         node = graph.nodes[nid]
@@ -140,13 +217,24 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: str | N
         if node["kind"] == "attention":
             shapes = f"{node['heads']} heads x {node['d_head']}"
             freq = "every token (in context)"
-        elif node["kind"] in ("level", "linear_attention", "delta_rule"):
+        elif node["kind"] in RUNTIME_KINDS:
             shapes = f"{node['heads']} heads, {node['d_in']} -> {node['d_out']}"
             freq = format_period(node["frequency"])
         else:
             shapes = ""
             freq = format_period(node.get("frequency")) if node["kind"] not in GROUP_KINDS else ""
-        levels.append(LevelPlan(nid, family, _form_of(node, device), freq, shapes))
+        key = node["path"].removeprefix("levels.")
+        execution = None
+        if _runs_in_runtime(node):
+            if key not in chosen:
+                chosen[key] = _choose_execution(node, key, target, forms.get(key, "auto"))
+            execution = chosen[key]
+        levels.append(LevelPlan(nid, family, _form_of(node, execution, device), freq, shapes, key, execution))
+    unknown = [k for k in forms if k not in chosen]
+    if unknown:
+        known = ", ".join(sorted(chosen)) or "none"
+        raise PlanError(f"no level '{unknown[0]}' is run with an execution form (levels that are: "
+                        f"{known}){did_you_mean(unknown[0], chosen)}", path=f"forms.{unknown[0]}")
     return Plan(spec, tuple(levels), graph.graph["hash"])
 
 
@@ -157,30 +245,45 @@ def build(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     overrides: tuple[str, ...] | list[str] = (),
+    forms: Mapping[str, str] | None = None,
 ) -> NLModel:
-    """Lower a spec to a model.
+    """Lower a spec, or a plan, to a model.
+
+    Every level the runtime runs is built with its plan's execution form (:attr:`LevelPlan.execution`),
+    chosen by the form registry for ``device``; ``forms`` forces one instead, e.g.
+    ``build("titans", forms={"memory": "reference"})`` runs Titans' memory per token.
 
     Args:
-        spec: a :class:`Spec`, a spec file, a library name, YAML text or a mapping.
+        spec: a :class:`Spec`, a spec file, a library name, YAML text or a mapping; or a
+            :class:`Plan` from :func:`plan`, built as it is (then without ``overrides`` or ``forms``).
         compile: compile every block with ``torch.compile(fullgraph=True)``; the uncompiled blocks
             stay in ``model.blocks`` (checkpoints and state dicts are unaffected).
-        device, dtype: where and in which dtype to create the parameters.
+        device, dtype: where and in which dtype to create the parameters; ``device`` is also the
+            target the plan chooses forms for.
         overrides: ``key=value`` strings applied to the spec first.
+        forms: ``{level key: form name}`` forcing execution forms (see :func:`plan`).
 
     Raises:
+        PlanError: a forced form names no runtime level or cannot run its level.
         ResourceError: the model would exceed ``Limits.max_params`` or the memory of ``device``
             (raise them with :func:`nlgraph.spec.loader.load_options`).
 
     Returns:
         :class:`~nlgraph.model.NLModel` with ``model(tokens [B, T]) -> logits [B, T, vocab]`` and
-        ``model.stream(tokens, state) -> (logits, state)``.
+        ``model.stream(tokens, state) -> (logits, state)``; ``model.plan`` is the plan it was built from.
     """
-    spec = load_spec(spec, overrides)
-    build_graph(spec)  # every graph check runs before any module is built
+    if isinstance(spec, Plan):
+        if overrides or forms:
+            raise ValueError("build(plan) builds the plan as it is; pass overrides and forms to plan()")
+        the_plan = spec
+    else:
+        # every graph check runs here, before any module is built
+        the_plan = plan(spec, overrides, device=device, forms=forms)
     # refuse a model too large for its device before allocating it (docs/security.md)
-    check_model_size(spec, device=device, dtype_bytes=(dtype or torch.get_default_dtype()).itemsize,
+    check_model_size(the_plan.spec, device=device,
+                     dtype_bytes=(dtype or torch.get_default_dtype()).itemsize,
                      limits=current_options().limits)
-    model = NLModel(spec)
+    model = NLModel(the_plan.spec, plan=the_plan)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     if compile:

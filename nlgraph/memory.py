@@ -25,7 +25,7 @@ from .spec.schema import (
     MlpMemorySpec,
 )
 
-__all__ = ["ClosedFormLevel", "MemoryLevel", "choose_form", "level_widths", "self_read_chunk"]
+__all__ = ["ClosedFormLevel", "MemoryLevel", "level_widths", "self_read_chunk"]
 
 
 def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:
@@ -41,14 +41,6 @@ def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:
     else:
         dk = dv = width // heads
     return heads, dk, dv
-
-
-def choose_form(spec: LevelSpec) -> str:
-    """The execution form the model runs a level with: the parallel ``chunked`` form when the
-    runtime has one for this level, else the per-token ``reference`` form."""
-    from .runtime import level_form
-
-    return level_form(spec, "auto")
 
 
 class _AdaptiveInput(nn.Module):
@@ -204,14 +196,17 @@ class MemoryLevel(_Entry):
     ``state`` holds the runtime's state (memory parameters, pending sums, optimizer buffers,
     position) and the short-convolution tails, so a sequence continued in segments gives the output
     of one pass. A fresh state starts every memory at its meta-learned initial parameters.
+
+    ``form`` is the execution form :func:`~nlgraph.runtime.run_level` runs the level with, as the
+    plan chose it (:attr:`nlgraph.lower.LevelPlan.execution`); the level never chooses its own.
     """
 
-    def __init__(self, spec: LevelSpec, width: int) -> None:
+    def __init__(self, spec: LevelSpec, width: int, form: str) -> None:
         super().__init__()
         self.spec = spec
         heads, dk, dv = level_widths(spec, width)
         self.heads, self.d_key, self.d_value = heads, dk, dv
-        self.form = choose_form(spec)
+        self.form = form
         self._build_inputs(spec, width, self._rates())
         # meta-learned initial states M_0 of the memory and of every adaptive projection
         self.init_params = nn.ParameterDict()
@@ -309,18 +304,17 @@ class ClosedFormLevel(_Entry):
     (:mod:`nlgraph.compilers.linear_attention`, :mod:`nlgraph.compilers.delta_rule`).
 
     ``forward(x [B, T, C], state) -> (y [B, T, C], state)``; the state is the ``[B, H, D_v, D_k]``
-    matrix (plus the normaliser), its position and the convolution tails.
+    matrix (plus the normaliser), its position and the convolution tails. ``form``: the plan's
+    execution form, as for :class:`MemoryLevel`.
     """
 
-    def __init__(self, spec: LinearAttentionSpec | DeltaRuleSpec, width: int) -> None:
+    def __init__(self, spec: LinearAttentionSpec | DeltaRuleSpec, width: int, form: str) -> None:
         super().__init__()
-        from .runtime import level_form
-
         self.spec = spec
         self.heads = spec.heads
         self.d_key = spec.d_key or width // spec.heads
         self.d_value = spec.d_value or width // spec.heads
-        self.form = level_form(spec)
+        self.form = form
         rates = {"beta": spec.beta, "decay": spec.decay} if isinstance(spec, DeltaRuleSpec) else {}
         self._build_inputs(spec, width, rates)
         self._build_output(spec, width)

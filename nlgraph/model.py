@@ -8,6 +8,7 @@ entry is wrapped in a residual connection with the spec's norm placement.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .spec.schema import (
 __all__ = ["Block", "MemoryContext", "NLModel", "Parallel", "Residual"]
 
 State = dict[str, Any]
+Forms = Mapping[str, str]  # level key -> execution form, from the plan (nlgraph.lower.Plan.executions)
 
 
 class Residual(nn.Module):
@@ -103,9 +105,10 @@ class Chain(nn.Module):
     """A chain of levels applied in turn: ``x ← x + M_i(norm(x))`` per link when ``residual``
     (the block then adds no residual of its own), else ``y = M_K(… M_1(x))``."""
 
-    def __init__(self, spec: ChainSpec, model: ModelSpec, width: int) -> None:
+    def __init__(self, spec: ChainSpec, model: ModelSpec, width: int, forms: Forms, key: str) -> None:
         super().__init__()
-        links = [make_entry(lv, model, width) for lv in spec.levels]
+        links = [make_entry(lv, model, width, forms=forms, key=f"{key}.levels[{j}]")
+                 for j, lv in enumerate(spec.levels)]
         self.links = nn.ModuleList(Residual(m, model, width) if spec.residual else m for m in links)
         self.residual = spec.residual
 
@@ -123,11 +126,12 @@ class Parallel(nn.Module):
     """Levels run side by side on the same input (``kind: parallel``; Titans MAG), combined by a
     gate ``N_1(y_1) ⊙ σ(N_2(y_2))``, a sum or a mean. Each branch keeps its own state."""
 
-    def __init__(self, spec: ParallelSpec, levels: dict[str, Any], model: ModelSpec, width: int) -> None:
+    def __init__(self, spec: ParallelSpec, levels: dict[str, Any], model: ModelSpec, width: int,
+                 forms: Forms) -> None:
         super().__init__()
         self.names = list(spec.branches)
         self.combine = spec.combine
-        self.branches = nn.ModuleDict({n: make_entry(levels[n], model, width, levels) for n in self.names})
+        self.branches = nn.ModuleDict({n: make_entry(levels[n], model, width, levels, forms, n) for n in self.names})
         if spec.combine == "gate":
             self.norms = nn.ModuleList([RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)])
         self.reads = {n: n for n in self.names if reads_levels(self.branches[n])}
@@ -170,12 +174,12 @@ class MemoryContext(nn.Module):
     sequence fed in pieces gives the output of one pass.
     """
 
-    def __init__(self, spec: MemoryContextSpec, levels: dict[str, Any], width: int) -> None:
+    def __init__(self, spec: MemoryContextSpec, levels: dict[str, Any], width: int, forms: Forms) -> None:
         super().__init__()
         from .memory import MemoryLevel
 
         self.segment = spec.segment
-        self.memory = MemoryLevel(levels[spec.memory], width)
+        self.memory = MemoryLevel(levels[spec.memory], width, _planned(forms, spec.memory))
         self.attention = Attention(levels[spec.attention], width)
         self.norms = nn.ModuleList([RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)])
 
@@ -209,21 +213,34 @@ class MemoryContext(nn.Module):
         return torch.cat(outs, dim=1), new
 
 
-def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] | None = None) -> nn.Module:
+def _planned(forms: Forms, key: str) -> str:
+    """The plan's execution form of the level ``key`` (the model builds no level the plan did not
+    decide: forms are chosen in one place, :func:`nlgraph.lower.plan`)."""
+    if key not in forms:
+        raise KeyError(f"the plan has no execution form for level '{key}' (planned: {', '.join(forms) or 'none'}); "
+                       f"build the model from the plan of this spec")
+    return forms[key]
+
+
+def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] | None = None,
+               forms: Forms | None = None, key: str = "") -> nn.Module:
     """The module for one block entry of the spec (``levels``: the spec's levels, which groups
-    such as ``parallel`` and ``memory_context`` refer to by name)."""
+    such as ``parallel`` and ``memory_context`` refer to by name; ``forms``: the plan's execution
+    form of each runtime level by level key, :meth:`nlgraph.lower.Plan.executions`; ``key``: this
+    entry's level key, its name in ``levels`` or ``<chain>.levels[j]``)."""
+    forms = forms or {}
     if isinstance(entry, AttentionSpec):
         return AttentionEntry(entry, width)
     if isinstance(entry, ChainSpec):
-        return Chain(entry, model, width)
+        return Chain(entry, model, width, forms, key)
     if isinstance(entry, ParallelSpec):
-        return Parallel(entry, levels or {}, model, width)
+        return Parallel(entry, levels or {}, model, width, forms)
     if isinstance(entry, MemoryContextSpec):
-        return MemoryContext(entry, levels or {}, width)
+        return MemoryContext(entry, levels or {}, width, forms)
     if isinstance(entry, (LinearAttentionSpec, DeltaRuleSpec)):
         from .memory import ClosedFormLevel
 
-        return ClosedFormLevel(entry, width)
+        return ClosedFormLevel(entry, width, _planned(forms, key))
     if entry.objective.kind == "outer":
         from .cms import InContextMlp, is_in_context
 
@@ -231,19 +248,20 @@ def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] 
         return InContextMlp(entry, width) if is_in_context(entry) else StaticMlp(entry, width)
     from .memory import MemoryLevel
 
-    return MemoryLevel(entry, width)
+    return MemoryLevel(entry, width, _planned(forms, key))
 
 
 class Block(nn.Module):
-    """One block of the spec: its entries applied in order, each in a residual connection."""
+    """One block of the spec: its entries applied in order, each in a residual connection.
+    ``forms``: the plan's execution forms by level key (:meth:`nlgraph.lower.Plan.executions`)."""
 
-    def __init__(self, names: list[str], spec: Spec) -> None:
+    def __init__(self, names: list[str], spec: Spec, forms: Forms) -> None:
         super().__init__()
         width = spec.model.d_model
         self.names = list(names)
         entries = {}
         for n in names:
-            entry, module = spec.levels[n], make_entry(spec.levels[n], spec.model, width, spec.levels)
+            entry, module = spec.levels[n], make_entry(spec.levels[n], spec.model, width, spec.levels, forms, n)
             # a residual chain wraps each link itself; anything else gets one residual here
             own = isinstance(entry, ChainSpec) and entry.residual
             entries[n] = module if own else Residual(module, spec.model, width)
@@ -267,17 +285,30 @@ class Block(nn.Module):
 class NLModel(nn.Module):
     """A language model lowered from a spec.
 
+    Every level the runtime runs is built with the execution form the plan chose for it
+    (:attr:`nlgraph.lower.LevelPlan.execution`): ``plan`` when given (it must be the plan of
+    ``spec``, e.g. from :func:`nlgraph.lower.plan` with ``forms=``), else ``plan(spec)`` for CPU.
+
     Attributes:
         spec: the validated spec it was built from.
+        plan: the :class:`~nlgraph.lower.Plan` it was built from.
         blocks: ``repeat × len(spec.model.blocks)`` :class:`Block` modules, in order.
     """
 
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: Spec, plan: Any = None) -> None:
         super().__init__()
+        if plan is None:
+            from .lower import plan as make_plan
+
+            plan = make_plan(spec)
+        elif plan.spec != spec:
+            raise ValueError("NLModel(spec, plan): the plan is of another spec; pass plan.spec")
         self.spec = spec
+        self.plan = plan
+        forms = plan.executions()
         m = spec.model
         self.embed = nn.Embedding(m.vocab, m.d_model)
-        self.blocks = nn.ModuleList(Block(names, spec) for _ in range(m.repeat) for names in m.blocks)
+        self.blocks = nn.ModuleList(Block(names, spec, forms) for _ in range(m.repeat) for names in m.blocks)
         self.norm = make_norm(m.norm, m.d_model) if m.final_norm else nn.Identity()
         self.head = nn.Linear(m.d_model, m.vocab, bias=False)
         nn.init.normal_(self.embed.weight, 0.0, 0.02)

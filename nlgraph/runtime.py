@@ -58,6 +58,7 @@ from .spec.schema import AttentionSpec, ChainSpec, DeltaRuleSpec, LevelSpec, Lin
 __all__ = ["init_state", "level_form", "run_level"]
 
 FORMS = ("auto", "reference", "chunked")
+"""The built-in forms; a backend adds more names by registering forms (:mod:`nlgraph.compilers`)."""
 
 
 def level_form(level: Any, form: str = "auto", device: torch.device | str | None = None) -> str:
@@ -72,7 +73,7 @@ def level_form(level: Any, form: str = "auto", device: torch.device | str | None
             asked for a level that has no parallel form (the message says why).
     """
     spec = load_level(level)
-    name = _select(_family(spec), spec, form).name
+    name = _select(_family(spec), spec, form, torch.device(device).type if device is not None else "cpu").name
     if device is None or name != "chunked":
         return name
     from .compilers.kernels.dispatch import kernel_label, why_no_online_kernel
@@ -88,15 +89,17 @@ def _family(spec: Any) -> str:
     return "memory"
 
 
-def _select(family: str, spec: Any, form: str):
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+def _select(family: str, spec: Any, form: str, device: str = "cpu"):
+    registered = [f.name for f in forms(family)]
+    if form != "auto" and form not in registered:
+        raise ValueError(f"form must be 'auto' or a form registered for {family} ({', '.join(registered)}), "
+                         f"got {form!r}")
     if form != "auto":
         try:
-            return select_form(family, spec, want=form)
+            return select_form(family, spec, device, want=form)
         except LookupError as e:
             raise ValueError(str(e)) from None
-    return select_form(family, spec)
+    return select_form(family, spec, device)
 
 
 def run_level(
@@ -139,20 +142,20 @@ def run_level(
     if isinstance(spec, AttentionSpec):
         if any(r is not None for r in (lr, retention, momentum)):
             raise ValueError("softmax attention has no learning rate, retention or momentum gates")
-        chosen = _select("attention", spec, form)
+        chosen = _select("attention", spec, form, keys.device.type)
         return chosen.run(spec, keys=keys, values=values, queries=queries, state=state)
     if isinstance(spec, (LinearAttentionSpec, DeltaRuleSpec)):
         # closed-form kinds: the learning rate is the delta rule's β, the retention its decay α
         if momentum is not None or (isinstance(spec, LinearAttentionSpec) and (lr, retention) != (None, None)):
             raise ValueError(f"a {spec.kind} takes no {'momentum' if momentum is not None else 'lr or retention'} gate")
-        chosen = _select(spec.kind, spec, form)
+        chosen = _select(spec.kind, spec, form, keys.device.type)
         extra = {"beta": lr, "decay": retention} if isinstance(spec, DeltaRuleSpec) else {}
         return chosen.run(spec, keys=keys, values=values, queries=queries, state=state,
                           chunk_size=chunk_size, **extra)
     assert isinstance(spec, LevelSpec)
-    chosen = _select("memory", spec, form)
+    chosen = _select("memory", spec, form, keys.device.type)
     if form == "auto" and chosen.name != "chunked":
-        reasons = "; ".join(f"{f.name}: {why}" for f in forms("memory") if (why := f.supports(spec, "cpu")))
+        reasons = "; ".join(f"{f.name}: {why}" for f in forms("memory") if (why := f.supports(spec, keys.device.type)))
         warnings.warn(
             f"this level has no parallel form, running the per-token reference form ({reasons})",
             stacklevel=2,
@@ -163,6 +166,15 @@ def run_level(
     # inner gradients are built with autograd; keep their graphs only when someone will backprop
     graph = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
     with torch.set_grad_enabled(graph):
-        if chosen.name == "chunked":
+        if _takes(chosen, "chunk_size"):
             return chosen.run(run, chunk_size=chunk_size)
         return chosen.run(run)
+
+
+def _takes(form, option: str) -> bool:
+    """Whether a form's ``run`` accepts ``option`` (the implementation chunk is a knob of chunked
+    forms only; a registered backend's form declares what it takes by its signature)."""
+    import inspect
+
+    params = inspect.signature(form.run).parameters
+    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

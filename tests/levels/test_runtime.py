@@ -68,7 +68,7 @@ def test_chunked_refuses_exact_online_deep_memory():
     [
         (GDN_YAML, {"retention": 0.9}, "lr: the level declares a data-dependent gate"),
         (GDN_YAML, {"lr": 0.5, "retention": 0.9, "momentum": 0.5}, "has no momentum gate"),
-        (GDN_YAML, {"lr": 0.5, "retention": 0.9, "form": "fast"}, "form must be one of"),
+        (GDN_YAML, {"lr": 0.5, "retention": 0.9, "form": "fast"}, "form must be .auto. or a form registered"),
         (GDN_YAML, {"lr": torch.ones(2, 7, 3), "retention": 0.9}, r"expected \[B, T, H\]"),
         (GDN_YAML, {"lr": 0.5, "retention": 0.9, "state": {"memory.W": torch.zeros(2, 2, 3, 3)}}, "unknown entries"),
         (GDN_YAML, {"lr": 0.5, "retention": 0.9, "state": {"memory.w0": torch.zeros(2, 2, 3)}}, "expected shape"),
