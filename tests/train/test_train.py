@@ -267,7 +267,8 @@ def test_ddp_with_gloo_on_two_processes_equals_one_process(tmp_path, text):
     two = tmp_path / "two"
     subprocess.run([sys.executable, "-m", "nlgraph", "train", *common, "--out", str(one)], check=True, env=env,
                    capture_output=True, timeout=300)
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "nlgraph", "train",
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                        str(_free_port()), "-m", "nlgraph", "train",
                         *common, "--out", str(two)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _losses(one), _losses(two)
@@ -403,3 +404,12 @@ def test_eval_and_sample_no_learn_freeze_in_context_levels(tmp_path, text, capsy
     assert ppl[True] != ppl[False]
     assert main(["sample", str(out), "--tokens", "8", "--device", "cpu", "--no-learn"]) == 0
     assert capsys.readouterr().out
+
+
+def _free_port() -> int:
+    """A port nobody listens on now: a fixed one may still be held by an earlier run's socket."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
