@@ -5,19 +5,11 @@ the same logits and parameter gradients as eager (float64)."""
 import pytest
 import torch
 
-from nlgraph import library_specs, load_spec
+from nlgraph import library_specs
 from nlgraph.lower import build
+from tinyspecs import tiny
 
 LIBRARY = sorted(library_specs())
-
-
-def tiny(name: str) -> list[str]:
-    spec_vars = load_spec(name).vars
-    out = ["model.vocab=64"]
-    for key, value in (("d_model", 16), ("heads", 2), ("layers", 1), ("chunk", 4)):
-        if key in spec_vars:
-            out.append(f"vars.{key}={value}")
-    return out
 
 
 @pytest.mark.parametrize("name", LIBRARY)

@@ -16,18 +16,10 @@ from nlgraph.lower import PlanError, build, plan
 from nlgraph.memory import ClosedFormLevel, MemoryLevel
 from nlgraph.model import NLModel
 from nlgraph.runtime import level_form
+from tinyspecs import tiny
 
 LIBRARY = sorted(library_specs())
 TITANS = ["vars.d_model=32", "vars.layers=1", "vars.heads=2", "model.vocab=64"]
-
-
-def tiny(name: str) -> list[str]:
-    spec_vars = load_spec(name).vars
-    out = ["model.vocab=64"]
-    for key, value in (("d_model", 16), ("heads", 2), ("layers", 1), ("chunk", 4)):
-        if key in spec_vars:
-            out.append(f"vars.{key}={value}")
-    return out
 
 
 def level_spec(spec, key: str):

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from nlgraph.cli import main
 from nlgraph.train.checkpoint import load_checkpoint
 from nlgraph.train.loop import TrainConfig, TrainError, train
+from trainhelp import free_port, write_corpus
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 
@@ -44,18 +44,6 @@ res = train(spec, TrainConfig(**args), resume=resume, on_step=on_step)
 with open(os.path.join(results, "rank" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump({"rank": int(os.environ["RANK"]), "step": res.step, "stopped": res.stopped}, f)
 """
-
-
-def _write_corpus(path: Path) -> Path:
-    g = torch.Generator().manual_seed(0)
-    words = "the of and to in that it is was he for on are as with his they at be this from".split()
-    lines = []
-    for _ in range(400):
-        n = int(torch.randint(4, 12, (1,), generator=g))
-        idx = torch.randint(0, len(words), (n,), generator=g).tolist()
-        lines.append(" ".join(words[i] for i in idx).capitalize() + ".")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def _cfg(out: Path, text: Path, **kw) -> dict:
@@ -81,12 +69,6 @@ def _stop_at(step: int):
     return on_step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp: Path, cfg: dict, *, resume: bool = False, stop_at: int | None = None,
               spec: str | dict = SPEC) -> list[dict]:
     worker = tmp / "worker.py"
@@ -97,7 +79,7 @@ def _torchrun(tmp: Path, cfg: dict, *, resume: bool = False, stop_at: int | None
     results.mkdir()
     args = json.dumps({**cfg, "spec": spec, "resume": resume, "stop_at": stop_at, "results": str(results)})
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                        str(_free_port()), str(worker), args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        str(free_port()), str(worker), args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(f.read_text()) for f in sorted(results.iterdir())]
@@ -107,7 +89,7 @@ def _torchrun(tmp: Path, cfg: dict, *, resume: bool = False, stop_at: int | None
 def runs(tmp_path_factory):
     """The corpus, an uninterrupted one-process run and a one-process run stopped after step STOP."""
     root = tmp_path_factory.mktemp("dist")
-    text = _write_corpus(root / "corpus.txt")
+    text = write_corpus(root / "corpus.txt")
     train(SPEC, TrainConfig(**_cfg(root / "ref", text)))
     res = train(SPEC, TrainConfig(**_cfg(root / "one_stopped", text)), on_step=_stop_at(STOP))
     assert res.stopped == "interrupted" and res.step == STOP

@@ -16,6 +16,7 @@ import torch
 from nlgraph.cli import main
 from nlgraph.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from nlgraph.train.loop import TrainConfig, TrainError, lr_at, train
+from trainhelp import free_port, write_corpus
 
 TINY = ["vars.d_model=32", "vars.layers=1", "vars.heads=2", "levels.mlp.memory.hidden=64"]
 
@@ -23,16 +24,7 @@ TINY = ["vars.d_model=32", "vars.layers=1", "vars.heads=2", "levels.mlp.memory.h
 @pytest.fixture
 def text(tmp_path) -> Path:
     """A small corpus written by the test: pseudo-sentences over a fixed word list."""
-    g = torch.Generator().manual_seed(0)
-    words = "the of and to in that it is was he for on are as with his they at be this from".split()
-    lines = []
-    for _ in range(400):
-        n = int(torch.randint(4, 12, (1,), generator=g))
-        idx = torch.randint(0, len(words), (n,), generator=g).tolist()
-        lines.append(" ".join(words[i] for i in idx).capitalize() + ".")
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def _cfg(out: Path, data: Path, **kw) -> TrainConfig:
@@ -268,7 +260,7 @@ def test_ddp_with_gloo_on_two_processes_equals_one_process(tmp_path, text):
     subprocess.run([sys.executable, "-m", "nlgraph", "train", *common, "--out", str(one)], check=True, env=env,
                    capture_output=True, timeout=300)
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                        str(_free_port()), "-m", "nlgraph", "train",
+                        str(free_port()), "-m", "nlgraph", "train",
                         *common, "--out", str(two)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _losses(one), _losses(two)
@@ -404,12 +396,3 @@ def test_eval_and_sample_no_learn_freeze_in_context_levels(tmp_path, text, capsy
     assert ppl[True] != ppl[False]
     assert main(["sample", str(out), "--tokens", "8", "--device", "cpu", "--no-learn"]) == 0
     assert capsys.readouterr().out
-
-
-def _free_port() -> int:
-    """A port nobody listens on now: a fixed one may still be held by an earlier run's socket."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
