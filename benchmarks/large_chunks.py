@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 DEFAULT = ["16:before_write", "64:before_write", "16:chunk_start", "64:chunk_start", "512:chunk_start",
@@ -51,8 +49,8 @@ def main() -> int:
 
     import torch
 
-    from nlgraph.errors import NLGraphError
-    from nlgraph.train.loop import TrainConfig, train
+    from nlgraph.train.loop import TrainConfig
+    from train_check import train_row  # this folder is on sys.path when a script of it runs
 
     heads = args.heads or max(1, args.d_model // 64)
     print(f"# large_chunks: {args.spec}, d_model {args.d_model}, {args.layers} layers, {heads} heads, "
@@ -68,22 +66,7 @@ def main() -> int:
                           eval_every=args.steps, eval_batches=args.eval_batches, device=args.device,
                           compile=False, precision=args.precision, overrides=ov, time_limit=args.time_per_run,
                           progress=False, replace=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        row = {"chunk": int(chunk), "read": read}
-        t0 = time.perf_counter()
-        try:
-            res = train(args.spec, cfg)
-            recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            tok = [r["tok_s"] for r in recs[2:]] or [r["tok_s"] for r in recs]
-            row.update(status=res.stopped, steps=res.step, last_loss=recs[-1]["loss"],
-                       val_loss=res.val_loss, tok_s=statistics.median(tok))
-        except NLGraphError as e:
-            row.update(status="FAILED", error=e.render())
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        if torch.cuda.is_available():
-            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row = {"chunk": int(chunk), "read": read, **train_row(args.spec, cfg)}
         rows.append(row)
         print(json.dumps(row), flush=True)
 

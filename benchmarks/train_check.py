@@ -21,6 +21,37 @@ import time
 from pathlib import Path
 
 
+def train_row(spec: str, cfg) -> dict:
+    """Train ``spec`` with ``cfg`` (a ``TrainConfig``) and summarise the run as one row: status,
+    steps, params, first / last / lowest loss, validation loss, median tokens/s after the first two
+    steps, seconds, and the peak GPU memory. A failure is the row's ``error``, not an exception."""
+    import torch
+
+    from nlgraph.errors import NLGraphError
+    from nlgraph.train.loop import train
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    row: dict = {}
+    try:
+        res = train(spec, cfg)
+        recs = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+        tok = [r["tok_s"] for r in recs[2:]] or [r["tok_s"] for r in recs]
+        row.update(status=res.stopped, steps=res.step, params=res.params, first_loss=recs[0]["loss"],
+                   last_loss=recs[-1]["loss"], min_loss=min(r["loss"] for r in recs),
+                   val_loss=res.val_loss, tok_s=statistics.median(tok))
+    except NLGraphError as e:
+        row.update(status="FAILED", error=e.render())
+    except Exception as e:  # a crash in one run must not hide the others' results
+        row.update(status="CRASHED", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    if torch.cuda.is_available():
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="*", help="library specs (default: every non-equiv library spec)")
@@ -43,8 +74,7 @@ def main() -> int:
     import torch
 
     import nlgraph
-    from nlgraph.errors import NLGraphError
-    from nlgraph.train.loop import TrainConfig, train
+    from nlgraph.train.loop import TrainConfig
 
     specs = args.specs or [n for n in nlgraph.library_specs() if not n.startswith("equiv/")]
     heads = args.heads or max(1, args.d_model // 64)
@@ -60,25 +90,7 @@ def main() -> int:
                           eval_every=args.steps, eval_batches=2, device=args.device, compile=args.compile,
                           precision=args.precision, overrides=ov, time_limit=args.time_per_spec, progress=False,
                           replace=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        row = {"spec": name}
-        try:
-            res = train(name, cfg)
-            recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            tok = [r["tok_s"] for r in recs[2:]] or [r["tok_s"] for r in recs]
-            row.update(status=res.stopped, steps=res.step, params=res.params, first_loss=recs[0]["loss"],
-                       last_loss=recs[-1]["loss"], min_loss=min(r["loss"] for r in recs),
-                       val_loss=res.val_loss, tok_s=statistics.median(tok))
-        except NLGraphError as e:
-            row.update(status="FAILED", error=e.render())
-        except Exception as e:  # a crash in one spec must not hide the others' results
-            row.update(status="CRASHED", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        if torch.cuda.is_available():
-            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row = {"spec": name, **train_row(name, cfg)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:  # after every spec: a sweep cut short by its command's time limit keeps its rows
