@@ -119,15 +119,22 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     """Flatten an optimizer's state dict: per-parameter tensors as ``"{index}.{key}"`` and the rest
     (param groups, non-tensor state) as JSON-able data."""
     sd = optimizer.state_dict()
+    tensors, scalars = flatten_optimizer_state(sd["state"])
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``{param index: {key: value}}`` → tensors (on the CPU) and other values, both keyed
+    ``"{index}.{key}"``: the layout of ``optimizer.safetensors`` and its JSON scalars."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for idx, st in sd["state"].items():
+    for idx, st in state.items():
         for key, value in st.items():
             if torch.is_tensor(value):
                 tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, scalars
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:

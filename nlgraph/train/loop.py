@@ -30,6 +30,7 @@ from .checkpoint import (
     CheckpointError,
     clear_run,
     existing_run,
+    flatten_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
     load_model_state,
@@ -294,14 +295,7 @@ def _fsdp_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, aliases
     tensors = {k: v.detach().contiguous() for k, v in msd.items() if k not in aliases}
     # the parameter order of the optimizer's groups is what Optimizer.state_dict numbers
     index = {fqn: i for i, fqn in enumerate(f for g in osd["param_groups"] for f in g["params"])}
-    opt_tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for fqn, st in osd["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{index[fqn]}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{index[fqn]}.{key}"] = value
+    opt_tensors, scalars = flatten_optimizer_state({index[fqn]: st for fqn, st in osd["state"].items()})
     groups = [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]
     return (tensors, aliases), (opt_tensors, {"param_groups": groups, "scalars": scalars})
 
