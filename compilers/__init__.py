@@ -8,6 +8,7 @@ level, so a new backend plugs in without touching the rest of the pipeline.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ class Form:
         supports: ``supports(level_spec, device) -> str | None``; ``None`` means supported, a
             string says why not (shown to the user when no form applies).
         run: the callable that executes the level.
+        options: the keyword options ``run`` takes beyond the level (``chunk_size`` for chunked
+            forms), read off its signature once at registration.
     """
 
     family: str
@@ -33,6 +36,7 @@ class Form:
     priority: int
     supports: Callable[[Any, str], str | None]
     run: Callable[..., Any]
+    options: frozenset[str] = frozenset()
 
 
 _REGISTRY: dict[str, dict[str, Form]] = {}
@@ -48,7 +52,9 @@ def register_form(
         table = _REGISTRY.setdefault(family, {})
         if name in table:
             raise ValueError(f"form '{name}' of family '{family}' is already registered")
-        table[name] = Form(family, name, priority, supports or (lambda level, device: None), fn)
+        params = inspect.signature(fn).parameters
+        table[name] = Form(family, name, priority, supports or (lambda level, device: None), fn,
+                           frozenset(list(params)[1:]))
         return fn
 
     return deco

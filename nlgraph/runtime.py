@@ -166,15 +166,6 @@ def run_level(
     # inner gradients are built with autograd; keep their graphs only when someone will backprop
     graph = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
     with torch.set_grad_enabled(graph):
-        if _takes(chosen, "chunk_size"):
+        if "chunk_size" in chosen.options:
             return chosen.run(run, chunk_size=chunk_size)
         return chosen.run(run)
-
-
-def _takes(form, option: str) -> bool:
-    """Whether a form's ``run`` accepts ``option`` (the implementation chunk is a knob of chunked
-    forms only; a registered backend's form declares what it takes by its signature)."""
-    import inspect
-
-    params = inspect.signature(form.run).parameters
-    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -3,7 +3,6 @@ execution form its plan chose through the form registry, a forced form changes w
 runs, and a form the registry refuses is one clear error naming the level."""
 
 import dataclasses
-import functools
 import re
 
 import pytest
@@ -78,7 +77,6 @@ class _Counting:
             monkeypatch.setitem(table, name, dataclasses.replace(form, run=self._wrap(name, form.run)))
 
     def _wrap(self, name, run):
-        @functools.wraps(run)  # keeps the form's signature, which says what options it takes
         def counted(*args, **kwargs):
             self.calls[name] += 1
             return run(*args, **kwargs)
