@@ -169,8 +169,7 @@ def chunk_rows(alpha: torch.Tensor | None, mu: torch.Tensor | None, n: int, like
     """:class:`ChunkRows` of retention ``alpha`` (``[..., n]``, ``[..., n, D]`` per channel, or ``None``)
     and momentum ``mu [..., n]`` (or ``None``), in O(n log n) where :func:`transfer` builds
     ``[n+1, n+1]`` matrices: a chunk whose tokens do not read its per-token weights (``read:
-    chunk_start``) needs only its end state, and then a chunk of 2,048 tokens costs what 32 chunks of
-    64 do. Products are taken in float32 at least and returned in the gates' dtype, as in
+    chunk_start``) needs only its end state, whose cost per token then does not grow with the chunk. Products are taken in float32 at least and returned in the gates' dtype, as in
     :func:`transfer`."""
     if alpha is None:
         alpha = like.new_ones(like.shape[:2] + (n,))
