@@ -3,7 +3,8 @@
 A backend provides *execution forms* for level kinds: the per-token ``reference`` form (the
 definition, float64-capable), ``chunked`` parallel forms, and later GPU kernels. Forms register
 here under a family name; the compiler asks :func:`select_form` for the best form that supports a
-level, so a new backend plugs in without touching the rest of the pipeline.
+level on a device and dtype, so a new backend plugs in without touching the rest of the pipeline:
+the Triton kernels (``nlgraph.compilers.kernels.forms``) are registered here like any other form.
 """
 
 from __future__ import annotations
@@ -24,40 +25,59 @@ class Form:
         family: the level family it implements (``delta_rule``, ``deep_memory``, ...).
         name: the form's name (``reference``, ``chunked``, ``triton``, ...).
         priority: higher wins when several forms support a level.
-        supports: ``supports(level_spec, device) -> str | None``; ``None`` means supported, a
-            string says why not (shown to the user when no form applies).
+        supports: ``supports(level_spec, device, dtype) -> str | None``; ``None`` means supported,
+            a string says why not (shown to the user when no form applies). ``device`` is a device
+            type (``"cpu"``, ``"cuda"``); ``dtype`` the parameters' ``torch.dtype``, or ``None`` when
+            the caller does not know it (then any dtype the form could take).
         run: the callable that executes the level.
         options: the keyword options ``run`` takes beyond the level (``chunk_size`` for chunked
             forms), read off its signature once at registration.
+        fallback: the form of the same family that runs instead when this one is asked for by name
+            (a model's plan) on tensors it does not support, e.g. a model planned for CUDA given
+            CPU tensors, or kernels switched off after it was built (``None``: such a call is an
+            error). It must compute the same function.
     """
 
     family: str
     name: str
     priority: int
-    supports: Callable[[Any, str], str | None]
+    supports: Callable[[Any, str, Any], str | None]
     run: Callable[..., Any]
     options: frozenset[str] = frozenset()
+    fallback: str | None = None
 
 
 _REGISTRY: dict[str, dict[str, Form]] = {}
 
 
 def register_form(
-    family: str, name: str, *, priority: int = 0, supports: Callable[[Any, str], str | None] | None = None
+    family: str, name: str, *, priority: int = 0, supports: Callable[..., str | None] | None = None,
+    fallback: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as form ``name`` of ``family``. Registering the same
-    (family, name) twice is an error, so two backends cannot silently shadow each other."""
+    (family, name) twice is an error, so two backends cannot silently shadow each other.
+
+    ``supports`` is ``(level, device, dtype) -> str | None``, or ``(level, device)`` for a form that
+    takes every dtype."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         table = _REGISTRY.setdefault(family, {})
         if name in table:
             raise ValueError(f"form '{name}' of family '{family}' is already registered")
         params = inspect.signature(fn).parameters
-        table[name] = Form(family, name, priority, supports or (lambda level, device: None), fn,
-                           frozenset(list(params)[1:]))
+        table[name] = Form(family, name, priority, _with_dtype(supports), fn, frozenset(list(params)[1:]),
+                           fallback)
         return fn
 
     return deco
+
+
+def _with_dtype(supports: Callable[..., str | None] | None) -> Callable[[Any, str, Any], str | None]:
+    if supports is None:
+        return lambda level, device, dtype=None: None
+    if len(inspect.signature(supports).parameters) >= 3:
+        return supports
+    return lambda level, device, dtype=None: supports(level, device)
 
 
 def forms(family: str) -> list[Form]:
@@ -65,8 +85,12 @@ def forms(family: str) -> list[Form]:
     return sorted(_REGISTRY.get(family, {}).values(), key=lambda f: (-f.priority, f.name))
 
 
-def select_form(family: str, level: Any, device: str = "cpu", *, want: str = "auto") -> Form:
-    """The form to run ``level`` with: ``want`` by name, or the best supported one for ``auto``.
+def select_form(family: str, level: Any, device: str = "cpu", dtype: Any = None, *, want: str = "auto",
+                fall_back: bool = False) -> Form:
+    """The form to run ``level`` with on ``device`` (a device type) in ``dtype`` (a ``torch.dtype``,
+    or ``None``: not known): ``want`` by name, or the best supported one for ``auto``. With
+    ``fall_back``, a named form that refuses hands over to its :attr:`Form.fallback` (run time: the
+    plan chose it for another target); a plan never falls back.
 
     Raises:
         LookupError: no form of that name / none supports the level; the message lists why each
@@ -80,13 +104,15 @@ def select_form(family: str, level: Any, device: str = "cpu", *, want: str = "au
         if not match:
             names = ", ".join(f.name for f in candidates)
             raise LookupError(f"family '{family}' has no form '{want}' (available: {names})")
-        why = match[0].supports(level, device)
+        why = match[0].supports(level, device, dtype)
+        if why is not None and fall_back and match[0].fallback is not None:
+            return select_form(family, level, device, dtype, want=match[0].fallback, fall_back=True)
         if why is not None:
             raise LookupError(f"form '{want}' cannot run this {family} level: {why}")
         return match[0]
     reasons = []
     for f in candidates:
-        why = f.supports(level, device)
+        why = f.supports(level, device, dtype)
         if why is None:
             return f
         reasons.append(f"{f.name}: {why}")

@@ -1082,12 +1082,5 @@ def run_chunked(
     if run.period is None:
         return _static(run)
     if run.online:
-        # (gated) delta-rule levels on CUDA run the Triton kernel instead (exact, the same maths;
-        # kernels.dispatch says which levels qualify); None means this PyTorch driver runs them
-        from .kernels.dispatch import online_delta_rule
-
-        done = online_delta_rule(run, chunk_size or DEFAULT_CHUNK)
-        if done is not None:
-            return done
         return _online(run, chunk_size or DEFAULT_CHUNK, loop)
     return _minibatch(run, loop)

@@ -30,8 +30,6 @@ import torch.nn.functional as F
 from nlgraph.spec.schema import DeltaRuleSpec, GateSpec
 
 from . import register_form
-from .kernels.dispatch import closed_form_fits
-from .kernels.dispatch import delta_rule as kernel_delta_rule
 
 __all__ = ["delta_rule_chunked", "delta_rule_reference"]
 
@@ -88,16 +86,14 @@ def delta_rule_reference(spec: DeltaRuleSpec, *, keys, values, queries, beta=Non
 @register_form("delta_rule", "chunked", priority=10)
 def delta_rule_chunked(spec: DeltaRuleSpec, *, keys, values, queries, beta=None, decay=None,
                        state=None, chunk_size: int | None = None, **_):
-    """Exact chunkwise WY / UT form (see the module docstring). ``chunk_size`` default 64.
-
-    CUDA tensors (float32 / bfloat16 / float16, head dims ≤ 256, chunk 16, 32 or 64) run the same
-    form in Triton (:mod:`nlgraph.compilers.kernels.dispatch`; ``NLGRAPH_KERNELS=off`` keeps this
-    PyTorch code)."""
+    """Exact chunkwise WY / UT form (see the module docstring), in PyTorch. ``chunk_size`` default 64.
+    The same form in Triton is the ``triton`` form (:mod:`nlgraph.compilers.kernels.forms`)."""
     queries, beta, alpha, state = _setup(spec, keys, values, queries, beta, decay, state)
-    if closed_form_fits(keys, values, chunk_size or 64) and keys.shape[1] > 0:
-        y, memory = kernel_delta_rule(queries, keys, values, beta if beta is not None else torch.ones_like(
-            keys[..., 0]), alpha, state["memory"], chunk_size or 64)
-        return y, {"memory": memory, "position": state["position"] + keys.shape[1]}
+    return chunked_from_setup(queries, keys, values, beta, alpha, state, chunk_size)
+
+
+def chunked_from_setup(queries, keys, values, beta, alpha, state, chunk_size):
+    """The chunked form after :func:`_setup` (rates activated, state complete)."""
     out_dtype, state_dtype = values.dtype, state["memory"].dtype
     keys, values, queries, beta, alpha, state = _upcast(keys, values, queries, beta, alpha, state)
     b, t_len, h, dk = keys.shape

@@ -96,8 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="run a forward and backward pass on random tokens")
     p.add_argument("--torch-compile", action="store_true",
                    help="compile every block with torch.compile(fullgraph=True) for --check")
-    p.add_argument("--device", default=None, help="torch device for --check and the plan's forms, e.g. "
-                   "'chunked (triton)' on cuda (default: cuda if present, else cpu)")
+    p.add_argument("--device", default=None, help="the device the plan chooses forms for, e.g. 'triton' "
+                   "for the delta rules on cuda (default: cuda if present, else cpu); a device this machine "
+                   "lacks is planned without allocating (no --check)")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32", "float64"],
+                   help="parameter dtype the plan chooses forms for (default float32; the kernels refuse float64)")
     p.add_argument("--length", type=int, default=64, help="sequence length for --check (default 64)")
 
     p = sub.add_parser("equiv", help="check whether two specs compute the same function",
@@ -279,7 +282,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.length < 1:
         raise _UsageError(f"--length must be at least 1, got {args.length}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    p = plan(args.spec, args.overrides, device=device)
+    dtype = getattr(torch, args.dtype)
+    p = plan(args.spec, args.overrides, device=device, dtype=dtype)
+    # planning needs no device: without it, the model is laid out on `meta` for the parameter counts
+    absent = torch.device(device).type == "cuda" and not torch.cuda.is_available()
+    if absent and args.check:
+        raise NLGraphError(f"--check runs on device '{device}', which this machine does not have; drop "
+                           f"--check to see the plan for it, or pass --device cpu", path="--device")
     if args.check:
         from .limits import check_model_size
         from .spec.loader import current_options
@@ -288,7 +297,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         check_model_size(p.spec, device=device, batch=2, length=args.length, training=True,
                          limits=current_options().limits)
     try:
-        model = build(p, device=device)  # exactly the plan printed below
+        if absent:
+            from .model import NLModel
+
+            with torch.device("meta"):
+                model = NLModel(p.spec, plan=p)
+        else:
+            model = build(p, device=device, dtype=dtype)  # exactly the plan printed below
     except (RuntimeError, AssertionError) as e:
         raise NLGraphError(f"cannot build on device '{device}': {str(e).splitlines()[0]}") from None
     print(f"{p.spec.name or 'spec'}: hash {p.hash}")

@@ -46,13 +46,13 @@ class LevelPlan:
     Attributes:
         node: the graph node (``b0.memory``, ``b0.cms[1]``, ``b0.mac[0]``).
         family: the recognised family (``Titans (LMM)``, ``MLP``, ...).
-        form: the display label of the form (``chunked (triton)``, ``static mlp``, ``sdpa``, ...).
+        form: the display label of the form (``triton``, ``chunked``, ``static mlp``, ``sdpa``, ...).
         frequency, shapes: display strings.
         level: the level's key below ``levels`` in the spec: its name, or ``<chain>.levels[j]`` for
             a chain link (a level used by several blocks or groups has one key, and one form).
         execution: for a level the runtime runs (a parametric level updated in context, a
             ``linear_attention`` or ``delta_rule``), the registry form it is built with, a name
-            :func:`~nlgraph.runtime.run_level` accepts (``"chunked"`` or ``"reference"``); ``None``
+            :func:`~nlgraph.runtime.run_level` accepts (``"triton"``, ``"chunked"``, ``"reference"``); ``None``
             for attention, static and in-context MLPs, groups and parts of levels.
     """
 
@@ -67,11 +67,18 @@ class LevelPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """The execution plan of a spec: one :class:`LevelPlan` per level node, in data-flow order."""
+    """The execution plan of a spec: one :class:`LevelPlan` per level node, in data-flow order.
+
+    ``device`` (a device type) and ``dtype`` (the parameters' dtype; ``None``: not given) are the
+    target the forms were chosen for; ``forced`` the ``forms=`` it was asked for, as
+    ``((level key, form), ...)``, so the plan can be made again for another target."""
 
     spec: Spec
     levels: tuple[LevelPlan, ...]
     hash: str
+    device: str = "cpu"
+    dtype: torch.dtype | None = None
+    forced: tuple[tuple[str, str], ...] = ()
 
     def executions(self) -> dict[str, str]:
         """``{level key: execution form}`` for every level the runtime runs (see
@@ -123,24 +130,25 @@ def _runs_in_runtime(node: dict) -> bool:
         node["kind"] == "level" and node["spec"].objective.kind == "outer")
 
 
-def _choose_execution(node: dict, key: str, device: str, want: str) -> str:
-    """The registry's form for the node's level on ``device``: the best supported one (``want ==
-    "auto"``) or ``want`` by name, refused with a :class:`PlanError` naming the level."""
+def _choose_execution(node: dict, key: str, device: str, dtype: torch.dtype | None, want: str) -> str:
+    """The registry's form for the node's level on ``device`` in ``dtype``: the best supported one
+    (``want == "auto"``) or ``want`` by name, refused with a :class:`PlanError` naming the level."""
     from .compilers import forms, select_form
     from .runtime import _family  # importing the runtime registers every built-in form
 
     spec = node["spec"]
     family = _family(spec)
     try:
-        return select_form(family, spec, device, want=want).name
+        return select_form(family, spec, device, dtype, want=want).name
     except LookupError as e:
         names = ", ".join(f.name for f in forms(family))
-        raise PlanError(f"level '{key}' cannot run in form '{want}' on {device}: {e}; force another "
+        where = device + (f" in {str(dtype).removeprefix('torch.')}" if dtype is not None else "")
+        raise PlanError(f"level '{key}' cannot run in form '{want}' on {where}: {e}; force another "
                         f"form of '{family}' ({names}) or drop forms['{key}'] to let the registry choose",
                         path=f"forms.{key}") from None
 
 
-def _form_of(node: dict, execution: str | None, device: str | None = None) -> str:
+def _form_of(node: dict, execution: str | None, device: str) -> str:
     form = _entry_form(node, execution, device)
     if node["kind"] in RUNTIME_KINDS and any(src == "self" for _, src in _sources(node["spec"])):
         from .memory import self_read_chunk
@@ -152,8 +160,9 @@ def _form_of(node: dict, execution: str | None, device: str | None = None) -> st
     return form
 
 
-def _entry_form(node: dict, execution: str | None, device: str | None = None) -> str:
-    """The display label; for a runtime level, the label of the plan's ``execution`` form."""
+def _entry_form(node: dict, execution: str | None, device: str) -> str:
+    """The display label; for a runtime level, the plan's ``execution`` form (``triton (interpreted)``
+    for the Triton form on the CPU, under ``NLGRAPH_KERNELS=interpret``)."""
     kind = node["kind"]
     if kind == "attention":
         return "sdpa (sliding window)" if node["spec"].window else "sdpa"
@@ -172,27 +181,23 @@ def _entry_form(node: dict, execution: str | None, device: str | None = None) ->
     if kind in ("adaptive", "optimizer"):
         return "with its level"
     assert execution is not None, f"runtime node {node} has no execution form"
-    if device is None:
-        return execution
-    from .runtime import level_form
-
-    # the same form, labelled with where it hands its work to a kernel on the device
-    return level_form(spec, execution, device=device)
+    return f"{execution} (interpreted)" if execution == "triton" and device == "cpu" else execution
 
 
 def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = None,
-         forms: Mapping[str, str] | None = None) -> Plan:
+         forms: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Plan:
     """Check the spec's graph and decide how every level node runs.
 
     Each level the runtime runs gets its execution form from the form registry
-    (:func:`nlgraph.compilers.select_form`) for ``device`` (default: CPU), decided once per level
-    key and recorded in :attr:`LevelPlan.execution`. With ``device``, the ``form`` labels of forms
-    that hand their work to a Triton kernel there say so (``chunked (triton)``).
+    (:func:`nlgraph.compilers.select_form`) for ``device`` (default: CPU) and ``dtype``, decided once
+    per level key and recorded in :attr:`LevelPlan.execution`: on CUDA the (gated) delta rules get
+    the ``triton`` form, elsewhere ``chunked`` where a parallel form exists, else ``reference``.
 
     Args:
         spec: a :class:`Spec`, a spec file, a library name, YAML text or a mapping.
         overrides: ``key=value`` strings applied to the spec first.
         device: the device the model will run on (``"cuda"``, ``torch.device``, ...).
+        dtype: the parameters' dtype (``None``: any the forms take; the kernels refuse float64).
         forms: ``{level key: form name}`` forcing a registered form (``"reference"``, ``"chunked"``,
             ``"auto"``) for a level instead of the registry's best, e.g. ``{"memory": "reference"}``;
             a chain link's key is ``"<chain>.levels[j]"``.
@@ -227,15 +232,15 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = N
         execution = None
         if _runs_in_runtime(node):
             if key not in chosen:
-                chosen[key] = _choose_execution(node, key, target, forms.get(key, "auto"))
+                chosen[key] = _choose_execution(node, key, target, dtype, forms.get(key, "auto"))
             execution = chosen[key]
-        levels.append(LevelPlan(nid, family, _form_of(node, execution, device), freq, shapes, key, execution))
+        levels.append(LevelPlan(nid, family, _form_of(node, execution, target), freq, shapes, key, execution))
     unknown = [k for k in forms if k not in chosen]
     if unknown:
         known = ", ".join(sorted(chosen)) or "none"
         raise PlanError(f"no level '{unknown[0]}' is run with an execution form (levels that are: "
                         f"{known}){did_you_mean(unknown[0], chosen)}", path=f"forms.{unknown[0]}")
-    return Plan(spec, tuple(levels), graph.graph["hash"])
+    return Plan(spec, tuple(levels), graph.graph["hash"], target, dtype, tuple(sorted(forms.items())))
 
 
 def build(
@@ -278,7 +283,7 @@ def build(
         the_plan = spec
     else:
         # every graph check runs here, before any module is built
-        the_plan = plan(spec, overrides, device=device, forms=forms)
+        the_plan = plan(spec, overrides, device=device, forms=forms, dtype=dtype or torch.get_default_dtype())
     # refuse a model too large for its device before allocating it (docs/security.md)
     check_model_size(the_plan.spec, device=device,
                      dtype_bytes=(dtype or torch.get_default_dtype()).itemsize,

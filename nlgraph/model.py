@@ -179,7 +179,7 @@ class MemoryContext(nn.Module):
         from .memory import MemoryLevel
 
         self.segment = spec.segment
-        self.memory = MemoryLevel(levels[spec.memory], width, _planned(forms, spec.memory))
+        self.memory = _keyed(MemoryLevel(levels[spec.memory], width, _planned(forms, spec.memory)), spec.memory)
         self.attention = Attention(levels[spec.attention], width)
         self.norms = nn.ModuleList([RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)])
 
@@ -222,6 +222,12 @@ def _planned(forms: Forms, key: str) -> str:
     return forms[key]
 
 
+def _keyed(module: nn.Module, key: str) -> nn.Module:
+    """Record the level key a runtime level was planned under, so a new plan can reach it."""
+    module.plan_key = key
+    return module
+
+
 def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] | None = None,
                forms: Forms | None = None, key: str = "") -> nn.Module:
     """The module for one block entry of the spec (``levels``: the spec's levels, which groups
@@ -240,7 +246,7 @@ def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] 
     if isinstance(entry, (LinearAttentionSpec, DeltaRuleSpec)):
         from .memory import ClosedFormLevel
 
-        return ClosedFormLevel(entry, width, _planned(forms, key))
+        return _keyed(ClosedFormLevel(entry, width, _planned(forms, key)), key)
     if entry.objective.kind == "outer":
         from .cms import InContextMlp, is_in_context
 
@@ -248,7 +254,7 @@ def make_entry(entry: Any, model: ModelSpec, width: int, levels: dict[str, Any] 
         return InContextMlp(entry, width) if is_in_context(entry) else StaticMlp(entry, width)
     from .memory import MemoryLevel
 
-    return MemoryLevel(entry, width, _planned(forms, key))
+    return _keyed(MemoryLevel(entry, width, _planned(forms, key)), key)
 
 
 class Block(nn.Module):
@@ -326,6 +332,35 @@ class NLModel(nn.Module):
         self._carried = find_carried(self)
         self._persistent: dict[str, dict] = {}
         self.learn = True
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .double() move the parameters: choose the forms again for where they
+        # are now, so a model planned on the CPU runs the GPU forms once moved there (and back)
+        out = super()._apply(fn, recurse)
+        self._follow_parameters()
+        return out
+
+    def _follow_parameters(self) -> None:
+        """Re-plan for the parameters' device type and dtype when they differ from the plan's
+        target; the forms ``forms=`` forced are kept where they can run there."""
+        p = next(self.parameters(), None)
+        if p is None or "plan" not in self.__dict__:
+            return
+        if (p.device.type, p.dtype) == (self.plan.device, self.plan.dtype or p.dtype):
+            return
+        from .lower import PlanError
+        from .lower import plan as make_plan
+
+        try:
+            new = make_plan(self.spec, device=p.device, dtype=p.dtype, forms=dict(self.plan.forced))
+        except PlanError:  # a forced form that cannot run there: its fallback runs (run_level)
+            new = make_plan(self.spec, device=p.device, dtype=p.dtype)
+        forms = new.executions()
+        for module in self.modules():
+            key = getattr(module, "plan_key", None)
+            if key is not None:
+                module.form = forms[key]
+        self.plan = new
 
     def compile_blocks(self, **options: Any) -> NLModel:
         """Compile every block with ``torch.compile(fullgraph=True, dynamic=False, **options)``.

@@ -51,36 +51,30 @@ from .compilers import delta_rule as _delta_rule  # noqa: F401  (registers the d
 from .compilers import linear_attention as _linear_attention  # noqa: F401
 from .compilers import forms, select_form
 from .compilers import reference as _reference  # noqa: F401  (registers the reference form)
+from .compilers.kernels import forms as _kernel_forms  # noqa: F401  (registers the triton forms)
 from .levels.run import init_state, prepare
 from .spec.loader import load_level
 from .spec.schema import AttentionSpec, ChainSpec, DeltaRuleSpec, LevelSpec, LinearAttentionSpec
 
 __all__ = ["init_state", "level_form", "run_level"]
 
-FORMS = ("auto", "reference", "chunked")
+FORMS = ("auto", "reference", "chunked", "triton")
 """The built-in forms; a backend adds more names by registering forms (:mod:`nlgraph.compilers`)."""
 
 
-def level_form(level: Any, form: str = "auto", device: torch.device | str | None = None) -> str:
-    """The execution form ``run_level`` would use for ``level``: ``"chunked"`` or ``"reference"``.
-
-    With ``device``, the label says where the form hands its work to a Triton kernel there:
-    ``"chunked (triton)"`` (``" (triton, interpreted)"`` on CPU with ``NLGRAPH_KERNELS=interpret``).
-    Only the bare name (no ``device``) is a ``form`` that ``run_level`` accepts.
+def level_form(level: Any, form: str = "auto", device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> str:
+    """The execution form ``run_level`` would use for ``level`` on ``device`` (default CPU) with
+    tensors of ``dtype``: ``"triton"``, ``"chunked"`` or ``"reference"`` (or a form another backend
+    registered). It is a ``form`` that ``run_level`` accepts.
 
     Raises:
-        ValueError: ``form`` is not one of ``auto``, ``reference``, ``chunked``, or ``chunked`` is
-            asked for a level that has no parallel form (the message says why).
+        ValueError: ``form`` is not ``auto`` or a registered form of the level's family, or the form
+            cannot run the level there (the message says why).
     """
     spec = load_level(level)
-    name = _select(_family(spec), spec, form, torch.device(device).type if device is not None else "cpu").name
-    if device is None or name != "chunked":
-        return name
-    from .compilers.kernels.dispatch import kernel_label, why_no_online_kernel
-
-    if isinstance(spec, DeltaRuleSpec) or (isinstance(spec, LevelSpec) and why_no_online_kernel(spec) is None):
-        return name + kernel_label(device)
-    return name
+    return _select(_family(spec), spec, form, torch.device(device).type if device is not None else "cpu",
+                   dtype).name
 
 
 def _family(spec: Any) -> str:
@@ -89,17 +83,20 @@ def _family(spec: Any) -> str:
     return "memory"
 
 
-def _select(family: str, spec: Any, form: str, device: str = "cpu"):
+def _select(family: str, spec: Any, form: str, device: str = "cpu", dtype: torch.dtype | None = None):
     registered = [f.name for f in forms(family)]
     if form != "auto" and form not in registered:
         raise ValueError(f"form must be 'auto' or a form registered for {family} ({', '.join(registered)}), "
                          f"got {form!r}")
     if form != "auto":
         try:
-            return select_form(family, spec, device, want=form)
+            # a model's plan names its forms for the device it was planned for: a form that cannot
+            # take these tensors hands over to its fallback (the same function; the triton forms
+            # fall back to chunked)
+            return select_form(family, spec, device, dtype, want=form, fall_back=True)
         except LookupError as e:
             raise ValueError(str(e)) from None
-    return select_form(family, spec, device)
+    return select_form(family, spec, device, dtype)
 
 
 def run_level(
@@ -148,14 +145,15 @@ def run_level(
         # closed-form kinds: the learning rate is the delta rule's β, the retention its decay α
         if momentum is not None or (isinstance(spec, LinearAttentionSpec) and (lr, retention) != (None, None)):
             raise ValueError(f"a {spec.kind} takes no {'momentum' if momentum is not None else 'lr or retention'} gate")
-        chosen = _select(spec.kind, spec, form, keys.device.type)
+        chosen = _select(spec.kind, spec, form, keys.device.type, keys.dtype)
         extra = {"beta": lr, "decay": retention} if isinstance(spec, DeltaRuleSpec) else {}
         return chosen.run(spec, keys=keys, values=values, queries=queries, state=state,
                           chunk_size=chunk_size, **extra)
     assert isinstance(spec, LevelSpec)
-    chosen = _select("memory", spec, form, keys.device.type)
-    if form == "auto" and chosen.name != "chunked":
-        reasons = "; ".join(f"{f.name}: {why}" for f in forms("memory") if (why := f.supports(spec, keys.device.type)))
+    chosen = _select("memory", spec, form, keys.device.type, keys.dtype)
+    if form == "auto" and chosen.name == "reference":
+        reasons = "; ".join(f"{f.name}: {why}" for f in forms("memory")
+                            if (why := f.supports(spec, keys.device.type, keys.dtype)))
         warnings.warn(
             f"this level has no parallel form, running the per-token reference form ({reasons})",
             stacklevel=2,

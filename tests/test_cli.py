@@ -119,3 +119,22 @@ def test_compile_prints_the_plan_and_checks(capsys):
     assert code == 0, err
     assert "b0.attn" in out and "sdpa" in out and "parameters:" in out
     assert "check: forward+backward on (2, 8) tokens ok" in out
+
+
+def test_compile_plans_for_a_device_and_dtype_this_machine_may_lack(capsys):
+    """``--device cuda`` shows the forms a GPU run will use, also on a machine without one (the
+    model is laid out on ``meta``); ``--dtype float64`` is no kernel's; ``--check`` needs the device."""
+    import torch
+
+    from nlgraph.compilers.kernels import dispatch
+
+    small = ["gated_deltanet", "vars.d_model=32", "vars.heads=2", "vars.layers=1"]
+    code, out, err = run(["compile", *small, "--device", "cuda"], capsys)
+    assert code == 0, err
+    mixer = next(line for line in out.splitlines() if line.startswith("b0.mixer"))
+    assert mixer.split()[3] == ("triton" if dispatch.why_no_kernel("cuda") is None else "chunked")
+    code, out, err = run(["compile", *small, "--device", "cuda", "--dtype", "float64"], capsys)
+    assert code == 0 and next(ln for ln in out.splitlines() if ln.startswith("b0.mixer")).split()[3] == "chunked"
+    if not torch.cuda.is_available():
+        code, out, err = run(["compile", *small, "--device", "cuda", "--check"], capsys)
+        assert code == 1 and err.startswith("error: --device: --check runs on device 'cuda'") and "\n" not in err.strip()

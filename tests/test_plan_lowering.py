@@ -139,12 +139,19 @@ def test_a_level_used_twice_has_one_form():
 def test_device_plan_labels_the_chosen_form():
     """The plan for a device labels the same registry decision it records (``nlgraph compile
     --device cuda``), and a model built from it runs that decision."""
+    from nlgraph.compilers.kernels import dispatch
+
+    # the Triton form where triton imports (a CUDA plan needs no GPU to be made), else chunked
+    want = "triton" if dispatch.why_no_kernel("cuda") is None else "chunked"
     p = plan("gated_deltanet", tiny("gated_deltanet"), device="cuda")
     node = next(lv for lv in p.levels if lv.level == "mixer")
-    assert node.execution == "chunked" and node.form.startswith("chunked")
+    assert node.execution == want and node.form == want and (p.device, p.dtype) == ("cuda", None)
     with torch.device("meta"):
         model = NLModel(p.spec, plan=p)
-    assert [m.form for m in runtime_levels(model)] == ["chunked"]
+    assert [m.form for m in runtime_levels(model)] == [want]
+    # float64 is no kernel's: the plan for it keeps the PyTorch form
+    p64 = plan("gated_deltanet", tiny("gated_deltanet"), device="cuda", dtype=torch.float64)
+    assert p64.executions() == {"mixer": "chunked"}
 
 
 def test_refused_form_is_one_line_naming_the_level():
@@ -157,7 +164,7 @@ def test_refused_form_is_one_line_naming_the_level():
     assert text.startswith("forms.memory: level 'memory' cannot run in form 'chunked'")
     assert "no parallel form" in text  # the registry's reason
 
-    with pytest.raises(PlanError, match=r"^forms\.memory: .*has no form 'chunky' \(available: chunked, reference\)"):
+    with pytest.raises(PlanError, match=r"^forms\.memory: .*has no form 'chunky' \(available: triton, chunked, reference\)"):
         plan("titans", TITANS, forms={"memory": "chunky"})
     with pytest.raises(PlanError, match=r"^forms\.memry: no level 'memry' .*levels that are: memory\); "
                                         r"did you mean 'memory'\?$"):

@@ -1,10 +1,11 @@
 """When nlgraph's execution forms hand a level to the Triton kernels, and how its maths maps onto them.
 
-Two forms route here, each keeping its PyTorch code as the exact fallback:
+The ``triton`` forms (:mod:`nlgraph.compilers.kernels.forms`) route here, each keeping the PyTorch
+code of the ``chunked`` form as the exact fallback:
 
-* the ``chunked`` form of the closed-form ``delta_rule`` kind (:mod:`nlgraph.compilers.delta_rule`);
-* the online driver of the ``chunked`` memory form (:mod:`nlgraph.compilers.chunked`) for the levels
-  that are a (gated) delta rule in disguise (:func:`why_no_online_kernel` lists them).
+* the closed-form ``delta_rule`` kind (:mod:`nlgraph.compilers.delta_rule`);
+* memory levels of the online driver (:mod:`nlgraph.compilers.chunked`) that are a (gated) delta
+  rule in disguise (:func:`why_no_online_kernel` lists them).
 
 nlgraph's rule ``S_t = α_t S_{t−1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ``, ``y_t = S_t q_t`` with
 ``memory [B, H, D_v, D_k]`` is the kernel's with ``h = memoryᵀ``, ``g = log α`` and ``scale = 1``.

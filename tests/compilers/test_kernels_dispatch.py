@@ -1,9 +1,9 @@
 """Levels and models hand their (gated) delta rule to the Triton kernel, and get what the PyTorch
 forms give.
 
-``nlgraph.compilers.kernels.dispatch`` routes the closed-form ``delta_rule`` kind and the qualifying
-online levels of the chunked memory form (DeltaNet, Gated DeltaNet, DGD on a linear memory) to
-``chunk_delta_rule``. Here (no CUDA) the kernels run under Triton's interpreter with
+The ``triton`` forms (``nlgraph.compilers.kernels.forms``) run the closed-form ``delta_rule`` kind and
+the qualifying online memory levels (DeltaNet, Gated DeltaNet, DGD on a linear memory) through
+``chunk_delta_rule``; the plan chooses them for the device and dtype. Here (no CUDA) the kernels run under Triton's interpreter with
 ``set_kernels("interpret")``: each routed level equals the per-token ``reference`` form on outputs,
 final state and gradients (float32, a partial last chunk, from a non-zero state); small DeltaNet /
 Gated DeltaNet models give the same logits and parameter gradients with and without kernels, and
@@ -23,7 +23,7 @@ from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: E402
 from nlgraph.compilers.kernels import delta_rule as kernel_module  # noqa: E402
 from nlgraph.compilers.kernels import dispatch  # noqa: E402
 from nlgraph.errors import NLGraphError  # noqa: E402
-from nlgraph.lower import build, plan  # noqa: E402
+from nlgraph.lower import PlanError, build, plan  # noqa: E402
 from nlgraph.runtime import level_form, run_level  # noqa: E402
 from nlgraph.spec.loader import load_level  # noqa: E402
 
@@ -95,8 +95,8 @@ def test_online_levels_equal_the_reference(name, calls):
     spec = load_level(LEVELS[name])
     rates = spec.retention is not None
     leaves = [x.requires_grad_() for x in _data(1)]
-    y, st = _run(spec, "chunked", *leaves, rates)
-    assert calls["n"] == 1 and level_form(spec, device=DEVICE).startswith("chunked (triton")
+    y, st = _run(spec, "triton", *leaves, rates)
+    assert calls["n"] == 1 and level_form(spec, device=DEVICE) == "triton"
     loss = (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + st["memory.w0"].square().sum()
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     y_ref, st_ref = _run(spec, "reference", *leaves, rates)
@@ -119,13 +119,14 @@ def test_closed_form_kind_equals_the_reference(calls):
     alpha_zero[:, 5] = 0.0  # α = 0 forgets everything: log α is clamped, still exact
     alpha_zero.requires_grad_()
     outs = {}
-    for form in ("chunked", "reference"):
+    assert level_form(spec, device=DEVICE) == "triton"
+    for form in ("triton", "reference"):
         y, st = run_level(spec, keys=k, values=v, queries=q, lr=beta, retention=alpha_zero, form=form,
                           state={"memory": s0, "position": torch.zeros((), dtype=torch.int64, device=DEVICE)})
         loss = y.square().sum() + st["memory"].sum()
         outs[form] = (y, st["memory"], torch.autograd.grad(loss, (k, v, q, beta, alpha_zero, s0)))
     assert calls["n"] == 1
-    (y, m, g), (y_ref, m_ref, g_ref) = outs["chunked"], outs["reference"]
+    (y, m, g), (y_ref, m_ref, g_ref) = outs["triton"], outs["reference"]
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m, m_ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(g[:4] + g[5:], g_ref[:4] + g_ref[5:]):
@@ -151,21 +152,31 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
         spec = load_level(level)
         assert dispatch.why_no_online_kernel(spec) is not None, what
         assert level_form(spec, device=DEVICE) == "chunked", what
+        # asked for by name (a plan made for another level or target), triton hands over to chunked
+        assert level_form(spec, "triton", device=DEVICE) == "chunked", what
         rates = spec.retention is not None and spec.retention.kind == "decay"
         y, _ = _run(spec, "chunked", k, v, q, lr if spec.optimizer.kind == "gd" else None, alpha, s0, rates)
         y_ref, _ = _run(spec, "reference", k, v, q, lr if spec.optimizer.kind == "gd" else None, alpha, s0, rates)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    # a chunk size the kernel does not take falls back too
+    # the chunked form of a level the kernel covers is the PyTorch code: a per-level A/B switch
     _run(load_level(LEVELS["deltanet"]), "chunked", k, v, q, lr, alpha, s0, False)
+    assert calls["n"] == 0
+    _run(load_level(LEVELS["deltanet"]), "triton", k, v, q, lr, alpha, s0, False)
     assert calls["n"] == 1
+    # inside the triton form, a chunk size the kernel does not take runs the PyTorch code
     state = {"memory.w0": s0, "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
-    run_level(load_level(LEVELS["deltanet"]), keys=k, values=v, queries=q, lr=lr, state=state, form="chunked",
+    run_level(load_level(LEVELS["deltanet"]), keys=k, values=v, queries=q, lr=lr, state=state, form="triton",
               chunk_size=8)
     assert calls["n"] == 1
+    # float64 is no kernel's: `auto` takes chunked, and `triton` by name (a plan's) hands over to it
+    k64, v64, q64, lr64 = (x.double() for x in (k, v, q, lr))
+    assert level_form(LEVELS["deltanet"], device=DEVICE, dtype=torch.float64) == "chunked"
+    y64, _ = run_level(load_level(LEVELS["deltanet"]), keys=k64, values=v64, queries=q64, lr=lr64, form="triton")
+    assert calls["n"] == 1 and y64.dtype == torch.float64
     if _INTERPRET:  # the interpreter gets bfloat16 wrong, so bf16 CPU tensors stay in PyTorch
         half = [x.bfloat16() for x in (k, v, q, lr)]
         y, _ = run_level(load_level(LEVELS["deltanet"]), keys=half[0], values=half[1], queries=half[2],
-                         lr=half[3], form="chunked")
+                         lr=half[3], form="triton")
         assert calls["n"] == 1 and y.dtype == torch.bfloat16
 
 
@@ -203,9 +214,14 @@ def test_models_equal_the_pytorch_path_and_stream(name, calls):
 
 def test_plan_names_the_kernel_and_the_switch_turns_it_off(monkeypatch):
     forms = {lv.node: lv.form for lv in plan("gated_deltanet", device=DEVICE).levels}
-    label = "chunked (triton)" if DEVICE == "cuda" else "chunked (triton, interpreted)"
-    assert label in forms.values()
-    assert "chunked (triton" not in " ".join(lv.form for lv in plan("gated_deltanet").levels)
+    label = "triton" if DEVICE == "cuda" else "triton (interpreted)"
+    assert forms["b0.mixer"] == label
+    # float64 parameters: the plan keeps the PyTorch form, and forcing the kernel is one clear line
+    assert plan("gated_deltanet", device=DEVICE, dtype=torch.float64).executions() == {"mixer": "chunked"}
+    with pytest.raises(PlanError, match=r"^forms\.mixer: level 'mixer' cannot run in form 'triton' on "
+                                        r"\w+ in float64: .*float64 parameters \(the kernels take") as e:
+        plan("gated_deltanet", device=DEVICE, dtype=torch.float64, forms={"mixer": "triton"})
+    assert "\n" not in str(e.value)
     monkeypatch.setenv("NLGRAPH_KERNELS", "off")
     dispatch.set_kernels(None)  # reads the environment again
     assert all("triton" not in lv.form for lv in plan("gated_deltanet", device=DEVICE).levels)
@@ -217,3 +233,34 @@ def test_plan_names_the_kernel_and_the_switch_turns_it_off(monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(NLGraphError, match="set_kernels"):
         dispatch.set_kernels("on")
+
+
+def test_a_moved_model_is_planned_again_for_its_parameters(calls):
+    """``.double()`` / ``.float()`` (like ``.cuda()`` / ``.cpu()``) choose the forms again for the
+    parameters' new device and dtype: float64 runs the PyTorch form, float32 the kernel again."""
+    model = _tiny_model("gated_deltanet")
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    assert model.plan.executions() == {"mixer": "triton"} and model.plan.dtype == torch.float32
+    with torch.no_grad():
+        ref = model(tokens)
+    assert calls["n"] == 1
+    model.double()
+    assert model.plan.executions() == {"mixer": "chunked"} and model.plan.dtype == torch.float64
+    assert {m.form for m in model.modules() if hasattr(m, "plan_key")} == {"chunked"}
+    with torch.no_grad():
+        out = model(tokens)
+    assert calls["n"] == 1 and out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
+    model.float()
+    assert model.plan.executions() == {"mixer": "triton"}
+    with torch.no_grad():
+        model(tokens)
+    assert calls["n"] == 2
+
+
+def test_a_forced_form_is_kept_when_the_model_moves():
+    model = build("gated_deltanet", overrides=["model.vocab=64", "vars.d_model=32", "vars.heads=2", "vars.layers=1"],
+                  device=DEVICE, forms={"mixer": "chunked"})
+    assert model.plan.executions() == {"mixer": "chunked"} and model.plan.forced == (("mixer", "chunked"),)
+    model.double().float()
+    assert model.plan.executions() == {"mixer": "chunked"}

@@ -1,0 +1,86 @@
+"""The Triton kernels as registered execution forms: ``triton`` for the closed-form ``delta_rule``
+family and for the ``memory`` family's (gated) delta-rule levels.
+
+A form is chosen once per level by the plan (:func:`nlgraph.lower.plan`) from the registry, for the
+target device and dtype; this module is how the kernels enter that choice, with nothing else in the
+pipeline knowing about them. ``triton`` has a higher priority than ``chunked``, so the plan takes it
+wherever :func:`why_not_delta_rule` / :func:`why_not_memory` say it applies: CUDA (or CPU under
+``NLGRAPH_KERNELS=interpret``), float32 / bfloat16 / float16 parameters, kernels not switched off, and
+for memory levels the (gated) delta rules :func:`~nlgraph.compilers.kernels.dispatch.why_no_online_kernel`
+lists. ``build(spec, forms={"memory": "chunked"})`` forces the PyTorch form for one level instead.
+
+Both forms compute the maths of the ``chunked`` form exactly, which is their registered fallback: a
+model planned for CUDA that is given CPU or float64 tensors, or whose kernels were switched off after
+it was built (``set_kernels("off")``), runs ``chunked`` (:func:`nlgraph.compilers.select_form`).
+Inside the form, what the kernel does not take runs the PyTorch code too: a chunk size other than 16,
+32 or 64, head dims above 256, mixed dtypes, bfloat16 on the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import register_form
+from . import dispatch
+
+__all__ = ["why_not_delta_rule", "why_not_memory"]
+
+#: the forms' priority: above ``chunked`` (10), so the plan prefers the kernel where it applies
+PRIORITY = 20
+
+
+def _why_not_target(device: str, dtype: Any) -> str | None:
+    why = dispatch.why_no_kernel(device)
+    if why is not None:
+        return why
+    if dtype is not None and dtype not in dispatch._DTYPES:
+        return f"{str(dtype).removeprefix('torch.')} parameters (the kernels take float32, bfloat16 and float16)"
+    return None
+
+
+def why_not_delta_rule(spec: Any, device: str = "cpu", dtype: Any = None) -> str | None:
+    """``None`` when the ``triton`` form runs this closed-form ``delta_rule`` on ``device`` in
+    ``dtype``, else why not."""
+    return _why_not_target(device, dtype)
+
+
+def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None) -> str | None:
+    """``None`` when the ``triton`` form runs this memory level on ``device`` in ``dtype``, else why
+    not: the level must be a (gated) delta rule of the online driver."""
+    from ..chunked import why_not_chunked
+
+    why = why_not_chunked(spec) or dispatch.why_no_online_kernel(spec)
+    if why is not None:
+        return why
+    return _why_not_target(device, dtype)
+
+
+@register_form("delta_rule", "triton", priority=PRIORITY, supports=why_not_delta_rule, fallback="chunked")
+def delta_rule_triton(spec: Any, *, keys, values, queries, beta=None, decay=None, state=None,
+                      chunk_size: int | None = None, **_):
+    """The chunked WY / UT form in Triton (fp32 state, the inputs' dtype in the products). Returns
+    ``(y [B, T, H, D_v], state)``."""
+    from ..delta_rule import _setup, chunked_from_setup
+
+    queries, beta, alpha, state = _setup(spec, keys, values, queries, beta, decay, state)
+    chunk = chunk_size or 64
+    if keys.shape[1] > 0 and dispatch.closed_form_fits(keys, values, chunk):
+        y, memory = dispatch.delta_rule(queries, keys, values, beta if beta is not None else torch.ones_like(
+            keys[..., 0]), alpha, state["memory"], chunk)
+        return y, {"memory": memory, "position": state["position"] + keys.shape[1]}
+    return chunked_from_setup(queries, keys, values, beta, alpha, state, chunk_size)
+
+
+@register_form("memory", "triton", priority=PRIORITY, supports=why_not_memory, fallback="chunked")
+def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = None):
+    """A (gated) delta-rule memory level through the kernel (``dispatch.online_delta_rule``).
+    Returns ``(outputs [B, T, H, D_v], state)``."""
+    from ..chunked import DEFAULT_CHUNK, run_chunked
+
+    if run.period is not None and run.online:
+        done = dispatch.online_delta_rule(run, chunk_size or DEFAULT_CHUNK)
+        if done is not None:
+            return done
+    return run_chunked(run, chunk_size, loop)
