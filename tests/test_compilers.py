@@ -27,3 +27,31 @@ def test_register_select_and_refuse():
         register_form(fam, "slow")(slow)
     with pytest.raises(LookupError, match="no execution form"):
         select_form("no_such_family", None)
+
+
+def test_dtype_is_part_of_the_decision_and_a_named_form_falls_back():
+    """``supports(level, device, dtype)``: the plan's choice depends on the dtype too; a form asked
+    for by name (a model's plan) that refuses the tensors hands over to its registered ``fallback``
+    only with ``fall_back=True`` (run time), never when a plan is made."""
+    import torch
+
+    fam = "test_family_dtype"
+
+    @register_form(fam, "plain", priority=0)
+    def plain():
+        return "plain"
+
+    def half_only(level, device, dtype):
+        return None if dtype in (None, torch.bfloat16) else f"{dtype} is not bfloat16"
+
+    @register_form(fam, "kernel", priority=20, supports=half_only, fallback="plain")
+    def kernel():
+        return "kernel"
+
+    assert select_form(fam, None, "cuda", torch.bfloat16).name == "kernel"
+    assert select_form(fam, None, "cuda").name == "kernel"  # dtype not known: any it could take
+    assert select_form(fam, None, "cuda", torch.float64).name == "plain"
+    with pytest.raises(LookupError, match="torch.float64 is not bfloat16"):
+        select_form(fam, None, "cuda", torch.float64, want="kernel")
+    assert select_form(fam, None, "cuda", torch.float64, want="kernel", fall_back=True).name == "plain"
+    assert forms(fam)[0].fallback == "plain" and forms(fam)[1].fallback is None
