@@ -10,7 +10,9 @@ Rows: SDPA causal attention; fla's ``chunk_simple_gla`` (linear attention), ``ch
 Titans-style deep memory level (2-layer GELU MLP 128 → 512 → 128 per head, momentum, weight decay,
 gradients at the chunk start, chunk 64).
 
-Every nlgraph row is checked against its fla counterpart in the same run (relative L2 error of the
+nlgraph's closed-form rows run the form the registry chooses for the device (``triton`` for the delta
+rules on CUDA; ``nlgraph bench SPEC --level KEY`` times one spec's level the same way). Every
+nlgraph row is checked against its fla counterpart in the same run (relative L2 error of the
 outputs) and every timing is the median of ``triton.testing.do_bench``. Peak memory is the extra
 device memory of one forward + backward. Ratios are nlgraph time over fla time (lower is better).
 """
@@ -140,7 +142,8 @@ def main() -> None:
                 kw["lr"] = rates[0]
             if with_alpha:
                 kw["retention"] = rates[1]
-            return run_level(spec, keys=k_, values=v_, queries=q_, form="chunked", **kw)[0]
+            # the registry's form for the device, as a model's plan chooses it (triton on CUDA)
+            return run_level(spec, keys=k_, values=v_, queries=q_, form="auto", **kw)[0]
         return fn
 
     ours_rows = {

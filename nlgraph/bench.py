@@ -9,9 +9,17 @@ random tokens is timed: the first step alone (it holds compilation or capture), 
 the same process at the same shapes (its fastest mode measured: ``compile`` on CUDA), and each row
 gives its tokens/s as a ratio to the anchor's. Peak memory on CUDA.
 
+``--level KEY`` times one level of the spec instead (:func:`bench_level`): forward and
+forward+backward of ``run_level`` at ``[B, T, H, D]`` (default the anchors' shape B=4, T=4096, H=16,
+D=128, bf16), in the form the registry chooses for the device (``triton`` for the delta rules on
+CUDA) eagerly and compiled, next to the anchors in the same process: SDPA (FlashAttention) always,
+and, when fla is installed, the fla kernel computing the same function (``chunk_delta_rule``,
+``chunk_gated_delta_rule``, ``chunk_simple_gla``) with the relative error of the outputs against it,
+else fla's ``chunk_delta_rule`` as the yardstick. Each row gives ms, tokens/s, the ratio to that
+anchor, peak memory and the first call's seconds (compile, autotuning).
+
 A GPU tool: without CUDA it says so and exits 0, unless ``--device cpu`` asks for a CPU run (a
-smoke test of the command, not a speed claim). Level-level timings against fla's kernels and
-titans-pytorch are in ``benchmarks/kernels.py`` and ``benchmarks/deep_speed.py``.
+smoke test of the command, not a speed claim).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 
 from .errors import NLGraphError
 
-__all__ = ["bench", "MODES"]
+__all__ = ["bench", "bench_level", "MODES"]
 
 MODES = ("eager", "graph", "compile")
 
@@ -140,6 +148,220 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
     return {"meta": meta, "rows": rows}
 
 
+def median_ms(fn, device: torch.device, reps: int = 20) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on the GPU, after a warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps if device.type == "cuda" else 3):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b`` (float64)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _with_heads(level: Any, heads: int) -> Any:
+    from .spec.schema import LevelSpec
+
+    if isinstance(level, LevelSpec):
+        return level.model_copy(update={"memory": level.memory.model_copy(update={"heads": heads})})
+    return level.model_copy(update={"heads": heads})
+
+
+def _same_function(level: Any) -> str | None:
+    """The fla kernel that computes ``level``'s outputs exactly (its name), or ``None``."""
+    from .compilers.kernels.dispatch import why_no_online_kernel
+    from .spec.schema import DeltaRuleSpec, LevelSpec, LinearAttentionSpec
+
+    if isinstance(level, DeltaRuleSpec):
+        return "chunk_gated_delta_rule" if level.decay is not None else "chunk_delta_rule"
+    if isinstance(level, LinearAttentionSpec):
+        return None if level.normalize else "chunk_simple_gla"
+    if isinstance(level, LevelSpec) and why_no_online_kernel(level) is None and level.optimizer.kind == "gd":
+        return "chunk_gated_delta_rule" if level.retention is not None else "chunk_delta_rule"
+    return None
+
+
+def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, length: int = 4096,
+                heads: int = 16, dim: int = 128, dtype: str = "bfloat16", modes: tuple[str, ...] = ("eager", "compile"),
+                device: str | None = None, log=print) -> dict[str, Any] | None:
+    """Time level ``key`` of ``spec`` (see the module doc); ``None`` without CUDA when no ``device``
+    was asked for. Inputs: q and k L2-normalised, v standard normal, learning rates / β ~ U(0, 1),
+    retention / decay α ~ U(0.9, 1), momentum ~ U(0, 1), each as a data-dependent gate needs it."""
+    if device is None and not torch.cuda.is_available():
+        return None
+    dev = torch.device(device or "cuda")
+    from .runtime import level_form, run_level
+    from .spec.loader import load_spec
+    from .spec.schema import ChainSpec, DeltaRuleSpec, GateSpec, LevelSpec, LinearAttentionSpec
+
+    spec_obj = load_spec(spec, overrides)
+    if key not in spec_obj.levels:
+        from .errors import did_you_mean
+
+        raise NLGraphError(f"the spec has no level '{key}' (levels: {', '.join(spec_obj.levels)})"
+                           f"{did_you_mean(key, spec_obj.levels)}", path="--level")
+    level = spec_obj.levels[key]
+    if not isinstance(level, (LevelSpec, DeltaRuleSpec, LinearAttentionSpec)) or isinstance(level, ChainSpec) or (
+            isinstance(level, LevelSpec) and level.objective.kind == "outer"):
+        what = "an outer-loop MLP (objective: outer)" if isinstance(level, LevelSpec) else f"a {level.kind}"
+        raise NLGraphError(f"level '{key}' is {what}, which run_level does not run; bench a memory, delta_rule "
+                           "or linear_attention level, or the whole spec (no --level)", path="--level")
+    level = _with_heads(level, heads)
+    dt = getattr(torch, dtype)
+    b, t, h, d = batch, length, heads, dim
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, generator=gen)
+
+    def uni(lo, shape):
+        return lo + (1 - lo) * torch.rand(*shape, device=dev, generator=gen)
+
+    q = torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1).to(dt)
+    k = torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1).to(dt)
+    v = rnd(b, t, h, d).to(dt)
+    beta, alpha = uni(0.0, (b, t, h)).to(dt), uni(0.9, (b, t, h)).to(dt)
+
+    def gate_shape(rate):
+        return (b, t, h, d) if isinstance(rate, GateSpec) and rate.per == "channel" else (b, t, h)
+
+    rates: dict[str, torch.Tensor] = {}
+    if isinstance(level, DeltaRuleSpec):
+        if isinstance(level.beta, GateSpec):
+            rates["lr"] = beta
+        if isinstance(level.decay, GateSpec):
+            rates["retention"] = alpha
+    elif isinstance(level, LevelSpec):
+        opt = level.optimizer
+        if isinstance(getattr(opt, "lr", None), GateSpec):
+            rates["lr"] = uni(0.0, gate_shape(opt.lr)).to(dt) if gate_shape(opt.lr) != (b, t, h) else beta
+        if isinstance(getattr(opt, "momentum", None), GateSpec):
+            rates["momentum"] = uni(0.0, gate_shape(opt.momentum)).to(dt)
+        if level.retention is not None and isinstance(level.retention.gate, GateSpec):
+            shape = gate_shape(level.retention.gate)
+            rates["retention"] = alpha if shape == (b, t, h) else uni(0.9, shape).to(dt)
+    form = level_form(level, device=dev, dtype=dt)
+    state0 = None
+    if isinstance(level, LevelSpec):
+        from .levels.run import init_state
+
+        # made outside the timed (and compiled) call: a fresh deep memory's initial weights are drawn
+        # from a generator, which a compiled graph cannot create
+        state0 = init_state(level, batch=b, d_key=d, d_value=d, dtype=torch.float32, device=dev)
+        # without a position the call is a fresh sequence, whose chunk boundaries the graph knows
+        state0.pop("position", None)
+
+    def ours(q_, k_, v_):
+        state = dict(state0) if state0 is not None else None
+        return run_level(level, keys=k_, values=v_, queries=q_, form=form, state=state, **rates)[0]
+
+    impls: list[tuple[str, Any, bool]] = []  # (name, fn(q, k, v), is an anchor)
+    sdpa = "SDPA causal (FlashAttention)" if dev.type == "cuda" else "SDPA causal"
+    impls.append((sdpa, lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(
+        q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), is_causal=True).transpose(1, 2), True))
+    same = _same_function(level)
+    fla = None
+    try:  # fla is an optional anchor, never a dependency
+        import fla.ops as fla_ops  # noqa: F401
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        fla = {"chunk_delta_rule": lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, rates.get("lr", beta), scale=1.0)[0],
+               "chunk_gated_delta_rule": lambda q_, k_, v_: chunk_gated_delta_rule(
+                   q_, k_, v_, rates.get("retention", alpha).float().log(), rates.get("lr", beta), scale=1.0)[0],
+               "chunk_simple_gla": lambda q_, k_, v_: chunk_simple_gla(q_, k_, v_, scale=1.0)[0]}
+    except Exception as e:  # noqa: BLE001 - any import failure drops the fla rows
+        log(json.dumps({"note": f"fla not available ({type(e).__name__}); its rows are left out"}))
+    anchor = same if fla and same else ("chunk_delta_rule" if fla else None)
+    if fla and anchor:
+        impls.append((f"fla {anchor}", fla[anchor], True))
+    for mode in modes:
+        fn = torch.compile(ours, fullgraph=True, dynamic=False) if mode == "compile" else ours
+        impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
+
+    rows, outputs = [], {}
+    for name, fn, is_anchor in impls:
+        row: dict[str, Any] = {"name": name, "anchor": is_anchor}
+        try:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                y = fn(q, k, v)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            row["first_call_s"] = round(time.perf_counter() - t0, 3)
+            outputs[name] = y
+            with torch.no_grad():
+                row["fwd_ms"] = median_ms(lambda: fn(q, k, v), dev)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            grad = torch.randn_like(y)
+
+            def step():
+                for x in leaves:
+                    x.grad = None
+                fn(*leaves).backward(grad)
+
+            row["fwd_bwd_ms"] = median_ms(step, dev)
+            row["tok_s"] = round(b * t / (row["fwd_bwd_ms"] / 1e3), 1)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+                step()
+                torch.cuda.synchronize(dev)
+                row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
+        except Exception as e:  # noqa: BLE001 - one failing implementation is a row that says so
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        rows.append(row)
+    ref = next((r for r in rows if r["name"] == f"fla {anchor}"), None) if anchor else None
+    for row in rows:
+        if not row["anchor"] and same and anchor == same and ref and row["name"] in outputs and ref["name"] in outputs:
+            row["rel_err"] = rel_err(outputs[row["name"]], outputs[ref["name"]])
+        if not row["anchor"] and ref and "fwd_ms" in row and "fwd_ms" in ref:
+            row["x_anchor_fwd"] = round(row["fwd_ms"] / ref["fwd_ms"], 3)
+            if "fwd_bwd_ms" in row and "fwd_bwd_ms" in ref:
+                row["x_anchor_fwd_bwd"] = round(row["fwd_bwd_ms"] / ref["fwd_bwd_ms"], 3)
+        log(json.dumps(row))
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "level": key, "form": form, "shape": [b, t, h, d], "dtype": dtype, "anchor": f"fla {anchor}" if anchor else None,
+            "same_function": bool(same and anchor == same)}
+    return {"meta": meta, "rows": rows}
+
+
+def level_table(res: dict[str, Any]) -> str:
+    head = ["implementation", "first call s", "fwd ms", "fwd+bwd ms", "tok/s (f+b)", "x anchor fwd",
+            "x anchor f+b", "peak MiB", "rel err vs anchor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(r, k, fmt):
+        return format(r[k], fmt) if r.get(k) is not None else "-"
+
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        lines.append(f"| {r['name']} | {f(r, 'first_call_s', '.2f')} | {f(r, 'fwd_ms', '.3f')} | "
+                     f"{f(r, 'fwd_bwd_ms', '.3f')} | {f(r, 'tok_s', ',.0f')} | {f(r, 'x_anchor_fwd', '.2f')} | "
+                     f"{f(r, 'x_anchor_fwd_bwd', '.2f')} | {f(r, 'peak_mib', ',.0f')} | {f(r, 'rel_err', '.1e')} |")
+    return "\n".join(lines)
+
+
 def table(res: dict[str, Any]) -> str:
     head = ["spec", "T", "B", "mode", "params", "first step s", "ms/step", "tok/s", "vs anchor", "peak GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -157,7 +379,26 @@ def table(res: dict[str, Any]) -> str:
 def cmd_bench(args) -> int:
     from .io import atomic_write
 
-    res = bench(args.spec, list(args.overrides), lengths=args.lengths, batch=args.batch, tokens=args.tokens,
+    if args.level:
+        res = bench_level(args.spec, list(args.overrides), args.level, batch=args.batch or 4,
+                          length=args.lengths[0] if args.lengths else 4096, heads=args.heads, dim=args.dim,
+                          dtype=args.dtype, modes=tuple(m for m in args.modes if m != "graph") or ("eager",),
+                          device=args.device, log=lambda s: print(s, file=sys.stderr, flush=True))
+        if res is None:
+            print("nlgraph bench measures GPU speed and this machine has no CUDA device; nothing was run "
+                  "(pass --device cpu for a smoke run of the command)")
+            return 0
+        m = res["meta"]
+        print(f"{m['device']}, torch {m['torch']}, level {m['level']} in form {m['form']}, "
+              f"B={m['shape'][0]} T={m['shape'][1]} H={m['shape'][2]} D={m['shape'][3]} {m['dtype']}; anchor "
+              f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}")
+        print(level_table(res))
+        if args.json:
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, (json.dumps(res, indent=1) + "\n").encode())
+        return 1 if any("error" in r for r in res["rows"]) else 0
+    res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8, tokens=args.tokens,
                 modes=args.modes, steps=args.steps, device=args.device, precision=args.precision,
                 anchor=None if args.anchor == "none" else args.anchor,
                 log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -181,8 +422,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time a spec's training step on the GPU next to Transformer++",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     _add_spec_args(p)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048], help="sequence lengths (default 2048)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="sequence lengths (default 2048; with --level the first, default 4096)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; with --level 4)")
+    p.add_argument("--level", default=None, metavar="KEY",
+                   help="time this level of the spec alone against fla and SDPA (the anchors' shape by default)")
+    p.add_argument("--heads", type=int, default=16, help="--level: heads H (default 16)")
+    p.add_argument("--dim", type=int, default=128, help="--level: head dim D of q, k and v (default 128)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="--level: input dtype (default bfloat16)")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per step instead of --batch: B = tokens // T at every length (a sweep at fixed B·T)")
     p.add_argument("--modes", nargs="+", default=["eager", "graph"], help="eager, graph, compile (default eager graph)")

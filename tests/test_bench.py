@@ -39,3 +39,70 @@ def test_graph_mode_needs_cuda(capsys):
     assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "graph"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a CUDA device" in err[0]
+
+
+def _fake_fla(monkeypatch):
+    """An ``fla`` package whose kernels are nlgraph's per-token reference forms, so the level bench's
+    anchor plumbing (which kernel is the same function, its inputs, the error against it) is checked
+    without fla installed."""
+    import sys
+    import types
+
+    from nlgraph.runtime import run_level
+    from nlgraph.spec.loader import load_level
+
+    def delta(q, k, v, beta, scale=1.0, g=None):
+        entry = {"kind": "delta_rule", "heads": q.shape[2]}
+        kw = {"lr": beta}
+        if g is not None:
+            entry["decay"] = {"act": "sigmoid"}
+            kw["retention"] = g.exp()
+        return run_level(load_level(entry), keys=k, values=v, queries=q, form="reference", **kw)[0] * scale, None
+
+    mods = {name: types.ModuleType(name) for name in
+            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule", "fla.ops.simple_gla")}
+    mods["fla.ops.delta_rule"].chunk_delta_rule = lambda q, k, v, beta, scale=1.0: delta(q, k, v, beta, scale)
+    mods["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = (
+        lambda q, k, v, g, beta, scale=1.0: delta(q, k, v, beta, scale, g))
+    mods["fla.ops.simple_gla"].chunk_simple_gla = lambda q, k, v, scale=1.0: (None, None)
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+LEVEL = ["--device", "cpu", "--batch", "1", "--lengths", "40", "--heads", "2", "--dim", "8", "--dtype", "float32"]
+
+
+def test_level_bench_times_the_level_next_to_the_same_function(tmp_path, capsys, monkeypatch):
+    """``--level``: SDPA and the fla kernel of the same function as anchors, the level in the
+    registry's form with its ratio to that anchor and the relative error of its outputs."""
+    _fake_fla(monkeypatch)
+    out = tmp_path / "level.json"
+    assert main(["bench", "gated_deltanet", *TINY, "--level", "mixer", *LEVEL, "--modes", "eager",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["form"] == "chunked" and res["meta"]["anchor"] == "fla chunk_gated_delta_rule"
+    assert res["meta"]["same_function"] and res["meta"]["shape"] == [1, 40, 2, 8]
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["SDPA causal", "fla chunk_gated_delta_rule", "nlgraph mixer (chunked, eager)"]
+    ours = res["rows"][2]
+    assert ours["rel_err"] < 1e-5 and ours["x_anchor_fwd"] > 0 and ours["tok_s"] > 0
+    assert "| nlgraph mixer (chunked, eager) |" in capsys.readouterr().out
+
+
+def test_level_bench_of_a_deep_memory_has_the_delta_rule_as_yardstick(tmp_path, monkeypatch):
+    _fake_fla(monkeypatch)
+    out = tmp_path / "deep.json"
+    assert main(["bench", "titans", *TINY, "--level", "memory", *LEVEL, "--modes", "eager", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["anchor"] == "fla chunk_delta_rule" and not res["meta"]["same_function"]
+    ours = res["rows"][-1]
+    assert "rel_err" not in ours and ours["x_anchor_fwd_bwd"] > 0
+
+
+def test_level_bench_refusals_are_one_line(capsys):
+    assert main(["bench", "gated_deltanet", *TINY, "--level", "mixr", "--device", "cpu"]) == 1
+    assert main(["bench", "gated_deltanet", *TINY, "--level", "mlp", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: --level: the spec has no level 'mixr'") and "did you mean 'mixer'" in err[0]
+    assert err[1].startswith("error: --level: level 'mlp' is an outer-loop MLP")
+    assert len(err) == 2
