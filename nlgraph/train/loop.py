@@ -427,6 +427,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def default_compile(device: torch.device, cfg: TrainConfig) -> bool:
+    """Whether training compiles the blocks when ``cfg.compile`` is not given: on CUDA, one process
+    or DDP (FSDP2-sharded blocks run eagerly)."""
+    return device.type == "cuda" and not cfg.fsdp
+
+
+def is_compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` comes from torch.compile (dynamo, AOT autograd, inductor) rather than the model."""
+    return any(getattr(t, "__module__", "").startswith(("torch._dynamo", "torch._inductor", "torch._functorch"))
+               for t in type(e).__mro__[:-1])
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over scored positions (targets ``-100`` are ignored).
     ``logits [B, T, V]``, ``targets [B, T]``."""
@@ -740,7 +752,7 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     if start >= cfg.steps and dist.main:
         print(f"nothing to do: the checkpoint is at step {start} and --steps is {cfg.steps}", file=sys.stderr)
 
-    use_compile = cfg.compile if cfg.compile is not None else (device.type == "cuda" and not cfg.fsdp)
+    use_compile = cfg.compile if cfg.compile is not None else default_compile(device, cfg)
     if use_compile:
         model.compile_blocks()
     use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (
@@ -841,6 +853,31 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         else:  # a checkpoint from before the held-back gradients were saved: the count at least
             multi.tokens = tokens_seen
 
+    compile_checked = not use_compile  # the first compiled step has run (or nothing is compiled)
+
+    def compiled_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The first compiled forward and backward; a compiler failure falls back to eager with a
+        note when compiling was the default, and is one error when it was asked for."""
+        nonlocal compile_checked
+        try:
+            loss = step_loss(x, y)
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - only torch.compile's own failures are caught below
+            if not is_compile_failure(e):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            if cfg.compile:
+                raise TrainError(f"torch.compile failed on this model ({type(e).__name__}: {first}); train "
+                                 f"it eagerly (--no-compile)", file=spec_file) from e
+            model.eager()
+            opt.zero_grad(set_to_none=True)
+            progress.line(f"note: torch.compile failed on this model ({type(e).__name__}: {first}); "
+                          f"training eagerly")
+            loss = step_loss(x, y)
+            loss.backward()
+        compile_checked = True
+        return loss
+
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         nonlocal graphed, use_graph
         if use_graph and graphed is None:
@@ -869,8 +906,11 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                     g["lr"] = lr
                 x, y = data.next()
                 t0 = time.perf_counter()
-                loss = step_loss(x, y)
-                loss.backward()
+                if compile_checked:
+                    loss = step_loss(x, y)
+                    loss.backward()
+                else:
+                    loss = compiled_step(x, y)
                 if multi.groups:
                     multi.before_step(cfg.batch * cfg.length)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))

@@ -396,3 +396,46 @@ def test_eval_and_sample_no_learn_freeze_in_context_levels(tmp_path, text, capsy
     assert ppl[True] != ppl[False]
     assert main(["sample", str(out), "--tokens", "8", "--device", "cpu", "--no-learn"]) == 0
     assert capsys.readouterr().out
+
+
+class _CompileFailure(torch._dynamo.exc.TorchDynamoException):
+    """Stands for what torch.compile raises on a graph it cannot lower."""
+
+
+def _failing_compile(monkeypatch, error: type[BaseException] = _CompileFailure):
+    from nlgraph.model import NLModel
+
+    def compile_blocks(self, **_):
+        def boom(*args, **kwargs):
+            raise error("could not guard on data-dependent expression u1 % 16")
+
+        self._compiled = [boom for _ in self.blocks]
+        return self
+
+    monkeypatch.setattr(NLModel, "compile_blocks", compile_blocks)
+
+
+def test_a_default_compile_that_fails_trains_eagerly_with_a_note(tmp_path, text, capsys, monkeypatch):
+    """Compiling by default (CUDA): a torch.compile failure at the first step falls back to eager,
+    which trains the same losses as an eager run; asked for explicitly it is one clear error."""
+    import nlgraph.train.loop as loop
+
+    eager = train("transformer_pp", _cfg(tmp_path / "eager", text, steps=3, compile=False))
+    _failing_compile(monkeypatch)
+    monkeypatch.setattr(loop, "default_compile", lambda device, cfg: True)
+    res = train("transformer_pp", _cfg(tmp_path / "fallback", text, steps=3, progress=True))
+    assert res.step == 3
+    assert _losses(tmp_path / "fallback") == _losses(tmp_path / "eager") and res.step == eager.step
+    out = capsys.readouterr()
+    assert "note: torch.compile failed on this model (_CompileFailure: could not guard" in out.out + out.err
+    with pytest.raises(TrainError, match=r"torch\.compile failed on this model .*train it eagerly \(--no-compile\)"):
+        train("transformer_pp", _cfg(tmp_path / "explicit", text, steps=3, compile=True))
+
+
+def test_a_model_error_under_compile_is_not_taken_for_a_compile_failure(tmp_path, text, monkeypatch):
+    import nlgraph.train.loop as loop
+
+    _failing_compile(monkeypatch, error=ValueError)
+    monkeypatch.setattr(loop, "default_compile", lambda device, cfg: True)
+    with pytest.raises(ValueError, match="data-dependent"):
+        train("transformer_pp", _cfg(tmp_path / "run", text, steps=2))
