@@ -357,9 +357,12 @@ def _stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, le
             blocks = _put(blocks, s.path, {"params": params[s.key]})
         x = model.embed(seg)
         new = []
-        for block, st in zip(run, blocks):
-            x, st = block(x, st)
-            new.append(st)
+        # the segment starts at ic["position"], known here on the host: the levels get its phase
+        # instead of reading their state's position (data-dependent in a compiled block)
+        with model.phases(ic["position"]):
+            for block, st in zip(run, blocks):
+                x, st = block(x, st)
+                new.append(st)
         return model.head(model.norm(x)), new
 
     if not learn:

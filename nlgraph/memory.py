@@ -207,6 +207,12 @@ class MemoryLevel(_Entry):
         heads, dk, dv = level_widths(spec, width)
         self.heads, self.d_key, self.d_value = heads, dk, dv
         self.form = form
+        from .levels.run import cycle
+
+        # the schedule's cycle, and the phase of the next call's position within it when the
+        # caller knows the position on the host (NLModel sets it; see run_level's `phase`)
+        self.cycle = cycle(spec)
+        self.phase: int | None = None
         self._build_inputs(spec, width, self._rates())
         # meta-learned initial states M_0 of the memory and of every adaptive projection
         self.init_params = nn.ParameterDict()
@@ -291,9 +297,12 @@ class MemoryLevel(_Entry):
         def step(tensors: dict, gates: dict, level_state: dict | None):
             if level_state is None:
                 level_state = self.initial_state(x.shape[0])
+            # a level reading its own output continues its state within this call: its later
+            # steps are at other phases, so it reads the position (such blocks stay eager)
+            phase = None if self.reads_self else self.phase
             return run_level(self.spec, keys=tensors["keys"], values=tensors["values"],
                              queries=tensors["queries"], lr=gates.get("lr"), retention=gates.get("retention"),
-                             momentum=gates.get("momentum"), state=level_state, form=self.form)
+                             momentum=gates.get("momentum"), state=level_state, form=self.form, phase=phase)
 
         return self._run(x, state or {}, sources, step)
 

@@ -8,7 +8,9 @@ entry is wrapped in a residual connection with the spec's norm placement.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -180,13 +182,19 @@ class MemoryContext(nn.Module):
 
         self.segment = spec.segment
         self.memory = _keyed(MemoryLevel(levels[spec.memory], width, _planned(forms, spec.memory)), spec.memory)
+        # the host position's phase within the segments and the memory's schedule (NLModel.phases)
+        self.cycle = math.lcm(self.segment, self.memory.cycle)
+        self.phase: int | None = None
         self.attention = Attention(levels[spec.attention], width)
         self.norms = nn.ModuleList([RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)])
 
     def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         state = dict(state or {})
-        # a fresh sequence starts at 0 without reading a tensor (keeps compiled graphs static)
-        pos = int(state["position"]) if "position" in state else 0
+        # a fresh sequence starts at 0 without reading a tensor (keeps compiled graphs static), and
+        # a continued one at the phase the model gives, when it knows the position on the host
+        known = self.phase is not None and "position" in state
+        pos = self.phase if known else (int(state["position"]) if "position" in state else 0)
+        t0 = pos
         memory, start = state.get("memory"), state.get("start")
         attn, read = state.get("attention"), state.get("read")
         outs = []
@@ -202,14 +210,17 @@ class MemoryContext(nn.Module):
             both = torch.stack([h, piece], dim=2).flatten(1, 2)  # [h_1, x_1, h_2, x_2, ...]
             a, attn = self.attention(both, attn)
             y = a[:, 1::2]
+            # pos is a host int here: the memory continues at its phase, never reading its tensor
+            self.memory.phase = pos % self.memory.cycle
             m, memory = self.memory(y, memory)
             outs.append(gate(self.norms, y, m))
             done, pos = done + n, pos + n
         # the position stays on the host, like a level's: on a GPU, torch.tensor(pos, device=...)
         # is a pageable host-to-device copy (refused inside CUDA-graph capture) and the int()
         # above would then wait for the device when the next segment continues
-        new = {"memory": memory, "start": start, "attention": attn, "read": read,
-               "position": torch.tensor(pos, dtype=torch.int64)}
+        self.memory.phase = None
+        position = state["position"] + (pos - t0) if known else torch.tensor(pos, dtype=torch.int64)
+        new = {"memory": memory, "start": start, "attention": attn, "read": read, "position": position}
         return torch.cat(outs, dim=1), new
 
 
@@ -330,6 +341,11 @@ class NLModel(nn.Module):
         self._slots = find_slots(self)
         # `lifetime: persistent` levels of the runtime: their state carries into the next sequence
         self._carried = find_carried(self)
+        from .memory import MemoryLevel
+
+        # levels whose schedule (periods, gradient-point chunks) depends on the position
+        self._phased = [m for m in self.modules()
+                        if isinstance(m, (MemoryLevel, MemoryContext)) and m.cycle > 1]
         self._persistent: dict[str, dict] = {}
         self.learn = True
 
@@ -415,16 +431,38 @@ class NLModel(nn.Module):
             from .cms import start_carried
 
             blocks = start_carried(self, blocks, tokens.shape[0])
+        # the sequence position on the host (a state from before it was kept has none: then the
+        # levels read their own)
+        pos = 0 if state is None else state.get("position")
         x = self.embed(tokens)
         new = []
-        for block, st in zip(self._compiled or self.blocks, blocks):
-            x, st = block(x, st)
-            new.append(st)
+        with self.phases(pos):
+            for block, st in zip(self._compiled or self.blocks, blocks):
+                x, st = block(x, st)
+                new.append(st)
         if self._carried:
             from .cms import keep_carried
 
             keep_carried(self, new)
-        return self.head(self.norm(x)), {"blocks": new}
+        out: State = {"blocks": new}
+        if pos is not None:
+            out["position"] = pos + tokens.shape[1]
+        return self.head(self.norm(x)), out
+
+    @contextmanager
+    def phases(self, position: int | None):
+        """While a call runs from host ``position`` (``None``: not known), every scheduled runtime
+        level gets its phase (``position mod`` its cycle) instead of reading its state's position
+        tensor: a host read that ``torch.compile`` sees as data-dependent. A compiled block then
+        depends on the phases only, which stay fixed when calls start on the schedule's boundaries
+        (HOPE's 16-token segments), so it is not recompiled per call."""
+        for m in self._phased:
+            m.phase = None if position is None else position % m.cycle
+        try:
+            yield
+        finally:
+            for m in self._phased:
+                m.phase = None
 
     def save_memory(self, path: Any) -> Any:
         """Write the persistent memory (the committed parameters and optimizer buffers of every

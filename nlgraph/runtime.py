@@ -111,6 +111,7 @@ def run_level(
     state: dict[str, torch.Tensor] | None = None,
     form: str = "auto",
     chunk_size: int | None = None,
+    phase: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run a level over a sequence. See the module docstring for the full contract.
 
@@ -125,6 +126,10 @@ def run_level(
         state: the state returned by a previous call, or ``None`` for a fresh sequence.
         form: ``"auto"``, ``"reference"`` or ``"chunked"``.
         chunk_size: implementation chunk of the exact chunkwise form (default 64).
+        phase: for a continued ``state``, its position modulo the level's schedule cycle
+            (:func:`nlgraph.levels.run.cycle`), when the caller knows it on the host; the level then
+            does not read ``state["position"]``, a host read that is data-dependent under
+            ``torch.compile``. A wrong phase moves the period and chunk boundaries.
 
     Returns:
         ``(outputs [B, T, H, D_v], state)``.
@@ -158,8 +163,10 @@ def run_level(
             f"this level has no parallel form, running the per-token reference form ({reasons})",
             stacklevel=2,
         )
+    if phase is not None and (not isinstance(phase, int) or phase < 0):
+        raise ValueError(f"phase must be a non-negative int (the position modulo the level's cycle), got {phase!r}")
     run = prepare(spec, keys=keys, values=values, queries=queries, lr=lr, retention=retention,
-                  momentum=momentum, state=state)
+                  momentum=momentum, state=state, phase=phase)
     tensors = [keys, values, queries, lr, retention, momentum, *(state or {}).values()]
     # inner gradients are built with autograd; keep their graphs only when someone will backprop
     graph = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)

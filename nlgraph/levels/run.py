@@ -25,6 +25,8 @@ State layout (a flat ``dict[str, Tensor]``; every memory tensor has leading ``[B
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +159,14 @@ def periods(spec: LevelSpec) -> tuple[int | None, int]:
     return period, chunk
 
 
+def cycle(spec: LevelSpec) -> int:
+    """The period after which a level's schedule repeats: ``lcm(period, chunk)`` (1 for a level
+    updated every token at its own state, or never). Only the position modulo it decides where
+    periods and gradient-point chunks fall, so it is all a caller must know to continue a level."""
+    period, chunk = periods(spec)
+    return math.lcm(period, chunk) if period is not None else 1
+
+
 def init_state(
     level: LevelSpec,
     *,
@@ -245,6 +255,7 @@ def prepare(
     retention: Any = None,
     momentum: Any = None,
     state: dict[str, torch.Tensor] | None = None,
+    phase: int | None = None,
 ) -> LevelRun:
     """Resolve a level against its inputs (see :func:`nlgraph.runtime.run_level` for the contract).
 
@@ -311,9 +322,12 @@ def prepare(
     if state is not None:
         full = _merge_state(full, state)
     # where periods or chunks fall depends on the position; read it from the tensor only then (a
-    # host sync, data-dependent under torch.compile). A state without one starts a sequence.
+    # host read, data-dependent under torch.compile), unless the caller gave its phase. A state
+    # without one starts a sequence.
     scheduled = period is not None and (period > 1 or chunk > 1)
-    position = int(full["position"]) if scheduled and state is not None and "position" in state else 0
+    position = 0
+    if scheduled and state is not None and "position" in state:
+        position = int(full["position"]) if phase is None else phase % cycle(spec)
     return LevelRun(
         spec=spec,
         shape=(b, t, h),
