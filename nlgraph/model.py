@@ -8,6 +8,7 @@ entry is wrapped in a residual connection with the spec's norm placement.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -369,8 +370,10 @@ class NLModel(nn.Module):
 
         try:
             new = make_plan(self.spec, device=p.device, dtype=p.dtype, forms=dict(self.plan.forced))
-        except PlanError:  # a forced form that cannot run there: its fallback runs (run_level)
-            new = make_plan(self.spec, device=p.device, dtype=p.dtype)
+        except PlanError:  # a forced form that cannot run there: its fallback runs (run_level);
+            # the forced forms stay recorded, so moving back restores them
+            new = dataclasses.replace(make_plan(self.spec, device=p.device, dtype=p.dtype),
+                                      forced=self.plan.forced)
         forms = new.executions()
         for module in self.modules():
             key = getattr(module, "plan_key", None)

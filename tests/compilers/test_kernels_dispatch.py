@@ -264,3 +264,11 @@ def test_a_forced_form_is_kept_when_the_model_moves():
     assert model.plan.executions() == {"mixer": "chunked"} and model.plan.forced == (("mixer", "chunked"),)
     model.double().float()
     assert model.plan.executions() == {"mixer": "chunked"}
+    # a forced triton form cannot run in float64: the float64 plan takes chunked, and going back to
+    # float32 restores the forced form
+    forced = build("gated_deltanet", overrides=["model.vocab=64", "vars.d_model=32", "vars.heads=2",
+                                                "vars.layers=1"], device=DEVICE, forms={"mixer": "triton"})
+    forced.double()
+    assert forced.plan.executions() == {"mixer": "chunked"} and forced.plan.forced == (("mixer", "triton"),)
+    forced.float()
+    assert forced.plan.executions() == {"mixer": "triton"}
