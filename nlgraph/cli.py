@@ -378,9 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = Limits().raised(max_spec_bytes=getattr(args, "max_spec_bytes", None),
                              max_params=getattr(args, "max_params", None),
                              max_memory=getattr(args, "max_memory", None))
+    done = False
     try:
         with load_options(allow_includes_from=getattr(args, "allow_outside_includes", ()), limits=limits):
-            return _handler(args.command)(args)
+            code = _handler(args.command)(args)
+            done = True
+            return code
     except _UsageError as e:
         parser.exit(2, f"nlgraph {args.command}: error: {e}\n")
     except NLGraphError as e:
@@ -403,16 +406,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        _close_process_group()
+        _close_process_group(done)
 
 
-def _close_process_group() -> None:
+def _close_process_group(done: bool = False) -> None:
     """Under torchrun, leave the process group before the interpreter exits: gloo's threads torn
     down at exit can abort a rank ("terminate called without an active exception") after its work
-    is done and saved."""
+    is done and saved. After a command that finished on every rank, the ranks first meet at a
+    barrier, so none tears its connections down while another (rank 0, still writing its last
+    checkpoint and plot) is using them: a CI run aborted rank 0 that way with the teardown alone.
+    After an error no barrier is taken (another rank may never arrive); a barrier that fails or
+    times out (gloo: 300 s) is skipped, and the group is destroyed either way."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if done and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                from datetime import timedelta
+
+                dist.monitored_barrier(timeout=timedelta(seconds=300))
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank that cannot meet the others still leaves the group
+            pass
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
