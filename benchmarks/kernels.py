@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -180,18 +179,9 @@ def check_compile(device: str) -> dict:
 
 def time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
     """Median milliseconds of ``fn`` between two CUDA events, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from nlgraph.bench import median_ms
+
+    return median_ms(fn, torch.device("cuda"), reps=reps, warmup=warmup)
 
 
 def peak_mib(run: Callable[[], None]) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import traceback
 from typing import Callable
@@ -29,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nlgraph.bench import rel_err
 from nlgraph.runtime import run_level
 from nlgraph.spec.loader import load_level
 
@@ -81,11 +81,6 @@ def peak_mib(run: Callable[[], None], device: str) -> float | None:
     run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def main() -> None:

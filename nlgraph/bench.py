@@ -148,9 +148,13 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
     return {"meta": meta, "rows": rows}
 
 
-def median_ms(fn, device: torch.device, reps: int = 20) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on the GPU, after a warm-up call)."""
-    fn()
+def median_ms(fn, device: torch.device, reps: int = 20, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` calls: between two CUDA events on the GPU,
+    by the wall clock (3 calls) elsewhere."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(reps if device.type == "cuda" else 3):
         if device.type == "cuda":
@@ -276,7 +280,6 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
     same = _same_function(level)
     fla = None
     try:  # fla is an optional anchor, never a dependency
-        import fla.ops as fla_ops  # noqa: F401
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
@@ -379,36 +382,29 @@ def table(res: dict[str, Any]) -> str:
 def cmd_bench(args) -> int:
     from .io import atomic_write
 
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.level:
         res = bench_level(args.spec, list(args.overrides), args.level, batch=args.batch or 4,
                           length=args.lengths[0] if args.lengths else 4096, heads=args.heads, dim=args.dim,
                           dtype=args.dtype, modes=tuple(m for m in args.modes if m != "graph") or ("eager",),
-                          device=args.device, log=lambda s: print(s, file=sys.stderr, flush=True))
-        if res is None:
-            print("nlgraph bench measures GPU speed and this machine has no CUDA device; nothing was run "
-                  "(pass --device cpu for a smoke run of the command)")
-            return 0
-        m = res["meta"]
-        print(f"{m['device']}, torch {m['torch']}, level {m['level']} in form {m['form']}, "
-              f"B={m['shape'][0]} T={m['shape'][1]} H={m['shape'][2]} D={m['shape'][3]} {m['dtype']}; anchor "
-              f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}")
-        print(level_table(res))
-        if args.json:
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, (json.dumps(res, indent=1) + "\n").encode())
-        return 1 if any("error" in r for r in res["rows"]) else 0
-    res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8, tokens=args.tokens,
-                modes=args.modes, steps=args.steps, device=args.device, precision=args.precision,
-                anchor=None if args.anchor == "none" else args.anchor,
-                log=lambda s: print(s, file=sys.stderr, flush=True))
+                          device=args.device, log=log)
+    else:
+        res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8,
+                    tokens=args.tokens, modes=args.modes, steps=args.steps, device=args.device,
+                    precision=args.precision, anchor=None if args.anchor == "none" else args.anchor, log=log)
     if res is None:
         print("nlgraph bench measures GPU speed and this machine has no CUDA device; nothing was run "
               "(pass --device cpu for a smoke run of the command)")
         return 0
-    print(f"{res['meta']['device']}, torch {res['meta']['torch']}, {res['meta']['precision']}, "
-          f"median of {res['meta']['steps']} steps after the first")
-    print(table(res))
+    m = res["meta"]
+    if args.level:
+        print(f"{m['device']}, torch {m['torch']}, level {m['level']} in form {m['form']}, "
+              f"B={m['shape'][0]} T={m['shape'][1]} H={m['shape'][2]} D={m['shape'][3]} {m['dtype']}; anchor "
+              f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}")
+        print(level_table(res))
+    else:
+        print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first")
+        print(table(res))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
