@@ -5,7 +5,7 @@ most GPU time, grouped by kernel name, and the share of the step each takes.
     bash benchmarks/device.sh python benchmarks/profile_step.py gated_deltanet --d-model 512 --layers 4 \\
         --batch 8 --length 2048 --json "$OUT/profile_gdn.json"
 
-The step runs eagerly under bf16 autocast (``nlgraph.train.loop.lm_loss``, fused AdamW), the way
+The step runs eagerly (``--compile``: with per-block ``torch.compile``) under bf16 autocast (``nlgraph.train.loop.lm_loss``, fused AdamW), the way
 ``nlgraph bench`` times its ``eager`` mode; the table's wall time is that of the profiled step.
 """
 
@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra spec override")
+    ap.add_argument("--compile", action="store_true",
+                    help="per-block torch.compile, as `nlgraph bench --modes compile` (compiled in the warm-up)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -42,6 +44,8 @@ def main() -> int:
     ov = [f"vars.d_model={args.d_model}", f"vars.layers={args.layers}", f"vars.heads={heads}", *args.set]
     torch.manual_seed(0)
     model = build(args.spec, overrides=ov, device=dev)
+    if args.compile:
+        model.compile_blocks()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
     vocab = model.spec.model.vocab
     x = torch.randint(0, vocab, (args.batch, args.length), device=dev)

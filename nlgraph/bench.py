@@ -224,6 +224,10 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         what = "an outer-loop MLP (objective: outer)" if isinstance(level, LevelSpec) else f"a {level.kind}"
         raise NLGraphError(f"level '{key}' is {what}, which run_level does not run; bench a memory, delta_rule "
                            "or linear_attention level, or the whole spec (no --level)", path="--level")
+    if isinstance(level, LevelSpec) and level.adaptive:
+        raise NLGraphError(f"level '{key}' reads its keys, values or rates from its adaptive projections "
+                           f"({', '.join(level.adaptive)}), which only the model feeds it; bench the whole spec "
+                           "(no --level)", path="--level")
     level = _with_heads(level, heads)
     dt = getattr(torch, dtype)
     b, t, h, d = batch, length, heads, dim
@@ -269,9 +273,14 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         # without a position the call is a fresh sequence, whose chunk boundaries the graph knows
         state0.pop("position", None)
 
+    # a model runs its levels under autocast (bf16 operands, float32 state and accumulation); a level
+    # timed alone runs the same way, so the PyTorch forms' float32 state meets bf16 inputs as in training
+    amp = dt in (torch.bfloat16, torch.float16)
+
     def ours(q_, k_, v_):
         state = dict(state0) if state0 is not None else None
-        return run_level(level, keys=k_, values=v_, queries=q_, form=form, state=state, **rates)[0]
+        with torch.autocast(dev.type, dtype=dt, enabled=amp):
+            return run_level(level, keys=k_, values=v_, queries=q_, form=form, state=state, **rates)[0]
 
     impls: list[tuple[str, Any, bool]] = []  # (name, fn(q, k, v), is an anchor)
     sdpa = "SDPA causal (FlashAttention)" if dev.type == "cuda" else "SDPA causal"
@@ -298,6 +307,9 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
 
     rows, outputs = [], {}
+    ref_name = f"fla {anchor}" if anchor else None
+    # anchors come first, so each of nlgraph's rows is compared and logged as soon as it is measured
+    # (a run cut by a time limit still leaves the rows it finished)
     for name, fn, is_anchor in impls:
         row: dict[str, Any] = {"name": name, "anchor": is_anchor}
         try:
@@ -331,15 +343,14 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                 row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
         except Exception as e:  # noqa: BLE001 - one failing implementation is a row that says so
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        rows.append(row)
-    ref = next((r for r in rows if r["name"] == f"fla {anchor}"), None) if anchor else None
-    for row in rows:
-        if not row["anchor"] and same and anchor == same and ref and row["name"] in outputs and ref["name"] in outputs:
-            row["rel_err"] = rel_err(outputs[row["name"]], outputs[ref["name"]])
-        if not row["anchor"] and ref and "fwd_ms" in row and "fwd_ms" in ref:
+        ref = next((r for r in rows if r["name"] == ref_name), None)
+        if not is_anchor and same and anchor == same and ref and name in outputs and ref_name in outputs:
+            row["rel_err"] = rel_err(outputs[name], outputs[ref_name])
+        if not is_anchor and ref and "fwd_ms" in row and "fwd_ms" in ref:
             row["x_anchor_fwd"] = round(row["fwd_ms"] / ref["fwd_ms"], 3)
             if "fwd_bwd_ms" in row and "fwd_bwd_ms" in ref:
                 row["x_anchor_fwd_bwd"] = round(row["fwd_bwd_ms"] / ref["fwd_bwd_ms"], 3)
+        rows.append(row)
         log(json.dumps(row))
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "level": key, "form": form, "shape": [b, t, h, d], "dtype": dtype, "anchor": f"fla {anchor}" if anchor else None,

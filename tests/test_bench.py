@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from nlgraph.cli import main
@@ -106,3 +107,11 @@ def test_level_bench_refusals_are_one_line(capsys):
     assert err[0].startswith("error: --level: the spec has no level 'mixr'") and "did you mean 'mixer'" in err[0]
     assert err[1].startswith("error: --level: level 'mlp' is an outer-loop MLP")
     assert len(err) == 2
+
+
+def test_bench_level_refuses_a_level_fed_by_adaptive_projections():
+    from nlgraph.bench import bench_level
+    from nlgraph.errors import NLGraphError
+
+    with pytest.raises(NLGraphError, match="adaptive projections"):
+        bench_level("hope", [], "titans", device="cpu", batch=1, length=16, heads=2, dim=8, modes=("eager",))
