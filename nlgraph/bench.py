@@ -3,10 +3,12 @@ width and depth, measured in one process (issue 10 item 5).
 
 For every sequence length (``--lengths``, with ``--tokens`` the batch is ``tokens // T`` so B·T stays
 fixed) and every mode (``eager``; ``graph``: the step replayed as CUDA graphs, as ``nlgraph train``
-does with ``--no-compile``; ``compile``: per-block ``torch.compile``), one AdamW training step on
+does with ``--no-compile``; ``compile``: per-block ``torch.compile``; ``compile-graph``: both, the
+compiled blocks' step captured as CUDA graphs), one AdamW training step on
 random tokens is timed: the first step alone (it holds compilation or capture), then the median of
 ``--steps`` more. The anchor, Transformer++ with the spec's ``d_model`` / layers / heads, runs in
-the same process at the same shapes (its fastest mode measured: ``compile`` on CUDA), and each row
+the same process at the same shapes (its fastest mode measured: ``compile`` on CUDA, and
+``compile-graph`` when the spec runs it), and each row
 gives its tokens/s as a ratio to the anchor's. Peak memory on CUDA.
 
 ``--level KEY`` times one level of the spec instead (:func:`bench_level`): forward and
@@ -38,7 +40,7 @@ from .errors import NLGraphError
 
 __all__ = ["bench", "bench_level", "MODES"]
 
-MODES = ("eager", "graph", "compile")
+MODES = ("eager", "graph", "compile", "compile-graph")
 
 
 def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: str, steps: int,
@@ -60,7 +62,7 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    if mode == "compile":
+    if mode in ("compile", "compile-graph"):
         model.compile_blocks()
     step_fn = None
 
@@ -69,7 +71,7 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        if mode == "graph":
+        if mode in ("graph", "compile-graph"):
             if step_fn is None:
                 step_fn = graph_step(model, x, y, precision)
             loss = step_fn(x, y)
@@ -110,7 +112,7 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise NLGraphError(f"--modes {bad[0]}: choose from {', '.join(MODES)}", path="--modes")
-    if "graph" in modes and dev.type != "cuda":
+    if any(m.endswith("graph") for m in modes) and dev.type != "cuda":
         raise NLGraphError("--modes graph needs a CUDA device (CUDA graphs)", path="--modes")
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
@@ -123,8 +125,10 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
     rows = []
     for length in lengths:
         b = max(1, tokens // length) if tokens else batch
-        # the anchor first, so every row of the spec has its ratio
-        runs = [(anchor, anchor_ov, "compile" if dev.type == "cuda" else "eager")] if anchor else []
+        # the anchor first, so every row of the spec has its ratio: against its fastest mode measured
+        # (compile on CUDA; also compile-graph when the spec is timed that way)
+        a_modes = ["compile"] + (["compile-graph"] if "compile-graph" in modes else []) if dev.type == "cuda" else ["eager"]
+        runs = [(anchor, anchor_ov, m) for m in a_modes] if anchor else []
         runs += [(spec, overrides, m) for m in modes]
         anchor_tok = None
         for name, ov, mode in runs:
@@ -137,7 +141,7 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
             except Exception as e:  # noqa: BLE001 - one failing mode is a row that says so
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             if row["anchor"] and "tok_s" in row:
-                anchor_tok = row["tok_s"]
+                anchor_tok = max(anchor_tok or 0.0, row["tok_s"])
             if anchor_tok and "tok_s" in row:
                 row["vs_anchor"] = round(row["tok_s"] / anchor_tok, 4)
             rows.append(row)
@@ -397,7 +401,7 @@ def cmd_bench(args) -> int:
     if args.level:
         res = bench_level(args.spec, list(args.overrides), args.level, batch=args.batch or 4,
                           length=args.lengths[0] if args.lengths else 4096, heads=args.heads, dim=args.dim,
-                          dtype=args.dtype, modes=tuple(m for m in args.modes if m != "graph") or ("eager",),
+                          dtype=args.dtype, modes=tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",),
                           device=args.device, log=log)
     else:
         res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8,
@@ -440,7 +444,8 @@ def add_parser(sub) -> None:
                    help="--level: input dtype (default bfloat16)")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per step instead of --batch: B = tokens // T at every length (a sweep at fixed B·T)")
-    p.add_argument("--modes", nargs="+", default=["eager", "graph"], help="eager, graph, compile (default eager graph)")
+    p.add_argument("--modes", nargs="+", default=["eager", "graph"], help="eager, graph, compile, compile-graph (the compiled blocks' step replayed as CUDA graphs) "
+                   "(default eager graph)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first (default 5)")
     p.add_argument("--device", default=None, help="cuda (default when present), cuda:1, or cpu for a smoke run")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],

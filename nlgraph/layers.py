@@ -52,13 +52,37 @@ class ShortConv(nn.Module):
             self.weight.normal_(0.0, 0.02)
             self.weight[:, -1] += 1.0
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, c = x.shape
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                act: str = "identity") -> tuple[torch.Tensor, torch.Tensor]:
+        """``act`` (``identity`` or ``silu``) is applied to the output, fused into the Triton kernel
+        where it runs (CUDA tensors, float32 / bfloat16 / float16, kernels on)."""
+        b, t, c = x.shape
+        if _conv_kernel_runs(x):
+            from .compilers.kernels.short_conv import short_conv
+
+            y = short_conv(x, self.weight, state, act)
+            if t >= self.kernel - 1:
+                return y, x[:, t - (self.kernel - 1):]
+            prev = state if state is not None else x.new_zeros(b, self.kernel - 1, c)
+            return y, torch.cat([prev.to(x.dtype), x], dim=1)[:, t:]
         if state is None:
             state = x.new_zeros(b, self.kernel - 1, c)
         xp = torch.cat([state, x], dim=1)  # [B, k-1+T, C]
         y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), groups=c).transpose(1, 2)
-        return y, xp[:, xp.shape[1] - (self.kernel - 1):]
+        return _feature_map(act, y), xp[:, xp.shape[1] - (self.kernel - 1):]
+
+
+def _conv_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether :func:`nlgraph.compilers.kernels.short_conv.short_conv` takes ``x``: the kernel mode
+    (``NLGRAPH_KERNELS``) allows its device, and its dtype is one the kernel computes exactly
+    (float64 stays in PyTorch; so does bfloat16 on CPU, which Triton's interpreter gets wrong)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[1] == 0:
+        return False
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        return False
+    from .compilers.kernels.dispatch import why_no_kernel
+
+    return why_no_kernel(x.device) is None
 
 
 def _feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -95,9 +119,13 @@ class Stream(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = self.proj(x) if self.proj is not None else x
         new_state = None
-        if self.conv is not None:
-            y, new_state = self.conv(y, state)
-        y = _feature_map(self.spec.feature_map, y)
+        fm = self.spec.feature_map
+        if self.conv is not None and fm in ("identity", "silu"):
+            y, new_state = self.conv(y, state, act=fm)  # the activation fused into the convolution
+        else:
+            if self.conv is not None:
+                y, new_state = self.conv(y, state)
+            y = _feature_map(fm, y)
         y = y.unflatten(-1, (self.heads, self.d_head))
         if self.spec.norm == "l2":
             y = F.normalize(y, dim=-1, eps=1e-6)

@@ -1,0 +1,127 @@
+"""The causal depthwise short convolution of keys, queries and values as a differentiable custom op.
+
+``short_conv(x [B, T, C], weight [C, K], state [B, K−1, C] | None, act)`` returns
+``act(a)`` with ``a[t, c] = Σ_j weight[c, j] · x̃[t + j, c]`` over ``x̃ = cat(state or zeros, x)``
+(``act``: ``identity`` or ``silu``), the same function as :class:`nlgraph.layers.ShortConv` followed
+by the stream's feature map. PyTorch's depthwise ``conv1d`` wants ``[B, C, T]``, so the layer's two
+transposes were strided copies, and its depthwise kernel ran at a tenth of the memory bandwidth
+(docs/benchmarks.md, "Where Gated DeltaNet's step went"); this op reads the token-major input as it
+is, in one pass forward and two backward, with the activation fused. Registered as
+``nlgraph::short_conv_fwd`` / ``nlgraph::short_conv_bwd`` (fake implementations and autograd), so
+``torch.compile(fullgraph=True)`` traces through it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nlgraph.errors import NLGraphError
+
+__all__ = ["ACTIVATIONS", "short_conv"]
+
+ACTIVATIONS = ("identity", "silu")
+_BT, _BC = 64, 64
+
+
+def _kernels(x: torch.Tensor):
+    try:
+        from . import _short_conv_triton as mod
+    except ImportError as e:  # pragma: no cover - exercised only without triton
+        raise NLGraphError(f"the short-convolution kernel needs the 'triton' package ({e})", path="short_conv") from e
+    if not x.is_cuda and not mod.INTERPRETED:
+        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {x.device}", path="short_conv.x")
+    return mod.kernels()
+
+
+def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
+    return (-(-t // _BT), -(-c // _BC), b)
+
+
+@torch.library.custom_op("nlgraph::short_conv_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    b, t, c = x.shape
+    y = torch.empty_like(x)
+    _kernels(x).fwd[_grid(b, t, c)](x, w, s if s is not None else x.new_empty(0), y, t, c, K=w.shape[1], BT=_BT,
+                                    BC=_BC, SILU=silu, USE_S=s is not None)
+    return y
+
+
+@_fwd_op.register_fake
+def _(x, w, s, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nlgraph::short_conv_bwd", mutates_args=())
+def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: torch.Tensor, silu: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dx [B, T, C], dw [C, K] fp32, ds [B, K−1, C] or empty)``."""
+    b, t, c = x.shape
+    k = w.shape[1]
+    kn = _kernels(x)
+    grid = _grid(b, t, c)
+    da = x.new_empty(b, t, c, dtype=torch.float32)
+    dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
+    dummy = x.new_empty(0)
+    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, t, c, grid[0], K=k, BT=_BT, BC=_BC,
+                SILU=silu, USE_S=s is not None)
+    dx = torch.empty_like(x)
+    kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
+    ds = dummy
+    if s is not None:
+        # the state's rows are x̃[0 .. K−2]: ds[i] = Σ_{j ≤ i} w[:, j] · da[i − j] (at most K−1 terms)
+        wf = w.float()
+        ds = torch.zeros(b, k - 1, c, dtype=torch.float32, device=x.device)
+        for i in range(k - 1):
+            for j in range(i + 1):
+                if i - j < t:
+                    ds[:, i] += wf[:, j] * da[:, i - j]
+        ds = ds.to(s.dtype)
+    return dx, dwp.sum(0).to(w.dtype), ds
+
+
+@_bwd_op.register_fake
+def _(x, w, s, dy, silu):
+    return torch.empty_like(x), torch.empty_like(w), (torch.empty_like(s) if s is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, s, silu = inputs
+    ctx.save_for_backward(x, w, s)
+    ctx.silu = silu
+
+
+def _autograd_backward(ctx, dy):
+    x, w, s = ctx.saved_tensors
+    dx, dw, ds = _bwd_op(x, w, s, dy, ctx.silu)
+    return dx, dw, (ds if s is not None else None), None
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
+               act: str = "identity") -> torch.Tensor:
+    """Causal depthwise convolution with a fused activation, in Triton.
+
+    Args:
+        x: ``[B, T, C]`` inputs (float32 / bfloat16 / float16), token-major.
+        weight: ``[C, K]`` taps (``weight[:, -1]`` multiplies the current token); float32 is kept.
+        state: ``[B, K−1, C]`` the inputs before ``x`` (``None``: zeros), in ``x``'s dtype.
+        act: ``identity`` or ``silu``, applied to the convolution's output.
+
+    Returns:
+        ``[B, T, C]`` in ``x``'s dtype (float32 accumulation).
+    """
+    if act not in ACTIVATIONS:
+        raise NLGraphError(f"activation {act!r} is not fused; use one of {', '.join(ACTIVATIONS)}", path="short_conv.act")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise NLGraphError(f"expected x [B, T, C] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}",
+                           path="short_conv")
+    k = weight.shape[1]
+    if state is not None and tuple(state.shape) != (x.shape[0], k - 1, x.shape[2]):
+        raise NLGraphError(f"state: expected [B, K-1, C] = {(x.shape[0], k - 1, x.shape[2])}, got {tuple(state.shape)}",
+                           path="short_conv.state")
+    s = state.to(x.dtype).contiguous() if state is not None else None
+    return _fwd_op(x.contiguous(), weight.contiguous(), s, act == "silu")
