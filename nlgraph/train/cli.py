@@ -44,8 +44,8 @@ def _common_run_args(p: argparse.ArgumentParser, *, steps: int, batch: int, leng
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--no-compile", action="store_true", help="run eagerly (default on CUDA: per-block torch.compile)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each step's forward and backward as CUDA graphs (default: on for an "
-                        "uncompiled model on one GPU, eager if capture fails)")
+                   help="replay each step's forward and backward as CUDA graphs (default: on for one GPU, "
+                        "compiled or not; without graphs if capture fails)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--data", metavar="PATH", default=None,

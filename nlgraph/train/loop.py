@@ -755,11 +755,11 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     use_compile = cfg.compile if cfg.compile is not None else default_compile(device, cfg)
     if use_compile:
         model.compile_blocks()
-    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (
-        device.type == "cuda" and not use_compile and dist.world == 1)
-    if use_graph and (device.type != "cuda" or use_compile or dist.world > 1):
-        raise TrainError("--cuda-graph needs one CUDA device and no --compile (a compiled model "
-                         "can use torch.compile's own graphs)")
+    # CUDA graphs by default on one GPU, around compiled blocks too: a compiled Gated DeltaNet step
+    # was bound by launching its kernels (44.4 ms a step, 10.6 ms replayed; docs/benchmarks.md)
+    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (device.type == "cuda" and dist.world == 1)
+    if use_graph and (device.type != "cuda" or dist.world > 1):
+        raise TrainError("--cuda-graph needs one CUDA device (not under torchrun); train without it")
     runner: torch.nn.Module = model
     if dist.world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -890,7 +890,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                                      f"train without --cuda-graph", file=spec_file) from e
                 use_graph = False
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                progress.line(f"note: CUDA graph capture failed ({type(e).__name__}: {first}); training eagerly")
+                progress.line(f"note: CUDA graph capture failed ({type(e).__name__}: {first}); training without "
+                              "CUDA graphs")
                 torch.cuda.synchronize(device)
         if graphed is not None:
             return graphed(x, y)
