@@ -757,7 +757,14 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         model.compile_blocks()
     # CUDA graphs by default on one GPU, around compiled blocks too: a compiled Gated DeltaNet step
     # was bound by launching its kernels (44.4 ms a step, 10.6 ms replayed; docs/benchmarks.md)
-    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (device.type == "cuda" and dist.world == 1)
+    # A `lifetime: persistent` level carries its state from one batch into the next in Python
+    # (model._persistent); a replayed graph would read the state it captured at every step
+    carries = bool(model._carried) or any(s.module.persistent for s in model._slots)
+    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (
+        device.type == "cuda" and dist.world == 1 and not carries)
+    if use_graph and carries:
+        raise TrainError("--cuda-graph: this spec has `lifetime: persistent` levels, whose memory carries "
+                         "from batch to batch outside the graph; train without --cuda-graph", file=spec_file)
     if use_graph and (device.type != "cuda" or dist.world > 1):
         raise TrainError("--cuda-graph needs one CUDA device (not under torchrun); train without it")
     runner: torch.nn.Module = model

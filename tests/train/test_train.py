@@ -439,3 +439,13 @@ def test_a_model_error_under_compile_is_not_taken_for_a_compile_failure(tmp_path
     monkeypatch.setattr(loop, "default_compile", lambda device, cfg: True)
     with pytest.raises(ValueError, match="data-dependent"):
         train("transformer_pp", _cfg(tmp_path / "run", text, steps=2))
+
+
+def test_cuda_graphs_refuse_persistent_memory(tmp_path, text):
+    """A replayed CUDA graph would read the persistent memory it captured at every step, so
+    ``--cuda-graph`` with a ``lifetime: persistent`` level is one clear error (and the default
+    leaves graphs off for such a spec)."""
+    spec = _cms_spec("in_context", 8, lifetime="persistent")
+    with pytest.raises(TrainError, match="lifetime: persistent"):
+        train(spec, _cfg(tmp_path / "run", text, overrides=[], steps=1, cuda_graph=True))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
