@@ -205,9 +205,9 @@ def _same_function(level: Any) -> str | None:
 
 def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, length: int = 4096,
                 heads: int = 16, dim: int = 128, dtype: str = "bfloat16", modes: tuple[str, ...] = ("eager", "compile"),
-                device: str | None = None, log=print) -> dict[str, Any] | None:
+                device: str | None = None, fla: bool = True, log=print) -> dict[str, Any] | None:
     """Time level ``key`` of ``spec`` (see the module doc); ``None`` without CUDA when no ``device``
-    was asked for. Inputs: q and k L2-normalised, v standard normal, learning rates / β ~ U(0, 1),
+    was asked for. ``fla=False`` leaves fla's rows out (its first call autotunes for minutes). Inputs: q and k L2-normalised, v standard normal, learning rates / β ~ U(0, 1),
     retention / decay α ~ U(0.9, 1), momentum ~ U(0, 1), each as a data-dependent gate needs it."""
     if device is None and not torch.cuda.is_available():
         return None
@@ -291,8 +291,10 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
     impls.append((sdpa, lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(
         q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), is_causal=True).transpose(1, 2), True))
     same = _same_function(level)
-    fla = None
+    use_fla, fla = fla, None
     try:  # fla is an optional anchor, never a dependency
+        if not use_fla:
+            raise LookupError("--anchor none")
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
@@ -302,7 +304,8 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                    q_, k_, v_, rates.get("retention", alpha).float().log(), rates.get("lr", beta), scale=1.0)[0],
                "chunk_simple_gla": lambda q_, k_, v_: chunk_simple_gla(q_, k_, v_, scale=1.0)[0]}
     except Exception as e:  # noqa: BLE001 - any import failure drops the fla rows
-        log(json.dumps({"note": f"fla not available ({type(e).__name__}); its rows are left out"}))
+        why = str(e) if isinstance(e, LookupError) else f"not available ({type(e).__name__})"
+        log(json.dumps({"note": f"fla {why}: its rows are left out"}))
     anchor = same if fla and same else ("chunk_delta_rule" if fla else None)
     if fla and anchor:
         impls.append((f"fla {anchor}", fla[anchor], True))
@@ -402,7 +405,7 @@ def cmd_bench(args) -> int:
         res = bench_level(args.spec, list(args.overrides), args.level, batch=args.batch or 4,
                           length=args.lengths[0] if args.lengths else 4096, heads=args.heads, dim=args.dim,
                           dtype=args.dtype, modes=tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",),
-                          device=args.device, log=log)
+                          device=args.device, fla=args.anchor != "none", log=log)
     else:
         res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8,
                     tokens=args.tokens, modes=args.modes, steps=args.steps, device=args.device,
@@ -450,5 +453,6 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda (default when present), cuda:1, or cpu for a smoke run")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--anchor", default="transformer_pp", help="the spec timed alongside ('none': no anchor)")
+    p.add_argument("--anchor", default="transformer_pp", help="the spec timed alongside ('none': no anchor; "
+                   "with --level, no fla rows)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")

@@ -115,3 +115,11 @@ def test_bench_level_refuses_a_level_fed_by_adaptive_projections():
 
     with pytest.raises(NLGraphError, match="adaptive projections"):
         bench_level("hope", [], "titans", device="cpu", batch=1, length=16, heads=2, dim=8, modes=("eager",))
+
+
+def test_bench_level_anchor_none_leaves_fla_out(capsys):
+    """``--anchor none`` with ``--level`` skips fla (its first call autotunes for minutes)."""
+    assert main(["bench", "deltanet", "--level", "mixer", "--device", "cpu", "--lengths", "32", "--batch", "1",
+                 "--heads", "2", "--dim", "8", "--steps", "1", "--anchor", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "fla --anchor none: its rows are left out" in err and '"name": "fla' not in err
