@@ -1,0 +1,143 @@
+"""The Triton linear-attention kernel on the GPU: its checks, then its speed against fla.
+
+``nlgraph.compilers.kernels.linear_attention.chunk_linear_attention`` (scalar decay optional) is
+checked against a float64 token loop on outputs, final state and every input gradient (float32 and
+bfloat16, a partial last chunk, two value blocks), which is what rules out the Hopper backward
+miscompiles of triton 3.4–3.7 that Triton's CPU interpreter cannot show. Then forward and
+forward + backward are timed at the anchor shape (B=4, T=4096, H=16, D=128, bf16) next to fla's
+``chunk_simple_gla`` in the same process (relative error against it, peak memory). Without CUDA it
+says so and exits 0.
+
+    bash benchmarks/device.sh python benchmarks/linear_attention_kernel.py --json "$OUT/la_kernel.json"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _reference(q, k, v, g, h0, scale):
+    b, t, h, dk = q.shape
+    s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    out = []
+    for i in range(t):
+        if g is not None:
+            s = s * torch.exp(g[:, i])[:, :, None, None]
+        s = s + k[:, i, :, :, None] * v[:, i, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
+    return torch.stack(out, 1), s
+
+
+def checks(dev: torch.device) -> list[dict]:
+    from nlgraph.bench import rel_err
+    from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
+
+    rows = []
+    for b, t, h, dk, dv, gated, dtype, tol in [(2, 333, 2, 64, 100, True, torch.float32, 1e-4),
+                                                (2, 300, 2, 128, 128, False, torch.float32, 1e-4),
+                                                (1, 256, 4, 128, 128, True, torch.bfloat16, 2e-2)]:
+        gen = torch.Generator().manual_seed(t)
+        q = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
+        k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
+        v = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
+        g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, generator=gen, dtype=torch.float64)) if gated else None
+        h0 = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64)
+        leaves = [x.requires_grad_() for x in (q, k, v, g, h0) if x is not None]
+        y_ref, s_ref = _reference(q, k, v, g, h0, 0.5)
+        do, ds = torch.randn_like(y_ref), torch.randn_like(s_ref)
+        ref = torch.autograd.grad((y_ref * do).sum() + (s_ref * ds).sum(), leaves)
+        ins = [x.detach().to(dev, dtype).requires_grad_() for x in (q, k, v)]
+        extra = [x.detach().to(dev, torch.float32).requires_grad_() for x in (g, h0) if x is not None]
+        y, s = chunk_linear_attention(*ins, extra[0] if gated else None, extra[-1], output_final_state=True,
+                                      scale=0.5)
+        got = torch.autograd.grad((y.float() * do.to(dev).float()).sum() + (s * ds.to(dev).float()).sum(),
+                                  ins + extra)
+        errs = {"o": rel_err(y.detach().cpu(), y_ref.detach()), "state": rel_err(s.detach().cpu(), s_ref.detach())}
+        for name, a, r in zip(["q", "k", "v"] + (["g"] if gated else []) + ["h0"], got, ref):
+            errs[f"d{name}"] = rel_err(a.cpu(), r)
+        worst = max(errs.values())
+        rows.append({"check": f"{str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} {'gated' if gated else 'plain'}",
+                     "max_rel_err": worst, "limit": tol, "ok": worst < tol, "errors": errs})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
+    from nlgraph.bench import median_ms, rel_err
+    from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
+    k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
+    v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
+    g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, device=dev, generator=gen))
+    impls = [("nlgraph chunk_linear_attention + g", lambda q_, k_, v_: chunk_linear_attention(q_, k_, v_, g, scale=1.0)[0])]
+    try:  # fla is an optional anchor
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        impls.insert(0, ("fla chunk_simple_gla + g", lambda q_, k_, v_: chunk_simple_gla(q_, k_, v_, g, scale=1.0)[0]))
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
+    rows, outs = [], {}
+    for name, fn in impls:
+        row = {"name": name}
+        try:
+            with torch.no_grad():
+                outs[name] = fn(q, k, v)
+                row["fwd_ms"] = median_ms(lambda: fn(q, k, v), dev)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            dy = torch.randn_like(outs[name])
+
+            def step():
+                for x in leaves:
+                    x.grad = None
+                fn(*leaves).backward(dy)
+
+            row["fwd_bwd_ms"] = median_ms(step, dev)
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            step()
+            torch.cuda.synchronize(dev)
+            row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
+        except Exception as e:  # noqa: BLE001 - a failing implementation is a row that says so
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        fla = next((r for r in rows if r["name"].startswith("fla")), None)
+        if fla and name in outs and fla["name"] in outs:
+            row["rel_err_vs_fla"] = rel_err(outs[name], outs[fla["name"]])
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                if key in row and key in fla:
+                    row[f"x_fla_{key}"] = round(row[key] / fla[key], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("linear_attention_kernel: no CUDA device here; nothing to check or time")
+        return 0
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev)}
+    res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim)
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), json.dumps(res, indent=1).encode())
+    return 0 if all(r["ok"] for r in res["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

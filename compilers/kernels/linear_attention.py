@@ -1,0 +1,208 @@
+"""Chunked linear attention with an optional scalar decay, as a differentiable custom op over Triton.
+
+``chunk_linear_attention(q, k, v, g, initial_state, output_final_state, scale, chunk)`` computes, token
+by token (``α_t = exp(g_t)``, or 1 without ``g``; the state ``h [Dk, Dv]``)::
+
+    h_t = α_t h_{t−1} + k_t v_tᵀ,     o_t = scale · h_tᵀ q_t
+
+(fla's ``chunk_simple_gla``; nlgraph's ``linear_attention`` kind without ``normalize`` when ``g`` is
+``None``, and the memory levels on the ``dot`` objective with a per-head decay: RetNet, Mamba2) in
+the chunkwise form of ``_linear_attention_triton``, forward and backward in Triton with fp32
+accumulation and an fp32 state. Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
+fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
+
+Not yet a registered execution form: it has been checked against the reference on CPU through
+Triton's interpreter only, and the Hopper backward miscompiles of triton 3.4–3.7 (reference/anchors.md
+§1b) can only be ruled out on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from nlgraph.errors import NLGraphError
+
+__all__ = ["chunk_linear_attention"]
+
+_OP = "chunk_linear_attention"
+
+
+def _kernels(q: torch.Tensor):
+    try:
+        from . import _linear_attention_triton as mod
+    except ImportError as e:  # pragma: no cover - exercised only without triton
+        raise NLGraphError(f"the Triton linear-attention kernels need the 'triton' package ({e})", path=_OP) from e
+    if not q.is_cuda and not mod.INTERPRETED:
+        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
+                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
+                           path=f"{_OP}.q")
+    return mod.kernels()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=max(16, 1 << (dk - 1).bit_length()),
+                BV=min(max(16, 1 << (dv - 1).bit_length()), 64),
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``b``: the cumulative sum of ``g [B, T, H]`` restarted at every chunk, float32."""
+    b, t, h = g.shape
+    pad = _cdiv(t, chunk) * chunk - t
+    gp = F.pad(g.float(), (0, 0, 0, pad))
+    return gp.view(b, -1, chunk, h).cumsum(2).view(b, -1, h)[:, :t].contiguous()
+
+
+def _chunk_revcumsum(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The reverse cumulative sum of ``x [B, T, H]`` inside every chunk (the adjoint of the above)."""
+    b, t, h = x.shape
+    pad = _cdiv(t, chunk) * chunk - t
+    xp = F.pad(x, (0, 0, 0, pad)).view(b, -1, chunk, h)
+    return xp.flip(2).cumsum(2).flip(2).view(b, -1, h)[:, :t]
+
+
+def _states(kn, p, k, v, bcum, h0, store_ht: bool):
+    b, h, nt = p["B"], p["H"], p["NT"]
+    hs = k.new_empty(b, nt, h, p["K"], p["V"], dtype=torch.float32)
+    ht = k.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if store_ht else k.new_empty(0)
+    e = k.new_empty(0)
+    kn.state_fwd[(_cdiv(p["V"], p["BV"]), b * h)](
+        k, v, bcum if bcum is not None else e, h0 if h0 is not None else e, hs, ht, p["T"], nt, H=h, K=p["K"],
+        V=p["V"], C=p["C"], BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, USE_H0=h0 is not None,
+        STORE_HT=store_ht, PREC=p["PREC"])
+    return hs, ht
+
+
+@torch.library.custom_op("nlgraph::chunk_linear_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
+            h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, b [B, T, H] fp32 or empty)``."""
+    kn = _kernels(q)
+    p = _plan(q, v, chunk)
+    bcum = _chunk_cumsum(g, chunk) if g is not None else None
+    hs, ht = _states(kn, p, k, v, bcum, h0, output_final_state)
+    o = torch.empty_like(v)
+    kn.output[(_cdiv(p["V"], p["BV"]), p["NT"], p["B"] * p["H"])](
+        q, k, v, bcum if bcum is not None else q.new_empty(0), hs, o, scale, p["T"], p["NT"], H=p["H"], K=p["K"],
+        V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, PREC=p["PREC"])
+    return o, ht, bcum if bcum is not None else q.new_empty(0)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, g, h0, scale, chunk, output_final_state):
+    b, t, h, dk = q.shape
+    ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
+    return torch.empty_like(v), ht, (q.new_empty(b, t, h, dtype=torch.float32) if g is not None else q.new_empty(0))
+
+
+@torch.library.custom_op("nlgraph::chunk_linear_attention_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[torch.Tensor],
+            h0: Optional[torch.Tensor], do: torch.Tensor, dht: Optional[torch.Tensor], scale: float, chunk: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dq, dk, dv, dg or empty, dh0 or empty)``."""
+    kn = _kernels(q)
+    p = _plan(q, v, chunk)
+    b, h, nt = p["B"], p["H"], p["NT"]
+    e = q.new_empty(0)
+    use_g = bcum is not None
+    hs, _ = _states(kn, p, k, v, bcum, h0, False)
+    do = do.contiguous()
+    dhs = torch.empty_like(hs)
+    dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else e
+    kn.state_bwd[(_cdiv(p["V"], p["BV"]), b * h)](
+        q, do, bcum if use_g else e, dht.contiguous() if dht is not None else e, dhs, dh0, scale, p["T"], nt,
+        H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, USE_DHT=dht is not None,
+        STORE_DH0=h0 is not None, PREC=p["PREC"])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    db = q.new_empty(b, p["T"], h, dtype=torch.float32) if use_g else e
+    kn.grads[(nt, b * h)](
+        q, k, v, bcum if use_g else e, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"],
+        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"])
+    dg = _chunk_revcumsum(db, chunk) if use_g else q.new_empty(0)
+    # distinct empties: a custom op's outputs may not alias each other
+    return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else q.new_empty(0))
+
+
+@_bwd_op.register_fake
+def _(q, k, v, bcum, h0, do, dht, scale, chunk):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(bcum) if bcum is not None else q.new_empty(0),
+            torch.empty_like(h0) if h0 is not None else q.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, h0, scale, chunk, _ = inputs
+    _, _, bcum = output
+    ctx.save_for_backward(q, k, v, bcum if g is not None else None, h0)
+    ctx.scale, ctx.chunk, ctx.g_dtype = scale, chunk, (g.dtype if g is not None else None)
+
+
+def _autograd_backward(ctx, do, dht, _dbcum):
+    q, k, v, bcum, h0 = ctx.saved_tensors
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    dq, dk, dv, dg, dh0 = _bwd_op(q, k, v, bcum, h0, do, dht, ctx.scale, ctx.chunk)
+    return (dq, dk, dv, dg.to(ctx.g_dtype) if ctx.g_dtype is not None else None,
+            dh0 if h0 is not None else None, None, None, None)
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None,
+                           initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                           scale: float | None = None, chunk: int = 64
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linear attention with an optional scalar decay, chunked, in Triton.
+
+    Args:
+        q, k: ``[B, T, H, Dk]`` (float32 / bfloat16 / float16); v: ``[B, T, H, Dv]``, same dtype.
+        g: ``[B, T, H]`` log decays (``α = exp(g)``, applied before each write), or ``None``.
+        initial_state: ``[B, H, Dk, Dv]`` (fp32 recommended), or ``None`` (zeros).
+        output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
+        scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
+        chunk: tokens per chunk (16, 32 or 64).
+
+    Returns:
+        ``(o [B, T, H, Dv] in v's dtype, final state or None)``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise NLGraphError("expected a float32 / bfloat16 / float16 [B, T, H, D] tensor", path=f"{_OP}.{name}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise NLGraphError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree on [B, T, H] "
+                           "(q and k also on Dk) and share one dtype", path=f"{_OP}.k")
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        raise NLGraphError(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} exceed 256; split the heads", path=f"{_OP}.q")
+    if g is not None and tuple(g.shape) != tuple(q.shape[:3]):
+        raise NLGraphError(f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor", path=f"{_OP}.g")
+    want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if initial_state is not None and tuple(initial_state.shape) != want:
+        raise NLGraphError(f"expected [B, H, Dk, Dv] = {want}, got {tuple(initial_state.shape)}",
+                           path=f"{_OP}.initial_state")
+    if chunk not in (16, 32, 64):
+        raise NLGraphError(f"chunk {chunk} must be 16, 32 or 64", path=f"{_OP}.chunk")
+    _kernels(q)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not math.isfinite(scale):
+        raise NLGraphError(f"scale {scale} is not finite", path=f"{_OP}.scale")
+    if q.shape[1] == 0:
+        final = None
+        if output_final_state:
+            final = initial_state.float() if initial_state is not None else q.new_zeros(want, dtype=torch.float32)
+        return v.new_zeros(v.shape), final
+    o, ht, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
+                       initial_state.contiguous() if initial_state is not None else None, scale, chunk,
+                       output_final_state)
+    return o, (ht if output_final_state else None)

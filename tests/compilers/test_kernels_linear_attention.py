@@ -1,0 +1,114 @@
+"""The Triton chunked linear attention (with an optional scalar decay) equals a token-by-token loop.
+
+``nlgraph.compilers.kernels.linear_attention.chunk_linear_attention`` (forward and backward in
+Triton) is checked against ``h_t = α_t h_{t−1} + k_t v_tᵀ, o_t = scale · h_tᵀ q_t`` run in float64:
+outputs, final state and the gradients of q, k, v, the log decay g and the initial state, with
+partial last chunks, several value blocks, with and without decay and initial state; streaming (the
+final state fed back) equals one call, and the op traces under ``torch.compile(fullgraph=True)``.
+Without CUDA the kernels run in Triton's interpreter.
+"""
+
+import pytest
+import torch
+
+from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import set_interpret as _set_interpret  # noqa: E402
+
+from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention  # noqa: E402
+from nlgraph.errors import NLGraphError  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_while_testing():
+    if not _INTERPRET:
+        yield
+        return
+    old = _set_interpret("1")
+    yield
+    _set_interpret(old)
+
+
+def _reference(q, k, v, g, h0, scale):
+    b, t, h, dk = q.shape
+    s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    out = []
+    for i in range(t):
+        if g is not None:
+            s = s * torch.exp(g[:, i])[:, :, None, None]
+        s = s + k[:, i, :, :, None] * v[:, i, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
+    return torch.stack(out, 1), s
+
+
+def _rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
+    k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
+    v = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
+    g = torch.log(0.8 + 0.2 * torch.rand(b, t, h, generator=gen, dtype=torch.float64)) if gated else None
+    h0 = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64) if with_h0 else None
+    return q, k, v, g, h0
+
+
+@pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", [
+    (2, 70, 2, 8, 6, True, True, 16, torch.float32, 1e-5),      # partial last chunk, all inputs
+    (1, 33, 1, 16, 40, False, False, 32, torch.float32, 1e-5),  # plain linear attention
+    (1, 100, 2, 32, 100, True, True, 64, torch.float32, 1e-5),  # two value blocks
+    (1, 50, 2, 16, 16, True, True, 16, torch.float16, 3e-3),
+])
+def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol):
+    q, k, v, g, h0 = _inputs(b, t, h, dk, dv, gated, with_h0, seed=t)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, h0) if x is not None]
+    y_ref, s_ref = _reference(q, k, v, g, h0, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    do, ds = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64), torch.randn(s_ref.shape, generator=gen,
+                                                                                       dtype=torch.float64)
+    ref_grads = torch.autograd.grad((y_ref * do).sum() + (s_ref * ds).sum(), leaves)
+    ins = [x.detach().to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    extra = [x.detach().to(DEVICE, torch.float32).requires_grad_() if x is not None else None for x in (g, h0)]
+    y, s = chunk_linear_attention(*ins, extra[0], extra[1], output_final_state=True, scale=0.5, chunk=chunk)
+    assert y.dtype == dtype and s.dtype == torch.float32
+    grads = torch.autograd.grad((y.float() * do.to(DEVICE).float()).sum() + (s * ds.to(DEVICE).float()).sum(),
+                                ins + [x for x in extra if x is not None])
+    assert _rel(y, y_ref) < tol and _rel(s, s_ref) < tol
+    names = ["q", "k", "v"] + (["g"] if gated else []) + (["h0"] if with_h0 else [])
+    for name, a, r in zip(names, grads, ref_grads):
+        assert _rel(a, r) < tol, name
+
+
+def test_chunk_linear_attention_streams_in_segments():
+    q, k, v, g, _ = _inputs(1, 90, 2, 16, 16, True, False, seed=3)
+    dev = [x.to(DEVICE, torch.float32) for x in (q, k, v, g)]
+    y, s = chunk_linear_attention(*dev, output_final_state=True, scale=1.0)
+    y1, s1 = chunk_linear_attention(*(x[:, :37] for x in dev), output_final_state=True, scale=1.0)
+    y2, s2 = chunk_linear_attention(*(x[:, 37:] for x in dev), initial_state=s1, output_final_state=True, scale=1.0)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s2, s, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_linear_attention_traces_under_compile_fullgraph():
+    q, k, v, g, _ = _inputs(1, 40, 2, 8, 8, True, False, seed=5)
+    ins = [x.to(DEVICE, torch.float32).requires_grad_() for x in (q, k, v, g)]
+
+    def f(q, k, v, g):
+        return chunk_linear_attention(q, k, v, g, scale=1.0, chunk=16)[0].square().sum()
+
+    eager = torch.autograd.grad(f(*ins), ins)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*ins), ins)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunk_linear_attention_errors_name_the_argument():
+    x = torch.randn(1, 8, 2, 4, device=DEVICE)
+    with pytest.raises(NLGraphError, match="chunk_linear_attention.g"):
+        chunk_linear_attention(x, x, x, torch.zeros(1, 8, device=DEVICE))
+    with pytest.raises(NLGraphError, match="chunk_linear_attention.chunk"):
+        chunk_linear_attention(x, x, x, chunk=48)
