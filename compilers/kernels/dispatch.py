@@ -37,8 +37,9 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode", "online_delta_rule",
-           "set_kernels", "why_no_kernel", "why_no_online_kernel"]
+__all__ = ["LINEAR_ATTENTION_ON_GPU", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
+           "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
+           "why_no_online_kernel", "why_no_online_linear_attention"]
 
 MODES = ("auto", "off", "interpret")
 ENV = "NLGRAPH_KERNELS"
@@ -239,3 +240,73 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     state["position"] = run.state["position"] + t
     state["memory.w0"] = w
     return y, state
+
+
+# --------------------------------------------------------------------------- linear attention (b = 0)
+
+#: Whether the plan gives the linear-attention kernel CUDA tensors. Off until
+#: benchmarks/linear_attention_kernel.py has passed on the GPU (Triton 3.4–3.7 miscompiles some
+#: backward kernels on Hopper, which the CPU interpreter cannot show); the interpreter runs it.
+LINEAR_ATTENTION_ON_GPU = False
+
+
+def why_no_online_linear_attention(spec: Any) -> str | None:
+    """``None`` when a memory level run online by the chunked form is linear attention with at most a
+    per-head decay (gd on the ``dot`` objective: ``W_t = α_t W_{t−1} + η_t v_t k_tᵀ``, read after the
+    write; RetNet, Mamba2, plain linear attention), which ``chunk_linear_attention`` computes; else
+    why not."""
+    if spec.memory.kind != "linear":
+        return f"a {spec.memory.kind} memory"
+    from nlgraph.levels.run import periods
+
+    if spec.frequency == "never" or periods(spec) != (1, 1):
+        return "not an exact-online level (frequency 1, gradient point token)"
+    if spec.adaptive or spec.values.self_target:
+        return "a self-modifying level"
+    if spec.optimizer.kind != "gd" or spec.objective.kind != "dot":
+        return "not gd on the dot objective"
+    if getattr(spec.optimizer, "momentum", None) is not None:
+        return "gd with momentum"
+    if spec.read != "after_write":
+        return f"read: {spec.read}"
+    ret = spec.retention
+    if ret is not None:
+        if ret.kind != "decay":
+            return f"retention {ret.kind}"
+        if ret.toward == "initial":
+            return "retention toward the initial state"
+        if getattr(ret.gate, "per", "head") == "channel":
+            return "a per-channel decay"
+    return None
+
+
+def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Run a ``LevelRun`` that :func:`why_no_online_linear_attention` accepts through
+    ``chunk_linear_attention``, or ``None`` (the caller falls back). ``W = hᵀ``, values ``η v``,
+    ``g = log α``. Returns ``(outputs [B, T, H, D_v], state)`` as the online driver does."""
+    if why_no_online_linear_attention(run.spec) is not None or run.read_before or run.has_origin:
+        return None
+    if run.optimizer.uses_momentum or run.retention not in (None, "decay"):
+        return None
+    k, v, q = run.keys.data, run.values.data, run.queries.data
+    lr, alpha = run.lr, run.alpha
+    if not isinstance(lr, torch.Tensor) or (alpha is not None and (not isinstance(alpha, torch.Tensor)
+                                                                    or alpha.dim() > 3)):
+        return None
+    if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
+        return None
+    if k.device.type == "cuda" and not LINEAR_ATTENTION_ON_GPU:
+        return None
+    from .linear_attention import chunk_linear_attention
+
+    b, t, h = run.shape
+    work = _work_dtype(q, k, v)
+    vals = (v * lr.expand(b, t, h).unsqueeze(-1)).to(work)
+    g = torch.log(alpha.float().clamp_min(_TINY)).expand(b, t, h) if alpha is not None else None
+    w = run.state["memory.w0"]
+    y, ht = chunk_linear_attention(q.to(work), k.to(work), vals, g, initial_state=w.transpose(-1, -2).float(),
+                                   output_final_state=True, scale=1.0, chunk=chunk)
+    state = dict(run.state)
+    state["position"] = run.state["position"] + t
+    state["memory.w0"] = ht.transpose(-1, -2).to(w.dtype)
+    return y.to(v.dtype), state

@@ -1,5 +1,6 @@
 """The Triton kernels as registered execution forms: ``triton`` for the closed-form ``delta_rule``
-family and for the ``memory`` family's (gated) delta-rule levels.
+family and for the ``memory`` family's (gated) delta-rule levels, and (under the interpreter until
+its GPU check, ``dispatch.LINEAR_ATTENTION_ON_GPU``) its linear-attention levels.
 
 A form is chosen once per level by the plan (:func:`nlgraph.lower.plan`) from the registry, for the
 target device and dtype; this module is how the kernels enter that choice, with nothing else in the
@@ -51,9 +52,16 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None) -> str | N
     not: the level must be a (gated) delta rule of the online driver."""
     from ..chunked import why_not_chunked
 
-    why = why_not_chunked(spec) or dispatch.why_no_online_kernel(spec)
+    why = why_not_chunked(spec)
     if why is not None:
         return why
+    why = dispatch.why_no_online_kernel(spec)
+    if why is not None:
+        if dispatch.why_no_online_linear_attention(spec) is not None:
+            return why
+        if torch.device(device).type == "cuda" and not dispatch.LINEAR_ATTENTION_ON_GPU:
+            return ("linear attention: its Triton kernel awaits its GPU check "
+                    "(benchmarks/linear_attention_kernel.py)")
     return _why_not_target(device, dtype)
 
 
@@ -81,6 +89,8 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
 
     if run.period is not None and run.online:
         done = dispatch.online_delta_rule(run, chunk_size or DEFAULT_CHUNK)
+        if done is None:
+            done = dispatch.online_linear_attention(run, chunk_size or DEFAULT_CHUNK)
         if done is not None:
             return done
     return run_chunked(run, chunk_size, loop)

@@ -272,3 +272,61 @@ def test_a_forced_form_is_kept_when_the_model_moves():
     assert forced.plan.executions() == {"mixer": "chunked"} and forced.plan.forced == (("mixer", "triton"),)
     forced.float()
     assert forced.plan.executions() == {"mixer": "triton"}
+
+
+@pytest.fixture
+def la_calls(monkeypatch):
+    """How many times the linear-attention kernel ran."""
+    from nlgraph.compilers.kernels import linear_attention as la_module
+
+    count = {"n": 0}
+    real = la_module.chunk_linear_attention
+
+    def spy(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(la_module, "chunk_linear_attention", spy)
+    return count
+
+
+@pytest.mark.parametrize("name", ["retnet", "mamba2", "linear_attention"])
+def test_linear_attention_models_equal_the_pytorch_path_and_stream(name, la_calls):
+    """RetNet (constant decay and rate), Mamba2 (data-dependent both) and plain linear attention run
+    the linear-attention kernel where the plan gives it (the interpreter; CUDA once its GPU check has
+    passed) and give the PyTorch path's logits and gradients, and stream in segments."""
+    runs = DEVICE == "cpu" or dispatch.LINEAR_ATTENTION_ON_GPU
+    model = _tiny_model(name)
+    assert model.plan.executions() == {"mixer": "triton" if runs else "chunked"}
+    tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = {}
+    for mode in (MODE, "off"):
+        dispatch.set_kernels(mode)
+        model.zero_grad()
+        logits = model(tokens)
+        logits.logsumexp(-1).mean().backward()
+        results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None})
+    assert la_calls["n"] == (1 if runs else 0)
+    (lk, gk), (lp, gp) = results[MODE], results["off"]
+    torch.testing.assert_close(lk, lp, rtol=1e-4, atol=1e-4)
+    assert gk.keys() == gp.keys() and len(gk) > 5
+    for n in gk:
+        torch.testing.assert_close(gk[n], gp[n], rtol=1e-3, atol=1e-4, msg=n)
+    dispatch.set_kernels(MODE)
+    with torch.no_grad():
+        a, state = model.stream(tokens[:, :45])
+        b, _ = model.stream(tokens[:, 45:], state)
+    torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_attention_waits_for_its_gpu_check_on_cuda():
+    """Until benchmarks/linear_attention_kernel.py has passed on the GPU, a CUDA plan keeps the
+    PyTorch form for linear-attention levels, and forcing the kernel says why in one line."""
+    if dispatch.LINEAR_ATTENTION_ON_GPU:
+        assert plan("retnet", device="cuda").executions() == {"mixer": "triton"}
+        return
+    assert plan("retnet", device="cuda").executions() == {"mixer": "chunked"}
+    with pytest.raises(PlanError, match="awaits its GPU check") as e:
+        plan("retnet", device="cuda", forms={"mixer": "triton"})
+    assert "\n" not in str(e.value)
