@@ -8,7 +8,9 @@ kernel path computes what the PyTorch path computes.
    logits and every parameter gradient with kernels against the PyTorch path (``set_kernels("off")``)
    in float32, under bf16 autocast (against the float32 PyTorch result, next to the PyTorch path's
    own bf16 error), and (``--check-compile``, default Gated DeltaNet) with per-block
-   ``torch.compile`` (float32). A spy counts the kernel's calls,
+   ``torch.compile`` (float32); ``--check-specs retnet mamba2`` checks the linear-attention kernel's
+   models the same way (once ``dispatch.LINEAR_ATTENTION_ON_GPU`` lets CUDA plans use it). A spy
+   counts the kernels' calls,
    so a silent fallback fails the check.
 2. **Speed**: training tokens/s through ``nlgraph.train`` (AdamW, bf16 autocast, the default byte
    corpus) for each spec × length × eager / ``--compile`` (per-block ``torch.compile``), median over
@@ -43,16 +45,21 @@ def check(specs: list[str], device: str, on: str, width: int, length: int, compi
 
     from nlgraph.compilers.kernels import delta_rule as kernel_module
     from nlgraph.compilers.kernels import dispatch
+    from nlgraph.compilers.kernels import linear_attention as la_module
     from nlgraph.lower import build
 
     calls = {"n": 0}
-    real = kernel_module.chunk_delta_rule
+    real, real_la = kernel_module.chunk_delta_rule, la_module.chunk_linear_attention
 
-    def spy(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
+    def counted(fn):
+        def spy(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+        return spy
 
-    kernel_module.chunk_delta_rule = spy
+    # either kernel: the delta rules' or linear attention's (RetNet, Mamba2 once it runs on CUDA)
+    kernel_module.chunk_delta_rule = counted(real)
+    la_module.chunk_linear_attention = counted(real_la)
     rows = []
     try:
         for name in specs:
@@ -101,7 +108,7 @@ def check(specs: list[str], device: str, on: str, width: int, length: int, compi
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        kernel_module.chunk_delta_rule = real
+        kernel_module.chunk_delta_rule, la_module.chunk_linear_attention = real, real_la
         dispatch.set_kernels(None)
     return rows
 

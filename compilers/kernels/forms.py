@@ -26,7 +26,7 @@ import torch
 from .. import register_form
 from . import dispatch
 
-__all__ = ["why_not_delta_rule", "why_not_memory"]
+__all__ = ["why_not_delta_rule", "why_not_linear_attention", "why_not_memory"]
 
 #: the forms' priority: above ``chunked`` (10), so the plan prefers the kernel where it applies
 PRIORITY = 20
@@ -59,9 +59,8 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None) -> str | N
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
             return why
-        if torch.device(device).type == "cuda" and not dispatch.LINEAR_ATTENTION_ON_GPU:
-            return ("linear attention: its Triton kernel awaits its GPU check "
-                    "(benchmarks/linear_attention_kernel.py)")
+        if _la_on(device):
+            return _la_on(device)
     return _why_not_target(device, dtype)
 
 
@@ -94,3 +93,39 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
         if done is not None:
             return done
     return run_chunked(run, chunk_size, loop)
+
+
+def _la_on(device: str) -> str | None:
+    if torch.device(device).type == "cuda" and not dispatch.LINEAR_ATTENTION_ON_GPU:
+        return "linear attention: its Triton kernel awaits its GPU check (benchmarks/linear_attention_kernel.py)"
+    return None
+
+
+def why_not_linear_attention(spec: Any, device: str = "cpu", dtype: Any = None) -> str | None:
+    """``None`` when the ``triton`` form runs this closed-form ``linear_attention`` on ``device`` in
+    ``dtype``, else why not (``normalize: true`` divides by a running normaliser the kernel lacks)."""
+    if spec.normalize:
+        return "normalize: true (the kernel has no normaliser)"
+    return _la_on(device) or _why_not_target(device, dtype)
+
+
+@register_form("linear_attention", "triton", priority=PRIORITY, supports=why_not_linear_attention,
+               fallback="chunked")
+def linear_attention_triton(spec: Any, *, keys, values, queries, state=None, chunk_size: int | None = None, **_):
+    """``S_t = S_{t−1} + v_t k_tᵀ``, ``y_t = S_t q_t`` through ``chunk_linear_attention`` (fp32 state).
+    Returns ``(y [B, T, H, D_v], state)``."""
+    from ..linear_attention import _setup, linear_attention_chunked
+
+    q, st = _setup(spec, keys, values, queries, state)
+    chunk = chunk_size or 64
+    if keys.shape[1] == 0 or not dispatch.closed_form_fits(keys, values, chunk):
+        return linear_attention_chunked(spec, keys=keys, values=values, queries=queries, state=state,
+                                        chunk_size=chunk_size)
+    from .linear_attention import chunk_linear_attention
+
+    work = dispatch._work_dtype(q, keys, values)
+    m = st["memory"]
+    y, ht = chunk_linear_attention(q.to(work), keys.to(work), values.to(work), None,
+                                   initial_state=m.transpose(-1, -2).float(), output_final_state=True, scale=1.0,
+                                   chunk=chunk)
+    return y.to(values.dtype), {"memory": ht.transpose(-1, -2).to(m.dtype), "position": st["position"] + keys.shape[1]}

@@ -290,7 +290,7 @@ def la_calls(monkeypatch):
     return count
 
 
-@pytest.mark.parametrize("name", ["retnet", "mamba2", "linear_attention"])
+@pytest.mark.parametrize("name", ["retnet", "mamba2", "linear_attention", "equiv/linear_attention_kind"])
 def test_linear_attention_models_equal_the_pytorch_path_and_stream(name, la_calls):
     """RetNet (constant decay and rate), Mamba2 (data-dependent both) and plain linear attention run
     the linear-attention kernel where the plan gives it (the interpreter; CUDA once its GPU check has
@@ -322,7 +322,10 @@ def test_linear_attention_models_equal_the_pytorch_path_and_stream(name, la_call
 
 def test_linear_attention_waits_for_its_gpu_check_on_cuda():
     """Until benchmarks/linear_attention_kernel.py has passed on the GPU, a CUDA plan keeps the
-    PyTorch form for linear-attention levels, and forcing the kernel says why in one line."""
+    PyTorch form for linear-attention levels, and forcing the kernel says why in one line. A
+    normalised closed form never takes the kernel (it has no running normaliser)."""
+    normalised = plan("equiv/linear_attention_kind", overrides=["levels.mixer.normalize=true"], device=DEVICE)
+    assert normalised.executions() == {"mixer": "chunked"}
     if dispatch.LINEAR_ATTENTION_ON_GPU:
         assert plan("retnet", device="cuda").executions() == {"mixer": "triton"}
         return
