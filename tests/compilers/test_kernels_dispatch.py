@@ -142,8 +142,15 @@ def test_closed_form_kind_equals_the_reference(calls):
 
 def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
     k, v, q, lr, alpha, s0 = _data(3, t=20)
+    # linear attention (b = 0) is the linear-attention kernel's (below), not the delta rule's
+    la = load_level({**LEVELS["deltanet"], "objective": {"kind": "dot"}})
+    assert dispatch.why_no_online_kernel(la) is not None and dispatch.why_no_online_linear_attention(la) is None
+    la_form = "triton" if DEVICE == "cpu" or dispatch.LINEAR_ATTENTION_ON_GPU else "chunked"
+    assert level_form(la, device=DEVICE) == la_form
+    y, _ = _run(la, la_form, k, v, q, lr, alpha, s0, False)
+    y_ref, _ = _run(la, "reference", k, v, q, lr, alpha, s0, False)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     uncovered = {
-        "linear attention (b = 0)": {**LEVELS["deltanet"], "objective": {"kind": "dot"}},
         "weight_decay order": {**LEVELS["gated_deltanet"], "retention": {"kind": "weight_decay", "gate": 0.9}},
         "momentum": {**LEVELS["deltanet"], "optimizer": {"kind": "momentum", "lr": 0.5, "momentum": 0.5}},
         "read before write": {**LEVELS["deltanet"], "read": "before_write"},
