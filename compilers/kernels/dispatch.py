@@ -178,14 +178,9 @@ def closed_form_fits(keys: torch.Tensor, values: torch.Tensor, chunk: int) -> bo
 def why_no_online_kernel(spec: Any) -> str | None:
     """``None`` when a memory level (``LevelSpec``) run online by the chunked form is a (gated) delta
     rule the kernel computes exactly, else why not (the level then keeps the PyTorch form)."""
-    if spec.memory.kind != "linear":
-        return f"a {spec.memory.kind} memory"
-    from nlgraph.levels.run import periods
-
-    if spec.frequency == "never" or periods(spec) != (1, 1):
-        return "not an exact-online level (frequency 1, gradient point token)"
-    if spec.adaptive or spec.values.self_target:
-        return "a self-modifying level"
+    why = _why_not_online_linear(spec)
+    if why is not None:
+        return why
     opt, obj = spec.optimizer.kind, spec.objective.kind
     if opt == "gd" and obj != "l2":
         return f"gd on the {obj} objective does not read the memory in its update (b = 0: linear attention)"
@@ -195,12 +190,32 @@ def why_no_online_kernel(spec: Any) -> str | None:
         return f"the {opt} optimizer (momentum has no kernel yet)"
     if opt == "dgd" and spec.optimizer.momentum is not None:
         return "dgd with momentum"
+    return _why_not_read_and_decay(spec)
+
+
+def _why_not_online_linear(spec: Any) -> str | None:
+    """What both kernels need of the level's shape: a linear memory run exactly online, not
+    self-modifying."""
+    if spec.memory.kind != "linear":
+        return f"a {spec.memory.kind} memory"
+    from nlgraph.levels.run import periods
+
+    if spec.frequency == "never" or periods(spec) != (1, 1):
+        return "not an exact-online level (frequency 1, gradient point token)"
+    if spec.adaptive or spec.values.self_target:
+        return "a self-modifying level"
+    return None
+
+
+def _why_not_read_and_decay(spec: Any) -> str | None:
+    """What both kernels need of the read and the retention: read after the write, no retention or
+    a decay (before the write) with at most one gate per head, not toward the initial state."""
     if spec.read != "after_write":
         return f"read: {spec.read}"
     ret = spec.retention
     if ret is not None:
         if ret.kind != "decay":
-            return f"retention {ret.kind} (the kernel decays before the erase: kind decay)"
+            return f"retention {ret.kind} (the kernels decay before the write: kind decay)"
         if ret.toward == "initial":
             return "retention toward the initial state"
         if getattr(ret.gate, "per", "head") == "channel":
@@ -208,22 +223,32 @@ def why_no_online_kernel(spec: Any) -> str | None:
     return None
 
 
+def _online_inputs(run: Any, chunk: int, *, broadcast_decay: bool) -> tuple | None:
+    """``(q, k, v, lr, alpha)`` of a run whose tensors a kernel takes (no momentum, no slots, an
+    ``lr`` tensor, a ``[B, T, H]`` decay or, with ``broadcast_decay``, one that broadcasts to it,
+    shapes and dtypes that fit), else ``None``."""
+    if run.read_before or run.has_origin or run.optimizer.uses_momentum or run.retention not in (None, "decay"):
+        return None
+    k, v, q = run.keys.data, run.values.data, run.queries.data
+    lr, alpha = run.lr, run.alpha
+    bad_decay = alpha is not None and (not isinstance(alpha, torch.Tensor)
+                                       or (alpha.dim() > 3 if broadcast_decay else alpha.dim() != 3))
+    if not isinstance(lr, torch.Tensor) or bad_decay:
+        return None
+    if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
+        return None
+    return q, k, v, lr, alpha
+
+
 def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """Run a ``LevelRun`` of the online driver through the kernel, or ``None`` when it does not
     qualify (:func:`why_no_online_kernel`, tensors, chunk size, dtypes), so the caller falls back.
 
     Returns ``(outputs [B, T, H, D_v], state)`` as the online driver does."""
-    if why_no_online_kernel(run.spec) is not None or run.read_before or run.has_origin:
+    inputs = _online_inputs(run, chunk, broadcast_decay=False) if why_no_online_kernel(run.spec) is None else None
+    if inputs is None:
         return None
-    if run.optimizer.uses_momentum or (run.retention not in (None, "decay")):
-        return None
-    k, v, q = run.keys.data, run.values.data, run.queries.data
-    lr, alpha = run.lr, run.alpha
-    if not isinstance(lr, torch.Tensor) or (alpha is not None and (not isinstance(alpha, torch.Tensor)
-                                                                    or alpha.dim() != 3)):
-        return None
-    if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
-        return None
+    q, k, v, lr, alpha = inputs
     b, t, h = run.shape
     lr = lr.expand(b, t, h)
     if run.optimizer.kind == "dgd":
@@ -255,48 +280,25 @@ def why_no_online_linear_attention(spec: Any) -> str | None:
     per-head decay (gd on the ``dot`` objective: ``W_t = α_t W_{t−1} + η_t v_t k_tᵀ``, read after the
     write; RetNet, Mamba2, plain linear attention), which ``chunk_linear_attention`` computes; else
     why not."""
-    if spec.memory.kind != "linear":
-        return f"a {spec.memory.kind} memory"
-    from nlgraph.levels.run import periods
-
-    if spec.frequency == "never" or periods(spec) != (1, 1):
-        return "not an exact-online level (frequency 1, gradient point token)"
-    if spec.adaptive or spec.values.self_target:
-        return "a self-modifying level"
+    why = _why_not_online_linear(spec)
+    if why is not None:
+        return why
     if spec.optimizer.kind != "gd" or spec.objective.kind != "dot":
         return "not gd on the dot objective"
     if getattr(spec.optimizer, "momentum", None) is not None:
         return "gd with momentum"
-    if spec.read != "after_write":
-        return f"read: {spec.read}"
-    ret = spec.retention
-    if ret is not None:
-        if ret.kind != "decay":
-            return f"retention {ret.kind}"
-        if ret.toward == "initial":
-            return "retention toward the initial state"
-        if getattr(ret.gate, "per", "head") == "channel":
-            return "a per-channel decay"
-    return None
+    return _why_not_read_and_decay(spec)
 
 
 def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """Run a ``LevelRun`` that :func:`why_no_online_linear_attention` accepts through
     ``chunk_linear_attention``, or ``None`` (the caller falls back). ``W = hᵀ``, values ``η v``,
     ``g = log α``. Returns ``(outputs [B, T, H, D_v], state)`` as the online driver does."""
-    if why_no_online_linear_attention(run.spec) is not None or run.read_before or run.has_origin:
+    inputs = (_online_inputs(run, chunk, broadcast_decay=True)
+              if why_no_online_linear_attention(run.spec) is None else None)
+    if inputs is None or (inputs[1].device.type == "cuda" and not LINEAR_ATTENTION_ON_GPU):
         return None
-    if run.optimizer.uses_momentum or run.retention not in (None, "decay"):
-        return None
-    k, v, q = run.keys.data, run.values.data, run.queries.data
-    lr, alpha = run.lr, run.alpha
-    if not isinstance(lr, torch.Tensor) or (alpha is not None and (not isinstance(alpha, torch.Tensor)
-                                                                    or alpha.dim() > 3)):
-        return None
-    if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
-        return None
-    if k.device.type == "cuda" and not LINEAR_ATTENTION_ON_GPU:
-        return None
+    q, k, v, lr, alpha = inputs
     from .linear_attention import chunk_linear_attention
 
     b, t, h = run.shape

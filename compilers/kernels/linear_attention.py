@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["chunk_linear_attention"]
+__all__ = ["chunk_linear_attention", "token_loop"]
 
 _OP = "chunk_linear_attention"
 
@@ -206,3 +206,18 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                        initial_state.contiguous() if initial_state is not None else None, scale, chunk,
                        output_final_state)
     return o, (ht if output_final_state else None)
+
+
+def token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, h0: torch.Tensor | None,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function token by token in PyTorch (the kernel's tests and GPU check use it in
+    float64): ``(o [B, T, H, Dv], final state [B, H, Dk, Dv])``."""
+    b, t, h, dk = q.shape
+    s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    out = []
+    for i in range(t):
+        if g is not None:
+            s = s * torch.exp(g[:, i])[:, :, None, None]
+        s = s + k[:, i, :, :, None] * v[:, i, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
+    return torch.stack(out, 1), s

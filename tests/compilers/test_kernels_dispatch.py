@@ -41,18 +41,23 @@ def _kernels_on():
         _set_interpret(old)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """How many times the kernel ran."""
+def _count_calls(monkeypatch, module, name):
+    """Replace ``module.name`` by a spy; returns its call count (``{"n": …}``)."""
     count = {"n": 0}
-    real = kernel_module.chunk_delta_rule
+    real = getattr(module, name)
 
     def spy(*args, **kwargs):
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_module, "chunk_delta_rule", spy)
+    monkeypatch.setattr(module, name, spy)
     return count
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many times the kernel ran."""
+    return _count_calls(monkeypatch, kernel_module, "chunk_delta_rule")
 
 
 def _data(seed, b=2, t=70, h=2, dk=8, dv=6):
@@ -286,15 +291,7 @@ def la_calls(monkeypatch):
     """How many times the linear-attention kernel ran."""
     from nlgraph.compilers.kernels import linear_attention as la_module
 
-    count = {"n": 0}
-    real = la_module.chunk_linear_attention
-
-    def spy(*args, **kwargs):
-        count["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(la_module, "chunk_linear_attention", spy)
-    return count
+    return _count_calls(monkeypatch, la_module, "chunk_linear_attention")
 
 
 @pytest.mark.parametrize("name", ["retnet", "mamba2", "linear_attention", "equiv/linear_attention_kind"])

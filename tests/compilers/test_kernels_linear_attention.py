@@ -15,6 +15,7 @@ from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton
 from triton_interp import set_interpret as _set_interpret  # noqa: E402
 
 from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention  # noqa: E402
+from nlgraph.compilers.kernels.linear_attention import token_loop as _reference  # noqa: E402
 from nlgraph.errors import NLGraphError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,18 +29,6 @@ def _interpreter_while_testing():
     old = _set_interpret("1")
     yield
     _set_interpret(old)
-
-
-def _reference(q, k, v, g, h0, scale):
-    b, t, h, dk = q.shape
-    s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
-    out = []
-    for i in range(t):
-        if g is not None:
-            s = s * torch.exp(g[:, i])[:, :, None, None]
-        s = s + k[:, i, :, :, None] * v[:, i, :, None, :]
-        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
-    return torch.stack(out, 1), s
 
 
 def _rel(a, b):
