@@ -65,13 +65,19 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
     k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
     v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, device=dev, generator=gen))
-    impls = [("nlgraph chunk_linear_attention + g", lambda q_, k_, v_: chunk_linear_attention(q_, k_, v_, g, scale=1.0)[0])]
     try:  # fla is an optional anchor
         from fla.ops.simple_gla import chunk_simple_gla
-
-        impls.insert(0, ("fla chunk_simple_gla + g", lambda q_, k_, v_: chunk_simple_gla(q_, k_, v_, g, scale=1.0)[0]))
     except Exception as e:  # noqa: BLE001
+        chunk_simple_gla = None
         print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
+    # with the decay, and without it (fla refuses its gated backward on triton < 3.7.1 on Hopper)
+    impls = []
+    for gi, tag in ((g, " + g"), (None, "")):
+        if chunk_simple_gla is not None:
+            impls.append(("fla chunk_simple_gla" + tag,
+                          lambda q_, k_, v_, gi=gi: chunk_simple_gla(q_, k_, v_, gi, scale=1.0)[0]))
+        impls.append(("nlgraph chunk_linear_attention" + tag,
+                      lambda q_, k_, v_, gi=gi: chunk_linear_attention(q_, k_, v_, gi, scale=1.0)[0]))
     rows, outs = [], {}
     for name, fn in impls:
         row = {"name": name}
@@ -96,7 +102,8 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
             row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
         except Exception as e:  # noqa: BLE001 - a failing implementation is a row that says so
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        fla = next((r for r in rows if r["name"].startswith("fla")), None)
+        tag = " + g" if name.endswith(" + g") else ""
+        fla = next((r for r in rows if r["name"] == "fla chunk_simple_gla" + tag), None)
         if fla and name in outs and fla["name"] in outs:
             row["rel_err_vs_fla"] = rel_err(outs[name], outs[fla["name"]])
             for key in ("fwd_ms", "fwd_bwd_ms"):

@@ -269,10 +269,11 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
 
 # --------------------------------------------------------------------------- linear attention (b = 0)
 
-#: Whether the plan gives the linear-attention kernel CUDA tensors. Off until
-#: benchmarks/linear_attention_kernel.py has passed on the GPU (Triton 3.4–3.7 miscompiles some
-#: backward kernels on Hopper, which the CPU interpreter cannot show); the interpreter runs it.
-LINEAR_ATTENTION_ON_GPU = False
+#: Whether the plan gives the linear-attention kernel CUDA tensors. On since
+#: benchmarks/linear_attention_kernel.py passed on the H200 with triton 3.6 (Triton 3.4–3.7
+#: miscompiles some backward kernels on Hopper, which the CPU interpreter cannot show); a switch, so
+#: a Triton version that breaks it can be turned off in one place.
+LINEAR_ATTENTION_ON_GPU = True
 
 
 def why_no_online_linear_attention(spec: Any) -> str | None:
@@ -283,10 +284,10 @@ def why_no_online_linear_attention(spec: Any) -> str | None:
     why = _why_not_online_linear(spec)
     if why is not None:
         return why
+    # gd has no momentum field; a getattr with a default on a pydantic model would also break
+    # Dynamo's trace on torch 2.11 (its __getattr__ reads __private_attributes__)
     if spec.optimizer.kind != "gd" or spec.objective.kind != "dot":
         return "not gd on the dot objective"
-    if getattr(spec.optimizer, "momentum", None) is not None:
-        return "gd with momentum"
     return _why_not_read_and_decay(spec)
 
 

@@ -97,7 +97,7 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
 
 def _la_on(device: str) -> str | None:
     if torch.device(device).type == "cuda" and not dispatch.LINEAR_ATTENTION_ON_GPU:
-        return "linear attention: its Triton kernel awaits its GPU check (benchmarks/linear_attention_kernel.py)"
+        return "linear attention: its Triton kernel is switched off on CUDA (dispatch.LINEAR_ATTENTION_ON_GPU)"
     return None
 
 

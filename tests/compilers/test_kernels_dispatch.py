@@ -297,8 +297,7 @@ def la_calls(monkeypatch):
 @pytest.mark.parametrize("name", ["retnet", "mamba2", "linear_attention", "equiv/linear_attention_kind"])
 def test_linear_attention_models_equal_the_pytorch_path_and_stream(name, la_calls):
     """RetNet (constant decay and rate), Mamba2 (data-dependent both) and plain linear attention run
-    the linear-attention kernel where the plan gives it (the interpreter; CUDA once its GPU check has
-    passed) and give the PyTorch path's logits and gradients, and stream in segments."""
+    the linear-attention kernel where the plan gives it (the interpreter, or CUDA) and give the PyTorch path's logits and gradients, and stream in segments."""
     runs = DEVICE == "cpu" or dispatch.LINEAR_ATTENTION_ON_GPU
     model = _tiny_model(name)
     assert model.plan.executions() == {"mixer": "triton" if runs else "chunked"}
@@ -324,16 +323,17 @@ def test_linear_attention_models_equal_the_pytorch_path_and_stream(name, la_call
     torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
 
 
-def test_linear_attention_waits_for_its_gpu_check_on_cuda():
-    """Until benchmarks/linear_attention_kernel.py has passed on the GPU, a CUDA plan keeps the
-    PyTorch form for linear-attention levels, and forcing the kernel says why in one line. A
-    normalised closed form never takes the kernel (it has no running normaliser)."""
+def test_linear_attention_on_cuda_follows_its_switch(monkeypatch):
+    """A CUDA plan gives linear-attention levels the kernel while ``LINEAR_ATTENTION_ON_GPU`` is on
+    (since benchmarks/linear_attention_kernel.py passed on the H200); switched off, it keeps the
+    PyTorch form and forcing the kernel says why in one line. A normalised closed form never takes
+    the kernel (it has no running normaliser)."""
     normalised = plan("equiv/linear_attention_kind", overrides=["levels.mixer.normalize=true"], device=DEVICE)
     assert normalised.executions() == {"mixer": "chunked"}
-    if dispatch.LINEAR_ATTENTION_ON_GPU:
-        assert plan("retnet", device="cuda").executions() == {"mixer": "triton"}
-        return
+    assert dispatch.LINEAR_ATTENTION_ON_GPU
+    assert plan("retnet", device="cuda").executions() == {"mixer": "triton"}
+    monkeypatch.setattr(dispatch, "LINEAR_ATTENTION_ON_GPU", False)
     assert plan("retnet", device="cuda").executions() == {"mixer": "chunked"}
-    with pytest.raises(PlanError, match="awaits its GPU check") as e:
+    with pytest.raises(PlanError, match="switched off on CUDA") as e:
         plan("retnet", device="cuda", forms={"mixer": "triton"})
     assert "\n" not in str(e.value)
