@@ -78,7 +78,7 @@ def main() -> int:
     rows.sort(key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
     print(f"{args.spec}: d_model {args.d_model}, {args.layers} layers, {heads} heads, B={args.batch}, "
-          f"T={args.length}, bf16 autocast, eager; warm-up {warm_s:.1f} s; profiled step wall "
+          f"T={args.length}, bf16 autocast, {'compiled' if args.compile else 'eager'}; warm-up {warm_s:.1f} s; profiled step wall "
           f"{wall * 1e3:.1f} ms, summed GPU time {total:.1f} ms in {sum(r['calls'] for r in rows)} kernels")
     print("| kernel | GPU ms | calls | share of GPU time |")
     print("|---|---|---|---|")

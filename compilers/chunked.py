@@ -548,22 +548,6 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
-def _signature(mem: Memory) -> tuple:
-    """What makes two memories the same function of their parameters (kind, widths, layers,
-    activation, norm ...): slots with one signature are solved stacked."""
-    # plain attributes only (the layers are frozen dataclasses; a name index dict repeats them)
-    return type(mem), tuple((k, v) for k, v in vars(mem).items() if not isinstance(v, dict))
-
-
-def _groups(run: LevelRun) -> list[list[str]]:
-    """The level's slots grouped by memory architecture, in slot order (HOPE's five memories are
-    one group: one stacked solve per layer instead of five)."""
-    groups: dict[tuple, list[str]] = {}
-    for slot, mem in run.memories.items():
-        groups.setdefault(_signature(mem), []).append(slot)
-    return list(groups.values())
-
-
 def _stack(params: list[Params]) -> Params:
     """Per-slot parameter dicts ``[B, H, ...]`` → one dict ``[S, B, H, ...]`` (a view for one slot)."""
     if len(params) == 1:
@@ -728,7 +712,7 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
 
     sols: dict[str, tuple[ChunkSolution, int]] = {}
     new_working: dict[str, Params] = {}
-    for group in _groups(run):
+    for group in run.groups:
         # the group's slots share one architecture: their parameters are stacked on a leading slot
         # axis [S, B, H, ...] and every layer's recurrence of all of them is solved at once
         mem = run.memories[group[0]]
@@ -883,7 +867,7 @@ def _mapped_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committe
     per_token = run.read != "chunk_start" and not run.has_pending
     new_working: dict[str, Params] = {}
     weights: Params = {}  # the level memory's per-token weights [B, H, n, ...] for the reads
-    for group in _groups(run):
+    for group in run.groups:
         mem = run.memories[group[0]]
         shapes = mem.shapes()
         at = _stack([lin[s] for s in group])

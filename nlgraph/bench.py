@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,14 @@ import torch
 from .errors import NLGraphError
 
 __all__ = ["bench", "bench_level", "MODES"]
+
+
+def _report(what: str) -> None:
+    """The whole traceback of a failed row on stderr: the table keeps its first line, a bug report
+    needs the rest (a compile error's reason comes after it)."""
+    print(f"nlgraph bench: {what} failed:", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+
 
 MODES = ("eager", "graph", "compile", "compile-graph")
 
@@ -139,6 +148,7 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
             except NLGraphError:
                 raise
             except Exception as e:  # noqa: BLE001 - one failing mode is a row that says so
+                _report(f"{row['spec']} T={length} {mode}")
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             if row["anchor"] and "tok_s" in row:
                 anchor_tok = max(anchor_tok or 0.0, row["tok_s"])
@@ -349,6 +359,7 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                 torch.cuda.synchronize(dev)
                 row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
         except Exception as e:  # noqa: BLE001 - one failing implementation is a row that says so
+            _report(name)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         ref = next((r for r in rows if r["name"] == ref_name), None)
         if not is_anchor and same and anchor == same and ref and name in outputs and ref_name in outputs:

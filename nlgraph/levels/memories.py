@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..spec.schema import LinearMemorySpec, MlpMemorySpec, ResidualMlpMemorySpec, resolve_width
 
-__all__ = ["Layer", "Memory", "build_memory"]
+__all__ = ["Layer", "Memory", "build_memory", "memory_groups"]
 
 Params = dict[str, torch.Tensor]
 
@@ -87,6 +87,10 @@ class Memory:
     d_in: int
     d_out: int
     layers: tuple[Layer, ...]
+    #: what makes two memories the same function of their parameters (kind, widths, layers,
+    #: activation, norm): an explicit tuple, since ``vars()`` of a memory does not trace under
+    #: ``torch.compile`` on torch 2.11
+    signature: tuple
 
     def forward_with(self, x: torch.Tensor, apply: Callable[[Layer, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Read on ``x [B, H, N, d_in]`` with layers applied by ``apply``: ``[B, H, N, d_out]``."""
@@ -138,6 +142,7 @@ class LinearMemory(Memory):
     def __init__(self, d_in: int, d_out: int) -> None:
         self.kind, self.d_in, self.d_out = "linear", d_in, d_out
         self.layers = (Layer("w0", None, d_in, d_out),)
+        self.signature = ("linear", d_in, d_out)
 
     def forward_with(self, x, apply):
         return apply(self.layers[0], x)
@@ -161,6 +166,7 @@ class MlpMemory(Memory):
         self.layers = tuple(layers)
         self._by_name = {layer.weight: layer for layer in layers}
         self.depth = spec.depth
+        self.signature = ("mlp", d_in, d_out, self.activation, self.layers)
 
     def forward_with(self, x, apply):
         h = x
@@ -188,6 +194,7 @@ class ResidualMlpMemory(Memory):
         self.layers = tuple(
             Layer(f"w{i}", f"b{i}" if spec.bias else None, dims[i], dims[i + 1]) for i in range(spec.depth)
         )
+        self.signature = ("residual_mlp", d, self.activation, self.norm, self.layers)
 
     def forward_with(self, x, apply):
         h = x
@@ -223,3 +230,15 @@ def build_memory(spec, d_in: int, d_out: int) -> Memory:
             )
         return ResidualMlpMemory(spec, d_in)
     raise TypeError(f"not a memory spec: {spec!r}")
+
+
+def memory_groups(memories: dict[str, Memory]) -> tuple[tuple[str, ...], ...]:
+    """The slots grouped by memory architecture, in slot order: slots whose memories are the same
+    function of their parameters (kind, widths, layers, activation, norm ...) are solved stacked
+    (HOPE's five memories are one group: one stacked solve per layer instead of five).
+
+    Computed once when a run is prepared, not in every chunk step."""
+    groups: dict[tuple, list[str]] = {}
+    for slot, mem in memories.items():
+        groups.setdefault(mem.signature, []).append(slot)
+    return tuple(tuple(g) for g in groups.values())

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..spec.schema import ChunkPointSpec, LevelSpec, LinearMemorySpec, StreamSpec
 from .gates import AdaptiveGate, resolve_rate
-from .memories import Memory, build_memory
+from .memories import Memory, build_memory, memory_groups
 from .objectives import Objective, build_objective
 from .optimizers import InnerOptimizer, build_optimizer
 
@@ -98,6 +98,7 @@ class LevelRun:
     state: dict[str, torch.Tensor]
     position: int  # tokens consumed before this call; 0 when no period or chunk depends on it
     read: str = "after_write"  # after_write, before_write or chunk_start (the gradient point)
+    groups: tuple[tuple[str, ...], ...] = ()  # slots by memory architecture (memory_groups)
 
     @property
     def has_origin(self) -> bool:
@@ -332,6 +333,7 @@ def prepare(
         spec=spec,
         shape=(b, t, h),
         memories=memories,
+        groups=memory_groups(memories),
         objective=objective,
         optimizer=optimizer,
         retention=spec.retention.kind if spec.retention is not None else None,

@@ -60,3 +60,24 @@ def test_zero_init_gives_zero_map_and_identity():
     for mem, expected in ((mlp, torch.zeros(1, 2, 5, 2)), (res, x)):
         params = {n: p.unsqueeze(0) for n, p in mem.init(2, zeros=True, generator=torch.Generator().manual_seed(0)).items()}
         assert torch.equal(mem.forward(params, x), expected)
+
+
+def test_memory_groups_stack_same_architectures_only():
+    """Slots are solved stacked exactly when their memories are the same function of their
+    parameters: same kind, widths, layers, activation and norm (``memory_groups``)."""
+    from nlgraph.levels.memories import memory_groups
+
+    mlp = {"kind": "mlp", "depth": 2, "hidden": 8, "activation": "silu"}
+    res = {"kind": "residual_mlp", "depth": 2, "hidden": 8, "activation": "silu"}
+    mems = {
+        "memory": build_memory(_spec(res), 4, 4),
+        "keys": build_memory(_spec(res), 4, 4),
+        "values": build_memory(_spec({**res, "norm": "layer"}), 4, 4),
+        "lr": build_memory(_spec(mlp), 4, 4),
+        "alpha": build_memory(_spec({**mlp, "activation": "gelu"}), 4, 4),
+        "eta": build_memory(_spec(mlp), 4, 4),
+        "extra": build_memory(_spec(mlp), 4, 3),
+    }
+    assert memory_groups(mems) == (("memory", "keys"), ("values",), ("lr", "eta"), ("alpha",), ("extra",))
+    # the signature is a plain value: equal memories built twice compare equal
+    assert build_memory(_spec(mlp), 4, 4).signature == mems["lr"].signature
