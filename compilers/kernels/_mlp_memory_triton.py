@@ -1,0 +1,311 @@
+"""Triton kernel of the mini-batch MLP memory (Titans' form), forward: see ``mlp_memory.py``.
+
+Kept apart from the wrapper so that importing the package never imports Triton; the wrapper builds
+these kernels on first use. One program per (batch, head) walks the chunks in order; the memory's
+weights and momentum (fp32) live in the state buffers, which one program owns, and each chunk reads
+them in blocks of ``BF`` hidden units, twice:
+
+* pass 1: the memory's output at the chunk's keys, ``Y = W1 σ(W0 K)`` (the gradient point), so the
+  output errors ``E1 = η (Y − V)`` are known;
+* pass 2, per hidden block: the hidden errors ``E0 = (E1 W1) ⊙ σ'(Z)``, the reads through the
+  per-token weights (``Zq = g·Q W0ᵀ + z·Q S0ᵀ − (QKᵀ ⊙ Ω) E0``, ``Aq = σ(Zq)``, the output's
+  block terms), and the block's end state, written over the old one.
+
+The output's last term, ``(Aq Aᵀ ⊙ Ω) E1``, sums over all hidden blocks, so ``Aq Aᵀ`` is
+accumulated and applied after pass 2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu(z):
+    return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _silu_grad(z):
+    s = tl.sigmoid(z)
+    return s + z * s * (1.0 - s)
+
+
+@triton.jit
+def _silu_grad2(z):
+    s = tl.sigmoid(z)
+    return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+
+
+@triton.jit
+def _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C: tl.constexpr):
+    """The chunk's transfer coefficients: per token row r, ``G[r, 0]``, ``Ω[r, 0] − G[r, 0]``, the
+    ``[C, C]`` block ``Ω[r, j]`` (r, j ≥ 1), and at the chunk's last token L: ``G[L, 0]``,
+    ``Ω[L, 0] − G[L, 0]``, ``Y[L, 0]``, ``Ω[L, j]``, ``Y[L, j]``."""
+    rc = tl.arange(0, C)
+    row = i_bh.to(tl.int64) * NT + i_t
+    g0 = tl.load(cg0 + row * C + rc)
+    z0 = tl.load(cz0 + row * C + rc)
+    omr = tl.load(com + row * C * C + rc[:, None] * C + rc[None, :])
+    gl = tl.load(cend + row * 3)
+    zl = tl.load(cend + row * 3 + 1)
+    yl = tl.load(cend + row * 3 + 2)
+    oml = tl.load(coml + row * C + rc)
+    yll = tl.load(cyll + row * C + rc)
+    return g0, z0, omr, gl, zl, yl, oml, yll
+
+
+@triton.jit
+def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s1, hw0, hw1, hs0, hs1, o,
+                    T, NT, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                    BD: tl.constexpr, BF: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc = tl.arange(0, C)  # token rows of a chunk
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    md = rd < D
+    st = i_bh.to(tl.int64) * F * D  # one matrix of the state
+    for i_t in range(NT):
+        tok = i_t * C + rc
+        mt = tok < T
+        row = ((i_b * T + tok).to(tl.int64) * H + i_h)
+        mtd = mt[:, None] & md[None, :]
+        kb = tl.load(k + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        vb = tl.load(v + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        qb = tl.load(q + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
+        g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
+        qk = tl.dot(qb, tl.trans(kb), input_precision=PREC) * omr         # (Q Kᵀ) ⊙ Ω
+        # pass 1: Y = W1 σ(W0 k) at the chunk-start weights
+        yacc = tl.zeros([C, BD], dtype=tl.float32)
+        for i_f in range(tl.cdiv(F, BF)):
+            f = i_f * BF + rf
+            mf = f < F
+            mfd = mf[:, None] & md[None, :]
+            w0b = tl.load(w0 + st + f[:, None] * D + rd[None, :], mask=mfd, other=0.)        # [BF, D]
+            w1b = tl.load(w1 + st + rd[:, None] * F + f[None, :], mask=md[:, None] & mf[None, :], other=0.)  # [D, BF]
+            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)                            # [C, BF]
+            yacc += tl.dot(_silu(zb), tl.trans(w1b), input_precision=PREC)
+        e1 = et[:, None] * (yacc - vb)                                                        # [C, D]
+        # pass 2: hidden errors, reads, end state, block by block
+        oacc = tl.zeros([C, BD], dtype=tl.float32)
+        pacc = tl.zeros([C, C], dtype=tl.float32)
+        for i_f in range(tl.cdiv(F, BF)):
+            f = i_f * BF + rf
+            mf = f < F
+            mfd = mf[:, None] & md[None, :]
+            mdf = md[:, None] & mf[None, :]
+            p0 = st + f[:, None] * D + rd[None, :]
+            p1 = st + rd[:, None] * F + f[None, :]
+            w0b = tl.load(w0 + p0, mask=mfd, other=0.)
+            s0b = tl.load(s0 + p0, mask=mfd, other=0.)
+            w1b = tl.load(w1 + p1, mask=mdf, other=0.)
+            s1b = tl.load(s1 + p1, mask=mdf, other=0.)
+            if SAVE:  # the chunk-start state, for the backward
+                hs = (i_bh.to(tl.int64) * NT + i_t) * F * D
+                tl.store(hw0 + hs + f[:, None] * D + rd[None, :], w0b, mask=mfd)
+                tl.store(hs0 + hs + f[:, None] * D + rd[None, :], s0b, mask=mfd)
+                tl.store(hw1 + hs + rd[:, None] * F + f[None, :], w1b, mask=mdf)
+                tl.store(hs1 + hs + rd[:, None] * F + f[None, :], s1b, mask=mdf)
+            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            ab = _silu(zb)
+            e0 = tl.dot(e1, w1b, input_precision=PREC) * _silu_grad(zb)                       # [C, BF]
+            zq = (g0[:, None] * tl.dot(qb, tl.trans(w0b), input_precision=PREC)
+                  + z0[:, None] * tl.dot(qb, tl.trans(s0b), input_precision=PREC)
+                  - tl.dot(qk, e0, input_precision=PREC))
+            aq = _silu(zq)
+            oacc += (g0[:, None] * tl.dot(aq, tl.trans(w1b), input_precision=PREC)
+                     + z0[:, None] * tl.dot(aq, tl.trans(s1b), input_precision=PREC))
+            pacc += tl.dot(aq, tl.trans(ab), input_precision=PREC)
+            # the block's end state (token L, the chunk's last)
+            w0n = gl * w0b + zl * s0b - tl.dot(tl.trans(e0), kb * oml[:, None], input_precision=PREC)
+            s0n = yl * s0b - tl.dot(tl.trans(e0), kb * yll[:, None], input_precision=PREC)
+            w1n = gl * w1b + zl * s1b - tl.dot(tl.trans(e1), ab * oml[:, None], input_precision=PREC)
+            s1n = yl * s1b - tl.dot(tl.trans(e1), ab * yll[:, None], input_precision=PREC)
+            tl.store(w0 + p0, w0n, mask=mfd)
+            tl.store(s0 + p0, s0n, mask=mfd)
+            tl.store(w1 + p1, w1n, mask=mdf)
+            tl.store(s1 + p1, s1n, mask=mdf)
+        ob = oacc - tl.dot(pacc * omr, e1, input_precision=PREC)
+        tl.store(o + row[:, None] * D + rd[None, :], ob.to(o.dtype.element_ty), mask=mtd)
+        # the next chunk reads the state this one wrote, from other threads of the program
+        tl.debug_barrier()
+
+
+@triton.jit
+def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0, hs1, do,
+                    dw0, dw1, ds0, ds1, scr, dq, dk, dv, deta, dg0, dz0, dom, dend, doml, dyll,
+                    T, NT, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                    BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+    """The chunks in reverse. ``dw0 .. ds1`` hold the gradient of the state after the chunk (the
+    final state's gradient at first) and are overwritten with that of the state before it; the
+    chunk-start states ``hw0 .. hs1`` were saved by the forward. Three passes over the hidden blocks:
+    the memory's output at the keys (``Yk``, so ``E1``), then every block-local gradient with
+    ``dE1`` accumulated, then the terms that need the whole ``dE1`` (through ``Yk = A W1ᵀ``); ``scr``
+    carries each block's partial ``dZ`` from the second pass to the third."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    md = rd < D
+    st = i_bh.to(tl.int64) * F * D
+    causal = rc[:, None] >= rc[None, :]
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        tok = i_t * C + rc
+        mt = tok < T
+        row = ((i_b * T + tok).to(tl.int64) * H + i_h)
+        mtd = mt[:, None] & md[None, :]
+        kb = tl.load(k + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        vb = tl.load(v + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        qb = tl.load(q + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        dob = tl.load(do + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
+        g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
+        hs = (i_bh.to(tl.int64) * NT + i_t) * F * D
+        qk_raw = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+        qk = qk_raw * omr
+        # pass 1: Yk and E1 at the chunk-start weights
+        yk = tl.zeros([C, BD], dtype=tl.float32)
+        for i_f in range(tl.cdiv(F, BF)):
+            f = i_f * BF + rf
+            mf = f < F
+            w0b = tl.load(hw0 + hs + f[:, None] * D + rd[None, :], mask=mf[:, None] & md[None, :], other=0.)
+            w1b = tl.load(hw1 + hs + rd[:, None] * F + f[None, :], mask=md[:, None] & mf[None, :], other=0.)
+            yk += tl.dot(_silu(tl.dot(kb, tl.trans(w0b), input_precision=PREC)), tl.trans(w1b), input_precision=PREC)
+        r1 = yk - vb
+        e1 = et[:, None] * r1
+        dpm = -tl.dot(dob, tl.trans(e1), input_precision=PREC) * omr            # dP ⊙ Ω, [C, C]
+        de1 = tl.zeros([C, BD], dtype=tl.float32)
+        dqb = tl.zeros([C, BD], dtype=tl.float32)
+        dkb = tl.zeros([C, BD], dtype=tl.float32)
+        dqk = tl.zeros([C, C], dtype=tl.float32)                                   # ∂/∂(QKᵀ ⊙ Ω)
+        pr = tl.zeros([C, C], dtype=tl.float32)                                    # Aq Aᵀ
+        d_g0 = tl.zeros([C], dtype=tl.float32)
+        d_z0 = tl.zeros([C], dtype=tl.float32)
+        d_oml = tl.zeros([C], dtype=tl.float32)
+        d_yll = tl.zeros([C], dtype=tl.float32)
+        d_gl = 0.
+        d_zl = 0.
+        d_yl = 0.
+        # pass 2: block-local gradients
+        for i_f in range(tl.cdiv(F, BF)):
+            f = i_f * BF + rf
+            mf = f < F
+            mfd = mf[:, None] & md[None, :]
+            mdf = md[:, None] & mf[None, :]
+            p0 = f[:, None] * D + rd[None, :]
+            p1 = rd[:, None] * F + f[None, :]
+            w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
+            s0b = tl.load(hs0 + hs + p0, mask=mfd, other=0.)
+            w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
+            s1b = tl.load(hs1 + hs + p1, mask=mdf, other=0.)
+            gw0 = tl.load(dw0 + st + p0, mask=mfd, other=0.)                        # ∂/∂W0 after the chunk
+            gs0 = tl.load(ds0 + st + p0, mask=mfd, other=0.)
+            gw1 = tl.load(dw1 + st + p1, mask=mdf, other=0.)
+            gs1 = tl.load(ds1 + st + p1, mask=mdf, other=0.)
+            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            ab = _silu(zb)
+            sg = _silu_grad(zb)
+            ub = tl.dot(e1, w1b, input_precision=PREC)                                # E1 W1, [C, BF]
+            e0 = ub * sg
+            qw0 = tl.dot(qb, tl.trans(w0b), input_precision=PREC)
+            qs0 = tl.dot(qb, tl.trans(s0b), input_precision=PREC)
+            zq = g0[:, None] * qw0 + z0[:, None] * qs0 - tl.dot(qk, e0, input_precision=PREC)
+            aq = _silu(zq)
+            pr += tl.dot(aq, tl.trans(ab), input_precision=PREC)
+            # the output's block terms: O += g0 ⊙ (Aq W1ᵀ) + z0 ⊙ (Aq S1ᵀ)
+            dow1 = tl.dot(dob, w1b, input_precision=PREC)
+            dos1 = tl.dot(dob, s1b, input_precision=PREC)
+            d_g0 += tl.sum(dow1 * aq, axis=1)
+            d_z0 += tl.sum(dos1 * aq, axis=1)
+            daq = g0[:, None] * dow1 + z0[:, None] * dos1 + tl.dot(dpm, ab, input_precision=PREC)
+            dzq = daq * _silu_grad(zq)
+            d_g0 += tl.sum(dzq * qw0, axis=1)
+            d_z0 += tl.sum(dzq * qs0, axis=1)
+            dqb += tl.dot(g0[:, None] * dzq, w0b, input_precision=PREC) + tl.dot(z0[:, None] * dzq, s0b,
+                                                                                input_precision=PREC)
+            dqk -= tl.dot(dzq, tl.trans(e0), input_precision=PREC)
+            # the end state's terms
+            e0gw = tl.dot(e0, gw0, input_precision=PREC)                            # E0 dW0', [C, D]
+            e0gs = tl.dot(e0, gs0, input_precision=PREC)
+            e1gw = tl.dot(e1, gw1, input_precision=PREC)                            # E1 dW1', [C, BF]
+            e1gs = tl.dot(e1, gs1, input_precision=PREC)
+            dkb -= oml[:, None] * e0gw + yll[:, None] * e0gs
+            d_oml -= tl.sum(kb * e0gw, axis=1) + tl.sum(ab * e1gw, axis=1)
+            d_yll -= tl.sum(kb * e0gs, axis=1) + tl.sum(ab * e1gs, axis=1)
+            d_gl += tl.sum(tl.sum(gw0 * w0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * w1b, axis=1), axis=0)
+            d_zl += tl.sum(tl.sum(gw0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * s1b, axis=1), axis=0)
+            d_yl += tl.sum(tl.sum(gs0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gs1 * s1b, axis=1), axis=0)
+            de0 = (-tl.dot(kb * oml[:, None], tl.trans(gw0), input_precision=PREC)
+                   - tl.dot(kb * yll[:, None], tl.trans(gs0), input_precision=PREC)
+                   - tl.dot(tl.trans(qk), dzq, input_precision=PREC))                # [C, BF]
+            dub = de0 * sg
+            de1 += (tl.dot(dub, tl.trans(w1b), input_precision=PREC)
+                    - tl.dot(ab * oml[:, None], tl.trans(gw1), input_precision=PREC)
+                    - tl.dot(ab * yll[:, None], tl.trans(gs1), input_precision=PREC))
+            da = tl.dot(tl.trans(dpm), aq, input_precision=PREC) - oml[:, None] * e1gw - yll[:, None] * e1gs
+            dzpart = de0 * ub * _silu_grad2(zb) + da * sg
+            tl.store(scr + i_bh.to(tl.int64) * C * F + rc[:, None] * F + f[None, :], dzpart, mask=mf[None, :])
+            # the state before the chunk, but for the terms through Yk (pass 3)
+            nw0 = gl * gw0 + tl.dot(tl.trans(g0[:, None] * dzq), qb, input_precision=PREC)
+            ns0 = zl * gw0 + yl * gs0 + tl.dot(tl.trans(z0[:, None] * dzq), qb, input_precision=PREC)
+            nw1 = (gl * gw1 + tl.dot(tl.trans(g0[:, None] * dob), aq, input_precision=PREC)
+                   + tl.dot(tl.trans(e1), dub, input_precision=PREC))
+            ns1 = zl * gw1 + yl * gs1 + tl.dot(tl.trans(z0[:, None] * dob), aq, input_precision=PREC)
+            tl.store(dw0 + st + p0, nw0, mask=mfd)
+            tl.store(ds0 + st + p0, ns0, mask=mfd)
+            tl.store(dw1 + st + p1, nw1, mask=mdf)
+            tl.store(ds1 + st + p1, ns1, mask=mdf)
+        de1 -= tl.dot(tl.trans(pr * omr), dob, input_precision=PREC)
+        d_om = tl.where(causal, -tl.dot(dob, tl.trans(e1), input_precision=PREC) * pr + dqk * qk_raw, 0.)
+        dyk = et[:, None] * de1
+        tl.store(dv + row[:, None] * D + rd[None, :], (-dyk).to(dv.dtype.element_ty), mask=mtd)
+        tl.store(deta + row, tl.sum(de1 * r1, axis=1), mask=mt)
+        tl.debug_barrier()
+        # pass 3: the terms through Yk = A W1ᵀ, with the whole dE1
+        for i_f in range(tl.cdiv(F, BF)):
+            f = i_f * BF + rf
+            mf = f < F
+            mfd = mf[:, None] & md[None, :]
+            mdf = md[:, None] & mf[None, :]
+            p0 = f[:, None] * D + rd[None, :]
+            p1 = rd[:, None] * F + f[None, :]
+            w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
+            w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
+            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            ab = _silu(zb)
+            dzb = tl.load(scr + i_bh.to(tl.int64) * C * F + rc[:, None] * F + f[None, :], mask=mf[None, :], other=0.)
+            dzb += tl.dot(dyk, w1b, input_precision=PREC) * _silu_grad(zb)
+            dkb += tl.dot(dzb, w0b, input_precision=PREC)
+            nw0 = tl.load(dw0 + st + p0, mask=mfd, other=0.) + tl.dot(tl.trans(dzb), kb, input_precision=PREC)
+            nw1 = tl.load(dw1 + st + p1, mask=mdf, other=0.) + tl.dot(tl.trans(dyk), ab, input_precision=PREC)
+            tl.store(dw0 + st + p0, nw0, mask=mfd)
+            tl.store(dw1 + st + p1, nw1, mask=mdf)
+        dqkm = dqk * omr
+        dqb += tl.dot(dqkm, kb, input_precision=PREC)
+        dkb += tl.dot(tl.trans(dqkm), qb, input_precision=PREC)
+        tl.store(dq + row[:, None] * D + rd[None, :], dqb.to(dq.dtype.element_ty), mask=mtd)
+        tl.store(dk + row[:, None] * D + rd[None, :], dkb.to(dk.dtype.element_ty), mask=mtd)
+        crow = i_bh.to(tl.int64) * NT + i_t
+        tl.store(dg0 + crow * C + rc, d_g0)
+        tl.store(dz0 + crow * C + rc, d_z0)
+        tl.store(dom + crow * C * C + rc[:, None] * C + rc[None, :], d_om)
+        tl.store(doml + crow * C + rc, d_oml)
+        tl.store(dyll + crow * C + rc, d_yll)
+        tl.store(dend + crow * 3, d_gl)
+        tl.store(dend + crow * 3 + 1, d_zl)
+        tl.store(dend + crow * 3 + 2, d_yl)
+        tl.debug_barrier()
+
+
+class _Kernels:
+    fwd = _mlp_memory_fwd
+    bwd = _mlp_memory_bwd
+
+
+def kernels() -> type[_Kernels]:
+    return _Kernels

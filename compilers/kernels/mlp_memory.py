@@ -1,0 +1,242 @@
+"""The mini-batch MLP memory of Titans in one Triton kernel: the forward (issue 11, item 1, first step).
+
+Per head, a two-layer memory ``M(x) = W1 σ(W0 x)`` (``W0 [F, D]``, ``W1 [D, F]``, ``σ`` = SiLU) on
+the ``l2`` objective ``½‖M(k) − v‖²``, with momentum and weight decay (Titans' order), its gradients
+taken at each chunk's start (the gradient point ``{chunk: C}``), and read after the write::
+
+    δ_t = ∇_W ½‖M_{W_c}(k_t) − v_t‖²            (W_c: the weights at the chunk's start)
+    S_t = μ_t S_{t−1} − η_t δ_t,   W_t = α_t W_{t−1} + S_t,   o_t = M_{W_t}(q_t)
+
+for each of ``W0`` and ``W1`` (``α``: the kept fraction of weight decay). This is what nlgraph's
+``memory`` level computes for ``specs/titans.yaml``'s memory (the mini-batch driver of
+``compilers/chunked.py``); :func:`token_loop` is the same function token by token.
+
+The kernel walks the chunks of one (batch, head) in one program, with the weights and momentum in
+fp32 and the per-token weights never formed (``_mlp_memory_triton``). The transfer products of
+the gates (``G``, ``Y``, ``Ω = G Y`` per chunk) are formed beforehand for all chunks at once by
+:func:`nlgraph.compilers.chunked.transfer`; they do not depend on the memory.
+
+The backward is a second Triton kernel that walks the chunks in reverse from the chunk-start
+states the forward kept (through the chunk-start gradients, so second order in the memory); the
+gates' transfer products are differentiated by PyTorch. A custom op with autograd
+(``nlgraph::chunk_mlp_memory_fwd`` / ``_bwd``), so ``torch.compile(fullgraph=True)`` traces it.
+
+Not a registered execution form yet, and no GPU has run it: checked on CPU through Triton's
+interpreter against :func:`token_loop` on outputs, final state and every input's gradient
+(``tests/compilers/test_kernels_mlp_memory.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nlgraph.errors import NLGraphError
+
+__all__ = ["chunk_mlp_memory", "token_loop"]
+
+_OP = "chunk_mlp_memory"
+
+
+def _kernels(q: torch.Tensor):
+    try:
+        from . import _delta_rule_triton as base
+        from . import _mlp_memory_triton as mod
+    except ImportError as e:  # pragma: no cover - exercised only without triton
+        raise NLGraphError(f"the Triton MLP-memory kernel needs the 'triton' package ({e})", path=_OP) from e
+    if not q.is_cuda and not base.INTERPRETED:
+        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
+                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
+                           path=f"{_OP}.q")
+    return mod.kernels()
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int):
+    """The transfer coefficients the kernels read, per chunk, from the gates ``[B, T, H]``
+    (differentiable; the padding's gates are 1, so products over real tokens are unchanged):
+    ``g0 = G[r, 0]``, ``z0 = Ω[r, 0] − G[r, 0]`` ``[B, H, NT, C]``; ``om = Ω[r, j]`` ``[B, H, NT, C, C]``
+    (r, j ≥ 1); at the chunk's last token L: ``end = (G[L, 0], Ω[L, 0] − G[L, 0], Y[L, 0])``
+    ``[B, H, NT, 3]``, ``oml = Ω[L, j]`` and ``yll = Y[L, j]`` ``[B, H, NT, C]``."""
+    from ..chunked import transfer
+
+    b, _, h = alpha.shape
+    nt = -(-t // chunk)
+    pad = nt * chunk - t
+    gates = [F.pad(x.float(), (0, 0, 0, pad), value=1.0).view(b, nt, chunk, h).permute(0, 3, 1, 2)
+             for x in (alpha, mu)]
+    g, y = transfer(gates[0], False), transfer(gates[1], False)      # [B, H, NT, C+1, C+1]
+    om = g @ y
+    last = torch.full((nt,), chunk, dtype=torch.long, device=alpha.device)
+    last[-1] = t - (nt - 1) * chunk
+    steps = torch.arange(nt, device=alpha.device)
+    gl, oml, yl = (m[:, :, steps, last] for m in (g, om, y))         # rows L: [B, H, NT, C+1]
+    end = torch.stack([gl[..., 0], oml[..., 0] - gl[..., 0], yl[..., 0]], dim=-1)
+    g0 = g[..., 1:, 0]
+    return (g0.contiguous(), (om[..., 1:, 0] - g0).contiguous(), om[..., 1:, 1:].contiguous(), end.contiguous(),
+            oml[..., 1:].contiguous(), yl[..., 1:].contiguous())
+
+
+def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int) -> dict:
+    b, t, h, d = q.shape
+    return dict(T=t, NT=-(-t // chunk), H=h, D=d, F=f, C=chunk, BD=_pow2(d), BF=block_f,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+_FWD = "nlgraph::chunk_mlp_memory_fwd"
+
+
+@torch.library.custom_op(_FWD, mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
+            z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
+            w0: torch.Tensor, w1: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, chunk: int, block_f: int,
+            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(o, W0, W1, S0, S1 after the sequence, and the chunk-start states [B, H, NT, ...]
+    when ``save``, else empties)``."""
+    kn = _kernels(q)
+    b, t, h, d = q.shape
+    f = w0.shape[-2]
+    p = _launch(q, f, chunk, block_f)
+    nt = p["NT"]
+    out = [x.float().contiguous().clone() for x in (w0, w1, s0, s1)]
+    # distinct empties when not saving: a custom op's outputs may not alias each other
+    hist = [q.new_empty((b, h, nt, *x.shape[2:]) if save else (0,), dtype=torch.float32) for x in out]
+    o = torch.empty_like(v)
+    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist, o, SAVE=save, **p)
+    return (o, *out, *hist)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, save):
+    b, t, h, _ = q.shape
+    nt = -(-t // chunk)
+    out = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (w0, w1, s0, s1)]
+    hist = ([q.new_empty(b, h, nt, *x.shape[2:], dtype=torch.float32) for x in out] if save
+            else [q.new_empty(0, dtype=torch.float32) for _ in range(4)])
+    return (torch.empty_like(v), *out, *hist)
+
+
+@torch.library.custom_op("nlgraph::chunk_mlp_memory_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
+            z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
+            hw0: torch.Tensor, hw1: torch.Tensor, hs0: torch.Tensor, hs1: torch.Tensor, do: torch.Tensor,
+            dw0: torch.Tensor, dw1: torch.Tensor, ds0: torch.Tensor, ds1: torch.Tensor, chunk: int, block_f: int
+            ) -> list[torch.Tensor]:
+    """Returns the gradients of ``(q, k, v, eta, g0, z0, om, end, oml, yll, W0, W1, S0, S1)``."""
+    kn = _kernels(q)
+    b, t, h, d = q.shape
+    f = hw0.shape[-2]
+    p = _launch(q, f, chunk, block_f)
+    state = [x.float().contiguous().clone() for x in (dw0, dw1, ds0, ds1)]  # overwritten chunk by chunk
+    scr = q.new_empty(b * h, chunk, f, dtype=torch.float32)
+    grads = [torch.empty_like(x) for x in (q, k, v)] + [torch.empty_like(eta)]
+    coef = [torch.empty_like(x) for x in (g0, z0, om, end, oml, yll)]
+    kn.bwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do.contiguous(), *state, scr,
+                     *grads, *coef, **p)
+    return grads + coef + state
+
+
+@_bwd_op.register_fake
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f):
+    return ([torch.empty_like(x) for x in (q, k, v, eta, g0, z0, om, end, oml, yll)]
+            + [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (dw0, dw1, ds0, ds1)])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, save = inputs
+    ctx.save_for_backward(q, k, v, eta, g0, z0, om, end, oml, yll, *output[5:])
+    ctx.chunk, ctx.block_f = chunk, block_f
+    ctx.state_dtypes = [x.dtype for x in (w0, w1, s0, s1)]
+    ctx.shapes = [x.shape for x in (w0, w1, s0, s1)]
+
+
+def _autograd_backward(ctx, do, dw0, dw1, ds0, ds1, *_hist):
+    saved = ctx.saved_tensors
+    if saved[10].numel() == 0:
+        raise NLGraphError("the forward ran without saving its chunk-start states (save=False); run it "
+                           "with gradients enabled", path=_OP)
+    dstate = [torch.zeros(s, dtype=torch.float32, device=do.device) if g is None else g
+              for g, s in zip((dw0, dw1, ds0, ds1), ctx.shapes)]
+    g = _bwd_op(*saved, do, *dstate, ctx.chunk, ctx.block_f)
+    state = [x.to(dt) for x, dt in zip(g[10:], ctx.state_dtypes)]
+    return (*g[:10], *state, None, None, None)
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+                     mu: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     chunk: int = 16, block_f: int = 32
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Titans' mini-batch MLP memory over a sequence, in Triton, differentiable in every input.
+
+    Args:
+        q, k, v: ``[B, T, H, D]`` (float32 / bfloat16 / float16).
+        eta, alpha, mu: ``[B, T, H]`` the inner learning rate θ, the kept fraction of weight decay
+            and the momentum decay.
+        state: ``(W0 [B, H, F, D], W1 [B, H, D, F], S0, S1)`` at the sequence's start (momentum
+            ``S`` shaped as its weight).
+        chunk: the gradient point's chunk (16, 32 or 64).
+        block_f: hidden units a kernel step holds (16, 32 or 64).
+
+    Returns:
+        ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``. With
+        gradients enabled the forward also keeps every chunk's start state (``4·F·D`` floats per
+        chunk and head) for the backward.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise NLGraphError("expected a float32 / bfloat16 / float16 [B, T, H, D] tensor", path=f"{_OP}.{name}")
+    if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise NLGraphError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape "
+                           "and one dtype", path=f"{_OP}.k")
+    b, t, h, d = q.shape
+    for name, x in (("eta", eta), ("alpha", alpha), ("mu", mu)):
+        if tuple(x.shape) != (b, t, h):
+            raise NLGraphError(f"expected a [B, T, H] = {(b, t, h)} tensor, got {tuple(x.shape)}", path=f"{_OP}.{name}")
+    w0, w1, s0, s1 = state
+    f = w0.shape[-2]
+    for name, x, want in (("W0", w0, (b, h, f, d)), ("W1", w1, (b, h, d, f)), ("S0", s0, (b, h, f, d)),
+                          ("S1", s1, (b, h, d, f))):
+        if tuple(x.shape) != want:
+            raise NLGraphError(f"expected {want}, got {tuple(x.shape)}", path=f"{_OP}.state.{name}")
+    if chunk not in (16, 32, 64) or block_f not in (16, 32, 64):
+        raise NLGraphError(f"chunk {chunk} and block_f {block_f} must each be 16, 32 or 64", path=f"{_OP}.chunk")
+    if d > 256:
+        raise NLGraphError(f"head dim {d} exceeds 256; split the heads", path=f"{_OP}.q")
+    _kernels(q)
+    if t == 0:
+        return v.new_zeros(v.shape), tuple(x.float() for x in state)
+    coef = _coefficients(alpha, mu, t, chunk)
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, eta, alpha, mu, *state))
+    out = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), eta.float().contiguous(), *coef,
+                  *(x.contiguous() for x in state), chunk, block_f, save)
+    return out[0], tuple(out[1:5])
+
+
+def token_loop(q, k, v, eta, alpha, mu, state, chunk: int):
+    """The same function token by token in PyTorch (the kernel's tests use it in float64):
+    ``(o [B, T, H, D], (W0, W1, S0, S1))``."""
+    w0, w1, s0, s1 = (x.clone() for x in state)
+    out = []
+    for i in range(q.shape[1]):
+        if i % chunk == 0:
+            c0, c1 = w0, w1  # the gradient point
+        kt, vt = k[:, i], v[:, i]                                   # [B, H, D]
+        z = torch.einsum("bhfd,bhd->bhf", c0, kt)
+        a = F.silu(z)
+        d1 = torch.einsum("bhdf,bhf->bhd", c1, a) - vt              # ∂ℓ/∂(W1 a)
+        sg = torch.sigmoid(z)
+        d0 = torch.einsum("bhdf,bhd->bhf", c1, d1) * (sg + z * sg * (1 - sg))
+        lr, al, m = (x[:, i, :, None, None] for x in (eta, alpha, mu))
+        s0 = m * s0 - lr * d0[..., :, None] * kt[..., None, :]
+        s1 = m * s1 - lr * d1[..., :, None] * a[..., None, :]
+        w0 = al * w0 + s0
+        w1 = al * w1 + s1
+        out.append(torch.einsum("bhdf,bhf->bhd", w1, F.silu(torch.einsum("bhfd,bhd->bhf", w0, q[:, i]))))
+    return torch.stack(out, dim=1), (w0, w1, s0, s1)

@@ -1,0 +1,174 @@
+"""Titans' mini-batch MLP memory in Triton equals a token-by-token loop and nlgraph's level.
+
+``nlgraph.compilers.kernels.mlp_memory.chunk_mlp_memory`` is checked against the float64 token loop
+(chunk-start gradients of ``½‖W1 σ(W0 k) − v‖²``, momentum, weight decay, read after the write):
+outputs, the final weights and momentum, and the gradients of every input (q, k, v, the three gates
+and the four state matrices), with partial last chunks, head and hidden widths that are not powers
+of two or not multiples of the hidden block, and in bfloat16; then against ``run_level`` on
+``specs/titans.yaml``'s memory level, which is what makes it that level's function; the op traces
+under ``torch.compile(fullgraph=True)``. Without CUDA the kernels run in Triton's interpreter.
+"""
+
+import pytest
+import torch
+
+from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import set_interpret as _set_interpret  # noqa: E402
+
+from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, token_loop  # noqa: E402
+from nlgraph.errors import NLGraphError  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_while_testing():
+    if not _INTERPRET:
+        yield
+        return
+    old = _set_interpret("1")
+    yield
+    _set_interpret(old)
+
+
+def _rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(b, t, h, d, f, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, t, h, generator=gen, dtype=torch.float64)
+
+    q = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
+    k = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
+    v = r(b, t, h, d)
+    gates = (u(0.0, 0.2), u(0.9, 1.0), u(0.0, 1.0))  # θ, kept fraction α, momentum μ
+    state = (r(b, h, f, d) / d ** 0.5, r(b, h, d, f) / f ** 0.5, 0.01 * r(b, h, f, d), 0.01 * r(b, h, d, f))
+    return (q, k, v), gates, state
+
+
+def _run(qkv, gates, state, dtype, **kw):
+    dev = [x.to(DEVICE, dtype) for x in qkv]
+    return chunk_mlp_memory(*dev, *(g.to(DEVICE, torch.float32) for g in gates),
+                            tuple(s.to(DEVICE, torch.float32) for s in state), **kw)
+
+
+@pytest.mark.parametrize("b,t,h,d,f,chunk,block_f", [
+    (1, 16, 1, 16, 32, 16, 16),     # one full chunk
+    (2, 37, 2, 8, 24, 16, 16),      # partial last chunk; F not a multiple of the block
+    (1, 70, 2, 20, 64, 32, 32),     # D not a power of two, chunk 32
+    (1, 64, 1, 16, 40, 64, 32),     # chunk 64
+])
+def test_forward_equals_the_token_loop(b, t, h, d, f, chunk, block_f):
+    qkv, gates, state = _inputs(b, t, h, d, f, seed=t + d)
+    o_ref, s_ref = token_loop(*qkv, *gates, state, chunk)
+    o, s = _run(qkv, gates, state, torch.float32, chunk=chunk, block_f=block_f)
+    assert o.dtype == torch.float32 and all(x.dtype == torch.float32 for x in s)
+    assert _rel(o, o_ref) < 1e-5
+    for got, want in zip(s, s_ref):
+        assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("b,t,h,d,f,chunk,block_f", [
+    (1, 16, 1, 16, 32, 16, 16),
+    (2, 37, 2, 8, 24, 16, 16),
+    (1, 70, 2, 20, 64, 32, 32),
+])
+def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
+    """Every input's gradient, the final state's included (the backward kernel walks the chunks in
+    reverse, second order through the chunk-start gradients; PyTorch differentiates the gates'
+    transfer products)."""
+    qkv, gates, state = _inputs(b, t, h, d, f, seed=t + d)
+    leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
+    o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), chunk)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    ds = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in s_ref]
+    want = torch.autograd.grad((o_ref * do).sum() + sum((x * y).sum() for x, y in zip(s_ref, ds)), leaves)
+    mine = [x.detach().to(DEVICE, torch.float32).requires_grad_() for x in leaves]
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk, block_f=block_f)
+    loss = (o * do.to(o)).sum() + sum((x * y.to(x)).sum() for x, y in zip(s, ds))
+    got = torch.autograd.grad(loss, mine)
+    names = ["q", "k", "v", "eta", "alpha", "mu", "W0", "W1", "S0", "S1"]
+    errors = {n: _rel(a, w) for n, a, w in zip(names, got, want)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_without_gradients_nothing_is_kept_and_the_backward_says_so():
+    qkv, gates, state = _inputs(1, 32, 1, 16, 32, seed=2)
+    with torch.no_grad():
+        o, _ = _run(qkv, gates, state, torch.float32)
+    assert o.grad_fn is None
+
+
+def test_traces_under_fullgraph_compile():
+    """The ops have fake implementations: a compiled caller traces them without a graph break."""
+    qkv, gates, state = _inputs(1, 32, 1, 16, 32, seed=4)
+    mine = [x.to(DEVICE, torch.float32).requires_grad_() for x in (*qkv, *gates)]
+    st = tuple(x.to(DEVICE, torch.float32) for x in state)
+
+    def f(q, k, v, eta, alpha, mu):
+        return chunk_mlp_memory(q, k, v, eta, alpha, mu, st)[0].square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*mine), mine)
+    want = torch.autograd.grad(f(*mine), mine)
+    for a, w in zip(got, want):
+        assert _rel(a, w) < 1e-6
+
+
+def test_bfloat16_inputs_stay_within_bf16_error():
+    qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=3)
+    o_ref, s_ref = token_loop(*qkv, *gates, state, 16)
+    o, s = _run(qkv, gates, state, torch.bfloat16)
+    assert o.dtype == torch.bfloat16
+    assert _rel(o, o_ref) < 2e-2
+    for got, want in zip(s, s_ref):
+        assert _rel(got, want) < 2e-2
+
+
+def test_streaming_equals_one_call():
+    """The state after a sequence of whole chunks continues it exactly."""
+    qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=5)
+    o, s = _run(qkv, gates, state, torch.float32)
+    first = _run([x[:, :32] for x in qkv], [g[:, :32] for g in gates], state, torch.float32)
+    second = _run([x[:, 32:] for x in qkv], [g[:, 32:] for g in gates], first[1], torch.float32)
+    assert _rel(torch.cat([first[0], second[0]], dim=1), o) < 1e-6
+    for got, want in zip(second[1], s):
+        assert _rel(got, want) < 1e-6
+
+
+def test_it_is_the_titans_memory_level():
+    """``run_level`` on specs/titans.yaml's memory level (PyTorch's mini-batch form), given the same
+    activated gates and initial state, computes what the kernel computes."""
+    from nlgraph.runtime import run_level
+    from nlgraph.spec.loader import load_spec
+
+    level = load_spec("titans", ["vars.heads=2"]).levels["memory"]
+    (q, k, v), (lr, alpha, mu), (w0, w1, s0, s1) = _inputs(1, 40, 2, 8, 16, seed=11)
+    state = {"memory.w0": w0, "memory.w1": w1, "optimizer.memory.momentum.w0": s0,
+             "optimizer.memory.momentum.w1": s1}
+    y, st = run_level(level, keys=k, values=v, queries=q, lr=lr, retention=alpha, momentum=mu, state=state,
+                      form="chunked")
+    o, s = _run((q, k, v), (lr, alpha, mu), (w0, w1, s0, s1), torch.float32)
+    assert _rel(o, y) < 1e-5
+    for got, key in zip(s, ("memory.w0", "memory.w1", "optimizer.memory.momentum.w0",
+                            "optimizer.memory.momentum.w1")):
+        assert _rel(got, st[key]) < 1e-5
+
+
+def test_bad_input_is_one_clear_error():
+    qkv, gates, state = _inputs(1, 16, 1, 16, 32, seed=0)
+    with pytest.raises(NLGraphError, match="chunk_mlp_memory.eta"):
+        _run(qkv, (gates[0][:, :8], *gates[1:]), state, torch.float32)
+    with pytest.raises(NLGraphError, match="chunk_mlp_memory.state.W1"):
+        _run(qkv, gates, (state[0], state[0], state[2], state[3]), torch.float32)
+    with pytest.raises(NLGraphError, match="must each be 16, 32 or 64"):
+        _run(qkv, gates, state, torch.float32, chunk=24)
