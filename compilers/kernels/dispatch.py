@@ -5,7 +5,10 @@ code of the ``chunked`` form as the exact fallback:
 
 * the closed-form ``delta_rule`` kind (:mod:`nlgraph.compilers.delta_rule`);
 * memory levels of the online driver (:mod:`nlgraph.compilers.chunked`) that are a (gated) delta
-  rule in disguise (:func:`why_no_online_kernel` lists them).
+  rule in disguise (:func:`why_no_online_kernel` lists them) or linear attention with at most a
+  per-head decay (:func:`why_no_online_linear_attention`);
+* mini-batch levels with Titans' two-layer MLP memory (:func:`why_no_mlp_memory_kernel`), through
+  :mod:`nlgraph.compilers.kernels.mlp_memory`.
 
 nlgraph's rule ``S_t = α_t S_{t−1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ``, ``y_t = S_t q_t`` with
 ``memory [B, H, D_v, D_k]`` is the kernel's with ``h = memoryᵀ``, ``g = log α`` and ``scale = 1``.
@@ -37,9 +40,10 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["LINEAR_ATTENTION_ON_GPU", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
+__all__ = ["LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
-           "why_no_online_kernel", "why_no_online_linear_attention"]
+           "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
+           "minibatch_mlp_memory"]
 
 MODES = ("auto", "off", "interpret")
 ENV = "NLGRAPH_KERNELS"
@@ -313,3 +317,105 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
     state["position"] = run.state["position"] + t
     state["memory.w0"] = ht.transpose(-1, -2).to(w.dtype)
     return y.to(v.dtype), state
+
+
+# --------------------------------------------------------------------------- the mini-batch MLP memory
+
+#: Whether the plan gives Titans' MLP-memory kernel CUDA tensors. Off until
+#: benchmarks/mlp_memory_kernel.py has passed on the GPU (Triton 3.4–3.7 miscompiles some backward
+#: kernels on Hopper, which the CPU interpreter cannot show); the interpreter runs it.
+MLP_MEMORY_ON_GPU = False
+
+
+def why_no_mlp_memory_kernel(spec: Any) -> str | None:
+    """``None`` when a memory level is Titans' mini-batch MLP memory, which
+    ``chunk_mlp_memory`` computes: a two-layer SiLU MLP without biases, keys and values of one
+    width, the ``l2`` objective, momentum, weight decay (or none) with at most one gate per head,
+    frequency 1 with a gradient chunk of 16, 32 or 64, read after the write; else why not."""
+    mem = spec.memory
+    if mem.kind != "mlp" or mem.depth != 2 or mem.activation != "silu" or mem.bias:
+        return "not a two-layer SiLU MLP memory without biases"
+    if spec.adaptive or spec.values.self_target:
+        return "a self-modifying level"
+    from nlgraph.levels.run import periods
+
+    if spec.frequency == "never":
+        return "frequency: never"
+    period, chunk = periods(spec)
+    if period != 1 or chunk not in CHUNKS:
+        return f"not a mini-batch level of chunk 16, 32 or 64 (period {period}, chunk {chunk})"
+    if spec.read != "after_write":
+        return f"read: {spec.read}"
+    if spec.objective.kind != "l2":
+        return f"the {spec.objective.kind} objective"
+    if spec.optimizer.kind != "momentum":
+        return f"the {spec.optimizer.kind} optimizer (the kernel is momentum's)"
+    ret = spec.retention
+    if ret is not None:
+        if ret.kind != "weight_decay":
+            return f"retention {ret.kind} (the kernel decays after the step: kind weight_decay)"
+        if ret.toward == "initial":
+            return "retention toward the initial state"
+        if getattr(ret.gate, "per", "head") == "channel":
+            return "a per-channel retention gate"
+    return None
+
+
+def _gate(x: Any, shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor | None:
+    """A rate as ``[B, T, H]`` float32, from a tensor that broadcasts to it or a constant; ``None``
+    for anything else (an adaptive gate)."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() > 3:
+            return None
+        return x.float().expand(shape)
+    if isinstance(x, (int, float)):
+        return like.new_full(shape, float(x), dtype=torch.float32)
+    return None
+
+
+def minibatch_mlp_memory(run: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Run a ``LevelRun`` of the mini-batch driver through ``chunk_mlp_memory``, or ``None`` when it
+    does not qualify (:func:`why_no_mlp_memory_kernel`, a run that starts inside a chunk, gates or
+    tensors the kernel does not take), so the caller falls back. Returns ``(outputs [B, T, H, D],
+    state)`` with the mini-batch driver's state entries: a sequence that ends inside a chunk keeps
+    that chunk's start as its anchor."""
+    if why_no_mlp_memory_kernel(run.spec) is not None or run.position % run.chunk != 0:
+        return None
+    if run.read_before or run.has_origin or run.has_pending or list(run.memories) != ["memory"]:
+        return None
+    q, k, v = run.queries.data, run.keys.data, run.values.data
+    if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or k.shape != v.shape:
+        return None
+    if q.device.type == "cuda" and not MLP_MEMORY_ON_GPU:
+        return None
+    b, t, h = run.shape
+    like = k
+    eta, mu = _gate(run.lr, (b, t, h), like), _gate(run.mu, (b, t, h), like)
+    alpha = _gate(run.alpha if run.alpha is not None else 1.0, (b, t, h), like)
+    if eta is None or mu is None or alpha is None or not _fits(k, v, run.chunk) or t == 0:
+        return None
+    from .mlp_memory import chunk_mlp_memory
+
+    names = ("memory.w0", "memory.w1", "optimizer.memory.momentum.w0", "optimizer.memory.momentum.w1")
+    state0 = tuple(run.state[n] for n in names)
+    work = _work_dtype(q, k, v)
+    qkv = [x.to(work) for x in (q, k, v)]
+    full = (t // run.chunk) * run.chunk
+    if full in (0, t):
+        y, end = chunk_mlp_memory(*qkv, eta, alpha, mu, state0, chunk=run.chunk)
+        anchor = end[:2]
+    else:  # the last chunk is partial: its start is the anchor a continuation reads its gradients at
+        y1, mid = chunk_mlp_memory(*(x[:, :full] for x in qkv), eta[:, :full], alpha[:, :full], mu[:, :full],
+                                   state0, chunk=run.chunk)
+        y2, end = chunk_mlp_memory(*(x[:, full:] for x in qkv), eta[:, full:], alpha[:, full:], mu[:, full:],
+                                   mid, chunk=run.chunk)
+        y, anchor = torch.cat([y1, y2], dim=1), mid[:2]
+    state = dict(run.state)
+    state["position"] = run.state["position"] + t
+    for n, x in zip(names, end):
+        state[n] = x.to(run.state[n].dtype)
+    if run.has_anchor:
+        for n, x in zip(names[:2], anchor):
+            state[f"anchor.{n}"] = x.to(run.state[n].dtype)
+    return y.to(v.dtype), state
+

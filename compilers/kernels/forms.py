@@ -1,6 +1,6 @@
 """The Triton kernels as registered execution forms: ``triton`` for the closed-form ``delta_rule``
-family and for the ``memory`` family's (gated) delta-rule levels, and (under the interpreter until
-its GPU check, ``dispatch.LINEAR_ATTENTION_ON_GPU``) its linear-attention levels.
+family and for the ``memory`` family's (gated) delta-rule and linear-attention levels, and (under
+the interpreter until its GPU check, ``dispatch.MLP_MEMORY_ON_GPU``) Titans' mini-batch MLP memory.
 
 A form is chosen once per level by the plan (:func:`nlgraph.lower.plan`) from the registry, for the
 target device and dtype; this module is how the kernels enter that choice, with nothing else in the
@@ -8,7 +8,7 @@ pipeline knowing about them. ``triton`` has a higher priority than ``chunked``, 
 wherever :func:`why_not_delta_rule` / :func:`why_not_memory` say it applies: CUDA (or CPU under
 ``NLGRAPH_KERNELS=interpret``), float32 / bfloat16 / float16 parameters, kernels not switched off, and
 for memory levels the (gated) delta rules :func:`~nlgraph.compilers.kernels.dispatch.why_no_online_kernel`
-lists. ``build(spec, forms={"memory": "chunked"})`` forces the PyTorch form for one level instead.
+lists, linear attention and Titans' MLP memory (``dispatch.why_no_mlp_memory_kernel``). ``build(spec, forms={"memory": "chunked"})`` forces the PyTorch form for one level instead.
 
 Both forms compute the maths of the ``chunked`` form exactly, which is their registered fallback: a
 model planned for CUDA that is given CPU or float64 tensors, or whose kernels were switched off after
@@ -55,6 +55,8 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None) -> str | N
     why = why_not_chunked(spec)
     if why is not None:
         return why
+    if dispatch.why_no_mlp_memory_kernel(spec) is None:
+        return _mlp_on(device) or _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
@@ -82,17 +84,29 @@ def delta_rule_triton(spec: Any, *, keys, values, queries, beta=None, decay=None
 
 @register_form("memory", "triton", priority=PRIORITY, supports=why_not_memory, fallback="chunked")
 def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = None):
-    """A (gated) delta-rule memory level through the kernel (``dispatch.online_delta_rule``).
-    Returns ``(outputs [B, T, H, D_v], state)``."""
+    """A memory level through its kernel: Titans' MLP memory (``dispatch.minibatch_mlp_memory``), a
+    (gated) delta rule (``dispatch.online_delta_rule``) or linear attention
+    (``dispatch.online_linear_attention``); what a kernel does not take (a run starting inside a
+    chunk, an adaptive gate ...) runs the ``chunked`` form. Returns ``(outputs [B, T, H, D_v], state)``."""
     from ..chunked import DEFAULT_CHUNK, run_chunked
 
-    if run.period is not None and run.online:
+    if dispatch.why_no_mlp_memory_kernel(run.spec) is None:
+        done = dispatch.minibatch_mlp_memory(run)
+        if done is not None:
+            return done
+    elif run.period is not None and run.online:
         done = dispatch.online_delta_rule(run, chunk_size or DEFAULT_CHUNK)
         if done is None:
             done = dispatch.online_linear_attention(run, chunk_size or DEFAULT_CHUNK)
         if done is not None:
             return done
     return run_chunked(run, chunk_size, loop)
+
+
+def _mlp_on(device: str) -> str | None:
+    if torch.device(device).type == "cuda" and not dispatch.MLP_MEMORY_ON_GPU:
+        return "Titans' MLP memory: its Triton kernel awaits its GPU check (benchmarks/mlp_memory_kernel.py)"
+    return None
 
 
 def _la_on(device: str) -> str | None:

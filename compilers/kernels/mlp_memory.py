@@ -106,7 +106,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
     # distinct empties when not saving: a custom op's outputs may not alias each other
     hist = [q.new_empty((b, h, nt, *x.shape[2:]) if save else (0,), dtype=torch.float32) for x in out]
     o = torch.empty_like(v)
-    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist, o, SAVE=save, **p)
+    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist, o, SAVE=save, num_stages=1, **p)
     return (o, *out, *hist)
 
 
@@ -136,7 +136,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
     grads = [torch.empty_like(x) for x in (q, k, v)] + [torch.empty_like(eta)]
     coef = [torch.empty_like(x) for x in (g0, z0, om, end, oml, yll)]
     kn.bwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do.contiguous(), *state, scr,
-                     *grads, *coef, **p)
+                     *grads, *coef, num_stages=1, **p)
     return grads + coef + state
 
 
@@ -171,7 +171,7 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
                      mu: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                     chunk: int = 16, block_f: int = 32
+                     chunk: int = 16, block_f: int | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Titans' mini-batch MLP memory over a sequence, in Triton, differentiable in every input.
 
@@ -182,7 +182,9 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         state: ``(W0 [B, H, F, D], W1 [B, H, D, F], S0, S1)`` at the sequence's start (momentum
             ``S`` shaped as its weight).
         chunk: the gradient point's chunk (16, 32 or 64).
-        block_f: hidden units a kernel step holds (16, 32 or 64).
+        block_f: hidden units a kernel step holds (16, 32 or 64); by default 32, or 16 where the
+            chunk's ``[C, D]`` tiles are large (``C·D > 2048``): on the H200 the float32 kernels at
+            D = 128, chunk 64 and 32 hidden units asked for 248 KiB of shared memory (227 KiB there).
 
     Returns:
         ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``. With
@@ -205,6 +207,8 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
                           ("S1", s1, (b, h, d, f))):
         if tuple(x.shape) != want:
             raise NLGraphError(f"expected {want}, got {tuple(x.shape)}", path=f"{_OP}.state.{name}")
+    if block_f is None:
+        block_f = 16 if chunk * _pow2(d) > 2048 else 32
     if chunk not in (16, 32, 64) or block_f not in (16, 32, 64):
         raise NLGraphError(f"chunk {chunk} and block_f {block_f} must each be 16, 32 or 64", path=f"{_OP}.chunk")
     if d > 256:

@@ -337,3 +337,61 @@ def test_linear_attention_on_cuda_follows_its_switch(monkeypatch):
     with pytest.raises(PlanError, match="switched off on CUDA") as e:
         plan("retnet", device="cuda", forms={"mixer": "triton"})
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def mlp_calls(monkeypatch):
+    """How many times Titans' MLP-memory kernel ran."""
+    from nlgraph.compilers.kernels import mlp_memory as mlp_module
+
+    return _count_calls(monkeypatch, mlp_module, "chunk_mlp_memory")
+
+
+@pytest.mark.parametrize("name", ["titans", "titans_mal", "titans_mac", "titans_mag"])
+def test_titans_models_equal_the_pytorch_path_and_stream(name, mlp_calls):
+    """Titans' four variants run the MLP-memory kernel where the plan gives it (the interpreter;
+    CUDA once its GPU check has passed) and give the PyTorch path's logits and gradients. A sequence
+    that ends inside a chunk keeps that chunk's start as its anchor, so streaming in segments (the
+    second starts inside a chunk and runs the PyTorch form) equals one pass."""
+    runs = DEVICE == "cpu" or dispatch.MLP_MEMORY_ON_GPU
+    model = _tiny_model(name)
+    assert model.plan.executions()["memory"] == ("triton" if runs else "chunked")
+    tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = {}
+    for mode in (MODE, "off"):
+        dispatch.set_kernels(mode)
+        model.zero_grad()
+        logits = model(tokens)
+        logits.logsumexp(-1).mean().backward()
+        results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None})
+    assert (mlp_calls["n"] > 0) == runs
+    (lk, gk), (lp, gp) = results[MODE], results["off"]
+    torch.testing.assert_close(lk, lp, rtol=1e-4, atol=1e-4)
+    assert gk.keys() == gp.keys() and len(gk) > 5
+    for n in gk:
+        torch.testing.assert_close(gk[n], gp[n], rtol=1e-3, atol=1e-4, msg=n)
+    dispatch.set_kernels(MODE)
+    with torch.no_grad():
+        a, state = model.stream(tokens[:, :45])
+        b, _ = model.stream(tokens[:, 45:], state)
+    torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_memory_waits_for_its_gpu_check_on_cuda():
+    """Until benchmarks/mlp_memory_kernel.py has passed on the GPU, a CUDA plan keeps the PyTorch
+    form for Titans' memory, and forcing the kernel says why in one line; levels the kernel does
+    not compute (HOPE's self-modifying memory, TTT's) never take it."""
+    from nlgraph.compilers.kernels.dispatch import why_no_mlp_memory_kernel
+    from nlgraph.spec.loader import load_spec
+
+    assert why_no_mlp_memory_kernel(load_spec("titans").levels["memory"]) is None
+    assert why_no_mlp_memory_kernel(load_spec("hope").levels["titans"]) is not None
+    assert why_no_mlp_memory_kernel(load_spec("ttt_mlp").levels["ttt"]) is not None
+    if dispatch.MLP_MEMORY_ON_GPU:
+        assert plan("titans", device="cuda").executions() == {"memory": "triton"}
+        return
+    assert plan("titans", device="cuda").executions() == {"memory": "chunked"}
+    with pytest.raises(PlanError, match="awaits its GPU check") as e:
+        plan("titans", device="cuda", forms={"memory": "triton"})
+    assert "\n" not in str(e.value)

@@ -100,7 +100,7 @@ def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
     assert max(errors.values()) < 1e-5, errors
 
 
-def test_without_gradients_nothing_is_kept_and_the_backward_says_so():
+def test_without_gradients_no_graph_is_built():
     qkv, gates, state = _inputs(1, 32, 1, 16, 32, seed=2)
     with torch.no_grad():
         o, _ = _run(qkv, gates, state, torch.float32)

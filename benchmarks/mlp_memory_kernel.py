@@ -1,0 +1,161 @@
+"""Titans' MLP-memory kernel on the GPU: its checks, then its speed against nlgraph's PyTorch form.
+
+``nlgraph.compilers.kernels.mlp_memory.chunk_mlp_memory`` is checked against the float64 token loop
+on outputs, final state and every input's gradient (float32 and bfloat16, partial last chunks),
+which is what rules out the Hopper backward miscompiles of triton 3.4–3.7 that Triton's CPU
+interpreter cannot show. Then forward and forward + backward are timed at issue 11's anchor shape
+(B=4, T=4096, H=16, D=128, MLP 128→512→128, chunk 64, bf16) and at the d_model-512 Titans model's
+level shape (B=8, T=2048, H=8, D=64, hidden 128, chunk 16), next to the ``chunked`` form of
+``specs/titans.yaml``'s memory level in the same process (``--no-pytorch`` skips it). Without
+CUDA it says so and exits 0.
+
+    bash benchmarks/device.sh python benchmarks/mlp_memory_kernel.py --json "$OUT/mlp_memory.json"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(b, t, h, d, f, dev, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, t, h, generator=gen, dtype=torch.float64)
+
+    q = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
+    k = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
+    v = r(b, t, h, d)
+    gates = (u(0.0, 0.2), u(0.9, 1.0), u(0.0, 1.0))
+    state = (r(b, h, f, d) / d ** 0.5, r(b, h, d, f) / f ** 0.5, 0.01 * r(b, h, f, d), 0.01 * r(b, h, d, f))
+    return [x.to(dev) for x in (q, k, v)], [g.to(dev) for g in gates], [s.to(dev) for s in state]
+
+
+def checks(dev) -> list[dict]:
+    from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, token_loop
+
+    rows = []
+    for b, t, h, d, f, chunk, dtype, tol in [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4),
+                                              (1, 200, 2, 128, 192, 64, torch.float32, 1e-4),
+                                              (1, 96, 2, 64, 128, 32, torch.bfloat16, 3e-2)]:
+        label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk}"
+        try:
+            rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label))
+        except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed row that says why
+            rows.append({"check": label, "ok": False,
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label) -> dict:
+    """One check against the float64 token loop: outputs, final state and every input's gradient."""
+    qkv, gates, state = _inputs(b, t, h, d, f, dev, seed=t)
+    leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
+    o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), chunk)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(dev)
+    ds = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dev) for x in s_ref]
+    want = torch.autograd.grad((o_ref * do).sum() + sum((x * y).sum() for x, y in zip(s_ref, ds)), leaves)
+    mine = [x.detach().to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves)]
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk)
+    got = torch.autograd.grad((o.float() * do.float()).sum() + sum((x * y.float()).sum() for x, y in zip(s, ds)),
+                              mine)
+    errs = {"o": _rel(o, o_ref)}
+    errs.update({f"state{i}": _rel(a, w) for i, (a, w) in enumerate(zip(s, s_ref))})
+    names = ["q", "k", "v", "eta", "alpha", "mu", "W0", "W1", "S0", "S1"]
+    errs.update({f"d{n}": _rel(a, w) for n, a, w in zip(names, got, want)})
+    worst = max(errs.values())
+    return {"check": label, "max_rel_err": worst, "limit": tol, "ok": worst < tol, "errors": errs}
+
+
+def timings(dev, pytorch: bool) -> list[dict]:
+    from nlgraph.bench import median_ms
+    from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory
+
+    rows = []
+    for label, (b, t, h, d, f, chunk) in [("anchor", (4, 4096, 16, 128, 512, 64)),
+                                          ("titans d512 level", (8, 2048, 8, 64, 128, 16))]:
+        qkv, gates, state = _inputs(b, t, h, d, f, dev)
+        qkv = [x.bfloat16() for x in qkv]
+        gates = [g.float() for g in gates]
+        state = [s.float() for s in state]
+        impls = [("nlgraph chunk_mlp_memory (triton)",
+                  lambda q, k, v, g=gates, s=state: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk)[0])]
+        if pytorch:
+            from nlgraph.runtime import run_level
+            from nlgraph.spec.loader import load_spec
+
+            level = load_spec("titans", [f"vars.heads={h}", f"levels.memory.gradient_point.chunk={chunk}",
+                                         f"levels.memory.memory.hidden={f}"]).levels["memory"]
+            names = ("memory.w0", "memory.w1", "optimizer.memory.momentum.w0", "optimizer.memory.momentum.w1")
+            st = dict(zip(names, state))
+
+            def chunked(q, k, v, g=gates, st=st, level=level):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return run_level(level, keys=k, values=v, queries=q, lr=g[0], retention=g[1], momentum=g[2],
+                                     state=st, form="chunked")[0]
+
+            impls.append(("nlgraph chunked form (pytorch, eager, autocast)", chunked))
+        for name, fn in impls:
+            row = {"shape": label, "B": b, "T": t, "H": h, "D": d, "F": f, "chunk": chunk, "name": name}
+            try:
+                with torch.no_grad():
+                    row["fwd_ms"] = median_ms(lambda: fn(*qkv), dev)
+                leaves = [x.clone().requires_grad_() for x in qkv]
+                dy = torch.randn_like(qkv[2])
+
+                def step():
+                    for x in leaves:
+                        x.grad = None
+                    fn(*leaves).backward(dy)
+
+                row["fwd_bwd_ms"] = median_ms(step, dev)
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+                step()
+                torch.cuda.synchronize(dev)
+                row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
+            except Exception as e:  # noqa: BLE001 - a failing implementation is a row that says so
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch form's timing (slow)")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("mlp_memory_kernel: no CUDA device here; nothing to check or time")
+        return 0
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev)}
+    if not args.no_timing:
+        res["timings"] = timings(dev, not args.no_pytorch)
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), json.dumps(res, indent=1).encode())
+    return 0 if all(r["ok"] for r in res["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
