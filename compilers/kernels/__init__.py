@@ -8,5 +8,6 @@ kernels under Triton's interpreter (slow; for tests at small shapes).
 
 from .delta_rule import chunk_delta_rule
 from .linear_attention import chunk_linear_attention
+from .mlp_memory import chunk_mlp_memory
 
-__all__ = ["chunk_delta_rule", "chunk_linear_attention"]
+__all__ = ["chunk_delta_rule", "chunk_linear_attention", "chunk_mlp_memory"]
