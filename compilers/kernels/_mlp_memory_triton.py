@@ -58,7 +58,7 @@ def _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C: tl.constexp
 
 @triton.jit
 def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s1, hw0, hw1, hs0, hs1, o,
-                    T, NT, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                    T, NT, C0, C1, R, NH, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
                     BD: tl.constexpr, BF: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -67,7 +67,7 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
     rf = tl.arange(0, BF)
     md = rd < D
     st = i_bh.to(tl.int64) * F * D  # one matrix of the state
-    for i_t in range(NT):
+    for i_t in range(C0, C1):
         tok = i_t * C + rc
         mt = tok < T
         row = ((i_b * T + tok).to(tl.int64) * H + i_h)
@@ -103,12 +103,13 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
             s0b = tl.load(s0 + p0, mask=mfd, other=0.)
             w1b = tl.load(w1 + p1, mask=mdf, other=0.)
             s1b = tl.load(s1 + p1, mask=mdf, other=0.)
-            if SAVE:  # the chunk-start state, for the backward
-                hs = (i_bh.to(tl.int64) * NT + i_t) * F * D
-                tl.store(hw0 + hs + f[:, None] * D + rd[None, :], w0b, mask=mfd)
-                tl.store(hs0 + hs + f[:, None] * D + rd[None, :], s0b, mask=mfd)
-                tl.store(hw1 + hs + rd[:, None] * F + f[None, :], w1b, mask=mdf)
-                tl.store(hs1 + hs + rd[:, None] * F + f[None, :], s1b, mask=mdf)
+            if SAVE:  # every R-th chunk-start state, for the backward (slot (i_t − C0) / R of NH)
+                if (i_t - C0) % R == 0:
+                    hs = (i_bh.to(tl.int64) * NH + (i_t - C0) // R) * F * D
+                    tl.store(hw0 + hs + f[:, None] * D + rd[None, :], w0b, mask=mfd)
+                    tl.store(hs0 + hs + f[:, None] * D + rd[None, :], s0b, mask=mfd)
+                    tl.store(hw1 + hs + rd[:, None] * F + f[None, :], w1b, mask=mdf)
+                    tl.store(hs1 + hs + rd[:, None] * F + f[None, :], s1b, mask=mdf)
             zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
             ab = _silu(zb)
             e0 = tl.dot(e1, w1b, input_precision=PREC) * _silu_grad(zb)                       # [C, BF]
@@ -137,11 +138,12 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
 @triton.jit
 def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0, hs1, do,
                     dw0, dw1, ds0, ds1, scr, dq, dk, dv, deta, dg0, dz0, dom, dend, doml, dyll,
-                    T, NT, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                    T, NT, C0, C1, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
                     BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
-    """The chunks in reverse. ``dw0 .. ds1`` hold the gradient of the state after the chunk (the
-    final state's gradient at first) and are overwritten with that of the state before it; the
-    chunk-start states ``hw0 .. hs1`` were saved by the forward. Three passes over the hidden blocks:
+    """Chunks ``C1 − 1`` down to ``C0`` in reverse, their start states in slots ``i_t − C0`` of
+    ``hw0 .. hs1`` (saved by the forward, or recomputed from a checkpoint). ``dw0 .. ds1`` hold the
+    gradient of the state after the chunk (the final state's gradient at first) and are overwritten
+    with that of the state before it. Three passes over the hidden blocks:
     the memory's output at the keys (``Yk``, so ``E1``), then every block-local gradient with
     ``dE1`` accumulated, then the terms that need the whole ``dE1`` (through ``Yk = A W1ᵀ``); ``scr``
     carries each block's partial ``dZ`` from the second pass to the third."""
@@ -153,8 +155,8 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
     md = rd < D
     st = i_bh.to(tl.int64) * F * D
     causal = rc[:, None] >= rc[None, :]
-    for i_r in range(NT):
-        i_t = NT - 1 - i_r
+    for i_r in range(C1 - C0):
+        i_t = C1 - 1 - i_r
         tok = i_t * C + rc
         mt = tok < T
         row = ((i_b * T + tok).to(tl.int64) * H + i_h)
@@ -165,7 +167,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
         dob = tl.load(do + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
         et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
         g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
-        hs = (i_bh.to(tl.int64) * NT + i_t) * F * D
+        hs = (i_bh.to(tl.int64) * (C1 - C0) + (i_t - C0)) * F * D
         qk_raw = tl.dot(qb, tl.trans(kb), input_precision=PREC)
         qk = qk_raw * omr
         # pass 1: Yk and E1 at the chunk-start weights

@@ -93,30 +93,32 @@ _FWD = "nlgraph::chunk_mlp_memory_fwd"
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
             z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
             w0: torch.Tensor, w1: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, chunk: int, block_f: int,
-            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(o, W0, W1, S0, S1 after the sequence, and the chunk-start states [B, H, NT, ...]
-    when ``save``, else empties)``."""
+            stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(o, W0, W1, S0, S1 after the sequence, and every ``stride``-th chunk-start state
+    [B, H, ⌈NT / stride⌉, ...])``; ``stride`` 0 keeps none (empties)."""
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = w0.shape[-2]
     p = _launch(q, f, chunk, block_f)
     nt = p["NT"]
+    nh = -(-nt // stride) if stride else 0
     out = [x.float().contiguous().clone() for x in (w0, w1, s0, s1)]
     # distinct empties when not saving: a custom op's outputs may not alias each other
-    hist = [q.new_empty((b, h, nt, *x.shape[2:]) if save else (0,), dtype=torch.float32) for x in out]
+    hist = [q.new_empty((b, h, nh, *x.shape[2:]) if stride else (0,), dtype=torch.float32) for x in out]
     o = torch.empty_like(v)
-    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist, o, SAVE=save, num_stages=1, **p)
+    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist, o, C0=0, C1=nt, R=max(stride, 1), NH=nh,
+                     SAVE=stride > 0, num_stages=1, **p)
     return (o, *out, *hist)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, save):
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride):
     b, t, h, _ = q.shape
     nt = -(-t // chunk)
+    nh = -(-nt // stride) if stride else 0
     out = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (w0, w1, s0, s1)]
-    hist = ([q.new_empty(b, h, nt, *x.shape[2:], dtype=torch.float32) for x in out] if save
-            else [q.new_empty(0, dtype=torch.float32) for _ in range(4)])
+    hist = [q.new_empty((b, h, nh, *x.shape[2:]) if stride else (0,), dtype=torch.float32) for x in out]
     return (torch.empty_like(v), *out, *hist)
 
 
@@ -124,44 +126,61 @@ def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, s
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
             z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
             hw0: torch.Tensor, hw1: torch.Tensor, hs0: torch.Tensor, hs1: torch.Tensor, do: torch.Tensor,
-            dw0: torch.Tensor, dw1: torch.Tensor, ds0: torch.Tensor, ds1: torch.Tensor, chunk: int, block_f: int
-            ) -> list[torch.Tensor]:
-    """Returns the gradients of ``(q, k, v, eta, g0, z0, om, end, oml, yll, W0, W1, S0, S1)``."""
+            dw0: torch.Tensor, dw1: torch.Tensor, ds0: torch.Tensor, ds1: torch.Tensor, chunk: int, block_f: int,
+            stride: int) -> list[torch.Tensor]:
+    """Returns the gradients of ``(q, k, v, eta, g0, z0, om, end, oml, yll, W0, W1, S0, S1)``. With a
+    ``stride`` above 1 the saved states are checkpoints: each segment of ``stride`` chunks is run
+    forward again from its checkpoint, keeping every chunk's start, then backward."""
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = hw0.shape[-2]
     p = _launch(q, f, chunk, block_f)
+    nt = p["NT"]
     state = [x.float().contiguous().clone() for x in (dw0, dw1, ds0, ds1)]  # overwritten chunk by chunk
     scr = q.new_empty(b * h, chunk, f, dtype=torch.float32)
     grads = [torch.empty_like(x) for x in (q, k, v)] + [torch.empty_like(eta)]
     coef = [torch.empty_like(x) for x in (g0, z0, om, end, oml, yll)]
-    kn.bwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do.contiguous(), *state, scr,
-                     *grads, *coef, num_stages=1, **p)
+    do = do.contiguous()
+    hist = (hw0, hw1, hs0, hs1)
+    if stride == 1:  # every chunk's start was kept
+        kn.bwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *hist, do, *state, scr, *grads, *coef,
+                         C0=0, C1=nt, num_stages=1, **p)
+        return grads + coef + state
+    o_scratch = torch.empty_like(v)
+    for seg in reversed(range(-(-nt // stride))):
+        c0, c1 = seg * stride, min(seg * stride + stride, nt)
+        # the segment's chunk-start states, from its checkpoint
+        work = [x[:, :, seg].clone() for x in hist]
+        starts = [q.new_empty((b, h, c1 - c0, *x.shape[3:]), dtype=torch.float32) for x in hist]
+        kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *work, *starts, o_scratch, C0=c0, C1=c1, R=1,
+                         NH=c1 - c0, SAVE=True, num_stages=1, **p)
+        kn.bwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *starts, do, *state, scr, *grads, *coef,
+                         C0=c0, C1=c1, num_stages=1, **p)
     return grads + coef + state
 
 
 @_bwd_op.register_fake
-def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f):
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f, stride):
     return ([torch.empty_like(x) for x in (q, k, v, eta, g0, z0, om, end, oml, yll)]
             + [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (dw0, dw1, ds0, ds1)])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, save = inputs
+    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride = inputs
     ctx.save_for_backward(q, k, v, eta, g0, z0, om, end, oml, yll, *output[5:])
-    ctx.chunk, ctx.block_f = chunk, block_f
+    ctx.chunk, ctx.block_f, ctx.stride = chunk, block_f, stride
     ctx.state_dtypes = [x.dtype for x in (w0, w1, s0, s1)]
     ctx.shapes = [x.shape for x in (w0, w1, s0, s1)]
 
 
 def _autograd_backward(ctx, do, dw0, dw1, ds0, ds1, *_hist):
     saved = ctx.saved_tensors
-    if saved[10].numel() == 0:
-        raise NLGraphError("the forward ran without saving its chunk-start states (save=False); run it "
+    if ctx.stride == 0:
+        raise NLGraphError("the forward ran without saving its chunk-start states (no gradients needed); run it "
                            "with gradients enabled", path=_OP)
     dstate = [torch.zeros(s, dtype=torch.float32, device=do.device) if g is None else g
               for g, s in zip((dw0, dw1, ds0, ds1), ctx.shapes)]
-    g = _bwd_op(*saved, do, *dstate, ctx.chunk, ctx.block_f)
+    g = _bwd_op(*saved, do, *dstate, ctx.chunk, ctx.block_f, ctx.stride)
     state = [x.to(dt) for x, dt in zip(g[10:], ctx.state_dtypes)]
     return (*g[:10], *state, None, None, None)
 
@@ -171,7 +190,7 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
                      mu: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                     chunk: int = 16, block_f: int | None = None
+                     chunk: int = 16, block_f: int | None = None, checkpoint: int | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Titans' mini-batch MLP memory over a sequence, in Triton, differentiable in every input.
 
@@ -186,10 +205,13 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             chunk's ``[C, D]`` tiles are large (``C·D > 2048``): on the H200 the float32 kernels at
             D = 128, chunk 64 and 32 hidden units asked for 248 KiB of shared memory (227 KiB there).
 
+        checkpoint: with gradients enabled, the forward keeps every ``checkpoint``-th chunk's start
+            state (``4·F·D`` floats per chunk and head) and the backward runs each segment forward
+            again from it; 1 keeps them all (no recomputation). By default the smallest power of
+            two that keeps them within 256 MiB.
+
     Returns:
-        ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``. With
-        gradients enabled the forward also keeps every chunk's start state (``4·F·D`` floats per
-        chunk and head) for the backward.
+        ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -209,6 +231,8 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             raise NLGraphError(f"expected {want}, got {tuple(x.shape)}", path=f"{_OP}.state.{name}")
     if block_f is None:
         block_f = 16 if chunk * _pow2(d) > 2048 else 32
+    if checkpoint is not None and (not isinstance(checkpoint, int) or checkpoint < 1):
+        raise NLGraphError(f"checkpoint {checkpoint!r} must be a positive number of chunks", path=f"{_OP}.checkpoint")
     if chunk not in (16, 32, 64) or block_f not in (16, 32, 64):
         raise NLGraphError(f"chunk {chunk} and block_f {block_f} must each be 16, 32 or 64", path=f"{_OP}.chunk")
     if d > 256:
@@ -218,8 +242,17 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         return v.new_zeros(v.shape), tuple(x.float() for x in state)
     coef = _coefficients(alpha, mu, t, chunk)
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, eta, alpha, mu, *state))
+    nt = -(-t // chunk)
+    if checkpoint is None:
+        # keep every chunk's start while that takes at most 256 MiB (a model keeps one such set per
+        # layer until its backward), else every 2nd, 4th ... chunk's
+        per_chunk = 4 * 4 * b * h * f * d
+        checkpoint = 1
+        while checkpoint < nt and per_chunk * -(-nt // checkpoint) > 2**28:
+            checkpoint *= 2
+    stride = checkpoint if save else 0
     out = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), eta.float().contiguous(), *coef,
-                  *(x.contiguous() for x in state), chunk, block_f, save)
+                  *(x.contiguous() for x in state), chunk, block_f, stride)
     return out[0], tuple(out[1:5])
 
 

@@ -100,6 +100,21 @@ def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("checkpoint", [2, 3, 8])
+def test_checkpointed_backward_equals_keeping_every_state(checkpoint):
+    """Keeping every ``checkpoint``-th chunk-start state and running each segment forward again in
+    the backward gives the gradients of keeping them all (7 chunks: segments that do not divide)."""
+    qkv, gates, state = _inputs(1, 106, 2, 8, 24, seed=7)
+
+    def grads(ck):
+        leaves = [x.to(DEVICE, torch.float32).requires_grad_() for x in (*qkv, *gates, *state)]
+        o, s = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=ck)
+        return torch.autograd.grad(o.square().sum() + sum(x.sum() for x in s), leaves)
+
+    for got, want in zip(grads(checkpoint), grads(1)):
+        assert _rel(got, want) < 1e-6
+
+
 def test_without_gradients_no_graph_is_built():
     qkv, gates, state = _inputs(1, 32, 1, 16, 32, seed=2)
     with torch.no_grad():
@@ -172,3 +187,5 @@ def test_bad_input_is_one_clear_error():
         _run(qkv, gates, (state[0], state[0], state[2], state[3]), torch.float32)
     with pytest.raises(NLGraphError, match="must each be 16, 32 or 64"):
         _run(qkv, gates, state, torch.float32, chunk=24)
+    with pytest.raises(NLGraphError, match="chunk_mlp_memory.checkpoint"):
+        _run(qkv, gates, state, torch.float32, checkpoint=0)
