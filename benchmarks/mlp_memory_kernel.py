@@ -7,7 +7,9 @@ interpreter cannot show. Then forward and forward + backward are timed at issue 
 (B=4, T=4096, H=16, D=128, MLP 128→512→128, chunk 64, bf16) and at the d_model-512 Titans model's
 level shape (B=8, T=2048, H=8, D=64, hidden 128, chunk 16), next to the ``chunked`` form of
 ``specs/titans.yaml``'s memory level in the same process (``--no-pytorch`` skips it). Without
-CUDA it says so and exits 0.
+CUDA it says so and exits 0. After it passes, the Titans model with the kernel:
+``NLGRAPH_MLP_MEMORY_GPU=1 python -P -m nlgraph bench titans ...`` and ``NLGRAPH_MLP_MEMORY_GPU=1
+python benchmarks/model_speed.py --budget 0 --check-specs titans``.
 
     bash benchmarks/device.sh python benchmarks/mlp_memory_kernel.py --json "$OUT/mlp_memory.json"
 """
@@ -48,12 +50,13 @@ def checks(dev) -> list[dict]:
     from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, token_loop
 
     rows = []
-    for b, t, h, d, f, chunk, dtype, tol in [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4),
-                                              (1, 200, 2, 128, 192, 64, torch.float32, 1e-4),
-                                              (1, 96, 2, 64, 128, 32, torch.bfloat16, 3e-2)]:
-        label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk}"
+    for b, t, h, d, f, chunk, dtype, tol, ck in [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 1),
+                                                  (2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 3),
+                                                  (1, 200, 2, 128, 192, 64, torch.float32, 1e-4, 1),
+                                                  (1, 96, 2, 64, 128, 32, torch.bfloat16, 3e-2, 1)]:
+        label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk} checkpoint={ck}"
         try:
-            rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label))
+            rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck))
         except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed row that says why
             rows.append({"check": label, "ok": False,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
@@ -61,7 +64,7 @@ def checks(dev) -> list[dict]:
     return rows
 
 
-def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label) -> dict:
+def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck) -> dict:
     """One check against the float64 token loop: outputs, final state and every input's gradient."""
     qkv, gates, state = _inputs(b, t, h, d, f, dev, seed=t)
     leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
@@ -71,7 +74,7 @@ def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, 
     ds = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dev) for x in s_ref]
     want = torch.autograd.grad((o_ref * do).sum() + sum((x * y).sum() for x, y in zip(s_ref, ds)), leaves)
     mine = [x.detach().to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves)]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk)
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk, checkpoint=ck)
     got = torch.autograd.grad((o.float() * do.float()).sum() + sum((x * y.float()).sum() for x, y in zip(s, ds)),
                               mine)
     errs = {"o": _rel(o, o_ref)}

@@ -9,7 +9,8 @@ kernel path computes what the PyTorch path computes.
    in float32, under bf16 autocast (against the float32 PyTorch result, next to the PyTorch path's
    own bf16 error), and (``--check-compile``, default Gated DeltaNet) with per-block
    ``torch.compile`` (float32); ``--check-specs retnet mamba2`` checks the linear-attention kernel's
-   models the same way (once ``dispatch.LINEAR_ATTENTION_ON_GPU`` lets CUDA plans use it). A spy
+   models the same way, and ``--check-specs titans`` the MLP-memory kernel's (with
+   ``NLGRAPH_MLP_MEMORY_GPU=1`` until ``dispatch.MLP_MEMORY_ON_GPU`` is on by default). A spy
    counts the kernels' calls,
    so a silent fallback fails the check.
 2. **Speed**: training tokens/s through ``nlgraph.train`` (AdamW, bf16 autocast, the default byte
@@ -46,10 +47,12 @@ def check(specs: list[str], device: str, on: str, width: int, length: int, compi
     from nlgraph.compilers.kernels import delta_rule as kernel_module
     from nlgraph.compilers.kernels import dispatch
     from nlgraph.compilers.kernels import linear_attention as la_module
+    from nlgraph.compilers.kernels import mlp_memory as mlp_module
     from nlgraph.lower import build
 
     calls = {"n": 0}
     real, real_la = kernel_module.chunk_delta_rule, la_module.chunk_linear_attention
+    real_mlp = mlp_module.chunk_mlp_memory
 
     def counted(fn):
         def spy(*args, **kwargs):
@@ -57,9 +60,10 @@ def check(specs: list[str], device: str, on: str, width: int, length: int, compi
             return fn(*args, **kwargs)
         return spy
 
-    # either kernel: the delta rules' or linear attention's (RetNet, Mamba2 once it runs on CUDA)
+    # any kernel: the delta rules', linear attention's (RetNet, Mamba2) or Titans' MLP memory's
     kernel_module.chunk_delta_rule = counted(real)
     la_module.chunk_linear_attention = counted(real_la)
+    mlp_module.chunk_mlp_memory = counted(real_mlp)
     rows = []
     try:
         for name in specs:
@@ -101,7 +105,8 @@ def check(specs: list[str], device: str, on: str, width: int, length: int, compi
             # bf16: the kernel keeps q, k, v in bf16 where the PyTorch path solves in float32, so its
             # error against float32 may be larger, but not by more than 2x the PyTorch path's own
             bf16_ok = all(row[f"bf16 {w}"] <= 2.0 * row[f"bf16 pytorch {w}"] + 2e-3 for w in ("logits", "grads"))
-            row["ok"] = bool(off_calls == 0 and kernel_calls == 4 and  # 2 layers × (fp32, bf16)
+            # 2 layers × (fp32, bf16), each once, or twice where the MLP memory splits off a partial chunk
+            row["ok"] = bool(off_calls == 0 and kernel_calls in (4, 8) and
                              row["fp32 logits"] < tol and row["fp32 grads"] < tol and bf16_ok
                              and row.get("compiled fp32 logits", 0.0) < tol
                              and row.get("compiled fp32 grads", 0.0) < tol)
@@ -109,6 +114,7 @@ def check(specs: list[str], device: str, on: str, width: int, length: int, compi
             print(json.dumps(row), flush=True)
     finally:
         kernel_module.chunk_delta_rule, la_module.chunk_linear_attention = real, real_la
+        mlp_module.chunk_mlp_memory = real_mlp
         dispatch.set_kernels(None)
     return rows
 

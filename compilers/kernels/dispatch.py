@@ -322,9 +322,10 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 # --------------------------------------------------------------------------- the mini-batch MLP memory
 
 #: Whether the plan gives Titans' MLP-memory kernel CUDA tensors. Off until
-#: benchmarks/mlp_memory_kernel.py has passed on the GPU (Triton 3.4–3.7 miscompiles some backward
-#: kernels on Hopper, which the CPU interpreter cannot show); the interpreter runs it.
-MLP_MEMORY_ON_GPU = False
+#: benchmarks/mlp_memory_kernel.py has passed on the GPU and timed it (Triton 3.4–3.7 miscompiles
+#: some backward kernels on Hopper, which the CPU interpreter cannot show); the interpreter runs it.
+#: ``NLGRAPH_MLP_MEMORY_GPU=1`` turns it on for a process, to check and time it on a GPU.
+MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "") == "1"
 
 
 def why_no_mlp_memory_kernel(spec: Any) -> str | None:
