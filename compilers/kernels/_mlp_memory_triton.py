@@ -1,4 +1,4 @@
-"""Triton kernel of the mini-batch MLP memory (Titans' form), forward: see ``mlp_memory.py``.
+"""Triton kernels of the mini-batch MLP memory (Titans' form), forward and backward: see ``mlp_memory.py``.
 
 Kept apart from the wrapper so that importing the package never imports Triton; the wrapper builds
 these kernels on first use. One program per (batch, head) walks the chunks in order; the memory's

@@ -17,9 +17,9 @@ The online driver writes ``W_r = W_{r−1} D_r − e_r x_rᵀ`` with ``e_r = b_r
 ``W_r = α_r W_{r−1} (I − b_r x_r x_rᵀ) − f_r x_rᵀ``: the delta rule with ``β = b`` and values
 ``−f / b``. For gd + l2, ``b = η``, ``f = −η v`` (``β = η``, values ``v``); for DGD + l2,
 ``b = 2η'``, ``f = −η' v`` (``β = 2η'``, values ``v / 2``); for DGD + dot, ``b = η'`` (values ``v``).
-Levels with ``b = 0`` (linear attention, GLA), the ``weight_decay`` order, per-channel decay,
-momentum, a read before the write, retention toward the initial state and the mini-batch driver
-keep their PyTorch forms.
+Other online levels (the ``weight_decay`` order, per-channel decay, momentum, a read before the
+write, retention toward the initial state) and the mini-batch driver's other levels keep their
+PyTorch forms.
 
 Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
 
@@ -404,7 +404,9 @@ def minibatch_mlp_memory(run: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor
     full = (t // run.chunk) * run.chunk
     if full in (0, t):
         y, end = chunk_mlp_memory(*qkv, eta, alpha, mu, state0, chunk=run.chunk)
-        anchor = end[:2]
+        # ending on a chunk boundary, the anchor is the end state; inside the first chunk (a prompt
+        # shorter than a chunk, one decoded token), it is that chunk's start
+        anchor = end[:2] if full == t else state0[:2]
     else:  # the last chunk is partial: its start is the anchor a continuation reads its gradients at
         y1, mid = chunk_mlp_memory(*(x[:, :full] for x in qkv), eta[:, :full], alpha[:, :full], mu[:, :full],
                                    state0, chunk=run.chunk)

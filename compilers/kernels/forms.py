@@ -49,7 +49,8 @@ def why_not_delta_rule(spec: Any, device: str = "cpu", dtype: Any = None) -> str
 
 def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None) -> str | None:
     """``None`` when the ``triton`` form runs this memory level on ``device`` in ``dtype``, else why
-    not: the level must be a (gated) delta rule of the online driver."""
+    not: the level must be a (gated) delta rule or linear attention of the online driver, or Titans'
+    mini-batch MLP memory."""
     from ..chunked import why_not_chunked
 
     why = why_not_chunked(spec)

@@ -21,9 +21,12 @@ states the forward kept (through the chunk-start gradients, so second order in t
 gates' transfer products are differentiated by PyTorch. A custom op with autograd
 (``nlgraph::chunk_mlp_memory_fwd`` / ``_bwd``), so ``torch.compile(fullgraph=True)`` traces it.
 
-Not a registered execution form yet, and no GPU has run it: checked on CPU through Triton's
-interpreter against :func:`token_loop` on outputs, final state and every input's gradient
-(``tests/compilers/test_kernels_mlp_memory.py``).
+The memory family's ``triton`` form routes Titans' memory levels here
+(:func:`nlgraph.compilers.kernels.dispatch.minibatch_mlp_memory`), on CUDA only while
+``dispatch.MLP_MEMORY_ON_GPU`` is on. Checked on CPU through Triton's interpreter against
+:func:`token_loop` on outputs, final state and every input's gradient
+(``tests/compilers/test_kernels_mlp_memory.py``), and on the H200 at the d_model-512 model's widths
+in float32 (docs/benchmarks.md). The backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -168,6 +171,8 @@ def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1,
 def _setup_context(ctx, inputs, output):
     q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride = inputs
     ctx.save_for_backward(q, k, v, eta, g0, z0, om, end, oml, yll, *output[5:])
+    # the kept states are for the backward only: no zero gradients the size of the history for them
+    ctx.mark_non_differentiable(*output[5:])
     ctx.chunk, ctx.block_f, ctx.stride = chunk, block_f, stride
     ctx.state_dtypes = [x.dtype for x in (w0, w1, s0, s1)]
     ctx.shapes = [x.shape for x in (w0, w1, s0, s1)]

@@ -375,7 +375,14 @@ def test_titans_models_equal_the_pytorch_path_and_stream(name, mlp_calls):
     with torch.no_grad():
         a, state = model.stream(tokens[:, :45])
         b, _ = model.stream(tokens[:, 45:], state)
-    torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+        # a prompt shorter than a chunk, then one token at a time across a chunk boundary: the
+        # anchor of a run that ends inside its first chunk is that chunk's start
+        pieces, state = [], None
+        for s, e in [(0, 5), (5, 16), *((i, i + 1) for i in range(16, 20)), (20, 70)]:
+            out, state = model.stream(tokens[:, s:e], state)
+            pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), lk, rtol=1e-4, atol=1e-4)
 
 
 def test_mlp_memory_waits_for_its_gpu_check_on_cuda():

@@ -79,6 +79,8 @@ def test_forward_equals_the_token_loop(b, t, h, d, f, chunk, block_f):
     (1, 16, 1, 16, 32, 16, 16),
     (2, 37, 2, 8, 24, 16, 16),
     (1, 70, 2, 20, 64, 32, 32),
+    (1, 150, 1, 16, 40, 64, 32),   # chunk 64, partial last chunk
+    (1, 5, 2, 8, 16, 16, 16),      # shorter than one chunk
 ])
 def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
     """Every input's gradient, the final state's included (the backward kernel walks the chunks in
@@ -140,13 +142,22 @@ def test_traces_under_fullgraph_compile():
 
 
 def test_bfloat16_inputs_stay_within_bf16_error():
+    """Outputs, state and every gradient with q, k, v in bfloat16 (gates and state float32)."""
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=3)
-    o_ref, s_ref = token_loop(*qkv, *gates, state, 16)
-    o, s = _run(qkv, gates, state, torch.bfloat16)
+    leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
+    o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), 16)
+    want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
+    mine = [x.detach().to(DEVICE, torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
+            for i, x in enumerate(leaves)]
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]))
     assert o.dtype == torch.bfloat16
     assert _rel(o, o_ref) < 2e-2
-    for got, want in zip(s, s_ref):
-        assert _rel(got, want) < 2e-2
+    for got, w in zip(s, s_ref):
+        assert _rel(got, w) < 2e-2
+    got = torch.autograd.grad(o.float().square().sum() + sum(x.sum() for x in s), mine)
+    assert all(g.dtype == m.dtype for g, m in zip(got, mine))
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 2e-2
 
 
 def test_streaming_equals_one_call():
