@@ -331,8 +331,9 @@ MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "") == "1"
 def why_no_mlp_memory_kernel(spec: Any) -> str | None:
     """``None`` when a memory level is Titans' mini-batch MLP memory, which
     ``chunk_mlp_memory`` computes: a two-layer SiLU MLP without biases, keys and values of one
-    width, the ``l2`` objective, momentum, weight decay (or none) with at most one gate per head,
-    frequency 1 with a gradient chunk of 16, 32 or 64, read after the write; else why not."""
+    width, the ``l2`` objective, momentum or plain gd, weight decay (or none) with at most one gate
+    per head, frequency 1 with a gradient chunk of 16, 32 or 64, read after or before the write;
+    else why not."""
     mem = spec.memory
     if mem.kind != "mlp" or mem.depth != 2 or mem.activation != "silu" or mem.bias:
         return "not a two-layer SiLU MLP memory without biases"
@@ -345,12 +346,12 @@ def why_no_mlp_memory_kernel(spec: Any) -> str | None:
     period, chunk = periods(spec)
     if period != 1 or chunk not in CHUNKS:
         return f"not a mini-batch level of chunk 16, 32 or 64 (period {period}, chunk {chunk})"
-    if spec.read != "after_write":
+    if spec.read not in ("after_write", "before_write"):
         return f"read: {spec.read}"
     if spec.objective.kind != "l2":
         return f"the {spec.objective.kind} objective"
-    if spec.optimizer.kind != "momentum":
-        return f"the {spec.optimizer.kind} optimizer (the kernel is momentum's)"
+    if spec.optimizer.kind not in ("momentum", "gd"):
+        return f"the {spec.optimizer.kind} optimizer (the kernel is momentum's, or gd's without it)"
     ret = spec.retention
     if ret is not None:
         if ret.kind != "weight_decay":
@@ -382,7 +383,7 @@ def minibatch_mlp_memory(run: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor
     that chunk's start as its anchor."""
     if why_no_mlp_memory_kernel(run.spec) is not None or run.position % run.chunk != 0:
         return None
-    if run.read_before or run.has_origin or run.has_pending or list(run.memories) != ["memory"]:
+    if run.has_origin or run.has_pending or list(run.memories) != ["memory"]:
         return None
     q, k, v = run.queries.data, run.keys.data, run.values.data
     if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or k.shape != v.shape:
@@ -391,31 +392,38 @@ def minibatch_mlp_memory(run: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor
         return None
     b, t, h = run.shape
     like = k
-    eta, mu = _gate(run.lr, (b, t, h), like), _gate(run.mu, (b, t, h), like)
+    momentum = run.optimizer.uses_momentum
+    # plain gd is momentum with μ = 0 from a zero buffer: S_t = −η δ, W_t = α W_{t−1} + S_t
+    eta, mu = _gate(run.lr, (b, t, h), like), _gate(run.mu if momentum else 0.0, (b, t, h), like)
     alpha = _gate(run.alpha if run.alpha is not None else 1.0, (b, t, h), like)
     if eta is None or mu is None or alpha is None or not _fits(k, v, run.chunk) or t == 0:
         return None
     from .mlp_memory import chunk_mlp_memory
 
     names = ("memory.w0", "memory.w1", "optimizer.memory.momentum.w0", "optimizer.memory.momentum.w1")
-    state0 = tuple(run.state[n] for n in names)
+    if momentum:
+        state0 = tuple(run.state[n] for n in names)
+    else:
+        w = (run.state[names[0]], run.state[names[1]])
+        state0 = (*w, torch.zeros_like(w[0]), torch.zeros_like(w[1]))
+    read = "before_write" if run.read_before else "after_write"
     work = _work_dtype(q, k, v)
     qkv = [x.to(work) for x in (q, k, v)]
     full = (t // run.chunk) * run.chunk
     if full in (0, t):
-        y, end = chunk_mlp_memory(*qkv, eta, alpha, mu, state0, chunk=run.chunk)
+        y, end = chunk_mlp_memory(*qkv, eta, alpha, mu, state0, chunk=run.chunk, read=read)
         # ending on a chunk boundary, the anchor is the end state; inside the first chunk (a prompt
         # shorter than a chunk, one decoded token), it is that chunk's start
         anchor = end[:2] if full == t else state0[:2]
     else:  # the last chunk is partial: its start is the anchor a continuation reads its gradients at
         y1, mid = chunk_mlp_memory(*(x[:, :full] for x in qkv), eta[:, :full], alpha[:, :full], mu[:, :full],
-                                   state0, chunk=run.chunk)
+                                   state0, chunk=run.chunk, read=read)
         y2, end = chunk_mlp_memory(*(x[:, full:] for x in qkv), eta[:, full:], alpha[:, full:], mu[:, full:],
-                                   mid, chunk=run.chunk)
+                                   mid, chunk=run.chunk, read=read)
         y, anchor = torch.cat([y1, y2], dim=1), mid[:2]
     state = dict(run.state)
     state["position"] = run.state["position"] + t
-    for n, x in zip(names, end):
+    for n, x in zip(names if momentum else names[:2], end):
         state[n] = x.to(run.state[n].dtype)
     if run.has_anchor:
         for n, x in zip(names[:2], anchor):

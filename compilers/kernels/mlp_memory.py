@@ -2,10 +2,10 @@
 
 Per head, a two-layer memory ``M(x) = W1 σ(W0 x)`` (``W0 [F, D]``, ``W1 [D, F]``, ``σ`` = SiLU) on
 the ``l2`` objective ``½‖M(k) − v‖²``, with momentum and weight decay (Titans' order), its gradients
-taken at each chunk's start (the gradient point ``{chunk: C}``), and read after the write::
+taken at each chunk's start (the gradient point ``{chunk: C}``), read after the write (or before)::
 
     δ_t = ∇_W ½‖M_{W_c}(k_t) − v_t‖²            (W_c: the weights at the chunk's start)
-    S_t = μ_t S_{t−1} − η_t δ_t,   W_t = α_t W_{t−1} + S_t,   o_t = M_{W_t}(q_t)
+    S_t = μ_t S_{t−1} − η_t δ_t,   W_t = α_t W_{t−1} + S_t,   o_t = M_{W_t}(q_t)  (or M_{W_{t−1}}(q_t))
 
 for each of ``W0`` and ``W1`` (``α``: the kept fraction of weight decay). This is what nlgraph's
 ``memory`` level computes for ``specs/titans.yaml``'s memory (the mini-batch driver of
@@ -58,11 +58,12 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int):
+def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int, before: bool = False):
     """The transfer coefficients the kernels read, per chunk, from the gates ``[B, T, H]``
     (differentiable; the padding's gates are 1, so products over real tokens are unchanged):
     ``g0 = G[r, 0]``, ``z0 = Ω[r, 0] − G[r, 0]`` ``[B, H, NT, C]``; ``om = Ω[r, j]`` ``[B, H, NT, C, C]``
-    (r, j ≥ 1); at the chunk's last token L: ``end = (G[L, 0], Ω[L, 0] − G[L, 0], Y[L, 0])``
+    (j ≥ 1; the read rows r are the tokens 1..C, or 0..C−1 for a read ``before`` the write, which
+    sees the state after the previous token); at the chunk's last token L: ``end = (G[L, 0], Ω[L, 0] − G[L, 0], Y[L, 0])``
     ``[B, H, NT, 3]``, ``oml = Ω[L, j]`` and ``yll = Y[L, j]`` ``[B, H, NT, C]``."""
     from ..chunked import transfer
 
@@ -78,9 +79,10 @@ def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int):
     steps = torch.arange(nt, device=alpha.device)
     gl, oml, yl = (m[:, :, steps, last] for m in (g, om, y))         # rows L: [B, H, NT, C+1]
     end = torch.stack([gl[..., 0], oml[..., 0] - gl[..., 0], yl[..., 0]], dim=-1)
-    g0 = g[..., 1:, 0]
-    return (g0.contiguous(), (om[..., 1:, 0] - g0).contiguous(), om[..., 1:, 1:].contiguous(), end.contiguous(),
-            oml[..., 1:].contiguous(), yl[..., 1:].contiguous())
+    rows = slice(0, chunk) if before else slice(1, chunk + 1)
+    g0 = g[..., rows, 0]
+    return (g0.contiguous(), (om[..., rows, 0] - g0).contiguous(), om[..., rows, 1:].contiguous(),
+            end.contiguous(), oml[..., 1:].contiguous(), yl[..., 1:].contiguous())
 
 
 def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int) -> dict:
@@ -195,7 +197,8 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
                      mu: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                     chunk: int = 16, block_f: int | None = None, checkpoint: int | None = None
+                     chunk: int = 16, block_f: int | None = None, checkpoint: int | None = None,
+                     read: str = "after_write"
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Titans' mini-batch MLP memory over a sequence, in Triton, differentiable in every input.
 
@@ -214,6 +217,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             state (``4·F·D`` floats per chunk and head) and the backward runs each segment forward
             again from it; 1 keeps them all (no recomputation). By default the smallest power of
             two that keeps them within 256 MiB.
+        read: ``after_write`` (``o_t = M_{W_t}(q_t)``) or ``before_write`` (``o_t = M_{W_{t−1}}(q_t)``).
 
     Returns:
         ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``.
@@ -236,6 +240,8 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             raise NLGraphError(f"expected {want}, got {tuple(x.shape)}", path=f"{_OP}.state.{name}")
     if block_f is None:
         block_f = 16 if chunk * _pow2(d) > 2048 else 32
+    if read not in ("after_write", "before_write"):
+        raise NLGraphError(f"read {read!r} must be after_write or before_write", path=f"{_OP}.read")
     if checkpoint is not None and (not isinstance(checkpoint, int) or checkpoint < 1):
         raise NLGraphError(f"checkpoint {checkpoint!r} must be a positive number of chunks", path=f"{_OP}.checkpoint")
     if chunk not in (16, 32, 64) or block_f not in (16, 32, 64):
@@ -245,7 +251,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     _kernels(q)
     if t == 0:
         return v.new_zeros(v.shape), tuple(x.float() for x in state)
-    coef = _coefficients(alpha, mu, t, chunk)
+    coef = _coefficients(alpha, mu, t, chunk, before=read == "before_write")
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, eta, alpha, mu, *state))
     nt = -(-t // chunk)
     if checkpoint is None:
@@ -261,9 +267,13 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     return out[0], tuple(out[1:5])
 
 
-def token_loop(q, k, v, eta, alpha, mu, state, chunk: int):
+def token_loop(q, k, v, eta, alpha, mu, state, chunk: int, read: str = "after_write"):
     """The same function token by token in PyTorch (the kernel's tests use it in float64):
     ``(o [B, T, H, D], (W0, W1, S0, S1))``."""
+
+    def readout(w0, w1, x):
+        return torch.einsum("bhdf,bhf->bhd", w1, F.silu(torch.einsum("bhfd,bhd->bhf", w0, x)))
+
     w0, w1, s0, s1 = (x.clone() for x in state)
     out = []
     for i in range(q.shape[1]):
@@ -275,10 +285,13 @@ def token_loop(q, k, v, eta, alpha, mu, state, chunk: int):
         d1 = torch.einsum("bhdf,bhf->bhd", c1, a) - vt              # ∂ℓ/∂(W1 a)
         sg = torch.sigmoid(z)
         d0 = torch.einsum("bhdf,bhd->bhf", c1, d1) * (sg + z * sg * (1 - sg))
+        if read == "before_write":
+            out.append(readout(w0, w1, q[:, i]))
         lr, al, m = (x[:, i, :, None, None] for x in (eta, alpha, mu))
         s0 = m * s0 - lr * d0[..., :, None] * kt[..., None, :]
         s1 = m * s1 - lr * d1[..., :, None] * a[..., None, :]
         w0 = al * w0 + s0
         w1 = al * w1 + s1
-        out.append(torch.einsum("bhdf,bhf->bhd", w1, F.silu(torch.einsum("bhfd,bhd->bhf", w0, q[:, i]))))
+        if read == "after_write":
+            out.append(readout(w0, w1, q[:, i]))
     return torch.stack(out, dim=1), (w0, w1, s0, s1)

@@ -141,6 +141,20 @@ def test_traces_under_fullgraph_compile():
         assert _rel(a, w) < 1e-6
 
 
+def test_read_before_the_write_equals_the_token_loop():
+    """``read: before_write`` reads the state after the previous token (outputs and gradients)."""
+    qkv, gates, state = _inputs(2, 37, 2, 8, 24, seed=9)
+    leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
+    o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), 16, read="before_write")
+    want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
+    mine = [x.detach().to(DEVICE, torch.float32).requires_grad_() for x in leaves]
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), read="before_write")
+    assert _rel(o, o_ref) < 1e-5
+    got = torch.autograd.grad(o.square().sum() + sum(x.sum() for x in s), mine)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
+
+
 def test_bfloat16_inputs_stay_within_bf16_error():
     """Outputs, state and every gradient with q, k, v in bfloat16 (gates and state float32)."""
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=3)
@@ -188,6 +202,63 @@ def test_it_is_the_titans_memory_level():
     for got, key in zip(s, ("memory.w0", "memory.w1", "optimizer.memory.momentum.w0",
                             "optimizer.memory.momentum.w1")):
         assert _rel(got, st[key]) < 1e-5
+
+
+def _level(optimizer: str, read: str):
+    from nlgraph.spec.loader import load_level
+
+    gate = {"from": "input", "act": "sigmoid", "per": "head"}
+    opt = {"kind": optimizer, "lr": gate}
+    if optimizer == "momentum":
+        opt["momentum"] = gate
+    return load_level({"memory": {"kind": "mlp", "heads": 2, "depth": 2, "hidden": 16, "activation": "silu"},
+                       "objective": {"kind": "l2"}, "optimizer": opt,
+                       "retention": {"kind": "weight_decay", "gate": gate},
+                       "frequency": 1, "gradient_point": {"chunk": 16}, "read": read})
+
+
+@pytest.mark.parametrize("optimizer,read", [("momentum", "before_write"), ("gd", "after_write"), ("gd", "before_write")])
+def test_variants_route_and_equal_the_pytorch_form(optimizer, read, monkeypatch):
+    """The kernel also computes the level with a read before the write, and with plain gd (no
+    momentum buffer: μ = 0 from zeros); ``run_level``'s ``triton`` form equals its ``chunked`` form
+    on outputs and state, both over a sequence that ends inside a chunk."""
+    from nlgraph.compilers.kernels import dispatch
+    from nlgraph.compilers.kernels import mlp_memory as module
+    from nlgraph.runtime import run_level
+
+    calls = {"n": 0}
+    real = module.chunk_mlp_memory
+
+    def spy(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "chunk_mlp_memory", spy)
+    level = _level(optimizer, read)
+    why_no_mlp_memory_kernel = dispatch.why_no_mlp_memory_kernel
+    assert why_no_mlp_memory_kernel(level) is None
+    (q, k, v), (lr, alpha, mu), (w0, w1, s0, s1) = _inputs(1, 40, 2, 8, 16, seed=13)
+    state = {"memory.w0": w0, "memory.w1": w1}
+    rates = {"lr": lr, "retention": alpha}
+    if optimizer == "momentum":
+        state.update({"optimizer.memory.momentum.w0": s0, "optimizer.memory.momentum.w1": s1})
+        rates["momentum"] = mu
+    y_ref, st_ref = run_level(level, keys=k, values=v, queries=q, state=state, form="chunked", **rates)
+    dev = {n: x.to(DEVICE, torch.float32) for n, x in state.items()}
+    dispatch.set_kernels("interpret" if _INTERPRET else "auto")
+    monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
+    try:
+        y, st = run_level(level, keys=k.to(DEVICE).float(), values=v.to(DEVICE).float(),
+                          queries=q.to(DEVICE).float(), state=dev, form="triton",
+                          **{n: r.to(DEVICE).float() for n, r in rates.items()})
+    finally:
+        dispatch.set_kernels(None)
+    assert calls["n"] == 2  # the full chunks, then the partial one
+    assert _rel(y, y_ref) < 1e-5
+    assert st.keys() == st_ref.keys()
+    for n in st_ref:
+        if n != "position":
+            assert _rel(st[n], st_ref[n]) < 1e-5, n
 
 
 def test_bad_input_is_one_clear_error():
