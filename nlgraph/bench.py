@@ -39,7 +39,7 @@ import torch
 
 from .errors import NLGraphError
 
-__all__ = ["bench", "bench_level", "MODES"]
+__all__ = ["bench", "bench_layer", "bench_level", "MODES"]
 
 
 def _report(what: str) -> None:
@@ -323,10 +323,22 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         fn = torch.compile(ours, fullgraph=True, dynamic=False) if mode == "compile" else ours
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
 
-    rows, outputs = [], {}
     ref_name = f"fla {anchor}" if anchor else None
-    # anchors come first, so each of nlgraph's rows is compared and logged as soon as it is measured
-    # (a run cut by a time limit still leaves the rows it finished)
+    rows = _time_rows(impls, [q, k, v], b * t, dev, log, ref_name, compare=bool(same and anchor == same))
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "level": key, "form": form, "shape": [b, t, h, d], "dtype": dtype, "anchor": f"fla {anchor}" if anchor else None,
+            "same_function": bool(same and anchor == same)}
+    return {"meta": meta, "rows": rows}
+
+
+def _time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], tokens: int, dev: torch.device, log,
+               ref_name: str | None, compare: bool) -> list[dict[str, Any]]:
+    """Time each ``(name, fn(*inputs), is an anchor)``: first call, forward, forward + backward (a
+    random output gradient), peak memory on CUDA; ratios to the row named ``ref_name`` and, with
+    ``compare`` (the same function), the relative error of the outputs against it. Anchors come
+    first, so each later row is compared and logged as soon as it is measured (a run cut by a time
+    limit still leaves the rows it finished)."""
+    rows, outputs = [], {}
     for name, fn, is_anchor in impls:
         row: dict[str, Any] = {"name": name, "anchor": is_anchor}
         try:
@@ -334,14 +346,14 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
             with torch.no_grad():
-                y = fn(q, k, v)
+                y = fn(*inputs)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             row["first_call_s"] = round(time.perf_counter() - t0, 3)
             outputs[name] = y
             with torch.no_grad():
-                row["fwd_ms"] = median_ms(lambda: fn(q, k, v), dev)
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                row["fwd_ms"] = median_ms(lambda: fn(*inputs), dev)
+            leaves = [x.clone().requires_grad_() for x in inputs]
             grad = torch.randn_like(y)
 
             def step():
@@ -350,7 +362,7 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                 fn(*leaves).backward(grad)
 
             row["fwd_bwd_ms"] = median_ms(step, dev)
-            row["tok_s"] = round(b * t / (row["fwd_bwd_ms"] / 1e3), 1)
+            row["tok_s"] = round(tokens / (row["fwd_bwd_ms"] / 1e3), 1)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -362,7 +374,7 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
             _report(name)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         ref = next((r for r in rows if r["name"] == ref_name), None)
-        if not is_anchor and same and anchor == same and ref and name in outputs and ref_name in outputs:
+        if not is_anchor and compare and ref and name in outputs and ref_name in outputs:
             row["rel_err"] = rel_err(outputs[name], outputs[ref_name])
         if not is_anchor and ref and "fwd_ms" in row and "fwd_ms" in ref:
             row["x_anchor_fwd"] = round(row["fwd_ms"] / ref["fwd_ms"], 3)
@@ -370,9 +382,86 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                 row["x_anchor_fwd_bwd"] = round(row["fwd_bwd_ms"] / ref["fwd_bwd_ms"], 3)
         rows.append(row)
         log(json.dumps(row))
+    return rows
+
+
+def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, length: int = 2048,
+                modes: tuple[str, ...] = ("eager", "compile"), device: str | None = None, fla: bool = True,
+                log=print) -> dict[str, Any] | None:
+    """Time the whole layer of entry ``key`` (projections, short convolutions, norms, gates, the
+    memory and its output norm and gate: what the block's residual wraps) of the spec's first block
+    on ``[B, T, d_model]`` inputs under bf16 autocast, next to fla's layer of the same kind and width
+    (``fla.layers.DeltaNet`` / ``GatedDeltaNet`` with the spec's heads and head width, short
+    convolutions, an output gate where the spec has one). The two are not the same function (norms,
+    gates and initialisations differ), so there is no error column; issue 10 asks for at most 0.8x
+    fla's time. ``None`` without CUDA when no ``device`` was asked for."""
+    if device is None and not torch.cuda.is_available():
+        return None
+    dev = torch.device(device or "cuda")
+    from .lower import build
+    from .model import Residual, reads_levels
+    from .spec.loader import load_spec
+
+    spec_obj = load_spec(spec, overrides)
+    model = build(spec_obj, device=dev)
+    entries = model.blocks[0].entries
+    if key not in entries:
+        from .errors import did_you_mean
+
+        raise NLGraphError(f"the spec's first block has no entry '{key}' (entries: {', '.join(entries)})"
+                           f"{did_you_mean(key, list(entries))}", path="--layer")
+    inner = entries[key].inner if isinstance(entries[key], Residual) else entries[key]
+    if reads_levels(inner):
+        raise NLGraphError(f"entry '{key}' reads other levels' outputs, which only its block feeds it; bench "
+                           "the whole spec (no --layer)", path="--layer")
+    width = spec_obj.model.d_model
+    b, t = batch, length
+    x = torch.randn(b, t, width, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+    amp = dev.type == "cuda"
+
+    def ours(x_):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            return inner(x_, None)[0]
+
+    impls: list[tuple[str, Any, bool]] = []
+    level = spec_obj.levels.get(key)
+    same = _same_function(level) if level is not None else None
+    anchor = None
+    try:  # fla is an optional anchor, never a dependency
+        if not fla:
+            raise LookupError("--anchor none")
+        if same not in ("chunk_delta_rule", "chunk_gated_delta_rule"):
+            raise LookupError(f"has no layer of level '{key}''s kind")
+        heads = level.memory.heads if hasattr(level, "memory") else level.heads
+        gate = getattr(getattr(level, "output", None), "gate", None) is not None
+        if same == "chunk_gated_delta_rule":
+            from fla.layers import GatedDeltaNet
+
+            theirs = GatedDeltaNet(hidden_size=width, expand_v=1, head_dim=width // heads, num_heads=heads,
+                                   use_gate=gate, use_short_conv=True, conv_size=4)
+        else:
+            from fla.layers import DeltaNet
+
+            theirs = DeltaNet(hidden_size=width, num_heads=heads, use_beta=True, use_gate=gate, use_short_conv=True,
+                              conv_size=4)
+        theirs = theirs.to(dev)
+        anchor = f"fla {type(theirs).__name__}"
+
+        def fla_layer(x_):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                return theirs(x_)[0]
+
+        impls.append((anchor, fla_layer, True))
+    except Exception as e:  # noqa: BLE001 - any import or construction failure drops the fla row
+        why = str(e) if isinstance(e, LookupError) else f"not available ({type(e).__name__}: {e})"
+        log(json.dumps({"note": f"fla {why}: its row is left out"}))
+    for mode in modes:
+        fn = torch.compile(ours, fullgraph=True, dynamic=False) if mode == "compile" else ours
+        impls.append((f"nlgraph {key} layer ({mode})", fn, False))
+    rows = _time_rows(impls, [x], b * t, dev, log, anchor, compare=False)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "level": key, "form": form, "shape": [b, t, h, d], "dtype": dtype, "anchor": f"fla {anchor}" if anchor else None,
-            "same_function": bool(same and anchor == same)}
+            "layer": key, "forms": model.plan.executions(), "shape": [b, t, width], "anchor": anchor,
+            "params": sum(p.numel() for p in inner.parameters())}
     return {"meta": meta, "rows": rows}
 
 
@@ -412,7 +501,14 @@ def cmd_bench(args) -> int:
     from .io import atomic_write
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if args.level:
+    if args.level and args.layer:
+        raise NLGraphError("--level times a level alone and --layer a whole layer; give one", path="--layer")
+    if args.layer:
+        res = bench_layer(args.spec, list(args.overrides), args.layer, batch=args.batch or 8,
+                          length=args.lengths[0] if args.lengths else 2048,
+                          modes=tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",),
+                          device=args.device, fla=args.anchor != "none", log=log)
+    elif args.level:
         res = bench_level(args.spec, list(args.overrides), args.level, batch=args.batch or 4,
                           length=args.lengths[0] if args.lengths else 4096, heads=args.heads, dim=args.dim,
                           dtype=args.dtype, modes=tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",),
@@ -426,7 +522,12 @@ def cmd_bench(args) -> int:
               "(pass --device cpu for a smoke run of the command)")
         return 0
     m = res["meta"]
-    if args.level:
+    if args.layer:
+        print(f"{m['device']}, torch {m['torch']}, layer {m['layer']} ({m['params']:,} parameters, forms "
+              f"{m['forms']}), B={m['shape'][0]} T={m['shape'][1]} d_model={m['shape'][2]}, bf16 autocast on CUDA; "
+              f"anchor {m['anchor'] or 'none'} (not the same function)")
+        print(level_table(res))
+    elif args.level:
         print(f"{m['device']}, torch {m['torch']}, level {m['level']} in form {m['form']}, "
               f"B={m['shape'][0]} T={m['shape'][1]} H={m['shape'][2]} D={m['shape'][3]} {m['dtype']}; anchor "
               f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}")
@@ -452,6 +553,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; with --level 4)")
     p.add_argument("--level", default=None, metavar="KEY",
                    help="time this level of the spec alone against fla and SDPA (the anchors' shape by default)")
+    p.add_argument("--layer", default=None, metavar="KEY",
+                   help="time this entry's whole layer (projections, convolutions, norms, gates, memory) of the "
+                        "first block against fla's layer of the same kind and width (B=8, T=2048 by default)")
     p.add_argument("--heads", type=int, default=16, help="--level: heads H (default 16)")
     p.add_argument("--dim", type=int, default=128, help="--level: head dim D of q, k and v (default 128)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

@@ -123,3 +123,27 @@ def test_bench_level_anchor_none_leaves_fla_out(capsys):
                  "--heads", "2", "--dim", "8", "--steps", "1", "--anchor", "none"]) == 0
     err = capsys.readouterr().err
     assert "fla --anchor none: its rows are left out" in err and '"name": "fla' not in err
+
+
+def test_layer_bench_times_the_whole_layer(tmp_path, capsys, monkeypatch):
+    """``--layer KEY`` times the entry's whole layer (forward, forward + backward); where fla's layer
+    of that kind cannot be built (no fla here) its row is left out with a note."""
+    monkeypatch.setitem(__import__("sys").modules, "fla", None)  # whether or not fla is installed
+    out = tmp_path / "l.json"
+    assert main(["bench", "gated_deltanet", *TINY, "--layer", "mixer", "--device", "cpu", "--lengths", "32",
+                 "--batch", "1", "--modes", "eager", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["layer"] == "mixer" and res["meta"]["anchor"] is None and res["meta"]["params"] > 0
+    (row,) = res["rows"]
+    assert row["name"] == "nlgraph mixer layer (eager)" and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    captured = capsys.readouterr()
+    assert "fla not available" in captured.err and "not the same function" in captured.out
+
+
+def test_layer_bench_refusals_are_one_line(capsys):
+    assert main(["bench", "gated_deltanet", *TINY, "--layer", "mixr", "--device", "cpu"]) == 1
+    assert main(["bench", "gated_deltanet", *TINY, "--layer", "mixer", "--level", "mixer", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: --layer: the spec's first block has no entry 'mixr'") and "mixer" in err[0]
+    assert err[1].startswith("error: --layer: --level times a level alone")
+    assert len(err) == 2
