@@ -96,8 +96,11 @@ def timings(dev, pytorch: bool) -> list[dict]:
         qkv = [x.bfloat16() for x in qkv]
         gates = [g.float() for g in gates]
         state = [s.float() for s in state]
-        impls = [("nlgraph chunk_mlp_memory (triton)",
-                  lambda q, k, v, g=gates, s=state: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk)[0])]
+        # the hidden block is the kernel's one tuning knob: each size is a row
+        impls = [(f"nlgraph chunk_mlp_memory (triton, block_f {bf})",
+                  lambda q, k, v, g=gates, s=state, bf=bf: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk,
+                                                                           block_f=bf)[0])
+                 for bf in (16, 32, 64) if bf <= max(16, f)]
         if pytorch:
             from nlgraph.runtime import run_level
             from nlgraph.spec.loader import load_spec
