@@ -308,6 +308,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise NLGraphError(f"cannot build on device '{device}': {str(e).splitlines()[0]}") from None
     print(f"{p.spec.name or 'spec'}: hash {p.hash}")
     print(p.render(model))
+    if p.device == "cuda":  # on the GPU, say what would run faster and why it does not
+        for key, form, why in p.declined():
+            print(f"note: level '{key}' does not run in form '{form}': {why}")
     if args.check:
         if args.torch_compile:
             model.compile_blocks()

@@ -85,6 +85,28 @@ class Plan:
         :class:`LevelPlan`): what :class:`~nlgraph.model.NLModel` builds each level with."""
         return {lv.level: lv.execution for lv in self.levels if lv.execution is not None}
 
+    def declined(self) -> list[tuple[str, str, str]]:
+        """``(level key, form, why)`` for every registered form ranked above the one a level got
+        that refused it on this plan's target (a kernel switched off, a shape it does not take), so
+        a user sees what would run faster and why it does not. Levels forced by ``forms=`` are
+        left out."""
+        from .compilers import forms
+        from .runtime import _family
+
+        forced = dict(self.forced)
+        out: list[tuple[str, str, str]] = []
+        for key, execution in self.executions().items():
+            if key in forced:
+                continue
+            level = _level_at(self.spec, key)
+            for form in forms(_family(level)):
+                if form.name == execution:
+                    break
+                why = form.supports(level, self.device, self.dtype)
+                if why is not None:
+                    out.append((key, form.name, why))
+        return out
+
     def render(self, model: NLModel | None = None) -> str:
         """A table of the plan; with ``model``, parameter counts per node and in total."""
         params = _params_by_node(model) if model is not None else {}
@@ -128,6 +150,14 @@ def _runs_in_runtime(node: dict) -> bool:
     """Whether the model runs this node's level with :func:`~nlgraph.runtime.run_level`."""
     return node["kind"] in RUNTIME_KINDS and not (
         node["kind"] == "level" and node["spec"].objective.kind == "outer")
+
+
+def _level_at(spec: Spec, key: str) -> Any:
+    """The level spec at a plan's level key (``name``, or ``<chain>.levels[j]``)."""
+    if ".levels[" in key:
+        chain, j = key.split(".levels[")
+        return spec.levels[chain].levels[int(j.rstrip("]"))]
+    return spec.levels[key]
 
 
 def _choose_execution(node: dict, key: str, device: str, dtype: torch.dtype | None, want: str) -> str:

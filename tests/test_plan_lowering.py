@@ -221,3 +221,21 @@ def test_a_registered_backend_form_plugs_in_by_registering_alone():
             plan("titans", TITANS, device="cuda", forms={"memory": "test_backend"})
     finally:
         registry._REGISTRY["memory"].pop("test_backend")
+
+
+def test_declined_says_which_faster_form_a_level_does_not_get_and_why(capsys, monkeypatch):
+    """``Plan.declined()`` lists the registered forms ranked above a level's form that refused it on
+    the plan's target; ``nlgraph compile --device cuda`` prints them as notes."""
+    from nlgraph.cli import main
+    from nlgraph.compilers.kernels import dispatch
+    from nlgraph.lower import plan
+
+    monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", False)
+    p = plan("titans", device="cuda")
+    assert p.executions() == {"memory": "chunked"}
+    ((key, form, why),) = p.declined()
+    assert (key, form) == ("memory", "triton") and "awaits its GPU check" in why
+    assert plan("gated_deltanet", device="cuda").declined() == []  # it gets the best form
+    assert plan("titans", device="cuda", forms={"memory": "chunked"}).declined() == []  # forced
+    assert main(["compile", "titans", "--device", "cuda"]) == 0
+    assert "note: level 'memory' does not run in form 'triton': Titans' MLP memory" in capsys.readouterr().out

@@ -201,7 +201,7 @@ def _why_not_online_linear(spec: Any) -> str | None:
     """What both kernels need of the level's shape: a linear memory run exactly online, not
     self-modifying."""
     if spec.memory.kind != "linear":
-        return f"a {spec.memory.kind} memory"
+        return f"no kernel for a {spec.memory.kind} memory (linear memories; the MLP of Titans)"
     from nlgraph.levels.run import periods
 
     if spec.frequency == "never" or periods(spec) != (1, 1):
