@@ -106,7 +106,8 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
 
 def _mlp_on(device: str) -> str | None:
     if torch.device(device).type == "cuda" and not dispatch.MLP_MEMORY_ON_GPU:
-        return "Titans' MLP memory: its Triton kernel awaits its GPU check (benchmarks/mlp_memory_kernel.py)"
+        return ("Titans' MLP memory: its Triton kernel awaits its GPU check (benchmarks/mlp_memory_kernel.py); "
+                "NLGRAPH_MLP_MEMORY_GPU=1 turns it on")
     return None
 
 
