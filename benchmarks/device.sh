@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a command on the GPU machine of the `device` tool (torch preinstalled, no package registry):
-# install the wheels carried in .whl/ (pydantic, omegaconf, fla-core, einops ...) into /tmp/site,
+# install the wheels carried in .whl/ (fetched here by benchmarks/fetch_wheels.sh: pydantic,
+# omegaconf, fla, titans-pytorch ...) into /tmp/site,
 # lay the package out as it installs (compilers/ -> nlgraph/compilers, specs/ -> nlgraph/specs),
 # then run the arguments with both on PYTHONPATH. Example:
 #   bash benchmarks/device.sh python benchmarks/speed.py --json "$OUT/speed.json"

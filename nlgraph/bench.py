@@ -319,20 +319,54 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
     anchor = same if fla and same else ("chunk_delta_rule" if fla else None)
     if fla and anchor:
         impls.append((f"fla {anchor}", fla[anchor], True))
+    peer = _titans_pytorch(level, h, d, dev, dt, amp, log) if use_fla else None
+    if peer is not None:
+        impls.append(peer)
     for mode in modes:
         fn = torch.compile(ours, fullgraph=True, dynamic=False) if mode == "compile" else ours
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
 
     ref_name = f"fla {anchor}" if anchor else None
-    rows = _time_rows(impls, [q, k, v], b * t, dev, log, ref_name, compare=bool(same and anchor == same))
+    rows = _time_rows(impls, [q, k, v], b * t, dev, log, ref_name, compare=bool(same and anchor == same),
+                      peer=peer[0] if peer else None)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "level": key, "form": form, "shape": [b, t, h, d], "dtype": dtype, "anchor": f"fla {anchor}" if anchor else None,
             "same_function": bool(same and anchor == same)}
     return {"meta": meta, "rows": rows}
 
 
+def _titans_pytorch(level: Any, h: int, d: int, dev: torch.device, dt: torch.dtype, amp: bool, log):
+    """titans-pytorch's ``NeuralMemory`` as a row ``(name, fn(q, k, v), is an anchor)`` for a deep
+    (MLP) memory level: ``H`` heads of width ``D``, the level's hidden width and gradient chunk,
+    reading ``q`` flattened to ``[B, T, H·D]`` (its own projections make k, v and q). Not the same
+    function (its memory adds a LayerNorm and a residual, its rates differ): the peer whose speed
+    issue 11 measures against. ``None`` (with a note) for other levels or without the package."""
+    from .spec.schema import LevelSpec
+
+    if not isinstance(level, LevelSpec) or level.memory.kind not in ("mlp", "residual_mlp"):
+        return None
+    try:
+        from titans_pytorch import NeuralMemory
+
+        from .levels.run import periods
+        from .spec.schema import resolve_width
+
+        hidden = resolve_width(level.memory.hidden, d)
+        mem = NeuralMemory(dim=h * d, chunk_size=max(1, periods(level)[1]), heads=h, dim_head=d,
+                           default_model_kwargs=dict(depth=2, expansion_factor=hidden / d)).to(dev)
+    except Exception as e:  # noqa: BLE001 - an optional peer, never a dependency
+        log(json.dumps({"note": f"titans-pytorch not available ({type(e).__name__}): its row is left out"}))
+        return None
+
+    def run(q_, k_, v_):
+        with torch.autocast(dev.type, dtype=dt, enabled=amp):
+            return mem(q_.flatten(2))[0].unflatten(-1, (h, d))
+
+    return ("titans-pytorch NeuralMemory", run, True)
+
+
 def _time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], tokens: int, dev: torch.device, log,
-               ref_name: str | None, compare: bool) -> list[dict[str, Any]]:
+               ref_name: str | None, compare: bool, peer: str | None = None) -> list[dict[str, Any]]:
     """Time each ``(name, fn(*inputs), is an anchor)``: first call, forward, forward + backward (a
     random output gradient), peak memory on CUDA; ratios to the row named ``ref_name`` and, with
     ``compare`` (the same function), the relative error of the outputs against it. Anchors come
@@ -380,6 +414,10 @@ def _time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], t
             row["x_anchor_fwd"] = round(row["fwd_ms"] / ref["fwd_ms"], 3)
             if "fwd_bwd_ms" in row and "fwd_bwd_ms" in ref:
                 row["x_anchor_fwd_bwd"] = round(row["fwd_bwd_ms"] / ref["fwd_bwd_ms"], 3)
+        other = next((r for r in rows if r["name"] == peer), None) if peer else None
+        if not is_anchor and other and "fwd_bwd_ms" in row and "fwd_bwd_ms" in other:
+            # how many times faster than the peer (issue 11 asks for at least 30x titans-pytorch)
+            row["speedup_vs_peer_fwd_bwd"] = round(other["fwd_bwd_ms"] / row["fwd_bwd_ms"], 2)
         rows.append(row)
         log(json.dumps(row))
     return rows
@@ -466,8 +504,9 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
 
 
 def level_table(res: dict[str, Any]) -> str:
+    peer = any("speedup_vs_peer_fwd_bwd" in r for r in res["rows"])
     head = ["implementation", "first call s", "fwd ms", "fwd+bwd ms", "tok/s (f+b)", "x anchor fwd",
-            "x anchor f+b", "peak MiB", "rel err vs anchor"]
+            "x anchor f+b", "peak MiB", "rel err vs anchor"] + (["f+b speed-up vs titans-pytorch"] if peer else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(r, k, fmt):
@@ -479,7 +518,8 @@ def level_table(res: dict[str, Any]) -> str:
             continue
         lines.append(f"| {r['name']} | {f(r, 'first_call_s', '.2f')} | {f(r, 'fwd_ms', '.3f')} | "
                      f"{f(r, 'fwd_bwd_ms', '.3f')} | {f(r, 'tok_s', ',.0f')} | {f(r, 'x_anchor_fwd', '.2f')} | "
-                     f"{f(r, 'x_anchor_fwd_bwd', '.2f')} | {f(r, 'peak_mib', ',.0f')} | {f(r, 'rel_err', '.1e')} |")
+                     f"{f(r, 'x_anchor_fwd_bwd', '.2f')} | {f(r, 'peak_mib', ',.0f')} | {f(r, 'rel_err', '.1e')} |"
+                     + (f" {f(r, 'speedup_vs_peer_fwd_bwd', '.1f')} |" if peer else ""))
     return "\n".join(lines)
 
 

@@ -147,3 +147,30 @@ def test_layer_bench_refusals_are_one_line(capsys):
     assert err[0].startswith("error: --layer: the spec's first block has no entry 'mixr'") and "mixer" in err[0]
     assert err[1].startswith("error: --layer: --level times a level alone")
     assert len(err) == 2
+
+
+def test_level_bench_of_a_deep_memory_times_titans_pytorch_when_installed(capsys, monkeypatch):
+    """titans-pytorch's NeuralMemory (an optional peer, never a dependency) is a row of a deep
+    memory's level bench, built with the level's heads, widths and chunk, and nlgraph's rows say how
+    many times faster they are than it (issue 11's yardstick)."""
+    import sys
+    import types
+
+    made = {}
+
+    class NeuralMemory(torch.nn.Module):
+        def __init__(self, dim, chunk_size, heads, dim_head, default_model_kwargs):
+            super().__init__()
+            made.update(dim=dim, chunk_size=chunk_size, heads=heads, dim_head=dim_head, **default_model_kwargs)
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, seq):
+            return seq * self.w, None
+
+    monkeypatch.setitem(sys.modules, "titans_pytorch", types.SimpleNamespace(NeuralMemory=NeuralMemory))
+    monkeypatch.setitem(sys.modules, "fla", None)
+    assert main(["bench", "titans", "--level", "memory", "--device", "cpu", "--lengths", "32", "--batch", "1",
+                 "--heads", "2", "--dim", "8", "--modes", "eager"]) == 0
+    assert made == {"dim": 16, "chunk_size": 16, "heads": 2, "dim_head": 8, "depth": 2, "expansion_factor": 2.0}
+    out = capsys.readouterr().out
+    assert "| titans-pytorch NeuralMemory |" in out and "f+b speed-up vs titans-pytorch" in out
