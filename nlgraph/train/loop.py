@@ -840,6 +840,9 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
 
     save_every = cfg.save_every or cfg.eval_every
     progress = _Progress(cfg.progress, cfg.steps, start, dist.main)
+    if device.type == "cuda":  # a faster form a level does not get here, and why (a kernel switched off ...)
+        for key, form, why in model.plan.declined():
+            progress.line(f"note: level '{key}' does not run in form '{form}': {why}")
     last_loss = val_loss = None
     tok_s = 0.0
     stopped = "done"
