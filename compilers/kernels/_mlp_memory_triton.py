@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._delta_rule_triton import INTERPRETED  # noqa: F401  (read by the loader: one interpreter flag)
+
 
 @triton.jit
 def _silu(z):
@@ -36,6 +38,16 @@ def _silu_grad(z):
 def _silu_grad2(z):
     s = tl.sigmoid(z)
     return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+
+
+@triton.jit
+def _block(i_f, rf, rd, md, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr):
+    """Hidden block ``i_f``: its units ``f``, their mask, the masks of a ``[BF, D]`` (W0-shaped) and
+    a ``[D, BF]`` (W1-shaped) tile, and those tiles' offsets in one ``[F, D]`` / ``[D, F]`` matrix."""
+    f = i_f * BF + rf
+    mf = f < F
+    return (mf[:, None] & md[None, :], md[:, None] & mf[None, :], f[:, None] * D + rd[None, :],
+            rd[:, None] * F + f[None, :], f, mf)
 
 
 @triton.jit
@@ -81,11 +93,9 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
         # pass 1: Y = W1 σ(W0 k) at the chunk-start weights
         yacc = tl.zeros([C, BD], dtype=tl.float32)
         for i_f in range(tl.cdiv(F, BF)):
-            f = i_f * BF + rf
-            mf = f < F
-            mfd = mf[:, None] & md[None, :]
-            w0b = tl.load(w0 + st + f[:, None] * D + rd[None, :], mask=mfd, other=0.)        # [BF, D]
-            w1b = tl.load(w1 + st + rd[:, None] * F + f[None, :], mask=md[:, None] & mf[None, :], other=0.)  # [D, BF]
+            mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
+            w0b = tl.load(w0 + st + p0, mask=mfd, other=0.)        # [BF, D]
+            w1b = tl.load(w1 + st + p1, mask=mdf, other=0.)        # [D, BF]
             zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)                            # [C, BF]
             yacc += tl.dot(_silu(zb), tl.trans(w1b), input_precision=PREC)
         e1 = et[:, None] * (yacc - vb)                                                        # [C, D]
@@ -93,12 +103,8 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
         oacc = tl.zeros([C, BD], dtype=tl.float32)
         pacc = tl.zeros([C, C], dtype=tl.float32)
         for i_f in range(tl.cdiv(F, BF)):
-            f = i_f * BF + rf
-            mf = f < F
-            mfd = mf[:, None] & md[None, :]
-            mdf = md[:, None] & mf[None, :]
-            p0 = st + f[:, None] * D + rd[None, :]
-            p1 = st + rd[:, None] * F + f[None, :]
+            mfd, mdf, o0, o1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
+            p0, p1 = st + o0, st + o1
             w0b = tl.load(w0 + p0, mask=mfd, other=0.)
             s0b = tl.load(s0 + p0, mask=mfd, other=0.)
             w1b = tl.load(w1 + p1, mask=mdf, other=0.)
@@ -106,10 +112,10 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
             if SAVE:  # every R-th chunk-start state, for the backward (slot (i_t − C0) / R of NH)
                 if (i_t - C0) % R == 0:
                     hs = (i_bh.to(tl.int64) * NH + (i_t - C0) // R) * F * D
-                    tl.store(hw0 + hs + f[:, None] * D + rd[None, :], w0b, mask=mfd)
-                    tl.store(hs0 + hs + f[:, None] * D + rd[None, :], s0b, mask=mfd)
-                    tl.store(hw1 + hs + rd[:, None] * F + f[None, :], w1b, mask=mdf)
-                    tl.store(hs1 + hs + rd[:, None] * F + f[None, :], s1b, mask=mdf)
+                    tl.store(hw0 + hs + o0, w0b, mask=mfd)
+                    tl.store(hs0 + hs + o0, s0b, mask=mfd)
+                    tl.store(hw1 + hs + o1, w1b, mask=mdf)
+                    tl.store(hs1 + hs + o1, s1b, mask=mdf)
             zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
             ab = _silu(zb)
             e0 = tl.dot(e1, w1b, input_precision=PREC) * _silu_grad(zb)                       # [C, BF]
@@ -173,10 +179,9 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
         # pass 1: Yk and E1 at the chunk-start weights
         yk = tl.zeros([C, BD], dtype=tl.float32)
         for i_f in range(tl.cdiv(F, BF)):
-            f = i_f * BF + rf
-            mf = f < F
-            w0b = tl.load(hw0 + hs + f[:, None] * D + rd[None, :], mask=mf[:, None] & md[None, :], other=0.)
-            w1b = tl.load(hw1 + hs + rd[:, None] * F + f[None, :], mask=md[:, None] & mf[None, :], other=0.)
+            mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
+            w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
+            w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
             yk += tl.dot(_silu(tl.dot(kb, tl.trans(w0b), input_precision=PREC)), tl.trans(w1b), input_precision=PREC)
         r1 = yk - vb
         e1 = et[:, None] * r1
@@ -195,12 +200,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
         d_yl = 0.
         # pass 2: block-local gradients
         for i_f in range(tl.cdiv(F, BF)):
-            f = i_f * BF + rf
-            mf = f < F
-            mfd = mf[:, None] & md[None, :]
-            mdf = md[:, None] & mf[None, :]
-            p0 = f[:, None] * D + rd[None, :]
-            p1 = rd[:, None] * F + f[None, :]
+            mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
             w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
             s0b = tl.load(hs0 + hs + p0, mask=mfd, other=0.)
             w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
@@ -270,12 +270,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
         tl.debug_barrier()
         # pass 3: the terms through Yk = A W1ᵀ, with the whole dE1
         for i_f in range(tl.cdiv(F, BF)):
-            f = i_f * BF + rf
-            mf = f < F
-            mfd = mf[:, None] & md[None, :]
-            mdf = md[:, None] & mf[None, :]
-            p0 = f[:, None] * D + rd[None, :]
-            p1 = rd[:, None] * F + f[None, :]
+            mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
             w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
             w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
             zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)

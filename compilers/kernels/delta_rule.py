@@ -39,12 +39,14 @@ def _triton():
 
 
 def _kernels(q: torch.Tensor):
-    mod = _triton()
-    if not q.is_cuda and not mod.INTERPRETED:
-        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
-                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
-                           path=f"{_OP}.q")
-    return mod.kernels()
+    from ._load import load_kernels
+
+    def importer():
+        from . import _delta_rule_triton as mod
+
+        return mod
+
+    return load_kernels(importer, q, _OP, "delta-rule")
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -216,14 +216,20 @@ def _why_not_read_and_decay(spec: Any) -> str | None:
     a decay (before the write) with at most one gate per head, not toward the initial state."""
     if spec.read != "after_write":
         return f"read: {spec.read}"
-    ret = spec.retention
-    if ret is not None:
-        if ret.kind != "decay":
-            return f"retention {ret.kind} (the kernels decay before the write: kind decay)"
-        if ret.toward == "initial":
-            return "retention toward the initial state"
-        if getattr(ret.gate, "per", "head") == "channel":
-            return "a per-channel decay"
+    return _why_not_retention(spec.retention, "decay", "the kernels decay before the write")
+
+
+def _why_not_retention(ret: Any, kind: str, order: str) -> str | None:
+    """What every kernel needs of a level's retention: none, or ``kind`` (``order`` says why that
+    one) with at most one gate per head, not toward the initial state."""
+    if ret is None:
+        return None
+    if ret.kind != kind:
+        return f"retention {ret.kind} ({order}: kind {kind})"
+    if ret.toward == "initial":
+        return "retention toward the initial state"
+    if getattr(ret.gate, "per", "head") == "channel":
+        return f"a per-channel {'decay' if kind == 'decay' else 'retention gate'}"
     return None
 
 
@@ -352,15 +358,7 @@ def why_no_mlp_memory_kernel(spec: Any) -> str | None:
         return f"the {spec.objective.kind} objective"
     if spec.optimizer.kind not in ("momentum", "gd"):
         return f"the {spec.optimizer.kind} optimizer (the kernel is momentum's, or gd's without it)"
-    ret = spec.retention
-    if ret is not None:
-        if ret.kind != "weight_decay":
-            return f"retention {ret.kind} (the kernel decays after the step: kind weight_decay)"
-        if ret.toward == "initial":
-            return "retention toward the initial state"
-        if getattr(ret.gate, "per", "head") == "channel":
-            return "a per-channel retention gate"
-    return None
+    return _why_not_retention(spec.retention, "weight_decay", "the kernel decays after the step")
 
 
 def _gate(x: Any, shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor | None:

@@ -32,15 +32,14 @@ _OP = "chunk_linear_attention"
 
 
 def _kernels(q: torch.Tensor):
-    try:
+    from ._load import load_kernels
+
+    def importer():
         from . import _linear_attention_triton as mod
-    except ImportError as e:  # pragma: no cover - exercised only without triton
-        raise NLGraphError(f"the Triton linear-attention kernels need the 'triton' package ({e})", path=_OP) from e
-    if not q.is_cuda and not mod.INTERPRETED:
-        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
-                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
-                           path=f"{_OP}.q")
-    return mod.kernels()
+
+        return mod
+
+    return load_kernels(importer, q, _OP, "linear-attention")
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -42,16 +42,14 @@ _OP = "chunk_mlp_memory"
 
 
 def _kernels(q: torch.Tensor):
-    try:
-        from . import _delta_rule_triton as base
+    from ._load import load_kernels
+
+    def importer():
         from . import _mlp_memory_triton as mod
-    except ImportError as e:  # pragma: no cover - exercised only without triton
-        raise NLGraphError(f"the Triton MLP-memory kernel needs the 'triton' package ({e})", path=_OP) from e
-    if not q.is_cuda and not base.INTERPRETED:
-        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
-                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
-                           path=f"{_OP}.q")
-    return mod.kernels()
+
+        return mod
+
+    return load_kernels(importer, q, _OP, "MLP-memory")
 
 
 def _pow2(n: int) -> int:

@@ -1,0 +1,27 @@
+"""Loading a kernel module's Triton kernels on first use, with one error for each way it can fail."""
+
+from __future__ import annotations
+
+import torch
+
+from nlgraph.errors import NLGraphError
+
+
+def load_kernels(importer, q: torch.Tensor, op: str, what: str):
+    """The ``kernels()`` of the module ``importer()`` imports (``_delta_rule_triton``, ...), after
+    checking that Triton imports and that ``q``'s device can run them (CUDA, or CPU under Triton's
+    interpreter). The import is the caller's own ``from . import``: a traced caller (Dynamo does
+    not trace ``importlib``) reaches here too.
+
+    Raises:
+        NLGraphError: no ``triton`` package; a CPU tensor without ``TRITON_INTERPRET=1``."""
+    try:
+        mod = importer()
+    except ImportError as e:  # pragma: no cover - exercised only without triton
+        raise NLGraphError(f"the Triton {what} kernels need the 'triton' package ({e}); install triton (it ships "
+                           "with torch's CUDA builds) or use the 'chunked' form", path=op) from e
+    if not q.is_cuda and not mod.INTERPRETED:
+        raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
+                           "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
+                           path=f"{op}.q")
+    return mod.kernels()
