@@ -57,7 +57,7 @@ def checks(dev: torch.device) -> list[dict]:
 
 
 def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
-    from nlgraph.bench import median_ms, rel_err
+    from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -70,47 +70,17 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
     except Exception as e:  # noqa: BLE001
         chunk_simple_gla = None
         print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
-    # with the decay, and without it (fla refuses its gated backward on triton < 3.7.1 on Hopper)
-    impls = []
+    # with the decay, and without it (fla refuses its gated backward on triton < 3.7.1 on Hopper);
+    # fla first in each pair, so nlgraph's row carries its ratio to fla and its error against it
+    rows = []
     for gi, tag in ((g, " + g"), (None, "")):
+        impls = [(f"nlgraph chunk_linear_attention{tag}",
+                  lambda q_, k_, v_, gi=gi: chunk_linear_attention(q_, k_, v_, gi, scale=1.0)[0], False)]
         if chunk_simple_gla is not None:
-            impls.append(("fla chunk_simple_gla" + tag,
-                          lambda q_, k_, v_, gi=gi: chunk_simple_gla(q_, k_, v_, gi, scale=1.0)[0]))
-        impls.append(("nlgraph chunk_linear_attention" + tag,
-                      lambda q_, k_, v_, gi=gi: chunk_linear_attention(q_, k_, v_, gi, scale=1.0)[0]))
-    rows, outs = [], {}
-    for name, fn in impls:
-        row = {"name": name}
-        try:
-            with torch.no_grad():
-                outs[name] = fn(q, k, v)
-                row["fwd_ms"] = median_ms(lambda: fn(q, k, v), dev)
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            dy = torch.randn_like(outs[name])
-
-            def step():
-                for x in leaves:
-                    x.grad = None
-                fn(*leaves).backward(dy)
-
-            row["fwd_bwd_ms"] = median_ms(step, dev)
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            step()
-            torch.cuda.synchronize(dev)
-            row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
-        except Exception as e:  # noqa: BLE001 - a failing implementation is a row that says so
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        tag = " + g" if name.endswith(" + g") else ""
-        fla = next((r for r in rows if r["name"] == "fla chunk_simple_gla" + tag), None)
-        if fla and name in outs and fla["name"] in outs:
-            row["rel_err_vs_fla"] = rel_err(outs[name], outs[fla["name"]])
-            for key in ("fwd_ms", "fwd_bwd_ms"):
-                if key in row and key in fla:
-                    row[f"x_fla_{key}"] = round(row[key] / fla[key], 3)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            impls.insert(0, (f"fla chunk_simple_gla{tag}",
+                             lambda q_, k_, v_, gi=gi: chunk_simple_gla(q_, k_, v_, gi, scale=1.0)[0], True))
+        rows += time_rows(impls, [q, k, v], b * t, dev, lambda line: print(line, flush=True),
+                          impls[0][0] if len(impls) > 1 else None, compare=True)
     return rows
 
 

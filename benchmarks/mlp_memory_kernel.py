@@ -86,7 +86,7 @@ def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, 
 
 
 def timings(dev, pytorch: bool) -> list[dict]:
-    from nlgraph.bench import median_ms
+    from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory
 
     rows = []
@@ -99,9 +99,10 @@ def timings(dev, pytorch: bool) -> list[dict]:
         # the hidden block is the kernel's one tuning knob: each size is a row
         impls = [(f"nlgraph chunk_mlp_memory (triton, block_f {bf})",
                   lambda q, k, v, g=gates, s=state, bf=bf: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk,
-                                                                           block_f=bf)[0])
+                                                                           block_f=bf)[0], False)
                  for bf in (16, 32, 64) if bf <= max(16, f)]
-        if pytorch:
+        ref = None
+        if pytorch:  # the PyTorch form first: the kernel's rows carry their ratio to it
             from nlgraph.runtime import run_level
             from nlgraph.spec.loader import load_spec
 
@@ -115,31 +116,11 @@ def timings(dev, pytorch: bool) -> list[dict]:
                     return run_level(level, keys=k, values=v, queries=q, lr=g[0], retention=g[1], momentum=g[2],
                                      state=st, form="chunked")[0]
 
-            impls.append(("nlgraph chunked form (pytorch, eager, autocast)", chunked))
-        for name, fn in impls:
-            row = {"shape": label, "B": b, "T": t, "H": h, "D": d, "F": f, "chunk": chunk, "name": name}
-            try:
-                with torch.no_grad():
-                    row["fwd_ms"] = median_ms(lambda: fn(*qkv), dev)
-                leaves = [x.clone().requires_grad_() for x in qkv]
-                dy = torch.randn_like(qkv[2])
-
-                def step():
-                    for x in leaves:
-                        x.grad = None
-                    fn(*leaves).backward(dy)
-
-                row["fwd_bwd_ms"] = median_ms(step, dev)
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-                step()
-                torch.cuda.synchronize(dev)
-                row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
-            except Exception as e:  # noqa: BLE001 - a failing implementation is a row that says so
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            ref = "nlgraph chunked form (pytorch, eager, autocast)"
+            impls.insert(0, (ref, chunked, True))
+        shape = {"shape": label, "B": b, "T": t, "H": h, "D": d, "F": f, "chunk": chunk}
+        rows += [{**shape, **r} for r in time_rows(impls, qkv, b * t, dev, lambda line: print(line, flush=True),
+                                                     ref, compare=True)]
     return rows
 
 

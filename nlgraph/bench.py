@@ -327,7 +327,7 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
 
     ref_name = f"fla {anchor}" if anchor else None
-    rows = _time_rows(impls, [q, k, v], b * t, dev, log, ref_name, compare=bool(same and anchor == same),
+    rows = time_rows(impls, [q, k, v], b * t, dev, log, ref_name, compare=bool(same and anchor == same),
                       peer=peer[0] if peer else None)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "level": key, "form": form, "shape": [b, t, h, d], "dtype": dtype, "anchor": f"fla {anchor}" if anchor else None,
@@ -365,7 +365,7 @@ def _titans_pytorch(level: Any, h: int, d: int, dev: torch.device, dt: torch.dty
     return ("titans-pytorch NeuralMemory", run, True)
 
 
-def _time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], tokens: int, dev: torch.device, log,
+def time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], tokens: int, dev: torch.device, log,
                ref_name: str | None, compare: bool, peer: str | None = None) -> list[dict[str, Any]]:
     """Time each ``(name, fn(*inputs), is an anchor)``: first call, forward, forward + backward (a
     random output gradient), peak memory on CUDA; ratios to the row named ``ref_name`` and, with
@@ -496,7 +496,7 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
     for mode in modes:
         fn = torch.compile(ours, fullgraph=True, dynamic=False) if mode == "compile" else ours
         impls.append((f"nlgraph {key} layer ({mode})", fn, False))
-    rows = _time_rows(impls, [x], b * t, dev, log, anchor, compare=False)
+    rows = time_rows(impls, [x], b * t, dev, log, anchor, compare=False)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "layer": key, "forms": model.plan.executions(), "shape": [b, t, width], "anchor": anchor,
             "params": sum(p.numel() for p in inner.parameters())}
