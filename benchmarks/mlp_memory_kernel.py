@@ -25,25 +25,16 @@ import torch
 
 
 def _rel(a, b) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    from nlgraph.bench import rel_err
+
+    return rel_err(a.detach(), b.detach())
 
 
 def _inputs(b, t, h, d, f, dev, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    from nlgraph.compilers.kernels.mlp_memory import random_inputs
 
-    def r(*s):
-        return torch.randn(*s, generator=gen, dtype=torch.float64)
-
-    def u(lo, hi):
-        return lo + (hi - lo) * torch.rand(b, t, h, generator=gen, dtype=torch.float64)
-
-    q = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
-    k = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
-    v = r(b, t, h, d)
-    gates = (u(0.0, 0.2), u(0.9, 1.0), u(0.0, 1.0))
-    state = (r(b, h, f, d) / d ** 0.5, r(b, h, d, f) / f ** 0.5, 0.01 * r(b, h, f, d), 0.01 * r(b, h, d, f))
-    return [x.to(dev) for x in (q, k, v)], [g.to(dev) for g in gates], [s.to(dev) for s in state]
+    qkv, gates, state = random_inputs(b, t, h, d, f, seed)
+    return [x.to(dev) for x in qkv], [g.to(dev) for g in gates], [s.to(dev) for s in state]
 
 
 def checks(dev) -> list[dict]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["chunk_mlp_memory", "token_loop"]
+__all__ = ["chunk_mlp_memory", "random_inputs", "token_loop"]
 
 _OP = "chunk_mlp_memory"
 
@@ -293,3 +293,24 @@ def token_loop(q, k, v, eta, alpha, mu, state, chunk: int, read: str = "after_wr
         if read == "after_write":
             out.append(readout(w0, w1, q[:, i]))
     return torch.stack(out, dim=1), (w0, w1, s0, s1)
+
+
+def random_inputs(b: int, t: int, h: int, d: int, f: int, seed: int = 0):
+    """Float64 CPU inputs for the kernel's checks (its tests and GPU check): unit-norm q and k,
+    normal v, gates θ ~ U(0, 0.2), kept fraction α ~ U(0.9, 1), momentum μ ~ U(0, 1), and a state
+    of scaled normal weights and small momentum. Returns ``((q, k, v), (θ, α, μ), (W0, W1, S0, S1))``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, t, h, generator=gen, dtype=torch.float64)
+
+    q = F.normalize(r(b, t, h, d), dim=-1)
+    k = F.normalize(r(b, t, h, d), dim=-1)
+    v = r(b, t, h, d)
+    gates = (u(0.0, 0.2), u(0.9, 1.0), u(0.0, 1.0))
+    state = (r(b, h, f, d) / d ** 0.5, r(b, h, d, f) / f ** 0.5, 0.01 * r(b, h, f, d), 0.01 * r(b, h, d, f))
+    return (q, k, v), gates, state
+

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import set_interpret as _set_interpret  # noqa: E402
+from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
 
 from nlgraph.compilers.delta_rule import delta_rule_reference  # noqa: E402
 from nlgraph.compilers.kernels import _delta_rule_triton, chunk_delta_rule  # noqa: E402
@@ -28,16 +28,7 @@ from nlgraph.spec.schema import DeltaRuleSpec  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_while_testing():
-    """Triton also reads the setting when a launch first imports parts of itself (gluon), so keep it
-    on while this module's tests run, and put it back afterwards."""
-    if not _INTERPRET:
-        yield
-        return
-    old = _set_interpret("1")
-    yield
-    _set_interpret(old)
+pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
 
 
 def _inputs(b, t, h, dk, dv, *, gated, with_h0, seed):

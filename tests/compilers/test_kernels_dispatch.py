@@ -198,10 +198,9 @@ def _tiny_model(name):
     return build(name, overrides=overrides, device=DEVICE)
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "deltanet", "equiv/gated_deltanet_rule"])
-def test_models_equal_the_pytorch_path_and_stream(name, calls):
-    model = _tiny_model(name)
-    tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+def _with_and_without_kernels(model, tokens):
+    """Logits and parameter gradients ``{mode: (logits, grads)}`` with the kernels (``MODE``) and
+    with them off (the PyTorch path the plan falls back to)."""
     results = {}
     for mode in (MODE, "off"):
         dispatch.set_kernels(mode)
@@ -210,18 +209,41 @@ def test_models_equal_the_pytorch_path_and_stream(name, calls):
         logits.logsumexp(-1).mean().backward()
         results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                            if p.grad is not None})
-    assert calls["n"] == 1
+    return results
+
+
+def _assert_same(results, min_grads):
+    """The kernels' logits and gradients equal the PyTorch path's; returns the kernels' logits."""
     (lk, gk), (lp, gp) = results[MODE], results["off"]
     torch.testing.assert_close(lk, lp, rtol=1e-4, atol=1e-4)
-    assert gk.keys() == gp.keys() and len(gk) > 10
+    assert gk.keys() == gp.keys() and len(gk) > min_grads
     for n in gk:
         torch.testing.assert_close(gk[n], gp[n], rtol=1e-3, atol=1e-4, msg=n)
+    return lk
+
+
+def _streamed(model, tokens, bounds):
+    """The logits of ``tokens`` fed to ``model.stream`` in the pieces ``[(start, end), ...]``, with the
+    kernels on."""
     dispatch.set_kernels(MODE)
+    pieces, state = [], None
     with torch.no_grad():
-        a, state = model.stream(tokens[:, :45])
-        b, _ = model.stream(tokens[:, 45:], state)
+        for start, end in bounds:
+            out, state = model.stream(tokens[:, start:end], state)
+            pieces.append(out)
+    return torch.cat(pieces, 1)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "deltanet", "equiv/gated_deltanet_rule"])
+def test_models_equal_the_pytorch_path_and_stream(name, calls):
+    model = _tiny_model(name)
+    tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = _with_and_without_kernels(model, tokens)
+    assert calls["n"] == 1
+    lk = _assert_same(results, 10)
+    streamed = _streamed(model, tokens, [(0, 45), (45, 70)])
     assert calls["n"] == 3
-    torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(streamed, lk, rtol=1e-4, atol=1e-4)
 
 
 def test_plan_names_the_kernel_and_the_switch_turns_it_off(monkeypatch):
@@ -302,25 +324,10 @@ def test_linear_attention_models_equal_the_pytorch_path_and_stream(name, la_call
     model = _tiny_model(name)
     assert model.plan.executions() == {"mixer": "triton" if runs else "chunked"}
     tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    results = {}
-    for mode in (MODE, "off"):
-        dispatch.set_kernels(mode)
-        model.zero_grad()
-        logits = model(tokens)
-        logits.logsumexp(-1).mean().backward()
-        results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                           if p.grad is not None})
+    results = _with_and_without_kernels(model, tokens)
     assert la_calls["n"] == (1 if runs else 0)
-    (lk, gk), (lp, gp) = results[MODE], results["off"]
-    torch.testing.assert_close(lk, lp, rtol=1e-4, atol=1e-4)
-    assert gk.keys() == gp.keys() and len(gk) > 5
-    for n in gk:
-        torch.testing.assert_close(gk[n], gp[n], rtol=1e-3, atol=1e-4, msg=n)
-    dispatch.set_kernels(MODE)
-    with torch.no_grad():
-        a, state = model.stream(tokens[:, :45])
-        b, _ = model.stream(tokens[:, 45:], state)
-    torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
+    lk = _assert_same(results, 5)
+    torch.testing.assert_close(_streamed(model, tokens, [(0, 45), (45, 70)]), lk, rtol=1e-4, atol=1e-4)
 
 
 def test_linear_attention_on_cuda_follows_its_switch(monkeypatch):
@@ -357,32 +364,14 @@ def test_titans_models_equal_the_pytorch_path_and_stream(name, mlp_calls):
     model = _tiny_model(name)
     assert model.plan.executions()["memory"] == ("triton" if runs else "chunked")
     tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    results = {}
-    for mode in (MODE, "off"):
-        dispatch.set_kernels(mode)
-        model.zero_grad()
-        logits = model(tokens)
-        logits.logsumexp(-1).mean().backward()
-        results[mode] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                           if p.grad is not None})
+    results = _with_and_without_kernels(model, tokens)
     assert (mlp_calls["n"] > 0) == runs
-    (lk, gk), (lp, gp) = results[MODE], results["off"]
-    torch.testing.assert_close(lk, lp, rtol=1e-4, atol=1e-4)
-    assert gk.keys() == gp.keys() and len(gk) > 5
-    for n in gk:
-        torch.testing.assert_close(gk[n], gp[n], rtol=1e-3, atol=1e-4, msg=n)
-    dispatch.set_kernels(MODE)
-    with torch.no_grad():
-        a, state = model.stream(tokens[:, :45])
-        b, _ = model.stream(tokens[:, 45:], state)
-        torch.testing.assert_close(torch.cat([a, b], 1), lk, rtol=1e-4, atol=1e-4)
-        # a prompt shorter than a chunk, then one token at a time across a chunk boundary: the
-        # anchor of a run that ends inside its first chunk is that chunk's start
-        pieces, state = [], None
-        for s, e in [(0, 5), (5, 16), *((i, i + 1) for i in range(16, 20)), (20, 70)]:
-            out, state = model.stream(tokens[:, s:e], state)
-            pieces.append(out)
-    torch.testing.assert_close(torch.cat(pieces, 1), lk, rtol=1e-4, atol=1e-4)
+    lk = _assert_same(results, 5)
+    torch.testing.assert_close(_streamed(model, tokens, [(0, 45), (45, 70)]), lk, rtol=1e-4, atol=1e-4)
+    # a prompt shorter than a chunk, then one token at a time across a chunk boundary: the anchor of
+    # a run that ends inside its first chunk is that chunk's start
+    bounds = [(0, 5), (5, 16), *((i, i + 1) for i in range(16, 20)), (20, 70)]
+    torch.testing.assert_close(_streamed(model, tokens, bounds), lk, rtol=1e-4, atol=1e-4)
 
 
 def test_mlp_memory_waits_for_its_gpu_check_on_cuda():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import set_interpret as _set_interpret  # noqa: E402
+from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
+from triton_interp import rel as _rel  # noqa: E402
 
 from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention  # noqa: E402
 from nlgraph.compilers.kernels.linear_attention import token_loop as _reference  # noqa: E402
@@ -21,19 +22,7 @@ from nlgraph.errors import NLGraphError  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_while_testing():
-    if not _INTERPRET:
-        yield
-        return
-    old = _set_interpret("1")
-    yield
-    _set_interpret(old)
-
-
-def _rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
 
 
 def _inputs(b, t, h, dk, dv, gated, with_h0, seed):

@@ -13,44 +13,20 @@ import pytest
 import torch
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import set_interpret as _set_interpret  # noqa: E402
+from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
+from triton_interp import rel as _rel  # noqa: E402
 
-from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, token_loop  # noqa: E402
+from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, random_inputs, token_loop  # noqa: E402
 from nlgraph.errors import NLGraphError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_while_testing():
-    if not _INTERPRET:
-        yield
-        return
-    old = _set_interpret("1")
-    yield
-    _set_interpret(old)
-
-
-def _rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
 
 
 def _inputs(b, t, h, d, f, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*s):
-        return torch.randn(*s, generator=gen, dtype=torch.float64)
-
-    def u(lo, hi):
-        return lo + (hi - lo) * torch.rand(b, t, h, generator=gen, dtype=torch.float64)
-
-    q = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
-    k = torch.nn.functional.normalize(r(b, t, h, d), dim=-1)
-    v = r(b, t, h, d)
-    gates = (u(0.0, 0.2), u(0.9, 1.0), u(0.0, 1.0))  # θ, kept fraction α, momentum μ
-    state = (r(b, h, f, d) / d ** 0.5, r(b, h, d, f) / f ** 0.5, 0.01 * r(b, h, f, d), 0.01 * r(b, h, d, f))
-    return (q, k, v), gates, state
+    return random_inputs(b, t, h, d, f, seed)
 
 
 def _run(qkv, gates, state, dtype, **kw):

@@ -38,3 +38,22 @@ from nlgraph.compilers.kernels import _delta_rule_triton  # noqa: E402
 if INTERPRET and not _delta_rule_triton.INTERPRETED:  # pragma: no cover - import-order guard
     pytest.fail("triton was imported before the kernel tests could set TRITON_INTERPRET=1, so its "
                 "kernels cannot run on CPU here; run these files in their own process", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def interpreter_while_testing():
+    """Triton also reads the setting when a launch first imports parts of itself (gluon), so keep it
+    on while a kernel test module's tests run, and put it back afterwards. A kernel test module
+    imports this fixture and marks it ``autouse`` with ``pytestmark``."""
+    if not INTERPRET:
+        yield
+        return
+    old = set_interpret("1")
+    yield
+    set_interpret(old)
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of ``a`` against ``b``, in float64 on the CPU."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
