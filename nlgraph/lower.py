@@ -79,6 +79,7 @@ class Plan:
     device: str = "cpu"
     dtype: torch.dtype | None = None
     forced: tuple[tuple[str, str], ...] = ()
+    declined_forms: tuple[tuple[str, str, str], ...] = ()
 
     def executions(self) -> dict[str, str]:
         """``{level key: execution form}`` for every level the runtime runs (see
@@ -90,22 +91,7 @@ class Plan:
         that refused it on this plan's target (a kernel switched off, a shape it does not take), so
         a user sees what would run faster and why it does not. Levels forced by ``forms=`` are
         left out."""
-        from .compilers import forms
-        from .runtime import _family
-
-        forced = dict(self.forced)
-        out: list[tuple[str, str, str]] = []
-        for key, execution in self.executions().items():
-            if key in forced:
-                continue
-            level = _level_at(self.spec, key)
-            for form in forms(_family(level)):
-                if form.name == execution:
-                    break
-                why = form.supports(level, self.device, self.dtype)
-                if why is not None:
-                    out.append((key, form.name, why))
-        return out
+        return list(self.declined_forms)
 
     def render(self, model: NLModel | None = None) -> str:
         """A table of the plan; with ``model``, parameter counts per node and in total."""
@@ -152,12 +138,20 @@ def _runs_in_runtime(node: dict) -> bool:
         node["kind"] == "level" and node["spec"].objective.kind == "outer")
 
 
-def _level_at(spec: Spec, key: str) -> Any:
-    """The level spec at a plan's level key (``name``, or ``<chain>.levels[j]``)."""
-    if ".levels[" in key:
-        chain, j = key.split(".levels[")
-        return spec.levels[chain].levels[int(j.rstrip("]"))]
-    return spec.levels[key]
+def _declined(node: dict, execution: str, device: str, dtype: torch.dtype | None) -> list[tuple[str, str]]:
+    """``(form, why)`` for each registered form ranked above ``execution`` that refuses the node's
+    level on ``device`` in ``dtype``."""
+    from .compilers import forms
+    from .runtime import _family
+
+    out = []
+    for form in forms(_family(node["spec"])):
+        if form.name == execution:
+            break
+        why = form.supports(node["spec"], device, dtype)
+        if why is not None:
+            out.append((form.name, why))
+    return out
 
 
 def _choose_execution(node: dict, key: str, device: str, dtype: torch.dtype | None, want: str) -> str:
@@ -241,6 +235,7 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = N
     forms = dict(forms or {})
     target = torch.device(device).type if device is not None else "cpu"
     chosen: dict[str, str] = {}  # level key -> execution: one decision per level
+    declined: list[tuple[str, str, str]] = []
     levels = []
     for nid in level_order(graph):
         node = graph.nodes[nid]
@@ -263,6 +258,8 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = N
         if _runs_in_runtime(node):
             if key not in chosen:
                 chosen[key] = _choose_execution(node, key, target, dtype, forms.get(key, "auto"))
+                if key not in forms:
+                    declined += [(key, *d) for d in _declined(node, chosen[key], target, dtype)]
             execution = chosen[key]
         levels.append(LevelPlan(nid, family, _form_of(node, execution, target), freq, shapes, key, execution))
     unknown = [k for k in forms if k not in chosen]
@@ -270,7 +267,8 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = N
         known = ", ".join(sorted(chosen)) or "none"
         raise PlanError(f"no level '{unknown[0]}' is run with an execution form (levels that are: "
                         f"{known}){did_you_mean(unknown[0], chosen)}", path=f"forms.{unknown[0]}")
-    return Plan(spec, tuple(levels), graph.graph["hash"], target, dtype, tuple(sorted(forms.items())))
+    return Plan(spec, tuple(levels), graph.graph["hash"], target, dtype, tuple(sorted(forms.items())),
+                tuple(declined))
 
 
 def build(
