@@ -41,6 +41,21 @@ def _silu_grad2(z):
 
 
 @triton.jit
+def _tokens(i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, md):
+    """Chunk ``i_t``'s token rows in a ``[B, T, H, ...]`` tensor, their mask, and the mask of a
+    ``[C, D]`` tile of them."""
+    tok = i_t * C + tl.arange(0, C)
+    mt = tok < T
+    return (i_b * T + tok).to(tl.int64) * H + i_h, mt, mt[:, None] & md[None, :]
+
+
+@triton.jit
+def _load_tokens(x, row, rd, D: tl.constexpr, mtd):
+    """A ``[C, D]`` tile of ``x [B, T, H, D]`` at the chunk's rows, in float32 (zeros past ``T``)."""
+    return tl.load(x + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+
+
+@triton.jit
 def _block(i_f, rf, rd, md, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr):
     """Hidden block ``i_f``: its units ``f``, their mask, the masks of a ``[BF, D]`` (W0-shaped) and
     a ``[D, BF]`` (W1-shaped) tile, and those tiles' offsets in one ``[F, D]`` / ``[D, F]`` matrix."""
@@ -74,19 +89,15 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
                     BD: tl.constexpr, BF: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
-    rc = tl.arange(0, C)  # token rows of a chunk
     rd = tl.arange(0, BD)
     rf = tl.arange(0, BF)
     md = rd < D
     st = i_bh.to(tl.int64) * F * D  # one matrix of the state
     for i_t in range(C0, C1):
-        tok = i_t * C + rc
-        mt = tok < T
-        row = ((i_b * T + tok).to(tl.int64) * H + i_h)
-        mtd = mt[:, None] & md[None, :]
-        kb = tl.load(k + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
-        vb = tl.load(v + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
-        qb = tl.load(q + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        row, mt, mtd = _tokens(i_b, i_h, i_t, T, H, C, md)
+        kb = _load_tokens(k, row, rd, D, mtd)
+        vb = _load_tokens(v, row, rd, D, mtd)
+        qb = _load_tokens(q, row, rd, D, mtd)
         et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
         g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
         qk = tl.dot(qb, tl.trans(kb), input_precision=PREC) * omr         # (Q Kᵀ) ⊙ Ω
@@ -163,14 +174,11 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
     causal = rc[:, None] >= rc[None, :]
     for i_r in range(C1 - C0):
         i_t = C1 - 1 - i_r
-        tok = i_t * C + rc
-        mt = tok < T
-        row = ((i_b * T + tok).to(tl.int64) * H + i_h)
-        mtd = mt[:, None] & md[None, :]
-        kb = tl.load(k + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
-        vb = tl.load(v + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
-        qb = tl.load(q + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
-        dob = tl.load(do + row[:, None] * D + rd[None, :], mask=mtd, other=0.).to(tl.float32)
+        row, mt, mtd = _tokens(i_b, i_h, i_t, T, H, C, md)
+        kb = _load_tokens(k, row, rd, D, mtd)
+        vb = _load_tokens(v, row, rd, D, mtd)
+        qb = _load_tokens(q, row, rd, D, mtd)
+        dob = _load_tokens(do, row, rd, D, mtd)
         et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
         g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
         hs = (i_bh.to(tl.int64) * (C1 - C0) + (i_t - C0)) * F * D
