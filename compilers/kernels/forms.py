@@ -91,16 +91,13 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
     chunk, an adaptive gate ...) runs the ``chunked`` form. Returns ``(outputs [B, T, H, D_v], state)``."""
     from ..chunked import DEFAULT_CHUNK, run_chunked
 
-    if dispatch.why_no_mlp_memory_kernel(run.spec) is None:
-        done = dispatch.minibatch_mlp_memory(run)
-        if done is not None:
-            return done
-    elif run.period is not None and run.online:
+    done = dispatch.minibatch_mlp_memory(run)  # None at once for any other level
+    if done is None and run.period is not None and run.online:
         done = dispatch.online_delta_rule(run, chunk_size or DEFAULT_CHUNK)
         if done is None:
             done = dispatch.online_linear_attention(run, chunk_size or DEFAULT_CHUNK)
-        if done is not None:
-            return done
+    if done is not None:
+        return done
     return run_chunked(run, chunk_size, loop)
 
 
