@@ -4,12 +4,13 @@
 on outputs, final state and every input's gradient (float32 and bfloat16, partial last chunks),
 which is what rules out the Hopper backward miscompiles of triton 3.4–3.7 that Triton's CPU
 interpreter cannot show. Then forward and forward + backward are timed at issue 11's anchor shape
-(B=4, T=4096, H=16, D=128, MLP 128→512→128, chunk 64, bf16) and at the d_model-512 Titans model's
+(B=4, T=4096, H=16, D=128, MLP 128→512→128, at chunk 16, bf16: the kernel does not run chunk 64 at D = 128 on CUDA) and at the d_model-512 Titans model's
 level shape (B=8, T=2048, H=8, D=64, hidden 128, chunk 16), next to the ``chunked`` form of
 ``specs/titans.yaml``'s memory level in the same process (``--no-pytorch`` skips it). Without
-CUDA it says so and exits 0. After it passes, the Titans model with the kernel:
-``NLGRAPH_MLP_MEMORY_GPU=1 python -P -m nlgraph bench titans ...`` and ``NLGRAPH_MLP_MEMORY_GPU=1
-python benchmarks/model_speed.py --budget 0 --check-specs titans``.
+CUDA it says so and exits 0. The Titans model with the kernel: ``python -P -m nlgraph bench titans ...``
+and ``python benchmarks/model_speed.py --budget 0 --check-specs titans``. Each check and shape can be
+run alone (``--checks``, ``--shapes``), so that a kernel that hangs or faults is found in its own
+process.
 
     bash benchmarks/device.sh python benchmarks/mlp_memory_kernel.py --json "$OUT/mlp_memory.json"
 """
@@ -37,20 +38,36 @@ def _inputs(b, t, h, d, f, dev, seed=0):
     return [x.to(dev) for x in qkv], [g.to(dev) for g in gates], [s.to(dev) for s in state]
 
 
-def checks(dev) -> list[dict]:
+CHECKS = [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 1),
+          (2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 3),
+          (1, 96, 2, 64, 128, 32, torch.bfloat16, 3e-2, 1),
+          (1, 200, 2, 64, 128, 64, torch.float32, 1e-4, 1),
+          (1, 200, 2, 128, 192, 16, torch.float32, 1e-4, 1),
+          (1, 200, 2, 128, 192, 64, torch.float32, 1e-4, 1),
+          (1, 200, 2, 128, 512, 64, torch.bfloat16, 3e-2, 2),
+          (1, 200, 2, 128, 256, 32, torch.float32, 1e-4, 1),
+          (1, 200, 2, 128, 512, 16, torch.bfloat16, 3e-2, 2)]
+
+
+def checks(dev, which: list[int] | None = None) -> list[dict]:
+    """The checks ``which`` (indices into ``CHECKS``, all by default), each row with its seconds
+    (the first call's Triton compile included)."""
+    import time
+
     from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, token_loop
 
     rows = []
-    for b, t, h, d, f, chunk, dtype, tol, ck in [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 1),
-                                                  (2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 3),
-                                                  (1, 200, 2, 128, 192, 64, torch.float32, 1e-4, 1),
-                                                  (1, 96, 2, 64, 128, 32, torch.bfloat16, 3e-2, 1)]:
+    for i, (b, t, h, d, f, chunk, dtype, tol, ck) in enumerate(CHECKS):
+        if which is not None and i not in which:
+            continue
+        t0 = time.perf_counter()
         label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk} checkpoint={ck}"
         try:
             rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck))
         except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed row that says why
             rows.append({"check": label, "ok": False,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+        rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -76,22 +93,27 @@ def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, 
     return {"check": label, "max_rel_err": worst, "limit": tol, "ok": worst < tol, "errors": errs}
 
 
-def timings(dev, pytorch: bool) -> list[dict]:
+# issue 11's anchor shape is chunk 64, whose D = 128 tile the kernel does not run on CUDA
+# (mlp_memory.MAX_CUDA_TILE): it is timed at chunk 16
+SHAPES = {"anchor-c16": (4, 4096, 16, 128, 512, 16), "titans": (8, 2048, 8, 64, 128, 16)}
+
+
+def timings(dev, pytorch: bool, shapes: list[str], blocks: list[int]) -> list[dict]:
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory
 
     rows = []
-    for label, (b, t, h, d, f, chunk) in [("anchor", (4, 4096, 16, 128, 512, 64)),
-                                          ("titans d512 level", (8, 2048, 8, 64, 128, 16))]:
+    for label in shapes:
+        b, t, h, d, f, chunk = SHAPES[label]
         qkv, gates, state = _inputs(b, t, h, d, f, dev)
         qkv = [x.bfloat16() for x in qkv]
         gates = [g.float() for g in gates]
         state = [s.float() for s in state]
-        # the hidden block is the kernel's one tuning knob: each size is a row
-        impls = [(f"nlgraph chunk_mlp_memory (triton, block_f {bf})",
-                  lambda q, k, v, g=gates, s=state, bf=bf: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk,
-                                                                           block_f=bf)[0], False)
-                 for bf in (16, 32, 64) if bf <= max(16, f)]
+        # the hidden block and the warps are the kernel's tuning knobs: each pair is a row
+        impls = [(f"nlgraph chunk_mlp_memory (triton, block_f {bf}, {w} warps)",
+                  lambda q, k, v, g=gates, s=state, bf=bf, w=w: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk,
+                                                                                block_f=bf, warps=w)[0], False)
+                 for bf in blocks for w in (4, 8) if bf <= max(16, f)]
         ref = None
         if pytorch:  # the PyTorch form first: the kernel's rows carry their ratio to it
             from nlgraph.runtime import run_level
@@ -119,15 +141,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch form's timing (slow)")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--checks", type=int, nargs="*", default=None,
+                    help=f"which checks to run (indices 0-{len(CHECKS) - 1}; all by default; none with no index)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32], help="hidden blocks to time")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["anchor-c16", "titans"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("mlp_memory_kernel: no CUDA device here; nothing to check or time")
         return 0
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev)}
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks)}
     if not args.no_timing:
-        res["timings"] = timings(dev, not args.no_pytorch)
+        res["timings"] = timings(dev, not args.no_pytorch, args.shapes, args.blocks)
     if args.json:
         from nlgraph.io import atomic_write
 

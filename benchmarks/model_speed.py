@@ -9,10 +9,8 @@ kernel path computes what the PyTorch path computes.
    in float32, under bf16 autocast (against the float32 PyTorch result, next to the PyTorch path's
    own bf16 error), and (``--check-compile``, default Gated DeltaNet) with per-block
    ``torch.compile`` (float32); ``--check-specs retnet mamba2`` checks the linear-attention kernel's
-   models the same way, and ``--check-specs titans`` the MLP-memory kernel's (with
-   ``NLGRAPH_MLP_MEMORY_GPU=1`` until ``dispatch.MLP_MEMORY_ON_GPU`` is on by default). A spy
-   counts the kernels' calls,
-   so a silent fallback fails the check.
+   models the same way, and ``--check-specs titans`` the MLP-memory kernel's. A spy counts the
+   kernels' calls, so a silent fallback fails the check.
 2. **Speed**: training tokens/s through ``nlgraph.train`` (AdamW, bf16 autocast, the default byte
    corpus) for each spec × length × eager / ``--compile`` (per-block ``torch.compile``), median over
    the steps after the first two; the first step's seconds (compile and autotuning) are reported too.

@@ -234,7 +234,7 @@ def test_declined_says_which_faster_form_a_level_does_not_get_and_why(capsys, mo
     p = plan("titans", device="cuda")
     assert p.executions() == {"memory": "chunked"}
     ((key, form, why),) = p.declined()
-    assert (key, form) == ("memory", "triton") and "awaits its GPU check" in why
+    assert (key, form) == ("memory", "triton") and "switched off on CUDA" in why
     assert plan("gated_deltanet", device="cuda").declined() == []  # it gets the best form
     assert plan("titans", device="cuda", forms={"memory": "chunked"}).declined() == []  # forced
     assert main(["compile", "titans", "--device", "cuda"]) == 0

@@ -327,11 +327,13 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 
 # --------------------------------------------------------------------------- the mini-batch MLP memory
 
-#: Whether the plan gives Titans' MLP-memory kernel CUDA tensors. Off until
-#: benchmarks/mlp_memory_kernel.py has passed on the GPU and timed it (Triton 3.4–3.7 miscompiles
-#: some backward kernels on Hopper, which the CPU interpreter cannot show); the interpreter runs it.
-#: ``NLGRAPH_MLP_MEMORY_GPU=1`` turns it on for a process, to check and time it on a GPU.
-MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "") == "1"
+#: Whether the plan gives Titans' MLP-memory kernel CUDA tensors. On since
+#: benchmarks/mlp_memory_kernel.py passed on the H200 (outputs, state and every gradient against the
+#: float64 token loop, float32 and bfloat16, D = 64 at chunks 16–64 and D = 128 at chunks 16 and 32;
+#: Triton 3.4–3.7 miscompiles some backward kernels on Hopper, which the CPU interpreter cannot show).
+#: Tiles beyond ``mlp_memory.MAX_CUDA_TILE`` keep the PyTorch form. ``NLGRAPH_MLP_MEMORY_GPU=0`` turns
+#: it off for a process.
+MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "1") != "0"
 
 
 def why_no_mlp_memory_kernel(spec: Any) -> str | None:
@@ -386,8 +388,11 @@ def minibatch_mlp_memory(run: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor
     q, k, v = run.queries.data, run.keys.data, run.values.data
     if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or k.shape != v.shape:
         return None
-    if q.device.type == "cuda" and not MLP_MEMORY_ON_GPU:
-        return None
+    if q.device.type == "cuda":
+        from .mlp_memory import why_not_on_cuda
+
+        if not MLP_MEMORY_ON_GPU or why_not_on_cuda(run.chunk, q.shape[-1]) is not None:
+            return None
     b, t, h = run.shape
     like = k
     momentum = run.optimizer.uses_momentum

@@ -1,6 +1,6 @@
 """The Triton kernels as registered execution forms: ``triton`` for the closed-form ``delta_rule``
-family and for the ``memory`` family's (gated) delta-rule and linear-attention levels, and (under
-the interpreter until its GPU check, ``dispatch.MLP_MEMORY_ON_GPU``) Titans' mini-batch MLP memory.
+family and for the ``memory`` family's (gated) delta-rule and linear-attention levels, and Titans'
+mini-batch MLP memory (on CUDA while ``dispatch.MLP_MEMORY_ON_GPU`` is on, the default).
 
 A form is chosen once per level by the plan (:func:`nlgraph.lower.plan`) from the registry, for the
 target device and dtype; this module is how the kernels enter that choice, with nothing else in the
@@ -103,8 +103,8 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
 
 def _mlp_on(device: str) -> str | None:
     if torch.device(device).type == "cuda" and not dispatch.MLP_MEMORY_ON_GPU:
-        return ("Titans' MLP memory: its Triton kernel awaits its GPU check (benchmarks/mlp_memory_kernel.py); "
-                "NLGRAPH_MLP_MEMORY_GPU=1 turns it on")
+        return ("Titans' MLP memory: its Triton kernel is switched off on CUDA (NLGRAPH_MLP_MEMORY_GPU=0; "
+                "unset it to turn the kernel on)")
     return None
 
 

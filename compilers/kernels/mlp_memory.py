@@ -22,11 +22,12 @@ gates' transfer products are differentiated by PyTorch. A custom op with autogra
 (``nlgraph::chunk_mlp_memory_fwd`` / ``_bwd``), so ``torch.compile(fullgraph=True)`` traces it.
 
 The memory family's ``triton`` form routes Titans' memory levels here
-(:func:`nlgraph.compilers.kernels.dispatch.minibatch_mlp_memory`), on CUDA only while
-``dispatch.MLP_MEMORY_ON_GPU`` is on. Checked on CPU through Triton's interpreter against
-:func:`token_loop` on outputs, final state and every input's gradient
-(``tests/compilers/test_kernels_mlp_memory.py``), and on the H200 at the d_model-512 model's widths
-in float32 (docs/benchmarks.md). The backward is not itself differentiable (no double backward).
+(:func:`nlgraph.compilers.kernels.dispatch.minibatch_mlp_memory`); on CUDA while
+``dispatch.MLP_MEMORY_ON_GPU`` is on (the default) and the chunk's ``[C, D]`` tile is at most
+``MAX_CUDA_TILE``. Checked on CPU through Triton's interpreter against :func:`token_loop` on
+outputs, final state and every input's gradient (``tests/compilers/test_kernels_mlp_memory.py``),
+and on the H200 in float32 and bfloat16 at D = 64 (chunks 16, 32, 64) and D = 128 (chunks 16, 32)
+(docs/benchmarks.md). The backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -83,10 +84,34 @@ def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int, bef
             end.contiguous(), oml[..., 1:].contiguous(), yl[..., 1:].contiguous())
 
 
-def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int) -> dict:
+def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> dict:
     b, t, h, d = q.shape
-    return dict(T=t, NT=-(-t // chunk), H=h, D=d, F=f, C=chunk, BD=_pow2(d), BF=block_f,
+    return dict(T=t, NT=-(-t // chunk), H=h, D=d, F=f, C=chunk, BD=_pow2(d), BF=block_f, num_warps=warps,
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+#: The largest ``[C, D]`` tile (chunk × head dim, D rounded up to a power of two) the kernels run on
+#: CUDA. On the H200 (triton 3.6) every checked tile up to 4096 passed (D = 64 at chunks 16–64, D = 128
+#: at chunk 16); at C·D = 8192 (D = 128, chunk 64) the float32 kernel did not finish compiling in 70 s
+#: and the bfloat16 one raised an illegal memory access (benchmarks/results/mlp_memory_kernel_h200.md).
+MAX_CUDA_TILE = 4096
+
+
+def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | None:
+    """``None`` when the kernels run a chunk of ``chunk`` tokens at head dim ``d`` (and hidden block
+    ``block_f``) on CUDA, else why not."""
+    if block_f == 64:  # the H200 sweep that timed it faulted, and no check has passed with it
+        return "block_f 64 is not checked on CUDA (the H200 timing sweep with it faulted); take 16 or 32"
+    if chunk * _pow2(d) > MAX_CUDA_TILE:
+        return (f"chunk {chunk} × head dim {d} exceeds the {MAX_CUDA_TILE}-element tile the kernel runs on CUDA "
+                "(it fails on the H200 beyond that); take chunk ≤ 32 at head dim 128, or more heads")
+    return None
+
+
+def _warps(chunk: int, d: int) -> int:
+    """Warps per program: a program holds about a dozen float32 ``[C, D]`` tiles, so large tiles
+    need more threads to hold them in registers (4 warps at C·D = 1024 was the H200's checked size)."""
+    return 4 if chunk * _pow2(d) <= 1024 else 8
 
 
 _FWD = "nlgraph::chunk_mlp_memory_fwd"
@@ -96,14 +121,14 @@ _FWD = "nlgraph::chunk_mlp_memory_fwd"
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
             z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
             w0: torch.Tensor, w1: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, chunk: int, block_f: int,
-            stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+            stride: int, warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o, W0, W1, S0, S1 after the sequence, and every ``stride``-th chunk-start state
     [B, H, ⌈NT / stride⌉, ...])``; ``stride`` 0 keeps none (empties)."""
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = w0.shape[-2]
-    p = _launch(q, f, chunk, block_f)
+    p = _launch(q, f, chunk, block_f, warps)
     nt = p["NT"]
     nh = -(-nt // stride) if stride else 0
     out = [x.float().contiguous().clone() for x in (w0, w1, s0, s1)]
@@ -116,7 +141,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
 
 
 @_fwd_op.register_fake
-def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride):
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps):
     b, t, h, _ = q.shape
     nt = -(-t // chunk)
     nh = -(-nt // stride) if stride else 0
@@ -130,14 +155,14 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
             z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
             hw0: torch.Tensor, hw1: torch.Tensor, hs0: torch.Tensor, hs1: torch.Tensor, do: torch.Tensor,
             dw0: torch.Tensor, dw1: torch.Tensor, ds0: torch.Tensor, ds1: torch.Tensor, chunk: int, block_f: int,
-            stride: int) -> list[torch.Tensor]:
+            stride: int, warps: int) -> list[torch.Tensor]:
     """Returns the gradients of ``(q, k, v, eta, g0, z0, om, end, oml, yll, W0, W1, S0, S1)``. With a
     ``stride`` above 1 the saved states are checkpoints: each segment of ``stride`` chunks is run
     forward again from its checkpoint, keeping every chunk's start, then backward."""
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = hw0.shape[-2]
-    p = _launch(q, f, chunk, block_f)
+    p = _launch(q, f, chunk, block_f, warps)
     nt = p["NT"]
     state = [x.float().contiguous().clone() for x in (dw0, dw1, ds0, ds1)]  # overwritten chunk by chunk
     scr = q.new_empty(b * h, chunk, f, dtype=torch.float32)
@@ -163,17 +188,18 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
 
 
 @_bwd_op.register_fake
-def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f, stride):
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f, stride,
+      warps):
     return ([torch.empty_like(x) for x in (q, k, v, eta, g0, z0, om, end, oml, yll)]
             + [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (dw0, dw1, ds0, ds1)])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride = inputs
+    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps = inputs
     ctx.save_for_backward(q, k, v, eta, g0, z0, om, end, oml, yll, *output[5:])
     # the kept states are for the backward only: no zero gradients the size of the history for them
     ctx.mark_non_differentiable(*output[5:])
-    ctx.chunk, ctx.block_f, ctx.stride = chunk, block_f, stride
+    ctx.chunk, ctx.block_f, ctx.stride, ctx.warps = chunk, block_f, stride, warps
     ctx.state_dtypes = [x.dtype for x in (w0, w1, s0, s1)]
     ctx.shapes = [x.shape for x in (w0, w1, s0, s1)]
 
@@ -185,9 +211,9 @@ def _autograd_backward(ctx, do, dw0, dw1, ds0, ds1, *_hist):
                            "with gradients enabled", path=_OP)
     dstate = [torch.zeros(s, dtype=torch.float32, device=do.device) if g is None else g
               for g, s in zip((dw0, dw1, ds0, ds1), ctx.shapes)]
-    g = _bwd_op(*saved, do, *dstate, ctx.chunk, ctx.block_f, ctx.stride)
+    g = _bwd_op(*saved, do, *dstate, ctx.chunk, ctx.block_f, ctx.stride, ctx.warps)
     state = [x.to(dt) for x, dt in zip(g[10:], ctx.state_dtypes)]
-    return (*g[:10], *state, None, None, None)
+    return (*g[:10], *state, None, None, None, None)
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -196,7 +222,7 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
                      mu: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                      chunk: int = 16, block_f: int | None = None, checkpoint: int | None = None,
-                     read: str = "after_write"
+                     read: str = "after_write", warps: int | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Titans' mini-batch MLP memory over a sequence, in Triton, differentiable in every input.
 
@@ -207,7 +233,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         state: ``(W0 [B, H, F, D], W1 [B, H, D, F], S0, S1)`` at the sequence's start (momentum
             ``S`` shaped as its weight).
         chunk: the gradient point's chunk (16, 32 or 64).
-        block_f: hidden units a kernel step holds (16, 32 or 64); by default 32, or 16 where the
+        block_f: hidden units a kernel step holds (16, 32 or 64; 64 not on CUDA); by default 32, or 16 where the
             chunk's ``[C, D]`` tiles are large (``C·D > 2048``): on the H200 the float32 kernels at
             D = 128, chunk 64 and 32 hidden units asked for 248 KiB of shared memory (227 KiB there).
 
@@ -216,6 +242,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             again from it; 1 keeps them all (no recomputation). By default the smallest power of
             two that keeps them within 256 MiB.
         read: ``after_write`` (``o_t = M_{W_t}(q_t)``) or ``before_write`` (``o_t = M_{W_{t−1}}(q_t)``).
+        warps: warps per program (4, 8 or 16); by default 4, or 8 where ``C·D > 1024``.
 
     Returns:
         ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``.
@@ -246,6 +273,12 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         raise NLGraphError(f"chunk {chunk} and block_f {block_f} must each be 16, 32 or 64", path=f"{_OP}.chunk")
     if d > 256:
         raise NLGraphError(f"head dim {d} exceeds 256; split the heads", path=f"{_OP}.q")
+    if q.device.type == "cuda" and (why := why_not_on_cuda(chunk, d, block_f)) is not None:
+        raise NLGraphError(why, path=f"{_OP}.chunk")
+    if warps is None:
+        warps = _warps(chunk, d)
+    if warps not in (4, 8, 16):
+        raise NLGraphError(f"warps {warps!r} must be 4, 8 or 16", path=f"{_OP}.warps")
     _kernels(q)
     if t == 0:
         return v.new_zeros(v.shape), tuple(x.float() for x in state)
@@ -261,7 +294,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             checkpoint *= 2
     stride = checkpoint if save else 0
     out = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), eta.float().contiguous(), *coef,
-                  *(x.contiguous() for x in state), chunk, block_f, stride)
+                  *(x.contiguous() for x in state), chunk, block_f, stride, warps)
     return out[0], tuple(out[1:5])
 
 

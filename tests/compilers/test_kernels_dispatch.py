@@ -374,20 +374,35 @@ def test_titans_models_equal_the_pytorch_path_and_stream(name, mlp_calls):
     torch.testing.assert_close(_streamed(model, tokens, bounds), lk, rtol=1e-4, atol=1e-4)
 
 
-def test_mlp_memory_waits_for_its_gpu_check_on_cuda():
-    """Until benchmarks/mlp_memory_kernel.py has passed on the GPU, a CUDA plan keeps the PyTorch
-    form for Titans' memory, and forcing the kernel says why in one line; levels the kernel does
-    not compute (HOPE's self-modifying memory, TTT's) never take it."""
+def test_mlp_memory_runs_on_cuda_unless_switched_off(monkeypatch):
+    """CUDA plans give Titans' memory the kernel (it passed its GPU check); switched off
+    (``NLGRAPH_MLP_MEMORY_GPU=0``), a CUDA plan keeps the PyTorch form and forcing the kernel says
+    why in one line; levels the kernel does not compute (HOPE's self-modifying memory, TTT's) never
+    take it."""
     from nlgraph.compilers.kernels.dispatch import why_no_mlp_memory_kernel
     from nlgraph.spec.loader import load_spec
 
     assert why_no_mlp_memory_kernel(load_spec("titans").levels["memory"]) is None
     assert why_no_mlp_memory_kernel(load_spec("hope").levels["titans"]) is not None
     assert why_no_mlp_memory_kernel(load_spec("ttt_mlp").levels["ttt"]) is not None
-    if dispatch.MLP_MEMORY_ON_GPU:
-        assert plan("titans", device="cuda").executions() == {"memory": "triton"}
-        return
+    monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
+    assert plan("titans", device="cuda").executions() == {"memory": "triton"}
+    monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", False)
     assert plan("titans", device="cuda").executions() == {"memory": "chunked"}
-    with pytest.raises(PlanError, match="awaits its GPU check") as e:
+    with pytest.raises(PlanError, match="switched off on CUDA") as e:
         plan("titans", device="cuda", forms={"memory": "triton"})
     assert "\n" not in str(e.value)
+
+
+def test_mlp_memory_refuses_cuda_tiles_it_fails_at():
+    """The kernel's ``[C, D]`` tile past ``MAX_CUDA_TILE`` failed on the H200 (chunk 64 at D = 128):
+    the rule the wrapper (raising it on CUDA) and the dispatcher (leaving such a level to the PyTorch
+    form) apply says what to take instead, in one line."""
+    from nlgraph.compilers.kernels.mlp_memory import MAX_CUDA_TILE, why_not_on_cuda
+
+    assert why_not_on_cuda(16, 64) is None and why_not_on_cuda(64, 64) is None
+    assert why_not_on_cuda(32, 128) is None and MAX_CUDA_TILE == 4096
+    why = why_not_on_cuda(64, 128)
+    assert why is not None and "chunk ≤ 32" in why and "\n" not in why
+    assert why_not_on_cuda(16, 200) is None and why_not_on_cuda(32, 200) is not None  # D rounds up to 256
+    assert why_not_on_cuda(16, 64, 32) is None and "take 16 or 32" in why_not_on_cuda(16, 64, 64)
