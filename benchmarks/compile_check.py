@@ -3,14 +3,30 @@ for N steps with no recompiles; eager and compiled logits agree. Prints a table.
 
     python benchmarks/compile_check.py hope titans gated_deltanet --steps 20 --length 512
 
+``--cold`` measures compile time as a user meets it: each spec runs in a fresh process with an
+empty inductor cache (the cold compile), then in a second fresh process on that cache (what a
+later run pays), and the table gives where the cold compile went (Dynamo's tracing, inductor's
+forward and backward graphs, the wait for the generated kernels to compile) and how many kernels
+inductor generated, with how many of their launches sit inside the chunk loop's body (a
+``while_loop`` runs its body once per chunk, so those launches repeat).
+
+    python benchmarks/compile_check.py hope titans gated_deltanet --cold --steps 3 --length 64 \
+        --d-model 64 --heads 2 --layers 1
+
 Results and the command that made them: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch._dynamo
@@ -60,6 +76,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     return {
         "spec": name,
+        **_phases(),
         "params": sum(p.numel() for p in model.parameters()),
         "graphs": graphs_after_first,
         "recompiles": counters["stats"]["unique_graphs"] - graphs_after_first,
@@ -68,6 +85,67 @@ def check(name: str, args: argparse.Namespace) -> dict:
         "rel_err": err,
         "loss": f"{loss0:.3f} -> {loss:.3f}",
     }
+
+
+#: Dynamo's compile-time counters reported, by the label of the column (they nest: inductor's
+#: forward and backward include their wait for the kernels' compilation)
+PHASES = {"trace_s": "bytecode_tracing", "inductor_fwd_s": "compile_fx.<locals>.fw_compiler_base",
+          "inductor_bwd_s": "compile_fx.<locals>.bw_compiler", "kernel_wait_s": "async_compile.wait"}
+
+
+def _phases() -> dict:
+    """The cold compile's phases from ``torch._dynamo.utils.compile_times``, in seconds (0 where a
+    phase did not run, e.g. everything from a warm cache)."""
+    from torch._dynamo.utils import compile_times
+
+    text = compile_times(repr="str", aggregate=True)
+    seen = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(",")
+        try:
+            seen[name.strip()] = float(value)
+        except ValueError:
+            continue
+    return {label: round(seen.get(key, 0.0), 1) for label, key in PHASES.items()}
+
+
+def kernel_counts(cache_dir: Path) -> dict:
+    """Kernels inductor generated under ``cache_dir`` (Triton or C++), and how many kernel launches
+    the generated code makes inside loop bodies (``*_body_graph_*`` functions: once per chunk)."""
+    made = re.compile(r"^\w+ = async_compile\.(triton|cpp|cpp_pybinding)\(", re.M)
+    kernels = in_body = 0
+    for f in cache_dir.rglob("*.py"):
+        text = f.read_text(errors="replace")
+        names = set(re.findall(r"^(\w+) = async_compile\.(?:triton|cpp|cpp_pybinding)\(", text, re.M))
+        if not names:
+            continue
+        kernels += len(made.findall(text))
+        for body in re.finditer(r"^def \w*body_graph\w*\(args\):\n(.*?)(?=^\S)", text, re.M | re.S):
+            in_body += sum(len(re.findall(rf"\b{re.escape(n)}\b[\.\[(]", body.group(1))) for n in names)
+    return {"kernels": kernels, "launches_in_loop_bodies": in_body}
+
+
+def cold(name: str, args: argparse.Namespace) -> dict:
+    """``name`` compiled in a fresh process on an empty inductor cache, then again in another fresh
+    process on that cache: the cold row with ``cached_compile_s`` and the kernel counts."""
+    with tempfile.TemporaryDirectory() as d:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(d) / "inductor")}
+        rows = []
+        for _ in range(2):
+            out = Path(d) / "row.json"
+            cmd = [sys.executable, __file__, name, "--child-json", str(out), "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--length", str(args.length), "--d-model", str(args.d_model),
+                   "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0 or not out.exists():
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"the child process failed (rc {done.returncode}): {tail[0][:300]}")
+            rows.append(json.loads(out.read_text()))
+            out.unlink()
+        row = rows[0]
+        row["cached_compile_s"] = rows[1]["compile_s"]
+        row.update(kernel_counts(Path(d) / "inductor"))
+        return row
 
 
 def main() -> int:
@@ -80,27 +158,51 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--verbose", action="store_true", help="print the whole error of a failed spec")
+    p.add_argument("--cold", action="store_true",
+                   help="each spec in fresh processes: cold compile on an empty inductor cache, then from it")
+    p.add_argument("--json", default=None, help="write the rows as JSON")
+    p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if args.child_json:  # one spec for --cold's parent: its row as JSON, errors as the exit status
+        Path(args.child_json).write_text(json.dumps(check(args.specs[0], args)))
+        return 0
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     print(f"B={args.batch} T={args.length} d_model={args.d_model} heads={args.heads} layers={args.layers} "
-          f"steps={args.steps}, fullgraph=True, fail_on_recompile after step 1")
+          f"steps={args.steps}, fullgraph=True, fail_on_recompile after step 1"
+          + (", each spec cold (empty inductor cache) then cached, in fresh processes" if args.cold else ""))
     header = f"{'spec':<16} {'params':>10} {'graphs':>6} {'recompiles':>10} {'compile+step1 s':>15} {'step ms':>9} {'rel err':>9}  loss"
+    if args.cold:
+        header += ("  | cached s | trace s | inductor fwd s | inductor bwd s | kernel wait s | kernels "
+                   "| launches in loop bodies")
     print(header)
     ok = True
+    rows = []
     for name in args.specs:
         try:
-            r = check(name, args)
-            print(f"{r['spec']:<16} {r['params']:>10,} {r['graphs']:>6} {r['recompiles']:>10} "
-                  f"{r['compile_s']:>15.1f} {r['step_ms']:>9.1f} {r['rel_err']:>9.1e}  {r['loss']}")
+            r = cold(name, args) if args.cold else check(name, args)
+            rows.append(r)
+            line = (f"{r['spec']:<16} {r['params']:>10,} {r['graphs']:>6} {r['recompiles']:>10} "
+                    f"{r['compile_s']:>15.1f} {r['step_ms']:>9.1f} {r['rel_err']:>9.1e}  {r['loss']}")
+            if args.cold:
+                line += (f"  | {r['cached_compile_s']:.1f} | {r['trace_s']} | {r['inductor_fwd_s']} | "
+                         f"{r['inductor_bwd_s']} | {r['kernel_wait_s']} | {r['kernels']} | {r['launches_in_loop_bodies']}")
+            print(line)
             ok &= r["recompiles"] == 0
         except Exception as e:  # report and continue with the next spec
             ok = False
+            rows.append({"spec": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(f"{name:<16} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             if args.verbose:
                 print(str(e)[:4000])
         sys.stdout.flush()
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        meta = {"torch": torch.__version__, "device": args.device, "B": args.batch, "T": args.length,
+                "d_model": args.d_model, "heads": args.heads, "layers": args.layers, "cold": args.cold}
+        atomic_write(Path(args.json), json.dumps({**meta, "rows": rows}, indent=1).encode())
     return 0 if ok else 1
 
 

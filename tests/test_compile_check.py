@@ -1,0 +1,56 @@
+"""``benchmarks/compile_check.py --cold``'s reading of inductor's generated code: kernels counted
+once each, and their launches inside loop bodies (which repeat once per chunk) told apart."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "benchmarks" / "compile_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+WRAPPER = '''
+cpp_fused_add_0 = async_compile.cpp_pybinding(['float*'], r\'\'\'
+extern "C" void kernel(float* x) {}
+\'\'\')
+triton_poi_mul_1 = async_compile.triton('triton_poi_mul_1', \'\'\'
+def triton_poi_mul_1(x): pass
+\'\'\')
+async_compile.wait(globals())
+
+def while_loop_body_graph_0_0(args):
+    buf0 = empty()
+    cpp_fused_add_0(buf0)
+    triton_poi_mul_1.run(buf0)
+    cpp_fused_add_0(buf0)
+    return [buf0]
+
+def while_loop_cond_graph_0_0(args):
+    return [args[0] < 3]
+
+class Runner:
+    def call(self, args):
+        cpp_fused_add_0(args[0])
+        return args
+'''
+
+
+def test_kernel_counts_tell_loop_body_launches_apart(tmp_path):
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "wrapper.py").write_text(WRAPPER)
+    (tmp_path / "ab" / "other.py").write_text("x = 1\n")  # no kernels: not counted
+    assert _module().kernel_counts(tmp_path) == {"kernels": 2, "launches_in_loop_bodies": 3}
+
+
+def test_phases_are_reported_even_when_nothing_compiled():
+    mod = _module()
+    phases = mod._phases()
+    assert set(phases) == set(mod.PHASES)
+    assert all(isinstance(v, float) and v >= 0 for v in phases.values())
