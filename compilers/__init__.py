@@ -25,10 +25,13 @@ class Form:
         family: the level family it implements (``delta_rule``, ``deep_memory``, ...).
         name: the form's name (``reference``, ``chunked``, ``triton``, ...).
         priority: higher wins when several forms support a level.
-        supports: ``supports(level_spec, device, dtype) -> str | None``; ``None`` means supported,
-            a string says why not (shown to the user when no form applies). ``device`` is a device
-            type (``"cpu"``, ``"cuda"``); ``dtype`` the parameters' ``torch.dtype``, or ``None`` when
-            the caller does not know it (then any dtype the form could take).
+        supports: ``supports(level_spec, device, dtype, head_dim=None) -> str | None``; ``None``
+            means supported, a string says why not (shown to the user when no form applies).
+            ``device`` is a device type (``"cpu"``, ``"cuda"``); ``dtype`` the parameters'
+            ``torch.dtype``, or ``None`` when the caller does not know it (then any dtype the form
+            could take); ``head_dim`` the width of the level's keys per head where the caller knows
+            it (the plan, from the level graph; a run, from its tensors), for a form whose kernel
+            takes only some widths.
         run: the callable that executes the level.
         options: the keyword options ``run`` takes beyond the level (``chunk_size`` for chunked
             forms), read off its signature once at registration.
@@ -41,7 +44,7 @@ class Form:
     family: str
     name: str
     priority: int
-    supports: Callable[[Any, str, Any], str | None]
+    supports: Callable[..., str | None]
     run: Callable[..., Any]
     options: frozenset[str] = frozenset()
     fallback: str | None = None
@@ -57,8 +60,9 @@ def register_form(
     """Decorator registering ``fn`` as form ``name`` of ``family``. Registering the same
     (family, name) twice is an error, so two backends cannot silently shadow each other.
 
-    ``supports`` is ``(level, device, dtype) -> str | None``, or ``(level, device)`` for a form that
-    takes every dtype."""
+    ``supports`` is ``(level, device, dtype, head_dim=None) -> str | None``, or ``(level, device,
+    dtype)`` for a form that takes every head width, or ``(level, device)`` for one that also takes
+    every dtype."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         table = _REGISTRY.setdefault(family, {})
@@ -72,12 +76,16 @@ def register_form(
     return deco
 
 
-def _with_dtype(supports: Callable[..., str | None] | None) -> Callable[[Any, str, Any], str | None]:
+def _with_dtype(supports: Callable[..., str | None] | None) -> Callable[..., str | None]:
+    """``supports`` as ``(level, device, dtype=None, head_dim=None)``, whatever it takes of those."""
     if supports is None:
-        return lambda level, device, dtype=None: None
-    if len(inspect.signature(supports).parameters) >= 3:
+        return lambda level, device, dtype=None, head_dim=None: None
+    n = len(inspect.signature(supports).parameters)
+    if n >= 4:
         return supports
-    return lambda level, device, dtype=None: supports(level, device)
+    if n == 3:
+        return lambda level, device, dtype=None, head_dim=None: supports(level, device, dtype)
+    return lambda level, device, dtype=None, head_dim=None: supports(level, device)
 
 
 def forms(family: str) -> list[Form]:
@@ -86,9 +94,10 @@ def forms(family: str) -> list[Form]:
 
 
 def select_form(family: str, level: Any, device: str = "cpu", dtype: Any = None, *, want: str = "auto",
-                fall_back: bool = False) -> Form:
+                fall_back: bool = False, head_dim: int | None = None) -> Form:
     """The form to run ``level`` with on ``device`` (a device type) in ``dtype`` (a ``torch.dtype``,
-    or ``None``: not known): ``want`` by name, or the best supported one for ``auto``. With
+    or ``None``: not known) at ``head_dim`` (the keys' width per head, ``None``: not known):
+    ``want`` by name, or the best supported one for ``auto``. With
     ``fall_back``, a named form that refuses hands over to its :attr:`Form.fallback` (run time: the
     plan chose it for another target); a plan never falls back.
 
@@ -104,15 +113,16 @@ def select_form(family: str, level: Any, device: str = "cpu", dtype: Any = None,
         if not match:
             names = ", ".join(f.name for f in candidates)
             raise LookupError(f"family '{family}' has no form '{want}' (available: {names})")
-        why = match[0].supports(level, device, dtype)
+        why = match[0].supports(level, device, dtype, head_dim=head_dim)
         if why is not None and fall_back and match[0].fallback is not None:
-            return select_form(family, level, device, dtype, want=match[0].fallback, fall_back=True)
+            return select_form(family, level, device, dtype, want=match[0].fallback, fall_back=True,
+                               head_dim=head_dim)
         if why is not None:
             raise LookupError(f"form '{want}' cannot run this {family} level: {why}")
         return match[0]
     reasons = []
     for f in candidates:
-        why = f.supports(level, device, dtype)
+        why = f.supports(level, device, dtype, head_dim=head_dim)
         if why is None:
             return f
         reasons.append(f"{f.name}: {why}")

@@ -148,7 +148,7 @@ def _declined(node: dict, execution: str, device: str, dtype: torch.dtype | None
     for form in forms(_family(node["spec"])):
         if form.name == execution:
             break
-        why = form.supports(node["spec"], device, dtype)
+        why = form.supports(node["spec"], device, dtype, head_dim=node.get("d_in"))
         if why is not None:
             out.append((form.name, why))
     return out
@@ -163,7 +163,7 @@ def _choose_execution(node: dict, key: str, device: str, dtype: torch.dtype | No
     spec = node["spec"]
     family = _family(spec)
     try:
-        return select_form(family, spec, device, dtype, want=want).name
+        return select_form(family, spec, device, dtype, want=want, head_dim=node.get("d_in")).name
     except LookupError as e:
         names = ", ".join(f.name for f in forms(family))
         where = device + (f" in {str(dtype).removeprefix('torch.')}" if dtype is not None else "")

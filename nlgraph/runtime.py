@@ -83,7 +83,8 @@ def _family(spec: Any) -> str:
     return "memory"
 
 
-def _select(family: str, spec: Any, form: str, device: str = "cpu", dtype: torch.dtype | None = None):
+def _select(family: str, spec: Any, form: str, device: str = "cpu", dtype: torch.dtype | None = None,
+            head_dim: int | None = None):
     registered = [f.name for f in forms(family)]
     if form != "auto" and form not in registered:
         raise ValueError(f"form must be 'auto' or a form registered for {family} ({', '.join(registered)}), "
@@ -93,10 +94,10 @@ def _select(family: str, spec: Any, form: str, device: str = "cpu", dtype: torch
             # a model's plan names its forms for the device it was planned for: a form that cannot
             # take these tensors hands over to its fallback (the same function; the triton forms
             # fall back to chunked)
-            return select_form(family, spec, device, dtype, want=form, fall_back=True)
+            return select_form(family, spec, device, dtype, want=form, fall_back=True, head_dim=head_dim)
         except LookupError as e:
             raise ValueError(str(e)) from None
-    return select_form(family, spec, device, dtype)
+    return select_form(family, spec, device, dtype, head_dim=head_dim)
 
 
 def run_level(
@@ -155,10 +156,10 @@ def run_level(
         return chosen.run(spec, keys=keys, values=values, queries=queries, state=state,
                           chunk_size=chunk_size, **extra)
     assert isinstance(spec, LevelSpec)
-    chosen = _select("memory", spec, form, keys.device.type, keys.dtype)
+    chosen = _select("memory", spec, form, keys.device.type, keys.dtype, head_dim=keys.shape[-1])
     if form == "auto" and chosen.name == "reference":
         reasons = "; ".join(f"{f.name}: {why}" for f in forms("memory")
-                            if (why := f.supports(spec, keys.device.type, keys.dtype)))
+                            if (why := f.supports(spec, keys.device.type, keys.dtype, head_dim=keys.shape[-1])))
         warnings.warn(
             f"this level has no parallel form, running the per-token reference form ({reasons})",
             stacklevel=2,

@@ -47,17 +47,18 @@ def why_not_delta_rule(spec: Any, device: str = "cpu", dtype: Any = None) -> str
     return _why_not_target(device, dtype)
 
 
-def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None) -> str | None:
-    """``None`` when the ``triton`` form runs this memory level on ``device`` in ``dtype``, else why
-    not: the level must be a (gated) delta rule or linear attention of the online driver, or Titans'
-    mini-batch MLP memory."""
+def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: int | None = None) -> str | None:
+    """``None`` when the ``triton`` form runs this memory level on ``device`` in ``dtype`` at
+    ``head_dim`` (``None``: not known), else why not: the level must be a (gated) delta rule or
+    linear attention of the online driver, or Titans' mini-batch MLP memory (on CUDA, a chunk ×
+    head-dim tile the kernel runs there)."""
     from ..chunked import why_not_chunked
 
     why = why_not_chunked(spec)
     if why is not None:
         return why
     if dispatch.why_no_mlp_memory_kernel(spec) is None:
-        return _mlp_on(device) or _why_not_target(device, dtype)
+        return _mlp_on(device) or _mlp_tile(spec, device, head_dim) or _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
@@ -106,6 +107,17 @@ def _mlp_on(device: str) -> str | None:
         return ("Titans' MLP memory: its Triton kernel is switched off on CUDA (NLGRAPH_MLP_MEMORY_GPU=0; "
                 "unset it to turn the kernel on)")
     return None
+
+
+def _mlp_tile(spec: Any, device: str, head_dim: int | None) -> str | None:
+    if torch.device(device).type != "cuda" or head_dim is None:
+        return None
+    from nlgraph.levels.run import periods
+
+    from .mlp_memory import why_not_on_cuda
+
+    why = why_not_on_cuda(periods(spec)[1], head_dim)
+    return f"Titans' MLP memory: {why}" if why else None
 
 
 def _la_on(device: str) -> str | None:

@@ -406,3 +406,18 @@ def test_mlp_memory_refuses_cuda_tiles_it_fails_at():
     assert why is not None and "chunk ≤ 32" in why and "\n" not in why
     assert why_not_on_cuda(16, 200) is None and why_not_on_cuda(32, 200) is not None  # D rounds up to 256
     assert why_not_on_cuda(16, 64, 32) is None and "take 16 or 32" in why_not_on_cuda(16, 64, 64)
+
+
+def test_the_plan_keeps_the_pytorch_form_for_a_tile_the_kernel_refuses_on_cuda(monkeypatch):
+    """The plan knows each level's head width, so a Titans memory whose chunk × head dim the kernel
+    refuses on CUDA is planned ``chunked`` there, with the reason among the declined forms, rather
+    than planned ``triton`` and falling back at run time."""
+    monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
+    wide = ["vars.d_model=1024", "vars.heads=8"]  # head dim 128
+    p = plan("titans", [*wide, "levels.memory.gradient_point.chunk=64"], device="cuda")
+    assert p.executions() == {"memory": "chunked"}
+    ((key, form, why),) = p.declined()
+    assert (key, form) == ("memory", "triton") and "chunk ≤ 32" in why
+    assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=32"], device="cuda").executions() == {
+        "memory": "triton"}
+    assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=64"]).executions() == {"memory": "triton"}
