@@ -110,7 +110,8 @@ def _phases() -> dict:
 
 
 def kernel_counts(cache_dir: Path) -> dict:
-    """Kernels inductor generated under ``cache_dir`` (Triton or C++), and how many kernel launches
+    """Kernels inductor generated under ``cache_dir`` (Triton or C++), counted per generated graph
+    (a kernel two graphs share counts twice, though it compiles once), and how many kernel launches
     the generated code makes inside loop bodies (``*_body_graph_*`` functions: once per chunk)."""
     made = re.compile(r"^\w+ = async_compile\.(triton|cpp|cpp_pybinding)\(", re.M)
     kernels = in_body = 0
@@ -129,14 +130,20 @@ def cold(name: str, args: argparse.Namespace) -> dict:
     """``name`` compiled in a fresh process on an empty inductor cache, then again in another fresh
     process on that cache: the cold row with ``cached_compile_s`` and the kernel counts."""
     with tempfile.TemporaryDirectory() as d:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(d) / "inductor")}
+        # nlgraph's own Triton kernels compile in the eager comparison, before inductor points
+        # Triton at its cache: an empty Triton cache too, or a GPU's cold compile would not be cold
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(d) / "inductor"),
+               "TRITON_CACHE_DIR": str(Path(d) / "triton")}
         rows = []
         for _ in range(2):
             out = Path(d) / "row.json"
             cmd = [sys.executable, __file__, name, "--child-json", str(out), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--length", str(args.length), "--d-model", str(args.d_model),
                    "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            try:
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"the child process ran past --child-timeout {args.child_timeout} s") from None
             if done.returncode != 0 or not out.exists():
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise RuntimeError(f"the child process failed (rc {done.returncode}): {tail[0][:300]}")
@@ -160,6 +167,7 @@ def main() -> int:
     p.add_argument("--verbose", action="store_true", help="print the whole error of a failed spec")
     p.add_argument("--cold", action="store_true",
                    help="each spec in fresh processes: cold compile on an empty inductor cache, then from it")
+    p.add_argument("--child-timeout", type=float, default=1800, help="--cold: seconds a child process may take")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -77,15 +77,26 @@ def register_form(
 
 
 def _with_dtype(supports: Callable[..., str | None] | None) -> Callable[..., str | None]:
-    """``supports`` as ``(level, device, dtype=None, head_dim=None)``, whatever it takes of those."""
+    """``supports`` as ``(level, device, dtype=None, head_dim=None)``: ``dtype`` goes to a third
+    positional parameter, ``head_dim`` to a parameter of that name (or ``**kwargs``), and a form
+    that takes neither is asked without them."""
     if supports is None:
         return lambda level, device, dtype=None, head_dim=None: None
-    n = len(inspect.signature(supports).parameters)
-    if n >= 4:
-        return supports
-    if n == 3:
-        return lambda level, device, dtype=None, head_dim=None: supports(level, device, dtype)
-    return lambda level, device, dtype=None, head_dim=None: supports(level, device)
+    params = inspect.signature(supports).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_dtype = len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    dtype_by_name = not takes_dtype and any(p.name == "dtype" and p.kind == p.KEYWORD_ONLY for p in params)
+    takes_head_dim = any((p.name == "head_dim" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
+                         for p in params)
+
+    def ask(level: Any, device: str, dtype: Any = None, head_dim: int | None = None) -> str | None:
+        args = (level, device, dtype) if takes_dtype else (level, device)
+        kwargs = {"dtype": dtype} if dtype_by_name else {}
+        if takes_head_dim:
+            kwargs["head_dim"] = head_dim
+        return supports(*args, **kwargs)
+
+    return ask
 
 
 def forms(family: str) -> list[Form]:

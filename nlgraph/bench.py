@@ -276,7 +276,7 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         if level.retention is not None and isinstance(level.retention.gate, GateSpec):
             shape = gate_shape(level.retention.gate)
             rates["retention"] = alpha if shape == (b, t, h) else uni(0.9, shape).to(dt)
-    form = level_form(level, device=dev, dtype=dt)
+    form = level_form(level, device=dev, dtype=dt, head_dim=d)
     state0 = None
     if isinstance(level, LevelSpec):
         from .levels.run import init_state

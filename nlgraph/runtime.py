@@ -63,10 +63,11 @@ FORMS = ("auto", "reference", "chunked", "triton")
 
 
 def level_form(level: Any, form: str = "auto", device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> str:
+               dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
     """The execution form ``run_level`` would use for ``level`` on ``device`` (default CPU) with
-    tensors of ``dtype``: ``"triton"``, ``"chunked"`` or ``"reference"`` (or a form another backend
-    registered). It is a ``form`` that ``run_level`` accepts.
+    tensors of ``dtype`` whose keys are ``head_dim`` wide per head (``None``: any width a form
+    takes): ``"triton"``, ``"chunked"`` or ``"reference"`` (or a form another backend registered).
+    It is a ``form`` that ``run_level`` accepts.
 
     Raises:
         ValueError: ``form`` is not ``auto`` or a registered form of the level's family, or the form
@@ -74,7 +75,7 @@ def level_form(level: Any, form: str = "auto", device: torch.device | str | None
     """
     spec = load_level(level)
     return _select(_family(spec), spec, form, torch.device(device).type if device is not None else "cpu",
-                   dtype).name
+                   dtype, head_dim=head_dim).name
 
 
 def _family(spec: Any) -> str:

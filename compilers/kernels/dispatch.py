@@ -329,11 +329,11 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 
 #: Whether the plan gives Titans' MLP-memory kernel CUDA tensors. On since
 #: benchmarks/mlp_memory_kernel.py passed on the H200 (outputs, state and every gradient against the
-#: float64 token loop, float32 and bfloat16, D = 64 at chunks 16–64 and D = 128 at chunks 16 and 32;
+#: float64 token loop, in float32 and bfloat16, up to the ``[C, D]`` tile ``mlp_memory.MAX_CUDA_TILE``;
 #: Triton 3.4–3.7 miscompiles some backward kernels on Hopper, which the CPU interpreter cannot show).
-#: Tiles beyond ``mlp_memory.MAX_CUDA_TILE`` keep the PyTorch form. ``NLGRAPH_MLP_MEMORY_GPU=0`` turns
-#: it off for a process.
-MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "1") != "0"
+#: Larger tiles keep the PyTorch form. ``NLGRAPH_MLP_MEMORY_GPU=0`` (or off / false / no) turns it
+#: off for a process.
+MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def why_no_mlp_memory_kernel(spec: Any) -> str | None:

@@ -26,8 +26,7 @@ The memory family's ``triton`` form routes Titans' memory levels here
 ``dispatch.MLP_MEMORY_ON_GPU`` is on (the default) and the chunk's ``[C, D]`` tile is at most
 ``MAX_CUDA_TILE``. Checked on CPU through Triton's interpreter against :func:`token_loop` on
 outputs, final state and every input's gradient (``tests/compilers/test_kernels_mlp_memory.py``),
-and on the H200 in float32 and bfloat16 at D = 64 (chunks 16, 32, 64) and D = 128 (chunks 16, 32)
-(docs/benchmarks.md). The backward is not itself differentiable (no double backward).
+and on the H200 in float32 and bfloat16 up to a ``[C, D]`` tile of ``MAX_CUDA_TILE`` (docs/benchmarks.md). The backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -91,10 +90,12 @@ def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> di
 
 
 #: The largest ``[C, D]`` tile (chunk × head dim, D rounded up to a power of two) the kernels run on
-#: CUDA. On the H200 (triton 3.6) every checked tile up to 4096 passed (D = 64 at chunks 16–64, D = 128
-#: at chunk 16); at C·D = 8192 (D = 128, chunk 64) the float32 kernel did not finish compiling in 70 s
-#: and the bfloat16 one raised an illegal memory access (benchmarks/results/mlp_memory_kernel_h200.md).
-MAX_CUDA_TILE = 4096
+#: CUDA: the largest at which they passed the H200's checks (triton 3.6) in float32 and in bfloat16
+#: (D = 128 at chunk 16 in both, D = 64 at chunk 32 in bfloat16). Float32 also passed at 4096 (D = 64
+#: at chunk 64, D = 128 at chunk 32), with no bfloat16 check there; at 8192 (D = 128, chunk 64) the
+#: float32 check was killed unfinished at its 70 s limit and the bfloat16 one raised an illegal
+#: memory access (benchmarks/results/mlp_memory_kernel_checks_h200.json).
+MAX_CUDA_TILE = 2048
 
 
 def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | None:
@@ -104,7 +105,8 @@ def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | Non
         return "block_f 64 is not checked on CUDA (the H200 timing sweep with it faulted); take 16 or 32"
     if chunk * _pow2(d) > MAX_CUDA_TILE:
         return (f"chunk {chunk} × head dim {d} exceeds the {MAX_CUDA_TILE}-element tile the kernel runs on CUDA "
-                "(it fails on the H200 beyond that); take chunk ≤ 32 at head dim 128, or more heads")
+                "(the largest checked on the H200); take chunk 16 at head dim 128, chunk ≤ 32 at head dim 64, "
+                "or more heads")
     return None
 
 

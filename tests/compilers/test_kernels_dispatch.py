@@ -400,11 +400,12 @@ def test_mlp_memory_refuses_cuda_tiles_it_fails_at():
     form) apply says what to take instead, in one line."""
     from nlgraph.compilers.kernels.mlp_memory import MAX_CUDA_TILE, why_not_on_cuda
 
-    assert why_not_on_cuda(16, 64) is None and why_not_on_cuda(64, 64) is None
-    assert why_not_on_cuda(32, 128) is None and MAX_CUDA_TILE == 4096
-    why = why_not_on_cuda(64, 128)
-    assert why is not None and "chunk ≤ 32" in why and "\n" not in why
-    assert why_not_on_cuda(16, 200) is None and why_not_on_cuda(32, 200) is not None  # D rounds up to 256
+    assert MAX_CUDA_TILE == 2048  # the largest tile checked on the H200 in float32 and bfloat16
+    assert why_not_on_cuda(16, 64) is None and why_not_on_cuda(32, 64) is None and why_not_on_cuda(16, 128) is None
+    for chunk, d in ((64, 64), (32, 128), (64, 128)):
+        why = why_not_on_cuda(chunk, d)
+        assert why is not None and "chunk 16 at head dim 128" in why and "\n" not in why
+    assert why_not_on_cuda(16, 100) is None and why_not_on_cuda(32, 100) is not None  # D rounds up to 128
     assert why_not_on_cuda(16, 64, 32) is None and "take 16 or 32" in why_not_on_cuda(16, 64, 64)
 
 
@@ -414,10 +415,36 @@ def test_the_plan_keeps_the_pytorch_form_for_a_tile_the_kernel_refuses_on_cuda(m
     than planned ``triton`` and falling back at run time."""
     monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
     wide = ["vars.d_model=1024", "vars.heads=8"]  # head dim 128
-    p = plan("titans", [*wide, "levels.memory.gradient_point.chunk=64"], device="cuda")
+    p = plan("titans", [*wide, "levels.memory.gradient_point.chunk=32"], device="cuda")
     assert p.executions() == {"memory": "chunked"}
     ((key, form, why),) = p.declined()
-    assert (key, form) == ("memory", "triton") and "chunk ≤ 32" in why
-    assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=32"], device="cuda").executions() == {
+    assert (key, form) == ("memory", "triton") and "chunk 16 at head dim 128" in why
+    assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=16"], device="cuda").executions() == {
         "memory": "triton"}
     assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=64"]).executions() == {"memory": "triton"}
+
+
+def test_run_level_asks_for_the_form_at_its_keys_head_width(monkeypatch):
+    """``run_level`` hands the registry its keys' width per head, so a CUDA run and the plan apply
+    the same tile rule; the memory form refuses a refused tile on CUDA at that width."""
+    import nlgraph.runtime as runtime
+    from nlgraph.compilers.kernels.forms import why_not_memory
+    from nlgraph.spec.loader import load_spec
+
+    monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
+    level = load_spec("titans", ["vars.heads=2", "levels.memory.gradient_point.chunk=32"]).levels["memory"]
+    assert why_not_memory(level, "cuda", torch.float32, head_dim=64) is None
+    assert "chunk 16 at head dim 128" in why_not_memory(level, "cuda", torch.float32, head_dim=128)
+    assert why_not_memory(level, "cpu", torch.float32, head_dim=128) is None  # the rule is CUDA's
+    seen = []
+    real = runtime._select
+    monkeypatch.setattr(runtime, "_select", lambda *a, **kw: seen.append(kw.get("head_dim")) or real(*a, **kw))
+    from nlgraph.compilers.kernels.mlp_memory import random_inputs
+
+    (q, k, v), (lr, alpha, mu), (w0, w1, s0, s1) = (tuple(x.float() for x in xs) for xs in
+                                                    random_inputs(1, 40, 2, 8, 16, seed=3))
+    state = {"memory.w0": w0, "memory.w1": w1, "optimizer.memory.momentum.w0": s0,
+             "optimizer.memory.momentum.w1": s1}
+    runtime.run_level(level, keys=k, values=v, queries=q, state=state, lr=lr, retention=alpha, momentum=mu,
+                      form="chunked")
+    assert seen == [8]

@@ -43,6 +43,9 @@ res = train(spec, TrainConfig(**args), resume=resume, on_step=on_step)
 # a file per rank: lines the ranks print to one pipe can interleave
 with open(os.path.join(results, "rank" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump({"rank": int(os.environ["RANK"]), "step": res.step, "stopped": res.stopped}, f)
+# leave the process group as `nlgraph train` does: gloo torn down at exit aborted a rank in CI
+from nlgraph.cli import _close_process_group
+_close_process_group(True)
 """
 
 
