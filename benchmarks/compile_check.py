@@ -110,20 +110,25 @@ def _phases() -> dict:
 
 
 def kernel_counts(cache_dir: Path) -> dict:
-    """Kernels inductor generated under ``cache_dir`` (Triton or C++), counted per generated graph
-    (a kernel two graphs share counts twice, though it compiles once), and how many kernel launches
-    the generated code makes inside loop bodies (``*_body_graph_*`` functions: once per chunk)."""
-    made = re.compile(r"^\w+ = async_compile\.(triton|cpp|cpp_pybinding)\(", re.M)
-    kernels = in_body = 0
+    """Distinct kernels inductor generated under ``cache_dir`` (Triton or C++; one that two graphs
+    share, identical but for its name, counts once, as it compiles once), and how many kernel
+    launches the generated code makes inside loop bodies (``*_body_graph_*`` functions: once per
+    chunk)."""
+    made = re.compile(r"^(\w+) = async_compile\.(?:triton|cpp|cpp_pybinding)\(", re.M)
+    sources: set[int] = set()
+    in_body = 0
     for f in cache_dir.rglob("*.py"):
         text = f.read_text(errors="replace")
-        names = set(re.findall(r"^(\w+) = async_compile\.(?:triton|cpp|cpp_pybinding)\(", text, re.M))
-        if not names:
+        found = list(made.finditer(text))
+        if not found:
             continue
-        kernels += len(made.findall(text))
+        ends = [m.start() for m in found[1:]] + [text.find("async_compile.wait", found[-1].end()) % (len(text) + 1)]
+        for m, end in zip(found, ends):
+            sources.add(hash(text[m.start():end].replace(m.group(1), "")))
+        names = {m.group(1) for m in found}
         for body in re.finditer(r"^def \w*body_graph\w*\(args\):\n(.*?)(?=^\S)", text, re.M | re.S):
             in_body += sum(len(re.findall(rf"\b{re.escape(n)}\b[\.\[(]", body.group(1))) for n in names)
-    return {"kernels": kernels, "launches_in_loop_bodies": in_body}
+    return {"kernels": len(sources), "launches_in_loop_bodies": in_body}
 
 
 def cold(name: str, args: argparse.Namespace) -> dict:

@@ -47,6 +47,12 @@ def test_kernel_counts_tell_loop_body_launches_apart(tmp_path):
     (tmp_path / "ab" / "wrapper.py").write_text(WRAPPER)
     (tmp_path / "ab" / "other.py").write_text("x = 1\n")  # no kernels: not counted
     assert _module().kernel_counts(tmp_path) == {"kernels": 2, "launches_in_loop_bodies": 3}
+    # a second graph sharing one kernel (renamed) and adding one: 3 distinct kernels
+    second = WRAPPER.replace("cpp_fused_add_0", "cpp_fused_add_7").replace("def triton_poi_mul_1(x): pass",
+                                                                          "def triton_poi_mul_1(x): return x")
+    (tmp_path / "cd").mkdir()
+    (tmp_path / "cd" / "wrapper.py").write_text(second)
+    assert _module().kernel_counts(tmp_path) == {"kernels": 3, "launches_in_loop_bodies": 6}
 
 
 def test_phases_are_reported_even_when_nothing_compiled():
