@@ -46,7 +46,10 @@ CHECKS = [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 1),
           (1, 200, 2, 128, 192, 64, torch.float32, 1e-4, 1),
           (1, 200, 2, 128, 512, 64, torch.bfloat16, 3e-2, 2),
           (1, 200, 2, 128, 256, 32, torch.float32, 1e-4, 1),
-          (1, 200, 2, 128, 512, 16, torch.bfloat16, 3e-2, 2)]
+          (1, 200, 2, 128, 512, 16, torch.bfloat16, 3e-2, 2),
+          # bfloat16 at a tile of 4096, past MAX_CUDA_TILE (run with --any-tile): float32 passed there
+          (1, 200, 2, 64, 128, 64, torch.bfloat16, 3e-2, 1),
+          (1, 200, 2, 128, 256, 32, torch.bfloat16, 3e-2, 1)]
 
 
 def checks(dev, which: list[int] | None = None) -> list[dict]:
@@ -54,20 +57,22 @@ def checks(dev, which: list[int] | None = None) -> list[dict]:
     (the first call's Triton compile included)."""
     import time
 
-    from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, token_loop
+    from nlgraph.compilers.kernels.mlp_memory import _pow2, _warps, chunk_mlp_memory, token_loop
 
     rows = []
     for i, (b, t, h, d, f, chunk, dtype, tol, ck) in enumerate(CHECKS):
         if which is not None and i not in which:
             continue
         t0 = time.perf_counter()
+        block_f = 16 if chunk * _pow2(d) > 2048 else 32  # the wrapper's defaults, recorded in the row
         label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk} checkpoint={ck}"
         try:
             rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck))
         except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed row that says why
             rows.append({"check": label, "ok": False,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
-        rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
+        rows[-1].update({"seconds": round(time.perf_counter() - t0, 1), "block_f": block_f,
+                         "warps": _warps(chunk, d), "tile": chunk * _pow2(d)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -144,6 +149,8 @@ def main() -> int:
     ap.add_argument("--checks", type=int, nargs="*", default=None,
                     help=f"which checks to run (indices 0-{len(CHECKS) - 1}; all by default; none with no index)")
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32], help="hidden blocks to time")
+    ap.add_argument("--any-tile", action="store_true",
+                    help="lift mlp_memory.MAX_CUDA_TILE for this process, to check tiles beyond it")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["anchor-c16", "titans"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -151,6 +158,10 @@ def main() -> int:
         print("mlp_memory_kernel: no CUDA device here; nothing to check or time")
         return 0
     dev = torch.device("cuda")
+    if args.any_tile:
+        from nlgraph.compilers.kernels import mlp_memory
+
+        mlp_memory.MAX_CUDA_TILE = 1 << 30
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks)}
     if not args.no_timing:
         res["timings"] = timings(dev, not args.no_pytorch, args.shapes, args.blocks)
