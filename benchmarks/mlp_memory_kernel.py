@@ -4,9 +4,10 @@
 on outputs, final state and every input's gradient (float32 and bfloat16, partial last chunks),
 which is what rules out the Hopper backward miscompiles of triton 3.4–3.7 that Triton's CPU
 interpreter cannot show. Then forward and forward + backward are timed at issue 11's anchor shape
-(B=4, T=4096, H=16, D=128, MLP 128→512→128, at chunk 16, bf16: the kernel does not run chunk 64 at D = 128 on CUDA) and at the d_model-512 Titans model's
-level shape (B=8, T=2048, H=8, D=64, hidden 128, chunk 16), next to the ``chunked`` form of
-``specs/titans.yaml``'s memory level in the same process (``--no-pytorch`` skips it). Without
+(B=4, T=4096, H=16, D=128, MLP 128→512→128, bf16), at chunk 16 (the kernel does not run chunk 64 at
+D = 128 on CUDA), and at the d_model-512 Titans model's level shape (B=8, T=2048, H=8, D=64,
+hidden 128, chunk 16), next to the ``chunked`` form of ``specs/titans.yaml``'s memory level in the
+same process (``--no-pytorch`` skips it). Without
 CUDA it says so and exits 0. The Titans model with the kernel: ``python -P -m nlgraph bench titans ...``
 and ``python benchmarks/model_speed.py --budget 0 --check-specs titans``. Each check and shape can be
 run alone (``--checks``, ``--shapes``), so that a kernel that hangs or faults is found in its own
@@ -57,22 +58,23 @@ def checks(dev, which: list[int] | None = None) -> list[dict]:
     (the first call's Triton compile included)."""
     import time
 
-    from nlgraph.compilers.kernels.mlp_memory import _pow2, _warps, chunk_mlp_memory, token_loop
+    from nlgraph.compilers.kernels.mlp_memory import (chunk_mlp_memory, default_block_f, default_warps, tile,
+                                                      token_loop)
 
     rows = []
     for i, (b, t, h, d, f, chunk, dtype, tol, ck) in enumerate(CHECKS):
         if which is not None and i not in which:
             continue
         t0 = time.perf_counter()
-        block_f = 16 if chunk * _pow2(d) > 2048 else 32  # the wrapper's defaults, recorded in the row
         label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk} checkpoint={ck}"
         try:
             rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck))
         except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed row that says why
             rows.append({"check": label, "ok": False,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
-        rows[-1].update({"seconds": round(time.perf_counter() - t0, 1), "block_f": block_f,
-                         "warps": _warps(chunk, d), "tile": chunk * _pow2(d)})
+        # the wrapper's defaults, which the check ran with
+        rows[-1].update({"seconds": round(time.perf_counter() - t0, 1), "block_f": default_block_f(chunk, d),
+                         "warps": default_warps(chunk, d), "tile": tile(chunk, d)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -26,7 +26,8 @@ The memory family's ``triton`` form routes Titans' memory levels here
 ``dispatch.MLP_MEMORY_ON_GPU`` is on (the default) and the chunk's ``[C, D]`` tile is at most
 ``MAX_CUDA_TILE``. Checked on CPU through Triton's interpreter against :func:`token_loop` on
 outputs, final state and every input's gradient (``tests/compilers/test_kernels_mlp_memory.py``),
-and on the H200 in float32 and bfloat16 up to a ``[C, D]`` tile of ``MAX_CUDA_TILE`` (docs/benchmarks.md). The backward is not itself differentiable (no double backward).
+and on the H200 in float32 and bfloat16 up to a ``[C, D]`` tile of ``MAX_CUDA_TILE``
+(docs/benchmarks.md). The backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -103,17 +104,30 @@ def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | Non
     ``block_f``) on CUDA, else why not."""
     if block_f == 64:  # the H200 sweep that timed it faulted, and no check has passed with it
         return "block_f 64 is not checked on CUDA (the H200 timing sweep with it faulted); take 16 or 32"
-    if chunk * _pow2(d) > MAX_CUDA_TILE:
+    if tile(chunk, d) > MAX_CUDA_TILE:
         return (f"chunk {chunk} × head dim {d} exceeds the {MAX_CUDA_TILE}-element tile the kernel runs on CUDA "
                 "(the largest checked on the H200); take chunk 16 at head dim 128, chunk ≤ 32 at head dim 64, "
                 "or more heads")
     return None
 
 
-def _warps(chunk: int, d: int) -> int:
+def tile(chunk: int, d: int) -> int:
+    """Elements of a chunk's ``[C, D]`` tile in the kernels (D rounded up to a power of two), the
+    size their launch settings and their CUDA limit are read from."""
+    return chunk * _pow2(d)
+
+
+def default_block_f(chunk: int, d: int) -> int:
+    """Hidden units a kernel step holds by default: 16 for tiles above 2048 elements (on the H200 the
+    float32 kernels at D = 128, chunk 64 and 32 hidden units asked for 248 KiB of shared memory, 227
+    KiB there), else 32."""
+    return 16 if tile(chunk, d) > 2048 else 32
+
+
+def default_warps(chunk: int, d: int) -> int:
     """Warps per program: a program holds about a dozen float32 ``[C, D]`` tiles, so large tiles
     need more threads to hold them in registers (4 warps at C·D = 1024 was the H200's checked size)."""
-    return 4 if chunk * _pow2(d) <= 1024 else 8
+    return 4 if tile(chunk, d) <= 1024 else 8
 
 
 _FWD = "nlgraph::chunk_mlp_memory_fwd"
@@ -235,16 +249,15 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         state: ``(W0 [B, H, F, D], W1 [B, H, D, F], S0, S1)`` at the sequence's start (momentum
             ``S`` shaped as its weight).
         chunk: the gradient point's chunk (16, 32 or 64).
-        block_f: hidden units a kernel step holds (16, 32 or 64; 64 not on CUDA); by default 32, or 16 where the
-            chunk's ``[C, D]`` tiles are large (``C·D > 2048``): on the H200 the float32 kernels at
-            D = 128, chunk 64 and 32 hidden units asked for 248 KiB of shared memory (227 KiB there).
+        block_f: hidden units a kernel step holds (16, 32 or 64; 64 not on CUDA); by default
+            :func:`default_block_f`.
 
         checkpoint: with gradients enabled, the forward keeps every ``checkpoint``-th chunk's start
             state (``4·F·D`` floats per chunk and head) and the backward runs each segment forward
             again from it; 1 keeps them all (no recomputation). By default the smallest power of
             two that keeps them within 256 MiB.
         read: ``after_write`` (``o_t = M_{W_t}(q_t)``) or ``before_write`` (``o_t = M_{W_{t−1}}(q_t)``).
-        warps: warps per program (4, 8 or 16); by default 4, or 8 where ``C·D > 1024``.
+        warps: warps per program (4, 8 or 16); by default :func:`default_warps`.
 
     Returns:
         ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``.
@@ -266,7 +279,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         if tuple(x.shape) != want:
             raise NLGraphError(f"expected {want}, got {tuple(x.shape)}", path=f"{_OP}.state.{name}")
     if block_f is None:
-        block_f = 16 if chunk * _pow2(d) > 2048 else 32
+        block_f = default_block_f(chunk, d)
     if read not in ("after_write", "before_write"):
         raise NLGraphError(f"read {read!r} must be after_write or before_write", path=f"{_OP}.read")
     if checkpoint is not None and (not isinstance(checkpoint, int) or checkpoint < 1):
@@ -278,7 +291,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     if q.device.type == "cuda" and (why := why_not_on_cuda(chunk, d, block_f)) is not None:
         raise NLGraphError(why, path=f"{_OP}.chunk")
     if warps is None:
-        warps = _warps(chunk, d)
+        warps = default_warps(chunk, d)
     if warps not in (4, 8, 16):
         raise NLGraphError(f"warps {warps!r} must be 4, 8 or 16", path=f"{_OP}.warps")
     _kernels(q)
