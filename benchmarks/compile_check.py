@@ -76,7 +76,6 @@ def check(name: str, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     return {
         "spec": name,
-        **_phases(),
         "params": sum(p.numel() for p in model.parameters()),
         "graphs": graphs_after_first,
         "recompiles": counters["stats"]["unique_graphs"] - graphs_after_first,
@@ -94,8 +93,8 @@ PHASES = {"trace_s": "bytecode_tracing", "inductor_fwd_s": "compile_fx.<locals>.
 
 
 def _phases() -> dict:
-    """The cold compile's phases from ``torch._dynamo.utils.compile_times``, in seconds (0 where a
-    phase did not run, e.g. everything from a warm cache)."""
+    """This process's compile phases from ``torch._dynamo.utils.compile_times``, in seconds (0 where
+    a phase did not run, e.g. everything from a warm cache)."""
     from torch._dynamo.utils import compile_times
 
     text = compile_times(repr="str", aggregate=True)
@@ -122,7 +121,9 @@ def kernel_counts(cache_dir: Path) -> dict:
         found = list(made.finditer(text))
         if not found:
             continue
-        ends = [m.start() for m in found[1:]] + [text.find("async_compile.wait", found[-1].end()) % (len(text) + 1)]
+        # a kernel's source runs to the next kernel's definition, the last one's to the wait for them
+        last = text.find("async_compile.wait", found[-1].end())
+        ends = [m.start() for m in found[1:]] + [last if last >= 0 else len(text)]
         for m, end in zip(found, ends):
             sources.add(hash(text[m.start():end].replace(m.group(1), "")))
         names = {m.group(1) for m in found}
@@ -178,7 +179,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.child_json:  # one spec for --cold's parent: its row as JSON, errors as the exit status
-        Path(args.child_json).write_text(json.dumps(check(args.specs[0], args)))
+        # the phases are this process's, so they are the one spec's compile alone
+        Path(args.child_json).write_text(json.dumps({**check(args.specs[0], args), **_phases()}))
         return 0
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))

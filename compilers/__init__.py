@@ -69,14 +69,14 @@ def register_form(
         if name in table:
             raise ValueError(f"form '{name}' of family '{family}' is already registered")
         params = inspect.signature(fn).parameters
-        table[name] = Form(family, name, priority, _with_dtype(supports), fn, frozenset(list(params)[1:]),
+        table[name] = Form(family, name, priority, _adapt_supports(supports), fn, frozenset(list(params)[1:]),
                            fallback)
         return fn
 
     return deco
 
 
-def _with_dtype(supports: Callable[..., str | None] | None) -> Callable[..., str | None]:
+def _adapt_supports(supports: Callable[..., str | None] | None) -> Callable[..., str | None]:
     """``supports`` as ``(level, device, dtype=None, head_dim=None)``: ``dtype`` goes to a third
     positional parameter, ``head_dim`` to a parameter of that name (or ``**kwargs``), and a form
     that takes neither is asked without them."""
