@@ -9,7 +9,8 @@ accuracies as markdown tables.
 Tasks: ``mqar`` (accuracy at the query positions, evaluated at every ``--eval-lengths``), ``niah``
 (whole-answer accuracy), ``formal`` (one model per language; in distribution and on longer
 strings). Results are written after every run, so a stopped sweep keeps what it measured. A run
-that fails or runs out of time is a row that says so.
+that fails or runs out of time is a row that says so. ``--jobs N`` runs N of them at once (small
+models leave most of a GPU idle; the tables then say the runs shared it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 SPECS = ["hope", "titans", "gated_deltanet", "deltanet", "linear_attention", "transformer_pp"]
@@ -36,8 +38,9 @@ def _run(spec: str, task: str, args, out: Path) -> dict:
            f"vars.d_model={args.d_model}", f"vars.layers={args.layers}", f"vars.heads={args.heads}"]
     if args.device:
         cmd += ["--device", args.device]
-    if args.train_time:
-        cmd += ["--time-limit", str(args.train_time)]
+    train_time = args.formal_train_time if task == "formal" and args.formal_train_time else args.train_time
+    if train_time:
+        cmd += ["--time-limit", str(train_time)]
     if task == "mqar":
         cmd += ["--eval-lengths", args.eval_lengths, "--task-setting", f"num_kv_pairs={args.kv_pairs}",
                 "--task-setting", f"vocab_size={args.vocab}"]
@@ -139,6 +142,10 @@ def main() -> int:
     ap.add_argument("--train-time", type=float, default=None,
                     help="stop each training after this many seconds and evaluate what was trained "
                          "(the tables give the step reached)")
+    ap.add_argument("--formal-train-time", type=float, default=None,
+                    help="--train-time for each language of the formal task (default --train-time)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once (each its own process; with --train-time the steps reached depend on it)")
     ap.add_argument("--out", type=Path, default=Path("runs/tasks"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
@@ -148,26 +155,35 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     eval_lengths = sorted({int(n) for n in args.eval_lengths.split(",")})
-    rows = []
     header = (f"# tasks: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, {args.steps} steps of "
               f"B={args.batch}, lr {args.lr}; MQAR length {args.mqar_length}, {args.kv_pairs} pairs, vocab "
-              f"{args.vocab}; S-NIAH-1 length {args.niah_length}; formal length 1-{args.formal_length}")
+              f"{args.vocab}; S-NIAH-1 length {args.niah_length}; formal length 1-{args.formal_length}"
+              + (f"; {args.jobs} runs at once" if args.jobs > 1 else ""))
     print(header, flush=True)
-    for task in args.tasks:
-        for spec in args.specs:
-            row = _run(spec, task, args, args.out)
-            rows.append(row)
-            brief = {k: v for k, v in row.items() if k not in ("result", "command")}
-            if "result" in row:
-                brief["accuracy"] = [round(x.get("accuracy", x.get("in_distribution", float("nan"))), 3)
-                                     for x in row["result"]["rows"]]
-            print(json.dumps(brief), flush=True)
-            md = header + "\n\n" + tables(rows, eval_lengths)
-            if args.json:
-                atomic_write(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                    "rows": rows}, indent=1).encode())
-            if args.md:
-                atomic_write(args.md, md.encode())
+    runs = [(spec, task) for task in args.tasks for spec in args.specs]
+    done: dict[int, dict] = {}
+
+    def finish(i: int, row: dict) -> None:
+        # called on the main thread, in completion order; the tables keep the sweep's order
+        done[i] = row
+        brief = {k: v for k, v in row.items() if k not in ("result", "command")}
+        if "result" in row:
+            brief["accuracy"] = [round(x.get("accuracy", x.get("in_distribution", float("nan"))), 3)
+                                 for x in row["result"]["rows"]]
+        print(json.dumps(brief), flush=True)
+        rows = [done[j] for j in sorted(done)]
+        md = header + "\n\n" + tables(rows, eval_lengths)
+        if args.json:
+            atomic_write(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                "rows": rows}, indent=1).encode())
+        if args.md:
+            atomic_write(args.md, md.encode())
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(_run, spec, task, args, args.out): i for i, (spec, task) in enumerate(runs)}
+        for fut in as_completed(futures):
+            finish(futures[fut], fut.result())
+    rows = [done[j] for j in sorted(done)]
     print()
     print(tables(rows, eval_lengths))
     return 0 if all("result" in r for r in rows) else 1
