@@ -17,9 +17,13 @@ The online driver writes ``W_r = W_{r−1} D_r − e_r x_rᵀ`` with ``e_r = b_r
 ``W_r = α_r W_{r−1} (I − b_r x_r x_rᵀ) − f_r x_rᵀ``: the delta rule with ``β = b`` and values
 ``−f / b``. For gd + l2, ``b = η``, ``f = −η v`` (``β = η``, values ``v``); for DGD + l2,
 ``b = 2η'``, ``f = −η' v`` (``β = 2η'``, values ``v / 2``); for DGD + dot, ``b = η'`` (values ``v``).
-Other online levels (the ``weight_decay`` order, per-channel decay, momentum, a read before the
-write, retention toward the initial state) and the mini-batch driver's other levels keep their
-PyTorch forms.
+With ``retention: weight_decay`` (Titans' order, the gradient at the undecayed memory: ``ḱ_r = x_r``)
+it is ``W_r = W_{r−1} (α_r I − b_r x_r x_rᵀ) − f_r x_rᵀ``, which is the same rule with ``β = b / α``
+and values ``−f α / b``: ``α W (I − (b/α) x xᵀ) = W (α I − b x xᵀ)``. Inside the kernel β only meets
+α as ``β_r Γ_{r,s}`` with ``Γ`` the decay from s to r, which holds ``α_r``, so the products stay
+bounded however small α is; α is clamped to float32's smallest normal in both places.
+Other online levels (per-channel decay, momentum, a read before the write, retention toward the
+initial state) and the mini-batch driver's other levels keep their PyTorch forms.
 
 Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
 
@@ -145,14 +149,15 @@ def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
 
 
 def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
-               alpha: torch.Tensor | None, memory: torch.Tensor, chunk: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               alpha: torch.Tensor | None, memory: torch.Tensor, chunk: int, *,
+               log_alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """nlgraph's (gated) delta rule through the kernel.
 
     Args:
         queries, keys: ``[B, T, H, D_k]``; values ``[B, T, H, D_v]``.
         beta, alpha: ``[B, T, H]`` (``alpha`` the activated decay, ``None`` for none).
         memory: ``[B, H, D_v, D_k]`` the state at the start.
+        log_alpha: ``[B, T, H]``, ``log α`` instead of ``alpha`` (float32).
 
     Returns:
         ``(y [B, T, H, D_v] in values' dtype, memory [B, H, D_v, D_k] in memory's dtype)``; the
@@ -162,7 +167,7 @@ def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     out_dtype = values.dtype
     work = _work_dtype(queries, keys, values)
-    g = None
+    g = log_alpha
     if alpha is not None:
         g = torch.log(alpha.float().clamp_min(_TINY))
     h0 = memory.transpose(-1, -2).float()
@@ -216,20 +221,21 @@ def _why_not_read_and_decay(spec: Any) -> str | None:
     a decay (before the write) with at most one gate per head, not toward the initial state."""
     if spec.read != "after_write":
         return f"read: {spec.read}"
-    return _why_not_retention(spec.retention, "decay", "the kernels decay before the write")
+    # weight_decay (Titans' order) maps onto the decay before the write (see the module docstring)
+    return _why_not_retention(spec.retention, ("decay", "weight_decay"), "")
 
 
-def _why_not_retention(ret: Any, kind: str, order: str) -> str | None:
-    """What every kernel needs of a level's retention: none, or ``kind`` (``order`` says why that
-    one) with at most one gate per head, not toward the initial state."""
+def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str) -> str | None:
+    """What every kernel needs of a level's retention: none, or one of ``kinds`` (``order`` says why
+    those) with at most one gate per head, not toward the initial state."""
     if ret is None:
         return None
-    if ret.kind != kind:
-        return f"retention {ret.kind} ({order}: kind {kind})"
+    if ret.kind not in kinds:
+        return f"retention {ret.kind} ({order}kind {' or '.join(kinds)})"
     if ret.toward == "initial":
         return "retention toward the initial state"
     if getattr(ret.gate, "per", "head") == "channel":
-        return f"a per-channel {'decay' if kind == 'decay' else 'retention gate'}"
+        return f"a per-channel {'decay' if ret.kind == 'decay' else 'retention gate'}"
     return None
 
 
@@ -237,7 +243,8 @@ def _online_inputs(run: Any, chunk: int, *, broadcast_decay: bool) -> tuple | No
     """``(q, k, v, lr, alpha)`` of a run whose tensors a kernel takes (no momentum, no slots, an
     ``lr`` tensor, a ``[B, T, H]`` decay or, with ``broadcast_decay``, one that broadcasts to it,
     shapes and dtypes that fit), else ``None``."""
-    if run.read_before or run.has_origin or run.optimizer.uses_momentum or run.retention not in (None, "decay"):
+    if (run.read_before or run.has_origin or run.optimizer.uses_momentum
+            or run.retention not in (None, "decay", "weight_decay")):
         return None
     k, v, q = run.keys.data, run.values.data, run.queries.data
     lr, alpha = run.lr, run.alpha
@@ -269,8 +276,16 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
             beta = eta
     else:
         beta = lr
+    g = None
+    if alpha is not None and run.retention == "weight_decay":
+        # β = b / α, values α v (the module docstring), written with log α: every path of the
+        # gradient meets at g, where its O(1) terms cancel before the division by α, so no term
+        # of order 1/α² (inf below α ≈ 1e-19) forms
+        g = torch.log(alpha.float().clamp_min(_TINY)).expand(b, t, h)
+        beta, v = beta.float() * torch.exp(-g), (v.float() * torch.exp(g).unsqueeze(-1)).to(v.dtype)
+        alpha = None
     w = run.state["memory.w0"]
-    y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk)
+    y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk, log_alpha=g)
     state = dict(run.state)
     state["position"] = run.state["position"] + t
     state["memory.w0"] = w
@@ -360,7 +375,7 @@ def why_no_mlp_memory_kernel(spec: Any) -> str | None:
         return f"the {spec.objective.kind} objective"
     if spec.optimizer.kind not in ("momentum", "gd"):
         return f"the {spec.optimizer.kind} optimizer (the kernel is momentum's, or gd's without it)"
-    return _why_not_retention(spec.retention, "weight_decay", "the kernel decays after the step")
+    return _why_not_retention(spec.retention, ("weight_decay",), "the kernel decays after the step: ")
 
 
 def _gate(x: Any, shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor | None:

@@ -86,6 +86,14 @@ LEVELS = {
     "dgd_dot_proximal": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "dot"},
                          "optimizer": {"kind": "dgd", "form": "proximal", "lr": {"act": "sigmoid"}},
                          "frequency": 1},
+    # Titans' order (the gradient at the undecayed memory): β = b / α and values α v in the kernel
+    "gd_l2_weight_decay": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+                           "optimizer": {"kind": "gd", "lr": {"act": "sigmoid"}},
+                           "retention": {"kind": "weight_decay", "gate": {"act": "sigmoid"}}, "frequency": 1},
+    "dgd_l2_proximal_weight_decay": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+                                     "optimizer": {"kind": "dgd", "form": "proximal", "lr": {"act": "sigmoid"}},
+                                     "retention": {"kind": "weight_decay", "gate": {"act": "sigmoid"}},
+                                     "frequency": 1},
 }
 
 
@@ -145,6 +153,40 @@ def test_closed_form_kind_equals_the_reference(calls):
     torch.testing.assert_close(dalpha[:, keep], dalpha_ref[:, keep], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_the_titans_order_is_exact_at_any_decay(objective, calls, monkeypatch):
+    """``weight_decay`` runs as the gated rule with β = b / α and values α v (linear attention, b = 0,
+    needs neither). Written with log α, the gradient of the gate's pre-activation stays at float32
+    rounding down to α = 0 (as 1/α² terms it would be inf below α ≈ 1e-19)."""
+    la_calls = _count_calls(monkeypatch, _la_module(), "chunk_linear_attention")
+    spec = load_level({**LEVELS["gd_l2_weight_decay"], "objective": {"kind": objective}})
+    k, v, q, lr, alpha, s0 = _data(4)
+    alpha = alpha.clone()
+    alpha[:, 5], alpha[:, 6], alpha[:, 40] = 1e-6, 1e-20, 0.0
+    z = torch.logit(alpha.double().clamp(1e-300, 1 - 1e-7)).float()
+    leaves = [x.clone().requires_grad_() for x in (k, v, q, lr, z, s0)]
+    outs = {}
+    for form in ("triton", "reference"):
+        state = {"memory.w0": leaves[5], "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+        y, st = run_level(spec, keys=leaves[0], values=leaves[1], queries=leaves[2], lr=leaves[3],
+                          retention=torch.sigmoid(leaves[4]), state=state, form=form)
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + st["memory.w0"].square().sum()
+        outs[form] = (y, st["memory.w0"], torch.autograd.grad(loss, leaves))
+    assert calls["n"] + la_calls["n"] == 1 and calls["n"] == (objective == "l2")
+    (y, m, g), (y_ref, m_ref, g_ref) = outs["triton"], outs["reference"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m, m_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def _la_module():
+    from nlgraph.compilers.kernels import linear_attention
+
+    return linear_attention
+
+
 def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
     k, v, q, lr, alpha, s0 = _data(3, t=20)
     # linear attention (b = 0) is the linear-attention kernel's (below), not the delta rule's
@@ -156,7 +198,6 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
     y_ref, _ = _run(la, "reference", k, v, q, lr, alpha, s0, False)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     uncovered = {
-        "weight_decay order": {**LEVELS["gated_deltanet"], "retention": {"kind": "weight_decay", "gate": 0.9}},
         "momentum": {**LEVELS["deltanet"], "optimizer": {"kind": "momentum", "lr": 0.5, "momentum": 0.5}},
         "read before write": {**LEVELS["deltanet"], "read": "before_write"},
     }
