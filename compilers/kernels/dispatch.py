@@ -21,7 +21,8 @@ With ``retention: weight_decay`` (Titans' order, the gradient at the undecayed m
 it is ``W_r = W_{r−1} (α_r I − b_r x_r x_rᵀ) − f_r x_rᵀ``, which is the same rule with ``β = b / α``
 and values ``−f α / b``: ``α W (I − (b/α) x xᵀ) = W (α I − b x xᵀ)``. Inside the kernel β only meets
 α as ``β_r Γ_{r,s}`` with ``Γ`` the decay from s to r, which holds ``α_r``, so the products stay
-bounded however small α is; α is clamped to float32's smallest normal in both places.
+bounded however small α is. α is clamped at 1e-30 there (``_WD_FLOOR``): at float32's smallest
+normal, β / α times the backward's sums overflowed.
 Other online levels (per-channel decay, momentum, a read before the write, retention toward the
 initial state) and the mini-batch driver's other levels keep their PyTorch forms.
 
@@ -58,6 +59,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # log α for α = 0: exp(−87.3) is float32's smallest normal, ~1e-38 from the exact 0, and clamping α
 # (not log α) keeps the gradient finite (0 instead of 0 · ∞)
 _TINY = torch.finfo(torch.float32).tiny
+# the Titans order's α floor: β / α times the backward's O(1) sums must stay finite in float32
+# (at α = 1.2e-38, β / α is 8e37 and DGD's 2η′ / α overflowed); α W at 1e-30 is far below rounding
+_WD_FLOOR = 1e-30
 
 _override: str | None = None
 # the environment is read once (and again by set_kernels(None)), not on every call: compiled blocks
@@ -281,7 +285,7 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
         # β = b / α, values α v (the module docstring), written with log α: every path of the
         # gradient meets at g, where its O(1) terms cancel before the division by α, so no term
         # of order 1/α² (inf below α ≈ 1e-19) forms
-        g = torch.log(alpha.float().clamp_min(_TINY)).expand(b, t, h)
+        g = torch.log(alpha.float().clamp_min(_WD_FLOOR)).expand(b, t, h)
         beta, v = beta.float() * torch.exp(-g), (v.float() * torch.exp(g).unsqueeze(-1)).to(v.dtype)
         alpha = None
     w = run.state["memory.w0"]
