@@ -102,14 +102,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--levels", type=int, nargs="*", default=None,
+                    help=f"indices into the list of levels (0-{len(LEVELS) - 1}; default all)")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.device is None:
         print("no CUDA device: nothing to check (tests/compilers/test_kernels_dispatch.py runs these on CPU "
               "through Triton's interpreter)")
         return 0
     rows = []
-    for name, body in LEVELS.items():
-        for dtype in (torch.float32, torch.bfloat16):
+    for i, (name, body) in enumerate(LEVELS.items()):
+        if args.levels is not None and i not in args.levels:
+            continue
+        for dtype in (getattr(torch, d) for d in args.dtypes):
             try:
                 row = check(name, body, dtype, args.device)
             except Exception as e:  # a failed check is a row, the others still run

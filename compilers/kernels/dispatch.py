@@ -286,7 +286,8 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
         # gradient meets at g, where its O(1) terms cancel before the division by α, so no term
         # of order 1/α² (inf below α ≈ 1e-19) forms
         g = torch.log(alpha.float().clamp_min(_WD_FLOOR)).expand(b, t, h)
-        beta, v = beta.float() * torch.exp(-g), (v.float() * torch.exp(g).unsqueeze(-1)).to(v.dtype)
+        # one pass over v in its own dtype (a float32 round trip cost 0.4 ms eagerly at B=4, T=4096, D=128)
+        beta, v = beta.float() * torch.exp(-g), v * torch.exp(g).to(v.dtype).unsqueeze(-1)
         alpha = None
     w = run.state["memory.w0"]
     y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk, log_alpha=g)
