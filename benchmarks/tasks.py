@@ -71,7 +71,10 @@ def tables(rows: list[dict], eval_lengths: list[int]) -> str:
     specs = list(dict.fromkeys(r["spec"] for r in rows))
 
     def failed(r):
-        return f"{r.get('error', 'no result')}" if r is not None and "result" not in r else "not run"
+        if r is None or "result" in r:
+            return "not run"
+        err = r.get("error", "no result")
+        return err if len(err) <= 60 else err[:57].rstrip() + "..."
 
     if any(t == "mqar" for _, t in by):
         out.append("| spec | " + " | ".join(f"MQAR, length {n}" for n in eval_lengths) + " | steps | s |")
@@ -149,9 +152,27 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/tasks"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="print (and --md) the tables of earlier sweeps' JSON files instead of running: a "
+                         "later file's row replaces an earlier one of the same spec and task unless it failed")
     args = ap.parse_args()
 
     from nlgraph.io import atomic_write
+
+    if args.merge:
+        merged: dict[tuple[str, str], dict] = {}
+        for path in args.merge:
+            for r in json.loads(path.read_text())["rows"]:
+                key = (r["spec"], r["task"])
+                if key not in merged or "result" in r or "result" not in merged[key]:
+                    merged[key] = {**r, "sweep": str(path)}
+        order = {s: i for i, s in enumerate(SPECS)}
+        rows = sorted(merged.values(), key=lambda r: (order.get(r["spec"], len(order)), r["spec"]))
+        md = tables(rows, sorted({int(n) for n in args.eval_lengths.split(",")}))
+        if args.md:
+            atomic_write(args.md, md.encode())
+        print(md)
+        return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
     eval_lengths = sorted({int(n) for n in args.eval_lengths.split(",")})
