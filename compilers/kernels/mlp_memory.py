@@ -92,11 +92,10 @@ def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> di
 
 #: The largest ``[C, D]`` tile (chunk × head dim, D rounded up to a power of two) the kernels run on
 #: CUDA: the largest at which they passed the H200's checks (triton 3.6) in float32 and in bfloat16
-#: (D = 128 at chunk 16 in both, D = 64 at chunk 32 in bfloat16). Float32 also passed at 4096 (D = 64
-#: at chunk 64, D = 128 at chunk 32), with no bfloat16 check there; at 8192 (D = 128, chunk 64) the
-#: float32 check was killed unfinished at its 70 s limit and the bfloat16 one raised an illegal
-#: memory access (benchmarks/results/mlp_memory_kernel_checks_h200.json).
-MAX_CUDA_TILE = 2048
+#: (4096: D = 64 at chunk 64 and D = 128 at chunk 32, in both dtypes). At 8192 (D = 128, chunk 64)
+#: the float32 check was killed unfinished at its 70 s limit and the bfloat16 one raised an illegal
+#: memory access (benchmarks/results/mlp_memory_kernel_checks_h200.json, ..._tile4096_bf16_h200.json).
+MAX_CUDA_TILE = 4096
 
 
 def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | None:
@@ -106,7 +105,7 @@ def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | Non
         return "block_f 64 is not checked on CUDA (the H200 timing sweep with it faulted); take 16 or 32"
     if tile(chunk, d) > MAX_CUDA_TILE:
         return (f"chunk {chunk} × head dim {d} exceeds the {MAX_CUDA_TILE}-element tile the kernel runs on CUDA "
-                "(the largest checked on the H200); take chunk 16 at head dim 128, chunk ≤ 32 at head dim 64, "
+                "(the largest checked on the H200); take chunk ≤ 32 at head dim 128, chunk ≤ 64 at head dim 64, "
                 "or more heads")
     return None
 

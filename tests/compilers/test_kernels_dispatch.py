@@ -441,12 +441,13 @@ def test_mlp_memory_refuses_cuda_tiles_it_fails_at():
     form) apply says what to take instead, in one line."""
     from nlgraph.compilers.kernels.mlp_memory import MAX_CUDA_TILE, why_not_on_cuda
 
-    assert MAX_CUDA_TILE == 2048  # the largest tile checked on the H200 in float32 and bfloat16
-    assert why_not_on_cuda(16, 64) is None and why_not_on_cuda(32, 64) is None and why_not_on_cuda(16, 128) is None
-    for chunk, d in ((64, 64), (32, 128), (64, 128)):
+    assert MAX_CUDA_TILE == 4096  # the largest tile checked on the H200 in float32 and bfloat16
+    for chunk, d in ((16, 64), (32, 64), (64, 64), (16, 128), (32, 128)):
+        assert why_not_on_cuda(chunk, d) is None
+    for chunk, d in ((128, 64), (64, 128)):
         why = why_not_on_cuda(chunk, d)
-        assert why is not None and "chunk 16 at head dim 128" in why and "\n" not in why
-    assert why_not_on_cuda(16, 100) is None and why_not_on_cuda(32, 100) is not None  # D rounds up to 128
+        assert why is not None and "chunk ≤ 32 at head dim 128" in why and "\n" not in why
+    assert why_not_on_cuda(32, 100) is None and why_not_on_cuda(64, 100) is not None  # D rounds up to 128
     assert why_not_on_cuda(16, 64, 32) is None and "take 16 or 32" in why_not_on_cuda(16, 64, 64)
 
 
@@ -456,11 +457,11 @@ def test_the_plan_keeps_the_pytorch_form_for_a_tile_the_kernel_refuses_on_cuda(m
     than planned ``triton`` and falling back at run time."""
     monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
     wide = ["vars.d_model=1024", "vars.heads=8"]  # head dim 128
-    p = plan("titans", [*wide, "levels.memory.gradient_point.chunk=32"], device="cuda")
+    p = plan("titans", [*wide, "levels.memory.gradient_point.chunk=64"], device="cuda")
     assert p.executions() == {"memory": "chunked"}
     ((key, form, why),) = p.declined()
-    assert (key, form) == ("memory", "triton") and "chunk 16 at head dim 128" in why
-    assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=16"], device="cuda").executions() == {
+    assert (key, form) == ("memory", "triton") and "chunk ≤ 32 at head dim 128" in why
+    assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=32"], device="cuda").executions() == {
         "memory": "triton"}
     assert plan("titans", [*wide, "levels.memory.gradient_point.chunk=64"]).executions() == {"memory": "triton"}
 
@@ -473,9 +474,9 @@ def test_run_level_asks_for_the_form_at_its_keys_head_width(monkeypatch):
     from nlgraph.spec.loader import load_spec
 
     monkeypatch.setattr(dispatch, "MLP_MEMORY_ON_GPU", True)
-    level = load_spec("titans", ["vars.heads=2", "levels.memory.gradient_point.chunk=32"]).levels["memory"]
+    level = load_spec("titans", ["vars.heads=2", "levels.memory.gradient_point.chunk=64"]).levels["memory"]
     assert why_not_memory(level, "cuda", torch.float32, head_dim=64) is None
-    assert "chunk 16 at head dim 128" in why_not_memory(level, "cuda", torch.float32, head_dim=128)
+    assert "chunk ≤ 32 at head dim 128" in why_not_memory(level, "cuda", torch.float32, head_dim=128)
     assert why_not_memory(level, "cpu", torch.float32, head_dim=128) is None  # the rule is CUDA's
     seen = []
     real = runtime._select
