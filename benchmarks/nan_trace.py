@@ -52,7 +52,8 @@ def trace_batch(model: torch.nn.Module, tokens: torch.Tensor, autocast) -> dict:
                "w_max": {s.split(".")[-1]: _max(ps.values()) for s, ps in new.items()},
                "momentum_max": {s.split(".")[-1]: _max(b.values()) for s, b in buf.items()} if buf else {},
                "k_norm_max": float(k.norm(dim=-1).max()), "v_norm_max": float(v.norm(dim=-1).max()),
-               "key_alignment_max": float(torch.linalg.eigvalsh(gram.double()).max()),
+               "key_alignment_max": (float(torch.linalg.eigvalsh(gram.double()).max())
+                                     if torch.isfinite(gram).all() else float("nan")),
                "read_max": float(out.detach().float().abs().max()),
                "read_finite": bool(torch.isfinite(out).all())}
         for name, r in (("eta", lr), ("alpha", alpha)):

@@ -64,7 +64,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.levels.gates import AdaptiveGate
-from nlgraph.levels.memories import Memory, apply_layer
+from nlgraph.levels.memories import Memory, apply_layer, gain_normalized
 from nlgraph.levels.optimizers import newton_schulz, sqrt_second_moment
 from nlgraph.levels.run import LevelRun, Stream, final_state, periods, schedule
 from nlgraph.spec.schema import LevelSpec
@@ -722,6 +722,8 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
         orig = _stack([origin[s] for s in group]) if origin is not None else None
         target = mem.forward(at, v) if run.self_target else v
         inputs, deltas = _local_errors(mem, at, k, target, run)
+        if dgd and run.optimizer.gain:
+            deltas = gain_normalized(mem, at, k, deltas)
         params: Params = {}
         moms: Params = {}
         for layer in mem.layers:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from nlgraph.levels.gates import AdaptiveGate
-from nlgraph.levels.memories import apply_layer
+from nlgraph.levels.memories import apply_layer, gain_scales
 from nlgraph.levels.optimizers import gradients
 from nlgraph.levels.run import LevelRun, Stream, final_state
 
@@ -72,6 +72,27 @@ def _rate_at(run: LevelRun, rate, t: int, lin: dict[str, Params]) -> torch.Tenso
         read = run.memories[slot].forward(lin[slot], rate.x[:, t].unsqueeze(2))
         return rate.value(read).squeeze(2)
     return rate[:, t]
+
+
+def _gain_normalized_grads(mem, params: dict, k: torch.Tensor, grads: dict, inputs: dict) -> dict:
+    """DGD's ``inner_errors: gain`` on one token: each layer's error ``δ`` is read off its gradient
+    ``δ x̂ᵀ`` (the bias gradient, or ``g x / ‖x‖²``), and the layer's gradient is divided by the
+    read's gain along it (:func:`~nlgraph.levels.memories.gain_scales`)."""
+    deltas = {}
+    for layer in mem.layers:
+        if layer.bias is not None:
+            deltas[layer.weight] = grads[layer.bias].unsqueeze(-2)  # [B, H, 1, d_out]
+        else:
+            x = inputs[layer.weight]  # [B, H, 1, d_in]
+            sq = x.square().sum(-1, keepdim=True)
+            deltas[layer.weight] = x @ grads[layer.weight].transpose(-1, -2) / sq.clamp_min(torch.finfo(sq.dtype).tiny)
+    scales = gain_scales(mem, params, k, deltas)  # [B, H, 1, 1]
+    out = dict(grads)
+    for layer in mem.layers:
+        out[layer.weight] = grads[layer.weight] / scales[layer.weight]
+        if layer.bias is not None:
+            out[layer.bias] = grads[layer.bias] / scales[layer.weight].squeeze(-1)
+    return out
 
 
 @register_form("memory", "reference", priority=0)
@@ -121,6 +142,8 @@ def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
                 return obj.loss(mem.forward_with(k, apply), target).sum(), trace
 
             grads, inputs = gradients(loss, point)
+            if getattr(opt, "gain", False):
+                grads = _gain_normalized_grads(mem, point, k, grads, inputs)
             delta, buffers[s] = opt.step(mem, w, grads, lr=lr, momentum=mu, buffers=buffers[s], inputs=inputs)
             if run.retention == "weight_decay":
                 w = retain(w, alpha, origin)

@@ -73,6 +73,59 @@ def apply_layer(params: Params, layer: Layer, h: torch.Tensor) -> torch.Tensor:
     return z
 
 
+_JVP_READY = False
+
+
+def _quiet_jvp_setup() -> None:
+    """torch.func.jvp loads torch's forward-mode decompositions on its first call, which are
+    TorchScript and warn that ``torch.jit.script`` is deprecated (torch's own code, not a caller's):
+    load them once, quietly, on a tiny call."""
+    global _JVP_READY
+    if _JVP_READY:
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
+    _JVP_READY = True
+
+
+def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Params) -> Params:
+    """``max(1, ρ_ℓ) [..., N, 1]`` for every layer's error ``δ_ℓ [..., N, d_out_ℓ]``, with
+    ``ρ_ℓ = ‖J_ℓ δ_ℓ‖² / ‖δ_ℓ‖²`` per token and ``J_ℓ`` the Jacobian of the read on ``x`` at
+    ``params`` with respect to the layer's pre-activation: what DGD's ``inner_errors: gain``
+    divides the errors by. Computed without autograd (a step-size bound, constant for the outer
+    gradient); ``ρ = 1`` where ``δ = 0``. Where the layer's output reaches the read unchanged
+    (``J = I``) the tangent passes through exactly and ``ρ`` is exactly 1, so such a layer keeps its
+    error bit for bit."""
+    _quiet_jvp_setup()
+    with torch.no_grad():
+        fixed = {k: v.detach() for k, v in params.items()}
+        xs = x.detach()
+        zeros = {layer.weight: torch.zeros_like(deltas[layer.weight]) for layer in memory.layers}
+
+        def read(probes: Params) -> torch.Tensor:
+            return memory.forward_with(xs, lambda layer, h: apply_layer(fixed, layer, h) + probes[layer.weight])
+
+        scales = {}
+        for layer in memory.layers:
+            d = deltas[layer.weight].detach()
+            tangent = {w: (d if w == layer.weight else z) for w, z in zeros.items()}
+            _, jd = torch.func.jvp(read, (zeros,), (tangent,))  # J δ in one forward-mode pass
+            den = d.square().sum(-1)
+            rho = torch.where(den > 0, jd.square().sum(-1) / den.clamp_min(torch.finfo(den.dtype).tiny),
+                              torch.ones_like(den))
+            scales[layer.weight] = rho.clamp_min(1.0).unsqueeze(-1)
+    return scales
+
+
+def gain_normalized(memory: "Memory", params: Params, x: torch.Tensor, deltas: Params) -> Params:
+    """Every layer's error divided by :func:`gain_scales` (DGD's ``inner_errors: gain``)."""
+    scales = gain_scales(memory, params, x, deltas)
+    return {w: d / scales[w] if w in scales else d for w, d in deltas.items()}
+
+
 class Memory:
     """A memory of one kind at fixed widths (per head).
 

@@ -192,8 +192,14 @@ class Dgd(InnerOptimizer):
     kind = "dgd"
     needs_inputs = True
 
-    def __init__(self, proximal: bool, with_momentum: bool) -> None:
-        self.proximal, self.uses_momentum = proximal, with_momentum
+    def __init__(self, proximal: bool, with_momentum: bool, gain: bool = False) -> None:
+        # gain: the inner layers' errors are divided by the read's gain along them (DgdSpec.inner_errors),
+        # which the level drivers apply to the errors before the step
+        self.proximal, self.uses_momentum, self.gain = proximal, with_momentum, gain
+        if gain:  # eagerly, so a compiled block never traces the one-time set-up
+            from .memories import _quiet_jvp_setup
+
+            _quiet_jvp_setup()
 
     def buffers(self, memory, params):
         if not self.uses_momentum:
@@ -381,7 +387,7 @@ def build_optimizer(spec) -> InnerOptimizer:
     if spec.kind == "momentum":
         return Momentum(spec.nesterov)
     if spec.kind == "dgd":
-        return Dgd(spec.form == "proximal", spec.momentum is not None)
+        return Dgd(spec.form == "proximal", spec.momentum is not None, spec.inner_errors == "gain")
     if spec.kind == "adam":
         return Adam(tuple(spec.betas), spec.eps, spec.bias_correction)
     if spec.kind == "muon":

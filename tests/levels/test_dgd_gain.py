@@ -1,0 +1,127 @@
+"""DGD's ``inner_errors: gain`` (``DgdSpec.inner_errors``): each layer of a deep memory takes its
+error divided by ``max(1, ρ)``, ``ρ = ‖J δ‖² / ‖δ‖²`` the gain of the read along the layer's error.
+
+Why it exists: with gradients at a chunk's start, the step of an inner layer is bounded by its input
+only (the proximal η′), while the layers above it amplify its error by ``J``. Linearised over one
+chunk, the inner layer's pre-activation moves as ``h ← (1 − c) h − c Jᵀ J h + …`` (``c`` the chunk's
+share of the step), stable only while ``c (1 + λ_max(JᵀJ)) < 2``. HOPE's memories whose second layer
+grew past that (the α memory of a trained model) blew up geometrically from chunk to chunk
+(docs/hope_stability.md, "Chunk-start gradients and the memory's gain"). Checked here: the two
+forms agree, layers reached without gain keep their error bit for bit, and a memory with a large
+second layer diverges with raw errors and stays bounded with ``gain``.
+"""
+
+import pytest
+import torch
+
+from nlgraph.levels.memories import build_memory, gain_scales
+from nlgraph.levels.run import init_state
+from nlgraph.runtime import run_level
+from nlgraph.spec.loader import load_spec
+from nlgraph.spec.schema import MlpMemorySpec, ResidualMlpMemorySpec
+
+HOPE = ["vars.d_model=16", "vars.heads=2", "vars.chunk=4"]
+
+
+def _level(errors: str):
+    return load_spec("hope", [*HOPE, f"levels.titans.optimizer.inner_errors={errors}"]).levels["titans"]
+
+
+def _state(level, seed: int, gain: float = 1.0, dtype=torch.float64):
+    """A fresh state of the HOPE level (B=2, D=8 per head), the α memory's second layer × ``gain``."""
+    gen = torch.Generator().manual_seed(seed)
+    st = init_state(level, batch=2, d_key=8, d_value=8, dtype=dtype, generator=gen)
+    for key in [k for k in st if k.endswith(".w1") and "alpha" in k and "momentum" not in k]:
+        st[key] = st[key] * gain
+    return st
+
+
+def _inputs(seed: int, t: int, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, t, 2, 8, generator=gen, dtype=dtype)
+    q = torch.nn.functional.normalize(torch.randn(2, t, 2, 8, generator=gen, dtype=dtype), dim=-1)
+    return x, q
+
+
+MU = 0.12  # the spec's momentum gate starts near sigmoid(−2)
+
+
+def _mu(x):
+    return torch.full(x.shape[:3], MU, dtype=x.dtype)
+
+
+def test_dgd_spec_defaults_to_the_papers_errors():
+    assert _level("raw").optimizer.inner_errors == "raw"
+    assert load_spec("hope").levels["titans"].optimizer.inner_errors == "gain"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunked_equals_reference_with_gain_normalised_errors(seed):
+    level = _level("gain")
+    x, q = _inputs(seed, 13)  # a partial last chunk
+    leaves = [x.clone().requires_grad_(), q.clone().requires_grad_()]
+    outs = {}
+    for form in ("reference", "chunked"):
+        y, st = run_level(level, keys=leaves[0], values=leaves[0], queries=leaves[1], momentum=_mu(x),
+                          state=_state(level, seed, gain=3.0), form=form)
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum() + sum(
+            v.square().sum() for k, v in st.items() if k.startswith(("memory.", "adaptive.")))
+        outs[form] = (y, st, torch.autograd.grad(loss, leaves))
+    (y_ref, st_ref, g_ref), (y, st, g) = outs["reference"], outs["chunked"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    for k, v in st_ref.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(st[k], v, rtol=1e-9, atol=1e-10, msg=k)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_gain_normalisation_changes_the_level_only_where_the_read_amplifies():
+    """Raw and gain-normalised errors give different reads once the α memory amplifies (gain 3), and
+    the same with a linear memory, whose one layer reaches the read unchanged (ρ = 1 exactly)."""
+    x, q = _inputs(0, 8)
+    a, b = (run_level(_level(e), keys=x, values=x, queries=q, momentum=_mu(x), state=_state(_level(e), 0, 3.0), form="chunked")[0]
+            for e in ("raw", "gain"))
+    assert not torch.allclose(a, b)
+    mem = build_memory(MlpMemorySpec(kind="mlp", depth=1), 8, 8)  # one linear layer
+    params = {"w0": torch.randn(2, 2, 8, 8, dtype=torch.float64)}
+    deltas = {"w0": torch.randn(2, 2, 5, 8, dtype=torch.float64)}
+    assert torch.equal(gain_scales(mem, params, torch.randn(2, 2, 5, 8, dtype=torch.float64), deltas)["w0"],
+                       torch.ones(2, 2, 5, 1, dtype=torch.float64))
+
+
+def test_the_last_layer_of_a_residual_memory_keeps_its_error_and_the_first_sees_the_second():
+    mem = build_memory(ResidualMlpMemorySpec(kind="residual_mlp", hidden="2x"), 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w0": torch.randn(1, 1, 16, 8, generator=gen, dtype=torch.float64) / 8 ** 0.5,
+              "w1": 4.0 * torch.randn(1, 1, 8, 16, generator=gen, dtype=torch.float64) / 4.0}
+    x = torch.randn(1, 1, 6, 8, generator=gen, dtype=torch.float64)
+    deltas = {"w0": torch.randn(1, 1, 6, 16, generator=gen, dtype=torch.float64),
+              "w1": torch.randn(1, 1, 6, 8, generator=gen, dtype=torch.float64)}
+    scales = gain_scales(mem, params, x, deltas)
+    assert torch.equal(scales["w1"], torch.ones_like(scales["w1"]))  # x + W1 σ(·): J = I for the last layer
+    # the first layer's ρ is ‖W1 diag(σ'(h)) δ‖² / ‖δ‖², computed here by hand
+    h = x @ params["w0"].transpose(-1, -2)
+    act = torch.func.vmap(torch.func.grad(lambda z: torch.nn.functional.gelu(z)))(h.flatten()).view_as(h)
+    jd = (act * deltas["w0"]) @ params["w1"].transpose(-1, -2)
+    rho = jd.square().sum(-1) / deltas["w0"].square().sum(-1)
+    torch.testing.assert_close(scales["w0"].squeeze(-1), rho.clamp_min(1.0))
+    assert (rho > 1).any()
+
+
+def test_an_amplifying_memory_diverges_with_raw_errors_and_stays_bounded_with_gain():
+    """HOPE's level with the α memory's second layer scaled by 6: over 256 tokens (64 chunks of 4)
+    the raw errors blow the α memory up by orders of magnitude; gain-normalised errors keep every
+    memory within a few times its start."""
+    x, q = _inputs(3, 256, torch.float32)
+    sizes = {}
+    for errors in ("raw", "gain"):
+        level = _level(errors)
+        start = _state(level, 3, 6.0, torch.float32)
+        with torch.no_grad():
+            _, st = run_level(level, keys=x, values=x, queries=q, momentum=_mu(x), state=dict(start), form="chunked")
+        grow = max(float(st[k].abs().max() / start[k].abs().max()) for k in start
+                   if k.startswith(("memory.", "adaptive.")) and start[k].abs().max() > 0)
+        sizes[errors] = grow if torch.isfinite(torch.tensor(grow)) else float("inf")
+    assert sizes["raw"] > 100, sizes
+    assert sizes["gain"] < 10, sizes
