@@ -203,7 +203,13 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {pool.submit(_run, spec, task, args, args.out): i for i, (spec, task) in enumerate(runs)}
         for fut in as_completed(futures):
-            finish(futures[fut], fut.result())
+            i = futures[fut]
+            try:
+                row = fut.result()
+            except Exception as e:  # a run the sweep could not even score is a row, not the end of the sweep
+                spec, task = runs[i]
+                row = {"spec": spec, "task": task, "rc": None, "error": f"{type(e).__name__}: {e}"[:300]}
+            finish(i, row)
     rows = [done[j] for j in sorted(done)]
     print()
     print(tables(rows, eval_lengths))

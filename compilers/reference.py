@@ -74,18 +74,21 @@ def _rate_at(run: LevelRun, rate, t: int, lin: dict[str, Params]) -> torch.Tenso
     return rate[:, t]
 
 
-def _gain_normalized_grads(mem, params: dict, k: torch.Tensor, grads: dict, inputs: dict) -> dict:
-    """DGD's ``inner_errors: gain`` on one token: each layer's error ``δ`` is read off its gradient
-    ``δ x̂ᵀ`` (the bias gradient, or ``g x / ‖x‖²``), and the layer's gradient is divided by the
-    read's gain along it (:func:`~nlgraph.levels.memories.gain_scales`)."""
-    deltas = {}
-    for layer in mem.layers:
-        if layer.bias is not None:
-            deltas[layer.weight] = grads[layer.bias].unsqueeze(-2)  # [B, H, 1, d_out]
-        else:
-            x = inputs[layer.weight]  # [B, H, 1, d_in]
-            sq = x.square().sum(-1, keepdim=True)
-            deltas[layer.weight] = x @ grads[layer.weight].transpose(-1, -2) / sq.clamp_min(torch.finfo(sq.dtype).tiny)
+def _gain_normalized_grads(mem, params: dict, k: torch.Tensor, target: torch.Tensor, obj, grads: dict) -> dict:
+    """DGD's ``inner_errors: gain`` on one token: every layer's gradient divided by the read's gain
+    along the layer's error ``δ = ∂ℓ/∂z`` (:func:`~nlgraph.levels.memories.gain_scales`). ``δ`` is
+    the loss's gradient with respect to a zero probe added to the layer's pre-activation, at
+    ``params``; like the gain, it is a step-size bound here and carries no autograd."""
+    with torch.no_grad():
+        fixed = {n: t.detach() for n, t in params.items()}
+        ks, ts = k.detach(), target.detach()
+
+        def loss(probes: dict) -> torch.Tensor:
+            read = mem.forward_with(ks, lambda layer, h: apply_layer(fixed, layer, h) + probes[layer.weight])
+            return obj.loss(read, ts).sum()
+
+        zeros = {layer.weight: ks.new_zeros(ks.shape[:-1] + (layer.d_out,)) for layer in mem.layers}
+        deltas = torch.func.grad(loss)(zeros)
     scales = gain_scales(mem, params, k, deltas)  # [B, H, 1, 1]
     out = dict(grads)
     for layer in mem.layers:
@@ -143,7 +146,7 @@ def run_reference(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
 
             grads, inputs = gradients(loss, point)
             if getattr(opt, "gain", False):
-                grads = _gain_normalized_grads(mem, point, k, grads, inputs)
+                grads = _gain_normalized_grads(mem, point, k, target, obj, grads)
             delta, buffers[s] = opt.step(mem, w, grads, lr=lr, momentum=mu, buffers=buffers[s], inputs=inputs)
             if run.retention == "weight_decay":
                 w = retain(w, alpha, origin)

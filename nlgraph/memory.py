@@ -213,6 +213,12 @@ class MemoryLevel(_Entry):
         # caller knows the position on the host (NLModel sets it; see run_level's `phase`)
         self.cycle = cycle(spec)
         self.phase: int | None = None
+        if getattr(spec.optimizer, "inner_errors", "raw") == "gain":
+            # DGD's gain runs torch.func.jvp, whose first call loads torch's decompositions with a
+            # warning; done here, at construction, a compiled block never traces it
+            from .levels.memories import _quiet_jvp_setup
+
+            _quiet_jvp_setup()
         self._build_inputs(spec, width, self._rates())
         # meta-learned initial states M_0 of the memory and of every adaptive projection
         self.init_params = nn.ParameterDict()

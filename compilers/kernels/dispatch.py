@@ -154,7 +154,8 @@ def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
 
 def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
                alpha: torch.Tensor | None, memory: torch.Tensor, chunk: int, *,
-               log_alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               log_alpha: torch.Tensor | None = None, work: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """nlgraph's (gated) delta rule through the kernel.
 
     Args:
@@ -162,6 +163,7 @@ def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         beta, alpha: ``[B, T, H]`` (``alpha`` the activated decay, ``None`` for none).
         memory: ``[B, H, D_v, D_k]`` the state at the start.
         log_alpha: ``[B, T, H]``, ``log α`` instead of ``alpha`` (float32).
+        work: the dtype q, k and v enter the kernel in (default :func:`_work_dtype`).
 
     Returns:
         ``(y [B, T, H, D_v] in values' dtype, memory [B, H, D_v, D_k] in memory's dtype)``; the
@@ -170,7 +172,7 @@ def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     from .delta_rule import chunk_delta_rule
 
     out_dtype = values.dtype
-    work = _work_dtype(queries, keys, values)
+    work = work or _work_dtype(queries, keys, values)
     g = log_alpha
     if alpha is not None:
         g = torch.log(alpha.float().clamp_min(_TINY))
@@ -280,17 +282,24 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
             beta = eta
     else:
         beta = lr
-    g = None
+    g, work = None, None
     if alpha is not None and run.retention == "weight_decay":
         # β = b / α, values α v (the module docstring), written with log α: every path of the
         # gradient meets at g, where its O(1) terms cancel before the division by α, so no term
         # of order 1/α² (inf below α ≈ 1e-19) forms
         g = torch.log(alpha.float().clamp_min(_WD_FLOOR)).expand(b, t, h)
-        # one pass over v in its own dtype (a float32 round trip cost 0.4 ms eagerly at B=4, T=4096, D=128)
-        beta, v = beta.float() * torch.exp(-g), v * torch.exp(g).to(v.dtype).unsqueeze(-1)
+        beta = beta.float() * torch.exp(-g)
+        if _work_dtype(q, k, v) == torch.float16:
+            # float16's range is too short: α v underflows below α ≈ 6e-5 and the kernel's dv'
+            # (about β / α) overflows 65504, so values and kernel work in float32 (tested)
+            v, work = v.float() * torch.exp(g).unsqueeze(-1), torch.float32
+        else:  # one pass in v's own dtype (a float32 round trip cost 0.4 ms eagerly at B=4, T=4096, D=128)
+            v = v * torch.exp(g).to(v.dtype).unsqueeze(-1)
         alpha = None
     w = run.state["memory.w0"]
-    y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk, log_alpha=g)
+    y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk, log_alpha=g,
+                      work=work)
+    y = y.to(run.values.data.dtype)
     state = dict(run.state)
     state["position"] = run.state["position"] + t
     state["memory.w0"] = w

@@ -96,6 +96,9 @@ def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> di
 #: the float32 check was killed unfinished at its 70 s limit and the bfloat16 one raised an illegal
 #: memory access (benchmarks/results/mlp_memory_kernel_checks_h200.json, ..._tile4096_bf16_h200.json).
 MAX_CUDA_TILE = 4096
+#: The widest head (rounded up to a power of two) checked on the H200: wider heads are refused on
+#: CUDA even within the tile (D = 256 at chunk 16 is a 4096 tile, never checked there).
+MAX_CUDA_HEAD_DIM = 128
 
 
 def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | None:
@@ -103,6 +106,9 @@ def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | Non
     ``block_f``) on CUDA, else why not."""
     if block_f == 64:  # the H200 sweep that timed it faulted, and no check has passed with it
         return "block_f 64 is not checked on CUDA (the H200 timing sweep with it faulted); take 16 or 32"
+    if _pow2(d) > MAX_CUDA_HEAD_DIM:
+        return (f"head dim {d} is above {MAX_CUDA_HEAD_DIM}, the widest the kernel is checked at on CUDA (its "
+                "shared memory grows with the head dim, not only with the tile); use more heads")
     if tile(chunk, d) > MAX_CUDA_TILE:
         return (f"chunk {chunk} × head dim {d} exceeds the {MAX_CUDA_TILE}-element tile the kernel runs on CUDA "
                 "(the largest checked on the H200); take chunk ≤ 32 at head dim 128, chunk ≤ 64 at head dim 64, "

@@ -99,7 +99,8 @@ def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Param
     gradient); ``ρ = 1`` where ``δ = 0``. Where the layer's output reaches the read unchanged
     (``J = I``) the tangent passes through exactly and ``ρ`` is exactly 1, so such a layer keeps its
     error bit for bit."""
-    _quiet_jvp_setup()
+    if not _JVP_READY and not torch.compiler.is_compiling():
+        _quiet_jvp_setup()  # a compiled block relies on the model's construction having done it
     with torch.no_grad():
         fixed = {k: v.detach() for k, v in params.items()}
         xs = x.detach()

@@ -181,6 +181,33 @@ def test_the_titans_order_is_exact_at_any_decay(objective, calls, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_the_titans_order_in_float16_runs_the_kernel_in_float32(calls):
+    """float16's range is too short for β / α and α v (α v underflows below α ≈ 6e-5, the kernel's
+    dv' overflows 65504): with float16 streams the values and the kernel work in float32, and the
+    outputs come back in float16."""
+    spec = load_level(LEVELS["gd_l2_weight_decay"])
+    k, v, q, lr, alpha, s0 = _data(5, t=32)
+    alpha = alpha.clone()
+    alpha[:, 5] = 1e-6
+    z = torch.logit(alpha.double().clamp(1e-300, 1 - 1e-7)).float()
+    outs = {}
+    for form, dt in (("triton", torch.float16), ("reference", torch.float64)):
+        leaves = [x.to(dt if i < 3 else (torch.float32 if dt != torch.float64 else dt)).clone().requires_grad_()
+                  for i, x in enumerate((k, v, q, lr, z, s0))]
+        state = {"memory.w0": leaves[5], "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+        y, st = run_level(spec, keys=leaves[0], values=leaves[1], queries=leaves[2], lr=leaves[3],
+                          retention=torch.sigmoid(leaves[4]), state=state, form=form)
+        loss = (y.double() * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64, device=DEVICE)).sum() \
+            + st["memory.w0"].double().square().sum()
+        outs[form] = (y, torch.autograd.grad(loss, leaves))
+    (y, g), (y_ref, g_ref) = outs["triton"], outs["reference"]
+    assert calls["n"] == 1 and y.dtype == torch.float16
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g, g_ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+
+
 def _la_module():
     from nlgraph.compilers.kernels import linear_attention
 
@@ -448,6 +475,7 @@ def test_mlp_memory_refuses_cuda_tiles_it_fails_at():
         why = why_not_on_cuda(chunk, d)
         assert why is not None and "chunk ≤ 32 at head dim 128" in why and "\n" not in why
     assert why_not_on_cuda(32, 100) is None and why_not_on_cuda(64, 100) is not None  # D rounds up to 128
+    assert "head dim 256" in why_not_on_cuda(16, 256) and "head dim 200" in why_not_on_cuda(8, 200)
     assert why_not_on_cuda(16, 64, 32) is None and "take 16 or 32" in why_not_on_cuda(16, 64, 64)
 
 

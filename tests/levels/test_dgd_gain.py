@@ -125,3 +125,57 @@ def test_an_amplifying_memory_diverges_with_raw_errors_and_stays_bounded_with_ga
         sizes[errors] = grow if torch.isfinite(torch.tensor(grow)) else float("inf")
     assert sizes["raw"] > 100, sizes
     assert sizes["gain"] < 10, sizes
+
+
+def test_a_compiled_hope_model_runs_and_equals_eager():
+    """Building the model does the jvp's one-time set-up, so ``fullgraph`` compiled blocks never trace it
+    (a block that did failed on its first call)."""
+    from nlgraph.lower import build
+
+    torch.manual_seed(0)
+    model = build(load_spec("hope", ["vars.d_model=32", "vars.heads=2", "vars.layers=1", "vars.chunk=4"]))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    eager = model(ids)
+    model.compile_blocks(backend="aot_eager")
+    compiled = model(ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+MEMORIES = {
+    "mlp, bias, tanh": {"kind": "mlp", "depth": 2, "hidden": 8, "bias": True, "activation": "tanh"},
+    "mlp, geglu, depth 3": {"kind": "mlp", "depth": 3, "hidden": 8, "activation": "geglu", "bias": True},
+    "residual, layer norm": {"kind": "residual_mlp", "hidden": 8, "norm": "layer"},
+    "mlp, relu, no bias": {"kind": "mlp", "depth": 2, "hidden": 8, "activation": "relu"},
+}
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_both_forms_agree_on_every_memory_kind_and_a_zero_key(memory):
+    """Biases (augmented inputs), gate branches, a normed branch, momentum, and a token whose key is
+    exactly 0: the reference takes every layer's error from a probe, as the chunked form does, so
+    they agree there too (read off a bias-free layer's gradient δ xᵀ, δ would be lost at x = 0)."""
+    spec_dict = {"memory": {**MEMORIES[memory], "heads": 2}, "objective": {"kind": "l2"},
+                 "optimizer": {"kind": "dgd", "form": "proximal", "lr": 0.7, "momentum": 0.3, "inner_errors": "gain"},
+                 "retention": {"kind": "weight_decay", "gate": {"act": "sigmoid"}}, "gradient_point": {"chunk": 4}}
+    from nlgraph.spec.loader import load_level
+
+    spec = load_level(spec_dict)
+    gen = torch.Generator().manual_seed(1)
+    st = init_state(spec, batch=2, d_key=6, d_value=6, dtype=torch.float64, generator=gen)
+    st = {k: (3.0 * v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+              if v.is_floating_point() and "momentum" not in k else v) for k, v in st.items()}
+    x, v, q = (torch.randn(2, 11, 2, 6, generator=gen, dtype=torch.float64) for _ in range(3))
+    x[:, 3] = 0.0
+    alpha = torch.sigmoid(torch.randn(2, 11, 2, generator=gen, dtype=torch.float64))
+    outs = {}
+    for form in ("reference", "chunked"):
+        leaves = [x.clone().requires_grad_(), v.clone().requires_grad_(), q.clone().requires_grad_()]
+        y, end = run_level(spec, keys=leaves[0], values=leaves[1], queries=leaves[2], retention=alpha,
+                           state=dict(st), form=form)
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum() + sum(
+            t.square().sum() for t in end.values() if t.is_floating_point())
+        outs[form] = (y, torch.autograd.grad(loss, leaves))
+    (y_ref, g_ref), (y, g) = outs["reference"], outs["chunked"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
