@@ -50,10 +50,7 @@ class _Track(TorchDispatchMode):
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
-            try:
-                ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-            except (RuntimeError, NotImplementedError):
-                continue
+            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
             if ptr == 0:
                 continue
             if ptr in self.live:

@@ -64,7 +64,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.levels.gates import AdaptiveGate
-from nlgraph.levels.memories import Memory, apply_layer, gain_normalized
+from nlgraph.levels.memories import Memory, apply_layer, gain_normalized, layer_errors
 from nlgraph.levels.optimizers import newton_schulz, sqrt_second_moment
 from nlgraph.levels.run import LevelRun, Stream, final_state, periods, schedule
 from nlgraph.spec.schema import LevelSpec
@@ -556,25 +556,9 @@ def _stack(params: list[Params]) -> Params:
 
 
 def _local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Tensor, run: LevelRun):
-    """Every layer's input ``x`` and output gradient ``δ = ∂ℓ_r/∂z_r`` for all tokens of a chunk at
-    once, at ``params``: one batched forward and backward. A zero *probe* is added to every
-    layer's pre-activations and the loss is differentiated with respect to the probes; each
-    token's loss depends only on its own pre-activations, so that gradient is every token's own
-    δ (no per-sample gradients needed)."""
-    def loss(probes: Params) -> tuple[torch.Tensor, Params]:
-        inputs: Params = {}
-
-        def apply(layer, h):
-            inputs[layer.weight] = h
-            return apply_layer(params, layer, h) + probes[layer.weight]
-
-        return run.objective.loss(mem.forward_with(k, apply), target).sum(), inputs
-
-    # probes carry the parameters' leading axes (a stacked slot axis too) and the chunk's tokens
-    lead = params[mem.layers[0].weight].shape[:-2] + k.shape[-2:-1]
-    zeros = {layer.weight: k.new_zeros(lead + (layer.d_out,)) for layer in mem.layers}
-    deltas, inputs = torch.func.grad(loss, has_aux=True)(zeros)
-    return inputs, deltas
+    """Every layer's input ``x`` and error ``δ`` for all tokens of a chunk at ``params``
+    (:func:`~nlgraph.levels.memories.layer_errors` on the level's objective)."""
+    return layer_errors(mem, params, k, lambda read: run.objective.loss(read, target).sum())
 
 
 def _float_local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Tensor, run: LevelRun):

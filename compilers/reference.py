@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from nlgraph.levels.gates import AdaptiveGate
-from nlgraph.levels.memories import apply_layer, gain_scales
+from nlgraph.levels.memories import apply_layer, gain_scales, layer_errors
 from nlgraph.levels.optimizers import gradients
 from nlgraph.levels.run import LevelRun, Stream, final_state
 
@@ -80,15 +80,9 @@ def _gain_normalized_grads(mem, params: dict, k: torch.Tensor, target: torch.Ten
     the loss's gradient with respect to a zero probe added to the layer's pre-activation, at
     ``params``; like the gain, it is a step-size bound here and carries no autograd."""
     with torch.no_grad():
-        fixed = {n: t.detach() for n, t in params.items()}
-        ks, ts = k.detach(), target.detach()
-
-        def loss(probes: dict) -> torch.Tensor:
-            read = mem.forward_with(ks, lambda layer, h: apply_layer(fixed, layer, h) + probes[layer.weight])
-            return obj.loss(read, ts).sum()
-
-        zeros = {layer.weight: ks.new_zeros(ks.shape[:-1] + (layer.d_out,)) for layer in mem.layers}
-        deltas = torch.func.grad(loss)(zeros)
+        ts = target.detach()
+        _, deltas = layer_errors(mem, {n: t.detach() for n, t in params.items()}, k.detach(),
+                                 lambda read: obj.loss(read, ts).sum())
     scales = gain_scales(mem, params, k, deltas)  # [B, H, 1, 1]
     out = dict(grads)
     for layer in mem.layers:

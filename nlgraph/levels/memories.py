@@ -73,6 +73,30 @@ def apply_layer(params: Params, layer: Layer, h: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def layer_errors(memory: "Memory", params: Params, x: torch.Tensor,
+                 loss: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Params, Params]:
+    """Every layer's input and output gradient ``δ = ∂ℓ_r/∂z_r`` for all tokens of ``x [..., N, d_in]``
+    at once, at ``params``, for ``loss(read) -> scalar`` (a sum over tokens): one batched forward
+    and backward. A zero *probe* is added to every layer's pre-activations and the loss is
+    differentiated with respect to the probes; each token's loss depends only on its own
+    pre-activations, so that gradient is every token's own δ (no per-sample gradients needed)."""
+
+    def probed(probes: Params) -> tuple[torch.Tensor, Params]:
+        inputs: Params = {}
+
+        def apply(layer, h):
+            inputs[layer.weight] = h
+            return apply_layer(params, layer, h) + probes[layer.weight]
+
+        return loss(memory.forward_with(x, apply)), inputs
+
+    # probes carry the parameters' leading axes (a stacked slot axis too) and the tokens
+    lead = params[memory.layers[0].weight].shape[:-2] + x.shape[-2:-1]
+    zeros = {layer.weight: x.new_zeros(lead + (layer.d_out,)) for layer in memory.layers}
+    deltas, inputs = torch.func.grad(probed, has_aux=True)(zeros)
+    return inputs, deltas
+
+
 _JVP_READY = False
 
 
@@ -124,7 +148,7 @@ def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Param
 def gain_normalized(memory: "Memory", params: Params, x: torch.Tensor, deltas: Params) -> Params:
     """Every layer's error divided by :func:`gain_scales` (DGD's ``inner_errors: gain``)."""
     scales = gain_scales(memory, params, x, deltas)
-    return {w: d / scales[w] if w in scales else d for w, d in deltas.items()}
+    return {w: d / scales[w] for w, d in deltas.items()}
 
 
 class Memory:

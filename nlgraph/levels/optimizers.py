@@ -196,10 +196,6 @@ class Dgd(InnerOptimizer):
         # gain: the inner layers' errors are divided by the read's gain along them (DgdSpec.inner_errors),
         # which the level drivers apply to the errors before the step
         self.proximal, self.uses_momentum, self.gain = proximal, with_momentum, gain
-        if gain and not torch.compiler.is_compiling():  # a compiled block must not trace the set-up
-            from .memories import _quiet_jvp_setup
-
-            _quiet_jvp_setup()
 
     def buffers(self, memory, params):
         if not self.uses_momentum:
