@@ -44,8 +44,6 @@ def check(name: str, args: argparse.Namespace) -> dict:
     model = build(name, overrides=overrides, device=device)
     tokens = torch.randint(0, model.spec.model.vocab, (args.batch, args.length + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    with torch.no_grad():
-        eager = model(x)
     model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -57,14 +55,23 @@ def check(name: str, args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    # the training step first: its compile is what `nlgraph train` waits for; the no-grad forward
+    # (a second graph, compiled after the timing) only checks the values against eager
     t0 = time.perf_counter()
-    with torch.no_grad():
-        compiled = model(x)
-    err = (compiled - eager).abs().max().item() / eager.abs().max().item()
+    _progress(f"{name}: compiling the training step")
     loss0 = step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
+    phases = _phases()
+    _progress(f"{name}: training step compiled in {compile_s:.1f} s {json.dumps(phases)}")
+    with torch.no_grad():
+        compiled = model(x)
+        blocks, model._compiled = model._compiled, None  # the plain blocks, at the same weights
+        eager = model(x)
+        model._compiled = blocks
+    err = (compiled - eager).abs().max().item() / eager.abs().max().item()
+    _progress(f"{name}: no-grad forward compiled at {time.perf_counter() - t0:.1f} s")
     graphs_after_first = counters["stats"]["unique_graphs"]
     times = []
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -83,7 +90,13 @@ def check(name: str, args: argparse.Namespace) -> dict:
         "step_ms": 1000 * sorted(times)[len(times) // 2] if times else float("nan"),
         "rel_err": err,
         "loss": f"{loss0:.3f} -> {loss:.3f}",
+        **phases,
     }
+
+
+def _progress(msg: str) -> None:
+    """A timestamped line on stderr: a --cold child killed by its timeout still shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 #: Dynamo's compile-time counters reported, by the label of the column (they nest: inductor's
@@ -148,8 +161,11 @@ def cold(name: str, args: argparse.Namespace) -> dict:
                    "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device]
             try:
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"the child process ran past --child-timeout {args.child_timeout} s") from None
+            except subprocess.TimeoutExpired as e:
+                err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+                seen = [ln for ln in err.splitlines() if ln.startswith("[")][-3:]
+                raise RuntimeError(f"the child process ran past --child-timeout {args.child_timeout} s; "
+                                   f"its last progress: {' | '.join(seen) or 'none'}") from None
             if done.returncode != 0 or not out.exists():
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise RuntimeError(f"the child process failed (rc {done.returncode}): {tail[0][:300]}")
@@ -180,7 +196,7 @@ def main() -> int:
     args = p.parse_args()
     if args.child_json:  # one spec for --cold's parent: its row as JSON, errors as the exit status
         # the phases are this process's, so they are the one spec's compile alone
-        Path(args.child_json).write_text(json.dumps({**check(args.specs[0], args), **_phases()}))
+        Path(args.child_json).write_text(json.dumps(check(args.specs[0], args)))
         return 0
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))

@@ -29,6 +29,7 @@ a check FAILs. Without CUDA it says so and exits 0. The table is printed last; `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -208,6 +209,12 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor]) -> Call
     return run
 
 
+def _with_lowp(fn, level, args):
+    # set for the call and kept through the backward: autograd runs it after fn returns
+    os.environ["NLGRAPH_WY_LOWP"] = level
+    return fn(*args)
+
+
 def nlgraph_chunked(gated: bool):
     """nlgraph's current chunked form of the level (PyTorch, eager), as models run it."""
     from nlgraph.runtime import run_level
@@ -227,7 +234,23 @@ def nlgraph_chunked(gated: bool):
     return fn
 
 
-def timing_rows(args, device: str) -> list[dict]:
+@contextlib.contextmanager
+def wy_lowp(level: str | None):
+    """``NLGRAPH_WY_LOWP`` set to ``level`` (None: left as it is) while the block runs."""
+    old = os.environ.get("NLGRAPH_WY_LOWP")
+    if level is not None:
+        os.environ["NLGRAPH_WY_LOWP"] = level
+    try:
+        yield
+    finally:
+        if level is not None:
+            if old is None:
+                os.environ.pop("NLGRAPH_WY_LOWP", None)
+            else:
+                os.environ["NLGRAPH_WY_LOWP"] = old
+
+
+def timing_rows(args, device: str, levels: list[str] = ()) -> list[dict]:
     b, t, h, d = args.batch, args.length, args.heads, args.dim
     dtype = getattr(torch, args.dtype)
     rows = []
@@ -246,8 +269,14 @@ def timing_rows(args, device: str) -> list[dict]:
                       False, None))
         impls.append(("fla chunk_gated_delta_rule",
                       lambda q, k, v, beta, g: fla_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0], True, None))
-    impls.append(("nlgraph triton chunk_delta_rule", triton_fn(False), False, "fla chunk_delta_rule"))
-    impls.append(("nlgraph triton chunk_delta_rule + g", triton_fn(True), True, "fla chunk_gated_delta_rule"))
+    for level in levels or [None]:
+        tag = "" if level is None else f" [wy {level}]"
+        for gated, name, anchor in ((False, "nlgraph triton chunk_delta_rule", "fla chunk_delta_rule"),
+                                    (True, "nlgraph triton chunk_delta_rule + g", "fla chunk_gated_delta_rule")):
+            fn = triton_fn(gated)
+            if level is not None:
+                fn = (lambda f, lv: lambda *a: _with_lowp(f, lv, a))(fn, level)
+            impls.append((name + tag, fn, gated, anchor))
     if not args.skip_nlgraph_chunked:
         impls.append(("nlgraph chunked form (PyTorch), eager", nlgraph_chunked(False), False, "fla chunk_delta_rule"))
         impls.append(("nlgraph chunked form + decay, eager", nlgraph_chunked(True), True,
@@ -348,7 +377,7 @@ def resource_rows(args) -> list[dict]:
         "qkw_bwd": (dict(q=x, k=x, vn=x, dvn=x, do=x, hs=x, dhs=x, bcum=f32, dq=x, dk=f32, dw=f32, db=f32,
                          scale="fp32", NT="i32", B="i32", **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
         "wy_bwd": (dict(k=x, v=x, beta=x, bcum=f32, tm=x, dw=f32, dvn=x, dkp=f32, db=f32, dk=x, dv=x, dbeta=x,
-                        dg=f32, **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
+                        dg=f32, **tok), dict(BK=min(kp, 64), BV=min(kp, 64), LOWP=0)),
     }
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     rows = []
@@ -399,6 +428,9 @@ def main() -> int:
     p.add_argument("--skip-fla", action="store_true")
     p.add_argument("--skip-nlgraph-chunked", action="store_true", help="skip the PyTorch chunked-form rows")
     p.add_argument("--profile", action="store_true", help="per-kernel CUDA times of one Triton fwd+bwd")
+    p.add_argument("--wy-lowp", default="", metavar="LEVELS",
+                   help="check and time the Triton rows once per NLGRAPH_WY_LOWP level, e.g. 0,1,2 (16-bit "
+                        "products in the WY backward; default: the environment's setting only)")
     p.add_argument("--resources", action="store_true",
                    help="only compile the kernels for sm_90 (no GPU needed) and print registers / spills")
     args = p.parse_args()
@@ -424,8 +456,16 @@ def main() -> int:
             "warps": os.environ.get("NLGRAPH_TRITON_WARPS", "default"),
             "shape": {"B": args.batch, "T": args.length, "H": args.heads, "D": args.dim, "dtype": args.dtype,
                       "chunk": args.chunk}}
-    checks = [] if args.skip_checks else run_checks(device)
-    timings = timing_rows(args, device)
+    levels = [x for x in args.wy_lowp.split(",") if x]
+    checks = []
+    if not args.skip_checks:
+        for level in levels or [None]:
+            with wy_lowp(level):
+                for c in run_checks(device):
+                    if level is not None:
+                        c["check"] += f" [wy {level}]"
+                    checks.append(c)
+    timings = timing_rows(args, device, levels)
     prof = profile_rows(args, device) if args.profile else []
     result = {"meta": meta, "checks": checks, "timings": timings, "profile": prof}
     if args.out:

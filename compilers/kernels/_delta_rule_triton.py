@@ -319,7 +319,7 @@ def _qkw_bwd(q, k, vn, dvn, do, hs, dhs, bcum, dq, dk, dw, db, scale, T, NT, B, 
     dkb += tl.dot(dat.to(dt), qb, input_precision=PREC)
     tl.store(_rows(dq, tok, T, H, K, i_t * C, i_k * BK, C, BK), dqb.to(dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(_rows(dk, tok, T, H, K, i_t * C, i_k * BK, C, BK), dkb, boundary_check=(0, 1))
-    tl.store(_rows(dw, tok, T, H, K, i_t * C, i_k * BK, C, BK), -dwv, boundary_check=(0, 1))
+    tl.store(_rows(dw, tok, T, H, K, i_t * C, i_k * BK, C, BK), (-dwv).to(dw.dtype.element_ty), boundary_check=(0, 1))
     if USE_G:
         x = da * tl.dot(qb, tl.trans(kb), input_precision=PREC)
         kd_dot = e * tl.sum(dkd * kb.to(tl.float32), axis=1)
@@ -330,7 +330,10 @@ def _qkw_bwd(q, k, vn, dvn, do, hs, dhs, bcum, dq, dk, dw, db, scale, T, NT, B, 
 
 def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.constexpr, K: tl.constexpr,
             V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, LOWP: tl.constexpr):
+    # LOWP (16-bit inputs only): 1 multiplies the products with a token operand in the input dtype
+    # (β- and decay-scaled k and v rounded to it, dW stored in it by _qkw_bwd) instead of tf32 on
+    # float32 copies; 2 also the C×C products through T. Accumulation stays float32 either way.
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -355,13 +358,22 @@ def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.
     dtm = tl.zeros([C, C], dtype=tl.float32)
     dtmt = tl.zeros([C, C], dtype=tl.float32)
     dbt = tl.zeros([C], dtype=tl.float32)
+    if LOWP > 0:
+        tmtl = tmt.to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
         kf = kb.to(tl.float32)
         dwb = tl.load(_rows(dw, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
-        dtm += tl.dot(dwb, tl.trans(kf * bg[:, None]), input_precision=PREC)
-        dtmt += tl.dot(kf * bg[:, None], tl.trans(dwb), input_precision=PREC)
-        dkw = tl.dot(tmt, dwb, input_precision=PREC)  # Tᵀ dW
+        if LOWP > 0:
+            kg = (kf * bg[:, None]).to(dt)
+            dwl = dwb.to(dt)
+            dtm += tl.dot(dwl, tl.trans(kg))
+            dtmt += tl.dot(kg, tl.trans(dwl))
+            dkw = tl.dot(tmtl, dwl)  # Tᵀ dW
+        else:
+            dtm += tl.dot(dwb, tl.trans(kf * bg[:, None]), input_precision=PREC)
+            dtmt += tl.dot(kf * bg[:, None], tl.trans(dwb), input_precision=PREC)
+            dkw = tl.dot(tmt, dwb, input_precision=PREC)  # Tᵀ dW
         rs = tl.sum(dkw * kf, axis=1)
         dbt += rs * gam
         if USE_G:
@@ -372,20 +384,33 @@ def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.
     for i_v in range(tl.cdiv(V, BV)):
         vf = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32)
-        duf = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                      padding_option="zero").to(tl.float32)
-        dtm += tl.dot(duf, tl.trans(vf * bt[:, None]), input_precision=PREC)
-        dtmt += tl.dot(vf * bt[:, None], tl.trans(duf), input_precision=PREC)
-        dvu = tl.dot(tmt, duf, input_precision=PREC)  # Tᵀ dU
+        dub = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero")
+        if LOWP > 0:
+            vb = (vf * bt[:, None]).to(dt)
+            dul = dub.to(dt)
+            dtm += tl.dot(dul, tl.trans(vb))
+            dtmt += tl.dot(vb, tl.trans(dul))
+            dvu = tl.dot(tmtl, dul)  # Tᵀ dU
+        else:
+            duf = dub.to(tl.float32)
+            dtm += tl.dot(duf, tl.trans(vf * bt[:, None]), input_precision=PREC)
+            dtmt += tl.dot(vf * bt[:, None], tl.trans(duf), input_precision=PREC)
+            dvu = tl.dot(tmt, duf, input_precision=PREC)  # Tᵀ dU
         tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), (dvu * bt[:, None]).to(dv.dtype.element_ty),
                  boundary_check=(0, 1))
         dbt += tl.sum(dvu * vf, axis=1)
     # T = (I + A)⁻¹  ⇒  dA = −Tᵀ dT Tᵀ (and dAᵀ = −T dTᵀ T), kept strictly below (above) the diagonal
-    da = -tl.dot(tl.dot(tmt, dtm, input_precision=PREC), tmt, input_precision=PREC)
-    # T itself is loaded only now, so it does not hold registers through the loops above
-    tmf = tl.load(_rows(tm, tok, T, H, C, i_t * C, 0, C, C), boundary_check=(0, 1),
-                  padding_option="zero").to(tl.float32)
-    dat = -tl.dot(tl.dot(tmf, dtmt, input_precision=PREC), tmf, input_precision=PREC)
+    # T itself is loaded only after the loops, so it does not hold registers through them
+    if LOWP > 1:
+        da = -tl.dot(tl.dot(tmtl, dtm.to(dt)).to(dt), tmtl)
+        tml = tl.load(_rows(tm, tok, T, H, C, i_t * C, 0, C, C), boundary_check=(0, 1), padding_option="zero")
+        dat = -tl.dot(tl.dot(tml, dtmt.to(dt)).to(dt), tml)
+    else:
+        da = -tl.dot(tl.dot(tmt, dtm, input_precision=PREC), tmt, input_precision=PREC)
+        tmf = tl.load(_rows(tm, tok, T, H, C, i_t * C, 0, C, C), boundary_check=(0, 1),
+                      padding_option="zero").to(tl.float32)
+        dat = -tl.dot(tl.dot(tmf, dtmt, input_precision=PREC), tmf, input_precision=PREC)
     strict = r[:, None] > r[None, :]
     supper = r[:, None] < r[None, :]
     if USE_G:
@@ -400,7 +425,10 @@ def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.
         kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
         acc = tl.load(_rows(dkp, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1),
                       padding_option="zero")
-        acc += tl.dot(yy, kb.to(tl.float32), input_precision=PREC)
+        if LOWP > 0:
+            acc += tl.dot(yy.to(dt), kb)
+        else:
+            acc += tl.dot(yy, kb.to(tl.float32), input_precision=PREC)
         tl.store(_rows(dk, tok, T, H, K, i_t * C, i_k * BK, C, BK), acc.to(dk.dtype.element_ty),
                  boundary_check=(0, 1))
     gm = da * kk
@@ -475,7 +503,10 @@ def _tuned(name: str, fn):
         configs = [triton.Config({}, num_warps=w, num_stages=2) for w in _warps(name)]
     # _wy_bwd adds into its dk buffer: every trial must start from the same values
     restore = ["dkp"] if name == "wy_bwd" else None
-    return triton.autotune(configs=configs, key=["K", "V", "C"], restore_value=restore)(jitted)
+    # cache_results: the winner is kept in triton's cache, so a later process (the next `nlgraph
+    # train`) compiles only that config instead of timing every one again
+    return triton.autotune(configs=configs, key=["K", "V", "C"], restore_value=restore,
+                           cache_results=True)(jitted)
 
 
 _KERNELS = SimpleNamespace(**{n: _tuned(n, f) for n, f in _SOURCES.items()})

@@ -17,6 +17,7 @@ nlgraph's ``delta_rule`` level (``compilers/delta_rule.py``) is the same rule wi
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -117,6 +118,18 @@ def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     return o, ht, tm, bcum if bcum is not None else q.new_empty(0)
 
 
+def _wy_lowp(dtype: torch.dtype) -> int:
+    """How much of ``_wy_bwd`` multiplies in the 16-bit input dtype (see the kernel): read from
+    ``NLGRAPH_WY_LOWP`` (0, 1, 2) at each call, so one process can time the variants; float32
+    inputs always get 0."""
+    if dtype == torch.float32:
+        return 0
+    level = os.environ.get("NLGRAPH_WY_LOWP", "0")
+    if level not in ("0", "1", "2"):
+        raise ValueError(f"NLGRAPH_WY_LOWP must be 0, 1 or 2, got {level!r}")
+    return int(level)
+
+
 def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     kn = _kernels(q)
     p = _plan(q, v, chunk)
@@ -149,7 +162,8 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     nk = _cdiv(p["K"], bk)
     dq = torch.empty_like(q)
     dkp = q.new_empty(q.shape, dtype=torch.float32)
-    dw = q.new_empty(q.shape, dtype=torch.float32)
+    lowp = _wy_lowp(q.dtype)
+    dw = q.new_empty(q.shape, dtype=q.dtype if lowp else torch.float32)
     db = q.new_empty(nk, b, t, h, dtype=torch.float32) if use_g else dummy
     kn.qkw_bwd[(nk, nt, b * h)](
         q, k, vn, dvn, do, hs, dhs, bcum if use_g else dummy, dq, dkp, dw, db, scale, t, nt, b, H=h, K=p["K"],
@@ -163,7 +177,7 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     dg = torch.empty_like(g) if use_g else q.new_empty(0)
     kn.wy_bwd[(nt, b * h)](
         k, v, beta, bcum if use_g else dummy, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, t, H=h, K=p["K"], V=p["V"],
-        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"])
+        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"], LOWP=lowp)
     return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
 
 

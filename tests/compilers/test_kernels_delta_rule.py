@@ -166,3 +166,33 @@ def test_bad_chunk_is_a_one_line_error():
     x = {n: a.float() for n, a in _inputs(1, 8, 2, 16, 16, gated=False, with_h0=False, seed=9).items()}
     with pytest.raises(NLGraphError, match="16, 32 or 64"):
         _kernel(x, 1.0, 48, False)
+
+
+@pytest.mark.parametrize("lowp", ["0", "1", "2"])
+def test_half_backward_in_the_input_dtype_stays_within_half_error(lowp, monkeypatch):
+    # NLGRAPH_WY_LOWP moves _wy_bwd's products onto bf16 operands (as fla's WY backward does); each
+    # level must keep the bf16 run's gradients as close to float64 as the float32-operand default
+    monkeypatch.setenv("NLGRAPH_WY_LOWP", lowp)
+    b, t, h, dk, dv, chunk = 1, 40, 2, 32, 32, 16
+    x64 = _inputs(b, t, h, dk, dv, gated=True, with_h0=True, seed=3)
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    dtypes = {"g": torch.float32, "h0": torch.float32}
+    # float16: the interpreter runs it (it gets bfloat16 wrong); the GPU check covers bf16
+    got = {n: a.to(DEVICE, dtypes.get(n, torch.float16)).requires_grad_() for n, a in x64.items()}
+    y_ref, _ = _reference(ref, 1.0)
+    o, _ = _kernel(got, 1.0, chunk, False)
+    do = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (y_ref * do).sum().backward()
+    (o.float() * do.float().to(DEVICE)).sum().backward()
+    assert _rel(o.float().cpu(), y_ref.detach()) < 2e-2
+    for name in x64:
+        assert _rel(got[name].grad.float().cpu(), ref[name].grad) < 3e-2, name
+
+
+def test_wy_lowp_rejects_a_bad_setting(monkeypatch):
+    from nlgraph.compilers.kernels.delta_rule import _wy_lowp
+
+    monkeypatch.setenv("NLGRAPH_WY_LOWP", "3")
+    with pytest.raises(ValueError, match="NLGRAPH_WY_LOWP"):
+        _wy_lowp(torch.bfloat16)
+    assert _wy_lowp(torch.float32) == 0
