@@ -106,19 +106,23 @@ PHASES = {"trace_s": "bytecode_tracing", "inductor_fwd_s": "compile_fx.<locals>.
 
 
 def _phases() -> dict:
-    """This process's compile phases from ``torch._dynamo.utils.compile_times``, in seconds (0 where
-    a phase did not run, e.g. everything from a warm cache)."""
-    from torch._dynamo.utils import compile_times
+    """This process's compile phases from dynamo's compile-time metrics, in seconds (0 where a phase
+    did not run, e.g. everything from a warm cache), and under ``compile_times`` every recorded
+    phase by its name (the names differ between torch versions)."""
+    from torch._dynamo import utils
 
-    text = compile_times(repr="str", aggregate=True)
-    seen = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(",")
-        try:
-            seen[name.strip()] = float(value)
-        except ValueError:
-            continue
-    return {label: round(seen.get(key, 0.0), 1) for label, key in PHASES.items()}
+    seen = {name: round(sum(values), 2) for name, values in
+            getattr(utils, "compilation_time_metrics", {}).items() if values}
+    if not seen:  # a torch without the dict: parse its text report
+        for line in utils.compile_times(repr="str", aggregate=True).splitlines():
+            name, _, value = line.rpartition(",")
+            try:
+                seen[name.strip()] = float(value)
+            except ValueError:
+                continue
+    row = {label: round(seen.get(key, 0.0), 1) for label, key in PHASES.items()}
+    row["compile_times"] = dict(sorted(seen.items(), key=lambda kv: -kv[1])[:25])
+    return row
 
 
 def kernel_counts(cache_dir: Path) -> dict:
