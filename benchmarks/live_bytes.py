@@ -50,7 +50,12 @@ class _Track(TorchDispatchMode):
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
-            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            try:
+                ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            except RuntimeError:
+                # a forward-mode (jvp) wrapper has no storage of its own; the tensors it wraps are
+                # returned by the operators run on them and counted there
+                continue
             if ptr == 0:
                 continue
             if ptr in self.live:

@@ -549,10 +549,37 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
 
 
 def _stack(params: list[Params]) -> Params:
-    """Per-slot parameter dicts ``[B, H, ...]`` → one dict ``[S, B, H, ...]`` (a view for one slot)."""
+    """Per-slot parameter dicts ``[B, H, ...]`` → one dict ``[S, B, H, ...]`` (a view for one slot,
+    or the tensor the slots were unbound from)."""
     if len(params) == 1:
         return {p: t.unsqueeze(0) for p, t in params[0].items()}
-    return {p: torch.stack([d[p] for d in params]) for p in params[0]}
+    out = {}
+    for p in params[0]:
+        parts = [d[p] for d in params]
+        base = _unbound_from(parts)
+        out[p] = torch.stack(parts) if base is None else base
+    return out
+
+
+def _unbound_from(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor ``X`` with ``parts == X.unbind(0)``, when they are exactly its views, else None.
+
+    A chunk's end state is unbound into per-slot views and the next chunk (or the level's next call,
+    through the state) stacks them again: a copy of every slot's parameters and optimizer buffers
+    per chunk, each kept for the backward (in HOPE about a quarter of what a forward leaves alive,
+    `benchmarks/live_bytes.py`). ``X`` itself is the same values with the same gradient path.
+    Eager only: a compiled graph reads no ``_base``, and inductor removes such copies itself."""
+    if torch.compiler.is_compiling():
+        return None
+    base = parts[0]._base
+    if base is None or base.dim() != parts[0].dim() + 1 or base.shape[0] != len(parts):
+        return None
+    step = base.stride(0)
+    for i, t in enumerate(parts):
+        if (t._base is not base or t.shape != base.shape[1:] or t.stride() != base.stride()[1:]
+                or t.storage_offset() != base.storage_offset() + i * step):
+            return None
+    return base
 
 
 def _local_errors(mem: Memory, params: Params, k: torch.Tensor, target: torch.Tensor, run: LevelRun):
@@ -955,6 +982,14 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
     anchor = {s: run.params("anchor", s) for s in slots} if run.has_anchor else None
     buffers = {s: run.buffers(s) for s in slots}
     origin = {s: run.params("origin", s) for s in slots} if run.has_origin else None
+    if origin is not None and not torch.compiler.is_compiling():
+        # W_0 of a group of slots as the views of one stack, which this and the level's later calls
+        # (through the returned state) then use without stacking it again per chunk
+        for group in run.groups:
+            if len(group) > 1:
+                for p, t in _stack([origin[s] for s in group]).items():
+                    for s, view in zip(group, t.unbind(0)):
+                        origin[s] = {**origin[s], p: view}
     inputs = _Inputs(run)
     segments = schedule(run.position, T, run.chunk)
     # A scan runs full chunks that each start where committed = working = anchor, the same step
@@ -1007,7 +1042,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         if anchor is not None and end % run.chunk == 0:
             anchor = working
         i += 1
-    return _outputs(outs, run), final_state(run, committed, working, anchor, buffers, T)
+    return _outputs(outs, run), final_state(run, committed, working, anchor, buffers, T, origin)
 
 
 def _static(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -376,9 +376,11 @@ def _merge_state(default: dict[str, torch.Tensor], given: dict[str, torch.Tensor
     return out
 
 
-def final_state(run: LevelRun, committed, working, anchor, buffers, steps: int) -> dict[str, torch.Tensor]:
+def final_state(run: LevelRun, committed, working, anchor, buffers, steps: int,
+                origin=None) -> dict[str, torch.Tensor]:
     """The state a form returns after ``steps`` tokens: committed parameters, what is pending of
-    the current period, the anchor and the optimizer buffers (layout in the module docstring)."""
+    the current period, the anchor and the optimizer buffers (layout in the module docstring).
+    ``origin``: ``{slot: params}`` to return as ``origin.*`` (default: the input state's, as is)."""
     state: dict[str, torch.Tensor] = {"position": run.state["position"] + steps}
     for s in run.memories:
         for p, v in committed[s].items():
@@ -388,7 +390,7 @@ def final_state(run: LevelRun, committed, working, anchor, buffers, steps: int) 
             if anchor is not None:
                 state[f"anchor.{s}.{p}"] = anchor[s][p]
             if run.has_origin:
-                state[f"origin.{s}.{p}"] = run.state[f"origin.{s}.{p}"]
+                state[f"origin.{s}.{p}"] = run.state[f"origin.{s}.{p}"] if origin is None else origin[s][p]
         for n, v in buffers[s].items():
             state[f"optimizer.{s}.{n}"] = v
     return state

@@ -334,3 +334,55 @@ def test_chunk_rows_are_the_last_rows_of_the_transfer_products(seed, n, d, chann
     assert_close(w, w_ref, "W_n")
     if momentum:
         assert_close(s, s_ref, "S_n")
+
+
+def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
+    # a chunk's end state [S, B, H, ...] is unbound into per-slot views; stacking those views again
+    # must hand back that tensor (no copy kept for the backward), and anything else must be stacked
+    from nlgraph.compilers.chunked import _stack, _unbound_from
+
+    x = torch.randn(3, 2, 4, 5, requires_grad=True) * 1.0
+    parts = list(x.unbind(0))
+    assert _unbound_from(parts) is x
+    assert _stack([{"w": p} for p in parts])["w"] is x
+    assert _unbound_from(parts[:2]) is None  # not all of it
+    assert _unbound_from([parts[1], parts[0], parts[2]]) is None  # another order
+    assert _unbound_from([p.clone() for p in parts]) is None  # copies
+    sliced = x[..., :-1].unbind(0)  # views of a view: their _base is x, whose shape differs
+    assert _unbound_from(list(sliced)) is None
+    assert torch.equal(_stack([{"w": p} for p in sliced])["w"], x[..., :-1])
+    # the gradient through the reused tensor is the stack's
+    y = _stack([{"w": p} for p in parts])["w"]
+    (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+    leaf = x.grad_fn.next_functions[0][0].variable
+    assert torch.equal(leaf.grad, torch.arange(x.numel(), dtype=x.dtype).reshape(x.shape))
+
+
+def test_hope_level_stacks_its_slots_once_per_call(monkeypatch):
+    # HOPE's five memories are solved stacked on a slot axis; across a call's chunks (and the
+    # in-context calls of a sequence, through the state) the per-slot views are not copied again
+    from nlgraph.compilers import chunked
+
+    calls = {"n": 0}
+    real = chunked._unbound_from
+
+    def counting(parts):
+        found = real(parts)
+        calls["n"] += found is None  # a copy stacked
+        return found
+
+    from nlgraph.runtime import run_level
+    from nlgraph.spec.loader import load_spec
+
+    spec = load_spec("hope", ["vars.d_model=16", "vars.heads=2", "vars.chunk=4"]).levels["titans"]
+    gen = torch.Generator().manual_seed(0)
+    x, q = (torch.randn(2, 16, 2, 8, generator=gen) for _ in range(2))
+    mu = torch.full(x.shape[:3], 0.12)
+    state = init_state(spec, batch=2, d_key=8, d_value=8, generator=gen)
+    monkeypatch.setattr(chunked, "_unbound_from", counting)
+    _, state = run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form="chunked")
+    first = calls["n"]
+    assert first > 0  # the first call stacks W_0 and the meta-learned M_0 once
+    run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form="chunked")
+    # the second call (four more chunks) stacks nothing: its slots arrive as views of stacks
+    assert calls["n"] == first
