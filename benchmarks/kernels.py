@@ -209,12 +209,6 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor]) -> Call
     return run
 
 
-def _with_lowp(fn, level, args):
-    # set for the call and kept through the backward: autograd runs it after fn returns
-    os.environ["NLGRAPH_WY_LOWP"] = level
-    return fn(*args)
-
-
 def nlgraph_chunked(gated: bool):
     """nlgraph's current chunked form of the level (PyTorch, eager), as models run it."""
     from nlgraph.runtime import run_level
@@ -273,47 +267,51 @@ def timing_rows(args, device: str, levels: list[str] = ()) -> list[dict]:
         tag = "" if level is None else f" [wy {level}]"
         for gated, name, anchor in ((False, "nlgraph triton chunk_delta_rule", "fla chunk_delta_rule"),
                                     (True, "nlgraph triton chunk_delta_rule + g", "fla chunk_gated_delta_rule")):
-            fn = triton_fn(gated)
-            if level is not None:
-                fn = (lambda f, lv: lambda *a: _with_lowp(f, lv, a))(fn, level)
-            impls.append((name + tag, fn, gated, anchor))
+            impls.append((name + tag, triton_fn(gated), gated, anchor, level))
     if not args.skip_nlgraph_chunked:
         impls.append(("nlgraph chunked form (PyTorch), eager", nlgraph_chunked(False), False, "fla chunk_delta_rule"))
         impls.append(("nlgraph chunked form + decay, eager", nlgraph_chunked(True), True,
                       "fla chunk_gated_delta_rule"))
 
     x = make_inputs(b, t, h, d, d, dtype, gated=True, with_h0=False, seed=0, device=device)
-    for name, fn, gated, anchor in impls:
+    for name, fn, gated, anchor, *level in impls:
         inputs = [x["q"], x["k"], x["v"], x["beta"]] + ([x["g"]] if gated else [])
         row = {"name": name}
-        try:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                y = fn(*inputs)
-            torch.cuda.synchronize()
-            row["first_call_s"] = round(time.perf_counter() - t0, 2)
-            outputs[name] = y
-            if anchor in outputs:
-                row["rel_err_vs_" + anchor.split()[0]] = rel(y, outputs[anchor])
-            with torch.no_grad():
-                row["fwd_ms"] = time_ms(lambda: fn(*inputs), args.warmup, args.reps)
-            leaves = [a.clone().requires_grad_() for a in inputs]
-            run = fwd_bwd(fn, leaves)
-            try:
-                t0 = time.perf_counter()
-                run()
-                torch.cuda.synchronize()
-                row["first_bwd_s"] = round(time.perf_counter() - t0, 2)
-                row["fwd_bwd_ms"] = time_ms(run, args.warmup, args.reps)
-                row["peak_mib"] = peak_mib(run)
-            except Exception as e:  # noqa: BLE001  (a refused backward is a result too)
-                row["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        # the WY level holds for the row's whole measurement (its backward reads it), then is undone
+        with wy_lowp(level[0] if level else None):
+            _measure(row, name, fn, gated, anchor, inputs, outputs, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _measure(row, name, fn, gated, anchor, inputs, outputs, args) -> None:
+    """One implementation's first call, forward and forward + backward timings and peak memory."""
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y = fn(*inputs)
+        torch.cuda.synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 2)
+        outputs[name] = y
+        if anchor in outputs:
+            row["rel_err_vs_" + anchor.split()[0]] = rel(y, outputs[anchor])
+        with torch.no_grad():
+            row["fwd_ms"] = time_ms(lambda: fn(*inputs), args.warmup, args.reps)
+        leaves = [a.clone().requires_grad_() for a in inputs]
+        run = fwd_bwd(fn, leaves)
+        try:
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            row["first_bwd_s"] = round(time.perf_counter() - t0, 2)
+            row["fwd_bwd_ms"] = time_ms(run, args.warmup, args.reps)
+            row["peak_mib"] = peak_mib(run)
+        except Exception as e:  # noqa: BLE001  (a refused backward is a result too)
+            row["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
 def profile_rows(args, device: str) -> list[dict]:

@@ -572,9 +572,14 @@ def _unbound_from(parts: list[torch.Tensor]) -> torch.Tensor | None:
     if torch.compiler.is_compiling():
         return None
     base = parts[0]._base
-    if base is None or base.dim() != parts[0].dim() + 1 or base.shape[0] != len(parts):
+    if (base is None or base.dim() != parts[0].dim() + 1 or base.shape[0] != len(parts)
+            or base.dtype != parts[0].dtype or base.requires_grad != parts[0].requires_grad
+            # views taken under no_grad of a tensor that needs grads: no gradient path through them
+            or (base.requires_grad and parts[0].grad_fn is None)):
         return None
     step = base.stride(0)
+    if step == 0:  # expanded along the slot axis: a stack would be a real copy, keep it one
+        return None
     for i, t in enumerate(parts):
         if (t._base is not base or t.shape != base.shape[1:] or t.stride() != base.stride()[1:]
                 or t.storage_offset() != base.storage_offset() + i * step):

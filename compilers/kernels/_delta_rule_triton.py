@@ -503,9 +503,11 @@ def _tuned(name: str, fn):
         configs = [triton.Config({}, num_warps=w, num_stages=2) for w in _warps(name)]
     # _wy_bwd adds into its dk buffer: every trial must start from the same values
     restore = ["dkp"] if name == "wy_bwd" else None
-    # cache_results: the winner is kept in triton's cache, so a later process (the next `nlgraph
-    # train`) compiles only that config instead of timing every one again
-    return triton.autotune(configs=configs, key=["K", "V", "C"], restore_value=restore,
+    # keyed on the head dims, the chunk and the variant flags (a kernel ignores those it lacks);
+    # not on B, T or H, so the first shape a process tunes at decides for the others. cache_results:
+    # the winner is kept in triton's cache, so a later process (the next `nlgraph train`) compiles
+    # only that config instead of timing every one again
+    return triton.autotune(configs=configs, key=["K", "V", "C", "USE_G", "LOWP"], restore_value=restore,
                            cache_results=True)(jitted)
 
 

@@ -168,10 +168,8 @@ def test_bad_chunk_is_a_one_line_error():
         _kernel(x, 1.0, 48, False)
 
 
-@pytest.mark.parametrize("lowp", ["0", "1", "2"])
-def test_half_backward_in_the_input_dtype_stays_within_half_error(lowp, monkeypatch):
-    # NLGRAPH_WY_LOWP moves _wy_bwd's products onto bf16 operands (as fla's WY backward does); each
-    # level must keep the bf16 run's gradients as close to float64 as the float32-operand default
+def _half_grads(lowp: str, monkeypatch) -> tuple[dict, dict]:
+    """(float16 kernel's gradients, float64 reference's) with NLGRAPH_WY_LOWP = ``lowp``."""
     monkeypatch.setenv("NLGRAPH_WY_LOWP", lowp)
     b, t, h, dk, dv, chunk = 1, 40, 2, 32, 32, 16
     x64 = _inputs(b, t, h, dk, dv, gated=True, with_h0=True, seed=3)
@@ -184,9 +182,19 @@ def test_half_backward_in_the_input_dtype_stays_within_half_error(lowp, monkeypa
     do = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     (y_ref * do).sum().backward()
     (o.float() * do.float().to(DEVICE)).sum().backward()
-    assert _rel(o.float().cpu(), y_ref.detach()) < 2e-2
-    for name in x64:
-        assert _rel(got[name].grad.float().cpu(), ref[name].grad) < 3e-2, name
+    return {n: got[n].grad.float().cpu() for n in x64}, {n: ref[n].grad for n in x64}
+
+
+def test_half_backward_in_the_input_dtype_stays_as_close_as_the_default(monkeypatch):
+    # NLGRAPH_WY_LOWP moves _wy_bwd's products onto 16-bit operands (as fla's WY backward does):
+    # every level must reach the kernel (k's gradient changes) and keep each gradient within twice
+    # the default's error against float64
+    base, ref = _half_grads("0", monkeypatch)
+    for lowp in ("1", "2"):
+        got, _ = _half_grads(lowp, monkeypatch)
+        assert not torch.equal(got["k"], base["k"]), f"NLGRAPH_WY_LOWP={lowp} changed nothing"
+        for name in ref:
+            assert _rel(got[name], ref[name]) <= 2 * _rel(base[name], ref[name]) + 1e-6, (lowp, name)
 
 
 def test_wy_lowp_rejects_a_bad_setting(monkeypatch):

@@ -351,11 +351,21 @@ def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
     sliced = x[..., :-1].unbind(0)  # views of a view: their _base is x, whose shape differs
     assert _unbound_from(list(sliced)) is None
     assert torch.equal(_stack([{"w": p} for p in sliced])["w"], x[..., :-1])
-    # the gradient through the reused tensor is the stack's
-    y = _stack([{"w": p} for p in parts])["w"]
-    (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
-    leaf = x.grad_fn.next_functions[0][0].variable
-    assert torch.equal(leaf.grad, torch.arange(x.numel(), dtype=x.dtype).reshape(x.shape))
+    with torch.no_grad():
+        quiet = list(x.unbind(0))
+    assert _unbound_from(quiet) is None  # views without grad of a tensor with: not the same thing
+    expanded = torch.randn(2, 3).expand(4, 2, 3)
+    assert _unbound_from(list(expanded.unbind(0))) is None  # stride 0: the stack is a real copy
+    # the gradient through the reused tensor equals the one through a fresh stack
+    w = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    grads = []
+    for reuse in (True, False):
+        leaf = w.clone().requires_grad_()
+        z = (leaf * 2.0).unbind(0)
+        y = _stack([{"w": p} for p in z])["w"] if reuse else torch.stack(z)
+        (y.sin() * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 def test_hope_level_stacks_its_slots_once_per_call(monkeypatch):
