@@ -59,7 +59,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
     # (a second graph, compiled after the timing) only checks the values against eager
     t0 = time.perf_counter()
     _progress(f"{name}: compiling the training step")
-    loss0 = step()
+    loss0 = loss = step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0

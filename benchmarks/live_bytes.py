@@ -53,8 +53,9 @@ class _Track(TorchDispatchMode):
             try:
                 ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
             except RuntimeError:
-                # a forward-mode (jvp) wrapper has no storage of its own; the tensors it wraps are
-                # returned by the operators run on them and counted there
+                # a tensor without a storage of its own (the gain's forward-mode pass makes them;
+                # torch._C._functorch.is_functorch_wrapped_tensor does not flag them): the tensors
+                # behind it are returned by the operators that made them and counted there
                 continue
             if ptr == 0:
                 continue
