@@ -136,6 +136,10 @@ def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Param
         scales = {}
         for layer in memory.layers:
             d = deltas[layer.weight].detach()
+            if layer.weight == memory.direct:
+                # J = I: the forward-mode pass would return δ itself, so ρ = 1 (tests/levels/test_dgd_gain.py)
+                scales[layer.weight] = d.new_ones(d.shape[:-1] + (1,))
+                continue
             tangent = {w: (d if w == layer.weight else z) for w, z in zeros.items()}
             _, jd = torch.func.jvp(read, (zeros,), (tangent,))  # J δ in one forward-mode pass
             den = d.square().sum(-1)
@@ -148,7 +152,7 @@ def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Param
 def gain_normalized(memory: "Memory", params: Params, x: torch.Tensor, deltas: Params) -> Params:
     """Every layer's error divided by :func:`gain_scales` (DGD's ``inner_errors: gain``)."""
     scales = gain_scales(memory, params, x, deltas)
-    return {w: d / scales[w] for w, d in deltas.items()}
+    return {w: d if w == memory.direct else d / scales[w] for w, d in deltas.items()}
 
 
 class Memory:
@@ -165,6 +169,9 @@ class Memory:
     d_in: int
     d_out: int
     layers: tuple[Layer, ...]
+    #: the layer whose pre-activation reaches the read unchanged (up to a residual addition), so the
+    #: read's Jacobian with respect to it is the identity; None when a norm or gate follows every layer
+    direct: str | None = None
     #: what makes two memories the same function of their parameters (kind, widths, layers,
     #: activation, norm): an explicit tuple, since ``vars()`` of a memory does not trace under
     #: ``torch.compile`` on torch 2.11
@@ -220,6 +227,7 @@ class LinearMemory(Memory):
     def __init__(self, d_in: int, d_out: int) -> None:
         self.kind, self.d_in, self.d_out = "linear", d_in, d_out
         self.layers = (Layer("w0", None, d_in, d_out),)
+        self.direct = "w0"
         self.signature = ("linear", d_in, d_out)
 
     def forward_with(self, x, apply):
@@ -244,6 +252,7 @@ class MlpMemory(Memory):
         self.layers = tuple(layers)
         self._by_name = {layer.weight: layer for layer in layers}
         self.depth = spec.depth
+        self.direct = f"w{spec.depth - 1}"  # returned as it is (forward_with)
         self.signature = ("mlp", d_in, d_out, self.activation, self.layers)
 
     def forward_with(self, x, apply):
@@ -272,6 +281,8 @@ class ResidualMlpMemory(Memory):
         self.layers = tuple(
             Layer(f"w{i}", f"b{i}" if spec.bias else None, dims[i], dims[i + 1]) for i in range(spec.depth)
         )
+        # x + h with the last layer's h, unless a norm follows it
+        self.direct = self.layers[-1].weight if spec.norm in (None, "none") else None
         self.signature = ("residual_mlp", d, self.activation, self.norm, self.layers)
 
     def forward_with(self, x, apply):

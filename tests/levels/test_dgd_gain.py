@@ -14,7 +14,7 @@ second layer diverges with raw errors and stays bounded with ``gain``.
 import pytest
 import torch
 
-from nlgraph.levels.memories import build_memory, gain_scales
+from nlgraph.levels.memories import apply_layer, build_memory, gain_scales
 from nlgraph.levels.run import init_state
 from nlgraph.runtime import run_level
 from nlgraph.spec.loader import load_spec
@@ -179,3 +179,24 @@ def test_both_forms_agree_on_every_memory_kind_and_a_zero_key(memory):
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", [
+    MlpMemorySpec(kind="mlp", depth=1), MlpMemorySpec(kind="mlp", depth=3, hidden="2x"),
+    MlpMemorySpec(kind="mlp", depth=2, activation="swiglu"), ResidualMlpMemorySpec(kind="residual_mlp", hidden="2x"),
+])
+def test_the_layer_the_gain_skips_is_one_the_read_passes_through_unchanged(spec):
+    """gain_scales takes ρ = 1 without a forward-mode pass for ``Memory.direct``: the pass it skips
+    returns the tangent itself there, bit for bit."""
+    mem = build_memory(spec, 8, 8)
+    gen = torch.Generator().manual_seed(1)
+    params = {n: torch.randn(2, 1, *s, generator=gen, dtype=torch.float64) for n, s in mem.shapes().items()}
+    x = torch.randn(2, 1, 5, 8, generator=gen, dtype=torch.float64)
+    zeros = {layer.weight: torch.zeros(2, 1, 5, layer.d_out, dtype=torch.float64) for layer in mem.layers}
+    d = torch.randn(2, 1, 5, 8, generator=gen, dtype=torch.float64)
+    tangent = {w: (d if w == mem.direct else z) for w, z in zeros.items()}
+    _, jd = torch.func.jvp(lambda p: mem.forward_with(x, lambda layer, h: apply_layer(params, layer, h) + p[layer.weight]),
+                           (zeros,), (tangent,))
+    assert mem.direct is not None and torch.equal(jd, d)
+    normed = build_memory(ResidualMlpMemorySpec(kind="residual_mlp", hidden="2x", norm="layer"), 8, 8)
+    assert normed.direct is None  # a norm after the last layer: every layer gets its pass
