@@ -5,15 +5,20 @@ memories (docs/benchmarks.md, "Deep memories").
     OMP_NUM_THREADS=1 python benchmarks/op_count.py hope --length 64
 
 Prints the total of every ``aten::`` call the profiler records (views included) and the 15 most
-frequent. The first step is run unprofiled (lazy initialisation).
+frequent, then the operators that would launch a kernel on a GPU (counted below autograd, views and
+metadata-only operators left out), forward and backward: on a GPU, replayed as CUDA graphs, a deep
+memory's step time is about that count times a few microseconds. The first step is run unprofiled
+(lazy initialisation).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nlgraph.lower import build
 from nlgraph.spec.loader import load_spec
@@ -40,6 +45,33 @@ def main() -> None:
     print(f"{args.spec} B={args.batch} T={args.length}: {sum(e.count for e in ops)} aten calls")
     for e in sorted(ops, key=lambda e: -e.count)[:15]:
         print(f"  {e.key:36s}{e.count}")
+    launches = _Launches()
+    with launches:
+        step()
+    print(f"operators that launch a kernel: {sum(launches.counts.values())}")
+    for name, n in launches.counts.most_common(10):
+        print(f"  {name:36s}{n}")
+
+
+#: operators that make no kernel: allocation, metadata, aliasing (views are told by their schema)
+_NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.resolve_conj", "aten.resolve_neg",
+              "aten.detach", "aten.lift_fresh", "aten._local_scalar_dense", "aten.sym_size", "aten.sym_stride",
+              "aten.sym_numel", "aten.sym_storage_offset", "aten.is_same_size", "aten.set_", "aten._unsafe_view"}
+
+
+class _Launches(TorchDispatchMode):
+    """Counts the operators below autograd that compute something (each one or more kernels on a
+    GPU, unless a compiler fuses them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = f"{func.namespace}.{func._opname}"
+        if not func.is_view and name not in _NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 if __name__ == "__main__":
