@@ -503,11 +503,12 @@ def _tuned(name: str, fn):
         configs = [triton.Config({}, num_warps=w, num_stages=2) for w in _warps(name)]
     # _wy_bwd adds into its dk buffer: every trial must start from the same values
     restore = ["dkp"] if name == "wy_bwd" else None
-    # keyed on the head dims, the chunk and the variant flags (a kernel ignores those it lacks);
-    # not on B, T or H, so the first shape a process tunes at decides for the others. cache_results:
-    # the winner is kept in triton's cache, so a later process (the next `nlgraph train`) compiles
-    # only that config instead of timing every one again
-    return triton.autotune(configs=configs, key=["K", "V", "C", "USE_G", "LOWP"], restore_value=restore,
+    # keyed on the head dims, the chunk, the sequence length and the variant flags (a kernel ignores
+    # those it lacks). cache_results: the winner is kept in triton's cache, so a later process (the
+    # next `nlgraph train`) compiles only that config instead of timing every one again; T in the key
+    # keeps a choice made at a test's or a sample's length from deciding a training run's. B and H
+    # are not in it: a run at another batch but the same length reuses the choice
+    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "LOWP"], restore_value=restore,
                            cache_results=True)(jitted)
 
 
