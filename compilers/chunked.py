@@ -573,7 +573,7 @@ def _unbound_from(parts: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     base = parts[0]._base
     if (base is None or base.dim() != parts[0].dim() + 1 or base.shape[0] != len(parts)
-            or base.dtype != parts[0].dtype or base.requires_grad != parts[0].requires_grad
+            or base.dtype != parts[0].dtype
             # views taken under no_grad of a tensor that needs grads: no gradient path through them
             or (base.requires_grad and parts[0].grad_fn is None)):
         return None
