@@ -73,9 +73,10 @@ def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int, bef
              for x in (alpha, mu)]
     g, y = transfer(gates[0], False), transfer(gates[1], False)      # [B, H, NT, C+1, C+1]
     om = g @ y
-    last = torch.full((nt,), chunk, dtype=torch.long, device=alpha.device)
-    last[-1] = t - (nt - 1) * chunk
     steps = torch.arange(nt, device=alpha.device)
+    # each chunk's last row: C, or what the partial last chunk holds. Computed on the device: an
+    # item assignment of a Python int copies a pageable host tensor, which CUDA-graph capture refuses
+    last = (t - steps * chunk).clamp(max=chunk)
     gl, oml, yl = (m[:, :, steps, last] for m in (g, om, y))         # rows L: [B, H, NT, C+1]
     end = torch.stack([gl[..., 0], oml[..., 0] - gl[..., 0], yl[..., 0]], dim=-1)
     rows = slice(0, chunk) if before else slice(1, chunk + 1)
