@@ -78,11 +78,8 @@ def _gain_normalized_grads(mem, params: dict, k: torch.Tensor, target: torch.Ten
     """DGD's ``inner_errors: gain`` on one token: every layer's gradient divided by the read's gain
     along the layer's error ``δ = ∂ℓ/∂z`` (:func:`~nlgraph.levels.memories.gain_scales`). ``δ`` is
     the loss's gradient with respect to a zero probe added to the layer's pre-activation, at
-    ``params``; like the gain, it is a step-size bound here and carries no autograd."""
-    with torch.no_grad():
-        ts = target.detach()
-        _, deltas = layer_errors(mem, {n: t.detach() for n, t in params.items()}, k.detach(),
-                                 lambda read: obj.loss(read, ts).sum())
+    ``params``; the outer gradient goes through it and the gain (see ``gain_scales``)."""
+    _, deltas = layer_errors(mem, params, k, lambda read: obj.loss(read, target).sum())
     scales = gain_scales(mem, params, k, deltas)  # [B, H, 1, 1]
     out = dict(grads)
     for layer in mem.layers:
