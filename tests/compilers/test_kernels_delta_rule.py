@@ -204,3 +204,6 @@ def test_wy_lowp_rejects_a_bad_setting(monkeypatch):
     with pytest.raises(ValueError, match="NLGRAPH_WY_LOWP"):
         _wy_lowp(torch.bfloat16)
     assert _wy_lowp(torch.float32) == 0
+    monkeypatch.delenv("NLGRAPH_WY_LOWP")
+    assert _wy_lowp(torch.bfloat16) == 2  # the default: fastest on the H200 (docs/benchmarks.md)
+    assert _wy_lowp(torch.float32) == 0
