@@ -355,11 +355,13 @@ def resource_rows(args) -> list[dict]:
     from triton.compiler import ASTSource
 
     from nlgraph.compilers.kernels import _delta_rule_triton as kmod
+    from nlgraph.compilers.kernels.delta_rule import _wy_lowp  # the level a run in this dtype uses
 
     dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
     d, c = args.dim, args.chunk
     kp = max(16, 1 << (d - 1).bit_length())
     prec = "ieee" if dt == "fp32" else "tf32"
+    lowp = _wy_lowp(getattr(torch, args.dtype))
     f32, x = "*fp32", "*" + dt
     tok = {"T": "i32"}
     sigs = {
@@ -374,8 +376,9 @@ def resource_rows(args) -> list[dict]:
                            NT="i32", **tok), dict(BK=kp, USE_DHT=True, STORE_DH0=True)),
         "qkw_bwd": (dict(q=x, k=x, vn=x, dvn=x, do=x, hs=x, dhs=x, bcum=f32, dq=x, dk=f32, dw=f32, db=f32,
                          scale="fp32", NT="i32", B="i32", **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
-        "wy_bwd": (dict(k=x, v=x, beta=x, bcum=f32, tm=x, dw=f32, dvn=x, dkp=f32, db=f32, dk=x, dv=x, dbeta=x,
-                        dg=f32, **tok), dict(BK=min(kp, 64), BV=min(kp, 64), LOWP=0)),
+        # with 16-bit products (NLGRAPH_WY_LOWP > 0) dW arrives in the input dtype
+        "wy_bwd": (dict(k=x, v=x, beta=x, bcum=f32, tm=x, dw=x if lowp else f32, dvn=x, dkp=f32, db=f32, dk=x,
+                        dv=x, dbeta=x, dg=f32, **tok), dict(BK=min(kp, 64), BV=min(kp, 64), LOWP=lowp)),
     }
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     rows = []

@@ -122,8 +122,8 @@ def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Param
     divides the errors by; ``ρ = 1`` where ``δ = 0``. Differentiable: the outer gradient goes through
     ``ρ`` too. Holding it constant there (an earlier choice) made the backward through time follow a
     map that is not the level's — a HOPE of 4 layers at T=2048 then had a first-step gradient norm
-    of 5e2 on CPU (d_model 256) and 1e8 on the GPU (d_model 512) against 2.5 with ``ρ``
-    differentiated (docs/hope_stability.md). Where the layer's output reaches the read unchanged
+    of 5e2 on CPU (d_model 256, 2.55 with ``ρ`` differentiated) and 1e8 on the GPU (d_model 512,
+    1.96 differentiated; docs/hope_stability.md). Where the layer's output reaches the read unchanged
     (``J = I``) the tangent passes through exactly and ``ρ`` is exactly 1, so such a layer keeps its
     error bit for bit."""
     if not _JVP_READY and not torch.compiler.is_compiling():
@@ -140,10 +140,15 @@ def gain_scales(memory: "Memory", params: Params, x: torch.Tensor, deltas: Param
             # J = I: the forward-mode pass would return δ itself, so ρ = 1 (tests/levels/test_dgd_gain.py)
             scales[layer.weight] = d.new_ones(d.shape[:-1] + (1,))
             continue
+        # ρ is unchanged when δ is scaled, so ρ(δ/s) with s > 0 held constant has ρ's value and its
+        # gradient in δ. With s = δ's largest entry ‖δ/s‖² ≥ 1, so a tiny δ (1e-3 in float16 already)
+        # cannot overflow the division's backward, which squares the denominator
+        top = d.detach().abs().amax(-1, keepdim=True)
+        d = d / torch.where(top > 0, top, torch.ones_like(top))
         tangent = {w: (d if w == layer.weight else z) for w, z in zeros.items()}
         _, jd = torch.func.jvp(read, (zeros,), (tangent,))  # J δ in one forward-mode pass
         den = d.square().sum(-1)
-        safe = torch.where(den > 0, den, torch.ones_like(den))  # no 0/0, in the value or its gradient
+        safe = torch.where(den > 0, den, torch.ones_like(den))  # δ = 0: ρ = 1, no 0/0 in the gradient
         rho = torch.where(den > 0, jd.square().sum(-1) / safe, torch.ones_like(den))
         scales[layer.weight] = rho.clamp_min(1.0).unsqueeze(-1)
     return scales

@@ -410,7 +410,7 @@ class DgdSpec(_Spec):
     pre-activation): ``raw``, as the papers write it; ``gain``, divided by
     ``max(1, ‖J_ℓ δ_ℓ‖² / ‖δ_ℓ‖²)``, where ``J_ℓ`` is the Jacobian of the memory's output with
     respect to ``z_ℓ``: the curvature of the read along the layer's error, computed at the gradient
-    point and treated as a constant by the outer gradient. A layer whose output reaches the read
+    point; the outer gradient goes through it. A layer whose output reaches the read
     with gain at most 1 (every linear memory, the last layer of an MLP) is unchanged. Why: DGD's
     proximal step bounds a layer's step by its input only; with gradients at a chunk's start, an
     inner layer's step overshoots once the layers above it amplify by more than about 1, and the

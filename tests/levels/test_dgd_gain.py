@@ -14,7 +14,7 @@ second layer diverges with raw errors and stays bounded with ``gain``.
 import pytest
 import torch
 
-from nlgraph.levels.memories import apply_layer, build_memory, gain_scales
+from nlgraph.levels.memories import apply_layer, build_memory, gain_normalized, gain_scales
 from nlgraph.levels.run import init_state
 from nlgraph.runtime import run_level
 from nlgraph.spec.loader import load_spec
@@ -104,6 +104,24 @@ def test_the_outer_gradient_is_the_levels_own_gradient_through_the_gain(form):
         minus = f(*(t - eps * d for t, d in zip((x, q, *(start[k] for k in mems)), dirs)))
     numeric = (plus - minus) / (2 * eps)
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-20), (torch.float32, 1e-22), (torch.bfloat16, 1e-20),
+                                         (torch.float16, 1e-3), (torch.float32, 0.0)])
+def test_the_gains_gradient_stays_finite_for_tiny_errors(dtype, scale):
+    """ρ's division backward squares ‖δ‖²: taken of δ itself it overflowed to inf / NaN for a token's
+    δ near 1e-20 (float32, bfloat16) or 1e-3 (float16). ρ is taken of δ over its largest entry now."""
+    mem = build_memory(ResidualMlpMemorySpec(kind="residual_mlp", hidden="2x"), 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w0": (3 * torch.randn(1, 1, 16, 8, generator=gen)).to(dtype).requires_grad_(),
+              "w1": (3 * torch.randn(1, 1, 8, 16, generator=gen)).to(dtype).requires_grad_()}
+    x = torch.randn(1, 1, 6, 8, generator=gen).to(dtype)
+    deltas = {"w0": (scale * torch.randn(1, 1, 6, 16, generator=gen)).to(dtype).requires_grad_(),
+              "w1": (scale * torch.randn(1, 1, 6, 8, generator=gen)).to(dtype).requires_grad_()}
+    out = gain_normalized(mem, params, x, deltas)
+    (1e3 * out["w0"].float().sum() + out["w1"].float().sum()).backward()
+    for name, t in (*params.items(), *(("delta." + k, v) for k, v in deltas.items())):
+        assert torch.isfinite(t.grad).all(), name
 
 
 def test_gain_normalisation_changes_the_level_only_where_the_read_amplifies():
