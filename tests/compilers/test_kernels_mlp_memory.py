@@ -247,3 +247,21 @@ def test_bad_input_is_one_clear_error():
         _run(qkv, gates, state, torch.float32, chunk=24)
     with pytest.raises(NLGraphError, match="chunk_mlp_memory.checkpoint"):
         _run(qkv, gates, state, torch.float32, checkpoint=0)
+
+
+@pytest.mark.parametrize("t", [48, 50, 7])
+def test_coefficients_assign_no_python_number_into_a_tensor(t, monkeypatch):
+    """``x[i] = 5`` on a CUDA tensor copies a pageable host tensor, which CUDA-graph capture refuses
+    (titans_mag fell back to eager on the H200): the transfer coefficients are built without it.
+    The chunks' last rows are C, except the partial last chunk's."""
+    from nlgraph.compilers.kernels import mlp_memory
+
+    def refuse(self, *args):
+        raise AssertionError("Tensor.__setitem__ called")
+
+    alpha = torch.rand(1, t, 2) * 0.1 + 0.9
+    mu = torch.rand(1, t, 2) * 0.5
+    monkeypatch.setattr(torch.Tensor, "__setitem__", refuse)
+    coef = mlp_memory._coefficients(alpha, mu, t, 16)
+    monkeypatch.undo()
+    assert all(torch.isfinite(c).all() for c in (coef if isinstance(coef, (tuple, list)) else coef.values()))
