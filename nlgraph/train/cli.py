@@ -73,7 +73,8 @@ def add_parsers(sub) -> None:
                    help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
                         "(FSDP2) instead of replicating them (DDP); eager blocks")
     p.add_argument("--time-limit", type=_positive_float("--time-limit"), default=None, metavar="SECONDS",
-                   help="stop with a checkpoint once this much training time has passed")
+                   help="stop with a checkpoint (and an evaluation of that step) once this much training "
+                        "time has passed")
     p.add_argument("--eval-every", type=_positive("--eval-every"), default=100,
                    help="validate and checkpoint every N steps (default 100)")
     p.add_argument("--eval-batches", type=_positive("--eval-batches"), default=8, help="validation batches (default 8)")

@@ -109,7 +109,8 @@ class TrainConfig:
     progress: bool | None = None
     """A rich progress bar (default: when standard error is a terminal); else a line per eval."""
     time_limit: float | None = None
-    """Stop (with a checkpoint) after the first step that ends past this many seconds of training."""
+    """Stop (with a checkpoint) after the first step that ends past this many seconds of training;
+    that step is evaluated (``val_loss`` in its record) as the last step of a complete run is."""
     overrides: list[str] = field(default_factory=list)
     """The spec overrides the run was started with (recorded for ``nlgraph eval``)."""
 
@@ -953,7 +954,12 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                 last_loss = loss_v
                 rec: dict[str, Any] = {"step": step, "loss": round(loss_v, 6), "tokens": tokens_seen,
                                        "tok_s": round(tok_s, 1), "lr": lr, "grad_norm": round(float(gnorm), 4)}
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                # decided before the step is logged (every rank agrees), so that a run the time limit
+                # stops is evaluated where it stopped, in its last record, like a run that completes
+                over_time = False
+                if cfg.time_limit is not None and step < cfg.steps:
+                    (over_time,) = _agree([time.perf_counter() - t_run > cfg.time_limit], dist, device)
+                if step % cfg.eval_every == 0 or step == cfg.steps or over_time:
                     val_loss = evaluate()
                     rec["val_loss"] = round(val_loss, 6)
                 if dist.main:
@@ -970,9 +976,7 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                     checkpoint(step)
                 if on_step is not None:
                     on_step(step, loss_v, model)
-                over_time, signalled = _agree(
-                    [cfg.time_limit is not None and time.perf_counter() - t_run > cfg.time_limit and step < cfg.steps,
-                     stop.signal is not None], dist, device)
+                (signalled,) = _agree([stop.signal is not None], dist, device)
                 if over_time:
                     if step % save_every:
                         checkpoint(step)

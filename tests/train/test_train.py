@@ -217,6 +217,20 @@ def test_a_tampered_spec_is_refused(tmp_path):
         load_checkpoint(out)
 
 
+def test_a_time_limited_run_is_evaluated_where_it_stops_and_resumes_exactly(tmp_path, text):
+    """--time-limit: the step it stops after carries a validation loss (as a complete run's last
+    step does), and that evaluation leaves training as it was: resumed, the run gives the
+    uninterrupted run's losses at every later step."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train("transformer_pp", _cfg(whole, text))
+    res = train("transformer_pp", _cfg(cut, text, time_limit=1e-9))
+    recs = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert res.stopped == "time limit" and res.step == 1 and [r["step"] for r in recs] == [1]
+    assert recs[-1]["val_loss"] == pytest.approx(res.val_loss, abs=1e-6)
+    train("transformer_pp", _cfg(cut, text), resume=True)
+    assert _losses(cut) == pytest.approx(_losses(whole), abs=1e-6)
+
+
 def test_a_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, text):
     out = tmp_path / "run"
 
