@@ -12,44 +12,60 @@ Each configuration builds ``hope`` with L layers (T 2048, d_model 512, 8 heads, 
 one forward and backward in PRECISION (bf16 autocast or fp32). KEY=VALUE arguments are extra
 overrides for every configuration.
 """
-import json, sys, time
-import torch
-from nlgraph.lower import build
-from nlgraph.train.loop import TrainConfig, _Data, _init_dist, lm_loss
 
-out = sys.argv[1]
-rows = []
-extra = [a for a in sys.argv[2:] if "=" in a]
-for c in [a for a in sys.argv[2:] if "=" not in a]:
-    L, err, prec, dev, *rest = c.split(":")
-    T = int(rest[0]) if rest else 2048
-    d_model = int(rest[1]) if len(rest) > 1 else 512
-    heads = int(rest[2]) if len(rest) > 2 else 8
-    B = int(rest[3]) if len(rest) > 3 else 2
-    ov = [f"vars.d_model={d_model}", f"vars.layers={L}", f"vars.heads={heads}", *extra]
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def grad_norm(config: str, extra: list[str]) -> dict:
+    """One configuration ``L:ERRORS:PRECISION:DEVICE[:T[:D_MODEL[:HEADS[:B]]]]``: its loss, total
+    gradient norm and the ten parameters with the largest gradients."""
+    from nlgraph.lower import build
+    from nlgraph.train.loop import TrainConfig, _Data, _init_dist, lm_loss
+
+    layers, err, prec, dev, *rest = config.split(":")
+    t, d_model, heads, b = (int(v) for v in [*rest, *("2048", "512", "8", "2")[len(rest):]])
+    ov = [f"vars.d_model={d_model}", f"vars.layers={layers}", f"vars.heads={heads}", *extra]
     if err != "default":
         ov.append(f"levels.titans.optimizer.inner_errors={err}")
-    cfg = TrainConfig(out="/tmp/hgn", steps=1, batch=B, length=T, device=dev, overrides=ov)
-    data = _Data(cfg, 256, torch.device(dev), _init_dist(dev), None)
-    x, y = data.next()
+    # the first training batch of the default corpus, as `nlgraph train` draws it (seed 0)
+    cfg = TrainConfig(steps=1, batch=b, length=t, device=dev, overrides=ov)
+    x, y = _Data(cfg, 256, torch.device(dev), _init_dist(dev), None).next()
     torch.manual_seed(0)
     model = build("hope", device=dev, overrides=ov)
     t0 = time.time()
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=(prec == "bf16")):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=prec == "bf16"):
         logits = model(x)
     loss = lm_loss(logits, y)
     loss.backward()
     if dev == "cuda":
         torch.cuda.synchronize()
     norms = {n: float(p.grad.float().norm()) for n, p in model.named_parameters() if p.grad is not None}
-    tot = sum(v * v for v in norms.values()) ** 0.5
     top = sorted(norms.items(), key=lambda kv: -kv[1])[:10]
-    row = {"config": c, "loss": float(loss.detach()), "grad_norm": tot, "top": top, "s": round(time.time() - t0, 1)}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
-    sys.stdout.flush()
-    del model, logits, loss
-    if dev == "cuda":
-        torch.cuda.empty_cache()
+    return {"config": config, "loss": float(loss.detach()), "grad_norm": sum(v * v for v in norms.values()) ** 0.5,
+            "top": top, "s": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="JSON file, rewritten after every configuration")
+    ap.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE")
+    args = ap.parse_args()
+    extra = [a for a in args.items if "=" in a]
+    rows = []
+    for config in (a for a in args.items if "=" not in a):
+        rows.append(grad_norm(config, extra))
+        print(json.dumps(rows[-1]), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
