@@ -23,8 +23,15 @@ and values ``−f α / b``: ``α W (I − (b/α) x xᵀ) = W (α I − b x xᵀ)
 α as ``β_r Γ_{r,s}`` with ``Γ`` the decay from s to r, which holds ``α_r``, so the products stay
 bounded however small α is. α is clamped at 1e-30 there (``_WD_FLOOR``): at float32's smallest
 normal, β / α times the backward's sums overflowed.
-Other online levels (per-channel decay, momentum, a read before the write, retention toward the
-initial state) and the mini-batch driver's other levels keep their PyTorch forms.
+Retention toward the initial state (``W ← W_0 + α (W − W_0)``) is the same rule in the deviation
+``U = W − W_0``: the erase reads ``(W_0 + U) k``, so ``U`` takes the values ``v − W_0 k`` (linear
+attention's writes do not read the memory and keep theirs), starts at ``W − W_0``, and every read
+adds ``W_0 q``. A read before the write, ``W_{t−1} q_t``, is the kernel's read after the write at
+``t − 1`` with the query of ``t``: the queries move one token earlier and the first token reads the
+start state. Both are exact rewrites around the same kernels; autograd carries the gradients
+through them (to ``W_0`` too).
+Other online levels (per-channel decay, momentum) and the mini-batch driver's other levels keep
+their PyTorch forms.
 
 Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
 
@@ -223,22 +230,24 @@ def _why_not_online_linear(spec: Any) -> str | None:
 
 
 def _why_not_read_and_decay(spec: Any) -> str | None:
-    """What both kernels need of the read and the retention: read after the write, no retention or
-    a decay (before the write) with at most one gate per head, not toward the initial state."""
-    if spec.read != "after_write":
+    """What both linear kernels need of the read and the retention: read after or before the write,
+    no retention or a decay (before or after the write, toward zero or the initial state) with at
+    most one gate per head."""
+    if spec.read not in ("after_write", "before_write"):
         return f"read: {spec.read}"
-    # weight_decay (Titans' order) maps onto the decay before the write (see the module docstring)
-    return _why_not_retention(spec.retention, ("decay", "weight_decay"), "")
+    # weight_decay (Titans' order) maps onto the decay before the write, and the retention toward
+    # W_0 onto the rule of the deviation W − W_0 (see the module docstring)
+    return _why_not_retention(spec.retention, ("decay", "weight_decay"), "", initial=True)
 
 
-def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str) -> str | None:
+def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str, initial: bool = False) -> str | None:
     """What every kernel needs of a level's retention: none, or one of ``kinds`` (``order`` says why
-    those) with at most one gate per head, not toward the initial state."""
+    those) with at most one gate per head, and not toward the initial state unless ``initial``."""
     if ret is None:
         return None
     if ret.kind not in kinds:
         return f"retention {ret.kind} ({order}kind {' or '.join(kinds)})"
-    if ret.toward == "initial":
+    if ret.toward == "initial" and not initial:
         return "retention toward the initial state"
     if getattr(ret.gate, "per", "head") == "channel":
         return f"a per-channel {'decay' if ret.kind == 'decay' else 'retention gate'}"
@@ -249,10 +258,11 @@ def _online_inputs(run: Any, chunk: int, *, broadcast_decay: bool) -> tuple | No
     """``(q, k, v, lr, alpha)`` of a run whose tensors a kernel takes (no momentum, no slots, an
     ``lr`` tensor, a ``[B, T, H]`` decay or, with ``broadcast_decay``, one that broadcasts to it,
     shapes and dtypes that fit), else ``None``."""
-    if (run.read_before or run.has_origin or run.optimizer.uses_momentum
-            or run.retention not in (None, "decay", "weight_decay")):
+    if run.optimizer.uses_momentum or run.retention not in (None, "decay", "weight_decay"):
         return None
     k, v, q = run.keys.data, run.values.data, run.queries.data
+    if k.shape[1] == 0:
+        return None
     lr, alpha = run.lr, run.alpha
     bad_decay = alpha is not None and (not isinstance(alpha, torch.Tensor)
                                        or (alpha.dim() > 3 if broadcast_decay else alpha.dim() != 3))
@@ -261,6 +271,43 @@ def _online_inputs(run: Any, chunk: int, *, broadcast_decay: bool) -> tuple | No
     if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
         return None
     return q, k, v, lr, alpha
+
+
+def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``W x`` per token: ``w [B, H, D_v, D_k]``, ``x [B, T, H, D_k]`` → ``[B, T, H, D_v]`` (in the
+    wider of the two dtypes; under autocast, autocast's)."""
+    dtype = torch.promote_types(w.dtype, x.dtype)
+    return torch.einsum("bhvk,bthk->bthv", w.to(dtype), x.to(dtype))
+
+
+def _deviation_values(values: torch.Tensor, keys: torch.Tensor, origin: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's values for the rule of the deviation ``U = W − W_0`` (retention toward the initial
+    state): a delta rule that erases ``(W_0 + U) k`` writes ``v − W_0 k`` into ``U``."""
+    if origin is None:
+        return values
+    return (values - _apply(origin, keys)).to(values.dtype)
+
+
+def _kernel_queries(q: torch.Tensor, before: bool) -> torch.Tensor:
+    """The queries the kernel reads with. A read before the write, ``W_{t−1} q_t``, is the kernel's
+    read after the write at ``t − 1`` with the next token's query: the queries move one token
+    earlier (the last slot reads nothing)."""
+    if not before:
+        return q
+    return torch.cat([q[:, 1:], torch.zeros_like(q[:, :1])], dim=1)
+
+
+def _level_reads(y: torch.Tensor, u0: torch.Tensor, q: torch.Tensor, origin: torch.Tensor | None,
+                 before: bool) -> torch.Tensor:
+    """The level's reads ``[B, T, H, D_v]`` from the kernel's ``y`` (reads of the state, or of the
+    deviation ``U``, with :func:`_kernel_queries`): before the write the first token reads the start
+    state ``u0`` and the kernel's last read is dropped; toward the initial state ``W_0 q`` is added."""
+    if before:
+        first = _apply(u0, q[:, :1]).to(y.dtype)
+        y = torch.cat([first, y[:, :-1]], dim=1)
+    if origin is not None:
+        y = y + _apply(origin, q).to(y.dtype)
+    return y
 
 
 def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -274,6 +321,7 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     q, k, v, lr, alpha = inputs
     b, t, h = run.shape
     lr = lr.expand(b, t, h)
+    origin = run.state["origin.memory.w0"] if run.has_origin else None
     if run.optimizer.kind == "dgd":
         eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
         if run.objective.kind == "l2":
@@ -282,6 +330,7 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
             beta = eta
     else:
         beta = lr
+    v = _deviation_values(v, k, origin)
     g, work = None, None
     if alpha is not None and run.retention == "weight_decay":
         # β = b / α, values α v (the module docstring), written with log α: every path of the
@@ -297,12 +346,13 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
             v = v * torch.exp(g).to(v.dtype).unsqueeze(-1)
         alpha = None
     w = run.state["memory.w0"]
-    y, w = delta_rule(q, k, v, beta, alpha.expand(b, t, h) if alpha is not None else None, w, chunk, log_alpha=g,
-                      work=work)
-    y = y.to(run.values.data.dtype)
+    u0 = w if origin is None else w - origin
+    y, u = delta_rule(_kernel_queries(q, run.read_before), k, v, beta,
+                      alpha.expand(b, t, h) if alpha is not None else None, u0, chunk, log_alpha=g, work=work)
+    y = _level_reads(y, u0, q, origin, run.read_before).to(run.values.data.dtype)
     state = dict(run.state)
     state["position"] = run.state["position"] + t
-    state["memory.w0"] = w
+    state["memory.w0"] = u if origin is None else (u + origin).to(w.dtype)
     return y, state
 
 
@@ -317,9 +367,9 @@ LINEAR_ATTENTION_ON_GPU = True
 
 def why_no_online_linear_attention(spec: Any) -> str | None:
     """``None`` when a memory level run online by the chunked form is linear attention with at most a
-    per-head decay (gd on the ``dot`` objective: ``W_t = α_t W_{t−1} + η_t v_t k_tᵀ``, read after the
-    write; RetNet, Mamba2, plain linear attention), which ``chunk_linear_attention`` computes; else
-    why not."""
+    per-head decay (gd on the ``dot`` objective: ``W_t = α_t W_{t−1} + η_t v_t k_tᵀ``, or toward the
+    initial state; RetNet, Mamba2, plain linear attention), read after or before the write, which
+    ``chunk_linear_attention`` computes; else why not."""
     why = _why_not_online_linear(spec)
     if why is not None:
         return why
@@ -346,11 +396,18 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
     vals = (v * lr.expand(b, t, h).unsqueeze(-1)).to(work)
     g = torch.log(alpha.float().clamp_min(_TINY)).expand(b, t, h) if alpha is not None else None
     w = run.state["memory.w0"]
-    y, ht = chunk_linear_attention(q.to(work), k.to(work), vals, g, initial_state=w.transpose(-1, -2).float(),
-                                   output_final_state=True, scale=1.0, chunk=chunk)
+    # toward the initial state the deviation U = W − W_0 decays and takes the writes (which do not
+    # read the memory), and the reads add W_0 q
+    origin = run.state["origin.memory.w0"] if run.has_origin else None
+    u0 = w if origin is None else w - origin
+    y, ht = chunk_linear_attention(_kernel_queries(q, run.read_before).to(work), k.to(work), vals, g,
+                                   initial_state=u0.transpose(-1, -2).float(), output_final_state=True,
+                                   scale=1.0, chunk=chunk)
+    y = _level_reads(y, u0, q, origin, run.read_before)
+    u = ht.transpose(-1, -2)
     state = dict(run.state)
     state["position"] = run.state["position"] + t
-    state["memory.w0"] = ht.transpose(-1, -2).to(w.dtype)
+    state["memory.w0"] = (u if origin is None else u + origin).to(w.dtype)
     return y.to(v.dtype), state
 
 

@@ -181,6 +181,79 @@ def test_the_titans_order_is_exact_at_any_decay(objective, calls, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def _variant(name, read, toward):
+    level = dict(LEVELS[name]) if name in LEVELS else {**LEVELS["deltanet"], "objective": {"kind": "dot"}}
+    if name == "linear_attention_decay":
+        level["retention"] = {"kind": "decay", "gate": {"act": "sigmoid"}}
+    level["read"] = read
+    if toward:
+        level["retention"] = {**level["retention"], "toward": "initial"}
+    return level
+
+
+# (level, read, retention toward the initial state): the rewrites around both linear kernels
+VARIANTS = [
+    ("deltanet", "before_write", False),
+    ("gated_deltanet", "before_write", False),
+    ("gated_deltanet", "after_write", True),
+    ("gated_deltanet", "before_write", True),
+    ("gd_l2_weight_decay", "before_write", True),
+    ("dgd_l2", "after_write", True),
+    ("dgd_l2_proximal_weight_decay", "before_write", True),
+    ("linear_attention", "before_write", False),
+    ("linear_attention_decay", "before_write", True),
+    ("linear_attention_decay", "after_write", True),
+]
+
+
+@pytest.mark.parametrize("name,read,toward", VARIANTS)
+def test_reads_before_the_write_and_retention_toward_the_initial_state(name, read, toward, calls, monkeypatch):
+    """A read before the write (the queries moved one token earlier) and retention toward ``W_0``
+    (the rule of the deviation ``W − W_0``) run the kernels, and equal the per-token reference on
+    outputs, final state and the gradients of every input, ``W_0`` included; two streamed segments
+    (the second starts inside a chunk) equal one call."""
+    la_calls = _count_calls(monkeypatch, _la_module(), "chunk_linear_attention")
+    spec = load_level(_variant(name, read, toward))
+    rates = spec.retention is not None
+    assert dispatch.why_no_online_kernel(spec) is None or dispatch.why_no_online_linear_attention(spec) is None
+    assert level_form(spec, device=DEVICE) == "triton"
+    k, v, q, lr, alpha, s0 = _data(6, t=45)
+    w0 = 0.3 * torch.randn(s0.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    leaves = [x.clone().requires_grad_() for x in (k, v, q, lr, alpha, s0, w0)]
+    weights = torch.linspace(-1, 1, v.shape[-1], device=DEVICE)
+
+    def run(form, lo=0, hi=45, state=None):
+        if state is None:
+            state = {"memory.w0": leaves[5], "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+            if toward:
+                state["origin.memory.w0"] = leaves[6]
+        return run_level(spec, keys=leaves[0][:, lo:hi], values=leaves[1][:, lo:hi], queries=leaves[2][:, lo:hi],
+                         lr=leaves[3][:, lo:hi], retention=leaves[4][:, lo:hi] if rates else None, state=state,
+                         form=form)
+
+    outs = {}
+    for form in ("triton", "reference"):
+        y, st = run(form)
+        loss = (y * weights).sum() + st["memory.w0"].square().sum()
+        outs[form] = (y, st, torch.autograd.grad(loss, leaves, allow_unused=True))
+    assert calls["n"] + la_calls["n"] == 1
+    (y, st, g), (y_ref, st_ref, g_ref) = outs["triton"], outs["reference"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(st["memory.w0"], st_ref["memory.w0"], rtol=1e-4, atol=1e-4)
+    if toward:
+        assert st["origin.memory.w0"] is leaves[6]
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        if b is None:  # the retention of a level without one, W_0 of a level not decaying toward it
+            assert a is None, i
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"gradient {i}")
+    with torch.no_grad():
+        y1, st1 = run("triton", 0, 21)
+        y2, st2 = run("triton", 21, 45, st1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(st2["memory.w0"], st_ref["memory.w0"].detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_the_titans_order_in_float16_runs_the_kernel_in_float32(calls):
     """float16's range is too short for β / α and α v (α v underflows below α ≈ 6e-5, the kernel's
     dv' overflows 65504): with float16 streams the values and the kernel work in float32, and the
@@ -226,7 +299,8 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     uncovered = {
         "momentum": {**LEVELS["deltanet"], "optimizer": {"kind": "momentum", "lr": 0.5, "momentum": 0.5}},
-        "read before write": {**LEVELS["deltanet"], "read": "before_write"},
+        "per-channel decay": {**LEVELS["gated_deltanet"],
+                              "retention": {"kind": "decay", "gate": {"act": "sigmoid", "per": "channel"}}},
     }
     for what, level in uncovered.items():
         spec = load_level(level)
@@ -260,8 +334,8 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
         assert calls["n"] == 1 and y.dtype == torch.bfloat16
 
 
-def _tiny_model(name):
-    overrides = ["model.vocab=64", "vars.d_model=32", "vars.heads=2", "vars.layers=1"]
+def _tiny_model(name, *more):
+    overrides = ["model.vocab=64", "vars.d_model=32", "vars.heads=2", "vars.layers=1", *more]
     torch.manual_seed(0)
     return build(name, overrides=overrides, device=DEVICE)
 
@@ -312,6 +386,21 @@ def test_models_equal_the_pytorch_path_and_stream(name, calls):
     streamed = _streamed(model, tokens, [(0, 45), (45, 70)])
     assert calls["n"] == 3
     torch.testing.assert_close(streamed, lk, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,count", [("gated_deltanet", "calls"), ("retnet", "la_calls")])
+def test_models_reading_before_the_write_toward_the_initial_state_run_the_kernels(name, count, request):
+    """A library model changed to read before the write with retention toward its initial memory
+    runs the kernel, gives the PyTorch path's logits and gradients, and streams like one pass."""
+    counter = request.getfixturevalue(count)
+    model = _tiny_model(name, "levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")
+    assert model.plan.executions() == {"mixer": "triton"}
+    tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = _with_and_without_kernels(model, tokens)
+    assert counter["n"] == 1
+    lk = _assert_same(results, 5)
+    torch.testing.assert_close(_streamed(model, tokens, [(0, 45), (45, 70)]), lk, rtol=1e-4, atol=1e-4)
+    assert counter["n"] == 3
 
 
 def test_plan_names_the_kernel_and_the_switch_turns_it_off(monkeypatch):
