@@ -8,7 +8,13 @@ forward + backward are timed at the anchor shape (B=4, T=4096, H=16, D=128, bf16
 ``chunk_simple_gla`` in the same process (relative error against it, peak memory). Without CUDA it
 says so and exits 0.
 
+With ``--channel``, the same for a decay per key channel (GLA's; ``g [B, T, H, Dk]``): the checks add
+chunks 16, 32 and 64 and decays down to e^−8 a token, and the timing is against fla's ``chunk_gla``.
+``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU`` turns the per-channel kernels on for CUDA plans once
+this passes.
+
     bash benchmarks/device.sh python benchmarks/linear_attention_kernel.py --json "$OUT/la_kernel.json"
+    bash benchmarks/device.sh python benchmarks/linear_attention_kernel.py --channel --json "$OUT/gla.json"
 """
 
 from __future__ import annotations
@@ -21,20 +27,34 @@ from pathlib import Path
 import torch
 
 
-def checks(dev: torch.device) -> list[dict]:
+SCALAR_CHECKS = [(2, 333, 2, 64, 100, True, torch.float32, 1e-4, 64),
+                 (2, 300, 2, 128, 128, False, torch.float32, 1e-4, 64),
+                 (1, 256, 4, 128, 128, True, torch.bfloat16, 2e-2, 64)]
+# gated: "channel" (log α in log(0.9 .. 1)) or "strong" (log α down to −8 a token)
+CHANNEL_CHECKS = [(2, 333, 2, 64, 100, "channel", torch.float32, 1e-4, 64),
+                  (2, 300, 2, 128, 128, "strong", torch.float32, 1e-4, 32),
+                  (1, 200, 2, 128, 128, "channel", torch.float32, 1e-4, 16),
+                  (1, 256, 4, 128, 128, "channel", torch.bfloat16, 2e-2, 64),
+                  (1, 256, 4, 64, 64, "strong", torch.bfloat16, 2e-2, 32)]
+
+
+def checks(dev: torch.device, channel: bool = False) -> list[dict]:
     from nlgraph.bench import rel_err
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
     from nlgraph.compilers.kernels.linear_attention import token_loop as _reference
 
     rows = []
-    for b, t, h, dk, dv, gated, dtype, tol in [(2, 333, 2, 64, 100, True, torch.float32, 1e-4),
-                                                (2, 300, 2, 128, 128, False, torch.float32, 1e-4),
-                                                (1, 256, 4, 128, 128, True, torch.bfloat16, 2e-2)]:
+    for b, t, h, dk, dv, gated, dtype, tol, chunk in (CHANNEL_CHECKS if channel else SCALAR_CHECKS):
         gen = torch.Generator().manual_seed(t)
         q = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
         k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
         v = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
-        g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, generator=gen, dtype=torch.float64)) if gated else None
+        g = None
+        if gated == "strong":
+            g = -8.0 * torch.rand(b, t, h, dk, generator=gen, dtype=torch.float64)
+        elif gated:
+            shape = (b, t, h, dk) if gated == "channel" else (b, t, h)
+            g = torch.log(0.9 + 0.1 * torch.rand(shape, generator=gen, dtype=torch.float64))
         h0 = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64)
         leaves = [x.requires_grad_() for x in (q, k, v, g, h0) if x is not None]
         y_ref, s_ref = _reference(q, k, v, g, h0, 0.5)
@@ -43,17 +63,41 @@ def checks(dev: torch.device) -> list[dict]:
         ins = [x.detach().to(dev, dtype).requires_grad_() for x in (q, k, v)]
         extra = [x.detach().to(dev, torch.float32).requires_grad_() for x in (g, h0) if x is not None]
         y, s = chunk_linear_attention(*ins, extra[0] if gated else None, extra[-1], output_final_state=True,
-                                      scale=0.5)
+                                      scale=0.5, chunk=chunk)
         got = torch.autograd.grad((y.float() * do.to(dev).float()).sum() + (s * ds.to(dev).float()).sum(),
                                   ins + extra)
         errs = {"o": rel_err(y.detach().cpu(), y_ref.detach()), "state": rel_err(s.detach().cpu(), s_ref.detach())}
         for name, a, r in zip(["q", "k", "v"] + (["g"] if gated else []) + ["h0"], got, ref):
             errs[f"d{name}"] = rel_err(a.cpu(), r)
         worst = max(errs.values())
-        rows.append({"check": f"{str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} {'gated' if gated else 'plain'}",
+        kind = {True: "gated", False: "plain"}.get(gated, gated)
+        rows.append({"check": f"{str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} chunk={chunk} {kind}",
                      "max_rel_err": worst, "limit": tol, "ok": worst < tol, "errors": errs})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
+    """A decay per key channel at the anchor shape, chunks 16, 32 and 64, against fla's ``chunk_gla``."""
+    from nlgraph.bench import time_rows
+    from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
+    k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
+    v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
+    g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
+    impls = [(f"nlgraph chunk_linear_attention per channel, chunk {c}",
+              lambda q_, k_, v_, c=c: chunk_linear_attention(q_, k_, v_, g, scale=1.0, chunk=c)[0], False)
+             for c in (64, 32, 16)]
+    try:  # fla is an optional anchor
+        from fla.ops.gla import chunk_gla
+
+        impls.insert(0, ("fla chunk_gla", lambda q_, k_, v_: chunk_gla(q_, k_, v_, g, scale=1.0)[0], True))
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
+    return time_rows(impls, [q, k, v], b * t, dev, lambda line: print(line, flush=True),
+                     impls[0][0] if impls[0][2] else None, compare=True)
 
 
 def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
@@ -90,14 +134,17 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--channel", action="store_true", help="a decay per key channel (GLA's), against chunk_gla")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("linear_attention_kernel: no CUDA device here; nothing to check or time")
         return 0
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev)}
-    res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim)
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+           "checks": checks(dev, args.channel)}
+    timer = channel_timings if args.channel else timings
+    res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim)
     if args.json:
         from nlgraph.io import atomic_write
 

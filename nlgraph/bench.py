@@ -27,6 +27,7 @@ smoke test of the command, not a speed claim).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -201,16 +202,39 @@ def _with_heads(level: Any, heads: int) -> Any:
 
 def _same_function(level: Any) -> str | None:
     """The fla kernel that computes ``level``'s outputs exactly (its name), or ``None``."""
-    from .compilers.kernels.dispatch import why_no_online_kernel
-    from .spec.schema import DeltaRuleSpec, LevelSpec, LinearAttentionSpec
+    from .compilers.kernels.dispatch import why_no_online_kernel, why_no_online_linear_attention
+    from .spec.schema import DeltaRuleSpec, GateSpec, LevelSpec, LinearAttentionSpec
 
     if isinstance(level, DeltaRuleSpec):
         return "chunk_gated_delta_rule" if level.decay is not None else "chunk_delta_rule"
     if isinstance(level, LinearAttentionSpec):
         return None if level.normalize else "chunk_simple_gla"
-    if isinstance(level, LevelSpec) and why_no_online_kernel(level) is None and level.optimizer.kind == "gd":
+    if not isinstance(level, LevelSpec) or level.read != "after_write" or (
+            level.retention is not None and level.retention.toward == "initial"):
+        return None
+    if why_no_online_kernel(level) is None and level.optimizer.kind == "gd":
         return "chunk_gated_delta_rule" if level.retention is not None else "chunk_delta_rule"
+    if why_no_online_linear_attention(level) is None:  # gd on dot: W_t = α_t W_{t−1} + η_t v_t k_tᵀ
+        gate = level.retention.gate if level.retention is not None else None
+        return "chunk_gla" if isinstance(gate, GateSpec) and gate.per == "channel" else "chunk_simple_gla"
     return None
+
+
+def _linear_attention_rates(level: Any, rates: dict[str, torch.Tensor], shape: tuple[int, int, int],
+                            dev: torch.device) -> tuple[Any, torch.Tensor | None]:
+    """``(η [B, T, H, 1] or a float, log α or None)`` of a linear-attention level for fla's
+    ``chunk_simple_gla`` / ``chunk_gla`` (values ``η v``, ``g = log α``): the gates given in ``rates``,
+    or the spec's constants."""
+    from .spec.schema import LevelSpec
+
+    if not isinstance(level, LevelSpec):
+        return 1.0, None
+    lr = rates["lr"].float().unsqueeze(-1) if "lr" in rates else float(level.optimizer.lr)
+    if "retention" in rates:
+        return lr, rates["retention"].float().log()
+    if level.retention is not None:
+        return lr, torch.full(shape, math.log(float(level.retention.gate)), device=dev)
+    return lr, None
 
 
 def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, length: int = 4096,
@@ -307,12 +331,16 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
             raise LookupError("--anchor none")
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
 
+        eta, g_la = _linear_attention_rates(level, rates, (b, t, h), dev)
         fla = {"chunk_delta_rule": lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, rates.get("lr", beta), scale=1.0)[0],
                "chunk_gated_delta_rule": lambda q_, k_, v_: chunk_gated_delta_rule(
                    q_, k_, v_, rates.get("retention", alpha).float().log(), rates.get("lr", beta), scale=1.0)[0],
-               "chunk_simple_gla": lambda q_, k_, v_: chunk_simple_gla(q_, k_, v_, scale=1.0)[0]}
+               "chunk_simple_gla": lambda q_, k_, v_: chunk_simple_gla(q_, k_, (v_ * eta).to(v_.dtype), g_la,
+                                                                      scale=1.0)[0],
+               "chunk_gla": lambda q_, k_, v_: chunk_gla(q_, k_, (v_ * eta).to(v_.dtype), g_la, scale=1.0)[0]}
     except Exception as e:  # noqa: BLE001 - any import failure drops the fla rows
         why = str(e) if isinstance(e, LookupError) else f"not available ({type(e).__name__})"
         log(json.dumps({"note": f"fla {why}: its rows are left out"}))

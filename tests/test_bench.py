@@ -60,12 +60,18 @@ def _fake_fla(monkeypatch):
             kw["retention"] = g.exp()
         return run_level(load_level(entry), keys=k, values=v, queries=q, form="reference", **kw)[0] * scale, None
 
+    from nlgraph.compilers.kernels.linear_attention import token_loop
+
+    def gla(q, k, v, g=None, scale=1.0):
+        return token_loop(q, k, v, g, None, scale)[0], None
+
     mods = {name: types.ModuleType(name) for name in
-            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule", "fla.ops.simple_gla")}
+            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule", "fla.ops.simple_gla", "fla.ops.gla")}
     mods["fla.ops.delta_rule"].chunk_delta_rule = lambda q, k, v, beta, scale=1.0: delta(q, k, v, beta, scale)
     mods["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = (
         lambda q, k, v, g, beta, scale=1.0: delta(q, k, v, beta, scale, g))
-    mods["fla.ops.simple_gla"].chunk_simple_gla = lambda q, k, v, scale=1.0: (None, None)
+    mods["fla.ops.simple_gla"].chunk_simple_gla = gla
+    mods["fla.ops.gla"].chunk_gla = gla
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
 
@@ -88,6 +94,20 @@ def test_level_bench_times_the_level_next_to_the_same_function(tmp_path, capsys,
     ours = res["rows"][2]
     assert ours["rel_err"] < 1e-5 and ours["x_anchor_fwd"] > 0 and ours["tok_s"] > 0
     assert "| nlgraph mixer (chunked, eager) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec,anchor", [("mamba2", "chunk_simple_gla"), ("retnet", "chunk_simple_gla"),
+                                         ("gla", "chunk_gla")])
+def test_level_bench_of_linear_attention_compares_with_fla_gla(spec, anchor, tmp_path, monkeypatch):
+    """Linear-attention levels (gd on ``dot``) are fla's ``chunk_simple_gla`` (a decay per head, or
+    none) or ``chunk_gla`` (per key channel) with values ``η v`` and ``g = log α``: the same function,
+    from the level's gates or its constant rates (RetNet's)."""
+    _fake_fla(monkeypatch)
+    out = tmp_path / "la.json"
+    assert main(["bench", spec, *TINY, "--level", "mixer", *LEVEL, "--modes", "eager", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["anchor"] == f"fla {anchor}" and res["meta"]["same_function"]
+    assert res["rows"][-1]["rel_err"] < 1e-5
 
 
 def test_level_bench_of_a_deep_memory_has_the_delta_rule_as_yardstick(tmp_path, monkeypatch):

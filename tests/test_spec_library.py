@@ -43,6 +43,7 @@ def test_spec_file_is_commented(name):
         ("hope_attention", "attn", "softmax attention"),
         ("retnet", "mixer", "RetNet"),
         ("mamba2", "mixer", "Mamba2-style decay"),
+        ("gla", "mixer", "GLA"),
         ("ttt_linear", "ttt", "TTT-linear"),
         ("ttt_mlp", "ttt", "TTT-MLP"),
         ("atlas", "memory", "Atlas-style memory"),

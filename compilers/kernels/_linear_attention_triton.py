@@ -1,4 +1,5 @@
-"""Triton kernels of chunked linear attention with an optional scalar decay per token and head.
+"""Triton kernels of chunked linear attention with an optional decay per token and head, or per token,
+head and key channel (GLA's).
 
 Per token (the state ``h [K, V]``, ``α_t = exp(g_t)``, or 1 without ``g``)::
 
@@ -15,6 +16,17 @@ registers) → ``_output`` (parallel over chunks). Backward: ``_state_bwd`` (the
 ``dh``, the gradient of the state at each chunk's end) → ``_grads`` (dq, dk, dv and ``db``, the
 gradient of ``b``; ``dg`` is its reverse cumulative sum inside each chunk, taken in PyTorch). The
 chunk-start states are recomputed in the backward instead of kept.
+
+With a decay per key channel (``GK``; ``g, b [C, K]``, ``h_t = diag(α_t) h_{t−1} + k_t v_tᵀ``) the
+chunk is::
+
+    O  = scale ((Q ⊙ e^b) h + A V),   A[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}  (j ≤ r)
+    h' = diag(e^{b_C}) h + (K ⊙ e^{b_C − b})ᵀ V
+
+``A`` is not a product of two matrices that stays bounded (``K ⊙ e^{−b}`` overflows once a chunk
+decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, and its adjoints, one
+key column at a time with every exponent ``b_r − b_j ≤ 0``: exact at any decay, on the CUDA cores.
+The state recurrences are the scalar kernels with the decays per channel.
 """
 
 from __future__ import annotations
@@ -43,9 +55,30 @@ def _decays(bcum, i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, USE_G: tl.
 
 
 @triton.jit
+def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """``(b [C, BK], b_C [BK], valid [C])`` of chunk ``i_t`` with a decay per key channel (``bcum``
+    laid out as the keys); rows past T are invalid (and read 0)."""
+    r = tl.arange(0, C)
+    valid = i_t * C + r < T
+    b = tl.load(_rows(bcum, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+    c = tl.arange(0, BK)
+    last = tl.minimum(i_t * C + C - 1, T - 1)
+    bl = tl.load(bcum + (tok + last * H) * K + c, mask=c < K, other=0.)
+    return b, bl, valid
+
+
+@triton.jit
+def _row(x, tok, t, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Row ``t`` (one token) of one (batch, head) of ``x [B, T, H, D]`` as ``[BD]`` float32 (0 past T
+    or D)."""
+    c = tl.arange(0, BD)
+    return tl.load(x + (tok + t * H) * D + c, mask=(c < D) & (t < T), other=0.).to(tl.float32)
+
+
+@triton.jit
 def _state_fwd(k, v, bcum, h0, hs, ht, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
-               STORE_HT: tl.constexpr, PREC: tl.constexpr):
+               STORE_HT: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -59,10 +92,14 @@ def _state_fwd(k, v, bcum, h0, hs, ht, T, NT, H: tl.constexpr, K: tl.constexpr, 
         p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
                                 (BK, BV), (1, 0))
         tl.store(p_h, h.to(hs.dtype.element_ty), boundary_check=(0, 1))
-        b, bl, valid = _decays(bcum, i_b, i_h, i_t, T, H, C, USE_G)
         kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
         vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
-        if USE_G:
+        if GK:
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
+            h = h * tl.exp(blk)[:, None]
+        elif USE_G:
+            b, bl, valid = _decays(bcum, i_b, i_h, i_t, T, H, C, USE_G)
             kb = (kb.to(tl.float32) * tl.where(valid, tl.exp(bl - b), 0.)[:, None]).to(dt)
             h = h * tl.exp(bl)
         h += tl.dot(tl.trans(kb), vb, input_precision=PREC)
@@ -102,7 +139,7 @@ def _output(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr
 @triton.jit
 def _state_bwd(q, do, bcum, dht, dhs, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT: tl.constexpr,
-               STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+               STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -117,11 +154,15 @@ def _state_bwd(q, do, bcum, dht, dhs, dh0, scale, T, NT, H: tl.constexpr, K: tl.
         p_dh = tl.make_block_ptr(dhs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
                                  (BK, BV), (1, 0))
         tl.store(p_dh, dh.to(dhs.dtype.element_ty), boundary_check=(0, 1))
-        b, bl, valid = _decays(bcum, i_b, i_h, i_t, T, H, C, USE_G)
         qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                       padding_option="zero")
-        if USE_G:
+        if GK:
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            qb = (qb.to(tl.float32) * tl.exp(bk)).to(dt)
+            dh = dh * tl.exp(blk)[:, None]
+        elif USE_G:
+            b, bl, valid = _decays(bcum, i_b, i_h, i_t, T, H, C, USE_G)
             qb = (qb.to(tl.float32) * tl.exp(b)[:, None]).to(dt)
             dh = dh * tl.exp(bl)
         dh += tl.dot(tl.trans(qb), dob, input_precision=PREC) * scale
@@ -185,11 +226,110 @@ def _grads(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: tl.const
         tl.store(db + (i_b * T + i_t * C + r) * H + i_h, dbr, mask=valid)
 
 
+@triton.jit
+def _intra_channel(qb, b, k, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """``A [C, C]`` of a chunk with per-channel decays, ``A[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}`` for
+    ``j ≤ r`` (0 above the diagonal), one key column ``j`` at a time; ``qb, b [C, BK]`` float32."""
+    r = tl.arange(0, C)
+    a = tl.zeros([C, C], dtype=tl.float32)
+    for j in range(C):
+        kj = _row(k, tok, i_t * C + j, T, H, K, BK)
+        bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)  # row j of b
+        below = r >= j
+        col = tl.sum(qb * kj[None, :] * tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)), axis=1)
+        a += tl.where(r[None, :] == j, tl.where(below, col, 0.)[:, None], 0.)
+    return a
+
+
+@triton.jit
+def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
+                            (BK, BV), (1, 0))
+    hb = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+    qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+    vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+    qf = qb.to(tl.float32)
+    a = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK)
+    inter = tl.dot((qf * tl.exp(b)).to(dt), hb.to(dt), input_precision=PREC)
+    ob = (inter + tl.dot(a.to(dt), vb, input_precision=PREC)) * scale
+    tl.store(_rows(o, tok, T, H, V, i_t * C, i_v * BV, C, BV), ob.to(o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk, dv and ``db [C, K]`` (the gradient of the chunk's cumulative log decays) of one chunk."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    r = tl.arange(0, C)
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+    kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+    qf, kf = qb.to(tl.float32), kb.to(tl.float32)
+    ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # [C, BK]
+    kd = (kf * ek).to(dt)
+    a = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK) * scale  # [C, C]
+    ds = tl.zeros([C, C], dtype=tl.float32)
+    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+    dks = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        base = ((i_b * NT + i_t) * H + i_h) * K * V
+        hb = tl.load(tl.make_block_ptr(hs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
+                     boundary_check=(0, 1), padding_option="zero")
+        dhb = tl.load(tl.make_block_ptr(dhs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
+                      boundary_check=(0, 1), padding_option="zero")
+        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero")
+        dq_acc += tl.dot(dob, tl.trans(hb.to(dt)), input_precision=PREC)
+        dks += tl.dot(vb, tl.trans(dhb.to(dt)), input_precision=PREC)
+        ds += tl.dot(dob, tl.trans(vb), input_precision=PREC)
+        dvb = tl.dot(kd, dhb.to(dt), input_precision=PREC) + tl.dot(tl.trans(a.to(dt)), dob, input_precision=PREC)
+        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dv.dtype.element_ty),
+                 boundary_check=(0, 1))
+        hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), axis=1)
+    # the adjoints of A, one key column j at a time: dA = scale · dO Vᵀ below the diagonal
+    dqa = tl.zeros([C, BK], dtype=tl.float32)
+    dka = tl.zeros([C, BK], dtype=tl.float32)
+    for j in range(C):
+        kj = _row(k, tok, i_t * C + j, T, H, K, BK)
+        bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)
+        below = r >= j
+        dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j, ds, 0.), axis=1), 0.) * scale  # [C]
+        e = tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)) * dsj[:, None]  # [C, BK]
+        dqa += e * kj[None, :]
+        dka += tl.where(r[:, None] == j, tl.sum(e * qf, axis=0)[None, :], 0.)
+    dqb = dq_acc * tl.exp(b) * scale + dqa
+    dks = dks * ek
+    dkb = dks + dka
+    tl.store(_rows(dq, tok, T, H, K, i_t * C, 0, C, BK), dqb.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(dk, tok, T, H, K, i_t * C, 0, C, BK), dkb.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    dbr = qf * dqb - kf * dkb
+    # b_C, the chunk's last value, also scales the carried state and every key's write
+    last = tl.minimum(i_t * C + C - 1, T - 1) - i_t * C
+    extra = tl.exp(bl) * hdh + tl.sum(kf * dks, axis=0)  # [BK]
+    dbr += tl.where((r == last)[:, None], extra[None, :], 0.)
+    tl.store(_rows(db, tok, T, H, K, i_t * C, 0, C, BK), dbr, boundary_check=(0, 1))
+
+
 class _Kernels:
     state_fwd = _state_fwd
     output = _output
     state_bwd = _state_bwd
     grads = _grads
+    output_channel = _output_channel
+    grads_channel = _grads_channel
 
 
 def kernels() -> type[_Kernels]:

@@ -6,7 +6,7 @@ code of the ``chunked`` form as the exact fallback:
 * the closed-form ``delta_rule`` kind (:mod:`nlgraph.compilers.delta_rule`);
 * memory levels of the online driver (:mod:`nlgraph.compilers.chunked`) that are a (gated) delta
   rule in disguise (:func:`why_no_online_kernel` lists them) or linear attention with at most a
-  per-head decay (:func:`why_no_online_linear_attention`);
+  per-head or per-key-channel decay (:func:`why_no_online_linear_attention`);
 * mini-batch levels with Titans' two-layer MLP memory (:func:`why_no_mlp_memory_kernel`), through
   :mod:`nlgraph.compilers.kernels.mlp_memory`.
 
@@ -30,7 +30,7 @@ adds ``W_0 q``. A read before the write, ``W_{t−1} q_t``, is the kernel's read
 ``t − 1`` with the query of ``t``: the queries move one token earlier and the first token reads the
 start state. Both are exact rewrites around the same kernels; autograd carries the gradients
 through them (to ``W_0`` too).
-Other online levels (per-channel decay, momentum) and the mini-batch driver's other levels keep
+Other online levels (a delta rule with a per-channel decay, momentum) and the mini-batch driver's other levels keep
 their PyTorch forms.
 
 Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
@@ -52,7 +52,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
+__all__ = ["LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
            "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
            "minibatch_mlp_memory"]
@@ -229,43 +229,47 @@ def _why_not_online_linear(spec: Any) -> str | None:
     return None
 
 
-def _why_not_read_and_decay(spec: Any) -> str | None:
+def _why_not_read_and_decay(spec: Any, channel: bool = False) -> str | None:
     """What both linear kernels need of the read and the retention: read after or before the write,
     no retention or a decay (before or after the write, toward zero or the initial state) with at
-    most one gate per head."""
+    most one gate per head, or per key channel with ``channel`` (the linear-attention kernel)."""
     if spec.read not in ("after_write", "before_write"):
         return f"read: {spec.read}"
     # weight_decay (Titans' order) maps onto the decay before the write, and the retention toward
     # W_0 onto the rule of the deviation W − W_0 (see the module docstring)
-    return _why_not_retention(spec.retention, ("decay", "weight_decay"), "", initial=True)
+    return _why_not_retention(spec.retention, ("decay", "weight_decay"), "", initial=True, channel=channel)
 
 
-def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str, initial: bool = False) -> str | None:
+def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str, initial: bool = False,
+                       channel: bool = False) -> str | None:
     """What every kernel needs of a level's retention: none, or one of ``kinds`` (``order`` says why
-    those) with at most one gate per head, and not toward the initial state unless ``initial``."""
+    those) with at most one gate per head (or per key channel, with ``channel``), and not toward the
+    initial state unless ``initial``."""
     if ret is None:
         return None
     if ret.kind not in kinds:
         return f"retention {ret.kind} ({order}kind {' or '.join(kinds)})"
     if ret.toward == "initial" and not initial:
         return "retention toward the initial state"
-    if getattr(ret.gate, "per", "head") == "channel":
+    if getattr(ret.gate, "per", "head") == "channel" and not channel:
         return f"a per-channel {'decay' if ret.kind == 'decay' else 'retention gate'}"
     return None
 
 
 def _online_inputs(run: Any, chunk: int, *, broadcast_decay: bool) -> tuple | None:
     """``(q, k, v, lr, alpha)`` of a run whose tensors a kernel takes (no momentum, no slots, an
-    ``lr`` tensor, a ``[B, T, H]`` decay or, with ``broadcast_decay``, one that broadcasts to it,
-    shapes and dtypes that fit), else ``None``."""
+    ``lr`` tensor, a ``[B, T, H]`` decay or, with ``broadcast_decay``, one that broadcasts to it or
+    to ``[B, T, H, D_k]``, one per key channel; shapes and dtypes that fit), else ``None``."""
     if run.optimizer.uses_momentum or run.retention not in (None, "decay", "weight_decay"):
         return None
     k, v, q = run.keys.data, run.values.data, run.queries.data
     if k.shape[1] == 0:
         return None
     lr, alpha = run.lr, run.alpha
+    per_channel = isinstance(alpha, torch.Tensor) and alpha.dim() == 4 and alpha.shape[-1] in (1, k.shape[-1])
     bad_decay = alpha is not None and (not isinstance(alpha, torch.Tensor)
-                                       or (alpha.dim() > 3 if broadcast_decay else alpha.dim() != 3))
+                                       or (alpha.dim() > 3 and not per_channel if broadcast_decay
+                                           else alpha.dim() != 3))
     if not isinstance(lr, torch.Tensor) or bad_decay:
         return None
     if any(s.slot is not None for s in (run.keys, run.values, run.queries)) or not _fits(k, v, chunk):
@@ -363,12 +367,22 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
 #: miscompiles some backward kernels on Hopper, which the CPU interpreter cannot show); a switch, so
 #: a Triton version that breaks it can be turned off in one place.
 LINEAR_ATTENTION_ON_GPU = True
+#: The same for a decay per key channel (GLA's; ``_output_channel`` / ``_grads_channel``), off until
+#: those kernels pass ``benchmarks/linear_attention_kernel.py --channel`` on the H200: they have
+#: been checked through the CPU interpreter only. CPU tensors under ``interpret`` run them.
+LINEAR_ATTENTION_CHANNEL_ON_GPU = False
+
+
+def _channel_decay(spec: Any) -> bool:
+    ret = spec.retention
+    return ret is not None and getattr(ret.gate, "per", "head") == "channel"
 
 
 def why_no_online_linear_attention(spec: Any) -> str | None:
     """``None`` when a memory level run online by the chunked form is linear attention with at most a
-    per-head decay (gd on the ``dot`` objective: ``W_t = α_t W_{t−1} + η_t v_t k_tᵀ``, or toward the
-    initial state; RetNet, Mamba2, plain linear attention), read after or before the write, which
+    decay per head or per key channel (gd on the ``dot`` objective: ``W_t = α_t W_{t−1} + η_t v_t k_tᵀ``
+    or ``W_t = W_{t−1} diag(α_t) + …``, or toward the initial state; RetNet, Mamba2, GLA, plain linear
+    attention), read after or before the write, which
     ``chunk_linear_attention`` computes; else why not."""
     why = _why_not_online_linear(spec)
     if why is not None:
@@ -377,7 +391,7 @@ def why_no_online_linear_attention(spec: Any) -> str | None:
     # Dynamo's trace on torch 2.11 (its __getattr__ reads __private_attributes__)
     if spec.optimizer.kind != "gd" or spec.objective.kind != "dot":
         return "not gd on the dot objective"
-    return _why_not_read_and_decay(spec)
+    return _why_not_read_and_decay(spec, channel=True)
 
 
 def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -388,13 +402,20 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
               if why_no_online_linear_attention(run.spec) is None else None)
     if inputs is None or (inputs[1].device.type == "cuda" and not LINEAR_ATTENTION_ON_GPU):
         return None
+    alpha = inputs[4]
+    if (inputs[1].device.type == "cuda" and not LINEAR_ATTENTION_CHANNEL_ON_GPU
+            and isinstance(alpha, torch.Tensor) and alpha.dim() == 4):
+        return None
     q, k, v, lr, alpha = inputs
     from .linear_attention import chunk_linear_attention
 
     b, t, h = run.shape
     work = _work_dtype(q, k, v)
     vals = (v * lr.expand(b, t, h).unsqueeze(-1)).to(work)
-    g = torch.log(alpha.float().clamp_min(_TINY)).expand(b, t, h) if alpha is not None else None
+    g = None
+    if alpha is not None:  # [B, T, H] per head, [B, T, H, D_k] per key channel (GLA's decay)
+        g = torch.log(alpha.float().clamp_min(_TINY))
+        g = g.expand(b, t, h, k.shape[-1]) if g.dim() == 4 else g.expand(b, t, h)
     w = run.state["memory.w0"]
     # toward the initial state the deviation U = W − W_0 decays and takes the writes (which do not
     # read the memory), and the reads add W_0 q

@@ -65,6 +65,10 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
             return why
         if _la_on(device):
             return _la_on(device)
+        if torch.device(device).type == "cuda" and dispatch._channel_decay(spec) \
+                and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU:
+            return ("linear attention with a per-channel decay: its Triton kernel is not yet checked on "
+                    "CUDA (dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU)")
     return _why_not_target(device, dtype)
 
 

@@ -1,19 +1,24 @@
-"""Chunked linear attention with an optional scalar decay, as a differentiable custom op over Triton.
+"""Chunked linear attention with an optional decay per head or per key channel, as a differentiable
+custom op over Triton.
 
 ``chunk_linear_attention(q, k, v, g, initial_state, output_final_state, scale, chunk)`` computes, token
 by token (``α_t = exp(g_t)``, or 1 without ``g``; the state ``h [Dk, Dv]``)::
 
     h_t = α_t h_{t−1} + k_t v_tᵀ,     o_t = scale · h_tᵀ q_t
 
-(fla's ``chunk_simple_gla``; nlgraph's ``linear_attention`` kind without ``normalize`` when ``g`` is
-``None``, and the memory levels on the ``dot`` objective with a per-head decay: RetNet, Mamba2) in
+with ``g [B, T, H]`` a scalar per token and head (fla's ``chunk_simple_gla``; nlgraph's
+``linear_attention`` kind without ``normalize`` when ``g`` is ``None``, and the memory levels on the
+``dot`` objective with a per-head decay: RetNet, Mamba2) or ``g [B, T, H, Dk]`` one per key channel,
+``h_t = diag(α_t) h_{t−1} + k_t v_tᵀ`` (fla's ``chunk_gla``; levels with a ``per: channel`` decay) in
 the chunkwise form of ``_linear_attention_triton``, forward and backward in Triton with fp32
 accumulation and an fp32 state. Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
 fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
 
-Not yet a registered execution form: it has been checked against the reference on CPU through
-Triton's interpreter only, and the Hopper backward miscompiles of triton 3.4–3.7 (reference/anchors.md
-§1b) can only be ruled out on the GPU.
+The per-head kernels are the memory family's ``triton`` form on CUDA since they passed on the H200
+(``benchmarks/linear_attention_kernel.py``); the per-channel ones have been checked against the
+reference on CPU through Triton's interpreter only, and the Hopper backward miscompiles of triton
+3.4–3.7 (reference/anchors.md §1b) can only be ruled out on the GPU
+(``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU``).
 """
 
 from __future__ import annotations
@@ -55,19 +60,20 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
 
 
 def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``b``: the cumulative sum of ``g [B, T, H]`` restarted at every chunk, float32."""
-    b, t, h = g.shape
+    """``b``: the cumulative sum of ``g [B, T, H]`` or ``[B, T, H, K]`` along T, restarted at every
+    chunk, float32."""
+    b, t, rest = g.shape[0], g.shape[1], g.shape[2:]
     pad = _cdiv(t, chunk) * chunk - t
-    gp = F.pad(g.float(), (0, 0, 0, pad))
-    return gp.view(b, -1, chunk, h).cumsum(2).view(b, -1, h)[:, :t].contiguous()
+    gp = F.pad(g.float(), (0, 0) * len(rest) + (0, pad))
+    return gp.view(b, -1, chunk, *rest).cumsum(2).view(b, -1, *rest)[:, :t].contiguous()
 
 
 def _chunk_revcumsum(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The reverse cumulative sum of ``x [B, T, H]`` inside every chunk (the adjoint of the above)."""
-    b, t, h = x.shape
+    """The reverse cumulative sum of ``x [B, T, ...]`` inside every chunk (the adjoint of the above)."""
+    b, t, rest = x.shape[0], x.shape[1], x.shape[2:]
     pad = _cdiv(t, chunk) * chunk - t
-    xp = F.pad(x, (0, 0, 0, pad)).view(b, -1, chunk, h)
-    return xp.flip(2).cumsum(2).flip(2).view(b, -1, h)[:, :t]
+    xp = F.pad(x, (0, 0) * len(rest) + (0, pad)).view(b, -1, chunk, *rest)
+    return xp.flip(2).cumsum(2).flip(2).view(b, -1, *rest)[:, :t]
 
 
 def _states(kn, p, k, v, bcum, h0, store_ht: bool):
@@ -78,23 +84,32 @@ def _states(kn, p, k, v, bcum, h0, store_ht: bool):
     kn.state_fwd[(_cdiv(p["V"], p["BV"]), b * h)](
         k, v, bcum if bcum is not None else e, h0 if h0 is not None else e, hs, ht, p["T"], nt, H=h, K=p["K"],
         V=p["V"], C=p["C"], BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, USE_H0=h0 is not None,
-        STORE_HT=store_ht, PREC=p["PREC"])
+        STORE_HT=store_ht, PREC=p["PREC"], GK=_per_channel(bcum))
     return hs, ht
+
+
+def _per_channel(g: torch.Tensor | None) -> bool:
+    return g is not None and g.dim() == 4
 
 
 @torch.library.custom_op("nlgraph::chunk_linear_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
             h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, b [B, T, H] fp32 or empty)``."""
+    """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, b (g's shape) fp32 or empty)``."""
     kn = _kernels(q)
     p = _plan(q, v, chunk)
     bcum = _chunk_cumsum(g, chunk) if g is not None else None
     hs, ht = _states(kn, p, k, v, bcum, h0, output_final_state)
     o = torch.empty_like(v)
-    kn.output[(_cdiv(p["V"], p["BV"]), p["NT"], p["B"] * p["H"])](
-        q, k, v, bcum if bcum is not None else q.new_empty(0), hs, o, scale, p["T"], p["NT"], H=p["H"], K=p["K"],
-        V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, PREC=p["PREC"])
+    grid = (_cdiv(p["V"], p["BV"]), p["NT"], p["B"] * p["H"])
+    if _per_channel(bcum):
+        kn.output_channel[grid](q, k, v, bcum, hs, o, scale, p["T"], p["NT"], H=p["H"], K=p["K"], V=p["V"], C=chunk,
+                                BK=p["BK"], BV=p["BV"], PREC=p["PREC"])
+    else:
+        kn.output[grid](
+            q, k, v, bcum if bcum is not None else q.new_empty(0), hs, o, scale, p["T"], p["NT"], H=p["H"],
+            K=p["K"], V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, PREC=p["PREC"])
     return o, ht, bcum if bcum is not None else q.new_empty(0)
 
 
@@ -102,7 +117,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch
 def _(q, k, v, g, h0, scale, chunk, output_final_state):
     b, t, h, dk = q.shape
     ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
-    return torch.empty_like(v), ht, (q.new_empty(b, t, h, dtype=torch.float32) if g is not None else q.new_empty(0))
+    return torch.empty_like(v), ht, (g.new_empty(g.shape, dtype=torch.float32) if g is not None else q.new_empty(0))
 
 
 @torch.library.custom_op("nlgraph::chunk_linear_attention_bwd", mutates_args=())
@@ -122,14 +137,19 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
     kn.state_bwd[(_cdiv(p["V"], p["BV"]), b * h)](
         q, do, bcum if use_g else e, dht.contiguous() if dht is not None else e, dhs, dh0, scale, p["T"], nt,
         H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, USE_DHT=dht is not None,
-        STORE_DH0=h0 is not None, PREC=p["PREC"])
+        STORE_DH0=h0 is not None, PREC=p["PREC"], GK=_per_channel(bcum))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    db = q.new_empty(b, p["T"], h, dtype=torch.float32) if use_g else e
+    db = torch.empty_like(bcum) if use_g else e
     # one stage: pipelining the loop over value blocks keeps two fp32 [Dk, BV] states per stage in
     # shared memory, 312 KiB at Dk = 128 against the H200's 227 KiB
-    kn.grads[(nt, b * h)](
-        q, k, v, bcum if use_g else e, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"],
-        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"], num_stages=1)
+    if _per_channel(bcum):
+        kn.grads_channel[(nt, b * h)](
+            q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"], C=chunk,
+            BK=p["BK"], BV=p["BV"], PREC=p["PREC"], num_stages=1)
+    else:
+        kn.grads[(nt, b * h)](
+            q, k, v, bcum if use_g else e, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"],
+            C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"], num_stages=1)
     dg = _chunk_revcumsum(db, chunk) if use_g else q.new_empty(0)
     # distinct empties: a custom op's outputs may not alias each other
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else q.new_empty(0))
@@ -165,11 +185,12 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                            initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                            scale: float | None = None, chunk: int = 64
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Linear attention with an optional scalar decay, chunked, in Triton.
+    """Linear attention with an optional decay per head or per key channel, chunked, in Triton.
 
     Args:
         q, k: ``[B, T, H, Dk]`` (float32 / bfloat16 / float16); v: ``[B, T, H, Dv]``, same dtype.
-        g: ``[B, T, H]`` log decays (``α = exp(g)``, applied before each write), or ``None``.
+        g: log decays (``α = exp(g)``, applied before each write): ``[B, T, H]`` one per head,
+            ``[B, T, H, Dk]`` one per key channel (the state's rows), or ``None``.
         initial_state: ``[B, H, Dk, Dv]`` (fp32 recommended), or ``None`` (zeros).
         output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
         scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
@@ -186,8 +207,9 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                            "(q and k also on Dk) and share one dtype", path=f"{_OP}.k")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         raise NLGraphError(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} exceed 256; split the heads", path=f"{_OP}.q")
-    if g is not None and tuple(g.shape) != tuple(q.shape[:3]):
-        raise NLGraphError(f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor", path=f"{_OP}.g")
+    if g is not None and tuple(g.shape) not in (tuple(q.shape[:3]), tuple(q.shape)):
+        raise NLGraphError(f"expected a [B, T, H] = {tuple(q.shape[:3])} or [B, T, H, Dk] = {tuple(q.shape)} "
+                           f"tensor, got {tuple(g.shape)}", path=f"{_OP}.g")
     want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
     if initial_state is not None and tuple(initial_state.shape) != want:
         raise NLGraphError(f"expected [B, H, Dk, Dv] = {want}, got {tuple(initial_state.shape)}",
@@ -217,8 +239,8 @@ def token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
     out = []
     for i in range(t):
-        if g is not None:
-            s = s * torch.exp(g[:, i])[:, :, None, None]
+        if g is not None:  # [B, H] per head, [B, H, Dk] per key channel (the state's rows)
+            s = s * (torch.exp(g[:, i])[:, :, None, None] if g.dim() == 3 else torch.exp(g[:, i])[..., None])
         s = s + k[:, i, :, :, None] * v[:, i, :, None, :]
         out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
     return torch.stack(out, 1), s

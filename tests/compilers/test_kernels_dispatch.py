@@ -185,6 +185,8 @@ def _variant(name, read, toward):
     level = dict(LEVELS[name]) if name in LEVELS else {**LEVELS["deltanet"], "objective": {"kind": "dot"}}
     if name == "linear_attention_decay":
         level["retention"] = {"kind": "decay", "gate": {"act": "sigmoid"}}
+    if name == "gla":  # a decay per key channel
+        level["retention"] = {"kind": "decay", "gate": {"act": "sigmoid", "per": "channel"}}
     level["read"] = read
     if toward:
         level["retention"] = {**level["retention"], "toward": "initial"}
@@ -203,6 +205,8 @@ VARIANTS = [
     ("linear_attention", "before_write", False),
     ("linear_attention_decay", "before_write", True),
     ("linear_attention_decay", "after_write", True),
+    ("gla", "after_write", False),
+    ("gla", "before_write", True),
 ]
 
 
@@ -218,6 +222,9 @@ def test_reads_before_the_write_and_retention_toward_the_initial_state(name, rea
     assert dispatch.why_no_online_kernel(spec) is None or dispatch.why_no_online_linear_attention(spec) is None
     assert level_form(spec, device=DEVICE) == "triton"
     k, v, q, lr, alpha, s0 = _data(6, t=45)
+    if name == "gla":
+        gen = torch.Generator().manual_seed(8)
+        alpha = (0.3 + 0.7 * torch.rand(*k.shape, generator=gen)).to(DEVICE)
     w0 = 0.3 * torch.randn(s0.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     leaves = [x.clone().requires_grad_() for x in (k, v, q, lr, alpha, s0, w0)]
     weights = torch.linspace(-1, 1, v.shape[-1], device=DEVICE)
@@ -388,12 +395,19 @@ def test_models_equal_the_pytorch_path_and_stream(name, calls):
     torch.testing.assert_close(streamed, lk, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,count", [("gated_deltanet", "calls"), ("retnet", "la_calls")])
-def test_models_reading_before_the_write_toward_the_initial_state_run_the_kernels(name, count, request):
-    """A library model changed to read before the write with retention toward its initial memory
-    runs the kernel, gives the PyTorch path's logits and gradients, and streams like one pass."""
+@pytest.mark.parametrize("name,count,more", [
+    ("gated_deltanet", "calls", ("levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")),
+    ("retnet", "la_calls", ("levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")),
+    ("mamba2", "la_calls", ("levels.mixer.retention.gate.per=channel",)),  # GLA: a decay per key channel
+])
+def test_models_reading_before_the_write_toward_the_initial_state_run_the_kernels(name, count, more, request):
+    """A library model changed to read before the write with retention toward its initial memory,
+    or to decay per key channel, runs the kernel, gives the PyTorch path's logits and gradients, and
+    streams like one pass."""
     counter = request.getfixturevalue(count)
-    model = _tiny_model(name, "levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")
+    model = _tiny_model(name, *more)
+    if DEVICE == "cuda" and name == "mamba2" and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU:
+        pytest.skip("the per-channel kernel is off on CUDA until checked there")
     assert model.plan.executions() == {"mixer": "triton"}
     tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     results = _with_and_without_kernels(model, tokens)
@@ -501,6 +515,21 @@ def test_linear_attention_on_cuda_follows_its_switch(monkeypatch):
     with pytest.raises(PlanError, match="switched off on CUDA") as e:
         plan("retnet", device="cuda", forms={"mixer": "triton"})
     assert "\n" not in str(e.value)
+
+
+def test_a_per_channel_decay_on_cuda_follows_its_own_switch(monkeypatch):
+    """GLA's per-channel kernels are checked on CPU through the interpreter only, so a CUDA plan keeps
+    the PyTorch form for a per-channel decay until ``LINEAR_ATTENTION_CHANNEL_ON_GPU`` is on."""
+    gla = ["levels.mixer.retention.gate.per=channel"]
+    assert plan("mamba2", overrides=gla, device=DEVICE).executions() == {
+        "mixer": "triton" if DEVICE == "cpu" or dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU else "chunked"}
+    monkeypatch.setattr(dispatch, "LINEAR_ATTENTION_CHANNEL_ON_GPU", False)
+    assert plan("mamba2", overrides=gla, device="cuda").executions() == {"mixer": "chunked"}
+    assert plan("mamba2", device="cuda").executions() == {"mixer": "triton"}  # per head: on
+    with pytest.raises(PlanError, match="per-channel decay: its Triton kernel is not yet checked"):
+        plan("mamba2", overrides=gla, device="cuda", forms={"mixer": "triton"})
+    monkeypatch.setattr(dispatch, "LINEAR_ATTENTION_CHANNEL_ON_GPU", True)
+    assert plan("mamba2", overrides=gla, device="cuda").executions() == {"mixer": "triton"}
 
 
 @pytest.fixture

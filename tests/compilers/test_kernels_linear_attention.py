@@ -1,9 +1,12 @@
-"""The Triton chunked linear attention (with an optional scalar decay) equals a token-by-token loop.
+"""The Triton chunked linear attention (with an optional decay per head or per key channel) equals a
+token-by-token loop.
 
 ``nlgraph.compilers.kernels.linear_attention.chunk_linear_attention`` (forward and backward in
 Triton) is checked against ``h_t = α_t h_{t−1} + k_t v_tᵀ, o_t = scale · h_tᵀ q_t`` run in float64:
 outputs, final state and the gradients of q, k, v, the log decay g and the initial state, with
-partial last chunks, several value blocks, with and without decay and initial state; streaming (the
+partial last chunks, several value blocks, with and without decay and initial state, decays per key
+channel (GLA's) down to e^−8 a token (a chunk that decays by e^−500, past what a factorised
+``(Q e^b)(K e^−b)ᵀ`` could hold in float32); streaming (the
 final state fed back) equals one call, and the op traces under ``torch.compile(fullgraph=True)``.
 Without CUDA the kernels run in Triton's interpreter.
 """
@@ -30,7 +33,11 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     q = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
     k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
     v = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
-    g = torch.log(0.8 + 0.2 * torch.rand(b, t, h, generator=gen, dtype=torch.float64)) if gated else None
+    shape = (b, t, h, dk) if gated in ("channel", "strong") else (b, t, h)
+    if gated == "strong":
+        g = -8.0 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    else:
+        g = torch.log(0.8 + 0.2 * torch.rand(shape, generator=gen, dtype=torch.float64)) if gated else None
     h0 = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64) if with_h0 else None
     return q, k, v, g, h0
 
@@ -40,6 +47,10 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     (1, 33, 1, 16, 40, False, False, 32, torch.float32, 1e-5),  # plain linear attention
     (1, 100, 2, 32, 100, True, True, 64, torch.float32, 1e-5),  # two value blocks
     (1, 50, 2, 16, 16, True, True, 16, torch.float16, 3e-3),
+    (2, 70, 2, 8, 6, "channel", True, 16, torch.float32, 1e-5),   # a decay per key channel (GLA)
+    (1, 100, 2, 32, 100, "channel", True, 64, torch.float32, 1e-5),
+    (2, 70, 1, 16, 40, "strong", False, 32, torch.float32, 1e-5),  # e^-8 a token, e^-500 over a chunk
+    (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
 ])
 def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol):
     q, k, v, g, h0 = _inputs(b, t, h, dk, dv, gated, with_h0, seed=t)
@@ -61,8 +72,9 @@ def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, wi
         assert _rel(a, r) < tol, name
 
 
-def test_chunk_linear_attention_streams_in_segments():
-    q, k, v, g, _ = _inputs(1, 90, 2, 16, 16, True, False, seed=3)
+@pytest.mark.parametrize("gated", [True, "channel"])
+def test_chunk_linear_attention_streams_in_segments(gated):
+    q, k, v, g, _ = _inputs(1, 90, 2, 16, 16, gated, False, seed=3)
     dev = [x.to(DEVICE, torch.float32) for x in (q, k, v, g)]
     y, s = chunk_linear_attention(*dev, output_final_state=True, scale=1.0)
     y1, s1 = chunk_linear_attention(*(x[:, :37] for x in dev), output_final_state=True, scale=1.0)
@@ -71,8 +83,9 @@ def test_chunk_linear_attention_streams_in_segments():
     torch.testing.assert_close(s2, s, rtol=1e-5, atol=1e-5)
 
 
-def test_chunk_linear_attention_traces_under_compile_fullgraph():
-    q, k, v, g, _ = _inputs(1, 40, 2, 8, 8, True, False, seed=5)
+@pytest.mark.parametrize("gated", [True, "channel"])
+def test_chunk_linear_attention_traces_under_compile_fullgraph(gated):
+    q, k, v, g, _ = _inputs(1, 40, 2, 8, 8, gated, False, seed=5)
     ins = [x.to(DEVICE, torch.float32).requires_grad_() for x in (q, k, v, g)]
 
     def f(q, k, v, g):
