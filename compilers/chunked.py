@@ -385,6 +385,11 @@ def why_not_chunked(spec: LevelSpec, device: str = "cpu") -> str | None:
     return None
 
 
+#: Whether the online form computes its full chunks' state-independent parts for all chunks at once
+#: (:func:`_online_full`; levels with per-head gates). ``False`` walks them with one
+#: :func:`solve_chunk` each, as before (kept for A/B checks).
+ONLINE_FULL = True
+
 #: Optimizers whose mini-batch form materialises the per-token states (:func:`_mapped_chunk`).
 MAPPED = ("adam", "muon")
 
@@ -489,38 +494,47 @@ class _Inputs:
         does not change would be its own input), keep its strides from step to step, and in the
         backward scan the gradient that arrives for the final carry must have the strides of the
         one each step returns — a split's gradient is a concatenation, contiguous on both sides."""
-        from torch._higher_order_ops.scan import scan
-
-        leaves, spec = tree_flatten(carry)
-        lead = leaves[0].shape[:2]
-        shapes = [t.shape[2:] for t in leaves]
-        sizes = [math.prod(shape) for shape in shapes]
-
-        def pack(c) -> torch.Tensor:
-            return torch.cat([t.reshape(*lead, -1) for t in tree_flatten(c)[0]], dim=2)
-
-        def unpack(flat: torch.Tensor):
-            parts = torch.split(flat, sizes, dim=2)
-            return tree_unflatten([p.reshape(*lead, *shape) for p, shape in zip(parts, shapes)], spec)
-
-        def body(flat, parts):
-            c, out = step(unpack(flat), _Chunk(list(parts), self.index))
-            return pack(c), out
-
         # contiguous chunks, so each step's slice has the strides scan traced its step with
         xs = [t[:, s:s + n_chunks * size].unflatten(1, (n_chunks, size)).movedim(1, 0).contiguous()
               for t in self.tensors]
-        if torch.compiler.is_compiling():
-            flat, ys = scan(body, pack(carry), xs)
-        else:
-            # eager (loop="scan" forced): torch's scan compiles the step with dynamo on every call;
-            # keep that compile's shapes static (a recompile with dynamic shapes lifts a
-            # torch.Size into the scan, which torch 2.13 refuses)
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                flat, ys = scan(body, pack(carry), xs)
+        carry, ys = _scan(lambda c, parts: step(c, _Chunk(list(parts), self.index)), carry, xs)
         # joined by unbind and cat, not by a view, for the same reason: the gradient that comes
         # back for ys is then a stack, contiguous, as the backward scan traced its step with
-        return unpack(flat), torch.cat(ys.unbind(0), dim=2)
+        return carry, torch.cat(ys.unbind(0), dim=2)
+
+
+def _scan(step, carry, xs: list[torch.Tensor]):
+    """torch's :func:`scan` of ``step(carry, [x[i] for x in xs]) -> (carry, y)`` over the leading axis
+    of ``xs``, with ``carry`` (a pytree of ``[B, H, ...]`` tensors) packed into one contiguous
+    ``[B, H, Σ numel]`` tensor (:meth:`_Inputs.scan` says why). Returns ``(carry, ys)``, ``ys``
+    stacked on a new leading axis."""
+    from torch._higher_order_ops.scan import scan
+
+    leaves, spec = tree_flatten(carry)
+    lead = leaves[0].shape[:2]
+    shapes = [t.shape[2:] for t in leaves]
+    sizes = [math.prod(shape) for shape in shapes]
+
+    def pack(c) -> torch.Tensor:
+        return torch.cat([t.reshape(*lead, -1) for t in tree_flatten(c)[0]], dim=2)
+
+    def unpack(flat: torch.Tensor):
+        parts = torch.split(flat, sizes, dim=2)
+        return tree_unflatten([p.reshape(*lead, *shape) for p, shape in zip(parts, shapes)], spec)
+
+    def body(flat, parts):
+        c, out = step(unpack(flat), parts)
+        return pack(c), out
+
+    if torch.compiler.is_compiling():
+        flat, ys = scan(body, pack(carry), xs)
+    else:
+        # eager (loop="scan" forced): torch's scan compiles the step with dynamo on every call;
+        # keep that compile's shapes static (a recompile with dynamic shapes lifts a
+        # torch.Size into the scan, which torch 2.13 refuses)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            flat, ys = scan(body, pack(carry), xs)
+    return unpack(flat), ys
 
 
 # --------------------------------------------------------------------------- drivers
@@ -644,6 +658,134 @@ def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Te
     return (sol.read(q, run.read_before), *sol.end())
 
 
+def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch.Tensor,
+                 s_buf: torch.Tensor | None, origin: torch.Tensor | None, loop: str):
+    """The first ``n_chunks`` full chunks of ``n`` tokens of the online form, for levels whose gates
+    are per head: ``(reads [B, H, n_chunks·n, D_v], W, S)`` at their end.
+
+    A chunk's written errors are ``E = P₁ W_cᵀ + P₂ S_cᵀ + U`` (the triangular solve of
+    :func:`solve_chunk` applied to its right-hand side's three terms: ``P₁``, ``P₂`` and ``U`` do not
+    depend on the state), so everything but the state's recurrence is computed for all chunks at
+    once — transfer products, the erase kernel, the solve, the reads' kernel — and the recurrence
+    itself is a few matmuls a chunk::
+
+        E = U + P₁ Wᵀ + P₂ Sᵀ,   W' = G[n, 0] W + Z[n] S − Eᵀ X̃,   S' = Y[n, 0] S − Eᵀ Ỹ
+
+    (``X̃ = x ⊙ Ω[n, 1:]``, ``Ỹ = x ⊙ Y[n, 1:]``; without momentum ``S``, ``P₂``, ``Z`` drop out).
+    With retention toward ``W_0`` the recurrence runs on ``W − W_0``. The reads then take every
+    chunk's start state at once."""
+    momentum = s_buf is not None
+    obj = run.objective.kind
+    ch = inputs.chunk(0, n_chunks * n)
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # [B, H, C·n, ...] → [B, H, C, n, ...]
+        return t.unflatten(2, (n_chunks, n))
+
+    k, v, q, lr = (split(ch.seq(role)) for role in ("keys", "values", "queries", "lr"))
+    alpha = _rate(run, "alpha", ch, {})
+    alpha = split(alpha) if alpha is not None else None
+    g = transfer(alpha if alpha is not None else torch.ones_like(lr), False)  # [B, H, C, n+1, n+1]
+    if run.optimizer.kind == "dgd":
+        eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
+        coef = eta * (2.0 if obj == "l2" else 1.0)
+    else:
+        eta, coef = lr, (lr if obj == "l2" else None)
+    sign = 1.0 if obj == "outer" else -1.0  # δ = −v (dot, l2's constant part), +u (outer)
+    f = sign * eta.unsqueeze(-1) * v  # [B, H, C, n, o]
+    erase = k * alpha.unsqueeze(-1) if run.retention == "decay" else k
+    if origin is not None:
+        # the rule of the deviation U = W − W_0: the erase of the W_0 part is a known forcing
+        w = w - origin
+        if coef is not None:
+            f = f + coef.unsqueeze(-1) * (k @ origin.unsqueeze(2).transpose(-1, -2))
+    if momentum:
+        y = transfer(split(ch.seq("mu")), False)
+        omega = g @ y
+        z = omega[..., :, 0] - g[..., :, 0]  # [B, H, C, n+1]
+    else:
+        y, omega, z = None, g, None
+    if coef is not None:
+        kern = (erase @ k.transpose(-1, -2)) * omega[..., :n, 1:]  # W_{r−1}: strictly lower
+        a = torch.eye(n, dtype=k.dtype, device=k.device) + coef.unsqueeze(-1) * kern
+        rhs = [coef.unsqueeze(-1) * erase * g[..., :n, 0, None]]
+        if momentum:
+            rhs.append(coef.unsqueeze(-1) * erase * z[..., :n, None])
+        widths = [t.shape[-1] for t in rhs] + [f.shape[-1]]
+        solved = _solve_lower(a, torch.cat([*rhs, f], dim=-1)).split(widths, dim=-1)
+        p1, p2, u = solved[0], (solved[1] if momentum else None), solved[-1]
+    else:  # the update does not read the state: the written errors are the forcing
+        p1 = p2 = None
+        u = f
+    xt = k * omega[..., n, 1:, None]
+    g_end = g[..., n, 0]
+    parts = [u, xt, g_end]
+    if p1 is not None:
+        parts.append(p1)
+    if momentum:
+        parts += [k * y[..., n, 1:, None], z[..., n], y[..., n, 0], p2]
+
+    def step(carry, xs):
+        w_c, s_c = carry["w"], carry.get("s")
+        u_c, xt_c, ge_c = xs[:3]
+        e = u_c
+        if p1 is not None:
+            e = e + xs[3] @ w_c.transpose(-1, -2).to(xs[3].dtype)
+        if momentum:
+            yt_c, ze_c, ye_c, p2_c = xs[-4:]
+            if p2_c is not None:
+                e = e + p2_c @ s_c.transpose(-1, -2).to(p2_c.dtype)
+        w_new = w_c * ge_c[..., None, None] - e.transpose(-1, -2) @ xt_c
+        new = {"w": w_new.to(w_c.dtype)}
+        if momentum:
+            new["w"] = (w_new + s_c * ze_c[..., None, None]).to(w_c.dtype)
+            new["s"] = (s_c * ye_c[..., None, None] - e.transpose(-1, -2) @ yt_c).to(s_c.dtype)
+        return new, (w_c, s_c, e)
+
+    carry = {"w": w, "s": s_buf} if momentum else {"w": w}
+    parts = [t for t in parts if t is not None]
+    if _use_scan(loop, n_chunks):
+        lead = w.shape[:2]
+
+        def scan_step(c, xs):
+            c2, (w_c, s_c, e) = step(c, list(xs) + ([None] if momentum and p2 is None else []))
+            out = [w_c.reshape(*lead, -1), e.reshape(*lead, -1)]
+            if momentum:
+                out.insert(1, s_c.reshape(*lead, -1))
+            return c2, torch.cat([o.to(e.dtype) for o in out], dim=-1)
+
+        xs = [t.movedim(2, 0).contiguous() for t in parts]
+        carry, ys = _scan(scan_step, carry, xs)
+        ys = ys.movedim(0, 2)  # [B, H, C, ...]
+        sizes = [w.shape[-2] * w.shape[-1]] * (2 if momentum else 1) + [n * u.shape[-1]]
+        pieces = ys.split(sizes, dim=-1)
+        starts_w = pieces[0].unflatten(-1, w.shape[-2:]).to(w.dtype)
+        starts_s = pieces[1].unflatten(-1, w.shape[-2:]).to(w.dtype) if momentum else None
+        es = pieces[-1].unflatten(-1, (n, u.shape[-1]))
+    else:
+        per_chunk = [t.unbind(2) for t in parts]  # unbind, not an index a chunk (module notes)
+        ws, ss, es_ = [], [], []
+        for c in range(n_chunks):
+            xs_c = [t[c] for t in per_chunk]
+            if momentum and p2 is None:
+                xs_c.append(None)
+            carry, (w_c, s_c, e) = step(carry, xs_c)
+            ws.append(w_c)
+            ss.append(s_c)
+            es_.append(e)
+        starts_w = torch.stack(ws, dim=2)
+        starts_s = torch.stack(ss, dim=2) if momentum else None
+        es = torch.stack(es_, dim=2)
+    rows = slice(0, n) if run.read_before else slice(1, n + 1)
+    out = (q * g[..., rows, 0, None]) @ starts_w.transpose(-1, -2).to(q.dtype)
+    if momentum:
+        out = out + (q * z[..., rows, None]) @ starts_s.transpose(-1, -2).to(q.dtype)
+    out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(q.dtype)
+    if origin is not None:
+        out = out + q @ origin.unsqueeze(2).transpose(-1, -2).to(q.dtype)
+    w_end = carry["w"] if origin is None else carry["w"] + origin
+    return out.flatten(2, 3), w_end, carry.get("s")
+
+
 def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     T = run.shape[1]
     w = run.state["memory.w0"]
@@ -653,6 +795,12 @@ def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, di
     inputs = _Inputs(run)
     outs, start = [], 0
     full = T // chunk_size
+    channel = isinstance(run.alpha, torch.Tensor) and run.alpha.dim() == 4
+    if full and ONLINE_FULL and not channel:
+        out, w, s_buf = _online_full(run, inputs, full, chunk_size, w, s_buf, origin, loop)
+        outs.append(out)
+        full = 0
+        start = T // chunk_size * chunk_size
     if _use_scan(loop, full):
 
         def step(c, chunk):

@@ -41,6 +41,16 @@ LEVELS = {
                                     "momentum": {"from": "input"}},
                       "retention": {"kind": "weight_decay", "gate": {"from": "input", "per": "channel"}},
                       "read": "before_write"},
+    # per-head gates: the full chunks' solve for all chunks at once, the state's recurrence scanned
+    "dgd_momentum_toward_initial": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+                                    "optimizer": {"kind": "dgd", "form": "proximal", "lr": {"from": "input"},
+                                                  "momentum": {"from": "input"}},
+                                    "retention": {"kind": "decay", "gate": {"from": "input"}, "toward": "initial"},
+                                    "read": "before_write"},
+    "linear_attention_momentum": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "dot"},
+                                  "optimizer": {"kind": "momentum", "lr": {"from": "input"},
+                                                "momentum": {"from": "input"}},
+                                  "retention": {"kind": "weight_decay", "gate": {"from": "input"}}},
     # mini-batch: Titans LMM (MLP memory, momentum, weight decay, chunk-start gradients)
     "titans": {"memory": {"kind": "mlp", "heads": 2, "depth": 2, "hidden": "2x", "activation": "silu"},
                "objective": {"kind": "l2"},
@@ -64,7 +74,7 @@ LEVELS = {
              "queries": {"from": "input", "norm": "l2"},
              "read": "before_write", "gradient_point": {"chunk": 3}},
 }
-ONLINE = ("gated_delta_rule", "titans_linear")
+ONLINE = ("gated_delta_rule", "titans_linear", "dgd_momentum_toward_initial", "linear_attention_momentum")
 CHUNK = 3  # the mini-batch levels' chunk, and the implementation chunk of the online ones
 B, H, D = 2, 2, 3
 

@@ -1,0 +1,129 @@
+"""The online chunked form's full chunks solved for all chunks at once (``chunked.ONLINE_FULL``)
+against one ``solve_chunk`` per chunk: operator launches per chunk and forward + backward time of
+levels no kernel covers (momentum, DGD with momentum, linear attention with momentum), eager.
+
+    OMP_NUM_THREADS=1 python benchmarks/online_form.py --json benchmarks/results/online_form_cpu.json
+    bash benchmarks/device.sh python benchmarks/online_form.py --device cuda --batch 4 --length 4096 \\
+        --heads 16 --dim 128 --json "$OUT/online_form.json"
+
+Launches are the operators below autograd that compute something (``op_count.py``'s count), per
+chunk from the difference between 8 and 4 chunks. Times are medians of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_count import _Launches  # noqa: E402
+
+LEVELS = {
+    "momentum_weight_decay": {"memory": {"kind": "linear"}, "objective": {"kind": "l2"},
+                              "optimizer": {"kind": "momentum", "lr": {"act": "sigmoid"}, "momentum": {"act": "sigmoid"}},
+                              "retention": {"kind": "weight_decay", "gate": {"act": "sigmoid"}}, "frequency": 1},
+    "dgd_proximal_momentum_toward_initial": {
+        "memory": {"kind": "linear"}, "objective": {"kind": "l2"},
+        "optimizer": {"kind": "dgd", "form": "proximal", "lr": {"act": "sigmoid"}, "momentum": {"act": "sigmoid"}},
+        "retention": {"kind": "decay", "gate": {"act": "sigmoid"}, "toward": "initial"}, "read": "before_write",
+        "frequency": 1},
+    "linear_attention_momentum": {"memory": {"kind": "linear"}, "objective": {"kind": "dot"},
+                                  "optimizer": {"kind": "momentum", "lr": {"act": "sigmoid"},
+                                                "momentum": {"act": "sigmoid"}},
+                                  "retention": {"kind": "decay", "gate": {"act": "sigmoid"}}, "frequency": 1},
+}
+
+
+def _inputs(b, t, h, d, dev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(dev)
+
+    return dict(keys=torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1), values=rnd(b, t, h, d),
+                queries=torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1),
+                lr=torch.rand(b, t, h, generator=g).to(dev) * 0.5, momentum=torch.rand(b, t, h, generator=g).to(dev) * 0.9,
+                retention=(0.9 + 0.1 * torch.rand(b, t, h, generator=g)).to(dev))
+
+
+def _run(spec, x, chunk, backward=True):
+    from nlgraph.runtime import run_level
+
+    leaves = {k: v.clone().requires_grad_(backward) for k, v in x.items()}
+    y, st = run_level(spec, form="chunked", chunk_size=chunk, **leaves)
+    if backward:
+        (y.square().sum() + st["memory.w0"].square().sum()).backward()
+    return y
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import nlgraph.compilers.chunked as chunked
+    from nlgraph.spec.loader import load_level
+
+    dev = torch.device(args.device)
+    rows = []
+    for name, level in LEVELS.items():
+        spec = load_level({**level, "memory": {**level["memory"], "heads": args.heads}})
+        x = _inputs(args.batch, args.length, args.heads, args.dim, dev)
+        small = {n: _inputs(1, c * args.chunk, 1, 8, dev) for n, c in (("4", 4), ("8", 8))}
+        row = {"level": name}
+        outs = {}
+        for flag in (False, True):
+            chunked.ONLINE_FULL = flag
+            tag = "all_chunks" if flag else "per_chunk"
+            counts = {}
+            for n, xs in small.items():
+                launches = _Launches()
+                with launches:
+                    _run(load_level({**level, "memory": {**level["memory"], "heads": 1}}), xs, args.chunk)
+                counts[n] = sum(launches.counts.values())
+            row[f"{tag}_launches_per_chunk"] = (counts["8"] - counts["4"]) / 4
+            outs[tag] = _run(spec, x, args.chunk, backward=False).detach()
+            times = []
+            for _ in range(args.repeats + 1):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _run(spec, x, args.chunk)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row[f"{tag}_fwd_bwd_ms"] = round(1e3 * statistics.median(times[1:]), 2)
+        chunked.ONLINE_FULL = True
+        a, b = outs["all_chunks"].double(), outs["per_chunk"].double()
+        row["rel_diff"] = float((a - b).norm() / b.norm())
+        row["speedup"] = round(row["per_chunk_fwd_bwd_ms"] / row["all_chunks_fwd_bwd_ms"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nB={args.batch} T={args.length} H={args.heads} D={args.dim} chunk={args.chunk} on {dev}, eager, "
+          f"torch {torch.__version__}\n")
+    print("| level | launches/chunk, per chunk → all chunks | f+b ms, per chunk → all chunks | speedup | rel. diff |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['level']} | {r['per_chunk_launches_per_chunk']:.0f} → {r['all_chunks_launches_per_chunk']:.0f} | "
+              f"{r['per_chunk_fwd_bwd_ms']} → {r['all_chunks_fwd_bwd_ms']} | {r['speedup']}x | {r['rel_diff']:.1e} |")
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), json.dumps({"args": vars(args), "rows": rows}, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
