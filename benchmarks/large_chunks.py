@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--time-per-run", type=float, default=None, help="seconds of training per run at most")
     ap.add_argument("--out", default="runs/large_chunks")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="spec overrides applied to every configuration (e.g. the CMS levels' updates)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -55,12 +57,14 @@ def main() -> int:
     heads = args.heads or max(1, args.d_model // 64)
     print(f"# large_chunks: {args.spec}, d_model {args.d_model}, {args.layers} layers, {heads} heads, "
           f"B={args.batch}, T={args.length}, {args.steps} steps, lr {args.lr}, torch {torch.__version__}, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
+          + (f", set {' '.join(args.set)}" if args.set else ""), flush=True)
     rows = []
     for config in args.configs:
         chunk, _, read = config.partition(":")
         ov = [f"vars.d_model={args.d_model}", f"vars.layers={args.layers}", f"vars.heads={heads}",
-              f"levels.{args.level}.gradient_point.chunk={int(chunk)}", f"levels.{args.level}.read={read}"]
+              f"levels.{args.level}.gradient_point.chunk={int(chunk)}", f"levels.{args.level}.read={read}",
+              *args.set]
         out = Path(args.out) / f"{args.spec}-{chunk}-{read}"
         cfg = TrainConfig(out=str(out), steps=args.steps, batch=args.batch, length=args.length, lr=args.lr,
                           eval_every=args.steps, eval_batches=args.eval_batches, device=args.device,
