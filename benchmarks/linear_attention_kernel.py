@@ -29,9 +29,12 @@ import torch
 
 SCALAR_CHECKS = [(2, 333, 2, 64, 100, True, torch.float32, 1e-4, 64),
                  (2, 300, 2, 128, 128, False, torch.float32, 1e-4, 64),
-                 (1, 256, 4, 128, 128, True, torch.bfloat16, 2e-2, 64)]
-# gated: "channel" (log α in log(0.9 .. 1)) or "strong" (log α down to −8 a token)
+                 (1, 256, 4, 128, 128, True, torch.bfloat16, 2e-2, 64),
+                 # a partial last chunk decaying past e^-88 (its padded rows once overflowed to NaN)
+                 (1, 60, 2, 64, 64, "strong_head", torch.float32, 1e-4, 64)]
+# gated: "channel" (log α in log(0.9 .. 1)) or "strong" / "strong_head" (log α down to −8 a token)
 CHANNEL_CHECKS = [(2, 333, 2, 64, 100, "channel", torch.float32, 1e-4, 64),
+                  (1, 60, 2, 64, 64, "strong", torch.float32, 1e-4, 64),
                   (2, 300, 2, 128, 128, "strong", torch.float32, 1e-4, 32),
                   (1, 200, 2, 128, 128, "channel", torch.float32, 1e-4, 16),
                   (1, 256, 4, 128, 128, "channel", torch.bfloat16, 2e-2, 64),
@@ -50,8 +53,9 @@ def checks(dev: torch.device, channel: bool = False) -> list[dict]:
         k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
         v = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
         g = None
-        if gated == "strong":
-            g = -8.0 * torch.rand(b, t, h, dk, generator=gen, dtype=torch.float64)
+        if gated in ("strong", "strong_head"):
+            shape = (b, t, h, dk) if gated == "strong" else (b, t, h)
+            g = -8.0 * torch.rand(shape, generator=gen, dtype=torch.float64)
         elif gated:
             shape = (b, t, h, dk) if gated == "channel" else (b, t, h)
             g = torch.log(0.9 + 0.1 * torch.rand(shape, generator=gen, dtype=torch.float64))

@@ -213,7 +213,10 @@ def _same_function(level: Any) -> str | None:
             level.retention is not None and level.retention.toward == "initial"):
         return None
     if why_no_online_kernel(level) is None and level.optimizer.kind == "gd":
-        return "chunk_gated_delta_rule" if level.retention is not None else "chunk_delta_rule"
+        if level.retention is None:
+            return "chunk_delta_rule"
+        # the Titans order W(αI − βkkᵀ) is not fla's gated rule αW(I − βkkᵀ) unless α = 1
+        return "chunk_gated_delta_rule" if level.retention.kind == "decay" else None
     if why_no_online_linear_attention(level) is None:  # gd on dot: W_t = α_t W_{t−1} + η_t v_t k_tᵀ
         gate = level.retention.gate if level.retention is not None else None
         return "chunk_gla" if isinstance(gate, GateSpec) and gate.per == "channel" else "chunk_simple_gla"

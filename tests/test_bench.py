@@ -110,6 +110,19 @@ def test_level_bench_of_linear_attention_compares_with_fla_gla(spec, anchor, tmp
     assert res["rows"][-1]["rel_err"] < 1e-5
 
 
+def test_the_titans_order_is_not_flas_gated_delta_rule():
+    """fla's gated rule is αW(I − βkkᵀ); the Titans order (``weight_decay``) is W(αI − βkkᵀ): only
+    ``decay`` is the same function."""
+    from nlgraph.bench import _same_function
+    from nlgraph.spec.loader import load_level
+
+    level = {"memory": {"kind": "linear"}, "objective": {"kind": "l2"}, "optimizer": {"kind": "gd", "lr": 0.5},
+             "frequency": 1}
+    assert _same_function(load_level(level)) == "chunk_delta_rule"
+    for kind, same in (("decay", "chunk_gated_delta_rule"), ("weight_decay", None)):
+        assert _same_function(load_level({**level, "retention": {"kind": kind, "gate": 0.9}})) == same
+
+
 def test_level_bench_of_a_deep_memory_has_the_delta_rule_as_yardstick(tmp_path, monkeypatch):
     _fake_fla(monkeypatch)
     out = tmp_path / "deep.json"

@@ -26,6 +26,8 @@ chunk is::
 ``A`` is not a product of two matrices that stays bounded (``K ⊙ e^{−b}`` overflows once a chunk
 decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, and its adjoints, one
 key column at a time with every exponent ``b_r − b_j ≤ 0``: exact at any decay, on the CUDA cores.
+Every kernel masks the rows past T with the future tokens: they read ``b = 0``, so ``b_r − b_j``
+would be ``−b_j > 0`` there, which overflows (and ``inf · 0`` is NaN in the sums over rows).
 The state recurrences are the scalar kernels with the decays per channel.
 """
 
@@ -124,7 +126,8 @@ def _output(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr
     qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
     kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
     vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
-    causal = r[:, None] >= r[None, :]
+    # rows past T read b = 0, so their exponent b_r − b_j = −b_j may overflow: masked with them
+    causal = (r[:, None] >= r[None, :]) & valid[:, None]
     a = tl.dot(qb, tl.trans(kb), input_precision=PREC)
     inter = tl.dot(qb, hb.to(dt), input_precision=PREC)
     if USE_G:
@@ -182,7 +185,9 @@ def _grads(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: tl.const
     dt = q.dtype.element_ty
     r = tl.arange(0, C)
     b, bl, valid = _decays(bcum, i_b, i_h, i_t, T, H, C, USE_G)
-    causal = r[:, None] >= r[None, :]
+    # rows past T read b = 0: their exponent −b_j may overflow to inf, and inf · 0 is NaN in the
+    # sums over rows below (dv, dk), so they are masked with the future tokens
+    causal = (r[:, None] >= r[None, :]) & valid[:, None]
     gam = tl.exp(tl.where(causal, b[:, None] - b[None, :], 0.))
     qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
     kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
@@ -231,11 +236,12 @@ def _intra_channel(qb, b, k, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: t
     """``A [C, C]`` of a chunk with per-channel decays, ``A[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}`` for
     ``j ≤ r`` (0 above the diagonal), one key column ``j`` at a time; ``qb, b [C, BK]`` float32."""
     r = tl.arange(0, C)
+    valid = i_t * C + r < T
     a = tl.zeros([C, C], dtype=tl.float32)
     for j in range(C):
         kj = _row(k, tok, i_t * C + j, T, H, K, BK)
         bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)  # row j of b
-        below = r >= j
+        below = (r >= j) & valid  # rows past T read b = 0 (their exponent could overflow)
         col = tl.sum(qb * kj[None, :] * tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)), axis=1)
         a += tl.where(r[None, :] == j, tl.where(below, col, 0.)[:, None], 0.)
     return a
@@ -305,7 +311,7 @@ def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: 
     for j in range(C):
         kj = _row(k, tok, i_t * C + j, T, H, K, BK)
         bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)
-        below = r >= j
+        below = (r >= j) & valid
         dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j, ds, 0.), axis=1), 0.) * scale  # [C]
         e = tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)) * dsj[:, None]  # [C, BK]
         dqa += e * kj[None, :]

@@ -34,7 +34,7 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
     v = torch.randn(b, t, h, dv, generator=gen, dtype=torch.float64)
     shape = (b, t, h, dk) if gated in ("channel", "strong") else (b, t, h)
-    if gated == "strong":
+    if gated in ("strong", "strong_head"):
         g = -8.0 * torch.rand(shape, generator=gen, dtype=torch.float64)
     else:
         g = torch.log(0.8 + 0.2 * torch.rand(shape, generator=gen, dtype=torch.float64)) if gated else None
@@ -50,6 +50,10 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     (2, 70, 2, 8, 6, "channel", True, 16, torch.float32, 1e-5),   # a decay per key channel (GLA)
     (1, 100, 2, 32, 100, "channel", True, 64, torch.float32, 1e-5),
     (2, 70, 1, 16, 40, "strong", False, 32, torch.float32, 1e-5),  # e^-8 a token, e^-500 over a chunk
+    # a partial last chunk that decays past e^-88: its padded rows must not overflow into NaN (they
+    # did, in the backward, before they were masked)
+    (1, 60, 2, 16, 16, "strong", True, 64, torch.float32, 1e-5),
+    (1, 60, 2, 16, 16, "strong_head", True, 64, torch.float32, 1e-5),
     (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
 ])
 def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol):
