@@ -8,6 +8,14 @@ levels no kernel covers (momentum, DGD with momentum, linear attention with mome
 
 Launches are the operators below autograd that compute something (``op_count.py``'s count), per
 chunk from the difference between 8 and 4 chunks. Times are medians of ``--repeats`` runs.
+
+``--check`` (on CUDA) first checks the recurrence kernel (``compilers/kernels/recurrence.py``)
+against its float64 loop on every output and input gradient, in float32 and bfloat16, which is what
+turning ``dispatch.ONLINE_RECURRENCE_ON_GPU`` on needs; when it passes, the table gets a third
+column: the levels with the recurrence in the kernel (the ``triton`` form).
+
+    bash benchmarks/device.sh python benchmarks/online_form.py --device cuda --check --batch 4 \
+        --length 4096 --heads 16 --dim 128 --json "$OUT/online_form.json"
 """
 
 from __future__ import annotations
@@ -52,14 +60,65 @@ def _inputs(b, t, h, d, dev, seed=0):
                 retention=(0.9 + 0.1 * torch.rand(b, t, h, generator=g)).to(dev))
 
 
-def _run(spec, x, chunk, backward=True):
+def _run(spec, x, chunk, backward=True, form="chunked"):
     from nlgraph.runtime import run_level
 
     leaves = {k: v.clone().requires_grad_(backward) for k, v in x.items()}
-    y, st = run_level(spec, form="chunked", chunk_size=chunk, **leaves)
+    y, st = run_level(spec, form=form, chunk_size=chunk, **leaves)
     if backward:
         (y.square().sum() + st["memory.w0"].square().sum()).backward()
     return y
+
+
+CHECKS = [  # (B, H, C, n, O, I, momentum, P1, P2, dtype, limit)
+    (2, 2, 5, 64, 128, 128, True, True, True, torch.float32, 1e-4),
+    (2, 2, 5, 32, 64, 64, True, False, False, torch.float32, 1e-4),
+    (1, 4, 4, 64, 100, 72, False, True, False, torch.float32, 1e-4),
+    (2, 2, 5, 64, 128, 128, True, True, True, torch.bfloat16, 3e-2),
+    (1, 2, 3, 16, 64, 64, False, True, False, torch.bfloat16, 3e-2),
+]
+
+
+def check(dev: torch.device) -> list[dict]:
+    """The recurrence kernel against its float64 loop: every output and every input's gradient."""
+    from nlgraph.compilers.kernels.recurrence import loop, online_recurrence
+
+    rows = []
+    for b, h, c, n, o, i, mom, has_p1, has_p2, dtype, limit in CHECKS:
+        g = torch.Generator().manual_seed(n + o)
+
+        def r(*s):
+            return 0.3 * torch.randn(*s, generator=g, dtype=torch.float64)
+
+        args = dict(w0=r(b, h, o, i), s0=r(b, h, o, i) if mom else None, u=r(b, h, c, n, o), xt=r(b, h, c, n, i),
+                    ge=0.5 + 0.5 * torch.rand(b, h, c, generator=g, dtype=torch.float64),
+                    p1=r(b, h, c, n, i) if has_p1 else None, yt=r(b, h, c, n, i) if mom else None,
+                    ze=r(b, h, c) if mom else None, ye=torch.rand(b, h, c, generator=g, dtype=torch.float64) if mom else None,
+                    p2=r(b, h, c, n, i) if mom and has_p2 else None)
+        names = [k for k, v in args.items() if v is not None]
+        ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+        ref = loop(**ref_in)
+        cots = [None if t is None else torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref]
+        ref_g = torch.autograd.grad(sum((t * ct).sum() for t, ct in zip(ref, cots) if t is not None),
+                                    [ref_in[k] for k in names])
+        # the state and the scalars stay float32; the [n, ·] operands take the dtype under test
+        mine = {k: (None if v is None else v.to(dev, dtype if k in ("u", "xt", "p1", "yt", "p2") else torch.float32)
+                    .requires_grad_()) for k, v in args.items()}
+        out = online_recurrence(**mine)
+        got_g = torch.autograd.grad(sum((t * ct.to(dev).float()).sum() for t, ct in zip(out, cots) if t is not None),
+                                    [mine[k] for k in names])
+        errs = {}
+        for name, a, r_ in zip(("starts_w", "starts_s", "es", "w_end", "s_end"), out, ref):
+            if r_ is not None:
+                errs[name] = float((a.double().cpu() - r_.detach()).norm() / r_.detach().norm())
+        for name, a, r_ in zip(names, got_g, ref_g):
+            errs[f"d{name}"] = float((a.double().cpu() - r_).norm() / r_.norm())
+        worst = max(errs.values())
+        rows.append({"check": f"{str(dtype).removeprefix('torch.')} B={b} H={h} C={c} n={n} O={o} I={i} "
+                              f"momentum={mom} P1={has_p1} P2={has_p2}", "max_rel_err": worst, "limit": limit,
+                     "ok": worst < limit, "errors": errs})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> int:
@@ -71,12 +130,19 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--check", action="store_true", help="check the recurrence kernel first (CUDA), then time it")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import nlgraph.compilers.chunked as chunked
+    from nlgraph.compilers.kernels import dispatch
     from nlgraph.spec.loader import load_level
 
     dev = torch.device(args.device)
+    checks, kernel = [], False
+    if args.check and dev.type == "cuda":
+        checks = check(dev)
+        kernel = all(r["ok"] for r in checks)
+        dispatch.ONLINE_RECURRENCE_ON_GPU = kernel
     rows = []
     for name, level in LEVELS.items():
         spec = load_level({**level, "memory": {**level["memory"], "heads": args.heads}})
@@ -106,6 +172,18 @@ def main() -> int:
                 times.append(time.perf_counter() - t0)
             row[f"{tag}_fwd_bwd_ms"] = round(1e3 * statistics.median(times[1:]), 2)
         chunked.ONLINE_FULL = True
+        if kernel:
+            outs["kernel"] = _run(spec, x, args.chunk, backward=False, form="triton").detach()
+            times = []
+            for _ in range(args.repeats + 1):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _run(spec, x, args.chunk, form="triton")
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row["kernel_fwd_bwd_ms"] = round(1e3 * statistics.median(times[1:]), 2)
+            row["kernel_rel_diff"] = float((outs["kernel"].double() - outs["per_chunk"].double()).norm()
+                                           / outs["per_chunk"].double().norm())
         a, b = outs["all_chunks"].double(), outs["per_chunk"].double()
         row["rel_diff"] = float((a - b).norm() / b.norm())
         row["speedup"] = round(row["per_chunk_fwd_bwd_ms"] / row["all_chunks_fwd_bwd_ms"], 2)
@@ -118,11 +196,15 @@ def main() -> int:
     for r in rows:
         print(f"| {r['level']} | {r['per_chunk_launches_per_chunk']:.0f} → {r['all_chunks_launches_per_chunk']:.0f} | "
               f"{r['per_chunk_fwd_bwd_ms']} → {r['all_chunks_fwd_bwd_ms']} | {r['speedup']}x | {r['rel_diff']:.1e} |")
+    for r in rows:
+        if "kernel_fwd_bwd_ms" in r:
+            print(f"{r['level']}: recurrence kernel f+b {r['kernel_fwd_bwd_ms']} ms, rel. diff {r['kernel_rel_diff']:.1e}")
     if args.json:
         from nlgraph.io import atomic_write
 
-        atomic_write(Path(args.json), json.dumps({"args": vars(args), "rows": rows}, indent=1).encode())
-    return 0
+        atomic_write(Path(args.json), json.dumps({"args": vars(args), "checks": checks, "rows": rows},
+                                                 indent=1).encode())
+    return 0 if all(r["ok"] for r in checks) else 1
 
 
 if __name__ == "__main__":

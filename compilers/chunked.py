@@ -667,7 +667,7 @@ def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Te
 
 
 def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch.Tensor,
-                 s_buf: torch.Tensor | None, origin: torch.Tensor | None, loop: str):
+                 s_buf: torch.Tensor | None, origin: torch.Tensor | None, loop: str, recurrence=None):
     """The first ``n_chunks`` full chunks of ``n`` tokens of the online form, for levels whose gates
     are per head: ``(reads [B, H, n_chunks·n, D_v], W, S)`` at their end.
 
@@ -681,7 +681,9 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
 
     (``X̃ = x ⊙ Ω[n, 1:]``, ``Ỹ = x ⊙ Y[n, 1:]``; without momentum ``S``, ``P₂``, ``Z`` drop out).
     With retention toward ``W_0`` the recurrence runs on ``W − W_0``. The reads then take every
-    chunk's start state at once."""
+    chunk's start state at once. ``recurrence``: a function that runs the recurrence instead of the
+    loop (``nlgraph.compilers.kernels.recurrence.online_recurrence``, the Triton kernel, or
+    ``None``)."""
     momentum = s_buf is not None
     obj = run.objective.kind
     ch = inputs.chunk(0, n_chunks * n)
@@ -725,12 +727,13 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         p1 = p2 = None
         u = f
     xt = k * omega[..., n, 1:, None]
+    yt = k * y[..., n, 1:, None] if momentum else None
     g_end = g[..., n, 0]
     parts = [u, xt, g_end]
     if p1 is not None:
         parts.append(p1)
     if momentum:
-        parts += [k * y[..., n, 1:, None], z[..., n], y[..., n, 0], p2]
+        parts += [yt, z[..., n], y[..., n, 0], p2]
 
     def step(carry, xs):
         w_c, s_c = carry["w"], carry.get("s")
@@ -751,7 +754,23 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
 
     carry = {"w": w, "s": s_buf} if momentum else {"w": w}
     parts = [t for t in parts if t is not None]
-    if _use_scan(loop, n_chunks):
+    if recurrence is not None:
+        mats = [t for t in (xt, p1, yt, p2) if t is not None]
+        work = mats[0].dtype
+        for t in mats[1:]:
+            work = torch.promote_types(work, t.dtype)
+        cast = (lambda t: None if t is None else t.to(work))  # noqa: E731  (tl.dot takes one dtype)
+        starts_w, starts_s, es, w_end, s_end = recurrence(
+            w, s_buf, u, cast(xt), g_end, cast(p1),
+            *((cast(yt), z[..., n], y[..., n, 0], cast(p2)) if momentum else (None, None, None, None)))
+        carry = {"w": w_end.to(w.dtype)}
+        if momentum:
+            carry["s"] = s_end.to(s_buf.dtype)
+        starts_w = starts_w.to(w.dtype)
+        if momentum:
+            starts_s = starts_s.to(s_buf.dtype)
+        es = es.to(u.dtype)
+    elif _use_scan(loop, n_chunks):
         lead = w.shape[:2]
 
         def scan_step(c, xs):
@@ -795,7 +814,7 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     return out.flatten(2, 3), w_end, carry.get("s")
 
 
-def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _online(run: LevelRun, chunk_size: int, loop: str, recurrence=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     T = run.shape[1]
     w = run.state["memory.w0"]
     momentum = run.optimizer.uses_momentum
@@ -806,7 +825,7 @@ def _online(run: LevelRun, chunk_size: int, loop: str) -> tuple[torch.Tensor, di
     full = T // chunk_size
     channel = isinstance(run.alpha, torch.Tensor) and run.alpha.dim() == 4
     if full and ONLINE_FULL and not channel:
-        out, w, s_buf = _online_full(run, inputs, full, chunk_size, w, s_buf, origin, loop)
+        out, w, s_buf = _online_full(run, inputs, full, chunk_size, w, s_buf, origin, loop, recurrence)
         outs.append(out)
         full = 0
         start = T // chunk_size * chunk_size
@@ -1217,7 +1236,7 @@ def _static(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @register_form("memory", "chunked", priority=10, supports=why_not_chunked)
 def run_chunked(
-    run: LevelRun, chunk_size: int | None = None, loop: str | None = None
+    run: LevelRun, chunk_size: int | None = None, loop: str | None = None, recurrence=None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Execute ``run`` in parallel chunks. Returns ``(outputs [B, T, H, D_v], state)``.
 
@@ -1237,6 +1256,8 @@ def run_chunked(
             1`` level, else the second segment). A first segment inside a chunk, or with pending
             updates (a period), and a partial last chunk run in Python, so a graph holds at most
             three copies of the chunk's maths.
+        recurrence: the online form's state recurrence as a kernel (the ``triton`` form passes
+            ``nlgraph.compilers.kernels.recurrence.online_recurrence``); ``None``: in PyTorch.
     """
     why = why_not_chunked(run.spec)
     if why is not None:
@@ -1249,5 +1270,5 @@ def run_chunked(
     if run.period is None:
         return _static(run)
     if run.online:
-        return _online(run, chunk_size or DEFAULT_CHUNK, loop)
+        return _online(run, chunk_size or DEFAULT_CHUNK, loop, recurrence)
     return _minibatch(run, loop)

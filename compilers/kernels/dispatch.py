@@ -30,7 +30,10 @@ adds ``W_0 q``. A read before the write, ``W_{t−1} q_t``, is the kernel's read
 ``t − 1`` with the query of ``t``: the queries move one token earlier and the first token reads the
 start state. Both are exact rewrites around the same kernels; autograd carries the gradients
 through them (to ``W_0`` too).
-Other online levels (a delta rule with a per-channel decay, momentum) and the mini-batch driver's other levels keep
+Linear levels that neither takes but whose gates are per head (momentum, DGD with momentum) run the
+chunked form's all-chunks-at-once solve with its state recurrence in a kernel of its own
+(:func:`online_recurrence_for`; on CUDA once ``ONLINE_RECURRENCE_ON_GPU`` is on). Other online
+levels (per-channel gates beyond linear attention's) and the mini-batch driver's other levels keep
 their PyTorch forms.
 
 Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
@@ -52,7 +55,8 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
+__all__ = ["LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU",
+           "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
            "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
            "minibatch_mlp_memory"]
@@ -430,6 +434,41 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
     state["position"] = run.state["position"] + t
     state["memory.w0"] = (u if origin is None else u + origin).to(w.dtype)
     return y.to(v.dtype), state
+
+
+# --------------------------------------------------------------------------- the online recurrence
+
+#: Whether the plan gives CUDA tensors the online form's recurrence kernel
+#: (:mod:`~nlgraph.compilers.kernels.recurrence`; linear levels that neither kernel above takes:
+#: momentum, DGD with momentum). Off until ``benchmarks/online_form.py --check`` passes on the H200:
+#: it has been checked through the CPU interpreter only. CPU tensors under ``interpret`` run it.
+ONLINE_RECURRENCE_ON_GPU = False
+
+
+def why_no_online_recurrence(spec: Any) -> str | None:
+    """``None`` when an online linear level has its state recurrence run by the recurrence kernel
+    (the chunked form's ``_online_full``: per-head gates), else why not."""
+    why = _why_not_online_linear(spec)
+    if why is not None:
+        return why
+    if spec.retention is not None and getattr(spec.retention.gate, "per", "head") == "channel":
+        return "a per-channel retention gate (the recurrence kernel takes per-head gates)"
+    return None
+
+
+def online_recurrence_for(run: Any, chunk: int):
+    """``online_recurrence`` when the recurrence kernel takes this run's tensors and chunk (device,
+    mode, dtypes, sizes), else ``None`` (the chunked form then walks the chunks in PyTorch)."""
+    if why_no_online_recurrence(run.spec) is not None:
+        return None
+    k, v = run.keys.data, run.values.data
+    if why_no_kernel(k.device) is not None or (k.device.type == "cuda" and not ONLINE_RECURRENCE_ON_GPU):
+        return None
+    if k.dtype not in _DTYPES or (k.device.type == "cpu" and torch.bfloat16 in (k.dtype, v.dtype)):
+        return None  # float64 is the PyTorch forms'; the interpreter computes bfloat16 wrongly
+    from .recurrence import fits, online_recurrence
+
+    return online_recurrence if fits(chunk, v.shape[-1], k.shape[-1]) else None
 
 
 # --------------------------------------------------------------------------- the mini-batch MLP memory

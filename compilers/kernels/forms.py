@@ -62,7 +62,12 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     why = dispatch.why_no_online_kernel(spec)
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
-            return why
+            if dispatch.why_no_online_recurrence(spec) is not None:
+                return why
+            if torch.device(device).type == "cuda" and not dispatch.ONLINE_RECURRENCE_ON_GPU:
+                return (f"{why}; the online recurrence kernel that would take it is not yet checked on CUDA "
+                        "(dispatch.ONLINE_RECURRENCE_ON_GPU)")
+            return _why_not_target(device, dtype)
         if _la_on(device):
             return _la_on(device)
         if torch.device(device).type == "cuda" and dispatch._channel_decay(spec) \
@@ -103,7 +108,10 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
             done = dispatch.online_linear_attention(run, chunk_size or DEFAULT_CHUNK)
     if done is not None:
         return done
-    return run_chunked(run, chunk_size, loop)
+    recurrence = None
+    if run.period is not None and run.online:  # the all-chunks solve with its recurrence in a kernel
+        recurrence = dispatch.online_recurrence_for(run, chunk_size or DEFAULT_CHUNK)
+    return run_chunked(run, chunk_size, loop, recurrence)
 
 
 def _mlp_on(device: str) -> str | None:

@@ -304,8 +304,8 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
     y, _ = _run(la, la_form, k, v, q, lr, alpha, s0, False)
     y_ref, _ = _run(la, "reference", k, v, q, lr, alpha, s0, False)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # (momentum runs the online recurrence kernel: tests/compilers/test_kernels_recurrence.py)
     uncovered = {
-        "momentum": {**LEVELS["deltanet"], "optimizer": {"kind": "momentum", "lr": 0.5, "momentum": 0.5}},
         "per-channel decay": {**LEVELS["gated_deltanet"],
                               "retention": {"kind": "decay", "gate": {"act": "sigmoid", "per": "channel"}}},
     }

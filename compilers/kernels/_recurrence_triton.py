@@ -1,0 +1,148 @@
+"""Triton kernels of the online chunked form's state recurrence (``compilers/chunked.py``,
+``_online_full``): everything of a chunk that does not depend on the state is computed for all
+chunks at once in PyTorch; what is left walks the chunks in order, per (batch, head)::
+
+    E_c = U_c + P1_c W_cᵀ + P2_c S_cᵀ                    [n, O]
+    W_{c+1} = ge_c W_c + ze_c S_c − E_cᵀ X̃_c              [O, I]
+    S_{c+1} = ye_c S_c − E_cᵀ Ỹ_c
+
+(``P1``, ``P2``: the triangular solve's state terms, absent when the update does not read the
+state; ``S``, ``P2``, ``Ỹ``, ``ze``, ``ye``: momentum). The rows of ``W`` and ``S`` evolve
+independently, so one program holds a block of ``BO`` rows of both in registers (float32) and
+walks the chunks; it stores every chunk's start state and ``E_c`` for the reads.
+
+Backward: the reverse walk from the final state's gradient, adding at each chunk the gradients the
+reads sent to its start state and to ``E_c``. The per-chunk inputs' gradients that sum over the
+rows (``X̃``, ``Ỹ``, ``P1``, ``P2``, the three scalars) are written per row block and summed in
+PyTorch, so the result does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._delta_rule_triton import INTERPRETED
+
+__all__ = ["INTERPRETED", "kernels"]
+
+
+@triton.jit
+def _tile(x, base, R, D, r0, BR: tl.constexpr, BD: tl.constexpr):
+    """Block pointer to rows ``r0 …`` (``BR``) and all columns (``BD`` ≥ D) of a row-major ``[R, D]``
+    matrix at ``x + base``."""
+    return tl.make_block_ptr(x + base, (R, D), (D, 1), (r0, 0), (BR, BD), (1, 0))
+
+
+@triton.jit
+def _cols(x, base, R, D, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Block pointer to all rows (``BR`` ≥ R) and columns ``c0 …`` (``BC``) of a row-major ``[R, D]``
+    matrix at ``x + base``."""
+    return tl.make_block_ptr(x + base, (R, D), (D, 1), (0, c0), (BR, BC), (1, 0))
+
+
+@triton.jit
+def _fwd(w0, s0, u, xt, ge, p1, yt, ze, ye, p2, ws, ss, es, wt, st, NC, N: tl.constexpr, O: tl.constexpr,
+         I: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, HAS_P1: tl.constexpr, MOM: tl.constexpr,
+         HAS_P2: tl.constexpr, PREC: tl.constexpr):
+    i_o, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o0 = i_o * BO
+    w = tl.load(_tile(w0, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+    if MOM:
+        s = tl.load(_tile(s0, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+    for c in range(NC):
+        cc = i_bh * NC + c
+        tl.store(_tile(ws, cc * O * I, O, I, o0, BO, BI), w, boundary_check=(0, 1))
+        e = tl.load(_cols(u, cc * N * O, N, O, o0, N, BO), boundary_check=(0, 1), padding_option="zero")
+        e = e.to(tl.float32)
+        if HAS_P1:
+            pa = tl.load(_tile(p1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+            e += tl.dot(pa, tl.trans(w.to(pa.dtype)), input_precision=PREC)
+        if MOM:
+            tl.store(_tile(ss, cc * O * I, O, I, o0, BO, BI), s, boundary_check=(0, 1))
+            if HAS_P2:
+                pb = tl.load(_tile(p2, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+                e += tl.dot(pb, tl.trans(s.to(pb.dtype)), input_precision=PREC)
+        tl.store(_cols(es, cc * N * O, N, O, o0, N, BO), e, boundary_check=(0, 1))
+        xa = tl.load(_tile(xt, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+        g = tl.load(ge + cc).to(tl.float32)
+        new = g * w - tl.dot(tl.trans(e.to(xa.dtype)), xa, input_precision=PREC)
+        if MOM:
+            ya = tl.load(_tile(yt, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+            z = tl.load(ze + cc).to(tl.float32)
+            y = tl.load(ye + cc).to(tl.float32)
+            new += z * s
+            s = y * s - tl.dot(tl.trans(e.to(ya.dtype)), ya, input_precision=PREC)
+        w = new
+    tl.store(_tile(wt, i_bh * O * I, O, I, o0, BO, BI), w, boundary_check=(0, 1))
+    if MOM:
+        tl.store(_tile(st, i_bh * O * I, O, I, o0, BO, BI), s, boundary_check=(0, 1))
+
+
+@triton.jit
+def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, ds0, du, dxt, dge, dp1, dyt,
+         dze, dye, dp2, NC, BH, N: tl.constexpr, O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr,
+         BI: tl.constexpr, HAS_P1: tl.constexpr, MOM: tl.constexpr, HAS_P2: tl.constexpr, PREC: tl.constexpr):
+    i_o, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o0 = i_o * BO
+    # this row block's partial sums go to slot i_o of the [NOB, BH, NC, ...] buffers
+    part = i_o * BH
+    dw = tl.load(_tile(dwt, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+    if MOM:
+        ds = tl.load(_tile(dst, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+    for j in range(NC):
+        c = NC - 1 - j
+        cc = i_bh * NC + c
+        pc = (part + i_bh) * NC + c
+        w = tl.load(_tile(ws, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+        e = tl.load(_cols(es, cc * N * O, N, O, o0, N, BO), boundary_check=(0, 1), padding_option="zero")
+        xa = tl.load(_tile(xt, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+        g = tl.load(ge + cc).to(tl.float32)
+        # E's gradient: from the reads, and from the state after the chunk (W' = … − Eᵀ X̃)
+        de = tl.load(_cols(des, cc * N * O, N, O, o0, N, BO), boundary_check=(0, 1), padding_option="zero")
+        de = de.to(tl.float32) - tl.dot(xa, tl.trans(dw.to(xa.dtype)), input_precision=PREC)
+        tl.store(_tile(dxt, pc * N * I, N, I, 0, N, BI),
+                 -tl.dot(e.to(xa.dtype), dw.to(xa.dtype), input_precision=PREC), boundary_check=(0, 1))
+        tl.store(dge + pc, tl.sum(tl.sum(w * dw, axis=1), axis=0))
+        dw_prev = g * dw
+        if MOM:
+            s = tl.load(_tile(ss, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+            ya = tl.load(_tile(yt, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+            z = tl.load(ze + cc).to(tl.float32)
+            y = tl.load(ye + cc).to(tl.float32)
+            de -= tl.dot(ya, tl.trans(ds.to(ya.dtype)), input_precision=PREC)
+            tl.store(_tile(dyt, pc * N * I, N, I, 0, N, BI),
+                     -tl.dot(e.to(ya.dtype), ds.to(ya.dtype), input_precision=PREC), boundary_check=(0, 1))
+            tl.store(dze + pc, tl.sum(tl.sum(s * dw, axis=1), axis=0))
+            tl.store(dye + pc, tl.sum(tl.sum(s * ds, axis=1), axis=0))
+            ds_prev = z * dw + y * ds
+            if HAS_P2:
+                pb = tl.load(_tile(p2, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+                tl.store(_tile(dp2, pc * N * I, N, I, 0, N, BI),
+                         tl.dot(de.to(pb.dtype), s.to(pb.dtype), input_precision=PREC), boundary_check=(0, 1))
+                ds_prev += tl.dot(tl.trans(de.to(pb.dtype)), pb, input_precision=PREC)
+            ds_prev += tl.load(_tile(dss, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1),
+                               padding_option="zero")
+            ds = ds_prev
+        if HAS_P1:
+            pa = tl.load(_tile(p1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+            tl.store(_tile(dp1, pc * N * I, N, I, 0, N, BI), tl.dot(de.to(pa.dtype), w.to(pa.dtype),
+                                                                    input_precision=PREC), boundary_check=(0, 1))
+            dw_prev += tl.dot(tl.trans(de.to(pa.dtype)), pa, input_precision=PREC)
+        tl.store(_cols(du, cc * N * O, N, O, o0, N, BO), de, boundary_check=(0, 1))
+        dw = dw_prev + tl.load(_tile(dws, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1),
+                               padding_option="zero")
+    tl.store(_tile(dw0, i_bh * O * I, O, I, o0, BO, BI), dw, boundary_check=(0, 1))
+    if MOM:
+        tl.store(_tile(ds0, i_bh * O * I, O, I, o0, BO, BI), ds, boundary_check=(0, 1))
+
+
+class _Kernels:
+    fwd = _fwd
+    bwd = _bwd
+
+
+def kernels() -> type[_Kernels]:
+    """The kernels (compiled on the GPU; interpreted when ``TRITON_INTERPRET=1`` was set before triton
+    was first imported)."""
+    return _Kernels

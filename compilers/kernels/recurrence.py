@@ -1,0 +1,218 @@
+"""The online chunked form's state recurrence as a differentiable custom op over Triton.
+
+``online_recurrence(w0, s0, u, xt, ge, p1, yt, ze, ye, p2)`` walks, per (batch, head), the chunks of
+``compilers/chunked.py``'s ``_online_full`` (every other part of a chunk is computed for all chunks
+at once there)::
+
+    E_c = U_c + P1_c W_cᵀ + P2_c S_cᵀ,   W_{c+1} = ge_c W_c + ze_c S_c − E_cᵀ X̃_c,   S_{c+1} = ye_c S_c − E_cᵀ Ỹ_c
+
+and returns every chunk's start state and ``E_c`` (for the reads) and the final state, in one
+kernel launch instead of a few PyTorch operators a chunk. Forward and backward in Triton
+(``_recurrence_triton``), float32 state; registered as ``nlgraph::online_recurrence_fwd`` /
+``_bwd`` with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces it.
+:func:`loop` is the same function in PyTorch (the tests' reference, and the fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["fits", "loop", "online_recurrence"]
+
+_OP = "online_recurrence"
+
+
+def _kernels(x: torch.Tensor):
+    from ._load import load_kernels
+
+    def importer():
+        from . import _recurrence_triton as mod
+
+        return mod
+
+    return load_kernels(importer, x, _OP, "recurrence")
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def fits(n: int, o: int, i: int) -> bool:
+    """Whether the kernel takes chunks of ``n`` tokens and ``[o, i]`` states (``tl.dot`` needs
+    blocks of at least 16; the state's rows are blocked, its columns held whole)."""
+    return n in (16, 32, 64) and 1 <= o <= 256 and 1 <= i <= 128
+
+
+def _blocks(o: int, i: int) -> tuple[int, int]:
+    return min(_pow2(o), 32), _pow2(i)
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("nlgraph::online_recurrence_fwd", mutates_args=())
+def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], u: torch.Tensor, xt: torch.Tensor, ge: torch.Tensor,
+            p1: Optional[torch.Tensor], yt: Optional[torch.Tensor], ze: Optional[torch.Tensor],
+            ye: Optional[torch.Tensor], p2: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(starts_w [B,H,C,O,I], starts_s or empty, es [B,H,C,n,O] fp32, w_end, s_end or empty)``."""
+    b, h, nc, n, o = u.shape
+    i = xt.shape[-1]
+    mom = s0 is not None
+    bo, bi = _blocks(o, i)
+    ws = w0.new_empty(b, h, nc, o, i, dtype=torch.float32)
+    ss = w0.new_empty(b, h, nc, o, i, dtype=torch.float32) if mom else _empty(w0)
+    es = u.new_empty(b, h, nc, n, o, dtype=torch.float32)
+    wt = w0.new_empty(b, h, o, i, dtype=torch.float32)
+    st = w0.new_empty(b, h, o, i, dtype=torch.float32) if mom else _empty(w0)
+    e = _empty(w0)
+    # every product takes xt's dtype (P1, Ỹ, P2 share it; E and the state are cast to it)
+    prec = "ieee" if xt.dtype == torch.float32 else "tf32"
+    _kernels(u).fwd[(-(-o // bo), b * h)](
+        w0.float().contiguous(), s0.float().contiguous() if mom else e, u, xt, ge, p1 if p1 is not None else e,
+        yt if mom else e, ze if mom else e, ye if mom else e, p2 if p2 is not None else e, ws, ss, es, wt, st, nc,
+        N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None, PREC=prec)
+    return ws, ss, es, wt, st
+
+
+@_fwd_op.register_fake
+def _(w0, s0, u, xt, ge, p1, yt, ze, ye, p2):
+    b, h, nc, n, o = u.shape
+    i = xt.shape[-1]
+    mom = s0 is not None
+    return (w0.new_empty(b, h, nc, o, i, dtype=torch.float32),
+            w0.new_empty(b, h, nc, o, i, dtype=torch.float32) if mom else w0.new_empty(0),
+            u.new_empty(b, h, nc, n, o, dtype=torch.float32), w0.new_empty(b, h, o, i, dtype=torch.float32),
+            w0.new_empty(b, h, o, i, dtype=torch.float32) if mom else w0.new_empty(0))
+
+
+@torch.library.custom_op("nlgraph::online_recurrence_bwd", mutates_args=())
+def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: torch.Tensor, ge: torch.Tensor,
+            p1: Optional[torch.Tensor], yt: Optional[torch.Tensor], ze: Optional[torch.Tensor],
+            ye: Optional[torch.Tensor], p2: Optional[torch.Tensor], dws: torch.Tensor, dss: Optional[torch.Tensor],
+            des: torch.Tensor, dwt: torch.Tensor, dst: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """Returns ``[dw0, ds0, du, dxt, dge, dp1, dyt, dze, dye, dp2]`` (empty where there is no input)."""
+    b, h, nc, o, i = ws.shape
+    n = es.shape[-2]
+    mom = ss is not None
+    bo, bi = _blocks(o, i)
+    nob = -(-o // bo)
+    e = _empty(ws)
+
+    def part(*shape):  # per row block, summed below
+        return ws.new_zeros(nob, b, h, nc, *shape, dtype=torch.float32)
+
+    # distinct empties: a custom op's outputs may not alias each other
+    dw0 = ws.new_empty(b, h, o, i, dtype=torch.float32)
+    ds0 = ws.new_empty(b, h, o, i, dtype=torch.float32) if mom else _empty(ws)
+    du = es.new_empty(b, h, nc, n, o, dtype=torch.float32)
+    dxt, dge = part(n, i), part()
+    dp1 = part(n, i) if p1 is not None else _empty(ws)
+    dyt, dze, dye = (part(n, i), part(), part()) if mom else (_empty(ws), _empty(ws), _empty(ws))
+    dp2 = part(n, i) if p2 is not None else _empty(ws)
+    prec = "ieee" if xt.dtype == torch.float32 else "tf32"
+    _kernels(ws).bwd[(nob, b * h)](
+        ws, ss if mom else e, es, xt, ge, p1 if p1 is not None else e, yt if mom else e, ze if mom else e,
+        ye if mom else e, p2 if p2 is not None else e, dws.contiguous(), dss.contiguous() if mom else e,
+        des.contiguous(), dwt.contiguous(), dst.contiguous() if mom else e, dw0, ds0, du, dxt, dge, dp1, dyt, dze,
+        dye, dp2, nc, b * h, N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None,
+        PREC=prec)
+
+    def total(t):
+        return t.sum(0) if t.numel() else t
+
+    return [dw0, ds0, du, total(dxt), total(dge), total(dp1), total(dyt), total(dze), total(dye), total(dp2)]
+
+
+@_bwd_op.register_fake
+def _(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst):
+    b, h, nc, o, i = ws.shape
+    n = es.shape[-2]
+    mom = ss is not None
+
+    def f32(*shape):
+        return ws.new_empty(*shape, dtype=torch.float32)
+
+    def e():
+        return ws.new_empty(0)
+
+    return [f32(b, h, o, i), f32(b, h, o, i) if mom else e(), f32(b, h, nc, n, o), f32(b, h, nc, n, i),
+            f32(b, h, nc), f32(b, h, nc, n, i) if p1 is not None else e(), f32(b, h, nc, n, i) if mom else e(),
+            f32(b, h, nc) if mom else e(), f32(b, h, nc) if mom else e(),
+            f32(b, h, nc, n, i) if p2 is not None else e()]
+
+
+def _setup_context(ctx, inputs, output):
+    w0, s0, u, xt, ge, p1, yt, ze, ye, p2 = inputs
+    ws, ss, es, _, _ = output
+    ctx.save_for_backward(ws, ss if s0 is not None else None, es, xt, ge, p1, yt, ze, ye, p2)
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _autograd_backward(ctx, dws, dss, des, dwt, dst):
+    ws, ss, es, xt, ge, p1, yt, ze, ye, p2 = ctx.saved_tensors
+    mom = ss is not None
+    dws, des = _zeros_if_none(dws, ws), _zeros_if_none(des, es)
+    dwt = _zeros_if_none(dwt, ws[:, :, 0])
+    if mom:
+        dss, dst = _zeros_if_none(dss, ss), _zeros_if_none(dst, ss[:, :, 0])
+    else:
+        dss = dst = None
+    grads = _bwd_op(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst)
+    out = []
+    for g, dtype in zip(grads, ctx.dtypes):
+        out.append(None if dtype is None else g.to(dtype))
+    return tuple(out)
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=None):
+    """The recurrence in the module docstring through the kernel.
+
+    Args:
+        w0, s0: ``[B, H, O, I]`` the state at the first chunk's start (``s0``: momentum, or ``None``).
+        u: ``[B, H, C, n, O]``; xt, p1, yt, p2: ``[B, H, C, n, I]`` (one dtype); ge, ze, ye: ``[B, H, C]``.
+        ``p1`` / ``p2`` are ``None`` when the update does not read the state; ``yt``, ``ze``, ``ye``,
+        ``p2`` are ``None`` without momentum.
+
+    Returns:
+        ``(starts_w [B, H, C, O, I], starts_s or None, es [B, H, C, n, O], w_end, s_end or None)``,
+        float32.
+    """
+    mom = s0 is not None
+    args = [t.contiguous() if t is not None else None for t in (u, xt, ge, p1, yt, ze, ye, p2)]
+    ws, ss, es, wt, st = _fwd_op(w0, s0, *args)
+    return ws, (ss if mom else None), es, wt, (st if mom else None)
+
+
+def loop(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=None):
+    """:func:`online_recurrence` in PyTorch, a chunk at a time (same arguments and results, in float32
+    or, given float64, float64)."""
+    dt = torch.promote_types(u.dtype, torch.float32)
+    ws, ss, es = [], [], []
+    w, s = w0.to(dt), (s0.to(dt) if s0 is not None else None)
+    for c in range(u.shape[2]):
+        ws.append(w)
+        e = u[:, :, c].to(dt)
+        if p1 is not None:
+            e = e + p1[:, :, c].to(dt) @ w.transpose(-1, -2)
+        if s is not None:
+            ss.append(s)
+            if p2 is not None:
+                e = e + p2[:, :, c].to(dt) @ s.transpose(-1, -2)
+        es.append(e)
+        new = w * ge[:, :, c, None, None].to(dt) - e.transpose(-1, -2) @ xt[:, :, c].to(dt)
+        if s is not None:
+            new = new + s * ze[:, :, c, None, None].to(dt)
+            s = s * ye[:, :, c, None, None].to(dt) - e.transpose(-1, -2) @ yt[:, :, c].to(dt)
+        w = new
+    return (torch.stack(ws, 2), torch.stack(ss, 2) if s is not None else None, torch.stack(es, 2), w, s)

@@ -1,0 +1,167 @@
+"""The online form's state recurrence in Triton equals its PyTorch loop, and levels routed to it equal
+the per-token reference.
+
+``nlgraph.compilers.kernels.recurrence.online_recurrence`` (forward and backward in Triton) is checked
+against ``recurrence.loop`` run in float64: every chunk's start state, ``E``, the final state, and the
+gradients of all ten inputs, with and without momentum and the state terms ``P1`` / ``P2``, state
+widths that are not powers of two and several row blocks. Linear levels that neither the delta-rule
+nor the linear-attention kernel takes (momentum, DGD with momentum) run the ``triton`` form through
+it and equal the per-token reference on outputs, final state and gradients; the op traces under
+``torch.compile(fullgraph=True)``. Without CUDA the kernels run in Triton's interpreter.
+"""
+
+import pytest
+import torch
+
+from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
+from triton_interp import rel as _rel  # noqa: E402
+from triton_interp import set_interpret as _set_interpret  # noqa: E402
+
+from nlgraph.compilers.kernels import dispatch  # noqa: E402
+from nlgraph.compilers.kernels import recurrence as rec_module  # noqa: E402
+from nlgraph.compilers.kernels.recurrence import loop, online_recurrence  # noqa: E402
+from nlgraph.runtime import level_form, run_level  # noqa: E402
+from nlgraph.spec.loader import load_level  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
+
+
+def _args(b, h, c, n, o, i, mom, p1, p2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return 0.3 * torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def u(*s):
+        return torch.rand(*s, generator=g, dtype=torch.float64)
+
+    return dict(w0=r(b, h, o, i), s0=r(b, h, o, i) if mom else None, u=r(b, h, c, n, o), xt=r(b, h, c, n, i),
+                ge=0.5 + 0.5 * u(b, h, c), p1=r(b, h, c, n, i) if p1 else None, yt=r(b, h, c, n, i) if mom else None,
+                ze=r(b, h, c) if mom else None, ye=u(b, h, c) if mom else None,
+                p2=r(b, h, c, n, i) if mom and p2 else None)
+
+
+@pytest.mark.parametrize("b, h, c, n, o, i, mom, p1, p2", [
+    (1, 2, 3, 16, 24, 20, True, True, True),    # everything, widths not powers of two
+    (2, 1, 4, 32, 64, 64, True, False, False),  # momentum, an update that does not read the state
+    (1, 1, 3, 16, 40, 16, False, True, False),  # two row blocks of 32 (O = 40)
+    (1, 2, 2, 64, 16, 32, False, False, False),
+])
+def test_online_recurrence_equals_the_loop(b, h, c, n, o, i, mom, p1, p2):
+    args = _args(b, h, c, n, o, i, mom, p1, p2)
+    names = [k for k, v in args.items() if v is not None]
+    ref_leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = loop(**ref_leaves)
+    gen = torch.Generator().manual_seed(9)
+    cots = [None if t is None else torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
+    ref_grads = torch.autograd.grad(sum((t * ct).sum() for t, ct in zip(ref, cots) if t is not None),
+                                    [ref_leaves[k] for k in names])
+    leaves = {k: (v.detach().float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+    out = online_recurrence(**leaves)
+    assert all((a is None) == (r is None) for a, r in zip(out, ref))
+    for a, r in zip(out, ref):
+        if r is not None:
+            assert a.dtype == torch.float32 and _rel(a, r) < 1e-5
+    grads = torch.autograd.grad(sum((t * ct.to(DEVICE).float()).sum() for t, ct in zip(out, cots) if t is not None),
+                                [leaves[k] for k in names])
+    for k, a, r in zip(names, grads, ref_grads):
+        assert _rel(a, r) < 1e-5, k
+
+
+def test_online_recurrence_traces_under_compile_fullgraph():
+    args = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None)
+            for k, v in _args(1, 1, 3, 16, 16, 16, True, True, True).items()}
+
+    def f(**kw):
+        ws, ss, es, wt, st = online_recurrence(**kw)
+        return ws.square().sum() + ss.sum() + es.square().sum() + wt.sum() + st.square().sum()
+
+    keys = [k for k, v in args.items() if v is not None]
+    eager = torch.autograd.grad(f(**args), [args[k] for k in keys])
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(**args), [args[k] for k in keys])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+LEVELS = {
+    "momentum_weight_decay": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+                              "optimizer": {"kind": "momentum", "lr": {"act": "sigmoid"}, "momentum": {"act": "sigmoid"}},
+                              "retention": {"kind": "weight_decay", "gate": {"act": "sigmoid"}}, "frequency": 1},
+    "dgd_momentum_toward_initial": {
+        "memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "l2"},
+        "optimizer": {"kind": "dgd", "form": "proximal", "lr": {"act": "sigmoid"}, "momentum": {"act": "sigmoid"}},
+        "retention": {"kind": "decay", "gate": {"act": "sigmoid"}, "toward": "initial"}, "read": "before_write",
+        "frequency": 1},
+    "dot_momentum": {"memory": {"kind": "linear", "heads": 2}, "objective": {"kind": "dot"},
+                     "optimizer": {"kind": "momentum", "lr": {"act": "sigmoid"}, "momentum": {"act": "sigmoid"}},
+                     "frequency": 1},
+}
+
+
+@pytest.fixture
+def rec_calls(monkeypatch):
+    old = _set_interpret("1") if _INTERPRET else None
+    dispatch.set_kernels("interpret" if _INTERPRET else "auto")
+    monkeypatch.setattr(dispatch, "ONLINE_RECURRENCE_ON_GPU", True)
+    count = {"n": 0}
+    real = rec_module.online_recurrence
+
+    def spy(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(rec_module, "online_recurrence", spy)
+    yield count
+    dispatch.set_kernels(None)
+    if _INTERPRET:
+        _set_interpret(old)
+
+
+@pytest.mark.parametrize("name", sorted(LEVELS))
+def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, rec_calls):
+    """70 tokens in chunks of 16: four full chunks through the kernel and a partial one in PyTorch;
+    outputs, final state and every gradient (gates, initial memory and momentum) equal the reference."""
+    spec = load_level(LEVELS[name])
+    assert dispatch.why_no_online_kernel(spec) is not None and dispatch.why_no_online_linear_attention(spec) is not None
+    assert level_form(spec, device=DEVICE) == "triton"
+    g = torch.Generator().manual_seed(3)
+    b, t, h, d = 2, 70, 2, 8
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(DEVICE)
+
+    x = dict(keys=torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1), values=rnd(b, t, h, d),
+             queries=rnd(b, t, h, d), lr=torch.rand(b, t, h, generator=g).to(DEVICE),
+             momentum=torch.rand(b, t, h, generator=g).to(DEVICE))
+    if spec.retention is not None:
+        x["retention"] = (0.5 + 0.5 * torch.rand(b, t, h, generator=g)).to(DEVICE)
+    s0 = {"memory.w0": 0.3 * rnd(b, h, d, d), "optimizer.memory.momentum.w0": 0.1 * rnd(b, h, d, d),
+          "position": torch.zeros((), dtype=torch.int64, device=DEVICE)}
+    results = {}
+    for form in ("triton", "reference"):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        state = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in s0.items()}
+        y, st = run_level(spec, form=form, chunk_size=16, state=state, **leaves)
+        loss = (y * torch.linspace(-1, 1, d, device=DEVICE)).sum() + st["memory.w0"].square().sum() \
+            + st["optimizer.memory.momentum.w0"].sum()
+        flat = list(leaves.values()) + [state["memory.w0"], state["optimizer.memory.momentum.w0"]]
+        results[form] = (y, st, torch.autograd.grad(loss, flat))
+    assert rec_calls["n"] == 1
+    (y, st, gr), (y_ref, st_ref, gr_ref) = results["triton"], results["reference"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for k in ("memory.w0", "optimizer.memory.momentum.w0"):
+        torch.testing.assert_close(st[k], st_ref[k], rtol=1e-4, atol=1e-4)
+    for a, r in zip(gr, gr_ref):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-4)
+
+
+def test_the_recurrence_kernel_on_cuda_follows_its_switch(monkeypatch):
+    """Checked on CPU only, so CUDA plans keep the PyTorch form until ``ONLINE_RECURRENCE_ON_GPU``."""
+    spec = load_level(LEVELS["momentum_weight_decay"])
+    monkeypatch.setattr(dispatch, "ONLINE_RECURRENCE_ON_GPU", False)
+    assert level_form(spec, device="cuda") == "chunked"
+    monkeypatch.setattr(dispatch, "ONLINE_RECURRENCE_ON_GPU", True)
+    assert level_form(spec, device="cuda") == "triton"
