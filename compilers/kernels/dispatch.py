@@ -30,7 +30,8 @@ adds ``W_0 q``. A read before the write, ``W_{t−1} q_t``, is the kernel's read
 ``t − 1`` with the query of ``t``: the queries move one token earlier and the first token reads the
 start state. Both are exact rewrites around the same kernels; autograd carries the gradients
 through them (to ``W_0`` too).
-Linear levels that neither takes but whose gates are per head (momentum, DGD with momentum) run the
+Linear levels that neither takes but whose gates are per head (momentum, DGD with momentum, the
+``outer`` objective, ``read: chunk_start``) run the
 chunked form's all-chunks-at-once solve with its state recurrence in a kernel of its own
 (:func:`online_recurrence_for`; on CUDA once ``ONLINE_RECURRENCE_ON_GPU`` is on). Other online
 levels (per-channel gates beyond linear attention's) and the mini-batch driver's other levels keep
@@ -439,10 +440,12 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 # --------------------------------------------------------------------------- the online recurrence
 
 #: Whether the plan gives CUDA tensors the online form's recurrence kernel
-#: (:mod:`~nlgraph.compilers.kernels.recurrence`; linear levels that neither kernel above takes:
-#: momentum, DGD with momentum). Off until ``benchmarks/online_form.py --check`` passes on the H200:
+#: (:mod:`~nlgraph.compilers.kernels.recurrence`; online linear levels with per-head gates that
+#: neither kernel above takes: momentum, DGD with momentum, the outer objective). Off until ``benchmarks/online_form.py --check`` passes on the H200:
 #: it has been checked through the CPU interpreter only. CPU tensors under ``interpret`` run it.
 ONLINE_RECURRENCE_ON_GPU = False
+#: The recurrence kernel holds a state row's key width whole: up to 128 (wider runs the PyTorch loop).
+RECURRENCE_MAX_KEY = 128
 
 
 def why_no_online_recurrence(spec: Any) -> str | None:

@@ -1,6 +1,9 @@
 """The Triton kernels as registered execution forms: ``triton`` for the closed-form ``delta_rule``
-family and for the ``memory`` family's (gated) delta-rule and linear-attention levels, and Titans'
-mini-batch MLP memory (on CUDA while ``dispatch.MLP_MEMORY_ON_GPU`` is on, the default).
+family and for the ``memory`` family's (gated) delta-rule and linear-attention levels, the other
+online linear levels with per-head gates (momentum, DGD with momentum, the ``outer`` objective: the
+chunked form's all-chunks solve with its state recurrence in a kernel, on CUDA once
+``dispatch.ONLINE_RECURRENCE_ON_GPU`` is on), and Titans' mini-batch MLP memory (on CUDA while
+``dispatch.MLP_MEMORY_ON_GPU`` is on, the default).
 
 A form is chosen once per level by the plan (:func:`nlgraph.lower.plan`) from the registry, for the
 target device and dtype; this module is how the kernels enter that choice, with nothing else in the
@@ -8,13 +11,15 @@ pipeline knowing about them. ``triton`` has a higher priority than ``chunked``, 
 wherever :func:`why_not_delta_rule` / :func:`why_not_memory` say it applies: CUDA (or CPU under
 ``NLGRAPH_KERNELS=interpret``), float32 / bfloat16 / float16 parameters, kernels not switched off, and
 for memory levels the (gated) delta rules :func:`~nlgraph.compilers.kernels.dispatch.why_no_online_kernel`
-lists, linear attention and Titans' MLP memory (``dispatch.why_no_mlp_memory_kernel``). ``build(spec, forms={"memory": "chunked"})`` forces the PyTorch form for one level instead.
+lists, linear attention, the online recurrence (``dispatch.why_no_online_recurrence``) and Titans' MLP
+memory (``dispatch.why_no_mlp_memory_kernel``). ``build(spec, forms={"memory": "chunked"})`` forces the PyTorch form for one level instead.
 
 Both forms compute the maths of the ``chunked`` form exactly, which is their registered fallback: a
 model planned for CUDA that is given CPU or float64 tensors, or whose kernels were switched off after
 it was built (``set_kernels("off")``), runs ``chunked`` (:func:`nlgraph.compilers.select_form`).
 Inside the form, what the kernel does not take runs the PyTorch code too: a chunk size other than 16,
-32 or 64, head dims above 256, mixed dtypes, bfloat16 on the CPU interpreter.
+32 or 64, head dims above 256 (key widths above 128 for the recurrence kernel), mixed dtypes, bfloat16
+on the CPU interpreter.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ def why_not_delta_rule(spec: Any, device: str = "cpu", dtype: Any = None) -> str
 def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: int | None = None) -> str | None:
     """``None`` when the ``triton`` form runs this memory level on ``device`` in ``dtype`` at
     ``head_dim`` (``None``: not known), else why not: the level must be a (gated) delta rule or
-    linear attention of the online driver, or Titans' mini-batch MLP memory (on CUDA, a chunk ×
+    linear attention of the online driver, another online linear level with per-head gates (the
+    recurrence kernel, key widths up to 128), or Titans' mini-batch MLP memory (on CUDA, a chunk ×
     head-dim tile the kernel runs there)."""
     from ..chunked import why_not_chunked
 
@@ -67,6 +73,9 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
             if torch.device(device).type == "cuda" and not dispatch.ONLINE_RECURRENCE_ON_GPU:
                 return (f"{why}; the online recurrence kernel that would take it is not yet checked on CUDA "
                         "(dispatch.ONLINE_RECURRENCE_ON_GPU)")
+            if head_dim is not None and head_dim > dispatch.RECURRENCE_MAX_KEY:
+                return (f"{why}; the online recurrence kernel takes key widths up to "
+                        f"{dispatch.RECURRENCE_MAX_KEY}, not {head_dim}")
             return _why_not_target(device, dtype)
         if _la_on(device):
             return _la_on(device)
@@ -96,9 +105,10 @@ def delta_rule_triton(spec: Any, *, keys, values, queries, beta=None, decay=None
 @register_form("memory", "triton", priority=PRIORITY, supports=why_not_memory, fallback="chunked")
 def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = None):
     """A memory level through its kernel: Titans' MLP memory (``dispatch.minibatch_mlp_memory``), a
-    (gated) delta rule (``dispatch.online_delta_rule``) or linear attention
-    (``dispatch.online_linear_attention``); what a kernel does not take (a run starting inside a
-    chunk, an adaptive gate ...) runs the ``chunked`` form. Returns ``(outputs [B, T, H, D_v], state)``."""
+    (gated) delta rule (``dispatch.online_delta_rule``), linear attention
+    (``dispatch.online_linear_attention``) or, for other online linear levels, the ``chunked`` form
+    with its state recurrence in a kernel (``dispatch.online_recurrence_for``); what a kernel does
+    not take (a run starting inside a chunk, an adaptive gate ...) runs the ``chunked`` form. Returns ``(outputs [B, T, H, D_v], state)``."""
     from ..chunked import DEFAULT_CHUNK, run_chunked
 
     done = dispatch.minibatch_mlp_memory(run)  # None at once for any other level

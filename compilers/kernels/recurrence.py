@@ -45,6 +45,9 @@ def fits(n: int, o: int, i: int) -> bool:
     return n in (16, 32, 64) and 1 <= o <= 256 and 1 <= i <= 128
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _blocks(o: int, i: int) -> tuple[int, int]:
     return min(_pow2(o), 32), _pow2(i)
 
@@ -102,8 +105,8 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
     nob = -(-o // bo)
     e = _empty(ws)
 
-    def part(*shape):  # per row block, summed below
-        return ws.new_zeros(nob, b, h, nc, *shape, dtype=torch.float32)
+    def part(*shape):  # per row block, summed below (the kernel writes every element)
+        return ws.new_empty(nob, b, h, nc, *shape, dtype=torch.float32)
 
     # distinct empties: a custom op's outputs may not alias each other
     dw0 = ws.new_empty(b, h, o, i, dtype=torch.float32)
@@ -187,7 +190,20 @@ def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=
     Returns:
         ``(starts_w [B, H, C, O, I], starts_s or None, es [B, H, C, n, O], w_end, s_end or None)``,
         float32.
+
+    Raises:
+        NLGraphError: a chunk or state size :func:`fits` refuses, or ``[n, ·]`` operands that are not
+        float32 / bfloat16 / float16 of one dtype (float64 is :func:`loop`'s).
     """
+    from nlgraph.errors import NLGraphError
+
+    mats = [t for t in (xt, p1, yt, p2) if t is not None]
+    if any(t.dtype not in _DTYPES or t.dtype != xt.dtype for t in mats):
+        raise NLGraphError(f"xt, p1, yt and p2 must share one dtype among float32, bfloat16 and float16, got "
+                           f"{sorted({str(t.dtype) for t in mats})}; run recurrence.loop for float64", path=_OP)
+    if not fits(u.shape[3], u.shape[4], xt.shape[4]):
+        raise NLGraphError(f"chunk {u.shape[3]} with a [{u.shape[4]}, {xt.shape[4]}] state: the kernel takes chunks "
+                           "of 16, 32 or 64 and states up to [256, 128]; run recurrence.loop", path=_OP)
     mom = s0 is not None
     args = [t.contiguous() if t is not None else None for t in (u, xt, ge, p1, yt, ze, ye, p2)]
     ws, ss, es, wt, st = _fwd_op(w0, s0, *args)

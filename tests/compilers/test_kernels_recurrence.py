@@ -165,3 +165,19 @@ def test_the_recurrence_kernel_on_cuda_follows_its_switch(monkeypatch):
     assert level_form(spec, device="cuda") == "chunked"
     monkeypatch.setattr(dispatch, "ONLINE_RECURRENCE_ON_GPU", True)
     assert level_form(spec, device="cuda") == "triton"
+
+
+def test_online_recurrence_refuses_what_it_cannot_take(rec_calls):
+    """float64 operands (the loop's) and sizes past the kernel's are one clear error each; the plan
+    keeps the PyTorch form for keys wider than the kernel holds."""
+    from nlgraph.errors import NLGraphError
+
+    args = _args(1, 1, 2, 16, 16, 16, False, True, False)
+    with pytest.raises(NLGraphError, match="online_recurrence: .*float64|online_recurrence: .*one dtype"):
+        online_recurrence(**{k: v.to(DEVICE) if v is not None else None for k, v in args.items()})
+    args = {k: v.float().to(DEVICE) if v is not None else None for k, v in _args(1, 1, 2, 8, 16, 16, False, True, False).items()}
+    with pytest.raises(NLGraphError, match="chunk 8"):
+        online_recurrence(**args)
+    spec = load_level(LEVELS["momentum_weight_decay"])
+    assert level_form(spec, device=DEVICE, head_dim=dispatch.RECURRENCE_MAX_KEY) == "triton"
+    assert level_form(spec, device=DEVICE, head_dim=dispatch.RECURRENCE_MAX_KEY + 32) == "chunked"
