@@ -71,7 +71,8 @@ from nlgraph.spec.schema import LevelSpec
 
 from . import register_form
 
-__all__ = ["ChunkRows", "ChunkSolution", "chunk_rows", "run_chunked", "solve_chunk", "transfer", "why_not_chunked"]
+__all__ = ["ChunkRows", "ChunkSolution", "chunk_rows", "recurrence_step", "run_chunked", "solve_chunk", "transfer",
+           "why_not_chunked"]
 
 Params = dict[str, torch.Tensor]
 DEFAULT_CHUNK = 64
@@ -666,6 +667,27 @@ def _online_chunk(run: LevelRun, chunk: _Chunk, w: torch.Tensor, s_buf: torch.Te
     return (sol.read(q, run.read_before), *sol.end())
 
 
+def recurrence_step(w: torch.Tensor, s: torch.Tensor | None, u: torch.Tensor, xt: torch.Tensor, ge: torch.Tensor,
+                    p1: torch.Tensor | None = None, yt: torch.Tensor | None = None, ze: torch.Tensor | None = None,
+                    ye: torch.Tensor | None = None, p2: torch.Tensor | None = None):
+    """One chunk of :func:`_online_full`'s state recurrence: ``E = U + P1 Wᵀ + P2 Sᵀ``,
+    ``W' = ge W + ze S − Eᵀ X̃``, ``S' = ye S − Eᵀ Ỹ`` (``s``, ``yt``, ``ze``, ``ye``, ``p2``: momentum;
+    ``p1`` / ``p2``: ``None`` when the update does not read the state). ``w, s [..., O, I]``,
+    ``u [..., n, O]``, ``xt, p1, yt, p2 [..., n, I]``, ``ge, ze, ye [...]``. Returns
+    ``(W', S' or None, E)``, the states in their own dtypes. (The Triton kernel of the whole walk is
+    ``nlgraph.compilers.kernels.recurrence``; its PyTorch loop runs this.)"""
+    e = u
+    if p1 is not None:
+        e = e + p1 @ w.transpose(-1, -2).to(p1.dtype)
+    if p2 is not None:
+        e = e + p2 @ s.transpose(-1, -2).to(p2.dtype)
+    w_new = w * ge[..., None, None] - e.transpose(-1, -2) @ xt
+    if s is not None:
+        w_new = w_new + s * ze[..., None, None]
+        s = (s * ye[..., None, None] - e.transpose(-1, -2) @ yt).to(s.dtype)
+    return w_new.to(w.dtype), s, e
+
+
 def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch.Tensor,
                  s_buf: torch.Tensor | None, origin: torch.Tensor | None, loop: str, recurrence=None):
     """The first ``n_chunks`` full chunks of ``n`` tokens of the online form, for levels whose gates
@@ -726,63 +748,39 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     else:  # the update does not read the state: the written errors are the forcing
         p1 = p2 = None
         u = f
-    xt = k * omega[..., n, 1:, None]
-    yt = k * y[..., n, 1:, None] if momentum else None
-    g_end = g[..., n, 0]
-    parts = [u, xt, g_end]
-    if p1 is not None:
-        parts.append(p1)
+    # the recurrence's per-chunk inputs [B, H, C, ...], by name (recurrence_step's arguments)
+    parts = {"u": u, "xt": k * omega[..., n, 1:, None], "ge": g[..., n, 0], "p1": p1}
     if momentum:
-        parts += [yt, z[..., n], y[..., n, 0], p2]
-
-    def step(carry, xs):
-        w_c, s_c = carry["w"], carry.get("s")
-        u_c, xt_c, ge_c = xs[:3]
-        e = u_c
-        if p1 is not None:
-            e = e + xs[3] @ w_c.transpose(-1, -2).to(xs[3].dtype)
-        if momentum:
-            yt_c, ze_c, ye_c, p2_c = xs[-4:]
-            if p2_c is not None:
-                e = e + p2_c @ s_c.transpose(-1, -2).to(p2_c.dtype)
-        w_new = w_c * ge_c[..., None, None] - e.transpose(-1, -2) @ xt_c
-        new = {"w": w_new.to(w_c.dtype)}
-        if momentum:
-            new["w"] = (w_new + s_c * ze_c[..., None, None]).to(w_c.dtype)
-            new["s"] = (s_c * ye_c[..., None, None] - e.transpose(-1, -2) @ yt_c).to(s_c.dtype)
-        return new, (w_c, s_c, e)
-
-    carry = {"w": w, "s": s_buf} if momentum else {"w": w}
-    parts = [t for t in parts if t is not None]
+        parts.update(yt=k * y[..., n, 1:, None], ze=z[..., n], ye=y[..., n, 0], p2=p2)
+    parts = {name: t for name, t in parts.items() if t is not None}
     if recurrence is not None:
-        mats = [t for t in (xt, p1, yt, p2) if t is not None]
+        mats = [parts[name] for name in ("xt", "p1", "yt", "p2") if name in parts]
         work = mats[0].dtype
         for t in mats[1:]:
             work = torch.promote_types(work, t.dtype)
-        cast = (lambda t: None if t is None else t.to(work))  # noqa: E731  (tl.dot takes one dtype)
-        starts_w, starts_s, es, w_end, s_end = recurrence(
-            w, s_buf, u, cast(xt), g_end, cast(p1),
-            *((cast(yt), z[..., n], y[..., n, 0], cast(p2)) if momentum else (None, None, None, None)))
-        carry = {"w": w_end.to(w.dtype)}
-        if momentum:
-            carry["s"] = s_end.to(s_buf.dtype)
+        # tl.dot takes one dtype for the [n, ·] operands
+        kernel_in = {name: (t.to(work) if name in ("xt", "p1", "yt", "p2") else t) for name, t in parts.items()}
+        starts_w, starts_s, es, w_end, s_end = recurrence(w, s_buf, **kernel_in)
+        w, s_buf = w_end.to(w.dtype), (s_end.to(s_buf.dtype) if momentum else None)
         starts_w = starts_w.to(w.dtype)
-        if momentum:
-            starts_s = starts_s.to(s_buf.dtype)
+        starts_s = starts_s.to(s_buf.dtype) if momentum else None
         es = es.to(u.dtype)
     elif _use_scan(loop, n_chunks):
         lead = w.shape[:2]
+        names = list(parts)
 
         def scan_step(c, xs):
-            c2, (w_c, s_c, e) = step(c, list(xs) + ([None] if momentum and p2 is None else []))
+            w_c, s_c = c["w"], c.get("s")
+            w_n, s_n, e = recurrence_step(w_c, s_c, **dict(zip(names, xs)))
             out = [w_c.reshape(*lead, -1), e.reshape(*lead, -1)]
             if momentum:
                 out.insert(1, s_c.reshape(*lead, -1))
             dtype = torch.promote_types(e.dtype, w_c.dtype)  # the states keep their precision
-            return c2, torch.cat([o.to(dtype) for o in out], dim=-1)
+            return ({"w": w_n, "s": s_n} if momentum else {"w": w_n}), torch.cat([o.to(dtype) for o in out], dim=-1)
 
-        xs = [t.movedim(2, 0).contiguous() for t in parts]
-        carry, ys = _scan(scan_step, carry, xs)
+        carry = {"w": w, "s": s_buf} if momentum else {"w": w}
+        carry, ys = _scan(scan_step, carry, [parts[name].movedim(2, 0).contiguous() for name in names])
+        w, s_buf = carry["w"], carry.get("s")
         ys = ys.movedim(0, 2)  # [B, H, C, ...]
         sizes = [w.shape[-2] * w.shape[-1]] * (2 if momentum else 1) + [n * u.shape[-1]]
         pieces = ys.split(sizes, dim=-1)
@@ -790,15 +788,12 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         starts_s = pieces[1].unflatten(-1, w.shape[-2:]).to(w.dtype) if momentum else None
         es = pieces[-1].unflatten(-1, (n, u.shape[-1])).to(u.dtype)
     else:
-        per_chunk = [t.unbind(2) for t in parts]  # unbind, not an index a chunk (module notes)
+        per_chunk = {name: t.unbind(2) for name, t in parts.items()}  # unbind, not an index a chunk
         ws, ss, es_ = [], [], []
         for c in range(n_chunks):
-            xs_c = [t[c] for t in per_chunk]
-            if momentum and p2 is None:
-                xs_c.append(None)
-            carry, (w_c, s_c, e) = step(carry, xs_c)
-            ws.append(w_c)
-            ss.append(s_c)
+            ws.append(w)
+            ss.append(s_buf)
+            w, s_buf, e = recurrence_step(w, s_buf, **{name: t[c] for name, t in per_chunk.items()})
             es_.append(e)
         starts_w = torch.stack(ws, dim=2)
         starts_s = torch.stack(ss, dim=2) if momentum else None
@@ -810,8 +805,7 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(q.dtype)
     if origin is not None:
         out = out + q @ origin.unsqueeze(2).transpose(-1, -2).to(q.dtype)
-    w_end = carry["w"] if origin is None else carry["w"] + origin
-    return out.flatten(2, 3), w_end, carry.get("s")
+    return out.flatten(2, 3), (w if origin is None else w + origin), s_buf
 
 
 def _online(run: LevelRun, chunk_size: int, loop: str, recurrence=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -175,6 +175,36 @@ def _state_bwd(q, do, bcum, dht, dhs, dh0, scale, T, NT, H: tl.constexpr, K: tl.
 
 
 @triton.jit
+def _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The backward's walk over value blocks of one chunk (both decays): stores ``dv = K_d dh +
+    Aᵀ dO`` (``a`` the scaled scores, ``kd`` the keys times their decay to the chunk's end) and
+    returns ``(dO hᵀ [C, BK], V dhᵀ [C, BK], dO Vᵀ [C, C], Σ_v h ⊙ dh per key row [BK])``."""
+    dt = v.dtype.element_ty
+    ds = tl.zeros([C, C], dtype=tl.float32)
+    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+    dks = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        base = ((i_b * NT + i_t) * H + i_h) * K * V
+        hb = tl.load(tl.make_block_ptr(hs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
+                     boundary_check=(0, 1), padding_option="zero")
+        dhb = tl.load(tl.make_block_ptr(dhs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
+                      boundary_check=(0, 1), padding_option="zero")
+        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
+        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero")
+        dq_acc += tl.dot(dob, tl.trans(hb.to(dt)), input_precision=PREC)
+        dks += tl.dot(vb, tl.trans(dhb.to(dt)), input_precision=PREC)
+        ds += tl.dot(dob, tl.trans(vb), input_precision=PREC)
+        dvb = tl.dot(kd, dhb.to(dt), input_precision=PREC) + tl.dot(tl.trans(a.to(dt)), dob, input_precision=PREC)
+        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dv.dtype.element_ty),
+                 boundary_check=(0, 1))
+        hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), axis=1)
+    return dq_acc, dks, ds, hdh
+
+
+@triton.jit
 def _grads(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
            PREC: tl.constexpr):
@@ -194,28 +224,10 @@ def _grads(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: tl.const
     eb = tl.exp(b)
     ek = tl.where(valid, tl.exp(bl - b), 0.)
     a = tl.where(causal, tl.dot(qb, tl.trans(kb), input_precision=PREC) * gam, 0.) * scale  # [C, C]
-    ds = tl.zeros([C, C], dtype=tl.float32)
-    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
-    dks = tl.zeros([C, BK], dtype=tl.float32)
-    hdh = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
     kd = (kb.to(tl.float32) * ek[:, None]).to(dt)
-    for i_v in range(tl.cdiv(V, BV)):
-        base = ((i_b * NT + i_t) * H + i_h) * K * V
-        hb = tl.load(tl.make_block_ptr(hs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
-                     boundary_check=(0, 1), padding_option="zero")
-        dhb = tl.load(tl.make_block_ptr(dhs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
-                      boundary_check=(0, 1), padding_option="zero")
-        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
-        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                      padding_option="zero")
-        dq_acc += tl.dot(dob, tl.trans(hb.to(dt)), input_precision=PREC)
-        dks += tl.dot(vb, tl.trans(dhb.to(dt)), input_precision=PREC)
-        ds += tl.dot(dob, tl.trans(vb), input_precision=PREC)
-        dvb = tl.dot(kd, dhb.to(dt), input_precision=PREC) + tl.dot(tl.trans(a.to(dt)), dob, input_precision=PREC)
-        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dv.dtype.element_ty),
-                 boundary_check=(0, 1))
-        if USE_G:
-            hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32))
+    dq_acc, dks, ds, hdh_rows = _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H, K, V, C, BK,
+                                              BV, PREC)
+    hdh = tl.sum(hdh_rows, axis=0)
     dsm = (tl.where(causal, ds * gam, 0.) * scale).to(dt)
     dqb = dq_acc * (eb * scale)[:, None] + tl.dot(dsm, kb, input_precision=PREC)
     dks = dks * ek[:, None]
@@ -285,26 +297,8 @@ def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: 
     ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # [C, BK]
     kd = (kf * ek).to(dt)
     a = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK) * scale  # [C, C]
-    ds = tl.zeros([C, C], dtype=tl.float32)
-    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
-    dks = tl.zeros([C, BK], dtype=tl.float32)
-    hdh = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        base = ((i_b * NT + i_t) * H + i_h) * K * V
-        hb = tl.load(tl.make_block_ptr(hs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
-                     boundary_check=(0, 1), padding_option="zero")
-        dhb = tl.load(tl.make_block_ptr(dhs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
-                      boundary_check=(0, 1), padding_option="zero")
-        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
-        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                      padding_option="zero")
-        dq_acc += tl.dot(dob, tl.trans(hb.to(dt)), input_precision=PREC)
-        dks += tl.dot(vb, tl.trans(dhb.to(dt)), input_precision=PREC)
-        ds += tl.dot(dob, tl.trans(vb), input_precision=PREC)
-        dvb = tl.dot(kd, dhb.to(dt), input_precision=PREC) + tl.dot(tl.trans(a.to(dt)), dob, input_precision=PREC)
-        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dv.dtype.element_ty),
-                 boundary_check=(0, 1))
-        hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), axis=1)
+    dq_acc, dks, ds, hdh = _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H, K, V, C, BK, BV,
+                                         PREC)
     # the adjoints of A, one key column j at a time: dA = scale · dO Vᵀ below the diagonal
     dqa = tl.zeros([C, BK], dtype=tl.float32)
     dka = tl.zeros([C, BK], dtype=tl.float32)

@@ -454,7 +454,7 @@ def why_no_online_recurrence(spec: Any) -> str | None:
     why = _why_not_online_linear(spec)
     if why is not None:
         return why
-    if spec.retention is not None and getattr(spec.retention.gate, "per", "head") == "channel":
+    if _channel_decay(spec):
         return "a per-channel retention gate (the recurrence kernel takes per-head gates)"
     return None
 

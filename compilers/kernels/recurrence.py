@@ -213,22 +213,19 @@ def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=
 def loop(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=None):
     """:func:`online_recurrence` in PyTorch, a chunk at a time (same arguments and results, in float32
     or, given float64, float64)."""
+    from ..chunked import recurrence_step
+
     dt = torch.promote_types(u.dtype, torch.float32)
+
+    def at(t, c):
+        return None if t is None else t[:, :, c].to(dt)
+
     ws, ss, es = [], [], []
     w, s = w0.to(dt), (s0.to(dt) if s0 is not None else None)
     for c in range(u.shape[2]):
         ws.append(w)
-        e = u[:, :, c].to(dt)
-        if p1 is not None:
-            e = e + p1[:, :, c].to(dt) @ w.transpose(-1, -2)
-        if s is not None:
-            ss.append(s)
-            if p2 is not None:
-                e = e + p2[:, :, c].to(dt) @ s.transpose(-1, -2)
+        ss.append(s)
+        w, s, e = recurrence_step(w, s, at(u, c), at(xt, c), at(ge, c), at(p1, c), at(yt, c), at(ze, c), at(ye, c),
+                                  at(p2, c))
         es.append(e)
-        new = w * ge[:, :, c, None, None].to(dt) - e.transpose(-1, -2) @ xt[:, :, c].to(dt)
-        if s is not None:
-            new = new + s * ze[:, :, c, None, None].to(dt)
-            s = s * ye[:, :, c, None, None].to(dt) - e.transpose(-1, -2) @ yt[:, :, c].to(dt)
-        w = new
     return (torch.stack(ws, 2), torch.stack(ss, 2) if s is not None else None, torch.stack(es, 2), w, s)

@@ -406,15 +406,16 @@ def test_models_reading_before_the_write_toward_the_initial_state_run_the_kernel
     streams like one pass."""
     counter = request.getfixturevalue(count)
     model = _tiny_model(name, *more)
-    if DEVICE == "cuda" and name == "mamba2" and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU:
-        pytest.skip("the per-channel kernel is off on CUDA until checked there")
-    assert model.plan.executions() == {"mixer": "triton"}
+    # on CUDA the per-channel kernel waits for its GPU check: the plan keeps the PyTorch form, and
+    # the model must then equal itself with the kernels off without calling the kernel
+    runs = not (DEVICE == "cuda" and name == "mamba2" and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU)
+    assert model.plan.executions() == {"mixer": "triton" if runs else "chunked"}
     tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     results = _with_and_without_kernels(model, tokens)
-    assert counter["n"] == 1
+    assert counter["n"] == (1 if runs else 0)
     lk = _assert_same(results, 5)
     torch.testing.assert_close(_streamed(model, tokens, [(0, 45), (45, 70)]), lk, rtol=1e-4, atol=1e-4)
-    assert counter["n"] == 3
+    assert counter["n"] == (3 if runs else 0)
 
 
 def test_plan_names_the_kernel_and_the_switch_turns_it_off(monkeypatch):
