@@ -216,7 +216,10 @@ def _same_function(level: Any) -> str | None:
         if level.retention is None:
             return "chunk_delta_rule"
         # the Titans order W(αI − βkkᵀ) is not fla's gated rule αW(I − βkkᵀ) unless α = 1
-        return "chunk_gated_delta_rule" if level.retention.kind == "decay" else None
+        if level.retention.kind != "decay":
+            return None
+        gate = level.retention.gate
+        return "chunk_kda" if isinstance(gate, GateSpec) and gate.per == "channel" else "chunk_gated_delta_rule"
     if why_no_online_linear_attention(level) is None:  # gd on dot: W_t = α_t W_{t−1} + η_t v_t k_tᵀ
         gate = level.retention.gate if level.retention is not None else None
         return "chunk_gla" if isinstance(gate, GateSpec) and gate.per == "channel" else "chunk_simple_gla"
@@ -337,6 +340,11 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
         from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
 
+        try:
+            from fla.ops.kda import chunk_kda
+        except ImportError:  # fla before 0.4 has no KDA: only that row is dropped
+            chunk_kda = None
+
         eta, g_la = _linear_attention_rates(level, rates, (b, t, h), dev)
         fla = {"chunk_delta_rule": lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, rates.get("lr", beta), scale=1.0)[0],
                "chunk_gated_delta_rule": lambda q_, k_, v_: chunk_gated_delta_rule(
@@ -344,10 +352,13 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
                "chunk_simple_gla": lambda q_, k_, v_: chunk_simple_gla(q_, k_, (v_ * eta).to(v_.dtype), g_la,
                                                                       scale=1.0)[0],
                "chunk_gla": lambda q_, k_, v_: chunk_gla(q_, k_, (v_ * eta).to(v_.dtype), g_la, scale=1.0)[0]}
+        if chunk_kda is not None:
+            fla["chunk_kda"] = lambda q_, k_, v_: chunk_kda(q_, k_, v_, rates["retention"].float().log(),
+                                                            rates.get("lr", beta), scale=1.0)[0]
     except Exception as e:  # noqa: BLE001 - any import failure drops the fla rows
         why = str(e) if isinstance(e, LookupError) else f"not available ({type(e).__name__})"
         log(json.dumps({"note": f"fla {why}: its rows are left out"}))
-    anchor = same if fla and same else ("chunk_delta_rule" if fla else None)
+    anchor = same if fla and same in fla else ("chunk_delta_rule" if fla else None)
     if fla and anchor:
         impls.append((f"fla {anchor}", fla[anchor], True))
     peer = _titans_pytorch(level, h, d, dev, dt, amp, log) if use_fla else None

@@ -64,7 +64,10 @@ def recognise(entry: Any) -> str:
             if obj == "l2":
                 if ret is None:
                     return "DeltaNet"
-                return "Gated DeltaNet" if ret.kind == "decay" else "Titans-form gated delta rule"
+                if ret.kind != "decay":
+                    return "Titans-form gated delta rule"
+                per_channel = isinstance(ret.gate, GateSpec) and ret.gate.per == "channel"
+                return "Kimi Delta Attention" if per_channel else "Gated DeltaNet"
         if opt == "dgd" and obj == "l2":
             return "gated DGD memory" if ret is not None else "DGD memory"
     shallow = mem == "linear" or (mem == "residual_mlp" and lv.memory.depth == 1)

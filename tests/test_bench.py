@@ -65,13 +65,20 @@ def _fake_fla(monkeypatch):
     def gla(q, k, v, g=None, scale=1.0):
         return token_loop(q, k, v, g, None, scale)[0], None
 
+    from nlgraph.compilers.kernels.delta_rule import token_loop as kda_loop
+
+    def kda(q, k, v, g, beta, scale=1.0):
+        return kda_loop(q, k, v, beta, g, None, scale)[0], None
+
     mods = {name: types.ModuleType(name) for name in
-            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule", "fla.ops.simple_gla", "fla.ops.gla")}
+            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule", "fla.ops.simple_gla", "fla.ops.gla",
+             "fla.ops.kda")}
     mods["fla.ops.delta_rule"].chunk_delta_rule = lambda q, k, v, beta, scale=1.0: delta(q, k, v, beta, scale)
     mods["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = (
         lambda q, k, v, g, beta, scale=1.0: delta(q, k, v, beta, scale, g))
     mods["fla.ops.simple_gla"].chunk_simple_gla = gla
     mods["fla.ops.gla"].chunk_gla = gla
+    mods["fla.ops.kda"].chunk_kda = kda
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
 
@@ -97,11 +104,12 @@ def test_level_bench_times_the_level_next_to_the_same_function(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("spec,anchor", [("mamba2", "chunk_simple_gla"), ("retnet", "chunk_simple_gla"),
-                                         ("gla", "chunk_gla")])
+                                         ("gla", "chunk_gla"), ("kda", "chunk_kda")])
 def test_level_bench_of_linear_attention_compares_with_fla_gla(spec, anchor, tmp_path, monkeypatch):
     """Linear-attention levels (gd on ``dot``) are fla's ``chunk_simple_gla`` (a decay per head, or
     none) or ``chunk_gla`` (per key channel) with values ``η v`` and ``g = log α``: the same function,
-    from the level's gates or its constant rates (RetNet's)."""
+    from the level's gates or its constant rates (RetNet's); the delta rule with a decay per key
+    channel is ``chunk_kda``."""
     _fake_fla(monkeypatch)
     out = tmp_path / "la.json"
     assert main(["bench", spec, *TINY, "--level", "mixer", *LEVEL, "--modes", "eager", "--json", str(out)]) == 0

@@ -44,6 +44,7 @@ def test_spec_file_is_commented(name):
         ("retnet", "mixer", "RetNet"),
         ("mamba2", "mixer", "Mamba2-style decay"),
         ("gla", "mixer", "GLA"),
+        ("kda", "mixer", "Kimi Delta Attention"),
         ("ttt_linear", "ttt", "TTT-linear"),
         ("ttt_mlp", "ttt", "TTT-MLP"),
         ("atlas", "memory", "Atlas-style memory"),

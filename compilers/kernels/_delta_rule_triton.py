@@ -42,6 +42,57 @@ def _rows(x, tok, T, H: tl.constexpr, D: tl.constexpr, t0, d0, BT: tl.constexpr,
     return tl.make_block_ptr(x + tok * D, (T, D), (H * D, 1), (t0, d0), (BT, BD), (1, 0))
 
 
+@triton.jit
+def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """``(b [C, BK], b_C [BK], valid [C])`` of chunk ``i_t`` with a decay per key channel (``bcum``
+    laid out as the keys); rows past T are invalid (and read 0)."""
+    r = tl.arange(0, C)
+    valid = i_t * C + r < T
+    b = tl.load(_rows(bcum, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+    c = tl.arange(0, BK)
+    last = tl.minimum(i_t * C + C - 1, T - 1)
+    bl = tl.load(bcum + (tok + last * H) * K + c, mask=c < K, other=0.)
+    return b, bl, valid
+
+
+@triton.jit
+def _row(x, tok, t, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Row ``t`` (one token) of one (batch, head) of ``x [B, T, H, D]`` as ``[BD]`` float32 (0 past T
+    or D)."""
+    c = tl.arange(0, BD)
+    return tl.load(x + (tok + t * H) * D + c, mask=(c < D) & (t < T), other=0.).to(tl.float32)
+
+
+@triton.jit
+def _unit_lower_inverse(a, C: tl.constexpr, NB: tl.constexpr, SPREC: tl.constexpr):
+    """``(I + A)⁻¹ [C, C]`` float32 of a strictly lower triangular ``a [C, C]`` (the UT transform)."""
+    r = tl.arange(0, C)
+    # T = (I + A)⁻¹ by blocks of 16 rows: with D the block-diagonal part of A and L the rest,
+    # I + A = (I + D)(I + N), N = (I + D)⁻¹ L, so T = (I + N)⁻¹ (I + D)⁻¹. (I + D)⁻¹ is forward
+    # substitution on the NB = C / 16 diagonal blocks at once, as an [NB, 16, 16] batch (15 cheap
+    # vector steps, no wasted products on the zero blocks); N is nilpotent of order NB, so
+    # (I + N)⁻¹ = I − N + N² − … exactly, in Horner form (NB − 1 products).
+    i16 = tl.arange(0, 16)
+    nb = tl.arange(0, NB)
+    same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]
+    d3 = tl.sum(tl.where(same, tl.reshape(a, [NB, 16, NB, 16]), 0.), axis=2)  # [NB, 16, 16]
+    t3 = tl.zeros([NB, 16, 16], dtype=tl.float32) + tl.where(i16[:, None] == i16[None, :], 1., 0.)[None, :, :]
+    for i in range(1, 16):
+        at = i16[None, :, None] == i
+        ai = tl.sum(tl.where(at, d3, 0.), axis=1)  # [NB, 16]: row i of each block
+        upd = tl.sum(ai[:, :, None] * t3, axis=1)  # [NB, 16]: Σ_j A[i, j] T[j, :] per block
+        t3 = tl.where(at, t3 - upd[:, None, :], t3)
+    td = tl.reshape(tl.where(same, t3[:, :, None, :], 0.), [C, C])
+    d = tl.where((r // 16)[:, None] == (r // 16)[None, :], a, 0.)
+    eye = tl.where(r[:, None] == r[None, :], 1., 0.)
+    n = tl.dot(td, a - d, input_precision=SPREC)
+    x = eye
+    for _ in range(1, NB):
+        x = eye - tl.dot(n, x, input_precision=SPREC)
+    tmf = tl.dot(x, td, input_precision=SPREC)
+    return tmf
+
+
 def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
              SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, NB: tl.constexpr):
@@ -78,29 +129,7 @@ def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr,
             # exponent masked first: above the diagonal b_r − b_j > 0 could overflow
             a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
         a = tl.where(strict, a, 0.)
-        # T = (I + A)⁻¹ by blocks of 16 rows: with D the block-diagonal part of A and L the rest,
-        # I + A = (I + D)(I + N), N = (I + D)⁻¹ L, so T = (I + N)⁻¹ (I + D)⁻¹. (I + D)⁻¹ is forward
-        # substitution on the NB = C / 16 diagonal blocks at once, as an [NB, 16, 16] batch (15 cheap
-        # vector steps, no wasted products on the zero blocks); N is nilpotent of order NB, so
-        # (I + N)⁻¹ = I − N + N² − … exactly, in Horner form (NB − 1 products).
-        i16 = tl.arange(0, 16)
-        nb = tl.arange(0, NB)
-        same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]
-        d3 = tl.sum(tl.where(same, tl.reshape(a, [NB, 16, NB, 16]), 0.), axis=2)  # [NB, 16, 16]
-        t3 = tl.zeros([NB, 16, 16], dtype=tl.float32) + tl.where(i16[:, None] == i16[None, :], 1., 0.)[None, :, :]
-        for i in range(1, 16):
-            at = i16[None, :, None] == i
-            ai = tl.sum(tl.where(at, d3, 0.), axis=1)  # [NB, 16]: row i of each block
-            upd = tl.sum(ai[:, :, None] * t3, axis=1)  # [NB, 16]: Σ_j A[i, j] T[j, :] per block
-            t3 = tl.where(at, t3 - upd[:, None, :], t3)
-        td = tl.reshape(tl.where(same, t3[:, :, None, :], 0.), [C, C])
-        d = tl.where((r // 16)[:, None] == (r // 16)[None, :], a, 0.)
-        eye = tl.where(r[:, None] == r[None, :], 1., 0.)
-        n = tl.dot(td, a - d, input_precision=SPREC)
-        x = eye
-        for _ in range(1, NB):
-            x = eye - tl.dot(n, x, input_precision=SPREC)
-        tmf = tl.dot(x, td, input_precision=SPREC)
+        tmf = _unit_lower_inverse(a, C, NB, SPREC)
         tl.store(p_tm, tmf.to(tm.dtype.element_ty), boundary_check=(0, 1))
     else:
         tmf = tl.load(p_tm, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
@@ -117,7 +146,7 @@ def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr,
 
 def _state_fwd(k, w, u, bcum, h0, hs, vn, ht, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -140,7 +169,12 @@ def _state_fwd(k, w, u, bcum, h0, hs, vn, ht, T, NT, H: tl.constexpr, K: tl.cons
         tl.store(_rows(vn, tok, T, H, V, i_t * C, i_v * BV, C, BV), vnb.to(vn.dtype.element_ty),
                  boundary_check=(0, 1))
         kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-        if USE_G:
+        if GK:
+            # a decay per key channel (b [C, BK]); rows past T read b = 0 and are masked
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            h = h * tl.exp(blk)[:, None]
+            kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
+        elif USE_G:
             last = tl.minimum(i_t * C + C, T) - 1
             bl = tl.load(bcum + (i_b * T + last) * H + i_h)
             bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
@@ -214,7 +248,7 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
 
 def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -235,7 +269,11 @@ def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.c
         kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
         qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32) * scale
-        if USE_G:
+        if GK:
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
+            qb = qb * tl.exp(bk)
+        elif USE_G:
             last = tl.minimum(i_t * C + C, T) - 1
             bl = tl.load(bcum + (i_b * T + last) * H + i_h)
             bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
@@ -248,7 +286,9 @@ def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.c
                  boundary_check=(0, 1))
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
         wb = tl.load(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-        if USE_G:
+        if GK:
+            dh = dh * tl.exp(blk)[:, None]
+        elif USE_G:
             dh = dh * tl.exp(bl)
         dh += tl.dot(tl.trans(qb.to(dt)), dob, input_precision=PREC)
         dh -= tl.dot(tl.trans(wb), dvb.to(dt), input_precision=PREC)
@@ -508,7 +548,7 @@ def _tuned(name: str, fn):
     # next `nlgraph train`) compiles only that config instead of timing every one again; T in the key
     # keeps a choice made at a test's or a sample's length from deciding a training run's. B and H
     # are not in it: a run at another batch but the same length reuses the choice
-    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "LOWP"], restore_value=restore,
+    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "GK", "LOWP"], restore_value=restore,
                            cache_results=True)(jitted)
 
 

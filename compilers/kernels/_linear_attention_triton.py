@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._delta_rule_triton import INTERPRETED, _rows
+from ._delta_rule_triton import INTERPRETED, _channel_decays, _row, _rows
 
 __all__ = ["INTERPRETED", "kernels"]
 
@@ -54,27 +54,6 @@ def _decays(bcum, i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, USE_G: tl.
         b = tl.zeros([C], dtype=tl.float32)
         bl = 0.
     return b, bl, valid
-
-
-@triton.jit
-def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """``(b [C, BK], b_C [BK], valid [C])`` of chunk ``i_t`` with a decay per key channel (``bcum``
-    laid out as the keys); rows past T are invalid (and read 0)."""
-    r = tl.arange(0, C)
-    valid = i_t * C + r < T
-    b = tl.load(_rows(bcum, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-    c = tl.arange(0, BK)
-    last = tl.minimum(i_t * C + C - 1, T - 1)
-    bl = tl.load(bcum + (tok + last * H) * K + c, mask=c < K, other=0.)
-    return b, bl, valid
-
-
-@triton.jit
-def _row(x, tok, t, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """Row ``t`` (one token) of one (batch, head) of ``x [B, T, H, D]`` as ``[BD]`` float32 (0 past T
-    or D)."""
-    c = tl.arange(0, BD)
-    return tl.load(x + (tok + t * H) * D + c, mask=(c < D) & (t < T), other=0.).to(tl.float32)
 
 
 @triton.jit
@@ -260,6 +239,28 @@ def _intra_channel(qb, b, k, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: t
 
 
 @triton.jit
+def _intra_channel_adjoint(xf, b, k, ds, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr):
+    """The adjoints of ``A[r, j] = Σ_c x_rc k_jc e^{b_rc − b_jc}`` (``j ≤ r``, as :func:`_intra_channel`)
+    given ``ds = ∂L/∂A [C, C]`` (used on and below the diagonal, valid rows only), one key column ``j``
+    at a time, every exponent ≤ 0: ``(∂L/∂x [C, BK], ∂L/∂k [C, BK])`` through A alone. The gradient
+    of ``b`` is ``x ⊙ ∂L/∂x − k ⊙ ∂L/∂k``."""
+    r = tl.arange(0, C)
+    valid = i_t * C + r < T
+    dx = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    for j in range(C):
+        kj = _row(k, tok, i_t * C + j, T, H, K, BK)
+        bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)
+        below = (r >= j) & valid
+        dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j, ds, 0.), axis=1), 0.)  # column j: [C]
+        e = tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)) * dsj[:, None]  # [C, BK]
+        dx += e * kj[None, :]
+        dk += tl.where(r[:, None] == j, tl.sum(e * xf, axis=0)[None, :], 0.)
+    return dx, dk
+
+
+@triton.jit
 def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -299,17 +300,8 @@ def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: 
     a = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK) * scale  # [C, C]
     dq_acc, dks, ds, hdh = _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H, K, V, C, BK, BV,
                                          PREC)
-    # the adjoints of A, one key column j at a time: dA = scale · dO Vᵀ below the diagonal
-    dqa = tl.zeros([C, BK], dtype=tl.float32)
-    dka = tl.zeros([C, BK], dtype=tl.float32)
-    for j in range(C):
-        kj = _row(k, tok, i_t * C + j, T, H, K, BK)
-        bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)
-        below = (r >= j) & valid
-        dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j, ds, 0.), axis=1), 0.) * scale  # [C]
-        e = tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)) * dsj[:, None]  # [C, BK]
-        dqa += e * kj[None, :]
-        dka += tl.where(r[:, None] == j, tl.sum(e * qf, axis=0)[None, :], 0.)
+    # the adjoints of A: dA = scale · dO Vᵀ below the diagonal
+    dqa, dka = _intra_channel_adjoint(qf, b, k, ds * scale, tok, i_t, T, H, K, C, BK)
     dqb = dq_acc * tl.exp(b) * scale + dqa
     dks = dks * ek
     dkb = dks + dka

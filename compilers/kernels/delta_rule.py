@@ -50,6 +50,21 @@ def _kernels(q: torch.Tensor):
     return load_kernels(importer, q, _OP, "delta-rule")
 
 
+def _channel_kernels(q: torch.Tensor):
+    from ._load import load_kernels
+
+    def importer():
+        from . import _delta_rule_channel_triton as mod
+
+        return mod
+
+    return load_kernels(importer, q, _OP, "delta-rule")
+
+
+def _per_channel(g: torch.Tensor | None) -> bool:
+    return g is not None and g.dim() == 4
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -90,7 +105,7 @@ def _wu(kn, p, k, v, beta, g, bcum, tm, solve: bool):
     return w, u
 
 
-def _states(kn, p, k, w, u, bcum, h0, store_ht: bool):
+def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False):
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     hs = k.new_empty(b, nt, h, p["K"], p["V"])
     vn = torch.empty_like(u)
@@ -99,11 +114,76 @@ def _states(kn, p, k, w, u, bcum, h0, store_ht: bool):
     kn.state_fwd[grid](
         k, w, u, bcum if bcum is not None else k.new_empty(0), h0 if h0 is not None else k.new_empty(0), hs, vn,
         ht, t, nt, H=h, K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], USE_G=bcum is not None,
-        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], **blocks)
+        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], GK=gk, **blocks)
     return hs, vn, ht
 
 
+def _wu_channel(kc, p, k, v, beta, bcum, tm, solve: bool):
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    kc.prepare[(p["NT"], p["B"] * p["H"])](
+        k, v, beta, bcum, tm, w, u, p["T"], H=p["H"], K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], BV=p["BV"],
+        SOLVE=solve, PREC=p["PREC"], SPREC=p["SPREC"], NB=p["C"] // 16)
+    return w, u
+
+
+def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
+    """The forward with a decay per key channel (``g [B, T, H, Dk]``): T is kept in float32."""
+    from .linear_attention import _chunk_cumsum
+
+    kn, kc = _kernels(q), _channel_kernels(q)
+    p = _plan(q, v, chunk)
+    b, t, h = p["B"], p["T"], p["H"]
+    tm = q.new_empty(b, t, h, chunk, dtype=torch.float32)
+    bcum = _chunk_cumsum(g, chunk)
+    w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=True)
+    hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state, gk=True)
+    o = torch.empty_like(v)
+    from .linear_attention import _kernels as _la_kernels
+
+    _la_kernels(q).output_channel[(_cdiv(p["V"], p["BV"]), p["NT"], b * h)](
+        q, k, vn, bcum, hs, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
+        PREC=p["PREC"])
+    return o, ht, tm, bcum
+
+
+def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
+    from .linear_attention import _chunk_revcumsum
+
+    kn, kc = _kernels(q), _channel_kernels(q)
+    p = _plan(q, v, chunk)
+    b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
+    dummy = q.new_empty(0)
+    w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=False)
+    hs, vn, _ = _states(kn, p, k, w, u, bcum, h0, False, gk=True)
+    del u
+    do = do.contiguous()
+    dvl = torch.empty_like(v)
+    kc.dv_local[(_cdiv(p["V"], p["BV"]), nt, b * h)](
+        q, k, do, bcum, dvl, scale, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"])
+    dhs = torch.empty_like(hs)
+    dvn = torch.empty_like(v)
+    dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else dummy
+    use_dht = dht is not None
+    grid, blocks = _state_launch(p)
+    kn.state_bwd[grid](
+        q, k, w, bcum, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale, t, nt, H=h, K=p["K"],
+        V=p["V"], C=chunk, BK=p["KP"], USE_G=True, USE_DHT=use_dht, STORE_DH0=h0 is not None, PREC=p["PREC"],
+        GK=True, **blocks)
+    del dvl, w
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    db = torch.empty_like(bcum)
+    kc.grads[(nt, b * h)](
+        q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db, scale, t, nt, H=h, K=p["K"], V=p["V"],
+        C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"])
+    dg = _chunk_revcumsum(db, chunk).to(g.dtype)
+    return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
+
+
 def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state):
+    if _per_channel(g):
+        return _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state)
     kn = _kernels(q)
     p = _plan(q, v, chunk)
     b, t, h = p["B"], p["T"], p["H"]
@@ -133,6 +213,8 @@ def _wy_lowp(dtype: torch.dtype) -> int:
 
 
 def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
+    if _per_channel(g):
+        return _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
     kn = _kernels(q)
     p = _plan(q, v, chunk)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
@@ -188,7 +270,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
-    cumulative log decay [B, T, H] fp32 or empty)``; the last two are saved for the backward."""
+    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward."""
     return _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state)
 
 
@@ -196,8 +278,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
 def _(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     b, t, h, dk = q.shape
     ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
-    bcum = q.new_empty(b, t, h, dtype=torch.float32) if g is not None else q.new_empty(0)
-    return torch.empty_like(v), ht, q.new_empty(b, t, h, chunk), bcum
+    bcum = g.new_empty(g.shape, dtype=torch.float32) if g is not None else q.new_empty(0)
+    tm = q.new_empty(b, t, h, chunk, dtype=torch.float32 if _per_channel(g) else q.dtype)
+    return torch.empty_like(v), ht, tm, bcum
 
 
 @torch.library.custom_op("nlgraph::chunk_delta_rule_bwd", mutates_args=())
@@ -249,9 +332,11 @@ def _check(q, k, v, beta, g, initial_state, chunk) -> None:
                        "[B, T, H] (q and k also on Dk) and share one dtype")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         raise bad("q", f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} exceed 256; split the heads")
-    for name, x in (("beta", beta), ("g", g)):
-        if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(q.shape[:3])):
-            raise bad(name, f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor")
+    if not isinstance(beta, torch.Tensor) or tuple(beta.shape) != tuple(q.shape[:3]):
+        raise bad("beta", f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor")
+    if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) not in (tuple(q.shape[:3]), tuple(q.shape))):
+        raise bad("g", f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor (a decay per head) or a "
+                       f"[B, T, H, Dk] = {tuple(q.shape)} one (per key channel)")
     if initial_state is not None and tuple(initial_state.shape) != (q.shape[0], q.shape[2], q.shape[3], v.shape[3]):
         raise bad("initial_state", f"expected [B, H, Dk, Dv] = {(q.shape[0], q.shape[2], q.shape[3], v.shape[3])}, "
                                    f"got {tuple(initial_state.shape)}")
@@ -273,8 +358,9 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
             given: normalise them first if the model wants unit keys).
         v: ``[B, T, H, Dv]`` values, same dtype.
         beta: ``[B, T, H]`` write strengths β.
-        g: ``[B, T, H]`` log decays (``α = exp(g)``, applied before the write), or ``None`` for the
-            plain delta rule.
+        g: ``[B, T, H]`` log decays (``α = exp(g)``, applied before the write), ``[B, T, H, Dk]`` for a
+            decay per key channel (Kimi Delta Attention's: ``h_t = diag(α_t) h_{t−1} + …``), or
+            ``None`` for the plain delta rule.
         initial_state: ``[B, H, Dk, Dv]`` starting state ``h`` (fp32 recommended), or ``None`` (zeros).
         output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
         scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
@@ -300,3 +386,20 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
                           initial_state.contiguous() if initial_state is not None else None, scale, chunk,
                           output_final_state)
     return o, (ht if output_final_state else None)
+
+
+def token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
+               h0: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function token by token in PyTorch (the kernels' tests and GPU checks use it in
+    float64), with ``g`` per head ``[B, T, H]`` or per key channel ``[B, T, H, Dk]``:
+    ``(o [B, T, H, Dv], final state [B, H, Dk, Dv])``."""
+    b, t, h, dk = q.shape
+    s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    out = []
+    for i in range(t):
+        if g is not None:  # the decay before the write: on the whole state, or on its key rows
+            s = s * (torch.exp(g[:, i])[:, :, None, None] if g.dim() == 3 else torch.exp(g[:, i])[..., None])
+        err = v[:, i] - torch.einsum("bhk,bhkv->bhv", k[:, i], s)
+        s = s + beta[:, i, :, None, None] * k[:, i, :, :, None] * err[:, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
+    return torch.stack(out, 1), s

@@ -34,7 +34,7 @@ Linear levels that neither takes but whose gates are per head (momentum, DGD wit
 ``outer`` objective, ``read: chunk_start``) run the
 chunked form's all-chunks-at-once solve with its state recurrence in a kernel of its own
 (:func:`online_recurrence_for`; on CUDA once ``ONLINE_RECURRENCE_ON_GPU`` is on). Other online
-levels (per-channel gates beyond linear attention's) and the mini-batch driver's other levels keep
+levels (per-channel gates with momentum or in Titans' order) and the mini-batch driver's other levels keep
 their PyTorch forms.
 
 Which tensors run kernels (``NLGRAPH_KERNELS``, or :func:`set_kernels`, which wins over it):
@@ -56,7 +56,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-__all__ = ["LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU",
+__all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU",
            "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
            "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
@@ -172,7 +172,8 @@ def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     Args:
         queries, keys: ``[B, T, H, D_k]``; values ``[B, T, H, D_v]``.
-        beta, alpha: ``[B, T, H]`` (``alpha`` the activated decay, ``None`` for none).
+        beta, alpha: ``[B, T, H]`` (``alpha`` the activated decay, also ``[B, T, H, D_k]`` per key
+            channel; ``None`` for none).
         memory: ``[B, H, D_v, D_k]`` the state at the start.
         log_alpha: ``[B, T, H]``, ``log α`` instead of ``alpha`` (float32).
         work: the dtype q, k and v enter the kernel in (default :func:`_work_dtype`).
@@ -217,7 +218,11 @@ def why_no_online_kernel(spec: Any) -> str | None:
         return f"the {opt} optimizer (momentum has no kernel yet)"
     if opt == "dgd" and spec.optimizer.momentum is not None:
         return "dgd with momentum"
-    return _why_not_read_and_decay(spec)
+    if _channel_decay(spec) and spec.retention.kind == "weight_decay":
+        # W (diag(α) − b x xᵀ) is not a delta rule once α differs between channels (the per-head
+        # rewrite β = b / α needs one α)
+        return "a per-channel retention gate in Titans' order (weight_decay)"
+    return _why_not_read_and_decay(spec, channel=True)
 
 
 def _why_not_online_linear(spec: Any) -> str | None:
@@ -324,11 +329,18 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     qualify (:func:`why_no_online_kernel`, tensors, chunk size, dtypes), so the caller falls back.
 
     Returns ``(outputs [B, T, H, D_v], state)`` as the online driver does."""
-    inputs = _online_inputs(run, chunk, broadcast_decay=False) if why_no_online_kernel(run.spec) is None else None
+    inputs = _online_inputs(run, chunk, broadcast_decay=True) if why_no_online_kernel(run.spec) is None else None
     if inputs is None:
         return None
     q, k, v, lr, alpha = inputs
     b, t, h = run.shape
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 4:
+        if alpha.shape[-1] == 1:
+            alpha = alpha[..., 0]
+        elif q.device.type == "cuda" and not DELTA_RULE_CHANNEL_ON_GPU:
+            return None
+        else:  # a decay per key channel (Kimi Delta Attention's gate)
+            alpha = alpha.expand(b, t, h, k.shape[-1])
     lr = lr.expand(b, t, h)
     origin = run.state["origin.memory.w0"] if run.has_origin else None
     if run.optimizer.kind == "dgd":
@@ -356,13 +368,21 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
         alpha = None
     w = run.state["memory.w0"]
     u0 = w if origin is None else w - origin
-    y, u = delta_rule(_kernel_queries(q, run.read_before), k, v, beta,
-                      alpha.expand(b, t, h) if alpha is not None else None, u0, chunk, log_alpha=g, work=work)
+    if alpha is not None and alpha.dim() < 4:
+        alpha = alpha.expand(b, t, h)
+    y, u = delta_rule(_kernel_queries(q, run.read_before), k, v, beta, alpha, u0, chunk, log_alpha=g, work=work)
     y = _level_reads(y, u0, q, origin, run.read_before).to(run.values.data.dtype)
     state = dict(run.state)
     state["position"] = run.state["position"] + t
     state["memory.w0"] = u if origin is None else (u + origin).to(w.dtype)
     return y, state
+
+
+#: Whether a (gated) delta rule with a decay per key channel (Kimi Delta Attention's gate; the
+#: kernels of ``_delta_rule_channel_triton``) runs on CUDA tensors: off until
+#: ``benchmarks/delta_rule_channel_kernel.py`` passes on the H200, as they have been checked through the CPU
+#: interpreter only. CPU tensors under ``interpret`` run them.
+DELTA_RULE_CHANNEL_ON_GPU = False
 
 
 # --------------------------------------------------------------------------- linear attention (b = 0)

@@ -66,6 +66,10 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     if dispatch.why_no_mlp_memory_kernel(spec) is None:
         return _mlp_on(device) or _mlp_tile(spec, device, head_dim) or _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)
+    if why is None and torch.device(device).type == "cuda" and dispatch._channel_decay(spec) \
+            and not dispatch.DELTA_RULE_CHANNEL_ON_GPU:
+        return ("a delta rule with a per-channel decay: its Triton kernel is not yet checked on CUDA "
+                "(dispatch.DELTA_RULE_CHANNEL_ON_GPU)")
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
             if dispatch.why_no_online_recurrence(spec) is not None:

@@ -207,3 +207,101 @@ def test_wy_lowp_rejects_a_bad_setting(monkeypatch):
     monkeypatch.delenv("NLGRAPH_WY_LOWP")
     assert _wy_lowp(torch.bfloat16) == 2  # the default: fastest on the H200 (docs/benchmarks.md)
     assert _wy_lowp(torch.float32) == 0
+
+
+# --------------------------------------------------------------------------- a decay per key channel
+
+
+def _channel_inputs(b, t, h, dk, dv, *, strength, with_h0, seed):
+    x = _inputs(b, t, h, dk, dv, gated=False, with_h0=with_h0, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    # log decays per key channel, from ~0 to −strength a token (e^−8 a token drives a chunk of 64 far
+    # past float32's e^−88, where a factorised (K e^b)(K e^−b)ᵀ would overflow)
+    x["g"] = -strength * torch.rand(b, t, h, dk, generator=gen, dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize(
+    "b, t, h, dk, dv, chunk, strength, with_h0, final",
+    [
+        (2, 37, 2, 16, 32, 16, 0.5, True, True),     # 3 chunks, the last one partial
+        (1, 45, 2, 24, 20, 32, 1.0, False, True),    # head dims not powers of 2, from zeros
+        (1, 70, 1, 16, 16, 64, 8.0, True, True),     # chunk 64, decays to e^−8 a token
+        (1, 60, 1, 80, 16, 64, 0.2, True, False),    # Dk past one block of 64; a partial only chunk
+        (1, 19, 2, 16, 16, 16, 0.05, True, False),   # nearly no decay, output only
+    ],
+)
+def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final):
+    from nlgraph.compilers.kernels.delta_rule import token_loop
+
+    scale = 0.75
+    x64 = _channel_inputs(b, t, h, dk, dv, strength=strength, with_h0=with_h0, seed=t)
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    got = {n: a.float().to(DEVICE).requires_grad_() for n, a in x64.items()}
+    y_ref, s_ref = token_loop(ref["q"], ref["k"], ref["v"], ref["beta"], ref["g"], ref.get("h0"), scale)
+    o, ht = _kernel(got, scale, chunk, final)
+    assert o.shape == (b, t, h, dv) and o.dtype == torch.float32
+    assert _rel(o.cpu(), y_ref.detach()) < 1e-5
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    loss_ref, loss = (y_ref * do).sum(), (o * do.float().to(DEVICE)).sum()
+    if final:
+        assert _rel(ht.cpu(), s_ref.detach()) < 1e-5
+        dht = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+        loss_ref = loss_ref + (s_ref * dht).sum()
+        loss = loss + (ht * dht.float().to(DEVICE)).sum()
+    loss_ref.backward()
+    loss.backward()
+    for name in x64:
+        assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
+
+
+def test_per_channel_decay_of_equal_channels_is_the_per_head_kernel():
+    """A decay that is the same on every key channel gives the per-head kernel's results."""
+    x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 40, 2, 16, 16, gated=True, with_h0=True, seed=4).items()}
+    per_head = {n: a.clone().requires_grad_() for n, a in x.items()}
+    per_channel = {n: a.clone().requires_grad_() for n, a in x.items()}
+    wide = per_channel["g"][..., None].expand(*x["q"].shape)
+    o1, h1 = _kernel(per_head, 1.0, 16, True)
+    o2, h2 = chunk_delta_rule(per_channel["q"], per_channel["k"], per_channel["v"], per_channel["beta"], g=wide,
+                              initial_state=per_channel["h0"], output_final_state=True, scale=1.0, chunk=16)
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2, h1, rtol=1e-5, atol=1e-6)
+    (o1.square().sum() + h1.sum()).backward()
+    (o2.square().sum() + h2.sum()).backward()
+    for name in x:
+        torch.testing.assert_close(per_channel[name].grad, per_head[name].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_per_channel_decay_streams_and_compiles_fullgraph():
+    x = {n: a.float().to(DEVICE)
+         for n, a in _channel_inputs(1, 40, 2, 16, 16, strength=0.5, with_h0=True, seed=3).items()}
+    o, ht = _kernel(x, 1.0, 16, True)
+    first = {n: a[:, :23] if n != "h0" else a for n, a in x.items()}
+    o1, h1 = _kernel(first, 1.0, 16, True)
+    second = {n: a[:, 23:] for n, a in x.items() if n != "h0"}
+    second["h0"] = h1
+    o2, h2 = _kernel(second, 1.0, 16, True)
+    assert _rel(torch.cat([o1, o2], 1).cpu(), o.double().cpu()) < 1e-6
+    assert _rel(h2.cpu(), ht.double().cpu()) < 1e-6
+
+    def f(q, k, v, beta, g, h0):
+        o, ht = chunk_delta_rule(q, k, v, beta, g=g, initial_state=h0, output_final_state=True, scale=1.0, chunk=16)
+        return o.square().sum() + ht.sum()
+
+    args = [x[n][:, :20] if n != "h0" else x[n] for n in ("q", "k", "v", "beta", "g", "h0")]
+    eager = [a.clone().requires_grad_() for a in args]
+    f(*eager).backward()
+    traced = [a.clone().requires_grad_() for a in args]
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    torch.compile(f, fullgraph=True, backend=backend)(*traced).backward()
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_per_channel_decay_of_the_wrong_width_names_g():
+    x = {n: a.float() for n, a in _channel_inputs(1, 8, 2, 16, 16, strength=0.5, with_h0=False, seed=9).items()}
+    x["g"] = x["g"][..., :8]
+    with pytest.raises(NLGraphError) as err:
+        _kernel(x, 1.0, 16, False)
+    assert err.value.path == "chunk_delta_rule.g" and "per key channel" in err.value.render()

@@ -187,6 +187,11 @@ def _variant(name, read, toward):
         level["retention"] = {"kind": "decay", "gate": {"act": "sigmoid"}}
     if name == "gla":  # a decay per key channel
         level["retention"] = {"kind": "decay", "gate": {"act": "sigmoid", "per": "channel"}}
+    if name in ("kda", "dgd_l2_proximal_channel"):  # the delta rule with a decay per key channel
+        level = {**LEVELS["gated_deltanet" if name == "kda" else "dgd_l2"],
+                 "retention": {"kind": "decay", "gate": {"act": "sigmoid", "per": "channel"}}}
+        if name != "kda":
+            level["optimizer"] = {**level["optimizer"], "form": "proximal"}
     level["read"] = read
     if toward:
         level["retention"] = {**level["retention"], "toward": "initial"}
@@ -207,6 +212,9 @@ VARIANTS = [
     ("linear_attention_decay", "after_write", True),
     ("gla", "after_write", False),
     ("gla", "before_write", True),
+    ("kda", "after_write", False),
+    ("kda", "before_write", True),
+    ("dgd_l2_proximal_channel", "after_write", True),
 ]
 
 
@@ -222,7 +230,7 @@ def test_reads_before_the_write_and_retention_toward_the_initial_state(name, rea
     assert dispatch.why_no_online_kernel(spec) is None or dispatch.why_no_online_linear_attention(spec) is None
     assert level_form(spec, device=DEVICE) == "triton"
     k, v, q, lr, alpha, s0 = _data(6, t=45)
-    if name == "gla":
+    if name in ("gla", "kda", "dgd_l2_proximal_channel"):  # a decay per key channel
         gen = torch.Generator().manual_seed(8)
         alpha = (0.3 + 0.7 * torch.rand(*k.shape, generator=gen)).to(DEVICE)
     w0 = 0.3 * torch.randn(s0.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
@@ -306,18 +314,20 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     # (momentum runs the online recurrence kernel: tests/compilers/test_kernels_recurrence.py)
     uncovered = {
-        "per-channel decay": {**LEVELS["gated_deltanet"],
-                              "retention": {"kind": "decay", "gate": {"act": "sigmoid", "per": "channel"}}},
+        # W (diag(α) − b x xᵀ): not a delta rule once α differs between channels
+        "per-channel gate in Titans' order": {
+            **LEVELS["gd_l2_weight_decay"],
+            "retention": {"kind": "weight_decay", "gate": {"act": "sigmoid", "per": "channel"}}},
     }
+    alpha_ch = (0.6 + 0.4 * torch.rand(*k.shape, generator=torch.Generator().manual_seed(2))).to(DEVICE)
     for what, level in uncovered.items():
         spec = load_level(level)
         assert dispatch.why_no_online_kernel(spec) is not None, what
         assert level_form(spec, device=DEVICE) == "chunked", what
         # asked for by name (a plan made for another level or target), triton hands over to chunked
         assert level_form(spec, "triton", device=DEVICE) == "chunked", what
-        rates = spec.retention is not None and spec.retention.kind == "decay"
-        y, _ = _run(spec, "chunked", k, v, q, lr if spec.optimizer.kind == "gd" else None, alpha, s0, rates)
-        y_ref, _ = _run(spec, "reference", k, v, q, lr if spec.optimizer.kind == "gd" else None, alpha, s0, rates)
+        y, _ = _run(spec, "triton", k, v, q, lr, alpha_ch, s0, True)
+        y_ref, _ = _run(spec, "reference", k, v, q, lr, alpha_ch, s0, True)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     # the chunked form of a level the kernel covers is the PyTorch code: a per-level A/B switch
     _run(load_level(LEVELS["deltanet"]), "chunked", k, v, q, lr, alpha, s0, False)
@@ -399,6 +409,8 @@ def test_models_equal_the_pytorch_path_and_stream(name, calls):
     ("gated_deltanet", "calls", ("levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")),
     ("retnet", "la_calls", ("levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")),
     ("mamba2", "la_calls", ("levels.mixer.retention.gate.per=channel",)),  # GLA: a decay per key channel
+    ("kda", "calls", ()),  # the delta rule with a decay per key channel
+    ("kda", "calls", ("levels.mixer.read=before_write", "levels.mixer.retention.toward=initial")),
 ])
 def test_models_reading_before_the_write_toward_the_initial_state_run_the_kernels(name, count, more, request):
     """A library model changed to read before the write with retention toward its initial memory,
@@ -408,7 +420,8 @@ def test_models_reading_before_the_write_toward_the_initial_state_run_the_kernel
     model = _tiny_model(name, *more)
     # on CUDA the per-channel kernel waits for its GPU check: the plan keeps the PyTorch form, and
     # the model must then equal itself with the kernels off without calling the kernel
-    runs = not (DEVICE == "cuda" and name == "mamba2" and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU)
+    runs = not (DEVICE == "cuda" and ((name == "mamba2" and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU)
+                                      or (name == "kda" and not dispatch.DELTA_RULE_CHANNEL_ON_GPU)))
     assert model.plan.executions() == {"mixer": "triton" if runs else "chunked"}
     tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     results = _with_and_without_kernels(model, tokens)
@@ -531,6 +544,20 @@ def test_a_per_channel_decay_on_cuda_follows_its_own_switch(monkeypatch):
         plan("mamba2", overrides=gla, device="cuda", forms={"mixer": "triton"})
     monkeypatch.setattr(dispatch, "LINEAR_ATTENTION_CHANNEL_ON_GPU", True)
     assert plan("mamba2", overrides=gla, device="cuda").executions() == {"mixer": "triton"}
+
+
+def test_a_per_channel_delta_rule_on_cuda_follows_its_own_switch(monkeypatch):
+    """The per-channel delta-rule kernels (KDA's) are checked through the interpreter only, so a
+    CUDA plan keeps the PyTorch form for ``kda`` until ``DELTA_RULE_CHANNEL_ON_GPU`` is on, and
+    forcing the kernel says why in one line."""
+    monkeypatch.setattr(dispatch, "DELTA_RULE_CHANNEL_ON_GPU", False)
+    assert plan("kda", device="cuda").executions() == {"mixer": "chunked"}
+    assert plan("gated_deltanet", device="cuda").executions() == {"mixer": "triton"}  # per head: on
+    with pytest.raises(PlanError, match="per-channel decay: its Triton kernel is not yet checked") as e:
+        plan("kda", device="cuda", forms={"mixer": "triton"})
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(dispatch, "DELTA_RULE_CHANNEL_ON_GPU", True)
+    assert plan("kda", device="cuda").executions() == {"mixer": "triton"}
 
 
 @pytest.fixture

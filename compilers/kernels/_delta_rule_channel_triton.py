@@ -1,0 +1,189 @@
+"""Triton kernels of the chunked delta rule with a decay per key channel (Kimi Delta Attention's
+gate), forward and backward.
+
+Per token (fla's conventions: the state ``h [K, V]``, ``α_t = exp(g_t)`` with ``g_t [K]``)::
+
+    h_t = diag(α_t) h_{t−1} + β_t k_t (v_t − (diag(α_t) h_{t−1})ᵀ k_t)ᵀ,   o_t = scale · h_tᵀ q_t
+
+Per chunk of ``C`` tokens from ``h0`` (``b = cumsum(g)`` inside the chunk, ``b [C, K]``, ``b_C`` its
+last row; ``S`` and ``P`` built one key column at a time with every exponent ``b_r − b_j ≤ 0``, as
+in the GLA kernels, since ``K ⊙ e^{−b}`` overflows once a chunk decays past e^−88)::
+
+    S[r, j] = Σ_c k_rc k_jc e^{b_rc − b_jc}   (j < r),     T = (I + diag(β) S)⁻¹
+    W  = T diag(β) (K ⊙ e^b),   U = T diag(β) V,   Vn = U − W h0
+    O  = scale ((Q ⊙ e^b) h0 + P Vn),   P[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}   (j ≤ r)
+    h1 = diag(e^{b_C}) h0 + (K ⊙ e^{b_C − b})ᵀ Vn
+
+Forward: ``_prepare`` (T, W, U; parallel over chunks) → the delta rule's ``_state_fwd`` with ``GK``
+→ linear attention's ``_output_channel`` on ``Vn``. Backward: W and U and the chunk states
+recomputed from the saved T and b → ``_dv_local`` (``scale Pᵀ dO``) → the delta rule's ``_state_bwd``
+with ``GK`` (``dh``, and ``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv,
+dβ and ``db [C, K]``; dg is db's reverse cumulative sum inside each chunk, taken in PyTorch).
+
+The column loops run on the CUDA cores (``C`` steps of ``[C, K]`` elementwise work per product), and
+``_grads`` holds a dozen ``[C, K]`` float32 tiles: correct first, not tuned. Rows past T read
+``b = 0`` and are masked wherever an exponent meets them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._delta_rule_triton import INTERPRETED, _channel_decays, _rows, _unit_lower_inverse
+from ._linear_attention_triton import _intra_channel, _intra_channel_adjoint
+
+__all__ = ["INTERPRETED", "kernels"]
+
+
+@triton.jit
+def _prepare(k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+             NB: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    r = tl.arange(0, C)
+    row = (i_b * T + i_t * C + r) * H + i_h
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
+    kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                 padding_option="zero").to(tl.float32)
+    p_tm = _rows(tm, tok, T, H, C, i_t * C, 0, C, C)
+    if SOLVE:
+        strict = r[:, None] > r[None, :]
+        a = tl.where(strict, _intra_channel(kf, b, k, tok, i_t, T, H, K, C, BK), 0.) * bt[:, None]
+        tmf = _unit_lower_inverse(a, C, NB, SPREC)
+        tl.store(p_tm, tmf, boundary_check=(0, 1))
+    else:
+        tmf = tl.load(p_tm, boundary_check=(0, 1), padding_option="zero")
+    kg = kf * tl.where(valid[:, None], tl.exp(b), 0.) * bt[:, None]
+    wb = tl.dot(tmf, kg, input_precision=PREC)
+    tl.store(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), wb.to(w.dtype.element_ty), boundary_check=(0, 1))
+    for i_v in range(tl.cdiv(V, BV)):
+        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                     padding_option="zero").to(tl.float32)
+        ub = tl.dot(tmf, vb * bt[:, None], input_precision=PREC)
+        tl.store(_rows(u, tok, T, H, V, i_t * C, i_v * BV, C, BV), ub.to(u.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # dVn from the intra-chunk read: scale Pᵀ dO
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                 padding_option="zero").to(tl.float32)
+    p = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK) * scale
+    dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                  padding_option="zero").to(tl.float32)
+    dvb = tl.dot(tl.trans(p), dob, input_precision=PREC)
+    tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db, scale, T, NT, H: tl.constexpr,
+           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           PREC: tl.constexpr):
+    """dq, dk, dv, dβ and ``db [C, K]`` of one chunk, from the chunk-start state ``h0``, the gradient
+    of the chunk-end state ``dh1`` and the total gradient of the values written ``dVn``."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    tok = i_b * T * H + i_h
+    dt = q.dtype.element_ty
+    r = tl.arange(0, C)
+    row = (i_b * T + i_t * C + r) * H + i_h
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
+    qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                 padding_option="zero").to(tl.float32)
+    kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                 padding_option="zero").to(tl.float32)
+    eb = tl.where(valid[:, None], tl.exp(b), 0.)
+    kg = kf * eb  # K ⊙ e^b
+    ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # e^{b_C − b}
+    # Tᵀ loaded by address (a transposed block pointer), not by tl.trans of a tile (fla issue 640)
+    tmt = tl.load(tl.make_block_ptr(tm + tok * C, (C, T), (1, H * C), (0, i_t * C), (C, C), (0, 1)),
+                  boundary_check=(0, 1), padding_option="zero")
+    dqh = tl.zeros([C, BK], dtype=tl.float32)   # dO h0ᵀ
+    dkd = tl.zeros([C, BK], dtype=tl.float32)   # Vn dh1ᵀ
+    dw = tl.zeros([C, BK], dtype=tl.float32)    # dW = −dVn h0ᵀ
+    dp = tl.zeros([C, C], dtype=tl.float32)     # dO Vnᵀ
+    dtm = tl.zeros([C, C], dtype=tl.float32)    # dT
+    hdh = tl.zeros([BK], dtype=tl.float32)      # Σ_v h0 ⊙ dh1 per key channel
+    dbt = tl.zeros([C], dtype=tl.float32)
+    base = ((i_b * NT + i_t) * H + i_h) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        hb = tl.load(tl.make_block_ptr(hs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
+                     boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        dhb = tl.load(tl.make_block_ptr(dhs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
+                      boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        vf = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                     padding_option="zero").to(tl.float32)
+        vnb = tl.load(_rows(vn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero").to(tl.float32)
+        dvnb = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                       padding_option="zero").to(tl.float32)
+        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero").to(tl.float32)
+        dqh += tl.dot(dob, tl.trans(hb), input_precision=PREC)
+        dkd += tl.dot(vnb, tl.trans(dhb), input_precision=PREC)
+        dw -= tl.dot(dvnb, tl.trans(hb), input_precision=PREC)
+        dp += tl.dot(dob, tl.trans(vnb), input_precision=PREC)
+        hdh += tl.sum(hb * dhb, axis=1)
+        # U = T diag(β) V, and Vn = U − W h0: dU = dVn
+        dtm += tl.dot(dvnb, tl.trans(vf * bt[:, None]), input_precision=PREC)
+        dvu = tl.dot(tmt, dvnb, input_precision=PREC)  # Tᵀ dU
+        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), (dvu * bt[:, None]).to(dv.dtype.element_ty),
+                 boundary_check=(0, 1))
+        dbt += tl.sum(dvu * vf, axis=1)
+    # W = T diag(β) (K ⊙ e^b)
+    dtm += tl.dot(dw, tl.trans(kg * bt[:, None]), input_precision=PREC)
+    dkg = tl.dot(tmt, dw, input_precision=PREC)  # Tᵀ dW
+    dbt += tl.sum(dkg * kg, axis=1)
+    dkg = dkg * bt[:, None]
+    dkb = dkg * eb
+    dbb = dkg * kg
+    # T = (I + diag(β) S)⁻¹  ⇒  d(diag(β) S) = −Tᵀ dT Tᵀ, kept strictly below the diagonal
+    strict = r[:, None] > r[None, :]
+    da = tl.where(strict, -tl.dot(tl.dot(tmt, dtm, input_precision=PREC), tmt, input_precision=PREC), 0.)
+    s = tl.where(strict, _intra_channel(kf, b, k, tok, i_t, T, H, K, C, BK), 0.)
+    dbt += tl.sum(da * s, axis=1)
+    dkr, dkc = _intra_channel_adjoint(kf, b, k, da * bt[:, None], tok, i_t, T, H, K, C, BK)
+    dkb += dkr + dkc
+    dbb += kf * (dkr - dkc)
+    # O = scale ((Q ⊙ e^b) h0 + P Vn)
+    incl = (r[:, None] >= r[None, :]) & valid[:, None]
+    dqa, dka = _intra_channel_adjoint(qf, b, k, tl.where(incl, dp, 0.) * scale, tok, i_t, T, H, K, C, BK)
+    dqb = dqh * eb * scale + dqa
+    dkb += dka
+    dbb += qf * dqb - kf * dka
+    # h1 = diag(e^{b_C}) h0 + (K ⊙ e^{b_C − b})ᵀ Vn: b_C also scales the carried state and every write
+    dks = dkd * ek
+    dkb += dks
+    dbb -= kf * dks
+    last = tl.minimum(i_t * C + C - 1, T - 1) - i_t * C
+    extra = tl.exp(bl) * hdh + tl.sum(kf * dks, axis=0)
+    dbb += tl.where((r == last)[:, None], extra[None, :], 0.)
+    tl.store(_rows(dq, tok, T, H, K, i_t * C, 0, C, BK), dqb.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(dk, tok, T, H, K, i_t * C, 0, C, BK), dkb.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(dbeta + row, dbt.to(dbeta.dtype.element_ty), mask=valid)
+    tl.store(_rows(db, tok, T, H, K, i_t * C, 0, C, BK), dbb, boundary_check=(0, 1))
+
+
+class _Kernels:
+    prepare = _prepare
+    dv_local = _dv_local
+    grads = _grads
+
+
+def kernels() -> type[_Kernels]:
+    """The kernels (compiled on the GPU; interpreted when ``TRITON_INTERPRET=1`` was set before triton
+    was first imported)."""
+    return _Kernels
