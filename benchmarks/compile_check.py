@@ -13,6 +13,11 @@ inductor generated, with how many of their launches sit inside the chunk loop's 
     python benchmarks/compile_check.py hope titans gated_deltanet --cold --steps 3 --length 64 \
         --d-model 64 --heads 2 --layers 1
 
+``--profile-phases`` adds where the first compiled step's time went from a cProfile of it (Dynamo,
+AOT autograd, inductor's graphs, the wait for their kernels, Triton's in-process compiles of
+nlgraph's own kernels, autotuning), which works on torch versions whose compile counters are empty
+(2.11 on the GPU machine).
+
 Results and the command that made them: docs/benchmarks.md.
 """
 
@@ -59,11 +64,20 @@ def check(name: str, args: argparse.Namespace) -> dict:
     # (a second graph, compiled after the timing) only checks the values against eager
     t0 = time.perf_counter()
     _progress(f"{name}: compiling the training step")
+    profiler = None
+    if args.profile_phases:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     loss0 = loss = step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     phases = _phases()
+    if profiler is not None:
+        profiler.disable()
+        phases["profiled"] = profiled_phases(profiler, compile_s)
     _progress(f"{name}: training step compiled in {compile_s:.1f} s {json.dumps(phases)}")
     with torch.no_grad():
         compiled = model(x)
@@ -127,6 +141,43 @@ def _phases() -> dict:
     return row
 
 
+#: Functions whose cumulative time under cProfile is a phase of the first compiled step, on any torch
+#: version that has them. They nest: Dynamo's compile holds AOT autograd, which holds inductor's
+#: forward graphs; the backward graphs compile at the first backward, outside Dynamo's compile but
+#: inside ``compile_fx_inner``, which holds the wait for their kernels. nlgraph's own Triton kernels
+#: compile in-process at their first launch, and the delta-rule kernels autotune there.
+PROFILED = {"dynamo_compile_s": ("torch/_dynamo/convert_frame.py", "_compile"),
+            "aot_autograd_s": ("torch/_functorch/aot_autograd.py", "aot_module_simplified"),
+            "inductor_graphs_s": ("torch/_inductor/compile_fx.py", "compile_fx_inner"),
+            "inductor_kernel_wait_s": ("torch/_inductor/async_compile.py", "wait"),
+            "triton_compile_in_process_s": ("triton/compiler/compiler.py", "compile"),
+            "triton_autotune_s": ("triton/runtime/autotuner.py", "_bench")}
+
+
+def profiled_phases(profiler, wall_s: float) -> dict:
+    """Where the first compiled step's time went, from a cProfile of it (version-independent, unlike
+    dynamo's counters, which torch 2.11 does not fill): seconds in each :data:`PROFILED` function
+    (inclusive; 0 where absent), the step's wall time under the profiler (which inflates Python-heavy
+    phases such as tracing), and the 25 torch / triton / nlgraph functions with the most inclusive
+    time, for names this list misses."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    row = {label: 0.0 for label in PROFILED}
+    top = []
+    for (file, line, func), (_, _, _, ct, _) in stats.items():
+        path = file.replace("\\", "/")
+        for label, (suffix, name) in PROFILED.items():
+            if func == name and path.endswith(suffix):
+                row[label] += ct
+        if any(part in path for part in ("/torch/", "/triton/", "/nlgraph/", "/compilers/")):
+            top.append((ct, f"{path.rsplit('/site-packages/', 1)[-1]}:{line}({func})"))
+    row = {k: round(v, 2) for k, v in row.items()}
+    row["profiled_wall_s"] = round(wall_s, 2)
+    row["top"] = [[round(ct, 2), where] for ct, where in sorted(top, reverse=True)[:25]]
+    return row
+
+
 def kernel_counts(cache_dir: Path) -> dict:
     """Distinct kernels inductor generated under ``cache_dir`` (Triton or C++; one that two graphs
     share, identical but for its name, counts once, as it compiles once), and how many kernel
@@ -165,6 +216,8 @@ def cold(name: str, args: argparse.Namespace) -> dict:
             cmd = [sys.executable, __file__, name, "--child-json", str(out), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--length", str(args.length), "--d-model", str(args.d_model),
                    "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device]
+            if args.profile_phases:
+                cmd.append("--profile-phases")
             try:
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
             except subprocess.TimeoutExpired as e:
@@ -179,6 +232,8 @@ def cold(name: str, args: argparse.Namespace) -> dict:
             out.unlink()
         row = rows[0]
         row["cached_compile_s"] = rows[1]["compile_s"]
+        if "profiled" in rows[1]:
+            row["cached_profiled"] = rows[1]["profiled"]
         row.update(kernel_counts(Path(d) / "inductor"))
         return row
 
@@ -196,6 +251,9 @@ def main() -> int:
     p.add_argument("--cold", action="store_true",
                    help="each spec in fresh processes: cold compile on an empty inductor cache, then from it")
     p.add_argument("--child-timeout", type=float, default=1800, help="--cold: seconds a child process may take")
+    p.add_argument("--profile-phases", action="store_true",
+                   help="profile the first compiled step (cProfile): seconds in Dynamo, AOT autograd, inductor, "
+                        "the kernel wait, Triton's in-process compiles and autotuning, on any torch version")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,6 +284,10 @@ def main() -> int:
                 line += (f"  | {r['cached_compile_s']:.1f} | {r['trace_s']} | {r['inductor_fwd_s']} | "
                          f"{r['inductor_bwd_s']} | {r['kernel_wait_s']} | {r['kernels']} | {r['launches_in_loop_bodies']}")
             print(line)
+            for key in ("profiled", "cached_profiled"):
+                if key in r:
+                    shown = {k: v for k, v in r[key].items() if k != "top"}
+                    print(f"  {key.replace('_', ' ')} (cProfile, seconds, nested): {json.dumps(shown)}")
             ok &= r["recompiles"] == 0
         except Exception as e:  # report and continue with the next spec
             ok = False

@@ -31,7 +31,10 @@ CHECKS = [(2, 333, 2, 64, 100, "mild", torch.float32, 1e-4, 64),
           (2, 300, 2, 128, 128, "strong", torch.float32, 1e-4, 32),
           (1, 200, 2, 128, 128, "mild", torch.float32, 1e-4, 16),
           (1, 256, 4, 128, 128, "mild", torch.bfloat16, 2e-2, 64),
-          (1, 256, 4, 64, 64, "strong", torch.bfloat16, 2e-2, 32)]
+          (1, 256, 4, 64, 64, "strong", torch.bfloat16, 2e-2, 32),
+          # the widest head the router allows, and widths that are not powers of two
+          (1, 100, 2, 256, 64, "mild", torch.float32, 1e-4, 32),
+          (1, 90, 2, 80, 130, "strong", torch.float32, 1e-4, 64)]
 
 
 def checks(dev: torch.device, which: list[int] | None) -> list[dict]:

@@ -12,8 +12,9 @@ rolling read (``before_write``) a chunk is an attention-like C x C product per l
     bash benchmarks/device.sh python benchmarks/large_chunks.py --d-model 512 --layers 4 \\
         --length 2048 --batch 4 --steps 60 --json "$OUT/large_chunks.json"
 
-Each configuration is ``CHUNK:READ``; every run trains from the same seed on the same batches and
-evaluates the same validation batches. tokens/s is the median over the steps after the first two.
+Each configuration is ``CHUNK:READ``; every run trains from the same seed (``--seed``) on the same
+batches and evaluates the same validation batches. tokens/s is the median over the steps after the
+first two.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/large_chunks")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="spec overrides applied to every configuration (e.g. the CMS levels' updates)")
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (weights and batches; all runs share it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -69,7 +71,7 @@ def main() -> int:
         cfg = TrainConfig(out=str(out), steps=args.steps, batch=args.batch, length=args.length, lr=args.lr,
                           eval_every=args.steps, eval_batches=args.eval_batches, device=args.device,
                           compile=False, precision=args.precision, overrides=ov, time_limit=args.time_per_run,
-                          progress=False, replace=True)
+                          progress=False, replace=True, seed=args.seed)
         row = {"chunk": int(chunk), "read": read, **train_row(args.spec, cfg)}
         rows.append(row)
         print(json.dumps(row), flush=True)

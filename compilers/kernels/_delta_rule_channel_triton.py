@@ -6,8 +6,8 @@ Per token (fla's conventions: the state ``h [K, V]``, ``α_t = exp(g_t)`` with `
     h_t = diag(α_t) h_{t−1} + β_t k_t (v_t − (diag(α_t) h_{t−1})ᵀ k_t)ᵀ,   o_t = scale · h_tᵀ q_t
 
 Per chunk of ``C`` tokens from ``h0`` (``b = cumsum(g)`` inside the chunk, ``b [C, K]``, ``b_C`` its
-last row; ``S`` and ``P`` built one key column at a time with every exponent ``b_r − b_j ≤ 0``, as
-in the GLA kernels, since ``K ⊙ e^{−b}`` overflows once a chunk decays past e^−88)::
+last row; ``S`` and ``P`` built as in the GLA kernels, by 16-row sub-blocks, since ``K ⊙ e^{−b}``
+overflows once a chunk decays past e^−88: ``_intra_channel``)::
 
     S[r, j] = Σ_c k_rc k_jc e^{b_rc − b_jc}   (j < r),     T = (I + diag(β) S)⁻¹
     W  = T diag(β) (K ⊙ e^b),   U = T diag(β) V,   Vn = U − W h0
@@ -20,9 +20,9 @@ recomputed from the saved T and b → ``_dv_local`` (``scale Pᵀ dO``) → the 
 with ``GK`` (``dh``, and ``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv,
 dβ and ``db [C, K]``; dg is db's reverse cumulative sum inside each chunk, taken in PyTorch).
 
-The column loops run on the CUDA cores (``C`` steps of ``[C, K]`` elementwise work per product), and
-``_grads`` holds a dozen ``[C, K]`` float32 tiles: correct first, not tuned. Rows past T read
-``b = 0`` and are masked wherever an exponent meets them.
+The keys of a row's own sub-block run on the CUDA cores (16 steps of ``[C, K]`` elementwise work
+per product), and ``_grads`` holds a dozen ``[C, K]`` float32 tiles: correct first, not tuned. Rows
+past T read ``b = 0`` and are masked wherever an exponent meets them.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def _prepare(k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V:
     tok = i_b * T * H + i_h
     r = tl.arange(0, C)
     row = (i_b * T + i_t * C + r) * H + i_h
-    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    b, _, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
     kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
     p_tm = _rows(tm, tok, T, H, C, i_t * C, 0, C, C)
     if SOLVE:
         strict = r[:, None] > r[None, :]
-        a = tl.where(strict, _intra_channel(kf, b, k, tok, i_t, T, H, K, C, BK), 0.) * bt[:, None]
+        a = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.) * bt[:, None]
         tmf = _unit_lower_inverse(a, C, NB, SPREC)
         tl.store(p_tm, tmf, boundary_check=(0, 1))
     else:
@@ -76,10 +76,10 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
-    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    b, _, _ = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
-    p = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK) * scale
+    p = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC) * scale
     dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                   padding_option="zero").to(tl.float32)
     dvb = tl.dot(tl.trans(p), dob, input_precision=PREC)
@@ -90,13 +90,15 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
 def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db, scale, T, NT, H: tl.constexpr,
            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            PREC: tl.constexpr):
-    """dq, dk, dv, dβ and ``db [C, K]`` of one chunk, from the chunk-start state ``h0``, the gradient
-    of the chunk-end state ``dh1`` and the total gradient of the values written ``dVn``."""
+    """dq, dk, dv, dβ and ``db`` (the gradient of ``bcum``) of one chunk, from the chunk-start state
+    ``h0``, the gradient of the chunk-end state ``dh1`` and the total gradient of the values written
+    ``dVn``. Shapes: q, k, dq, dk, bcum, db ``[B, T, H, K]`` (bcum, db float32); v, vn, dvn, do, dv
+    ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, C]`` float32 (T of each chunk, by
+    rows); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start, the gradient at its end)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
-    dt = q.dtype.element_ty
     r = tl.arange(0, C)
     row = (i_b * T + i_t * C + r) * H + i_h
     b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
@@ -153,14 +155,15 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     # T = (I + diag(β) S)⁻¹  ⇒  d(diag(β) S) = −Tᵀ dT Tᵀ, kept strictly below the diagonal
     strict = r[:, None] > r[None, :]
     da = tl.where(strict, -tl.dot(tl.dot(tmt, dtm, input_precision=PREC), tmt, input_precision=PREC), 0.)
-    s = tl.where(strict, _intra_channel(kf, b, k, tok, i_t, T, H, K, C, BK), 0.)
+    s = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.)
     dbt += tl.sum(da * s, axis=1)
-    dkr, dkc = _intra_channel_adjoint(kf, b, k, da * bt[:, None], tok, i_t, T, H, K, C, BK)
+    dkr, dkc = _intra_channel_adjoint(kf, b, k, bcum, da * bt[:, None], tok, i_t, T, H, K, C, BK, PREC)
     dkb += dkr + dkc
     dbb += kf * (dkr - dkc)
     # O = scale ((Q ⊙ e^b) h0 + P Vn)
     incl = (r[:, None] >= r[None, :]) & valid[:, None]
-    dqa, dka = _intra_channel_adjoint(qf, b, k, tl.where(incl, dp, 0.) * scale, tok, i_t, T, H, K, C, BK)
+    dqa, dka = _intra_channel_adjoint(qf, b, k, bcum, tl.where(incl, dp, 0.) * scale, tok, i_t, T, H, K, C, BK,
+                                      PREC)
     dqb = dqh * eb * scale + dqa
     dkb += dka
     dbb += qf * dqb - kf * dka

@@ -20,6 +20,10 @@ Backward recomputes W, U and the chunk states from the saved ``T`` and ``b``, th
 ``_state_bwd`` (reverse recurrence of ``dh``) → ``_qkw_bwd`` (dq, the direct dk, dW, d b) →
 ``_wy_bwd`` (through the UT transform: dk, dv, dβ, and dg as the reverse cumsum of d b).
 
+The two state recurrences also take a decay per key channel (``GK``: ``bcum [B, T, H, K]``, the state's
+key rows decayed by ``e^{b_C}``, the keys' writes by ``e^{b_C − b}``, the queries' reads by ``e^b``);
+the rest of that case is in ``_delta_rule_channel_triton``.
+
 With ``TRITON_INTERPRET=1`` set before triton is first imported, the same kernels run under Triton's
 interpreter on CPU tensors (tests at small shapes, debugging).
 """
@@ -53,14 +57,6 @@ def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.c
     last = tl.minimum(i_t * C + C - 1, T - 1)
     bl = tl.load(bcum + (tok + last * H) * K + c, mask=c < K, other=0.)
     return b, bl, valid
-
-
-@triton.jit
-def _row(x, tok, t, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """Row ``t`` (one token) of one (batch, head) of ``x [B, T, H, D]`` as ``[BD]`` float32 (0 past T
-    or D)."""
-    c = tl.arange(0, BD)
-    return tl.load(x + (tok + t * H) * D + c, mask=(c < D) & (t < T), other=0.).to(tl.float32)
 
 
 @triton.jit

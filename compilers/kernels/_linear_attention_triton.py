@@ -24,8 +24,11 @@ chunk is::
     h' = diag(e^{b_C}) h + (K ⊙ e^{b_C − b})ᵀ V
 
 ``A`` is not a product of two matrices that stays bounded (``K ⊙ e^{−b}`` overflows once a chunk
-decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, and its adjoints, one
-key column at a time with every exponent ``b_r − b_j ≤ 0``: exact at any decay, on the CUDA cores.
+decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, and its adjoints, in two
+parts (:func:`_intra_channel`): against the keys of earlier 16-row sub-blocks, one tensor-core
+product per sub-block through a reference row between them (both factors ≤ 1); against the keys of
+a row's own sub-block, one key offset at a time with every exponent ``b_r − b_j ≤ 0``, on the CUDA
+cores (16 steps). Exact at any decay.
 Every kernel masks the rows past T with the future tokens: they read ``b = 0``, so ``b_r − b_j``
 would be ``−b_j > 0`` there, which overflows (and ``inf · 0`` is NaN in the sums over rows).
 The state recurrences are the scalar kernels with the decays per channel.
@@ -36,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._delta_rule_triton import INTERPRETED, _channel_decays, _row, _rows
+from ._delta_rule_triton import INTERPRETED, _channel_decays, _rows
 
 __all__ = ["INTERPRETED", "kernels"]
 
@@ -223,40 +226,91 @@ def _grads(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: tl.const
 
 
 @triton.jit
-def _intra_channel(qb, b, k, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """``A [C, C]`` of a chunk with per-channel decays, ``A[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}`` for
-    ``j ≤ r`` (0 above the diagonal), one key column ``j`` at a time; ``qb, b [C, BK]`` float32."""
+def _sub_block_factors(b, r, valid, s, live, C: tl.constexpr):
+    """``(e^{b − b_ref}`` on the rows of 16-row sub-block ``s``, ``e^{b_ref − b}`` on the rows before
+    it``)`` as ``[C, BK]``, 0 elsewhere, with ``b_ref`` the row just before the sub-block: every
+    exponent is ≤ 0, so the product of the two factors is bounded, and ``(X e_x)(K e_k)ᵀ`` is the
+    sub-block's scores against all earlier keys in one tensor-core product. ``live``: the reference
+    row is a real token (else the sub-block has none, and its keys' factor is 0)."""
+    ref = s * 16 - 1
+    bref = tl.sum(tl.where(r[:, None] == ref, b, 0.), axis=0)
+    rows = ((r // 16) == s) & valid
+    before = (r < s * 16) & live
+    ex = tl.where(rows[:, None], tl.exp(tl.where(rows[:, None], b - bref[None, :], 0.)), 0.)
+    ek = tl.where(before[:, None], tl.exp(tl.where(before[:, None], bref[None, :] - b, 0.)), 0.)
+    return ex, ek
+
+
+@triton.jit
+def _same_block_keys(k, bcum, tok, i_t, i, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr):
+    """``(j [C], k_j [C, BK], b_j [C, BK])``: for every row r, the key ``j`` at offset ``i`` of r's own
+    16-row sub-block, with its key and cumulative log decays (0 past T)."""
+    r = tl.arange(0, C)
+    c = tl.arange(0, BK)
+    j = (r // 16) * 16 + i
+    at = (tok + (i_t * C + j)[:, None] * H) * K + c[None, :]
+    ok = ((i_t * C + j) < T)[:, None] & (c < K)[None, :]
+    return j, tl.load(k + at, mask=ok, other=0.).to(tl.float32), tl.load(bcum + at, mask=ok, other=0.)
+
+
+@triton.jit
+def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, PREC: tl.constexpr):
+    """``A [C, C]`` of a chunk with per-channel decays, ``A[r, j] = Σ_c x_rc k_jc e^{b_rc − b_jc}`` for
+    ``j ≤ r`` (0 above the diagonal and on rows past T); ``xf, b [C, BK]`` float32.
+
+    Keys of earlier 16-row sub-blocks: one tensor-core product per sub-block through its reference
+    row (:func:`_sub_block_factors`). Keys of a row's own sub-block: one key offset at a time (16
+    steps of ``[C, BK]`` elementwise work), every exponent ``b_r − b_j ≤ 0``, exact at any decay.
+    (A factorisation inside a sub-block would need ``e^{b_ref − b_j} ≥ 1``, which overflows once
+    16 tokens decay past e^−88.)"""
     r = tl.arange(0, C)
     valid = i_t * C + r < T
     a = tl.zeros([C, C], dtype=tl.float32)
-    for j in range(C):
-        kj = _row(k, tok, i_t * C + j, T, H, K, BK)
-        bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)  # row j of b
-        below = (r >= j) & valid  # rows past T read b = 0 (their exponent could overflow)
-        col = tl.sum(qb * kj[None, :] * tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)), axis=1)
-        a += tl.where(r[None, :] == j, tl.where(below, col, 0.)[:, None], 0.)
+    if C > 16:
+        kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                     padding_option="zero").to(tl.float32)
+        for s in tl.static_range(1, C // 16):
+            ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
+            a += tl.dot(xf * ex, tl.trans(kf * ek), input_precision=PREC)
+    for i in range(16):
+        j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
+        below = ((r % 16) >= i) & valid
+        col = tl.sum(xf * kj * tl.exp(tl.where(below[:, None], b - bj, 0.)), axis=1)
+        a += tl.where(r[None, :] == j[:, None], tl.where(below, col, 0.)[:, None], 0.)
     return a
 
 
 @triton.jit
-def _intra_channel_adjoint(xf, b, k, ds, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                           BK: tl.constexpr):
+def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, PREC: tl.constexpr):
     """The adjoints of ``A[r, j] = Σ_c x_rc k_jc e^{b_rc − b_jc}`` (``j ≤ r``, as :func:`_intra_channel`)
-    given ``ds = ∂L/∂A [C, C]`` (used on and below the diagonal, valid rows only), one key column ``j``
-    at a time, every exponent ≤ 0: ``(∂L/∂x [C, BK], ∂L/∂k [C, BK])`` through A alone. The gradient
-    of ``b`` is ``x ⊙ ∂L/∂x − k ⊙ ∂L/∂k``."""
+    given ``ds = ∂L/∂A [C, C]`` (used on and below the diagonal, valid rows only), in the same two
+    parts: ``(∂L/∂x [C, BK], ∂L/∂k [C, BK])`` through A alone. The gradient of ``b`` is
+    ``x ⊙ ∂L/∂x − k ⊙ ∂L/∂k``. No product transposes a product (fla issue 640's Hopper pattern)."""
     r = tl.arange(0, C)
     valid = i_t * C + r < T
     dx = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
-    for j in range(C):
-        kj = _row(k, tok, i_t * C + j, T, H, K, BK)
-        bj = tl.sum(tl.where(r[:, None] == j, b, 0.), axis=0)
-        below = (r >= j) & valid
-        dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j, ds, 0.), axis=1), 0.)  # column j: [C]
-        e = tl.exp(tl.where(below[:, None], b - bj[None, :], 0.)) * dsj[:, None]  # [C, BK]
-        dx += e * kj[None, :]
-        dk += tl.where(r[:, None] == j, tl.sum(e * xf, axis=0)[None, :], 0.)
+    if C > 16:
+        kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                     padding_option="zero").to(tl.float32)
+        for s in tl.static_range(1, C // 16):
+            ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
+            dss = tl.where(((r // 16) == s)[:, None] & (r[None, :] < s * 16), ds, 0.)
+            dx += tl.dot(dss, kf * ek, input_precision=PREC) * ex
+            dk += tl.trans(tl.dot(tl.trans(xf * ex), dss, input_precision=PREC)) * ek
+    for i in range(16):
+        j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
+        below = ((r % 16) >= i) & valid
+        dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j[:, None], ds, 0.), axis=1), 0.)
+        e = tl.exp(tl.where(below[:, None], b - bj, 0.)) * dsj[:, None]  # [C, BK]
+        dx += e * kj
+        # key j = 16 s + i gathers the rows of its sub-block s
+        red = tl.sum(tl.reshape(e * xf, [C // 16, 16, BK]), axis=1)
+        dk += tl.where(((r % 16) == i)[:, None], tl.reshape(tl.broadcast_to(red[:, None, :], [C // 16, 16, BK]),
+                                                              [C, BK]), 0.)
     return dx, dk
 
 
@@ -275,7 +329,7 @@ def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.c
     qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
     vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
     qf = qb.to(tl.float32)
-    a = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK)
+    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC)
     inter = tl.dot((qf * tl.exp(b)).to(dt), hb.to(dt), input_precision=PREC)
     ob = (inter + tl.dot(a.to(dt), vb, input_precision=PREC)) * scale
     tl.store(_rows(o, tok, T, H, V, i_t * C, i_v * BV, C, BV), ob.to(o.dtype.element_ty), boundary_check=(0, 1))
@@ -297,11 +351,11 @@ def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: 
     qf, kf = qb.to(tl.float32), kb.to(tl.float32)
     ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # [C, BK]
     kd = (kf * ek).to(dt)
-    a = _intra_channel(qf, b, k, tok, i_t, T, H, K, C, BK) * scale  # [C, C]
+    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC) * scale  # [C, C]
     dq_acc, dks, ds, hdh = _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H, K, V, C, BK, BV,
                                          PREC)
     # the adjoints of A: dA = scale · dO Vᵀ below the diagonal
-    dqa, dka = _intra_channel_adjoint(qf, b, k, ds * scale, tok, i_t, T, H, K, C, BK)
+    dqa, dka = _intra_channel_adjoint(qf, b, k, bcum, ds * scale, tok, i_t, T, H, K, C, BK, PREC)
     dqb = dq_acc * tl.exp(b) * scale + dqa
     dks = dks * ek
     dkb = dks + dka

@@ -6,7 +6,11 @@ token by token (``α_t = exp(g_t)``, or 1 without ``g``; the state ``h [Dk, Dv]`
     h_t = α_t h_{t−1} + β_t k_t (v_t − α_t h_{t−1}ᵀ k_t)ᵀ,    o_t = scale · h_tᵀ q_t
 
 in the chunkwise WY / UT form (see ``_delta_rule_triton``), forward and backward in Triton, with
-fp32 accumulation and an fp32 state. It is registered as the custom ops
+fp32 accumulation and an fp32 state. With ``g [B, T, H, Dk]``, one log decay per key channel
+(Kimi Delta Attention's), the decay multiplies the state's key rows,
+``h_t = diag(α_t) h_{t−1} + β_t k_t (v_t − (diag(α_t) h_{t−1})ᵀ k_t)ᵀ``, in the kernels of
+``_delta_rule_channel_triton``. Both assume ``g ≤ 0`` (α ≤ 1: a decay): a growing state would
+overflow the chunk's exponentials. It is registered as the custom ops
 ``nlgraph::chunk_delta_rule_fwd`` / ``nlgraph::chunk_delta_rule_bwd`` (with a fake implementation and
 autograd), so ``torch.compile(fullgraph=True)`` traces through it without a graph break.
 
@@ -24,6 +28,8 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
+from .linear_attention import _per_channel
+
 __all__ = ["chunk_delta_rule"]
 
 _OP = "chunk_delta_rule"
@@ -39,30 +45,20 @@ def _triton():
     return _delta_rule_triton
 
 
-def _kernels(q: torch.Tensor):
+def _kernels(q: torch.Tensor, channel: bool = False):
+    """The per-head kernels, or with ``channel`` those of a decay per key channel."""
     from ._load import load_kernels
 
     def importer():
-        from . import _delta_rule_triton as mod
-
+        # each a literal ``from . import``: a traced caller reaches here too (Dynamo does not trace
+        # importlib)
+        if channel:
+            from . import _delta_rule_channel_triton as mod
+        else:
+            from . import _delta_rule_triton as mod
         return mod
 
     return load_kernels(importer, q, _OP, "delta-rule")
-
-
-def _channel_kernels(q: torch.Tensor):
-    from ._load import load_kernels
-
-    def importer():
-        from . import _delta_rule_channel_triton as mod
-
-        return mod
-
-    return load_kernels(importer, q, _OP, "delta-rule")
-
-
-def _per_channel(g: torch.Tensor | None) -> bool:
-    return g is not None and g.dim() == 4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -131,7 +127,7 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     """The forward with a decay per key channel (``g [B, T, H, Dk]``): T is kept in float32."""
     from .linear_attention import _chunk_cumsum
 
-    kn, kc = _kernels(q), _channel_kernels(q)
+    kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk)
     b, t, h = p["B"], p["T"], p["H"]
     tm = q.new_empty(b, t, h, chunk, dtype=torch.float32)
@@ -150,7 +146,7 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
 def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     from .linear_attention import _chunk_revcumsum
 
-    kn, kc = _kernels(q), _channel_kernels(q)
+    kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     dummy = q.new_empty(0)

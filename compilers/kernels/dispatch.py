@@ -5,8 +5,9 @@ code of the ``chunked`` form as the exact fallback:
 
 * the closed-form ``delta_rule`` kind (:mod:`nlgraph.compilers.delta_rule`);
 * memory levels of the online driver (:mod:`nlgraph.compilers.chunked`) that are a (gated) delta
-  rule in disguise (:func:`why_no_online_kernel` lists them) or linear attention with at most a
-  per-head or per-key-channel decay (:func:`why_no_online_linear_attention`);
+  rule in disguise (:func:`why_no_online_kernel` lists them; with a decay per head or per key
+  channel, Kimi Delta Attention's) or linear attention with at most a per-head or per-key-channel
+  decay (:func:`why_no_online_linear_attention`);
 * mini-batch levels with Titans' two-layer MLP memory (:func:`why_no_mlp_memory_kernel`), through
   :mod:`nlgraph.compilers.kernels.mlp_memory`.
 
@@ -242,7 +243,7 @@ def _why_not_online_linear(spec: Any) -> str | None:
 def _why_not_read_and_decay(spec: Any, channel: bool = False) -> str | None:
     """What both linear kernels need of the read and the retention: read after or before the write,
     no retention or a decay (before or after the write, toward zero or the initial state) with at
-    most one gate per head, or per key channel with ``channel`` (the linear-attention kernel)."""
+    most one gate per head, or per key channel with ``channel``."""
     if spec.read not in ("after_write", "before_write"):
         return f"read: {spec.read}"
     # weight_decay (Titans' order) maps onto the decay before the write, and the retention toward
@@ -337,7 +338,9 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 4:
         if alpha.shape[-1] == 1:
             alpha = alpha[..., 0]
-        elif q.device.type == "cuda" and not DELTA_RULE_CHANNEL_ON_GPU:
+        elif run.retention == "weight_decay" or (q.device.type == "cuda" and not DELTA_RULE_CHANNEL_ON_GPU):
+            # a per-channel tensor given to a level whose spec gates per head: Titans' order is no
+            # delta rule per channel (the PyTorch form computes it)
             return None
         else:  # a decay per key channel (Kimi Delta Attention's gate)
             alpha = alpha.expand(b, t, h, k.shape[-1])

@@ -73,7 +73,9 @@ def _chunk_revcumsum(x: torch.Tensor, chunk: int) -> torch.Tensor:
     b, t, rest = x.shape[0], x.shape[1], x.shape[2:]
     pad = _cdiv(t, chunk) * chunk - t
     xp = F.pad(x, (0, 0) * len(rest) + (0, pad)).view(b, -1, chunk, *rest)
-    return xp.flip(2).cumsum(2).flip(2).view(b, -1, *rest)[:, :t]
+    # contiguous: a custom op's output must have the strides of its fake (empty_like), which a view
+    # of the padded buffer has not once T is not a multiple of the chunk
+    return xp.flip(2).cumsum(2).flip(2).view(b, -1, *rest)[:, :t].contiguous()
 
 
 def _states(kn, p, k, v, bcum, h0, store_ht: bool):

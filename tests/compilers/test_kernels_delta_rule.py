@@ -229,6 +229,7 @@ def _channel_inputs(b, t, h, dk, dv, *, strength, with_h0, seed):
         (1, 70, 1, 16, 16, 64, 8.0, True, True),     # chunk 64, decays to e^−8 a token
         (1, 60, 1, 80, 16, 64, 0.2, True, False),    # Dk past one block of 64; a partial only chunk
         (1, 19, 2, 16, 16, 16, 0.05, True, False),   # nearly no decay, output only
+        (2, 64, 2, 24, 80, 32, 1.0, True, True),     # T a multiple of the chunk, two value blocks
     ],
 )
 def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final):
@@ -305,3 +306,20 @@ def test_a_per_channel_decay_of_the_wrong_width_names_g():
     with pytest.raises(NLGraphError) as err:
         _kernel(x, 1.0, 16, False)
     assert err.value.path == "chunk_delta_rule.g" and "per key channel" in err.value.render()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_ops_outputs_have_their_fakes_strides(per_channel):
+    """``torch.library.opcheck``: the real outputs match the fake implementation (shapes, dtypes and
+    strides; inductor trusts the fake's), with B > 1 and T not a multiple of the chunk, where a view
+    of a padded buffer once gave ``dg`` other strides than its fake."""
+    from nlgraph.compilers.kernels import delta_rule as module
+
+    x = {n: a.float().to(DEVICE) for n, a in
+         (_channel_inputs(2, 20, 1, 16, 16, strength=0.5, with_h0=True, seed=11) if per_channel else
+          _inputs(2, 20, 1, 16, 16, gated=True, with_h0=True, seed=11)).items()}
+    args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["h0"], 1.0, 16, True)
+    torch.library.opcheck(module._fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    o, _, tm, bcum = module._fwd_op(*args)
+    bwd = (*args[:6], tm, bcum, torch.randn_like(o), torch.randn_like(x["h0"]), 1.0, 16)
+    torch.library.opcheck(module._bwd_op, bwd, test_utils=("test_schema", "test_faketensor"))

@@ -329,6 +329,11 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
         y, _ = _run(spec, "triton", k, v, q, lr, alpha_ch, s0, True)
         y_ref, _ = _run(spec, "reference", k, v, q, lr, alpha_ch, s0, True)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # a per-channel tensor given to a per-head spec in Titans' order: the PyTorch form, not a crash
+    spec = load_level(LEVELS["gd_l2_weight_decay"])
+    y, _ = _run(spec, "triton", k, v, q, lr, alpha_ch, s0, True)
+    y_ref, _ = _run(spec, "reference", k, v, q, lr, alpha_ch, s0, True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     # the chunked form of a level the kernel covers is the PyTorch code: a per-level A/B switch
     _run(load_level(LEVELS["deltanet"]), "chunked", k, v, q, lr, alpha, s0, False)
     assert calls["n"] == 0

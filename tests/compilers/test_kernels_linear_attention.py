@@ -107,3 +107,18 @@ def test_chunk_linear_attention_errors_name_the_argument():
         chunk_linear_attention(x, x, x, torch.zeros(1, 8, device=DEVICE))
     with pytest.raises(NLGraphError, match="chunk_linear_attention.chunk"):
         chunk_linear_attention(x, x, x, chunk=48)
+
+
+@pytest.mark.parametrize("gated", [True, "channel"])
+def test_the_ops_outputs_have_their_fakes_strides(gated):
+    """``torch.library.opcheck``: real outputs match the fake implementation (shapes, dtypes,
+    strides; inductor trusts the fake's), with B > 1 and T not a multiple of the chunk, where ``dg``
+    was once a view of a padded buffer."""
+    from nlgraph.compilers.kernels import linear_attention as module
+
+    q, k, v, g, h0 = (x.float().to(DEVICE) for x in _inputs(2, 20, 1, 16, 16, gated, True, seed=12))
+    args = (q, k, v, g, h0, 1.0, 16, True)
+    torch.library.opcheck(module._fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    o, _, bcum = module._fwd_op(*args)
+    bwd = (q, k, v, bcum, h0, torch.randn_like(o), torch.randn_like(h0), 1.0, 16)
+    torch.library.opcheck(module._bwd_op, bwd, test_utils=("test_schema", "test_faketensor"))
