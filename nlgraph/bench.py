@@ -510,7 +510,7 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
     try:  # fla is an optional anchor, never a dependency
         if not fla:
             raise LookupError("--anchor none")
-        if same not in ("chunk_delta_rule", "chunk_gated_delta_rule"):
+        if same not in ("chunk_delta_rule", "chunk_gated_delta_rule", "chunk_kda"):
             raise LookupError(f"has no layer of level '{key}''s kind")
         heads = level.memory.heads if hasattr(level, "memory") else level.heads
         gate = getattr(getattr(level, "output", None), "gate", None) is not None
@@ -519,6 +519,11 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
 
             theirs = GatedDeltaNet(hidden_size=width, expand_v=1, head_dim=width // heads, num_heads=heads,
                                    use_gate=gate, use_short_conv=True, conv_size=4)
+        elif same == "chunk_kda":  # its output gate and norm are always on, its decay gate low rank
+            from fla.layers import KimiDeltaAttention
+
+            theirs = KimiDeltaAttention(hidden_size=width, expand_v=1, head_dim=width // heads, num_heads=heads,
+                                        use_short_conv=True, conv_size=4)
         else:
             from fla.layers import DeltaNet
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -179,6 +180,35 @@ def test_layer_bench_times_the_whole_layer(tmp_path, capsys, monkeypatch):
     assert row["name"] == "nlgraph mixer layer (eager)" and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
     captured = capsys.readouterr()
     assert "fla not available" in captured.err and "not the same function" in captured.out
+
+
+@pytest.mark.parametrize("spec,layer", [("gated_deltanet", "GatedDeltaNet"), ("deltanet", "DeltaNet"),
+                                        ("kda", "KimiDeltaAttention")])
+def test_layer_bench_picks_flas_layer_of_the_same_kind(spec, layer, tmp_path, monkeypatch):
+    """The anchor of ``--layer`` is fla's layer of the level's function: DeltaNet, GatedDeltaNet, or
+    KimiDeltaAttention for a delta rule with a decay per key channel (stand-ins here: fla's layers
+    need its Triton kernels on a GPU)."""
+    import types
+
+    class Stand(torch.nn.Module):  # fla's layers return (output, attentions, cache)
+        def __init__(self, hidden_size, **_):
+            super().__init__()
+            self.proj = torch.nn.Linear(hidden_size, hidden_size)
+
+        def forward(self, x):
+            return self.proj(x), None, None
+
+    layers = types.ModuleType("fla.layers")
+    for name in ("DeltaNet", "GatedDeltaNet", "KimiDeltaAttention"):
+        setattr(layers, name, type(name, (Stand,), {}))
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.layers", layers)
+    out = tmp_path / "l.json"
+    assert main(["bench", spec, *TINY, "--layer", "mixer", "--device", "cpu", "--lengths", "32", "--batch", "1",
+                 "--modes", "eager", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["anchor"] == f"fla {layer}"
+    assert [r["name"] for r in res["rows"]] == [f"fla {layer}", "nlgraph mixer layer (eager)"]
 
 
 def test_layer_bench_refusals_are_one_line(capsys):
