@@ -79,10 +79,10 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
     b, _, _ = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
-    p = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC) * scale
+    pt = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC, TRANSPOSED=True) * scale  # Pᵀ
     dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                   padding_option="zero").to(tl.float32)
-    dvb = tl.dot(tl.trans(p), dob, input_precision=PREC)
+    dvb = tl.dot(pt, dob, input_precision=PREC)
     tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty), boundary_check=(0, 1))
 
 

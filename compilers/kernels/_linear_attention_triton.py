@@ -25,8 +25,8 @@ chunk is::
 
 ``A`` is not a product of two matrices that stays bounded (``K ⊙ e^{−b}`` overflows once a chunk
 decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, and its adjoints, in two
-parts (:func:`_intra_channel`): against the keys of earlier 16-row sub-blocks, one tensor-core
-product per sub-block through a reference row between them (both factors ≤ 1); against the keys of
+parts (:func:`_intra_channel`): against the keys of earlier 16-row sub-blocks, one ``tl.dot``
+per sub-block through a reference row between them (both factors ≤ 1); against the keys of
 a row's own sub-block, one key offset at a time with every exponent ``b_r − b_j ≤ 0``, on the CUDA
 cores (16 steps). Exact at any decay.
 Every kernel masks the rows past T with the future tokens: they read ``b = 0``, so ``b_r − b_j``
@@ -158,10 +158,11 @@ def _state_bwd(q, do, bcum, dht, dhs, dh0, scale, T, NT, H: tl.constexpr, K: tl.
 
 @triton.jit
 def _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                  V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                  A_T: tl.constexpr = False):
     """The backward's walk over value blocks of one chunk (both decays): stores ``dv = K_d dh +
-    Aᵀ dO`` (``a`` the scaled scores, ``kd`` the keys times their decay to the chunk's end) and
-    returns ``(dO hᵀ [C, BK], V dhᵀ [C, BK], dO Vᵀ [C, C], Σ_v h ⊙ dh per key row [BK])``."""
+    Aᵀ dO`` (``a`` the scaled scores, or with ``A_T`` already their transpose; ``kd`` the keys times
+    their decay to the chunk's end) and returns ``(dO hᵀ [C, BK], V dhᵀ [C, BK], dO Vᵀ [C, C], Σ_v h ⊙ dh per key row [BK])``."""
     dt = v.dtype.element_ty
     ds = tl.zeros([C, C], dtype=tl.float32)
     dq_acc = tl.zeros([C, BK], dtype=tl.float32)
@@ -179,7 +180,8 @@ def _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H: tl.co
         dq_acc += tl.dot(dob, tl.trans(hb.to(dt)), input_precision=PREC)
         dks += tl.dot(vb, tl.trans(dhb.to(dt)), input_precision=PREC)
         ds += tl.dot(dob, tl.trans(vb), input_precision=PREC)
-        dvb = tl.dot(kd, dhb.to(dt), input_precision=PREC) + tl.dot(tl.trans(a.to(dt)), dob, input_precision=PREC)
+        at = a.to(dt) if A_T else tl.trans(a.to(dt))
+        dvb = tl.dot(kd, dhb.to(dt), input_precision=PREC) + tl.dot(at, dob, input_precision=PREC)
         tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dv.dtype.element_ty),
                  boundary_check=(0, 1))
         hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), axis=1)
@@ -230,7 +232,8 @@ def _sub_block_factors(b, r, valid, s, live, C: tl.constexpr):
     """``(e^{b − b_ref}`` on the rows of 16-row sub-block ``s``, ``e^{b_ref − b}`` on the rows before
     it``)`` as ``[C, BK]``, 0 elsewhere, with ``b_ref`` the row just before the sub-block: every
     exponent is ≤ 0, so the product of the two factors is bounded, and ``(X e_x)(K e_k)ᵀ`` is the
-    sub-block's scores against all earlier keys in one tensor-core product. ``live``: the reference
+    sub-block's scores against all earlier keys in one ``tl.dot`` (on the tensor cores for 16-bit
+    inputs; float32 inputs multiply in IEEE float32). ``live``: the reference
     row is a real token (else the sub-block has none, and its keys' factor is 0)."""
     ref = s * 16 - 1
     bref = tl.sum(tl.where(r[:, None] == ref, b, 0.), axis=0)
@@ -256,12 +259,15 @@ def _same_block_keys(k, bcum, tok, i_t, i, T, H: tl.constexpr, K: tl.constexpr, 
 
 @triton.jit
 def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, PREC: tl.constexpr):
+                   BK: tl.constexpr, PREC: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """``A [C, C]`` of a chunk with per-channel decays, ``A[r, j] = Σ_c x_rc k_jc e^{b_rc − b_jc}`` for
-    ``j ≤ r`` (0 above the diagonal and on rows past T); ``xf, b [C, BK]`` float32.
+    ``j ≤ r`` (0 above the diagonal and on rows past T); ``xf, b [C, BK]`` float32. ``TRANSPOSED``
+    builds ``Aᵀ`` instead, for a caller that multiplies by it: ``tl.trans`` of a tile holding a
+    ``tl.dot`` result, fed to another ``tl.dot``, is what triton 3.4–3.7 miscompiles on Hopper (fla
+    issue 640).
 
-    Keys of earlier 16-row sub-blocks: one tensor-core product per sub-block through its reference
-    row (:func:`_sub_block_factors`). Keys of a row's own sub-block: one key offset at a time (16
+    Keys of earlier 16-row sub-blocks: one ``tl.dot`` per sub-block through its reference row
+    (:func:`_sub_block_factors`). Keys of a row's own sub-block: one key offset at a time (16
     steps of ``[C, BK]`` elementwise work), every exponent ``b_r − b_j ≤ 0``, exact at any decay.
     (A factorisation inside a sub-block would need ``e^{b_ref − b_j} ≥ 1``, which overflows once
     16 tokens decay past e^−88.)"""
@@ -273,12 +279,18 @@ def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr
                      padding_option="zero").to(tl.float32)
         for s in tl.static_range(1, C // 16):
             ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
-            a += tl.dot(xf * ex, tl.trans(kf * ek), input_precision=PREC)
+            if TRANSPOSED:
+                a += tl.dot(kf * ek, tl.trans(xf * ex), input_precision=PREC)
+            else:
+                a += tl.dot(xf * ex, tl.trans(kf * ek), input_precision=PREC)
     for i in range(16):
         j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
         below = ((r % 16) >= i) & valid
-        col = tl.sum(xf * kj * tl.exp(tl.where(below[:, None], b - bj, 0.)), axis=1)
-        a += tl.where(r[None, :] == j[:, None], tl.where(below, col, 0.)[:, None], 0.)
+        col = tl.where(below, tl.sum(xf * kj * tl.exp(tl.where(below[:, None], b - bj, 0.)), axis=1), 0.)
+        if TRANSPOSED:  # Aᵀ[j_r, r] = col[r]
+            a += tl.where(r[:, None] == j[None, :], col[None, :], 0.)
+        else:
+            a += tl.where(r[None, :] == j[:, None], col[:, None], 0.)
     return a
 
 
@@ -288,7 +300,8 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
     """The adjoints of ``A[r, j] = Σ_c x_rc k_jc e^{b_rc − b_jc}`` (``j ≤ r``, as :func:`_intra_channel`)
     given ``ds = ∂L/∂A [C, C]`` (used on and below the diagonal, valid rows only), in the same two
     parts: ``(∂L/∂x [C, BK], ∂L/∂k [C, BK])`` through A alone. The gradient of ``b`` is
-    ``x ⊙ ∂L/∂x − k ⊙ ∂L/∂k``. No product transposes a product (fla issue 640's Hopper pattern)."""
+    ``x ⊙ ∂L/∂x − k ⊙ ∂L/∂k``. The one ``tl.trans`` of a product here feeds no other product (fla
+    issue 640's Hopper pattern is a transposed product fed to a ``tl.dot``)."""
     r = tl.arange(0, C)
     valid = i_t * C + r < T
     dx = tl.zeros([C, BK], dtype=tl.float32)
@@ -298,7 +311,7 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
                      padding_option="zero").to(tl.float32)
         for s in tl.static_range(1, C // 16):
             ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
-            dss = tl.where(((r // 16) == s)[:, None] & (r[None, :] < s * 16), ds, 0.)
+            dss = tl.where(((r // 16) == s)[:, None] & valid[:, None] & (r[None, :] < s * 16), ds, 0.)
             dx += tl.dot(dss, kf * ek, input_precision=PREC) * ex
             dk += tl.trans(tl.dot(tl.trans(xf * ex), dss, input_precision=PREC)) * ek
     for i in range(16):
@@ -351,9 +364,9 @@ def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: 
     qf, kf = qb.to(tl.float32), kb.to(tl.float32)
     ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # [C, BK]
     kd = (kf * ek).to(dt)
-    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC) * scale  # [C, C]
-    dq_acc, dks, ds, hdh = _value_blocks(v, hs, dhs, do, dv, a, kd, i_b, i_h, i_t, tok, T, NT, H, K, V, C, BK, BV,
-                                         PREC)
+    at = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC, TRANSPOSED=True) * scale  # Aᵀ [C, C]
+    dq_acc, dks, ds, hdh = _value_blocks(v, hs, dhs, do, dv, at, kd, i_b, i_h, i_t, tok, T, NT, H, K, V, C, BK, BV,
+                                         PREC, A_T=True)
     # the adjoints of A: dA = scale · dO Vᵀ below the diagonal
     dqa, dka = _intra_channel_adjoint(qf, b, k, bcum, ds * scale, tok, i_t, T, H, K, C, BK, PREC)
     dqb = dq_acc * tl.exp(b) * scale + dqa

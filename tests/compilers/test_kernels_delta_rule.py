@@ -230,6 +230,10 @@ def _channel_inputs(b, t, h, dk, dv, *, strength, with_h0, seed):
         (1, 60, 1, 80, 16, 64, 0.2, True, False),    # Dk past one block of 64; a partial only chunk
         (1, 19, 2, 16, 16, 16, 0.05, True, False),   # nearly no decay, output only
         (2, 64, 2, 24, 80, 32, 1.0, True, True),     # T a multiple of the chunk, two value blocks
+        # valid keys decaying past e^-88 before a sub-block whose reference row is past T; strong
+        # decays at chunk 32
+        (1, 104, 1, 16, 16, 64, 8.0, True, True),
+        (1, 64, 1, 16, 16, 32, 8.0, True, True),
     ],
 )
 def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final):

@@ -54,6 +54,10 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     # did, in the backward, before they were masked)
     (1, 60, 2, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 60, 2, 16, 16, "strong_head", True, 64, torch.float32, 1e-5),
+    # the last chunk's valid keys decay past e^-88 before a sub-block whose reference row is past T
+    # (its keys' factor e^{b_ref − b} would overflow unless masked), and T a multiple of the chunk
+    (1, 104, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
+    (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
 ])
 def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol):
