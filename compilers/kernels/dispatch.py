@@ -82,6 +82,18 @@ _override: str | None = None
 _env: str = os.environ.get(ENV, "")
 
 
+
+def _switch(env: str, default: bool) -> bool:
+    """A per-process override of a kernel's CUDA switch from ``env``: ``1`` / ``on`` / ``true`` /
+    ``yes`` turn it on, ``0`` / ``off`` / ``false`` / ``no`` off; unset or anything else keeps
+    ``default``."""
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    return default
+
 def _check_mode(mode: str, where: str) -> str:
     if mode not in MODES:
         raise NLGraphError(f"unknown kernel mode {mode!r}; use one of {', '.join(MODES)}", path=where)
@@ -385,7 +397,8 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
 #: kernels of ``_delta_rule_channel_triton``) runs on CUDA tensors: off until
 #: ``benchmarks/delta_rule_channel_kernel.py`` passes on the H200, as they have been checked through the CPU
 #: interpreter only. CPU tensors under ``interpret`` run them.
-DELTA_RULE_CHANNEL_ON_GPU = False
+#: ``NLGRAPH_DELTA_RULE_CHANNEL_GPU=1`` turns it on for a process (to check or time it on a GPU).
+DELTA_RULE_CHANNEL_ON_GPU = _switch("NLGRAPH_DELTA_RULE_CHANNEL_GPU", False)
 
 
 # --------------------------------------------------------------------------- linear attention (b = 0)
@@ -398,7 +411,8 @@ LINEAR_ATTENTION_ON_GPU = True
 #: The same for a decay per key channel (GLA's; ``_output_channel`` / ``_grads_channel``), off until
 #: those kernels pass ``benchmarks/linear_attention_kernel.py --channel`` on the H200: they have
 #: been checked through the CPU interpreter only. CPU tensors under ``interpret`` run them.
-LINEAR_ATTENTION_CHANNEL_ON_GPU = False
+#: ``NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU=1`` turns it on for a process.
+LINEAR_ATTENTION_CHANNEL_ON_GPU = _switch("NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU", False)
 
 
 def _channel_decay(spec: Any) -> bool:
@@ -466,7 +480,8 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 #: (:mod:`~nlgraph.compilers.kernels.recurrence`; online linear levels with per-head gates that
 #: neither kernel above takes: momentum, DGD with momentum, the outer objective). Off until ``benchmarks/online_form.py --check`` passes on the H200:
 #: it has been checked through the CPU interpreter only. CPU tensors under ``interpret`` run it.
-ONLINE_RECURRENCE_ON_GPU = False
+#: ``NLGRAPH_ONLINE_RECURRENCE_GPU=1`` turns it on for a process.
+ONLINE_RECURRENCE_ON_GPU = _switch("NLGRAPH_ONLINE_RECURRENCE_GPU", False)
 #: The recurrence kernel holds a state row's key width whole: up to 128 (wider runs the PyTorch loop).
 RECURRENCE_MAX_KEY = 128
 
@@ -505,7 +520,7 @@ def online_recurrence_for(run: Any, chunk: int):
 #: Triton 3.4–3.7 miscompiles some backward kernels on Hopper, which the CPU interpreter cannot show).
 #: Larger tiles keep the PyTorch form. ``NLGRAPH_MLP_MEMORY_GPU=0`` (or off / false / no) turns it
 #: off for a process.
-MLP_MEMORY_ON_GPU = os.environ.get("NLGRAPH_MLP_MEMORY_GPU", "1").strip().lower() not in ("0", "off", "false", "no")
+MLP_MEMORY_ON_GPU = _switch("NLGRAPH_MLP_MEMORY_GPU", True)
 
 
 def why_no_mlp_memory_kernel(spec: Any) -> str | None:

@@ -669,3 +669,12 @@ def test_run_level_asks_for_the_form_at_its_keys_head_width(monkeypatch):
     runtime.run_level(level, keys=k, values=v, queries=q, state=state, lr=lr, retention=alpha, momentum=mu,
                       form="chunked")
     assert seen == [8]
+
+
+def test_cuda_switches_read_their_environment_overrides(monkeypatch):
+    """``NLGRAPH_*_GPU`` turns a kernel's CUDA switch on or off for a process (a GPU check or timing
+    before the default changes); anything else keeps the default."""
+    for value, default, expected in (("1", False, True), ("on", False, True), ("0", True, False),
+                                     ("off", True, False), ("", False, False), ("maybe", True, True)):
+        monkeypatch.setenv("NLGRAPH_TEST_SWITCH", value)
+        assert dispatch._switch("NLGRAPH_TEST_SWITCH", default) is expected, value
