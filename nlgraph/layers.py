@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .levels.gates import scaled
 from .levels.memories import _activation
 from .spec.schema import AttentionSpec, GateSpec, MlpMemorySpec, StreamSpec, resolve_width
 
@@ -139,7 +140,7 @@ class Gate(nn.Module):
     (``per: channel``) or ``[B, T, 1]`` (``per: scalar``), equal to ``scale * act(W x + b)``.
 
     ``logsigmoid`` gates are returned exponentiated (a factor in (0, 1)), because the runtime takes
-    activated values.
+    activated values; their ``scale`` acts in log space (``sigmoid^scale``).
     """
 
     def __init__(self, spec: GateSpec, width_in: int, heads: int, d_head: int) -> None:
@@ -152,25 +153,7 @@ class Gate(nn.Module):
             self.proj.bias.fill_(spec.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.proj(x)
-        act = self.spec.act
-        if act == "logsigmoid":
-            y = torch.exp(F.logsigmoid(z))
-        elif act in ("identity",):
-            y = z
-        elif act == "sigmoid":
-            y = torch.sigmoid(z)
-        elif act == "softplus":
-            y = F.softplus(z)
-        elif act == "exp":
-            y = torch.exp(z)
-        elif act == "tanh":
-            y = torch.tanh(z)
-        elif act == "silu":
-            y = F.silu(z)
-        else:
-            y = F.relu(z)
-        y = y * self.spec.scale
+        y = scaled(self.spec.act, self.proj(x), self.spec.scale)
         if self.spec.per == "channel":
             return y.unflatten(-1, (self.heads, self.d_head))
         return y

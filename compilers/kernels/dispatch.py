@@ -276,6 +276,22 @@ def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str, initial: bo
         return "retention toward the initial state"
     if getattr(ret.gate, "per", "head") == "channel" and not channel:
         return f"a per-channel {'decay' if ret.kind == 'decay' else 'retention gate'}"
+    return _why_not_positive(ret.gate)
+
+
+#: Gate activations whose value can be negative (or, scaled, zero): the kernels take log α
+NOT_POSITIVE = ("identity", "tanh", "silu")
+
+
+def _why_not_positive(gate: Any) -> str | None:
+    """The kernels take a retention factor through ``log α`` (clamped at a tiny positive value), so a
+    gate that can be negative would silently become a near-total decay there: such a level keeps
+    the PyTorch form, which takes α as it is."""
+    if isinstance(gate, (int, float)):
+        return None if gate > 0 else f"a retention factor {gate} ≤ 0"
+    act, scale = getattr(gate, "act", None), getattr(gate, "scale", 1.0)
+    if act in NOT_POSITIVE or scale <= 0:
+        return f"a retention gate that can be ≤ 0 (act {act}, scale {scale})"
     return None
 
 

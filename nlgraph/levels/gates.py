@@ -28,9 +28,20 @@ from ..spec.schema import GateSpec
 __all__ = ["AdaptiveGate", "activate", "resolve_rate"]
 
 
+def scaled(act: str, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A gate's value ``scale · act(x)``. ``logsigmoid`` is a log-space factor: its scale acts in log
+    space, ``exp(scale · logsigmoid(x)) = sigmoid(x)^scale`` (GLA's temperature: ``scale: 1/16``),
+    returned exponentiated, because the runtime works with activated factors. Shared by
+    :class:`nlgraph.layers.Gate` and :class:`AdaptiveGate`."""
+    if act == "logsigmoid":
+        return torch.exp(scale * F.logsigmoid(x)) if scale != 1.0 else torch.sigmoid(x)
+    return scale * activate(act, x)
+
+
 def activate(act: str, x: torch.Tensor) -> torch.Tensor:
     """A gate activation. ``logsigmoid`` returns the factor ``exp(logsigmoid(x)) = sigmoid(x)``,
-    matching :class:`nlgraph.layers.Gate`, because the runtime works with activated factors."""
+    matching :class:`nlgraph.layers.Gate`, because the runtime works with activated factors (its
+    scale, in log space, is :func:`scaled`'s)."""
     if act == "identity":
         return x
     if act in ("sigmoid", "logsigmoid"):
@@ -65,7 +76,7 @@ class AdaptiveGate:
             z = read.mean(dim=(1, -1), keepdim=True).squeeze(-1).expand(read.shape[:-1])
         else:
             z = read
-        return self.spec.scale * activate(self.spec.act, z + self.spec.bias)
+        return scaled(self.spec.act, z + self.spec.bias, self.spec.scale)
 
 
 Resolved = torch.Tensor | AdaptiveGate

@@ -180,12 +180,14 @@ class GateSpec(_Spec):
         "sigmoid"
     )
     """Activation applied to the projected source. ``logsigmoid`` yields a log-space factor that the
-    runtime exponentiates (numerically stable decays, as in Mamba2 / Gated DeltaNet)."""
+    runtime exponentiates (numerically stable decays, as in Mamba2 / Gated DeltaNet); its ``scale``
+    multiplies the log, ``α = exp(scale · logsigmoid(z)) = sigmoid(z)^scale`` (GLA's temperature)."""
     per: Literal["scalar", "head", "channel"] = "head"
     """Granularity: one value per token (``scalar``), per token and head (``head``), or per token,
     head and key channel (``channel``: diagonal gates as in GLA / per-channel Titans)."""
     scale: float = 1.0
-    """Constant factor applied after the activation (e.g. TTT's η_base)."""
+    """Constant factor applied after the activation (e.g. TTT's η_base); for ``logsigmoid``, to the
+    log-space value, before it is exponentiated."""
     bias: float = 0.0
     """Initial value of the projection bias, so a gate can start near a chosen operating point."""
 

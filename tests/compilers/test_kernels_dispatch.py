@@ -329,6 +329,18 @@ def test_uncovered_levels_and_chunks_keep_the_pytorch_form(calls):
         y, _ = _run(spec, "triton", k, v, q, lr, alpha_ch, s0, True)
         y_ref, _ = _run(spec, "reference", k, v, q, lr, alpha_ch, s0, True)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # a retention gate that can be negative (tanh): the linear kernels' log α would clamp it silently;
+    # the delta-rule kernel is not called (asserted below)
+    for act in ("tanh", "identity", "silu"):
+        spec = load_level({**LEVELS["gated_deltanet"], "retention": {"kind": "decay", "gate": {"act": act}}})
+        assert "can be ≤ 0" in dispatch.why_no_online_kernel(spec), act  # (the recurrence kernel takes α as is)
+        la = load_level({**LEVELS["deltanet"], "objective": {"kind": "dot"},
+                         "retention": {"kind": "decay", "gate": {"act": act}}})
+        assert "can be ≤ 0" in dispatch.why_no_online_linear_attention(la), act
+    negative = -0.5 * alpha
+    y, _ = _run(spec, "triton", k, v, q, lr, negative, s0, True)
+    y_ref, _ = _run(spec, "reference", k, v, q, lr, negative, s0, True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     # a per-channel tensor given to a per-head spec in Titans' order: the PyTorch form, not a crash
     spec = load_level(LEVELS["gd_l2_weight_decay"])
     y, _ = _run(spec, "triton", k, v, q, lr, alpha_ch, s0, True)

@@ -47,6 +47,24 @@ def test_gate_granularities_and_logsigmoid():
         assert y.shape == shape and bool(((y > 0) & (y < 1)).all())
 
 
+def test_a_logsigmoid_gates_scale_acts_in_log_space():
+    """``act: logsigmoid`` with ``scale: s`` is ``α = exp(s · logsigmoid(z)) = sigmoid(z)^s`` (GLA's
+    temperature), in a projected gate and in an adaptive one; other activations scale the value.
+    (It once scaled the exponentiated factor, which made GLA's α = sigmoid(z)/16 ≈ 0.06.)"""
+    from nlgraph.levels.gates import AdaptiveGate
+
+    x = torch.randn(2, 5, 16)
+    g = Gate(GateSpec(per="channel", act="logsigmoid", scale=0.0625, bias=4.0), 16, heads=4, d_head=3)
+    z = g.proj(x).unflatten(-1, (4, 3))
+    torch.testing.assert_close(g(x), torch.sigmoid(z) ** 0.0625)
+    assert float(g(x).detach().min()) > 0.99  # starts near 0.999, as specs/gla.yaml says
+    read = torch.randn(2, 4, 5, 3)
+    spec = GateSpec(**{"from": "adaptive.alpha"}, per="channel", act="logsigmoid", scale=0.5, bias=1.0)
+    torch.testing.assert_close(AdaptiveGate("alpha", spec, read).value(read), torch.sigmoid(read + 1.0) ** 0.5)
+    s = Gate(GateSpec(per="head", act="sigmoid", scale=0.1), 16, heads=4, d_head=3)
+    torch.testing.assert_close(s(x), 0.1 * torch.sigmoid(s.proj(x)))
+
+
 def test_swiglu_mlp():
     m = Mlp(MlpMemorySpec(kind="mlp", hidden=8, activation="swiglu"), 6)
     assert m.layers[0].out_features == 16 and m(torch.randn(2, 3, 6)).shape == (2, 3, 6)
