@@ -28,7 +28,8 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from .linear_attention import _per_channel
+from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
+from .linear_attention import _kernels as _la_kernels
 
 __all__ = ["chunk_delta_rule"]
 
@@ -125,8 +126,6 @@ def _wu_channel(kc, p, k, v, beta, bcum, tm, solve: bool):
 
 def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     """The forward with a decay per key channel (``g [B, T, H, Dk]``): T is kept in float32."""
-    from .linear_attention import _chunk_cumsum
-
     kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk)
     b, t, h = p["B"], p["T"], p["H"]
@@ -135,8 +134,6 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=True)
     hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state, gk=True)
     o = torch.empty_like(v)
-    from .linear_attention import _kernels as _la_kernels
-
     _la_kernels(q).output_channel[(_cdiv(p["V"], p["BV"]), p["NT"], b * h)](
         q, k, vn, bcum, hs, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
         PREC=p["PREC"])
@@ -144,8 +141,6 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
 
 
 def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
-    from .linear_attention import _chunk_revcumsum
-
     kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]

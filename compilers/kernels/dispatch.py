@@ -82,7 +82,6 @@ _override: str | None = None
 _env: str = os.environ.get(ENV, "")
 
 
-
 def _switch(env: str, default: bool) -> bool:
     """A per-process override of a kernel's CUDA switch from ``env``: ``1`` / ``on`` / ``true`` /
     ``yes`` turn it on, ``0`` / ``off`` / ``false`` / ``no`` off; unset or anything else keeps
@@ -93,6 +92,7 @@ def _switch(env: str, default: bool) -> bool:
     if value in ("0", "off", "false", "no"):
         return False
     return default
+
 
 def _check_mode(mode: str, where: str) -> str:
     if mode not in MODES:
@@ -260,7 +260,8 @@ def _why_not_read_and_decay(spec: Any, channel: bool = False) -> str | None:
         return f"read: {spec.read}"
     # weight_decay (Titans' order) maps onto the decay before the write, and the retention toward
     # W_0 onto the rule of the deviation W − W_0 (see the module docstring)
-    return _why_not_retention(spec.retention, ("decay", "weight_decay"), "", initial=True, channel=channel)
+    why = _why_not_retention(spec.retention, ("decay", "weight_decay"), "", initial=True, channel=channel)
+    return why or (_why_not_positive(spec.retention.gate) if spec.retention is not None else None)
 
 
 def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str, initial: bool = False,
@@ -276,17 +277,18 @@ def _why_not_retention(ret: Any, kinds: tuple[str, ...], order: str, initial: bo
         return "retention toward the initial state"
     if getattr(ret.gate, "per", "head") == "channel" and not channel:
         return f"a per-channel {'decay' if ret.kind == 'decay' else 'retention gate'}"
-    return _why_not_positive(ret.gate)
+    return None
 
 
-#: Gate activations whose value can be negative (or, scaled, zero): the kernels take log α
+#: Gate activations whose value can be negative (or, scaled, zero): the linear kernels take log α
 NOT_POSITIVE = ("identity", "tanh", "silu")
 
 
 def _why_not_positive(gate: Any) -> str | None:
-    """The kernels take a retention factor through ``log α`` (clamped at a tiny positive value), so a
-    gate that can be negative would silently become a near-total decay there: such a level keeps
-    the PyTorch form, which takes α as it is."""
+    """The delta-rule and linear-attention kernels take a retention factor through ``log α`` (clamped
+    at a tiny positive value), so a gate that can be negative would silently become a near-total
+    decay there: such a level keeps the PyTorch form (or the recurrence kernel), which takes α as it
+    is."""
     if isinstance(gate, (int, float)):
         return None if gate > 0 else f"a retention factor {gate} ≤ 0"
     act, scale = getattr(gate, "act", None), getattr(gate, "scale", 1.0)
@@ -367,8 +369,8 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
         if alpha.shape[-1] == 1:
             alpha = alpha[..., 0]
         elif run.retention == "weight_decay" or (q.device.type == "cuda" and not DELTA_RULE_CHANNEL_ON_GPU):
-            # a per-channel tensor given to a level whose spec gates per head: Titans' order is no
-            # delta rule per channel (the PyTorch form computes it)
+            # Titans' order with a per-channel tensor (given to a spec that gates per head) is no
+            # delta rule; and on CUDA the per-channel kernels wait for their GPU check
             return None
         else:  # a decay per key channel (Kimi Delta Attention's gate)
             alpha = alpha.expand(b, t, h, k.shape[-1])
