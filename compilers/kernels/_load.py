@@ -1,4 +1,5 @@
-"""Loading a kernel module's Triton kernels on first use, with one error for each way it can fail."""
+"""Loading a kernel module's Triton kernels on first use, with one error for each way it can fail, and
+the block-size arithmetic the kernels' wrappers share."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def load_kernels(importer, q: torch.Tensor, op: str, what: str):
                            "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
                            path=f"{op}.q")
     return mod.kernels()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``⌈a / b⌉``: how many blocks of ``b`` cover ``a``."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The block a dimension of ``n`` is held in: the next power of two, at least 16 (``tl.dot``'s
+    smallest)."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())

@@ -28,6 +28,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
+from ._load import cdiv as _cdiv, pow2 as _pow2
 from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -60,14 +61,6 @@ def _kernels(q: torch.Tensor, channel: bool = False):
         return mod
 
     return load_kernels(importer, q, _OP, "delta-rule")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
+from ._load import cdiv as _cdiv
+
 __all__ = ["chunk_linear_attention", "token_loop"]
 
 _OP = "chunk_linear_attention"
@@ -45,10 +47,6 @@ def _kernels(q: torch.Tensor):
         return mod
 
     return load_kernels(importer, q, _OP, "linear-attention")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
+from ._load import pow2 as _pow2
+
 __all__ = ["chunk_mlp_memory", "random_inputs", "token_loop"]
 
 _OP = "chunk_mlp_memory"
@@ -51,10 +53,6 @@ def _kernels(q: torch.Tensor):
         return mod
 
     return load_kernels(importer, q, _OP, "MLP-memory")
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int, before: bool = False):

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from ._load import pow2 as _pow2
+
 __all__ = ["fits", "loop", "online_recurrence"]
 
 _OP = "online_recurrence"
@@ -33,10 +35,6 @@ def _kernels(x: torch.Tensor):
         return mod
 
     return load_kernels(importer, x, _OP, "recurrence")
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def fits(n: int, o: int, i: int) -> bool:
