@@ -17,9 +17,10 @@
    is importable (relative error of the outputs against fla's where the function is the same).
 3. ``--profile``: the CUDA kernels of one Triton forward + backward, by total time.
 
-``--resources`` instead compiles every kernel for sm_90 with each autotune config, on any machine
-(no GPU: triton ships ptxas and cuobjdump), and prints registers, spills, shared memory and the
-count of wgmma (HGMMA) instructions: ``python benchmarks/kernels.py --resources``.
+``--resources`` instead compiles every kernel for sm_90 with each autotune config and every warp count
+``NLGRAPH_TRITON_WARPS`` allows, on any machine (no GPU: triton ships ptxas and cuobjdump), and prints
+registers, spills, shared memory and the count of wgmma (HGMMA) instructions:
+``python benchmarks/kernels.py --resources`` (``benchmarks/kernel_resources.py`` for the other kernels).
 
 ``NLGRAPH_TRITON_WARPS=2`` (or ``4``, ``8``, ``4,8``) sets the warp counts every kernel's autotuner may
 pick (default: 4 and 8, the three heavy backward kernels 8 only): a way around a Hopper miscompile if
@@ -37,6 +38,7 @@ import platform
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -340,80 +342,6 @@ def profile_rows(args, device: str) -> list[dict]:
     return rows[:16]
 
 
-def resource_rows(args) -> list[dict]:
-    """Compile every kernel for sm_90 (Hopper) with each autotune config, without a GPU (triton ships
-    ptxas and cuobjdump), and read registers, spills (stack bytes, LDL/STL in the SASS), shared
-    memory and whether the products use wgmma (HGMMA)."""
-    import inspect
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from nlgraph.compilers.kernels import _delta_rule_triton as kmod
-    from nlgraph.compilers.kernels.delta_rule import _wy_lowp  # the level a run in this dtype uses
-
-    dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
-    d, c = args.dim, args.chunk
-    kp = max(16, 1 << (d - 1).bit_length())
-    prec = "ieee" if dt == "fp32" else "tf32"
-    lowp = _wy_lowp(getattr(torch, args.dtype))
-    f32, x = "*fp32", "*" + dt
-    tok = {"T": "i32"}
-    sigs = {
-        "prepare": (dict(k=x, v=x, beta=x, g=f32, bcum=f32, tm=x, w=x, u=x, **tok),
-                    dict(BK=min(kp, 64), BV=min(kp, 64), SOLVE=True, SPREC=prec, NB=c // 16)),
-        "state_fwd": (dict(k=x, w=x, u=x, bcum=f32, h0=f32, hs=x, vn=x, ht=f32, NT="i32", **tok),
-                      dict(BK=kp, USE_H0=True, STORE_HT=True)),
-        "output": (dict(q=x, k=x, vn=x, hs=x, bcum=f32, o=x, scale="fp32", NT="i32", **tok),
-                   dict(BK=min(kp, 64), BV=min(kp, 64))),
-        "dv_local": (dict(q=x, k=x, do=x, bcum=f32, dvl=x, scale="fp32", **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
-        "state_bwd": (dict(q=x, k=x, w=x, bcum=f32, do=x, dvl=x, dht=f32, dhs=x, dvn=x, dh0=f32, scale="fp32",
-                           NT="i32", **tok), dict(BK=kp, USE_DHT=True, STORE_DH0=True)),
-        "qkw_bwd": (dict(q=x, k=x, vn=x, dvn=x, do=x, hs=x, dhs=x, bcum=f32, dq=x, dk=f32, dw=f32, db=f32,
-                         scale="fp32", NT="i32", B="i32", **tok), dict(BK=min(kp, 64), BV=min(kp, 64))),
-        # with 16-bit products (NLGRAPH_WY_LOWP > 0) dW arrives in the input dtype
-        "wy_bwd": (dict(k=x, v=x, beta=x, bcum=f32, tm=x, dw=x if lowp else f32, dvn=x, dkp=f32, db=f32, dk=x,
-                        dv=x, dbeta=x, dg=f32, **tok), dict(BK=min(kp, 64), BV=min(kp, 64), LOWP=lowp)),
-    }
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    rows = []
-    for name, (sig, consts) in sigs.items():
-        fn = triton.jit(kmod._SOURCES[name])
-        params = list(inspect.signature(kmod._SOURCES[name]).parameters)
-        base = {"H": args.heads, "K": d, "V": d, "C": c, "PREC": prec, "USE_G": True, **consts}
-        blocks = [{"BV": bv} for bv in (32, 64)] if name in kmod.STATE_KERNELS else [{}]
-        for extra in blocks:
-            for warps in kmod._WARPS:  # every count the env allows, to show why some are left out
-                cx = {k: v for k, v in {**base, **extra}.items() if k in params}
-                full = {a: "constexpr" if a in cx else sig[a] for a in params}
-                row = {"kernel": name, "warps": warps, **extra}
-                try:
-                    ck = triton.compile(ASTSource(fn, full, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                                        options={"num_warps": warps, "num_stages": 2})
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(ck.asm["cubin"])
-                        f.flush()
-                        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
-                                             capture_output=True, text=True).stdout
-                        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
-                                              capture_output=True, text=True).stdout
-                    for key in ("REG", "STACK"):
-                        m = re.search(key + r":(\d+)", res)
-                        row[key.lower()] = int(m.group(1)) if m else None
-                    row["smem"] = ck.metadata.shared
-                    row.update({op: sass.count(op) for op in ("HGMMA", "LDL", "STL")})
-                except Exception as e:  # noqa: BLE001  (a kernel that does not compile is the finding)
-                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    return rows
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="write checks, timings and profile as JSON to this file")
@@ -435,17 +363,13 @@ def main() -> int:
     p.add_argument("--resources", action="store_true",
                    help="only compile the kernels for sm_90 (no GPU needed) and print registers / spills")
     args = p.parse_args()
-    if args.resources:
-        rows = resource_rows(args)
-        if args.out:
-            atomic_write(args.out, (json.dumps({"resources": rows}, indent=2) + "\n").encode())
-        print(f"\n{'kernel':<10} {'BV':>3} {'warps':>5} {'regs':>5} {'stack B':>8} {'smem B':>7} {'HGMMA':>6} "
-              f"{'LDL':>5}  error")
-        for r in rows:
-            print(f"{r['kernel']:<10} {r.get('BV', '-'):>3} {r['warps']:>5} {r.get('reg', '-'):>5} "
-                  f"{r.get('stack', '-'):>8} {r.get('smem', '-'):>7} {r.get('HGMMA', '-'):>6} {r.get('LDL', '-'):>5}"
-                  f"  {r.get('error', '')}")
-        return 1 if any("error" in r for r in rows) else 0
+    if args.resources:  # benchmarks/kernel_resources.py does it for every kernel; these are the delta rule's
+        import subprocess
+
+        cmd = [sys.executable, str(Path(__file__).with_name("kernel_resources.py")), "--all-warps",
+               "--cases", "delta_rule", "gated_delta_rule", "--dim", str(args.dim), "--chunk", str(args.chunk),
+               "--dtype", args.dtype] + (["--json", str(args.out)] if args.out else [])
+        return subprocess.run(cmd).returncode
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device here, so nothing to check or time (exit 0)")
         return 0

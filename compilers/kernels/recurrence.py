@@ -115,12 +115,15 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
     dyt, dze, dye = (part(n, i), part(), part()) if mom else (_empty(ws), _empty(ws), _empty(ws))
     dp2 = part(n, i) if p2 is not None else _empty(ws)
     prec = "ieee" if xt.dtype == torch.float32 else "tf32"
+    # two pipeline stages, not Triton's three: compiled for sm_90 at a [128, 128] state, chunk 64 and
+    # bfloat16, three asked for 294,912 bytes of shared memory (the H200 has 232,448) and two for
+    # 180,224 (benchmarks/kernel_resources.py --cases recurrence)
     _kernels(ws).bwd[(nob, b * h)](
         ws, ss if mom else e, es, xt, ge, p1 if p1 is not None else e, yt if mom else e, ze if mom else e,
         ye if mom else e, p2 if p2 is not None else e, dws.contiguous(), dss.contiguous() if mom else e,
         des.contiguous(), dwt.contiguous(), dst.contiguous() if mom else e, dw0, ds0, du, dxt, dge, dp1, dyt, dze,
         dye, dp2, nc, b * h, N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None,
-        PREC=prec)
+        PREC=prec, num_stages=2)
 
     def total(t):
         return t.sum(0) if t.numel() else t

@@ -1,0 +1,69 @@
+"""Benchmarks only: launch nlgraph's plain (not autotuned) Triton kernels at another warp count, to
+time what a launch setting would do before the product changes it.
+
+    with plain_warps(8):
+        ...  # every launch of the linear-attention and per-channel delta-rule kernels, forward and
+             # backward, that names no warps of its own runs with 8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+# the modules whose kernels are plain @triton.jit (the per-head delta-rule kernels autotune theirs)
+PLAIN = ("_linear_attention_triton", "_delta_rule_channel_triton")
+
+
+class _Warps:
+    def __init__(self, kernel, warps: int):
+        self.kernel, self.warps = kernel, warps
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            kwargs.setdefault("num_warps", self.warps)
+            return launch(*args, **kwargs)
+
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@contextlib.contextmanager
+def plain_warps(warps: int | None, modules: tuple[str, ...] = PLAIN):
+    """Inside, the kernels of ``modules`` launch with ``warps`` (``None``: as they are)."""
+    saved = []
+    if warps is not None:
+        for name in modules:
+            holder = importlib.import_module(f"nlgraph.compilers.kernels.{name}").kernels()
+            for attr in [a for a in vars(holder) if not a.startswith("_")]:
+                kernel = getattr(holder, attr)
+                if hasattr(kernel, "fn"):
+                    saved.append((holder, attr, kernel))
+                    setattr(holder, attr, _Warps(kernel, warps))
+    try:
+        yield
+    finally:
+        for holder, attr, kernel in saved:
+            setattr(holder, attr, kernel)
+
+
+def with_warps(time_rows, impls, ours, warps, inputs, tokens, dev) -> list[dict]:
+    """``nlgraph.bench.time_rows`` of ``impls`` (an anchor first, if any) as launched, then of ``ours``
+    again with the plain kernels at each count of ``warps``, after the anchor timed again so their
+    ratios come from one call. The backward's launches happen outside the timed function, so the
+    whole call runs inside ``plain_warps``."""
+    def log(line):
+        print(line, flush=True)
+
+    anchor = impls[0] if impls[0][2] else None
+    rows = time_rows(impls, inputs, tokens, dev, log, anchor[0] if anchor else None, compare=True)
+    for w in warps:
+        again = [(f"{name}, {w} warps", fn, False) for name, fn, _ in ours]
+        with plain_warps(w):
+            rows += time_rows(([anchor] if anchor else []) + again, inputs, tokens, dev, log,
+                              anchor[0] if anchor else None, compare=True)[1 if anchor else 0:]
+    return rows

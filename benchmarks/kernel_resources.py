@@ -1,0 +1,349 @@
+"""nlgraph's Triton kernels compiled for sm_90 (Hopper) on any machine, without a GPU: registers,
+spills, shared memory against the H200's limit, wgmma use and compile seconds, at the shapes a level
+launches them with.
+
+A kernel that asks for more shared memory than the GPU has compiles and then fails at its first
+launch there (``OutOfResources``): the per-channel delta rule's backward at Dk=128 and chunk 64 did,
+on the H200, after its checks had passed through Triton's CPU interpreter, which has no such limit.
+This finds that before a GPU session. It runs in two steps:
+
+1. record: each case below (``--cases``) runs its op forward and backward on CPU through Triton's
+   interpreter at the model's head dims and chunk (a short sequence), and every kernel launch is
+   recorded: the kernel, the constexpr values and the argument types. The interpreter has no
+   bfloat16, so it records float16, and the compile step types the 16-bit pointers as ``--dtype``.
+2. compile: each distinct launch is compiled for sm_90 (triton ships ptxas and cuobjdump) with the
+   configs the GPU would run: for the autotuned per-head delta-rule kernels, every config their
+   autotuner may pick (warps, and the V block of the chunk recurrences); for Titans' MLP memory,
+   the warps and stages its launch names; for the others, Triton's defaults (4 warps, 3 stages),
+   which is what they launch with.
+
+The cases: the delta rule plain and gated (per head), linear attention per head, GLA and KDA (per
+key channel), Titans' MLP memory (hidden 4·D, at the largest chunk the plan runs at that head dim on
+CUDA), the online recurrence kernel (momentum, updates that read the state; a ``[D, D]`` state) and
+the short convolution (4 taps, ``4·D`` channels, SiLU).
+
+    python benchmarks/kernel_resources.py                      # every case, D=128, chunk 64
+    python benchmarks/kernel_resources.py --cases kda gla --json out.json
+
+Exit status 1 when a kernel does not compile or needs more shared memory than ``--smem-limit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# the H200's (and H100's) shared memory per block with the opt-in carve-out: 227 KiB
+SMEM_LIMIT = 232448
+MODULES = ("_delta_rule_triton", "_linear_attention_triton", "_delta_rule_channel_triton", "_mlp_memory_triton",
+           "_recurrence_triton", "_short_conv_triton")
+CASES = ("delta_rule", "gated_delta_rule", "linear_attention", "gla", "kda", "mlp_memory", "recurrence",
+         "short_conv")
+_TYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.int32": "i32",
+          "torch.int64": "i64"}
+
+
+# --------------------------------------------------------------------------- step 1: record
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    return "constexpr" in str(param.annotation)
+
+
+class _Recorder:
+    """Stands in for one interpreted kernel: ``kernel[grid](...)`` records the launch, then runs it."""
+
+    def __init__(self, kernel, module: str, name: str, log: list):
+        self.kernel, self.module, self.name, self.log = kernel, module, name, log
+        self.params = list(inspect.signature(kernel.fn).parameters.values())
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            bound = dict(zip((p.name for p in self.params), args)) | kwargs  # launch options are not params
+            consts, types = {}, {}
+            for p in self.params:
+                if p.name not in bound:
+                    continue  # a constexpr with a default, left to it
+                value = bound[p.name]
+                if _is_constexpr(p):
+                    consts[p.name] = value
+                elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+                    types[p.name] = "*" + _TYPES[str(value.dtype)]
+                elif isinstance(value, bool):
+                    types[p.name] = "u1"
+                elif isinstance(value, int):
+                    types[p.name] = "i32"
+                else:
+                    types[p.name] = "fp32"
+            opts = {o: kwargs[o] for o in ("num_warps", "num_stages") if o in kwargs}  # launch options
+            self.log.append({"module": self.module, "kernel": self.name, "constexprs": consts, "types": types,
+                             "options": opts})
+            return launch(*args, **kwargs)
+
+        return call
+
+
+def _patch(log: list) -> None:
+    import importlib
+
+    for mod_name in MODULES:
+        mod = importlib.import_module(f"nlgraph.compilers.kernels.{mod_name}")
+        holder = mod.kernels()
+        names = list(vars(holder)) if not isinstance(holder, type) else [n for n in vars(holder) if not n.startswith("_")]
+        for name in names:
+            kernel = getattr(holder, name)
+            if hasattr(kernel, "fn"):
+                setattr(holder, name, _Recorder(kernel, mod_name, name, log))
+
+
+def _run_case(case: str, d: int, dv: int, chunk: int, t: int) -> None:
+    import torch
+
+    from nlgraph.compilers.kernels import chunk_delta_rule
+    from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
+
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.float16
+    q = torch.randn(1, t, 1, d, generator=gen).to(dt).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(1, t, 1, d, generator=gen), dim=-1).to(dt).requires_grad_()
+    v = torch.randn(1, t, 1, dv, generator=gen).to(dt).requires_grad_()
+    beta = torch.rand(1, t, 1, generator=gen).requires_grad_()
+    head = torch.log(0.9 + 0.1 * torch.rand(1, t, 1, generator=gen)).requires_grad_()
+    channel = torch.log(0.9 + 0.1 * torch.rand(1, t, 1, d, generator=gen)).requires_grad_()
+    h0 = torch.zeros(1, 1, d, dv).requires_grad_()
+    if case == "mlp_memory":
+        _run_mlp_memory(d, chunk, t, dt)
+        return
+    if case == "recurrence":
+        _run_recurrence(d, chunk, dt)
+        return
+    if case == "short_conv":
+        from nlgraph.compilers.kernels.short_conv import short_conv
+
+        x = torch.randn(2, t, 4 * d, generator=gen).to(dt).requires_grad_()  # channels: a model's q, k, v
+        w = (0.3 * torch.randn(4 * d, 4, generator=gen)).requires_grad_()
+        short_conv(x, w, act="silu").float().square().sum().backward()
+        return
+    if case in ("delta_rule", "gated_delta_rule", "kda"):
+        g = {"delta_rule": None, "gated_delta_rule": head, "kda": channel}[case]
+        o, ht = chunk_delta_rule(q, k, v, beta, g, h0, output_final_state=True, scale=1.0, chunk=chunk)
+    else:
+        g = head if case == "linear_attention" else channel
+        o, ht = chunk_linear_attention(q, k, v, g, h0, output_final_state=True, scale=1.0, chunk=chunk)
+    (o.float().square().sum() + ht.square().sum()).backward()
+
+
+def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
+    """Titans' MLP memory (hidden 4·D) at the largest chunk ≤ ``chunk`` the plan runs on CUDA at this
+    head dim, with the block of hidden units and warps a model launches."""
+    from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, random_inputs, why_not_on_cuda
+
+    while chunk > 16 and why_not_on_cuda(chunk, d) is not None:
+        chunk //= 2
+    (q, k, v), gates, state = random_inputs(1, t, 1, d, 4 * d)
+    q, k, v = (x.to(dt).requires_grad_() for x in (q, k, v))
+    gates = [x.float().requires_grad_() for x in gates]
+    state = [x.float().requires_grad_() for x in state]
+    y, new = chunk_mlp_memory(q, k, v, *gates, tuple(state), chunk=chunk)
+    (y.float().square().sum() + sum(s.square().sum() for s in new)).backward()
+
+
+def _run_recurrence(d: int, chunk: int, dt) -> None:
+    """The online recurrence kernel with every input (momentum, updates that read the state), a
+    state ``[D, D]``, ``chunk`` tokens a chunk."""
+    import torch
+
+    from nlgraph.compilers.kernels.recurrence import online_recurrence
+
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*s, dtype=torch.float32):
+        return (0.3 * torch.randn(*s, generator=gen)).to(dtype).requires_grad_()
+
+    c = 3
+    out = online_recurrence(r(1, 1, d, d), r(1, 1, d, d), r(1, 1, c, chunk, d, dtype=dt), r(1, 1, c, chunk, d, dtype=dt),
+                            r(1, 1, c), r(1, 1, c, chunk, d, dtype=dt), r(1, 1, c, chunk, d, dtype=dt), r(1, 1, c),
+                            r(1, 1, c), r(1, 1, c, chunk, d, dtype=dt))
+    sum(x.float().square().sum() for x in out if x is not None).backward()
+
+
+def record(cases: list[str], d: int, dv: int, chunk: int) -> list[dict]:
+    """The distinct kernel launches of ``cases`` (run in this process, which must have
+    ``TRITON_INTERPRET=1`` set before triton was imported)."""
+    log: list[dict] = []
+    _patch(log)
+    for case in cases:
+        start = len(log)
+        _run_case(case, d, dv, chunk, t=2 * chunk + 5)  # two full chunks and a partial one
+        for row in log[start:]:
+            row["case"] = case
+    seen, out = set(), []
+    for row in log:
+        key = json.dumps([row["module"], row["kernel"], row["constexprs"], row["types"]], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------- step 2: compile
+
+def _configs(module: str, name: str, plain_warps: tuple[int, ...] = (4,), all_warps: bool = False,
+             options: dict | None = None) -> list[tuple[dict, int, int]]:
+    """(constexpr overrides, warps, stages) the GPU may run this kernel with; ``plain_warps`` for the
+    kernels without an autotuner (to see what another count would do); ``all_warps``: every count the
+    autotuned kernels' environment allows (``NLGRAPH_TRITON_WARPS``), also those a kernel leaves out."""
+    options = options or {}
+    if "num_warps" in options:  # the launch names its warps (Titans' MLP memory, by its tile)
+        return [({}, options["num_warps"], options.get("num_stages", 3))]
+    if module != "_delta_rule_triton":  # stages as the launch names them (the LA backward: 1)
+        return [({}, w, options.get("num_stages", 3)) for w in plain_warps]  # plain @triton.jit: Triton's defaults are 4 warps, 3 stages
+    from nlgraph.compilers.kernels import _delta_rule_triton as kmod
+
+    blocks = [{"BV": bv} for bv in (32, 64)] if name in kmod.STATE_KERNELS else [{}]
+    return [(b, w, 2) for b in blocks for w in (kmod._WARPS if all_warps else kmod._warps(name))]
+
+
+def _source(module: str, name: str):
+    import importlib
+
+    mod = importlib.import_module(f"nlgraph.compilers.kernels.{module}")
+    fn = getattr(mod, "_SOURCES", {}).get(name) or getattr(mod.kernels(), name)
+    while hasattr(fn, "fn"):  # an Autotuner wraps a JITFunction, which wraps the Python function
+        fn = fn.fn
+    return fn
+
+
+def sm90(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
+    """Compile the Python kernel ``fn`` for sm_90 and read its registers, stack (spill) bytes, shared
+    memory, and the counts of wgmma (HGMMA) and local-memory (LDL/STL) instructions in its SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(fn).parameters)
+    cx = {p: consts[p] for p in params if p in consts}
+    sig = {p: "constexpr" if p in cx else types[p] for p in params if p in cx or p in types}
+    # specialised as a launch at a model's shapes is: every pointer 16-byte aligned (torch's
+    # allocations) and every integer (T, NT, B ...) a multiple of 16, as at T = 2048 or 4096; the
+    # layouts, vector widths and so the shared memory depend on it
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+             if p in sig and (sig[p].startswith("*") or sig[p] == "i32")}
+    t0 = time.perf_counter()
+    cx_paths = {(params.index(p),): v for p, v in cx.items()}
+    ck = triton.compile(ASTSource(triton.jit(fn), sig, constexprs=cx_paths, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    row = {"compile_s": round(time.perf_counter() - t0, 2), "smem": ck.metadata.shared}
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True).stdout
+    for key in ("REG", "STACK"):
+        m = re.search(key + r":(\d+)", res)
+        row[key.lower()] = int(m.group(1)) if m else None
+    row.update({op: sass.count(op) for op in ("HGMMA", "LDL", "STL")})
+    return row
+
+
+def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps: tuple[int, ...] = (4,),
+                 all_warps: bool = False, emit=print) -> list[dict]:
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    rows = []
+    for launch in launches:
+        fn = _source(launch["module"], launch["kernel"])
+        types = {p: ("*" + short if t == "*fp16" else t) for p, t in launch["types"].items()}
+        for extra, warps, stages in _configs(launch["module"], launch["kernel"], plain_warps, all_warps,
+                                             launch.get("options")):
+            consts = launch["constexprs"] | extra
+            row = {"case": launch["case"], "module": launch["module"].strip("_"), "kernel": launch["kernel"],
+                   "K": consts.get("K", consts.get("D")), "V": consts.get("V"), "C": consts.get("C"),
+                   "BV": consts.get("BV", consts.get("BF")),
+                   "warps": warps, "stages": stages}
+            try:
+                row.update(sm90(fn, types, consts, warps, stages))
+                row["fits"] = row["smem"] <= smem_limit
+            except Exception as e:  # noqa: BLE001  (a kernel that does not compile is the finding)
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}"
+                row["fits"] = False
+            rows.append(row)
+            emit(json.dumps(row))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'case':18} {'kernel':16} {'K':>4} {'C':>3} {'BV':>3} {'w':>2} {'st':>2} {'reg':>4} {'stack':>6} " \
+           f"{'smem':>7} {'HGMMA':>5} {'LDL':>5} {'STL':>5} {'comp s':>6}  note"
+    lines = [head]
+    for r in rows:
+        note = r.get("error", "") or ("" if r["fits"] else "over the shared-memory limit")
+        lines.append(f"{r['case']:18} {r['kernel']:16} {r['K'] or '-':>4} {r['C'] or '-':>3} {r['BV'] or '-':>3} "
+                     f"{r['warps']:>2} {r['stages']:>2} {r.get('reg', '-'):>4} {r.get('stack', '-'):>6} "
+                     f"{r.get('smem', '-'):>7} {r.get('HGMMA', '-'):>5} {r.get('LDL', '-'):>5} {r.get('STL', '-'):>5} "
+                     f"{r.get('compile_s', '-'):>6}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", choices=CASES, default=list(CASES))
+    ap.add_argument("--dim", type=int, default=128, help="head dim of the keys (Dk)")
+    ap.add_argument("--value-dim", type=int, default=None, help="head dim of the values (default: --dim)")
+    ap.add_argument("--chunk", type=int, default=64, help="the chunk asked for (per-channel kernels run at most 32)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--smem-limit", type=int, default=SMEM_LIMIT)
+    ap.add_argument("--plain-warps", default="4",
+                    help="warp counts for the kernels without an autotuner, e.g. 4,8 (they launch with 4)")
+    ap.add_argument("--all-warps", action="store_true",
+                    help="the autotuned kernels at every warp count NLGRAPH_TRITON_WARPS allows, also those left out")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--channel-max-chunk", type=int, default=None,
+                    help="record the per-channel kernels at chunks up to this instead of _load.CHANNEL_MAX_CHUNK "
+                         "(32), to see why that limit is there")
+    ap.add_argument("--record-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess of step 1
+    args = ap.parse_args(argv)
+    if args.record_only:
+        if args.channel_max_chunk:
+            from nlgraph.compilers.kernels import _load
+
+            _load.CHANNEL_MAX_CHUNK = args.channel_max_chunk
+        print(json.dumps(record(args.cases, args.dim, args.value_dim or args.dim, args.chunk)))
+        return 0
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, __file__, "--record-only", "--dim", str(args.dim), "--value-dim",
+           str(args.value_dim or args.dim), "--chunk", str(args.chunk), "--cases", *args.cases]
+    if args.channel_max_chunk:
+        cmd += ["--channel-max-chunk", str(args.channel_max_chunk)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        print("kernel_resources: recording the launches through the interpreter failed", file=sys.stderr)
+        return 1
+    launches = json.loads(done.stdout.strip().splitlines()[-1])
+    warps = tuple(int(w) for w in args.plain_warps.split(","))
+    rows = compile_rows(launches, args.dtype, args.smem_limit, warps, args.all_warps, emit=lambda line: None)
+    print(table(rows))
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), (json.dumps({"dim": args.dim, "value_dim": args.value_dim or args.dim,
+                                                   "chunk": args.chunk, "dtype": args.dtype,
+                                                   "smem_limit": args.smem_limit, "rows": rows}, indent=1)
+                                       + "\n").encode())
+    return 0 if all(r["fits"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

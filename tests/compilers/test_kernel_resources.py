@@ -1,0 +1,67 @@
+"""Every Triton kernel compiled for sm_90 (Hopper) on this machine, without a GPU, at the key widths
+the plan sends to it on CUDA: each fits the H200's shared memory (``benchmarks/kernel_resources.py``).
+
+A kernel over that limit compiles, passes its checks under the CPU interpreter, and only fails at its
+first launch on the GPU: the per-channel delta rule's backward at chunk 64 did, and the
+linear-attention backward at a key width of 256 would have. The compile is a subprocess without
+``TRITON_INTERPRET`` (this process's triton may be set up to interpret)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "benchmarks" / "kernel_resources.py"
+# not imported here: the kernel tests beside this file set triton up for its interpreter first
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (ptxas)")
+
+
+def _resources(tmp_path: Path, *args: str) -> tuple[int, list[dict], str]:
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(TOOL), *args, "--json", str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    return done.returncode, rows, done.stdout + done.stderr
+
+
+def test_every_kernel_fits_at_key_width_128(tmp_path):
+    """The widths of the library's models (64–128): every kernel of the eight ops (delta rule plain
+    and gated, linear attention per head, GLA, KDA, Titans' MLP memory, the online recurrence, the
+    short convolution) compiles for sm_90 and fits in shared memory."""
+    rc, rows, log = _resources(tmp_path, "--dim", "128")
+    assert rc == 0, log
+    seen = {(r["case"], r["kernel"]) for r in rows}
+    for case, kernel in [("delta_rule", "wy_bwd"), ("gated_delta_rule", "qkw_bwd"), ("linear_attention", "grads"),
+                         ("gla", "grads_channel"), ("kda", "grads"), ("kda", "prepare"), ("gla", "state_bwd"),
+                         ("mlp_memory", "bwd"), ("recurrence", "bwd"), ("short_conv", "da")]:
+        assert (case, kernel) in seen, (case, kernel, sorted(seen))
+    assert all(r["fits"] and "error" not in r for r in rows), log
+    # the per-channel kernels run at most 32 tokens a chunk, whatever the level asks for
+    assert {r["C"] for r in rows if r["case"] in ("gla", "kda") and r["kernel"] != "state_fwd"} == {32}
+
+
+def test_it_finds_the_launch_failure_the_h200_found(tmp_path):
+    """Before ``CHANNEL_MAX_CHUNK``, KDA's backward at Dk=128 and chunk 64 in bfloat16 asked the H200
+    for 262,144 bytes of shared memory (``OutOfResources`` at its first launch; 232,448 there): the
+    tool computes that same figure on this machine, and exits 1."""
+    rc, rows, log = _resources(tmp_path, "--cases", "kda", "--channel-max-chunk", "64")
+    grads = [r for r in rows if r["kernel"] == "grads"]
+    assert rc == 1 and len(grads) == 1, log
+    assert grads[0]["C"] == 64 and grads[0]["smem"] == 262144 and not grads[0]["fits"], grads
+
+
+@pytest.mark.slow
+def test_every_kernel_fits_at_key_width_256(tmp_path):
+    """The delta-rule and linear-attention kernels, per head and per key channel, take keys up to 256
+    wide on CUDA (Titans' MLP memory and the recurrence stop at 128), and fit there too."""
+    rc, rows, log = _resources(tmp_path, "--dim", "256", "--cases", "delta_rule", "gated_delta_rule",
+                               "linear_attention", "gla", "kda")
+    assert rc == 0 and rows and all(r["fits"] and "error" not in r for r in rows), log
