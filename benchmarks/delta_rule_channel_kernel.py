@@ -3,10 +3,10 @@ checks, then its speed against fla's ``chunk_kda``.
 
 ``nlgraph.compilers.kernels.chunk_delta_rule`` with ``g [B, T, H, Dk]`` is checked against a float64
 token loop (``delta_rule.token_loop``) on outputs, final state and every input gradient (q, k, v, β,
-g, the initial state): float32 and bfloat16, chunks 16, 32 and 64, a partial last chunk, two value
+g, the initial state): float32 and bfloat16, chunks 16 and 32 (64 runs as 32), a partial last chunk, two value
 blocks, decays down to e^−8 a token. That is what rules out the Hopper backward miscompiles of
 triton 3.4–3.7, which Triton's CPU interpreter (where the tests run) cannot show;
-``dispatch.DELTA_RULE_CHANNEL_ON_GPU`` turns the kernels on for CUDA plans once this passes. Then
+``dispatch.DELTA_RULE_CHANNEL_ON_GPU`` (on since this passed there) turns the kernels on for CUDA plans. Then
 forward and forward + backward at the anchor shape (B=4, T=4096, H=16, D=128, bf16) next to fla's
 ``chunk_kda`` (the same function: relative error against it, peak memory) and nlgraph's per-head
 gated kernel, in the same process. Without CUDA it says so and exits 0.
@@ -40,6 +40,7 @@ CHECKS = [(2, 333, 2, 64, 100, "mild", torch.float32, 1e-4, 64),
 def checks(dev: torch.device, which: list[int] | None) -> list[dict]:
     from nlgraph.bench import rel_err
     from nlgraph.compilers.kernels import chunk_delta_rule
+    from nlgraph.compilers.kernels._load import kernel_chunk
     from nlgraph.compilers.kernels.delta_rule import token_loop
 
     rows = []
@@ -70,15 +71,20 @@ def checks(dev: torch.device, which: list[int] | None) -> list[dict]:
         for name, a, r in zip(("q", "k", "v", "beta", "g", "h0"), got, ref):
             errs[f"d{name}"] = rel_err(a.cpu(), r)
         worst = max(errs.values())
-        rows.append({"check": f"{i}: {str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} chunk={chunk} {decay}",
+        ran = kernel_chunk(extra[1], chunk)  # the chunk the kernels ran, which the label names
+        rows.append({"check": f"{i}: {str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} chunk={ran} {decay}",
                      "max_rel_err": worst, "limit": tol, "ok": worst < tol, "errors": errs})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
-    """Per key channel at the anchor shape, chunks 64 and 32, against fla's ``chunk_kda`` (first, so
-    nlgraph's rows carry their ratio to it and their error against it), and the per-head kernel."""
+def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
+    """Per key channel at the anchor shape, chunks 32 and 16 (a chunk of 64 runs as 32:
+    ``_load.CHANNEL_MAX_CHUNK``), against fla's ``chunk_kda`` (first, so
+    nlgraph's rows carry their ratio to it and their error against it), and the per-head kernel;
+    with ``warps``, the per-channel rows again with the plain kernels launched at each count."""
+    from _launch import with_warps
+
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels import chunk_delta_rule
 
@@ -90,7 +96,8 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
     impls = [(f"nlgraph chunk_delta_rule per channel, chunk {c}",
               lambda q_, k_, v_, c=c: chunk_delta_rule(q_, k_, v_, beta, g=g, scale=1.0, chunk=c)[0], False)
-             for c in (64, 32)]
+             for c in (32, 16)]
+    channel_rows = list(impls)
     impls.append(("nlgraph chunk_delta_rule per head (for scale)",
                   lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, beta, g=g[..., 0].contiguous(), scale=1.0)[0],
                   False))
@@ -100,8 +107,7 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
         impls.insert(0, ("fla chunk_kda", lambda q_, k_, v_: chunk_kda(q_, k_, v_, g, beta, scale=1.0)[0], True))
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"note": f"fla's chunk_kda not available ({type(e).__name__})"}), flush=True)
-    return time_rows(impls, [q, k, v], b * t, dev, lambda line: print(line, flush=True),
-                     impls[0][0] if impls[0][2] else None, compare=True)
+    return with_warps(time_rows, impls, channel_rows, warps, [q, k, v], b * t, dev)
 
 
 def main() -> int:
@@ -112,6 +118,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices of CHECKS to run (default all)")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--warps", type=int, nargs="*", default=[],
+                    help="also time the per-channel rows with the plain kernels launched at these warp counts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -120,7 +128,7 @@ def main() -> int:
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks)}
     if not args.no_timing:
-        res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim)
+        res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps))
     if args.json:
         from nlgraph.io import atomic_write
 

@@ -9,9 +9,9 @@ forward + backward are timed at the anchor shape (B=4, T=4096, H=16, D=128, bf16
 says so and exits 0.
 
 With ``--channel``, the same for a decay per key channel (GLA's; ``g [B, T, H, Dk]``): the checks add
-chunks 16, 32 and 64 and decays down to e^−8 a token, and the timing is against fla's ``chunk_gla``.
-``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU`` turns the per-channel kernels on for CUDA plans once
-this passes.
+chunks 16 and 32 (64 runs as 32) and decays down to e^−8 a token, and the timing is against fla's
+``chunk_gla``. ``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU`` (on since this passed there) turns the
+per-channel kernels on for CUDA plans.
 
     bash benchmarks/device.sh python benchmarks/linear_attention_kernel.py --json "$OUT/la_kernel.json"
     bash benchmarks/device.sh python benchmarks/linear_attention_kernel.py --channel --json "$OUT/gla.json"
@@ -41,13 +41,16 @@ CHANNEL_CHECKS = [(2, 333, 2, 64, 100, "channel", torch.float32, 1e-4, 64),
                   (1, 256, 4, 64, 64, "strong", torch.bfloat16, 2e-2, 32)]
 
 
-def checks(dev: torch.device, channel: bool = False) -> list[dict]:
+def checks(dev: torch.device, channel: bool = False, which: list[int] | None = None) -> list[dict]:
     from nlgraph.bench import rel_err
+    from nlgraph.compilers.kernels._load import kernel_chunk
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
     from nlgraph.compilers.kernels.linear_attention import token_loop as _reference
 
     rows = []
-    for b, t, h, dk, dv, gated, dtype, tol, chunk in (CHANNEL_CHECKS if channel else SCALAR_CHECKS):
+    for i, (b, t, h, dk, dv, gated, dtype, tol, chunk) in enumerate(CHANNEL_CHECKS if channel else SCALAR_CHECKS):
+        if which is not None and i not in which:
+            continue
         gen = torch.Generator().manual_seed(t)
         q = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
         k = torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64), dim=-1)
@@ -75,14 +78,19 @@ def checks(dev: torch.device, channel: bool = False) -> list[dict]:
             errs[f"d{name}"] = rel_err(a.cpu(), r)
         worst = max(errs.values())
         kind = {True: "gated", False: "plain"}.get(gated, gated)
-        rows.append({"check": f"{str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} chunk={chunk} {kind}",
+        ran = kernel_chunk(extra[0] if gated else None, chunk)  # the chunk the kernels ran
+        rows.append({"check": f"{str(dtype).removeprefix('torch.')} T={t} Dk={dk} Dv={dv} chunk={ran} {kind}",
                      "max_rel_err": worst, "limit": tol, "ok": worst < tol, "errors": errs})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
-    """A decay per key channel at the anchor shape, chunks 16, 32 and 64, against fla's ``chunk_gla``."""
+def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
+    """A decay per key channel at the anchor shape, chunks 32 and 16 (a chunk of 64 runs as 32:
+    ``_load.CHANNEL_MAX_CHUNK``), against fla's ``chunk_gla``; with ``warps``, again with the plain
+    kernels launched at each count."""
+    from _launch import with_warps
+
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
@@ -93,18 +101,20 @@ def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[d
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
     impls = [(f"nlgraph chunk_linear_attention per channel, chunk {c}",
               lambda q_, k_, v_, c=c: chunk_linear_attention(q_, k_, v_, g, scale=1.0, chunk=c)[0], False)
-             for c in (64, 32, 16)]
+             for c in (32, 16)]
+    ours = list(impls)
     try:  # fla is an optional anchor
         from fla.ops.gla import chunk_gla
 
         impls.insert(0, ("fla chunk_gla", lambda q_, k_, v_: chunk_gla(q_, k_, v_, g, scale=1.0)[0], True))
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
-    return time_rows(impls, [q, k, v], b * t, dev, lambda line: print(line, flush=True),
-                     impls[0][0] if impls[0][2] else None, compare=True)
+    return with_warps(time_rows, impls, ours, warps, [q, k, v], b * t, dev)
 
 
-def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
+def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
+    from _launch import with_warps
+
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
@@ -127,8 +137,7 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int) -> list[dict]:
         if chunk_simple_gla is not None:
             impls.insert(0, (f"fla chunk_simple_gla{tag}",
                              lambda q_, k_, v_, gi=gi: chunk_simple_gla(q_, k_, v_, gi, scale=1.0)[0], True))
-        rows += time_rows(impls, [q, k, v], b * t, dev, lambda line: print(line, flush=True),
-                          impls[0][0] if len(impls) > 1 else None, compare=True)
+        rows += with_warps(time_rows, impls, [i for i in impls if not i[2]], warps, [q, k, v], b * t, dev)
     return rows
 
 
@@ -139,6 +148,11 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--channel", action="store_true", help="a decay per key channel (GLA's), against chunk_gla")
+    ap.add_argument("--checks", type=int, nargs="*", default=None,
+                    help="indices of the checks to run (default all); each new shape compiles every kernel")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--warps", type=int, nargs="*", default=[],
+                    help="also time nlgraph's rows with the plain kernels launched at these warp counts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -146,9 +160,10 @@ def main() -> int:
         return 0
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-           "checks": checks(dev, args.channel)}
+           "checks": checks(dev, args.channel, args.checks)}
     timer = channel_timings if args.channel else timings
-    res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim)
+    if not args.no_timing:
+        res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps))
     if args.json:
         from nlgraph.io import atomic_write
 

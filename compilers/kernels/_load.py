@@ -37,3 +37,17 @@ def pow2(n: int) -> int:
     """The block a dimension of ``n`` is held in: the next power of two, at least 16 (``tl.dot``'s
     smallest)."""
     return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+# The kernels with a decay per key channel tile by at most 32 tokens, whatever chunk the caller asks
+# for: the function does not depend on the chunk. On an H200 (B=4, T=4096, H=16, D=128, bf16;
+# benchmarks/linear_attention_kernel.py --channel) GLA's forward+backward took 16.5 ms at chunk 64 and
+# 9.4 ms at 32, since the scores inside a chunk cost one step per key offset; and the delta rule's
+# per-channel backward at Dk=128 and chunk 64 asks for 256 KiB of shared memory, over the 227 KiB there.
+CHANNEL_MAX_CHUNK = 32
+
+
+def kernel_chunk(g: torch.Tensor | None, chunk: int) -> int:
+    """The chunk a kernel runs: ``chunk``, or at most ``CHANNEL_MAX_CHUNK`` for ``g`` per key channel
+    (``[B, T, H, Dk]``)."""
+    return min(chunk, CHANNEL_MAX_CHUNK) if g is not None and g.dim() == 4 else chunk

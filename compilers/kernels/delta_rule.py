@@ -28,7 +28,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, pow2 as _pow2
+from ._load import cdiv as _cdiv, kernel_chunk, pow2 as _pow2
 from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -224,7 +224,7 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
         STORE_DH0=h0 is not None, PREC=p["PREC"], **blocks)
     del dvl
     # K in blocks of 64: with one block of 128 the three [C, 128] fp32 accumulators spill heavily
-    # (benchmarks/kernels.py --resources). fla's analogous kernel was miscompiled on Hopper at BK = 64
+    # (benchmarks/kernels.py --resources, benchmarks/kernel_resources.py). fla's analogous kernel was miscompiled on Hopper at BK = 64
     # (fla issue 640), through tl.trans of a product feeding a dot, a pattern this kernel avoids.
     bk = p["BK"]
     nk = _cdiv(p["K"], bk)
@@ -348,12 +348,14 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
         initial_state: ``[B, H, Dk, Dv]`` starting state ``h`` (fp32 recommended), or ``None`` (zeros).
         output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
         scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
-        chunk: tokens per chunk (16, 32 or 64); results do not depend on it beyond rounding.
+        chunk: tokens per chunk (16, 32 or 64; at most 32 with ``g`` per key channel, see
+            ``_load.CHANNEL_MAX_CHUNK``); results do not depend on it beyond rounding.
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, final state or None)``.
     """
     _check(q, k, v, beta, g, initial_state, chunk)
+    chunk = kernel_chunk(g, chunk)
     _kernels(q)  # a missing triton or a CPU tensor without the interpreter fails here, in one line
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not math.isfinite(scale):

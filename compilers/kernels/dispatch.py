@@ -412,11 +412,11 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
 
 
 #: Whether a (gated) delta rule with a decay per key channel (Kimi Delta Attention's gate; the
-#: kernels of ``_delta_rule_channel_triton``) runs on CUDA tensors: off until
-#: ``benchmarks/delta_rule_channel_kernel.py`` passes on the H200, as they have been checked through the CPU
-#: interpreter only. CPU tensors under ``interpret`` run them.
-#: ``NLGRAPH_DELTA_RULE_CHANNEL_GPU=1`` turns it on for a process (to check or time it on a GPU).
-DELTA_RULE_CHANNEL_ON_GPU = _switch("NLGRAPH_DELTA_RULE_CHANNEL_GPU", False)
+#: kernels of ``_delta_rule_channel_triton``) runs on CUDA tensors. On since
+#: ``benchmarks/delta_rule_channel_kernel.py`` passed on the H200 with triton 3.6 (outputs, state and
+#: every gradient at float32 and bfloat16, the chunks the kernels run); a switch, so a Triton version
+#: that breaks it can be turned off in one place: ``NLGRAPH_DELTA_RULE_CHANNEL_GPU=0`` for a process.
+DELTA_RULE_CHANNEL_ON_GPU = _switch("NLGRAPH_DELTA_RULE_CHANNEL_GPU", True)
 
 
 # --------------------------------------------------------------------------- linear attention (b = 0)
@@ -426,11 +426,10 @@ DELTA_RULE_CHANNEL_ON_GPU = _switch("NLGRAPH_DELTA_RULE_CHANNEL_GPU", False)
 #: miscompiles some backward kernels on Hopper, which the CPU interpreter cannot show); a switch, so
 #: a Triton version that breaks it can be turned off in one place.
 LINEAR_ATTENTION_ON_GPU = True
-#: The same for a decay per key channel (GLA's; ``_output_channel`` / ``_grads_channel``), off until
-#: those kernels pass ``benchmarks/linear_attention_kernel.py --channel`` on the H200: they have
-#: been checked through the CPU interpreter only. CPU tensors under ``interpret`` run them.
-#: ``NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU=1`` turns it on for a process.
-LINEAR_ATTENTION_CHANNEL_ON_GPU = _switch("NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU", False)
+#: The same for a decay per key channel (GLA's; ``_output_channel`` / ``_grads_channel``), on since
+#: ``benchmarks/linear_attention_kernel.py --channel`` passed on the H200 with triton 3.6;
+#: ``NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU=0`` turns it off for a process.
+LINEAR_ATTENTION_CHANNEL_ON_GPU = _switch("NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU", True)
 
 
 def _channel_decay(spec: Any) -> bool:

@@ -68,8 +68,8 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     why = dispatch.why_no_online_kernel(spec)
     if why is None and torch.device(device).type == "cuda" and dispatch._channel_decay(spec) \
             and not dispatch.DELTA_RULE_CHANNEL_ON_GPU:
-        return ("a delta rule with a per-channel decay: its Triton kernel is not yet checked on CUDA "
-                "(dispatch.DELTA_RULE_CHANNEL_ON_GPU)")
+        return ("a delta rule with a per-channel decay: its Triton kernel is switched off on CUDA "
+                "(NLGRAPH_DELTA_RULE_CHANNEL_GPU=0; unset it to turn the kernel on)")
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
             if dispatch.why_no_online_recurrence(spec) is not None:
@@ -85,8 +85,8 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
             return _la_on(device)
         if torch.device(device).type == "cuda" and dispatch._channel_decay(spec) \
                 and not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU:
-            return ("linear attention with a per-channel decay: its Triton kernel is not yet checked on "
-                    "CUDA (dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU)")
+            return ("linear attention with a per-channel decay: its Triton kernel is switched off on CUDA "
+                    "(NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU=0; unset it to turn the kernel on)")
     return _why_not_target(device, dtype)
 
 

@@ -14,11 +14,10 @@ the chunkwise form of ``_linear_attention_triton``, forward and backward in Trit
 accumulation and an fp32 state. Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
 fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
 
-The per-head kernels are the memory family's ``triton`` form on CUDA since they passed on the H200
-(``benchmarks/linear_attention_kernel.py``); the per-channel ones have been checked against the
-reference on CPU through Triton's interpreter only, and the Hopper backward miscompiles of triton
-3.4–3.7 (reference/anchors.md §1b) can only be ruled out on the GPU
-(``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU``).
+The per-head and per-channel kernels are the memory family's ``triton`` form on CUDA since they
+passed on the H200 (``benchmarks/linear_attention_kernel.py``, with ``--channel``): the Hopper backward
+miscompiles of triton 3.4–3.7 (reference/anchors.md §1b) can only be ruled out there
+(``dispatch.LINEAR_ATTENTION_ON_GPU``, ``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU``).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv
+from ._load import cdiv as _cdiv, kernel_chunk
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -194,7 +193,8 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         initial_state: ``[B, H, Dk, Dv]`` (fp32 recommended), or ``None`` (zeros).
         output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
         scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
-        chunk: tokens per chunk (16, 32 or 64).
+        chunk: tokens per chunk (16, 32 or 64; at most 32 with ``g`` per key channel, see
+            ``_load.CHANNEL_MAX_CHUNK``).
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, final state or None)``.
@@ -216,6 +216,7 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                            path=f"{_OP}.initial_state")
     if chunk not in (16, 32, 64):
         raise NLGraphError(f"chunk {chunk} must be 16, 32 or 64", path=f"{_OP}.chunk")
+    chunk = kernel_chunk(g, chunk)
     _kernels(q)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not math.isfinite(scale):

@@ -549,28 +549,29 @@ def test_linear_attention_on_cuda_follows_its_switch(monkeypatch):
 
 
 def test_a_per_channel_decay_on_cuda_follows_its_own_switch(monkeypatch):
-    """GLA's per-channel kernels are checked on CPU through the interpreter only, so a CUDA plan keeps
-    the PyTorch form for a per-channel decay until ``LINEAR_ATTENTION_CHANNEL_ON_GPU`` is on."""
+    """GLA's per-channel kernels run on CUDA while ``LINEAR_ATTENTION_CHANNEL_ON_GPU`` is on (the
+    default since their GPU check passed); switched off, a CUDA plan keeps the PyTorch form and
+    forcing the kernel says why."""
     gla = ["levels.mixer.retention.gate.per=channel"]
     assert plan("mamba2", overrides=gla, device=DEVICE).executions() == {
         "mixer": "triton" if DEVICE == "cpu" or dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU else "chunked"}
     monkeypatch.setattr(dispatch, "LINEAR_ATTENTION_CHANNEL_ON_GPU", False)
     assert plan("mamba2", overrides=gla, device="cuda").executions() == {"mixer": "chunked"}
     assert plan("mamba2", device="cuda").executions() == {"mixer": "triton"}  # per head: on
-    with pytest.raises(PlanError, match="per-channel decay: its Triton kernel is not yet checked"):
+    with pytest.raises(PlanError, match="per-channel decay: its Triton kernel is switched off"):
         plan("mamba2", overrides=gla, device="cuda", forms={"mixer": "triton"})
     monkeypatch.setattr(dispatch, "LINEAR_ATTENTION_CHANNEL_ON_GPU", True)
     assert plan("mamba2", overrides=gla, device="cuda").executions() == {"mixer": "triton"}
 
 
 def test_a_per_channel_delta_rule_on_cuda_follows_its_own_switch(monkeypatch):
-    """The per-channel delta-rule kernels (KDA's) are checked through the interpreter only, so a
-    CUDA plan keeps the PyTorch form for ``kda`` until ``DELTA_RULE_CHANNEL_ON_GPU`` is on, and
-    forcing the kernel says why in one line."""
+    """The per-channel delta-rule kernels (KDA's) run on CUDA while ``DELTA_RULE_CHANNEL_ON_GPU`` is
+    on (the default since their GPU check passed); switched off, a CUDA plan keeps the PyTorch form
+    for ``kda`` and forcing the kernel says why in one line."""
     monkeypatch.setattr(dispatch, "DELTA_RULE_CHANNEL_ON_GPU", False)
     assert plan("kda", device="cuda").executions() == {"mixer": "chunked"}
     assert plan("gated_deltanet", device="cuda").executions() == {"mixer": "triton"}  # per head: on
-    with pytest.raises(PlanError, match="per-channel decay: its Triton kernel is not yet checked") as e:
+    with pytest.raises(PlanError, match="per-channel decay: its Triton kernel is switched off") as e:
         plan("kda", device="cuda", forms={"mixer": "triton"})
     assert "\n" not in str(e.value)
     monkeypatch.setattr(dispatch, "DELTA_RULE_CHANNEL_ON_GPU", True)
@@ -690,3 +691,4 @@ def test_cuda_switches_read_their_environment_overrides(monkeypatch):
                                      ("off", True, False), ("", False, False), ("maybe", True, True)):
         monkeypatch.setenv("NLGRAPH_TEST_SWITCH", value)
         assert dispatch._switch("NLGRAPH_TEST_SWITCH", default) is expected, value
+
