@@ -3,7 +3,7 @@ checks, then its speed against fla's ``chunk_kda``.
 
 ``nlgraph.compilers.kernels.chunk_delta_rule`` with ``g [B, T, H, Dk]`` is checked against a float64
 token loop (``delta_rule.token_loop``) on outputs, final state and every input gradient (q, k, v, β,
-g, the initial state): float32 and bfloat16, chunks 16 and 32 (64 runs as 32), a partial last chunk, two value
+g, the initial state): float32 and bfloat16 (the kernels run 32 tokens a chunk; the label says so), a partial last chunk, two value
 blocks, decays down to e^−8 a token. That is what rules out the Hopper backward miscompiles of
 triton 3.4–3.7, which Triton's CPU interpreter (where the tests run) cannot show;
 ``dispatch.DELTA_RULE_CHANNEL_ON_GPU`` (on since this passed there) turns the kernels on for CUDA plans. Then
@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
+from _launch import with_warps  # noqa: E402
 
 # (B, T, H, Dk, Dv, decay, dtype, limit, chunk); decay "mild": log α in log(0.9 .. 1) a token and
 # channel, "strong": log α down to −8 a token (a chunk of 64 decays far past float32's e^−88)
@@ -79,12 +82,10 @@ def checks(dev: torch.device, which: list[int] | None) -> list[dict]:
 
 
 def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
-    """Per key channel at the anchor shape, chunks 32 and 16 (a chunk of 64 runs as 32:
-    ``_load.CHANNEL_MAX_CHUNK``), against fla's ``chunk_kda`` (first, so
+    """Per key channel at the anchor shape (the kernels run 32 tokens a chunk: ``_load.CHANNEL_CHUNK``),
+    against fla's ``chunk_kda`` (first, so
     nlgraph's rows carry their ratio to it and their error against it), and the per-head kernel;
     with ``warps``, the per-channel rows again with the plain kernels launched at each count."""
-    from _launch import with_warps
-
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels import chunk_delta_rule
 
@@ -94,9 +95,8 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int,
     v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
     beta = torch.rand(b, t, h, device=dev, generator=gen)
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
-    impls = [(f"nlgraph chunk_delta_rule per channel, chunk {c}",
-              lambda q_, k_, v_, c=c: chunk_delta_rule(q_, k_, v_, beta, g=g, scale=1.0, chunk=c)[0], False)
-             for c in (32, 16)]
+    impls = [("nlgraph chunk_delta_rule per channel",
+              lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, beta, g=g, scale=1.0)[0], False)]
     channel_rows = list(impls)
     impls.append(("nlgraph chunk_delta_rule per head (for scale)",
                   lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, beta, g=g[..., 0].contiguous(), scale=1.0)[0],

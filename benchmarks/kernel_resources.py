@@ -9,8 +9,9 @@ This finds that before a GPU session. It runs in two steps:
 
 1. record: each case below (``--cases``) runs its op forward and backward on CPU through Triton's
    interpreter at the model's head dims and chunk (a short sequence), and every kernel launch is
-   recorded: the kernel, the constexpr values and the argument types. The interpreter has no
-   bfloat16, so it records float16, and the compile step types the 16-bit pointers as ``--dtype``.
+   recorded: the kernel, the constexpr values, the argument types and the launch's warps and stages.
+   The interpreter has no bfloat16, so a 16-bit ``--dtype`` is recorded in float16 (the same
+   constexprs) and the compile step types the 16-bit pointers as asked.
 2. compile: each distinct launch is compiled for sm_90 (triton ships ptxas and cuobjdump) with the
    configs the GPU would run: for the autotuned per-head delta-rule kernels, every config their
    autotuner may pick (warps, and the V block of the chunk recurrences); for Titans' MLP memory,
@@ -105,14 +106,13 @@ def _patch(log: list) -> None:
                 setattr(holder, name, _Recorder(kernel, mod_name, name, log))
 
 
-def _run_case(case: str, d: int, dv: int, chunk: int, t: int) -> None:
+def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
     import torch
 
     from nlgraph.compilers.kernels import chunk_delta_rule
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
     gen = torch.Generator().manual_seed(0)
-    dt = torch.float16
     q = torch.randn(1, t, 1, d, generator=gen).to(dt).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(1, t, 1, d, generator=gen), dim=-1).to(dt).requires_grad_()
     v = torch.randn(1, t, 1, dv, generator=gen).to(dt).requires_grad_()
@@ -176,19 +176,24 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
     sum(x.float().square().sum() for x in out if x is not None).backward()
 
 
-def record(cases: list[str], d: int, dv: int, chunk: int) -> list[dict]:
-    """The distinct kernel launches of ``cases`` (run in this process, which must have
-    ``TRITON_INTERPRET=1`` set before triton was imported)."""
+def record(cases: list[str], d: int, dv: int, chunk: int, dtype: str = "bfloat16") -> list[dict]:
+    """The distinct kernel launches of ``cases`` in ``dtype`` (run in this process, which must have
+    ``TRITON_INTERPRET=1`` set before triton was imported; float16 stands in for bfloat16, which the
+    interpreter lacks: both take the same constexprs)."""
+    import torch
+
+    dt = torch.float32 if dtype == "float32" else torch.float16
     log: list[dict] = []
     _patch(log)
     for case in cases:
         start = len(log)
-        _run_case(case, d, dv, chunk, t=2 * chunk + 5)  # two full chunks and a partial one
+        _run_case(case, d, dv, chunk, 2 * chunk + 5, dt)  # two full chunks and a partial one
         for row in log[start:]:
             row["case"] = case
     seen, out = set(), []
     for row in log:
-        key = json.dumps([row["module"], row["kernel"], row["constexprs"], row["types"]], sort_keys=True)
+        key = json.dumps([row["module"], row["kernel"], row["constexprs"], row["types"], row["options"]],
+                         sort_keys=True)
         if key not in seen:
             seen.add(key)
             out.append(row)
@@ -233,9 +238,10 @@ def sm90(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
     params = list(inspect.signature(fn).parameters)
     cx = {p: consts[p] for p in params if p in consts}
     sig = {p: "constexpr" if p in cx else types[p] for p in params if p in cx or p in types}
-    # specialised as a launch at a model's shapes is: every pointer 16-byte aligned (torch's
-    # allocations) and every integer (T, NT, B ...) a multiple of 16, as at T = 2048 or 4096; the
-    # layouts, vector widths and so the shared memory depend on it
+    # specialised as a launch is whose pointers are 16-byte aligned (torch's allocations) and whose
+    # integers (T, NT, B·H ...) are multiples of 16, as at T = 2048 or 4096 with B·H a multiple of 16:
+    # the layouts, vector widths and so the shared memory depend on it (other lengths compile
+    # another variant, not checked here)
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
              if p in sig and (sig[p].startswith("*") or sig[p] == "i32")}
     t0 = time.perf_counter()
@@ -259,7 +265,7 @@ def sm90(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
 
 
 def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps: tuple[int, ...] = (4,),
-                 all_warps: bool = False, emit=print) -> list[dict]:
+                 all_warps: bool = False, heads: int = 16, emit=print) -> list[dict]:
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
     rows = []
     for launch in launches:
@@ -268,6 +274,8 @@ def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps:
         for extra, warps, stages in _configs(launch["module"], launch["kernel"], plain_warps, all_warps,
                                              launch.get("options")):
             consts = launch["constexprs"] | extra
+            if "H" in consts:  # recorded at one head; a model's count (a constexpr in some kernels)
+                consts["H"] = heads
             row = {"case": launch["case"], "module": launch["module"].strip("_"), "kernel": launch["kernel"],
                    "K": consts.get("K", consts.get("D")), "V": consts.get("V"), "C": consts.get("C"),
                    "BV": consts.get("BV", consts.get("BF")),
@@ -301,31 +309,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", nargs="*", choices=CASES, default=list(CASES))
     ap.add_argument("--dim", type=int, default=128, help="head dim of the keys (Dk)")
     ap.add_argument("--value-dim", type=int, default=None, help="head dim of the values (default: --dim)")
-    ap.add_argument("--chunk", type=int, default=64, help="the chunk asked for (per-channel kernels run at most 32)")
+    ap.add_argument("--chunk", type=int, default=64, help="the chunk asked for (the per-channel kernels run 32)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--heads", type=int, default=16, help="heads per layer, for the kernels that take H as a constexpr")
     ap.add_argument("--smem-limit", type=int, default=SMEM_LIMIT)
     ap.add_argument("--plain-warps", default="4",
                     help="warp counts for the kernels without an autotuner, e.g. 4,8 (they launch with 4)")
     ap.add_argument("--all-warps", action="store_true",
                     help="the autotuned kernels at every warp count NLGRAPH_TRITON_WARPS allows, also those left out")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--channel-max-chunk", type=int, default=None,
-                    help="record the per-channel kernels at chunks up to this instead of _load.CHANNEL_MAX_CHUNK "
-                         "(32), to see why that limit is there")
+    ap.add_argument("--channel-chunk", type=int, default=None,
+                    help="record the per-channel kernels at this chunk instead of _load.CHANNEL_CHUNK (32), to see "
+                         "why that choice is there")
     ap.add_argument("--record-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess of step 1
     args = ap.parse_args(argv)
     if args.record_only:
-        if args.channel_max_chunk:
+        if args.channel_chunk:
             from nlgraph.compilers.kernels import _load
 
-            _load.CHANNEL_MAX_CHUNK = args.channel_max_chunk
-        print(json.dumps(record(args.cases, args.dim, args.value_dim or args.dim, args.chunk)))
+            _load.CHANNEL_CHUNK = args.channel_chunk
+        print(json.dumps(record(args.cases, args.dim, args.value_dim or args.dim, args.chunk, args.dtype)))
         return 0
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, __file__, "--record-only", "--dim", str(args.dim), "--value-dim",
-           str(args.value_dim or args.dim), "--chunk", str(args.chunk), "--cases", *args.cases]
-    if args.channel_max_chunk:
-        cmd += ["--channel-max-chunk", str(args.channel_max_chunk)]
+           str(args.value_dim or args.dim), "--chunk", str(args.chunk), "--dtype", args.dtype, "--cases", *args.cases]
+    if args.channel_chunk:
+        cmd += ["--channel-chunk", str(args.channel_chunk)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
@@ -333,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     launches = json.loads(done.stdout.strip().splitlines()[-1])
     warps = tuple(int(w) for w in args.plain_warps.split(","))
-    rows = compile_rows(launches, args.dtype, args.smem_limit, warps, args.all_warps, emit=lambda line: None)
+    rows = compile_rows(launches, args.dtype, args.smem_limit, warps, args.all_warps, args.heads,
+                        emit=lambda line: None)
     print(table(rows))
     if args.json:
         from nlgraph.io import atomic_write

@@ -9,7 +9,7 @@ forward + backward are timed at the anchor shape (B=4, T=4096, H=16, D=128, bf16
 says so and exits 0.
 
 With ``--channel``, the same for a decay per key channel (GLA's; ``g [B, T, H, Dk]``): the checks add
-chunks 16 and 32 (64 runs as 32) and decays down to e^−8 a token, and the timing is against fla's
+chunks 64 and 32 asked (the kernels run 32) and decays down to e^−8 a token, and the timing is against fla's
 ``chunk_gla``. ``dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU`` (on since this passed there) turns the
 per-channel kernels on for CUDA plans.
 
@@ -25,6 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
+from _launch import with_warps  # noqa: E402
 
 
 SCALAR_CHECKS = [(2, 333, 2, 64, 100, True, torch.float32, 1e-4, 64),
@@ -86,11 +89,9 @@ def checks(dev: torch.device, channel: bool = False, which: list[int] | None = N
 
 
 def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
-    """A decay per key channel at the anchor shape, chunks 32 and 16 (a chunk of 64 runs as 32:
-    ``_load.CHANNEL_MAX_CHUNK``), against fla's ``chunk_gla``; with ``warps``, again with the plain
+    """A decay per key channel at the anchor shape (the kernels run 32 tokens a chunk:
+    ``_load.CHANNEL_CHUNK``), against fla's ``chunk_gla``; with ``warps``, again with the plain
     kernels launched at each count."""
-    from _launch import with_warps
-
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
@@ -99,9 +100,8 @@ def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tu
     k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
     v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
-    impls = [(f"nlgraph chunk_linear_attention per channel, chunk {c}",
-              lambda q_, k_, v_, c=c: chunk_linear_attention(q_, k_, v_, g, scale=1.0, chunk=c)[0], False)
-             for c in (32, 16)]
+    impls = [("nlgraph chunk_linear_attention per channel",
+              lambda q_, k_, v_: chunk_linear_attention(q_, k_, v_, g, scale=1.0)[0], False)]
     ours = list(impls)
     try:  # fla is an optional anchor
         from fla.ops.gla import chunk_gla
@@ -113,8 +113,6 @@ def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tu
 
 
 def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
-    from _launch import with_warps
-
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 

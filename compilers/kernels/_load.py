@@ -39,15 +39,19 @@ def pow2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
-# The kernels with a decay per key channel tile by at most 32 tokens, whatever chunk the caller asks
-# for: the function does not depend on the chunk. On an H200 (B=4, T=4096, H=16, D=128, bf16;
-# benchmarks/linear_attention_kernel.py --channel) GLA's forward+backward took 16.5 ms at chunk 64 and
-# 9.4 ms at 32, since the scores inside a chunk cost one step per key offset; and the delta rule's
-# per-channel backward at Dk=128 and chunk 64 asks for 256 KiB of shared memory, over the 227 KiB there.
-CHANNEL_MAX_CHUNK = 32
+# The kernels with a decay per key channel run 32 tokens a chunk, whatever chunk the caller asks for:
+# the function does not depend on the chunk, and 32 is the chunk their checks passed at on the H200.
+# There (B=4, T=4096, H=16, D=128, bf16; benchmarks/linear_attention_kernel.py --channel) GLA's
+# forward+backward took 16.5 ms at chunk 64, 9.4 ms at 32 and 8.9 at 16 (unchecked there), and the
+# delta rule's per-channel backward at Dk=128 and chunk 64 asked for 262,144 bytes of shared memory,
+# over the 232,448 there. ``None`` runs the chunk asked for (the kernels' own tests, at every chunk).
+CHANNEL_CHUNK: int | None = 32
+# The widest keys the per-channel kernels take on CUDA: their GPU checks went up to Dk=128 (256
+# compiles within the shared memory, benchmarks/kernel_resources.py, but is unchecked there).
+CHANNEL_MAX_KEY_CUDA = 128
 
 
 def kernel_chunk(g: torch.Tensor | None, chunk: int) -> int:
-    """The chunk a kernel runs: ``chunk``, or at most ``CHANNEL_MAX_CHUNK`` for ``g`` per key channel
+    """The chunk a kernel runs: ``chunk``, or ``CHANNEL_CHUNK`` for ``g`` per key channel
     (``[B, T, H, Dk]``)."""
-    return min(chunk, CHANNEL_MAX_CHUNK) if g is not None and g.dim() == 4 else chunk
+    return CHANNEL_CHUNK if CHANNEL_CHUNK is not None and g is not None and g.dim() == 4 else chunk

@@ -57,6 +57,8 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
+from ._load import CHANNEL_MAX_KEY_CUDA
+
 __all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU",
            "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
@@ -368,9 +370,11 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 4:
         if alpha.shape[-1] == 1:
             alpha = alpha[..., 0]
-        elif run.retention == "weight_decay" or (q.device.type == "cuda" and not DELTA_RULE_CHANNEL_ON_GPU):
+        elif run.retention == "weight_decay" or (q.device.type == "cuda" and (
+                not DELTA_RULE_CHANNEL_ON_GPU or k.shape[-1] > CHANNEL_MAX_KEY_CUDA)):
             # Titans' order with a per-channel tensor (given to a spec that gates per head) is no
-            # delta rule; and on CUDA the per-channel kernels wait for their GPU check
+            # delta rule; and on CUDA the per-channel kernels may be switched off, and are checked
+            # up to keys 128 wide
             return None
         else:  # a decay per key channel (Kimi Delta Attention's gate)
             alpha = alpha.expand(b, t, h, k.shape[-1])
@@ -462,8 +466,8 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
     if inputs is None or (inputs[1].device.type == "cuda" and not LINEAR_ATTENTION_ON_GPU):
         return None
     alpha = inputs[4]
-    if (inputs[1].device.type == "cuda" and not LINEAR_ATTENTION_CHANNEL_ON_GPU
-            and isinstance(alpha, torch.Tensor) and alpha.dim() == 4):
+    if (inputs[1].device.type == "cuda" and isinstance(alpha, torch.Tensor) and alpha.dim() == 4
+            and (not LINEAR_ATTENTION_CHANNEL_ON_GPU or inputs[1].shape[-1] > CHANNEL_MAX_KEY_CUDA)):
         return None
     q, k, v, lr, alpha = inputs
     from .linear_attention import chunk_linear_attention

@@ -193,8 +193,8 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         initial_state: ``[B, H, Dk, Dv]`` (fp32 recommended), or ``None`` (zeros).
         output_final_state: also return the state after the last token, ``[B, H, Dk, Dv]`` fp32.
         scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
-        chunk: tokens per chunk (16, 32 or 64; at most 32 with ``g`` per key channel, see
-            ``_load.CHANNEL_MAX_CHUNK``).
+        chunk: tokens per chunk (16, 32 or 64; 32 with ``g`` per key channel, see
+            ``_load.CHANNEL_CHUNK``).
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, final state or None)``.

@@ -19,8 +19,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "benchmarks" / "kernel_resources.py"
-# not imported here: the kernel tests beside this file set triton up for its interpreter first
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (ptxas)")
+
+
+def _binaries() -> bool:
+    """triton with its bundled ptxas and cuobjdump, found without importing triton: the kernel
+    tests beside this file set triton up for its interpreter first."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    bindir = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin"
+    return (bindir / "ptxas").exists() and (bindir / "cuobjdump").exists()
+
+
+pytestmark = pytest.mark.skipif(not _binaries(), reason="needs triton with its ptxas and cuobjdump")
 
 
 def _resources(tmp_path: Path, *args: str) -> tuple[int, list[dict], str]:
@@ -44,18 +55,22 @@ def test_every_kernel_fits_at_key_width_128(tmp_path):
                          ("mlp_memory", "bwd"), ("recurrence", "bwd"), ("short_conv", "da")]:
         assert (case, kernel) in seen, (case, kernel, sorted(seen))
     assert all(r["fits"] and "error" not in r for r in rows), log
-    # the per-channel kernels run at most 32 tokens a chunk, whatever the level asks for
+    # the per-channel kernels run 32 tokens a chunk, whatever the level asks for
     assert {r["C"] for r in rows if r["case"] in ("gla", "kda") and r["kernel"] != "state_fwd"} == {32}
 
 
 def test_it_finds_the_launch_failure_the_h200_found(tmp_path):
-    """Before ``CHANNEL_MAX_CHUNK``, KDA's backward at Dk=128 and chunk 64 in bfloat16 asked the H200
-    for 262,144 bytes of shared memory (``OutOfResources`` at its first launch; 232,448 there): the
-    tool computes that same figure on this machine, and exits 1."""
-    rc, rows, log = _resources(tmp_path, "--cases", "kda", "--channel-max-chunk", "64")
+    """Before ``CHANNEL_CHUNK``, KDA's backward at Dk=128 and chunk 64 in bfloat16 asked the H200 for
+    262,144 bytes of shared memory (``OutOfResources`` at its first launch; 232,448 there): the tool
+    computes that same figure on this machine with triton 3.6 (the GPU's version), and exits 1."""
+    rc, rows, log = _resources(tmp_path, "--cases", "kda", "--channel-chunk", "64")
     grads = [r for r in rows if r["kernel"] == "grads"]
     assert rc == 1 and len(grads) == 1, log
-    assert grads[0]["C"] == 64 and grads[0]["smem"] == 262144 and not grads[0]["fits"], grads
+    assert grads[0]["C"] == 64 and not grads[0]["fits"], grads
+    from importlib.metadata import version
+
+    if version("triton").startswith("3.6."):  # another triton lays out shared memory its own way
+        assert grads[0]["smem"] == 262144, grads
 
 
 @pytest.mark.slow

@@ -221,6 +221,35 @@ def _channel_inputs(b, t, h, dk, dv, *, strength, with_h0, seed):
     return x
 
 
+@pytest.fixture
+def every_chunk(monkeypatch):
+    """The per-channel kernels at the chunk a test asks for: a model's calls run
+    ``_load.CHANNEL_CHUNK`` (32), but the kernels are written, and kept exact, for 16, 32 and 64."""
+    from nlgraph.compilers.kernels import _load
+
+    monkeypatch.setattr(_load, "CHANNEL_CHUNK", None)
+
+
+def test_the_per_channel_kernels_run_their_own_chunk(monkeypatch):
+    """Whatever chunk the caller asks for, a per-channel decay runs ``_load.CHANNEL_CHUNK`` = 32 (what
+    the GPU checks passed at; the function does not depend on the chunk), bit for bit the same
+    results; a per-head decay runs the chunk asked for."""
+    from nlgraph.compilers.kernels import _load
+    from nlgraph.compilers.kernels import delta_rule as module
+
+    assert _load.CHANNEL_CHUNK == 32
+    ran, original = [], module._fwd_op
+    monkeypatch.setattr(module, "_fwd_op", lambda *a: ran.append(a[7]) or original(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 1, 16, generator=gen) for _ in range(3))
+    k = F.normalize(k, dim=-1)
+    beta, g = torch.rand(1, 40, 1, generator=gen), -torch.rand(1, 40, 1, 16, generator=gen)
+    outs = [chunk_delta_rule(q, k, v, beta, g, scale=1.0, chunk=c)[0] for c in (16, 64, 32)]
+    chunk_delta_rule(q, k, v, beta, g[..., 0].contiguous(), scale=1.0, chunk=16)
+    assert ran == [32, 32, 32, 16]
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
 @pytest.mark.parametrize(
     "b, t, h, dk, dv, chunk, strength, with_h0, final",
     [
@@ -236,7 +265,8 @@ def _channel_inputs(b, t, h, dk, dv, *, strength, with_h0, seed):
         (1, 64, 1, 16, 16, 32, 8.0, True, True),
     ],
 )
-def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final):
+def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final,
+                                                 every_chunk):
     from nlgraph.compilers.kernels.delta_rule import token_loop
 
     scale = 0.75

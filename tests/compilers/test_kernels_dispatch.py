@@ -578,6 +578,24 @@ def test_a_per_channel_delta_rule_on_cuda_follows_its_own_switch(monkeypatch):
     assert plan("kda", device="cuda").executions() == {"mixer": "triton"}
 
 
+def test_the_per_channel_kernels_are_on_for_cuda_up_to_keys_128_wide():
+    """On by default since their checks passed on the H200, for the key widths checked there (up to
+    128): wider keys keep the PyTorch form on CUDA, and forcing the kernel says why (the interpreter
+    on CPU has no such limit)."""
+    assert dispatch.DELTA_RULE_CHANNEL_ON_GPU and dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU
+    gla = ["levels.mixer.retention.gate.per=channel"]
+    for name, extra in (("kda", []), ("mamba2", gla)):
+        assert plan(name, overrides=["vars.d_model=512", "vars.heads=4", *extra],
+                    device="cuda").executions() == {"mixer": "triton"}  # keys 128 wide
+        wide = ["vars.d_model=512", "vars.heads=2", *extra]  # 256
+        assert plan(name, overrides=wide, device="cuda").executions() == {"mixer": "chunked"}
+        if DEVICE == "cpu":
+            assert plan(name, overrides=wide, device="cpu").executions() == {"mixer": "triton"}
+        with pytest.raises(PlanError, match="checked on CUDA for key widths up to 128, not 256") as e:
+            plan(name, overrides=wide, device="cuda", forms={"mixer": "triton"})
+        assert "\n" not in str(e.value)
+
+
 @pytest.fixture
 def mlp_calls(monkeypatch):
     """How many times Titans' MLP-memory kernel ran."""
@@ -691,4 +709,3 @@ def test_cuda_switches_read_their_environment_overrides(monkeypatch):
                                      ("off", True, False), ("", False, False), ("maybe", True, True)):
         monkeypatch.setenv("NLGRAPH_TEST_SWITCH", value)
         assert dispatch._switch("NLGRAPH_TEST_SWITCH", default) is expected, value
-

@@ -60,7 +60,12 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
 ])
-def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol):
+def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol,
+                                                      monkeypatch):
+    from nlgraph.compilers.kernels import _load
+
+    # the per-channel kernels at the chunk each case asks for (a model's calls run CHANNEL_CHUNK, 32)
+    monkeypatch.setattr(_load, "CHANNEL_CHUNK", None)
     q, k, v, g, h0 = _inputs(b, t, h, dk, dv, gated, with_h0, seed=t)
     leaves = [x.requires_grad_() for x in (q, k, v, g, h0) if x is not None]
     y_ref, s_ref = _reference(q, k, v, g, h0, 0.5)
@@ -126,3 +131,40 @@ def test_the_ops_outputs_have_their_fakes_strides(gated):
     o, _, bcum = module._fwd_op(*args)
     bwd = (q, k, v, bcum, h0, torch.randn_like(o), torch.randn_like(h0), 1.0, 16)
     torch.library.opcheck(module._bwd_op, bwd, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_per_channel_kernels_run_their_own_chunk(monkeypatch):
+    """A per-channel decay runs ``_load.CHANNEL_CHUNK`` = 32 whatever chunk is asked for (the same
+    results bit for bit); a per-head decay runs the chunk asked for."""
+    from nlgraph.compilers.kernels import linear_attention as module
+
+    ran, original = [], module._fwd_op
+    monkeypatch.setattr(module, "_fwd_op", lambda *a: ran.append(a[6]) or original(*a))
+    q, k, v, g, _ = _inputs(1, 40, 1, 16, 16, "channel", False, seed=3)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    outs = [chunk_linear_attention(q, k, v, g, scale=1.0, chunk=c)[0] for c in (16, 64, 32)]
+    chunk_linear_attention(q, k, v, g[..., 0].contiguous(), scale=1.0, chunk=64)
+    assert ran == [32, 32, 32, 64]
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
+def test_plain_warps_launches_the_plain_kernels_at_another_count_and_restores_them():
+    """``benchmarks/_launch.py`` (the kernel benchmarks' ``--warps``): inside it the plain kernels take
+    the given warps (the interpreter runs them alike), outside they are the kernels again."""
+    import importlib.util
+    from pathlib import Path
+
+    from nlgraph.compilers.kernels import _linear_attention_triton as kmod
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_launch.py"
+    spec = importlib.util.spec_from_file_location("_launch", path)
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    before = kmod.kernels().grads_channel
+    q, k, v, g, _ = _inputs(1, 40, 1, 16, 16, "channel", False, seed=3)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    ref = chunk_linear_attention(q, k, v, g, scale=1.0)[0]
+    with launch.plain_warps(8):
+        assert type(kmod.kernels().grads_channel).__name__ == "_Warps"
+        assert torch.equal(chunk_linear_attention(q, k, v, g, scale=1.0)[0], ref)
+    assert kmod.kernels().grads_channel is before
