@@ -230,7 +230,8 @@ def _source(module: str, name: str):
 
 def sm90(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
     """Compile the Python kernel ``fn`` for sm_90 and read its registers, stack (spill) bytes, shared
-    memory, and the counts of wgmma (HGMMA) and local-memory (LDL/STL) instructions in its SASS."""
+    memory, and the counts of tensor-core (wgmma: HGMMA; mma.sync: HMMA) and local-memory (LDL/STL)
+    instructions in its SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -260,7 +261,8 @@ def sm90(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
     for key in ("REG", "STACK"):
         m = re.search(key + r":(\d+)", res)
         row[key.lower()] = int(m.group(1)) if m else None
-    row.update({op: sass.count(op) for op in ("HGMMA", "LDL", "STL")})
+    # HGMMA: Hopper's wgmma; HMMA: the mma.sync of earlier GPUs (16-row tiles fall back to it)
+    row.update({op: sass.count(op) for op in ("HGMMA", "HMMA", "LDL", "STL")})
     return row
 
 
@@ -293,13 +295,14 @@ def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps:
 
 def table(rows: list[dict]) -> str:
     head = f"{'case':18} {'kernel':16} {'K':>4} {'C':>3} {'BV':>3} {'w':>2} {'st':>2} {'reg':>4} {'stack':>6} " \
-           f"{'smem':>7} {'HGMMA':>5} {'LDL':>5} {'STL':>5} {'comp s':>6}  note"
+           f"{'smem':>7} {'HGMMA':>5} {'HMMA':>5} {'LDL':>5} {'STL':>5} {'comp s':>6}  note"
     lines = [head]
     for r in rows:
         note = r.get("error", "") or ("" if r["fits"] else "over the shared-memory limit")
         lines.append(f"{r['case']:18} {r['kernel']:16} {r['K'] or '-':>4} {r['C'] or '-':>3} {r['BV'] or '-':>3} "
                      f"{r['warps']:>2} {r['stages']:>2} {r.get('reg', '-'):>4} {r.get('stack', '-'):>6} "
-                     f"{r.get('smem', '-'):>7} {r.get('HGMMA', '-'):>5} {r.get('LDL', '-'):>5} {r.get('STL', '-'):>5} "
+                     f"{r.get('smem', '-'):>7} {r.get('HGMMA', '-'):>5} {r.get('HMMA', '-'):>5} {r.get('LDL', '-'):>5} "
+                     f"{r.get('STL', '-'):>5} "
                      f"{r.get('compile_s', '-'):>6}  {note}")
     return "\n".join(lines)
 
