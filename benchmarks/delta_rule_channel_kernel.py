@@ -3,8 +3,8 @@ checks, then its speed against fla's ``chunk_kda``.
 
 ``nlgraph.compilers.kernels.chunk_delta_rule`` with ``g [B, T, H, Dk]`` is checked against a float64
 token loop (``delta_rule.token_loop``) on outputs, final state and every input gradient (q, k, v, β,
-g, the initial state): float32 and bfloat16 (the kernels run 32 tokens a chunk; the label says so), a partial last chunk, two value
-blocks, decays down to e^−8 a token. That is what rules out the Hopper backward miscompiles of
+g, the initial state): float32 and bfloat16 (the kernels run 32 tokens a chunk; the label says
+so), a partial last chunk, two value blocks, decays down to e^−8 a token. That is what rules out the Hopper backward miscompiles of
 triton 3.4–3.7, which Triton's CPU interpreter (where the tests run) cannot show;
 ``dispatch.DELTA_RULE_CHANNEL_ON_GPU`` (on since this passed there) turns the kernels on for CUDA plans. Then
 forward and forward + backward at the anchor shape (B=4, T=4096, H=16, D=128, bf16) next to fla's

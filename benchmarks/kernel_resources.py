@@ -99,8 +99,7 @@ def _patch(log: list) -> None:
     for mod_name in MODULES:
         mod = importlib.import_module(f"nlgraph.compilers.kernels.{mod_name}")
         holder = mod.kernels()
-        names = list(vars(holder)) if not isinstance(holder, type) else [n for n in vars(holder) if not n.startswith("_")]
-        for name in names:
+        for name in [n for n in vars(holder) if not n.startswith("_")]:  # a namespace's or a class's
             kernel = getattr(holder, name)
             if hasattr(kernel, "fn"):
                 setattr(holder, name, _Recorder(kernel, mod_name, name, log))
@@ -169,10 +168,13 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
     def r(*s, dtype=torch.float32):
         return (0.3 * torch.randn(*s, generator=gen)).to(dtype).requires_grad_()
 
-    c = 3
-    out = online_recurrence(r(1, 1, d, d), r(1, 1, d, d), r(1, 1, c, chunk, d, dtype=dt), r(1, 1, c, chunk, d, dtype=dt),
-                            r(1, 1, c), r(1, 1, c, chunk, d, dtype=dt), r(1, 1, c, chunk, d, dtype=dt), r(1, 1, c),
-                            r(1, 1, c), r(1, 1, c, chunk, d, dtype=dt))
+    c = 3  # chunks
+
+    def rows():  # [B, H, C, n, D] in the operands' dtype
+        return r(1, 1, c, chunk, d, dtype=dt)
+
+    out = online_recurrence(w0=r(1, 1, d, d), s0=r(1, 1, d, d), u=rows(), xt=rows(), ge=r(1, 1, c), p1=rows(),
+                            yt=rows(), ze=r(1, 1, c), ye=r(1, 1, c), p2=rows())
     sum(x.float().square().sum() for x in out if x is not None).backward()
 
 
@@ -211,7 +213,8 @@ def _configs(module: str, name: str, plain_warps: tuple[int, ...] = (4,), all_wa
     if "num_warps" in options:  # the launch names its warps (Titans' MLP memory, by its tile)
         return [({}, options["num_warps"], options.get("num_stages", 3))]
     if module != "_delta_rule_triton":  # stages as the launch names them (the LA backward: 1)
-        return [({}, w, options.get("num_stages", 3)) for w in plain_warps]  # plain @triton.jit: Triton's defaults are 4 warps, 3 stages
+        # plain @triton.jit: Triton's defaults are 4 warps, 3 stages
+        return [({}, w, options.get("num_stages", 3)) for w in plain_warps]
     from nlgraph.compilers.kernels import _delta_rule_triton as kmod
 
     blocks = [{"BV": bv} for bv in (32, 64)] if name in kmod.STATE_KERNELS else [{}]

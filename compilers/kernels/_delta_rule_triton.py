@@ -510,7 +510,7 @@ if INTERPRETED:
 
 
 # Warps the autotuner may pick from. With 4 warps the backward's recurrence and its two per-chunk
-# kernels spill hundreds of registers on sm_90 (benchmarks/kernels.py --resources, benchmarks/kernel_resources.py), so they try 8
+# kernels spill hundreds of registers on sm_90 (benchmarks/kernels.py --resources), so they try 8
 # only; fewer configs also keep the first call's tuning short. triton 3.4-3.7 has miscompiled some
 # backward kernels on Hopper at particular warp counts (fla pins num_warps=2 for one), so when
 # benchmarks/kernels.py reports a FAIL, rerun it with NLGRAPH_TRITON_WARPS=2 (or 4, 8, "4,8"):

@@ -224,7 +224,7 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
         STORE_DH0=h0 is not None, PREC=p["PREC"], **blocks)
     del dvl
     # K in blocks of 64: with one block of 128 the three [C, 128] fp32 accumulators spill heavily
-    # (benchmarks/kernels.py --resources, benchmarks/kernel_resources.py). fla's analogous kernel was miscompiled on Hopper at BK = 64
+    # (benchmarks/kernels.py --resources). fla's analogous kernel was miscompiled on Hopper at BK = 64
     # (fla issue 640), through tl.trans of a product feeding a dot, a pattern this kernel avoids.
     bk = p["BK"]
     nk = _cdiv(p["K"], bk)

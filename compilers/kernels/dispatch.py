@@ -370,11 +370,10 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 4:
         if alpha.shape[-1] == 1:
             alpha = alpha[..., 0]
-        elif run.retention == "weight_decay" or (q.device.type == "cuda" and (
-                not DELTA_RULE_CHANNEL_ON_GPU or k.shape[-1] > CHANNEL_MAX_KEY_CUDA)):
+        elif run.retention == "weight_decay" or why_no_channel_kernel(
+                q.device.type, k.shape[-1], DELTA_RULE_CHANNEL_ON_GPU, "NLGRAPH_DELTA_RULE_CHANNEL_GPU"):
             # Titans' order with a per-channel tensor (given to a spec that gates per head) is no
-            # delta rule; and on CUDA the per-channel kernels may be switched off, and are checked
-            # up to keys 128 wide
+            # delta rule
             return None
         else:  # a decay per key channel (Kimi Delta Attention's gate)
             alpha = alpha.expand(b, t, h, k.shape[-1])
@@ -436,6 +435,20 @@ LINEAR_ATTENTION_ON_GPU = True
 LINEAR_ATTENTION_CHANNEL_ON_GPU = _switch("NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU", True)
 
 
+def why_no_channel_kernel(device: Any, key_width: int | None, on: bool, env: str) -> str | None:
+    """Why the kernels with a decay per key channel (GLA's, KDA's) do not run on ``device`` for keys
+    ``key_width`` wide (``None``: not known) with their CUDA switch ``on`` (set by ``env``), or
+    ``None``: on CUDA they may be switched off, and take the widths checked there."""
+    if torch.device(device).type != "cuda":
+        return None
+    if not on:
+        return f"its Triton kernel is switched off on CUDA ({env}=0; unset it to turn the kernel on)"
+    if key_width is not None and key_width > CHANNEL_MAX_KEY_CUDA:
+        return (f"its Triton kernels are checked on CUDA for key widths up to {CHANNEL_MAX_KEY_CUDA}, not {key_width} "
+                "(use more heads)")
+    return None
+
+
 def _channel_decay(spec: Any) -> bool:
     ret = spec.retention
     return ret is not None and getattr(ret.gate, "per", "head") == "channel"
@@ -466,8 +479,9 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
     if inputs is None or (inputs[1].device.type == "cuda" and not LINEAR_ATTENTION_ON_GPU):
         return None
     alpha = inputs[4]
-    if (inputs[1].device.type == "cuda" and isinstance(alpha, torch.Tensor) and alpha.dim() == 4
-            and (not LINEAR_ATTENTION_CHANNEL_ON_GPU or inputs[1].shape[-1] > CHANNEL_MAX_KEY_CUDA)):
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 4 and why_no_channel_kernel(
+            inputs[1].device.type, inputs[1].shape[-1], LINEAR_ATTENTION_CHANNEL_ON_GPU,
+            "NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU"):
         return None
     q, k, v, lr, alpha = inputs
     from .linear_attention import chunk_linear_attention

@@ -66,12 +66,11 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     if dispatch.why_no_mlp_memory_kernel(spec) is None:
         return _mlp_on(device) or _mlp_tile(spec, device, head_dim) or _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)
-    if why is None and torch.device(device).type == "cuda" and dispatch._channel_decay(spec):
-        if not dispatch.DELTA_RULE_CHANNEL_ON_GPU:
-            return ("a delta rule with a per-channel decay: its Triton kernel is switched off on CUDA "
-                    "(NLGRAPH_DELTA_RULE_CHANNEL_GPU=0; unset it to turn the kernel on)")
-        if _channel_keys(head_dim):
-            return f"a delta rule with a per-channel decay: {_channel_keys(head_dim)}"
+    if why is None and dispatch._channel_decay(spec):
+        off = dispatch.why_no_channel_kernel(device, head_dim, dispatch.DELTA_RULE_CHANNEL_ON_GPU,
+                                             "NLGRAPH_DELTA_RULE_CHANNEL_GPU")
+        if off:
+            return f"a delta rule with a per-channel decay: {off}"
     if why is not None:
         if dispatch.why_no_online_linear_attention(spec) is not None:
             if dispatch.why_no_online_recurrence(spec) is not None:
@@ -85,12 +84,10 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
             return _why_not_target(device, dtype)
         if _la_on(device):
             return _la_on(device)
-        if torch.device(device).type == "cuda" and dispatch._channel_decay(spec):
-            if not dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU:
-                return ("linear attention with a per-channel decay: its Triton kernel is switched off on CUDA "
-                        "(NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU=0; unset it to turn the kernel on)")
-            if _channel_keys(head_dim):
-                return f"linear attention with a per-channel decay: {_channel_keys(head_dim)}"
+        off = dispatch.why_no_channel_kernel(device, head_dim, dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU,
+                                             "NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU")
+        if dispatch._channel_decay(spec) and off:
+            return f"linear attention with a per-channel decay: {off}"
     return _why_not_target(device, dtype)
 
 
@@ -148,16 +145,6 @@ def _mlp_tile(spec: Any, device: str, head_dim: int | None) -> str | None:
 
     why = why_not_on_cuda(periods(spec)[1], head_dim)
     return f"Titans' MLP memory: {why}" if why else None
-
-
-def _channel_keys(head_dim: int | None) -> str | None:
-    """Why the per-channel kernels do not take keys ``head_dim`` wide on CUDA, or ``None``."""
-    from ._load import CHANNEL_MAX_KEY_CUDA
-
-    if head_dim is not None and head_dim > CHANNEL_MAX_KEY_CUDA:
-        return (f"its Triton kernels are checked on CUDA for key widths up to {CHANNEL_MAX_KEY_CUDA}, not {head_dim} "
-                "(use more heads)")
-    return None
 
 
 def _la_on(device: str) -> str | None:
