@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
-from _launch import with_warps  # noqa: E402
+from _launch import plain_warps, with_warps  # noqa: E402
 
 # (B, T, H, Dk, Dv, decay, dtype, limit, chunk); decay "mild": log α in log(0.9 .. 1) a token and
 # channel, "strong": log α down to −8 a token (a chunk of 64 decays far past float32's e^−88)
@@ -120,13 +120,17 @@ def main() -> int:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--warps", type=int, nargs="*", default=[],
                     help="also time the per-channel rows with the plain kernels launched at these warp counts")
+    ap.add_argument("--check-warps", type=int, default=None,
+                    help="run the checks with the plain kernels launched at this warp count")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("delta_rule_channel_kernel: no CUDA device here; nothing to check or time")
         return 0
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks)}
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "check_warps": args.check_warps}
+    with plain_warps(args.check_warps):
+        res["checks"] = checks(dev, args.checks)
     if not args.no_timing:
         res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps))
     if args.json:

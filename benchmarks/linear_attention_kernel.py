@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
-from _launch import with_warps  # noqa: E402
+from _launch import plain_warps, with_warps  # noqa: E402
 
 
 SCALAR_CHECKS = [(2, 333, 2, 64, 100, True, torch.float32, 1e-4, 64),
@@ -151,6 +151,8 @@ def main() -> int:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--warps", type=int, nargs="*", default=[],
                     help="also time nlgraph's rows with the plain kernels launched at these warp counts")
+    ap.add_argument("--check-warps", type=int, default=None,
+                    help="run the checks with the plain kernels launched at this warp count")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -158,7 +160,9 @@ def main() -> int:
         return 0
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-           "checks": checks(dev, args.channel, args.checks)}
+           "check_warps": args.check_warps}
+    with plain_warps(args.check_warps):
+        res["checks"] = checks(dev, args.channel, args.checks)
     timer = channel_timings if args.channel else timings
     if not args.no_timing:
         res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps))

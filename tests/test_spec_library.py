@@ -41,6 +41,8 @@ def test_spec_file_is_commented(name):
         ("transformer_pp", "attn", "softmax attention"),
         ("transformer_pp", "mlp", "MLP"),
         ("hope_attention", "attn", "softmax attention"),
+        ("hope_large_chunk", "titans", "self-modifying Titans"),
+        ("hope_large_chunk", "cms", "CMS"),
         ("retnet", "mixer", "RetNet"),
         ("mamba2", "mixer", "Mamba2-style decay"),
         ("gla", "mixer", "GLA"),
@@ -60,6 +62,16 @@ def test_family_recognised(name, level, family):
 def test_hope_attention_drops_the_titans_level():
     spec = load_spec("hope_attention")
     assert "titans" not in spec.levels and spec.model.blocks == [["attn", "cms"]]
+
+
+def test_hope_large_chunk_is_hope_with_the_benchmarked_overrides():
+    """The speed in hope_large_chunk's comment was measured as these overrides of `hope`."""
+    ours = load_spec("hope_large_chunk")
+    measured = load_spec("hope", ["vars.chunk=256", "levels.cms.levels.0.frequency=256",
+                                  "levels.cms.levels.1.frequency=1024"])
+    assert ours.levels == measured.levels and ours.model == measured.model
+    assert ours.levels["titans"].gradient_point.chunk == 256
+    assert [lv.frequency for lv in ours.levels["cms"].levels] == [256, 1024, 2048]
 
 
 def test_tiny_override_of_a_library_spec():
