@@ -28,7 +28,10 @@ decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, an
 parts (:func:`_intra_channel`): against the keys of earlier 16-row sub-blocks, one ``tl.dot``
 per sub-block through a reference row between them (both factors ≤ 1); against the keys of
 a row's own sub-block, one key offset at a time with every exponent ``b_r − b_j ≤ 0``, on the CUDA
-cores (16 steps). Exact at any decay.
+cores (16 steps). Exact at any decay. With ``CHANNEL_TREE`` (``NLGRAPH_CHANNEL_TREE=1``; not yet
+checked on the GPU, so off) the whole of ``A`` is a tree of reference rows instead: halves of the
+chunk, of each half, … down to single rows, one masked ``tl.dot`` a level (:func:`_tree_factors`),
+also with both factors ≤ 1.
 Every kernel masks the rows past T with the future tokens: they read ``b = 0``, so ``b_r − b_j``
 would be ``−b_j > 0`` there, which overflows (and ``inf · 0`` is NaN in the sums over rows).
 The state recurrences are the scalar kernels with the decays per channel.
@@ -40,8 +43,17 @@ import triton
 import triton.language as tl
 
 from ._delta_rule_triton import INTERPRETED, _channel_decays, _rows
+from .dispatch import _switch
 
-__all__ = ["INTERPRETED", "kernels"]
+__all__ = ["CHANNEL_TREE", "INTERPRETED", "kernels"]
+
+# How :func:`_intra_channel` and its adjoint score a row against the keys of its own chunk: a tree of
+# masked products (on, :func:`_tree_factors`: log2(C) tensor-core products and as many exponentials
+# of a [C, BK] tile), or the keys of its own 16-row sub-block one offset at a time on the CUDA cores
+# (off: 16 exponentials, loads and row sums of a [C, BK] tile; the form checked on the H200, so the
+# default until the tree is too). Both are exact at any decay. Read when this module is imported
+# (``NLGRAPH_CHANNEL_TREE=1``); the kernel tests, under Triton's interpreter, set it per case.
+CHANNEL_TREE = tl.constexpr(_switch("NLGRAPH_CHANNEL_TREE", False))
 
 
 @triton.jit
@@ -258,6 +270,34 @@ def _same_block_keys(k, bcum, tok, i_t, i, T, H: tl.constexpr, K: tl.constexpr, 
 
 
 @triton.jit
+def _tree_factors(b, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, h):
+    """``(e_x, e_k, pair)`` of one level of the tree that splits the chunk into blocks of ``2h`` rows and
+    each block into halves of ``h``: the rows of an upper half against the keys of the lower half of the
+    same block, through the lower half's last row ``ref`` (``e_x = e^{b − b_ref}`` on upper-half rows,
+    ``e_k = e^{b_ref − b}`` on lower-half rows, 0 elsewhere; ``[C, BK]``). Both exponents are ≤ 0, so
+    ``((X e_x)(K e_k)ᵀ)[r, j]`` is ``Σ_c x_rc k_jc e^{b_rc − b_jc}`` exactly, at any decay, wherever
+    ``pair [C, C]`` holds (r and j in the same block; elsewhere the product pairs a row with the wrong
+    block's reference and is dropped). The levels ``h = C/2, C/4, …, 1`` cover every ``j < r`` once."""
+    r = tl.arange(0, C)
+    c = tl.arange(0, BK)
+    valid = i_t * C + r < T
+    ref = (r // (2 * h)) * (2 * h) + h - 1
+    live = i_t * C + ref < T  # the block's reference row is a real token (else its upper half has none)
+    upper = ((r // h) % 2) == 1
+    rows = upper & valid
+    keys = (r // h) % 2 == 0
+    keys = keys & live
+    bref = tl.load(bcum + (tok + (i_t * C + ref)[:, None] * H) * K + c[None, :],
+                   mask=live[:, None] & (c < K)[None, :], other=0.)
+    d = tl.where(rows[:, None], b - bref, tl.where(keys[:, None], bref - b, 0.))
+    e = tl.exp(d)
+    ex = tl.where(rows[:, None], e, 0.)
+    ek = tl.where(keys[:, None], e, 0.)
+    pair = (r[:, None] // (2 * h)) == (r[None, :] // (2 * h))
+    return ex, ek, pair
+
+
+@triton.jit
 def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, PREC: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """``A [C, C]`` of a chunk with per-channel decays, ``A[r, j] = Σ_c x_rc k_jc e^{b_rc − b_jc}`` for
@@ -274,23 +314,40 @@ def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr
     r = tl.arange(0, C)
     valid = i_t * C + r < T
     a = tl.zeros([C, C], dtype=tl.float32)
-    if C > 16:
+    if CHANNEL_TREE:
         kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32)
-        for s in tl.static_range(1, C // 16):
-            ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
-            if TRANSPOSED:
-                a += tl.dot(kf * ek, tl.trans(xf * ex), input_precision=PREC)
+        # h = C/2, C/4, …, 1 (chunks up to 128). A loop, not unrolled: the levels' [C, BK] factors are
+        # not live at once (unrolled, KDA's backward spilled 5,512 bytes a thread at sm_90, against
+        # 2,000 for the offsets' form)
+        for lvl in range(0, 7):
+            h = C >> (lvl + 1)
+            if h >= 1:
+                ex, ek, pair = _tree_factors(b, bcum, tok, i_t, T, H, K, C, BK, h)
+                if TRANSPOSED:
+                    a += tl.where(pair, tl.dot(kf * ek, tl.trans(xf * ex), input_precision=PREC), 0.)
+                else:
+                    a += tl.where(pair, tl.dot(xf * ex, tl.trans(kf * ek), input_precision=PREC), 0.)
+        # the diagonal: every exponent is 0
+        a += tl.where((r[:, None] == r[None, :]) & valid[:, None], tl.sum(xf * kf, axis=1)[:, None], 0.)
+    else:
+        if C > 16:
+            kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                         padding_option="zero").to(tl.float32)
+            for s in tl.static_range(1, C // 16):
+                ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
+                if TRANSPOSED:
+                    a += tl.dot(kf * ek, tl.trans(xf * ex), input_precision=PREC)
+                else:
+                    a += tl.dot(xf * ex, tl.trans(kf * ek), input_precision=PREC)
+        for i in range(16):
+            j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
+            below = ((r % 16) >= i) & valid
+            col = tl.where(below, tl.sum(xf * kj * tl.exp(tl.where(below[:, None], b - bj, 0.)), axis=1), 0.)
+            if TRANSPOSED:  # Aᵀ[j_r, r] = col[r]
+                a += tl.where(r[:, None] == j[None, :], col[None, :], 0.)
             else:
-                a += tl.dot(xf * ex, tl.trans(kf * ek), input_precision=PREC)
-    for i in range(16):
-        j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
-        below = ((r % 16) >= i) & valid
-        col = tl.where(below, tl.sum(xf * kj * tl.exp(tl.where(below[:, None], b - bj, 0.)), axis=1), 0.)
-        if TRANSPOSED:  # Aᵀ[j_r, r] = col[r]
-            a += tl.where(r[:, None] == j[None, :], col[None, :], 0.)
-        else:
-            a += tl.where(r[None, :] == j[:, None], col[:, None], 0.)
+                a += tl.where(r[None, :] == j[:, None], col[:, None], 0.)
     return a
 
 
@@ -306,24 +363,39 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
     valid = i_t * C + r < T
     dx = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
-    if C > 16:
+    if CHANNEL_TREE:
         kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32)
-        for s in tl.static_range(1, C // 16):
-            ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
-            dss = tl.where(((r // 16) == s)[:, None] & valid[:, None] & (r[None, :] < s * 16), ds, 0.)
-            dx += tl.dot(dss, kf * ek, input_precision=PREC) * ex
-            dk += tl.trans(tl.dot(tl.trans(xf * ex), dss, input_precision=PREC)) * ek
-    for i in range(16):
-        j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
-        below = ((r % 16) >= i) & valid
-        dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j[:, None], ds, 0.), axis=1), 0.)
-        e = tl.exp(tl.where(below[:, None], b - bj, 0.)) * dsj[:, None]  # [C, BK]
-        dx += e * kj
-        # key j = 16 s + i gathers the rows of its sub-block s
-        red = tl.sum(tl.reshape(e * xf, [C // 16, 16, BK]), axis=1)
-        dk += tl.where(((r % 16) == i)[:, None], tl.reshape(tl.broadcast_to(red[:, None, :], [C // 16, 16, BK]),
-                                                              [C, BK]), 0.)
+        dsv = tl.where(valid[:, None], ds, 0.)
+        for lvl in range(0, 7):  # not unrolled, as in _intra_channel
+            h = C >> (lvl + 1)
+            if h >= 1:
+                ex, ek, pair = _tree_factors(b, bcum, tok, i_t, T, H, K, C, BK, h)
+                dss = tl.where(pair, dsv, 0.)
+                dx += tl.dot(dss, kf * ek, input_precision=PREC) * ex
+                dk += tl.trans(tl.dot(tl.trans(xf * ex), dss, input_precision=PREC)) * ek
+        dd = tl.sum(tl.where(r[:, None] == r[None, :], dsv, 0.), axis=1)  # ds on the diagonal
+        dx += dd[:, None] * kf
+        dk += dd[:, None] * xf
+    else:
+        if C > 16:
+            kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                         padding_option="zero").to(tl.float32)
+            for s in tl.static_range(1, C // 16):
+                ex, ek = _sub_block_factors(b, r, valid, s, i_t * C + s * 16 - 1 < T, C)
+                dss = tl.where(((r // 16) == s)[:, None] & valid[:, None] & (r[None, :] < s * 16), ds, 0.)
+                dx += tl.dot(dss, kf * ek, input_precision=PREC) * ex
+                dk += tl.trans(tl.dot(tl.trans(xf * ex), dss, input_precision=PREC)) * ek
+        for i in range(16):
+            j, kj, bj = _same_block_keys(k, bcum, tok, i_t, i, T, H, K, C, BK)
+            below = ((r % 16) >= i) & valid
+            dsj = tl.where(below, tl.sum(tl.where(r[None, :] == j[:, None], ds, 0.), axis=1), 0.)
+            e = tl.exp(tl.where(below[:, None], b - bj, 0.)) * dsj[:, None]  # [C, BK]
+            dx += e * kj
+            # key j = 16 s + i gathers the rows of its sub-block s
+            red = tl.sum(tl.reshape(e * xf, [C // 16, 16, BK]), axis=1)
+            dk += tl.where(((r % 16) == i)[:, None], tl.reshape(tl.broadcast_to(red[:, None, :], [C // 16, 16, BK]),
+                                                                  [C, BK]), 0.)
     return dx, dk
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import channel_tree  # noqa: E402, F401  (a fixture)
 from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
 
 from nlgraph.compilers.delta_rule import delta_rule_reference  # noqa: E402
@@ -289,6 +290,25 @@ def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, streng
     loss.backward()
     for name in x64:
         assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
+
+
+@pytest.mark.parametrize(
+    "b, t, h, dk, dv, chunk, strength, with_h0, final",
+    [
+        (2, 37, 2, 16, 32, 16, 0.5, True, True),
+        (1, 45, 2, 24, 20, 32, 1.0, False, True),
+        (1, 70, 1, 16, 16, 64, 8.0, True, True),
+        (1, 60, 1, 80, 16, 64, 0.2, True, False),
+        (1, 104, 1, 16, 16, 64, 8.0, True, True),
+        (1, 64, 1, 16, 16, 32, 8.0, True, True),
+    ],
+)
+def test_per_channel_tree_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk,
+                                                 channel_tree):
+    """The per-channel delta rule with the chunk's own keys scored by the tree of products
+    (``NLGRAPH_CHANNEL_TREE``), at the cases above: every chunk, strong decays, partial chunks."""
+    assert channel_tree
+    test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk)
 
 
 def test_per_channel_decay_of_equal_channels_is_the_per_head_kernel():

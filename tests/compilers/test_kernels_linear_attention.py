@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
+from triton_interp import channel_tree  # noqa: E402, F401  (a fixture)
 from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
 from triton_interp import rel as _rel  # noqa: E402
 
@@ -83,6 +84,25 @@ def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, wi
     names = ["q", "k", "v"] + (["g"] if gated else []) + (["h0"] if with_h0 else [])
     for name, a, r in zip(names, grads, ref_grads):
         assert _rel(a, r) < tol, name
+
+
+@pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", [
+    (2, 70, 2, 8, 6, "channel", True, 16, torch.float32, 1e-5),
+    (1, 100, 2, 32, 100, "channel", True, 64, torch.float32, 1e-5),
+    (2, 70, 1, 16, 40, "strong", False, 32, torch.float32, 1e-5),
+    (1, 60, 2, 16, 16, "strong", True, 64, torch.float32, 1e-5),
+    (1, 104, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
+    (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
+    (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
+])
+def test_per_channel_tree_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol, monkeypatch,
+                                                channel_tree):
+    """The per-channel cases above with the chunk's own keys scored by the tree of products
+    (``NLGRAPH_CHANNEL_TREE``): exact at decays of e^−8 a token (e^−500 over a chunk), partial last
+    chunks, a reference row past T."""
+    assert channel_tree
+    test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol,
+                                                      monkeypatch)
 
 
 @pytest.mark.parametrize("gated", [True, "channel"])

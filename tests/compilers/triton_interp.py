@@ -53,6 +53,24 @@ def interpreter_while_testing():
     set_interpret(old)
 
 
+@pytest.fixture
+def channel_tree(monkeypatch):
+    """The per-channel kernels with their own-chunk scores built by the tree of products
+    (``_linear_attention_triton.CHANNEL_TREE``, off by default until checked on the GPU). Under the
+    interpreter the kernels read the module's value at every call; a compiled kernel would keep the
+    value it was compiled with, so on CUDA the test runs as the process was started."""
+    import triton.language as tl
+
+    from nlgraph.compilers.kernels import _linear_attention_triton as mod
+
+    if INTERPRET:
+        monkeypatch.setattr(mod, "CHANNEL_TREE", tl.constexpr(True))
+    elif not mod.CHANNEL_TREE:
+        pytest.skip("on CUDA the compiled kernels keep the switch the process started with: "
+                    "run these tests with NLGRAPH_CHANNEL_TREE=1")
+    return bool(mod.CHANNEL_TREE)
+
+
 def rel(a, b) -> float:
     """Relative L2 error of ``a`` against ``b``, in float64 on the CPU."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
