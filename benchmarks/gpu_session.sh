@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks and timings still to run, as named steps, for the `device` tool's machine. A device
+# call runs at most 10 minutes and a session has about 30 in all, on a fresh machine each time, so
+# this is the list a session works down (in the order of `--list`), a few steps a call:
+#
+#   bash benchmarks/gpu_session.sh --list
+#   bash benchmarks/gpu_session.sh kda_tree_checks gla_tree_checks      # through the device tool, carry [".whl"]
+#
+# It installs once (benchmarks/device.sh), seeds Triton's cache with the autotuning choices kept in
+# benchmarks/autotune_sm90.tar.gz, runs each step under its own time limit (a step that runs past it
+# is killed, and the next one runs), and writes $OUT/STEP.log, $OUT/STEP.json where the step writes
+# one, a line per step in $OUT/steps.txt (exit status and seconds), and $OUT/autotune.tar.gz, the
+# choices it ends with: copy that over benchmarks/autotune_sm90.tar.gz. Every figure taken from
+# these goes into docs/benchmarks.md with its command (the step's line below, after
+# `bash benchmarks/device.sh`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+D512=(vars.d_model=512 vars.layers=4 vars.heads=8)
+# name | seconds | command ($J: the step's JSON path)
+steps() {
+  cat <<'EOF'
+kda_tree_checks|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $J
+gla_tree_checks|200|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $J
+kda_timing|300|python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
+kda_tree_timing|300|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
+gla_timing|240|python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
+gla_tree_timing|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
+kda_warps8_checks|240|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 7 --check-warps 8 --no-timing --json $J
+gla_warps8_checks|200|python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --check-warps 8 --no-timing --json $J
+gdn_compile_phases|420|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 2 --steps 3 --child-timeout 300 --profile-phases --json $J
+hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
+deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
+la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
+online_recurrence_check|300|python benchmarks/online_form.py --device cuda --check --batch 4 --length 4096 --heads 16 --dim 128 --json $J
+ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
+EOF
+}
+
+if [ "${1:-}" = "--list" ] || [ $# -eq 0 ]; then
+  steps | while IFS='|' read -r name secs cmd; do printf '%-24s %4ss  %s\n' "$name" "$secs" "${cmd//D512/${D512[*]}}"; done
+  echo "(ddp_2gpu needs the nvidia-h200-x2 kind)"
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+bash benchmarks/device.sh true > "$OUT/install.log" 2>&1 || { echo "install failed: $OUT/install.log"; exit 1; }
+export PYTHONPATH=/tmp/pkg:/tmp/site TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f benchmarks/autotune_sm90.tar.gz ] && tar -xzf benchmarks/autotune_sm90.tar.gz -C "$TRITON_CACHE_DIR"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
+
+for want in "$@"; do
+  line=$(steps | grep "^${want}|") || { echo "$want: no such step (--list)" | tee -a "$OUT/steps.txt"; continue; }
+  IFS='|' read -r name secs cmd <<< "$line"
+  J="$OUT/$name.json"
+  cmd=${cmd//\$J/$J}
+  cmd=${cmd//D512/${D512[*]}}
+  t0=$(date +%s)
+  # the whole working tree is the package's source: run from the root with the installed layout
+  timeout "$secs" bash -c "$cmd" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s  $cmd" | tee -a "$OUT/steps.txt"
+done
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/autotune.tar.gz" --null -T -) || true
