@@ -321,7 +321,7 @@ def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr
         # not live at once (unrolled, KDA's backward spilled 5,512 bytes a thread at sm_90, against
         # 2,000 for the offsets' form)
         for lvl in range(0, 7):
-            h = C >> (lvl + 1)
+            h = tl.full([], C, tl.int32) >> (lvl + 1)
             if h >= 1:
                 ex, ek, pair = _tree_factors(b, bcum, tok, i_t, T, H, K, C, BK, h)
                 if TRANSPOSED:
@@ -368,7 +368,7 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
                      padding_option="zero").to(tl.float32)
         dsv = tl.where(valid[:, None], ds, 0.)
         for lvl in range(0, 7):  # not unrolled, as in _intra_channel
-            h = C >> (lvl + 1)
+            h = tl.full([], C, tl.int32) >> (lvl + 1)
             if h >= 1:
                 ex, ek, pair = _tree_factors(b, bcum, tok, i_t, T, H, K, C, BK, h)
                 dss = tl.where(pair, dsv, 0.)
