@@ -32,6 +32,25 @@ class _Warps:
         return getattr(self.kernel, name)
 
 
+def channel_form() -> str:
+    """Which form of the per-channel scores this process runs (``NLGRAPH_CHANNEL_TREE``, read when
+    the kernels' module is imported): ``"tree"`` or ``"offsets"``."""
+    mod = importlib.import_module("nlgraph.compilers.kernels._linear_attention_triton")
+    return "tree" if mod.CHANNEL_TREE else "offsets"
+
+
+def header(dev, check_warps) -> dict:
+    """The run's context, printed first and kept in its JSON: a log cut short still says what ran."""
+    import json
+
+    import torch
+
+    head = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "check_warps": check_warps,
+            "channel_form": channel_form()}
+    print(json.dumps(head), flush=True)
+    return head
+
+
 @contextlib.contextmanager
 def plain_warps(warps: int | None, modules: tuple[str, ...] = PLAIN):
     """Inside, the kernels of ``modules`` launch with ``warps`` (``None``: as they are)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
-from _launch import plain_warps, with_warps  # noqa: E402
+from _launch import channel_form, header, plain_warps, with_warps  # noqa: E402
 
 # (B, T, H, Dk, Dv, decay, dtype, limit, chunk); decay "mild": log α in log(0.9 .. 1) a token and
 # channel, "strong": log α down to −8 a token (a chunk of 64 decays far past float32's e^−88)
@@ -95,7 +95,7 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int,
     v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
     beta = torch.rand(b, t, h, device=dev, generator=gen)
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
-    impls = [("nlgraph chunk_delta_rule per channel",
+    impls = [(f"nlgraph chunk_delta_rule per channel ({channel_form()})",
               lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, beta, g=g, scale=1.0)[0], False)]
     channel_rows = list(impls)
     impls.append(("nlgraph chunk_delta_rule per head (for scale)",
@@ -128,7 +128,7 @@ def main() -> int:
         print("delta_rule_channel_kernel: no CUDA device here; nothing to check or time")
         return 0
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "check_warps": args.check_warps}
+    res = header(dev, args.check_warps)
     with plain_warps(args.check_warps):
         res["checks"] = checks(dev, args.checks)
     if not args.no_timing:

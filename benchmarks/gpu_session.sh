@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and timings still to run, as named steps, for the `device` tool's machine. A device
 # call runs at most 10 minutes and a session has about 30 in all, on a fresh machine each time, so
-# this is the list a session works down (in the order of `--list`), a few steps a call:
+# this is the list a session works down (in the order of `--list`), a few steps a call; the limits
+# of the steps given to one call, plus about 30 s of install, must fit its 600 s (a timing step
+# against fla may need a call of its own: fla autotunes at its first call):
 #
 #   bash benchmarks/gpu_session.sh --list
 #   bash benchmarks/gpu_session.sh kda_tree_checks gla_tree_checks      # through the device tool, carry [".whl"]
@@ -22,13 +24,14 @@ steps() {
   cat <<'EOF'
 kda_tree_checks|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $J
 gla_tree_checks|200|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $J
-kda_timing|300|python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
-kda_tree_timing|300|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
-gla_timing|240|python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
-gla_tree_timing|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
+kda_timing|540|python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
+kda_tree_timing|540|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
+gla_timing|420|python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
+gla_tree_timing|420|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
 kda_warps8_checks|240|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 7 --check-warps 8 --no-timing --json $J
 gla_warps8_checks|200|python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --check-warps 8 --no-timing --json $J
 gdn_compile_phases|420|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 2 --steps 3 --child-timeout 300 --profile-phases --json $J
+hope_compile_graph|480|python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes compile-graph --steps 2 --anchor none --json $J
 hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
 deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J

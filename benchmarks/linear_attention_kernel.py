@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
-from _launch import plain_warps, with_warps  # noqa: E402
+from _launch import channel_form, header, plain_warps, with_warps  # noqa: E402
 
 
 SCALAR_CHECKS = [(2, 333, 2, 64, 100, True, torch.float32, 1e-4, 64),
@@ -100,7 +100,7 @@ def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tu
     k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev, generator=gen), dim=-1).bfloat16()
     v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, d, device=dev, generator=gen))
-    impls = [("nlgraph chunk_linear_attention per channel",
+    impls = [(f"nlgraph chunk_linear_attention per channel ({channel_form()})",
               lambda q_, k_, v_: chunk_linear_attention(q_, k_, v_, g, scale=1.0)[0], False)]
     ours = list(impls)
     try:  # fla is an optional anchor
@@ -159,8 +159,7 @@ def main() -> int:
         print("linear_attention_kernel: no CUDA device here; nothing to check or time")
         return 0
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-           "check_warps": args.check_warps}
+    res = header(dev, args.check_warps)
     with plain_warps(args.check_warps):
         res["checks"] = checks(dev, args.channel, args.checks)
     timer = channel_timings if args.channel else timings

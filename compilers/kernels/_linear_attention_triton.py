@@ -278,6 +278,7 @@ def _tree_factors(b, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.
     ``((X e_x)(K e_k)ᵀ)[r, j]`` is ``Σ_c x_rc k_jc e^{b_rc − b_jc}`` exactly, at any decay, wherever
     ``pair [C, C]`` holds (r and j in the same block; elsewhere the product pairs a row with the wrong
     block's reference and is dropped). The levels ``h = C/2, C/4, …, 1`` cover every ``j < r`` once."""
+    tl.static_assert(C <= 128, "the tree's levels cover chunks up to 128")
     r = tl.arange(0, C)
     c = tl.arange(0, BK)
     valid = i_t * C + r < T

@@ -57,8 +57,9 @@ def interpreter_while_testing():
 def channel_tree(monkeypatch):
     """The per-channel kernels with their own-chunk scores built by the tree of products
     (``_linear_attention_triton.CHANNEL_TREE``, off by default until checked on the GPU). Under the
-    interpreter the kernels read the module's value at every call; a compiled kernel would keep the
-    value it was compiled with, so on CUDA the test runs as the process was started."""
+    interpreter the kernels read the module's value at every call. Compiled, Triton keys its cache
+    on the value and refuses a launch after the value changed ("Global variable ... has changed"),
+    so on CUDA the test runs as the process was started."""
     import triton.language as tl
 
     from nlgraph.compilers.kernels import _linear_attention_triton as mod
