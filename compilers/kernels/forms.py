@@ -84,10 +84,11 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
             return _why_not_target(device, dtype)
         if _la_on(device):
             return _la_on(device)
-        off = dispatch.why_no_channel_kernel(device, head_dim, dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU,
-                                             "NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU")
-        if dispatch._channel_decay(spec) and off:
-            return f"linear attention with a per-channel decay: {off}"
+        if dispatch._channel_decay(spec):
+            off = dispatch.why_no_channel_kernel(device, head_dim, dispatch.LINEAR_ATTENTION_CHANNEL_ON_GPU,
+                                                 "NLGRAPH_LINEAR_ATTENTION_CHANNEL_GPU")
+            if off:
+                return f"linear attention with a per-channel decay: {off}"
     return _why_not_target(device, dtype)
 
 

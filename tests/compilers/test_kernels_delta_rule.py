@@ -251,21 +251,23 @@ def test_the_per_channel_kernels_run_their_own_chunk(monkeypatch):
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
 
 
-@pytest.mark.parametrize(
-    "b, t, h, dk, dv, chunk, strength, with_h0, final",
-    [
-        (2, 37, 2, 16, 32, 16, 0.5, True, True),     # 3 chunks, the last one partial
-        (1, 45, 2, 24, 20, 32, 1.0, False, True),    # head dims not powers of 2, from zeros
-        (1, 70, 1, 16, 16, 64, 8.0, True, True),     # chunk 64, decays to e^−8 a token
-        (1, 60, 1, 80, 16, 64, 0.2, True, False),    # Dk past one block of 64; a partial only chunk
-        (1, 19, 2, 16, 16, 16, 0.05, True, False),   # nearly no decay, output only
-        (2, 64, 2, 24, 80, 32, 1.0, True, True),     # T a multiple of the chunk, two value blocks
-        # valid keys decaying past e^-88 before a sub-block whose reference row is past T; strong
-        # decays at chunk 32
-        (1, 104, 1, 16, 16, 64, 8.0, True, True),
-        (1, 64, 1, 16, 16, 32, 8.0, True, True),
-    ],
-)
+# (B, T, H, Dk, Dv, chunk, decay strength, with h0, final state): the per-channel kernels' cases,
+# run by both forms of their scores
+CHANNEL_CASES = [
+    (2, 37, 2, 16, 32, 16, 0.5, True, True),     # 3 chunks, the last one partial
+    (1, 45, 2, 24, 20, 32, 1.0, False, True),    # head dims not powers of 2, from zeros
+    (1, 70, 1, 16, 16, 64, 8.0, True, True),     # chunk 64, decays to e^−8 a token
+    (1, 60, 1, 80, 16, 64, 0.2, True, False),    # Dk past one block of 64; a partial only chunk
+    (1, 19, 2, 16, 16, 16, 0.05, True, False),   # nearly no decay, output only
+    (2, 64, 2, 24, 80, 32, 1.0, True, True),     # T a multiple of the chunk, two value blocks
+    # valid keys decaying past e^-88 before a sub-block whose reference row is past T; strong
+    # decays at chunk 32
+    (1, 104, 1, 16, 16, 64, 8.0, True, True),
+    (1, 64, 1, 16, 16, 32, 8.0, True, True),
+]
+
+
+@pytest.mark.parametrize("b, t, h, dk, dv, chunk, strength, with_h0, final", CHANNEL_CASES)
 def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final,
                                                  every_chunk):
     from nlgraph.compilers.kernels.delta_rule import token_loop
@@ -292,21 +294,11 @@ def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, streng
         assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
 
 
-@pytest.mark.parametrize(
-    "b, t, h, dk, dv, chunk, strength, with_h0, final",
-    [
-        (2, 37, 2, 16, 32, 16, 0.5, True, True),
-        (1, 45, 2, 24, 20, 32, 1.0, False, True),
-        (1, 70, 1, 16, 16, 64, 8.0, True, True),
-        (1, 60, 1, 80, 16, 64, 0.2, True, False),
-        (1, 104, 1, 16, 16, 64, 8.0, True, True),
-        (1, 64, 1, 16, 16, 32, 8.0, True, True),
-    ],
-)
+@pytest.mark.parametrize("b, t, h, dk, dv, chunk, strength, with_h0, final", CHANNEL_CASES)
 def test_per_channel_tree_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk,
                                                  channel_tree):
     """The per-channel delta rule with the chunk's own keys scored by the tree of products
-    (``NLGRAPH_CHANNEL_TREE``), at the cases above: every chunk, strong decays, partial chunks."""
+    (``NLGRAPH_CHANNEL_TREE``), at the same cases: every chunk, strong decays, partial chunks."""
     assert channel_tree
     test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk)
 

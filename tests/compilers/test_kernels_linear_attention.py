@@ -43,7 +43,8 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     return q, k, v, g, h0
 
 
-@pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", [
+# (B, T, H, Dk, Dv, decay, with h0, chunk, dtype, limit)
+CASES = [
     (2, 70, 2, 8, 6, True, True, 16, torch.float32, 1e-5),      # partial last chunk, all inputs
     (1, 33, 1, 16, 40, False, False, 32, torch.float32, 1e-5),  # plain linear attention
     (1, 100, 2, 32, 100, True, True, 64, torch.float32, 1e-5),  # two value blocks
@@ -60,7 +61,11 @@ def _inputs(b, t, h, dk, dv, gated, with_h0, seed):
     (1, 104, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
-])
+]
+CHANNEL_CASES = [c for c in CASES if c[5] in ("channel", "strong")]  # a decay per key channel
+
+
+@pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", CASES)
 def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol,
                                                       monkeypatch):
     from nlgraph.compilers.kernels import _load
@@ -86,18 +91,10 @@ def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, wi
         assert _rel(a, r) < tol, name
 
 
-@pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", [
-    (2, 70, 2, 8, 6, "channel", True, 16, torch.float32, 1e-5),
-    (1, 100, 2, 32, 100, "channel", True, 64, torch.float32, 1e-5),
-    (2, 70, 1, 16, 40, "strong", False, 32, torch.float32, 1e-5),
-    (1, 60, 2, 16, 16, "strong", True, 64, torch.float32, 1e-5),
-    (1, 104, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
-    (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
-    (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
-])
+@pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", CHANNEL_CASES)
 def test_per_channel_tree_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol, monkeypatch,
                                                 channel_tree):
-    """The per-channel cases above with the chunk's own keys scored by the tree of products
+    """The per-channel cases of CASES with the chunk's own keys scored by the tree of products
     (``NLGRAPH_CHANNEL_TREE``): exact at decays of e^−8 a token (e^−500 over a chunk), partial last
     chunks, a reference row past T."""
     assert channel_tree
