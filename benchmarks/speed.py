@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nlgraph.bench import rel_err
+from nlgraph.model import compile_options
 from nlgraph.runtime import run_level
 from nlgraph.spec.loader import load_level
 
@@ -150,7 +151,7 @@ def main() -> None:
     for name, (fn, inputs, ref) in ours_rows.items():
         impls[name + ", eager"] = (fn, inputs, ref)
         if not args.skip_compile:
-            impls[name + ", compiled"] = (torch.compile(fn, fullgraph=True, dynamic=False), inputs, ref)
+            impls[name + ", compiled"] = (torch.compile(fn, **compile_options()), inputs, ref)
 
     rows = []
     outputs: dict[str, torch.Tensor] = {}
@@ -234,7 +235,7 @@ def deep_rows(args, device: str) -> list[dict]:
     rows = []
     variants = {f"nlgraph deep memory (T={t}, fp32), eager": fn}
     if not args.skip_compile:
-        variants[f"nlgraph deep memory (T={t}, fp32), compiled"] = torch.compile(fn, fullgraph=True, dynamic=False)
+        variants[f"nlgraph deep memory (T={t}, fp32), compiled"] = torch.compile(fn, **compile_options())
     for name, f in variants.items():
         row = {"name": name}
         try:

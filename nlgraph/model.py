@@ -300,16 +300,91 @@ class Block(nn.Module):
         return x, new
 
 
-#: Inductor options that let its FX-graph and AOT-autograd caches keep graphs holding torch's
-#: ``scan`` and ``while_loop`` (the chunk loops of the mini-batch and online drivers). torch bypasses
-#: the caches for higher-order operators unless they are marked, so without this every new process
-#: recompiled those graphs: Titans (d_model 64, one layer, CPU) took 46 s from a warm cache instead
-#: of 10 s. Marking is safe here because the cache key pickles the whole graph module, the loop
-#: bodies' code included: changing only the memory's activation inside the body was a cache miss,
-#: and the result equalled an uncached compile's (docs/benchmarks.md, "Compile time").
-#: Keyed by the torch version, as torch asks.
-CACHEABLE_LOOPS: dict[str, Any] = {"unsafe_marked_cacheable_functions": {
-    "torch.ops.higher_order.scan": torch.__version__, "torch.ops.higher_order.while_loop": torch.__version__}}
+#: Inductor options that let its FX-graph and AOT-autograd caches keep nlgraph's compiled graphs.
+#: torch bypasses a cache for a graph that calls a function it does not know to be safe, and two
+#: kinds of call are in nlgraph's graphs:
+#:
+#: - torch's ``scan`` and ``while_loop`` (the chunk loops of the mini-batch and online drivers), for
+#:   which both caches were bypassed: every new process recompiled those graphs; Titans (d_model 64,
+#:   one layer, CPU) took 46 s from a warm cache instead of 10 s;
+#: - the enter / exit calls of ``torch.func.jvp``'s forward-mode level (DGD's ``inner_errors:
+#:   gain``, :func:`nlgraph.levels.memories.gain_scales`), for which AOT autograd's cache was
+#:   bypassed (inductor's own then hit): every process traced HOPE's blocks again;
+#:   ``hope_large_chunk`` (d_model 64, one layer, T=512, CPU) compiled from the cache in 21.9 s
+#:   instead of 7.8 s (docs/benchmarks.md).
+#:
+#: Marking is safe here because the cache key pickles the whole graph module, the loop bodies' and
+#: the forward-mode calls' code included (the forward-mode calls take no argument but the level
+#: number, which is in the graph): changing only the memory's activation inside a loop body, or
+#: the differentiated function, was a cache miss, and the result equalled an uncached compile's
+#: (docs/benchmarks.md, "Compile time"; tests/test_compile_cache.py). Keyed by the torch version, as
+#: torch asks. :func:`compile_options` adds the key of :func:`materialize_efficient_zeros`.
+CACHEABLE_FUNCTIONS: dict[str, Any] = {"unsafe_marked_cacheable_functions": {
+    name: torch.__version__ for name in (
+        "torch.ops.higher_order.scan", "torch.ops.higher_order.while_loop",
+        "torch._functorch.predispatch._jvp_increment_nesting",
+        "torch._functorch.predispatch._jvp_decrement_nesting",
+        "torch._functorch.predispatch._enter_dual_level",
+        "torch._functorch.predispatch._exit_dual_level")}}
+
+#: Not a mark (an operator is cacheable anyway) but a key: the entry :func:`compile_options` adds
+#: to the marks, with whether :func:`materialize_efficient_zeros` is in force. AOT autograd's cache
+#: key does not cover inductor's decomposition table, so without it a graph compiled without the
+#: registration (its zero tensors a fallback, the failing backward) was taken from the cache for one
+#: with it.
+EFFICIENT_ZEROS_KEY = "torch.ops.aten._efficientzerotensor"
+
+
+def materialize_efficient_zeros() -> bool:
+    """Have inductor trace torch's efficient zero tensors as ordinary zeros (once per process);
+    whether that is in force.
+
+    Forward-mode differentiation (``torch.func.jvp``, DGD's ``inner_errors: gain``) gives a
+    non-differentiated operand of a product the tangent ``aten._efficientzerotensor``, a zero tensor
+    without storage. Inductor runs that operator as a fallback and then reuses its output buffer
+    for a later kernel's output, which a zero tensor refuses: compiled ``hope_large_chunk`` at
+    T=64 (d_model 64, one layer, CPU) failed in its backward with "ZeroTensors are immutable"
+    (``extern_kernels.bmm(..., out=buf)``), a buffer-size coincidence that other shapes may meet on
+    any device. Registered in inductor's decomposition table, the operator traces as an
+    ``aten.zeros`` (a zero fill inductor fuses or allocates like any buffer). The values are the
+    same for finite operands (a zero tensor skips its products, so ``0 · inf`` would give 0 where
+    zeros give NaN; the tangents here are finite). Process-wide, since inductor keeps one table
+    (registered after inductor's import, it still applies: AOT autograd's trace decomposes the
+    operator before inductor's fallback for it is reached); other compiled code in the process gets the same treatment."""
+    from torch._inductor import decomposition
+
+    op = torch.ops.aten._efficientzerotensor.default
+    table = getattr(decomposition, "decompositions", None)
+    if not isinstance(table, dict):  # another torch layout: leave it as it is
+        return False
+    if op in table:
+        return True
+
+    def zeros(size, *, dtype=None, layout=None, device=None, pin_memory=None):
+        return torch.zeros(size, dtype=dtype, layout=layout, device=device, pin_memory=pin_memory)
+
+    table[op] = zeros
+    cached = getattr(decomposition, "fast_random_decomps", None)  # a cached copy of the table
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+    return True
+
+
+def compile_options(**options: Any) -> dict[str, Any]:
+    """The ``torch.compile`` arguments nlgraph compiles its modules with: ``fullgraph=True``,
+    ``dynamic=False`` and ``options``. With inductor (the default backend) it calls
+    :func:`materialize_efficient_zeros` and, without a ``mode``, passes the marks of
+    :data:`CACHEABLE_FUNCTIONS` (merged with any the caller passes) with
+    :data:`EFFICIENT_ZEROS_KEY` saying whether the registration is in force."""
+    opts = {"fullgraph": True, "dynamic": False, **options}
+    if opts.get("backend", "inductor") == "inductor":
+        zeros = "materialized" if materialize_efficient_zeros() else "fallback"
+        if "mode" not in opts:
+            given = dict(opts.get("options", {}))
+            marks = {**CACHEABLE_FUNCTIONS["unsafe_marked_cacheable_functions"],
+                     **given.pop("unsafe_marked_cacheable_functions", {}), EFFICIENT_ZEROS_KEY: zeros}
+            opts["options"] = {**given, "unsafe_marked_cacheable_functions": marks}
+    return opts
 
 
 class NLModel(nn.Module):
@@ -398,12 +473,11 @@ class NLModel(nn.Module):
 
         The compiled wrappers are kept outside the module tree, so ``state_dict`` keys, checkpoints
         and :meth:`eager` use the plain blocks. With inductor (the default backend, no ``mode``),
-        the chunk loops' ``scan`` / ``while_loop`` graphs go to inductor's caches
-        (:data:`CACHEABLE_LOOPS`), so a later process compiles them from the cache.
+        graphs holding the chunk loops' ``scan`` / ``while_loop`` or DGD's forward-mode products go
+        to inductor's and AOT autograd's caches (:data:`CACHEABLE_FUNCTIONS`), so a later process
+        compiles them from the cache; see :func:`compile_options`.
         """
-        opts = {"fullgraph": True, "dynamic": False, **options}
-        if opts.get("backend", "inductor") == "inductor" and "mode" not in opts:
-            opts["options"] = {**CACHEABLE_LOOPS, **opts.get("options", {})}
+        opts = compile_options(**options)
         # a block with a level reading its own output (`from: self`) stays eager: it calls its
         # level once per token or chunk, continuing the level's state, which reads the position
         # (a graph of data-dependent sizes), and the unrolled loop would grow with the length
