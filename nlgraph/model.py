@@ -310,8 +310,8 @@ class Block(nn.Module):
 #: - the enter / exit calls of ``torch.func.jvp``'s forward-mode level (DGD's ``inner_errors:
 #:   gain``, :func:`nlgraph.levels.memories.gain_scales`), for which AOT autograd's cache was
 #:   bypassed (inductor's own then hit): every process traced HOPE's blocks again;
-#:   ``hope_large_chunk`` (d_model 64, one layer, T=512, CPU) compiled from the cache in 21.9 s
-#:   instead of 7.8 s (docs/benchmarks.md).
+#:   ``hope_large_chunk`` (d_model 64, one layer, T=512, CPU) took 21.9 s from a warm cache instead
+#:   of 7.8 s (docs/benchmarks.md).
 #:
 #: Marking is safe here because the cache key pickles the whole graph module, the loop bodies' and
 #: the forward-mode calls' code included (the forward-mode calls take no argument but the level
@@ -350,7 +350,8 @@ def materialize_efficient_zeros() -> bool:
     same for finite operands (a zero tensor skips its products, so ``0 · inf`` would give 0 where
     zeros give NaN; the tangents here are finite). Process-wide, since inductor keeps one table
     (registered after inductor's import, it still applies: AOT autograd's trace decomposes the
-    operator before inductor's fallback for it is reached); other compiled code in the process gets the same treatment."""
+    operator before inductor's fallback for it is reached); other compiled code in the process
+    gets the same treatment."""
     from torch._inductor import decomposition
 
     op = torch.ops.aten._efficientzerotensor.default
