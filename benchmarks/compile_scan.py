@@ -97,7 +97,9 @@ def main() -> int:
     for name in specs:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            cmd = [sys.executable, "-c", CHILD, name, str(args.length), str(args.batch), str(args.d_model),
+            # -P: the installed nlgraph, not a source tree in the working directory (whose specs
+            # are packaged as nlgraph.specs only when installed)
+            cmd = [sys.executable, "-P", "-c", CHILD, name, str(args.length), str(args.batch), str(args.d_model),
                    str(args.heads), str(args.layers), "1" if args.emulate_precision_casts else "0"]
             try:
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
