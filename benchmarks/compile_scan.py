@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, logging, sys, time, traceback
+import json, logging, sys, time
 import torch
 from torch._dynamo.utils import counters
 from nlgraph.lower import build

@@ -16,50 +16,40 @@ from nlgraph.levels.memories import _quiet_jvp_setup
 from nlgraph.lower import build
 from nlgraph.model import compile_options
 
-SCRIPT = """
+# a compiled function of x and w, differentiated; argv[1] names the activation inside it. Prints
+# its value, the gradient's norm and the compile caches' counters
+_TEMPLATE = """
 import json, sys, torch
 from torch._dynamo.utils import counters
 from torch._higher_order_ops.scan import scan
 from nlgraph.model import compile_options
 act = getattr(torch, sys.argv[1])
+{body}
+g = torch.compile(f, **compile_options())
+gen = torch.Generator().manual_seed(0)
+x = torch.randn({x_shape}, generator=gen, requires_grad=True)
+w = torch.randn(8, 8, generator=gen, requires_grad=True)
+y = g(x, w)
+y.backward()
+print(json.dumps({{"y": y.item(), "gw": w.grad.norm().item(), **counters["inductor"], **counters["aot_autograd"]}}))
+"""
 
+SCRIPT = _TEMPLATE.format(x_shape="4, 2, 8", body="""
 def f(x, w):
     def body(c, xi):
         c2 = act(c @ w + xi)
         return c2.clone(), (2 * c2).sum(-1)  # scan refuses outputs that alias each other
     c, ys = scan(body, torch.zeros(x.shape[1], x.shape[2]), x)
     return ys.sum() + c.sum()
-
-g = torch.compile(f, **compile_options())
-gen = torch.Generator().manual_seed(0)
-x = torch.randn(4, 2, 8, generator=gen, requires_grad=True)
-w = torch.randn(8, 8, generator=gen, requires_grad=True)
-y = g(x, w)
-y.backward()
-print(json.dumps({"y": y.item(), "gw": w.grad.norm().item(), **counters["inductor"], **counters["aot_autograd"]}))
-"""
-
+""")
 
 # J v of a function inside a compiled graph, as DGD's `inner_errors: gain` takes it
 # (nlgraph.levels.memories.gain_scales): torch.func.jvp enters and leaves a forward-mode level
-JVP_SCRIPT = """
-import json, sys, torch
-from torch._dynamo.utils import counters
-from nlgraph.model import compile_options
-act = getattr(torch, sys.argv[1])
-
+JVP_SCRIPT = _TEMPLATE.format(x_shape="4, 8", body="""
 def f(x, w):
     _, jv = torch.func.jvp(lambda h: act(h @ w), (x,), (torch.ones_like(x),))
     return jv.square().sum()
-
-g = torch.compile(f, **compile_options())
-gen = torch.Generator().manual_seed(0)
-x = torch.randn(4, 8, generator=gen, requires_grad=True)
-w = torch.randn(8, 8, generator=gen, requires_grad=True)
-y = g(x, w)
-y.backward()
-print(json.dumps({"y": y.item(), "gw": w.grad.norm().item(), **counters["inductor"], **counters["aot_autograd"]}))
-"""
+""")
 
 
 def _run(act: str, cache: str, script: str = SCRIPT) -> dict:
