@@ -49,7 +49,9 @@ def check(name: str, args: argparse.Namespace) -> dict:
     model = build(name, overrides=overrides, device=device)
     tokens = torch.randint(0, model.spec.model.vocab, (args.batch, args.length + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    model.compile_blocks()
+    # --host-cpp: inductor's C++ kernels for the graphs' CPU tensors, as before nlgraph asked for
+    # ATen calls on accelerators (nlgraph.model.HOST_OPS_AS_ATEN): the comparison row
+    model.compile_blocks(**({"options": {"disable_cpp_codegen": False}} if args.host_cpp else {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> float:
@@ -65,6 +67,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     _progress(f"{name}: compiling the training step")
     profiler = None
+    trace = SubprocessTrace().__enter__() if args.trace_subprocesses else None
     if args.profile_phases:
         import cProfile
 
@@ -75,6 +78,9 @@ def check(name: str, args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     phases = _phases()
+    if trace is not None:
+        trace.__exit__(None, None, None)
+        phases["subprocesses"] = trace.summary()
     if profiler is not None:
         profiler.disable()
         phases["profiled"] = profiled_phases(profiler, compile_s)
@@ -108,6 +114,69 @@ def check(name: str, args: argparse.Namespace) -> dict:
         "loss": f"{loss0:.3f} -> {loss:.3f}",
         **phases,
     }
+
+
+class SubprocessTrace:
+    """Every child process this process starts (its command, shortened, and seconds from start to
+    exit) and every one of torch's file locks waited for or held longer than 10 ms in all (the lock's
+    file name, seconds waiting, seconds held; a lock's region may hold a child process): where a
+    compile from the cache spends time that is neither tracing nor kernels."""
+
+    def __init__(self) -> None:
+        self.children: list[dict] = []
+        self.locks: list[dict] = []
+
+    def __enter__(self) -> SubprocessTrace:
+        from torch.utils import _filelock
+
+        trace = self
+        self._popen_init, self._popen_wait = subprocess.Popen.__init__, subprocess.Popen.wait
+        self._lock_enter, self._lock_cls = _filelock.FileLock.__enter__, _filelock.FileLock
+
+        def init(popen, args, *a, **kw):
+            popen._trace_t0 = time.perf_counter()
+            words = [str(w) for w in (args if isinstance(args, (list, tuple)) else [args])]
+            popen._trace_cmd = " ".join(w if len(w) < 80 else w[:37] + "..." + w[-37:] for w in words)[:400]
+            return trace._popen_init(popen, args, *a, **kw)
+
+        def wait(popen, *a, **kw):
+            rc = trace._popen_wait(popen, *a, **kw)
+            if not getattr(popen, "_trace_done", False) and hasattr(popen, "_trace_t0"):
+                popen._trace_done = True
+                trace.children.append({"cmd": popen._trace_cmd, "s": round(time.perf_counter() - popen._trace_t0, 3)})
+            return rc
+
+        def enter(lock, *a, **kw):
+            t = time.perf_counter()
+            out = trace._lock_enter(lock, *a, **kw)
+            lock._trace_t = time.perf_counter()
+            lock._trace_wait = lock._trace_t - t
+            return out
+
+        def exit_(lock, *a, **kw):
+            out = trace._lock_exit(lock, *a, **kw)
+            if hasattr(lock, "_trace_t"):
+                held = time.perf_counter() - lock._trace_t
+                if lock._trace_wait + held > 0.01:
+                    trace.locks.append({"lock": Path(str(getattr(lock, "lock_file", "?"))).name,
+                                        "wait_s": round(lock._trace_wait, 3), "held_s": round(held, 3)})
+            return out
+
+        subprocess.Popen.__init__, subprocess.Popen.wait = init, wait
+        self._lock_exit = self._lock_cls.__exit__
+        self._lock_cls.__enter__, self._lock_cls.__exit__ = enter, exit_
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.Popen.__init__, subprocess.Popen.wait = self._popen_init, self._popen_wait
+        self._lock_cls.__enter__, self._lock_cls.__exit__ = self._lock_enter, self._lock_exit
+
+    def summary(self) -> dict:
+        return {"children": len(self.children), "children_s": round(sum(c["s"] for c in self.children), 2),
+                "lock_waits_s": round(sum(w["wait_s"] for w in self.locks), 2),
+                "lock_held_s": round(sum(w["held_s"] for w in self.locks), 2),
+                "slowest_children": sorted(self.children, key=lambda c: -c["s"])[:12],
+                "slowest_locks": sorted(self.locks, key=lambda w: -(w["wait_s"] + w["held_s"]))[:12]}
 
 
 def _progress(msg: str) -> None:
@@ -183,8 +252,9 @@ def kernel_counts(cache_dir: Path) -> dict:
     share, identical but for its name, counts once, as it compiles once), and how many kernel
     launches the generated code makes inside loop bodies (``*_body_graph_*`` functions: once per
     chunk)."""
-    made = re.compile(r"^(\w+) = async_compile\.(?:triton|cpp|cpp_pybinding)\(", re.M)
+    made = re.compile(r"^(\w+) = async_compile\.(triton|cpp|cpp_pybinding)\(", re.M)
     sources: set[int] = set()
+    cpp: set[int] = set()
     in_body = 0
     for f in cache_dir.rglob("*.py"):
         text = f.read_text(errors="replace")
@@ -195,11 +265,16 @@ def kernel_counts(cache_dir: Path) -> dict:
         last = text.find("async_compile.wait", found[-1].end())
         ends = [m.start() for m in found[1:]] + [last if last >= 0 else len(text)]
         for m, end in zip(found, ends):
-            sources.add(hash(text[m.start():end].replace(m.group(1), "")))
+            key = hash(text[m.start():end].replace(m.group(1), ""))
+            sources.add(key)
+            if m.group(2) != "triton":
+                cpp.add(key)
         names = {m.group(1) for m in found}
         for body in re.finditer(r"^def \w*body_graph\w*\(args\):\n(.*?)(?=^\S)", text, re.M | re.S):
             in_body += sum(len(re.findall(rf"\b{re.escape(n)}\b[\.\[(]", body.group(1))) for n in names)
-    return {"kernels": len(sources), "launches_in_loop_bodies": in_body}
+    # C++ kernels in a CUDA model's graphs are host-side work (a CPU tensor's arithmetic): each
+    # makes a process build or load C++ and check the CPU's vector instructions, cached or not
+    return {"kernels": len(sources), "cpp_kernels": len(cpp), "launches_in_loop_bodies": in_body}
 
 
 def cold(name: str, args: argparse.Namespace) -> dict:
@@ -218,6 +293,10 @@ def cold(name: str, args: argparse.Namespace) -> dict:
                    "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device]
             if args.profile_phases:
                 cmd.append("--profile-phases")
+            if args.trace_subprocesses:
+                cmd.append("--trace-subprocesses")
+            if args.host_cpp:
+                cmd.append("--host-cpp")
             try:
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
             except subprocess.TimeoutExpired as e:
@@ -234,6 +313,8 @@ def cold(name: str, args: argparse.Namespace) -> dict:
         row["cached_compile_s"] = rows[1]["compile_s"]
         if "profiled" in rows[1]:
             row["cached_profiled"] = rows[1]["profiled"]
+        if "subprocesses" in rows[1]:
+            row["cached_subprocesses"] = rows[1]["subprocesses"]
         row.update(kernel_counts(Path(d) / "inductor"))
         return row
 
@@ -254,6 +335,10 @@ def main() -> int:
     p.add_argument("--profile-phases", action="store_true",
                    help="profile the first compiled step (cProfile): seconds in Dynamo, AOT autograd, inductor, "
                         "the kernel wait, Triton's in-process compiles and autotuning, on any torch version")
+    p.add_argument("--trace-subprocesses", action="store_true",
+                   help="record the child processes and file-lock waits of the first compiled step")
+    p.add_argument("--host-cpp", action="store_true",
+                   help="compile the graphs' CPU tensors to C++ kernels on a GPU too (inductor's default)")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -284,6 +369,11 @@ def main() -> int:
                 line += (f"  | {r['cached_compile_s']:.1f} | {r['trace_s']} | {r['inductor_fwd_s']} | "
                          f"{r['inductor_bwd_s']} | {r['kernel_wait_s']} | {r['kernels']} | {r['launches_in_loop_bodies']}")
             print(line)
+            for key in ("subprocesses", "cached_subprocesses"):
+                if key in r:
+                    t = r[key]
+                    print(f"  {key.replace('_', ' ')}: {t['children']} children, {t['children_s']} s; "
+                          f"locks waited {t['lock_waits_s']} s, held {t['lock_held_s']} s; slowest: {json.dumps(t['slowest_children'][:5])}")
             for key in ("profiled", "cached_profiled"):
                 if key in r:
                     shown = {k: v for k, v in r[key].items() if k != "top"}
@@ -300,7 +390,8 @@ def main() -> int:
         from nlgraph.io import atomic_write
 
         meta = {"torch": torch.__version__, "device": args.device, "B": args.batch, "T": args.length,
-                "d_model": args.d_model, "heads": args.heads, "layers": args.layers, "cold": args.cold}
+                "d_model": args.d_model, "heads": args.heads, "layers": args.layers, "cold": args.cold,
+                "host_cpp": args.host_cpp}
         atomic_write(Path(args.json), json.dumps({**meta, "rows": rows}, indent=1).encode())
     return 0 if ok else 1
 

@@ -33,7 +33,9 @@ gla_warps8_checks|200|python benchmarks/linear_attention_kernel.py --channel --c
 gdn_compile_phases|420|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 2 --steps 3 --child-timeout 300 --profile-phases --json $J
 hope_compile_graph|480|python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes compile-graph --steps 2 --anchor none --json $J
 hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
-hope_compile_cache|560|python benchmarks/compile_check.py hope_large_chunk --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 270 --json $J
+hope_compile_cache|560|python benchmarks/compile_check.py hope_large_chunk --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 270 --trace-subprocesses --json $J
+gdn_compile_cache|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
+gdn_compile_cache_host_cpp|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --host-cpp --json $J
 hope_large_chunk_b8|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $J
 deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J

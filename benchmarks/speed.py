@@ -151,7 +151,7 @@ def main() -> None:
     for name, (fn, inputs, ref) in ours_rows.items():
         impls[name + ", eager"] = (fn, inputs, ref)
         if not args.skip_compile:
-            impls[name + ", compiled"] = (torch.compile(fn, **compile_options()), inputs, ref)
+            impls[name + ", compiled"] = (torch.compile(fn, **compile_options(device)), inputs, ref)
 
     rows = []
     outputs: dict[str, torch.Tensor] = {}
@@ -235,7 +235,7 @@ def deep_rows(args, device: str) -> list[dict]:
     rows = []
     variants = {f"nlgraph deep memory (T={t}, fp32), eager": fn}
     if not args.skip_compile:
-        variants[f"nlgraph deep memory (T={t}, fp32), compiled"] = torch.compile(fn, **compile_options())
+        variants[f"nlgraph deep memory (T={t}, fp32), compiled"] = torch.compile(fn, **compile_options(device))
     for name, f in variants.items():
         row = {"name": name}
         try:

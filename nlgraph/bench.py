@@ -366,7 +366,7 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
     if peer is not None:
         impls.append(peer)
     for mode in modes:
-        fn = torch.compile(ours, **compile_options()) if mode == "compile" else ours
+        fn = torch.compile(ours, **compile_options(dev)) if mode == "compile" else ours
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
 
     ref_name = f"fla {anchor}" if anchor else None
@@ -542,7 +542,7 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
         why = str(e) if isinstance(e, LookupError) else f"not available ({type(e).__name__}: {e})"
         log(json.dumps({"note": f"fla {why}: its row is left out"}))
     for mode in modes:
-        fn = torch.compile(ours, **compile_options()) if mode == "compile" else ours
+        fn = torch.compile(ours, **compile_options(dev)) if mode == "compile" else ours
         impls.append((f"nlgraph {key} layer ({mode})", fn, False))
     rows = time_rows(impls, [x], b * t, dev, log, anchor, compare=False)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,

@@ -371,12 +371,22 @@ def materialize_efficient_zeros() -> bool:
     return True
 
 
-def compile_options(**options: Any) -> dict[str, Any]:
+#: Inductor's option for a module on an accelerator: its graphs' CPU tensors (a level's position,
+#: kept on the host so that reading it never waits for the device) run as ATen calls instead of
+#: C++ kernels. A C++ kernel, even one adding two integers, makes every process that loads the graph
+#: check the CPU's vector instructions (child processes that import torch, on torch 2.11) and build
+#: C++ headers: on an H100, HOPE's first step from a warm cache spent most of its minute there
+#: (docs/benchmarks.md, "Compile time").
+HOST_OPS_AS_ATEN = {"disable_cpp_codegen": True}
+
+
+def compile_options(device: torch.device | str | None = None, **options: Any) -> dict[str, Any]:
     """The ``torch.compile`` arguments nlgraph compiles its modules with: ``fullgraph=True``,
     ``dynamic=False`` and ``options``. With inductor (the default backend) it calls
     :func:`materialize_efficient_zeros` and, without a ``mode``, passes the marks of
     :data:`CACHEABLE_FUNCTIONS` (merged with any the caller passes) with
-    :data:`EFFICIENT_ZEROS_KEY` saying whether the registration is in force."""
+    :data:`EFFICIENT_ZEROS_KEY` saying whether the registration is in force, and for a ``device``
+    other than the CPU, :data:`HOST_OPS_AS_ATEN` (an option the caller gives wins)."""
     opts = {"fullgraph": True, "dynamic": False, **options}
     if opts.get("backend", "inductor") == "inductor":
         zeros = "materialized" if materialize_efficient_zeros() else "fallback"
@@ -384,7 +394,8 @@ def compile_options(**options: Any) -> dict[str, Any]:
             given = dict(opts.get("options", {}))
             marks = {**CACHEABLE_FUNCTIONS["unsafe_marked_cacheable_functions"],
                      **given.pop("unsafe_marked_cacheable_functions", {}), EFFICIENT_ZEROS_KEY: zeros}
-            opts["options"] = {**given, "unsafe_marked_cacheable_functions": marks}
+            host = HOST_OPS_AS_ATEN if device is not None and torch.device(device).type != "cpu" else {}
+            opts["options"] = {**host, **given, "unsafe_marked_cacheable_functions": marks}
     return opts
 
 
@@ -478,7 +489,8 @@ class NLModel(nn.Module):
         to inductor's and AOT autograd's caches (:data:`CACHEABLE_FUNCTIONS`), so a later process
         compiles them from the cache; see :func:`compile_options`.
         """
-        opts = compile_options(**options)
+        param = next(self.parameters(), None)
+        opts = compile_options(param.device if param is not None else None, **options)
         # a block with a level reading its own output (`from: self`) stays eager: it calls its
         # level once per token or chunk, continuing the level's state, which reads the position
         # (a graph of data-dependent sizes), and the unrolled loop would grow with the length

@@ -184,3 +184,35 @@ def test_the_cache_keys_say_whether_zeros_are_materialized(monkeypatch):
     # a caller's own marks join nlgraph's rather than replace them
     given = compile_options(options={"unsafe_marked_cacheable_functions": {"my.op": "1"}})
     assert {"my.op", "torch.ops.higher_order.scan"} <= set(given["options"]["unsafe_marked_cacheable_functions"])
+
+
+def test_accelerator_graphs_run_host_ops_as_aten(monkeypatch):
+    from nlgraph import model as model_module
+
+    host = model_module.HOST_OPS_AS_ATEN
+    assert host.items() <= compile_options("cuda")["options"].items()
+    assert not set(host) & set(compile_options("cpu")["options"])
+    assert not set(host) & set(compile_options()["options"])
+    own = compile_options("cuda", options={"disable_cpp_codegen": False})["options"]
+    assert own["disable_cpp_codegen"] is False  # the caller's option wins
+    # compile_blocks passes the model's device
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    build("gated_deltanet", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"]).compile_blocks()
+    assert seen and all(not set(host) & set(kw["options"]) for kw in seen)
+
+
+def test_host_ops_as_aten_compile_no_cpp_kernel():
+    """What the option asks of inductor: a host scalar's arithmetic (a level's position) and other
+    CPU work become ATen calls, so loading the graph builds and probes no C++."""
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x, position):
+        return x.sin().cumsum(-1), position + 16
+
+    x, pos = torch.randn(4, 8), torch.zeros((), dtype=torch.int64)
+    opts = compile_options("cuda")  # the options of a GPU model, applied to CPU tensors here
+    (y, p), code = run_and_get_code(torch.compile(f, **opts), x, pos)
+    assert torch.equal(p, pos + 16) and torch.allclose(y, x.sin().cumsum(-1))
+    text = "\n".join(code)
+    assert "async_compile.cpp" not in text and "torch.ops.aten.add" in text

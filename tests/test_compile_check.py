@@ -46,13 +46,13 @@ def test_kernel_counts_tell_loop_body_launches_apart(tmp_path):
     (tmp_path / "ab").mkdir()
     (tmp_path / "ab" / "wrapper.py").write_text(WRAPPER)
     (tmp_path / "ab" / "other.py").write_text("x = 1\n")  # no kernels: not counted
-    assert _module().kernel_counts(tmp_path) == {"kernels": 2, "launches_in_loop_bodies": 3}
+    assert _module().kernel_counts(tmp_path) == {"kernels": 2, "cpp_kernels": 1, "launches_in_loop_bodies": 3}
     # a second graph sharing one kernel (renamed) and adding one: 3 distinct kernels
     second = WRAPPER.replace("cpp_fused_add_0", "cpp_fused_add_7").replace("def triton_poi_mul_1(x): pass",
                                                                           "def triton_poi_mul_1(x): return x")
     (tmp_path / "cd").mkdir()
     (tmp_path / "cd" / "wrapper.py").write_text(second)
-    assert _module().kernel_counts(tmp_path) == {"kernels": 3, "launches_in_loop_bodies": 6}
+    assert _module().kernel_counts(tmp_path) == {"kernels": 3, "cpp_kernels": 1, "launches_in_loop_bodies": 6}
 
 
 def test_phases_are_reported_even_when_nothing_compiled():
@@ -61,3 +61,23 @@ def test_phases_are_reported_even_when_nothing_compiled():
     assert set(phases) == set(mod.PHASES) | {"compile_times"}
     assert isinstance(phases.pop("compile_times"), dict)
     assert all(isinstance(v, float) and v >= 0 for v in phases.values())
+
+
+def test_subprocess_trace_records_children_and_locks(tmp_path):
+    import subprocess
+    import sys
+
+    from torch.utils._filelock import FileLock
+
+    mod = _module()
+    with mod.SubprocessTrace() as trace:
+        subprocess.check_call([sys.executable, "-c", "import time; time.sleep(0.05)"])
+        with FileLock(str(tmp_path / "x.lock")):
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+    summary = trace.summary()
+    assert summary["children"] == 2 and summary["children_s"] >= 0.05
+    assert summary["slowest_children"][0]["cmd"].startswith(sys.executable)
+    assert [w["lock"] for w in summary["slowest_locks"]] == ["x.lock"] and summary["lock_held_s"] > 0
+    # outside the block nothing is recorded
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert trace.summary()["children"] == 2
