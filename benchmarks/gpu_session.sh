@@ -30,7 +30,6 @@ gla_timing|420|python benchmarks/linear_attention_kernel.py --channel --checks -
 gla_tree_timing|420|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
 kda_warps8_checks|240|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 7 --check-warps 8 --no-timing --json $J
 gla_warps8_checks|200|python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --check-warps 8 --no-timing --json $J
-gdn_compile_phases|420|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 2 --steps 3 --child-timeout 300 --profile-phases --json $J
 hope_compile_graph|480|python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes compile-graph --steps 2 --anchor none --json $J
 hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
 hope_compile_cache|560|python benchmarks/compile_check.py hope_large_chunk --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 270 --trace-subprocesses --json $J
