@@ -24,6 +24,7 @@ Results and the command that made them: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -67,19 +68,19 @@ def check(name: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     _progress(f"{name}: compiling the training step")
     profiler = None
-    trace = SubprocessTrace().__enter__() if args.trace_subprocesses else None
+    trace = SubprocessTrace() if args.trace_subprocesses else contextlib.nullcontext()
     if args.profile_phases:
         import cProfile
 
         profiler = cProfile.Profile()
         profiler.enable()
-    loss0 = loss = step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    with trace:  # restores what it patched if the step raises
+        loss0 = loss = step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     phases = _phases()
-    if trace is not None:
-        trace.__exit__(None, None, None)
+    if args.trace_subprocesses:
         phases["subprocesses"] = trace.summary()
     if profiler is not None:
         profiler.disable()
@@ -120,7 +121,9 @@ class SubprocessTrace:
     """Every child process this process starts (its command, shortened, and seconds from start to
     exit) and every one of torch's file locks waited for or held longer than 10 ms in all (the lock's
     file name, seconds waiting, seconds held; a lock's region may hold a child process): where a
-    compile from the cache spends time that is neither tracing nor kernels."""
+    compile from the cache spends time that is neither tracing nor kernels. Only children started
+    through ``subprocess.Popen`` and waited for are seen (not inductor's compile-worker pool, nor
+    multiprocessing), and ``children_s`` sums their seconds, so children that overlap count twice."""
 
     def __init__(self) -> None:
         self.children: list[dict] = []
@@ -355,7 +358,7 @@ def main() -> int:
     header = f"{'spec':<16} {'params':>10} {'graphs':>6} {'recompiles':>10} {'compile+step1 s':>15} {'step ms':>9} {'rel err':>9}  loss"
     if args.cold:
         header += ("  | cached s | trace s | inductor fwd s | inductor bwd s | kernel wait s | kernels "
-                   "| launches in loop bodies")
+                   "| C++ kernels | launches in loop bodies")
     print(header)
     ok = True
     rows = []
@@ -367,7 +370,8 @@ def main() -> int:
                     f"{r['compile_s']:>15.1f} {r['step_ms']:>9.1f} {r['rel_err']:>9.1e}  {r['loss']}")
             if args.cold:
                 line += (f"  | {r['cached_compile_s']:.1f} | {r['trace_s']} | {r['inductor_fwd_s']} | "
-                         f"{r['inductor_bwd_s']} | {r['kernel_wait_s']} | {r['kernels']} | {r['launches_in_loop_bodies']}")
+                         f"{r['inductor_bwd_s']} | {r['kernel_wait_s']} | {r['kernels']} | {r['cpp_kernels']} | "
+                         f"{r['launches_in_loop_bodies']}")
             print(line)
             for key in ("subprocesses", "cached_subprocesses"):
                 if key in r:

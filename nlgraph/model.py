@@ -386,7 +386,9 @@ def compile_options(device: torch.device | str | None = None, **options: Any) ->
     :func:`materialize_efficient_zeros` and, without a ``mode``, passes the marks of
     :data:`CACHEABLE_FUNCTIONS` (merged with any the caller passes) with
     :data:`EFFICIENT_ZEROS_KEY` saying whether the registration is in force, and for a ``device``
-    other than the CPU, :data:`HOST_OPS_AS_ATEN` (an option the caller gives wins)."""
+    other than the CPU, :data:`HOST_OPS_AS_ATEN` (an option the caller gives wins; left out under
+    inductor's ``cpp_wrapper``, which needs C++ code generation). torch takes a ``mode`` or
+    ``options``, not both, so with a ``mode`` none of these options is passed."""
     opts = {"fullgraph": True, "dynamic": False, **options}
     if opts.get("backend", "inductor") == "inductor":
         zeros = "materialized" if materialize_efficient_zeros() else "fallback"
@@ -394,7 +396,11 @@ def compile_options(device: torch.device | str | None = None, **options: Any) ->
             given = dict(opts.get("options", {}))
             marks = {**CACHEABLE_FUNCTIONS["unsafe_marked_cacheable_functions"],
                      **given.pop("unsafe_marked_cacheable_functions", {}), EFFICIENT_ZEROS_KEY: zeros}
-            host = HOST_OPS_AS_ATEN if device is not None and torch.device(device).type != "cpu" else {}
+            from torch._inductor import config as inductor_config
+
+            accelerator = device is not None and torch.device(device).type != "cpu"
+            cpp_wrapper = given.get("cpp_wrapper", inductor_config.cpp_wrapper)
+            host = HOST_OPS_AS_ATEN if accelerator and not cpp_wrapper else {}
             opts["options"] = {**host, **given, "unsafe_marked_cacheable_functions": marks}
     return opts
 

@@ -195,17 +195,30 @@ def test_accelerator_graphs_run_host_ops_as_aten(monkeypatch):
     assert not set(host) & set(compile_options()["options"])
     own = compile_options("cuda", options={"disable_cpp_codegen": False})["options"]
     assert own["disable_cpp_codegen"] is False  # the caller's option wins
-    # compile_blocks passes the model's device
+    # inductor's cpp_wrapper needs C++ code generation: the option stays out under it
+    assert "disable_cpp_codegen" not in compile_options("cuda", options={"cpp_wrapper": True})["options"]
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(cpp_wrapper=True):
+        assert "disable_cpp_codegen" not in compile_options("cuda")["options"]
+    # compile_blocks passes the model's device: a CPU model's blocks without the option, the same
+    # model's blocks on another device (meta: no memory, no GPU needed) with it
     seen = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
-    build("gated_deltanet", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"]).compile_blocks()
+    model = build("gated_deltanet", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"])
+    model.compile_blocks()
     assert seen and all(not set(host) & set(kw["options"]) for kw in seen)
+    seen.clear()
+    model.to("meta").compile_blocks()
+    assert seen and all(host.items() <= kw["options"].items() for kw in seen)
 
 
 def test_host_ops_as_aten_compile_no_cpp_kernel():
     """What the option asks of inductor: a host scalar's arithmetic (a level's position) and other
     CPU work become ATen calls, so loading the graph builds and probes no C++."""
     from torch._inductor.utils import run_and_get_code
+
+    import nlgraph.compilers.chunked  # noqa: F401  (imports inductor's mkldnn dependency, its warning ignored)
 
     def f(x, position):
         return x.sin().cumsum(-1), position + 16
