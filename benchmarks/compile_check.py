@@ -119,7 +119,8 @@ def check(name: str, args: argparse.Namespace) -> dict:
 
 class SubprocessTrace:
     """Every child process this process starts (its command, shortened, and seconds from start to
-    exit) and every one of torch's file locks waited for or held longer than 10 ms in all (the lock's
+    exit), every Triton kernel compiled in this process (name, warps, seconds; its ``ptxas`` child
+    is inside), and every one of torch's file locks waited for or held longer than 10 ms in all (the lock's
     file name, seconds waiting, seconds held; a lock's region may hold a child process): where a
     compile from the cache spends time that is neither tracing nor kernels. Only children started
     through ``subprocess.Popen`` and waited for are seen (not inductor's compile-worker pool, nor
@@ -128,6 +129,8 @@ class SubprocessTrace:
     def __init__(self) -> None:
         self.children: list[dict] = []
         self.locks: list[dict] = []
+        self.triton: list[dict] = []
+        self._jit = None
 
     def __enter__(self) -> SubprocessTrace:
         from torch.utils import _filelock
@@ -168,18 +171,39 @@ class SubprocessTrace:
         subprocess.Popen.__init__, subprocess.Popen.wait = init, wait
         self._lock_exit = self._lock_cls.__exit__
         self._lock_cls.__enter__, self._lock_cls.__exit__ = enter, exit_
+        try:  # Triton's compiles in this process (a kernel's ptxas runs are inside its compile)
+            from triton.runtime.jit import JITFunction
+        except ImportError:
+            JITFunction = None
+        if JITFunction is not None:
+            self._jit, self._jit_compile = JITFunction, JITFunction._do_compile
+
+            def do_compile(fn, key, signature, device, constexprs, options, *a, **kw):
+                t = time.perf_counter()
+                try:
+                    return trace._jit_compile(fn, key, signature, device, constexprs, options, *a, **kw)
+                finally:
+                    trace.triton.append({"kernel": getattr(getattr(fn, "fn", None), "__name__", repr(fn)),
+                                         "warps": getattr(options, "num_warps", None),
+                                         "s": round(time.perf_counter() - t, 3)})
+
+            JITFunction._do_compile = do_compile
         return self
 
     def __exit__(self, *exc) -> None:
         subprocess.Popen.__init__, subprocess.Popen.wait = self._popen_init, self._popen_wait
         self._lock_cls.__enter__, self._lock_cls.__exit__ = self._lock_enter, self._lock_exit
+        if self._jit is not None:
+            self._jit._do_compile = self._jit_compile
 
     def summary(self) -> dict:
         return {"children": len(self.children), "children_s": round(sum(c["s"] for c in self.children), 2),
                 "lock_waits_s": round(sum(w["wait_s"] for w in self.locks), 2),
                 "lock_held_s": round(sum(w["held_s"] for w in self.locks), 2),
                 "slowest_children": sorted(self.children, key=lambda c: -c["s"])[:12],
-                "slowest_locks": sorted(self.locks, key=lambda w: -(w["wait_s"] + w["held_s"]))[:12]}
+                "slowest_locks": sorted(self.locks, key=lambda w: -(w["wait_s"] + w["held_s"]))[:12],
+                "triton_compiles": len(self.triton), "triton_compile_s": round(sum(c["s"] for c in self.triton), 2),
+                "slowest_triton_compiles": sorted(self.triton, key=lambda c: -c["s"])[:20]}
 
 
 def _progress(msg: str) -> None:
@@ -377,7 +401,8 @@ def main() -> int:
                 if key in r:
                     t = r[key]
                     print(f"  {key.replace('_', ' ')}: {t['children']} children, {t['children_s']} s; "
-                          f"locks waited {t['lock_waits_s']} s, held {t['lock_held_s']} s; slowest: {json.dumps(t['slowest_children'][:5])}")
+                          f"locks waited {t['lock_waits_s']} s, held {t['lock_held_s']} s; "
+                          f"{t['triton_compiles']} Triton compiles here, {t['triton_compile_s']} s; slowest: {json.dumps(t['slowest_children'][:5])}")
             for key in ("profiled", "cached_profiled"):
                 if key in r:
                     shown = {k: v for k, v in r[key].items() if k != "top"}

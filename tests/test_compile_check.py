@@ -81,3 +81,22 @@ def test_subprocess_trace_records_children_and_locks(tmp_path):
     # outside the block nothing is recorded
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     assert trace.summary()["children"] == 2
+
+
+def test_subprocess_trace_records_triton_compiles(monkeypatch):
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import JITFunction
+
+    def compiled(fn, key, signature, device, constexprs, options, attrs, warmup):
+        return "kernel"  # stands in for Triton's compile (no GPU here)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", compiled)
+    fake = SimpleNamespace(fn=SimpleNamespace(__name__="_state_fwd"))
+    with _module().SubprocessTrace() as trace:
+        assert JITFunction._do_compile(fake, 0, {}, 0, {}, SimpleNamespace(num_warps=4), None, False) == "kernel"
+    assert JITFunction._do_compile is compiled  # restored
+    summary = trace.summary()
+    assert summary["triton_compiles"] == 1
+    assert summary["slowest_triton_compiles"][0]["kernel"] == "_state_fwd"
+    assert summary["slowest_triton_compiles"][0]["warps"] == 4
