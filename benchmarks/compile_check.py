@@ -39,6 +39,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from nlgraph.lower import build
+from nlgraph.model import HOST_OPS_AS_ATEN
 
 
 def check(name: str, args: argparse.Namespace) -> dict:
@@ -52,7 +53,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
     x, y = tokens[:, :-1], tokens[:, 1:]
     # --host-cpp: inductor's C++ kernels for the graphs' CPU tensors, as before nlgraph asked for
     # ATen calls on accelerators (nlgraph.model.HOST_OPS_AS_ATEN): the comparison row
-    model.compile_blocks(**({"options": {"disable_cpp_codegen": False}} if args.host_cpp else {}))
+    model.compile_blocks(**({"options": {k: False for k in HOST_OPS_AS_ATEN}} if args.host_cpp else {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> float:
@@ -119,8 +120,8 @@ def check(name: str, args: argparse.Namespace) -> dict:
 
 class SubprocessTrace:
     """Every child process this process starts (its command, shortened, and seconds from start to
-    exit), every Triton kernel compiled in this process (name, warps, seconds; its ``ptxas`` child
-    is inside), and every one of torch's file locks waited for or held longer than 10 ms in all (the lock's
+    exit), every kernel Triton's JIT compiles in this process, as for nlgraph's own ``@triton.jit``
+    kernels (name, warps, seconds; its ``ptxas`` child is inside), and every one of torch's file locks waited for or held longer than 10 ms in all (the lock's
     file name, seconds waiting, seconds held; a lock's region may hold a child process): where a
     compile from the cache spends time that is neither tracing nor kernels. Only children started
     through ``subprocess.Popen`` and waited for are seen (not inductor's compile-worker pool, nor
@@ -363,7 +364,7 @@ def main() -> int:
                    help="profile the first compiled step (cProfile): seconds in Dynamo, AOT autograd, inductor, "
                         "the kernel wait, Triton's in-process compiles and autotuning, on any torch version")
     p.add_argument("--trace-subprocesses", action="store_true",
-                   help="record the child processes and file-lock waits of the first compiled step")
+                   help="record the child processes, file locks and Triton JIT compiles of the first compiled step")
     p.add_argument("--host-cpp", action="store_true",
                    help="compile the graphs' CPU tensors to C++ kernels on a GPU too (inductor's default)")
     p.add_argument("--json", default=None, help="write the rows as JSON")
