@@ -42,6 +42,15 @@ from nlgraph.lower import build
 from nlgraph.model import HOST_OPS_AS_ATEN
 
 
+def precision(args: argparse.Namespace) -> str:
+    """``bf16`` or ``fp32``: ``--precision``, with ``auto`` as `nlgraph train` resolves it. In fp32 the
+    kernels' products run in full precision (no tensor cores), which Triton compiles far more slowly:
+    the Gated DeltaNet backward's ``_wy_bwd`` took 25.8 s in fp32 on an H100."""
+    if args.precision != "auto":
+        return args.precision
+    return "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+
+
 def check(name: str, args: argparse.Namespace) -> dict:
     torch._dynamo.reset()
     counters.clear()
@@ -55,9 +64,14 @@ def check(name: str, args: argparse.Namespace) -> dict:
     # ATen calls on accelerators (nlgraph.model.HOST_OPS_AS_ATEN): the comparison row
     model.compile_blocks(**({"options": {k: False for k in HOST_OPS_AS_ATEN}} if args.host_cpp else {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bf16 = precision(args) == "bf16"
+
+    def autocast():  # as `nlgraph train` runs the forward: bf16 autocast on CUDA by default
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step() -> float:
-        logits = model(x)
+        with autocast():
+            logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
@@ -87,11 +101,11 @@ def check(name: str, args: argparse.Namespace) -> dict:
         profiler.disable()
         phases["profiled"] = profiled_phases(profiler, compile_s)
     _progress(f"{name}: training step compiled in {compile_s:.1f} s {json.dumps(phases)}")
-    with torch.no_grad():
-        compiled = model(x)
+    with torch.no_grad(), autocast():
+        compiled = model(x).float()
         blocks, model._compiled = model._compiled, None  # the plain blocks, at the same weights
         try:
-            eager = model(x)
+            eager = model(x).float()
         finally:
             model._compiled = blocks
     err = (compiled - eager).abs().max().item() / eager.abs().max().item()
@@ -107,6 +121,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     return {
         "spec": name,
+        "precision": "bf16" if bf16 else "fp32",
         "params": sum(p.numel() for p in model.parameters()),
         "graphs": graphs_after_first,
         "recompiles": counters["stats"]["unique_graphs"] - graphs_after_first,
@@ -318,7 +333,8 @@ def cold(name: str, args: argparse.Namespace) -> dict:
             out = Path(d) / "row.json"
             cmd = [sys.executable, __file__, name, "--child-json", str(out), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--length", str(args.length), "--d-model", str(args.d_model),
-                   "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device]
+                   "--heads", str(args.heads), "--layers", str(args.layers), "--device", args.device,
+                   "--precision", args.precision]
             if args.profile_phases:
                 cmd.append("--profile-phases")
             if args.trace_subprocesses:
@@ -367,6 +383,8 @@ def main() -> int:
                    help="record the child processes, file locks and Triton JIT compiles of the first compiled step")
     p.add_argument("--host-cpp", action="store_true",
                    help="compile the graphs' CPU tensors to C++ kernels on a GPU too (inductor's default)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on CUDA (what `nlgraph train` runs there), fp32 on CPU")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -378,7 +396,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     print(f"B={args.batch} T={args.length} d_model={args.d_model} heads={args.heads} layers={args.layers} "
-          f"steps={args.steps}, fullgraph=True, fail_on_recompile after step 1"
+          f"steps={args.steps}, {precision(args)}, fullgraph=True, fail_on_recompile after step 1"
           + (", each spec cold (empty inductor cache) then cached, in fresh processes" if args.cold else ""))
     header = f"{'spec':<16} {'params':>10} {'graphs':>6} {'recompiles':>10} {'compile+step1 s':>15} {'step ms':>9} {'rel err':>9}  loss"
     if args.cold:
@@ -421,7 +439,8 @@ def main() -> int:
 
         meta = {"torch": torch.__version__, "device": args.device, "B": args.batch, "T": args.length,
                 "d_model": args.d_model, "heads": args.heads, "layers": args.layers, "cold": args.cold,
-                "host_cpp": args.host_cpp}
+                "host_cpp": args.host_cpp, "precision": precision(args),
+                "autotune": os.environ.get("NLGRAPH_TRITON_AUTOTUNE", "0")}
         atomic_write(Path(args.json), json.dumps({**meta, "rows": rows}, indent=1).encode())
     return 0 if ok else 1
 

@@ -34,6 +34,7 @@ hope_compile_graph|480|python -P -m nlgraph bench hope D512 --lengths 2048 --tok
 hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
 hope_compile_cache|560|python benchmarks/compile_check.py hope_large_chunk --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 270 --trace-subprocesses --json $J
 gdn_compile_cache|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
+gdn_compile_cache_full_tuning|330|NLGRAPH_TRITON_AUTOTUNE=1 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
 gdn_compile_cache_host_cpp|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --host-cpp --json $J
 hope_large_chunk_b8|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $J
 titans_large_chunk|480|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=256 --lengths 2048 --tokens 16384 --modes compile-graph --json $J && python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $OUT/titans_chunk512.json

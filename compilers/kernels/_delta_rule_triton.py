@@ -30,9 +30,11 @@ interpreter on CPU tensors (tests at small shapes, debugging).
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
+import torch
 import triton
 import triton.language as tl
 
@@ -525,9 +527,48 @@ def _warps(name: str) -> tuple[int, ...]:
     return (8,) if name in _HEAVY and _WARPS_ENV is None else _WARPS
 
 
+# The autotuner's own choices on sm_90 (H200, triton 3.6; benchmarks/autotune_sm90.tar.gz holds the
+# timings): (kernel, V, 16-bit inputs) -> (BV or None, warps). They did not change with the chunk
+# (32, 64), the length (60 to 4096) or a decay per key channel, so on sm_90 a kernel of a class in
+# this table compiles that one config; timing every config on a fresh machine compiled twice as many
+# (a cold compile is mostly Triton compiling these kernels, one after another in the main process).
+# NLGRAPH_TRITON_AUTOTUNE=1 times them all again, as on other GPUs and shapes not listed.
+SM90_CHOICES = {
+    **{(n, v, True): (None, 4) for n in ("prepare", "output", "dv_local") for v in (64, 128)},
+    ("state_fwd", 64, True): (32, 4), ("state_fwd", 128, True): (64, 4),
+    ("state_fwd", 64, False): (32, 8), ("state_fwd", 128, False): (32, 8),
+    ("state_bwd", 64, True): (32, 8), ("state_bwd", 128, True): (64, 8),
+    ("state_bwd", 64, False): (32, 8), ("state_bwd", 128, False): (32, 8),
+}
+_FULL_TUNING = os.environ.get("NLGRAPH_TRITON_AUTOTUNE", "0") not in ("", "0")
+
+
+def _capability(device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
+    """``early_config_prune`` of every autotuned kernel: on sm_90, the one config of
+    ``SM90_CHOICES`` for the call's (kernel, V, input dtype) when it is there and none of
+    ``NLGRAPH_TRITON_WARPS`` / ``NLGRAPH_TRITON_AUTOTUNE`` is set; otherwise every config."""
+    if _FULL_TUNING or _WARPS_ENV is not None:
+        return configs
+    k = nargs.get("k", kwargs.get("k"))
+    v = kwargs.get("V", nargs.get("V"))
+    if k is None or v is None or getattr(k, "device", None) is None or k.device.type != "cuda":
+        return configs
+    choice = SM90_CHOICES.get((name, int(v), k.element_size() == 2))
+    if choice is None or _capability(k.device) != (9, 0):
+        return configs
+    bv, warps = choice
+    chosen = [c for c in configs if c.num_warps == warps and c.kwargs.get("BV") == bv]
+    return chosen or configs
+
+
 def _tuned(name: str, fn):
     """On the GPU each kernel picks its warps and pipelining depth from a few configs, keyed on the
-    head dims and chunk (seconds of tuning on the first call per shape family)."""
+    head dims and chunk (seconds of tuning on the first call per shape family; on sm_90 the one
+    config ``choose_configs`` names, where it names one)."""
     jitted = triton.jit(fn)
     if INTERPRETED:
         return jitted
@@ -545,7 +586,8 @@ def _tuned(name: str, fn):
     # keeps a choice made at a test's or a sample's length from deciding a training run's. B and H
     # are not in it: a run at another batch but the same length reuses the choice
     return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "GK", "LOWP"], restore_value=restore,
-                           cache_results=True)(jitted)
+                           cache_results=True,
+                           prune_configs_by={"early_config_prune": functools.partial(choose_configs, name)})(jitted)
 
 
 _KERNELS = SimpleNamespace(**{n: _tuned(n, f) for n, f in _SOURCES.items()})

@@ -369,3 +369,52 @@ def test_the_ops_outputs_have_their_fakes_strides(per_channel):
     o, _, tm, bcum = module._fwd_op(*args)
     bwd = (*args[:6], tm, bcum, torch.randn_like(o), torch.randn_like(x["h0"]), 1.0, 16)
     torch.library.opcheck(module._bwd_op, bwd, test_utils=("test_schema", "test_faketensor"))
+
+
+class _CudaInput:
+    """Stands for a CUDA tensor argument: only its device and element size are read."""
+
+    def __init__(self, element_size):
+        self.device = torch.device("cuda", 0)
+        self._size = element_size
+
+    def element_size(self):
+        return self._size
+
+
+def test_sm90_compiles_only_the_config_its_autotuner_chose(monkeypatch):
+    import triton  # the interpreter is set up by triton_interp; only Config is used here
+
+    m = _delta_rule_triton
+    monkeypatch.setattr(m, "_FULL_TUNING", False)
+    monkeypatch.setattr(m, "_WARPS_ENV", None)
+    monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
+    state = [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
+    plain = [triton.Config({}, num_warps=w) for w in (4, 8)]
+
+    def chosen(name, configs, v, size):
+        out = m.choose_configs(name, configs, {"k": _CudaInput(size)}, V=v)
+        return [(c.kwargs.get("BV"), c.num_warps) for c in out]
+
+    assert chosen("state_fwd", state, 64, 2) == [(32, 4)]
+    assert chosen("state_fwd", state, 128, 2) == [(64, 4)]
+    assert chosen("state_fwd", state, 128, 4) == [(32, 8)]
+    assert chosen("state_bwd", state, 128, 2) == [(64, 8)]
+    assert chosen("output", plain, 64, 2) == [(None, 4)]
+    # not in the table: every config is timed (float32 output, an unmeasured width)
+    assert len(chosen("output", plain, 64, 4)) == 2
+    assert len(chosen("state_fwd", state, 96, 2)) == 4
+    # another GPU, a CPU tensor, or either variable set: every config
+    monkeypatch.setattr(m, "_capability", lambda device: (8, 0))
+    assert len(chosen("state_fwd", state, 64, 2)) == 4
+    monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
+    assert len(m.choose_configs("state_fwd", state, {"k": torch.zeros(1)}, V=64)) == 4
+    monkeypatch.setattr(m, "_FULL_TUNING", True)
+    assert len(chosen("state_fwd", state, 64, 2)) == 4
+    monkeypatch.setattr(m, "_FULL_TUNING", False)
+    monkeypatch.setattr(m, "_WARPS_ENV", "8")
+    assert len(chosen("state_fwd", state, 64, 2)) == 4
+    # the table names configs the kernels offer: each choice is among them
+    for (name, _, _), (bv, warps) in m.SM90_CHOICES.items():
+        heavy = name in m._HEAVY
+        assert warps in ((8,) if heavy else (4, 8)) and (bv in (32, 64) if name in m.STATE_KERNELS else bv is None)
