@@ -42,6 +42,13 @@ from nlgraph.lower import build
 from nlgraph.model import HOST_OPS_AS_ATEN
 
 
+def _precompiles() -> list[dict]:
+    """nlgraph's parallel first compiles of its Triton kernels in this process (key, launches,
+    threads, seconds), if the kernels' package loaded."""
+    mod = sys.modules.get("nlgraph.compilers.kernels._load")
+    return list(getattr(mod, "PRECOMPILE_LOG", []))
+
+
 def precision(args: argparse.Namespace) -> str:
     """``bf16`` or ``fp32``: ``--precision``, with ``auto`` as `nlgraph train` resolves it. In fp32 the
     kernels' products run in full precision (no tensor cores), which Triton compiles far more slowly:
@@ -97,6 +104,9 @@ def check(name: str, args: argparse.Namespace) -> dict:
     phases = _phases()
     if args.trace_subprocesses:
         phases["subprocesses"] = trace.summary()
+    precompiles = _precompiles()
+    if precompiles:
+        phases["precompiles"] = precompiles
     if profiler is not None:
         profiler.disable()
         phases["profiled"] = profiled_phases(profiler, compile_s)
@@ -196,12 +206,17 @@ class SubprocessTrace:
 
             def do_compile(fn, key, signature, device, constexprs, options, *a, **kw):
                 t = time.perf_counter()
+                out = None
                 try:
-                    return trace._jit_compile(fn, key, signature, device, constexprs, options, *a, **kw)
+                    out = trace._jit_compile(fn, key, signature, device, constexprs, options, *a, **kw)
+                    return out
                 finally:
+                    # a compile handed to a thread pool (nlgraph's precompile) returns a future at
+                    # once: its seconds are in the run's "precompiles", not here
                     trace.triton.append({"kernel": getattr(getattr(fn, "fn", None), "__name__", repr(fn)),
                                          "warps": getattr(options, "num_warps", None),
-                                         "s": round(time.perf_counter() - t, 3)})
+                                         "s": round(time.perf_counter() - t, 3),
+                                         **({"in_pool": True} if hasattr(out, "future") else {})})
 
             JITFunction._do_compile = do_compile
         return self
@@ -218,7 +233,8 @@ class SubprocessTrace:
                 "lock_held_s": round(sum(w["held_s"] for w in self.locks), 2),
                 "slowest_children": sorted(self.children, key=lambda c: -c["s"])[:12],
                 "slowest_locks": sorted(self.locks, key=lambda w: -(w["wait_s"] + w["held_s"]))[:12],
-                "triton_compiles": len(self.triton), "triton_compile_s": round(sum(c["s"] for c in self.triton), 2),
+                "triton_compiles": len(self.triton), "triton_in_pool": sum(1 for c in self.triton if c.get("in_pool")),
+                "triton_compile_s": round(sum(c["s"] for c in self.triton), 2),
                 "slowest_triton_compiles": sorted(self.triton, key=lambda c: -c["s"])[:20]}
 
 
@@ -422,6 +438,11 @@ def main() -> int:
                     print(f"  {key.replace('_', ' ')}: {t['children']} children, {t['children_s']} s; "
                           f"locks waited {t['lock_waits_s']} s, held {t['lock_held_s']} s; "
                           f"{t['triton_compiles']} Triton compiles here, {t['triton_compile_s']} s; slowest: {json.dumps(t['slowest_children'][:5])}")
+            if r.get("precompiles"):
+                pre = r["precompiles"]
+                print(f"  parallel first compiles: {len(pre)}, {round(sum(e['s'] for e in pre), 2)} s in all "
+                      f"({sum(len(e.get('launches', [])) for e in pre)} launches; "
+                      f"{sum(1 for e in pre if 'error' in e)} failed)")
             for key in ("profiled", "cached_profiled"):
                 if key in r:
                     shown = {k: v for k, v in r[key].items() if k != "top"}

@@ -3,6 +3,12 @@ the block-size arithmetic the kernels' wrappers share."""
 
 from __future__ import annotations
 
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Hashable
+
 import torch
 
 from nlgraph.errors import NLGraphError
@@ -25,7 +31,87 @@ def load_kernels(importer, q: torch.Tensor, op: str, what: str):
         raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
                            "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
                            path=f"{op}.q")
-    return mod.kernels()
+    # a plain global, not a ContextVar: Dynamo traces the wrappers that call this, and reads a global
+    return mod.kernels() if _RECORDING is None else _Recorder(mod.kernels(), _RECORDING)
+
+
+# --------------------------------------------------------------------------- parallel first compile
+
+#: Compile the kernels of an op's first call in parallel threads (see :func:`precompile`);
+#: ``NLGRAPH_TRITON_PRECOMPILE=0`` leaves each kernel to compile at its first launch, one after another.
+PRECOMPILE = os.environ.get("NLGRAPH_TRITON_PRECOMPILE", "1") != "0"
+#: One entry per :func:`precompile` that compiled: its key, kernel launches, threads and seconds, or
+#: the error that stopped it (``benchmarks/compile_check.py`` reports them).
+PRECOMPILE_LOG: list[dict] = []
+_RECORDING: list | None = None  # the launches of the dry run in progress
+_DONE: set = set()
+
+
+class _Recorder:
+    """Stands for a kernels namespace during a dry run: ``kn.name[grid](*args, **kw)`` records the
+    launch (kernel, grid, arguments) instead of launching."""
+
+    def __init__(self, kernels: Any, log: list) -> None:
+        self._kernels, self._log = kernels, log
+
+    def __getattr__(self, name: str) -> Any:
+        kernel, log = getattr(self._kernels, name), self._log
+
+        class _Launch:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: log.append((name, kernel, grid, args, kwargs))
+
+        return _Launch()
+
+
+def _record(dry_run: Callable[[], Any]) -> list:
+    """The launches ``dry_run`` makes, recorded (``(name, kernel, grid, args, kwargs)``), none made."""
+    global _RECORDING
+    outer, _RECORDING = _RECORDING, []
+    try:
+        with torch.no_grad():
+            dry_run()
+        return _RECORDING
+    finally:
+        _RECORDING = outer
+
+
+def precompile(key: Hashable, dry_run: Callable[[], Any]) -> None:
+    """Compile, in parallel threads, every Triton kernel that ``dry_run`` would launch, once per
+    ``key`` (the shapes and flags that decide the kernels' specializations).
+
+    An op's first call compiles each of its kernels at its launch, one after another in this
+    process; Triton spends most of a compile in C++ passes and ``ptxas``, outside the GIL, so
+    threads overlap them (a cold Gated DeltaNet compile on an H100 spent 73 s compiling the delta
+    rule's kernels one at a time, docs/benchmarks.md). ``dry_run`` runs the op's Python with every
+    ``load_kernels`` namespace recording launches instead of making them (its outputs are garbage);
+    each recorded kernel is then warmed up (compiled, not run) under Triton's ``AsyncCompileMode``
+    and the compiled kernels enter the kernels' caches, so the real launches that follow find them
+    (an autotuned kernel compiles each config its pruning keeps). On CPU (the interpreter), during
+    CUDA-graph capture, with ``NLGRAPH_TRITON_PRECOMPILE=0``, or on a Triton without
+    ``AsyncCompileMode``, nothing happens; a failure is a warning, and the launches then compile
+    as before."""
+    if not PRECOMPILE or key in _DONE or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        return
+    _DONE.add(key)
+    entry: dict = {"key": repr(key)}
+    t0 = time.perf_counter()
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+
+        log = _record(dry_run)
+        threads = max(1, min(len(log), os.cpu_count() or 1, 16))
+        with ThreadPoolExecutor(threads, thread_name_prefix="nlgraph-precompile") as pool, AsyncCompileMode(pool):
+            for _, kernel, grid, args, kwargs in log:
+                kernel.warmup(*args, grid=grid, **kwargs)
+        entry.update(launches=[name for name, *_ in log], threads=threads)
+    except Exception as e:  # noqa: BLE001 - the launches compile one by one instead
+        entry["error"] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"nlgraph: compiling the Triton kernels in parallel failed ({entry['error']}); they compile "
+                      "at their launches instead. NLGRAPH_TRITON_PRECOMPILE=0 skips the attempt.", RuntimeWarning,
+                      stacklevel=2)
+    entry["s"] = round(time.perf_counter() - t0, 3)
+    PRECOMPILE_LOG.append(entry)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -418,3 +418,82 @@ def test_sm90_compiles_only_the_config_its_autotuner_chose(monkeypatch):
     for (name, _, _), (bv, warps) in m.SM90_CHOICES.items():
         heavy = name in m._HEAVY
         assert warps in ((8,) if heavy else (4, 8)) and (bv in (32, 64) if name in m.STATE_KERNELS else bv is None)
+
+
+def _launch_names(fn) -> list[str]:
+    from nlgraph.compilers.kernels import _load
+
+    return [name for name, *_ in _load._record(fn)]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_dry_run_records_every_kernel_of_both_passes_and_launches_none(gated):
+    """precompile's dry run: the op's Python with recording namespaces sees each kernel the pass
+    launches, and the outputs stay unwritten (nothing ran)."""
+    from nlgraph.compilers.kernels import delta_rule as dr
+
+    b, t, h, d, c = 1, 40, 2, 16, 16
+    q, k, v = (torch.randn(b, t, h, d) for _ in range(3))
+    beta = torch.rand(b, t, h)
+    g = -torch.rand(b, t, h) if gated else None
+    out = {}
+    fwd = _launch_names(lambda: out.setdefault("f", dr._forward(q, k, v, beta, g, None, 1.0, c, True)))
+    assert fwd == ["prepare", "state_fwd", "output"]
+    o, ht, tm, bcum = dr._forward(q, k, v, beta, g, None, 1.0, c, True)
+    bwd = _launch_names(lambda: dr._backward(q, k, v, beta, g, None, tm, bcum, torch.ones_like(o), ht, 1.0, c))
+    assert bwd == ["prepare", "state_fwd", "dv_local", "state_bwd", "qkw_bwd", "wy_bwd"]
+    # the real kernels (interpreted here) were never called by the dry run: its output is not the op's
+    assert not torch.equal(out["f"][0], o)
+
+
+class _FakeKernel:
+    def __init__(self, calls, fail=False):
+        self.calls, self.fail = calls, fail
+
+    def warmup(self, *args, grid, **kwargs):
+        from triton.runtime import _async_compile
+
+        if self.fail:
+            raise RuntimeError("no compiler")
+        self.calls.append((args, kwargs, _async_compile.active_mode.get() is not None))
+
+
+def test_precompile_warms_every_recorded_kernel_once_per_key(monkeypatch):
+    from types import SimpleNamespace
+
+    from nlgraph.compilers.kernels import _load
+
+    monkeypatch.setattr(_load.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_load.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_load, "_DONE", set())
+    monkeypatch.setattr(_load, "PRECOMPILE_LOG", [])
+    calls: list = []
+    mod = SimpleNamespace(INTERPRETED=True, kernels=lambda: SimpleNamespace(a=_FakeKernel(calls),
+                                                                            b=_FakeKernel(calls)))
+    x = torch.zeros(1)
+
+    def dry_run():
+        kn = _load.load_kernels(lambda: mod, x, "op", "test")
+        kn.a[(1,)](x, 3, K=16)
+        kn.b[(2,)](x, 4, K=32)
+
+    _load.precompile(("k", 1), dry_run)
+    _load.precompile(("k", 1), dry_run)  # the same key: nothing more
+    assert calls == [((x, 3), {"K": 16}, True), ((x, 4), {"K": 32}, True)]
+    assert _load.PRECOMPILE_LOG[0]["launches"] == ["a", "b"] and len(_load.PRECOMPILE_LOG) == 1
+    # outside a dry run the namespace is the module's own
+    assert isinstance(_load.load_kernels(lambda: mod, x, "op", "test").a, _FakeKernel)
+    # a failing compile is one warning, logged, and the key is not tried again
+    mod.kernels = lambda: SimpleNamespace(a=_FakeKernel(calls, fail=True), b=_FakeKernel(calls))
+    with pytest.warns(RuntimeWarning, match="compile at their launches"):
+        _load.precompile(("k", 2), dry_run)
+    assert "no compiler" in _load.PRECOMPILE_LOG[-1]["error"]
+    _load.precompile(("k", 2), dry_run)
+    assert len(_load.PRECOMPILE_LOG) == 2
+    # switched off, or during CUDA-graph capture: nothing
+    monkeypatch.setattr(_load, "PRECOMPILE", False)
+    _load.precompile(("k", 3), dry_run)
+    monkeypatch.setattr(_load, "PRECOMPILE", True)
+    monkeypatch.setattr(_load.torch.cuda, "is_current_stream_capturing", lambda: True)
+    _load.precompile(("k", 4), dry_run)
+    assert len(_load.PRECOMPILE_LOG) == 2
