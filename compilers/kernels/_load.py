@@ -45,6 +45,9 @@ PRECOMPILE = os.environ.get("NLGRAPH_TRITON_PRECOMPILE", "1") != "0"
 PRECOMPILE_LOG: list[dict] = []
 _RECORDING: list | None = None  # the launches of the dry run in progress
 _DONE: set = set()
+# a process that has seen this many shape classes (a server answering every prompt length) has
+# compiled its kernels long ago: stop dry-running new ones
+_MAX_KEYS = 256
 
 
 class _Recorder:
@@ -76,6 +79,16 @@ def _record(dry_run: Callable[[], Any]) -> list:
         _RECORDING = outer
 
 
+def call_key(op: str, pass_: str, args: tuple) -> tuple:
+    """A :func:`precompile` key from an op's arguments: each tensor's dtype, device and shape (the
+    shapes give the integer arguments Triton specializes the kernels on), the rest as they are. A
+    new shape costs a dry run, whose warm-ups find the kernels already compiled."""
+    def one(a):
+        return (a.dtype, str(a.device), tuple(a.shape)) if isinstance(a, torch.Tensor) else a
+
+    return (op, pass_, *(one(a) for a in args))
+
+
 def precompile(key: Hashable, dry_run: Callable[[], Any]) -> None:
     """Compile, in parallel threads, every Triton kernel that ``dry_run`` would launch, once per
     ``key`` (the shapes and flags that decide the kernels' specializations).
@@ -91,7 +104,8 @@ def precompile(key: Hashable, dry_run: Callable[[], Any]) -> None:
     CUDA-graph capture, with ``NLGRAPH_TRITON_PRECOMPILE=0``, or on a Triton without
     ``AsyncCompileMode``, nothing happens; a failure is a warning, and the launches then compile
     as before."""
-    if not PRECOMPILE or key in _DONE or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+    if (not PRECOMPILE or key in _DONE or len(_DONE) >= _MAX_KEYS or not torch.cuda.is_available()
+            or torch.cuda.is_current_stream_capturing()):
         return
     _DONE.add(key)
     entry: dict = {"key": repr(key)}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, kernel_chunk
+from ._load import call_key, cdiv as _cdiv, kernel_chunk, precompile
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -96,6 +96,12 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch
             h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, b (g's shape) fp32 or empty)``."""
+    args = (q, k, v, g, h0, scale, chunk, output_final_state)
+    precompile(call_key(_OP, "fwd", args), lambda: _forward(*args))
+    return _forward(*args)
+
+
+def _forward(q, k, v, g, h0, scale, chunk, output_final_state):
     kn = _kernels(q)
     p = _plan(q, v, chunk)
     bcum = _chunk_cumsum(g, chunk) if g is not None else None
@@ -124,6 +130,12 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
             h0: Optional[torch.Tensor], do: torch.Tensor, dht: Optional[torch.Tensor], scale: float, chunk: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dg or empty, dh0 or empty)``."""
+    args = (q, k, v, bcum, h0, do, dht, scale, chunk)
+    precompile(call_key(_OP, "bwd", args), lambda: _backward(*args))
+    return _backward(*args)
+
+
+def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
     kn = _kernels(q)
     p = _plan(q, v, chunk)
     b, h, nt = p["B"], p["H"], p["NT"]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import pow2 as _pow2
+from ._load import call_key, pow2 as _pow2, precompile
 
 __all__ = ["chunk_mlp_memory", "random_inputs", "token_loop"]
 
@@ -145,6 +145,12 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o, W0, W1, S0, S1 after the sequence, and every ``stride``-th chunk-start state
     [B, H, ⌈NT / stride⌉, ...])``; ``stride`` 0 keeps none (empties)."""
+    args = (q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps)
+    precompile(call_key(_OP, "fwd", args), lambda: _forward(*args))
+    return _forward(*args)
+
+
+def _forward(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps):
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = w0.shape[-2]
@@ -179,6 +185,14 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
     """Returns the gradients of ``(q, k, v, eta, g0, z0, om, end, oml, yll, W0, W1, S0, S1)``. With a
     ``stride`` above 1 the saved states are checkpoints: each segment of ``stride`` chunks is run
     forward again from its checkpoint, keeping every chunk's start, then backward."""
+    args = (q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f,
+            stride, warps)
+    precompile(call_key(_OP, "bwd", args), lambda: _backward(*args))
+    return _backward(*args)
+
+
+def _backward(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f,
+              stride, warps):
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = hw0.shape[-2]
