@@ -87,6 +87,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
 
     # the training step first: its compile is what `nlgraph train` waits for; the no-grad forward
     # (a second graph, compiled after the timing) only checks the values against eager
+    n_precompiles = len(_precompiles())
     t0 = time.perf_counter()
     _progress(f"{name}: compiling the training step")
     profiler = None
@@ -104,7 +105,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
     phases = _phases()
     if args.trace_subprocesses:
         phases["subprocesses"] = trace.summary()
-    precompiles = _precompiles()
+    precompiles = _precompiles()[n_precompiles:]  # this spec's, not an earlier spec's in this process
     if precompiles:
         phases["precompiles"] = precompiles
     if profiler is not None:
