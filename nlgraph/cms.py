@@ -361,7 +361,7 @@ def _stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, le
         # instead of reading their state's position (data-dependent in a compiled block)
         with model.phases(ic["position"]):
             for block, st in zip(run, blocks):
-                x, st = block(x, st)
+                x, st = model.run_block(block, x, st, ic["position"])
                 new.append(st)
         return model.head(model.norm(x)), new
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -405,6 +405,83 @@ def compile_options(device: torch.device | str | None = None, **options: Any) ->
     return opts
 
 
+class _Recompute(torch.autograd.Function):
+    """``fn(*args)`` run without a graph, and again with one in the backward (activation
+    checkpointing in the manner of torch's reentrant checkpoint, which keeps no saved-tensor hooks
+    active: levels that take inner gradients with ``torch.func`` refuse those). The parameters are
+    explicit inputs and the backward returns their gradients, so ``torch.autograd.grad`` through it
+    (an in-context level's commit) gets them instead of their ``.grad`` filling."""
+
+    @staticmethod
+    def forward(ctx, fn, box, spec_in, n_in, context, *inputs):
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        flat = list(inputs[:n_in])
+        ctx.fn, ctx.spec_in, ctx.n_in, ctx.context = fn, spec_in, n_in, context
+        ctx.tensor_at = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.others = {i: a for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)}
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_at))
+        dev = next((a.device for a in flat if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        ctx.device_type = dev.type
+        ctx.autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+        ctx.dev = dev
+        with torch.no_grad():
+            out = fn(*tree_unflatten(flat, spec_in))
+        flat_out, box["spec"] = tree_flatten(out)
+        ctx.out_float = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in flat_out]
+        ctx.mark_non_differentiable(*(o for o, f in zip(flat_out, ctx.out_float)
+                                      if isinstance(o, torch.Tensor) and not f))
+        return tuple(flat_out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        saved = dict(zip(ctx.tensor_at, ctx.saved_tensors))
+        n_all = len(ctx.tensor_at) + len(ctx.others)
+        wants = ctx.needs_input_grad[5:]
+        inputs = []
+        for i in range(n_all):
+            if i in ctx.others:
+                inputs.append(ctx.others[i])
+            elif i < ctx.n_in:  # an activation or a state tensor: a new leaf of the recomputation
+                inputs.append(saved[i].detach().requires_grad_(wants[i]))
+            else:  # a parameter: the module reads it itself
+                inputs.append(saved[i])
+        devices = [ctx.dev] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]), ctx.context():
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.dev)
+            out = ctx.fn(*tree_unflatten(inputs[:ctx.n_in], ctx.spec_in))
+        flat_out, _ = tree_flatten(out)
+        pairs = [(o, g) for o, g, f in zip(flat_out, grads, ctx.out_float)
+                 if f and g is not None and o.requires_grad]
+        targets = [i for i in range(n_all) if wants[i] and isinstance(inputs[i], torch.Tensor)]
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in targets], [g for _, g in pairs],
+                                  allow_unused=True) if pairs and targets else [None] * len(targets)
+        out_grads: list = [None] * n_all
+        for i, g in zip(targets, got):
+            out_grads[i] = g
+        return (None, None, None, None, None, *out_grads)
+
+
+def recompute_call(fn: Any, args: tuple, params: list[torch.Tensor], context: Any = nullcontext) -> Any:
+    """``fn(*args)`` (any nesting of tensors in ``args`` and the result), its intermediates dropped
+    and recomputed in the backward under ``context()`` (entered again there), with the RNG and
+    autocast state of the forward. ``params``: the tensors ``fn`` reads besides ``args`` that need
+    gradients (a module's parameters)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat, spec_in = tree_flatten(args)
+    box: dict = {}
+    out = _Recompute.apply(fn, box, spec_in, len(flat), context, *flat, *params)
+    return tree_unflatten(list(out), box["spec"])
+
+
 class NLModel(nn.Module):
     """A language model lowered from a spec.
 
@@ -454,6 +531,7 @@ class NLModel(nn.Module):
                         if isinstance(m, (MemoryLevel, MemoryContext)) and m.cycle > 1]
         self._persistent: dict[str, dict] = {}
         self.learn = True
+        self.recompute_blocks = False
 
     def _apply(self, fn, recurse: bool = True):
         # .to() / .cuda() / .double() move the parameters: choose the forms again for where they
@@ -503,6 +581,24 @@ class NLModel(nn.Module):
         self._compiled = [b if _reads_self(b) else torch.compile(b, **opts) for b in self.blocks]
         return self
 
+    def recompute(self, on: bool = True) -> NLModel:
+        """Keep only each block's inputs for the backward and run the block again there
+        (activation checkpointing, ``torch.utils.checkpoint`` without reentrancy): a training
+        step's activation memory falls from every block's intermediates to one block's, for about
+        one more forward of compute. Gradients are unchanged; compiled blocks are recomputed by
+        their compiled code. Only calls with gradients enabled are affected."""
+        self.recompute_blocks = bool(on)
+        return self
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, state: State | None,
+                  position: int | None) -> tuple[torch.Tensor, State]:
+        """``block(x, state)``, recomputed in the backward when :meth:`recompute` is on. The
+        recomputation runs after the forward's :meth:`phases` has ended, so it enters the phases of
+        ``position`` (the host position the forward ran at) again."""
+        if not (self.recompute_blocks and torch.is_grad_enabled()):
+            return block(x, state)
+        return recompute_call(block, (x, state), list(block.parameters()), lambda: self.phases(position))
+
     @property
     def compiled(self) -> bool:
         """Whether :meth:`stream` runs the compiled blocks."""
@@ -550,7 +646,7 @@ class NLModel(nn.Module):
         new = []
         with self.phases(pos):
             for block, st in zip(self._compiled or self.blocks, blocks):
-                x, st = block(x, st)
+                x, st = self.run_block(block, x, st, pos)
                 new.append(st)
         if self._carried:
             from .cms import keep_carried
@@ -568,13 +664,14 @@ class NLModel(nn.Module):
         tensor: a host read that ``torch.compile`` sees as data-dependent. A compiled block then
         depends on the phases only, which stay fixed when calls start on the schedule's boundaries
         (HOPE's 16-token segments), so it is not recompiled per call."""
+        before = [m.phase for m in self._phased]  # a recomputation may run inside another call's
         for m in self._phased:
             m.phase = None if position is None else position % m.cycle
         try:
             yield
         finally:
-            for m in self._phased:
-                m.phase = None
+            for m, phase in zip(self._phased, before):
+                m.phase = phase
 
     def save_memory(self, path: Any) -> Any:
         """Write the persistent memory (the committed parameters and optimizer buffers of every

@@ -69,6 +69,9 @@ def add_parsers(sub) -> None:
     _common_run_args(p, steps=1000, batch=8, length=256)
     p.add_argument("--out", metavar="DIR", default=None, help="run folder (default runs/<spec name>)")
     p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
+    p.add_argument("--recompute-blocks", action="store_true",
+                   help="keep only each block's inputs for the backward and run the block again there "
+                        "(activation checkpointing): less memory, about one more forward of compute")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
                         "(FSDP2) instead of replicating them (DDP); eager blocks")
@@ -165,7 +168,8 @@ def _config(args, out: str):
         cuda_graph=getattr(args, "cuda_graph", None),
         data=args.data, domain=args.domain, tokenizer=args.tokenizer, overrides=list(args.overrides),
         **{k: getattr(args, k) for k in ("eval_every", "eval_batches", "save_every", "keep", "warmup",
-                                          "weight_decay", "clip", "task", "progress", "time_limit", "fsdp") if hasattr(args, k)})
+                                          "weight_decay", "clip", "task", "progress", "time_limit", "fsdp", "recompute_blocks")
+                                          if hasattr(args, k)})
 
 
 def _spec_name(spec: str) -> str:

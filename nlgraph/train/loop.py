@@ -92,6 +92,11 @@ class TrainConfig:
     step (no Python or launch overhead: what deep-memory levels, thousands of small kernels a step,
     are bound by). Default: on for an uncompiled model on one CUDA device, falling back to eager
     with a note when the model cannot be captured; ``True`` makes a failed capture an error."""
+    recompute_blocks: bool = False
+    """Keep only each block's inputs for the backward and run the block again there (activation
+    checkpointing, :meth:`nlgraph.NLModel.recompute`): a step's activation memory falls to about
+    one block's, for about one more forward of compute. The same gradients. Turns the CUDA-graph
+    default off (the recomputation reads the RNG state, which a capture forbids)."""
     fsdp: bool = False
     """Under ``torchrun``: shard parameters, gradients and AdamW's state over the ranks with FSDP2
     (``torch.distributed.fsdp.fully_shard``, one group per block, then the root) instead of
@@ -714,6 +719,12 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
                      length=cfg.length, training=True, optimizer_states=2, limits=current_options().limits)
     if cfg.fsdp and cfg.cuda_graph:
         raise TrainError("--cuda-graph needs one CUDA device; --fsdp runs over several ranks: drop one of them")
+    if cfg.recompute_blocks and cfg.cuda_graph:
+        raise TrainError("--recompute-blocks runs the blocks again in the backward, which a CUDA graph cannot "
+                         "capture; drop --cuda-graph (or --recompute-blocks)")
+    if cfg.recompute_blocks and cfg.fsdp:
+        raise TrainError("--recompute-blocks with --fsdp is untested: keep one of them (DDP, without --fsdp, "
+                         "takes --recompute-blocks)")
     if cfg.fsdp and cfg.compile:
         # per-block torch.compile of FSDP2-sharded blocks is untested here: refused, not guessed
         raise TrainError("--fsdp runs the blocks eagerly; train it with --no-compile")
@@ -756,13 +767,14 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     use_compile = cfg.compile if cfg.compile is not None else default_compile(device, cfg)
     if use_compile:
         model.compile_blocks()
+    model.recompute(cfg.recompute_blocks)
     # CUDA graphs by default on one GPU, around compiled blocks too: a compiled Gated DeltaNet step
     # was bound by launching its kernels (44.4 ms a step, 10.6 ms replayed; docs/benchmarks.md)
     # A `lifetime: persistent` level carries its state from one batch into the next in Python
     # (model._persistent); a replayed graph would read the state it captured at every step
     carries = bool(model._carried) or any(s.module.persistent for s in model._slots)
     use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (
-        device.type == "cuda" and dist.world == 1 and not carries)
+        device.type == "cuda" and dist.world == 1 and not carries and not cfg.recompute_blocks)
     if use_graph and carries:
         raise TrainError("--cuda-graph: this spec has `lifetime: persistent` levels, whose memory carries "
                          "from batch to batch outside the graph; train without --cuda-graph", file=spec_file)

@@ -300,3 +300,35 @@ def test_fsdp_needs_torchrun_and_refuses_compile_and_cuda_graphs(runs, tmp_path,
             mp.setattr(loop, "_init_dist", lambda hint: loop._Dist(rank=0, world=2, local_rank=0))
             with pytest.raises(TrainError, match=expect):
                 train(SPEC, TrainConfig(**_cfg(tmp_path / "b", text, fsdp=True, **kw)))
+
+
+def test_two_processes_recomputing_their_blocks_train_like_one(runs, tmp_path):
+    """DDP with ``recompute_blocks`` (each block run again in the backward, its parameters' gradients
+    returned by the recomputation): every step's loss and the final weights equal the one-process
+    run without it."""
+    out = tmp_path / "recompute"
+    results = _torchrun(tmp_path, _cfg(out, runs["text"], recompute_blocks=True))
+    assert sorted(r["step"] for r in results) == [STEPS, STEPS]
+    _assert_continues_the_reference(out, runs["ref"])
+
+
+def test_recompute_blocks_from_the_cli_trains_like_without_and_refuses_cuda_graphs(runs, tmp_path, capsys):
+    text = runs["text"]
+    code = main(["train", SPEC, *TINY, f"data={text}", "--out", str(tmp_path / "r"), "--recompute-blocks",
+                 "--steps", str(STEPS), "--batch", "4", "--length", "32", "--lr", "1e-3", "--eval-every", str(STEPS),
+                 "--eval-batches", "2", "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    a, b = _losses(runs["ref"]), _losses(tmp_path / "r")
+    assert sorted(a) == sorted(b) and all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
+    capsys.readouterr()
+    code = main(["train", SPEC, *TINY, f"data={text}", "--out", str(tmp_path / "g"), "--recompute-blocks",
+                 "--cuda-graph", "--steps", "1", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--recompute-blocks" in err and "--cuda-graph" in err
+    assert not (tmp_path / "g").exists()
+    import nlgraph.train.loop as loop
+
+    with pytest.MonkeyPatch.context() as mp:  # a 2-rank world reaches the check before any collective
+        mp.setattr(loop, "_init_dist", lambda hint: loop._Dist(rank=0, world=2, local_rank=0))
+        with pytest.raises(TrainError, match="--recompute-blocks with --fsdp"):
+            train(SPEC, TrainConfig(**_cfg(tmp_path / "f", text, recompute_blocks=True, fsdp=True)))
