@@ -41,6 +41,7 @@ precompile_check|200|python benchmarks/compile_check.py titans retnet --d-model 
 gdn_compile_cache_full_tuning|330|NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_PRECOMPILE=0 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
 gdn_compile_cache_host_cpp|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --host-cpp --json $J
 hope_large_chunk_b8|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $J
+hope_recompute_b4|480|python -P -m nlgraph bench hope D512 --lengths 2048 --batch 4 --modes compile --recompute-blocks --anchor none --json $J
 titans_large_chunk|480|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=256 --lengths 2048 --tokens 16384 --modes compile-graph --json $J && python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $OUT/titans_chunk512.json
 deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J

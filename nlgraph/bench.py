@@ -55,7 +55,7 @@ MODES = ("eager", "graph", "compile", "compile-graph")
 
 
 def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: str, steps: int,
-               device: torch.device, precision: str) -> dict[str, Any]:
+               device: torch.device, precision: str, recompute: bool = False) -> dict[str, Any]:
     from .lower import build
     from .spec.loader import load_spec
     from .train.loop import graph_step, lm_loss, param_groups
@@ -75,6 +75,7 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
 
     if mode in ("compile", "compile-graph"):
         model.compile_blocks()
+    model.recompute(recompute)
     step_fn = None
 
     def one() -> float:
@@ -111,9 +112,10 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
 
 def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, tokens: int | None,
           modes: list[str], steps: int, device: str | None, precision: str, anchor: str | None,
-          log=print) -> dict[str, Any] | None:
+          recompute: bool = False, log=print) -> dict[str, Any] | None:
     """Time ``spec`` (see the module doc); returns JSON-able results, or ``None`` without CUDA when
-    no ``device`` was asked for."""
+    no ``device`` was asked for. ``recompute``: the spec's blocks recompute their activations in the
+    backward (``nlgraph train --recompute-blocks``); the anchor keeps its own."""
     if device is None and not torch.cuda.is_available():
         return None
     dev = torch.device(device or "cuda")
@@ -123,6 +125,9 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise NLGraphError(f"--modes {bad[0]}: choose from {', '.join(MODES)}", path="--modes")
+    if recompute and any(m.endswith("graph") for m in modes):
+        raise NLGraphError("--recompute-blocks runs the blocks again in the backward, which a CUDA graph "
+                           "cannot capture; time it with --modes eager or compile", path="--modes")
     if any(m.endswith("graph") for m in modes) and dev.type != "cuda":
         raise NLGraphError("--modes graph needs a CUDA device (CUDA graphs)", path="--modes")
     if precision == "auto":
@@ -146,7 +151,10 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
             row = {"spec": name if isinstance(name, str) else (spec_obj.name or "spec"), "T": length,
                    "B": b, "mode": mode, "anchor": name is anchor}
             try:
-                row.update(_time_step(name, list(ov), b, length, mode, steps, dev, precision))
+                mine = recompute and not row["anchor"]
+                if mine:
+                    row["recompute"] = True
+                row.update(_time_step(name, list(ov), b, length, mode, steps, dev, precision, recompute=mine))
             except NLGraphError:
                 raise
             except Exception as e:  # noqa: BLE001 - one failing mode is a row that says so
@@ -579,7 +587,8 @@ def table(res: dict[str, Any]) -> str:
             lines.append(f"| {r['spec']} | {r['T']} | {r['B']} | {r['mode']} | {r['error']} |" + " |" * 5)
             continue
         ratio = f"{r['vs_anchor']:.3f}x" if "vs_anchor" in r else "-"
-        lines.append(f"| {r['spec']}{' (anchor)' if r['anchor'] else ''} | {r['T']} | {r['B']} | {r['mode']} | "
+        mode = r["mode"] + (" + recompute" if r.get("recompute") else "")
+        lines.append(f"| {r['spec']}{' (anchor)' if r['anchor'] else ''} | {r['T']} | {r['B']} | {mode} | "
                      f"{r['params']:,} | {r['first_step_s']:.2f} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {ratio} | "
                      f"{r.get('peak_gib', '-')} |")
     return "\n".join(lines)
@@ -604,7 +613,8 @@ def cmd_bench(args) -> int:
     else:
         res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8,
                     tokens=args.tokens, modes=args.modes, steps=args.steps, device=args.device,
-                    precision=args.precision, anchor=None if args.anchor == "none" else args.anchor, log=log)
+                    precision=args.precision, anchor=None if args.anchor == "none" else args.anchor,
+                    recompute=args.recompute_blocks, log=log)
     if res is None:
         print("nlgraph bench measures GPU speed and this machine has no CUDA device; nothing was run "
               "(pass --device cpu for a smoke run of the command)")
@@ -658,4 +668,7 @@ def add_parser(sub) -> None:
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--anchor", default="transformer_pp", help="the spec timed alongside ('none': no anchor; "
                    "with --level, no fla rows)")
+    p.add_argument("--recompute-blocks", action="store_true",
+                   help="the spec's blocks recompute their activations in the backward, as `nlgraph train "
+                        "--recompute-blocks` (not the anchor's; not with the graph modes)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")

@@ -245,3 +245,17 @@ def test_level_bench_of_a_deep_memory_times_titans_pytorch_when_installed(capsys
     assert made == {"dim": 16, "chunk_size": 16, "heads": 2, "dim_head": 8, "depth": 2, "expansion_factor": 2.0}
     out = capsys.readouterr().out
     assert "| titans-pytorch NeuralMemory |" in out and "f+b speed-up vs titans-pytorch" in out
+
+
+def test_recompute_blocks_times_the_spec_recomputing_and_refuses_graph_modes(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "eager", "--lengths", "16",
+                 "--batch", "2", "--steps", "1", "--recompute-blocks", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["spec"], r.get("recompute", False)) for r in rows] == [("transformer_pp", False),
+                                                                        ("gated_deltanet", True)]
+    assert "| gated_deltanet | 16 | 2 | eager + recompute |" in capsys.readouterr().out
+    assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "compile-graph",
+                 "--recompute-blocks"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--recompute-blocks" in err[0] and "--modes eager or compile" in err[0]
