@@ -31,8 +31,14 @@ def load_kernels(importer, q: torch.Tensor, op: str, what: str):
         raise NLGraphError(f"the Triton kernels need CUDA tensors, got {q.device}; move the inputs to a GPU, "
                            "or set TRITON_INTERPRET=1 before triton is imported to interpret them on CPU",
                            path=f"{op}.q")
+    return recording(mod.kernels())
+
+
+def recording(kernels: Any) -> Any:
+    """``kernels`` (a module's namespace of kernels), or during :func:`precompile`'s dry run a
+    stand-in that records their launches. Every op's kernel lookup passes through here."""
     # a plain global, not a ContextVar: Dynamo traces the wrappers that call this, and reads a global
-    return mod.kernels() if _RECORDING is None else _Recorder(mod.kernels(), _RECORDING)
+    return kernels if _RECORDING is None else _Recorder(kernels, _RECORDING)
 
 
 # --------------------------------------------------------------------------- parallel first compile

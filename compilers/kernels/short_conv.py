@@ -19,6 +19,8 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
+from ._load import call_key, precompile, recording
+
 __all__ = ["ACTIVATIONS", "short_conv"]
 
 ACTIVATIONS = ("identity", "silu")
@@ -32,7 +34,7 @@ def _kernels(x: torch.Tensor):
         raise NLGraphError(f"the short-convolution kernel needs the 'triton' package ({e})", path="short_conv") from e
     if not x.is_cuda and not mod.INTERPRETED:
         raise NLGraphError(f"the Triton kernels need CUDA tensors, got {x.device}", path="short_conv.x")
-    return mod.kernels()
+    return recording(mod.kernels())
 
 
 def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
@@ -41,6 +43,12 @@ def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
 
 @torch.library.custom_op("nlgraph::short_conv_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    args = (x, w, s, silu)
+    precompile(call_key("short_conv", "fwd", args), lambda: _forward(*args))
+    return _forward(*args)
+
+
+def _forward(x, w, s, silu):
     b, t, c = x.shape
     y = torch.empty_like(x)
     _kernels(x).fwd[_grid(b, t, c)](x, w, s if s is not None else x.new_empty(0), y, t, c, K=w.shape[1], BT=_BT,
@@ -57,6 +65,12 @@ def _(x, w, s, silu):
 def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: torch.Tensor, silu: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx [B, T, C], dw [C, K] fp32, ds [B, K−1, C] or empty)``."""
+    args = (x, w, s, dy, silu)
+    precompile(call_key("short_conv", "bwd", args), lambda: _backward(*args))
+    return _backward(*args)
+
+
+def _backward(x, w, s, dy, silu):
     b, t, c = x.shape
     k = w.shape[1]
     kn = _kernels(x)

@@ -11,7 +11,7 @@ import torch
 
 from triton_interp import interpreter_while_testing  # noqa: E402, F401  (sets up triton; the fixture)
 
-from nlgraph.compilers.kernels import _load, delta_rule, linear_attention, mlp_memory  # noqa: E402
+from nlgraph.compilers.kernels import _load, delta_rule, linear_attention, mlp_memory, short_conv  # noqa: E402
 from nlgraph.compilers.kernels import chunk_delta_rule, chunk_linear_attention  # noqa: E402
 from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, random_inputs  # noqa: E402
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
 def dry_runs(monkeypatch):
     """The (key, dry run) pairs the ops hand ``precompile`` while the test runs them."""
     seen: list = []
-    for mod in (delta_rule, linear_attention, mlp_memory):
+    for mod in (delta_rule, linear_attention, mlp_memory, short_conv):
         monkeypatch.setattr(mod, "precompile", lambda key, run: seen.append((key, run)))
     return seen
 
@@ -73,6 +73,15 @@ def test_mlp_memory_passes_record_their_kernels(dry_runs, checkpoint):
     assert got["fwd"] == ["fwd"]
     # every chunk's start kept: the backward kernel alone; checkpoints: each segment forward again
     assert got["bwd"] == (["bwd"] if checkpoint == 1 else ["fwd", "bwd", "fwd", "bwd"])
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_short_conv_passes_record_their_kernels(dry_runs, with_state):
+    x = torch.randn(2, 20, 8, requires_grad=True)
+    w = torch.randn(8, 4, requires_grad=True)
+    s = torch.randn(2, 3, 8) if with_state else None
+    short_conv.short_conv(x, w, s, "silu").square().sum().backward()
+    assert _recorded(dry_runs) == {"fwd": ["fwd"], "bwd": ["da", "dx"]}
 
 
 def test_dry_runs_leave_the_results_alone(dry_runs):
