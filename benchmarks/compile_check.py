@@ -43,7 +43,7 @@ from nlgraph.model import HOST_OPS_AS_ATEN
 
 
 def _precompiles() -> list[dict]:
-    """nlgraph's parallel first compiles of its Triton kernels in this process (key, launches,
+    """nlgraph's precompiles (its Triton kernels compiled in parallel) in this process (key, launches,
     threads, seconds), if the kernels' package loaded."""
     mod = sys.modules.get("nlgraph.compilers.kernels._load")
     return list(getattr(mod, "PRECOMPILE_LOG", []))
@@ -212,12 +212,12 @@ class SubprocessTrace:
                     out = trace._jit_compile(fn, key, signature, device, constexprs, options, *a, **kw)
                     return out
                 finally:
-                    # a compile handed to a thread pool (nlgraph's precompile) returns a future at
-                    # once: its seconds are in the run's "precompiles", not here
+                    # a compile handed to precompile's thread pool returns a future at once: its
+                    # seconds are in the run's "precompiles", not here
                     trace.triton.append({"kernel": getattr(getattr(fn, "fn", None), "__name__", repr(fn)),
                                          "warps": getattr(options, "num_warps", None),
                                          "s": round(time.perf_counter() - t, 3),
-                                         **({"in_pool": True} if hasattr(out, "future") else {})})
+                                         **({"precompiled": True} if hasattr(out, "future") else {})})
 
             JITFunction._do_compile = do_compile
         return self
@@ -234,7 +234,7 @@ class SubprocessTrace:
                 "lock_held_s": round(sum(w["held_s"] for w in self.locks), 2),
                 "slowest_children": sorted(self.children, key=lambda c: -c["s"])[:12],
                 "slowest_locks": sorted(self.locks, key=lambda w: -(w["wait_s"] + w["held_s"]))[:12],
-                "triton_compiles": len(self.triton), "triton_in_pool": sum(1 for c in self.triton if c.get("in_pool")),
+                "triton_compiles": len(self.triton), "triton_precompiled": sum(1 for c in self.triton if c.get("precompiled")),
                 "triton_compile_s": round(sum(c["s"] for c in self.triton), 2),
                 "slowest_triton_compiles": sorted(self.triton, key=lambda c: -c["s"])[:20]}
 
@@ -441,7 +441,7 @@ def main() -> int:
                           f"{t['triton_compiles']} Triton compiles here, {t['triton_compile_s']} s; slowest: {json.dumps(t['slowest_children'][:5])}")
             if r.get("precompiles"):
                 pre = r["precompiles"]
-                print(f"  parallel first compiles: {len(pre)}, {round(sum(e['s'] for e in pre), 2)} s in all "
+                print(f"  precompiles (kernels compiled in parallel): {len(pre)}, {round(sum(e['s'] for e in pre), 2)} s in all "
                       f"({sum(len(e.get('launches', [])) for e in pre)} launches; "
                       f"{sum(1 for e in pre if 'error' in e)} failed)")
             for key in ("profiled", "cached_profiled"):

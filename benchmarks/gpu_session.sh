@@ -34,11 +34,11 @@ hope_compile_graph|480|python -P -m nlgraph bench hope D512 --lengths 2048 --tok
 hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
 hope_compile_cache|560|python benchmarks/compile_check.py hope_large_chunk --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 270 --trace-subprocesses --json $J
 gdn_compile_cache|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
-gdn_compile_cache_serial|330|NLGRAPH_TRITON_PRECOMPILE=0 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
+gdn_compile_cache_no_precompile|330|NLGRAPH_TRITON_PRECOMPILE=0 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
 gdn_compile_cache_fp32|200|python benchmarks/compile_check.py gated_deltanet --cold --precision fp32 --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 120 --trace-subprocesses --json $J
 hope_compile_cache_chunk16|330|python benchmarks/compile_check.py hope --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 2 --steps 2 --child-timeout 150 --trace-subprocesses --json $J
 precompile_check|200|python benchmarks/compile_check.py titans retnet --d-model 256 --heads 4 --layers 2 --length 512 --batch 2 --steps 2 --trace-subprocesses --json $J
-gdn_compile_cache_full_tuning|330|NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_PRECOMPILE=0 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
+gdn_compile_cache_autotune|330|NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_PRECOMPILE=0 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
 gdn_compile_cache_host_cpp|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --host-cpp --json $J
 hope_large_chunk_b8|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $J
 hope_recompute_b4|480|python -P -m nlgraph bench hope D512 --lengths 2048 --batch 4 --modes compile --recompute-blocks --anchor none --json $J

@@ -55,7 +55,7 @@ MODES = ("eager", "graph", "compile", "compile-graph")
 
 
 def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: str, steps: int,
-               device: torch.device, precision: str, recompute: bool = False) -> dict[str, Any]:
+               device: torch.device, precision: str, recompute_blocks: bool = False) -> dict[str, Any]:
     from .lower import build
     from .spec.loader import load_spec
     from .train.loop import graph_step, lm_loss, param_groups
@@ -75,7 +75,7 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
 
     if mode in ("compile", "compile-graph"):
         model.compile_blocks()
-    model.recompute(recompute)
+    model.recompute(recompute_blocks)
     step_fn = None
 
     def one() -> float:
@@ -112,9 +112,9 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
 
 def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, tokens: int | None,
           modes: list[str], steps: int, device: str | None, precision: str, anchor: str | None,
-          recompute: bool = False, log=print) -> dict[str, Any] | None:
+          recompute_blocks: bool = False, log=print) -> dict[str, Any] | None:
     """Time ``spec`` (see the module doc); returns JSON-able results, or ``None`` without CUDA when
-    no ``device`` was asked for. ``recompute``: the spec's blocks recompute their activations in the
+    no ``device`` was asked for. ``recompute_blocks``: the spec's blocks recompute their activations in the
     backward (``nlgraph train --recompute-blocks``); the anchor keeps its own."""
     if device is None and not torch.cuda.is_available():
         return None
@@ -125,9 +125,9 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise NLGraphError(f"--modes {bad[0]}: choose from {', '.join(MODES)}", path="--modes")
-    if recompute and any(m.endswith("graph") for m in modes):
-        raise NLGraphError("--recompute-blocks runs the blocks again in the backward, which a CUDA graph "
-                           "cannot capture; time it with --modes eager or compile", path="--modes")
+    if recompute_blocks and any(m.endswith("graph") for m in modes):
+        raise NLGraphError("--recompute-blocks reads and restores the RNG state in the backward, which a CUDA "
+                           "graph capture forbids; time it with --modes eager or compile", path="--modes")
     if any(m.endswith("graph") for m in modes) and dev.type != "cuda":
         raise NLGraphError("--modes graph needs a CUDA device (CUDA graphs)", path="--modes")
     if precision == "auto":
@@ -151,10 +151,10 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
             row = {"spec": name if isinstance(name, str) else (spec_obj.name or "spec"), "T": length,
                    "B": b, "mode": mode, "anchor": name is anchor}
             try:
-                mine = recompute and not row["anchor"]
+                mine = recompute_blocks and not row["anchor"]
                 if mine:
                     row["recompute"] = True
-                row.update(_time_step(name, list(ov), b, length, mode, steps, dev, precision, recompute=mine))
+                row.update(_time_step(name, list(ov), b, length, mode, steps, dev, precision, recompute_blocks=mine))
             except NLGraphError:
                 raise
             except Exception as e:  # noqa: BLE001 - one failing mode is a row that says so
@@ -600,6 +600,10 @@ def cmd_bench(args) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.level and args.layer:
         raise NLGraphError("--level times a level alone and --layer a whole layer; give one", path="--layer")
+    if args.recompute_blocks and (args.level or args.layer):
+        where = "--level" if args.level else "--layer"
+        raise NLGraphError(f"--recompute-blocks recomputes a model's blocks; {where} times one part of one: "
+                           "drop one of them", path=where)
     if args.layer:
         res = bench_layer(args.spec, list(args.overrides), args.layer, batch=args.batch or 8,
                           length=args.lengths[0] if args.lengths else 2048,
@@ -614,7 +618,7 @@ def cmd_bench(args) -> int:
         res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8,
                     tokens=args.tokens, modes=args.modes, steps=args.steps, device=args.device,
                     precision=args.precision, anchor=None if args.anchor == "none" else args.anchor,
-                    recompute=args.recompute_blocks, log=log)
+                    recompute_blocks=args.recompute_blocks, log=log)
     if res is None:
         print("nlgraph bench measures GPU speed and this machine has no CUDA device; nothing was run "
               "(pass --device cpu for a smoke run of the command)")

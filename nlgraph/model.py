@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .layers import Attention, Mlp, RMSNorm, make_norm
 from .spec.schema import (
@@ -430,12 +431,14 @@ class _Recompute(torch.autograd.Function):
         with torch.no_grad():
             out = fn(*tree_unflatten(flat, spec_in))
         flat_out, box["spec"] = tree_flatten(out)
+        ctx.spec_out = box["spec"]
         ctx.out_float = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in flat_out]
         ctx.mark_non_differentiable(*(o for o, f in zip(flat_out, ctx.out_float)
                                       if isinstance(o, torch.Tensor) and not f))
         return tuple(flat_out)
 
     @staticmethod
+    @once_differentiable  # a second derivative through it would see the recomputation's constants
     def backward(ctx, *grads):
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -457,7 +460,13 @@ class _Recompute(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.dev)
             out = ctx.fn(*tree_unflatten(inputs[:ctx.n_in], ctx.spec_in))
-        flat_out, _ = tree_flatten(out)
+        flat_out, spec_out = tree_flatten(out)
+        if spec_out != ctx.spec_out:
+            from .errors import NLGraphError
+
+            raise NLGraphError(f"recomputing {type(ctx.fn).__name__} in the backward gave outputs of another structure "
+                               "than its forward without gradients; train without --recompute-blocks",
+                               path="recompute_blocks")
         pairs = [(o, g) for o, g, f in zip(flat_out, grads, ctx.out_float)
                  if f and g is not None and o.requires_grad]
         targets = [i for i in range(n_all) if wants[i] and isinstance(inputs[i], torch.Tensor)]
@@ -582,11 +591,25 @@ class NLModel(nn.Module):
         return self
 
     def recompute(self, on: bool = True) -> NLModel:
-        """Keep only each block's inputs for the backward and run the block again there
-        (activation checkpointing, ``torch.utils.checkpoint`` without reentrancy): a training
-        step's activation memory falls from every block's intermediates to one block's, for about
-        one more forward of compute. Gradients are unchanged; compiled blocks are recomputed by
-        their compiled code. Only calls with gradients enabled are affected."""
+        """Recompute blocks: keep only each block's inputs for the backward and run the block again
+        there (activation checkpointing, in the manner of ``torch.utils.checkpoint``'s reentrant
+        form): a training step's activation memory falls from every block's intermediates to one
+        block's, for about one more forward of compute (more with in-context levels: each commit
+        differentiates its period's blocks, which runs them again). Gradients are unchanged;
+        compiled blocks are recomputed by their compiled code. Only calls with gradients enabled
+        are affected.
+
+        Raises:
+            NLGraphError: an in-context level differentiates through its commits
+                (``meta_gradient: second_order``), which a recomputation cannot carry."""
+        if on:
+            second = [s.key for s in self._slots if s.module.second_order]
+            if second:
+                from .errors import NLGraphError
+
+                raise NLGraphError(f"level {second[0]} learns with meta_gradient: second_order, which "
+                                   "differentiates through the recomputed blocks' inner steps; train it without "
+                                   "recomputing the blocks (drop --recompute-blocks)", path="recompute_blocks")
         self.recompute_blocks = bool(on)
         return self
 

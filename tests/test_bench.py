@@ -247,7 +247,13 @@ def test_level_bench_of_a_deep_memory_times_titans_pytorch_when_installed(capsys
     assert "| titans-pytorch NeuralMemory |" in out and "f+b speed-up vs titans-pytorch" in out
 
 
-def test_recompute_blocks_times_the_spec_recomputing_and_refuses_graph_modes(tmp_path, capsys):
+def test_recompute_blocks_times_the_spec_recomputing_and_refuses_graph_modes(tmp_path, capsys, monkeypatch):
+    from nlgraph.model import NLModel
+
+    asked: list = []
+    recompute = NLModel.recompute
+    monkeypatch.setattr(NLModel, "recompute", lambda self, on=True: asked.append((self.spec.name, on))
+                        or recompute(self, on))
     out = tmp_path / "r.json"
     assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "eager", "--lengths", "16",
                  "--batch", "2", "--steps", "1", "--recompute-blocks", "--json", str(out)]) == 0
@@ -255,7 +261,12 @@ def test_recompute_blocks_times_the_spec_recomputing_and_refuses_graph_modes(tmp
     assert [(r["spec"], r.get("recompute", False)) for r in rows] == [("transformer_pp", False),
                                                                         ("gated_deltanet", True)]
     assert "| gated_deltanet | 16 | 2 | eager + recompute |" in capsys.readouterr().out
+    assert sorted(asked) == [("gated_deltanet", True), ("transformer_pp", False)]
     assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "compile-graph",
                  "--recompute-blocks"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--recompute-blocks" in err[0] and "--modes eager or compile" in err[0]
+    for where in ("--level", "--layer"):
+        assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", where, "mixer", "--recompute-blocks"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--recompute-blocks" in err[0] and where in err[0]

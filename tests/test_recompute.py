@@ -101,3 +101,58 @@ def test_recompute_of_compiled_blocks_matches_eager():
     torch.testing.assert_close(loss_r, loss, rtol=1e-5, atol=0)
     for n in grads:
         torch.testing.assert_close(grads_r[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _second_order_spec(meta: str) -> dict:
+    link = {"memory": {"kind": "mlp", "hidden": "2x", "activation": "gelu"},
+            "objective": {"kind": "outer", "meta_gradient": meta}, "optimizer": {"kind": "gd", "lr": 0.5},
+            "frequency": 3}
+    return {"name": "tiny_cms", "levels": {"attn": {"kind": "attention", "heads": 2},
+                                           "cms": {"kind": "chain", "levels": [link]}},
+            "model": {"vocab": 64, "d_model": 8, "blocks": [["attn", "cms"]], "repeat": 1}}
+
+
+def test_recompute_refuses_second_order_commits_and_takes_first_order_ones():
+    """A second-order meta-gradient differentiates the commits' inner steps through the blocks, which
+    the recomputation (its backward is once-differentiable) cannot carry: refused in one line."""
+    from nlgraph.errors import NLGraphError
+
+    model = build(_second_order_spec("second_order"))
+    with pytest.raises(NLGraphError, match="second_order.*drop --recompute-blocks"):
+        model.recompute()
+    assert model.recompute_blocks is False
+    torch.manual_seed(0)
+    first = build(_second_order_spec("first_order"))
+    tokens = _tokens(t=16, vocab=64)
+    loss, grads = _step(first, tokens)
+    loss_r, grads_r = _step(first.recompute(), tokens)
+    torch.testing.assert_close(loss_r, loss, rtol=1e-6, atol=0)
+    for n in grads:
+        torch.testing.assert_close(grads_r[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_recompute_names_a_block_whose_recomputation_changes_shape():
+    from nlgraph.errors import NLGraphError
+    from nlgraph.model import recompute_call
+
+    lin = torch.nn.Linear(4, 4)
+
+    def fn(x):  # one output without gradients, two with: the recomputation's outputs differ
+        y = lin(x)
+        return (y,) if not torch.is_grad_enabled() else (y, y * 2)
+
+    x = torch.randn(2, 4, requires_grad=True)
+    (out,) = recompute_call(fn, (x,), list(lin.parameters()))
+    with pytest.raises(NLGraphError, match="another structure.*without --recompute-blocks"):
+        out.sum().backward()
+
+
+def test_recompute_has_no_second_derivative():
+    from nlgraph.model import recompute_call
+
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    y = recompute_call(lambda a: torch.tanh(lin(a)), (x,), list(lin.parameters()))
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|marked with @once"):
+        torch.autograd.grad(g.sum(), x)

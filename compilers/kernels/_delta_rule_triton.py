@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._load import switch
+
 __all__ = ["kernels"]
 
 
@@ -540,7 +542,7 @@ SM90_CHOICES = {
     ("state_bwd", 64, True): (32, 8), ("state_bwd", 128, True): (64, 8),
     ("state_bwd", 64, False): (32, 8), ("state_bwd", 128, False): (32, 8),
 }
-_FULL_TUNING = os.environ.get("NLGRAPH_TRITON_AUTOTUNE", "0") not in ("", "0")
+_FULL_TUNING = switch("NLGRAPH_TRITON_AUTOTUNE", False)
 
 
 def _capability(device) -> tuple[int, int]:

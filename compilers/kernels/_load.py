@@ -4,6 +4,7 @@ the block-size arithmetic the kernels' wrappers share."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -35,30 +36,60 @@ def load_kernels(importer, q: torch.Tensor, op: str, what: str):
 
 
 def recording(kernels: Any) -> Any:
-    """``kernels`` (a module's namespace of kernels), or during :func:`precompile`'s dry run a
-    stand-in that records their launches. Every op's kernel lookup passes through here."""
-    # a plain global, not a ContextVar: Dynamo traces the wrappers that call this, and reads a global
-    return kernels if _RECORDING is None else _Recorder(kernels, _RECORDING)
+    """``kernels`` (a module's namespace of kernels), or, in the thread running :func:`precompile`'s
+    dry run, a stand-in that records their launches. Every op's kernel lookup passes through here."""
+    if torch.compiler.is_compiling():  # Dynamo traces the ops' wrappers: it never sees a recording
+        return kernels
+    log = getattr(_RECORDING, "log", None)
+    return kernels if log is None else _Recorder(kernels, log)
 
 
-# --------------------------------------------------------------------------- parallel first compile
+def switch(env: str, default: bool) -> bool:
+    """A per-process switch from ``env``: ``1`` / ``on`` / ``true`` / ``yes`` turn it on, ``0`` /
+    ``off`` / ``false`` / ``no`` off; unset or anything else keeps ``default`` (read at import, where
+    an error would stop ``import nlgraph`` itself)."""
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    return default
 
-#: Compile the kernels of an op's first call in parallel threads (see :func:`precompile`);
-#: ``NLGRAPH_TRITON_PRECOMPILE=0`` leaves each kernel to compile at its first launch, one after another.
-PRECOMPILE = os.environ.get("NLGRAPH_TRITON_PRECOMPILE", "1") != "0"
-#: One entry per :func:`precompile` that compiled: its key, kernel launches, threads and seconds, or
-#: the error that stopped it (``benchmarks/compile_check.py`` reports them).
+
+# --------------------------------------------------------------------------- precompile
+
+#: Precompile: the kernels of an op's first call per shape class compile in parallel threads before
+#: it launches them (see :func:`precompile`); ``NLGRAPH_TRITON_PRECOMPILE=0`` leaves each kernel to
+#: compile at its first launch, one after another.
+PRECOMPILE = switch("NLGRAPH_TRITON_PRECOMPILE", True)
+#: One entry per :func:`precompile` that ran: its key, kernel launches, threads and seconds, or the
+#: error that stopped it (``benchmarks/compile_check.py`` reports them).
 PRECOMPILE_LOG: list[dict] = []
-_RECORDING: list | None = None  # the launches of the dry run in progress
+_RECORDING = threading.local()  # .log: the launches of the dry run this thread is in
 _DONE: set = set()
 # a process that has seen this many shape classes (a server answering every prompt length) has
 # compiled its kernels long ago: stop dry-running new ones
 _MAX_KEYS = 256
 
 
+class _Arg:
+    """What a recorded launch keeps of a tensor argument: what Triton specializes a kernel on (the
+    dtype, and the address for its 16-byte alignment) and what the autotuners' pruning reads (the
+    device, the element size); not the tensor, so a dry run's buffers are freed as it goes."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.dtype, self.device, self._ptr, self._size = t.dtype, t.device, t.data_ptr(), t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def element_size(self) -> int:
+        return self._size
+
+
 class _Recorder:
     """Stands for a kernels namespace during a dry run: ``kn.name[grid](*args, **kw)`` records the
-    launch (kernel, grid, arguments) instead of launching."""
+    launch (kernel name, kernel, grid, arguments with tensors as :class:`_Arg`) instead of making it."""
 
     def __init__(self, kernels: Any, log: list) -> None:
         self._kernels, self._log = kernels, log
@@ -66,23 +97,28 @@ class _Recorder:
     def __getattr__(self, name: str) -> Any:
         kernel, log = getattr(self._kernels, name), self._log
 
+        def arg(a):
+            return _Arg(a) if isinstance(a, torch.Tensor) else a
+
         class _Launch:
             def __getitem__(self, grid):
-                return lambda *args, **kwargs: log.append((name, kernel, grid, args, kwargs))
+                return lambda *args, **kwargs: log.append(
+                    (name, kernel, grid, tuple(arg(a) for a in args), {k: arg(v) for k, v in kwargs.items()}))
 
         return _Launch()
 
 
 def _record(dry_run: Callable[[], Any]) -> list:
-    """The launches ``dry_run`` makes, recorded (``(name, kernel, grid, args, kwargs)``), none made."""
-    global _RECORDING
-    outer, _RECORDING = _RECORDING, []
+    """The launches ``dry_run`` makes in this thread, recorded (``(name, kernel, grid, args,
+    kwargs)``), none made."""
+    outer = getattr(_RECORDING, "log", None)
+    _RECORDING.log = []
     try:
         with torch.no_grad():
             dry_run()
-        return _RECORDING
+        return _RECORDING.log
     finally:
-        _RECORDING = outer
+        _RECORDING.log = outer
 
 
 def call_key(op: str, pass_: str, args: tuple) -> tuple:
@@ -95,41 +131,56 @@ def call_key(op: str, pass_: str, args: tuple) -> tuple:
     return (op, pass_, *(one(a) for a in args))
 
 
-def precompile(key: Hashable, dry_run: Callable[[], Any]) -> None:
-    """Compile, in parallel threads, every Triton kernel that ``dry_run`` would launch, once per
-    ``key`` (the shapes and flags that decide the kernels' specializations).
+def precompile(key: Hashable, dry_run: Callable[[], Any], device: torch.device) -> None:
+    """Precompile: compile, in parallel threads, every Triton kernel that ``dry_run`` would launch,
+    once per ``key`` (the shapes and flags that decide the kernels' specializations).
 
     An op's first call compiles each of its kernels at its launch, one after another in this
     process; Triton spends most of a compile in C++ passes and ``ptxas``, outside the GIL, so
     threads overlap them (a cold Gated DeltaNet compile on an H100 spent 73 s compiling the delta
     rule's kernels one at a time, docs/benchmarks.md). ``dry_run`` runs the op's Python with every
-    ``load_kernels`` namespace recording launches instead of making them (its outputs are garbage);
-    each recorded kernel is then warmed up (compiled, not run) under Triton's ``AsyncCompileMode``
-    and the compiled kernels enter the kernels' caches, so the real launches that follow find them
-    (an autotuned kernel compiles each config its pruning keeps). On CPU (the interpreter), during
-    CUDA-graph capture, with ``NLGRAPH_TRITON_PRECOMPILE=0``, or on a Triton without
-    ``AsyncCompileMode``, nothing happens; a failure is a warning, and the launches then compile
-    as before."""
-    if (not PRECOMPILE or key in _DONE or len(_DONE) >= _MAX_KEYS or not torch.cuda.is_available()
+    kernel namespace recording launches instead of making them (its outputs are garbage); each
+    recorded kernel is then warmed up (compiled, not run) under Triton's ``AsyncCompileMode``, and
+    the compiled kernels enter the kernels' caches, so the real launches that follow find them (an
+    autotuned kernel compiles each config its pruning keeps). Nothing happens for tensors off CUDA
+    (``device``), during CUDA-graph capture, with ``NLGRAPH_TRITON_PRECOMPILE=0``, or on a Triton
+    without ``AsyncCompileMode``. A dry run that raises is left to the real call, which raises the
+    same error; a kernel that fails to compile in a thread compiles (and fails, or is scored out by
+    its autotuner) at its launch; anything else is one warning, and the launches compile as before.
+    """
+    if (not PRECOMPILE or device.type != "cuda" or key in _DONE or len(_DONE) >= _MAX_KEYS
             or torch.cuda.is_current_stream_capturing()):
         return
     _DONE.add(key)
+    try:
+        from triton.runtime import _async_compile
+    except ImportError:  # an older Triton: its compiles stay one after another
+        return
+    if _async_compile.active_mode.get() is not None:  # a caller's own asynchronous compile: leave it be
+        return
     entry: dict = {"key": repr(key)}
     t0 = time.perf_counter()
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
-
         log = _record(dry_run)
-        threads = max(1, min(len(log), os.cpu_count() or 1, 16))
-        with ThreadPoolExecutor(threads, thread_name_prefix="nlgraph-precompile") as pool, AsyncCompileMode(pool):
+    except Exception:  # noqa: BLE001 - the real call raises it, with its own message
+        return
+    threads = max(1, min(len(log), os.cpu_count() or 1, 16))
+    try:
+        # ignore_errors: a kernel that fails in a thread is not finalized; its launch compiles it again
+        with ThreadPoolExecutor(threads, thread_name_prefix="nlgraph-precompile") as pool, \
+                _async_compile.AsyncCompileMode(pool, ignore_errors=True):
             for _, kernel, grid, args, kwargs in log:
                 kernel.warmup(*args, grid=grid, **kwargs)
         entry.update(launches=[name for name, *_ in log], threads=threads)
     except Exception as e:  # noqa: BLE001 - the launches compile one by one instead
         entry["error"] = f"{type(e).__name__}: {e}"
-        warnings.warn(f"nlgraph: compiling the Triton kernels in parallel failed ({entry['error']}); they compile "
-                      "at their launches instead. NLGRAPH_TRITON_PRECOMPILE=0 skips the attempt.", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"nlgraph: precompiling the Triton kernels in parallel failed ({entry['error']}); they "
+                      "compile at their launches instead. NLGRAPH_TRITON_PRECOMPILE=0 skips the attempt.",
+                      RuntimeWarning, stacklevel=2)
+    finally:
+        # Triton leaves its mode set when a compile failed on the way out of the block: later
+        # compiles in this thread would go to the closed pool
+        _async_compile.active_mode.set(None)
     entry["s"] = round(time.perf_counter() - t0, 3)
     PRECOMPILE_LOG.append(entry)
 

@@ -269,7 +269,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
     cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward."""
     precompile(_compile_key("fwd", q, v, g, h0, chunk, output_final_state),
-               lambda: _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state))
+               lambda: _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state), q.device)
     return _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state)
 
 
@@ -289,7 +289,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dbeta, dg or empty, dh0 or empty)``."""
     precompile(_compile_key("bwd", q, v, g, h0, chunk, dht is not None),
-               lambda: _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk))
+               lambda: _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk), q.device)
     return _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
 
 

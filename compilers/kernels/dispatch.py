@@ -58,6 +58,7 @@ import torch
 from nlgraph.errors import NLGraphError
 
 from ._load import CHANNEL_MAX_KEY_CUDA
+from ._load import switch as _switch
 
 __all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU",
            "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
@@ -82,18 +83,6 @@ _override: str | None = None
 # the environment is read once (and again by set_kernels(None)), not on every call: compiled blocks
 # call into this module, and the mode must not be a per-call environment lookup inside their graphs
 _env: str = os.environ.get(ENV, "")
-
-
-def _switch(env: str, default: bool) -> bool:
-    """A per-process override of a kernel's CUDA switch from ``env``: ``1`` / ``on`` / ``true`` /
-    ``yes`` turn it on, ``0`` / ``off`` / ``false`` / ``no`` off; unset or anything else keeps
-    ``default``."""
-    value = os.environ.get(env, "").strip().lower()
-    if value in ("1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    return default
 
 
 def _check_mode(mode: str, where: str) -> str:

@@ -97,7 +97,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, b (g's shape) fp32 or empty)``."""
     args = (q, k, v, g, h0, scale, chunk, output_final_state)
-    precompile(call_key(_OP, "fwd", args), lambda: _forward(*args))
+    precompile(call_key(_OP, "fwd", args), lambda: _forward(*args), q.device)
     return _forward(*args)
 
 
@@ -131,7 +131,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dg or empty, dh0 or empty)``."""
     args = (q, k, v, bcum, h0, do, dht, scale, chunk)
-    precompile(call_key(_OP, "bwd", args), lambda: _backward(*args))
+    precompile(call_key(_OP, "bwd", args), lambda: _backward(*args), q.device)
     return _backward(*args)
 
 

@@ -44,7 +44,7 @@ def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
 @torch.library.custom_op("nlgraph::short_conv_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     args = (x, w, s, silu)
-    precompile(call_key("short_conv", "fwd", args), lambda: _forward(*args))
+    precompile(call_key("short_conv", "fwd", args), lambda: _forward(*args), x.device)
     return _forward(*args)
 
 
@@ -66,7 +66,7 @@ def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: tor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx [B, T, C], dw [C, K] fp32, ds [B, K−1, C] or empty)``."""
     args = (x, w, s, dy, silu)
-    precompile(call_key("short_conv", "bwd", args), lambda: _backward(*args))
+    precompile(call_key("short_conv", "bwd", args), lambda: _backward(*args), x.device)
     return _backward(*args)
 
 

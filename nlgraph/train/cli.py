@@ -71,7 +71,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
     p.add_argument("--recompute-blocks", action="store_true",
                    help="keep only each block's inputs for the backward and run the block again there "
-                        "(activation checkpointing): less memory, about one more forward of compute")
+                        "(activation checkpointing): less memory, about one more forward of compute (more "
+                        "with in-context CMS levels)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
                         "(FSDP2) instead of replicating them (DDP); eager blocks")

@@ -95,8 +95,9 @@ class TrainConfig:
     recompute_blocks: bool = False
     """Keep only each block's inputs for the backward and run the block again there (activation
     checkpointing, :meth:`nlgraph.NLModel.recompute`): a step's activation memory falls to about
-    one block's, for about one more forward of compute. The same gradients. Turns the CUDA-graph
-    default off (the recomputation reads the RNG state, which a capture forbids)."""
+    one block's, for about one more forward of compute (more with in-context levels, whose commits
+    run the blocks again). The same gradients. Turns the CUDA-graph default off (the recomputation
+    reads and restores the RNG state, which a capture forbids)."""
     fsdp: bool = False
     """Under ``torchrun``: shard parameters, gradients and AdamW's state over the ranks with FSDP2
     (``torch.distributed.fsdp.fully_shard``, one group per block, then the root) instead of
@@ -720,8 +721,8 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
     if cfg.fsdp and cfg.cuda_graph:
         raise TrainError("--cuda-graph needs one CUDA device; --fsdp runs over several ranks: drop one of them")
     if cfg.recompute_blocks and cfg.cuda_graph:
-        raise TrainError("--recompute-blocks runs the blocks again in the backward, which a CUDA graph cannot "
-                         "capture; drop --cuda-graph (or --recompute-blocks)")
+        raise TrainError("--recompute-blocks reads and restores the RNG state in the backward, which a CUDA graph "
+                         "capture forbids; drop --cuda-graph (or --recompute-blocks)")
     if cfg.recompute_blocks and cfg.fsdp:
         raise TrainError("--recompute-blocks with --fsdp is untested: keep one of them (DDP, without --fsdp, "
                          "takes --recompute-blocks)")

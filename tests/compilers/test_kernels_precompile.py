@@ -23,12 +23,17 @@ def dry_runs(monkeypatch):
     """The (key, dry run) pairs the ops hand ``precompile`` while the test runs them."""
     seen: list = []
     for mod in (delta_rule, linear_attention, mlp_memory, short_conv):
-        monkeypatch.setattr(mod, "precompile", lambda key, run: seen.append((key, run)))
+        monkeypatch.setattr(mod, "precompile", lambda key, run, device: seen.append((key, run)))
     return seen
 
 
 def _recorded(seen) -> dict:
-    return {key[1]: [name for name, *_ in _load._record(run)] for key, run in seen}
+    """Each pass's launches (a pass seen twice must record the same ones)."""
+    out: dict = {}
+    for key, run in seen:
+        names = [name for name, *_ in _load._record(run)]
+        assert out.setdefault(key[1], names) == names
+    return out
 
 
 def _qkv(b=1, t=40, h=2, d=16, grad=True):
@@ -114,42 +119,99 @@ class _FakeKernel:
         self.calls.append((args, kwargs, _async_compile.active_mode.get() is not None))
 
 
-def test_precompile_warms_every_recorded_kernel_once_per_key(monkeypatch):
-    from types import SimpleNamespace
+class _FailsInThePool:
+    """A kernel whose compile, handed to the pool, fails there (a ptxas error, say)."""
 
-    from nlgraph.compilers.kernels import _load
+    def warmup(self, *args, grid, **kwargs):
+        from triton.runtime import _async_compile
 
-    monkeypatch.setattr(_load.torch.cuda, "is_available", lambda: True)
+        def compile_fn():
+            raise RuntimeError("ptxas failed")
+
+        _async_compile.active_mode.get().submit(("bad", id(self)), compile_fn, lambda kernel: None)
+
+
+CUDA = torch.device("cuda")  # only its type is read: nothing runs on a GPU here
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
     monkeypatch.setattr(_load.torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(_load, "_DONE", set())
     monkeypatch.setattr(_load, "PRECOMPILE_LOG", [])
-    calls: list = []
-    mod = SimpleNamespace(INTERPRETED=True, kernels=lambda: SimpleNamespace(a=_FakeKernel(calls),
-                                                                            b=_FakeKernel(calls)))
-    x = torch.zeros(1)
 
-    def dry_run():
+
+def _dry_run(mod, x):
+    def run():
         kn = _load.load_kernels(lambda: mod, x, "op", "test")
         kn.a[(1,)](x, 3, K=16)
         kn.b[(2,)](x, 4, K=32)
+    return run
 
-    _load.precompile(("k", 1), dry_run)
-    _load.precompile(("k", 1), dry_run)  # the same key: nothing more
-    assert calls == [((x, 3), {"K": 16}, True), ((x, 4), {"K": 32}, True)]
+
+def test_precompile_warms_every_recorded_kernel_once_per_key(fresh_log, monkeypatch):
+    from types import SimpleNamespace
+
+    calls: list = []
+    mod = SimpleNamespace(INTERPRETED=True, kernels=lambda: SimpleNamespace(a=_FakeKernel(calls),
+                                                                            b=_FakeKernel(calls)))
+    x = torch.zeros(4)
+    dry_run = _dry_run(mod, x)
+    _load.precompile(("k", 1), dry_run, CUDA)
+    _load.precompile(("k", 1), dry_run, CUDA)  # the same key: nothing more
+    assert [(len(a), a[1], kw, pool) for a, kw, pool in calls] == [(2, 3, {"K": 16}, True), (2, 4, {"K": 32}, True)]
+    # a tensor is recorded as what Triton specializes on, not kept alive
+    arg = calls[0][0][0]
+    assert not isinstance(arg, torch.Tensor)
+    assert (arg.dtype, arg.device, arg.data_ptr(), arg.element_size()) == (x.dtype, x.device, x.data_ptr(), 4)
     assert _load.PRECOMPILE_LOG[0]["launches"] == ["a", "b"] and len(_load.PRECOMPILE_LOG) == 1
     # outside a dry run the namespace is the module's own
     assert isinstance(_load.load_kernels(lambda: mod, x, "op", "test").a, _FakeKernel)
-    # a failing compile is one warning, logged, and the key is not tried again
+    # a warm-up that raises is one warning, logged, and the key is not tried again
     mod.kernels = lambda: SimpleNamespace(a=_FakeKernel(calls, fail=True), b=_FakeKernel(calls))
     with pytest.warns(RuntimeWarning, match="compile at their launches"):
-        _load.precompile(("k", 2), dry_run)
+        _load.precompile(("k", 2), dry_run, CUDA)
     assert "no compiler" in _load.PRECOMPILE_LOG[-1]["error"]
-    _load.precompile(("k", 2), dry_run)
+    _load.precompile(("k", 2), dry_run, CUDA)
     assert len(_load.PRECOMPILE_LOG) == 2
-    # switched off, or during CUDA-graph capture: nothing
+    # switched off, off CUDA, or during CUDA-graph capture: nothing
     monkeypatch.setattr(_load, "PRECOMPILE", False)
-    _load.precompile(("k", 3), dry_run)
+    _load.precompile(("k", 3), dry_run, CUDA)
     monkeypatch.setattr(_load, "PRECOMPILE", True)
+    _load.precompile(("k", 4), dry_run, torch.device("cpu"))
     monkeypatch.setattr(_load.torch.cuda, "is_current_stream_capturing", lambda: True)
-    _load.precompile(("k", 4), dry_run)
+    _load.precompile(("k", 5), dry_run, CUDA)
     assert len(_load.PRECOMPILE_LOG) == 2
+
+
+def test_a_compile_failing_in_the_pool_leaves_later_compiles_alone(fresh_log):
+    """Triton leaves its asynchronous mode set when a pool compile fails: precompile clears it, so
+    the next precompile (and every later compile in the thread) works, and nothing is warned."""
+    from types import SimpleNamespace
+
+    from triton.runtime import _async_compile
+
+    calls: list = []
+    mod = SimpleNamespace(INTERPRETED=True, kernels=lambda: SimpleNamespace(a=_FailsInThePool(),
+                                                                            b=_FakeKernel(calls)))
+    x = torch.zeros(4)
+    _load.precompile(("p", 1), _dry_run(mod, x), CUDA)
+    assert _async_compile.active_mode.get() is None
+    assert "error" not in _load.PRECOMPILE_LOG[-1] and len(calls) == 1
+    mod.kernels = lambda: SimpleNamespace(a=_FakeKernel(calls), b=_FakeKernel(calls))
+    _load.precompile(("p", 2), _dry_run(mod, x), CUDA)
+    assert len(calls) == 3 and "error" not in _load.PRECOMPILE_LOG[-1]
+
+
+def test_a_dry_run_that_raises_is_left_to_the_real_call(fresh_log):
+    def dry_run():
+        raise ValueError("bad input")
+
+    _load.precompile(("d", 1), dry_run, CUDA)  # no warning (warnings are errors here), no entry
+    assert _load.PRECOMPILE_LOG == []
+
+
+def test_the_precompile_and_autotune_switches_read_the_shared_words(monkeypatch):
+    for value, want in (("off", False), ("yes", True), ("FALSE", False), ("", True), ("maybe", True)):
+        monkeypatch.setenv("NLGRAPH_X", value)
+        assert _load.switch("NLGRAPH_X", True) is want, value

@@ -309,15 +309,23 @@ def test_two_processes_recomputing_their_blocks_train_like_one(runs, tmp_path):
     out = tmp_path / "recompute"
     results = _torchrun(tmp_path, _cfg(out, runs["text"], recompute_blocks=True))
     assert sorted(r["step"] for r in results) == [STEPS, STEPS]
+    assert load_checkpoint(out).state["config"]["recompute_blocks"] is True  # the ranks ran with it
     _assert_continues_the_reference(out, runs["ref"])
 
 
-def test_recompute_blocks_from_the_cli_trains_like_without_and_refuses_cuda_graphs(runs, tmp_path, capsys):
+def test_recompute_blocks_from_the_cli_trains_like_without_and_refuses_cuda_graphs(runs, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from nlgraph.model import NLModel
+
     text = runs["text"]
+    asked: list = []
+    recompute = NLModel.recompute
+    monkeypatch.setattr(NLModel, "recompute", lambda self, on=True: asked.append(on) or recompute(self, on))
     code = main(["train", SPEC, *TINY, f"data={text}", "--out", str(tmp_path / "r"), "--recompute-blocks",
                  "--steps", str(STEPS), "--batch", "4", "--length", "32", "--lr", "1e-3", "--eval-every", str(STEPS),
                  "--eval-batches", "2", "--device", "cpu", "--no-progress"])
     assert code == 0, capsys.readouterr().err
+    assert asked == [True]
     a, b = _losses(runs["ref"]), _losses(tmp_path / "r")
     assert sorted(a) == sorted(b) and all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
     capsys.readouterr()
