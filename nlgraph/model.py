@@ -423,7 +423,6 @@ class _Recompute(torch.autograd.Function):
         ctx.others = {i: a for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)}
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_at))
         dev = next((a.device for a in flat if isinstance(a, torch.Tensor)), torch.device("cpu"))
-        ctx.device_type = dev.type
         ctx.autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
@@ -455,7 +454,7 @@ class _Recompute(torch.autograd.Function):
                 inputs.append(saved[i])
         devices = [ctx.dev] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]), ctx.context():
+                torch.autocast(ctx.dev.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]), ctx.context():
             torch.set_rng_state(ctx.rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.dev)

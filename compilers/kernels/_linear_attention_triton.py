@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._delta_rule_triton import INTERPRETED, _channel_decays, _rows
-from .dispatch import _switch
+from ._load import switch
 
 __all__ = ["CHANNEL_TREE", "INTERPRETED", "kernels"]
 
@@ -53,7 +53,7 @@ __all__ = ["CHANNEL_TREE", "INTERPRETED", "kernels"]
 # (off: 16 exponentials, loads and row sums of a [C, BK] tile; the form checked on the H200, so the
 # default until the tree is too). Both are exact at any decay. Read when this module is imported
 # (``NLGRAPH_CHANNEL_TREE=1``); the kernel tests, under Triton's interpreter, set it per case.
-CHANNEL_TREE = tl.constexpr(_switch("NLGRAPH_CHANNEL_TREE", False))
+CHANNEL_TREE = tl.constexpr(switch("NLGRAPH_CHANNEL_TREE", False))
 
 
 @triton.jit

@@ -131,6 +131,13 @@ def call_key(op: str, pass_: str, args: tuple) -> tuple:
     return (op, pass_, *(one(a) for a in args))
 
 
+def run_precompiled(op: str, pass_: str, fn: Callable[..., Any], args: tuple, device: torch.device) -> Any:
+    """``fn(*args)``, a pass of a Triton op, after :func:`precompile` of the kernels it launches
+    (keyed by :func:`call_key`)."""
+    precompile(call_key(op, pass_, args), lambda: fn(*args), device)
+    return fn(*args)
+
+
 def precompile(key: Hashable, dry_run: Callable[[], Any], device: torch.device) -> None:
     """Precompile: compile, in parallel threads, every Triton kernel that ``dry_run`` would launch,
     once per ``key`` (the shapes and flags that decide the kernels' specializations).

@@ -28,7 +28,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, kernel_chunk, pow2 as _pow2, precompile
+from ._load import cdiv as _cdiv, kernel_chunk, pow2 as _pow2, run_precompiled
 from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -249,28 +249,13 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
 
 
-def _compile_key(pass_: str, q, v, g, h0, chunk: int, flag: bool) -> tuple:
-    """What decides the kernels a pass compiles: dtypes, head dims, chunk, the optional inputs, and
-    how Triton specializes the integer arguments (1, or a multiple of 16: the length, the chunk
-    count, the batch)."""
-    b, t, h, dk = q.shape
-
-    def cls(n: int) -> tuple[bool, bool]:
-        return n == 1, n % 16 == 0
-
-    return (_OP, pass_, str(q.device), q.dtype, h, dk, v.shape[-1], chunk, None if g is None else g.dim(),
-            h0 is not None, flag, cls(t), cls(-(-t // chunk)), cls(b), os.environ.get("NLGRAPH_WY_LOWP"))
-
-
 @torch.library.custom_op("nlgraph::chunk_delta_rule_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
             h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
     cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward."""
-    precompile(_compile_key("fwd", q, v, g, h0, chunk, output_final_state),
-               lambda: _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state), q.device)
-    return _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state)
+    return run_precompiled(_OP, "fwd", _forward, (q, k, v, beta, g, h0, scale, chunk, output_final_state), q.device)
 
 
 @_fwd_op.register_fake
@@ -288,9 +273,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             dht: Optional[torch.Tensor], scale: float, chunk: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dbeta, dg or empty, dh0 or empty)``."""
-    precompile(_compile_key("bwd", q, v, g, h0, chunk, dht is not None),
-               lambda: _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk), q.device)
-    return _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
+    return run_precompiled(_OP, "bwd", _backward, (q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk), q.device)
 
 
 @_bwd_op.register_fake

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import call_key, cdiv as _cdiv, kernel_chunk, precompile
+from ._load import cdiv as _cdiv, kernel_chunk, run_precompiled
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -97,8 +97,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, b (g's shape) fp32 or empty)``."""
     args = (q, k, v, g, h0, scale, chunk, output_final_state)
-    precompile(call_key(_OP, "fwd", args), lambda: _forward(*args), q.device)
-    return _forward(*args)
+    return run_precompiled(_OP, "fwd", _forward, args, q.device)
 
 
 def _forward(q, k, v, g, h0, scale, chunk, output_final_state):
@@ -131,8 +130,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dg or empty, dh0 or empty)``."""
     args = (q, k, v, bcum, h0, do, dht, scale, chunk)
-    precompile(call_key(_OP, "bwd", args), lambda: _backward(*args), q.device)
-    return _backward(*args)
+    return run_precompiled(_OP, "bwd", _backward, args, q.device)
 
 
 def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):

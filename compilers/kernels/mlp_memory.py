@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import call_key, pow2 as _pow2, precompile
+from ._load import pow2 as _pow2, run_precompiled
 
 __all__ = ["chunk_mlp_memory", "random_inputs", "token_loop"]
 
@@ -146,8 +146,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
     """Returns ``(o, W0, W1, S0, S1 after the sequence, and every ``stride``-th chunk-start state
     [B, H, ⌈NT / stride⌉, ...])``; ``stride`` 0 keeps none (empties)."""
     args = (q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps)
-    precompile(call_key(_OP, "fwd", args), lambda: _forward(*args), q.device)
-    return _forward(*args)
+    return run_precompiled(_OP, "fwd", _forward, args, q.device)
 
 
 def _forward(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps):
@@ -187,8 +186,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
     forward again from its checkpoint, keeping every chunk's start, then backward."""
     args = (q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f,
             stride, warps)
-    precompile(call_key(_OP, "bwd", args), lambda: _backward(*args), q.device)
-    return _backward(*args)
+    return run_precompiled(_OP, "bwd", _backward, args, q.device)
 
 
 def _backward(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f,

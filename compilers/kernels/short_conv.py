@@ -19,7 +19,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import call_key, precompile, recording
+from ._load import recording, run_precompiled
 
 __all__ = ["ACTIVATIONS", "short_conv"]
 
@@ -44,8 +44,7 @@ def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
 @torch.library.custom_op("nlgraph::short_conv_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     args = (x, w, s, silu)
-    precompile(call_key("short_conv", "fwd", args), lambda: _forward(*args), x.device)
-    return _forward(*args)
+    return run_precompiled("short_conv", "fwd", _forward, args, x.device)
 
 
 def _forward(x, w, s, silu):
@@ -66,8 +65,7 @@ def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: tor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx [B, T, C], dw [C, K] fp32, ds [B, K−1, C] or empty)``."""
     args = (x, w, s, dy, silu)
-    precompile(call_key("short_conv", "bwd", args), lambda: _backward(*args), x.device)
-    return _backward(*args)
+    return run_precompiled("short_conv", "bwd", _backward, args, x.device)
 
 
 def _backward(x, w, s, dy, silu):
