@@ -53,9 +53,9 @@ def precision(args: argparse.Namespace) -> str:
     """``bf16`` or ``fp32``: ``--precision``, with ``auto`` as `nlgraph train` resolves it. In fp32 the
     kernels' products run in full precision (no tensor cores), which Triton compiles far more slowly:
     the Gated DeltaNet backward's ``_wy_bwd`` took 25.8 s in fp32 on an H100."""
-    if args.precision != "auto":
-        return args.precision
-    return "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    from nlgraph.train.loop import resolve_precision
+
+    return resolve_precision(args.precision, args.device)
 
 
 def check(name: str, args: argparse.Namespace) -> dict:

@@ -130,9 +130,10 @@ def bench(spec: Any, overrides: list[str], *, lengths: list[int], batch: int, to
                            "graph capture forbids; time it with --modes eager or compile", path="--modes")
     if any(m.endswith("graph") for m in modes) and dev.type != "cuda":
         raise NLGraphError("--modes graph needs a CUDA device (CUDA graphs)", path="--modes")
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
     from .spec.loader import load_spec
+    from .train.loop import resolve_precision
+
+    precision = resolve_precision(precision, dev)
 
     spec_obj = load_spec(spec, overrides)
     width = ["vars.d_model", "vars.layers", "vars.heads"]

@@ -475,6 +475,14 @@ class _LossStep(torch.nn.Module):
         return lm_loss(logits, y)
 
 
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``precision`` with ``auto`` resolved as training runs it: ``bf16`` (autocast) on CUDA,
+    ``fp32`` elsewhere; any other value as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def graph_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.nn.Module:
     """``step(x, y) -> loss`` whose forward and backward replay CUDA graphs captured on ``x [B, T]``,
     ``y [B, T]``: each call copies its batch into the captured inputs, and ``loss.backward()``
@@ -703,7 +711,7 @@ def train(spec: Any, cfg: TrainConfig, *, resume: bool = False,
         device = torch.device("cuda", dist.local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg.precision, device)
     if precision not in ("bf16", "fp32"):
         raise TrainError(f"--precision {cfg.precision}: choose auto, bf16 or fp32")
 
