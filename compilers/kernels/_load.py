@@ -144,8 +144,8 @@ def precompile(key: Hashable, dry_run: Callable[[], Any], device: torch.device) 
 
     An op's first call compiles each of its kernels at its launch, one after another in this
     process; Triton spends most of a compile in C++ passes and ``ptxas``, outside the GIL, so
-    threads overlap them (a cold Gated DeltaNet compile on an H100 spent 73 s compiling the delta
-    rule's kernels one at a time, docs/benchmarks.md). ``dry_run`` runs the op's Python with every
+    threads overlap them (a cold float32 Gated DeltaNet compile on an H100 spent 73 s compiling its
+    Triton kernels one at a time, docs/benchmarks.md). ``dry_run`` runs the op's Python with every
     kernel namespace recording launches instead of making them (its outputs are garbage); each
     recorded kernel is then warmed up (compiled, not run) under Triton's ``AsyncCompileMode``, and
     the compiled kernels enter the kernels' caches, so the real launches that follow find them (an
