@@ -42,6 +42,17 @@ gdn_compile_cache_autotune|330|NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_PRECOMPI
 gdn_compile_cache_host_cpp|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --host-cpp --json $J
 hope_large_chunk_b8|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $J
 hope_recompute_b4|480|python -P -m nlgraph bench hope D512 --lengths 2048 --batch 4 --modes compile --recompute-blocks --anchor none --json $J
+mlp_split_checks|240|python benchmarks/mlp_memory_kernel.py --no-timing --checks 0 1 2 3 4 7 8 9 10 --splits 1 --json $J
+mlp_split_timing|300|python benchmarks/mlp_memory_kernel.py --checks --shapes titans --no-pytorch --splits 0 1 2 --blocks 16 32 --warps 4 8 --json $J
+mlp_split_profile|200|python benchmarks/mlp_memory_kernel.py --checks --shapes titans --profile --splits 0 1 --blocks 16 32 --warps 4 --json $J
+titans_split_level|300|NLGRAPH_MLP_MEMORY_SPLIT=1 python -P -m nlgraph bench titans --level memory --heads 8 --dim 64 --batch 8 --lengths 2048 --json $J
+titans_split_model|330|NLGRAPH_MLP_MEMORY_SPLIT=1 python -P -m nlgraph bench titans D512 --lengths 2048 --tokens 16384 --modes compile-graph --json $J
+titans_split_t4096|240|NLGRAPH_MLP_MEMORY_SPLIT=1 python -P -m nlgraph bench titans D512 --lengths 4096 --batch 4 --modes compile-graph --json $J
+mlp_split_checks_w8|200|python benchmarks/mlp_memory_kernel.py --no-timing --checks 0 1 2 9 --splits 1 --check-warps 8 --json $J && python benchmarks/mlp_memory_kernel.py --no-timing --checks 0 1 --splits 1 --check-warps 8 --check-block 16 --json $OUT/mlp_split_checks_w8_b16.json
+mlp_split_profile_warps|200|python benchmarks/mlp_memory_kernel.py --checks --shapes titans --profile --splits 1 --blocks 16 32 --warps 4 8 --json $J
+titans_split_w8_model|240|python -P benchmarks/with_mlp_warps.py 8 32 bench titans D512 --lengths 2048 --tokens 16384 --modes compile-graph --json $J
+titans_split_w8b16_model|240|python -P benchmarks/with_mlp_warps.py 8 16 bench titans D512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $J
+titans_nosplit_model|240|NLGRAPH_MLP_MEMORY_SPLIT=0 python -P -m nlgraph bench titans D512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $J
 titans_large_chunk|480|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=256 --lengths 2048 --tokens 16384 --modes compile-graph --json $J && python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $OUT/titans_chunk512.json
 deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J

@@ -143,7 +143,7 @@ def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
 
 def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
     """Titans' MLP memory (hidden 4·D) at the largest chunk ≤ ``chunk`` the plan runs on CUDA at this
-    head dim, with the block of hidden units and warps a model launches."""
+    head dim, with the block of hidden units and warps a model launches, in both kernel layouts."""
     from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, random_inputs, why_not_on_cuda
 
     while chunk > 16 and why_not_on_cuda(chunk, d) is not None:
@@ -152,8 +152,9 @@ def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
     q, k, v = (x.to(dt).requires_grad_() for x in (q, k, v))
     gates = [x.float().requires_grad_() for x in gates]
     state = [x.float().requires_grad_() for x in state]
-    y, new = chunk_mlp_memory(q, k, v, *gates, tuple(state), chunk=chunk)
-    (y.float().square().sum() + sum(s.square().sum() for s in new)).backward()
+    for split in (0, 1):  # both layouts: one program per head, one launch per chunk
+        y, new = chunk_mlp_memory(q, k, v, *gates, tuple(state), chunk=chunk, split=split)
+        (y.float().square().sum() + sum(s.square().sum() for s in new)).backward()
 
 
 def _run_recurrence(d: int, chunk: int, dt) -> None:

@@ -11,7 +11,8 @@ same process (``--no-pytorch`` skips it). Without
 CUDA it says so and exits 0. The Titans model with the kernel: ``python -P -m nlgraph bench titans ...``
 and ``python benchmarks/model_speed.py --budget 0 --check-specs titans``. Each check and shape can be
 run alone (``--checks``, ``--shapes``), so that a kernel that hangs or faults is found in its own
-process.
+process. ``--splits`` picks the kernel layouts checked and timed: 0 is one program per (batch, head)
+walking every chunk, ``n`` ≥ 1 one launch per chunk with ``n`` hidden blocks per program.
 
     bash benchmarks/device.sh python benchmarks/mlp_memory_kernel.py --json "$OUT/mlp_memory.json"
 """
@@ -53,7 +54,8 @@ CHECKS = [(2, 150, 2, 64, 128, 16, torch.float32, 1e-4, 1),
           (1, 200, 2, 128, 256, 32, torch.bfloat16, 3e-2, 1)]
 
 
-def checks(dev, which: list[int] | None = None) -> list[dict]:
+def checks(dev, which: list[int] | None = None, splits: tuple[int, ...] = (0,), warps: int | None = None,
+           block_f: int | None = None) -> list[dict]:
     """The checks ``which`` (indices into ``CHECKS``, all by default), each row with its seconds
     (the first call's Triton compile included)."""
     import time
@@ -62,24 +64,27 @@ def checks(dev, which: list[int] | None = None) -> list[dict]:
                                                       token_loop)
 
     rows = []
-    for i, (b, t, h, d, f, chunk, dtype, tol, ck) in enumerate(CHECKS):
+    for i, (b, t, h, d, f, chunk, dtype, tol, ck), split in ((i, c, sp) for i, c in enumerate(CHECKS) for sp in splits):
         if which is not None and i not in which:
             continue
         t0 = time.perf_counter()
-        label = f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk} checkpoint={ck}"
+        label = (f"{str(dtype).removeprefix('torch.')} B={b} T={t} H={h} D={d} F={f} chunk={chunk} checkpoint={ck} "
+                 f"split={split}")
         try:
-            rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck))
+            rows.append(_check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck, split,
+                               warps, block_f))
         except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed row that says why
             rows.append({"check": label, "ok": False,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
-        # the wrapper's defaults, which the check ran with
-        rows[-1].update({"seconds": round(time.perf_counter() - t0, 1), "block_f": default_block_f(chunk, d),
-                         "warps": default_warps(chunk, d), "tile": tile(chunk, d)})
+        # the wrapper's defaults unless given
+        rows[-1].update({"seconds": round(time.perf_counter() - t0, 1), "block_f": block_f or default_block_f(chunk, d),
+                         "warps": warps or default_warps(chunk, d), "tile": tile(chunk, d)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck) -> dict:
+def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, label, ck, split, warps=None,
+           block_f=None) -> dict:
     """One check against the float64 token loop: outputs, final state and every input's gradient."""
     qkv, gates, state = _inputs(b, t, h, d, f, dev, seed=t)
     leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
@@ -89,7 +94,8 @@ def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, 
     ds = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dev) for x in s_ref]
     want = torch.autograd.grad((o_ref * do).sum() + sum((x * y).sum() for x, y in zip(s_ref, ds)), leaves)
     mine = [x.detach().to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves)]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk, checkpoint=ck)
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk, checkpoint=ck, split=split, warps=warps,
+                            block_f=block_f)
     got = torch.autograd.grad((o.float() * do.float()).sum() + sum((x * y.float()).sum() for x, y in zip(s, ds)),
                               mine)
     errs = {"o": _rel(o, o_ref)}
@@ -105,7 +111,8 @@ def _check(chunk_mlp_memory, token_loop, b, t, h, d, f, chunk, dtype, tol, dev, 
 SHAPES = {"anchor-c16": (4, 4096, 16, 128, 512, 16), "titans": (8, 2048, 8, 64, 128, 16)}
 
 
-def timings(dev, pytorch: bool, shapes: list[str], blocks: list[int]) -> list[dict]:
+def timings(dev, pytorch: bool, shapes: list[str], blocks: list[int], splits: tuple[int, ...] = (0,),
+            warps: tuple[int, ...] = (4, 8)) -> list[dict]:
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory
 
@@ -116,11 +123,11 @@ def timings(dev, pytorch: bool, shapes: list[str], blocks: list[int]) -> list[di
         qkv = [x.bfloat16() for x in qkv]
         gates = [g.float() for g in gates]
         state = [s.float() for s in state]
-        # the hidden block and the warps are the kernel's tuning knobs: each pair is a row
-        impls = [(f"nlgraph chunk_mlp_memory (triton, block_f {bf}, {w} warps)",
-                  lambda q, k, v, g=gates, s=state, bf=bf, w=w: chunk_mlp_memory(q, k, v, *g, tuple(s), chunk=chunk,
-                                                                                block_f=bf, warps=w)[0], False)
-                 for bf in blocks for w in (4, 8) if bf <= max(16, f)]
+        # the layout, the hidden block and the warps are the kernel's tuning knobs: each triple is a row
+        impls = [(f"nlgraph chunk_mlp_memory (triton, split {sp}, block_f {bf}, {w} warps)",
+                  lambda q, k, v, g=gates, s=state, bf=bf, w=w, sp=sp: chunk_mlp_memory(
+                      q, k, v, *g, tuple(s), chunk=chunk, block_f=bf, warps=w, split=sp)[0], False)
+                 for sp in splits for bf in blocks for w in warps if bf <= max(16, f)]
         ref = None
         if pytorch:  # the PyTorch form first: the kernel's rows carry their ratio to it
             from nlgraph.runtime import run_level
@@ -144,6 +151,48 @@ def timings(dev, pytorch: bool, shapes: list[str], blocks: list[int]) -> list[di
     return rows
 
 
+def profiles(dev, shapes: list[str], blocks: list[int], splits: tuple[int, ...], warps: tuple[int, ...]) -> list[dict]:
+    """Where one forward + backward's time goes, per layout: its wall time, the GPU's busy time (the
+    kernels' summed device time) and the kernels that take the most, under ``torch.profiler``
+    after three warm-up steps. A wall time far above the busy time is host-bound (launches)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory
+
+    rows = []
+    for label in shapes:
+        b, t, h, d, f, chunk = SHAPES[label]
+        qkv, gates, state = _inputs(b, t, h, d, f, dev)
+        leaves = [x.bfloat16().requires_grad_() for x in qkv]
+        for sp in splits:
+            for bf in blocks:
+                for w in warps:
+                    def step():
+                        o, _ = chunk_mlp_memory(*leaves, *gates, tuple(state), chunk=chunk, block_f=bf, warps=w,
+                                                split=sp)
+                        o.float().square().sum().backward()
+
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize(dev)
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        t0 = time.perf_counter()
+                        step()
+                        torch.cuda.synchronize(dev)
+                        wall = (time.perf_counter() - t0) * 1e3
+                    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+                    kernels.sort(key=lambda e: -e.device_time_total)
+                    row = {"shape": label, "split": sp, "block_f": bf, "warps": w, "wall_ms": round(wall, 3),
+                           "gpu_busy_ms": round(sum(e.device_time_total for e in kernels) / 1e3, 3),
+                           "top": [{"kernel": e.key[:80], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3)}
+                                   for e in kernels[:6]]}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch form's timing (slow)")
@@ -154,6 +203,14 @@ def main() -> int:
     ap.add_argument("--any-tile", action="store_true",
                     help="lift mlp_memory.MAX_CUDA_TILE for this process, to check tiles beyond it")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["anchor-c16", "titans"])
+    ap.add_argument("--splits", type=int, nargs="+", default=[0, 1],
+                    help="kernel layouts: 0 one program per (batch, head); n >= 1 one launch per chunk, n hidden "
+                         "blocks per program")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="warps to time")
+    ap.add_argument("--check-warps", type=int, default=None, help="warps of the checks (default: the wrapper's)")
+    ap.add_argument("--check-block", type=int, default=None, help="hidden block of the checks (default: the wrapper's)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one forward + backward per layout, block and warps (instead of timing)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -164,9 +221,13 @@ def main() -> int:
         from nlgraph.compilers.kernels import mlp_memory
 
         mlp_memory.MAX_CUDA_TILE = 1 << 30
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks)}
-    if not args.no_timing:
-        res["timings"] = timings(dev, not args.no_pytorch, args.shapes, args.blocks)
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks, tuple(args.splits), args.check_warps,
+                                                                          args.check_block)}
+    if args.profile:
+        res["profiles"] = profiles(dev, args.shapes, args.blocks, tuple(args.splits), tuple(args.warps))
+    elif not args.no_timing:
+        res["timings"] = timings(dev, not args.no_pytorch, args.shapes, args.blocks, tuple(args.splits),
+                                 tuple(args.warps))
     if args.json:
         from nlgraph.io import atomic_write
 

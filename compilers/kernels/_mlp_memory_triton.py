@@ -307,9 +307,275 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
         tl.debug_barrier()
 
 
+# --------------------------------------------------------------------------- one launch per chunk
+#
+# The kernels above run one program per (batch, head): 64 programs on a GPU of 132 SMs at the
+# d_model-512 Titans model's shape, each walking its chunks through a chain of small products. The
+# step kernels below split a chunk's hidden units over programs, grid ``(B·H, ⌈F / (BF·NB)⌉)``,
+# ``NB`` hidden blocks per program, and run one launch per chunk: what sums over all hidden units
+# (the memory's output at the keys, ``E1``'s gradient) is added across programs with atomics into a
+# small buffer that the next launch reads. Three slots rotate (launch ``i`` reads slot ``i % 3``,
+# adds into the next chunk's slot and zeroes the one after), so no launch waits on another's zeroing.
+# The outputs that sum over hidden units (``o``; ``dq``, ``dk`` and the gates' gradients) are added
+# with atomics into zeroed float32 buffers.
+
+
+@triton.jit(do_not_specialize=["i_t", "C0", "C1"])
+def _mlp_memory_fwd_step(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s1, hw0, hw1, hs0, hs1, hr1,
+                         ybuf, o, i_t, C0, C1, T, NT, R, NH, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, NB: tl.constexpr,
+                         SAVE: tl.constexpr, OUT: tl.constexpr, PREC: tl.constexpr):
+    """Chunk ``i_t`` (``C0 ≤ i_t < C1``), then the next chunk's output at its keys from this
+    program's blocks of the new state, added into the next slot of ``ybuf [3, B·H, C, BD]``;
+    ``i_t = C0 − 1`` computes only chunk ``C0``'s. ``SAVE`` keeps every ``R``-th chunk-start
+    state and its ``R1 = Yk − V`` (``hr1``); ``OUT`` adds the chunk's reads into ``o`` (float32,
+    zeroed)."""
+    i_bh = tl.program_id(0)
+    i_p = tl.program_id(1)
+    nbh = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    md = rd < D
+    st = i_bh.to(tl.int64) * F * D
+    tile = rc[:, None] * BD + rd[None, :]
+    work = i_t >= C0
+    tc = tl.maximum(i_t, C0)  # the chunk's loads stay in bounds when there is no chunk to run
+    row, mt, mtd = _tokens(i_b, i_h, tc, T, H, C, md)
+    kb = _load_tokens(k, row, rd, D, mtd)
+    vb = _load_tokens(v, row, rd, D, mtd)
+    qb = _load_tokens(q, row, rd, D, mtd)
+    et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
+    g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, tc, NT, C)
+    r1 = tl.load(ybuf + ((tc % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile) - vb
+    e1 = et[:, None] * r1
+    keep = work & ((tc - C0) % R == 0)
+    hs = (i_bh.to(tl.int64) * NH + (tc - C0) // R) * F * D
+    if SAVE:
+        if keep & (i_p == 0):
+            tl.store(hr1 + (i_bh.to(tl.int64) * NH + (tc - C0) // R) * C * BD + tile, r1)
+    rown, mtn, mtdn = _tokens(i_b, i_h, i_t + 1, T, H, C, md)
+    kn = _load_tokens(k, rown, rd, D, mtdn)                                     # zeros past T
+    oacc = tl.zeros([C, BD], dtype=tl.float32)
+    pacc = tl.zeros([C, C], dtype=tl.float32)
+    yn = tl.zeros([C, BD], dtype=tl.float32)
+    for j in range(NB):
+        mfd, mdf, o0, o1, f, mf = _block(i_p * NB + j, rf, rd, md, F, D, BF)
+        p0, p1 = st + o0, st + o1
+        w0n = tl.load(w0 + p0, mask=mfd, other=0.)
+        w1n = tl.load(w1 + p1, mask=mdf, other=0.)
+        if work:
+            w0b = w0n
+            w1b = w1n
+            s0b = tl.load(s0 + p0, mask=mfd, other=0.)
+            s1b = tl.load(s1 + p1, mask=mdf, other=0.)
+            if SAVE:
+                if keep:
+                    tl.store(hw0 + hs + o0, w0b, mask=mfd)
+                    tl.store(hs0 + hs + o0, s0b, mask=mfd)
+                    tl.store(hw1 + hs + o1, w1b, mask=mdf)
+                    tl.store(hs1 + hs + o1, s1b, mask=mdf)
+            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            ab = _silu(zb)
+            e0 = tl.dot(e1, w1b, input_precision=PREC) * _silu_grad(zb)                       # [C, BF]
+            if OUT:
+                qk = tl.dot(qb, tl.trans(kb), input_precision=PREC) * omr
+                zq = (g0[:, None] * tl.dot(qb, tl.trans(w0b), input_precision=PREC)
+                      + z0[:, None] * tl.dot(qb, tl.trans(s0b), input_precision=PREC)
+                      - tl.dot(qk, e0, input_precision=PREC))
+                aq = _silu(zq)
+                oacc += (g0[:, None] * tl.dot(aq, tl.trans(w1b), input_precision=PREC)
+                         + z0[:, None] * tl.dot(aq, tl.trans(s1b), input_precision=PREC))
+                pacc += tl.dot(aq, tl.trans(ab), input_precision=PREC)
+            w0n = gl * w0b + zl * s0b - tl.dot(tl.trans(e0), kb * oml[:, None], input_precision=PREC)
+            s0n = yl * s0b - tl.dot(tl.trans(e0), kb * yll[:, None], input_precision=PREC)
+            w1n = gl * w1b + zl * s1b - tl.dot(tl.trans(e1), ab * oml[:, None], input_precision=PREC)
+            s1n = yl * s1b - tl.dot(tl.trans(e1), ab * yll[:, None], input_precision=PREC)
+            tl.store(w0 + p0, w0n, mask=mfd)
+            tl.store(s0 + p0, s0n, mask=mfd)
+            tl.store(w1 + p1, w1n, mask=mdf)
+            tl.store(s1 + p1, s1n, mask=mdf)
+        yn += tl.dot(_silu(tl.dot(kn, tl.trans(w0n), input_precision=PREC)), tl.trans(w1n), input_precision=PREC)
+    if OUT:
+        if work:
+            ob = oacc - tl.dot(pacc * omr, e1, input_precision=PREC)
+            tl.atomic_add(o + row[:, None] * D + rd[None, :], ob, mask=mtd, sem="relaxed")
+    if i_t + 1 < C1:
+        tl.atomic_add(ybuf + (((i_t + 1) % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile, yn, sem="relaxed")
+    if i_p == 0:
+        tl.store(ybuf + (((i_t + 2) % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile,
+                 tl.zeros([C, BD], dtype=tl.float32))
+
+
+@triton.jit(do_not_specialize=["i_t", "C0", "C1"])
+def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0, hs1, hr1, do,
+                         dw0, dw1, ds0, ds1, scr, ebuf, dq, dk, dv, deta, dg0, dz0, dom, dend, doml, dyll,
+                         i_t, C0, C1, T, NT, H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                         BD: tl.constexpr, BF: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
+    """The launch for chunk ``i_t`` (``C0 − 1 ≤ i_t < C1``, run from ``C1 − 1`` down): first the
+    terms of chunk ``u = i_t + 1`` through its keys' output (the fused backward's pass 3), with the
+    whole ``dE1`` of ``u`` from ``ebuf``; then chunk ``i_t``'s block-local gradients (its pass 2),
+    with ``dE1``'s part added into ``ebuf``'s slot ``i_t % 3``. ``hw0 .. hs1`` and ``hr1`` hold the
+    segment's chunk-start states and ``R1`` in slots ``i − C0``; ``dw0 .. ds1`` the state's
+    gradient, each program its own hidden blocks; ``scr`` a block's partial ``dZ`` between the two
+    halves. ``dq``, ``dk`` and the gates' gradients are float32 and zeroed: parts are added."""
+    i_bh = tl.program_id(0)
+    i_p = tl.program_id(1)
+    nbh = tl.num_programs(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    md = rd < D
+    st = i_bh.to(tl.int64) * F * D
+    tile = rc[:, None] * BD + rd[None, :]
+    causal = rc[:, None] >= rc[None, :]
+    ns = C1 - C0
+    # chunk u's data (the loads clamped into the segment when there is no u)
+    pa = i_t + 1 < C1
+    u = tl.minimum(i_t + 1, C1 - 1)
+    row_u, mt_u, mtd_u = _tokens(i_b, i_h, u, T, H, C, md)
+    ku = _load_tokens(k, row_u, rd, D, mtd_u)
+    et_u = tl.load(eta + row_u, mask=mt_u, other=0.).to(tl.float32)
+    de1u = tl.load(ebuf + (((i_t + 1) % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile)
+    hu = i_bh.to(tl.int64) * ns + (u - C0)
+    dyk = et_u[:, None] * de1u
+    if pa & (i_p == 0):
+        r1u = tl.load(hr1 + hu * C * BD + tile)
+        tl.store(dv + row_u[:, None] * D + rd[None, :], (-dyk).to(dv.dtype.element_ty), mask=mtd_u)
+        tl.store(deta + row_u, tl.sum(de1u * r1u, axis=1), mask=mt_u)
+    # chunk i_t's data
+    pb = i_t >= C0
+    tb = tl.maximum(i_t, C0)
+    row, mt, mtd = _tokens(i_b, i_h, tb, T, H, C, md)
+    kb = _load_tokens(k, row, rd, D, mtd)
+    qb = _load_tokens(q, row, rd, D, mtd)
+    dob = _load_tokens(do, row, rd, D, mtd)
+    et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
+    g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, tb, NT, C)
+    hb = i_bh.to(tl.int64) * ns + (tb - C0)
+    e1 = et[:, None] * tl.load(hr1 + hb * C * BD + tile)
+    qk_raw = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    qk = qk_raw * omr
+    dpm = -tl.dot(dob, tl.trans(e1), input_precision=PREC) * omr            # dP ⊙ Ω, [C, C]
+    dku = tl.zeros([C, BD], dtype=tl.float32)
+    de1 = tl.zeros([C, BD], dtype=tl.float32)
+    dqb = tl.zeros([C, BD], dtype=tl.float32)
+    dkb = tl.zeros([C, BD], dtype=tl.float32)
+    dqk = tl.zeros([C, C], dtype=tl.float32)                                   # ∂/∂(QKᵀ ⊙ Ω)
+    pr = tl.zeros([C, C], dtype=tl.float32)                                    # Aq Aᵀ
+    d_g0 = tl.zeros([C], dtype=tl.float32)
+    d_z0 = tl.zeros([C], dtype=tl.float32)
+    d_oml = tl.zeros([C], dtype=tl.float32)
+    d_yll = tl.zeros([C], dtype=tl.float32)
+    d_gl = tl.sum(d_g0, axis=0)
+    d_zl = tl.sum(d_g0, axis=0)
+    d_yl = tl.sum(d_g0, axis=0)
+    for j in range(NB):
+        mfd, mdf, p0, p1, f, mf = _block(i_p * NB + j, rf, rd, md, F, D, BF)
+        sp = i_bh.to(tl.int64) * C * F + rc[:, None] * F + f[None, :]
+        gw0 = tl.load(dw0 + st + p0, mask=mfd, other=0.)                        # ∂/∂W0 after chunk u
+        gs0 = tl.load(ds0 + st + p0, mask=mfd, other=0.)
+        gw1 = tl.load(dw1 + st + p1, mask=mdf, other=0.)
+        gs1 = tl.load(ds1 + st + p1, mask=mdf, other=0.)
+        if pa:  # the terms through Yk = A W1ᵀ of chunk u: the gradient after chunk i_t
+            w0u = tl.load(hw0 + hu * F * D + p0, mask=mfd, other=0.)
+            w1u = tl.load(hw1 + hu * F * D + p1, mask=mdf, other=0.)
+            zu = tl.dot(ku, tl.trans(w0u), input_precision=PREC)
+            dzu = tl.load(scr + sp, mask=mf[None, :], other=0.)
+            dzu += tl.dot(dyk, w1u, input_precision=PREC) * _silu_grad(zu)
+            dku += tl.dot(dzu, w0u, input_precision=PREC)
+            gw0 += tl.dot(tl.trans(dzu), ku, input_precision=PREC)
+            gw1 += tl.dot(tl.trans(dyk), _silu(zu), input_precision=PREC)
+        if pb:
+            tl.debug_barrier()  # this program read scr and the gradient above; it overwrites them below
+            w0b = tl.load(hw0 + hb * F * D + p0, mask=mfd, other=0.)
+            s0b = tl.load(hs0 + hb * F * D + p0, mask=mfd, other=0.)
+            w1b = tl.load(hw1 + hb * F * D + p1, mask=mdf, other=0.)
+            s1b = tl.load(hs1 + hb * F * D + p1, mask=mdf, other=0.)
+            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            ab = _silu(zb)
+            sg = _silu_grad(zb)
+            ub = tl.dot(e1, w1b, input_precision=PREC)                                # E1 W1, [C, BF]
+            e0 = ub * sg
+            qw0 = tl.dot(qb, tl.trans(w0b), input_precision=PREC)
+            qs0 = tl.dot(qb, tl.trans(s0b), input_precision=PREC)
+            zq = g0[:, None] * qw0 + z0[:, None] * qs0 - tl.dot(qk, e0, input_precision=PREC)
+            aq = _silu(zq)
+            pr += tl.dot(aq, tl.trans(ab), input_precision=PREC)
+            dow1 = tl.dot(dob, w1b, input_precision=PREC)
+            dos1 = tl.dot(dob, s1b, input_precision=PREC)
+            d_g0 += tl.sum(dow1 * aq, axis=1)
+            d_z0 += tl.sum(dos1 * aq, axis=1)
+            daq = g0[:, None] * dow1 + z0[:, None] * dos1 + tl.dot(dpm, ab, input_precision=PREC)
+            dzq = daq * _silu_grad(zq)
+            d_g0 += tl.sum(dzq * qw0, axis=1)
+            d_z0 += tl.sum(dzq * qs0, axis=1)
+            dqb += tl.dot(g0[:, None] * dzq, w0b, input_precision=PREC) + tl.dot(z0[:, None] * dzq, s0b,
+                                                                                input_precision=PREC)
+            dqk -= tl.dot(dzq, tl.trans(e0), input_precision=PREC)
+            e0gw = tl.dot(e0, gw0, input_precision=PREC)                            # E0 dW0', [C, D]
+            e0gs = tl.dot(e0, gs0, input_precision=PREC)
+            e1gw = tl.dot(e1, gw1, input_precision=PREC)                            # E1 dW1', [C, BF]
+            e1gs = tl.dot(e1, gs1, input_precision=PREC)
+            dkb -= oml[:, None] * e0gw + yll[:, None] * e0gs
+            d_oml -= tl.sum(kb * e0gw, axis=1) + tl.sum(ab * e1gw, axis=1)
+            d_yll -= tl.sum(kb * e0gs, axis=1) + tl.sum(ab * e1gs, axis=1)
+            d_gl += tl.sum(tl.sum(gw0 * w0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * w1b, axis=1), axis=0)
+            d_zl += tl.sum(tl.sum(gw0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * s1b, axis=1), axis=0)
+            d_yl += tl.sum(tl.sum(gs0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gs1 * s1b, axis=1), axis=0)
+            de0 = (-tl.dot(kb * oml[:, None], tl.trans(gw0), input_precision=PREC)
+                   - tl.dot(kb * yll[:, None], tl.trans(gs0), input_precision=PREC)
+                   - tl.dot(tl.trans(qk), dzq, input_precision=PREC))                # [C, BF]
+            dub = de0 * sg
+            de1 += (tl.dot(dub, tl.trans(w1b), input_precision=PREC)
+                    - tl.dot(ab * oml[:, None], tl.trans(gw1), input_precision=PREC)
+                    - tl.dot(ab * yll[:, None], tl.trans(gs1), input_precision=PREC))
+            da = tl.dot(tl.trans(dpm), aq, input_precision=PREC) - oml[:, None] * e1gw - yll[:, None] * e1gs
+            tl.store(scr + sp, de0 * ub * _silu_grad2(zb) + da * sg, mask=mf[None, :])
+            # the state before the chunk, but for the terms through Yk (the next launch adds them)
+            gw0n = gl * gw0 + tl.dot(tl.trans(g0[:, None] * dzq), qb, input_precision=PREC)
+            gs0 = zl * gw0 + yl * gs0 + tl.dot(tl.trans(z0[:, None] * dzq), qb, input_precision=PREC)
+            gw1n = (gl * gw1 + tl.dot(tl.trans(g0[:, None] * dob), aq, input_precision=PREC)
+                    + tl.dot(tl.trans(e1), dub, input_precision=PREC))
+            gs1 = zl * gw1 + yl * gs1 + tl.dot(tl.trans(z0[:, None] * dob), aq, input_precision=PREC)
+            gw0 = gw0n
+            gw1 = gw1n
+            tl.store(ds0 + st + p0, gs0, mask=mfd)
+            tl.store(ds1 + st + p1, gs1, mask=mdf)
+        tl.store(dw0 + st + p0, gw0, mask=mfd)
+        tl.store(dw1 + st + p1, gw1, mask=mdf)
+    if pa:
+        tl.atomic_add(dk + row_u[:, None] * D + rd[None, :], dku, mask=mtd_u, sem="relaxed")
+    if pb:
+        de1 -= tl.dot(tl.trans(pr * omr), dob, input_precision=PREC)
+        d_om = tl.where(causal, -tl.dot(dob, tl.trans(e1), input_precision=PREC) * pr + dqk * qk_raw, 0.)
+        dqkm = dqk * omr
+        dqb += tl.dot(dqkm, kb, input_precision=PREC)
+        dkb += tl.dot(tl.trans(dqkm), qb, input_precision=PREC)
+        tl.atomic_add(ebuf + ((tb % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile, de1, sem="relaxed")
+        tl.atomic_add(dq + row[:, None] * D + rd[None, :], dqb, mask=mtd, sem="relaxed")
+        tl.atomic_add(dk + row[:, None] * D + rd[None, :], dkb, mask=mtd, sem="relaxed")
+        crow = i_bh.to(tl.int64) * NT + tb
+        tl.atomic_add(dg0 + crow * C + rc, d_g0, sem="relaxed")
+        tl.atomic_add(dz0 + crow * C + rc, d_z0, sem="relaxed")
+        tl.atomic_add(dom + crow * C * C + rc[:, None] * C + rc[None, :], d_om, sem="relaxed")
+        tl.atomic_add(doml + crow * C + rc, d_oml, sem="relaxed")
+        tl.atomic_add(dyll + crow * C + rc, d_yll, sem="relaxed")
+        tl.atomic_add(dend + crow * 3, d_gl, sem="relaxed")
+        tl.atomic_add(dend + crow * 3 + 1, d_zl, sem="relaxed")
+        tl.atomic_add(dend + crow * 3 + 2, d_yl, sem="relaxed")
+    if i_p == 0:
+        tl.store(ebuf + (((i_t + 2) % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile,
+                 tl.zeros([C, BD], dtype=tl.float32))
+
+
 class _Kernels:
     fwd = _mlp_memory_fwd
     bwd = _mlp_memory_bwd
+    fwd_step = _mlp_memory_fwd_step
+    bwd_step = _mlp_memory_bwd_step
 
 
 def kernels() -> type[_Kernels]:

@@ -11,8 +11,11 @@ for each of ``W0`` and ``W1`` (``α``: the kept fraction of weight decay). This 
 ``memory`` level computes for ``specs/titans.yaml``'s memory (the mini-batch driver of
 ``compilers/chunked.py``); :func:`token_loop` is the same function token by token.
 
-The kernel walks the chunks of one (batch, head) in one program, with the weights and momentum in
-fp32 and the per-token weights never formed (``_mlp_memory_triton``). The transfer products of
+The weights and momentum stay in fp32 and the per-token weights are never formed
+(``_mlp_memory_triton``). Two layouts of the same arithmetic: one program per (batch, head) walks
+all its chunks (``split=0``), or, the default, one launch per chunk with the hidden units split over
+programs (``split`` ≥ 1), the sums over hidden units added across programs with atomics: 4x the
+programs at the d_model-512 Titans model's shape, where one program per head left half the SMs idle. The transfer products of
 the gates (``G``, ``Y``, ``Ω = G Y`` per chunk) are formed beforehand for all chunks at once by
 :func:`nlgraph.compilers.chunked.transfer`; they do not depend on the memory.
 
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import pow2 as _pow2, run_precompiled
+from ._load import pow2 as _pow2, run_precompiled, switch
 
 __all__ = ["chunk_mlp_memory", "random_inputs", "token_loop"]
 
@@ -81,6 +84,18 @@ def _coefficients(alpha: torch.Tensor, mu: torch.Tensor, t: int, chunk: int, bef
     g0 = g[..., rows, 0]
     return (g0.contiguous(), (om[..., rows, 0] - g0).contiguous(), om[..., rows, 1:].contiguous(),
             end.contiguous(), oml[..., 1:].contiguous(), yl[..., 1:].contiguous())
+
+
+#: The step kernels (one launch per chunk, hidden units over programs) on CUDA: on by default since
+#: they passed the GPU's checks (H200 and H100) and made the compiled Titans model's CUDA-graph
+#: step 1.6x faster on an H100 (docs/benchmarks.md); ``NLGRAPH_MLP_MEMORY_SPLIT=0`` turns them off.
+SPLIT_ON_CUDA = switch("NLGRAPH_MLP_MEMORY_SPLIT", True)
+
+
+def default_split(device: torch.device) -> int:
+    """Hidden blocks per program of the step kernels on ``device``, or 0 for the one-program kernels:
+    1 under the interpreter (CPU), on CUDA 1 while :data:`SPLIT_ON_CUDA` is on."""
+    return 1 if device.type != "cuda" or SPLIT_ON_CUDA else 0
 
 
 def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> dict:
@@ -141,37 +156,94 @@ _FWD = "nlgraph::chunk_mlp_memory_fwd"
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
             z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
             w0: torch.Tensor, w1: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, chunk: int, block_f: int,
-            stride: int, warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            stride: int, warps: int, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
     """Returns ``(o, W0, W1, S0, S1 after the sequence, and every ``stride``-th chunk-start state
-    [B, H, ⌈NT / stride⌉, ...])``; ``stride`` 0 keeps none (empties)."""
-    args = (q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps)
+    [B, H, ⌈NT / stride⌉, ...] with its ``R1 = Yk − V`` [B, H, ⌈NT / stride⌉, C, BD])``; ``stride``
+    0 keeps none (empties). ``split`` 0 runs one program per (batch, head); ``n`` ≥ 1 one launch
+    per chunk, ``n`` hidden blocks per program (:func:`_forward_split`); R1 is kept only then."""
+    args = (q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps, split)
     return run_precompiled(_OP, "fwd", _forward, args, q.device)
 
 
-def _forward(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps):
+def _history(q, out, chunk, stride, nt, split):
+    """The kept chunk-start states (and their R1 when ``split``), or distinct empties when not
+    saving: a custom op's outputs may not alias each other."""
+    b, _, h, d = q.shape
+    nh = -(-nt // stride) if stride else 0
+    hist = [q.new_empty((b, h, nh, *x.shape[2:]) if stride else (0,), dtype=torch.float32) for x in out]
+    hist.append(q.new_empty((b, h, nh, chunk, _pow2(d)) if stride and split else (0,), dtype=torch.float32))
+    return hist, nh
+
+
+def _forward(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps, split):
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = w0.shape[-2]
     p = _launch(q, f, chunk, block_f, warps)
     nt = p["NT"]
-    nh = -(-nt // stride) if stride else 0
     out = [x.float().contiguous().clone() for x in (w0, w1, s0, s1)]
-    # distinct empties when not saving: a custom op's outputs may not alias each other
-    hist = [q.new_empty((b, h, nh, *x.shape[2:]) if stride else (0,), dtype=torch.float32) for x in out]
+    hist, nh = _history(q, out, chunk, stride, nt, split)
+    if split:
+        o = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        ybuf = torch.zeros((3, b * h, chunk, p["BD"]), dtype=torch.float32, device=q.device)
+        _forward_split(kn, p, (q, k, v, eta, g0, z0, om, end, oml, yll), out, hist, ybuf, o, 0, nt,
+                       max(stride, 1), nh, stride > 0, True, split)
+        return (o.to(v.dtype), *out, *hist)
     o = torch.empty_like(v)
-    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist, o, C0=0, C1=nt, R=max(stride, 1), NH=nh,
-                     SAVE=stride > 0, num_stages=1, **p)
+    kn.fwd[(b * h,)](q, k, v, eta, g0, z0, om, end, oml, yll, *out, *hist[:4], o, C0=0, C1=nt, R=max(stride, 1),
+                     NH=nh, SAVE=stride > 0, num_stages=1, **p)
     return (o, *out, *hist)
 
 
+def _programs(p: dict, split: int) -> int:
+    """Programs per (batch, head) of the step kernels: ``split`` hidden blocks each."""
+    return -(-(-(-p["F"] // p["BF"])) // split)
+
+
+class _Repeated:
+    """A Triton kernel launched many times with the same arguments but its last positional ones
+    (the step kernels' ``i_t, C0, C1``). The first launch goes through Triton's JIT (compiling,
+    specializing); the rest call the compiled kernel's launcher directly, without the JIT's binding
+    of some forty arguments per call, which made one launch cost about 45 µs of host time on the H200
+    (more than the kernel: the step kernels' forward took 6.2 ms for 129 launches). Triton's
+    interpreter, and a precompile's dry run, go through the JIT every time."""
+
+    def __init__(self, kernel, grid, args: tuple, kwargs: dict) -> None:
+        self._kernel, self._grid, self._args, self._kwargs = kernel, grid, args, kwargs
+        self._run = self._rest = None
+
+    def __call__(self, *varying) -> None:
+        if self._run is not None:
+            self._run(*self._args, *varying, *self._rest)
+            return
+        compiled = self._kernel[self._grid](*self._args, *varying, **self._kwargs)
+        params = getattr(self._kernel, "params", None)
+        if compiled is None or params is None or not hasattr(compiled, "packed_metadata"):
+            return
+        rest = params[len(self._args) + len(varying):]
+        if all(q.name in self._kwargs for q in rest):  # else (a default left out) the JIT every time
+            self._rest = tuple(self._kwargs[q.name] for q in rest)
+            self._run = compiled[(*self._grid, 1, 1)[:3]]  # the launcher reads all three grid sizes
+
+
+def _forward_split(kn, p, inputs, state, hist, ybuf, o, c0, c1, r, nh, save, out, split):
+    """Chunks ``c0 .. c1 − 1`` forward, one launch each after a first one that computes chunk
+    ``c0``'s output at its keys (``_mlp_memory_fwd_step``); ``state`` is updated in place."""
+    grid = (inputs[0].shape[0] * inputs[0].shape[2], _programs(p, split))
+    kw = {k: v for k, v in p.items() if k != "num_warps"}
+    launch = _Repeated(kn.fwd_step, grid, (*inputs, *state, *hist, ybuf, o),
+                       dict(R=r, NH=nh, NB=split, SAVE=save, OUT=out, num_warps=p["num_warps"], num_stages=1, **kw))
+    for i in range(c0 - 1, c1):
+        launch(i, c0, c1)
+
+
 @_fwd_op.register_fake
-def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps):
-    b, t, h, _ = q.shape
-    nt = -(-t // chunk)
-    nh = -(-nt // stride) if stride else 0
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps, split):
+    nt = -(-q.shape[1] // chunk)
     out = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (w0, w1, s0, s1)]
-    hist = [q.new_empty((b, h, nh, *x.shape[2:]) if stride else (0,), dtype=torch.float32) for x in out]
+    hist, _ = _history(q, out, chunk, stride, nt, split)
     return (torch.empty_like(v), *out, *hist)
 
 
@@ -179,23 +251,26 @@ def _(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, s
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, g0: torch.Tensor,
             z0: torch.Tensor, om: torch.Tensor, end: torch.Tensor, oml: torch.Tensor, yll: torch.Tensor,
             hw0: torch.Tensor, hw1: torch.Tensor, hs0: torch.Tensor, hs1: torch.Tensor, do: torch.Tensor,
-            dw0: torch.Tensor, dw1: torch.Tensor, ds0: torch.Tensor, ds1: torch.Tensor, chunk: int, block_f: int,
-            stride: int, warps: int) -> list[torch.Tensor]:
+            hr1: torch.Tensor, dw0: torch.Tensor, dw1: torch.Tensor, ds0: torch.Tensor, ds1: torch.Tensor,
+            chunk: int, block_f: int, stride: int, warps: int, split: int) -> list[torch.Tensor]:
     """Returns the gradients of ``(q, k, v, eta, g0, z0, om, end, oml, yll, W0, W1, S0, S1)``. With a
     ``stride`` above 1 the saved states are checkpoints: each segment of ``stride`` chunks is run
     forward again from its checkpoint, keeping every chunk's start, then backward."""
-    args = (q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f,
-            stride, warps)
+    args = (q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, hr1, dw0, dw1, ds0, ds1, chunk,
+            block_f, stride, warps, split)
     return run_precompiled(_OP, "bwd", _backward, args, q.device)
 
 
-def _backward(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f,
-              stride, warps):
+def _backward(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, hr1, dw0, dw1, ds0, ds1, chunk,
+              block_f, stride, warps, split):
     kn = _kernels(q)
     b, t, h, d = q.shape
     f = hw0.shape[-2]
     p = _launch(q, f, chunk, block_f, warps)
     nt = p["NT"]
+    if split:
+        return _backward_split(kn, p, (q, k, v, eta, g0, z0, om, end, oml, yll), (hw0, hw1, hs0, hs1, hr1), do,
+                               (dw0, dw1, ds0, ds1), stride, split)
     state = [x.float().contiguous().clone() for x in (dw0, dw1, ds0, ds1)]  # overwritten chunk by chunk
     scr = q.new_empty(b * h, chunk, f, dtype=torch.float32)
     grads = [torch.empty_like(x) for x in (q, k, v)] + [torch.empty_like(eta)]
@@ -219,19 +294,59 @@ def _backward(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, d
     return grads + coef + state
 
 
+def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
+    """The step kernels' backward: each segment of ``stride`` chunks forward again from its
+    checkpoint (keeping every chunk's start and R1; unless ``stride`` is 1, all kept), then one
+    launch per chunk in reverse (``_mlp_memory_bwd_step``), plus one that finishes the segment's
+    first chunk."""
+    q, k, v, eta, g0, z0, om, end, oml, yll = inputs
+    b, t, h, d = q.shape
+    nt, chunk, bd = p["NT"], p["C"], p["BD"]
+    grid = (b * h, _programs(p, split))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    state = [x.float().contiguous().clone() for x in dstate]  # the state's gradient, chunk by chunk
+    scr = torch.zeros((b * h, chunk, p["F"]), **f32)
+    ebuf = torch.zeros((3, b * h, chunk, bd), **f32)
+    dq, dk = (torch.zeros(x.shape, **f32) for x in (q, k))
+    dv, deta = torch.empty_like(v), torch.empty_like(eta)
+    coef = [torch.zeros(x.shape, **f32) for x in (g0, z0, om, end, oml, yll)]
+    do = do.contiguous()
+    step = (q, k, eta, g0, z0, om, end, oml, yll)
+    if stride == 1:
+        segments = [(0, nt, hist)]
+    else:
+        segments = []
+        for seg in reversed(range(-(-nt // stride))):
+            c0, c1 = seg * stride, min(seg * stride + stride, nt)
+            segments.append((c0, c1, None))
+    ybuf = torch.zeros((3, b * h, chunk, bd), **f32) if stride != 1 else None
+    for c0, c1, starts in segments:
+        if starts is None:  # the segment's chunk-start states and R1, from its checkpoint
+            work = [x[:, :, (c0 // stride)].clone() for x in hist[:4]]
+            starts = [q.new_empty((b, h, c1 - c0, *x.shape[3:]), dtype=torch.float32) for x in hist]
+            ybuf.zero_()
+            _forward_split(kn, p, inputs, work, starts, ybuf, q, c0, c1, 1, c1 - c0, True, False, split)
+        launch = _Repeated(kn.bwd_step, grid, (*step, *starts, do, *state, scr, ebuf, dq, dk, dv, deta, *coef),
+                           dict(T=t, NT=nt, H=h, D=d, F=p["F"], C=chunk, BD=bd, BF=p["BF"], NB=split,
+                                PREC=p["PREC"], num_warps=p["num_warps"], num_stages=1))
+        for i in range(c1 - 1, c0 - 2, -1):
+            launch(i, c0, c1)
+    return [dq.to(q.dtype), dk.to(k.dtype), dv, deta] + [c.to(x.dtype) for c, x in zip(coef, (g0, z0, om, end, oml, yll))] + state
+
+
 @_bwd_op.register_fake
-def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, dw0, dw1, ds0, ds1, chunk, block_f, stride,
-      warps):
+def _(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, hr1, dw0, dw1, ds0, ds1, chunk, block_f,
+      stride, warps, split):
     return ([torch.empty_like(x) for x in (q, k, v, eta, g0, z0, om, end, oml, yll)]
             + [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (dw0, dw1, ds0, ds1)])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps = inputs
+    q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, block_f, stride, warps, split = inputs
     ctx.save_for_backward(q, k, v, eta, g0, z0, om, end, oml, yll, *output[5:])
     # the kept states are for the backward only: no zero gradients the size of the history for them
     ctx.mark_non_differentiable(*output[5:])
-    ctx.chunk, ctx.block_f, ctx.stride, ctx.warps = chunk, block_f, stride, warps
+    ctx.chunk, ctx.block_f, ctx.stride, ctx.warps, ctx.split = chunk, block_f, stride, warps, split
     ctx.state_dtypes = [x.dtype for x in (w0, w1, s0, s1)]
     ctx.shapes = [x.shape for x in (w0, w1, s0, s1)]
 
@@ -243,9 +358,9 @@ def _autograd_backward(ctx, do, dw0, dw1, ds0, ds1, *_hist):
                            "with gradients enabled", path=_OP)
     dstate = [torch.zeros(s, dtype=torch.float32, device=do.device) if g is None else g
               for g, s in zip((dw0, dw1, ds0, ds1), ctx.shapes)]
-    g = _bwd_op(*saved, do, *dstate, ctx.chunk, ctx.block_f, ctx.stride, ctx.warps)
+    g = _bwd_op(*saved[:14], do, saved[14], *dstate, ctx.chunk, ctx.block_f, ctx.stride, ctx.warps, ctx.split)
     state = [x.to(dt) for x, dt in zip(g[10:], ctx.state_dtypes)]
-    return (*g[:10], *state, None, None, None, None)
+    return (*g[:10], *state, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -254,7 +369,7 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
                      mu: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                      chunk: int = 16, block_f: int | None = None, checkpoint: int | None = None,
-                     read: str = "after_write", warps: int | None = None
+                     read: str = "after_write", warps: int | None = None, split: int | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Titans' mini-batch MLP memory over a sequence, in Triton, differentiable in every input.
 
@@ -274,6 +389,10 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
             two that keeps them within 256 MiB.
         read: ``after_write`` (``o_t = M_{W_t}(q_t)``) or ``before_write`` (``o_t = M_{W_{t−1}}(q_t)``).
         warps: warps per program (4, 8 or 16); by default :func:`default_warps`.
+        split: ``0`` runs one program per (batch, head) that walks every chunk; ``n`` ≥ 1 one
+            launch per chunk with the hidden units split over programs, ``n`` blocks of
+            ``block_f`` each (more programs for the GPU's SMs, the sums over hidden units added
+            across programs); by default :func:`default_split` for the device.
 
     Returns:
         ``(o [B, T, H, D] in v's dtype, (W0, W1, S0, S1) after the last token, fp32)``.
@@ -310,6 +429,11 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         warps = default_warps(chunk, d)
     if warps not in (4, 8, 16):
         raise NLGraphError(f"warps {warps!r} must be 4, 8 or 16", path=f"{_OP}.warps")
+    if split is None:
+        split = default_split(q.device)
+    if not isinstance(split, int) or isinstance(split, bool) or split < 0:
+        raise NLGraphError(f"split {split!r} must be 0 (one program per head) or a number of hidden blocks per "
+                           "program", path=f"{_OP}.split")
     _kernels(q)
     if t == 0:
         return v.new_zeros(v.shape), tuple(x.float() for x in state)
@@ -319,13 +443,13 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     if checkpoint is None:
         # keep every chunk's start while that takes at most 256 MiB (a model keeps one such set per
         # layer until its backward), else every 2nd, 4th ... chunk's
-        per_chunk = 4 * 4 * b * h * f * d
+        per_chunk = 4 * b * h * (4 * f * d + (chunk * _pow2(d) if split else 0))
         checkpoint = 1
         while checkpoint < nt and per_chunk * -(-nt // checkpoint) > 2**28:
             checkpoint *= 2
     stride = checkpoint if save else 0
     out = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), eta.float().contiguous(), *coef,
-                  *(x.contiguous() for x in state), chunk, block_f, stride, warps)
+                  *(x.contiguous() for x in state), chunk, block_f, stride, warps, split)
     return out[0], tuple(out[1:5])
 
 

@@ -52,7 +52,8 @@ def test_every_kernel_fits_at_key_width_128(tmp_path):
     seen = {(r["case"], r["kernel"]) for r in rows}
     for case, kernel in [("delta_rule", "wy_bwd"), ("gated_delta_rule", "qkw_bwd"), ("linear_attention", "grads"),
                          ("gla", "grads_channel"), ("kda", "grads"), ("kda", "prepare"), ("gla", "state_bwd"),
-                         ("mlp_memory", "bwd"), ("recurrence", "bwd"), ("short_conv", "da")]:
+                         ("mlp_memory", "bwd"), ("mlp_memory", "bwd_step"), ("mlp_memory", "fwd_step"),
+                         ("recurrence", "bwd"), ("short_conv", "da")]:
         assert (case, kernel) in seen, (case, kernel, sorted(seen))
     assert all(r["fits"] and "error" not in r for r in rows), log
     # the per-channel kernels run 32 tokens a chunk, whatever the level asks for

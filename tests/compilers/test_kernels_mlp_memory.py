@@ -6,7 +6,10 @@ outputs, the final weights and momentum, and the gradients of every input (q, k,
 and the four state matrices), with partial last chunks, head and hidden widths that are not powers
 of two or not multiples of the hidden block, and in bfloat16; then against ``run_level`` on
 ``specs/titans.yaml``'s memory level, which is what makes it that level's function; the op traces
-under ``torch.compile(fullgraph=True)``. Without CUDA the kernels run in Triton's interpreter.
+under ``torch.compile(fullgraph=True)``. Both kernel layouts: one program per (batch, head)
+walking every chunk (``split=0``), and one launch per chunk with the hidden units split over
+programs (``split`` ≥ 1 hidden blocks each, sums across programs added with atomics). Without CUDA
+the kernels run in Triton's interpreter.
 """
 
 import pytest
@@ -35,30 +38,40 @@ def _run(qkv, gates, state, dtype, **kw):
                             tuple(s.to(DEVICE, torch.float32) for s in state), **kw)
 
 
+SPLITS = pytest.mark.parametrize("split", [0, 1])
+
+
+@SPLITS
 @pytest.mark.parametrize("b,t,h,d,f,chunk,block_f", [
     (1, 16, 1, 16, 32, 16, 16),     # one full chunk
     (2, 37, 2, 8, 24, 16, 16),      # partial last chunk; F not a multiple of the block
     (1, 70, 2, 20, 64, 32, 32),     # D not a power of two, chunk 32
     (1, 64, 1, 16, 40, 64, 32),     # chunk 64
 ])
-def test_forward_equals_the_token_loop(b, t, h, d, f, chunk, block_f):
+def test_forward_equals_the_token_loop(b, t, h, d, f, chunk, block_f, split):
     qkv, gates, state = _inputs(b, t, h, d, f, seed=t + d)
     o_ref, s_ref = token_loop(*qkv, *gates, state, chunk)
-    o, s = _run(qkv, gates, state, torch.float32, chunk=chunk, block_f=block_f)
+    o, s = _run(qkv, gates, state, torch.float32, chunk=chunk, block_f=block_f, split=split)
     assert o.dtype == torch.float32 and all(x.dtype == torch.float32 for x in s)
     assert _rel(o, o_ref) < 1e-5
     for got, want in zip(s, s_ref):
         assert _rel(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("b,t,h,d,f,chunk,block_f", [
-    (1, 16, 1, 16, 32, 16, 16),
-    (2, 37, 2, 8, 24, 16, 16),
-    (1, 70, 2, 20, 64, 32, 32),
-    (1, 150, 1, 16, 40, 64, 32),   # chunk 64, partial last chunk
-    (1, 5, 2, 8, 16, 16, 16),      # shorter than one chunk
+@pytest.mark.parametrize("b,t,h,d,f,chunk,block_f,split", [
+    (1, 16, 1, 16, 32, 16, 16, 0),
+    (2, 37, 2, 8, 24, 16, 16, 0),
+    (1, 70, 2, 20, 64, 32, 32, 0),
+    (1, 150, 1, 16, 40, 64, 32, 0),   # chunk 64, partial last chunk
+    (1, 5, 2, 8, 16, 16, 16, 0),      # shorter than one chunk
+    (1, 16, 1, 16, 32, 16, 16, 1),
+    (2, 37, 2, 8, 24, 16, 16, 1),
+    (1, 70, 2, 20, 64, 32, 32, 1),
+    (1, 150, 1, 16, 40, 64, 32, 1),
+    (1, 5, 2, 8, 16, 16, 16, 1),
+    (2, 37, 2, 8, 40, 16, 16, 2),     # two blocks a program, the last program's second block empty
 ])
-def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
+def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f, split):
     """Every input's gradient, the final state's included (the backward kernel walks the chunks in
     reverse, second order through the chunk-start gradients; PyTorch differentiates the gates'
     transfer products)."""
@@ -70,7 +83,7 @@ def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
     ds = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in s_ref]
     want = torch.autograd.grad((o_ref * do).sum() + sum((x * y).sum() for x, y in zip(s_ref, ds)), leaves)
     mine = [x.detach().to(DEVICE, torch.float32).requires_grad_() for x in leaves]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk, block_f=block_f)
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), chunk=chunk, block_f=block_f, split=split)
     loss = (o * do.to(o)).sum() + sum((x * y.to(x)).sum() for x, y in zip(s, ds))
     got = torch.autograd.grad(loss, mine)
     names = ["q", "k", "v", "eta", "alpha", "mu", "W0", "W1", "S0", "S1"]
@@ -78,15 +91,16 @@ def test_gradients_equal_the_token_loop(b, t, h, d, f, chunk, block_f):
     assert max(errors.values()) < 1e-5, errors
 
 
+@SPLITS
 @pytest.mark.parametrize("checkpoint", [2, 3, 8])
-def test_checkpointed_backward_equals_keeping_every_state(checkpoint):
+def test_checkpointed_backward_equals_keeping_every_state(checkpoint, split):
     """Keeping every ``checkpoint``-th chunk-start state and running each segment forward again in
     the backward gives the gradients of keeping them all (7 chunks: segments that do not divide)."""
     qkv, gates, state = _inputs(1, 106, 2, 8, 24, seed=7)
 
     def grads(ck):
         leaves = [x.to(DEVICE, torch.float32).requires_grad_() for x in (*qkv, *gates, *state)]
-        o, s = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=ck)
+        o, s = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=ck, split=split)
         return torch.autograd.grad(o.square().sum() + sum(x.sum() for x in s), leaves)
 
     for got, want in zip(grads(checkpoint), grads(1)):
@@ -117,21 +131,23 @@ def test_traces_under_fullgraph_compile():
         assert _rel(a, w) < 1e-6
 
 
-def test_read_before_the_write_equals_the_token_loop():
+@SPLITS
+def test_read_before_the_write_equals_the_token_loop(split):
     """``read: before_write`` reads the state after the previous token (outputs and gradients)."""
     qkv, gates, state = _inputs(2, 37, 2, 8, 24, seed=9)
     leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
     o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), 16, read="before_write")
     want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
     mine = [x.detach().to(DEVICE, torch.float32).requires_grad_() for x in leaves]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), read="before_write")
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), read="before_write", split=split)
     assert _rel(o, o_ref) < 1e-5
     got = torch.autograd.grad(o.square().sum() + sum(x.sum() for x in s), mine)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
 
 
-def test_bfloat16_inputs_stay_within_bf16_error():
+@SPLITS
+def test_bfloat16_inputs_stay_within_bf16_error(split):
     """Outputs, state and every gradient with q, k, v in bfloat16 (gates and state float32)."""
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=3)
     leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
@@ -139,7 +155,7 @@ def test_bfloat16_inputs_stay_within_bf16_error():
     want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
     mine = [x.detach().to(DEVICE, torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
             for i, x in enumerate(leaves)]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]))
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), split=split)
     assert o.dtype == torch.bfloat16
     assert _rel(o, o_ref) < 2e-2
     for got, w in zip(s, s_ref):
@@ -150,12 +166,13 @@ def test_bfloat16_inputs_stay_within_bf16_error():
         assert _rel(g, w) < 2e-2
 
 
-def test_streaming_equals_one_call():
+@SPLITS
+def test_streaming_equals_one_call(split):
     """The state after a sequence of whole chunks continues it exactly."""
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=5)
-    o, s = _run(qkv, gates, state, torch.float32)
-    first = _run([x[:, :32] for x in qkv], [g[:, :32] for g in gates], state, torch.float32)
-    second = _run([x[:, 32:] for x in qkv], [g[:, 32:] for g in gates], first[1], torch.float32)
+    o, s = _run(qkv, gates, state, torch.float32, split=split)
+    first = _run([x[:, :32] for x in qkv], [g[:, :32] for g in gates], state, torch.float32, split=split)
+    second = _run([x[:, 32:] for x in qkv], [g[:, 32:] for g in gates], first[1], torch.float32, split=split)
     assert _rel(torch.cat([first[0], second[0]], dim=1), o) < 1e-6
     for got, want in zip(second[1], s):
         assert _rel(got, want) < 1e-6
@@ -247,6 +264,16 @@ def test_bad_input_is_one_clear_error():
         _run(qkv, gates, state, torch.float32, chunk=24)
     with pytest.raises(NLGraphError, match="chunk_mlp_memory.checkpoint"):
         _run(qkv, gates, state, torch.float32, checkpoint=0)
+    with pytest.raises(NLGraphError, match="chunk_mlp_memory.split"):
+        _run(qkv, gates, state, torch.float32, split=-1)
+
+
+def test_the_step_kernels_are_the_default_off_cuda_only_when_switched_on():
+    """Under the interpreter the step kernels run by default; on CUDA while ``SPLIT_ON_CUDA`` is on."""
+    from nlgraph.compilers.kernels import mlp_memory
+
+    assert mlp_memory.default_split(torch.device("cpu")) == 1
+    assert mlp_memory.default_split(torch.device("cuda")) == (1 if mlp_memory.SPLIT_ON_CUDA else 0)
 
 
 @pytest.mark.parametrize("t", [48, 50, 7])

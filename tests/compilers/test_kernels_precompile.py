@@ -68,15 +68,23 @@ def test_linear_attention_passes_record_their_kernels(dry_runs, decay):
 
 
 @pytest.mark.parametrize("checkpoint", [1, 2])
-def test_mlp_memory_passes_record_their_kernels(dry_runs, checkpoint):
+@pytest.mark.parametrize("split", [0, 1])
+def test_mlp_memory_passes_record_their_kernels(dry_runs, checkpoint, split):
     (q, k, v), gates, state = random_inputs(1, 40, 2, 16, 32, seed=0)
     leaves = [x.float().requires_grad_() for x in (q, k, v, *gates, *state)]
-    o, _ = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=checkpoint)
+    o, _ = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=checkpoint, split=split)
     o.square().sum().backward()
     got = _recorded(dry_runs)
-    assert got["fwd"] == ["fwd"]
-    # every chunk's start kept: the backward kernel alone; checkpoints: each segment forward again
-    assert got["bwd"] == (["bwd"] if checkpoint == 1 else ["fwd", "bwd", "fwd", "bwd"])
+    if split == 0:
+        assert got["fwd"] == ["fwd"]
+        # every chunk's start kept: the backward kernel alone; checkpoints: each segment forward again
+        assert got["bwd"] == (["bwd"] if checkpoint == 1 else ["fwd", "bwd", "fwd", "bwd"])
+        return
+    # one launch per chunk (3 chunks) after one for the first chunk's keys; the backward's launches
+    # per segment: its chunks and one that finishes the first (segments [2, 3) and [0, 2))
+    assert got["fwd"] == ["fwd_step"] * 4
+    assert got["bwd"] == (["bwd_step"] * 4 if checkpoint == 1
+                          else ["fwd_step"] * 2 + ["bwd_step"] * 2 + ["fwd_step"] * 3 + ["bwd_step"] * 3)
 
 
 @pytest.mark.parametrize("with_state", [False, True])
