@@ -141,6 +141,10 @@ def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
     (o.float().square().sum() + ht.square().sum()).backward()
 
 
+# Titans' MLP memory's warps and hidden block (``--mlp-warps``, ``--mlp-block``); None: the wrapper's defaults
+MLP_LAUNCH: dict = {"warps": None, "block_f": None}
+
+
 def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
     """Titans' MLP memory (hidden 4·D) at the largest chunk ≤ ``chunk`` the plan runs on CUDA at this
     head dim, with the block of hidden units and warps a model launches, in both kernel layouts."""
@@ -153,7 +157,7 @@ def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
     gates = [x.float().requires_grad_() for x in gates]
     state = [x.float().requires_grad_() for x in state]
     for split in (0, 1):  # both layouts: one program per head, one launch per chunk
-        y, new = chunk_mlp_memory(q, k, v, *gates, tuple(state), chunk=chunk, split=split)
+        y, new = chunk_mlp_memory(q, k, v, *gates, tuple(state), chunk=chunk, split=split, **MLP_LAUNCH)
         (y.float().square().sum() + sum(s.square().sum() for s in new)).backward()
 
 
@@ -328,9 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channel-chunk", type=int, default=None,
                     help="record the per-channel kernels at this chunk instead of _load.CHANNEL_CHUNK (32), to see "
                          "why that choice is there")
+    ap.add_argument("--mlp-warps", type=int, default=None, help="Titans' MLP memory's warps (default: the wrapper's)")
+    ap.add_argument("--mlp-block", type=int, default=None,
+                    help="Titans' MLP memory's hidden block (default: the wrapper's)")
     ap.add_argument("--record-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess of step 1
     args = ap.parse_args(argv)
     if args.record_only:
+        MLP_LAUNCH.update(warps=args.mlp_warps, block_f=args.mlp_block)
         if args.channel_chunk:
             from nlgraph.compilers.kernels import _load
 
@@ -342,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
            str(args.value_dim or args.dim), "--chunk", str(args.chunk), "--dtype", args.dtype, "--cases", *args.cases]
     if args.channel_chunk:
         cmd += ["--channel-chunk", str(args.channel_chunk)]
+    for flag, value in (("--mlp-warps", args.mlp_warps), ("--mlp-block", args.mlp_block)):
+        if value is not None:
+            cmd += [flag, str(value)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)

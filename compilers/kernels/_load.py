@@ -101,6 +101,8 @@ class _Recorder:
             return _Arg(a) if isinstance(a, torch.Tensor) else a
 
         class _Launch:
+            recording = True  # a dry run's launch: callers that launch one kernel many times record one
+
             def __getitem__(self, grid):
                 return lambda *args, **kwargs: log.append(
                     (name, kernel, grid, tuple(arg(a) for a in args), {k: arg(v) for k, v in kwargs.items()}))

@@ -327,9 +327,11 @@ def _mlp_memory_fwd_step(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, 
                          SAVE: tl.constexpr, OUT: tl.constexpr, PREC: tl.constexpr):
     """Chunk ``i_t`` (``C0 ≤ i_t < C1``), then the next chunk's output at its keys from this
     program's blocks of the new state, added into the next slot of ``ybuf [3, B·H, C, BD]``;
-    ``i_t = C0 − 1`` computes only chunk ``C0``'s. ``SAVE`` keeps every ``R``-th chunk-start
-    state and its ``R1 = Yk − V`` (``hr1``); ``OUT`` adds the chunk's reads into ``o`` (float32,
-    zeroed)."""
+    ``i_t = C0 − 1`` computes only chunk ``C0``'s (its read of ``ybuf`` is unused while other
+    programs add into that slot). ``SAVE`` keeps every ``R``-th chunk-start state and its
+    ``R1 = Yk − V`` (``hr1``; the backward reads R1 only when every chunk's start is kept);
+    ``OUT`` adds the chunk's reads into ``o`` (float32, zeroed), and without it ``o`` is never
+    touched."""
     i_bh = tl.program_id(0)
     i_p = tl.program_id(1)
     nbh = tl.num_programs(0)

@@ -94,7 +94,11 @@ SPLIT_ON_CUDA = switch("NLGRAPH_MLP_MEMORY_SPLIT", True)
 
 def default_split(device: torch.device) -> int:
     """Hidden blocks per program of the step kernels on ``device``, or 0 for the one-program kernels:
-    1 under the interpreter (CPU), on CUDA 1 while :data:`SPLIT_ON_CUDA` is on."""
+    1 under the interpreter (CPU), on CUDA 1 while :data:`SPLIT_ON_CUDA` is on. 0 while
+    ``torch.use_deterministic_algorithms`` is on: the step kernels add across programs with atomics,
+    so their last bits vary from run to run."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 0
     return 1 if device.type != "cuda" or SPLIT_ON_CUDA else 0
 
 
@@ -168,11 +172,13 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor
 
 
 def _history(q, out, chunk, stride, nt, split):
-    """The kept chunk-start states (and their R1 when ``split``), or distinct empties when not
+    """The kept chunk-start states (and their R1 with ``split``), or distinct empties when not
     saving: a custom op's outputs may not alias each other."""
     b, _, h, d = q.shape
     nh = -(-nt // stride) if stride else 0
     hist = [q.new_empty((b, h, nh, *x.shape[2:]) if stride else (0,), dtype=torch.float32) for x in out]
+    # R1 with each kept start; a checkpointed backward recomputes it for every chunk and reads only
+    # that (4 MiB unused at the d_model-512 Titans model's shape, kept so the kernel stays as checked)
     hist.append(q.new_empty((b, h, nh, chunk, _pow2(d)) if stride and split else (0,), dtype=torch.float32))
     return hist, nh
 
@@ -206,18 +212,23 @@ class _Repeated:
     """A Triton kernel launched many times with the same arguments but its last positional ones
     (the step kernels' ``i_t, C0, C1``). The first launch goes through Triton's JIT (compiling,
     specializing); the rest call the compiled kernel's launcher directly, without the JIT's binding
-    of some forty arguments per call, which made one launch cost about 45 µs of host time on the H200
-    (more than the kernel: the step kernels' forward took 6.2 ms for 129 launches). Triton's
-    interpreter, and a precompile's dry run, go through the JIT every time."""
+    of some forty arguments per call (through the JIT, the step kernels' forward took 5.4 ms for 129
+    launches on the H200, more than one program per head's 4.1 ms: about 40 µs a launch, inferred).
+    Triton's interpreter goes through the JIT every time; a precompile's dry run records the first
+    launch only (the rest are the same kernel)."""
 
     def __init__(self, kernel, grid, args: tuple, kwargs: dict) -> None:
         self._kernel, self._grid, self._args, self._kwargs = kernel, grid, args, kwargs
         self._run = self._rest = None
+        self._recorded = False
 
     def __call__(self, *varying) -> None:
         if self._run is not None:
             self._run(*self._args, *varying, *self._rest)
             return
+        if self._recorded:
+            return
+        self._recorded = getattr(self._kernel, "recording", False)
         compiled = self._kernel[self._grid](*self._args, *varying, **self._kwargs)
         params = getattr(self._kernel, "params", None)
         if compiled is None or params is None or not hasattr(compiled, "packed_metadata"):
@@ -230,11 +241,13 @@ class _Repeated:
 
 def _forward_split(kn, p, inputs, state, hist, ybuf, o, c0, c1, r, nh, save, out, split):
     """Chunks ``c0 .. c1 − 1`` forward, one launch each after a first one that computes chunk
-    ``c0``'s output at its keys (``_mlp_memory_fwd_step``); ``state`` is updated in place."""
+    ``c0``'s output at its keys (``_mlp_memory_fwd_step``); ``state`` is updated in place. Without
+    ``out`` the kernel never touches ``o``."""
     grid = (inputs[0].shape[0] * inputs[0].shape[2], _programs(p, split))
     kw = {k: v for k, v in p.items() if k != "num_warps"}
     launch = _Repeated(kn.fwd_step, grid, (*inputs, *state, *hist, ybuf, o),
-                       dict(R=r, NH=nh, NB=split, SAVE=save, OUT=out, num_warps=p["num_warps"], num_stages=1, **kw))
+                       dict(R=r, NH=nh, NB=split, SAVE=save, OUT=out, num_warps=p["num_warps"], num_stages=1,
+                            **kw))
     for i in range(c0 - 1, c1):
         launch(i, c0, c1)
 
@@ -325,6 +338,7 @@ def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
             work = [x[:, :, (c0 // stride)].clone() for x in hist[:4]]
             starts = [q.new_empty((b, h, c1 - c0, *x.shape[3:]), dtype=torch.float32) for x in hist]
             ybuf.zero_()
+            # q stands for the output it never writes (OUT is a compile-time False)
             _forward_split(kn, p, inputs, work, starts, ybuf, q, c0, c1, 1, c1 - c0, True, False, split)
         launch = _Repeated(kn.bwd_step, grid, (*step, *starts, do, *state, scr, ebuf, dq, dk, dv, deta, *coef),
                            dict(T=t, NT=nt, H=h, D=d, F=p["F"], C=chunk, BD=bd, BF=p["BF"], NB=split,
@@ -385,8 +399,8 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
 
         checkpoint: with gradients enabled, the forward keeps every ``checkpoint``-th chunk's start
             state (``4·F·D`` floats per chunk and head) and the backward runs each segment forward
-            again from it; 1 keeps them all (no recomputation). By default the smallest power of
-            two that keeps them within 256 MiB.
+            again from it; 1 keeps them all (no recomputation); with ``split``, each kept chunk's
+            ``[C, D]`` R1 too. By default the smallest power of two that keeps them within 256 MiB.
         read: ``after_write`` (``o_t = M_{W_t}(q_t)``) or ``before_write`` (``o_t = M_{W_{t−1}}(q_t)``).
         warps: warps per program (4, 8 or 16); by default :func:`default_warps`.
         split: ``0`` runs one program per (batch, head) that walks every chunk; ``n`` ≥ 1 one
@@ -434,6 +448,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     if not isinstance(split, int) or isinstance(split, bool) or split < 0:
         raise NLGraphError(f"split {split!r} must be 0 (one program per head) or a number of hidden blocks per "
                            "program", path=f"{_OP}.split")
+    split = min(split, -(-f // block_f))  # more blocks a program than the memory has would all be empty
     _kernels(q)
     if t == 0:
         return v.new_zeros(v.shape), tuple(x.float() for x in state)
@@ -442,7 +457,9 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     nt = -(-t // chunk)
     if checkpoint is None:
         # keep every chunk's start while that takes at most 256 MiB (a model keeps one such set per
-        # layer until its backward), else every 2nd, 4th ... chunk's
+        # layer until its backward), else every 2nd, 4th ... chunk's. The step kernels count each
+        # kept chunk's R1 too: at the d_model-512 Titans model's shape (B=8, T=2048) that keeps every
+        # 8th chunk's start, where the one-program kernels keep every 4th (their 256 MiB exactly)
         per_chunk = 4 * b * h * (4 * f * d + (chunk * _pow2(d) if split else 0))
         checkpoint = 1
         while checkpoint < nt and per_chunk * -(-nt // checkpoint) > 2**28:

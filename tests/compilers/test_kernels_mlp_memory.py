@@ -38,15 +38,20 @@ def _run(qkv, gates, state, dtype, **kw):
                             tuple(s.to(DEVICE, torch.float32) for s in state), **kw)
 
 
+# the layouts: one program per (batch, head); one launch per chunk, one hidden block per program
+# (the tests below take hidden blocks of 16, so that every head has two programs or more)
 SPLITS = pytest.mark.parametrize("split", [0, 1])
 
 
-@SPLITS
-@pytest.mark.parametrize("b,t,h,d,f,chunk,block_f", [
-    (1, 16, 1, 16, 32, 16, 16),     # one full chunk
-    (2, 37, 2, 8, 24, 16, 16),      # partial last chunk; F not a multiple of the block
-    (1, 70, 2, 20, 64, 32, 32),     # D not a power of two, chunk 32
-    (1, 64, 1, 16, 40, 64, 32),     # chunk 64
+@pytest.mark.parametrize("b,t,h,d,f,chunk,block_f,split", [
+    *[(*shape, split) for shape in [
+        (1, 16, 1, 16, 32, 16, 16),     # one full chunk
+        (2, 37, 2, 8, 24, 16, 16),      # partial last chunk; F not a multiple of the block
+        (1, 70, 2, 20, 64, 32, 32),     # D not a power of two, chunk 32
+        (1, 64, 1, 16, 40, 64, 32),     # chunk 64
+    ] for split in (0, 1)],
+    (2, 37, 2, 8, 40, 16, 16, 2),       # two blocks a program, the last program's second one empty
+    (1, 40, 2, 16, 32, 16, 16, 9),      # more blocks a program than the memory has: two
 ])
 def test_forward_equals_the_token_loop(b, t, h, d, f, chunk, block_f, split):
     qkv, gates, state = _inputs(b, t, h, d, f, seed=t + d)
@@ -100,7 +105,8 @@ def test_checkpointed_backward_equals_keeping_every_state(checkpoint, split):
 
     def grads(ck):
         leaves = [x.to(DEVICE, torch.float32).requires_grad_() for x in (*qkv, *gates, *state)]
-        o, s = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=ck, split=split)
+        o, s = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=ck, split=split,
+                                block_f=16)
         return torch.autograd.grad(o.square().sum() + sum(x.sum() for x in s), leaves)
 
     for got, want in zip(grads(checkpoint), grads(1)):
@@ -139,7 +145,7 @@ def test_read_before_the_write_equals_the_token_loop(split):
     o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), 16, read="before_write")
     want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
     mine = [x.detach().to(DEVICE, torch.float32).requires_grad_() for x in leaves]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), read="before_write", split=split)
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), read="before_write", split=split, block_f=16)
     assert _rel(o, o_ref) < 1e-5
     got = torch.autograd.grad(o.square().sum() + sum(x.sum() for x in s), mine)
     for g, w in zip(got, want):
@@ -155,7 +161,7 @@ def test_bfloat16_inputs_stay_within_bf16_error(split):
     want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
     mine = [x.detach().to(DEVICE, torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
             for i, x in enumerate(leaves)]
-    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), split=split)
+    o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), split=split, block_f=16)
     assert o.dtype == torch.bfloat16
     assert _rel(o, o_ref) < 2e-2
     for got, w in zip(s, s_ref):
@@ -170,9 +176,10 @@ def test_bfloat16_inputs_stay_within_bf16_error(split):
 def test_streaming_equals_one_call(split):
     """The state after a sequence of whole chunks continues it exactly."""
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=5)
-    o, s = _run(qkv, gates, state, torch.float32, split=split)
-    first = _run([x[:, :32] for x in qkv], [g[:, :32] for g in gates], state, torch.float32, split=split)
-    second = _run([x[:, 32:] for x in qkv], [g[:, 32:] for g in gates], first[1], torch.float32, split=split)
+    kw = dict(split=split, block_f=16)
+    o, s = _run(qkv, gates, state, torch.float32, **kw)
+    first = _run([x[:, :32] for x in qkv], [g[:, :32] for g in gates], state, torch.float32, **kw)
+    second = _run([x[:, 32:] for x in qkv], [g[:, 32:] for g in gates], first[1], torch.float32, **kw)
     assert _rel(torch.cat([first[0], second[0]], dim=1), o) < 1e-6
     for got, want in zip(second[1], s):
         assert _rel(got, want) < 1e-6
@@ -268,12 +275,79 @@ def test_bad_input_is_one_clear_error():
         _run(qkv, gates, state, torch.float32, split=-1)
 
 
-def test_the_step_kernels_are_the_default_off_cuda_only_when_switched_on():
-    """Under the interpreter the step kernels run by default; on CUDA while ``SPLIT_ON_CUDA`` is on."""
+@pytest.mark.parametrize("env,want", [(None, 1), ("0", 0), ("off", 0), ("1", 1)])
+def test_the_step_kernels_run_on_cuda_unless_switched_off(env, want):
+    """``NLGRAPH_MLP_MEMORY_SPLIT`` (read at import) decides the CUDA layout; the interpreter (CPU)
+    always runs the step kernels."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from nlgraph.compilers.kernels import mlp_memory as m; "
+            "print(m.default_split(torch.device('cuda')), m.default_split(torch.device('cpu')))")
+    env_vars = {k: v for k, v in os.environ.items() if k != "NLGRAPH_MLP_MEMORY_SPLIT"}
+    if env is not None:
+        env_vars["NLGRAPH_MLP_MEMORY_SPLIT"] = env
+    out = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [str(want), "1"], out.stderr
+
+
+def test_deterministic_algorithms_take_the_one_program_kernels():
+    """The step kernels add across programs with atomics (run-to-run variation in the last bits):
+    under ``torch.use_deterministic_algorithms`` the default is the one-program layout."""
     from nlgraph.compilers.kernels import mlp_memory
 
-    assert mlp_memory.default_split(torch.device("cpu")) == 1
-    assert mlp_memory.default_split(torch.device("cuda")) == (1 if mlp_memory.SPLIT_ON_CUDA else 0)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert mlp_memory.default_split(torch.device("cpu")) == 0
+        assert mlp_memory.default_split(torch.device("cuda")) == 0
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_repeated_launches_pass_the_arguments_in_the_kernels_order():
+    """After the first launch through the JIT, ``_Repeated`` calls the compiled kernel's launcher
+    with every parameter in the kernel's order (compile-time ones included) and the grid padded to
+    three sizes; a dry run's recording launch is made once."""
+    from types import SimpleNamespace
+
+    from nlgraph.compilers.kernels.mlp_memory import _Repeated
+
+    calls = []
+
+    class Compiled:
+        packed_metadata = object()
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Kernel:
+        params = [SimpleNamespace(name=n) for n in ("x", "y", "i_t", "C0", "C1", "T", "NB")]
+
+        def __getitem__(self, grid):
+            def jit(*args, **kwargs):
+                calls.append(("jit", grid, args, kwargs))
+                return Compiled()
+            return jit
+
+    launch = _Repeated(Kernel(), (6, 2), ("X", "Y"), dict(T=40, NB=1, num_warps=4, num_stages=1))
+    launch(-1, 0, 3)
+    launch(0, 0, 3)
+    assert calls[0] == ("jit", (6, 2), ("X", "Y", -1, 0, 3), dict(T=40, NB=1, num_warps=4, num_stages=1))
+    assert calls[1] == ("direct", (6, 2, 1), ("X", "Y", 0, 0, 3, 40, 1))
+
+    class Recording:
+        recording = True
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append("recorded")
+
+    calls.clear()
+    launch = _Repeated(Recording(), (6, 2), ("X",), {})
+    for i in range(4):
+        launch(i, 0, 3)
+    assert calls == ["recorded"]
 
 
 @pytest.mark.parametrize("t", [48, 50, 7])
