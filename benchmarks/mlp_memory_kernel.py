@@ -182,7 +182,8 @@ def profiles(dev, shapes: list[str], blocks: list[int], splits: tuple[int, ...],
                         step()
                         torch.cuda.synchronize(dev)
                         wall = (time.perf_counter() - t0) * 1e3
-                    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+                    kernels = [e for e in prof.key_averages()
+                               if e.device_time_total > 0 and e.device_type.name == "CUDA"]
                     kernels.sort(key=lambda e: -e.device_time_total)
                     row = {"shape": label, "split": sp, "block_f": bf, "warps": w, "wall_ms": round(wall, 3),
                            "gpu_busy_ms": round(sum(e.device_time_total for e in kernels) / 1e3, 3),
@@ -221,8 +222,8 @@ def main() -> int:
         from nlgraph.compilers.kernels import mlp_memory
 
         mlp_memory.MAX_CUDA_TILE = 1 << 30
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "checks": checks(dev, args.checks, tuple(args.splits), args.check_warps,
-                                                                          args.check_block)}
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+           "checks": checks(dev, args.checks, tuple(args.splits), args.check_warps, args.check_block)}
     if args.profile:
         res["profiles"] = profiles(dev, args.shapes, args.blocks, tuple(args.splits), tuple(args.warps))
     elif not args.no_timing:

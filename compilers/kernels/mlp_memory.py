@@ -15,8 +15,8 @@ The weights and momentum stay in fp32 and the per-token weights are never formed
 (``_mlp_memory_triton``). Two layouts of the same arithmetic: one program per (batch, head) walks
 all its chunks (``split=0``), or, the default, one launch per chunk with the hidden units split over
 programs (``split`` ≥ 1), the sums over hidden units added across programs with atomics: 4x the
-programs at the d_model-512 Titans model's shape, where one program per head left half the SMs idle. The transfer products of
-the gates (``G``, ``Y``, ``Ω = G Y`` per chunk) are formed beforehand for all chunks at once by
+programs at the d_model-512 Titans model's shape, where one program per head left half the SMs
+idle. The transfer products of the gates (``G``, ``Y``, ``Ω = G Y`` per chunk) are formed beforehand for all chunks at once by
 :func:`nlgraph.compilers.chunked.transfer`; they do not depend on the memory.
 
 The backward is a second Triton kernel that walks the chunks in reverse from the chunk-start
@@ -308,9 +308,9 @@ def _backward(q, k, v, eta, g0, z0, om, end, oml, yll, hw0, hw1, hs0, hs1, do, h
 
 
 def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
-    """The step kernels' backward: each segment of ``stride`` chunks forward again from its
-    checkpoint (keeping every chunk's start and R1; unless ``stride`` is 1, all kept), then one
-    launch per chunk in reverse (``_mlp_memory_bwd_step``), plus one that finishes the segment's
+    """The step kernels' backward: each segment of ``stride`` chunks runs forward again from its
+    checkpoint, keeping every chunk's start and R1 (at ``stride`` 1 the forward kept them all), then
+    one launch per chunk in reverse (``_mlp_memory_bwd_step``), plus one that finishes the segment's
     first chunk."""
     q, k, v, eta, g0, z0, om, end, oml, yll = inputs
     b, t, h, d = q.shape
@@ -345,7 +345,8 @@ def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
                                 PREC=p["PREC"], num_warps=p["num_warps"], num_stages=1))
         for i in range(c1 - 1, c0 - 2, -1):
             launch(i, c0, c1)
-    return [dq.to(q.dtype), dk.to(k.dtype), dv, deta] + [c.to(x.dtype) for c, x in zip(coef, (g0, z0, om, end, oml, yll))] + state
+    coef = [c.to(x.dtype) for c, x in zip(coef, (g0, z0, om, end, oml, yll))]
+    return [dq.to(q.dtype), dk.to(k.dtype), dv, deta] + coef + state
 
 
 @_bwd_op.register_fake
