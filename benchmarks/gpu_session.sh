@@ -55,6 +55,8 @@ titans_split_w8b16_model|240|python -P benchmarks/with_mlp_warps.py 8 16 bench t
 titans_nosplit_model|240|NLGRAPH_MLP_MEMORY_SPLIT=0 python -P -m nlgraph bench titans D512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $J
 titans_large_chunk|480|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=256 --lengths 2048 --tokens 16384 --modes compile-graph --json $J && python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=512 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $OUT/titans_chunk512.json
 deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
+value_beta_check|330|python benchmarks/kernels.py --value-beta --skip-fla --skip-nlgraph-chunked --out $J && python benchmarks/kernels.py --skip-fla --skip-nlgraph-chunked --out $OUT/delta_rule_checks_after_value_beta.json
+titans_order_value_beta|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_vb_gdn.json && NLGRAPH_VALUE_BETA_GPU=1 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 titans_order_profile|300|python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096.json && python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J

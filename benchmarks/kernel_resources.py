@@ -141,8 +141,11 @@ def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
     (o.float().square().sum() + ht.square().sum()).backward()
 
 
-# Titans' MLP memory's warps and hidden block (``--mlp-warps``, ``--mlp-block``); None: the wrapper's defaults
+# Titans' MLP memory's warps and hidden block (``--mlp-warps``, ``--mlp-block``; None: the wrapper's
+# defaults) and its layouts (``--mlp-splits``: 0 one program per head, n one launch per chunk with n
+# hidden blocks a program)
 MLP_LAUNCH: dict = {"warps": None, "block_f": None}
+MLP_SPLITS: list = [0, 1]
 
 
 def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
@@ -156,7 +159,7 @@ def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
     q, k, v = (x.to(dt).requires_grad_() for x in (q, k, v))
     gates = [x.float().requires_grad_() for x in gates]
     state = [x.float().requires_grad_() for x in state]
-    for split in (0, 1):  # both layouts: one program per head, one launch per chunk
+    for split in MLP_SPLITS:
         y, new = chunk_mlp_memory(q, k, v, *gates, tuple(state), chunk=chunk, split=split, **MLP_LAUNCH)
         (y.float().square().sum() + sum(s.square().sum() for s in new)).backward()
 
@@ -335,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp-warps", type=int, default=None, help="Titans' MLP memory's warps (default: the wrapper's)")
     ap.add_argument("--mlp-block", type=int, default=None,
                     help="Titans' MLP memory's hidden block (default: the wrapper's)")
+    ap.add_argument("--mlp-splits", default="0,1", help="Titans' MLP memory's layouts, e.g. 0,1,2 (default 0,1)")
     ap.add_argument("--record-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess of step 1
     args = ap.parse_args(argv)
     if args.record_only:
         MLP_LAUNCH.update(warps=args.mlp_warps, block_f=args.mlp_block)
+        MLP_SPLITS[:] = [int(x) for x in args.mlp_splits.split(",")]
         if args.channel_chunk:
             from nlgraph.compilers.kernels import _load
 
@@ -350,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
            str(args.value_dim or args.dim), "--chunk", str(args.chunk), "--dtype", args.dtype, "--cases", *args.cases]
     if args.channel_chunk:
         cmd += ["--channel-chunk", str(args.channel_chunk)]
-    for flag, value in (("--mlp-warps", args.mlp_warps), ("--mlp-block", args.mlp_block)):
+    for flag, value in (("--mlp-warps", args.mlp_warps), ("--mlp-block", args.mlp_block),
+                        ("--mlp-splits", args.mlp_splits)):
         if value is not None:
             cmd += [flag, str(value)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -82,7 +82,7 @@ def ours(x: dict, scale: float, chunk: int, final: bool):
     from nlgraph.compilers.kernels import chunk_delta_rule
 
     return chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x.get("g"), initial_state=x.get("h0"),
-                            output_final_state=final, scale=scale, chunk=chunk)
+                            output_final_state=final, scale=scale, chunk=chunk, value_beta=x.get("value_beta"))
 
 
 def reference(x: dict, scale: float, form: str):
@@ -94,7 +94,9 @@ def reference(x: dict, scale: float, form: str):
     dv = x["v"].shape[-1]
     memory = x["h0"].transpose(-1, -2) if "h0" in x else x["q"].new_zeros(b, h, dv, dk)
     fn = delta_rule_reference if form == "reference" else delta_rule_chunked
-    y, state = fn(DeltaRuleSpec(kind="delta_rule"), keys=x["k"], values=x["v"], queries=x["q"], beta=x["beta"],
+    # the values' own write strength β_v is the plain rule on the values β_v v / β
+    values = x["v"] * (x["value_beta"] / x["beta"])[..., None] if "value_beta" in x else x["v"]
+    y, state = fn(DeltaRuleSpec(kind="delta_rule"), keys=x["k"], values=values, queries=x["q"], beta=x["beta"],
                   decay=x["g"].exp() if "g" in x else None,
                   state={"memory": memory, "position": torch.zeros((), dtype=torch.int64, device=memory.device)})
     return y * scale, state["memory"].transpose(-1, -2)
@@ -108,12 +110,17 @@ CHECKS = [  # name, (B, T, H, Dk, Dv), dtype, gated, h0, chunk, reference form, 
 ]
 
 
-def run_checks(device: str) -> list[dict]:
+def run_checks(device: str, value_beta: bool = False) -> list[dict]:
+    """The checks of ``CHECKS``; with ``value_beta`` each with a write strength of the values' own
+    (``chunk_delta_rule(value_beta=...)``, Titans' order), its gradient among the checked ones."""
     rows = []
     for name, (b, t, h, dk, dv), dtype, gated, with_h0, chunk, form, limit in CHECKS:
-        row = {"check": name, "limit": limit}
+        row = {"check": name + (" [value beta]" if value_beta else ""), "limit": limit}
         try:
             x = make_inputs(b, t, h, dk, dv, dtype, gated=gated, with_h0=with_h0, seed=t, device=device)
+            if value_beta:
+                x["value_beta"] = torch.rand(b, t, h, device=device, generator=torch.Generator(device=device)
+                                             .manual_seed(t + 1))
             got = {n: a.clone().requires_grad_() for n, a in x.items()}
             ref = {n: a.detach().double().requires_grad_() for n, a in x.items()}
             scale = dk ** -0.5
@@ -139,7 +146,8 @@ def run_checks(device: str) -> list[dict]:
             row["ok"] = False
         rows.append(row)
         print(json.dumps(row), flush=True)
-    rows.append(check_compile(device))
+    if not value_beta:
+        rows.append(check_compile(device))
     return rows
 
 
@@ -360,6 +368,9 @@ def main() -> int:
     p.add_argument("--wy-lowp", default="", metavar="LEVELS",
                    help="check and time the Triton rows once per NLGRAPH_WY_LOWP level, e.g. 0,1,2 (16-bit "
                         "products in the WY backward; default: the environment's setting only)")
+    p.add_argument("--value-beta", action="store_true",
+                   help="run the checks with a write strength of the values' own (Titans' order; "
+                        "dispatch.VALUE_BETA_ON_GPU) instead of the plain ones")
     p.add_argument("--resources", action="store_true",
                    help="only compile the kernels for sm_90 (no GPU needed) and print registers / spills")
     args = p.parse_args()
@@ -386,7 +397,7 @@ def main() -> int:
     if not args.skip_checks:
         for level in levels or [None]:
             with wy_lowp(level):
-                for c in run_checks(device):
+                for c in run_checks(device, args.value_beta):
                     if level is not None:
                         c["check"] += f" [wy {level}]"
                     checks.append(c)

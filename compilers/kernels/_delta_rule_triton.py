@@ -93,9 +93,12 @@ def _unit_lower_inverse(a, C: tl.constexpr, NB: tl.constexpr, SPREC: tl.constexp
     return tmf
 
 
-def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _prepare(k, v, beta, bval, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-             SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, NB: tl.constexpr):
+             SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, NB: tl.constexpr,
+             VB: tl.constexpr = False):
+    # VB: the values have a write strength of their own, bval (``U = T diag(β_v) V``; Titans' order
+    # writes β = b / α with β_v = b, instead of a pass scaling the values by α outside)
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -107,6 +110,10 @@ def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr,
     row = (i_b * T + t) * H + i_h
     dt = k.dtype.element_ty
     bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
+    if VB:
+        bvt = tl.load(bval + row, mask=valid, other=0.).to(tl.float32)
+    else:
+        bvt = bt
     bg = bt
     if USE_G:
         if SOLVE:
@@ -140,7 +147,7 @@ def _prepare(k, v, beta, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr,
         tl.store(_rows(w, tok, T, H, K, i_t * C, i_k * BK, C, BK), wb.to(w.dtype.element_ty), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
         vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
-        ub = tl.dot(tmd, (vb * bt[:, None]).to(dt), input_precision=PREC)
+        ub = tl.dot(tmd, (vb * bvt[:, None]).to(dt), input_precision=PREC)
         tl.store(_rows(u, tok, T, H, V, i_t * C, i_v * BV, C, BV), ub.to(u.dtype.element_ty), boundary_check=(0, 1))
 
 
@@ -368,9 +375,10 @@ def _qkw_bwd(q, k, vn, dvn, do, hs, dhs, bcum, dq, dk, dw, db, scale, T, NT, B, 
         tl.store(db + i_k * B * T * H + row, dbv, mask=valid)
 
 
-def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.constexpr, K: tl.constexpr,
-            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-            PREC: tl.constexpr, LOWP: tl.constexpr):
+def _wy_bwd(k, v, beta, bval, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dbval, dg, T, H: tl.constexpr,
+            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, VB: tl.constexpr = False):
+    # VB: the values' own write strength bval (see _prepare), whose gradient goes to dbval
     # LOWP (16-bit inputs only): 1 multiplies the products with a token operand in the input dtype
     # (β- and decay-scaled k and v rounded to it, dW stored in it by _qkw_bwd) instead of tf32 on
     # float32 copies; 2 also the C×C products through T. Accumulation stays float32 either way.
@@ -385,6 +393,11 @@ def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.
     valid = t < T
     row = (i_b * T + t) * H + i_h
     bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
+    if VB:
+        bvt = tl.load(bval + row, mask=valid, other=0.).to(tl.float32)
+        dbvt = tl.zeros([C], dtype=tl.float32)
+    else:
+        bvt = bt
     # Tᵀ loaded by address (a transposed block pointer), not by tl.trans of a tile: see _qkw_bwd
     p_tmt = tl.make_block_ptr(tm + tok * C, (C, T), (1, H * C), (0, i_t * C), (C, C), (0, 1))
     tmt = tl.load(p_tmt, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
@@ -427,19 +440,22 @@ def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.
         dub = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                       padding_option="zero")
         if LOWP > 0:
-            vb = (vf * bt[:, None]).to(dt)
+            vb = (vf * bvt[:, None]).to(dt)
             dul = dub.to(dt)
             dtm += tl.dot(dul, tl.trans(vb))
             dtmt += tl.dot(vb, tl.trans(dul))
             dvu = tl.dot(tmtl, dul)  # Tᵀ dU
         else:
             duf = dub.to(tl.float32)
-            dtm += tl.dot(duf, tl.trans(vf * bt[:, None]), input_precision=PREC)
-            dtmt += tl.dot(vf * bt[:, None], tl.trans(duf), input_precision=PREC)
+            dtm += tl.dot(duf, tl.trans(vf * bvt[:, None]), input_precision=PREC)
+            dtmt += tl.dot(vf * bvt[:, None], tl.trans(duf), input_precision=PREC)
             dvu = tl.dot(tmt, duf, input_precision=PREC)  # Tᵀ dU
-        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), (dvu * bt[:, None]).to(dv.dtype.element_ty),
+        tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), (dvu * bvt[:, None]).to(dv.dtype.element_ty),
                  boundary_check=(0, 1))
-        dbt += tl.sum(dvu * vf, axis=1)
+        if VB:
+            dbvt += tl.sum(dvu * vf, axis=1)
+        else:
+            dbt += tl.sum(dvu * vf, axis=1)
     # T = (I + A)⁻¹  ⇒  dA = −Tᵀ dT Tᵀ (and dAᵀ = −T dTᵀ T), kept strictly below (above) the diagonal
     # T itself is loaded only after the loops, so it does not hold registers through them
     if LOWP > 1:
@@ -474,6 +490,8 @@ def _wy_bwd(k, v, beta, bcum, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, T, H: tl.
     gm = da * kk
     dbt += tl.sum(gm, axis=1)
     tl.store(dbeta + row, dbt.to(dbeta.dtype.element_ty), mask=valid)
+    if VB:
+        tl.store(dbval + row, dbvt.to(dbval.dtype.element_ty), mask=valid)
     if USE_G:
         x = gm * bt[:, None]
         dbv += tl.sum(x, axis=1) - tl.sum(x, axis=0)

@@ -83,15 +83,15 @@ def _state_launch(p: dict):
     return (lambda meta: (_cdiv(p["V"], meta["BV"]), bh)), {}
 
 
-def _wu(kn, p, k, v, beta, g, bcum, tm, solve: bool):
+def _wu(kn, p, k, v, beta, g, bcum, tm, solve: bool, bval=None):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     use_g = g is not None
     dummy = k.new_empty(0)
     kn.prepare[(p["NT"], p["B"] * p["H"])](
-        k, v, beta, g if use_g else dummy, bcum if use_g else dummy, tm, w, u, p["T"], H=p["H"], K=p["K"],
-        V=p["V"], C=p["C"], BK=p["BK"], BV=p["BV"], USE_G=use_g, SOLVE=solve, PREC=p["PREC"],
-        SPREC=p["SPREC"], NB=p["C"] // 16)
+        k, v, beta, bval if bval is not None else dummy, g if use_g else dummy, bcum if use_g else dummy, tm, w, u,
+        p["T"], H=p["H"], K=p["K"], V=p["V"], C=p["C"], BK=p["BK"], BV=p["BV"], USE_G=use_g, SOLVE=solve,
+        PREC=p["PREC"], SPREC=p["SPREC"], NB=p["C"] // 16, VB=bval is not None)
     return w, u
 
 
@@ -165,7 +165,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
 
 
-def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state):
+def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state, bval=None):
     if _per_channel(g):
         return _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state)
     kn = _kernels(q)
@@ -173,7 +173,7 @@ def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     b, t, h = p["B"], p["T"], p["H"]
     tm = q.new_empty(b, t, h, chunk)
     bcum = q.new_empty(b, t, h, dtype=torch.float32) if g is not None else None
-    w, u = _wu(kn, p, k, v, beta, g, bcum, tm, solve=True)
+    w, u = _wu(kn, p, k, v, beta, g, bcum, tm, solve=True, bval=bval)
     hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state)
     o = torch.empty_like(v)
     kn.output[(_cdiv(p["V"], p["BV"]), p["NT"], b * h)](
@@ -196,7 +196,7 @@ def _wy_lowp(dtype: torch.dtype) -> int:
     return int(level)
 
 
-def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
+def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
     if _per_channel(g):
         return _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
     kn = _kernels(q)
@@ -205,7 +205,7 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     use_g = g is not None
     bc = bcum if use_g else None
     dummy = q.new_empty(0)
-    w, u = _wu(kn, p, k, v, beta, g, bc, tm, solve=False)
+    w, u = _wu(kn, p, k, v, beta, g, bc, tm, solve=False, bval=bval)
     hs, vn, _ = _states(kn, p, k, w, u, bc, h0, False)
     del u  # intermediates are dropped as soon as they are used up, to keep the peak down
     do = do.contiguous()
@@ -242,24 +242,29 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
+    dbval = torch.empty_like(bval) if bval is not None else dummy
     dg = torch.empty_like(g) if use_g else q.new_empty(0)
     kn.wy_bwd[(nt, b * h)](
-        k, v, beta, bcum if use_g else dummy, tm, dw, dvn, dkp, db, dk, dv, dbeta, dg, t, H=h, K=p["K"], V=p["V"],
-        C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"], LOWP=lowp)
-    return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
+        k, v, beta, bval if bval is not None else dummy, bcum if use_g else dummy, tm, dw, dvn, dkp, db, dk, dv,
+        dbeta, dbval, dg, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"],
+        LOWP=lowp, VB=bval is not None)
+    out = (dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0))
+    return out if bval is None else (*out, dbval)
 
 
 @torch.library.custom_op("nlgraph::chunk_delta_rule_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
-            h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool,
+            bval: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
-    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward."""
-    return run_precompiled(_OP, "fwd", _forward, (q, k, v, beta, g, h0, scale, chunk, output_final_state), q.device)
+    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward.
+    ``bval``: the values' own write strength ``[B, T, H]`` (``chunk_delta_rule``'s ``value_beta``)."""
+    return run_precompiled(_OP, "fwd", _forward, (q, k, v, beta, g, h0, scale, chunk, output_final_state, bval),
+                           q.device)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, beta, g, h0, scale, chunk, output_final_state):
+def _(q, k, v, beta, g, h0, scale, chunk, output_final_state, bval=None):
     b, t, h, dk = q.shape
     ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
     bcum = g.new_empty(g.shape, dtype=torch.float32) if g is not None else q.new_empty(0)
@@ -270,39 +275,43 @@ def _(q, k, v, beta, g, h0, scale, chunk, output_final_state):
 @torch.library.custom_op("nlgraph::chunk_delta_rule_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
             h0: Optional[torch.Tensor], tm: torch.Tensor, bcum: torch.Tensor, do: torch.Tensor,
-            dht: Optional[torch.Tensor], scale: float, chunk: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv, dbeta, dg or empty, dh0 or empty)``."""
-    return run_precompiled(_OP, "bwd", _backward, (q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk), q.device)
+            dht: Optional[torch.Tensor], scale: float, chunk: int, bval: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """Returns ``(dq, dk, dv, dbeta, dg or empty, dh0 or empty, dbval or empty)``."""
+    out = run_precompiled(_OP, "bwd", _backward, (q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval),
+                          q.device)
+    return out if bval is not None else (*out, q.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
+def _(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
     e = q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta),
-            torch.empty_like(g) if g is not None else e, torch.empty_like(h0) if h0 is not None else e)
+            torch.empty_like(g) if g is not None else e, torch.empty_like(h0) if h0 is not None else e,
+            torch.empty_like(bval) if bval is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, g, h0, scale, chunk, _ = inputs
+    q, k, v, beta, g, h0, scale, chunk, _, bval = inputs
     _, _, tm, bcum = output
-    ctx.save_for_backward(q, k, v, beta, g, h0, tm, bcum)
+    ctx.save_for_backward(q, k, v, beta, g, h0, tm, bcum, bval)
     ctx.scale, ctx.chunk = scale, chunk
 
 
 def _autograd_backward(ctx, do, dht, _dtm, _dbcum):
-    q, k, v, beta, g, h0, tm, bcum = ctx.saved_tensors
+    q, k, v, beta, g, h0, tm, bcum, bval = ctx.saved_tensors
     if dht is not None and dht.numel() == 0:
         dht = None
-    dq, dk, dv, dbeta, dg, dh0 = _bwd_op(q, k, v, beta, g, h0, tm, bcum, do, dht, ctx.scale, ctx.chunk)
+    dq, dk, dv, dbeta, dg, dh0, dbval = _bwd_op(q, k, v, beta, g, h0, tm, bcum, do, dht, ctx.scale, ctx.chunk, bval)
     return (dq, dk, dv, dbeta, dg if g is not None else None, dh0 if h0 is not None else None,
-            None, None, None)
+            None, None, None, dbval if bval is not None else None)
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _check(q, k, v, beta, g, initial_state, chunk) -> None:
+def _check(q, k, v, beta, g, initial_state, chunk, value_beta=None) -> None:
     def bad(arg: str, what: str) -> NLGraphError:
         return NLGraphError(what, path=f"{_OP}.{arg}")
 
@@ -326,6 +335,12 @@ def _check(q, k, v, beta, g, initial_state, chunk) -> None:
                                    f"got {tuple(initial_state.shape)}")
     if chunk not in (16, 32, 64):
         raise bad("chunk", f"chunk {chunk} must be 16, 32 or 64")
+    if value_beta is not None:
+        if not isinstance(value_beta, torch.Tensor) or tuple(value_beta.shape) != tuple(q.shape[:3]):
+            raise bad("value_beta", f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor")
+        if g is not None and g.dim() == 4:
+            raise bad("value_beta", "a write strength of the values' own is not supported with a decay per key "
+                                    "channel; scale the values instead")
     devices = {x.device for x in (q, k, v, beta, g, initial_state) if x is not None}
     if len(devices) != 1:
         raise bad("q", f"inputs are on several devices {sorted(map(str, devices))}; move them to one")
@@ -333,8 +348,8 @@ def _check(q, k, v, beta, g, initial_state, chunk) -> None:
 
 def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                      g: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-                     output_final_state: bool = False, scale: float | None = None, chunk: int = 64
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     output_final_state: bool = False, scale: float | None = None, chunk: int = 64,
+                     value_beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (gated) delta rule, chunked, in Triton (CUDA tensors compiled; CPU tensors interpreted).
 
     Args:
@@ -350,11 +365,15 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
         scale: output scale; ``None`` means ``Dk ** -0.5`` (fla's default; nlgraph's levels use 1).
         chunk: tokens per chunk (16, 32 or 64; 32 with ``g`` per key channel, see
             ``_load.CHANNEL_CHUNK``); results do not depend on it beyond rounding.
+        value_beta: ``[B, T, H]``, the values' own write strength ``β_v``: the rule becomes
+            ``h_t = h_{t−1} + k_t (β_v,t v_t − β_t k_tᵀ h_{t−1})ᵀ`` (after the decay), the same as
+            values ``β_v v / β`` without forming them (Titans' order: ``β = b / α``, ``β_v = b``).
+            ``None``: ``β_v = β``. Not with ``g`` per key channel.
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, final state or None)``.
     """
-    _check(q, k, v, beta, g, initial_state, chunk)
+    _check(q, k, v, beta, g, initial_state, chunk, value_beta)
     chunk = kernel_chunk(g, chunk)
     _kernels(q)  # a missing triton or a CPU tensor without the interpreter fails here, in one line
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -370,22 +389,27 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     o, ht, _, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
                           g.contiguous() if g is not None else None,
                           initial_state.contiguous() if initial_state is not None else None, scale, chunk,
-                          output_final_state)
+                          output_final_state, value_beta.contiguous() if value_beta is not None else None)
     return o, (ht if output_final_state else None)
 
 
 def token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
-               h0: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               h0: torch.Tensor | None, scale: float, value_beta: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function token by token in PyTorch (the kernels' tests and GPU checks use it in
-    float64), with ``g`` per head ``[B, T, H]`` or per key channel ``[B, T, H, Dk]``:
-    ``(o [B, T, H, Dv], final state [B, H, Dk, Dv])``."""
+    float64), with ``g`` per head ``[B, T, H]`` or per key channel ``[B, T, H, Dk]``, and the
+    values' own write strength ``value_beta``: ``(o [B, T, H, Dv], final state [B, H, Dk, Dv])``."""
     b, t, h, dk = q.shape
     s = h0.clone() if h0 is not None else q.new_zeros(b, h, dk, v.shape[-1])
     out = []
     for i in range(t):
         if g is not None:  # the decay before the write: on the whole state, or on its key rows
             s = s * (torch.exp(g[:, i])[:, :, None, None] if g.dim() == 3 else torch.exp(g[:, i])[..., None])
-        err = v[:, i] - torch.einsum("bhk,bhkv->bhv", k[:, i], s)
-        s = s + beta[:, i, :, None, None] * k[:, i, :, :, None] * err[:, :, None, :]
+        read = torch.einsum("bhk,bhkv->bhv", k[:, i], s)
+        if value_beta is None:
+            write = beta[:, i, :, None] * (v[:, i] - read)
+        else:
+            write = value_beta[:, i, :, None] * v[:, i] - beta[:, i, :, None] * read
+        s = s + k[:, i, :, :, None] * write[:, :, None, :]
         out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, i], s))
     return torch.stack(out, 1), s

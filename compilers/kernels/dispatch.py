@@ -170,8 +170,8 @@ def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
 
 def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
                alpha: torch.Tensor | None, memory: torch.Tensor, chunk: int, *,
-               log_alpha: torch.Tensor | None = None, work: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               log_alpha: torch.Tensor | None = None, work: torch.dtype | None = None,
+               value_beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """nlgraph's (gated) delta rule through the kernel.
 
     Args:
@@ -181,6 +181,7 @@ def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         memory: ``[B, H, D_v, D_k]`` the state at the start.
         log_alpha: ``[B, T, H]``, ``log α`` instead of ``alpha`` (float32).
         work: the dtype q, k and v enter the kernel in (default :func:`_work_dtype`).
+        value_beta: ``[B, T, H]``, the values' own write strength (``chunk_delta_rule``'s).
 
     Returns:
         ``(y [B, T, H, D_v] in values' dtype, memory [B, H, D_v, D_k] in memory's dtype)``; the
@@ -195,7 +196,8 @@ def delta_rule(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         g = torch.log(alpha.float().clamp_min(_TINY))
     h0 = memory.transpose(-1, -2).float()
     y, ht = chunk_delta_rule(queries.to(work), keys.to(work), values.to(work), beta.float(), g,
-                             initial_state=h0, output_final_state=True, scale=1.0, chunk=chunk)
+                             initial_state=h0, output_final_state=True, scale=1.0, chunk=chunk,
+                             value_beta=value_beta.float() if value_beta is not None else None)
     return y.to(out_dtype), ht.transpose(-1, -2).to(memory.dtype)
 
 
@@ -377,14 +379,18 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     else:
         beta = lr
     v = _deviation_values(v, k, origin)
-    g, work = None, None
+    g, work, value_beta = None, None, None
     if alpha is not None and run.retention == "weight_decay":
         # β = b / α, values α v (the module docstring), written with log α: every path of the
         # gradient meets at g, where its O(1) terms cancel before the division by α, so no term
         # of order 1/α² (inf below α ≈ 1e-19) forms
         g = torch.log(alpha.float().clamp_min(_WD_FLOOR)).expand(b, t, h)
-        beta = beta.float() * torch.exp(-g)
-        if _work_dtype(q, k, v) == torch.float16:
+        b_val = beta.float()
+        beta = b_val * torch.exp(-g)
+        if _work_dtype(q, k, v) != torch.float16 and takes_value_beta(q.device):
+            # (b / α) (α v) = b v: the kernel writes the values with b itself, no pass over them
+            value_beta = b_val.expand(b, t, h)
+        elif _work_dtype(q, k, v) == torch.float16:
             # float16's range is too short: α v underflows below α ≈ 6e-5 and the kernel's dv'
             # (about β / α) overflows 65504, so values and kernel work in float32 (tested)
             v, work = v.float() * torch.exp(g).unsqueeze(-1), torch.float32
@@ -395,12 +401,29 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     u0 = w if origin is None else w - origin
     if alpha is not None and alpha.dim() < 4:
         alpha = alpha.expand(b, t, h)
-    y, u = delta_rule(_kernel_queries(q, run.read_before), k, v, beta, alpha, u0, chunk, log_alpha=g, work=work)
+    y, u = delta_rule(_kernel_queries(q, run.read_before), k, v, beta, alpha, u0, chunk, log_alpha=g, work=work,
+                      value_beta=value_beta)
     y = _level_reads(y, u0, q, origin, run.read_before).to(run.values.data.dtype)
     state = dict(run.state)
     state["position"] = run.state["position"] + t
     state["memory.w0"] = u if origin is None else (u + origin).to(w.dtype)
     return y, state
+
+
+#: Whether Titans' order (``retention: weight_decay``) on CUDA gives the delta-rule kernels the values'
+#: own write strength (``chunk_delta_rule(value_beta=b)`` with ``β = b / α``) instead of scaling the
+#: values by ``α`` in PyTorch, a pass over them forward and two backward (0.46 ms of a d_model-512
+#: Gated DeltaNet-sized step on an H100, docs/benchmarks.md). Off on CUDA until
+#: ``benchmarks/kernels.py --value-beta`` passes there (the kernels' value-beta branch is checked
+#: on CPU through Triton's interpreter only); ``NLGRAPH_VALUE_BETA_GPU=1`` turns it on. The
+#: interpreter always takes it.
+VALUE_BETA_ON_GPU = _switch("NLGRAPH_VALUE_BETA_GPU", False)
+
+
+def takes_value_beta(device: torch.device) -> bool:
+    """Whether Titans' order gives the delta-rule kernels the values' own write strength on
+    ``device`` (off CUDA, the interpreter: always; on CUDA: :data:`VALUE_BETA_ON_GPU`)."""
+    return device.type != "cuda" or VALUE_BETA_ON_GPU
 
 
 #: Whether a (gated) delta rule with a decay per key channel (Kimi Delta Attention's gate; the

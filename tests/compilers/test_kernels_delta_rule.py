@@ -111,6 +111,50 @@ def test_matches_reference_values_and_gradients(b, t, h, dk, dv, chunk, gated, w
         assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
 
 
+@pytest.mark.parametrize("b, t, h, dk, dv, chunk, gated, dtype", [
+    (2, 37, 2, 16, 32, 16, True, torch.float32),    # gated, partial last chunk
+    (1, 45, 2, 24, 20, 32, False, torch.float32),   # plain, head dims not powers of 2
+    (1, 70, 1, 16, 16, 64, True, torch.float32),    # chunk 64
+    # the 16-bit backward (NLGRAPH_WY_LOWP's default 2); float16: the interpreter gets bfloat16 wrong
+    (1, 40, 2, 32, 32, 16, True, torch.float16),
+])
+def test_a_write_strength_of_the_values_own_matches_the_token_loop(b, t, h, dk, dv, chunk, gated, dtype):
+    """``value_beta`` (Titans' order: β = b / α for the keys, β_v = b for the values): outputs,
+    final state and every gradient, ``value_beta``'s included, against the float64 token loop."""
+    from nlgraph.compilers.kernels.delta_rule import token_loop
+
+    x64 = _inputs(b, t, h, dk, dv, gated=gated, with_h0=True, seed=t + 5)
+    x64["value_beta"] = torch.rand(b, t, h, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    got = {n: a.to(DEVICE, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_() for n, a in x64.items()}
+    y_ref, s_ref = token_loop(ref["q"], ref["k"], ref["v"], ref["beta"], ref.get("g"), ref["h0"], 0.5,
+                              value_beta=ref["value_beta"])
+    o, ht = chunk_delta_rule(got["q"], got["k"], got["v"], got["beta"], g=got.get("g"), initial_state=got["h0"],
+                             output_final_state=True, scale=0.5, chunk=chunk, value_beta=got["value_beta"])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert _rel(o.float().cpu(), y_ref.detach()) < tol
+    assert _rel(ht.cpu(), s_ref.detach()) < tol
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    ((y_ref * do).sum() + (s_ref * dht).sum()).backward()
+    ((o.float() * do.float().to(DEVICE)).sum() + (ht * dht.float().to(DEVICE)).sum()).backward()
+    for name in x64:
+        assert _rel(got[name].grad.float().cpu(), ref[name].grad) < 2 * tol, name
+
+
+def test_a_write_strength_of_the_values_own_is_values_scaled():
+    """β_v v written with β equals the plain rule on the values β_v v / β."""
+    x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 33, 2, 16, 16, gated=True, with_h0=False, seed=3).items()}
+    bv = torch.rand(1, 33, 2, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    x["beta"] = x["beta"] * 0.9 + 0.1
+    o, ht = chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"], output_final_state=True, scale=1.0,
+                             chunk=16, value_beta=bv)
+    o2, ht2 = chunk_delta_rule(x["q"], x["k"], x["v"] * (bv / x["beta"])[..., None], x["beta"], g=x["g"],
+                               output_final_state=True, scale=1.0, chunk=16)
+    assert _rel(o.cpu(), o2.cpu().double()) < 1e-5 and _rel(ht.cpu(), ht2.cpu().double()) < 1e-5
+
+
 def test_streaming_continues_from_the_final_state():
     """Two calls, the first's final state as the second's initial state, equal one call."""
     x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 40, 2, 16, 16, gated=True, with_h0=True, seed=3).items()}

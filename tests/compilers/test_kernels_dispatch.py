@@ -153,11 +153,22 @@ def test_closed_form_kind_equals_the_reference(calls):
     torch.testing.assert_close(dalpha[:, keep], dalpha_ref[:, keep], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("value_beta", [True, False])
 @pytest.mark.parametrize("objective", ["l2", "dot"])
-def test_the_titans_order_is_exact_at_any_decay(objective, calls, monkeypatch):
+def test_the_titans_order_is_exact_at_any_decay(objective, value_beta, calls, monkeypatch):
     """``weight_decay`` runs as the gated rule with β = b / α and values α v (linear attention, b = 0,
-    needs neither). Written with log α, the gradient of the gate's pre-activation stays at float32
-    rounding down to α = 0 (as 1/α² terms it would be inf below α ≈ 1e-19)."""
+    needs neither), or, with ``value_beta``, β = b / α for the keys and the values written with b
+    itself (no pass scaling them). Written with log α, the gradient of the gate's pre-activation
+    stays at float32 rounding down to α = 0 (as 1/α² terms it would be inf below α ≈ 1e-19)."""
+    monkeypatch.setattr(dispatch, "takes_value_beta", lambda device: value_beta)
+    seen = []
+    real = kernel_module.chunk_delta_rule
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("value_beta") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "chunk_delta_rule", spy)
     la_calls = _count_calls(monkeypatch, _la_module(), "chunk_linear_attention")
     spec = load_level({**LEVELS["gd_l2_weight_decay"], "objective": {"kind": objective}})
     k, v, q, lr, alpha, s0 = _data(4)
@@ -172,7 +183,7 @@ def test_the_titans_order_is_exact_at_any_decay(objective, calls, monkeypatch):
                           retention=torch.sigmoid(leaves[4]), state=state, form=form)
         loss = (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + st["memory.w0"].square().sum()
         outs[form] = (y, st["memory.w0"], torch.autograd.grad(loss, leaves))
-    assert calls["n"] + la_calls["n"] == 1 and calls["n"] == (objective == "l2")
+    assert la_calls["n"] + len(seen) == 1 and seen == ([value_beta] if objective == "l2" else [])
     (y, m, g), (y_ref, m_ref, g_ref) = outs["triton"], outs["reference"]
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m, m_ref, rtol=1e-4, atol=1e-4)
