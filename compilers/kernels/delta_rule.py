@@ -167,6 +167,8 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
 
 def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state, bval=None):
     if _per_channel(g):
+        if bval is not None:  # chunk_delta_rule refuses it first, with the argument's name
+            raise ValueError("value_beta is not supported with a decay per key channel")
         return _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state)
     kn = _kernels(q)
     p = _plan(q, v, chunk)
@@ -198,6 +200,8 @@ def _wy_lowp(dtype: torch.dtype) -> int:
 
 def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
     if _per_channel(g):
+        if bval is not None:
+            raise ValueError("value_beta is not supported with a decay per key channel")
         return _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
     kn = _kernels(q)
     p = _plan(q, v, chunk)
@@ -336,12 +340,13 @@ def _check(q, k, v, beta, g, initial_state, chunk, value_beta=None) -> None:
     if chunk not in (16, 32, 64):
         raise bad("chunk", f"chunk {chunk} must be 16, 32 or 64")
     if value_beta is not None:
-        if not isinstance(value_beta, torch.Tensor) or tuple(value_beta.shape) != tuple(q.shape[:3]):
-            raise bad("value_beta", f"expected a [B, T, H] = {tuple(q.shape[:3])} tensor")
+        if (not isinstance(value_beta, torch.Tensor) or tuple(value_beta.shape) != tuple(q.shape[:3])
+                or not value_beta.is_floating_point()):
+            raise bad("value_beta", f"expected a floating-point [B, T, H] = {tuple(q.shape[:3])} tensor")
         if g is not None and g.dim() == 4:
             raise bad("value_beta", "a write strength of the values' own is not supported with a decay per key "
                                     "channel; scale the values instead")
-    devices = {x.device for x in (q, k, v, beta, g, initial_state) if x is not None}
+    devices = {x.device for x in (q, k, v, beta, g, initial_state, value_beta) if x is not None}
     if len(devices) != 1:
         raise bad("q", f"inputs are on several devices {sorted(map(str, devices))}; move them to one")
 

@@ -383,7 +383,8 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
     if alpha is not None and run.retention == "weight_decay":
         # β = b / α, values α v (the module docstring), written with log α: every path of the
         # gradient meets at g, where its O(1) terms cancel before the division by α, so no term
-        # of order 1/α² (inf below α ≈ 1e-19) forms
+        # of order 1/α² (inf below α ≈ 1e-19) forms. With the values' own write strength the
+        # values never pass through α at all (b / α · α v = b v): only the keys' β = b / α does
         g = torch.log(alpha.float().clamp_min(_WD_FLOOR)).expand(b, t, h)
         b_val = beta.float()
         beta = b_val * torch.exp(-g)
@@ -415,14 +416,15 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
 #: values by ``α`` in PyTorch, a pass over them forward and two backward (0.46 ms of a d_model-512
 #: Gated DeltaNet-sized step on an H100, docs/benchmarks.md). Off on CUDA until
 #: ``benchmarks/kernels.py --value-beta`` passes there (the kernels' value-beta branch is checked
-#: on CPU through Triton's interpreter only); ``NLGRAPH_VALUE_BETA_GPU=1`` turns it on. The
-#: interpreter always takes it.
+#: on CPU through Triton's interpreter only); ``NLGRAPH_VALUE_BETA_GPU=1`` turns it on. CPU
+#: tensors always take it.
 VALUE_BETA_ON_GPU = _switch("NLGRAPH_VALUE_BETA_GPU", False)
 
 
 def takes_value_beta(device: torch.device) -> bool:
-    """Whether Titans' order gives the delta-rule kernels the values' own write strength on
-    ``device`` (off CUDA, the interpreter: always; on CUDA: :data:`VALUE_BETA_ON_GPU`)."""
+    """Whether Titans' order gives the delta-rule kernels the values' own write strength for
+    tensors on ``device``: CPU tensors (Triton's interpreter) always, CUDA tensors while
+    :data:`VALUE_BETA_ON_GPU` is on. Float16 never does (its float32 copy of the values)."""
     return device.type != "cuda" or VALUE_BETA_ON_GPU
 
 

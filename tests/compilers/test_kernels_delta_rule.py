@@ -111,18 +111,21 @@ def test_matches_reference_values_and_gradients(b, t, h, dk, dv, chunk, gated, w
         assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
 
 
-@pytest.mark.parametrize("b, t, h, dk, dv, chunk, gated, dtype", [
-    (2, 37, 2, 16, 32, 16, True, torch.float32),    # gated, partial last chunk
-    (1, 45, 2, 24, 20, 32, False, torch.float32),   # plain, head dims not powers of 2
-    (1, 70, 1, 16, 16, 64, True, torch.float32),    # chunk 64
-    # the 16-bit backward (NLGRAPH_WY_LOWP's default 2); float16: the interpreter gets bfloat16 wrong
-    (1, 40, 2, 32, 32, 16, True, torch.float16),
+@pytest.mark.parametrize("b, t, h, dk, dv, chunk, gated, dtype, lowp", [
+    (2, 37, 2, 16, 32, 16, True, torch.float32, "2"),    # gated, partial last chunk
+    (1, 45, 2, 24, 20, 32, False, torch.float32, "2"),   # plain, head dims not powers of 2
+    (1, 70, 1, 16, 16, 64, True, torch.float32, "2"),    # chunk 64
+    (1, 20, 1, 80, 96, 16, True, torch.float32, "2"),    # two K blocks and two V blocks
+    # the 16-bit backward at every NLGRAPH_WY_LOWP; float16: the interpreter gets bfloat16 wrong
+    *[(1, 40, 2, 32, 32, 16, True, torch.float16, lowp) for lowp in ("0", "1", "2")],
 ])
-def test_a_write_strength_of_the_values_own_matches_the_token_loop(b, t, h, dk, dv, chunk, gated, dtype):
+def test_a_write_strength_of_the_values_own_matches_the_token_loop(b, t, h, dk, dv, chunk, gated, dtype, lowp,
+                                                                   monkeypatch):
     """``value_beta`` (Titans' order: β = b / α for the keys, β_v = b for the values): outputs,
     final state and every gradient, ``value_beta``'s included, against the float64 token loop."""
     from nlgraph.compilers.kernels.delta_rule import token_loop
 
+    monkeypatch.setenv("NLGRAPH_WY_LOWP", lowp)
     x64 = _inputs(b, t, h, dk, dv, gated=gated, with_h0=True, seed=t + 5)
     x64["value_beta"] = torch.rand(b, t, h, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
     ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
@@ -141,6 +144,31 @@ def test_a_write_strength_of_the_values_own_matches_the_token_loop(b, t, h, dk, 
     ((o.float() * do.float().to(DEVICE)).sum() + (ht * dht.float().to(DEVICE)).sum()).backward()
     for name in x64:
         assert _rel(got[name].grad.float().cpu(), ref[name].grad) < 2 * tol, name
+
+
+def test_a_write_strength_of_the_values_own_traces_fullgraph_and_is_refused_per_channel():
+    """The op with ``value_beta`` traces under ``torch.compile(fullgraph=True)`` with the eager
+    gradients; a decay per key channel with it is one clear error."""
+    x = {n: a.float().to(DEVICE) for n, a in _inputs(1, 24, 2, 16, 16, gated=True, with_h0=True, seed=6).items()}
+    x["value_beta"] = torch.rand(1, 24, 2, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    leaves = {n: a.clone().requires_grad_() for n, a in x.items()}
+
+    def f(q, k, v, beta, g, h0, value_beta):
+        o, ht = chunk_delta_rule(q, k, v, beta, g=g, initial_state=h0, output_final_state=True, scale=1.0,
+                                 chunk=16, value_beta=value_beta)
+        return o.square().sum() + ht.sum()
+
+    names = ["q", "k", "v", "beta", "g", "h0", "value_beta"]
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*[leaves[n] for n in names]),
+                              [leaves[n] for n in names])
+    want = torch.autograd.grad(f(*[leaves[n] for n in names]), [leaves[n] for n in names])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NLGraphError, match="decay per key channel") as err:
+        chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"][..., None].expand(1, 24, 2, 16),
+                         chunk=16, value_beta=x["value_beta"])
+    assert err.value.path == "chunk_delta_rule.value_beta"
 
 
 def test_a_write_strength_of_the_values_own_is_values_scaled():

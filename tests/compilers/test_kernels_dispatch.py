@@ -192,6 +192,15 @@ def test_the_titans_order_is_exact_at_any_decay(objective, value_beta, calls, mo
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name,read,toward", [
+    ("gd_l2_weight_decay", "before_write", True), ("dgd_l2_proximal_weight_decay", "before_write", True)])
+def test_the_titans_order_with_the_values_scaled_in_pytorch(name, read, toward, calls, monkeypatch):
+    """The path CUDA takes until the value-strength kernels' GPU check: the values scaled by α in
+    PyTorch, with a read before the write, retention toward ``W_0`` and streaming."""
+    monkeypatch.setattr(dispatch, "takes_value_beta", lambda device: False)
+    test_reads_before_the_write_and_retention_toward_the_initial_state(name, read, toward, calls, monkeypatch)
+
+
 def _variant(name, read, toward):
     level = dict(LEVELS[name]) if name in LEVELS else {**LEVELS["deltanet"], "objective": {"kind": "dot"}}
     if name == "linear_attention_decay":
