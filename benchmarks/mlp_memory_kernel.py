@@ -155,6 +155,7 @@ def profiles(dev, shapes: list[str], blocks: list[int], splits: tuple[int, ...],
     """Where one forward + backward's time goes, per layout: its wall time, the GPU's busy time (the
     kernels' summed device time) and the kernels that take the most, under ``torch.profiler``
     after three warm-up steps. A wall time far above the busy time is host-bound (launches)."""
+    import itertools
     import time
 
     from torch.profiler import ProfilerActivity, profile
@@ -166,31 +167,29 @@ def profiles(dev, shapes: list[str], blocks: list[int], splits: tuple[int, ...],
         b, t, h, d, f, chunk = SHAPES[label]
         qkv, gates, state = _inputs(b, t, h, d, f, dev)
         leaves = [x.bfloat16().requires_grad_() for x in qkv]
-        for sp in splits:
-            for bf in blocks:
-                for w in warps:
-                    def step():
-                        o, _ = chunk_mlp_memory(*leaves, *gates, tuple(state), chunk=chunk, block_f=bf, warps=w,
-                                                split=sp)
-                        o.float().square().sum().backward()
+        for sp, bf, w in itertools.product(splits, blocks, warps):
+            def step():
+                o, _ = chunk_mlp_memory(*leaves, *gates, tuple(state), chunk=chunk, block_f=bf, warps=w,
+                                        split=sp)
+                o.float().square().sum().backward()
 
-                    for _ in range(3):
-                        step()
-                    torch.cuda.synchronize(dev)
-                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                        t0 = time.perf_counter()
-                        step()
-                        torch.cuda.synchronize(dev)
-                        wall = (time.perf_counter() - t0) * 1e3
-                    kernels = [e for e in prof.key_averages()
-                               if e.device_time_total > 0 and e.device_type.name == "CUDA"]
-                    kernels.sort(key=lambda e: -e.device_time_total)
-                    row = {"shape": label, "split": sp, "block_f": bf, "warps": w, "wall_ms": round(wall, 3),
-                           "gpu_busy_ms": round(sum(e.device_time_total for e in kernels) / 1e3, 3),
-                           "top": [{"kernel": e.key[:80], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3)}
-                                   for e in kernels[:6]]}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize(dev)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize(dev)
+                wall = (time.perf_counter() - t0) * 1e3
+            kernels = [e for e in prof.key_averages()
+                       if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+            kernels.sort(key=lambda e: -e.device_time_total)
+            row = {"shape": label, "split": sp, "block_f": bf, "warps": w, "wall_ms": round(wall, 3),
+                   "gpu_busy_ms": round(sum(e.device_time_total for e in kernels) / 1e3, 3),
+                   "top": [{"kernel": e.key[:80], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3)}
+                           for e in kernels[:6]]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 

@@ -388,10 +388,11 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
         g = torch.log(alpha.float().clamp_min(_WD_FLOOR)).expand(b, t, h)
         b_val = beta.float()
         beta = b_val * torch.exp(-g)
-        if _work_dtype(q, k, v) != torch.float16 and takes_value_beta(q.device):
+        half = _work_dtype(q, k, v) == torch.float16
+        if not half and takes_value_beta(q.device):
             # (b / α) (α v) = b v: the kernel writes the values with b itself, no pass over them
             value_beta = b_val.expand(b, t, h)
-        elif _work_dtype(q, k, v) == torch.float16:
+        elif half:
             # float16's range is too short: α v underflows below α ≈ 6e-5 and the kernel's dv'
             # (about β / α) overflows 65504, so values and kernel work in float32 (tested)
             v, work = v.float() * torch.exp(g).unsqueeze(-1), torch.float32

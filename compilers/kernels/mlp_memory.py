@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import pow2 as _pow2, run_precompiled, switch
+from ._load import cdiv as _cdiv, pow2 as _pow2, run_precompiled, switch
 
 __all__ = ["chunk_mlp_memory", "random_inputs", "token_loop"]
 
@@ -205,7 +205,7 @@ def _forward(q, k, v, eta, g0, z0, om, end, oml, yll, w0, w1, s0, s1, chunk, blo
 
 def _programs(p: dict, split: int) -> int:
     """Programs per (batch, head) of the step kernels: ``split`` hidden blocks each."""
-    return -(-(-(-p["F"] // p["BF"])) // split)
+    return _cdiv(_cdiv(p["F"], p["BF"]), split)
 
 
 class _Repeated:
@@ -244,10 +244,8 @@ def _forward_split(kn, p, inputs, state, hist, ybuf, o, c0, c1, r, nh, save, out
     ``c0``'s output at its keys (``_mlp_memory_fwd_step``); ``state`` is updated in place. Without
     ``out`` the kernel never touches ``o``."""
     grid = (inputs[0].shape[0] * inputs[0].shape[2], _programs(p, split))
-    kw = {k: v for k, v in p.items() if k != "num_warps"}
     launch = _Repeated(kn.fwd_step, grid, (*inputs, *state, *hist, ybuf, o),
-                       dict(R=r, NH=nh, NB=split, SAVE=save, OUT=out, num_warps=p["num_warps"], num_stages=1,
-                            **kw))
+                       dict(R=r, NH=nh, NB=split, SAVE=save, OUT=out, num_stages=1, **p))
     for i in range(c0 - 1, c1):
         launch(i, c0, c1)
 
@@ -313,7 +311,7 @@ def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
     one launch per chunk in reverse (``_mlp_memory_bwd_step``), plus one that finishes the segment's
     first chunk."""
     q, k, v, eta, g0, z0, om, end, oml, yll = inputs
-    b, t, h, d = q.shape
+    b, h = q.shape[0], p["H"]
     nt, chunk, bd = p["NT"], p["C"], p["BD"]
     grid = (b * h, _programs(p, split))
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -325,13 +323,9 @@ def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
     coef = [torch.zeros(x.shape, **f32) for x in (g0, z0, om, end, oml, yll)]
     do = do.contiguous()
     step = (q, k, eta, g0, z0, om, end, oml, yll)
-    if stride == 1:
-        segments = [(0, nt, hist)]
-    else:
-        segments = []
-        for seg in reversed(range(-(-nt // stride))):
-            c0, c1 = seg * stride, min(seg * stride + stride, nt)
-            segments.append((c0, c1, None))
+    # (first chunk, end, its chunk-start states: kept by the forward, or None to recompute), last first
+    segments = [(0, nt, hist)] if stride == 1 else [
+        (c0, min(c0 + stride, nt), None) for c0 in reversed(range(0, nt, stride))]
     ybuf = torch.zeros((3, b * h, chunk, bd), **f32) if stride != 1 else None
     for c0, c1, starts in segments:
         if starts is None:  # the segment's chunk-start states and R1, from its checkpoint
@@ -341,8 +335,7 @@ def _backward_split(kn, p, inputs, hist, do, dstate, stride, split):
             # q stands for the output it never writes (OUT is a compile-time False)
             _forward_split(kn, p, inputs, work, starts, ybuf, q, c0, c1, 1, c1 - c0, True, False, split)
         launch = _Repeated(kn.bwd_step, grid, (*step, *starts, do, *state, scr, ebuf, dq, dk, dv, deta, *coef),
-                           dict(T=t, NT=nt, H=h, D=d, F=p["F"], C=chunk, BD=bd, BF=p["BF"], NB=split,
-                                PREC=p["PREC"], num_warps=p["num_warps"], num_stages=1))
+                           dict(NB=split, num_stages=1, **p))
         for i in range(c1 - 1, c0 - 2, -1):
             launch(i, c0, c1)
     coef = [c.to(x.dtype) for c, x in zip(coef, (g0, z0, om, end, oml, yll))]
@@ -449,7 +442,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     if not isinstance(split, int) or isinstance(split, bool) or split < 0:
         raise NLGraphError(f"split {split!r} must be 0 (one program per head) or a number of hidden blocks per "
                            "program", path=f"{_OP}.split")
-    split = min(split, -(-f // block_f))  # more blocks a program than the memory has would all be empty
+    split = min(split, _cdiv(f, block_f))  # more blocks a program than the memory has would all be empty
     _kernels(q)
     if t == 0:
         return v.new_zeros(v.shape), tuple(x.float() for x in state)
