@@ -10,9 +10,11 @@
 #
 # It installs once (benchmarks/device.sh), seeds Triton's cache with the autotuning choices kept in
 # benchmarks/autotune_sm90.tar.gz, runs each step under its own time limit (a step that runs past it
-# is killed, and the next one runs), and writes $OUT/STEP.log, $OUT/STEP.json where the step writes
-# one, a line per step in $OUT/steps.txt (exit status and seconds), and $OUT/autotune.tar.gz, the
-# choices it ends with: copy that over benchmarks/autotune_sm90.tar.gz. Every figure taken from
+# is killed, and the next one runs), and writes a line per step in $OUT/steps.txt (exit status and
+# seconds), $OUT/autotune.tar.gz, the choices it ends with (copy that over
+# benchmarks/autotune_sm90.tar.gz), and $OUT/results.tar.gz holding STEP.log, STEP.json where the
+# step writes one, the other files a step writes, install.log and gpu.txt (the device tool brings
+# back at most 8 files). Every figure taken from
 # these goes into docs/benchmarks.md with its command (the step's line below, after
 # `bash benchmarks/device.sh`).
 set -uo pipefail
@@ -57,6 +59,8 @@ titans_large_chunk|480|python -P -m nlgraph bench titans D512 levels.memory.grad
 deltanet_model|360|python -P -m nlgraph bench deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
 value_beta_check|330|python benchmarks/kernels.py --value-beta --skip-fla --skip-nlgraph-chunked --out $J && python benchmarks/kernels.py --skip-fla --skip-nlgraph-chunked --out $OUT/delta_rule_checks_after_value_beta.json
 titans_order_value_beta|360|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_vb_gdn.json && NLGRAPH_VALUE_BETA_GPU=0 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $OUT/titans_order_vb_off.json && NLGRAPH_VALUE_BETA_GPU=1 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
+value_beta_rerun|200|python benchmarks/kernels.py --value-beta --skip-fla --skip-nlgraph-chunked --out $J
+titans_order_value_beta_profile|360|NLGRAPH_VALUE_BETA_GPU=0 python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $OUT/profile_titans_form_vb_off.json && NLGRAPH_VALUE_BETA_GPU=1 python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J && python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096_vb.json
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 titans_order_profile|300|python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096.json && python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
@@ -92,3 +96,6 @@ for want in "$@"; do
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s  $cmd" | tee -a "$OUT/steps.txt"
 done
 (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/autotune.tar.gz" --null -T -) || true
+# the device tool brings back at most 8 files: the steps' logs and JSON travel as one archive
+(cd "$OUT" && find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.json' -o -name '*.txt' \) ! -name steps.txt -printf '%f\0' \
+   | tar -czf results.tar.gz --null -T - --remove-files) || true

@@ -415,11 +415,10 @@ def online_delta_rule(run: Any, chunk: int) -> tuple[torch.Tensor, dict[str, tor
 #: Whether Titans' order (``retention: weight_decay``) on CUDA gives the delta-rule kernels the values'
 #: own write strength (``chunk_delta_rule(value_beta=b)`` with ``β = b / α``) instead of scaling the
 #: values by ``α`` in PyTorch, a pass over them forward and two backward (0.46 ms of a d_model-512
-#: Gated DeltaNet-sized step on an H100, docs/benchmarks.md). Off on CUDA until
-#: ``benchmarks/kernels.py --value-beta`` passes there (the kernels' value-beta branch is checked
-#: on CPU through Triton's interpreter only); ``NLGRAPH_VALUE_BETA_GPU=1`` turns it on. CPU
-#: tensors always take it.
-VALUE_BETA_ON_GPU = _switch("NLGRAPH_VALUE_BETA_GPU", False)
+#: Gated DeltaNet-sized step on an H100; with it the step's GPU work is the plain rule's within
+#: 0.03 ms, docs/benchmarks.md). On by default since ``benchmarks/kernels.py --value-beta`` passed on
+#: an H100; ``NLGRAPH_VALUE_BETA_GPU=0`` turns it off. CPU tensors always take it.
+VALUE_BETA_ON_GPU = _switch("NLGRAPH_VALUE_BETA_GPU", True)
 
 
 def takes_value_beta(device: torch.device) -> bool:
