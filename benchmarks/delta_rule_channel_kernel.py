@@ -81,11 +81,13 @@ def checks(dev: torch.device, which: list[int] | None) -> list[dict]:
     return rows
 
 
-def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
+def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = (),
+            fla: bool = True) -> list[dict]:
     """Per key channel at the anchor shape (the kernels run 32 tokens a chunk: ``_load.CHANNEL_CHUNK``),
     against fla's ``chunk_kda`` (first, so
     nlgraph's rows carry their ratio to it and their error against it), and the per-head kernel;
-    with ``warps``, the per-channel rows again with the plain kernels launched at each count."""
+    with ``warps``, the per-channel rows again with the plain kernels launched at each count; without
+    ``fla``, nlgraph's rows alone (fla's first call autotunes for minutes)."""
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels import chunk_delta_rule
 
@@ -102,11 +104,13 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int,
                   lambda q_, k_, v_: chunk_delta_rule(q_, k_, v_, beta, g=g[..., 0].contiguous(), scale=1.0)[0],
                   False))
     try:  # fla is an optional anchor
+        if not fla:
+            raise ImportError("--no-fla")
         from fla.ops.kda import chunk_kda
 
         impls.insert(0, ("fla chunk_kda", lambda q_, k_, v_: chunk_kda(q_, k_, v_, g, beta, scale=1.0)[0], True))
     except Exception as e:  # noqa: BLE001
-        print(json.dumps({"note": f"fla's chunk_kda not available ({type(e).__name__})"}), flush=True)
+        print(json.dumps({"note": f"fla's chunk_kda not timed ({type(e).__name__}: {e})"}), flush=True)
     return with_warps(time_rows, impls, channel_rows, warps, [q, k, v], b * t, dev)
 
 
@@ -122,6 +126,7 @@ def main() -> int:
                     help="also time the per-channel rows with the plain kernels launched at these warp counts")
     ap.add_argument("--check-warps", type=int, default=None,
                     help="run the checks with the plain kernels launched at this warp count")
+    ap.add_argument("--no-fla", action="store_true", help="time nlgraph's rows alone, without fla's chunk_kda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -132,7 +137,8 @@ def main() -> int:
     with plain_warps(args.check_warps):
         res["checks"] = checks(dev, args.checks)
     if not args.no_timing:
-        res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps))
+        res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps),
+                                 fla=not args.no_fla)
     if args.json:
         from nlgraph.io import atomic_write
 

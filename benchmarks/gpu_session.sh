@@ -26,9 +26,10 @@ steps() {
   cat <<'EOF'
 kda_tree_checks|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $J
 gla_tree_checks|200|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $J
-kda_timing|540|python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
+channel_tree_session|550|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $OUT/kda_tree_checks.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $OUT/gla_tree_checks.json && python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_tree_nofla.json && python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $OUT/gla_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
+kda_timing|540|NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 kda_tree_timing|540|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
-gla_timing|420|python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
+gla_timing|420|NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
 gla_tree_timing|420|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
 kda_warps8_checks|240|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 7 --check-warps 8 --no-timing --json $J
 gla_warps8_checks|200|python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --check-warps 8 --no-timing --json $J

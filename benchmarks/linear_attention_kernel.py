@@ -88,10 +88,11 @@ def checks(dev: torch.device, channel: bool = False, which: list[int] | None = N
     return rows
 
 
-def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
+def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = (),
+                    fla: bool = True) -> list[dict]:
     """A decay per key channel at the anchor shape (the kernels run 32 tokens a chunk:
     ``_load.CHANNEL_CHUNK``), against fla's ``chunk_gla``; with ``warps``, again with the plain
-    kernels launched at each count."""
+    kernels launched at each count; without ``fla``, nlgraph's rows alone."""
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
@@ -104,15 +105,18 @@ def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tu
               lambda q_, k_, v_: chunk_linear_attention(q_, k_, v_, g, scale=1.0)[0], False)]
     ours = list(impls)
     try:  # fla is an optional anchor
+        if not fla:
+            raise ImportError("--no-fla")
         from fla.ops.gla import chunk_gla
 
         impls.insert(0, ("fla chunk_gla", lambda q_, k_, v_: chunk_gla(q_, k_, v_, g, scale=1.0)[0], True))
     except Exception as e:  # noqa: BLE001
-        print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
+        print(json.dumps({"note": f"fla not timed ({type(e).__name__}: {e})"}), flush=True)
     return with_warps(time_rows, impls, ours, warps, [q, k, v], b * t, dev)
 
 
-def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = ()) -> list[dict]:
+def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = (),
+            fla: bool = True) -> list[dict]:
     from nlgraph.bench import time_rows
     from nlgraph.compilers.kernels.linear_attention import chunk_linear_attention
 
@@ -122,10 +126,12 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int,
     v = torch.randn(b, t, h, d, device=dev, generator=gen).bfloat16()
     g = torch.log(0.9 + 0.1 * torch.rand(b, t, h, device=dev, generator=gen))
     try:  # fla is an optional anchor
+        if not fla:
+            raise ImportError("--no-fla")
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception as e:  # noqa: BLE001
         chunk_simple_gla = None
-        print(json.dumps({"note": f"fla not available ({type(e).__name__})"}), flush=True)
+        print(json.dumps({"note": f"fla not timed ({type(e).__name__}: {e})"}), flush=True)
     # with the decay, and without it (fla refuses its gated backward on triton < 3.7.1 on Hopper);
     # fla first in each pair, so nlgraph's row carries its ratio to fla and its error against it
     rows = []
@@ -153,6 +159,7 @@ def main() -> int:
                     help="also time nlgraph's rows with the plain kernels launched at these warp counts")
     ap.add_argument("--check-warps", type=int, default=None,
                     help="run the checks with the plain kernels launched at this warp count")
+    ap.add_argument("--no-fla", action="store_true", help="time nlgraph's rows alone, without fla's kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -164,7 +171,8 @@ def main() -> int:
         res["checks"] = checks(dev, args.channel, args.checks)
     timer = channel_timings if args.channel else timings
     if not args.no_timing:
-        res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps))
+        res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps),
+                                fla=not args.no_fla)
     if args.json:
         from nlgraph.io import atomic_write
 

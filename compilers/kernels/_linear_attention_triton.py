@@ -28,10 +28,11 @@ decays by e^{−88}), so ``_output_channel`` and ``_grads_channel`` build it, an
 parts (:func:`_intra_channel`): against the keys of earlier 16-row sub-blocks, one ``tl.dot``
 per sub-block through a reference row between them (both factors ≤ 1); against the keys of
 a row's own sub-block, one key offset at a time with every exponent ``b_r − b_j ≤ 0``, on the CUDA
-cores (16 steps). Exact at any decay. With ``CHANNEL_TREE`` (``NLGRAPH_CHANNEL_TREE=1``; not yet
-checked on the GPU, so off) the whole of ``A`` is a tree of reference rows instead: halves of the
-chunk, of each half, … down to single rows, one masked ``tl.dot`` a level (:func:`_tree_factors`),
-also with both factors ≤ 1.
+cores (16 steps). Exact at any decay. With ``CHANNEL_TREE`` (the default; ``NLGRAPH_CHANNEL_TREE=0``
+takes the offsets) the whole of ``A`` is a tree of reference rows instead: halves of the chunk, of
+each half, … down to single rows, one masked ``tl.dot`` a level (:func:`_tree_factors`), also with
+both factors ≤ 1; on an H100 it ran GLA's forward + backward 1.58x and KDA's 1.57x faster than the
+offsets.
 Every kernel masks the rows past T with the future tokens: they read ``b = 0``, so ``b_r − b_j``
 would be ``−b_j > 0`` there, which overflows (and ``inf · 0`` is NaN in the sums over rows).
 The state recurrences are the scalar kernels with the decays per channel.
@@ -50,10 +51,11 @@ __all__ = ["CHANNEL_TREE", "INTERPRETED", "kernels"]
 # How :func:`_intra_channel` and its adjoint score a row against the keys of its own chunk: a tree of
 # masked products (on, :func:`_tree_factors`: log2(C) tensor-core products and as many exponentials
 # of a [C, BK] tile), or the keys of its own 16-row sub-block one offset at a time on the CUDA cores
-# (off: 16 exponentials, loads and row sums of a [C, BK] tile; the form checked on the H200, so the
-# default until the tree is too). Both are exact at any decay. Read when this module is imported
-# (``NLGRAPH_CHANNEL_TREE=1``); the kernel tests, under Triton's interpreter, set it per case.
-CHANNEL_TREE = tl.constexpr(switch("NLGRAPH_CHANNEL_TREE", False))
+# (off: 16 exponentials, loads and row sums of a [C, BK] tile). Both are exact at any decay and
+# checked on the GPU; the tree is the faster there (docs/benchmarks.md), so the default. Read when this
+# module is imported (``NLGRAPH_CHANNEL_TREE=0`` for the offsets); the kernel tests, under Triton's
+# interpreter, set it per case.
+CHANNEL_TREE = tl.constexpr(switch("NLGRAPH_CHANNEL_TREE", True))
 
 
 @triton.jit
@@ -307,8 +309,10 @@ def _intra_channel(xf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr
     ``tl.dot`` result, fed to another ``tl.dot``, is what triton 3.4–3.7 miscompiles on Hopper (fla
     issue 640).
 
-    Keys of earlier 16-row sub-blocks: one ``tl.dot`` per sub-block through its reference row
-    (:func:`_sub_block_factors`). Keys of a row's own sub-block: one key offset at a time (16
+    With ``CHANNEL_TREE`` (the default) the whole of ``A`` is a tree of masked products
+    (:func:`_tree_factors`). Otherwise: keys of earlier 16-row sub-blocks, one ``tl.dot`` per
+    sub-block through its reference row (:func:`_sub_block_factors`); keys of a row's own
+    sub-block, one key offset at a time (16
     steps of ``[C, BK]`` elementwise work), every exponent ``b_r − b_j ≤ 0``, exact at any decay.
     (A factorisation inside a sub-block would need ``e^{b_ref − b_j} ≥ 1``, which overflows once
     16 tokens decay past e^−88.)"""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import channel_tree  # noqa: E402, F401  (a fixture)
+from triton_interp import channel_offsets  # noqa: E402, F401  (a fixture)
 from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
 
 from nlgraph.compilers.delta_rule import delta_rule_reference  # noqa: E402
@@ -367,11 +367,12 @@ def test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, streng
 
 
 @pytest.mark.parametrize("b, t, h, dk, dv, chunk, strength, with_h0, final", CHANNEL_CASES)
-def test_per_channel_tree_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk,
-                                                 channel_tree):
-    """The per-channel delta rule with the chunk's own keys scored by the tree of products
-    (``NLGRAPH_CHANNEL_TREE``), at the same cases: every chunk, strong decays, partial chunks."""
-    assert channel_tree
+def test_per_channel_offsets_match_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk,
+                                                  channel_offsets):
+    """The per-channel delta rule with the chunk's own keys scored one offset at a time
+    (``NLGRAPH_CHANNEL_TREE=0``; the tree of products is the default), at the same cases: every
+    chunk, strong decays, partial chunks."""
+    assert channel_offsets
     test_per_channel_decay_matches_the_token_loop(b, t, h, dk, dv, chunk, strength, with_h0, final, every_chunk)
 
 

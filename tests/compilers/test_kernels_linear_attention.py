@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import channel_tree  # noqa: E402, F401  (a fixture)
+from triton_interp import channel_offsets  # noqa: E402, F401  (a fixture)
 from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
 from triton_interp import rel as _rel  # noqa: E402
 
@@ -92,12 +92,12 @@ def test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, wi
 
 
 @pytest.mark.parametrize("b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol", CHANNEL_CASES)
-def test_per_channel_tree_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol, monkeypatch,
-                                                channel_tree):
-    """The per-channel cases of CASES with the chunk's own keys scored by the tree of products
-    (``NLGRAPH_CHANNEL_TREE``): exact at decays of e^−8 a token (e^−500 over a chunk), partial last
-    chunks, a reference row past T."""
-    assert channel_tree
+def test_per_channel_offsets_equal_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol, monkeypatch,
+                                                   channel_offsets):
+    """The per-channel cases of CASES with the chunk's own keys scored one offset at a time
+    (``NLGRAPH_CHANNEL_TREE=0``; the tree of products is the default): exact at decays of e^−8 a
+    token (e^−500 over a chunk), partial last chunks, a reference row past T."""
+    assert channel_offsets
     test_chunk_linear_attention_equals_the_token_loop(b, t, h, dk, dv, gated, with_h0, chunk, dtype, tol,
                                                       monkeypatch)
 

@@ -54,22 +54,22 @@ def interpreter_while_testing():
 
 
 @pytest.fixture
-def channel_tree(monkeypatch):
-    """The per-channel kernels with their own-chunk scores built by the tree of products
-    (``_linear_attention_triton.CHANNEL_TREE``, off by default until checked on the GPU). Under the
-    interpreter the kernels read the module's value at every call. Compiled, Triton keys its cache
-    on the value and refuses a launch after the value changed ("Global variable ... has changed"),
-    so on CUDA the test runs as the process was started."""
+def channel_offsets(monkeypatch):
+    """The per-channel kernels with their own-chunk scores built one key offset at a time
+    (``_linear_attention_triton.CHANNEL_TREE`` off; the tree of products is the default). Under
+    the interpreter the kernels read the module's value at every call. Compiled, Triton keys its
+    cache on the value and refuses a launch after the value changed ("Global variable ... has
+    changed"), so on CUDA the test runs as the process was started."""
     import triton.language as tl
 
     from nlgraph.compilers.kernels import _linear_attention_triton as mod
 
     if INTERPRET:
-        monkeypatch.setattr(mod, "CHANNEL_TREE", tl.constexpr(True))
-    elif not mod.CHANNEL_TREE:
+        monkeypatch.setattr(mod, "CHANNEL_TREE", tl.constexpr(False))
+    elif mod.CHANNEL_TREE:
         pytest.skip("on CUDA the compiled kernels keep the switch the process started with: "
-                    "run these tests with NLGRAPH_CHANNEL_TREE=1")
-    return bool(mod.CHANNEL_TREE)
+                    "run these tests with NLGRAPH_CHANNEL_TREE=0")
+    return not mod.CHANNEL_TREE
 
 
 def rel(a, b) -> float:
