@@ -23,7 +23,6 @@ first and last quarter of the positions are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
