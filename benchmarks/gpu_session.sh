@@ -27,6 +27,8 @@ steps() {
 kda_tree_checks|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $J
 gla_tree_checks|200|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $J
 channel_tree_session|550|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $OUT/kda_tree_checks.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $OUT/gla_tree_checks.json && python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_tree_nofla.json && python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $OUT/gla_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
+gla_tree_fla|250|python benchmarks/linear_attention_kernel.py --channel --checks --json $J
+kda_tree_fla|300|python benchmarks/delta_rule_channel_kernel.py --checks --json $J
 kda_timing|540|NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 kda_tree_timing|540|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 gla_timing|420|NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
@@ -65,6 +67,7 @@ titans_order_value_beta_profile|360|NLGRAPH_VALUE_BETA_GPU=0 python benchmarks/p
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 titans_order_profile|300|python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096.json && python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
+online_recurrence_check_short|240|python benchmarks/online_form.py --device cuda --check --batch 2 --length 1024 --heads 16 --dim 128 --json $J
 online_recurrence_check|300|python benchmarks/online_form.py --device cuda --check --batch 4 --length 4096 --heads 16 --dim 128 --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF

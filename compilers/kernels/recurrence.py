@@ -72,10 +72,14 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], u: torch.Tensor, xt: t
     e = _empty(w0)
     # every product takes xt's dtype (P1, Ỹ, P2 share it; E and the state are cast to it)
     prec = "ieee" if xt.dtype == torch.float32 else "tf32"
+    # two pipeline stages, as the backward: its first GPU check (H100, float32, a [128, 128] state,
+    # chunk 64) failed at launch with Triton's three asking 278,528 bytes of shared memory (232,448
+    # there); benchmarks/kernel_resources.py --cases recurrence --dtype float32 shows it on CPU
     _kernels(u).fwd[(-(-o // bo), b * h)](
         w0.float().contiguous(), s0.float().contiguous() if mom else e, u, xt, ge, p1 if p1 is not None else e,
         yt if mom else e, ze if mom else e, ye if mom else e, p2 if p2 is not None else e, ws, ss, es, wt, st, nc,
-        N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None, PREC=prec)
+        N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None, PREC=prec,
+        num_stages=2)
     return ws, ss, es, wt, st
 
 

@@ -159,7 +159,8 @@ def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, re
 
 
 def test_the_recurrence_kernel_on_cuda_follows_its_switch(monkeypatch):
-    """Checked on CPU only, so CUDA plans keep the PyTorch form until ``ONLINE_RECURRENCE_ON_GPU``."""
+    """Off on CUDA by default (checked there, slower than the PyTorch form in float32), so CUDA plans
+    keep the PyTorch form until ``ONLINE_RECURRENCE_ON_GPU``."""
     spec = load_level(LEVELS["momentum_weight_decay"])
     monkeypatch.setattr(dispatch, "ONLINE_RECURRENCE_ON_GPU", False)
     assert level_form(spec, device="cuda") == "chunked"
