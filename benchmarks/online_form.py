@@ -131,6 +131,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="check the recurrence kernel first (CUDA), then time it")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="of the timed keys, values and queries (the gates stay float32), as bf16 autocast gives them")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import nlgraph.compilers.chunked as chunked
@@ -147,6 +149,7 @@ def main() -> int:
     for name, level in LEVELS.items():
         spec = load_level({**level, "memory": {**level["memory"], "heads": args.heads}})
         x = _inputs(args.batch, args.length, args.heads, args.dim, dev)
+        x.update({n: x[n].to(getattr(torch, args.dtype)) for n in ("keys", "values", "queries")})
         small = {n: _inputs(1, c * args.chunk, 1, 8, dev) for n, c in (("4", 4), ("8", 8))}
         row = {"level": name}
         outs = {}
@@ -189,7 +192,7 @@ def main() -> int:
         row["speedup"] = round(row["per_chunk_fwd_bwd_ms"] / row["all_chunks_fwd_bwd_ms"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\nB={args.batch} T={args.length} H={args.heads} D={args.dim} chunk={args.chunk} on {dev}, eager, "
+    print(f"\nB={args.batch} T={args.length} H={args.heads} D={args.dim} chunk={args.chunk} {args.dtype} on {dev}, eager, "
           f"torch {torch.__version__}\n")
     print("| level | launches/chunk, per chunk → all chunks | f+b ms, per chunk → all chunks | speedup | rel. diff |")
     print("|---|---|---|---|---|")

@@ -1,0 +1,84 @@
+"""The GPU steps of ``benchmarks/gpu_session.sh`` name scripts that exist and options those scripts
+take: a step's typo would otherwise surface only on the device machine, after its install, at the
+cost of scarce device minutes."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SESSION = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+def _steps() -> dict[str, str]:
+    out = subprocess.run(["bash", str(SESSION), "--list"], capture_output=True, text=True, check=True).stdout
+    steps = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S+)\s+(\d+)s\s+(.*)$", line)
+        if m:
+            steps[m.group(1)] = m.group(3)
+    return steps
+
+
+def _invocations(cmd: str) -> list[tuple[str, list[str] | None]]:
+    """``(program, options)`` of every ``python`` command of a step (``&&``-joined, env prefixes);
+    ``None`` for a script that takes no options."""
+    calls = []
+    for part in re.split(r"\s*&&\s*", cmd):
+        words = shlex.split(part.replace("$J", "out.json").replace("$OUT", "out"))
+        while words and re.match(r"^[A-Z_]+=", words[0]):
+            words.pop(0)
+        if not words or words[0] != "python":
+            continue
+        words = [w for w in words[1:] if w != "-P"]
+        if words[:2] == ["-m", "nlgraph"]:
+            program, rest = "nlgraph " + words[2], words[3:]
+        else:
+            program, rest = words[0], words[1:]
+            if program.endswith("with_mlp_warps.py"):  # with_mlp_warps.py W B <nlgraph command ...>
+                calls.append((program, None))  # positional arguments only: it must exist
+                program, rest = "nlgraph " + rest[2], rest[3:]
+        calls.append((program, [w.split("=")[0] for w in rest if w.startswith("--")]))
+    return calls
+
+
+def test_the_steps_are_listed():
+    steps = _steps()
+    assert len(steps) > 20 and "value_beta_check" in steps and "ddp_2gpu" in steps
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, str]:
+    return {}
+
+
+def _help(program: str, cache: dict[str, str]) -> str:
+    if program not in cache:
+        if program.startswith("nlgraph "):
+            argv = [sys.executable, "-m", "nlgraph", program.split()[1], "--help"]
+        else:
+            path = ROOT / program
+            assert path.is_file(), f"gpu_session.sh names {program}, which does not exist"
+            argv = [sys.executable, str(path), "--help"]
+        res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert res.returncode == 0, f"{' '.join(argv)} failed: {res.stderr[-2000:]}"
+        cache[program] = res.stdout
+    return cache[program]
+
+
+def test_every_step_names_a_script_and_options_it_takes(helps):
+    bad = []
+    for name, cmd in _steps().items():
+        for program, options in _invocations(cmd):
+            if options is None:
+                assert (ROOT / program).is_file(), f"{name}: {program} does not exist"
+                continue
+            text = _help(program, helps)
+            bad += [f"{name}: {program} {o}" for o in options if not re.search(re.escape(o) + r"\b", text)]
+    assert not bad, "options the scripts do not take:\n" + "\n".join(bad)
