@@ -67,6 +67,7 @@ titans_order_value_beta_profile|360|NLGRAPH_VALUE_BETA_GPU=0 python benchmarks/p
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 titans_order_profile|300|python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096.json && python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
+transfer_check|240|python benchmarks/transfer_cost.py --device cuda --check --sizes 16 64 256 --batch 640 --specs hope_large_chunk:2048:4 titans:2048:8 --json $J
 online_recurrence_bf16|300|python benchmarks/online_form.py --device cuda --check --dtype bfloat16 --batch 4 --length 4096 --heads 16 --dim 128 --json $J
 titans_chunk64_model|300|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=64 --lengths 2048 --tokens 16384 --modes compile-graph --json $J
 online_recurrence_check_short|240|python benchmarks/online_form.py --device cuda --check --batch 2 --length 1024 --heads 16 --dim 128 --json $J

@@ -56,6 +56,8 @@ Two drivers use the engine:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -64,7 +66,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.levels.gates import AdaptiveGate
-from nlgraph.levels.memories import Memory, apply_layer, gain_normalized, layer_errors
+from nlgraph.levels.memories import Memory, gain_normalized, layer_errors
 from nlgraph.levels.optimizers import newton_schulz, sqrt_second_moment
 from nlgraph.levels.run import LevelRun, Stream, final_state, periods, schedule
 from nlgraph.spec.schema import LevelSpec
@@ -109,18 +111,68 @@ def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
 
 
 def _transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
-    n = f.shape[-2] if channel else f.shape[-1]
-    idx = torch.arange(n + 1, device=f.device)
-    strictly = idx[:, None] > idx[None, :]
-    lower = (idx[:, None] >= idx[None, :]).to(f.dtype)
-    one = torch.ones((), dtype=f.dtype, device=f.device)
-    if channel:
-        pad = torch.cat([torch.ones_like(f[..., :1, :]), f], dim=-2)  # [..., n+1, D]
-        mat = torch.where(strictly[..., None], pad.unsqueeze(-2), one)
-        return _cumprod(mat, -3) * lower[..., None]
-    pad = torch.cat([torch.ones_like(f[..., :1]), f], dim=-1)  # [..., n+1]
-    mat = torch.where(strictly, pad.unsqueeze(-1), one)
-    return _cumprod(mat, -2) * lower
+    return _Transfer.apply(f, channel)
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off for ``x``'s device type; nothing to turn off where autocast does not exist
+    (``meta``, which the capture-safety tests run on)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _lower_masks(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(strictly, lower)`` of ``[n+1, n+1]``: ``r > j`` as booleans, ``r ≥ j`` in ``like``'s dtype."""
+    idx = torch.arange(n + 1, device=like.device)
+    return idx[:, None] > idx[None, :], (idx[:, None] >= idx[None, :]).to(like.dtype)
+
+
+class _Transfer(torch.autograd.Function):
+    """:func:`transfer`'s products as one cumulative product forward and one batched matmul backward.
+
+    Forward, column ``j`` of ``G`` is the cumulative product down the rows of the factors
+    ``f_{j+1}, f_{j+2}, …`` (ones above them). Backward, with ``Ḡ`` the incoming gradient on the
+    lower triangle: ``G[r, j] = G[k−1, j] · f_k · G[r, k]`` for ``j < k ≤ r``, so
+    ``∂L/∂f_k = Σ_{j<k} G[k−1, j] · (Gᵀ Ḡ)[k, j]``: products only, exact when a factor is 0
+    (``torch.cumprod``'s own backward asks whether one is, a host synchronisation that breaks
+    CUDA-graph capture), and the saved ``G`` is all it needs (the doubling scan this replaces kept
+    ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward). The backward is made of
+    differentiable operations, so a second-order meta-gradient differentiates through it."""
+
+    @staticmethod
+    def forward(f: torch.Tensor, channel: bool) -> torch.Tensor:
+        with _no_autocast(f):
+            n = f.shape[-2] if channel else f.shape[-1]
+            strictly, lower = _lower_masks(n, f)
+            one = torch.ones((), dtype=f.dtype, device=f.device)
+            if channel:
+                pad = torch.cat([torch.ones_like(f[..., :1, :]), f], dim=-2)  # [..., n+1, D]
+                g = torch.cumprod(torch.where(strictly[..., None], pad.unsqueeze(-2), one), -3) * lower[..., None]
+            else:
+                pad = torch.cat([torch.ones_like(f[..., :1]), f], dim=-1)  # [..., n+1]
+                g = torch.cumprod(torch.where(strictly, pad.unsqueeze(-1), one), -2) * lower
+        return g
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward, as torch.func's transforms ask
+        ctx.channel = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (g,) = ctx.saved_tensors
+        with _no_autocast(g):
+            grad = grad.to(g.dtype)
+            if ctx.channel:  # the channel axis in front: [..., D, n+1, n+1]
+                g, grad = g.movedim(-1, -3), grad.movedim(-1, -3)
+            # Ḡ on the lower triangle only: G is a constant 0 above it, and an inf there would
+            # otherwise meet a 0 of G in the product
+            s = g.transpose(-1, -2) @ (grad * _lower_masks(g.shape[-1] - 1, g)[1])  # (Gᵀ Ḡ)[k, j]
+            # G[k−1, j], which is 0 unless j < k: the sum runs over j < k by itself
+            before = torch.cat([torch.zeros_like(g[..., :1, :]), g[..., :-1, :]], dim=-2)
+            df = (before * s).sum(-1)[..., 1:]  # [..., n] (or [..., D, n])
+            return (df.movedim(-2, -1) if ctx.channel else df), None
 
 
 def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -872,7 +924,6 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
     state).
 
     Returns ``(reads [B, H, n, D_v], working, buffers)`` at the segment's end."""
-    slots = list(run.memories)
     main = run.memories["memory"]
     momentum = run.optimizer.uses_momentum
     dgd = run.optimizer.kind == "dgd"

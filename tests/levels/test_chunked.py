@@ -336,6 +336,45 @@ def test_chunk_rows_are_the_last_rows_of_the_transfer_products(seed, n, d, chann
         assert_close(s, s_ref, "S_n")
 
 
+@given(SEEDS, st.integers(1, 12), st.integers(1, 3), st.booleans(), st.booleans())
+def test_transfer_products_and_their_gradients(seed, n, d, channel, zeros):
+    """``transfer`` (one cumulative product forward, one matmul backward) against the products taken
+    one by one: the values, the gradient of a weighted sum, and its second order (a meta-gradient
+    through an inner step differentiates the backward again), factors of exactly 0 included."""
+    from nlgraph.compilers.chunked import transfer
+
+    g = torch.Generator().manual_seed(seed)
+    f = torch.rand((2, n, d) if channel else (2, n), generator=g, dtype=torch.float64)
+    if zeros:
+        f.view(-1)[:: 2 + seed % 3] = 0.0
+
+    def loop(f):
+        one = torch.ones_like(f[:, 0])
+        rows = []
+        for r in range(n + 1):
+            cols = []
+            for j in range(n + 1):
+                p = one if r >= j else torch.zeros_like(one)
+                for l in range(j + 1, r + 1):
+                    p = p * f[:, l - 1]
+                cols.append(p)
+            rows.append(torch.stack(cols, 1))
+        return torch.stack(rows, 1)  # [2, n+1, n+1(, d)]
+
+    w = torch.randn((2, n + 1, n + 1, d) if channel else (2, n + 1, n + 1), generator=g, dtype=torch.float64)
+    v = torch.randn(f.shape, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda x: transfer(x, channel), loop):
+        x = f.clone().requires_grad_()
+        out = fn(x)
+        (grad,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+        # G is linear in each factor: with one factor the gradient is a constant
+        second = torch.autograd.grad((grad * v).sum(), x)[0] if grad.requires_grad else torch.zeros_like(x)
+        results.append((out, grad, second))
+    for got, ref, what in zip(results[0], results[1], ("G", "dG/df", "second order")):
+        assert_close(got, ref, what)
+
+
 def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
     # a chunk's end state [S, B, H, ...] is unbound into per-slot views; stacking those views again
     # must hand back that tensor (no copy kept for the backward), and anything else must be stacked
