@@ -13,8 +13,8 @@
 # is killed, and the next one runs), and writes a line per step in $OUT/steps.txt (exit status and
 # seconds), $OUT/autotune.tar.gz, the choices it ends with (copy that over
 # benchmarks/autotune_sm90.tar.gz), and $OUT/results.tar.gz holding STEP.log, STEP.json where the
-# step writes one, the other files a step writes, install.log and gpu.txt (the device tool brings
-# back at most 8 files). Every figure taken from
+# step writes one, the other .json / .log / .txt files a step writes at the top of $OUT, install.log
+# and gpu.txt (the device tool brings back at most 8 files). Every figure taken from
 # these goes into docs/benchmarks.md with its command (the step's line below, after
 # `bash benchmarks/device.sh`).
 set -uo pipefail
@@ -26,7 +26,7 @@ steps() {
   cat <<'EOF'
 kda_tree_checks|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $J
 gla_tree_checks|200|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $J
-channel_tree_session|550|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $OUT/kda_tree_checks.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $OUT/gla_tree_checks.json && python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_tree_nofla.json && python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $OUT/gla_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
+channel_tree_session|550|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $OUT/kda_tree_checks.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $OUT/gla_tree_checks.json && NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_tree_nofla.json && NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $OUT/gla_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
 gla_tree_fla|250|python benchmarks/linear_attention_kernel.py --channel --checks --json $J
 kda_tree_fla|300|python benchmarks/delta_rule_channel_kernel.py --checks --json $J
 kda_timing|540|NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
@@ -64,6 +64,7 @@ value_beta_check|330|python benchmarks/kernels.py --value-beta --skip-fla --skip
 titans_order_value_beta|360|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_vb_gdn.json && NLGRAPH_VALUE_BETA_GPU=0 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $OUT/titans_order_vb_off.json && NLGRAPH_VALUE_BETA_GPU=1 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 value_beta_rerun|200|python benchmarks/kernels.py --value-beta --skip-fla --skip-nlgraph-chunked --out $J
 titans_order_value_beta_profile|360|NLGRAPH_VALUE_BETA_GPU=0 python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $OUT/profile_titans_form_vb_off.json && NLGRAPH_VALUE_BETA_GPU=1 python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J && python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096_vb.json
+titans_order_interleaved|420|for i in 1 2 3; do python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/interleaved_gdn_$i.json && NLGRAPH_VALUE_BETA_GPU=0 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $OUT/interleaved_vb_off_$i.json && NLGRAPH_VALUE_BETA_GPU=1 python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $OUT/interleaved_vb_on_$i.json; done
 titans_order_timing|300|python -P -m nlgraph bench gated_deltanet --level mixer --anchor none --json $OUT/titans_order_gdn.json && python -P -m nlgraph bench equiv/gated_deltanet_titans_form --level mixer --anchor none --json $J
 titans_order_profile|300|python benchmarks/profile_step.py gated_deltanet --batch 4 --length 4096 --json $OUT/profile_gdn_t4096.json && python benchmarks/profile_step.py equiv/gated_deltanet_titans_form --batch 4 --length 4096 --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
@@ -103,6 +104,9 @@ for want in "$@"; do
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s  $cmd" | tee -a "$OUT/steps.txt"
 done
 (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/autotune.tar.gz" --null -T -) || true
-# the device tool brings back at most 8 files: the steps' logs and JSON travel as one archive
+# the device tool brings back at most 8 files: the steps' logs and JSON travel as one archive, a new
+# one for each run into the same $OUT (results.tar.gz, then results-2.tar.gz, ...)
+archive=results.tar.gz; n=1
+while [ -e "$OUT/$archive" ]; do n=$((n + 1)); archive=results-$n.tar.gz; done
 (cd "$OUT" && find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.json' -o -name '*.txt' \) ! -name steps.txt -printf '%f\0' \
-   | tar -czf results.tar.gz --null -T - --remove-files) || true
+   | tar -czf "$archive" --null -T - --remove-files) || true

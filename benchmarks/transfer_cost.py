@@ -38,6 +38,7 @@ def doubling(f: torch.Tensor, channel: bool) -> torch.Tensor:
     """The replaced form: ⌈log₂(n+1)⌉ doubling steps (``chunked._cumprod``) over the masked matrix."""
     n = f.shape[-2] if channel else f.shape[-1]
     strictly, lower = chunked._lower_masks(n, f)
+    lower = lower.to(f.dtype)
     one = torch.ones((), dtype=f.dtype, device=f.device)
     if channel:
         pad = torch.cat([torch.ones_like(f[..., :1, :]), f], dim=-2)
@@ -77,7 +78,8 @@ def time_sizes(sizes: list[int], batch: int, dev: torch.device, repeats: int) ->
 
 
 def check(sizes: list[int], dev: torch.device) -> list[dict]:
-    """Each form on ``dev`` (and the new one compiled) against the float64 products on the CPU."""
+    """Each form on ``dev`` (and the new one compiled) against the float64 products on the CPU, taken
+    by the doubling scan (the form independent of the one under test)."""
     rows = []
     compiled = torch.compile(chunked._transfer, fullgraph=True, dynamic=False)
     for n in sizes:
@@ -88,13 +90,13 @@ def check(sizes: list[int], dev: torch.device) -> list[dict]:
             w64 = torch.randn((4, 3, n + 1, n + 1, 8) if channel else (4, 3, n + 1, n + 1), generator=g,
                               dtype=torch.float64)
             x = f64.clone().requires_grad_()
-            ref = chunked._transfer(x, channel)
+            ref = doubling(x, channel)
             (ref_grad,) = torch.autograd.grad((ref * w64).sum(), x)
             for name, fn in (*FORMS.items(), ("cumprod_matmul compiled", compiled)):
                 x = f64.to(dev, torch.float32).requires_grad_()
                 out = fn(x, channel)
                 (grad,) = torch.autograd.grad((out * w64.to(dev, torch.float32)).sum(), x)
-                errs = {k: float((a.double().cpu() - r).norm() / r.norm())
+                errs = {k: float((a.detach().double().cpu() - r).norm() / r.norm())
                         for k, a, r in (("G", out, ref.detach()), ("dG/df", grad, ref_grad))}
                 rows.append({"n": n, "channel": channel, "form": name, "rel_err": errs, "limit": 1e-5,
                              "ok": max(errs.values()) < 1e-5})
@@ -138,31 +140,39 @@ def saved_bytes(root) -> int:
 
 
 def measure_spec(text: str, dev: torch.device, repeats: int, forms: list[str]) -> list[dict]:
+    """A training step of spec ``NAME:T:B[:OVERRIDE...]`` with each form: its median time and the
+    bytes autograd keeps for its backward."""
+    name, t, b, *overrides = text.split(":")
+    rows = []
+    try:
+        for form in forms:
+            chunked._transfer = FORMS[form]
+            ms, kept = _step_cost(name, int(t), int(b), overrides, dev, repeats)
+            rows.append({"spec": text, "form": form, "step_ms": ms, "saved_mib": round(kept / 2**20, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        chunked._transfer = FORMS["cumprod_matmul"]
+    return rows
+
+
+def _step_cost(name: str, t: int, b: int, overrides: list[str], dev: torch.device, repeats: int):
     from nlgraph.lower import build
     from nlgraph.spec.loader import load_spec
 
-    name, t, b, *overrides = text.split(":")
-    rows = []
-    for form in forms:
-        chunked._transfer = FORMS[form]
-        torch.manual_seed(0)
-        model = build(load_spec(name, ["vars.d_model=128", "vars.heads=2", "vars.layers=2", *overrides])).to(dev)
-        tokens = torch.randint(0, model.spec.model.vocab, (int(b), int(t)), device=dev)
-        loss = model(tokens).float().logsumexp(-1).mean()
-        kept = saved_bytes(loss.grad_fn)
-        loss.backward()
-        times = []
-        for _ in range(repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            model(tokens).float().logsumexp(-1).mean().backward()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-        rows.append({"spec": text, "form": form, "step_ms": round(1e3 * statistics.median(times), 1),
-                     "saved_mib": round(kept / 2**20, 1)})
-        print(json.dumps(rows[-1]), flush=True)
-    chunked._transfer = FORMS["cumprod_matmul"]
-    return rows
+    torch.manual_seed(0)
+    model = build(load_spec(name, ["vars.d_model=128", "vars.heads=2", "vars.layers=2", *overrides])).to(dev)
+    tokens = torch.randint(0, model.spec.model.vocab, (b, t), device=dev)
+    loss = model(tokens).float().logsumexp(-1).mean()
+    kept = saved_bytes(loss.grad_fn)
+    loss.backward()
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        model(tokens).float().logsumexp(-1).mean().backward()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return round(1e3 * statistics.median(times), 1), kept
 
 
 def main() -> int:

@@ -57,7 +57,6 @@ Two drivers use the engine:
 from __future__ import annotations
 
 import contextlib
-
 import math
 import warnings
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
     """
     dtype = f.dtype
     if dtype in (torch.float16, torch.bfloat16):
-        with torch.autocast(f.device.type, enabled=False):
+        with _no_autocast(f):
             return _transfer(f.float(), channel).to(dtype)
     return _transfer(f, channel)
 
@@ -123,9 +122,9 @@ def _no_autocast(x: torch.Tensor):
 
 
 def _lower_masks(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(strictly, lower)`` of ``[n+1, n+1]``: ``r > j`` as booleans, ``r ≥ j`` in ``like``'s dtype."""
+    """``(strictly, lower)`` of ``[n+1, n+1]`` on ``like``'s device: ``r > j`` and ``r ≥ j``."""
     idx = torch.arange(n + 1, device=like.device)
-    return idx[:, None] > idx[None, :], (idx[:, None] >= idx[None, :]).to(like.dtype)
+    return idx[:, None] > idx[None, :], idx[:, None] >= idx[None, :]
 
 
 class _Transfer(torch.autograd.Function):
@@ -138,13 +137,21 @@ class _Transfer(torch.autograd.Function):
     (``torch.cumprod``'s own backward asks whether one is, a host synchronisation that breaks
     CUDA-graph capture), and the saved ``G`` is all it needs (the doubling scan this replaces kept
     ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward). The backward is made of
-    differentiable operations, so a second-order meta-gradient differentiates through it."""
+    differentiable operations, so a second-order meta-gradient differentiates through it, and
+    ``torch.func.vmap`` takes the rule PyTorch derives from them. No forward mode (``torch.func.jvp``):
+    Dynamo refuses a custom ``jvp`` inside a compiled graph, and nothing differentiates the products
+    forward. The matmul follows PyTorch's float32 matmul
+    precision: with TF32 allowed (``torch.set_float32_matmul_precision("high")``) the gates'
+    gradients carry its rounding."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(f: torch.Tensor, channel: bool) -> torch.Tensor:
         with _no_autocast(f):
             n = f.shape[-2] if channel else f.shape[-1]
             strictly, lower = _lower_masks(n, f)
+            lower = lower.to(f.dtype)
             one = torch.ones((), dtype=f.dtype, device=f.device)
             if channel:
                 pad = torch.cat([torch.ones_like(f[..., :1, :]), f], dim=-2)  # [..., n+1, D]
@@ -160,18 +167,26 @@ class _Transfer(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
+    def _front(g: torch.Tensor, channel: bool) -> torch.Tensor:
+        """The channel axis in front of the token axes: ``[..., D, n+1, n+1]``."""
+        return g.movedim(-1, -3) if channel else g
+
+    @staticmethod
+    def _before(g: torch.Tensor) -> torch.Tensor:
+        """``G[k−1, j]`` at ``[k, j]``, 0 in row 0; it is 0 unless ``j < k``."""
+        return torch.cat([torch.zeros_like(g[..., :1, :]), g[..., :-1, :]], dim=-2)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (g,) = ctx.saved_tensors
         with _no_autocast(g):
-            grad = grad.to(g.dtype)
-            if ctx.channel:  # the channel axis in front: [..., D, n+1, n+1]
-                g, grad = g.movedim(-1, -3), grad.movedim(-1, -3)
-            # Ḡ on the lower triangle only: G is a constant 0 above it, and an inf there would
-            # otherwise meet a 0 of G in the product
-            s = g.transpose(-1, -2) @ (grad * _lower_masks(g.shape[-1] - 1, g)[1])  # (Gᵀ Ḡ)[k, j]
-            # G[k−1, j], which is 0 unless j < k: the sum runs over j < k by itself
-            before = torch.cat([torch.zeros_like(g[..., :1, :]), g[..., :-1, :]], dim=-2)
-            df = (before * s).sum(-1)[..., 1:]  # [..., n] (or [..., D, n])
+            g, grad = _Transfer._front(g, ctx.channel), _Transfer._front(grad.to(g.dtype), ctx.channel)
+            # Ḡ on the lower triangle only, selected rather than multiplied: G is a constant 0 above
+            # it, and an inf there would otherwise meet a 0 of G in the product
+            grad = torch.where(_lower_masks(g.shape[-1] - 1, g)[1], grad, 0.0)
+            s = g.transpose(-1, -2) @ grad  # (Gᵀ Ḡ)[k, j]
+            # the sum over j < k comes from G[k−1, j] itself
+            df = (_Transfer._before(g) * s).sum(-1)[..., 1:]  # [..., n] (or [..., D, n])
             return (df.movedim(-2, -1) if ctx.channel else df), None
 
 

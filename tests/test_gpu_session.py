@@ -27,10 +27,11 @@ def _steps() -> dict[str, str]:
 
 
 def _invocations(cmd: str) -> list[tuple[str, list[str] | None]]:
-    """``(program, options)`` of every ``python`` command of a step (``&&``-joined, env prefixes);
+    """``(program, options)`` of every ``python`` command of a step (joined by ``&&`` or ``;``, in a
+    ``for`` loop's body, after environment assignments);
     ``None`` for a script that takes no options."""
     calls = []
-    for part in re.split(r"\s*&&\s*", cmd):
+    for part in re.split(r"\s*(?:&&|;|\bdo\b|\bdone\b)\s*", cmd):
         words = shlex.split(part.replace("$J", "out.json").replace("$OUT", "out"))
         while words and re.match(r"^[A-Z_]+=", words[0]):
             words.pop(0)
@@ -80,5 +81,7 @@ def test_every_step_names_a_script_and_options_it_takes(helps):
                 assert (ROOT / program).is_file(), f"{name}: {program} does not exist"
                 continue
             text = _help(program, helps)
-            bad += [f"{name}: {program} {o}" for o in options if not re.search(re.escape(o) + r"\b", text)]
+            # the whole option: argparse refuses a prefix that more than one option shares
+            bad += [f"{name}: {program} {o}" for o in options
+                    if not re.search(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])", text)]
     assert not bad, "options the scripts do not take:\n" + "\n".join(bad)

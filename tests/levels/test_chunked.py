@@ -373,6 +373,22 @@ def test_transfer_products_and_their_gradients(seed, n, d, channel, zeros):
         results.append((out, grad, second))
     for got, ref, what in zip(results[0], results[1], ("G", "dG/df", "second order")):
         assert_close(got, ref, what)
+    # vmap (torch.func) against the loop
+    assert_close(torch.func.vmap(lambda x: transfer(x, channel))(f), results[1][0], "vmap")
+
+
+def test_transfer_backward_ignores_the_gradient_above_the_diagonal():
+    """G is a constant 0 above its diagonal: whatever gradient arrives there, inf included, must not
+    reach the factors."""
+    from nlgraph.compilers.chunked import transfer
+
+    f = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+    upper = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    (clean,) = torch.autograd.grad(transfer(f, False).sum(), f)
+    g = transfer(f, False)
+    g.register_hook(lambda grad: torch.where(upper, torch.full_like(grad, float("inf")), grad))
+    (dirty,) = torch.autograd.grad(g.sum(), f)
+    assert_close(dirty, clean, "dG/df with inf above the diagonal")
 
 
 def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
