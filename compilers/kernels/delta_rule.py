@@ -166,9 +166,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
 
 
 def _forward(q, k, v, beta, g, h0, scale, chunk, output_final_state, bval=None):
-    if _per_channel(g):
-        if bval is not None:  # chunk_delta_rule refuses it first, with the argument's name
-            raise ValueError("value_beta is not supported with a decay per key channel")
+    if _per_channel(g):  # never with bval: chunk_delta_rule refuses the pair
         return _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state)
     kn = _kernels(q)
     p = _plan(q, v, chunk)
@@ -199,10 +197,9 @@ def _wy_lowp(dtype: torch.dtype) -> int:
 
 
 def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
-    if _per_channel(g):
-        if bval is not None:
-            raise ValueError("value_beta is not supported with a decay per key channel")
-        return _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk)
+    """``(dq, dk, dv, dbeta, dg or empty, dh0 or empty, dbval or empty)``."""
+    if _per_channel(g):  # never with bval: chunk_delta_rule refuses the pair
+        return (*_backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk), q.new_empty(0))
     kn = _kernels(q)
     p = _plan(q, v, chunk)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
@@ -246,14 +243,13 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
-    dbval = torch.empty_like(bval) if bval is not None else dummy
+    dbval = torch.empty_like(bval) if bval is not None else q.new_empty(0)  # an output: not the shared dummy
     dg = torch.empty_like(g) if use_g else q.new_empty(0)
     kn.wy_bwd[(nt, b * h)](
         k, v, beta, bval if bval is not None else dummy, bcum if use_g else dummy, tm, dw, dvn, dkp, db, dk, dv,
         dbeta, dbval, dg, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"],
         LOWP=lowp, VB=bval is not None)
-    out = (dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0))
-    return out if bval is None else (*out, dbval)
+    return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0), dbval
 
 
 @torch.library.custom_op("nlgraph::chunk_delta_rule_fwd", mutates_args=())
@@ -283,9 +279,8 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
     """Returns ``(dq, dk, dv, dbeta, dg or empty, dh0 or empty, dbval or empty)``."""
-    out = run_precompiled(_OP, "bwd", _backward, (q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval),
-                          q.device)
-    return out if bval is not None else (*out, q.new_empty(0))
+    return run_precompiled(_OP, "bwd", _backward, (q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval),
+                           q.device)
 
 
 @_bwd_op.register_fake
