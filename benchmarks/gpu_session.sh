@@ -73,6 +73,10 @@ online_recurrence_bf16|300|python benchmarks/online_form.py --device cuda --chec
 titans_chunk64_model|300|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=64 --lengths 2048 --tokens 16384 --modes compile-graph --json $J
 online_recurrence_check_short|240|python benchmarks/online_form.py --device cuda --check --batch 2 --length 1024 --heads 16 --dim 128 --json $J
 online_recurrence_check|300|python benchmarks/online_form.py --device cuda --check --batch 4 --length 4096 --heads 16 --dim 128 --json $J
+chunk_walk_check|300|python benchmarks/chunk_walk.py --check --json $J
+hope_walk_graph|560|NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes graph --steps 2 --anchor none --json $OUT/hope_walk_off_graph.json && NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes graph --steps 2 --anchor none --json $J
+hope_large_chunk_walk_graph|300|NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 8192 --modes graph --steps 3 --anchor none --json $OUT/hope_large_chunk_walk_off_graph.json && NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 8192 --modes graph --steps 3 --anchor none --json $J
+hope_walk_profile|300|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 4 --length 2048 --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }

@@ -929,13 +929,14 @@ def _outputs(outs: list[torch.Tensor], run: LevelRun) -> torch.Tensor:
 
 def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], committed: dict[str, Params],
                      working: dict[str, Params], buffers: dict[str, Params], commits: bool,
-                     origin: dict[str, Params] | None = None):
+                     origin: dict[str, Params] | None = None, walk=None):
     """One segment of the mini-batch form: gradients at ``lin`` (the anchor, or the committed
     parameters), every slot's recurrence solved from ``working`` and the optimizer ``buffers``;
     reads through the per-token weights, or of ``committed`` while updates are pending
     (``commits``: the segment ends a period, so its last token reads the new state), or of ``lin``
     with ``read: chunk_start``. ``origin``: every slot's ``W_0`` (retention toward the initial
-    state).
+    state). ``walk``: DGD's recurrences through the chunk-walk kernel (:func:`_walked`) instead of
+    :func:`solve_chunk`.
 
     Returns ``(reads [B, H, n, D_v], working, buffers)`` at the segment's end."""
     main = run.memories["memory"]
@@ -962,6 +963,7 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
         return products["last"]
 
     sols: dict[str, tuple[ChunkSolution, int]] = {}
+    out = None
     new_working: dict[str, Params] = {}
     for group in run.groups:
         # the group's slots share one architecture: their parameters are stacked on a leading slot
@@ -977,6 +979,22 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
             deltas = gain_normalized(mem, at, k, deltas)
         params: Params = {}
         moms: Params = {}
+
+        def keep(layer, w_end, s_end):
+            if layer.bias is not None:
+                params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
+                if momentum:
+                    moms[f"momentum.{layer.weight}"], moms[f"momentum.{layer.bias}"] = s_end[..., :-1], s_end[..., -1]
+            else:
+                params[layer.weight] = w_end
+                if momentum:
+                    moms[f"momentum.{layer.weight}"] = s_end
+
+        walkable = dgd and walk is not None and (alpha is None or alpha.dim() == 3)
+        # with the chunk walk the memory slot reads inside its group's walks, one layer after
+        # another as the memory reads (a layer's queries are the previous one's reads)
+        reading = walkable and walks and "memory" in group
+        steps: dict[str, tuple] = {}
         for layer in mem.layers:
             x, w0 = inputs[layer.weight], work[layer.weight]
             s0 = bufs[f"momentum.{layer.weight}"] if momentum else None
@@ -994,7 +1012,13 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
             else:
                 eta, coef = lr, None
             f = eta.unsqueeze(-1) * deltas[layer.weight]
-            if dgd or (walks and "memory" in group):
+            if walkable:
+                step = (w0, s0, x, _erase(x, alpha, run), coef, f, alpha, mu if momentum else None, o0)
+                if reading:
+                    steps[layer.weight] = (layer, step)
+                    continue
+                w_end, s_end = _walked(walk, *step)[1:]
+            elif dgd or (walks and "memory" in group):
                 g, channel, y = full()
                 sol = solve_chunk(w0, s0, x, _erase(x, alpha, run), coef, f, g, y, channel, o0)
                 if "memory" in group:
@@ -1002,14 +1026,20 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 w_end, s_end = sol.end()
             else:  # without an erase the written errors are the forcing itself (module docstring)
                 w_end, s_end = _chunk_end(w0 if o0 is None else w0 - o0, s0, x, f, last(), o0)
-            if layer.bias is not None:
-                params[layer.weight], params[layer.bias] = w_end[..., :-1], w_end[..., -1]
-                if momentum:
-                    moms[f"momentum.{layer.weight}"], moms[f"momentum.{layer.bias}"] = s_end[..., :-1], s_end[..., -1]
-            else:
-                params[layer.weight] = w_end
-                if momentum:
-                    moms[f"momentum.{layer.weight}"] = s_end
+            keep(layer, w_end, s_end)
+        if reading:
+            slot = group.index("memory")
+
+            def read_walk(layer, h):
+                layer, step = steps.pop(layer.weight)
+                rd, w_end, s_end = _walked(walk, *step, u=_augment(h) if layer.bias is not None else h,
+                                           before=run.read_before, slot=slot)
+                keep(layer, w_end, s_end)
+                return rd
+
+            out = main.forward_with(q, read_walk)
+            for layer, step in steps.values():  # a layer the read does not pass through
+                keep(layer, *_walked(walk, *step)[1:])
         # unbind, not an index per slot: its backward is one stack, where each index would zero-fill
         # a gradient of the whole stack
         per_param = {p: t.unbind(0) for p, t in params.items()}
@@ -1020,7 +1050,7 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 buffers[slot] = {**buffers[slot], **{n: t[i] for n, t in per_mom.items()}}
     if run.read == "chunk_start" or run.has_pending:
         out = _period_reads(run, q, lin, committed, new_working, commits)
-    else:
+    elif out is None:  # not read inside the chunk walk
 
         def apply(layer, x):
             sol = sols[layer.weight][0].pick(sols[layer.weight][1])
@@ -1028,6 +1058,47 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
 
         out = main.forward_with(q, apply)
     return out, new_working, buffers
+
+
+def _walked(walk, w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, erase: torch.Tensor,
+            b: torch.Tensor, f: torch.Tensor, alpha: torch.Tensor | None, mu: torch.Tensor | None,
+            origin: torch.Tensor | None, u: torch.Tensor | None = None, before: bool = True,
+            slot: int | None = None):
+    """:func:`solve_chunk`'s chunk through ``walk`` (``chunk_walk``), the leading axes (``[S, B, H]``
+    or ``[B, H]``; gates broadcast against them) flattened: ``(reads [..., n, o] or None, W_n, S_n)``.
+    ``alpha``, ``mu``: per-head gates ``[..., n]`` (``None``: no retention, no momentum). With
+    ``slot``, only that slot of the stack reads: ``u`` and the reads are ``[B, H, n, ·]``."""
+    w0_origin = origin
+    if origin is not None:  # the deviation from W_0, as solve_chunk
+        w0 = w0 - origin
+        f = f + b.unsqueeze(-1) * (x @ origin.transpose(-1, -2))
+    lead = w0.shape[:-2]
+    n = x.shape[-2]
+
+    def flat(t, tail):
+        if t is None:
+            return None
+        shape = t.shape[t.dim() - tail:]
+        return t.expand(*lead, *shape).reshape(-1, *shape)
+
+    rows, reader = None, lead
+    if slot is not None and u is not None:  # the slot's rows of the flattened [S, B, H]
+        reader = lead[1:]
+        per = math.prod(reader)
+        rows = (slot * per, (slot + 1) * per)
+        origin = origin[slot] if origin is not None else None
+    uf = None if u is None else u.expand(*reader, *u.shape[-2:]).reshape(-1, *u.shape[-2:])
+    rd, w, s = walk(flat(w0, 2), flat(s0, 2), flat(x, 2), flat(erase, 2), flat(b, 1), flat(f, 2), flat(alpha, 1),
+                    flat(mu, 1), uf, "none" if u is None else ("before" if before else "after"), rows)
+    w = w.view(lead + w.shape[-2:])
+    out = None
+    if rd is not None:
+        out = rd.view(*reader, n, -1).to(torch.promote_types(u.dtype, f.dtype))
+        if origin is not None:
+            out = out + u @ origin.transpose(-1, -2).to(u.dtype)
+    if w0_origin is not None:
+        w = w + w0_origin
+    return out, w.to(w0.dtype), (s.view(s0.shape).to(s0.dtype) if s is not None else None)
 
 
 def _states(f: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, last: bool = False,
@@ -1210,7 +1281,7 @@ def _period_reads(run: LevelRun, q: torch.Tensor, lin, committed, new_working, c
     return out
 
 
-def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _minibatch(run: LevelRun, loop: str, walk=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     T = run.shape[1]
     slots = list(run.memories)
     committed = {s: run.params("", s) for s in slots}
@@ -1240,6 +1311,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
     # parameters themselves (a fresh sequence, or one continued from a chunk boundary); otherwise
     # (inside a chunk, from pending updates or an anchor of its own) it runs in Python.
     chunk_fn = _mapped_chunk if run.optimizer.kind in MAPPED else _minibatch_chunk
+    extra = {"walk": walk} if walk is not None and chunk_fn is _minibatch_chunk else {}
     shared = not run.has_pending and (
         anchor is None or all(anchor[s][p] is committed[s][p] for s in slots for p in committed[s]))
     full = [i for i, (s, e) in enumerate(segments) if e - s == run.chunk and (i > 0 or shared)]
@@ -1254,7 +1326,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
 
             def step(c, chunk):
                 w = c["working"]
-                out, w, b = chunk_fn(run, chunk, w, w, w, c["buffers"], True, c.get("origin"))
+                out, w, b = chunk_fn(run, chunk, w, w, w, c["buffers"], True, c.get("origin"), **extra)
                 new = {"working": w, "buffers": b}
                 if "origin" in c:  # W_0 rides along unchanged: a constant of the step, not a closure
                     new["origin"] = c["origin"]
@@ -1275,7 +1347,7 @@ def _minibatch(run: LevelRun, loop: str) -> tuple[torch.Tensor, dict[str, torch.
         end = run.position + e
         lin = anchor if anchor is not None else committed
         out, working, buffers = chunk_fn(run, pieces[s], lin, committed, working, buffers,
-                                                 end % run.period == 0, origin)
+                                         end % run.period == 0, origin, **extra)
         outs.append(out)
         if not run.has_pending or end % run.period == 0:
             committed = working
@@ -1295,7 +1367,7 @@ def _static(run: LevelRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @register_form("memory", "chunked", priority=10, supports=why_not_chunked)
 def run_chunked(
-    run: LevelRun, chunk_size: int | None = None, loop: str | None = None, recurrence=None
+    run: LevelRun, chunk_size: int | None = None, loop: str | None = None, recurrence=None, walk=None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Execute ``run`` in parallel chunks. Returns ``(outputs [B, T, H, D_v], state)``.
 
@@ -1317,6 +1389,9 @@ def run_chunked(
             three copies of the chunk's maths.
         recurrence: the online form's state recurrence as a kernel (the ``triton`` form passes
             ``nlgraph.compilers.kernels.recurrence.online_recurrence``); ``None``: in PyTorch.
+        walk: the mini-batch form's DGD recurrences as a kernel, a chunk and layer at a time (the
+            ``triton`` form passes ``nlgraph.compilers.kernels.chunk_walk.chunk_walk``); ``None``:
+            :func:`solve_chunk`'s triangular solve in PyTorch.
     """
     why = why_not_chunked(run.spec)
     if why is not None:
@@ -1330,4 +1405,4 @@ def run_chunked(
         return _static(run)
     if run.online:
         return _online(run, chunk_size or DEFAULT_CHUNK, loop, recurrence)
-    return _minibatch(run, loop)
+    return _minibatch(run, loop, walk)

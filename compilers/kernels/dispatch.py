@@ -60,7 +60,7 @@ from nlgraph.errors import NLGraphError
 from ._load import CHANNEL_MAX_KEY_CUDA
 from ._load import switch as _switch
 
-__all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU",
+__all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU", "CHUNK_WALK_ON_GPU",
            "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
            "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
@@ -561,6 +561,49 @@ def online_recurrence_for(run: Any, chunk: int):
     from .recurrence import fits, online_recurrence
 
     return online_recurrence if fits(chunk, v.shape[-1], k.shape[-1]) else None
+
+
+# --------------------------------------------------------------------------- the mini-batch DGD walk
+
+#: Whether the plan gives CUDA tensors the chunk-walk kernel (:mod:`~nlgraph.compilers.kernels.chunk_walk`:
+#: a mini-batch DGD level's per-layer recurrence over one chunk, token by token, in place of the
+#: chunked form's triangular solve; HOPE's memories). Off on CUDA until its check has run on a GPU
+#: (``benchmarks/chunk_walk.py --check``; Triton 3.4–3.7 miscompiles some backward kernels on Hopper,
+#: which the CPU interpreter cannot show). CPU tensors under ``interpret`` run it.
+#: ``NLGRAPH_CHUNK_WALK_GPU=1`` turns it on for a process.
+CHUNK_WALK_ON_GPU = _switch("NLGRAPH_CHUNK_WALK_GPU", False)
+
+
+def why_no_chunk_walk(spec: Any) -> str | None:
+    """``None`` when a memory level's mini-batch chunks have their DGD recurrences walked by the
+    chunk-walk kernel (any memory, per-head gates), else why not."""
+    from nlgraph.levels.run import periods
+
+    if spec.frequency == "never":
+        return "frequency: never"
+    period, chunk = periods(spec)
+    if period == 1 and chunk == 1:
+        return "an exact-online level (the chunk walk is the mini-batch driver's)"
+    if spec.optimizer.kind != "dgd":
+        return f"the {spec.optimizer.kind} optimizer (the chunk walk runs DGD's erase recurrence)"
+    if _channel_decay(spec):
+        return "a per-channel retention gate (the chunk walk takes per-head gates)"
+    return None
+
+
+def chunk_walk_for(run: Any):
+    """``chunk_walk`` when the kernel takes this mini-batch run's tensors (device, mode, dtypes),
+    else ``None`` (the chunked form then solves each chunk in PyTorch)."""
+    if why_no_chunk_walk(run.spec) is not None or run.online:
+        return None
+    k = run.keys.data
+    if why_no_kernel(k.device) is not None or (k.device.type == "cuda" and not CHUNK_WALK_ON_GPU):
+        return None
+    if k.dtype not in _DTYPES or (k.device.type == "cpu" and k.dtype == torch.bfloat16):
+        return None  # float64 is the PyTorch forms'; the interpreter computes bfloat16 wrongly
+    from .chunk_walk import chunk_walk
+
+    return chunk_walk
 
 
 # --------------------------------------------------------------------------- the mini-batch MLP memory

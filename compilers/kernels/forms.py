@@ -56,8 +56,9 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     """``None`` when the ``triton`` form runs this memory level on ``device`` in ``dtype`` at
     ``head_dim`` (``None``: not known), else why not: the level must be a (gated) delta rule or
     linear attention of the online driver, another online linear level with per-head gates (the
-    recurrence kernel, key widths up to 128), or Titans' mini-batch MLP memory (on CUDA, a chunk ×
-    head-dim tile the kernel runs there)."""
+    recurrence kernel, key widths up to 128), Titans' mini-batch MLP memory (on CUDA, a chunk ×
+    head-dim tile the kernel runs there), or a mini-batch DGD level with per-head gates (the chunk
+    walk; on CUDA once ``dispatch.CHUNK_WALK_ON_GPU`` is on)."""
     from ..chunked import why_not_chunked
 
     why = why_not_chunked(spec)
@@ -65,6 +66,11 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
         return why
     if dispatch.why_no_mlp_memory_kernel(spec) is None:
         return _mlp_on(device) or _mlp_tile(spec, device, head_dim) or _why_not_target(device, dtype)
+    if dispatch.why_no_chunk_walk(spec) is None:
+        if torch.device(device).type == "cuda" and not dispatch.CHUNK_WALK_ON_GPU:
+            return ("a mini-batch DGD level: the chunk-walk kernel that would take it is off on CUDA until its "
+                    "GPU check has run (NLGRAPH_CHUNK_WALK_GPU=1 turns it on)")
+        return _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)
     if why is None and dispatch._channel_decay(spec):
         off = dispatch.why_no_channel_kernel(device, head_dim, dispatch.DELTA_RULE_CHANNEL_ON_GPU,
@@ -124,10 +130,12 @@ def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = No
             done = dispatch.online_linear_attention(run, chunk_size or DEFAULT_CHUNK)
     if done is not None:
         return done
-    recurrence = None
+    recurrence = walk = None
     if run.period is not None and run.online:  # the all-chunks solve with its recurrence in a kernel
         recurrence = dispatch.online_recurrence_for(run, chunk_size or DEFAULT_CHUNK)
-    return run_chunked(run, chunk_size, loop, recurrence)
+    elif run.period is not None:  # mini-batch DGD: each chunk's recurrences walked by a kernel
+        walk = dispatch.chunk_walk_for(run)
+    return run_chunked(run, chunk_size, loop, recurrence, walk)
 
 
 def _mlp_on(device: str) -> str | None:

@@ -1,0 +1,150 @@
+"""Check and time the chunk-walk kernel (a mini-batch DGD chunk's recurrence, token by token) against
+the chunked engine it replaces (``solve_chunk``: transfer products and a triangular solve).
+
+    python benchmarks/chunk_walk.py --check --json benchmarks/results/chunk_walk_h100.json   # on a GPU
+    python benchmarks/chunk_walk.py --device cpu --check --chunks 16 32 --batch 1 --heads 1 --dim 16   # interpreted
+
+``--check`` compares the kernel with ``chunk_walk.loop`` in float64 on the same device (reads, end
+state and momentum, and the gradients of all nine inputs), with float32 and bfloat16 inputs (the
+kernel computes in float32 either way, so the reference takes the inputs as the kernel saw them).
+The timing runs HOPE's shapes: the five stacked memories × batch × heads as the leading axis, the
+two layers of a hidden-2x residual MLP (``[2D, D]`` and ``[D, 2D]``), momentum, per-head retention,
+a read before the write, at chunks of 16 (the paper's) and 256 (``hope_large_chunk``): forward and
+forward + backward of the kernel and of the engine, eager, in the same process. Without CUDA (and
+without ``--device cpu``) it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from nlgraph.bench import median_ms, rel_err
+from nlgraph.compilers import chunked
+from nlgraph.compilers.kernels.chunk_walk import chunk_walk, loop
+
+NAMES = ("w0", "s0", "x", "erase", "b", "f", "alpha", "mu", "u")
+
+
+def inputs(nn: int, n: int, o: int, i: int, dev: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """HOPE-like inputs: unit-norm layer inputs, η' in (0, 1), α near 1, μ in (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=0.3):
+        return (scale * torch.randn(*s, generator=g)).to(dev, dtype)
+
+    x = torch.nn.functional.normalize(torch.randn(nn, n, i, generator=g), dim=-1).to(dev, dtype)
+    return dict(w0=r(nn, o, i), s0=r(nn, o, i, scale=0.05), x=x, erase=x, b=torch.rand(nn, n, generator=g).to(dev, dtype),
+                f=r(nn, n, o, scale=0.1), alpha=(0.9 + 0.1 * torch.rand(nn, n, generator=g)).to(dev, dtype),
+                mu=torch.rand(nn, n, generator=g).to(dev, dtype), u=r(nn, n, i, scale=1.0))
+
+
+def check(dev: torch.device, cases: list[tuple[int, int, int, int]]) -> list[dict]:
+    rows = []
+    for nn, n, o, i in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            a = inputs(nn, n, o, i, dev, dtype)
+            ref_in = {k: v.double().requires_grad_() for k, v in a.items()}
+            ref = loop(**ref_in, read="before")
+            gen = torch.Generator().manual_seed(5)
+            cots = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dev) for t in ref]
+            ref_g = torch.autograd.grad(sum((t * c).sum() for t, c in zip(ref, cots)), [ref_in[k] for k in NAMES])
+            ker_in = {k: v.clone().requires_grad_() for k, v in a.items()}
+            out = chunk_walk(**ker_in, read="before")
+            ker_g = torch.autograd.grad(sum((t.double() * c).sum() for t, c in zip(out, cots)),
+                                        [ker_in[k] for k in NAMES])
+            errs = {k: rel_err(t.detach(), r.detach()) for k, t, r in zip(("reads", "w_end", "s_end"), out, ref)}
+            errs |= {f"d{k}": rel_err(gk, gr) for k, gk, gr in zip(NAMES, ker_g, ref_g)}
+            # the kernel's arithmetic is float32 whatever the inputs; the gradients are cast to them
+            tol = 1e-4 if dtype == torch.float32 else 1e-2
+            ok = all(e < (tol if k in ("reads", "w_end", "s_end") or dtype == torch.float32 else 1e-2)
+                     for k, e in errs.items())
+            rows.append({"nn": nn, "n": n, "o": o, "i": i, "dtype": str(dtype), "worst": max(errs.values()),
+                         "errors": errs, "ok": ok})
+            print(f"check nn={nn} n={n} [{o}, {i}] {dtype}: worst {max(errs.values()):.2e} {'ok' if ok else 'FAILED'}",
+                  flush=True)
+    return rows
+
+
+def engine(a: dict):
+    """The chunked form's maths for the same chunk: transfer products, the triangular solve, the
+    reads before the write and the end state."""
+    g = chunked.transfer(a["alpha"], False)
+    y = chunked.transfer(a["mu"], False)
+    sol = chunked.solve_chunk(a["w0"], a["s0"], a["x"], a["erase"], a["b"], a["f"], g, y, False)
+    return (sol.read(a["u"], True), *sol.end())
+
+
+def time_case(dev: torch.device, nn: int, n: int, o: int, i: int, dtype: torch.dtype, reps: int) -> dict:
+    a = inputs(nn, n, o, i, dev, dtype)
+    leaves = {k: v.clone().requires_grad_() for k, v in a.items()}
+
+    def fwd(fn):
+        with torch.no_grad():
+            return fn()
+
+    def fb(fn):
+        outs = fn()
+        torch.autograd.grad(sum(t.float().sum() for t in outs), list(leaves.values()))
+
+    walk = (lambda: chunk_walk(**leaves, read="before"))
+
+    def eng():  # as in a model under bf16 autocast: float32 products of the gates, the rest autocast
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return engine(leaves)
+
+    row = {"nn": nn, "n": n, "o": o, "i": i, "dtype": str(dtype)}
+    for name, fn in (("walk", walk), ("engine", eng)):
+        row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(fn), dev, reps)
+        row[f"{name}_fb_ms"] = median_ms(lambda: fb(fn), dev, reps)
+    print(f"time nn={nn} n={n} [{o}, {i}] {dtype}: walk {row['walk_fwd_ms']:.3f} / {row['walk_fb_ms']:.3f} ms, "
+          f"engine {row['engine_fwd_ms']:.3f} / {row['engine_fb_ms']:.3f} ms (fwd / fwd+bwd)", flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--batch", type=int, default=4, help="sequences (the leading axis is 5 memories × batch × heads)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64, help="head width D (the layers are [2D, D] and [D, 2D])")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[16, 256])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: nothing to time (--device cpu runs the kernels interpreted with "
+              "NLGRAPH_KERNELS=interpret)")
+        return 0
+    if dev.type == "cpu":  # Triton's interpreter, read when triton is first imported (the first launch)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    nn, d = 5 * args.batch * args.heads, args.dim
+    layers = [(2 * d, d), (d, 2 * d)]
+    res = {"command": " ".join(sys.argv), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "checks": [], "timings": []}
+    if args.check:
+        # the model's leading size at the short chunk, a small one at the long (float64 reference)
+        res["checks"] = check(dev, [(nn, args.chunks[0], o, i) for o, i in layers]
+                              + [(min(nn, 16), n, o, i) for n in args.chunks[1:] for o, i in layers])
+    if not args.no_timing:
+        for n in args.chunks:
+            for o, i in layers:
+                for dtype in (torch.float32, torch.bfloat16):
+                    res["timings"].append(time_case(dev, nn, n, o, i, dtype, args.reps))
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), json.dumps(res, indent=1).encode())
+    return 0 if all(r["ok"] for r in res["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Triton kernels of one mini-batch chunk's weight recurrence, walked token by token
+(``compilers/chunked.py``'s engine, which solves the same chunk with a triangular solve)::
+
+    e_r = b_r W_{r−1} ḱ_r + f_r                                  [O]
+    S_r = μ_r S_{r−1} − e_r x_rᵀ,   W_r = α_r W_{r−1} + S_r      (momentum)
+    W_r = α_r W_{r−1} − e_r x_rᵀ                                 (without)
+    o_r = W_{r−1} u_r (read before the write) or W_r u_r (after)
+
+The rows of ``W`` and ``S`` evolve independently, so one program holds ``BO`` rows of both in
+registers (float32) and walks the tokens; every product is a row reduction, no ``tl.dot``, so any
+input dtype gives the same float32 arithmetic. What depends on the whole chunk (the layer inputs
+``x``, the errors behind ``f``) was computed at the chunk's start outside, which is what makes a
+token step this cheap.
+
+Backward: the states are not kept. The backward walks the chunk forward once more, storing the state
+every ``K`` tokens; then, a block of ``K`` tokens at a time from the last, it walks the block forward
+from its checkpoint into a scratch buffer and back through it with the adjoints ``W̄``, ``S̄`` in
+registers. The gradients that sum over the rows (``x``, ``ḱ``, ``u``, ``b``, ``α``, ``μ``) are
+written per row block and summed in PyTorch, so the result does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._delta_rule_triton import INTERPRETED
+
+__all__ = ["INTERPRETED", "kernels"]
+
+
+@triton.jit
+def _row(p, base, cols, mask):
+    """A length-``BI`` row vector at ``p + base`` (masked to the real width), in float32."""
+    return tl.load(p + base + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _step(w, s, xr, kr, br, fr, ar, mr, MOM: tl.constexpr):
+    """One token: ``(W_r, S_r, e_r)`` from ``(W_{r−1}, S_{r−1})``."""
+    e = br * tl.sum(w * kr[None, :], 1) + fr
+    if MOM:
+        s = mr * s - e[:, None] * xr[None, :]
+        w = ar * w + s
+    else:
+        w = ar * w - e[:, None] * xr[None, :]
+    return w, s, e
+
+
+@triton.jit
+def _fwd(w0, s0, x, k, b, f, a, m, u, rd, wt, st, N, LO, HI, O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr,
+         BI: tl.constexpr, MOM: tl.constexpr, DECAY: tl.constexpr, READ: tl.constexpr):
+    i_o, i_n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # only the rows LO <= i_n < HI read (one slot of a stack); their queries and reads are [HI − LO, N, ·]
+    reads = (i_n >= LO) & (i_n < HI)
+    t_rd = (i_n - LO) * N
+    rows = i_o * BO + tl.arange(0, BO)
+    cols = tl.arange(0, BI)
+    rmask, cmask = rows < O, cols < I
+    tile = rows[:, None] * I + cols[None, :]
+    tmask = rmask[:, None] & cmask[None, :]
+    w = tl.load(w0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.zeros([BO, BI], dtype=tl.float32)
+    if MOM:
+        s = tl.load(s0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    for r in range(N):
+        t = i_n * N + r
+        xr = _row(x, t * I, cols, cmask)
+        kr = _row(k, t * I, cols, cmask)
+        br = tl.load(b + t).to(tl.float32)
+        fr = tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32)
+        ar = 1.0
+        if DECAY:
+            ar = tl.load(a + t).to(tl.float32)
+        mr = 0.0
+        if MOM:
+            mr = tl.load(m + t).to(tl.float32)
+        if READ == 1:
+            if reads:
+                ur = _row(u, (t_rd + r) * I, cols, cmask)
+                tl.store(rd + (t_rd + r) * O + rows, tl.sum(w * ur[None, :], 1), mask=rmask)
+        w, s, e = _step(w, s, xr, kr, br, fr, ar, mr, MOM)
+        if READ == 2:
+            if reads:
+                ur = _row(u, (t_rd + r) * I, cols, cmask)
+                tl.store(rd + (t_rd + r) * O + rows, tl.sum(w * ur[None, :], 1), mask=rmask)
+    tl.store(wt + i_n * O * I + tile, w, mask=tmask)
+    if MOM:
+        tl.store(st + i_n * O * I + tile, s, mask=tmask)
+
+
+@triton.jit
+def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds0, dx, dk, db, df, da, dm, du,
+         N, NN, LO, HI, O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, K: tl.constexpr,
+         MOM: tl.constexpr, DECAY: tl.constexpr, READ: tl.constexpr):
+    i_o, i_n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = i_o * BO + tl.arange(0, BO)
+    cols = tl.arange(0, BI)
+    rmask, cmask = rows < O, cols < I
+    tile = rows[:, None] * I + cols[None, :]
+    tmask = rmask[:, None] & cmask[None, :]
+    nb = (N + K - 1) // K
+    # the per-row-block partial sums: slot [i_o, i_n, ...] of [nob, NN, ...] ([nob, HI − LO, ...] for du)
+    part = i_o * NN + i_n
+    reads = (i_n >= LO) & (i_n < HI)
+    t_rd = (i_n - LO) * N
+    p_rd = (i_o * (HI - LO) + i_n - LO) * N
+    # 1. forward again, keeping the state before every K-th token
+    w = tl.load(w0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.zeros([BO, BI], dtype=tl.float32)
+    if MOM:
+        s = tl.load(s0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    for r in range(N):
+        t = i_n * N + r
+        if r % K == 0:
+            c = (i_n * nb + r // K) * O * I
+            tl.store(ckw + c + tile, w, mask=tmask)
+            if MOM:
+                tl.store(cks + c + tile, s, mask=tmask)
+        ar = 1.0
+        if DECAY:
+            ar = tl.load(a + t).to(tl.float32)
+        mr = 0.0
+        if MOM:
+            mr = tl.load(m + t).to(tl.float32)
+        w, s, e = _step(w, s, _row(x, t * I, cols, cmask), _row(k, t * I, cols, cmask), tl.load(b + t).to(tl.float32),
+                        tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32), ar, mr, MOM)
+    # 2. the blocks from the last: the block's states into the scratch, then back through them
+    wb = tl.load(dwt + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    sb = tl.zeros([BO, BI], dtype=tl.float32)
+    if MOM:
+        sb = tl.load(dst + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    sc = i_n * (K + 1) * O * I  # this row of programs' scratch: K + 1 states
+    for j in range(nb):
+        blk = nb - 1 - j
+        r0 = blk * K
+        r1 = tl.minimum(r0 + K, N)
+        c = (i_n * nb + blk) * O * I
+        w = tl.load(ckw + c + tile, mask=tmask, other=0.0)
+        s = tl.zeros([BO, BI], dtype=tl.float32)
+        if MOM:
+            s = tl.load(cks + c + tile, mask=tmask, other=0.0)
+        tl.store(scw + sc + tile, w, mask=tmask)
+        if MOM:
+            tl.store(scs + sc + tile, s, mask=tmask)
+        for r in range(r0, r1):
+            t = i_n * N + r
+            ar = 1.0
+            if DECAY:
+                ar = tl.load(a + t).to(tl.float32)
+            mr = 0.0
+            if MOM:
+                mr = tl.load(m + t).to(tl.float32)
+            w, s, e = _step(w, s, _row(x, t * I, cols, cmask), _row(k, t * I, cols, cmask),
+                            tl.load(b + t).to(tl.float32), tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32),
+                            ar, mr, MOM)
+            tl.store(scw + sc + (r - r0 + 1) * O * I + tile, w, mask=tmask)
+            if MOM:
+                tl.store(scs + sc + (r - r0 + 1) * O * I + tile, s, mask=tmask)
+        # the scratch is written and read by the same threads in the same layout; the barrier keeps
+        # the compiler from reordering the two
+        tl.debug_barrier()
+        for q in range(r1 - r0):
+            r = r1 - 1 - q
+            t = i_n * N + r
+            wp = tl.load(scw + sc + (r - r0) * O * I + tile, mask=tmask, other=0.0)  # W_{r−1}
+            xr = _row(x, t * I, cols, cmask)
+            kr = _row(k, t * I, cols, cmask)
+            br = tl.load(b + t).to(tl.float32)
+            fr = tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32)
+            ar = 1.0
+            if DECAY:
+                ar = tl.load(a + t).to(tl.float32)
+            if READ != 0:  # zeros on the rows that do not read
+                ur = _row(u, (t_rd + r) * I, cols, cmask & reads)
+                dor = tl.load(drd + (t_rd + r) * O + rows, mask=rmask & reads, other=0.0).to(tl.float32)
+            if READ == 2:  # o_r = W_r u_r
+                if reads:
+                    wn = tl.load(scw + sc + (r - r0 + 1) * O * I + tile, mask=tmask, other=0.0)
+                    wb += dor[:, None] * ur[None, :]
+                    tl.store(du + (p_rd + r) * I + cols, tl.sum(wn * dor[:, None], 0), mask=cmask)
+            wk = tl.sum(wp * kr[None, :], 1)
+            e = br * wk + fr
+            if DECAY:
+                tl.store(da + part * N + r, tl.sum(tl.sum(wb * wp, 1), 0))
+            if MOM:
+                sp = tl.load(scs + sc + (r - r0) * O * I + tile, mask=tmask, other=0.0)  # S_{r−1}
+                mr = tl.load(m + t).to(tl.float32)
+                stot = sb + wb  # S_r feeds W_r and S_{r+1}
+                tl.store(dm + part * N + r, tl.sum(tl.sum(stot * sp, 1), 0))
+                de = -tl.sum(stot * xr[None, :], 1)
+                tl.store(dx + (part * N + r) * I + cols, -tl.sum(stot * e[:, None], 0), mask=cmask)
+                sb = mr * stot
+            else:
+                de = -tl.sum(wb * xr[None, :], 1)
+                tl.store(dx + (part * N + r) * I + cols, -tl.sum(wb * e[:, None], 0), mask=cmask)
+            wb = ar * wb
+            tl.store(df + t * O + rows, de, mask=rmask)
+            tl.store(db + part * N + r, tl.sum(de * wk, 0))
+            wb += br * de[:, None] * kr[None, :]
+            tl.store(dk + (part * N + r) * I + cols, br * tl.sum(wp * de[:, None], 0), mask=cmask)
+            if READ == 1:  # o_r = W_{r−1} u_r
+                if reads:
+                    wb += dor[:, None] * ur[None, :]
+                    tl.store(du + (p_rd + r) * I + cols, tl.sum(wp * dor[:, None], 0), mask=cmask)
+        tl.debug_barrier()
+    tl.store(dw0 + i_n * O * I + tile, wb, mask=tmask)
+    if MOM:
+        tl.store(ds0 + i_n * O * I + tile, sb, mask=tmask)
+
+
+class _Kernels:
+    fwd = _fwd
+    bwd = _bwd
+
+
+def kernels() -> type[_Kernels]:
+    """The kernels (compiled on the GPU; interpreted when ``TRITON_INTERPRET=1`` was set before triton
+    was first imported)."""
+    return _Kernels
