@@ -5,8 +5,11 @@ the chunked engine it replaces (``solve_chunk``: transfer products and a triangu
     python benchmarks/chunk_walk.py --device cpu --check --chunks 16 32 --batch 1 --heads 1 --dim 16   # interpreted
 
 ``--check`` compares the kernel with ``chunk_walk.loop`` in float64 on the same device (reads, end
-state and momentum, and the gradients of all nine inputs), with float32 and bfloat16 inputs (the
-kernel computes in float32 either way, so the reference takes the inputs as the kernel saw them).
+state and momentum, and the gradients of every input), with float32 and bfloat16 inputs (the
+kernel computes in float32 either way, so the reference takes the inputs as the kernel saw them):
+HOPE's case (momentum, retention, one slot of five reading before the write) and variants (every
+row reading, reads after the write, no read, neither momentum nor retention), and chunks that end
+inside the backward's checkpoint block.
 The timing runs HOPE's shapes: the five stacked memories × batch × heads as the leading axis, the
 two layers of a hidden-2x residual MLP (``[2D, D]`` and ``[D, 2D]``), momentum, per-head retention,
 a read before the write, at chunks of 16 (the paper's) and 256 (``hope_large_chunk``): forward and
@@ -31,43 +34,64 @@ from nlgraph.compilers.kernels.chunk_walk import chunk_walk, loop
 NAMES = ("w0", "s0", "x", "erase", "b", "f", "alpha", "mu", "u")
 
 
-def inputs(nn: int, n: int, o: int, i: int, dev: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """HOPE-like inputs: unit-norm layer inputs, η' in (0, 1), α near 1, μ in (0, 1)."""
+def inputs(nn: int, n: int, o: int, i: int, dev: torch.device, dtype: torch.dtype, seed: int = 0,
+           mom: bool = True, decay: bool = True, readers: int | None = None) -> dict:
+    """HOPE-like inputs: unit-norm layer inputs, η' in (0, 1), α near 1, μ in (0, 1); queries for
+    ``readers`` leading rows (all by default)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*s, scale=0.3):
         return (scale * torch.randn(*s, generator=g)).to(dev, dtype)
 
     x = torch.nn.functional.normalize(torch.randn(nn, n, i, generator=g), dim=-1).to(dev, dtype)
-    return dict(w0=r(nn, o, i), s0=r(nn, o, i, scale=0.05), x=x, erase=x, b=torch.rand(nn, n, generator=g).to(dev, dtype),
-                f=r(nn, n, o, scale=0.1), alpha=(0.9 + 0.1 * torch.rand(nn, n, generator=g)).to(dev, dtype),
-                mu=torch.rand(nn, n, generator=g).to(dev, dtype), u=r(nn, n, i, scale=1.0))
+    a = dict(w0=r(nn, o, i), s0=r(nn, o, i, scale=0.05), x=x, erase=x, b=torch.rand(nn, n, generator=g).to(dev, dtype),
+             f=r(nn, n, o, scale=0.1), alpha=(0.9 + 0.1 * torch.rand(nn, n, generator=g)).to(dev, dtype),
+             mu=torch.rand(nn, n, generator=g).to(dev, dtype), u=r(readers or nn, n, i, scale=1.0))
+    if not mom:
+        a["s0"] = a["mu"] = None
+    if not decay:
+        a["alpha"] = None
+    return a
 
 
-def check(dev: torch.device, cases: list[tuple[int, int, int, int]]) -> list[dict]:
+#: what the check varies around HOPE's case (momentum, retention, the memory slot's rows reading
+#: before the write): (name, momentum, retention, read, only one slot's rows read)
+VARIANTS = [("hope", True, True, "before", True), ("all_rows", True, True, "before", False),
+            ("after", True, True, "after", True), ("no_read", True, True, "none", False),
+            ("plain", False, False, "after", True)]
+
+
+def check(dev: torch.device, cases: list[tuple[int, int, int, int, str]]) -> list[dict]:
     rows = []
-    for nn, n, o, i in cases:
+    for nn, n, o, i, variant in cases:
+        _, mom, decay, read, one_slot = next(v for v in VARIANTS if v[0] == variant)
+        span = (0, nn // 5) if one_slot and read != "none" else None  # the memory slot of five
         for dtype in (torch.float32, torch.bfloat16):
-            a = inputs(nn, n, o, i, dev, dtype)
-            ref_in = {k: v.double().requires_grad_() for k, v in a.items()}
-            ref = loop(**ref_in, read="before")
+            a = inputs(nn, n, o, i, dev, dtype, mom=mom, decay=decay, readers=span[1] if span else None)
+            if read == "none":
+                a["u"] = None
+            names = [k for k in NAMES if a[k] is not None]
+            ref_in = {k: (v.double().requires_grad_() if v is not None else None) for k, v in a.items()}
+            ref = loop(**ref_in, read=read, rows=span)
             gen = torch.Generator().manual_seed(5)
-            cots = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dev) for t in ref]
-            ref_g = torch.autograd.grad(sum((t * c).sum() for t, c in zip(ref, cots)), [ref_in[k] for k in NAMES])
-            ker_in = {k: v.clone().requires_grad_() for k, v in a.items()}
-            out = chunk_walk(**ker_in, read="before")
-            ker_g = torch.autograd.grad(sum((t.double() * c).sum() for t, c in zip(out, cots)),
-                                        [ker_in[k] for k in NAMES])
-            errs = {k: rel_err(t.detach(), r.detach()) for k, t, r in zip(("reads", "w_end", "s_end"), out, ref)}
-            errs |= {f"d{k}": rel_err(gk, gr) for k, gk, gr in zip(NAMES, ker_g, ref_g)}
+            cots = [None if t is None else torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dev) for t in ref]
+            ref_g = torch.autograd.grad(sum((t * c).sum() for t, c in zip(ref, cots) if t is not None),
+                                        [ref_in[k] for k in names])
+            ker_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in a.items()}
+            out = chunk_walk(**ker_in, read=read, rows=span)
+            ker_g = torch.autograd.grad(sum((t.double() * c).sum() for t, c in zip(out, cots) if t is not None),
+                                        [ker_in[k] for k in names])
+            errs = {k: rel_err(t.detach(), r.detach()) for k, t, r in zip(("reads", "w_end", "s_end"), out, ref)
+                    if r is not None}
+            errs |= {f"d{k}": rel_err(gk, gr) for k, gk, gr in zip(names, ker_g, ref_g)}
             # the kernel's arithmetic is float32 whatever the inputs; the gradients are cast to them
             tol = 1e-4 if dtype == torch.float32 else 1e-2
             ok = all(e < (tol if k in ("reads", "w_end", "s_end") or dtype == torch.float32 else 1e-2)
                      for k, e in errs.items())
-            rows.append({"nn": nn, "n": n, "o": o, "i": i, "dtype": str(dtype), "worst": max(errs.values()),
-                         "errors": errs, "ok": ok})
-            print(f"check nn={nn} n={n} [{o}, {i}] {dtype}: worst {max(errs.values()):.2e} {'ok' if ok else 'FAILED'}",
-                  flush=True)
+            rows.append({"nn": nn, "n": n, "o": o, "i": i, "variant": variant, "dtype": str(dtype),
+                         "worst": max(errs.values()), "errors": errs, "ok": ok})
+            print(f"check {variant} nn={nn} n={n} [{o}, {i}] {dtype}: worst {max(errs.values()):.2e} "
+                  f"{'ok' if ok else 'FAILED'}", flush=True)
     return rows
 
 
@@ -131,9 +155,12 @@ def main() -> int:
     res = {"command": " ".join(sys.argv), "torch": torch.__version__,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "checks": [], "timings": []}
     if args.check:
-        # the model's leading size at the short chunk, a small one at the long (float64 reference)
-        res["checks"] = check(dev, [(nn, args.chunks[0], o, i) for o, i in layers]
-                              + [(min(nn, 16), n, o, i) for n in args.chunks[1:] for o, i in layers])
+        # every variant at the model's leading size and the short chunk; HOPE's case at a chunk that
+        # ends inside a checkpoint block (20) and at the long chunks, a smaller leading size there
+        # (the float64 reference walks token by token)
+        small = max(5, min(nn, 20) // 5 * 5)
+        res["checks"] = check(dev, [(nn, args.chunks[0], o, i, v[0]) for v in VARIANTS for o, i in layers]
+                              + [(small, n, o, i, "hope") for n in (20, *args.chunks[1:]) for o, i in layers])
     if not args.no_timing:
         for n in args.chunks:
             for o, i in layers:

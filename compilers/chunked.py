@@ -1038,8 +1038,7 @@ def _minibatch_chunk(run: LevelRun, chunk: _Chunk, lin: dict[str, Params], commi
                 return rd
 
             out = main.forward_with(q, read_walk)
-            for layer, step in steps.values():  # a layer the read does not pass through
-                keep(layer, *_walked(walk, *step)[1:])
+            assert not steps, f"the memory's read did not pass through {sorted(steps)}"
         # unbind, not an index per slot: its backward is one stack, where each index would zero-fill
         # a gradient of the whole stack
         per_param = {p: t.unbind(0) for p, t in params.items()}
@@ -1092,8 +1091,10 @@ def _walked(walk, w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, er
                     flat(mu, 1), uf, "none" if u is None else ("before" if before else "after"), rows)
     w = w.view(lead + w.shape[-2:])
     out = None
-    if rd is not None:
-        out = rd.view(*reader, n, -1).to(torch.promote_types(u.dtype, f.dtype))
+    if rd is not None:  # in the dtype the chunked form's read has: autocast's, else the inputs'
+        dev = u.device.type
+        auto = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+        out = rd.view(*reader, n, -1).to(torch.get_autocast_dtype(dev) if auto else torch.promote_types(u.dtype, f.dtype))
         if origin is not None:
             out = out + u @ origin.transpose(-1, -2).to(u.dtype)
     if w0_origin is not None:

@@ -125,6 +125,9 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
             mr = tl.load(m + t).to(tl.float32)
         w, s, e = _step(w, s, _row(x, t * I, cols, cmask), _row(k, t * I, cols, cmask), tl.load(b + t).to(tl.float32),
                         tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32), ar, mr, MOM)
+    # a tile smaller than the program's threads is stored by one thread and loaded by all of them,
+    # so every store to the checkpoints and the scratch is fenced from the loads that follow
+    tl.debug_barrier()
     # 2. the blocks from the last: the block's states into the scratch, then back through them
     wb = tl.load(dwt + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
     sb = tl.zeros([BO, BI], dtype=tl.float32)
@@ -157,8 +160,6 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
             tl.store(scw + sc + (r - r0 + 1) * O * I + tile, w, mask=tmask)
             if MOM:
                 tl.store(scs + sc + (r - r0 + 1) * O * I + tile, s, mask=tmask)
-        # the scratch is written and read by the same threads in the same layout; the barrier keeps
-        # the compiler from reordering the two
         tl.debug_barrier()
         for q in range(r1 - r0):
             r = r1 - 1 - q

@@ -601,8 +601,12 @@ def chunk_walk_for(run: Any):
         return None
     if k.dtype not in _DTYPES or (k.device.type == "cpu" and k.dtype == torch.bfloat16):
         return None  # float64 is the PyTorch forms'; the interpreter computes bfloat16 wrongly
-    from .chunk_walk import chunk_walk
+    from .chunk_walk import chunk_walk, fits
 
+    # a layer's state row (a bias is a column more) must fit the kernel's registers
+    if not all(fits(layer.d_out, layer.d_in + (layer.bias is not None))
+               for mem in run.memories.values() for layer in mem.layers):
+        return None
     return chunk_walk
 
 

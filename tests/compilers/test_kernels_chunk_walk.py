@@ -23,7 +23,7 @@ from triton_interp import set_interpret as _set_interpret  # noqa: E402
 from nlgraph.compilers import chunked  # noqa: E402
 from nlgraph.compilers.kernels import chunk_walk as walk_module  # noqa: E402
 from nlgraph.compilers.kernels import dispatch  # noqa: E402
-from nlgraph.compilers.kernels.chunk_walk import CHECKPOINT, chunk_walk, loop  # noqa: E402
+from nlgraph.compilers.kernels.chunk_walk import chunk_walk, loop  # noqa: E402
 from nlgraph.errors import NLGraphError  # noqa: E402
 from nlgraph.lower import build  # noqa: E402
 from nlgraph.runtime import level_form  # noqa: E402
@@ -221,4 +221,69 @@ def test_the_plan_gives_hope_the_chunk_walk_where_it_runs(monkeypatch):
     gd = load_level({"memory": {"kind": "mlp", "heads": 2}, "objective": {"kind": "l2"},
                      "optimizer": {"kind": "gd", "lr": 0.1}, "gradient_point": {"chunk": 8}, "frequency": 1})
     assert "gd optimizer" in dispatch.why_no_chunk_walk(gd)
-    assert CHECKPOINT == 16  # the long-chunk variant above is two blocks of the backward
+
+
+@pytest.mark.parametrize("slot", [0, 2])
+@pytest.mark.parametrize("origin, before", [(True, True), (False, False)])
+def test_one_slot_reads_inside_the_stacked_walk(slot, origin, before):
+    """``_walked`` with ``slot``: every slot's end state and one slot's reads equal ``solve_chunk``
+    on the stack, read at that slot (its rows, its ``W_0``), the first layer's input shared."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*s):
+        return 0.3 * torch.randn(*s, generator=g)
+
+    S, B, H, n, o, i = 3, 2, 2, 6, 5, 4
+    w0, s0, o0 = r(S, B, H, o, i), r(S, B, H, o, i), (r(S, B, H, o, i) if origin else None)
+    x = r(B, H, n, i)  # shared by the slots, as the first layer's input
+    b, f = torch.rand(S, B, H, n, generator=g), r(S, B, H, n, o)
+    alpha, mu = 0.5 + 0.5 * torch.rand(B, H, n, generator=g), torch.rand(B, H, n, generator=g)
+    u = r(B, H, n, i)
+    sol = chunked.solve_chunk(w0, s0, x, x, b, f, chunked.transfer(alpha, False), chunked.transfer(mu, False), False,
+                              o0)
+    reads, w, s = chunked._walked(chunk_walk, w0, s0, x, x, b, f, alpha, mu, o0, u=u, before=before, slot=slot)
+    w_ref, s_ref = sol.end()
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reads, sol.pick(slot).read(u, before), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_wider_than_the_kernel_keep_the_chunked_solve(walk_calls):
+    """A memory layer wider than the kernel's rows (with its bias column) is no error: the level's
+    chunks are solved in PyTorch, as before the kernel."""
+    spec_over = ["vars.d_model=256", "vars.heads=1", "vars.chunk=2", "levels.cms.levels.0.frequency=2"]
+    ref, model = _pair(spec_over)
+    assert walk_module.MAX_IN < 512  # the hidden layer's input is 2 × 256 wide
+    tokens = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    y_ref, _ = _step(ref, tokens)
+    y, _ = _step(model, tokens)
+    assert walk_calls["n"] == 0
+    torch.testing.assert_close(y, y_ref)
+
+
+@pytest.mark.slow
+def test_hope_through_the_chunk_walk_compiles_with_inductor(walk_calls):
+    """Inductor around the op, as on a GPU (about 5 minutes interpreted): segments of one chunk each,
+    as HOPE's in-context CMS cuts them (no ``scan``), eight of them."""
+    ref, model = _pair(["vars.chunk=8", "levels.cms.levels.0.frequency=8"])
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    y_ref, g_ref = _step(ref, tokens)
+    model.compile_blocks()
+    y, g = _step(model, tokens)
+    assert walk_calls["n"] > 0
+    assert _rel(y, y_ref) < 1e-5
+    for k in g_ref:
+        assert _rel(g[k], g_ref[k]) < 1e-4, k
+
+
+def test_reads_take_the_autocast_dtype_as_the_chunked_reads_do():
+    """Under autocast the chunked form's reads are matmuls in the autocast dtype; the walk's reads
+    (float32 from the kernel) are cast to it, so the memory's next layer sees the same dtype."""
+    g = torch.Generator().manual_seed(8)
+    w0, x, f = (0.3 * torch.randn(*s, generator=g) for s in ((2, 3, 4), (2, 5, 4), (2, 5, 3)))
+    b = torch.rand(2, 5, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reads, w, _ = chunked._walked(chunk_walk, w0, None, x, x, b, f, None, None, None, u=x)
+    assert reads.dtype == torch.bfloat16 and w.dtype == torch.float32
+    reads, _, _ = chunked._walked(chunk_walk, w0, None, x, x, b, f, None, None, None, u=x)
+    assert reads.dtype == torch.float32
