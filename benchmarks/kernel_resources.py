@@ -20,8 +20,9 @@ This finds that before a GPU session. It runs in two steps:
 
 The cases: the delta rule plain and gated (per head), linear attention per head, GLA and KDA (per
 key channel), Titans' MLP memory (hidden 4·D, at the largest chunk the plan runs at that head dim on
-CUDA), the online recurrence kernel (momentum, updates that read the state; a ``[D, D]`` state) and
-the short convolution (4 taps, ``4·D`` channels, SiLU).
+CUDA), the online recurrence kernel (momentum, updates that read the state; a ``[D, D]`` state),
+the short convolution (4 taps, ``4·D`` channels, SiLU) and the chunk walk (HOPE's two layers of a
+hidden-2x residual MLP, ``[2D, D]`` and ``[D, 2D]``, momentum, retention, one slot reading).
 
     python benchmarks/kernel_resources.py                      # every case, D=128, chunk 64
     python benchmarks/kernel_resources.py --cases kda gla --json out.json
@@ -45,9 +46,9 @@ from pathlib import Path
 # the H200's (and H100's) shared memory per block with the opt-in carve-out: 227 KiB
 SMEM_LIMIT = 232448
 MODULES = ("_delta_rule_triton", "_linear_attention_triton", "_delta_rule_channel_triton", "_mlp_memory_triton",
-           "_recurrence_triton", "_short_conv_triton")
+           "_recurrence_triton", "_short_conv_triton", "_chunk_walk_triton")
 CASES = ("delta_rule", "gated_delta_rule", "linear_attention", "gla", "kda", "mlp_memory", "recurrence",
-         "short_conv")
+         "short_conv", "chunk_walk")
 _TYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.int32": "i32",
           "torch.int64": "i64"}
 
@@ -125,6 +126,9 @@ def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
     if case == "recurrence":
         _run_recurrence(d, chunk, dt)
         return
+    if case == "chunk_walk":
+        _run_chunk_walk(d, chunk, dt)
+        return
     if case == "short_conv":
         from nlgraph.compilers.kernels.short_conv import short_conv
 
@@ -184,6 +188,26 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
     out = online_recurrence(w0=r(1, 1, d, d), s0=r(1, 1, d, d), u=rows(), xt=rows(), ge=r(1, 1, c), p1=rows(),
                             yt=rows(), ze=r(1, 1, c), ye=r(1, 1, c), p2=rows())
     sum(x.float().square().sum() for x in out if x is not None).backward()
+
+
+def _run_chunk_walk(d: int, chunk: int, dt) -> None:
+    """The chunk walk at HOPE's two layer shapes (hidden 2·D), every input, the first of five slots
+    reading before the write, ``chunk`` tokens."""
+    import torch
+
+    from nlgraph.compilers.kernels.chunk_walk import chunk_walk
+
+    gen = torch.Generator().manual_seed(0)
+    nn = 5
+
+    def r(*s, dtype=dt):
+        return (0.3 * torch.randn(*s, generator=gen)).to(dtype).requires_grad_()
+
+    for o, i in ((2 * d, d), (d, 2 * d)):
+        x = r(nn, chunk, i)
+        out = chunk_walk(r(nn, o, i, dtype=torch.float32), r(nn, o, i, dtype=torch.float32), x, x, r(nn, chunk),
+                         r(nn, chunk, o), r(nn, chunk), r(nn, chunk), r(1, chunk, i), read="before", rows=(0, 1))
+        sum(t.float().square().sum() for t in out).backward()
 
 
 def record(cases: list[str], d: int, dv: int, chunk: int, dtype: str = "bfloat16") -> list[dict]:
