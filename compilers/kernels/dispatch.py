@@ -601,13 +601,33 @@ def chunk_walk_for(run: Any):
         return None
     if k.dtype not in _DTYPES or (k.device.type == "cpu" and k.dtype == torch.bfloat16):
         return None  # float64 is the PyTorch forms'; the interpreter computes bfloat16 wrongly
-    from .chunk_walk import chunk_walk, fits
+    from .chunk_walk import chunk_walk
 
-    # a layer's state row (a bias is a column more) must fit the kernel's registers
-    if not all(fits(layer.d_out, layer.d_in + (layer.bias is not None))
-               for mem in run.memories.values() for layer in mem.layers):
+    return chunk_walk if _walk_fits(run.memories.values()) else None
+
+
+def _walk_fits(memories) -> bool:
+    """Whether every layer's state row (a bias is a column more) fits the chunk walk's registers."""
+    from .chunk_walk import fits
+
+    return all(fits(layer.d_out, layer.d_in + (layer.bias is not None)) for mem in memories for layer in mem.layers)
+
+
+def why_chunk_walk_too_wide(spec: Any, head_dim: int) -> str | None:
+    """Why the chunk walk cannot hold this level's memory layers at ``head_dim`` (keys and values
+    of that width), or ``None`` when it can."""
+    from nlgraph.levels.memories import build_memory
+    from nlgraph.levels.run import _slot_widths
+
+    from .chunk_walk import MAX_IN
+
+    try:
+        mems = [build_memory(m, a, b) for m, a, b in _slot_widths(spec, head_dim, head_dim).values()]
+    except ValueError:  # widths the level refuses: its own error comes when it runs
         return None
-    return chunk_walk
+    if _walk_fits(mems):
+        return None
+    return f"a memory layer at head dim {head_dim} is wider than the chunk walk's rows ({MAX_IN} inputs)"
 
 
 # --------------------------------------------------------------------------- the mini-batch MLP memory

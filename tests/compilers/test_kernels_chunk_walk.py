@@ -279,6 +279,11 @@ def test_layers_wider_than_the_kernel_keep_the_chunked_solve(walk_calls):
     y, _ = _step(model, tokens)
     assert walk_calls["n"] == 0
     torch.testing.assert_close(y, y_ref)
+    # the plan says so where it knows the head dim
+    level = ref.spec.levels["titans"]
+    assert level_form(level, device=DEVICE, head_dim=256) == "chunked"
+    assert level_form(level, device=DEVICE, head_dim=64) == "triton"
+    assert "wider than the chunk walk's rows" in dispatch.why_chunk_walk_too_wide(level, 256)
 
 
 @pytest.mark.slow
