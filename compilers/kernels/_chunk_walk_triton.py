@@ -36,6 +36,20 @@ def _row(p, base, cols, mask):
 
 
 @triton.jit
+def _token(x, k, b, f, a, m, t, rows, cols, rmask, cmask, O: tl.constexpr, I: tl.constexpr, DECAY: tl.constexpr,
+           MOM: tl.constexpr):
+    """Token ``t``'s inputs in float32: ``(x, ḱ, b, f rows, α, μ)`` (α = 1, μ = 0 when absent)."""
+    ar = 1.0
+    if DECAY:
+        ar = tl.load(a + t).to(tl.float32)
+    mr = 0.0
+    if MOM:
+        mr = tl.load(m + t).to(tl.float32)
+    return (_row(x, t * I, cols, cmask), _row(k, t * I, cols, cmask), tl.load(b + t).to(tl.float32),
+            tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32), ar, mr)
+
+
+@triton.jit
 def _step(w, s, xr, kr, br, fr, ar, mr, MOM: tl.constexpr):
     """One token: ``(W_r, S_r, e_r)`` from ``(W_{r−1}, S_{r−1})``."""
     e = br * tl.sum(w * kr[None, :], 1) + fr
@@ -45,6 +59,32 @@ def _step(w, s, xr, kr, br, fr, ar, mr, MOM: tl.constexpr):
     else:
         w = ar * w - e[:, None] * xr[None, :]
     return w, s, e
+
+
+@triton.jit
+def _advance(w, s, x, k, b, f, a, m, t, rows, cols, rmask, cmask, O: tl.constexpr, I: tl.constexpr,
+             DECAY: tl.constexpr, MOM: tl.constexpr):
+    """:func:`_step` on token ``t``'s inputs: ``(W_r, S_r)``."""
+    xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+    w, s, e = _step(w, s, xr, kr, br, fr, ar, mr, MOM)
+    return w, s
+
+
+@triton.jit
+def _load_pair(pw, ps, base, tile, tmask, BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr):
+    """A state and its momentum (zeros without) at ``base``, in float32."""
+    w = tl.load(pw + base + tile, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.zeros([BO, BI], dtype=tl.float32)
+    if MOM:
+        s = tl.load(ps + base + tile, mask=tmask, other=0.0).to(tl.float32)
+    return w, s
+
+
+@triton.jit
+def _store_pair(pw, ps, base, tile, tmask, w, s, MOM: tl.constexpr):
+    tl.store(pw + base + tile, w, mask=tmask)
+    if MOM:
+        tl.store(ps + base + tile, s, mask=tmask)
 
 
 @triton.jit
@@ -59,34 +99,19 @@ def _fwd(w0, s0, x, k, b, f, a, m, u, rd, wt, st, N, LO, HI, O: tl.constexpr, I:
     rmask, cmask = rows < O, cols < I
     tile = rows[:, None] * I + cols[None, :]
     tmask = rmask[:, None] & cmask[None, :]
-    w = tl.load(w0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
-    s = tl.zeros([BO, BI], dtype=tl.float32)
-    if MOM:
-        s = tl.load(s0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    w, s = _load_pair(w0, s0, i_n * O * I, tile, tmask, BO, BI, MOM)
     for r in range(N):
         t = i_n * N + r
-        xr = _row(x, t * I, cols, cmask)
-        kr = _row(k, t * I, cols, cmask)
-        br = tl.load(b + t).to(tl.float32)
-        fr = tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32)
-        ar = 1.0
-        if DECAY:
-            ar = tl.load(a + t).to(tl.float32)
-        mr = 0.0
-        if MOM:
-            mr = tl.load(m + t).to(tl.float32)
         if READ == 1:
             if reads:
                 ur = _row(u, (t_rd + r) * I, cols, cmask)
                 tl.store(rd + (t_rd + r) * O + rows, tl.sum(w * ur[None, :], 1), mask=rmask)
-        w, s, e = _step(w, s, xr, kr, br, fr, ar, mr, MOM)
+        w, s = _advance(w, s, x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
         if READ == 2:
             if reads:
                 ur = _row(u, (t_rd + r) * I, cols, cmask)
                 tl.store(rd + (t_rd + r) * O + rows, tl.sum(w * ur[None, :], 1), mask=rmask)
-    tl.store(wt + i_n * O * I + tile, w, mask=tmask)
-    if MOM:
-        tl.store(st + i_n * O * I + tile, s, mask=tmask)
+    _store_pair(wt, st, i_n * O * I, tile, tmask, w, s, MOM)
 
 
 @triton.jit
@@ -106,72 +131,32 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
     t_rd = (i_n - LO) * N
     p_rd = (i_o * (HI - LO) + i_n - LO) * N
     # 1. forward again, keeping the state before every K-th token
-    w = tl.load(w0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
-    s = tl.zeros([BO, BI], dtype=tl.float32)
-    if MOM:
-        s = tl.load(s0 + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    w, s = _load_pair(w0, s0, i_n * O * I, tile, tmask, BO, BI, MOM)
     for r in range(N):
-        t = i_n * N + r
         if r % K == 0:
-            c = (i_n * nb + r // K) * O * I
-            tl.store(ckw + c + tile, w, mask=tmask)
-            if MOM:
-                tl.store(cks + c + tile, s, mask=tmask)
-        ar = 1.0
-        if DECAY:
-            ar = tl.load(a + t).to(tl.float32)
-        mr = 0.0
-        if MOM:
-            mr = tl.load(m + t).to(tl.float32)
-        w, s, e = _step(w, s, _row(x, t * I, cols, cmask), _row(k, t * I, cols, cmask), tl.load(b + t).to(tl.float32),
-                        tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32), ar, mr, MOM)
+            _store_pair(ckw, cks, (i_n * nb + r // K) * O * I, tile, tmask, w, s, MOM)
+        w, s = _advance(w, s, x, k, b, f, a, m, i_n * N + r, rows, cols, rmask, cmask, O, I, DECAY, MOM)
     # a tile smaller than the program's threads is stored by one thread and loaded by all of them,
     # so every store to the checkpoints and the scratch is fenced from the loads that follow
     tl.debug_barrier()
     # 2. the blocks from the last: the block's states into the scratch, then back through them
-    wb = tl.load(dwt + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
-    sb = tl.zeros([BO, BI], dtype=tl.float32)
-    if MOM:
-        sb = tl.load(dst + i_n * O * I + tile, mask=tmask, other=0.0).to(tl.float32)
+    wb, sb = _load_pair(dwt, dst, i_n * O * I, tile, tmask, BO, BI, MOM)
     sc = i_n * (K + 1) * O * I  # this row of programs' scratch: K + 1 states
     for j in range(nb):
         blk = nb - 1 - j
         r0 = blk * K
         r1 = tl.minimum(r0 + K, N)
-        c = (i_n * nb + blk) * O * I
-        w = tl.load(ckw + c + tile, mask=tmask, other=0.0)
-        s = tl.zeros([BO, BI], dtype=tl.float32)
-        if MOM:
-            s = tl.load(cks + c + tile, mask=tmask, other=0.0)
-        tl.store(scw + sc + tile, w, mask=tmask)
-        if MOM:
-            tl.store(scs + sc + tile, s, mask=tmask)
+        w, s = _load_pair(ckw, cks, (i_n * nb + blk) * O * I, tile, tmask, BO, BI, MOM)
+        _store_pair(scw, scs, sc, tile, tmask, w, s, MOM)
         for r in range(r0, r1):
-            t = i_n * N + r
-            ar = 1.0
-            if DECAY:
-                ar = tl.load(a + t).to(tl.float32)
-            mr = 0.0
-            if MOM:
-                mr = tl.load(m + t).to(tl.float32)
-            w, s, e = _step(w, s, _row(x, t * I, cols, cmask), _row(k, t * I, cols, cmask),
-                            tl.load(b + t).to(tl.float32), tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32),
-                            ar, mr, MOM)
-            tl.store(scw + sc + (r - r0 + 1) * O * I + tile, w, mask=tmask)
-            if MOM:
-                tl.store(scs + sc + (r - r0 + 1) * O * I + tile, s, mask=tmask)
+            w, s = _advance(w, s, x, k, b, f, a, m, i_n * N + r, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+            _store_pair(scw, scs, sc + (r - r0 + 1) * O * I, tile, tmask, w, s, MOM)
         tl.debug_barrier()
         for q in range(r1 - r0):
             r = r1 - 1 - q
             t = i_n * N + r
-            wp = tl.load(scw + sc + (r - r0) * O * I + tile, mask=tmask, other=0.0)  # W_{r−1}
-            xr = _row(x, t * I, cols, cmask)
-            kr = _row(k, t * I, cols, cmask)
-            br = tl.load(b + t).to(tl.float32)
-            fr = tl.load(f + t * O + rows, mask=rmask, other=0.0).to(tl.float32)
-            ar = 1.0
-            if DECAY:
-                ar = tl.load(a + t).to(tl.float32)
+            wp, sp = _load_pair(scw, scs, sc + (r - r0) * O * I, tile, tmask, BO, BI, MOM)  # W_{r−1}, S_{r−1}
+            xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
             if READ != 0:  # zeros on the rows that do not read
                 ur = _row(u, (t_rd + r) * I, cols, cmask & reads)
                 dor = tl.load(drd + (t_rd + r) * O + rows, mask=rmask & reads, other=0.0).to(tl.float32)
@@ -185,8 +170,6 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
             if DECAY:
                 tl.store(da + part * N + r, tl.sum(tl.sum(wb * wp, 1), 0))
             if MOM:
-                sp = tl.load(scs + sc + (r - r0) * O * I + tile, mask=tmask, other=0.0)  # S_{r−1}
-                mr = tl.load(m + t).to(tl.float32)
                 stot = sb + wb  # S_r feeds W_r and S_{r+1}
                 tl.store(dm + part * N + r, tl.sum(tl.sum(stot * sp, 1), 0))
                 de = -tl.sum(stot * xr[None, :], 1)
@@ -205,9 +188,7 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
                     wb += dor[:, None] * ur[None, :]
                     tl.store(du + (p_rd + r) * I + cols, tl.sum(wp * dor[:, None], 0), mask=cmask)
         tl.debug_barrier()
-    tl.store(dw0 + i_n * O * I + tile, wb, mask=tmask)
-    if MOM:
-        tl.store(ds0 + i_n * O * I + tile, sb, mask=tmask)
+    _store_pair(dw0, ds0, i_n * O * I, tile, tmask, wb, sb, MOM)
 
 
 class _Kernels:
