@@ -1087,7 +1087,11 @@ def _walked(walk, w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, er
         rows = (slot * per, (slot + 1) * per)
         origin = origin[slot] if origin is not None else None
     uf = None if u is None else u.expand(*reader, *u.shape[-2:]).reshape(-1, *u.shape[-2:])
-    rd, w, s = walk(flat(w0, 2), flat(s0, 2), flat(x, 2), flat(erase, 2), flat(b, 1), flat(f, 2), flat(alpha, 1),
+    xf = flat(x, 2)
+    # Titans' order erases along the input itself: one flattened copy (x is expanded over the slots
+    # for the first layer, so each flat() is a copy)
+    ef = xf if erase is x else flat(erase, 2)
+    rd, w, s = walk(flat(w0, 2), flat(s0, 2), xf, ef, flat(b, 1), flat(f, 2), flat(alpha, 1),
                     flat(mu, 1), uf, "none" if u is None else ("before" if before else "after"), rows)
     w = w.view(lead + w.shape[-2:])
     out = None

@@ -70,9 +70,8 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
         if torch.device(device).type == "cuda" and not dispatch.CHUNK_WALK_ON_GPU:
             return ("a mini-batch DGD level: the chunk-walk kernel that would take it is off on CUDA until its "
                     "GPU check has run (NLGRAPH_CHUNK_WALK_GPU=1 turns it on)")
-        if head_dim is not None and dispatch.why_chunk_walk_too_wide(spec, head_dim):
-            return dispatch.why_chunk_walk_too_wide(spec, head_dim)
-        return _why_not_target(device, dtype)
+        wide = dispatch.why_chunk_walk_too_wide(spec, head_dim) if head_dim is not None else None
+        return wide or _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)
     if why is None and dispatch._channel_decay(spec):
         off = dispatch.why_no_channel_kernel(device, head_dim, dispatch.DELTA_RULE_CHANNEL_ON_GPU,
