@@ -191,14 +191,16 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
 
 
 def _run_chunk_walk(d: int, chunk: int, dt) -> None:
-    """The chunk walk at HOPE's two layer shapes (hidden 2·D), every input, the first of five slots
-    reading before the write, ``chunk`` tokens."""
+    """The chunk walk at HOPE's two layer shapes (hidden 2·D), every input, one row of the stack
+    reading before the write. The stack's depth and the chunk length are runtime arguments (the
+    backward's checkpoint stride ``K`` is not: one stride of tokens sets it), so one row of the
+    stack compiles the same kernels as HOPE's five (which the interpreter walks for minutes at D 128)."""
     import torch
 
-    from nlgraph.compilers.kernels.chunk_walk import chunk_walk
+    from nlgraph.compilers.kernels.chunk_walk import CHECKPOINT, chunk_walk
 
     gen = torch.Generator().manual_seed(0)
-    nn = 5
+    nn, chunk = 1, min(chunk, CHECKPOINT)
 
     def r(*s, dtype=dt):
         return (0.3 * torch.randn(*s, generator=gen)).to(dtype).requires_grad_()
