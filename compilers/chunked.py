@@ -645,7 +645,8 @@ def _stack(params: list[Params]) -> Params:
 
 
 def _unbound_from(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor ``X`` with ``parts == X.unbind(0)``, when they are exactly its views, else None.
+    """The tensor ``X`` with ``parts == X.unbind(0)``, when they are exactly its views, else None
+    (``X`` may be a view of their common base, taken here).
 
     A chunk's end state is unbound into per-slot views and the next chunk (or the level's next call,
     through the state) stacks them again: a copy of every slot's parameters and optimizer buffers
@@ -654,17 +655,23 @@ def _unbound_from(parts: list[torch.Tensor]) -> torch.Tensor | None:
     Eager only: a compiled graph reads no ``_base``, and inductor removes such copies itself."""
     if torch.compiler.is_compiling():
         return None
-    base = parts[0]._base
-    if (base is None or base.dim() != parts[0].dim() + 1 or base.shape[0] != len(parts)
-            or base.dtype != parts[0].dtype
+    root = parts[0]._base
+    if (root is None or root.dtype != parts[0].dtype
             # views taken under no_grad of a tensor that needs grads: no gradient path through them
-            or (base.requires_grad and parts[0].grad_fn is None)):
+            or (root.requires_grad and parts[0].grad_fn is None)):
         return None
+    base = root
+    if root.dim() != parts[0].dim() + 1 or root.shape[0] != len(parts):
+        # views of a view have the first tensor as their _base: the chunk walk's flat
+        # [S·B·H, o, i] end state seen as [S, B, H, o, i]. Its storage read as the stack is the stack.
+        if not root.is_contiguous() or root.numel() != len(parts) * parts[0].numel():
+            return None
+        base = root.view(len(parts), *parts[0].shape)
     step = base.stride(0)
     if step == 0:  # expanded along the slot axis: a stack would be a real copy, keep it one
         return None
     for i, t in enumerate(parts):
-        if (t._base is not base or t.shape != base.shape[1:] or t.stride() != base.stride()[1:]
+        if (t._base is not root or t.shape != base.shape[1:] or t.stride() != base.stride()[1:]
                 or t.storage_offset() != base.storage_offset() + i * step):
             return None
     return base

@@ -406,6 +406,13 @@ def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
     sliced = x[..., :-1].unbind(0)  # views of a view: their _base is x, whose shape differs
     assert _unbound_from(list(sliced)) is None
     assert torch.equal(_stack([{"w": p} for p in sliced])["w"], x[..., :-1])
+    flat = torch.randn(6, 4, 5, requires_grad=True) * 1.0  # the chunk walk's [S·B·H, o, i] output
+    seen = flat.view(3, 2, 4, 5)
+    found = _unbound_from(list(seen.unbind(0)))  # their _base is flat: its storage read as the stack
+    assert found is not None and found._base is flat and torch.equal(found, seen)
+    assert found.stride() == seen.stride() and found.storage_offset() == seen.storage_offset()
+    assert _unbound_from(list(flat.view(2, 3, 4, 5).unbind(0))[:1] + list(seen.unbind(0))[1:]) is None
+    assert _unbound_from(list(flat.view(3, 2, 4, 5)[:, :1].unbind(0))) is None  # part of the rows
     with torch.no_grad():
         quiet = list(x.unbind(0))
     assert _unbound_from(quiet) is None  # views without grad of a tensor with: not the same thing
@@ -416,9 +423,9 @@ def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
     grads = []
     for reuse in (True, False):
         leaf = w.clone().requires_grad_()
-        z = (leaf * 2.0).unbind(0)
-        y = _stack([{"w": p} for p in z])["w"] if reuse else torch.stack(z)
-        (y.sin() * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        for z in ((leaf * 2.0).unbind(0), (leaf.reshape(6, 4, 5) * 2.0).view(3, 2, 4, 5).unbind(0)):
+            y = _stack([{"w": p} for p in z])["w"] if reuse else torch.stack(z)
+            (y.sin() * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
