@@ -25,3 +25,39 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def hope_level_copies(monkeypatch):
+    """``run(form, device)``: HOPE's self-modifying level (toy widths, chunks of 4) called twice on 16
+    tokens, the state carried; how many slot stacks each call copied, ``[first, second]`` (a copy:
+    ``chunked._unbound_from`` found no tensor the slots are views of, so ``torch.stack`` ran)."""
+    from nlgraph.compilers import chunked
+    from nlgraph.runtime import init_state, run_level
+    from nlgraph.spec.loader import load_spec
+
+    copies = {"n": 0}
+    real = chunked._unbound_from
+
+    def counting(parts):
+        found = real(parts)
+        copies["n"] += found is None
+        return found
+
+    monkeypatch.setattr(chunked, "_unbound_from", counting)
+
+    def run(form: str, device: str = "cpu") -> list[int]:
+        spec = load_spec("hope", ["vars.d_model=16", "vars.heads=2", "vars.chunk=4"]).levels["titans"]
+        gen = torch.Generator().manual_seed(0)
+        x, q = (torch.randn(2, 16, 2, 8, generator=gen).to(device) for _ in range(2))
+        mu = torch.full(x.shape[:3], 0.12, device=device)
+        state = init_state(spec, batch=2, d_key=8, d_value=8, generator=gen)
+        state = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()}
+        counts = []
+        for _ in range(2):
+            before = copies["n"]
+            _, state = run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form=form)
+            counts.append(copies["n"] - before)
+        return counts
+
+    return run

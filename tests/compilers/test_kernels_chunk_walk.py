@@ -317,29 +317,10 @@ def test_reads_take_the_autocast_dtype_as_the_chunked_reads_do():
     assert reads.dtype == torch.float32
 
 
-def test_hope_level_through_the_walk_stacks_its_slots_once_per_call(walk_calls, monkeypatch):
+def test_hope_level_through_the_walk_stacks_its_slots_once_per_call(walk_calls, hope_level_copies):
     """The walk's end states are views of its flat ``[S·B·H, o, i]`` outputs: the next chunk (and the
     level's next call) takes them as the stack they are, with no copy kept for the backward
     (``tests/levels/test_chunked.py`` checks the same of the chunked form)."""
-    from nlgraph.runtime import init_state, run_level
-
-    calls = {"n": 0}
-    real = chunked._unbound_from
-
-    def counting(parts):
-        found = real(parts)
-        calls["n"] += found is None  # a copy stacked
-        return found
-
-    spec = load_spec("hope", ["vars.d_model=16", "vars.heads=2", "vars.chunk=4"]).levels["titans"]
-    gen = torch.Generator().manual_seed(0)
-    x, q = (torch.randn(2, 16, 2, 8, generator=gen).to(DEVICE) for _ in range(2))
-    mu = torch.full(x.shape[:3], 0.12, device=DEVICE)
-    state = init_state(spec, batch=2, d_key=8, d_value=8, generator=gen)
-    state = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in state.items()}
-    monkeypatch.setattr(chunked, "_unbound_from", counting)
-    _, state = run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form="triton")
-    first = calls["n"]
+    first, second = hope_level_copies("triton", DEVICE)
     assert walk_calls["n"] > 0 and first > 0  # the first call stacks W_0 and M_0 once
-    run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form="triton")
-    assert calls["n"] == first  # four more chunks, and nothing stacked again
+    assert second == 0  # four more chunks, and nothing stacked again

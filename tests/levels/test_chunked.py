@@ -430,31 +430,9 @@ def test_stacking_slots_reuses_the_tensor_they_were_unbound_from():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
-def test_hope_level_stacks_its_slots_once_per_call(monkeypatch):
+def test_hope_level_stacks_its_slots_once_per_call(hope_level_copies):
     # HOPE's five memories are solved stacked on a slot axis; across a call's chunks (and the
     # in-context calls of a sequence, through the state) the per-slot views are not copied again
-    from nlgraph.compilers import chunked
-
-    calls = {"n": 0}
-    real = chunked._unbound_from
-
-    def counting(parts):
-        found = real(parts)
-        calls["n"] += found is None  # a copy stacked
-        return found
-
-    from nlgraph.runtime import run_level
-    from nlgraph.spec.loader import load_spec
-
-    spec = load_spec("hope", ["vars.d_model=16", "vars.heads=2", "vars.chunk=4"]).levels["titans"]
-    gen = torch.Generator().manual_seed(0)
-    x, q = (torch.randn(2, 16, 2, 8, generator=gen) for _ in range(2))
-    mu = torch.full(x.shape[:3], 0.12)
-    state = init_state(spec, batch=2, d_key=8, d_value=8, generator=gen)
-    monkeypatch.setattr(chunked, "_unbound_from", counting)
-    _, state = run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form="chunked")
-    first = calls["n"]
+    first, second = hope_level_copies("chunked")
     assert first > 0  # the first call stacks W_0 and the meta-learned M_0 once
-    run_level(spec, keys=x, values=x, queries=q, momentum=mu, state=state, form="chunked")
-    # the second call (four more chunks) stacks nothing: its slots arrive as views of stacks
-    assert calls["n"] == first
+    assert second == 0  # the second call (four more chunks): its slots arrive as views of stacks
