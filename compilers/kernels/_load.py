@@ -56,6 +56,29 @@ def switch(env: str, default: bool) -> bool:
     return default
 
 
+#: How the delta-rule, linear-attention and online-recurrence kernels multiply float32 operands
+#: (``tl.dot``'s ``input_precision``), from ``NLGRAPH_FP32_PRODUCTS``: ``ieee`` (the default), exact
+#: float32 products on the CUDA cores, or ``tf32x3``, three TF32 tensor-core products per product
+#: (each operand split into a high and a low TF32 part; about float32's accuracy). Compiled for sm_90
+#: at a key width of 128, ``ieee`` makes the delta rule's kernels spill up to 12 KB a thread and
+#: compile in twice the time (docs/benchmarks.md). ``ieee`` stays the default until ``tf32x3`` has
+#: passed the GPU checks (``bash benchmarks/gpu_session.sh fp32_products``). Titans' MLP memory keeps
+#: ``ieee`` (``tf32x3`` spills more there). 16-bit operands take TF32 products of their float32
+#: intermediates either way.
+FP32_PRODUCTS = os.environ.get("NLGRAPH_FP32_PRODUCTS", "").strip().lower() or "ieee"
+_FP32_CHOICES = ("ieee", "tf32x3")
+
+
+def products(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for a kernel whose operands arrive in ``dtype``."""
+    if dtype != torch.float32:
+        return "tf32"
+    if FP32_PRODUCTS not in _FP32_CHOICES:
+        raise NLGraphError(f"unknown float32 product mode {FP32_PRODUCTS!r}; set it to one of "
+                           f"{', '.join(_FP32_CHOICES)}, or unset it (ieee)", path="NLGRAPH_FP32_PRODUCTS")
+    return FP32_PRODUCTS
+
+
 # --------------------------------------------------------------------------- precompile
 
 #: Precompile: the kernels of an op's first call per shape class compile in parallel threads before

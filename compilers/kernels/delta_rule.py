@@ -28,7 +28,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, kernel_chunk, pow2 as _pow2, run_precompiled
+from ._load import cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
 from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -69,9 +69,9 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
     kp, vp = _pow2(dk), _pow2(dv)
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=-(-t // chunk), KP=kp, BK=min(kp, 64),
                 BV=min(vp, 64), interpret=_triton().INTERPRETED,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                PREC=products(q.dtype),
                 # bf16 inputs: the inverse is rounded to bf16 before use, so tf32 products suffice
-                SPREC="ieee" if q.dtype == torch.float32 else "tf32")
+                SPREC=products(q.dtype))
 
 
 def _state_launch(p: dict):

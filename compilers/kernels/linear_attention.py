@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, kernel_chunk, run_precompiled
+from ._load import cdiv as _cdiv, kernel_chunk, products, run_precompiled
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -53,7 +53,7 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
     dv = v.shape[-1]
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=max(16, 1 << (dk - 1).bit_length()),
                 BV=min(max(16, 1 << (dv - 1).bit_length()), 64),
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                PREC=products(q.dtype))
 
 
 def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -282,6 +282,36 @@ def test_wy_lowp_rejects_a_bad_setting(monkeypatch):
     assert _wy_lowp(torch.float32) == 0
 
 
+def test_fp32_products_reach_every_kernel_and_stay_exact(monkeypatch):
+    """``NLGRAPH_FP32_PRODUCTS=tf32x3`` is the float32 ``input_precision`` of the delta rule's and
+    linear attention's kernels (and the online recurrence's: all from ``_load.products``), not of
+    Titans' MLP memory, whose backward spills more with it;
+    the delta rule under it equals float64 as with ``ieee`` (the interpreter multiplies in float32
+    either way: the accuracy of the three TF32 products is the GPU check's, gpu_session ``fp32_products``),
+    and a value that is no mode is one error naming the variable."""
+    from nlgraph.compilers.kernels import _load, delta_rule, linear_attention, mlp_memory
+
+    q = torch.zeros(1, 8, 1, 16)
+    monkeypatch.setattr(_load, "FP32_PRODUCTS", "tf32x3")
+    assert delta_rule._plan(q, q, 16)["PREC"] == delta_rule._plan(q, q, 16)["SPREC"] == "tf32x3"
+    assert linear_attention._plan(q, q, 16)["PREC"] == "tf32x3"
+    assert mlp_memory._launch(q, 64, 16, 16, 4)["PREC"] == "ieee"
+    assert delta_rule._plan(q.half(), q.half(), 16)["PREC"] == "tf32"  # 16-bit operands: unchanged
+    x64 = _inputs(1, 37, 2, 16, 32, gated=True, with_h0=True, seed=5)
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    got = {n: a.float().to(DEVICE).requires_grad_() for n, a in x64.items()}
+    y_ref, s_ref = _reference(ref, 0.75)
+    o, ht = _kernel(got, 0.75, 16, True)
+    assert _rel(o.cpu(), y_ref.detach()) < 1e-5 and _rel(ht.cpu(), s_ref.detach()) < 1e-5
+    ((y_ref ** 2).sum() + s_ref.sum()).backward()
+    ((o ** 2).sum() + ht.sum()).backward()
+    for name in x64:
+        assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
+    monkeypatch.setattr(_load, "FP32_PRODUCTS", "tf32")
+    with pytest.raises(NLGraphError, match="NLGRAPH_FP32_PRODUCTS"):
+        delta_rule._plan(q, q, 16)
+
+
 # --------------------------------------------------------------------------- a decay per key channel
 
 
