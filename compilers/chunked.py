@@ -656,9 +656,9 @@ def _unbound_from(parts: list[torch.Tensor]) -> torch.Tensor | None:
     if torch.compiler.is_compiling():
         return None
     root = parts[0]._base
-    if (root is None or root.dtype != parts[0].dtype
+    if (root is None or any(t.dtype != root.dtype or t.is_conj() or t.is_neg() for t in parts)
             # views taken under no_grad of a tensor that needs grads: no gradient path through them
-            or (root.requires_grad and parts[0].grad_fn is None)):
+            or (root.requires_grad and any(t.grad_fn is None for t in parts))):
         return None
     base = root
     if root.dim() != parts[0].dim() + 1 or root.shape[0] != len(parts):

@@ -605,7 +605,9 @@ def _tuned(name: str, fn):
     # next `nlgraph train`) compiles only that config instead of timing every one again; T in the key
     # keeps a choice made at a test's or a sample's length from deciding a training run's. B and H
     # are not in it: a run at another batch but the same length reuses the choice
-    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "GK", "LOWP", "VB"],
+    # PREC: float32's products follow NLGRAPH_FP32_PRODUCTS, not the dtype alone, and a config that
+    # fits with one mode's tiles may not with the other's (shared memory grows with tf32x3)
+    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "GK", "LOWP", "VB", "PREC"],
                            restore_value=restore,
                            cache_results=True,
                            prune_configs_by={"early_config_prune": functools.partial(choose_configs, name)})(jitted)

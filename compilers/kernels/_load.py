@@ -44,7 +44,7 @@ def recording(kernels: Any) -> Any:
     return kernels if log is None else _Recorder(kernels, log)
 
 
-def switch(env: str, default: bool) -> bool:
+def switch(env: str, default: bool | None) -> bool | None:
     """A per-process switch from ``env``: ``1`` / ``on`` / ``true`` / ``yes`` turn it on, ``0`` /
     ``off`` / ``false`` / ``no`` off; unset or anything else keeps ``default`` (read at import, where
     an error would stop ``import nlgraph`` itself)."""
@@ -57,26 +57,30 @@ def switch(env: str, default: bool) -> bool:
 
 
 #: How the delta-rule, linear-attention and online-recurrence kernels multiply float32 operands
-#: (``tl.dot``'s ``input_precision``), from ``NLGRAPH_FP32_PRODUCTS``: ``ieee`` (the default), exact
-#: float32 products on the CUDA cores, or ``tf32x3``, three TF32 tensor-core products per product
-#: (each operand split into a high and a low TF32 part; about float32's accuracy). Compiled for sm_90
-#: at a key width of 128, ``ieee`` makes the delta rule's kernels spill up to 12 KB a thread and
-#: compile in twice the time (docs/benchmarks.md). ``ieee`` stays the default until ``tf32x3`` has
-#: passed the GPU checks (``bash benchmarks/gpu_session.sh fp32_products``). Titans' MLP memory keeps
-#: ``ieee`` (``tf32x3`` spills more there). 16-bit operands take TF32 products of their float32
+#: (``tl.dot``'s ``input_precision``), from ``NLGRAPH_FP32_PRODUCTS``: ``ieee``, exact float32
+#: products on the CUDA cores, or ``tf32x3``, three TF32 tensor-core products per product (each
+#: operand split into a high and a low TF32 part; about float32's accuracy). Compiled for sm_90 at a
+#: key width of 128, ``ieee`` makes the delta rule's kernels spill up to 12 KB a thread; on an H100
+#: its float32 forward + backward ran 10x slower than with ``tf32x3``, whose results were within
+#: 4.3e-7 of float64 there (docs/benchmarks.md). Unset, each kernel takes the mode it was checked
+#: with on a GPU: ``tf32x3`` for the per-head delta rule, ``ieee`` for the rest until their GPU
+#: checks (``bash benchmarks/gpu_session.sh fp32_products``). Titans' MLP memory keeps ``ieee``
+#: (``tf32x3`` spills more there). 16-bit operands take TF32 products of their float32
 #: intermediates either way.
-FP32_PRODUCTS = os.environ.get("NLGRAPH_FP32_PRODUCTS", "").strip().lower() or "ieee"
+FP32_PRODUCTS = os.environ.get("NLGRAPH_FP32_PRODUCTS", "").strip().lower() or None
 _FP32_CHOICES = ("ieee", "tf32x3")
 
 
-def products(dtype: torch.dtype) -> str:
-    """``tl.dot``'s ``input_precision`` for a kernel whose operands arrive in ``dtype``."""
+def products(dtype: torch.dtype, unset: str = "ieee") -> str:
+    """``tl.dot``'s ``input_precision`` for a kernel whose operands arrive in ``dtype``; ``unset``:
+    float32's mode when ``NLGRAPH_FP32_PRODUCTS`` is not set."""
     if dtype != torch.float32:
         return "tf32"
-    if FP32_PRODUCTS not in _FP32_CHOICES:
-        raise NLGraphError(f"unknown float32 product mode {FP32_PRODUCTS!r}; set it to one of "
-                           f"{', '.join(_FP32_CHOICES)}, or unset it (ieee)", path="NLGRAPH_FP32_PRODUCTS")
-    return FP32_PRODUCTS
+    mode = FP32_PRODUCTS or unset
+    if mode not in _FP32_CHOICES:
+        raise NLGraphError(f"unknown float32 product mode {mode!r}; set it to one of "
+                           f"{', '.join(_FP32_CHOICES)}, or unset it", path="NLGRAPH_FP32_PRODUCTS")
+    return mode
 
 
 # --------------------------------------------------------------------------- precompile

@@ -63,15 +63,19 @@ def _kernels(q: torch.Tensor, channel: bool = False):
     return load_kernels(importer, q, _OP, "delta-rule")
 
 
-def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
+def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int, channel: bool = False) -> dict:
+    """The launch constants; ``channel``: the per-key-channel kernels (Kimi Delta Attention), whose
+    float32 products stay exact unless ``NLGRAPH_FP32_PRODUCTS`` says otherwise (the per-head ones
+    passed their GPU check with three TF32 products; ``_load.products``)."""
+    prec = products(q.dtype, unset="ieee" if channel else "tf32x3")
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     kp, vp = _pow2(dk), _pow2(dv)
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=-(-t // chunk), KP=kp, BK=min(kp, 64),
                 BV=min(vp, 64), interpret=_triton().INTERPRETED,
-                PREC=products(q.dtype),
+                PREC=prec,
                 # bf16 inputs: the inverse is rounded to bf16 before use, so tf32 products suffice
-                SPREC=products(q.dtype))
+                SPREC=prec)
 
 
 def _state_launch(p: dict):
@@ -120,7 +124,7 @@ def _wu_channel(kc, p, k, v, beta, bcum, tm, solve: bool):
 def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     """The forward with a decay per key channel (``g [B, T, H, Dk]``): T is kept in float32."""
     kn, kc = _kernels(q), _kernels(q, channel=True)
-    p = _plan(q, v, chunk)
+    p = _plan(q, v, chunk, channel=True)
     b, t, h = p["B"], p["T"], p["H"]
     tm = q.new_empty(b, t, h, chunk, dtype=torch.float32)
     bcum = _chunk_cumsum(g, chunk)
@@ -135,7 +139,7 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
 
 def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     kn, kc = _kernels(q), _kernels(q, channel=True)
-    p = _plan(q, v, chunk)
+    p = _plan(q, v, chunk, channel=True)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     dummy = q.new_empty(0)
     w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=False)

@@ -60,7 +60,7 @@ from nlgraph.errors import NLGraphError
 from ._load import CHANNEL_MAX_KEY_CUDA
 from ._load import switch as _switch
 
-__all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU", "CHUNK_WALK_ON_GPU",
+__all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU", "CHUNK_WALK_ON_GPU", "CHUNK_WALK_AUTO_CHUNK",
            "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
            "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
@@ -567,11 +567,31 @@ def online_recurrence_for(run: Any, chunk: int):
 
 #: Whether the plan gives CUDA tensors the chunk-walk kernel (:mod:`~nlgraph.compilers.kernels.chunk_walk`:
 #: a mini-batch DGD level's per-layer recurrence over one chunk, token by token, in place of the
-#: chunked form's triangular solve; HOPE's memories). Off on CUDA until its check has run on a GPU
-#: (``benchmarks/chunk_walk.py --check``; Triton 3.4–3.7 miscompiles some backward kernels on Hopper,
-#: which the CPU interpreter cannot show). CPU tensors under ``interpret`` run it.
-#: ``NLGRAPH_CHUNK_WALK_GPU=1`` turns it on for a process.
-CHUNK_WALK_ON_GPU = _switch("NLGRAPH_CHUNK_WALK_GPU", False)
+#: chunked form's triangular solve; HOPE's memories). Its check passed on an H100 (2026-12-06,
+#: ``benchmarks/chunk_walk.py --check``: float32 within 2.4e-7 of float64, every gradient). ``None``
+#: (``NLGRAPH_CHUNK_WALK_GPU`` unset): on for gradient chunks up to :data:`CHUNK_WALK_AUTO_CHUNK`
+#: tokens, where it measured faster. The walk is sequential in a chunk's tokens: HOPE at chunk 16
+#: trained 1.42x faster with it there, at chunk 256 (``hope_large_chunk``) 0.75x (docs/benchmarks.md).
+#: ``1`` turns it on for every chunk, ``0`` off. CPU tensors under ``interpret`` run it at any chunk.
+CHUNK_WALK_ON_GPU: bool | None = _switch("NLGRAPH_CHUNK_WALK_GPU", None)
+#: The largest gradient chunk the chunk walk takes on CUDA by default (see :data:`CHUNK_WALK_ON_GPU`).
+CHUNK_WALK_AUTO_CHUNK = 16
+
+
+def why_no_chunk_walk_on_cuda(spec: Any) -> str | None:
+    """Why the chunk walk stays off for this level's CUDA tensors (:data:`CHUNK_WALK_ON_GPU`), or
+    ``None`` when it runs there."""
+    from nlgraph.levels.run import periods
+
+    if CHUNK_WALK_ON_GPU is False:
+        return "the chunk-walk kernel is off on CUDA (NLGRAPH_CHUNK_WALK_GPU=0)"
+    chunk = periods(spec)[1]
+    if CHUNK_WALK_ON_GPU is None and chunk > CHUNK_WALK_AUTO_CHUNK:
+        return (f"gradient chunks of {chunk} tokens: the chunk-walk kernel walks a chunk's tokens in order, and "
+                f"on an H100 it trained HOPE slower than the triangular solve at chunks of 256 (faster at 16); "
+                f"on CUDA it takes chunks up to {CHUNK_WALK_AUTO_CHUNK} (NLGRAPH_CHUNK_WALK_GPU=1 turns it on "
+                f"for every chunk)")
+    return None
 
 
 def why_no_chunk_walk(spec: Any) -> str | None:
@@ -597,7 +617,7 @@ def chunk_walk_for(run: Any):
     if why_no_chunk_walk(run.spec) is not None or run.online:
         return None
     k = run.keys.data
-    if why_no_kernel(k.device) is not None or (k.device.type == "cuda" and not CHUNK_WALK_ON_GPU):
+    if why_no_kernel(k.device) is not None or (k.device.type == "cuda" and why_no_chunk_walk_on_cuda(run.spec)):
         return None
     if k.dtype not in _DTYPES or (k.device.type == "cpu" and k.dtype == torch.bfloat16):
         return None  # float64 is the PyTorch forms'; the interpreter computes bfloat16 wrongly

@@ -58,7 +58,7 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     linear attention of the online driver, another online linear level with per-head gates (the
     recurrence kernel, key widths up to 128), Titans' mini-batch MLP memory (on CUDA, a chunk ×
     head-dim tile the kernel runs there), or a mini-batch DGD level with per-head gates (the chunk
-    walk; on CUDA once ``dispatch.CHUNK_WALK_ON_GPU`` is on)."""
+    walk; on CUDA for the chunks ``dispatch.why_no_chunk_walk_on_cuda`` allows)."""
     from ..chunked import why_not_chunked
 
     why = why_not_chunked(spec)
@@ -67,9 +67,9 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
     if dispatch.why_no_mlp_memory_kernel(spec) is None:
         return _mlp_on(device) or _mlp_tile(spec, device, head_dim) or _why_not_target(device, dtype)
     if dispatch.why_no_chunk_walk(spec) is None:
-        if torch.device(device).type == "cuda" and not dispatch.CHUNK_WALK_ON_GPU:
-            return ("a mini-batch DGD level: the chunk-walk kernel that would take it is off on CUDA until its "
-                    "GPU check has run (NLGRAPH_CHUNK_WALK_GPU=1 turns it on)")
+        off = dispatch.why_no_chunk_walk_on_cuda(spec) if torch.device(device).type == "cuda" else None
+        if off:
+            return f"a mini-batch DGD level: {off}"
         wide = dispatch.why_chunk_walk_too_wide(spec, head_dim) if head_dim is not None else None
         return wide or _why_not_target(device, dtype)
     why = dispatch.why_no_online_kernel(spec)

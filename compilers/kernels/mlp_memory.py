@@ -106,8 +106,9 @@ def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> di
     b, t, h, d = q.shape
     return dict(T=t, NT=-(-t // chunk), H=h, D=d, F=f, C=chunk, BD=_pow2(d), BF=block_f, num_warps=warps,
                 # float32 keeps exact products whatever NLGRAPH_FP32_PRODUCTS says: compiled for sm_90
-                # at D 128, three TF32 products made its backward spill 13,592 bytes a thread (ieee:
-                # 2,432; benchmarks/kernel_resources.py --dtype float32, docs/benchmarks.md)
+                # at D 128, three TF32 products made the split layout's forward step spill 3,968 bytes
+                # a thread (ieee: 624) and the one-program backward 13,592 (2,432); untimed on a GPU
+                # (benchmarks/kernel_resources.py --dtype float32, docs/benchmarks.md)
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 

@@ -227,17 +227,29 @@ def test_hope_through_the_chunk_walk_compiles(walk_on):
 
 
 def test_the_plan_gives_hope_the_chunk_walk_where_it_runs(monkeypatch):
-    """CUDA plans keep the chunked form until the kernel's GPU check (``CHUNK_WALK_ON_GPU``); a level
-    the walk does not take (plain gd) is not handed to it."""
+    """CUDA plans give the walk chunks up to ``CHUNK_WALK_AUTO_CHUNK`` tokens by default (it trained
+    HOPE faster than the triangular solve on an H100 at 16, slower at 256), every chunk with
+    ``NLGRAPH_CHUNK_WALK_GPU=1``, none with ``0``, and say why where they keep ``chunked``; a level
+    the walk does not take (plain gd) is not handed to it. CPU plans under ``interpret`` walk any chunk."""
+    from nlgraph.compilers.kernels.forms import why_not_memory
+    from nlgraph.levels.run import periods
     from nlgraph.spec.loader import load_level
 
-    spec = load_spec("hope", TINY)
-    level = spec.levels["titans"]
-    assert dispatch.why_no_chunk_walk(level) is None
+    level = load_spec("hope", TINY).levels["titans"]
+    large = load_spec("hope_large_chunk", ["vars.d_model=16", "vars.heads=2"]).levels["titans"]
+    assert periods(level)[1] <= dispatch.CHUNK_WALK_AUTO_CHUNK < periods(large)[1]
+    assert dispatch.why_no_chunk_walk(level) is None and dispatch.why_no_chunk_walk(large) is None
+    monkeypatch.setattr(dispatch, "CHUNK_WALK_ON_GPU", None)  # the default
+    assert level_form(level, device="cuda") == "triton"
+    assert level_form(large, device="cuda") == "chunked"
+    assert "gradient chunks of 256 tokens" in dispatch.why_no_chunk_walk_on_cuda(large)
+    assert "NLGRAPH_CHUNK_WALK_GPU=1" in why_not_memory(large, device="cuda")
     monkeypatch.setattr(dispatch, "CHUNK_WALK_ON_GPU", False)
     assert level_form(level, device="cuda") == "chunked"
+    assert "NLGRAPH_CHUNK_WALK_GPU=0" in dispatch.why_no_chunk_walk_on_cuda(level)
     monkeypatch.setattr(dispatch, "CHUNK_WALK_ON_GPU", True)
     assert level_form(level, device="cuda") == "triton"
+    assert level_form(large, device="cuda") == "triton"
     gd = load_level({"memory": {"kind": "mlp", "heads": 2}, "objective": {"kind": "l2"},
                      "optimizer": {"kind": "gd", "lr": 0.1}, "gradient_point": {"chunk": 8}, "frequency": 1})
     assert "gd optimizer" in dispatch.why_no_chunk_walk(gd)

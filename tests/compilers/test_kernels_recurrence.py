@@ -182,3 +182,27 @@ def test_online_recurrence_refuses_what_it_cannot_take(rec_calls):
     spec = load_level(LEVELS["momentum_weight_decay"])
     assert level_form(spec, device=DEVICE, head_dim=dispatch.RECURRENCE_MAX_KEY) == "triton"
     assert level_form(spec, device=DEVICE, head_dim=dispatch.RECURRENCE_MAX_KEY + 32) == "chunked"
+
+
+def test_the_recurrence_takes_its_float32_products_from_the_switch(monkeypatch):
+    """Forward and backward launch with ``_load.products``' mode (``NLGRAPH_FP32_PRODUCTS``; ``ieee``
+    unset, as the recurrence has no GPU check in ``tf32x3`` yet), and equal the loop under either
+    (the interpreter multiplies in float32 whatever the mode)."""
+    from nlgraph.compilers.kernels import _load, recurrence
+
+    for mode, want in ((None, "ieee"), ("tf32x3", "tf32x3")):
+        seen = []
+
+        def spy(dtype, unset="ieee"):
+            seen.append(_load.products(dtype, unset))
+            return seen[-1]
+
+        monkeypatch.setattr(_load, "FP32_PRODUCTS", mode)
+        monkeypatch.setattr(recurrence, "products", spy)
+        args = _args(1, 1, 2, 16, 24, 20, True, True, True)
+        leaves = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+        ref = loop(**args)
+        out = online_recurrence(**leaves)
+        sum(t.sum() for t in out if t is not None).backward()
+        assert seen == [want, want]  # the forward's launch, then the backward's
+        assert all(_rel(a.detach(), r) < 1e-5 for a, r in zip(out, ref) if r is not None)
