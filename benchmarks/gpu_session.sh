@@ -79,9 +79,6 @@ fp32_products_check|230|NLGRAPH_FP32_PRODUCTS=tf32x3 python benchmarks/kernels.p
 fp32_products_ieee|150|NLGRAPH_FP32_PRODUCTS=ieee python benchmarks/kernels.py --dtype float32 --skip-fla --skip-nlgraph-chunked --skip-checks --out $J
 gdn_compile_cache_fp32_x3|200|NLGRAPH_FP32_PRODUCTS=tf32x3 python benchmarks/compile_check.py gated_deltanet --cold --precision fp32 --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 120 --trace-subprocesses --json $J
 hope_walk_graph_b2|440|timeout 210 env NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes graph --steps 2 --anchor none --json $OUT/hope_walk_off_graph_b2.json; timeout 210 env NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes graph --steps 2 --anchor none --json $J
-chunk_walk_check|300|python benchmarks/chunk_walk.py --check --json $J
-hope_walk_graph|560|NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes graph --steps 2 --anchor none --json $OUT/hope_walk_off_graph.json && NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes graph --steps 2 --anchor none --json $J
-hope_large_chunk_walk_graph|300|NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 8192 --modes graph --steps 3 --anchor none --json $OUT/hope_large_chunk_walk_off_graph.json && NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 8192 --modes graph --steps 3 --anchor none --json $J
 hope_walk_profile|300|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 4 --length 2048 --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF

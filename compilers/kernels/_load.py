@@ -61,7 +61,7 @@ def switch(env: str, default: bool | None) -> bool | None:
 #: products on the CUDA cores, or ``tf32x3``, three TF32 tensor-core products per product (each
 #: operand split into a high and a low TF32 part; about float32's accuracy). Compiled for sm_90 at a
 #: key width of 128, ``ieee`` makes the delta rule's kernels spill up to 12 KB a thread; on an H100
-#: its float32 forward + backward ran 10x slower than with ``tf32x3``, whose results were within
+#: its float32 forward + backward ran 9–10x slower than with ``tf32x3``, whose results were within
 #: 4.3e-7 of float64 there (docs/benchmarks.md). Unset, each kernel takes the mode it was checked
 #: with on a GPU: ``tf32x3`` for the per-head delta rule, ``ieee`` for the rest until their GPU
 #: checks (``bash benchmarks/gpu_session.sh fp32_products``). Titans' MLP memory keeps ``ieee``
