@@ -35,7 +35,7 @@ gla_timing|420|NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.
 gla_tree_timing|420|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J
 kda_warps8_checks|240|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 7 --check-warps 8 --no-timing --json $J
 gla_warps8_checks|200|python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --check-warps 8 --no-timing --json $J
-hope_compile_graph|480|python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 8192 --modes compile-graph --steps 2 --anchor none --json $J
+hope_compile_graph|360|python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes compile-graph --steps 2 --anchor none --json $J
 hope_large_chunk_t4096|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 4096 --batch 2 --modes compile-graph --steps 3 --json $J
 hope_compile_cache|560|python benchmarks/compile_check.py hope_large_chunk --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 270 --trace-subprocesses --json $J
 gdn_compile_cache|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
@@ -79,7 +79,9 @@ fp32_products_check|230|NLGRAPH_FP32_PRODUCTS=tf32x3 python benchmarks/kernels.p
 fp32_products_ieee|150|NLGRAPH_FP32_PRODUCTS=ieee python benchmarks/kernels.py --dtype float32 --skip-fla --skip-nlgraph-chunked --skip-checks --out $J
 gdn_compile_cache_fp32_x3|200|NLGRAPH_FP32_PRODUCTS=tf32x3 python benchmarks/compile_check.py gated_deltanet --cold --precision fp32 --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 120 --trace-subprocesses --json $J
 hope_walk_graph_b2|440|timeout 210 env NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes graph --steps 2 --anchor none --json $OUT/hope_walk_off_graph_b2.json; timeout 210 env NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes graph --steps 2 --anchor none --json $J
-hope_walk_profile|300|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 4 --length 2048 --json $J
+walk_model_check|200|python benchmarks/walk_model_check.py --json $J
+walk_chunks|150|python benchmarks/chunk_walk.py --chunks 16 32 64 128 --reps 10 --json $J
+hope_walk_profile|300|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 2048 --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }

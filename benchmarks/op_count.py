@@ -69,9 +69,12 @@ class _Launches(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = f"{func.namespace}.{func._opname}"
-        if not func.is_view and name not in _NO_KERNEL:
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        on_meta = isinstance(first, torch.Tensor) and first.is_meta  # shapes only: no kernel
+        if not func.is_view and name not in _NO_KERNEL and not on_meta:
             self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 if __name__ == "__main__":

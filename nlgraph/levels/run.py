@@ -217,13 +217,32 @@ def init_state(
             params = {p: t.unsqueeze(0).expand(batch, *t.shape).clone() for p, t in init.items()}
         state.update({f"{slot}.{p}": t for p, t in params.items()})
         if period is not None and period > 1:
-            state.update({f"pending.{slot}.{p}": torch.zeros_like(t) for p, t in params.items()})
+            state.update(_or_given(given, "pending", slot, params, torch.zeros_like))
         if period is not None and chunk > period:
-            state.update({f"anchor.{slot}.{p}": t.clone() for p, t in params.items()})
+            state.update(_or_given(given, "anchor", slot, params, torch.clone))
         if level.retention is not None and level.retention.toward == "initial":
             state.update({f"origin.{slot}.{p}": t for p, t in params.items()})
-        state.update({f"optimizer.{slot}.{k}": v for k, v in optimizer.buffers(mem, params).items()})
+        # the buffers' keys and shapes from meta tensors: a caller's state that holds them all (a
+        # level called segment after segment) costs no fills, which on a GPU are launches per call
+        meta = optimizer.buffers(mem, {p: torch.empty(t.shape, dtype=t.dtype, device="meta") for p, t in params.items()})
+        if given is not None and all(f"optimizer.{slot}.{k}" in given
+                                     and tuple(given[f"optimizer.{slot}.{k}"].shape) == tuple(v.shape)
+                                     for k, v in meta.items()):
+            state.update({f"optimizer.{slot}.{k}": given[f"optimizer.{slot}.{k}"] for k in meta})
+        else:
+            state.update({f"optimizer.{slot}.{k}": v for k, v in optimizer.buffers(mem, params).items()})
     return state
+
+
+def _or_given(given: dict[str, torch.Tensor] | None, kind: str, slot: str, params: dict[str, torch.Tensor],
+              make) -> dict[str, torch.Tensor]:
+    """``{kind.slot.p: …}``: the caller's tensor where ``given`` holds it at the shape, else ``make(param)``."""
+    out = {}
+    for p, t in params.items():
+        key = f"{kind}.{slot}.{p}"
+        g = given.get(key) if given is not None else None
+        out[key] = g if g is not None and tuple(g.shape) == tuple(t.shape) else make(t)
+    return out
 
 
 def _tensor(name: str, x: Any, like: torch.Tensor | None = None) -> torch.Tensor:

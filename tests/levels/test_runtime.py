@@ -154,3 +154,25 @@ def test_queries_default_to_keys_for_an_outer_level():
     k, u, _, _ = _data(h=1)
     assert torch.equal(run_level(level, keys=k, values=u, queries=None)[0],
                        run_level(level, keys=k, values=u, queries=k)[0])
+
+
+def test_a_carried_state_is_taken_whole_not_rebuilt():
+    """A level called segment after segment gets its whole state back: ``init_state`` takes the
+    given anchor and optimizer buffers as they are (on a GPU each rebuilt entry would be a fill or
+    copy launched per call, then thrown away), and builds only what is missing."""
+    level = load_level({"memory": {"kind": "mlp", "hidden": 4}, "objective": {"kind": "l2"},
+                        "optimizer": {"kind": "momentum", "lr": 0.1, "momentum": 0.9},
+                        "gradient_point": {"chunk": 3}})
+    full = init_state(level, batch=2, d_key=3, d_value=3)
+    assert any(k.startswith("anchor.") for k in full) and any(k.startswith("optimizer.") for k in full)
+    given = {k: v + 1 for k, v in full.items()}
+    again = init_state(level, batch=2, d_key=3, d_value=3, given=given)
+    assert all(again[k] is given[k] for k in full if k != "position")
+    # without the buffers (a fresh sequence from given weights): zeros, and the anchor is rebuilt
+    weights = {k: v for k, v in given.items() if k.startswith("memory.")}
+    fresh = init_state(level, batch=2, d_key=3, d_value=3, given=weights)
+    for k, v in fresh.items():
+        if k.startswith("optimizer."):
+            assert v is not given[k] and not v.any()
+        elif k.startswith("anchor."):
+            assert torch.equal(v, weights[k[len("anchor."):]]) and v is not given[k]
