@@ -81,7 +81,7 @@ gdn_compile_cache_fp32_x3|200|NLGRAPH_FP32_PRODUCTS=tf32x3 python benchmarks/com
 hope_walk_graph_b2|440|timeout 210 env NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes graph --steps 2 --anchor none --json $OUT/hope_walk_off_graph_b2.json; timeout 210 env NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope D512 --lengths 2048 --tokens 4096 --modes graph --steps 2 --anchor none --json $J
 walk_model_check|200|python benchmarks/walk_model_check.py --json $J
 walk_chunks|150|python benchmarks/chunk_walk.py --chunks 16 32 64 128 --reps 10 --json $J
-hope_walk_profile|300|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 2048 --json $J
+hope_walk_profile|420|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }

@@ -377,6 +377,25 @@ def test_transfer_products_and_their_gradients(seed, n, d, channel, zeros):
     assert_close(torch.func.vmap(lambda x: transfer(x, channel))(f), results[1][0], "vmap")
 
 
+def test_transfer_products_compile_without_asking_torch_about_autocast(monkeypatch):
+    """``transfer`` turns autocast off without ``torch.amp.is_autocast_available``, a C function
+    torch 2.11's Dynamo refuses to trace: a compiled Titans (its MLP-memory kernel builds transfer
+    products) failed on the GPU machine with it. Made to raise here, the products must still
+    compile with ``fullgraph`` and run eagerly, on CPU and on ``meta``."""
+    from nlgraph.compilers.chunked import transfer
+
+    def refuse(*_):
+        raise AssertionError("torch.amp.is_autocast_available called")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
+    f = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    eager = transfer(f, False)
+    assert transfer(f.to("meta"), False).shape == eager.shape
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: transfer(x, False), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(f), eager)
+
+
 def test_transfer_backward_ignores_the_gradient_above_the_diagonal():
     """G is a constant 0 above its diagonal: whatever gradient arrives there, inf included, must not
     reach the factors."""
