@@ -185,12 +185,12 @@ def test_online_recurrence_refuses_what_it_cannot_take(rec_calls):
 
 
 def test_the_recurrence_takes_its_float32_products_from_the_switch(monkeypatch):
-    """Forward and backward launch with ``_load.products``' mode (``NLGRAPH_FP32_PRODUCTS``; ``ieee``
-    unset, as the recurrence has no GPU check in ``tf32x3`` yet), and equal the loop under either
-    (the interpreter multiplies in float32 whatever the mode)."""
+    """Forward and backward launch with ``_load.products``' mode (``NLGRAPH_FP32_PRODUCTS``;
+    ``tf32x3`` unset, since its H100 check), and equal the loop under either (the interpreter
+    multiplies in float32 whatever the mode)."""
     from nlgraph.compilers.kernels import _load, recurrence
 
-    for mode, want in ((None, "ieee"), ("tf32x3", "tf32x3")):
+    for mode, want in ((None, "tf32x3"), ("ieee", "ieee"), ("tf32x3", "tf32x3")):
         seen = []
 
         def spy(dtype, unset="ieee"):
