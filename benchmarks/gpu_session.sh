@@ -71,6 +71,7 @@ la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
 transfer_check|240|python benchmarks/transfer_cost.py --device cuda --check --sizes 16 64 256 --batch 640 --specs hope_large_chunk:2048:4 titans:2048:8 --json $J
 online_recurrence_bf16|300|python benchmarks/online_form.py --device cuda --check --dtype bfloat16 --batch 4 --length 4096 --heads 16 --dim 128 --json $J
 titans_chunk64_model|300|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=64 --lengths 2048 --tokens 16384 --modes compile-graph --json $J
+titans_chunk64_quick|150|python -P -m nlgraph bench titans D512 levels.memory.gradient_point.chunk=64 --lengths 2048 --tokens 16384 --modes compile-graph --anchor none --json $J
 online_recurrence_check_short|240|python benchmarks/online_form.py --device cuda --check --batch 2 --length 1024 --heads 16 --dim 128 --json $J
 online_recurrence_check|300|python benchmarks/online_form.py --device cuda --check --batch 4 --length 4096 --heads 16 --dim 128 --json $J
 walk_first|540|python benchmarks/chunk_walk.py --check --reps 10 --json $J; NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 8192 --modes graph --steps 3 --anchor none --json $OUT/hope_large_chunk_walk_off_graph.json; NLGRAPH_CHUNK_WALK_GPU=1 python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 8192 --modes graph --steps 3 --anchor none --json $OUT/hope_large_chunk_walk_on_graph.json
