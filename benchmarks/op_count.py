@@ -9,6 +9,15 @@ frequent, then the operators that would launch a kernel on a GPU (counted below 
 metadata-only operators left out), forward and backward: on a GPU, replayed as CUDA graphs, a deep
 memory's step time is about that count times a few microseconds. The first step is run unprofiled
 (lazy initialisation).
+
+``--bf16`` runs the step under bf16 autocast (what training runs on a GPU). ``--per-segment N``
+counts instead what N more tokens add (the step at ``--length`` and at twice it, the difference
+over ``length / N``), forward and backward apart, with the copies among them (casts, clones,
+concatenations, stacks): a deep memory's cost per segment or chunk, without what every step pays
+once.
+
+    NLGRAPH_KERNELS=interpret OMP_NUM_THREADS=1 python benchmarks/op_count.py hope vars.d_model=32 \
+        vars.heads=2 vars.layers=1 --batch 1 --bf16 --per-segment 16
 """
 
 from __future__ import annotations
@@ -30,13 +39,21 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", default=["vars.d_model=128", "vars.heads=2", "vars.layers=1"])
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="the step under bf16 autocast")
+    p.add_argument("--per-segment", type=int, default=None, metavar="N",
+                   help="what N more tokens launch, forward and backward (from --length and twice it)")
     args = p.parse_args()
     torch.manual_seed(0)
     model = build(load_spec(args.spec, args.overrides))
+    if args.per_segment:
+        _per_segment(model, args)
+        return
     tokens = torch.randint(0, model.spec.model.vocab, (args.batch, args.length))
 
     def step():
-        model(tokens).float().logsumexp(-1).mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(tokens).float().logsumexp(-1).mean()
+        loss.backward()
 
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -52,6 +69,38 @@ def main() -> None:
     for name, n in launches.counts.most_common(10):
         print(f"  {name:36s}{n}")
 
+
+def _per_segment(model, args) -> None:
+    counts = {}
+    for t in (args.length, 2 * args.length):
+        tokens = torch.randint(0, model.spec.model.vocab, (args.batch, t))
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                return model(tokens).float().logsumexp(-1).mean()
+
+        forward().backward()  # lazy initialisation, unprofiled
+        fwd = _Launches()
+        with fwd:
+            loss = forward()
+        bwd = _Launches()
+        with bwd:
+            loss.backward()
+        counts[t] = (fwd.counts, bwd.counts)
+    n = args.length / args.per_segment
+    print(f"{args.spec} B={args.batch}{' bf16 autocast' if args.bf16 else ''}: what {args.per_segment} "
+          f"tokens add (T={args.length} → {2 * args.length}, over {n:g} segments)")
+    for i, phase in enumerate(("forward", "backward")):
+        d = collections.Counter(counts[2 * args.length][i])
+        d.subtract(counts[args.length][i])
+        copies = sum(v for k, v in d.items() if k in _COPIES)
+        print(f"  {phase}: {sum(d.values()) / n:g} operators, {copies / n:g} of them copies")
+        for name, c in d.most_common(8):
+            print(f"    {name:34s}{c / n:g}")
+
+
+#: operators that copy: dtype casts (autocast's among them), clones, concatenations, stacks
+_COPIES = {"aten._to_copy", "aten.copy_", "aten.clone", "aten.cat", "aten.stack"}
 
 #: operators that make no kernel: allocation, metadata, aliasing (views are told by their schema)
 _NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.resolve_conj", "aten.resolve_neg",

@@ -64,7 +64,7 @@ def switch(env: str, default: bool | None) -> bool | None:
 #: its float32 forward + backward ran 9–10x slower than with ``tf32x3``, whose results were within
 #: 4.3e-7 of float64 there (docs/benchmarks.md). Unset, each kernel takes the mode it was checked
 #: with on a GPU: ``tf32x3`` for the per-head delta rule and the online recurrence (within 2.2e-6
-#: of float64 on an H100, 2.4–4.8x faster), ``ieee`` for the rest until their GPU checks
+#: of float64 on an H100), ``ieee`` for the rest until their GPU checks
 #: (``bash benchmarks/gpu_session.sh fp32_products``). Titans' MLP memory keeps ``ieee``
 #: (``tf32x3`` spills more there). 16-bit operands take TF32 products of their float32
 #: intermediates either way.

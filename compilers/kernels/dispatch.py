@@ -528,9 +528,10 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 #: Whether the plan gives CUDA tensors the online form's recurrence kernel
 #: (:mod:`~nlgraph.compilers.kernels.recurrence`; online linear levels with per-head gates that
 #: neither kernel above takes: momentum, DGD with momentum, the outer objective). Off on CUDA:
-#: ``benchmarks/online_form.py --check`` passes on an H100, but in float32 the kernel was slower than
-#: the PyTorch path for two of its three levels there (docs/benchmarks.md) and bfloat16 is not timed
-#: yet. CPU tensors under ``interpret`` run it. ``NLGRAPH_ONLINE_RECURRENCE_GPU=1`` turns it on for a
+#: ``benchmarks/online_form.py --check`` passes on an H100; in float32 with ``ieee`` products the
+#: kernel was slower than the PyTorch path for two of its three levels there, with ``tf32x3`` (its
+#: float32 default since) 1.8–2.5x faster in the same run, but bfloat16, what training runs, is not
+#: timed yet (docs/benchmarks.md). CPU tensors under ``interpret`` run it. ``NLGRAPH_ONLINE_RECURRENCE_GPU=1`` turns it on for a
 #: process.
 ONLINE_RECURRENCE_ON_GPU = _switch("NLGRAPH_ONLINE_RECURRENCE_GPU", False)
 #: The recurrence kernel holds a state row's key width whole: up to 128 (wider runs the PyTorch loop).

@@ -84,7 +84,7 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
                 return why
             if torch.device(device).type == "cuda" and not dispatch.ONLINE_RECURRENCE_ON_GPU:
                 return (f"{why}; the online recurrence kernel that would take it is off on CUDA: checked there, "
-                        "but slower than the PyTorch form in float32 (NLGRAPH_ONLINE_RECURRENCE_GPU=1 turns it on)")
+                        "but not yet timed in bfloat16 (NLGRAPH_ONLINE_RECURRENCE_GPU=1 turns it on)")
             if head_dim is not None and head_dim > dispatch.RECURRENCE_MAX_KEY:
                 return (f"{why}; the online recurrence kernel takes key widths up to "
                         f"{dispatch.RECURRENCE_MAX_KEY}, not {head_dim}")

@@ -71,8 +71,9 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], u: torch.Tensor, xt: t
     st = w0.new_empty(b, h, o, i, dtype=torch.float32) if mom else _empty(w0)
     e = _empty(w0)
     # every product takes xt's dtype (P1, Ỹ, P2 share it; E and the state are cast to it); float32
-    # takes tf32x3 unless told: on an H100 its checks stayed within 2.2e-6 of float64 and the
-    # forward + backward ran 2.4–4.8x faster than with ieee (docs/benchmarks.md)
+    # takes tf32x3 unless told: on an H100 its checks stayed within 2.2e-6 of float64, and the
+    # forward + backward ran 1.8–2.5x faster than the PyTorch form in the same run, where with ieee
+    # it had been slower for two of three levels (docs/benchmarks.md)
     prec = products(xt.dtype, unset="tf32x3")
     # two pipeline stages, as the backward: its first GPU check (H100, float32, a [128, 128] state,
     # chunk 64) failed at launch with Triton's three asking 278,528 bytes of shared memory (232,448

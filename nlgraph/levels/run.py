@@ -179,7 +179,7 @@ def init_state(
     generator: torch.Generator | None = None,
     given: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A fresh state for ``level`` at position 0.
+    """A fresh state for ``level`` at position 0, or one built around ``given`` entries.
 
     Linear memories start at zero; deep memories at a normal init (std ``1/sqrt(d_in)``; the last
     layer zero for ``init: zeros``) drawn from ``generator`` (a fixed seed 0 when ``None``, so a
@@ -189,8 +189,12 @@ def init_state(
     Args:
         level: a validated :class:`LevelSpec`.
         batch, d_key, d_value: ``B`` and the per-head key and value widths.
-        given: memory parameters to start from instead of drawing them (``memory.<p>``,
-            ``adaptive.<name>.<p>``); the buffers are built around them.
+        given: entries to take instead of building them: memory parameters to start from
+            (``memory.<p>``, ``adaptive.<name>.<p>``), and the anchor, pending update and
+            optimizer buffers of a carried state (``anchor.…``, ``pending.…``, ``optimizer.…``,
+            taken where given at the shape; the optimizer's only when all of a slot's are). What
+            is not given is built: a fresh sequence's zeros and an anchor at the parameters. The
+            position is always 0 (a caller continuing a sequence merges its own).
     """
     dtype = dtype or torch.get_default_dtype()
     gen = generator
@@ -224,10 +228,9 @@ def init_state(
             state.update({f"origin.{slot}.{p}": t for p, t in params.items()})
         # the buffers' keys and shapes from meta tensors: a caller's state that holds them all (a
         # level called segment after segment) costs no fills, which on a GPU are launches per call
-        meta = optimizer.buffers(mem, {p: torch.empty(t.shape, dtype=t.dtype, device="meta") for p, t in params.items()})
-        if given is not None and all(f"optimizer.{slot}.{k}" in given
-                                     and tuple(given[f"optimizer.{slot}.{k}"].shape) == tuple(v.shape)
-                                     for k, v in meta.items()):
+        meta = optimizer.buffers(mem, {p: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                       for p, t in params.items()}) if given is not None else {}
+        if given is not None and all(_given_at(given, f"optimizer.{slot}.{k}", v.shape) for k, v in meta.items()):
             state.update({f"optimizer.{slot}.{k}": given[f"optimizer.{slot}.{k}"] for k in meta})
         else:
             state.update({f"optimizer.{slot}.{k}": v for k, v in optimizer.buffers(mem, params).items()})
@@ -240,9 +243,15 @@ def _or_given(given: dict[str, torch.Tensor] | None, kind: str, slot: str, param
     out = {}
     for p, t in params.items():
         key = f"{kind}.{slot}.{p}"
-        g = given.get(key) if given is not None else None
-        out[key] = g if g is not None and tuple(g.shape) == tuple(t.shape) else make(t)
+        out[key] = given[key] if given is not None and _given_at(given, key, t.shape) else make(t)
     return out
+
+
+def _given_at(given: dict[str, Any], key: str, shape) -> bool:
+    """Whether ``given`` holds ``key`` as a tensor of ``shape`` (anything else is built, and
+    :func:`_merge_state` then converts or rejects what was given)."""
+    g = given.get(key)
+    return isinstance(g, torch.Tensor) and tuple(g.shape) == tuple(shape)
 
 
 def _tensor(name: str, x: Any, like: torch.Tensor | None = None) -> torch.Tensor:

@@ -176,3 +176,17 @@ def test_a_carried_state_is_taken_whole_not_rebuilt():
             assert v is not given[k] and not v.any()
         elif k.startswith("anchor."):
             assert torch.equal(v, weights[k[len("anchor."):]]) and v is not given[k]
+
+
+def test_a_given_entry_that_is_not_a_tensor_is_still_taken_as_before():
+    """A caller may give a buffer as a number (an adam step count): ``init_state`` builds that
+    slot's buffers and the state merge converts the number, as it did before entries were reused."""
+    level = {"memory": {"kind": "mlp", "hidden": 4}, "objective": {"kind": "l2"},
+             "optimizer": {"kind": "adam", "lr": 0.01}, "gradient_point": {"chunk": 3}}
+    full = init_state(load_level(level), batch=2, d_key=3, d_value=3)
+    given = {**full, "optimizer.memory.step": 3}
+    built = init_state(load_level(level), batch=2, d_key=3, d_value=3, given=given)
+    assert built["optimizer.memory.step"].dtype == torch.int64
+    k, v, q, _ = _data(h=1)
+    y, out = run_level(level, keys=k, values=v, queries=q, state=given)
+    assert int(out["optimizer.memory.step"]) > 3 and torch.isfinite(y).all()
