@@ -84,6 +84,9 @@ hope_walk_graph_b2|440|timeout 210 env NLGRAPH_CHUNK_WALK_GPU=0 python -P -m nlg
 walk_model_check|200|python benchmarks/walk_model_check.py --json $J
 walk_chunks|150|python benchmarks/chunk_walk.py --chunks 16 32 64 128 --reps 10 --json $J
 hope_walk_profile|420|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --json $J
+hope_graph_profile|300|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --graph --json $J
+hope_compile_graph_profile|420|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --compile --graph --json $J
+titans_graph_profile|300|python benchmarks/profile_step.py titans --d-model 512 --layers 4 --heads 8 --batch 8 --length 2048 --compile --graph --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }

@@ -7,6 +7,10 @@ most GPU time, grouped by kernel name, and the share of the step each takes.
 
 The step runs eagerly (``--compile``: with per-block ``torch.compile``) under bf16 autocast (``nlgraph.train.loop.lm_loss``, fused AdamW), the way
 ``nlgraph bench`` times its ``eager`` mode; the table's wall time is that of the profiled step.
+``--graph`` captures the step's forward and backward as CUDA graphs first
+(``nlgraph.train.loop.graph_step``, what ``nlgraph train`` runs on CUDA) and profiles a replay:
+the host then launches a few graphs, so the table is what the GPU does in the mode training uses
+(``--compile --graph``: ``nlgraph bench``'s ``compile-graph``).
 """
 
 from __future__ import annotations
@@ -30,15 +34,22 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra spec override")
     ap.add_argument("--compile", action="store_true",
                     help="per-block torch.compile, as `nlgraph bench --modes compile` (compiled in the warm-up)")
+    ap.add_argument("--graph", action="store_true",
+                    help="profile a replay of the step captured as CUDA graphs (captured in the warm-up)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.graph:
+        args.warmup = max(args.warmup, 1)  # the capture happens in the first step, not under the profiler
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from nlgraph.lower import build
-    from nlgraph.train.loop import lm_loss, param_groups
+    from nlgraph.train.loop import graph_step, lm_loss, param_groups
 
+    if not torch.cuda.is_available():
+        print("profile_step: no CUDA device here; nothing to profile")
+        return 0
     dev = torch.device("cuda")
     heads = args.heads or max(1, args.d_model // 64)
     ov = [f"vars.d_model={args.d_model}", f"vars.layers={args.layers}", f"vars.heads={heads}", *args.set]
@@ -51,9 +62,17 @@ def main() -> int:
     x = torch.randint(0, vocab, (args.batch, args.length), device=dev)
     y = torch.randint(0, vocab, (args.batch, args.length), device=dev)
 
+    graphed = None
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = lm_loss(model(x), y)
+        nonlocal graphed
+        if args.graph:
+            if graphed is None:
+                graphed = graph_step(model, x, y, "bf16")
+            loss = graphed(x, y)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = lm_loss(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,7 +99,8 @@ def main() -> int:
     rows.sort(key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
     print(f"{args.spec}: d_model {args.d_model}, {args.layers} layers, {heads} heads, B={args.batch}, "
-          f"T={args.length}, bf16 autocast, {'compiled' if args.compile else 'eager'}; warm-up {warm_s:.1f} s; profiled step wall "
+          f"T={args.length}, bf16 autocast, {'compiled' if args.compile else 'eager'}"
+          f"{' as CUDA graphs' if args.graph else ''}; warm-up {warm_s:.1f} s; profiled step wall "
           f"{wall * 1e3:.1f} ms, summed GPU time {total:.1f} ms in {sum(r['calls'] for r in rows)} kernels")
     print("| kernel | GPU ms | calls | share of GPU time |")
     print("|---|---|---|---|")
@@ -93,6 +113,7 @@ def main() -> int:
         print(f"  {e.key[:70]:70s} {e.self_cpu_time_total / 1e3:9.2f} ms  x{e.count}")
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": args.spec, "overrides": ov, "batch": args.batch,
+                                               "compile": args.compile, "graph": args.graph,
                                                "length": args.length, "wall_ms": wall * 1e3, "gpu_ms": total,
                                                "kernels": rows}, indent=1))
     return 0
