@@ -120,7 +120,8 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--checks", type=int, nargs="*", default=None, help="indices of CHECKS to run (all by default; none with no index)")
+    ap.add_argument("--checks", type=int, nargs="*", default=None,
+                    help="indices of CHECKS to run (all by default; none with no index)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--warps", type=int, nargs="*", default=[],
                     help="also time the per-channel rows with the plain kernels launched at these warp counts")

@@ -153,7 +153,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--channel", action="store_true", help="a decay per key channel (GLA's), against chunk_gla")
     ap.add_argument("--checks", type=int, nargs="*", default=None,
-                    help="indices of the checks to run (all by default; none with no index); each new shape compiles every kernel")
+                    help="indices of the checks to run (all by default; none with no index); each new shape "
+                         "compiles every kernel")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--warps", type=int, nargs="*", default=[],
                     help="also time nlgraph's rows with the plain kernels launched at these warp counts")

@@ -87,7 +87,8 @@ def main() -> int:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": name,
                                                "rows": rows}, indent=1))
     return 1 if failed else 0
 

@@ -531,8 +531,8 @@ def online_linear_attention(run: Any, chunk: int) -> tuple[torch.Tensor, dict[st
 #: ``benchmarks/online_form.py --check`` passes on an H100; in float32 with ``ieee`` products the
 #: kernel was slower than the PyTorch path for two of its three levels there, with ``tf32x3`` (its
 #: float32 default since) 1.8–2.5x faster in the same run, but bfloat16, what training runs, is not
-#: timed yet (docs/benchmarks.md). CPU tensors under ``interpret`` run it. ``NLGRAPH_ONLINE_RECURRENCE_GPU=1`` turns it on for a
-#: process.
+#: timed yet (docs/benchmarks.md). CPU tensors under ``interpret`` run it.
+#: ``NLGRAPH_ONLINE_RECURRENCE_GPU=1`` turns it on for a process.
 ONLINE_RECURRENCE_ON_GPU = _switch("NLGRAPH_ONLINE_RECURRENCE_GPU", False)
 #: The recurrence kernel holds a state row's key width whole: up to 128 (wider runs the PyTorch loop).
 RECURRENCE_MAX_KEY = 128
