@@ -51,9 +51,7 @@ def main() -> None:
     tokens = torch.randint(0, model.spec.model.vocab, (args.batch, args.length))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(tokens).float().logsumexp(-1).mean()
-        loss.backward()
+        _loss(model, tokens, args.bf16).backward()
 
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -70,19 +68,20 @@ def main() -> None:
         print(f"  {name:36s}{n}")
 
 
+def _loss(model, tokens: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """A scalar of the logits that reaches every parameter (under bf16 autocast with ``bf16``)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(tokens).float().logsumexp(-1).mean()
+
+
 def _per_segment(model, args) -> None:
     counts = {}
     for t in (args.length, 2 * args.length):
         tokens = torch.randint(0, model.spec.model.vocab, (args.batch, t))
-
-        def forward():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                return model(tokens).float().logsumexp(-1).mean()
-
-        forward().backward()  # lazy initialisation, unprofiled
+        _loss(model, tokens, args.bf16).backward()  # lazy initialisation, uncounted
         fwd = _Launches()
         with fwd:
-            loss = forward()
+            loss = _loss(model, tokens, args.bf16)
         bwd = _Launches()
         with bwd:
             loss.backward()
