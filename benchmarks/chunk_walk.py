@@ -104,7 +104,8 @@ def engine(a: dict):
     return (sol.read(a["u"], True), *sol.end())
 
 
-def time_case(dev: torch.device, nn: int, n: int, o: int, i: int, dtype: torch.dtype, reps: int) -> dict:
+def time_case(dev: torch.device, nn: int, n: int, o: int, i: int, dtype: torch.dtype, reps: int,
+              kernels_only: bool = False) -> dict:
     a = inputs(nn, n, o, i, dev, dtype)
     leaves = {k: v.clone().requires_grad_() for k, v in a.items()}
 
@@ -123,11 +124,35 @@ def time_case(dev: torch.device, nn: int, n: int, o: int, i: int, dtype: torch.d
             return engine(leaves)
 
     row = {"nn": nn, "n": n, "o": o, "i": i, "dtype": str(dtype)}
-    for name, fn in (("walk", walk), ("engine", eng)):
-        row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(fn), dev, reps)
-        row[f"{name}_fb_ms"] = median_ms(lambda: fb(fn), dev, reps)
-    print(f"time nn={nn} n={n} [{o}, {i}] {dtype}: walk {row['walk_fwd_ms']:.3f} / {row['walk_fb_ms']:.3f} ms, "
-          f"engine {row['engine_fwd_ms']:.3f} / {row['engine_fb_ms']:.3f} ms (fwd / fwd+bwd)", flush=True)
+    if not kernels_only:
+        for name, fn in (("walk", walk), ("engine", eng)):
+            row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(fn), dev, reps)
+            row[f"{name}_fb_ms"] = median_ms(lambda: fb(fn), dev, reps)
+    # the kernels' own GPU time (the profiler's, averaged over the launches): eager timings of ops
+    # this small measure the host's dispatch, not the kernels
+    ops = torch.ops.nlgraph
+    c = [a[k].contiguous() for k in NAMES]
+    rd, wt, st = ops.chunk_walk_fwd(*c, 1, 0, nn)
+    cot = (torch.ones_like(rd), torch.ones_like(wt), torch.ones_like(st))
+    ops.chunk_walk_bwd(*c, 1, 0, nn, *cot)
+    if dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                ops.chunk_walk_fwd(*c, 1, 0, nn)
+                ops.chunk_walk_bwd(*c, 1, 0, nn, *cot)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.key in ("_fwd", "_bwd"):
+                us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
+                row[f"kernel{ev.key}_us"] = us / ev.count
+    kern = (f"kernels {row['kernel_fwd_us']:.1f} / {row['kernel_bwd_us']:.1f} µs (fwd / bwd, GPU time)"
+            if "kernel_fwd_us" in row else "")
+    print(f"time nn={nn} n={n} [{o}, {i}] {dtype}: {kern}" + ("" if kernels_only else
+          f", walk {row['walk_fwd_ms']:.3f} / {row['walk_fb_ms']:.3f} ms, "
+          f"engine {row['engine_fwd_ms']:.3f} / {row['engine_fb_ms']:.3f} ms (fwd / fwd+bwd)"), flush=True)
     return row
 
 
@@ -141,6 +166,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=64, help="head width D (the layers are [2D, D] and [D, 2D])")
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 256])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only the kernels' GPU time under the profiler (no eager walk or engine timing)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -165,7 +192,7 @@ def main() -> int:
         for n in args.chunks:
             for o, i in layers:
                 for dtype in (torch.float32, torch.bfloat16):
-                    res["timings"].append(time_case(dev, nn, n, o, i, dtype, args.reps))
+                    res["timings"].append(time_case(dev, nn, n, o, i, dtype, args.reps, args.kernels_only))
     if args.json:
         from nlgraph.io import atomic_write
 

@@ -87,6 +87,8 @@ hope_walk_profile|420|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py
 hope_graph_profile|300|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --graph --json $J
 hope_compile_graph_profile|420|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --compile --graph --json $J
 titans_graph_profile|300|python benchmarks/profile_step.py titans --d-model 512 --layers 4 --heads 8 --batch 8 --length 2048 --compile --graph --json $J
+walk_tuning|300|python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $OUT/walk_checks_pf0.json; NLGRAPH_WALK_PREFETCH=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J; for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --chunks 16 64 --reps 20 --json $OUT/walk_pf${pf}_k${k}.json; done; done
+walk_kernels|200|for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 64 --reps 20 --json $OUT/walk_kernels_pf${pf}_k${k}.json; done; done
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }
@@ -99,6 +101,11 @@ fi
 
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
+# the whole call's budget: a device command is killed at 600 s, and with it the archive written at the
+# end, so each step gets at most what is left of this (less 20 s to pack), and a step that would get
+# under 30 s is skipped: list the steps in order of priority
+start=$(date +%s)
+BUDGET=${GPU_SESSION_BUDGET:-570}
 bash benchmarks/device.sh true > "$OUT/install.log" 2>&1 || { echo "install failed: $OUT/install.log"; exit 1; }
 export PYTHONPATH=/tmp/pkg:/tmp/site TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 mkdir -p "$TRITON_CACHE_DIR"
@@ -112,6 +119,9 @@ for want in "$@"; do
   cmd=${cmd//\$J/$J}
   cmd=${cmd//D512/${D512[*]}}
   t0=$(date +%s)
+  left=$(( BUDGET - 20 - (t0 - start) ))
+  if [ "$left" -lt 30 ]; then echo "$name skipped: ${left}s of the call's budget left" | tee -a "$OUT/steps.txt"; continue; fi
+  [ "$left" -lt "$secs" ] && secs=$left
   # the whole working tree is the package's source: run from the root with the installed layout
   timeout "$secs" bash -c "$cmd" > "$OUT/$name.log" 2>&1
   rc=$?

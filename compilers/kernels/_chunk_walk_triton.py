@@ -12,8 +12,9 @@ input dtype gives the same float32 arithmetic. What depends on the whole chunk (
 ``x``, the errors behind ``f``) was computed at the chunk's start outside, which is what makes a
 token step this cheap.
 
-Backward: the states are not kept. The backward walks the chunk forward once more, storing the state
-every ``K`` tokens; then, a block of ``K`` tokens at a time from the last, it walks the block forward
+Backward: the states are not kept. The backward walks the chunk forward once more up to its last
+block of ``K`` tokens, storing the state every ``K`` tokens (the first block starts from the chunk's
+start state, which is an input); then, a block of ``K`` tokens at a time from the last, it walks the block forward
 from its checkpoint into a scratch buffer and back through it with the adjoints ``W̄``, ``S̄`` in
 registers. The gradients that sum over the rows (``x``, ``ḱ``, ``u``, ``b``, ``α``, ``μ``) are
 written per row block and summed in PyTorch, so the result does not depend on scheduling.
@@ -89,7 +90,7 @@ def _store_pair(pw, ps, base, tile, tmask, w, s, MOM: tl.constexpr):
 
 @triton.jit
 def _fwd(w0, s0, x, k, b, f, a, m, u, rd, wt, st, N, LO, HI, O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr,
-         BI: tl.constexpr, MOM: tl.constexpr, DECAY: tl.constexpr, READ: tl.constexpr):
+         BI: tl.constexpr, MOM: tl.constexpr, DECAY: tl.constexpr, READ: tl.constexpr, PREFETCH: tl.constexpr):
     i_o, i_n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     # only the rows LO <= i_n < HI read (one slot of a stack); their queries and reads are [HI − LO, N, ·]
     reads = (i_n >= LO) & (i_n < HI)
@@ -100,13 +101,23 @@ def _fwd(w0, s0, x, k, b, f, a, m, u, rd, wt, st, N, LO, HI, O: tl.constexpr, I:
     tile = rows[:, None] * I + cols[None, :]
     tmask = rmask[:, None] & cmask[None, :]
     w, s = _load_pair(w0, s0, i_n * O * I, tile, tmask, BO, BI, MOM)
+    # PREFETCH: token r + 1's inputs are loaded before token r's step, so their latency hides behind
+    # it (the step waits only on the state); the last token loads itself again
+    xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, i_n * N, rows, cols, rmask, cmask, O, I, DECAY, MOM)
     for r in range(N):
         t = i_n * N + r
+        if PREFETCH:
+            tn = i_n * N + tl.minimum(r + 1, N - 1)
+            xn, kn, bn, fn, an, mn = _token(x, k, b, f, a, m, tn, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+        else:
+            xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
         if READ == 1:
             if reads:
                 ur = _row(u, (t_rd + r) * I, cols, cmask)
                 tl.store(rd + (t_rd + r) * O + rows, tl.sum(w * ur[None, :], 1), mask=rmask)
-        w, s = _advance(w, s, x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+        w, s, e = _step(w, s, xr, kr, br, fr, ar, mr, MOM)
+        if PREFETCH:
+            xr, kr, br, fr, ar, mr = xn, kn, bn, fn, an, mn
         if READ == 2:
             if reads:
                 ur = _row(u, (t_rd + r) * I, cols, cmask)
@@ -117,7 +128,7 @@ def _fwd(w0, s0, x, k, b, f, a, m, u, rd, wt, st, N, LO, HI, O: tl.constexpr, I:
 @triton.jit
 def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds0, dx, dk, db, df, da, dm, du,
          N, NN, LO, HI, O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, K: tl.constexpr,
-         MOM: tl.constexpr, DECAY: tl.constexpr, READ: tl.constexpr):
+         MOM: tl.constexpr, DECAY: tl.constexpr, READ: tl.constexpr, PREFETCH: tl.constexpr):
     i_o, i_n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = i_o * BO + tl.arange(0, BO)
     cols = tl.arange(0, BI)
@@ -130,12 +141,17 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
     reads = (i_n >= LO) & (i_n < HI)
     t_rd = (i_n - LO) * N
     p_rd = (i_o * (HI - LO) + i_n - LO) * N
-    # 1. forward again, keeping the state before every K-th token
+    # 1. forward again, keeping the state before every K-th token: the first block's is the chunk's
+    # start, and the last block's tokens are walked in step 2, so this walks only the tokens before the
+    # last block (none when the chunk is one block: HOPE's 16-token chunks)
     w, s = _load_pair(w0, s0, i_n * O * I, tile, tmask, BO, BI, MOM)
-    for r in range(N):
+    for r in range((nb - 1) * K):
         if r % K == 0:
-            _store_pair(ckw, cks, (i_n * nb + r // K) * O * I, tile, tmask, w, s, MOM)
+            if r > 0:
+                _store_pair(ckw, cks, (i_n * (nb - 1) + r // K - 1) * O * I, tile, tmask, w, s, MOM)
         w, s = _advance(w, s, x, k, b, f, a, m, i_n * N + r, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+    if nb > 1:
+        _store_pair(ckw, cks, (i_n * (nb - 1) + nb - 2) * O * I, tile, tmask, w, s, MOM)
     # a tile smaller than the program's threads is stored by one thread and loaded by all of them,
     # so every store to the checkpoints and the scratch is fenced from the loads that follow
     tl.debug_barrier()
@@ -146,17 +162,31 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
         blk = nb - 1 - j
         r0 = blk * K
         r1 = tl.minimum(r0 + K, N)
-        w, s = _load_pair(ckw, cks, (i_n * nb + blk) * O * I, tile, tmask, BO, BI, MOM)
+        if blk == 0:
+            w, s = _load_pair(w0, s0, i_n * O * I, tile, tmask, BO, BI, MOM)
+        else:
+            w, s = _load_pair(ckw, cks, (i_n * (nb - 1) + blk - 1) * O * I, tile, tmask, BO, BI, MOM)
         _store_pair(scw, scs, sc, tile, tmask, w, s, MOM)
         for r in range(r0, r1):
             w, s = _advance(w, s, x, k, b, f, a, m, i_n * N + r, rows, cols, rmask, cmask, O, I, DECAY, MOM)
             _store_pair(scw, scs, sc + (r - r0 + 1) * O * I, tile, tmask, w, s, MOM)
         tl.debug_barrier()
+        # PREFETCH: the previous token's state (from the scratch) and inputs are loaded before this
+        # token's adjoint step; the block's first token loads itself again
+        wp, sp = _load_pair(scw, scs, sc + (r1 - 1 - r0) * O * I, tile, tmask, BO, BI, MOM)
+        xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, i_n * N + r1 - 1, rows, cols, rmask, cmask, O, I, DECAY,
+                                        MOM)
         for q in range(r1 - r0):
             r = r1 - 1 - q
             t = i_n * N + r
-            wp, sp = _load_pair(scw, scs, sc + (r - r0) * O * I, tile, tmask, BO, BI, MOM)  # W_{r−1}, S_{r−1}
-            xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+            if PREFETCH:
+                rn = tl.maximum(r - 1, r0)
+                wpn, spn = _load_pair(scw, scs, sc + (rn - r0) * O * I, tile, tmask, BO, BI, MOM)
+                xn, kn, bn, fn, an, mn = _token(x, k, b, f, a, m, i_n * N + rn, rows, cols, rmask, cmask, O, I,
+                                                DECAY, MOM)
+            else:
+                wp, sp = _load_pair(scw, scs, sc + (r - r0) * O * I, tile, tmask, BO, BI, MOM)  # W_{r−1}, S_{r−1}
+                xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, t, rows, cols, rmask, cmask, O, I, DECAY, MOM)
             if READ != 0:  # zeros on the rows that do not read
                 ur = _row(u, (t_rd + r) * I, cols, cmask & reads)
                 dor = tl.load(drd + (t_rd + r) * O + rows, mask=rmask & reads, other=0.0).to(tl.float32)
@@ -187,6 +217,9 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
                 if reads:
                     wb += dor[:, None] * ur[None, :]
                     tl.store(du + (p_rd + r) * I + cols, tl.sum(wp * dor[:, None], 0), mask=cmask)
+            if PREFETCH:
+                wp, sp = wpn, spn
+                xr, kr, br, fr, ar, mr = xn, kn, bn, fn, an, mn
         tl.debug_barrier()
     _store_pair(dw0, ds0, i_n * O * I, tile, tmask, wb, sb, MOM)
 

@@ -63,11 +63,11 @@ def switch(env: str, default: bool | None) -> bool | None:
 #: key width of 128, ``ieee`` makes the delta rule's kernels spill up to 12 KB a thread; on an H100
 #: its float32 forward + backward ran 9–10x slower than with ``tf32x3``, whose results were within
 #: 4.3e-7 of float64 there (docs/benchmarks.md). Unset, each kernel takes the mode it was checked
-#: with on a GPU: ``tf32x3`` for the per-head delta rule and the online recurrence (within 2.2e-6
-#: of float64 on an H100), ``ieee`` for the rest until their GPU checks
-#: (``bash benchmarks/gpu_session.sh fp32_products``). Titans' MLP memory keeps ``ieee``
-#: (``tf32x3`` spills more there). 16-bit operands take TF32 products of their float32
-#: intermediates either way.
+#: with on a GPU: ``tf32x3`` for the per-head delta rule, linear attention (scalar or per-channel
+#: decay: within 2.3e-6 of float64 on an H100) and the online recurrence (within 2.2e-6), ``ieee``
+#: for the per-channel delta rule, whose float32 backward asked for 265 KiB of shared memory with
+#: ``tf32x3`` on the H100 (227 KiB there). Titans' MLP memory keeps ``ieee`` (``tf32x3`` spills more
+#: there). 16-bit operands take TF32 products of their float32 intermediates either way.
 FP32_PRODUCTS = os.environ.get("NLGRAPH_FP32_PRODUCTS", "").strip().lower() or None
 _FP32_CHOICES = ("ieee", "tf32x3")
 

@@ -18,6 +18,7 @@ for HOPE's DGD memories; here it is one launch forward and one backward
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -29,8 +30,26 @@ __all__ = ["READS", "fits", "chunk_walk", "loop"]
 _OP = "chunk_walk"
 #: the ``read`` argument: no read, the state before the token's write, or after it
 READS = ("none", "before", "after")
-#: the backward's checkpoint stride (tokens): it keeps ``⌈n / K⌉`` states a row and ``K + 1`` of scratch
+#: the backward's checkpoint stride (tokens): it keeps ``⌈n / K⌉ − 1`` states a row and ``K + 1`` of scratch
 CHECKPOINT = 16
+
+
+def _tuning() -> tuple[int, bool]:
+    """``(checkpoint stride, prefetch)`` from ``NLGRAPH_WALK_CHECKPOINT`` (a power of two, default
+    :data:`CHECKPOINT`) and ``NLGRAPH_WALK_PREFETCH`` (``0`` / ``1``, default ``1``), read at each
+    launch (the ops' bodies are opaque to Dynamo), so one process can time the variants.
+
+    Prefetch is on because, at HOPE's shapes on an H100 (80 rows, 16-token chunks, bf16 inputs), the
+    forward took 14.6 and 17.3 µs with it against 19.3 and 22.3 without (the two DGD layers), the
+    backward the same within the noise; strides of 4, 8 and 16 timed alike at 16-token chunks
+    (docs/benchmarks.md)."""
+    k = os.environ.get("NLGRAPH_WALK_CHECKPOINT", "").strip() or str(CHECKPOINT)
+    if not k.isdigit() or int(k) < 1 or int(k) & (int(k) - 1):
+        raise ValueError(f"NLGRAPH_WALK_CHECKPOINT must be a power of two, got {k!r}")
+    pf = os.environ.get("NLGRAPH_WALK_PREFETCH", "1").strip()
+    if pf not in ("0", "1"):
+        raise ValueError(f"NLGRAPH_WALK_PREFETCH must be 0 or 1, got {pf!r}")
+    return int(k), pf == "1"
 #: the widest state row the kernel holds whole (its registers: six ``[BO, I]`` float32 tiles)
 MAX_IN = 256
 
@@ -78,7 +97,7 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
     if nn and n:
         _kernels(x).fwd[(-(-o // bo), nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e, rd, wt,
-            st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read)
+            st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=_tuning()[1])
     else:
         wt.copy_(w0)
         if mom:
@@ -106,7 +125,8 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
     mom = s0 is not None
     bo, bi = _blocks(o, i)
     nob = -(-o // bo)
-    kk = min(CHECKPOINT, max(n, 1))
+    stride, prefetch = _tuning()
+    kk = min(stride, max(n, 1))
     nb = -(-n // kk)
     e = _empty(w0)
 
@@ -124,12 +144,13 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
     dm = part(n) if mom else _empty(w0)
     du = w0.new_empty(nob, hi - lo, n, i, dtype=torch.float32) if read else _empty(w0)
     if nn and n:
-        ckw, scw = f32(nn, nb, o, i), f32(nn, kk + 1, o, i)
-        cks, scs = (f32(nn, nb, o, i), f32(nn, kk + 1, o, i)) if mom else (e, e)
+        # the checkpoints of the blocks after the first (the first starts at w0, s0)
+        ckw, scw = f32(nn, nb - 1, o, i), f32(nn, kk + 1, o, i)
+        cks, scs = (f32(nn, nb - 1, o, i), f32(nn, kk + 1, o, i)) if mom else (e, e)
         _kernels(x).bwd[(nob, nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e,
             drd if read else e, dwt, dst if mom else e, ckw, cks, scw, scs, dw0, ds0, dx, dk, db, df, da, dm, du,
-            n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read)
+            n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=prefetch)
     else:
         dw0.copy_(dwt)
         if mom:

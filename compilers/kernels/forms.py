@@ -1,8 +1,8 @@
 """The Triton kernels as registered execution forms: ``triton`` for the closed-form ``delta_rule``
 family and for the ``memory`` family's (gated) delta-rule and linear-attention levels, the other
 online linear levels with per-head gates (momentum, DGD with momentum, the ``outer`` objective: the
-chunked form's all-chunks solve with its state recurrence in a kernel, on CUDA once
-``dispatch.ONLINE_RECURRENCE_ON_GPU`` is on), and Titans' mini-batch MLP memory (on CUDA while
+chunked form's all-chunks solve with its state recurrence in a kernel, on CUDA while
+``dispatch.ONLINE_RECURRENCE_ON_GPU`` is on, the default), and Titans' mini-batch MLP memory (on CUDA while
 ``dispatch.MLP_MEMORY_ON_GPU`` is on, the default).
 
 A form is chosen once per level by the plan (:func:`nlgraph.lower.plan`) from the registry, for the
@@ -83,8 +83,8 @@ def why_not_memory(spec: Any, device: str = "cpu", dtype: Any = None, head_dim: 
             if dispatch.why_no_online_recurrence(spec) is not None:
                 return why
             if torch.device(device).type == "cuda" and not dispatch.ONLINE_RECURRENCE_ON_GPU:
-                return (f"{why}; the online recurrence kernel that would take it is off on CUDA: checked there, "
-                        "but not yet timed in bfloat16 (NLGRAPH_ONLINE_RECURRENCE_GPU=1 turns it on)")
+                return (f"{why}; the online recurrence kernel that would take it is off on CUDA "
+                        "(NLGRAPH_ONLINE_RECURRENCE_GPU=0)")
             if head_dim is not None and head_dim > dispatch.RECURRENCE_MAX_KEY:
                 return (f"{why}; the online recurrence kernel takes key widths up to "
                         f"{dispatch.RECURRENCE_MAX_KEY}, not {head_dim}")

@@ -76,6 +76,30 @@ def test_chunk_walk_equals_the_loop(nn, n, o, i, mom, decay, read, rows):
         assert a.dtype == torch.float32 and _rel(a, r) < 1e-5, k
 
 
+@pytest.mark.parametrize("prefetch, stride", [("0", "16"), ("1", "4")])
+def test_prefetch_and_checkpoint_stride_leave_the_maths(monkeypatch, prefetch, stride):
+    """The tuning switches (``NLGRAPH_WALK_PREFETCH``, ``NLGRAPH_WALK_CHECKPOINT``) change only the
+    order of loads and how much of a chunk the backward walks again: the same reads, end state and
+    gradients, at a chunk of several checkpoint blocks with a short last one; a bad value is one
+    error naming the variable."""
+    monkeypatch.setenv("NLGRAPH_WALK_PREFETCH", prefetch)
+    monkeypatch.setenv("NLGRAPH_WALK_CHECKPOINT", stride)
+    args = _args(2, 19, 12, 10, True, True, "before", seed=3)
+    ref_in = {k: v.clone().requires_grad_() for k, v in args.items()}
+    ref = loop(**ref_in, read="before")
+    leaves = {k: v.float().to(DEVICE).requires_grad_() for k, v in args.items()}
+    out = chunk_walk(**leaves, read="before")
+    for a, r in zip(out, ref):
+        assert _rel(a, r) < 1e-5
+    ref_g = torch.autograd.grad(sum((t * (j + 1)).sum() for j, t in enumerate(ref)), list(ref_in.values()))
+    got_g = torch.autograd.grad(sum((t * (j + 1)).sum() for j, t in enumerate(out)), list(leaves.values()))
+    for k, a, r in zip(args, got_g, ref_g):
+        assert _rel(a, r) < 1e-5, k
+    monkeypatch.setenv("NLGRAPH_WALK_CHECKPOINT", "6")
+    with pytest.raises(ValueError, match="NLGRAPH_WALK_CHECKPOINT"):
+        chunk_walk(**leaves, read="before")
+
+
 @pytest.mark.parametrize("mom, decay, before", [(True, True, True), (False, False, False), (True, False, False)])
 def test_the_loop_is_the_chunked_engine(mom, decay, before):
     """``loop`` reads and ends where ``solve_chunk`` (the transfer products and the triangular solve)

@@ -285,8 +285,9 @@ def test_wy_lowp_rejects_a_bad_setting(monkeypatch):
 def test_fp32_products_reach_every_kernel_and_stay_exact(monkeypatch):
     """``NLGRAPH_FP32_PRODUCTS`` is the float32 ``input_precision`` of the delta rule's and linear
     attention's kernels (and the online recurrence's: all from ``_load.products``), not of Titans'
-    MLP memory, whose backward spills more with ``tf32x3``. Unset, the per-head delta rule takes
-    ``tf32x3`` (checked on an H100) and the rest ``ieee``. The delta rule under ``tf32x3`` equals
+    MLP memory, whose backward spills more with ``tf32x3``. Unset, the per-head delta rule and linear
+    attention (with or without a per-channel decay) take ``tf32x3`` (checked on an H100) and the
+    per-channel delta rule ``ieee`` (its float32 backward ran out of shared memory with ``tf32x3``). The delta rule under ``tf32x3`` equals
     float64 (the interpreter multiplies in float32 whatever the mode: the three TF32 products'
     rounding is the GPU check's), and a value that is no mode is one error naming the variable."""
     from nlgraph.compilers.kernels import _load, delta_rule, linear_attention, mlp_memory
@@ -295,11 +296,13 @@ def test_fp32_products_reach_every_kernel_and_stay_exact(monkeypatch):
     monkeypatch.setattr(_load, "FP32_PRODUCTS", None)
     assert delta_rule._plan(q, q, 16)["PREC"] == delta_rule._plan(q, q, 16)["SPREC"] == "tf32x3"
     assert delta_rule._plan(q, q, 16, channel=True)["PREC"] == "ieee"
-    assert linear_attention._plan(q, q, 16)["PREC"] == "ieee"
+    assert linear_attention._plan(q, q, 16)["PREC"] == "tf32x3"
     monkeypatch.setattr(_load, "FP32_PRODUCTS", "ieee")
-    assert delta_rule._plan(q, q, 16)["PREC"] == "ieee"
+    assert delta_rule._plan(q, q, 16)["PREC"] == linear_attention._plan(q, q, 16)["PREC"] == "ieee"
     monkeypatch.setattr(_load, "FP32_PRODUCTS", "tf32x3")
     assert delta_rule._plan(q, q, 16, channel=True)["PREC"] == "tf32x3"
+    wide = torch.zeros(1, 8, 1, 256)  # past the H100's shared memory with tf32x3 (its GPU check)
+    assert delta_rule._plan(wide, q, 16, channel=True)["PREC"] == "ieee"
     assert linear_attention._plan(q, q, 16)["PREC"] == "tf32x3"
     assert mlp_memory._launch(q, 64, 16, 16, 4)["PREC"] == "ieee"
     assert delta_rule._plan(q.half(), q.half(), 16)["PREC"] == "tf32"  # 16-bit operands: unchanged
