@@ -89,6 +89,11 @@ hope_compile_graph_profile|420|python benchmarks/profile_step.py hope --d-model 
 titans_graph_profile|300|python benchmarks/profile_step.py titans --d-model 512 --layers 4 --heads 8 --batch 8 --length 2048 --compile --graph --json $J
 walk_tuning|300|python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $OUT/walk_checks_pf0.json; NLGRAPH_WALK_PREFETCH=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J; for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --chunks 16 64 --reps 20 --json $OUT/walk_pf${pf}_k${k}.json; done; done
 walk_kernels|200|for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 64 --reps 20 --json $OUT/walk_kernels_pf${pf}_k${k}.json; done; done
+walk_check|120|python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
+walk_layout_timing|150|for tw in 2048:4 512:1 1024:2 512:2 1024:1; do NLGRAPH_WALK_TILE=${tw%:*} NLGRAPH_WALK_WARPS=${tw#*:} python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 --reps 20 --json $OUT/walk_layout_${tw%:*}_${tw#*:}.json; done
+walk_layout_check_w1|90|NLGRAPH_WALK_TILE=512 NLGRAPH_WALK_WARPS=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
+walk_layout_check_w2|90|NLGRAPH_WALK_TILE=1024 NLGRAPH_WALK_WARPS=2 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
+walk_layout_check_1024|90|NLGRAPH_WALK_TILE=1024 NLGRAPH_WALK_WARPS=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }

@@ -70,11 +70,30 @@ def fits(o: int, i: int) -> bool:
     return 1 <= o and 1 <= i <= MAX_IN
 
 
+def _env_pow2(name: str, default: int, top: int) -> int:
+    value = os.environ.get(name, "").strip() or str(default)
+    if not value.isdigit() or not 1 <= int(value) <= top or int(value) & (int(value) - 1):
+        raise ValueError(f"{name} must be a power of two up to {top}, got {value!r}")
+    return int(value)
+
+
+#: float32 elements of a program's state tile (``BO`` rows × the row's width) and the warps that hold
+#: it, read once at import (``NLGRAPH_WALK_TILE``, ``NLGRAPH_WALK_WARPS``): the fake implementation
+#: sizes the per-row-block partials from the tile, so a traced graph and its run must agree. Six
+#: tiles (state, momentum, their adjoints, two scratch reads) live in the backward's registers, 16
+#: floats of each a thread at 512 on one warp as at 2,048 on four. One warp: the token step's sums
+#: over rows and columns stay within the warp (no shared memory, no barrier), and there are four
+#: times the programs. On an H100 at HOPE's shapes (80 rows, 16-token chunks, bf16) the backward
+#: took 91.4 / 87.6 µs for the two DGD layers against 138.3 / 188.0 with 2,048 on four warps, the
+#: forward the same (docs/benchmarks.md); 1,024 on one warp timed faster still (74.2 / 72.1 µs) but
+#: its GPU check has not run, so the checked layout is the default.
+TILE = _env_pow2("NLGRAPH_WALK_TILE", 512, 8192)
+WARPS = _env_pow2("NLGRAPH_WALK_WARPS", 1, 16)
+
+
 def _blocks(o: int, i: int) -> tuple[int, int]:
     bi = _pow2(i)
-    # about 2,048 float32 per tile: six tiles (state, momentum, their adjoints, two scratch reads)
-    # in the backward's registers
-    return max(1, min(_pow2(o), 2048 // bi)), bi
+    return max(1, min(_pow2(o), TILE // bi)), bi
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +116,8 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
     if nn and n:
         _kernels(x).fwd[(-(-o // bo), nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e, rd, wt,
-            st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=_tuning()[1])
+            st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=_tuning()[1],
+            num_warps=WARPS)
     else:
         wt.copy_(w0)
         if mom:
@@ -154,7 +174,8 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
         _kernels(x).bwd[(nob, nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e,
             drd if read else e, dwt, dst if mom else e, ckw, cks, scw, scs, dw0, ds0, dx, dk, db, df, da, dm, du,
-            n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=prefetch)
+            n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=prefetch,
+            num_warps=WARPS)
     else:
         dw0.copy_(dwt)
         if mom:
