@@ -29,6 +29,7 @@ import torch
 
 from nlgraph.bench import median_ms, rel_err
 from nlgraph.compilers import chunked
+from nlgraph.compilers.kernels import chunk_walk as walk_module
 from nlgraph.compilers.kernels.chunk_walk import chunk_walk, loop
 
 NAMES = ("w0", "s0", "x", "erase", "b", "f", "alpha", "mu", "u")
@@ -132,17 +133,18 @@ def time_case(dev: torch.device, nn: int, n: int, o: int, i: int, dtype: torch.d
     # this small measure the host's dispatch, not the kernels
     ops = torch.ops.nlgraph
     c = [a[k].contiguous() for k in NAMES]
-    rd, wt, st = ops.chunk_walk_fwd(*c, 1, 0, nn)
+    lay = (walk_module.TILE, walk_module.WARPS)
+    rd, wt, st = ops.chunk_walk_fwd(*c, 1, 0, nn, *lay)
     cot = (torch.ones_like(rd), torch.ones_like(wt), torch.ones_like(st))
-    ops.chunk_walk_bwd(*c, 1, 0, nn, *cot)
+    ops.chunk_walk_bwd(*c, 1, 0, nn, *cot, *lay)
     if dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
-                ops.chunk_walk_fwd(*c, 1, 0, nn)
-                ops.chunk_walk_bwd(*c, 1, 0, nn, *cot)
+                ops.chunk_walk_fwd(*c, 1, 0, nn, *lay)
+                ops.chunk_walk_bwd(*c, 1, 0, nn, *cot, *lay)
             torch.cuda.synchronize()
         for ev in prof.key_averages():
             if ev.key in ("_fwd", "_bwd"):
@@ -179,7 +181,10 @@ def main() -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     nn, d = 5 * args.batch * args.heads, args.dim
     layers = [(2 * d, d), (d, 2 * d)]
+    stride, prefetch = walk_module._tuning()
     res = {"command": " ".join(sys.argv), "torch": torch.__version__,
+           "layout": {"tile": walk_module.TILE, "warps": walk_module.WARPS, "checkpoint": stride,
+                      "prefetch": prefetch},
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "checks": [], "timings": []}
     if args.check:
         # every variant at the model's leading size and the short chunk; HOPE's case at a chunk that

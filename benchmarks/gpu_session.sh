@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks and timings still to run, as named steps, for the `device` tool's machine. A device
 # call runs at most 10 minutes and a session has about 30 in all, on a fresh machine each time, so
-# this is the list a session works down (in the order of `--list`), a few steps a call; the limits
-# of the steps given to one call, plus about 30 s of install, must fit its 600 s (a timing step
-# against fla may need a call of its own: fla autotunes at its first call):
+# this is the list a session works down (in the order of `--list`), a few steps a call. A call's
+# steps share its budget (GPU_SESSION_BUDGET, default 570 s, install included): each step runs at
+# most its own limit or what is left, whichever is less, so list them in order of priority (a
+# timing step against fla may need a call of its own: fla autotunes at its first call):
 #
 #   bash benchmarks/gpu_session.sh --list
 #   bash benchmarks/gpu_session.sh kda_tree_checks gla_tree_checks      # through the device tool, carry [".whl"]
@@ -87,7 +88,7 @@ hope_walk_profile|420|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py
 hope_graph_profile|300|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --graph --json $J
 hope_compile_graph_profile|420|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --compile --graph --json $J
 titans_graph_profile|300|python benchmarks/profile_step.py titans --d-model 512 --layers 4 --heads 8 --batch 8 --length 2048 --compile --graph --json $J
-walk_tuning|300|python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $OUT/walk_checks_pf0.json; NLGRAPH_WALK_PREFETCH=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J; for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --chunks 16 64 --reps 20 --json $OUT/walk_pf${pf}_k${k}.json; done; done
+walk_tuning|300|NLGRAPH_WALK_PREFETCH=0 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $OUT/walk_checks_pf0.json; NLGRAPH_WALK_PREFETCH=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J; for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --chunks 16 64 --reps 20 --json $OUT/walk_pf${pf}_k${k}.json; done; done
 walk_kernels|200|for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 64 --reps 20 --json $OUT/walk_kernels_pf${pf}_k${k}.json; done; done
 walk_check|120|python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_layout_timing|150|for tw in 2048:4 512:1 1024:2 512:2 1024:1; do NLGRAPH_WALK_TILE=${tw%:*} NLGRAPH_WALK_WARPS=${tw#*:} python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 --reps 20 --json $OUT/walk_layout_${tw%:*}_${tw#*:}.json; done

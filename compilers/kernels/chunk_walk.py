@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from nlgraph.errors import NLGraphError
+
 from ._load import pow2 as _pow2
 
 __all__ = ["READS", "fits", "chunk_walk", "loop"]
@@ -40,15 +42,16 @@ def _tuning() -> tuple[int, bool]:
     launch (the ops' bodies are opaque to Dynamo), so one process can time the variants.
 
     Prefetch is on because, at HOPE's shapes on an H100 (80 rows, 16-token chunks, bf16 inputs), the
-    forward took 14.6 and 17.3 µs with it against 19.3 and 22.3 without (the two DGD layers), the
-    backward the same within the noise; strides of 4, 8 and 16 timed alike at 16-token chunks
-    (docs/benchmarks.md)."""
+    forward took 14.6 and 17.3 µs with it against 19.3 and 22.3 without (the two DGD layers), and
+    the backward was faster in seven of eight cases; at 16-token chunks strides of 4 and 8 were up
+    to 10 % slower than 16 (docs/benchmarks.md)."""
     k = os.environ.get("NLGRAPH_WALK_CHECKPOINT", "").strip() or str(CHECKPOINT)
     if not k.isdigit() or int(k) < 1 or int(k) & (int(k) - 1):
-        raise ValueError(f"NLGRAPH_WALK_CHECKPOINT must be a power of two, got {k!r}")
+        raise NLGraphError(f"a checkpoint stride must be a power of two of tokens, got {k!r}; set it to 1, 2, "
+                           "4, ... or unset it", path="NLGRAPH_WALK_CHECKPOINT")
     pf = os.environ.get("NLGRAPH_WALK_PREFETCH", "1").strip()
     if pf not in ("0", "1"):
-        raise ValueError(f"NLGRAPH_WALK_PREFETCH must be 0 or 1, got {pf!r}")
+        raise NLGraphError(f"must be 0 or 1, got {pf!r}; or unset it", path="NLGRAPH_WALK_PREFETCH")
     return int(k), pf == "1"
 #: the widest state row the kernel holds whole (its registers: six ``[BO, I]`` float32 tiles)
 MAX_IN = 256
@@ -73,13 +76,15 @@ def fits(o: int, i: int) -> bool:
 def _env_pow2(name: str, default: int, top: int) -> int:
     value = os.environ.get(name, "").strip() or str(default)
     if not value.isdigit() or not 1 <= int(value) <= top or int(value) & (int(value) - 1):
-        raise ValueError(f"{name} must be a power of two up to {top}, got {value!r}")
+        raise NLGraphError(f"must be a power of two up to {top}, got {value!r}; or unset it", path=name)
     return int(value)
 
 
 #: float32 elements of a program's state tile (``BO`` rows × the row's width) and the warps that hold
-#: it, read once at import (``NLGRAPH_WALK_TILE``, ``NLGRAPH_WALK_WARPS``): the fake implementation
-#: sizes the per-row-block partials from the tile, so a traced graph and its run must agree. Six
+#: it, read at import (``NLGRAPH_WALK_TILE``, ``NLGRAPH_WALK_WARPS``) and passed to the ops as
+#: arguments: the backward's per-row-block partials are sized from the tile, and a traced graph
+#: records the values it was traced with, so a graph cached under one setting stays whole when a
+#: process with another replays it. Six
 #: tiles (state, momentum, their adjoints, two scratch reads) live in the backward's registers, 16
 #: floats of each a thread at 512 on one warp as at 2,048 on four. One warp: the token step's sums
 #: over rows and columns stay within the warp (no shared memory, no barrier), and there are four
@@ -91,9 +96,9 @@ TILE = _env_pow2("NLGRAPH_WALK_TILE", 512, 8192)
 WARPS = _env_pow2("NLGRAPH_WALK_WARPS", 1, 16)
 
 
-def _blocks(o: int, i: int) -> tuple[int, int]:
+def _blocks(o: int, i: int, tile: int) -> tuple[int, int]:
     bi = _pow2(i)
-    return max(1, min(_pow2(o), TILE // bi)), bi
+    return max(1, min(_pow2(o), tile // bi)), bi
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +108,12 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("nlgraph::chunk_walk_fwd", mutates_args=())
 def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
             f: torch.Tensor, a: Optional[torch.Tensor], m: Optional[torch.Tensor], u: Optional[torch.Tensor],
-            read: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            read: int, lo: int, hi: int, tile: int, warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(reads [hi − lo, n, O] fp32 or empty, w_end [NN, O, I] fp32, s_end fp32 or empty)``."""
     nn, n, i = x.shape
     o = f.shape[-1]
     mom = s0 is not None
-    bo, bi = _blocks(o, i)
+    bo, bi = _blocks(o, i, tile)
     rd = f.new_empty(hi - lo, n, o, dtype=torch.float32) if read else _empty(f)
     wt = w0.new_empty(nn, o, i, dtype=torch.float32)
     st = w0.new_empty(nn, o, i, dtype=torch.float32) if mom else _empty(w0)
@@ -117,7 +122,7 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
         _kernels(x).fwd[(-(-o // bo), nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e, rd, wt,
             st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=_tuning()[1],
-            num_warps=WARPS)
+            num_warps=warps)
     else:
         wt.copy_(w0)
         if mom:
@@ -126,7 +131,7 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
 
 
 @_fwd_op.register_fake
-def _(w0, s0, x, k, b, f, a, m, u, read, lo, hi):
+def _(w0, s0, x, k, b, f, a, m, u, read, lo, hi, tile, warps):
     nn, n, i = x.shape
     o = f.shape[-1]
     return (f.new_empty(hi - lo, n, o, dtype=torch.float32) if read else f.new_empty(0),
@@ -138,16 +143,16 @@ def _(w0, s0, x, k, b, f, a, m, u, read, lo, hi):
 def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
             f: torch.Tensor, a: Optional[torch.Tensor], m: Optional[torch.Tensor], u: Optional[torch.Tensor],
             read: int, lo: int, hi: int, drd: Optional[torch.Tensor], dwt: torch.Tensor,
-            dst: Optional[torch.Tensor]) -> list[torch.Tensor]:
+            dst: Optional[torch.Tensor], tile: int, warps: int) -> list[torch.Tensor]:
     """Returns ``[dw0, ds0, dx, dk, db, df, da, dm, du]`` in float32 (empty where there is no input);
     ``dx``, ``dk``, ``db``, ``da``, ``dm`` and ``du`` as per-row-block partials ``[nob, ...]``, which
     the autograd formula sums: there the sums fuse with the casts to the inputs' dtypes in a
-    compiled backward (six reductions a call launched from inside the op before: 3,744 of the 5,000
-    ATen reductions of a compiled HOPE step at T=512 on an H100, docs/benchmarks.md)."""
+    compiled backward (six reductions a call launched from inside the op before: by count 3,744 of
+    the 5,000 ATen reductions of a compiled HOPE step at T=512 on an H100, docs/benchmarks.md)."""
     nn, n, i = x.shape
     o = f.shape[-1]
     mom = s0 is not None
-    bo, bi = _blocks(o, i)
+    bo, bi = _blocks(o, i, tile)
     nob = -(-o // bo)
     stride, prefetch = _tuning()
     kk = min(stride, max(n, 1))
@@ -175,7 +180,7 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e,
             drd if read else e, dwt, dst if mom else e, ckw, cks, scw, scs, dw0, ds0, dx, dk, db, df, da, dm, du,
             n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=prefetch,
-            num_warps=WARPS)
+            num_warps=warps)
     else:
         dw0.copy_(dwt)
         if mom:
@@ -187,10 +192,10 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
 
 
 @_bwd_op.register_fake
-def _(w0, s0, x, k, b, f, a, m, u, read, lo, hi, drd, dwt, dst):
+def _(w0, s0, x, k, b, f, a, m, u, read, lo, hi, drd, dwt, dst, tile, warps):
     nn, n, i = x.shape
     o = f.shape[-1]
-    nob = -(-o // _blocks(o, i)[0])
+    nob = -(-o // _blocks(o, i, tile)[0])
 
     def f32(*shape):
         return w0.new_empty(*shape, dtype=torch.float32)
@@ -209,7 +214,7 @@ _PARTIAL = (False, False, True, True, True, False, True, True, True)
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:9])
-    ctx.read, ctx.lo, ctx.hi = inputs[9:12]
+    ctx.read, ctx.lo, ctx.hi, ctx.tile, ctx.warps = inputs[9:14]
     ctx.dtypes = [None if t is None else t.dtype for t in inputs[:9]]
 
 
@@ -228,10 +233,10 @@ def _autograd_backward(ctx, drd, dwt, dst):
         dst = None
     grads = _bwd_op(w0, s0, x, k, b, f, a, m, u, ctx.read, ctx.lo, ctx.hi,
                     drd.contiguous() if drd is not None else None, dwt.contiguous(),
-                    dst.contiguous() if dst is not None else None)
+                    dst.contiguous() if dst is not None else None, ctx.tile, ctx.warps)
     out = [None if dtype is None else (g.sum(0) if part else g).to(dtype)
            for g, dtype, part in zip(grads, ctx.dtypes, _PARTIAL)]
-    return (*out, None, None, None)
+    return (*out, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -260,8 +265,6 @@ def chunk_walk(w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, erase
         NLGraphError: a state wider than :data:`MAX_IN`, a dtype the kernel does not take (float64 is
         :func:`loop`'s), momentum without ``mu``, a read without queries.
     """
-    from nlgraph.errors import NLGraphError
-
     if read not in READS:
         raise NLGraphError(f"read must be one of {', '.join(READS)}, got {read!r}", path=_OP)
     if (s0 is None) != (mu is None):
@@ -280,7 +283,7 @@ def chunk_walk(w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, erase
         raise NLGraphError(f"a [{f.shape[-1]}, {x.shape[-1]}] state: the kernel holds rows up to {MAX_IN} wide; "
                            "run chunk_walk.loop", path=_OP)
     c = [t.contiguous() if t is not None else None for t in (w0, s0, x, erase, b, f, alpha, mu, u)]
-    rd, wt, st = _fwd_op(*c, READS.index(read), lo, hi)
+    rd, wt, st = _fwd_op(*c, READS.index(read), lo, hi, TILE, WARPS)
     return (rd if read != "none" else None), wt, (st if s0 is not None else None)
 
 

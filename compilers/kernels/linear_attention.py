@@ -53,9 +53,17 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
     dv = v.shape[-1]
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=max(16, 1 << (dk - 1).bit_length()),
                 BV=min(max(16, 1 << (dv - 1).bit_length()), 64),
-                # tf32x3 unset: checked on an H100 with and without a decay per key channel (float32
-                # within 1.6e-6 of float64; docs/benchmarks.md)
-                PREC=products(q.dtype, unset="tf32x3"))
+                PREC=_precision(q, dk))
+
+
+def _precision(q: torch.Tensor, dk: int) -> str:
+    """``tf32x3`` unset: checked on an H100 with and without a decay per key channel at key widths up
+    to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md). A key wider than 128 keeps
+    ``ieee`` whatever ``NLGRAPH_FP32_PRODUCTS`` says: compiled for sm_90, the float32 forward's
+    state kernel at width 256 asks for 328,200 bytes of shared memory with ``tf32x3`` (the H100 has
+    232,448) and 229,896 with ``ieee``."""
+    prec = products(q.dtype, unset="tf32x3")
+    return "ieee" if prec == "tf32x3" and dk > 128 else prec
 
 
 def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:
