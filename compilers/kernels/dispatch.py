@@ -143,7 +143,18 @@ def kernel_label(device: torch.device | str | None) -> str:
     return " (triton, interpreted)" if torch.device(device).type == "cpu" else " (triton)"
 
 
+#: The widest key the per-head delta-rule and linear-attention kernels take in float32. Compiled for
+#: sm_90 on CPU (``benchmarks/kernel_resources.py --cases delta_rule linear_attention --dim 256
+#: --dtype float32``), at 256 the delta rule's state kernels ask for 278,528–393,216 bytes of shared
+#: memory with ``tf32x3`` (its float32 default) and its backward's 303,104 with ``ieee``, linear
+#: attention's backward 376,832 with ``ieee``; an H100 has 232,448. 16-bit keys fit up to
+#: :data:`MAX_HEAD_DIM`. Wider float32 keys run the PyTorch form.
+FLOAT32_MAX_KEY = 128
+
+
 def _fits(q: torch.Tensor, v: torch.Tensor, chunk: int) -> bool:
+    if torch.float32 in (q.dtype, v.dtype) and q.shape[-1] > FLOAT32_MAX_KEY:
+        return False
     if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, v.dtype):
         # Triton 3.6's interpreter computes bfloat16 kernels wrongly (numpy has no bfloat16;
         # errors of 1e9 against float32 where float16 gives 6e-4), so CPU bf16 stays in PyTorch

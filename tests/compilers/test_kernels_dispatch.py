@@ -729,3 +729,14 @@ def test_cuda_switches_read_their_environment_overrides(monkeypatch):
                                      ("off", True, False), ("", False, False), ("maybe", True, True)):
         monkeypatch.setenv("NLGRAPH_TEST_SWITCH", value)
         assert dispatch._switch("NLGRAPH_TEST_SWITCH", default) is expected, value
+
+
+def test_float32_keys_wider_than_128_keep_the_pytorch_form():
+    """Compiled for sm_90, the per-head kernels' float32 state kernels at a key width of 256 ask for
+    more shared memory than an H100 has (``dispatch.FLOAT32_MAX_KEY``), so float32 keys wider than
+    128 run the PyTorch form; 16-bit keys take the kernels up to ``MAX_HEAD_DIM``."""
+    wide, narrow = torch.zeros(1, 64, 1, 256), torch.zeros(1, 64, 1, 128)
+    v = torch.zeros(1, 64, 1, 64)
+    assert not dispatch._fits(wide, v, 64)
+    assert dispatch._fits(narrow, v, 64) == (dispatch.why_no_kernel(narrow.device) is None)
+    assert dispatch._fits(wide.half(), v.half(), 64) == (dispatch.why_no_kernel(wide.device) is None)
