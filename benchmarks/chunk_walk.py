@@ -181,10 +181,9 @@ def main() -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     nn, d = 5 * args.batch * args.heads, args.dim
     layers = [(2 * d, d), (d, 2 * d)]
-    stride, prefetch = walk_module._tuning()
     res = {"command": " ".join(sys.argv), "torch": torch.__version__,
-           "layout": {"tile": walk_module.TILE, "warps": walk_module.WARPS, "checkpoint": stride,
-                      "prefetch": prefetch},
+           "layout": {"tile": walk_module.TILE, "warps": walk_module.WARPS, "checkpoint": walk_module.CHECKPOINT,
+                      "prefetch": walk_module.PREFETCH},
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "checks": [], "timings": []}
     if args.check:
         # every variant at the model's leading size and the short chunk; HOPE's case at a chunk that

@@ -103,7 +103,8 @@ def _fwd(w0, s0, x, k, b, f, a, m, u, rd, wt, st, N, LO, HI, O: tl.constexpr, I:
     w, s = _load_pair(w0, s0, i_n * O * I, tile, tmask, BO, BI, MOM)
     # PREFETCH: token r + 1's inputs are loaded before token r's step, so their latency hides behind
     # it (the step waits only on the state); the last token loads itself again
-    xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, i_n * N, rows, cols, rmask, cmask, O, I, DECAY, MOM)
+    if PREFETCH:
+        xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, i_n * N, rows, cols, rmask, cmask, O, I, DECAY, MOM)
     for r in range(N):
         t = i_n * N + r
         if PREFETCH:
@@ -173,9 +174,10 @@ def _bwd(w0, s0, x, k, b, f, a, m, u, drd, dwt, dst, ckw, cks, scw, scs, dw0, ds
         tl.debug_barrier()
         # PREFETCH: the previous token's state (from the scratch) and inputs are loaded before this
         # token's adjoint step; the block's first token loads itself again
-        wp, sp = _load_pair(scw, scs, sc + (r1 - 1 - r0) * O * I, tile, tmask, BO, BI, MOM)
-        xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, i_n * N + r1 - 1, rows, cols, rmask, cmask, O, I, DECAY,
-                                        MOM)
+        if PREFETCH:
+            wp, sp = _load_pair(scw, scs, sc + (r1 - 1 - r0) * O * I, tile, tmask, BO, BI, MOM)
+            xr, kr, br, fr, ar, mr = _token(x, k, b, f, a, m, i_n * N + r1 - 1, rows, cols, rmask, cmask, O, I,
+                                            DECAY, MOM)
         for q in range(r1 - r0):
             r = r1 - 1 - q
             t = i_n * N + r

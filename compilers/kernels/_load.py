@@ -72,16 +72,24 @@ FP32_PRODUCTS = os.environ.get("NLGRAPH_FP32_PRODUCTS", "").strip().lower() or N
 _FP32_CHOICES = ("ieee", "tf32x3")
 
 
-def products(dtype: torch.dtype, unset: str = "ieee") -> str:
+#: The widest key that takes ``tf32x3`` in float32: wider keys keep ``ieee`` whatever the variable
+#: says. On an H100 the per-channel delta rule's float32 backward at 256 asked for 265 KiB of shared
+#: memory with ``tf32x3`` (227 KiB there), and compiled for sm_90 float32 linear attention's state
+#: kernel at 256 asks for 328,200 bytes with it (232,448 there; 229,896 with ``ieee``).
+TF32X3_MAX_KEY = 128
+
+
+def products(dtype: torch.dtype, unset: str = "ieee", key: int = 0) -> str:
     """``tl.dot``'s ``input_precision`` for a kernel whose operands arrive in ``dtype``; ``unset``:
-    float32's mode when ``NLGRAPH_FP32_PRODUCTS`` is not set."""
+    float32's mode when ``NLGRAPH_FP32_PRODUCTS`` is not set; ``key``: the key width, past
+    :data:`TF32X3_MAX_KEY` of which float32 stays ``ieee``."""
     if dtype != torch.float32:
         return "tf32"
     mode = FP32_PRODUCTS or unset
     if mode not in _FP32_CHOICES:
         raise NLGraphError(f"unknown float32 product mode {mode!r}; set it to one of "
                            f"{', '.join(_FP32_CHOICES)}, or unset it", path="NLGRAPH_FP32_PRODUCTS")
-    return mode
+    return "ieee" if mode == "tf32x3" and key > TF32X3_MAX_KEY else mode
 
 
 # --------------------------------------------------------------------------- precompile

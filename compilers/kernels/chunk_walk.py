@@ -32,27 +32,6 @@ __all__ = ["READS", "fits", "chunk_walk", "loop"]
 _OP = "chunk_walk"
 #: the ``read`` argument: no read, the state before the token's write, or after it
 READS = ("none", "before", "after")
-#: the backward's checkpoint stride (tokens): it keeps ``⌈n / K⌉ − 1`` states a row and ``K + 1`` of scratch
-CHECKPOINT = 16
-
-
-def _tuning() -> tuple[int, bool]:
-    """``(checkpoint stride, prefetch)`` from ``NLGRAPH_WALK_CHECKPOINT`` (a power of two, default
-    :data:`CHECKPOINT`) and ``NLGRAPH_WALK_PREFETCH`` (``0`` / ``1``, default ``1``), read at each
-    launch (the ops' bodies are opaque to Dynamo), so one process can time the variants.
-
-    Prefetch is on because, at HOPE's shapes on an H100 (80 rows, 16-token chunks, bf16 inputs), the
-    forward took 14.6 and 17.3 µs with it against 19.3 and 22.3 without (the two DGD layers), and
-    the backward was faster in seven of eight cases; at 16-token chunks strides of 4 and 8 were up
-    to 10 % slower than 16 (docs/benchmarks.md)."""
-    k = os.environ.get("NLGRAPH_WALK_CHECKPOINT", "").strip() or str(CHECKPOINT)
-    if not k.isdigit() or int(k) < 1 or int(k) & (int(k) - 1):
-        raise NLGraphError(f"a checkpoint stride must be a power of two of tokens, got {k!r}; set it to 1, 2, "
-                           "4, ... or unset it", path="NLGRAPH_WALK_CHECKPOINT")
-    pf = os.environ.get("NLGRAPH_WALK_PREFETCH", "1").strip()
-    if pf not in ("0", "1"):
-        raise NLGraphError(f"must be 0 or 1, got {pf!r}; or unset it", path="NLGRAPH_WALK_PREFETCH")
-    return int(k), pf == "1"
 #: the widest state row the kernel holds whole (its registers: six ``[BO, I]`` float32 tiles)
 MAX_IN = 256
 
@@ -80,20 +59,34 @@ def _env_pow2(name: str, default: int, top: int) -> int:
     return int(value)
 
 
+def _settings() -> tuple[int, int, int, bool]:
+    """``(TILE, WARPS, CHECKPOINT, PREFETCH)`` from the environment, read once at import (a bad value
+    is one error naming its variable; a process that times variants sets them before importing)."""
+    pf = os.environ.get("NLGRAPH_WALK_PREFETCH", "").strip() or "1"
+    if pf not in ("0", "1"):
+        raise NLGraphError(f"must be 0 or 1, got {pf!r}; or unset it", path="NLGRAPH_WALK_PREFETCH")
+    return (_env_pow2("NLGRAPH_WALK_TILE", 1024, 8192), _env_pow2("NLGRAPH_WALK_WARPS", 1, 16),
+            _env_pow2("NLGRAPH_WALK_CHECKPOINT", 16, 4096), pf == "1")
+
+
 #: float32 elements of a program's state tile (``BO`` rows × the row's width) and the warps that hold
-#: it, read at import (``NLGRAPH_WALK_TILE``, ``NLGRAPH_WALK_WARPS``) and passed to the ops as
-#: arguments: the backward's per-row-block partials are sized from the tile, and a traced graph
-#: records the values it was traced with, so a graph cached under one setting stays whole when a
-#: process with another replays it. Six
-#: tiles (state, momentum, their adjoints, two scratch reads) live in the backward's registers, 16
-#: floats of each a thread at 512 on one warp as at 2,048 on four. One warp: the token step's sums
-#: over rows and columns stay within the warp (no shared memory, no barrier), and there are four
-#: times the programs. On an H100 at HOPE's shapes (80 rows, 16-token chunks, bf16) the backward
-#: took 91.4 / 87.6 µs for the two DGD layers against 138.3 / 188.0 with 2,048 on four warps, the
-#: forward the same (docs/benchmarks.md); 1,024 on one warp timed faster still (74.2 / 72.1 µs) but
-#: its GPU check has not run, so the checked layout is the default.
-TILE = _env_pow2("NLGRAPH_WALK_TILE", 512, 8192)
-WARPS = _env_pow2("NLGRAPH_WALK_WARPS", 1, 16)
+#: it (``NLGRAPH_WALK_TILE``, ``NLGRAPH_WALK_WARPS``), passed to the ops as arguments: the
+#: backward's per-row-block partials are sized from the tile, and a traced graph records the values
+#: it was traced with, so a graph cached under one setting stays whole when a process with another
+#: replays it. Six tiles (state, momentum, their adjoints, two scratch reads) live in the backward's
+#: registers, 32 floats of each a thread at 1,024 on one warp. One warp: the token step's sums over
+#: rows and columns stay within the warp (no shared memory, no barrier), and there are more
+#: programs. On an H100 at HOPE's shapes (80 rows, 16-token chunks, bf16) the backward took 74.2 /
+#: 72.1 µs for the two DGD layers at 1,024 on one warp, 91.4 / 87.6 at 512 on one, 138.3 / 188.0 at
+#: 2,048 on four, the forward the same; all three layouts passed the GPU check (docs/benchmarks.md).
+#:
+#: ``CHECKPOINT``: the backward's checkpoint stride (tokens; ``NLGRAPH_WALK_CHECKPOINT``): it keeps
+#: ``⌈n / K⌉ − 1`` states a row and ``K + 1`` of scratch; at 16-token chunks strides of 4 and 8 were
+#: up to 10 % slower than 16. ``PREFETCH`` (``NLGRAPH_WALK_PREFETCH``): both kernels load the next
+#: token's inputs before this token's step, so their latency hides behind it; at HOPE's shapes the
+#: forward took 14.6 and 17.3 µs with it against 19.3 and 22.3 without, the backward faster in seven
+#: of eight cases. Plain values read by the ops' bodies, which are opaque to Dynamo.
+TILE, WARPS, CHECKPOINT, PREFETCH = _settings()
 
 
 def _blocks(o: int, i: int, tile: int) -> tuple[int, int]:
@@ -121,7 +114,7 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
     if nn and n:
         _kernels(x).fwd[(-(-o // bo), nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e, rd, wt,
-            st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=_tuning()[1],
+            st, n, lo, hi, O=o, I=i, BO=bo, BI=bi, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=PREFETCH,
             num_warps=warps)
     else:
         wt.copy_(w0)
@@ -154,8 +147,7 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
     mom = s0 is not None
     bo, bi = _blocks(o, i, tile)
     nob = -(-o // bo)
-    stride, prefetch = _tuning()
-    kk = min(stride, max(n, 1))
+    kk = min(CHECKPOINT, max(n, 1))
     nb = -(-n // kk)
     e = _empty(w0)
 
@@ -179,7 +171,7 @@ def _bwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], x: torch.Tensor, k: to
         _kernels(x).bwd[(nob, nn)](
             w0, s0 if mom else e, x, k, b, f, a if a is not None else e, m if mom else e, u if read else e,
             drd if read else e, dwt, dst if mom else e, ckw, cks, scw, scs, dw0, ds0, dx, dk, db, df, da, dm, du,
-            n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=prefetch,
+            n, nn, lo, hi, O=o, I=i, BO=bo, BI=bi, K=kk, MOM=mom, DECAY=a is not None, READ=read, PREFETCH=PREFETCH,
             num_warps=warps)
     else:
         dw0.copy_(dwt)

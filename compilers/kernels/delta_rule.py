@@ -66,13 +66,10 @@ def _kernels(q: torch.Tensor, channel: bool = False):
 def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int, channel: bool = False) -> dict:
     """The launch constants; ``channel``: the per-key-channel kernels (Kimi Delta Attention), whose
     float32 products stay exact unless ``NLGRAPH_FP32_PRODUCTS`` says otherwise (the per-head ones
-    passed their GPU check with three TF32 products; ``_load.products``). A per-channel head wider
-    than 128 keeps ``ieee`` whatever the variable says: with ``tf32x3`` its float32 backward asked
-    for 265 KiB of shared memory on an H100, which has 227."""
+    passed their GPU check with three TF32 products; ``_load.products``, which keeps keys wider than
+    128 exact)."""
     b, t, h, dk = q.shape
-    prec = products(q.dtype, unset="ieee" if channel else "tf32x3")
-    if channel and prec == "tf32x3" and dk > 128:
-        prec = "ieee"
+    prec = products(q.dtype, unset="ieee" if channel else "tf32x3", key=dk)
     dv = v.shape[-1]
     kp, vp = _pow2(dk), _pow2(dv)
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=-(-t // chunk), KP=kp, BK=min(kp, 64),

@@ -146,7 +146,7 @@ def kernel_label(device: torch.device | str | None) -> str:
 #: The widest key the per-head delta-rule and linear-attention kernels take in float32. Compiled for
 #: sm_90 on CPU (``benchmarks/kernel_resources.py --cases delta_rule linear_attention --dim 256
 #: --dtype float32``), at 256 the delta rule's state kernels ask for 278,528–393,216 bytes of shared
-#: memory with ``tf32x3`` (its float32 default) and its backward's 303,104 with ``ieee``, linear
+#: memory with ``tf32x3`` (its float32 default) and its backward's 303,104–344,064 with ``ieee``, linear
 #: attention's backward 376,832 with ``ieee``; an H100 has 232,448. 16-bit keys fit up to
 #: :data:`MAX_HEAD_DIM`. Wider float32 keys run the PyTorch form.
 FLOAT32_MAX_KEY = 128

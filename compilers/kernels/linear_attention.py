@@ -58,12 +58,9 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
 
 def _precision(q: torch.Tensor, dk: int) -> str:
     """``tf32x3`` unset: checked on an H100 with and without a decay per key channel at key widths up
-    to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md). A key wider than 128 keeps
-    ``ieee`` whatever ``NLGRAPH_FP32_PRODUCTS`` says: compiled for sm_90, the float32 forward's
-    state kernel at width 256 asks for 328,200 bytes of shared memory with ``tf32x3`` (the H100 has
-    232,448) and 229,896 with ``ieee``."""
-    prec = products(q.dtype, unset="tf32x3")
-    return "ieee" if prec == "tf32x3" and dk > 128 else prec
+    to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md); wider keys stay exact
+    (``_load.products``)."""
+    return products(q.dtype, unset="tf32x3", key=dk)
 
 
 def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:

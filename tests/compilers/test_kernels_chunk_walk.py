@@ -76,14 +76,14 @@ def test_chunk_walk_equals_the_loop(nn, n, o, i, mom, decay, read, rows):
         assert a.dtype == torch.float32 and _rel(a, r) < 1e-5, k
 
 
-@pytest.mark.parametrize("prefetch, stride, tile", [("0", "16", 2048), ("1", "4", 64)])
+@pytest.mark.parametrize("prefetch, stride, tile", [(False, 16, 2048), (True, 4, 64)])
 def test_prefetch_and_checkpoint_stride_leave_the_maths(monkeypatch, prefetch, stride, tile):
     """The tuning switches (``NLGRAPH_WALK_PREFETCH``, ``NLGRAPH_WALK_CHECKPOINT``, the tile) change
     only the order of loads, how much of a chunk the backward walks again and how many row blocks
     share the rows: the same reads, end state and gradients, at a chunk of several checkpoint blocks
     with a short last one; a bad value is one error naming the variable."""
-    monkeypatch.setenv("NLGRAPH_WALK_PREFETCH", prefetch)
-    monkeypatch.setenv("NLGRAPH_WALK_CHECKPOINT", stride)
+    monkeypatch.setattr(walk_module, "PREFETCH", prefetch)
+    monkeypatch.setattr(walk_module, "CHECKPOINT", stride)
     monkeypatch.setattr(walk_module, "TILE", tile)  # 12 rows of 16: one row block, or four
     args = _args(2, 19, 12, 10, True, True, "before", seed=3)
     ref_in = {k: v.clone().requires_grad_() for k, v in args.items()}
@@ -96,9 +96,11 @@ def test_prefetch_and_checkpoint_stride_leave_the_maths(monkeypatch, prefetch, s
     got_g = torch.autograd.grad(sum((t * (j + 1)).sum() for j, t in enumerate(out)), list(leaves.values()))
     for k, a, r in zip(args, got_g, ref_g):
         assert _rel(a, r) < 1e-5, k
-    monkeypatch.setenv("NLGRAPH_WALK_CHECKPOINT", "6")
-    with pytest.raises(NLGraphError, match="NLGRAPH_WALK_CHECKPOINT"):
-        chunk_walk(**leaves, read="before")
+    for name, bad in [("NLGRAPH_WALK_CHECKPOINT", "6"), ("NLGRAPH_WALK_PREFETCH", "yes"), ("NLGRAPH_WALK_TILE", "0")]:
+        with monkeypatch.context() as env:
+            env.setenv(name, bad)
+            with pytest.raises(NLGraphError, match=name):
+                walk_module._settings()
 
 
 @pytest.mark.parametrize("mom, decay, before", [(True, True, True), (False, False, False), (True, False, False)])

@@ -305,6 +305,7 @@ def test_fp32_products_reach_every_kernel_and_stay_exact(monkeypatch):
     wide = torch.zeros(1, 8, 1, 256)  # past the H100's shared memory with tf32x3 (its GPU check)
     assert delta_rule._plan(wide, q, 16, channel=True)["PREC"] == "ieee"
     assert linear_attention._plan(wide, q, 16)["PREC"] == "ieee"  # compiled for sm_90: the same
+    assert delta_rule._plan(wide, q, 16)["PREC"] == "ieee"  # one rule, in _load.products
     assert linear_attention._plan(q, q, 16)["PREC"] == "tf32x3"
     assert mlp_memory._launch(q, 64, 16, 16, 4)["PREC"] == "ieee"
     assert delta_rule._plan(q.half(), q.half(), 16)["PREC"] == "tf32"  # 16-bit operands: unchanged
