@@ -28,7 +28,8 @@ steps() {
 kda_tree_checks|240|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $J
 gla_tree_checks|200|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $J
 channel_tree_session|550|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks 1 2 4 5 7 --no-timing --json $OUT/kda_tree_checks.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks 2 5 --no-timing --json $OUT/gla_tree_checks.json && NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --no-fla --json $OUT/kda_tree_nofla.json && NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $OUT/gla_offsets_nofla.json && NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
-gla_tree_fla|250|python benchmarks/linear_attention_kernel.py --channel --checks --json $J
+gla_tree_nofla|120|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
+gla_tree_fla|400|python benchmarks/linear_attention_kernel.py --channel --checks --json $J
 kda_tree_fla|300|python benchmarks/delta_rule_channel_kernel.py --checks --json $J
 kda_timing|540|NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 kda_tree_timing|540|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J

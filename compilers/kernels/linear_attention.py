@@ -140,6 +140,12 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
     return run_precompiled(_OP, "bwd", _backward, args, q.device)
 
 
+#: Warps of ``grads_channel`` (the backward with a decay per key channel): compiled for sm_90 it
+#: spills 1,632 bytes a thread on 4 warps and 328 on 8, and the per-channel delta rule's backward
+#: kernels, which spilled the same way, ran 1.6x faster on 8 on an H100 (docs/benchmarks.md).
+GRADS_CHANNEL_WARPS = 8
+
+
 def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
     kn = _kernels(q)
     p = _plan(q, v, chunk)
@@ -161,7 +167,7 @@ def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
     if _per_channel(bcum):
         kn.grads_channel[(nt, b * h)](
             q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"], C=chunk,
-            BK=p["BK"], BV=p["BV"], PREC=p["PREC"], num_stages=1)
+            BK=p["BK"], BV=p["BV"], PREC=p["PREC"], num_stages=1, num_warps=GRADS_CHANNEL_WARPS)
     else:
         kn.grads[(nt, b * h)](
             q, k, v, bcum if use_g else e, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"],
