@@ -3,7 +3,8 @@ time what a launch setting would do before the product changes it.
 
     with plain_warps(8):
         ...  # every launch of the linear-attention and per-channel delta-rule kernels, forward and
-             # backward, that names no warps of its own runs with 8
+             # backward, runs with 8, also those whose launch names its own count (the per-channel
+             # backward's kernels launch on 8: plain_warps(4) times them as they were)
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ class _Warps:
         launch = self.kernel[grid]
 
         def call(*args, **kwargs):
-            kwargs.setdefault("num_warps", self.warps)
+            kwargs["num_warps"] = self.warps
             return launch(*args, **kwargs)
 
         return call
+
+    def warmup(self, *args, **kwargs):  # the precompile builds what the launch will run
+        kwargs["num_warps"] = self.warps
+        return self.kernel.warmup(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)

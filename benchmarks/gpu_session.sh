@@ -89,7 +89,7 @@ hope_walk_profile|420|NLGRAPH_CHUNK_WALK_GPU=1 python benchmarks/profile_step.py
 hope_graph_profile|300|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --graph --json $J
 hope_compile_graph_profile|420|python benchmarks/profile_step.py hope --d-model 512 --layers 4 --heads 8 --batch 2 --length 512 --warmup 1 --compile --graph --json $J
 titans_graph_profile|300|python benchmarks/profile_step.py titans --d-model 512 --layers 4 --heads 8 --batch 8 --length 2048 --compile --graph --json $J
-walk_tuning|120|NLGRAPH_WALK_PREFETCH=0 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $OUT/walk_checks_pf0.json; NLGRAPH_WALK_PREFETCH=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
+walk_tuning|200|NLGRAPH_WALK_PREFETCH=0 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $OUT/walk_checks_pf0.json; NLGRAPH_WALK_PREFETCH=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_kernels|200|for pf in 0 1; do for k in 4 8 16; do NLGRAPH_WALK_PREFETCH=$pf NLGRAPH_WALK_CHECKPOINT=$k python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 64 --reps 20 --json $OUT/walk_kernels_pf${pf}_k${k}.json; done; done
 walk_check|120|python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_layout_timing|150|for tw in 2048:4 512:1 1024:2 512:2 1024:1; do NLGRAPH_WALK_TILE=${tw%:*} NLGRAPH_WALK_WARPS=${tw#*:} python benchmarks/chunk_walk.py --kernels-only --batch 2 --chunks 16 --reps 20 --json $OUT/walk_layout_${tw%:*}_${tw#*:}.json; done

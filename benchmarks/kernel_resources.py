@@ -15,8 +15,9 @@ This finds that before a GPU session. It runs in two steps:
 2. compile: each distinct launch is compiled for sm_90 (triton ships ptxas and cuobjdump) with the
    configs the GPU would run: for the autotuned per-head delta-rule kernels, every config their
    autotuner may pick (warps, and the V block of the chunk recurrences); for Titans' MLP memory,
-   the warps and stages its launch names; for the others, Triton's defaults (4 warps, 3 stages),
-   which is what they launch with.
+   the warps and stages its launch names; for the others, the warps and stages their launch names
+   (the per-channel forms' backward kernels: 8 warps) or Triton's defaults (4 warps, 3 stages);
+   ``--plain-warps`` compiles the plain kernels at other counts.
 
 The cases: the delta rule plain and gated (per head), linear attention per head, GLA and KDA (per
 key channel), Titans' MLP memory (hidden 4·D, at the largest chunk the plan runs at that head dim on
@@ -42,6 +43,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
+from _launch import PLAIN  # noqa: E402
 
 # the H200's (and H100's) shared memory per block with the opt-in carve-out: 227 KiB
 SMEM_LIMIT = 232448
@@ -238,17 +242,23 @@ def record(cases: list[str], d: int, dv: int, chunk: int, dtype: str = "bfloat16
 
 # --------------------------------------------------------------------------- step 2: compile
 
-def _configs(module: str, name: str, plain_warps: tuple[int, ...] = (4,), all_warps: bool = False,
+def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None, all_warps: bool = False,
              options: dict | None = None) -> list[tuple[dict, int, int]]:
-    """(constexpr overrides, warps, stages) the GPU may run this kernel with; ``plain_warps`` for the
-    kernels without an autotuner (to see what another count would do); ``all_warps``: every count the
-    autotuned kernels' environment allows (``NLGRAPH_TRITON_WARPS``), also those a kernel leaves out."""
+    """(constexpr overrides, warps, stages) the GPU may run this kernel with; ``plain_warps``: warp
+    counts for the kernels without an autotuner, to see what another count would do (``None``: as
+    they launch; for linear attention's and the per-channel delta rule's kernels the counts replace
+    even a count their launch names, as ``benchmarks/_launch.py`` does when timing); ``all_warps``:
+    every count the autotuned kernels' environment allows (``NLGRAPH_TRITON_WARPS``), also those a
+    kernel leaves out."""
     options = options or {}
-    if "num_warps" in options:  # the launch names its warps (Titans' MLP memory, by its tile)
-        return [({}, options["num_warps"], options.get("num_stages", 3))]
+    stages = options.get("num_stages", 3)
+    if plain_warps is not None and module in PLAIN:
+        return [({}, w, stages) for w in plain_warps]
+    if "num_warps" in options:  # the launch names its warps (Titans' MLP memory by its tile, the backward
+        return [({}, options["num_warps"], stages)]  # kernels of the per-channel forms, the chunk walk)
     if module != "_delta_rule_triton":  # stages as the launch names them (the LA backward: 1)
         # plain @triton.jit: Triton's defaults are 4 warps, 3 stages
-        return [({}, w, options.get("num_stages", 3)) for w in plain_warps]
+        return [({}, w, stages) for w in (plain_warps or (4,))]
     from nlgraph.compilers.kernels import _delta_rule_triton as kmod
 
     blocks = [{"BV": bv} for bv in (32, 64)] if name in kmod.STATE_KERNELS else [{}]
@@ -303,7 +313,7 @@ def sm90(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
     return row
 
 
-def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps: tuple[int, ...] = (4,),
+def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps: tuple[int, ...] | None = None,
                  all_warps: bool = False, heads: int = 16, emit=print) -> list[dict]:
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
     rows = []
@@ -353,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--heads", type=int, default=16, help="heads per layer, for the kernels that take H as a constexpr")
     ap.add_argument("--smem-limit", type=int, default=SMEM_LIMIT)
-    ap.add_argument("--plain-warps", default="4",
-                    help="warp counts for the kernels without an autotuner, e.g. 4,8 (they launch with 4)")
+    ap.add_argument("--plain-warps", default=None,
+                    help="warp counts for the kernels without an autotuner, e.g. 4,8 (default: as they launch: "
+                         "4 unless the launch names its own)")
     ap.add_argument("--all-warps", action="store_true",
                     help="the autotuned kernels at every warp count NLGRAPH_TRITON_WARPS allows, also those left out")
     ap.add_argument("--json", default=None)
@@ -391,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_resources: recording the launches through the interpreter failed", file=sys.stderr)
         return 1
     launches = json.loads(done.stdout.strip().splitlines()[-1])
-    warps = tuple(int(w) for w in args.plain_warps.split(","))
+    warps = tuple(int(w) for w in args.plain_warps.split(",")) if args.plain_warps else None
     rows = compile_rows(launches, args.dtype, args.smem_limit, warps, args.all_warps, args.heads,
                         emit=lambda line: None)
     print(table(rows))

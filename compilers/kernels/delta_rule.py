@@ -140,9 +140,10 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
 
 #: Warps of the per-channel backward's own kernels (``dv_local``, ``grads``). On an H100 at the anchor
 #: shape (B=4, T=4096, H=16, D=128, bf16) the per-channel delta rule's forward + backward took 9.10 ms
-#: with every plain kernel on 8 warps against 13.69 ms on 4 (its forward 2.94 against 2.70:
-#: the forward's kernels stay on 4); at 4 warps ``grads`` spilled 5,512 bytes a thread compiled
-#: for sm_90, 2,552 at 8 (docs/benchmarks.md).
+#: with every plain kernel on 8 warps against 13.69 ms on 4 in one run (its forward 2.94 against
+#: 2.70: the forward's kernels stay on 4; the two backward kernels were timed together, not apart);
+#: compiled for sm_90 ``grads`` spills 2,192 bytes a thread on 4 warps and 984 on 8, ``dv_local``
+#: none either way (docs/benchmarks.md).
 BACKWARD_WARPS = 8
 
 

@@ -141,8 +141,9 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
 
 
 #: Warps of ``grads_channel`` (the backward with a decay per key channel): compiled for sm_90 it
-#: spills 1,632 bytes a thread on 4 warps and 328 on 8, and the per-channel delta rule's backward
-#: kernels, which spilled the same way, ran 1.6x faster on 8 on an H100 (docs/benchmarks.md).
+#: spills 1,584 bytes a thread on 4 warps and 160 on 8. On an H100 GLA's forward + backward took
+#: 5.61 ms with it on 8 against 6.22–6.30 on 4 (earlier runs on other machines of the same card;
+#: docs/benchmarks.md).
 GRADS_CHANNEL_WARPS = 8
 
 

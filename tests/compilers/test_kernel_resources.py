@@ -43,6 +43,19 @@ def _resources(tmp_path: Path, *args: str) -> tuple[int, list[dict], str]:
     return done.returncode, rows, done.stdout + done.stderr
 
 
+def test_the_per_channel_kernels_fit_at_key_width_128(tmp_path):
+    """GLA's and KDA's kernels, the closest to the H100's shared memory, at the library's widest
+    heads (their backward's own kernels launch on 8 warps): each compiles for sm_90 and fits. The
+    other ops' kernels: the ``slow`` test below (two minutes)."""
+    rc, rows, log = _resources(tmp_path, "--dim", "128", "--cases", "kda", "gla")
+    assert rc == 0, log
+    warps = {(r["case"], r["kernel"]): r["warps"] for r in rows}
+    assert warps[("kda", "grads")] == warps[("kda", "dv_local")] == warps[("gla", "grads_channel")] == 8, warps
+    assert warps[("kda", "prepare")] == 4, warps
+    assert all(r["fits"] and "error" not in r for r in rows), log
+
+
+@pytest.mark.slow
 def test_every_kernel_fits_at_key_width_128(tmp_path):
     """The widths of the library's models (64–128): every kernel of the eight ops (delta rule plain
     and gated, linear attention per head, GLA, KDA, Titans' MLP memory, the online recurrence, the

@@ -182,7 +182,7 @@ def test_a_compiled_hope_model_runs_and_equals_eager():
 
     torch.manual_seed(0)
     model = build(load_spec("hope", ["vars.d_model=32", "vars.heads=2", "vars.layers=1", "vars.chunk=4"]))
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
     eager = model(ids)
     model.compile_blocks(backend="aot_eager")
     compiled = model(ids)
