@@ -28,7 +28,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
+from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
 from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -138,15 +138,6 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     return o, ht, tm, bcum
 
 
-#: Warps of the per-channel backward's own kernels (``dv_local``, ``grads``). On an H100 at the anchor
-#: shape (B=4, T=4096, H=16, D=128, bf16) the per-channel delta rule's forward + backward took 9.10 ms
-#: with every plain kernel on 8 warps against 13.69 ms on 4 in one run (its forward 2.94 against
-#: 2.70: the forward's kernels stay on 4; the two backward kernels were timed together, not apart);
-#: compiled for sm_90 ``grads`` spills 2,192 bytes a thread on 4 warps and 984 on 8, ``dv_local``
-#: none either way (docs/benchmarks.md).
-BACKWARD_WARPS = 8
-
-
 def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk, channel=True)
@@ -157,10 +148,10 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     del u
     do = do.contiguous()
     dvl = torch.empty_like(v)
-    # the backward's own kernels on 8 warps (:data:`BACKWARD_WARPS`)
+    # the backward's own kernels on 8 warps (timed together, not apart; _load.CHANNEL_BACKWARD_WARPS)
     kc.dv_local[(_cdiv(p["V"], p["BV"]), nt, b * h)](
         q, k, do, bcum, dvl, scale, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"],
-        num_warps=BACKWARD_WARPS)
+        num_warps=CHANNEL_BACKWARD_WARPS)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(v)
     dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else dummy
@@ -176,7 +167,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     db = torch.empty_like(bcum)
     kc.grads[(nt, b * h)](
         q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db, scale, t, nt, H=h, K=p["K"], V=p["V"],
-        C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"], num_warps=BACKWARD_WARPS)
+        C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"], num_warps=CHANNEL_BACKWARD_WARPS)
     dg = _chunk_revcumsum(db, chunk).to(g.dtype)
     return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
 

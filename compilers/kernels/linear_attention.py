@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
-from ._load import cdiv as _cdiv, kernel_chunk, products, run_precompiled
+from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, products, run_precompiled
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -53,14 +53,10 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
     dv = v.shape[-1]
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=max(16, 1 << (dk - 1).bit_length()),
                 BV=min(max(16, 1 << (dv - 1).bit_length()), 64),
-                PREC=_precision(q, dk))
-
-
-def _precision(q: torch.Tensor, dk: int) -> str:
-    """``tf32x3`` unset: checked on an H100 with and without a decay per key channel at key widths up
-    to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md); wider keys stay exact
-    (``_load.products``)."""
-    return products(q.dtype, unset="tf32x3", key=dk)
+                # tf32x3 unset: checked on an H100 with and without a decay per key channel at key
+                # widths up to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md); wider
+                # keys stay exact (_load.products)
+                PREC=products(q.dtype, unset="tf32x3", key=dk))
 
 
 def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -140,13 +136,6 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bcum: Optional[to
     return run_precompiled(_OP, "bwd", _backward, args, q.device)
 
 
-#: Warps of ``grads_channel`` (the backward with a decay per key channel): compiled for sm_90 it
-#: spills 1,584 bytes a thread on 4 warps and 160 on 8. On an H100 GLA's forward + backward took
-#: 5.61 ms with it on 8 against 6.22–6.30 on 4 (earlier runs on other machines of the same card;
-#: docs/benchmarks.md).
-GRADS_CHANNEL_WARPS = 8
-
-
 def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
     kn = _kernels(q)
     p = _plan(q, v, chunk)
@@ -168,7 +157,7 @@ def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
     if _per_channel(bcum):
         kn.grads_channel[(nt, b * h)](
             q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"], C=chunk,
-            BK=p["BK"], BV=p["BV"], PREC=p["PREC"], num_stages=1, num_warps=GRADS_CHANNEL_WARPS)
+            BK=p["BK"], BV=p["BV"], PREC=p["PREC"], num_stages=1, num_warps=CHANNEL_BACKWARD_WARPS)
     else:
         kn.grads[(nt, b * h)](
             q, k, v, bcum if use_g else e, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"],
