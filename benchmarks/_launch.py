@@ -91,3 +91,52 @@ def with_warps(time_rows, impls, ours, warps, inputs, tokens, dev) -> list[dict]
             rows += time_rows(([anchor] if anchor else []) + again, inputs, tokens, dev, log,
                               anchor[0] if anchor else None, compare=True)[1 if anchor else 0:]
     return rows
+
+
+def kernel_profile(impls, inputs, dev, reps: int = 5, top: int = 12) -> list[dict]:
+    """Per-kernel CUDA time of each ``(name, fn, is an anchor)``'s forward and of its forward +
+    backward (``torch.profiler``, ``reps`` calls after a warm call), the ``top`` kernels of each by
+    time: where one implementation's time goes next to another's, kernel by kernel."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name, fn, _ in impls:
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        with torch.no_grad():
+            grad = torch.randn_like(fn(*inputs))
+
+        def fwd():
+            with torch.no_grad():
+                fn(*inputs)
+
+        def fwd_bwd():
+            for x in leaves:
+                x.grad = None
+            fn(*leaves).backward(grad)
+
+        for phase, run in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            try:
+                run()
+                torch.cuda.synchronize(dev)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(reps):
+                        run()
+                    torch.cuda.synchronize(dev)
+            except Exception as e:  # noqa: BLE001 - a refused backward is a row that says so
+                rows.append({"impl": name, "phase": phase, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            kernels = []
+            for e in prof.key_averages():
+                total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                if total > 0 and e.count:
+                    kernels.append((total / 1e3 / reps, e.count / reps, e.key[:70]))
+            kernels.sort(reverse=True)
+            row = {"impl": name, "phase": phase, "gpu_ms": round(sum(k[0] for k in kernels), 4),
+                   "kernels": [{"kernel": k, "ms": round(ms, 4), "calls": calls} for ms, calls, k in kernels[:top]]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows

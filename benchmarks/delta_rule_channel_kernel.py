@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
-from _launch import channel_form, header, plain_warps, with_warps  # noqa: E402
+from _launch import channel_form, header, kernel_profile, plain_warps, with_warps  # noqa: E402
 
 # (B, T, H, Dk, Dv, decay, dtype, limit, chunk); decay "mild": log α in log(0.9 .. 1) a token and
 # channel, "strong": log α down to −8 a token (a chunk of 64 decays far past float32's e^−88)
@@ -82,7 +82,7 @@ def checks(dev: torch.device, which: list[int] | None) -> list[dict]:
 
 
 def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = (),
-            fla: bool = True) -> list[dict]:
+            fla: bool = True, profile: list | None = None) -> list[dict]:
     """Per key channel at the anchor shape (the kernels run 32 tokens a chunk: ``_load.CHANNEL_CHUNK``),
     against fla's ``chunk_kda`` (first, so
     nlgraph's rows carry their ratio to it and their error against it), and the per-head kernel;
@@ -111,7 +111,10 @@ def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int,
         impls.insert(0, ("fla chunk_kda", lambda q_, k_, v_: chunk_kda(q_, k_, v_, g, beta, scale=1.0)[0], True))
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"note": f"fla's chunk_kda not timed ({type(e).__name__}: {e})"}), flush=True)
-    return with_warps(time_rows, impls, channel_rows, warps, [q, k, v], b * t, dev)
+    rows = with_warps(time_rows, impls, channel_rows, warps, [q, k, v], b * t, dev)
+    if profile is not None:  # where each implementation's time goes, kernel by kernel
+        profile += kernel_profile(impls, [q, k, v], dev)
+    return rows
 
 
 def main() -> int:
@@ -128,6 +131,8 @@ def main() -> int:
     ap.add_argument("--check-warps", type=int, default=None,
                     help="run the checks with the plain kernels launched at this warp count")
     ap.add_argument("--no-fla", action="store_true", help="time nlgraph's rows alone, without fla's chunk_kda")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings, each row's CUDA kernels (forward, forward + backward) by time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -138,8 +143,9 @@ def main() -> int:
     with plain_warps(args.check_warps):
         res["checks"] = checks(dev, args.checks)
     if not args.no_timing:
+        res["profile"] = [] if args.profile else None
         res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps),
-                                 fla=not args.no_fla)
+                                 fla=not args.no_fla, profile=res["profile"])
     if args.json:
         from nlgraph.io import atomic_write
 

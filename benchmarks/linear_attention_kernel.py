@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
-from _launch import channel_form, header, plain_warps, with_warps  # noqa: E402
+from _launch import channel_form, header, kernel_profile, plain_warps, with_warps  # noqa: E402
 
 
 SCALAR_CHECKS = [(2, 333, 2, 64, 100, True, torch.float32, 1e-4, 64),
@@ -89,7 +89,7 @@ def checks(dev: torch.device, channel: bool = False, which: list[int] | None = N
 
 
 def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = (),
-                    fla: bool = True) -> list[dict]:
+                    fla: bool = True, profile: list | None = None) -> list[dict]:
     """A decay per key channel at the anchor shape (the kernels run 32 tokens a chunk:
     ``_load.CHANNEL_CHUNK``), against fla's ``chunk_gla``; with ``warps``, again with the plain
     kernels launched at each count; without ``fla``, nlgraph's rows alone."""
@@ -112,7 +112,10 @@ def channel_timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tu
         impls.insert(0, ("fla chunk_gla", lambda q_, k_, v_: chunk_gla(q_, k_, v_, g, scale=1.0)[0], True))
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"note": f"fla not timed ({type(e).__name__}: {e})"}), flush=True)
-    return with_warps(time_rows, impls, ours, warps, [q, k, v], b * t, dev)
+    rows = with_warps(time_rows, impls, ours, warps, [q, k, v], b * t, dev)
+    if profile is not None:  # where each implementation's time goes, kernel by kernel
+        profile += kernel_profile(impls, [q, k, v], dev)
+    return rows
 
 
 def timings(dev: torch.device, b: int, t: int, h: int, d: int, warps: tuple[int, ...] = (),
@@ -161,6 +164,8 @@ def main() -> int:
     ap.add_argument("--check-warps", type=int, default=None,
                     help="run the checks with the plain kernels launched at this warp count")
     ap.add_argument("--no-fla", action="store_true", help="time nlgraph's rows alone, without fla's kernels")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings, each row's CUDA kernels (forward, forward + backward) by time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -170,10 +175,16 @@ def main() -> int:
     res = header(dev, args.check_warps)
     with plain_warps(args.check_warps):
         res["checks"] = checks(dev, args.channel, args.checks)
-    timer = channel_timings if args.channel else timings
+    if args.profile and not args.channel:
+        ap.error("--profile profiles the per-channel rows: add --channel")
     if not args.no_timing:
-        res["timings"] = timer(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps),
-                                fla=not args.no_fla)
+        if args.channel:
+            res["profile"] = [] if args.profile else None
+            res["timings"] = channel_timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps),
+                                             fla=not args.no_fla, profile=res["profile"])
+        else:
+            res["timings"] = timings(dev, args.batch, args.length, args.heads, args.dim, tuple(args.warps),
+                                     fla=not args.no_fla)
     if args.json:
         from nlgraph.io import atomic_write
 
