@@ -31,6 +31,11 @@ channel_tree_session|550|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_cha
 gla_tree_nofla|120|NLGRAPH_CHANNEL_TREE=1 python benchmarks/linear_attention_kernel.py --channel --checks --no-fla --json $J
 gla_tree_fla|400|python benchmarks/linear_attention_kernel.py --channel --checks --json $J
 kda_tree_fla|300|python benchmarks/delta_rule_channel_kernel.py --checks --json $J
+gla_profile_fla|450|python benchmarks/linear_attention_kernel.py --channel --checks --profile --json $J
+kda_profile_fla|300|python benchmarks/delta_rule_channel_kernel.py --checks --profile --json $J
+gla_all_fla|400|python benchmarks/linear_attention_kernel.py --channel --profile --json $J
+la_scalar_fla|300|python benchmarks/linear_attention_kernel.py --json $J
+kda_all_fla|300|python benchmarks/delta_rule_channel_kernel.py --profile --json $J
 kda_timing|540|NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 kda_tree_timing|540|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 gla_timing|420|NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J

@@ -18,7 +18,8 @@ Forward: ``_prepare`` (T, W, U; parallel over chunks) → the delta rule's ``_st
 → linear attention's ``_output_channel`` on ``Vn``. Backward: W and U and the chunk states
 recomputed from the saved T and b → ``_dv_local`` (``scale Pᵀ dO``) → the delta rule's ``_state_bwd``
 with ``GK`` (``dh``, and ``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv,
-dβ and ``db [C, K]``; dg is db's reverse cumulative sum inside each chunk, taken in PyTorch).
+dβ and ``db [C, K]``; dg is db's reverse cumulative sum inside each chunk, linear attention's
+``_chunk_cumsum``).
 
 The keys of a row's own sub-block run on the CUDA cores (16 steps of ``[C, K]`` elementwise work
 per product), and ``_grads`` holds a dozen ``[C, K]`` float32 tiles: correct first, not tuned. Rows
@@ -71,8 +72,9 @@ def _prepare(k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V:
 @triton.jit
 def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # dVn from the intra-chunk read: scale Pᵀ dO
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # dVn from the intra-chunk read: scale Pᵀ dO, one program a chunk for every value block (Pᵀ built
+    # once: a program per value block built it once per block)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
@@ -80,10 +82,12 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
     qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
     pt = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC, TRANSPOSED=True) * scale  # Pᵀ
-    dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                  padding_option="zero").to(tl.float32)
-    dvb = tl.dot(pt, dob, input_precision=PREC)
-    tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty), boundary_check=(0, 1))
+    for i_v in range(tl.cdiv(V, BV)):
+        dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                      padding_option="zero").to(tl.float32)
+        dvb = tl.dot(pt, dob, input_precision=PREC)
+        tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit
@@ -121,27 +125,31 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     hdh = tl.zeros([BK], dtype=tl.float32)      # Σ_v h0 ⊙ dh1 per key channel
     dbt = tl.zeros([C], dtype=tl.float32)
     base = ((i_b * NT + i_t) * H + i_h) * K * V
+    # the four products of stored tiles take them as stored (bf16 operands for bf16 inputs): the same
+    # products as float32 operands, since bf16 values are exact in TF32, at half the registers
+    dt = vn.dtype.element_ty
     for i_v in range(tl.cdiv(V, BV)):
         hb = tl.load(tl.make_block_ptr(hs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
-                     boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+                     boundary_check=(0, 1), padding_option="zero").to(dt)
         dhb = tl.load(tl.make_block_ptr(dhs + base, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0)),
-                      boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+                      boundary_check=(0, 1), padding_option="zero").to(dt)
         vf = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32)
         vnb = tl.load(_rows(vn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                      padding_option="zero").to(tl.float32)
+                      padding_option="zero")
         dvnb = tl.load(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                       padding_option="zero").to(tl.float32)
+                       padding_option="zero").to(dt)
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
-                      padding_option="zero").to(tl.float32)
+                      padding_option="zero").to(dt)
         dqh += tl.dot(dob, tl.trans(hb), input_precision=PREC)
         dkd += tl.dot(vnb, tl.trans(dhb), input_precision=PREC)
         dw -= tl.dot(dvnb, tl.trans(hb), input_precision=PREC)
         dp += tl.dot(dob, tl.trans(vnb), input_precision=PREC)
-        hdh += tl.sum(hb * dhb, axis=1)
+        hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), axis=1)
         # U = T diag(β) V, and Vn = U − W h0: dU = dVn
-        dtm += tl.dot(dvnb, tl.trans(vf * bt[:, None]), input_precision=PREC)
-        dvu = tl.dot(tmt, dvnb, input_precision=PREC)  # Tᵀ dU
+        dvnf = dvnb.to(tl.float32)
+        dtm += tl.dot(dvnf, tl.trans(vf * bt[:, None]), input_precision=PREC)
+        dvu = tl.dot(tmt, dvnf, input_precision=PREC)  # Tᵀ dU
         tl.store(_rows(dv, tok, T, H, V, i_t * C, i_v * BV, C, BV), (dvu * bt[:, None]).to(dv.dtype.element_ty),
                  boundary_check=(0, 1))
         dbt += tl.sum(dvu * vf, axis=1)

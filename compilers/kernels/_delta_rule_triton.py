@@ -51,13 +51,13 @@ def _rows(x, tok, T, H: tl.constexpr, D: tl.constexpr, t0, d0, BT: tl.constexpr,
 
 
 @triton.jit
-def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, k0=0):
     """``(b [C, BK], b_C [BK], valid [C])`` of chunk ``i_t`` with a decay per key channel (``bcum``
-    laid out as the keys); rows past T are invalid (and read 0)."""
+    laid out as the keys), key channels ``k0 …``; rows past T are invalid (and read 0)."""
     r = tl.arange(0, C)
     valid = i_t * C + r < T
-    b = tl.load(_rows(bcum, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-    c = tl.arange(0, BK)
+    b = tl.load(_rows(bcum, tok, T, H, K, i_t * C, k0, C, BK), boundary_check=(0, 1), padding_option="zero")
+    c = k0 + tl.arange(0, BK)
     last = tl.minimum(i_t * C + C - 1, T - 1)
     bl = tl.load(bcum + (tok + last * H) * K + c, mask=c < K, other=0.)
     return b, bl, valid

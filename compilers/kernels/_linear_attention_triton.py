@@ -11,10 +11,11 @@ Per chunk of ``C`` tokens from ``h`` (``b = cumsum(g)`` inside the chunk, ``b_C`
     O  = scale (diag(e^b) Q h + (Q Kᵀ ⊙ Γ) V)
     h' = e^{b_C} h + (diag(e^{b_C − b}) K)ᵀ V
 
-Forward: ``_state_fwd`` (the chunk recurrence, one program per (V block, batch·head), the state in
-registers) → ``_output`` (parallel over chunks). Backward: ``_state_bwd`` (the reverse recurrence of
-``dh``, the gradient of the state at each chunk's end) → ``_grads`` (dq, dk, dv and ``db``, the
-gradient of ``b``; ``dg`` is its reverse cumulative sum inside each chunk, taken in PyTorch). The
+Forward: ``_chunk_cumsum`` (``b``) → ``_state_fwd`` (the chunk recurrence, one program per (V block,
+K block, batch·head), the state in registers, the chunk-start states stored in bf16 for bf16 inputs)
+→ ``_output`` (parallel over chunks). Backward: ``_state_bwd`` (the reverse recurrence of ``dh``, the
+gradient of the state at each chunk's end) → ``_grads`` (dq, dk, dv and ``db``, the gradient of
+``b``) → ``_chunk_cumsum`` reversed (``dg``, db's reverse cumulative sum inside each chunk). The
 chunk-start states are recomputed in the backward instead of kept.
 
 With a decay per key channel (``GK``; ``g, b [C, K]``, ``h_t = diag(α_t) h_{t−1} + k_t v_tᵀ``) the
@@ -59,6 +60,24 @@ CHANNEL_TREE = tl.constexpr(switch("NLGRAPH_CHANNEL_TREE", True))
 
 
 @triton.jit
+def _chunk_cumsum(x, y, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                  REVERSE: tl.constexpr):
+    """``y`` (float32): the cumulative sum of ``x [B, T, H, K]`` along T restarted at every chunk of
+    ``C`` tokens, or with ``REVERSE`` its reverse (the adjoint); a program per chunk and batch·head.
+    (In PyTorch, a pad, a cumsum over a view and a copy, and two flips for the reverse, took 0.31
+    and 0.42 ms at B=4, T=4096, H=16, K=128 on an H100.)"""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    t = i_t * C + tl.arange(0, C)
+    c = tl.arange(0, BK)
+    at = ((i_b * T + t)[:, None] * H + i_h) * K + c[None, :]
+    ok = (t < T)[:, None] & (c < K)[None, :]
+    xs = tl.load(x + at, mask=ok, other=0.).to(tl.float32)
+    tl.store(y + at, tl.cumsum(xs, axis=0, reverse=REVERSE), mask=ok)
+
+
+@triton.jit
 def _decays(bcum, i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, USE_G: tl.constexpr):
     """``(b [C], b_C, valid [C])`` of chunk ``i_t``: b = 0 without decay; rows past T are invalid."""
     r = tl.arange(0, C)
@@ -77,23 +96,26 @@ def _decays(bcum, i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, USE_G: tl.
 def _state_fwd(k, v, bcum, h0, hs, ht, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
                STORE_HT: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    """The chunk-start states ``hs``: a program per (value block, key block, batch·head). The rows of
+    the state are independent (a decay per head or per key row), so the keys split into blocks too:
+    more programs walk the chunks at once, each with a smaller state."""
+    i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     dt = k.dtype.element_ty
     h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        p0 = tl.make_block_ptr(h0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        p0 = tl.make_block_ptr(h0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         h += tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     for i_t in range(NT):
-        p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
+        p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV),
                                 (BK, BV), (1, 0))
         tl.store(p_h, h.to(hs.dtype.element_ty), boundary_check=(0, 1))
-        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
         vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
         if GK:
-            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK, i_k * BK)
             kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
             h = h * tl.exp(blk)[:, None]
         elif USE_G:
@@ -102,7 +124,7 @@ def _state_fwd(k, v, bcum, h0, hs, ht, T, NT, H: tl.constexpr, K: tl.constexpr, 
             h = h * tl.exp(bl)
         h += tl.dot(tl.trans(kb), vb, input_precision=PREC)
     if STORE_HT:
-        pt = tl.make_block_ptr(ht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        pt = tl.make_block_ptr(ht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         tl.store(pt, h.to(ht.dtype.element_ty), boundary_check=(0, 1))
 
 
@@ -139,25 +161,26 @@ def _output(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr
 def _state_bwd(q, do, bcum, dht, dhs, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT: tl.constexpr,
                STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    """The reverse recurrence of ``dh``, blocked as :func:`_state_fwd`."""
+    i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     dt = q.dtype.element_ty
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        pt = tl.make_block_ptr(dht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        pt = tl.make_block_ptr(dht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         dh += tl.load(pt, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     for j in range(NT):
         i_t = NT - 1 - j
-        p_dh = tl.make_block_ptr(dhs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
+        p_dh = tl.make_block_ptr(dhs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV),
                                  (BK, BV), (1, 0))
         tl.store(p_dh, dh.to(dhs.dtype.element_ty), boundary_check=(0, 1))
-        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, i_k * BK, C, BK), boundary_check=(0, 1), padding_option="zero")
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                       padding_option="zero")
         if GK:
-            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK, i_k * BK)
             qb = (qb.to(tl.float32) * tl.exp(bk)).to(dt)
             dh = dh * tl.exp(blk)[:, None]
         elif USE_G:
@@ -166,7 +189,7 @@ def _state_bwd(q, do, bcum, dht, dhs, dh0, scale, T, NT, H: tl.constexpr, K: tl.
             dh = dh * tl.exp(bl)
         dh += tl.dot(tl.trans(qb), dob, input_precision=PREC) * scale
     if STORE_DH0:
-        p0 = tl.make_block_ptr(dh0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        p0 = tl.make_block_ptr(dh0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         tl.store(p0, dh.to(dh0.dtype.element_ty), boundary_check=(0, 1))
 
 
@@ -407,22 +430,26 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
 @triton.jit
 def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One chunk's output, all value blocks: ``A`` is built once and used for each block (a program
+    per value block built it once per block, 2x the work at Dv = 128, BV = 64)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     dt = q.dtype.element_ty
     b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
-    p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
-                            (BK, BV), (1, 0))
-    hb = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
     qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-    vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
     qf = qb.to(tl.float32)
-    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC)
-    inter = tl.dot((qf * tl.exp(b)).to(dt), hb.to(dt), input_precision=PREC)
-    ob = (inter + tl.dot(a.to(dt), vb, input_precision=PREC)) * scale
-    tl.store(_rows(o, tok, T, H, V, i_t * C, i_v * BV, C, BV), ob.to(o.dtype.element_ty), boundary_check=(0, 1))
+    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC).to(dt)
+    qe = (qf * tl.exp(b)).to(dt)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
+                                (BK, BV), (1, 0))
+        hb = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        vb = tl.load(_rows(v, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
+                     padding_option="zero")
+        ob = (tl.dot(qe, hb.to(dt), input_precision=PREC) + tl.dot(a, vb, input_precision=PREC)) * scale
+        tl.store(_rows(o, tok, T, H, V, i_t * C, i_v * BV, C, BV), ob.to(o.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -460,6 +487,7 @@ def _grads_channel(q, k, v, bcum, hs, dhs, do, dq, dk, dv, db, scale, T, NT, H: 
 
 
 class _Kernels:
+    chunk_cumsum = _chunk_cumsum
     state_fwd = _state_fwd
     output = _output
     state_bwd = _state_bwd

@@ -132,7 +132,7 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=True)
     hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state, gk=True)
     o = torch.empty_like(v)
-    _la_kernels(q).output_channel[(_cdiv(p["V"], p["BV"]), p["NT"], b * h)](
+    _la_kernels(q).output_channel[(p["NT"], b * h)](
         q, k, vn, bcum, hs, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
         PREC=p["PREC"])
     return o, ht, tm, bcum
@@ -149,7 +149,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     do = do.contiguous()
     dvl = torch.empty_like(v)
     # the backward's own kernels on 8 warps (timed together, not apart; _load.CHANNEL_BACKWARD_WARPS)
-    kc.dv_local[(_cdiv(p["V"], p["BV"]), nt, b * h)](
+    kc.dv_local[(nt, b * h)](  # a program a chunk, for every value block
         q, k, do, bcum, dvl, scale, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"],
         num_warps=CHANNEL_BACKWARD_WARPS)
     dhs = torch.empty_like(hs)

@@ -11,7 +11,8 @@ with ``g [B, T, H]`` a scalar per token and head (fla's ``chunk_simple_gla``; nl
 ``dot`` objective with a per-head decay: RetNet, Mamba2) or ``g [B, T, H, Dk]`` one per key channel,
 ``h_t = diag(α_t) h_{t−1} + k_t v_tᵀ`` (fla's ``chunk_gla``; levels with a ``per: channel`` decay) in
 the chunkwise form of ``_linear_attention_triton``, forward and backward in Triton with fp32
-accumulation and an fp32 state. Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
+accumulation, an fp32 state carried across chunks (the chunk-start states kept for the output and
+the backward in bf16 for bf16 inputs). Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
 fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
 
 The per-head and per-channel kernels are the memory family's ``triton`` form on CUDA since they
@@ -26,7 +27,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
@@ -53,39 +53,43 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
     dv = v.shape[-1]
     return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=max(16, 1 << (dk - 1).bit_length()),
                 BV=min(max(16, 1 << (dv - 1).bit_length()), 64),
+                # the state recurrences' key blocks: at Dk = 128 two, so 4 programs a head walk the chunks
+                BKS=min(max(16, 1 << (dk - 1).bit_length()), 64),
                 # tf32x3 unset: checked on an H100 with and without a decay per key channel at key
                 # widths up to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md); wider
                 # keys stay exact (_load.products)
                 PREC=products(q.dtype, unset="tf32x3", key=dk))
 
 
-def _chunk_cumsum(g: torch.Tensor, chunk: int) -> torch.Tensor:
+def _chunk_cumsum(g: torch.Tensor, chunk: int, reverse: bool = False) -> torch.Tensor:
     """``b``: the cumulative sum of ``g [B, T, H]`` or ``[B, T, H, K]`` along T, restarted at every
-    chunk, float32."""
-    b, t, rest = g.shape[0], g.shape[1], g.shape[2:]
-    pad = _cdiv(t, chunk) * chunk - t
-    gp = F.pad(g.float(), (0, 0) * len(rest) + (0, pad))
-    return gp.view(b, -1, chunk, *rest).cumsum(2).view(b, -1, *rest)[:, :t].contiguous()
+    chunk, float32; with ``reverse`` the reverse cumulative sum inside every chunk (its adjoint)."""
+    b, t, h = g.shape[:3]
+    kw = g.shape[3] if g.dim() == 4 else 1
+    g = g.contiguous()
+    out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    _kernels(g).chunk_cumsum[(_cdiv(t, chunk), b * h)](
+        g, out, t, H=h, K=kw, C=chunk, BK=1 << (kw - 1).bit_length(), REVERSE=reverse)
+    return out
 
 
 def _chunk_revcumsum(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """The reverse cumulative sum of ``x [B, T, ...]`` inside every chunk (the adjoint of the above)."""
-    b, t, rest = x.shape[0], x.shape[1], x.shape[2:]
-    pad = _cdiv(t, chunk) * chunk - t
-    xp = F.pad(x, (0, 0) * len(rest) + (0, pad)).view(b, -1, chunk, *rest)
-    # contiguous: a custom op's output must have the strides of its fake (empty_like), which a view
-    # of the padded buffer has not once T is not a multiple of the chunk
-    return xp.flip(2).cumsum(2).flip(2).view(b, -1, *rest)[:, :t].contiguous()
+    return _chunk_cumsum(x, chunk, reverse=True)
 
 
 def _states(kn, p, k, v, bcum, h0, store_ht: bool):
     b, h, nt = p["B"], p["H"], p["NT"]
-    hs = k.new_empty(b, nt, h, p["K"], p["V"], dtype=torch.float32)
+    # the chunk-start states in bf16 for bf16 inputs (as the delta rule keeps them): every use of a state
+    # is a product in the input dtype, which rounded the float32 states to bf16 anyway, and the states
+    # are the kernels' largest traffic (512 MiB a pass in float32 at B=4, T=4096, H=16, D=128, chunk 32).
+    # float16 keeps float32: a state without decay grows with T past float16's range
+    hs = k.new_empty(b, nt, h, p["K"], p["V"], dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32)
     ht = k.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if store_ht else k.new_empty(0)
     e = k.new_empty(0)
-    kn.state_fwd[(_cdiv(p["V"], p["BV"]), b * h)](
+    kn.state_fwd[(_cdiv(p["V"], p["BV"]), _cdiv(p["K"], p["BKS"]), b * h)](
         k, v, bcum if bcum is not None else e, h0 if h0 is not None else e, hs, ht, p["T"], nt, H=h, K=p["K"],
-        V=p["V"], C=p["C"], BK=p["BK"], BV=p["BV"], USE_G=bcum is not None, USE_H0=h0 is not None,
+        V=p["V"], C=p["C"], BK=p["BKS"], BV=p["BV"], USE_G=bcum is not None, USE_H0=h0 is not None,
         STORE_HT=store_ht, PREC=p["PREC"], GK=_per_channel(bcum))
     return hs, ht
 
@@ -110,8 +114,8 @@ def _forward(q, k, v, g, h0, scale, chunk, output_final_state):
     hs, ht = _states(kn, p, k, v, bcum, h0, output_final_state)
     o = torch.empty_like(v)
     grid = (_cdiv(p["V"], p["BV"]), p["NT"], p["B"] * p["H"])
-    if _per_channel(bcum):
-        kn.output_channel[grid](q, k, v, bcum, hs, o, scale, p["T"], p["NT"], H=p["H"], K=p["K"], V=p["V"], C=chunk,
+    if _per_channel(bcum):  # one program a chunk, for all value blocks (its A built once)
+        kn.output_channel[grid[1:]](q, k, v, bcum, hs, o, scale, p["T"], p["NT"], H=p["H"], K=p["K"], V=p["V"], C=chunk,
                                 BK=p["BK"], BV=p["BV"], PREC=p["PREC"])
     else:
         kn.output[grid](
@@ -146,9 +150,9 @@ def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
     do = do.contiguous()
     dhs = torch.empty_like(hs)
     dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else e
-    kn.state_bwd[(_cdiv(p["V"], p["BV"]), b * h)](
+    kn.state_bwd[(_cdiv(p["V"], p["BV"]), _cdiv(p["K"], p["BKS"]), b * h)](
         q, do, bcum if use_g else e, dht.contiguous() if dht is not None else e, dhs, dh0, scale, p["T"], nt,
-        H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, USE_DHT=dht is not None,
+        H=h, K=p["K"], V=p["V"], C=chunk, BK=p["BKS"], BV=p["BV"], USE_G=use_g, USE_DHT=dht is not None,
         STORE_DH0=h0 is not None, PREC=p["PREC"], GK=_per_channel(bcum))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty_like(bcum) if use_g else e

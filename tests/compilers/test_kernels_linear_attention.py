@@ -61,6 +61,9 @@ CASES = [
     (1, 104, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
+    # keys wider than the state recurrences' key block (64): two key blocks, the second partial
+    (1, 40, 1, 80, 24, "channel", True, 16, torch.float32, 1e-5),
+    (1, 40, 1, 72, 24, True, True, 16, torch.float32, 1e-5),
 ]
 CHANNEL_CASES = [c for c in CASES if c[5] in ("channel", "strong")]  # a decay per key channel
 
@@ -185,3 +188,25 @@ def test_plain_warps_launches_the_plain_kernels_at_another_count_and_restores_th
         assert type(kmod.kernels().grads_channel).__name__ == "_Warps"
         assert torch.equal(chunk_linear_attention(q, k, v, g, scale=1.0)[0], ref)
     assert kmod.kernels().grads_channel is before
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 3), (1, 45, 2, 24), (1, 64, 1, 8)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunk_cumsum_kernel_equals_torch(shape, reverse):
+    """The chunk-local (reverse) cumulative sum of the decays, one Triton program a chunk, equals
+    PyTorch's in float64, with a partial last chunk, a decay per head or per key channel (a width not
+    a power of two), float32 and bf16 inputs (float32 out)."""
+    from nlgraph.compilers.kernels.linear_attention import _chunk_cumsum
+
+    chunk, b, t = 16, shape[0], shape[1]
+
+    def want(x):
+        xp = torch.nn.functional.pad(x.double(), (0, 0) * (len(shape) - 2) + (0, -t % chunk))
+        xp = xp.view(b, -1, chunk, *shape[2:])
+        return (xp.flip(2).cumsum(2).flip(2) if reverse else xp.cumsum(2)).view(b, -1, *shape[2:])[:, :t]
+
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(DEVICE)
+    for x in (g, g.bfloat16()):
+        got = _chunk_cumsum(x, chunk, reverse=reverse)
+        assert got.dtype == torch.float32 and got.shape == g.shape
+        torch.testing.assert_close(got.double(), want(x), rtol=1e-6, atol=1e-5)

@@ -49,8 +49,9 @@ def test_delta_rule_passes_record_their_kernels(dry_runs, decay):
     o.square().sum().backward()
     got = _recorded(dry_runs)
     if decay == "channel":  # its own kernels, beside the per-head recurrences and LA's output kernel
-        assert got["fwd"] == ["prepare", "state_fwd", "output_channel"]
-        assert got["bwd"] == ["prepare", "state_fwd", "dv_local", "state_bwd", "grads"]
+        # (and LA's chunk-local cumulative sums of the decays, forward and reverse)
+        assert got["fwd"] == ["chunk_cumsum", "prepare", "state_fwd", "output_channel"]
+        assert got["bwd"] == ["prepare", "state_fwd", "dv_local", "state_bwd", "grads", "chunk_cumsum"]
     else:
         assert got["fwd"] == ["prepare", "state_fwd", "output"]
         assert got["bwd"] == ["prepare", "state_fwd", "dv_local", "state_bwd", "qkw_bwd", "wy_bwd"]
@@ -63,8 +64,12 @@ def test_linear_attention_passes_record_their_kernels(dry_runs, decay):
     o, _ = chunk_linear_attention(q, k, v, g=g, output_final_state=True, scale=1.0, chunk=16)
     o.square().sum().backward()
     got = _recorded(dry_runs)
-    assert got["fwd"] == ["state_fwd", "output" if decay is None else "output_channel"]
-    assert got["bwd"] == ["state_fwd", "state_bwd", "grads" if decay is None else "grads_channel"]
+    if decay is None:
+        assert got["fwd"] == ["state_fwd", "output"]
+        assert got["bwd"] == ["state_fwd", "state_bwd", "grads"]
+    else:
+        assert got["fwd"] == ["chunk_cumsum", "state_fwd", "output_channel"]
+        assert got["bwd"] == ["state_fwd", "state_bwd", "grads_channel", "chunk_cumsum"]
 
 
 @pytest.mark.parametrize("checkpoint", [1, 2])
