@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._delta_rule_triton import INTERPRETED, _channel_decays, _rows, _unit_lower_inverse
-from ._linear_attention_triton import _intra_channel, _intra_channel_adjoint
+from ._linear_attention_triton import CHANNEL_TREE, _intra_channel, _intra_channel_adjoint, _tree_factors
 
 __all__ = ["INTERPRETED", "kernels"]
 
@@ -88,6 +88,49 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
         dvb = tl.dot(pt, dob, input_precision=PREC)
         tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty),
                  boundary_check=(0, 1))
+
+
+@triton.jit
+def _tree_adjoints(kf, qf, b, bcum, da, bt, dpm, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, PREC: tl.constexpr):
+    """The three uses of the chunk's scores in ``_grads`` in one walk of the tree of products
+    (:func:`_tree_factors`; each level's factors built once, not once per use): with ``S`` the keys'
+    scores (strictly below the diagonal) and ``P`` the queries' (on and below it),
+
+    - ``Σ_j da[r, j] S[r, j]`` per row ``[C]`` (dβ's part through ``diag(β) S``),
+    - the adjoint of ``diag(β) S`` given ``da``: its rows' part ``[C, BK]``,
+    - the adjoint of ``P`` given ``dpm``: its rows' (the queries') part ``[C, BK]``,
+    - and the keys' (columns') part of both adjoints, summed ``[C, BK]`` (``_grads`` uses only the sum).
+
+    Equal to :func:`_intra_channel` and two :func:`_intra_channel_adjoint` calls (whose three walks
+    each built every level's exponentials and loaded its reference rows)."""
+    r = tl.arange(0, C)
+    valid = i_t * C + r < T
+    dav = tl.where(valid[:, None], da, 0.)
+    dsb = dav * bt[:, None]
+    dpv = tl.where(valid[:, None], dpm, 0.)
+    dbs = tl.zeros([C], dtype=tl.float32)
+    dkr = tl.zeros([C, BK], dtype=tl.float32)
+    dqa = tl.zeros([C, BK], dtype=tl.float32)
+    dkc = tl.zeros([C, BK], dtype=tl.float32)
+    for lvl in range(0, 7):  # not unrolled, as in _intra_channel
+        h = tl.full([], C, tl.int32) >> (lvl + 1)
+        if h >= 1:
+            ex, ek, pair = _tree_factors(b, bcum, tok, i_t, T, H, K, C, BK, h)
+            kek = kf * ek
+            kex = kf * ex
+            d1 = tl.where(pair, dsb, 0.)
+            d2 = tl.where(pair, dpv, 0.)
+            dbs += tl.sum(tl.where(pair, dav, 0.) * tl.dot(kex, tl.trans(kek), input_precision=PREC), axis=1)
+            dkr += tl.dot(d1, kek, input_precision=PREC) * ex
+            dqa += tl.dot(d2, kek, input_precision=PREC) * ex
+            dkc += tl.trans(tl.dot(tl.trans(kex), d1, input_precision=PREC)
+                            + tl.dot(tl.trans(qf * ex), d2, input_precision=PREC)) * ek
+    # the diagonal: S has none; P's is Σ_c q_rc k_rc
+    dd = tl.sum(tl.where(r[:, None] == r[None, :], dpv, 0.), axis=1)
+    dqa += dd[:, None] * kf
+    dkc += dd[:, None] * qf
+    return dbs, dkr, dqa, dkc
 
 
 @triton.jit
@@ -163,18 +206,26 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     # T = (I + diag(β) S)⁻¹  ⇒  d(diag(β) S) = −Tᵀ dT Tᵀ, kept strictly below the diagonal
     strict = r[:, None] > r[None, :]
     da = tl.where(strict, -tl.dot(tl.dot(tmt, dtm, input_precision=PREC), tmt, input_precision=PREC), 0.)
-    s = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.)
-    dbt += tl.sum(da * s, axis=1)
-    dkr, dkc = _intra_channel_adjoint(kf, b, k, bcum, da * bt[:, None], tok, i_t, T, H, K, C, BK, PREC)
-    dkb += dkr + dkc
-    dbb += kf * (dkr - dkc)
     # O = scale ((Q ⊙ e^b) h0 + P Vn)
     incl = (r[:, None] >= r[None, :]) & valid[:, None]
-    dqa, dka = _intra_channel_adjoint(qf, b, k, bcum, tl.where(incl, dp, 0.) * scale, tok, i_t, T, H, K, C, BK,
-                                      PREC)
-    dqb = dqh * eb * scale + dqa
-    dkb += dka
-    dbb += qf * dqb - kf * dka
+    if CHANNEL_TREE:
+        dbs, dkr, dqa, dkc = _tree_adjoints(kf, qf, b, bcum, da, bt, tl.where(incl, dp, 0.) * scale, tok, i_t, T,
+                                            H, K, C, BK, PREC)
+        dbt += dbs
+        dkb += dkr + dkc
+        dqb = dqh * eb * scale + dqa
+        dbb += kf * (dkr - dkc) + qf * dqb
+    else:
+        s = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.)
+        dbt += tl.sum(da * s, axis=1)
+        dkr, dkc = _intra_channel_adjoint(kf, b, k, bcum, da * bt[:, None], tok, i_t, T, H, K, C, BK, PREC)
+        dkb += dkr + dkc
+        dbb += kf * (dkr - dkc)
+        dqa, dka = _intra_channel_adjoint(qf, b, k, bcum, tl.where(incl, dp, 0.) * scale, tok, i_t, T, H, K, C, BK,
+                                          PREC)
+        dqb = dqh * eb * scale + dqa
+        dkb += dka
+        dbb += qf * dqb - kf * dka
     # h1 = diag(e^{b_C}) h0 + (K ⊙ e^{b_C − b})ᵀ Vn: b_C also scales the carried state and every write
     dks = dkd * ek
     dkb += dks

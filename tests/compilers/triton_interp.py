@@ -62,10 +62,12 @@ def channel_offsets(monkeypatch):
     changed"), so on CUDA the test runs as the process was started."""
     import triton.language as tl
 
+    from nlgraph.compilers.kernels import _delta_rule_channel_triton as kda
     from nlgraph.compilers.kernels import _linear_attention_triton as mod
 
-    if INTERPRET:
+    if INTERPRET:  # KDA's kernels import the switch: both modules' names
         monkeypatch.setattr(mod, "CHANNEL_TREE", tl.constexpr(False))
+        monkeypatch.setattr(kda, "CHANNEL_TREE", tl.constexpr(False))
     elif mod.CHANNEL_TREE:
         pytest.skip("on CUDA the compiled kernels keep the switch the process started with: "
                     "run these tests with NLGRAPH_CHANNEL_TREE=0")
