@@ -36,6 +36,7 @@ kda_profile_fla|300|python benchmarks/delta_rule_channel_kernel.py --checks --pr
 gla_all_fla|400|python benchmarks/linear_attention_kernel.py --channel --profile --json $J
 la_scalar_fla|300|python benchmarks/linear_attention_kernel.py --json $J
 kda_all_fla|300|python benchmarks/delta_rule_channel_kernel.py --profile --json $J
+kda_all_fla_w8|300|python benchmarks/delta_rule_channel_kernel.py --profile --warps 8 --json $J
 kda_timing|540|NLGRAPH_CHANNEL_TREE=0 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 kda_tree_timing|540|NLGRAPH_CHANNEL_TREE=1 python benchmarks/delta_rule_channel_kernel.py --checks --warps 8 --json $J
 gla_timing|420|NLGRAPH_CHANNEL_TREE=0 python benchmarks/linear_attention_kernel.py --channel --checks --warps 8 --json $J

@@ -76,7 +76,9 @@ def test_every_kernel_fits_at_key_width_128(tmp_path):
 def test_it_finds_the_launch_failure_the_h200_found(tmp_path):
     """Before ``CHANNEL_CHUNK``, KDA's backward at Dk=128 and chunk 64 in bfloat16 asked the H200 for
     262,144 bytes of shared memory (``OutOfResources`` at its first launch; 232,448 there): the tool
-    computes that same figure on this machine with triton 3.6 (the GPU's version), and exits 1."""
+    computed that same figure on this machine with triton 3.6 (the GPU's version), and exits 1. The
+    kernel has changed since (its scores' three uses in one walk: 245,760 bytes), and still does not
+    fit at chunk 64."""
     rc, rows, log = _resources(tmp_path, "--cases", "kda", "--channel-chunk", "64")
     grads = [r for r in rows if r["kernel"] == "grads"]
     assert rc == 1 and len(grads) == 1, log
@@ -84,7 +86,7 @@ def test_it_finds_the_launch_failure_the_h200_found(tmp_path):
     from importlib.metadata import version
 
     if version("triton").startswith("3.6."):  # another triton lays out shared memory its own way
-        assert grads[0]["smem"] == 262144, grads
+        assert grads[0]["smem"] > 232448, grads
 
 
 @pytest.mark.slow
