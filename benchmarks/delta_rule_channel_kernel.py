@@ -132,9 +132,12 @@ def main() -> int:
                     help="run the checks with the plain kernels launched at this warp count")
     ap.add_argument("--no-fla", action="store_true", help="time nlgraph's rows alone, without fla's chunk_kda")
     ap.add_argument("--profile", action="store_true",
-                    help="after the timings, each row's CUDA kernels (forward, forward + backward) by time")
+                    help="after the timings, each row's CUDA kernels (forward, forward + backward) by time, as "
+                         "launched (not the --warps variants)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.profile and args.no_timing:
+        ap.error("--profile profiles the rows after their timing: drop --no-timing")
     if not torch.cuda.is_available():
         print("delta_rule_channel_kernel: no CUDA device here; nothing to check or time")
         return 0

@@ -165,9 +165,12 @@ def main() -> int:
                     help="run the checks with the plain kernels launched at this warp count")
     ap.add_argument("--no-fla", action="store_true", help="time nlgraph's rows alone, without fla's kernels")
     ap.add_argument("--profile", action="store_true",
-                    help="after the timings, each row's CUDA kernels (forward, forward + backward) by time")
+                    help="after the timings, each row's CUDA kernels (forward, forward + backward) by time, as "
+                         "launched (not the --warps variants)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.profile and (not args.channel or args.no_timing):
+        ap.error("--profile profiles the per-channel rows after their timing: add --channel, drop --no-timing")
     if not torch.cuda.is_available():
         print("linear_attention_kernel: no CUDA device here; nothing to check or time")
         return 0
@@ -175,8 +178,6 @@ def main() -> int:
     res = header(dev, args.check_warps)
     with plain_warps(args.check_warps):
         res["checks"] = checks(dev, args.channel, args.checks)
-    if args.profile and not args.channel:
-        ap.error("--profile profiles the per-channel rows: add --channel")
     if not args.no_timing:
         if args.channel:
             res["profile"] = [] if args.profile else None

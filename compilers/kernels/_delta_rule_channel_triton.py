@@ -6,15 +6,16 @@ Per token (fla's conventions: the state ``h [K, V]``, ``α_t = exp(g_t)`` with `
     h_t = diag(α_t) h_{t−1} + β_t k_t (v_t − (diag(α_t) h_{t−1})ᵀ k_t)ᵀ,   o_t = scale · h_tᵀ q_t
 
 Per chunk of ``C`` tokens from ``h0`` (``b = cumsum(g)`` inside the chunk, ``b [C, K]``, ``b_C`` its
-last row; ``S`` and ``P`` built as in the GLA kernels, by 16-row sub-blocks, since ``K ⊙ e^{−b}``
-overflows once a chunk decays past e^−88: ``_intra_channel``)::
+last row; ``S`` and ``P`` built as in the GLA kernels, by the tree of products or 16-row sub-blocks,
+since ``K ⊙ e^{−b}`` overflows once a chunk decays past e^−88: ``_intra_channel``)::
 
     S[r, j] = Σ_c k_rc k_jc e^{b_rc − b_jc}   (j < r),     T = (I + diag(β) S)⁻¹
     W  = T diag(β) (K ⊙ e^b),   U = T diag(β) V,   Vn = U − W h0
     O  = scale ((Q ⊙ e^b) h0 + P Vn),   P[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}   (j ≤ r)
     h1 = diag(e^{b_C}) h0 + (K ⊙ e^{b_C − b})ᵀ Vn
 
-Forward: ``_prepare`` (T, W, U; parallel over chunks) → the delta rule's ``_state_fwd`` with ``GK``
+Forward: linear attention's ``_chunk_cumsum`` (b) → ``_prepare`` (T, W, U; parallel over chunks) →
+the delta rule's ``_state_fwd`` with ``GK``
 → linear attention's ``_output_channel`` on ``Vn``. Backward: W and U and the chunk states
 recomputed from the saved T and b → ``_dv_local`` (``scale Pᵀ dO``) → the delta rule's ``_state_bwd``
 with ``GK`` (``dh``, and ``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv,

@@ -64,7 +64,7 @@ def _chunk_cumsum(x, y, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK
                   REVERSE: tl.constexpr):
     """``y`` (float32): the cumulative sum of ``x [B, T, H, K]`` along T restarted at every chunk of
     ``C`` tokens, or with ``REVERSE`` its reverse (the adjoint); a program per chunk and batch·head.
-    (In PyTorch, a pad, a cumsum over a view and a copy, and two flips for the reverse, took 0.31
+    (In PyTorch, a pad, a cumsum over a view and a copy, and two flips for the reverse, took 0.20
     and 0.42 ms at B=4, T=4096, H=16, K=128 on an H100.)"""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)

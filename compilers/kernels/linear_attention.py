@@ -11,8 +11,8 @@ with ``g [B, T, H]`` a scalar per token and head (fla's ``chunk_simple_gla``; nl
 ``dot`` objective with a per-head decay: RetNet, Mamba2) or ``g [B, T, H, Dk]`` one per key channel,
 ``h_t = diag(α_t) h_{t−1} + k_t v_tᵀ`` (fla's ``chunk_gla``; levels with a ``per: channel`` decay) in
 the chunkwise form of ``_linear_attention_triton``, forward and backward in Triton with fp32
-accumulation, an fp32 state carried across chunks (the chunk-start states kept for the output and
-the backward in bf16 for bf16 inputs). Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
+accumulation, an fp32 state carried across chunks (the chunk-start states the output reads, and the
+backward recomputes, stored in bf16 for bf16 inputs, as the backward's dh states). Registered as ``nlgraph::chunk_linear_attention_fwd`` / ``_bwd`` with
 fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
 
 The per-head and per-channel kernels are the memory family's ``triton`` form on CUDA since they
@@ -64,6 +64,7 @@ def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
 def _chunk_cumsum(g: torch.Tensor, chunk: int, reverse: bool = False) -> torch.Tensor:
     """``b``: the cumulative sum of ``g [B, T, H]`` or ``[B, T, H, K]`` along T, restarted at every
     chunk, float32; with ``reverse`` the reverse cumulative sum inside every chunk (its adjoint)."""
+    assert g.dim() in (3, 4), f"expected [B, T, H] or [B, T, H, K], got {tuple(g.shape)}"
     b, t, h = g.shape[:3]
     kw = g.shape[3] if g.dim() == 4 else 1
     g = g.contiguous()
@@ -74,15 +75,18 @@ def _chunk_cumsum(g: torch.Tensor, chunk: int, reverse: bool = False) -> torch.T
 
 
 def _chunk_revcumsum(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The reverse cumulative sum of ``x [B, T, ...]`` inside every chunk (the adjoint of the above)."""
+    """The reverse cumulative sum of ``x [B, T, H]`` or ``[B, T, H, K]`` inside every chunk (the adjoint
+    of the above)."""
     return _chunk_cumsum(x, chunk, reverse=True)
 
 
 def _states(kn, p, k, v, bcum, h0, store_ht: bool):
     b, h, nt = p["B"], p["H"], p["NT"]
-    # the chunk-start states in bf16 for bf16 inputs (as the delta rule keeps them): every use of a state
-    # is a product in the input dtype, which rounded the float32 states to bf16 anyway, and the states
-    # are the kernels' largest traffic (512 MiB a pass in float32 at B=4, T=4096, H=16, D=128, chunk 32).
+    # the chunk-start states in bf16 for bf16 inputs (as the delta rule keeps them), and the backward's
+    # dh states with them (empty_like): the states are the kernels' largest traffic (512 MiB a pass in
+    # float32 at B=4, T=4096, H=16, D=128, chunk 32). Every use of a state but one is a product in the
+    # input dtype, which rounded the float32 states to bf16 anyway; the one, Σ h ⊙ dh (the chunk's last
+    # decay's term of dg), now takes bf16-rounded factors (the GPU's bf16 checks pass: docs/benchmarks.md).
     # float16 keeps float32: a state without decay grows with T past float16's range
     hs = k.new_empty(b, nt, h, p["K"], p["V"], dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32)
     ht = k.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if store_ht else k.new_empty(0)

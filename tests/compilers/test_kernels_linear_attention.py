@@ -61,9 +61,11 @@ CASES = [
     (1, 104, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 128, 1, 16, 16, "strong", True, 64, torch.float32, 1e-5),
     (1, 50, 2, 16, 16, "channel", True, 32, torch.float16, 3e-3),
-    # keys wider than the state recurrences' key block (64): two key blocks, the second partial
-    (1, 40, 1, 80, 24, "channel", True, 16, torch.float32, 1e-5),
+    # keys wider than the state recurrences' key block (64): two key blocks, the second partial (with
+    # two value blocks; a decay per channel, per head, none)
+    (1, 40, 1, 80, 80, "channel", True, 16, torch.float32, 1e-5),
     (1, 40, 1, 72, 24, True, True, 16, torch.float32, 1e-5),
+    (1, 40, 1, 72, 24, False, True, 16, torch.float32, 1e-5),
 ]
 CHANNEL_CASES = [c for c in CASES if c[5] in ("channel", "strong")]  # a decay per key channel
 
