@@ -93,6 +93,17 @@ def with_warps(time_rows, impls, ours, warps, inputs, tokens, dev) -> list[dict]
     return rows
 
 
+def kernel_times(prof, reps: int) -> list[tuple[float, float, str]]:
+    """``(ms a call, launches a call, kernel name)`` of every CUDA kernel a ``torch.profiler`` run of
+    ``reps`` calls recorded, the longest first."""
+    out = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if total > 0 and e.count:
+            out.append((total / 1e3 / reps, e.count / reps, e.key[:70]))
+    return sorted(out, reverse=True)
+
+
 def kernel_profile(impls, inputs, dev, reps: int = 5, top: int = 12) -> list[dict]:
     """Per-kernel CUDA time of each ``(name, fn, is an anchor)``'s forward and of its forward +
     backward (``torch.profiler``, ``reps`` calls after a warm call), the ``top`` kernels of each by
@@ -129,12 +140,7 @@ def kernel_profile(impls, inputs, dev, reps: int = 5, top: int = 12) -> list[dic
                 rows.append({"impl": name, "phase": phase, "error": f"{type(e).__name__}: {str(e)[:160]}"})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            kernels = []
-            for e in prof.key_averages():
-                total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                if total > 0 and e.count:
-                    kernels.append((total / 1e3 / reps, e.count / reps, e.key[:70]))
-            kernels.sort(reverse=True)
+            kernels = kernel_times(prof, reps)
             row = {"impl": name, "phase": phase, "gpu_ms": round(sum(k[0] for k in kernels), 4),
                    "kernels": [{"kernel": k, "ms": round(ms, 4), "calls": calls} for ms, calls, k in kernels[:top]]}
             rows.append(row)

@@ -46,6 +46,9 @@ import torch.nn.functional as F
 
 from nlgraph.io import atomic_write
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_launch.py
+from _launch import kernel_times  # noqa: E402
+
 try:  # the anchors are optional
     from fla.ops.delta_rule import chunk_delta_rule as fla_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gated_delta_rule
@@ -341,13 +344,8 @@ def profile_rows(args, device: str) -> list[dict]:
         for _ in range(reps):
             run()
         torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if total > 0:
-            rows.append({"kernel": e.key[:60], "ms_per_step": total / 1e3 / reps, "calls_per_step": e.count / reps})
-    rows.sort(key=lambda r: -r["ms_per_step"])
-    return rows[:16]
+    return [{"kernel": name[:60], "ms_per_step": ms, "calls_per_step": calls}
+            for ms, calls, name in kernel_times(prof, reps)[:16]]
 
 
 def main() -> int:

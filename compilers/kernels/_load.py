@@ -250,12 +250,12 @@ def pow2(n: int) -> int:
 CHANNEL_CHUNK: int | None = 32
 
 #: Warps of the per-channel forms' backward kernels (KDA's ``dv_local`` and ``grads``, GLA's
-#: ``grads_channel``; their forwards stay on Triton's 4). Compiled for sm_90, KDA's ``grads`` spills
-#: 2,192 bytes a thread on 4 warps and 984 on 8, GLA's ``grads_channel`` 1,584 and 160. On an H100 at
+#: ``grads_channel``; their forwards stay on Triton's 4). When chosen (the kernels have changed since;
+#: docs/benchmarks.md has the current spills and times), compiled for sm_90, KDA's ``grads`` spilled
+#: 2,192 bytes a thread on 4 warps and 984 on 8, GLA's ``grads_channel`` 1,584 and 160; on an H100 at
 #: B=4, T=4096, H=16, D=128, bf16, KDA's forward + backward took 9.10 ms with every plain kernel on 8
 #: warps against 13.69 ms on 4 in one run (its forward 2.94 against 2.70), and GLA's 5.61 ms with
-#: ``grads_channel`` on 8 against 6.22–6.30 on 4 (earlier runs on other machines of the same card;
-#: docs/benchmarks.md).
+#: ``grads_channel`` on 8 against 6.22–6.30 on 4 (earlier runs on other machines of the same card).
 CHANNEL_BACKWARD_WARPS = 8
 # The widest keys the per-channel kernels take on CUDA: their GPU checks went up to Dk=128 (256
 # compiles within the shared memory, benchmarks/kernel_resources.py, but is unchecked there).

@@ -29,7 +29,7 @@ import torch
 from nlgraph.errors import NLGraphError
 
 from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
-from .linear_attention import _chunk_cumsum, _chunk_revcumsum, _per_channel
+from .linear_attention import _chunk_cumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
 __all__ = ["chunk_delta_rule"]
@@ -168,7 +168,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     kc.grads[(nt, b * h)](
         q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db, scale, t, nt, H=h, K=p["K"], V=p["V"],
         C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"], num_warps=CHANNEL_BACKWARD_WARPS)
-    dg = _chunk_revcumsum(db, chunk).to(g.dtype)
+    dg = _chunk_cumsum(db, chunk, reverse=True).to(g.dtype)
     return dq, dk, dv, dbeta, dg, dh0.to(h0.dtype) if h0 is not None else q.new_empty(0)
 
 

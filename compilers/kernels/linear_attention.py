@@ -30,7 +30,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, products, run_precompiled
+from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -51,10 +51,10 @@ def _kernels(q: torch.Tensor):
 def _plan(q: torch.Tensor, v: torch.Tensor, chunk: int) -> dict:
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=max(16, 1 << (dk - 1).bit_length()),
-                BV=min(max(16, 1 << (dv - 1).bit_length()), 64),
+    bk = _pow2(dk)
+    return dict(B=b, T=t, H=h, K=dk, V=dv, C=chunk, NT=_cdiv(t, chunk), BK=bk, BV=min(_pow2(dv), 64),
                 # the state recurrences' key blocks: at Dk = 128 two, so 4 programs a head walk the chunks
-                BKS=min(max(16, 1 << (dk - 1).bit_length()), 64),
+                BKS=min(bk, 64),
                 # tf32x3 unset: checked on an H100 with and without a decay per key channel at key
                 # widths up to 128 (float32 within 2.3e-6 of float64; docs/benchmarks.md); wider
                 # keys stay exact (_load.products)
@@ -72,12 +72,6 @@ def _chunk_cumsum(g: torch.Tensor, chunk: int, reverse: bool = False) -> torch.T
     _kernels(g).chunk_cumsum[(_cdiv(t, chunk), b * h)](
         g, out, t, H=h, K=kw, C=chunk, BK=1 << (kw - 1).bit_length(), REVERSE=reverse)
     return out
-
-
-def _chunk_revcumsum(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The reverse cumulative sum of ``x [B, T, H]`` or ``[B, T, H, K]`` inside every chunk (the adjoint
-    of the above)."""
-    return _chunk_cumsum(x, chunk, reverse=True)
 
 
 def _states(kn, p, k, v, bcum, h0, store_ht: bool):
@@ -170,7 +164,7 @@ def _backward(q, k, v, bcum, h0, do, dht, scale, chunk):
         kn.grads[(nt, b * h)](
             q, k, v, bcum if use_g else e, hs, dhs, do, dq, dk, dv, db, scale, p["T"], nt, H=h, K=p["K"], V=p["V"],
             C=chunk, BK=p["BK"], BV=p["BV"], USE_G=use_g, PREC=p["PREC"], num_stages=1)
-    dg = _chunk_revcumsum(db, chunk) if use_g else q.new_empty(0)
+    dg = _chunk_cumsum(db, chunk, reverse=True) if use_g else q.new_empty(0)
     # distinct empties: a custom op's outputs may not alias each other
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else q.new_empty(0))
 
