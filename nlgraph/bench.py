@@ -417,6 +417,10 @@ def _titans_pytorch(level: Any, h: int, d: int, dev: torch.device, dt: torch.dty
     return ("titans-pytorch NeuralMemory", run, True)
 
 
+class _Skipped(Exception):
+    """A row whose forward failed: its backward is not tried."""
+
+
 def time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], tokens: int, dev: torch.device, log,
                ref_name: str | None, compare: bool, peer: str | None = None) -> list[dict[str, Any]]:
     """Time each ``(name, fn(*inputs), is an anchor)``: first call, forward, forward + backward (a
@@ -439,6 +443,12 @@ def time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], to
             outputs[name] = y
             with torch.no_grad():
                 row["fwd_ms"] = median_ms(lambda: fn(*inputs), dev)
+        except Exception as e:  # noqa: BLE001 - one failing implementation is a row that says so
+            _report(name)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        try:
+            if "error" in row:
+                raise _Skipped
             leaves = [x.clone().requires_grad_() for x in inputs]
             grad = torch.randn_like(y)
 
@@ -456,9 +466,12 @@ def time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], to
                 step()
                 torch.cuda.synchronize(dev)
                 row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
-        except Exception as e:  # noqa: BLE001 - one failing implementation is a row that says so
-            _report(name)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        except _Skipped:
+            pass
+        except Exception as e:  # noqa: BLE001 - a backward that fails keeps the row's forward
+            # (fla refuses its gated backward on triton < 3.7.1 on Hopper: its forward is still the anchor's)
+            _report(f"{name} (forward + backward)")
+            row["fwd_bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         ref = next((r for r in rows if r["name"] == ref_name), None)
         if not is_anchor and compare and ref and name in outputs and ref_name in outputs:
             row["rel_err"] = rel_err(outputs[name], outputs[ref_name])
@@ -487,7 +500,20 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
     fla's time. ``None`` without CUDA when no ``device`` was asked for."""
     if device is None and not torch.cuda.is_available():
         return None
-    dev = torch.device(device or "cuda")
+    impls, x, meta = layer_impls(spec, overrides, key, batch=batch, length=length, modes=modes, device=device,
+                                 fla=fla, log=log)
+    rows = time_rows(impls, [x], x.shape[0] * x.shape[1], x.device, log, meta["anchor"], compare=False)
+    return {"meta": meta, "rows": rows}
+
+
+def layer_impls(spec: Any, overrides: list[str], key: str, *, batch: int = 8, length: int = 2048,
+                modes: tuple[str, ...] = ("eager", "compile"), device: str | None = None, fla: bool = True,
+                log=print) -> tuple[list[tuple[str, Any, bool]], torch.Tensor, dict[str, Any]]:
+    """What :func:`bench_layer` times: ``(impls, x, meta)``, each impl a ``(name, fn, is the
+    anchor)`` taking ``x`` (``[B, T, d_model]``, float32; the calls run under bf16 autocast on
+    CUDA), fla's layer first where it has one, then nlgraph's layer in each of ``modes``. Kept apart
+    so a profiler can run the same calls (``benchmarks/profile_layer.py``)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from .lower import build
     from .model import Residual, reads_levels
     from .spec.loader import load_spec
@@ -553,11 +579,10 @@ def bench_layer(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
     for mode in modes:
         fn = torch.compile(ours, **compile_options(dev)) if mode == "compile" else ours
         impls.append((f"nlgraph {key} layer ({mode})", fn, False))
-    rows = time_rows(impls, [x], b * t, dev, log, anchor, compare=False)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "layer": key, "forms": model.plan.executions(), "shape": [b, t, width], "anchor": anchor,
             "params": sum(p.numel() for p in inner.parameters())}
-    return {"meta": meta, "rows": rows}
+    return impls, x, meta
 
 
 def level_table(res: dict[str, Any]) -> str:
@@ -573,8 +598,9 @@ def level_table(res: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['error']} |" + " |" * (len(head) - 2))
             continue
+        fb = f"failed: {r['fwd_bwd_error']}" if "fwd_bwd_error" in r else f(r, 'fwd_bwd_ms', '.3f')
         lines.append(f"| {r['name']} | {f(r, 'first_call_s', '.2f')} | {f(r, 'fwd_ms', '.3f')} | "
-                     f"{f(r, 'fwd_bwd_ms', '.3f')} | {f(r, 'tok_s', ',.0f')} | {f(r, 'x_anchor_fwd', '.2f')} | "
+                     f"{fb} | {f(r, 'tok_s', ',.0f')} | {f(r, 'x_anchor_fwd', '.2f')} | "
                      f"{f(r, 'x_anchor_fwd_bwd', '.2f')} | {f(r, 'peak_mib', ',.0f')} | {f(r, 'rel_err', '.1e')} |"
                      + (f" {f(r, 'speedup_vs_peer_fwd_bwd', '.1f')} |" if peer else ""))
     return "\n".join(lines)
@@ -642,7 +668,9 @@ def cmd_bench(args) -> int:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, (json.dumps(res, indent=1) + "\n").encode())
-    return 1 if any("error" in r for r in res["rows"]) else 0
+    # an anchor's refused backward (fla's gated one on triton < 3.7.1, Hopper) is the anchor's limit,
+    # said in the table; any failure of nlgraph's own rows is the command's
+    return 1 if any("error" in r or ("fwd_bwd_error" in r and not r.get("anchor")) for r in res["rows"]) else 0
 
 
 def add_parser(sub) -> None:

@@ -211,6 +211,46 @@ def test_layer_bench_picks_flas_layer_of_the_same_kind(spec, layer, tmp_path, mo
     assert [r["name"] for r in res["rows"]] == [f"fla {layer}", "nlgraph mixer layer (eager)"]
 
 
+def test_an_anchors_refused_backward_keeps_its_forward(tmp_path, capsys, monkeypatch):
+    """fla refuses its gated backward on triton < 3.7.1 on Hopper: the anchor's row keeps its forward
+    (and the ratio to it), says why its forward + backward is missing, and the command succeeds; the
+    same failure in nlgraph's own row fails the command."""
+    import types
+
+    class Refusing(torch.nn.Module):
+        def __init__(self, hidden_size, **_):
+            super().__init__()
+            self.proj = torch.nn.Linear(hidden_size, hidden_size)
+
+        def forward(self, x):
+            y = self.proj(x)
+            return (y if not torch.is_grad_enabled() else _RefusedBackward.apply(y)), None, None
+
+    class _RefusedBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results")
+
+    layers = types.ModuleType("fla.layers")
+    layers.GatedDeltaNet = Refusing
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.layers", layers)
+    out = tmp_path / "l.json"
+    assert main(["bench", "gated_deltanet", *TINY, "--layer", "mixer", "--device", "cpu", "--lengths", "32",
+                 "--batch", "1", "--modes", "eager", "--json", str(out)]) == 0
+    fla, ours = json.loads(out.read_text())["rows"]
+    assert fla["fwd_ms"] > 0 and "fwd_bwd_ms" not in fla and "error" not in fla
+    assert fla["fwd_bwd_error"].startswith("RuntimeError: Triton >= 3.4.0")
+    assert ours["x_anchor_fwd"] > 0 and "x_anchor_fwd_bwd" not in ours and ours["fwd_bwd_ms"] > 0
+    captured = capsys.readouterr()
+    assert "| failed: RuntimeError: Triton >= 3.4.0" in captured.out
+    assert "fla Refusing (forward + backward) failed" in captured.err
+
+
 def test_layer_bench_refusals_are_one_line(capsys):
     assert main(["bench", "gated_deltanet", *TINY, "--layer", "mixr", "--device", "cpu"]) == 1
     assert main(["bench", "gated_deltanet", *TINY, "--layer", "mixer", "--level", "mixer", "--device", "cpu"]) == 1
