@@ -560,6 +560,17 @@ SM90_CHOICES = {
     ("state_bwd", 64, True): (32, 8), ("state_bwd", 128, True): (64, 8),
     ("state_bwd", 64, False): (32, 8), ("state_bwd", 128, False): (32, 8),
 }
+# Heads of 64 (K = V = 64, 16-bit inputs: a d_model-512 layer's 8 heads) time otherwise: over 2, 4
+# and 8 warps at B=8, T=2048, H=8 on an H100 (triton 3.6; `benchmarks/profile_layer.py` under
+# NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_WARPS=2,4,8, docs/benchmarks.md "Whole layers: where the
+# GPU time goes") the autotuner took 2 warps for _prepare (0.096 against 0.113 ms on 4) and 4 for
+# the heavy backward kernels, whose registers fit at this width (_wy_bwd 0.151 against 0.210 ms on
+# 8, _qkw_bwd 0.072 against 0.108, _state_bwd 0.090 against 0.095; the gated variants alike), and
+# value blocks of 16 for _state_fwd when offered (256 programs instead of 128 at that shape; 0.057
+# against 0.060 ms in the layer's profile). Their configs join the kernels' lists, and only this
+# choice compiles them. name -> (BV or None, warps).
+SM90_HEAD64 = {"prepare": (None, 2), "wy_bwd": (None, 4), "qkw_bwd": (None, 4), "state_bwd": (32, 4),
+               "state_fwd": (16, 4)}
 _FULL_TUNING = switch("NLGRAPH_TRITON_AUTOTUNE", False)
 
 
@@ -569,20 +580,45 @@ def _capability(device) -> tuple[int, int]:
 
 def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     """``early_config_prune`` of every autotuned kernel: on sm_90, the one config of
-    ``SM90_CHOICES`` for the call's (kernel, V, input dtype) when it is there and none of
-    ``NLGRAPH_TRITON_WARPS`` / ``NLGRAPH_TRITON_AUTOTUNE`` is set; otherwise every config."""
+    ``SM90_HEAD64`` (16-bit heads of K = V = 64) or else of ``SM90_CHOICES`` for the call's (kernel,
+    V, input dtype) when there is one and none of ``NLGRAPH_TRITON_WARPS`` / ``NLGRAPH_TRITON_AUTOTUNE``
+    is set; otherwise the configs of the kernel's own warps (``_warps``), or with either variable set
+    every config."""
     if _FULL_TUNING or _WARPS_ENV is not None:
         return configs
     k = nargs.get("k", kwargs.get("k"))
     v = kwargs.get("V", nargs.get("V"))
     if k is None or v is None or getattr(k, "device", None) is None or k.device.type != "cuda":
         return configs
-    choice = SM90_CHOICES.get((name, int(v), k.element_size() == 2))
-    if choice is None or _capability(k.device) != (9, 0):
-        return configs
+    # the configs SM90_HEAD64 added are timed only where chosen: elsewhere the kernel's own warps
+    # and value blocks
+    usual = [c for c in configs if c.num_warps in _warps(name) and c.kwargs.get("BV") in (None, 32, 64)] or configs
+    if _capability(k.device) != (9, 0):
+        return usual
+    half = k.element_size() == 2
+    if half and name in SM90_HEAD64 and int(v) == 64 and int(kwargs.get("K", nargs.get("K", 0))) == 64:
+        choice = SM90_HEAD64[name]
+    else:
+        choice = SM90_CHOICES.get((name, int(v), half))
+    if choice is None:
+        return usual
     bv, warps = choice
     chosen = [c for c in configs if c.num_warps == warps and c.kwargs.get("BV") == bv]
-    return chosen or configs
+    return chosen or usual
+
+
+def _offered(name: str) -> tuple[int, ...]:
+    """The warps of a kernel's configs: its own, and the one ``SM90_HEAD64`` chooses for it."""
+    if _WARPS_ENV is not None or name not in SM90_HEAD64:
+        return _warps(name)
+    return tuple(sorted({*_warps(name), SM90_HEAD64[name][1]}))
+
+
+def _offered_bv(name: str) -> tuple[int, ...]:
+    """The value blocks of a chunk recurrence's configs: 32 and 64, the one ``SM90_HEAD64`` chooses,
+    and with NLGRAPH_TRITON_AUTOTUNE=1 also 16 (more programs where B·H is small)."""
+    extra = {SM90_HEAD64[name][0]} if name in SM90_HEAD64 else set()
+    return tuple(sorted({32, 64, *extra, *((16,) if _FULL_TUNING else ())}))
 
 
 def _tuned(name: str, fn):
@@ -592,12 +628,16 @@ def _tuned(name: str, fn):
     jitted = triton.jit(fn)
     if INTERPRETED:
         return jitted
+    # pipelining depth: 2, and with NLGRAPH_TRITON_AUTOTUNE=1 also 3 and 4 (fla's recurrence at heads
+    # of 64 took 0.064 ms at 2 stages and 0.039 at 4 on an H100, docs/benchmarks.md "Whole layers")
+    stages = (2, 3, 4) if _FULL_TUNING else (2,)
     if name in STATE_KERNELS:
         # the chunk recurrences: one program per (batch·head, V block), so the V block sets both the
         # parallelism (B·H·V/BV programs) and the registers each holds; pipelined across chunks
-        configs = [triton.Config({"BV": bv}, num_warps=w, num_stages=2) for bv in (32, 64) for w in _warps(name)]
+        configs = [triton.Config({"BV": bv}, num_warps=w, num_stages=n) for bv in _offered_bv(name)
+                   for w in _offered(name) for n in stages]
     else:
-        configs = [triton.Config({}, num_warps=w, num_stages=2) for w in _warps(name)]
+        configs = [triton.Config({}, num_warps=w, num_stages=n) for w in _offered(name) for n in stages]
     # _wy_bwd adds into its dk buffer: every trial must start from the same values
     restore = ["dkp"] if name == "wy_bwd" else None
     # keyed on the head dims, the chunk, the sequence length and the variant flags (a kernel ignores

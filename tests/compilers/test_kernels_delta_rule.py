@@ -534,3 +534,41 @@ def test_sm90_compiles_only_the_config_its_autotuner_chose(monkeypatch):
         heavy = name in m._HEAVY
         assert warps in ((8,) if heavy else (4, 8)) and (bv in (32, 64) if name in m.STATE_KERNELS else bv is None)
 
+
+def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
+    """16-bit heads of K = V = 64 run the configs ``SM90_HEAD64`` names (2 warps for the solve, 4 for
+    the heavy backward kernels, value blocks of 16 for the forward recurrence), which the kernels offer
+    beside their own; elsewhere, and on other GPUs, those extra configs are pruned, so nothing else
+    compiles them."""
+    import triton
+
+    m = _delta_rule_triton
+    monkeypatch.setattr(m, "_FULL_TUNING", False)
+    monkeypatch.setattr(m, "_WARPS_ENV", None)
+    monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
+
+    def offered(name):
+        bvs = m._offered_bv(name) if name in m.STATE_KERNELS else (None,)
+        return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w) for bv in bvs for w in m._offered(name)]
+
+    def chosen(name, k, v, size=2):
+        out = m.choose_configs(name, offered(name), {"k": _CudaInput(size)}, K=k, V=v)
+        return sorted((c.kwargs.get("BV") or 0, c.num_warps) for c in out)
+
+    assert m._offered("prepare") == (2, 4, 8) and m._offered("wy_bwd") == (4, 8)
+    assert m._offered("output") == (4, 8) and m._offered("state_fwd") == (4, 8)
+    assert chosen("prepare", 64, 64) == [(0, 2)]
+    assert chosen("wy_bwd", 64, 64) == chosen("qkw_bwd", 64, 64) == [(0, 4)]
+    assert chosen("state_bwd", 64, 64) == [(32, 4)] and chosen("state_fwd", 64, 64) == [(16, 4)]
+    assert m._offered_bv("state_fwd") == (16, 32, 64) and m._offered_bv("state_bwd") == (32, 64)
+    assert chosen("state_fwd", 64, 64, size=4) == [(32, 8)] and len(chosen("state_fwd", 128, 96)) == 4
+    # wider keys, float32, another GPU: the kernels' own choices, the extra warps pruned
+    assert chosen("prepare", 128, 64) == [(0, 4)] and chosen("wy_bwd", 128, 128) == [(0, 8)]
+    assert chosen("wy_bwd", 64, 64, size=4) == [(0, 8)]
+    assert chosen("prepare", 64, 64, size=4) == [(0, 4), (0, 8)]
+    monkeypatch.setattr(m, "_capability", lambda device: (8, 0))
+    assert chosen("prepare", 64, 64) == [(0, 4), (0, 8)] and chosen("wy_bwd", 64, 64) == [(0, 8)]
+    # NLGRAPH_TRITON_AUTOTUNE=1 times every config offered
+    monkeypatch.setattr(m, "_FULL_TUNING", True)
+    assert chosen("prepare", 64, 64) == [(0, 2), (0, 4), (0, 8)]
+
