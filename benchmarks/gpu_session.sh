@@ -82,6 +82,7 @@ layer_profile_head64|300|python -P benchmarks/profile_layer.py gated_deltanet va
 layer_bench_head64|240|python -P -m nlgraph bench gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes eager compile --json $J && python -P -m nlgraph bench deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes eager compile --json $OUT/layer_bench_deltanet_head64.json
 gdn_model_head64|300|python -P -m nlgraph bench gated_deltanet D512 --lengths 2048 4096 --tokens 16384 --modes compile-graph --json $J
 layer_stages_tuned|200|export NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_WARPS=4; python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile --no-fla --tuned --reps 3 --json $J
+kda_stages_tuned|300|export NLGRAPH_TRITON_AUTOTUNE=1; python benchmarks/delta_rule_channel_kernel.py --no-fla --profile --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J
 transfer_check|240|python benchmarks/transfer_cost.py --device cuda --check --sizes 16 64 256 --batch 640 --specs hope_large_chunk:2048:4 titans:2048:8 --json $J
 online_recurrence_bf16|300|python benchmarks/online_form.py --device cuda --check --dtype bfloat16 --batch 4 --length 4096 --heads 16 --dim 128 --json $J
