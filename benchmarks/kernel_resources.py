@@ -264,7 +264,8 @@ def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None,
     # the configs the autotuner is offered (SM90_HEAD64's included; its depths 3 and 4, offered only
     # under NLGRAPH_TRITON_AUTOTUNE=1, are not)
     blocks = [{"BV": bv} for bv in kmod._offered_bv(name)] if name in kmod.STATE_KERNELS else [{}]
-    return [(b, w, 2) for b in blocks for w in (kmod._WARPS if all_warps else kmod._offered(name))]
+    warps = sorted({*kmod._WARPS, *kmod._offered(name)}) if all_warps else kmod._offered(name)
+    return [(b, w, 2) for b in blocks for w in warps]
 
 
 def _source(module: str, name: str):

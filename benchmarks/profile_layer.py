@@ -6,8 +6,9 @@ mode), each run under ``torch.profiler`` forward alone and forward + backward, k
     bash benchmarks/device.sh python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 \\
         vars.heads=8 --layer mixer --modes eager compile --json "$OUT/layer_profile_gdn.json"
 
-A row whose call fails (fla refuses its gated backward on triton < 3.7.1 on Hopper) says so and the
-others run. CUDA only: the kernel times come from the profiler's CUDA activity.
+A phase whose call fails (fla refuses its gated backward on triton < 3.7.1 on Hopper) is a row that
+says so and the others run; a failing forward stops the script. CUDA only: the kernel times come
+from the profiler's CUDA activity.
 """
 
 from __future__ import annotations

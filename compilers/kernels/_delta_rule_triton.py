@@ -560,15 +560,18 @@ SM90_CHOICES = {
     ("state_bwd", 64, True): (32, 8), ("state_bwd", 128, True): (64, 8),
     ("state_bwd", 64, False): (32, 8), ("state_bwd", 128, False): (32, 8),
 }
-# Heads of 64 (K = V = 64, 16-bit inputs: a d_model-512 layer's 8 heads) time otherwise: over 2, 4
+# Heads of 64 (K = V = 64, bfloat16 inputs: a d_model-512 layer's 8 heads) time otherwise: over 2, 4
 # and 8 warps at B=8, T=2048, H=8 on an H100 (triton 3.6; `benchmarks/profile_layer.py` under
 # NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_WARPS=2,4,8, docs/benchmarks.md "Whole layers: where the
 # GPU time goes") the autotuner took 2 warps for _prepare (0.096 against 0.113 ms on 4) and 4 for
 # the heavy backward kernels, whose registers fit at this width (_wy_bwd 0.151 against 0.210 ms on
 # 8, _qkw_bwd 0.072 against 0.108, _state_bwd 0.090 against 0.095; the gated variants alike), and
 # value blocks of 16 for _state_fwd when offered (256 programs instead of 128 at that shape; 0.057
-# against 0.060 ms in the layer's profile). Their configs join the kernels' lists, and only this
-# choice compiles them. name -> (BV or None, warps).
+# against 0.060 ms in the layer's profile). bfloat16 without a decay per key channel only: the
+# checks' cases (benchmarks/kernels.py). Their configs join the kernels' lists and only this choice
+# compiles them; _wy_bwd and _qkw_bwd, one config each before, now time their one pruned config on
+# a new key's first call (Triton benchmarks whenever a kernel has more than one config). name ->
+# (BV or None, warps).
 SM90_HEAD64 = {"prepare": (None, 2), "wy_bwd": (None, 4), "qkw_bwd": (None, 4), "state_bwd": (32, 4),
                "state_fwd": (16, 4)}
 _FULL_TUNING = switch("NLGRAPH_TRITON_AUTOTUNE", False)
@@ -579,11 +582,11 @@ def _capability(device) -> tuple[int, int]:
 
 
 def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
-    """``early_config_prune`` of every autotuned kernel: on sm_90, the one config of
-    ``SM90_HEAD64`` (16-bit heads of K = V = 64) or else of ``SM90_CHOICES`` for the call's (kernel,
-    V, input dtype) when there is one and none of ``NLGRAPH_TRITON_WARPS`` / ``NLGRAPH_TRITON_AUTOTUNE``
-    is set; otherwise the configs of the kernel's own warps (``_warps``), or with either variable set
-    every config."""
+    """``early_config_prune`` of every autotuned kernel: on sm_90, the one config of ``SM90_HEAD64``
+    (bfloat16 heads of K = V = 64 without a decay per key channel) or else of ``SM90_CHOICES`` for the
+    call's (kernel, V, input dtype) when there is one and none of ``NLGRAPH_TRITON_WARPS`` /
+    ``NLGRAPH_TRITON_AUTOTUNE`` is set; otherwise the configs of the kernel's own warps (``_warps``),
+    or with either variable set every config."""
     if _FULL_TUNING or _WARPS_ENV is not None:
         return configs
     k = nargs.get("k", kwargs.get("k"))
@@ -596,7 +599,9 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     if _capability(k.device) != (9, 0):
         return usual
     half = k.element_size() == 2
-    if half and name in SM90_HEAD64 and int(v) == 64 and int(kwargs.get("K", nargs.get("K", 0))) == 64:
+    # bfloat16 only, and not the decay per key channel (KDA's recurrences, GK): what was checked
+    if (name in SM90_HEAD64 and k.dtype == torch.bfloat16 and not kwargs.get("GK", nargs.get("GK", False))
+            and int(v) == 64 and int(kwargs.get("K", nargs.get("K", 0))) == 64):
         choice = SM90_HEAD64[name]
     else:
         choice = SM90_CHOICES.get((name, int(v), half))
@@ -615,9 +620,10 @@ def _offered(name: str) -> tuple[int, ...]:
 
 
 def _offered_bv(name: str) -> tuple[int, ...]:
-    """The value blocks of a chunk recurrence's configs: 32 and 64, the one ``SM90_HEAD64`` chooses,
-    and with NLGRAPH_TRITON_AUTOTUNE=1 also 16 (more programs where B·H is small)."""
-    extra = {SM90_HEAD64[name][0]} if name in SM90_HEAD64 else set()
+    """The value blocks of a chunk recurrence's configs: 32 and 64, the one ``SM90_HEAD64`` chooses
+    (not with NLGRAPH_TRITON_WARPS set, as for the warps), and with NLGRAPH_TRITON_AUTOTUNE=1 also 16
+    (more programs where B·H is small)."""
+    extra = {SM90_HEAD64[name][0]} if name in SM90_HEAD64 and _WARPS_ENV is None else set()
     return tuple(sorted({32, 64, *extra, *((16,) if _FULL_TUNING else ())}))
 
 

@@ -489,9 +489,10 @@ def test_the_ops_outputs_have_their_fakes_strides(per_channel):
 class _CudaInput:
     """Stands for a CUDA tensor argument: only its device and element size are read."""
 
-    def __init__(self, element_size):
+    def __init__(self, element_size, bf16=True):
         self.device = torch.device("cuda", 0)
         self._size = element_size
+        self.dtype = {4: torch.float32, 2: torch.bfloat16 if bf16 else torch.float16}[element_size]
 
     def element_size(self):
         return self._size
@@ -545,14 +546,15 @@ def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
     m = _delta_rule_triton
     monkeypatch.setattr(m, "_FULL_TUNING", False)
     monkeypatch.setattr(m, "_WARPS_ENV", None)
+    monkeypatch.setattr(m, "_WARPS", (4, 8))
     monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
 
     def offered(name):
         bvs = m._offered_bv(name) if name in m.STATE_KERNELS else (None,)
         return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w) for bv in bvs for w in m._offered(name)]
 
-    def chosen(name, k, v, size=2):
-        out = m.choose_configs(name, offered(name), {"k": _CudaInput(size)}, K=k, V=v)
+    def chosen(name, k, v, size=2, **flags):
+        out = m.choose_configs(name, offered(name), {"k": _CudaInput(size, bf16=size == 2)}, K=k, V=v, **flags)
         return sorted((c.kwargs.get("BV") or 0, c.num_warps) for c in out)
 
     assert m._offered("prepare") == (2, 4, 8) and m._offered("wy_bwd") == (4, 8)
@@ -565,10 +567,19 @@ def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
     # wider keys, float32, another GPU: the kernels' own choices, the extra warps pruned
     assert chosen("prepare", 128, 64) == [(0, 4)] and chosen("wy_bwd", 128, 128) == [(0, 8)]
     assert chosen("wy_bwd", 64, 64, size=4) == [(0, 8)]
+    # KDA's recurrences (a decay per key channel) and float16: the table before, as checked
+    assert chosen("state_fwd", 64, 64, GK=True) == [(32, 4)] and chosen("state_bwd", 64, 64, GK=True) == [(32, 8)]
+    out = m.choose_configs("prepare", offered("prepare"), {"k": _CudaInput(2, bf16=False)}, K=64, V=64)
+    assert [c.num_warps for c in out] == [4]
     assert chosen("prepare", 64, 64, size=4) == [(0, 4), (0, 8)]
     monkeypatch.setattr(m, "_capability", lambda device: (8, 0))
     assert chosen("prepare", 64, 64) == [(0, 4), (0, 8)] and chosen("wy_bwd", 64, 64) == [(0, 8)]
     # NLGRAPH_TRITON_AUTOTUNE=1 times every config offered
     monkeypatch.setattr(m, "_FULL_TUNING", True)
     assert chosen("prepare", 64, 64) == [(0, 2), (0, 4), (0, 8)]
+    # NLGRAPH_TRITON_WARPS replaces the warps, and the table's extra value block goes with them
+    monkeypatch.setattr(m, "_FULL_TUNING", False)
+    monkeypatch.setattr(m, "_WARPS_ENV", "4")
+    monkeypatch.setattr(m, "_WARPS", (4,))
+    assert m._offered("prepare") == (4,) and m._offered_bv("state_fwd") == (32, 64)
 
