@@ -116,8 +116,13 @@ def kernel_profile(impls, inputs, dev, reps: int = 5, top: int = 12) -> list[dic
     rows = []
     for name, fn, _ in impls:
         leaves = [x.clone().requires_grad_() for x in inputs]
-        with torch.no_grad():
-            grad = torch.randn_like(fn(*inputs))
+        try:
+            with torch.no_grad():
+                grad = torch.randn_like(fn(*inputs))
+        except Exception as e:  # noqa: BLE001 - a failing forward is a row that says so; the others run
+            rows.append({"impl": name, "phase": "fwd", "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
 
         def fwd():
             with torch.no_grad():

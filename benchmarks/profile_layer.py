@@ -7,8 +7,8 @@ mode), each run under ``torch.profiler`` forward alone and forward + backward, k
         vars.heads=8 --layer mixer --modes eager compile --json "$OUT/layer_profile_gdn.json"
 
 A phase whose call fails (fla refuses its gated backward on triton < 3.7.1 on Hopper) is a row that
-says so and the others run; a failing forward stops the script. CUDA only: the kernel times come
-from the profiler's CUDA activity.
+says so and the others run (a failing forward: one row for the implementation). CUDA only: the
+kernel times come from the profiler's CUDA activity.
 """
 
 from __future__ import annotations
