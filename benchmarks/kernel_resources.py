@@ -261,11 +261,11 @@ def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None,
         return [({}, w, stages) for w in (plain_warps or (4,))]
     from nlgraph.compilers.kernels import _delta_rule_triton as kmod
 
-    # the configs the autotuner is offered (SM90_HEAD64's included; its depths 3 and 4, offered only
-    # under NLGRAPH_TRITON_AUTOTUNE=1, are not)
+    # the configs the autotuner is offered (SM90_HEAD64's included; the depths 3 and 4 offered only
+    # under NLGRAPH_TRITON_AUTOTUNE=1 are not, unless the table names one)
     blocks = [{"BV": bv} for bv in kmod._offered_bv(name)] if name in kmod.STATE_KERNELS else [{}]
     warps = sorted({*kmod._WARPS, *kmod._offered(name)}) if all_warps else kmod._offered(name)
-    return [(b, w, 2) for b in blocks for w in warps]
+    return [(b, w, n) for b in blocks for w in warps for n in kmod._offered_stages(name)]
 
 
 def _source(module: str, name: str):

@@ -571,7 +571,7 @@ SM90_CHOICES = {
 # checks' cases (benchmarks/kernels.py). Their configs join the kernels' lists and only this choice
 # compiles them; _wy_bwd and _qkw_bwd, one config each before, now time their one pruned config on
 # a new key's first call (Triton benchmarks whenever a kernel has more than one config). name ->
-# (BV or None, warps).
+# (BV or None, warps) or (BV or None, warps, pipelining depth; 2 when not given).
 SM90_HEAD64 = {"prepare": (None, 2), "wy_bwd": (None, 4), "qkw_bwd": (None, 4), "state_bwd": (32, 4),
                "state_fwd": (16, 4)}
 _FULL_TUNING = switch("NLGRAPH_TRITON_AUTOTUNE", False)
@@ -595,7 +595,8 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
         return configs
     # the configs SM90_HEAD64 added are timed only where chosen: elsewhere the kernel's own warps
     # and value blocks
-    usual = [c for c in configs if c.num_warps in _warps(name) and c.kwargs.get("BV") in (None, 32, 64)] or configs
+    usual = [c for c in configs if c.num_warps in _warps(name) and c.kwargs.get("BV") in (None, 32, 64)
+             and c.num_stages == 2] or configs
     if _capability(k.device) != (9, 0):
         return usual
     half = k.element_size() == 2
@@ -607,8 +608,8 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
         choice = SM90_CHOICES.get((name, int(v), half))
     if choice is None:
         return usual
-    bv, warps = choice
-    chosen = [c for c in configs if c.num_warps == warps and c.kwargs.get("BV") == bv]
+    bv, warps, depth = (*choice, 2)[:3]
+    chosen = [c for c in configs if c.num_warps == warps and c.kwargs.get("BV") == bv and c.num_stages == depth]
     return chosen or usual
 
 
@@ -617,6 +618,16 @@ def _offered(name: str) -> tuple[int, ...]:
     if _WARPS_ENV is not None or name not in SM90_HEAD64:
         return _warps(name)
     return tuple(sorted({*_warps(name), SM90_HEAD64[name][1]}))
+
+
+def _offered_stages(name: str) -> tuple[int, ...]:
+    """The pipelining depths of a kernel's configs: 2, the one ``SM90_HEAD64`` chooses (not with
+    NLGRAPH_TRITON_WARPS set), and with NLGRAPH_TRITON_AUTOTUNE=1 also 3 and 4 (fla's recurrence at
+    heads of 64 took 0.064 ms at 2 stages and 0.039 at 4 on an H100, docs/benchmarks.md "Whole
+    layers")."""
+    choice = SM90_HEAD64.get(name, ()) if _WARPS_ENV is None else ()
+    extra = {choice[2]} if len(choice) > 2 else set()
+    return tuple(sorted({2, *extra, *((3, 4) if _FULL_TUNING else ())}))
 
 
 def _offered_bv(name: str) -> tuple[int, ...]:
@@ -634,9 +645,7 @@ def _tuned(name: str, fn):
     jitted = triton.jit(fn)
     if INTERPRETED:
         return jitted
-    # pipelining depth: 2, and with NLGRAPH_TRITON_AUTOTUNE=1 also 3 and 4 (fla's recurrence at heads
-    # of 64 took 0.064 ms at 2 stages and 0.039 at 4 on an H100, docs/benchmarks.md "Whole layers")
-    stages = (2, 3, 4) if _FULL_TUNING else (2,)
+    stages = _offered_stages(name)
     if name in STATE_KERNELS:
         # the chunk recurrences: one program per (batch·head, V block), so the V block sets both the
         # parallelism (B·H·V/BV programs) and the registers each holds; pipelined across chunks

@@ -505,8 +505,8 @@ def test_sm90_compiles_only_the_config_its_autotuner_chose(monkeypatch):
     monkeypatch.setattr(m, "_FULL_TUNING", False)
     monkeypatch.setattr(m, "_WARPS_ENV", None)
     monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
-    state = [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
-    plain = [triton.Config({}, num_warps=w) for w in (4, 8)]
+    state = [triton.Config({"BV": bv}, num_warps=w, num_stages=2) for bv in (32, 64) for w in (4, 8)]
+    plain = [triton.Config({}, num_warps=w, num_stages=2) for w in (4, 8)]
 
     def chosen(name, configs, v, size):
         out = m.choose_configs(name, configs, {"k": _CudaInput(size)}, V=v)
@@ -551,7 +551,8 @@ def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
 
     def offered(name):
         bvs = m._offered_bv(name) if name in m.STATE_KERNELS else (None,)
-        return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w) for bv in bvs for w in m._offered(name)]
+        return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=n) for bv in bvs
+                for w in m._offered(name) for n in m._offered_stages(name)]
 
     def chosen(name, k, v, size=2, **flags):
         out = m.choose_configs(name, offered(name), {"k": _CudaInput(size, bf16=size == 2)}, K=k, V=v, **flags)
@@ -574,9 +575,19 @@ def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
     assert chosen("prepare", 64, 64, size=4) == [(0, 4), (0, 8)]
     monkeypatch.setattr(m, "_capability", lambda device: (8, 0))
     assert chosen("prepare", 64, 64) == [(0, 4), (0, 8)] and chosen("wy_bwd", 64, 64) == [(0, 8)]
-    # NLGRAPH_TRITON_AUTOTUNE=1 times every config offered
+    # a choice may name a pipelining depth: offered for that kernel only, elsewhere pruned
+    monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
+    assert m._offered_stages("state_fwd") == (2,)
+    monkeypatch.setitem(m.SM90_HEAD64, "state_fwd", (16, 4, 3))
+    assert m._offered_stages("state_fwd") == (2, 3) and m._offered_stages("output") == (2,)
+    out = m.choose_configs("state_fwd", offered("state_fwd"), {"k": _CudaInput(2)}, K=64, V=64)
+    assert [(c.kwargs["BV"], c.num_warps, c.num_stages) for c in out] == [(16, 4, 3)]
+    out = m.choose_configs("state_fwd", offered("state_fwd"), {"k": _CudaInput(2)}, K=128, V=128)
+    assert [(c.kwargs["BV"], c.num_warps, c.num_stages) for c in out] == [(64, 4, 2)]
+    # NLGRAPH_TRITON_AUTOTUNE=1 times every config offered, at depths 2, 3 and 4
     monkeypatch.setattr(m, "_FULL_TUNING", True)
-    assert chosen("prepare", 64, 64) == [(0, 2), (0, 4), (0, 8)]
+    assert m._offered_stages("output") == (2, 3, 4)
+    assert sorted(set(chosen("prepare", 64, 64))) == [(0, 2), (0, 4), (0, 8)] and len(chosen("prepare", 64, 64)) == 9
     # NLGRAPH_TRITON_WARPS replaces the warps, and the table's extra value block goes with them
     monkeypatch.setattr(m, "_FULL_TUNING", False)
     monkeypatch.setattr(m, "_WARPS_ENV", "4")
