@@ -417,8 +417,31 @@ def _titans_pytorch(level: Any, h: int, d: int, dev: torch.device, dt: torch.dty
     return ("titans-pytorch NeuralMemory", run, True)
 
 
-class _Skipped(Exception):
-    """A row whose forward failed: its backward is not tried."""
+def _one_line(e: Exception) -> str:
+    """A failure as a table cell: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _time_backward(fn, inputs: list[torch.Tensor], y: torch.Tensor, tokens: int, dev: torch.device,
+                   row: dict[str, Any]) -> None:
+    """``row``'s forward + backward figures: median ms, tokens/s and, on CUDA, the peak memory."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    grad = torch.randn_like(y)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(grad)
+
+    row["fwd_bwd_ms"] = median_ms(step, dev)
+    row["tok_s"] = round(tokens / (row["fwd_bwd_ms"] / 1e3), 1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
 
 
 def time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], tokens: int, dev: torch.device, log,
@@ -445,33 +468,14 @@ def time_rows(impls: list[tuple[str, Any, bool]], inputs: list[torch.Tensor], to
                 row["fwd_ms"] = median_ms(lambda: fn(*inputs), dev)
         except Exception as e:  # noqa: BLE001 - one failing implementation is a row that says so
             _report(name)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        try:
-            if "error" in row:
-                raise _Skipped
-            leaves = [x.clone().requires_grad_() for x in inputs]
-            grad = torch.randn_like(y)
-
-            def step():
-                for x in leaves:
-                    x.grad = None
-                fn(*leaves).backward(grad)
-
-            row["fwd_bwd_ms"] = median_ms(step, dev)
-            row["tok_s"] = round(tokens / (row["fwd_bwd_ms"] / 1e3), 1)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-                step()
-                torch.cuda.synchronize(dev)
-                row["peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**20, 1)
-        except _Skipped:
-            pass
-        except Exception as e:  # noqa: BLE001 - a backward that fails keeps the row's forward
-            # (fla refuses its gated backward on triton < 3.7.1 on Hopper: its forward is still the anchor's)
-            _report(f"{name} (forward + backward)")
-            row["fwd_bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            row["error"] = _one_line(e)
+        if "error" not in row:
+            try:
+                _time_backward(fn, inputs, y, tokens, dev, row)
+            except Exception as e:  # noqa: BLE001 - a backward that fails keeps the row's forward
+                # (fla refuses its gated backward on triton < 3.7.1 on Hopper: its forward is still the anchor's)
+                _report(f"{name} (forward + backward)")
+                row["fwd_bwd_error"] = _one_line(e)
         ref = next((r for r in rows if r["name"] == ref_name), None)
         if not is_anchor and compare and ref and name in outputs and ref_name in outputs:
             row["rel_err"] = rel_err(outputs[name], outputs[ref_name])

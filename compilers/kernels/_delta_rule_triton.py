@@ -603,7 +603,7 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     # bfloat16 only, and not the decay per key channel (KDA's recurrences, GK): what was checked
     if (name in SM90_HEAD64 and k.dtype == torch.bfloat16 and not kwargs.get("GK", nargs.get("GK", False))
             and int(v) == 64 and int(kwargs.get("K", nargs.get("K", 0))) == 64):
-        choice = SM90_HEAD64[name]
+        choice = _head64(name)
     else:
         choice = SM90_CHOICES.get((name, int(v), half))
     if choice is None:
@@ -613,11 +613,17 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     return chosen or usual
 
 
+def _head64(name: str) -> tuple | None:
+    """``SM90_HEAD64``'s choice for the kernel as ``(BV or None, warps, depth)``, or ``None``: none
+    there, or NLGRAPH_TRITON_WARPS set (its warps replace the table's)."""
+    choice = SM90_HEAD64.get(name) if _WARPS_ENV is None else None
+    return None if choice is None else (*choice, 2)[:3]
+
+
 def _offered(name: str) -> tuple[int, ...]:
     """The warps of a kernel's configs: its own, and the one ``SM90_HEAD64`` chooses for it."""
-    if _WARPS_ENV is not None or name not in SM90_HEAD64:
-        return _warps(name)
-    return tuple(sorted({*_warps(name), SM90_HEAD64[name][1]}))
+    choice = _head64(name)
+    return _warps(name) if choice is None else tuple(sorted({*_warps(name), choice[1]}))
 
 
 def _offered_stages(name: str) -> tuple[int, ...]:
@@ -625,8 +631,8 @@ def _offered_stages(name: str) -> tuple[int, ...]:
     NLGRAPH_TRITON_WARPS set), and with NLGRAPH_TRITON_AUTOTUNE=1 also 3 and 4 (fla's recurrence at
     heads of 64 took 0.064 ms at 2 stages and 0.039 at 4 on an H100, docs/benchmarks.md "Whole
     layers")."""
-    choice = SM90_HEAD64.get(name, ()) if _WARPS_ENV is None else ()
-    extra = {choice[2]} if len(choice) > 2 else set()
+    choice = _head64(name)
+    extra = {choice[2]} if choice is not None else set()
     return tuple(sorted({2, *extra, *((3, 4) if _FULL_TUNING else ())}))
 
 
@@ -634,7 +640,8 @@ def _offered_bv(name: str) -> tuple[int, ...]:
     """The value blocks of a chunk recurrence's configs: 32 and 64, the one ``SM90_HEAD64`` chooses
     (not with NLGRAPH_TRITON_WARPS set, as for the warps), and with NLGRAPH_TRITON_AUTOTUNE=1 also 16
     (more programs where B·H is small)."""
-    extra = {SM90_HEAD64[name][0]} if name in SM90_HEAD64 and _WARPS_ENV is None else set()
+    choice = _head64(name)
+    extra = {choice[0]} if choice is not None and choice[0] is not None else set()
     return tuple(sorted({32, 64, *extra, *((16,) if _FULL_TUNING else ())}))
 
 
