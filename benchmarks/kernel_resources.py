@@ -243,7 +243,8 @@ def record(cases: list[str], d: int, dv: int, chunk: int, dtype: str = "bfloat16
 # --------------------------------------------------------------------------- step 2: compile
 
 def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None, all_warps: bool = False,
-             options: dict | None = None) -> list[tuple[dict, int, int]]:
+             options: dict | None = None, consts: dict | None = None,
+             half: bool = True) -> list[tuple[dict, int, int]]:
     """(constexpr overrides, warps, stages) the GPU may run this kernel with; ``plain_warps``: warp
     counts for the kernels without an autotuner, to see what another count would do (``None``: as
     they launch; for linear attention's and the per-channel delta rule's kernels the counts replace
@@ -261,11 +262,17 @@ def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None,
         return [({}, w, stages) for w in (plain_warps or (4,))]
     from nlgraph.compilers.kernels import _delta_rule_triton as kmod
 
-    # the configs the autotuner is offered (SM90_HEAD64's included; the depths 3 and 4 offered only
-    # under NLGRAPH_TRITON_AUTOTUNE=1 are not, unless the table names one)
-    blocks = [{"BV": bv} for bv in kmod._offered_bv(name)] if name in kmod.STATE_KERNELS else [{}]
-    warps = sorted({*kmod._WARPS, *kmod._offered(name)}) if all_warps else kmod._offered(name)
-    return [(b, w, n) for b in blocks for w in warps for n in kmod._offered_stages(name)]
+    # the configs the autotuner may choose at this launch: the kernel's own and, for 16-bit inputs,
+    # the one SM90_BF16 names for its widths (its configs for other widths are pruned there; the
+    # combinations offered only under NLGRAPH_TRITON_AUTOTUNE=1 are not)
+    consts = consts or {}
+    offered = {c for c in kmod.offered_configs(name) if c[2] == 2 and c[1] in kmod._warps(name)
+               and c[0] in (None, 32, 64)}
+    choice = kmod.bf16_choice(name, consts.get("K", 0), consts.get("V", -1), consts.get("GK", False)) if half else None
+    offered |= {choice} if choice is not None else set()
+    if all_warps:
+        offered |= {(bv, w, 2) for bv, _, _ in offered for w in kmod._WARPS}
+    return [({} if bv is None else {"BV": bv}, w, n) for bv, w, n in sorted(offered, key=lambda c: (c[0] or 0, *c[1:]))]
 
 
 def _source(module: str, name: str):
@@ -324,7 +331,7 @@ def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps:
         fn = _source(launch["module"], launch["kernel"])
         types = {p: ("*" + short if t == "*fp16" else t) for p, t in launch["types"].items()}
         for extra, warps, stages in _configs(launch["module"], launch["kernel"], plain_warps, all_warps,
-                                             launch.get("options")):
+                                             launch.get("options"), launch["constexprs"], dtype != "float32"):
             consts = launch["constexprs"] | extra
             if "H" in consts:  # recorded at one head; a model's count (a constexpr in some kernels)
                 consts["H"] = heads

@@ -560,20 +560,31 @@ SM90_CHOICES = {
     ("state_bwd", 64, True): (32, 8), ("state_bwd", 128, True): (64, 8),
     ("state_bwd", 64, False): (32, 8), ("state_bwd", 128, False): (32, 8),
 }
-# Heads of 64 (K = V = 64, bfloat16 inputs: a d_model-512 layer's 8 heads) time otherwise: over 2, 4
-# and 8 warps at B=8, T=2048, H=8 on an H100 (triton 3.6; `benchmarks/profile_layer.py` under
-# NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_WARPS=2,4,8, docs/benchmarks.md "Whole layers: where the
-# GPU time goes") the autotuner took 2 warps for _prepare (0.096 against 0.113 ms on 4) and 4 for
-# the heavy backward kernels, whose registers fit at this width (_wy_bwd 0.151 against 0.210 ms on
-# 8, _qkw_bwd 0.072 against 0.108, _state_bwd 0.090 against 0.095; the gated variants alike), and
-# value blocks of 16 for _state_fwd when offered (256 programs instead of 128 at that shape; 0.057
-# against 0.060 ms in the layer's profile). bfloat16 without a decay per key channel only: the
-# checks' cases (benchmarks/kernels.py). Their configs join the kernels' lists and only this choice
-# compiles them; _wy_bwd and _qkw_bwd, one config each before, now time their one pruned config on
-# a new key's first call (Triton benchmarks whenever a kernel has more than one config). name ->
-# (BV or None, warps) or (BV or None, warps, pipelining depth; 2 when not given).
-SM90_HEAD64 = {"prepare": (None, 2), "wy_bwd": (None, 4), "qkw_bwd": (None, 4), "state_bwd": (32, 4),
-               "state_fwd": (16, 4)}
+# bfloat16 heads time otherwise on sm_90: (head width K = V, a decay per key channel) -> kernel ->
+# (BV or None, warps) or (BV or None, warps, pipelining depth; 2 when not given). Measured by the
+# autotuner over 2, 4 and 8 warps, value blocks of 16 to 64 and depths 2 to 4 on an H100 (triton 3.6;
+# NLGRAPH_TRITON_AUTOTUNE=1, docs/benchmarks.md "Whole layers: where the GPU time goes" and
+# "Pipelining depth"; the timings in benchmarks/results/autotune_*_h100.json):
+# - heads of 64 (a d_model-512 layer's 8 heads; B=8, T=2048, H=8): 2 warps for _prepare (0.096
+#   against 0.113 ms on 4) and 4 for the heavy backward kernels, whose registers fit at this width
+#   (_wy_bwd 0.151 against 0.210 ms on 8, _qkw_bwd 0.072 against 0.108); the recurrences pipelined 4
+#   deep (_state_fwd 0.044 ms at value blocks of 32 against 0.063 at depth 2, _state_bwd 0.080 at 16
+#   against 0.094 for the 2-deep (32, 4)), as fla's own recurrence is at this width (0.039 ms at 4
+#   stages against 0.064 at 2);
+# - heads of 128 (B=4, T=4096, H=16): 2 warps 3 deep for _prepare (0.212 against 0.269 ms), 4 warps
+#   for _wy_bwd (0.635 against 0.829 ms on 8) and _qkw_bwd (0.438 against 0.561), _state_fwd 4 deep
+#   (0.156 against 0.193 ms) and _output 3 deep (0.157 against 0.166);
+# - KDA's recurrences at heads of 128 (its chunk of 32): _state_fwd 3 deep (0.246 against 0.341 ms),
+#   _state_bwd on (32, 4) 3 deep (0.407 against 0.460 for (64, 8)).
+# bfloat16 only, K = V: the checks' cases (benchmarks/kernels.py, benchmarks/delta_rule_channel_kernel.py).
+# These configs join the kernels' lists (offered_configs) and only the matching shape compiles them.
+SM90_BF16 = {
+    (64, False): {"prepare": (None, 2), "wy_bwd": (None, 4), "qkw_bwd": (None, 4), "state_bwd": (16, 4, 4),
+                  "state_fwd": (32, 4, 4)},
+    (128, False): {"prepare": (None, 2, 3), "wy_bwd": (None, 4), "qkw_bwd": (None, 4), "state_fwd": (64, 4, 4),
+                   "output": (None, 4, 3)},
+    (128, True): {"state_fwd": (64, 4, 3), "state_bwd": (32, 4, 3)},
+}
 _FULL_TUNING = switch("NLGRAPH_TRITON_AUTOTUNE", False)
 
 
@@ -582,30 +593,27 @@ def _capability(device) -> tuple[int, int]:
 
 
 def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
-    """``early_config_prune`` of every autotuned kernel: on sm_90, the one config of ``SM90_HEAD64``
-    (bfloat16 heads of K = V = 64 without a decay per key channel) or else of ``SM90_CHOICES`` for the
-    call's (kernel, V, input dtype) when there is one and none of ``NLGRAPH_TRITON_WARPS`` /
+    """``early_config_prune`` of every autotuned kernel: on sm_90, the one config ``SM90_BF16`` names for
+    the call's bfloat16 head width (K = V) and decay, or else ``SM90_CHOICES``'s for the call's
+    (kernel, V, input dtype) when there is one and none of ``NLGRAPH_TRITON_WARPS`` /
     ``NLGRAPH_TRITON_AUTOTUNE`` is set; otherwise the configs of the kernel's own warps (``_warps``),
-    or with either variable set every config."""
+    value blocks and depth, or with either variable set every config."""
     if _FULL_TUNING or _WARPS_ENV is not None:
         return configs
     k = nargs.get("k", kwargs.get("k"))
     v = kwargs.get("V", nargs.get("V"))
     if k is None or v is None or getattr(k, "device", None) is None or k.device.type != "cuda":
         return configs
-    # the configs SM90_HEAD64 added are timed only where chosen: elsewhere the kernel's own warps
-    # and value blocks
+    # the configs SM90_BF16 added are compiled only where chosen: elsewhere the kernel's own
     usual = [c for c in configs if c.num_warps in _warps(name) and c.kwargs.get("BV") in (None, 32, 64)
              and c.num_stages == 2] or configs
     if _capability(k.device) != (9, 0):
         return usual
-    half = k.element_size() == 2
-    # bfloat16 only, and not the decay per key channel (KDA's recurrences, GK): what was checked
-    if (name in SM90_HEAD64 and k.dtype == torch.bfloat16 and not kwargs.get("GK", nargs.get("GK", False))
-            and int(v) == 64 and int(kwargs.get("K", nargs.get("K", 0))) == 64):
-        choice = _head64(name)
-    else:
-        choice = SM90_CHOICES.get((name, int(v), half))
+    choice = None
+    if k.dtype == torch.bfloat16:
+        choice = bf16_choice(name, kwargs.get("K", nargs.get("K", 0)), v, kwargs.get("GK", nargs.get("GK", False)))
+    if choice is None:
+        choice = SM90_CHOICES.get((name, int(v), k.element_size() == 2))
     if choice is None:
         return usual
     bv, warps, depth = (*choice, 2)[:3]
@@ -613,36 +621,37 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     return chosen or usual
 
 
-def _head64(name: str) -> tuple | None:
-    """``SM90_HEAD64``'s choice for the kernel as ``(BV or None, warps, depth)``, or ``None``: none
-    there, or NLGRAPH_TRITON_WARPS set (its warps replace the table's)."""
-    choice = SM90_HEAD64.get(name) if _WARPS_ENV is None else None
+def bf16_choice(name: str, k: int, v: int, gk: bool) -> tuple | None:
+    """``SM90_BF16``'s config for the kernel at bfloat16 keys and values of widths ``k``, ``v`` with
+    or without a decay per key channel, as ``(BV or None, warps, depth)``; ``None`` where the table
+    names none or NLGRAPH_TRITON_WARPS is set."""
+    if _WARPS_ENV is not None or int(k) != int(v):
+        return None
+    choice = SM90_BF16.get((int(v), bool(gk)), {}).get(name)
     return None if choice is None else (*choice, 2)[:3]
 
 
-def _offered(name: str) -> tuple[int, ...]:
-    """The warps of a kernel's configs: its own, and the one ``SM90_HEAD64`` chooses for it."""
-    choice = _head64(name)
-    return _warps(name) if choice is None else tuple(sorted({*_warps(name), choice[1]}))
+def _table_configs(name: str) -> set[tuple]:
+    """The configs ``SM90_BF16`` names for the kernel, as ``(BV or None, warps, depth)``; none with
+    NLGRAPH_TRITON_WARPS set (its warps replace the table's)."""
+    if _WARPS_ENV is not None:
+        return set()
+    return {(*row[name], 2)[:3] for row in SM90_BF16.values() if name in row}
 
 
-def _offered_stages(name: str) -> tuple[int, ...]:
-    """The pipelining depths of a kernel's configs: 2, the one ``SM90_HEAD64`` chooses (not with
-    NLGRAPH_TRITON_WARPS set), and with NLGRAPH_TRITON_AUTOTUNE=1 also 3 and 4 (fla's recurrence at
-    heads of 64 took 0.064 ms at 2 stages and 0.039 at 4 on an H100, docs/benchmarks.md "Whole
-    layers")."""
-    choice = _head64(name)
-    extra = {choice[2]} if choice is not None else set()
-    return tuple(sorted({2, *extra, *((3, 4) if _FULL_TUNING else ())}))
-
-
-def _offered_bv(name: str) -> tuple[int, ...]:
-    """The value blocks of a chunk recurrence's configs: 32 and 64, the one ``SM90_HEAD64`` chooses
-    (not with NLGRAPH_TRITON_WARPS set, as for the warps), and with NLGRAPH_TRITON_AUTOTUNE=1 also 16
-    (more programs where B·H is small)."""
-    choice = _head64(name)
-    extra = {choice[0]} if choice is not None and choice[0] is not None else set()
-    return tuple(sorted({32, 64, *extra, *((16,) if _FULL_TUNING else ())}))
+def offered_configs(name: str) -> list[tuple]:
+    """The configs a kernel's autotuner is offered, as ``(BV or None, warps, depth)``: its own warps
+    (``_warps``) with value blocks of 32 and 64 (the recurrences) at depth 2, and those ``SM90_BF16``
+    names; with NLGRAPH_TRITON_AUTOTUNE=1 every combination of those warps, value blocks of 16, 32 and
+    64 and depths 2, 3 and 4 (fla's recurrence at heads of 64 took 0.064 ms at 2 stages and 0.039 at
+    4 on an H100, docs/benchmarks.md "Whole layers")."""
+    state = name in STATE_KERNELS
+    table = _table_configs(name)
+    out = {(bv, w, 2) for bv in ((32, 64) if state else (None,)) for w in _warps(name)} | table
+    if _FULL_TUNING:
+        warps = {*_warps(name), *(c[1] for c in table)}
+        out |= {(bv, w, n) for bv in ((16, 32, 64) if state else (None,)) for w in warps for n in (2, 3, 4)}
+    return sorted(out, key=lambda c: (c[0] or 0, c[1], c[2]))
 
 
 def _tuned(name: str, fn):
@@ -652,14 +661,10 @@ def _tuned(name: str, fn):
     jitted = triton.jit(fn)
     if INTERPRETED:
         return jitted
-    stages = _offered_stages(name)
-    if name in STATE_KERNELS:
-        # the chunk recurrences: one program per (batch·head, V block), so the V block sets both the
-        # parallelism (B·H·V/BV programs) and the registers each holds; pipelined across chunks
-        configs = [triton.Config({"BV": bv}, num_warps=w, num_stages=n) for bv in _offered_bv(name)
-                   for w in _offered(name) for n in stages]
-    else:
-        configs = [triton.Config({}, num_warps=w, num_stages=n) for w in _offered(name) for n in stages]
+    # the chunk recurrences: one program per (batch·head, V block), so the V block sets both the
+    # parallelism (B·H·V/BV programs) and the registers each holds; pipelined across chunks
+    configs = [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=n)
+               for bv, w, n in offered_configs(name)]
     # _wy_bwd adds into its dk buffer: every trial must start from the same values
     restore = ["dkp"] if name == "wy_bwd" else None
     # keyed on the head dims, the chunk, the sequence length and the variant flags (a kernel ignores

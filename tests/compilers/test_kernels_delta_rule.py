@@ -536,11 +536,10 @@ def test_sm90_compiles_only_the_config_its_autotuner_chose(monkeypatch):
         assert warps in ((8,) if heavy else (4, 8)) and (bv in (32, 64) if name in m.STATE_KERNELS else bv is None)
 
 
-def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
-    """16-bit heads of K = V = 64 run the configs ``SM90_HEAD64`` names (2 warps for the solve, 4 for
-    the heavy backward kernels, value blocks of 16 for the forward recurrence), which the kernels offer
-    beside their own; elsewhere, and on other GPUs, those extra configs are pruned, so nothing else
-    compiles them."""
+def test_sm90_bfloat16_heads_take_their_own_configs(monkeypatch):
+    """bfloat16 heads of K = V = 64 and 128 run the configs ``SM90_BF16`` names (warps, value blocks,
+    pipelining depths), which the kernels offer beside their own; elsewhere (float32, float16, other
+    widths, other GPUs) those extra configs are pruned, so nothing else compiles them."""
     import triton
 
     m = _delta_rule_triton
@@ -550,47 +549,48 @@ def test_sm90_heads_of_64_take_their_own_warps(monkeypatch):
     monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
 
     def offered(name):
-        bvs = m._offered_bv(name) if name in m.STATE_KERNELS else (None,)
-        return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=n) for bv in bvs
-                for w in m._offered(name) for n in m._offered_stages(name)]
+        return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=n)
+                for bv, w, n in m.offered_configs(name)]
 
-    def chosen(name, k, v, size=2, **flags):
-        out = m.choose_configs(name, offered(name), {"k": _CudaInput(size, bf16=size == 2)}, K=k, V=v, **flags)
-        return sorted((c.kwargs.get("BV") or 0, c.num_warps) for c in out)
+    def chosen(name, k, v, size=2, bf16=True, **flags):
+        out = m.choose_configs(name, offered(name), {"k": _CudaInput(size, bf16=bf16)}, K=k, V=v, **flags)
+        return sorted((c.kwargs.get("BV") or 0, c.num_warps, c.num_stages) for c in out)
 
-    assert m._offered("prepare") == (2, 4, 8) and m._offered("wy_bwd") == (4, 8)
-    assert m._offered("output") == (4, 8) and m._offered("state_fwd") == (4, 8)
-    assert chosen("prepare", 64, 64) == [(0, 2)]
-    assert chosen("wy_bwd", 64, 64) == chosen("qkw_bwd", 64, 64) == [(0, 4)]
-    assert chosen("state_bwd", 64, 64) == [(32, 4)] and chosen("state_fwd", 64, 64) == [(16, 4)]
-    assert m._offered_bv("state_fwd") == (16, 32, 64) and m._offered_bv("state_bwd") == (32, 64)
-    assert chosen("state_fwd", 64, 64, size=4) == [(32, 8)] and len(chosen("state_fwd", 128, 96)) == 4
-    # wider keys, float32, another GPU: the kernels' own choices, the extra warps pruned
-    assert chosen("prepare", 128, 64) == [(0, 4)] and chosen("wy_bwd", 128, 128) == [(0, 8)]
-    assert chosen("wy_bwd", 64, 64, size=4) == [(0, 8)]
-    # KDA's recurrences (a decay per key channel) and float16: the table before, as checked
-    assert chosen("state_fwd", 64, 64, GK=True) == [(32, 4)] and chosen("state_bwd", 64, 64, GK=True) == [(32, 8)]
-    out = m.choose_configs("prepare", offered("prepare"), {"k": _CudaInput(2, bf16=False)}, K=64, V=64)
-    assert [c.num_warps for c in out] == [4]
-    assert chosen("prepare", 64, 64, size=4) == [(0, 4), (0, 8)]
+    # the kernels' own configs (depth 2) and every table entry, nothing else
+    assert m.offered_configs("output") == [(None, 4, 2), (None, 4, 3), (None, 8, 2)]
+    assert m.offered_configs("wy_bwd") == [(None, 4, 2), (None, 8, 2)]
+    assert m.offered_configs("prepare") == [(None, 2, 2), (None, 2, 3), (None, 4, 2), (None, 8, 2)]
+    for row in m.SM90_BF16.values():
+        for name, choice in row.items():
+            assert (*choice, 2)[:3] in m.offered_configs(name)
+    # heads of 64
+    assert chosen("prepare", 64, 64) == [(0, 2, 2)]
+    assert chosen("wy_bwd", 64, 64) == chosen("qkw_bwd", 64, 64) == [(0, 4, 2)]
+    assert chosen("state_bwd", 64, 64) == [(16, 4, 4)] and chosen("state_fwd", 64, 64) == [(32, 4, 4)]
+    assert chosen("output", 64, 64) == [(0, 4, 2)]  # not in the row: SM90_CHOICES
+    # heads of 128, and KDA's recurrences (a decay per key channel) at that width
+    assert chosen("prepare", 128, 128) == [(0, 2, 3)] and chosen("wy_bwd", 128, 128) == [(0, 4, 2)]
+    assert chosen("state_fwd", 128, 128) == [(64, 4, 4)] and chosen("output", 128, 128) == [(0, 4, 3)]
+    assert chosen("state_bwd", 128, 128) == [(64, 8, 2)]
+    assert chosen("state_fwd", 128, 128, GK=True) == [(64, 4, 3)]
+    assert chosen("state_bwd", 128, 128, GK=True) == [(32, 4, 3)]
+    # KDA at heads of 64, unequal widths, float32, float16: SM90_CHOICES or the kernels' own
+    assert chosen("state_fwd", 64, 64, GK=True) == [(32, 4, 2)]
+    assert chosen("state_bwd", 64, 64, GK=True) == [(32, 8, 2)]
+    assert chosen("prepare", 128, 64) == [(0, 4, 2)] and chosen("wy_bwd", 64, 128) == [(0, 8, 2)]
+    assert chosen("state_fwd", 64, 64, size=4) == [(32, 8, 2)] and chosen("wy_bwd", 64, 64, size=4) == [(0, 8, 2)]
+    assert chosen("prepare", 64, 64, bf16=False) == [(0, 4, 2)]
+    assert chosen("prepare", 64, 64, size=4) == [(0, 4, 2), (0, 8, 2)]
     monkeypatch.setattr(m, "_capability", lambda device: (8, 0))
-    assert chosen("prepare", 64, 64) == [(0, 4), (0, 8)] and chosen("wy_bwd", 64, 64) == [(0, 8)]
-    # a choice may name a pipelining depth: offered for that kernel only, elsewhere pruned
+    assert chosen("prepare", 64, 64) == [(0, 4, 2), (0, 8, 2)] and chosen("wy_bwd", 128, 128) == [(0, 8, 2)]
+    # NLGRAPH_TRITON_AUTOTUNE=1 times every combination: the warps offered, value blocks 16-64, depths 2-4
     monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
-    assert m._offered_stages("state_fwd") == (2,)
-    monkeypatch.setitem(m.SM90_HEAD64, "state_fwd", (16, 4, 3))
-    assert m._offered_stages("state_fwd") == (2, 3) and m._offered_stages("output") == (2,)
-    out = m.choose_configs("state_fwd", offered("state_fwd"), {"k": _CudaInput(2)}, K=64, V=64)
-    assert [(c.kwargs["BV"], c.num_warps, c.num_stages) for c in out] == [(16, 4, 3)]
-    out = m.choose_configs("state_fwd", offered("state_fwd"), {"k": _CudaInput(2)}, K=128, V=128)
-    assert [(c.kwargs["BV"], c.num_warps, c.num_stages) for c in out] == [(64, 4, 2)]
-    # NLGRAPH_TRITON_AUTOTUNE=1 times every config offered, at depths 2, 3 and 4
     monkeypatch.setattr(m, "_FULL_TUNING", True)
-    assert m._offered_stages("output") == (2, 3, 4)
-    assert sorted(set(chosen("prepare", 64, 64))) == [(0, 2), (0, 4), (0, 8)] and len(chosen("prepare", 64, 64)) == 9
-    # NLGRAPH_TRITON_WARPS replaces the warps, and the table's extra value block goes with them
+    assert len(m.offered_configs("output")) == 6 and len(m.offered_configs("prepare")) == 9
+    assert len(m.offered_configs("state_fwd")) == 18 and len(chosen("state_fwd", 64, 64)) == 18
+    # NLGRAPH_TRITON_WARPS replaces the warps, and the table's configs go with them
     monkeypatch.setattr(m, "_FULL_TUNING", False)
     monkeypatch.setattr(m, "_WARPS_ENV", "4")
     monkeypatch.setattr(m, "_WARPS", (4,))
-    assert m._offered("prepare") == (4,) and m._offered_bv("state_fwd") == (32, 64)
-
+    assert m.offered_configs("prepare") == [(None, 4, 2)]
+    assert m.offered_configs("state_fwd") == [(32, 4, 2), (64, 4, 2)]
