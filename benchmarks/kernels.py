@@ -110,7 +110,7 @@ CHECKS = [  # name, (B, T, H, Dk, Dv), dtype, gated, h0, chunk, reference form, 
     ("fp32 plain, Dv=32 (no state in)", (2, 200, 4, 64, 32), torch.float32, False, False, 64, "reference", 1e-4),
     ("bf16 gated + h0, D=128", (2, 1000, 4, 128, 128), torch.bfloat16, True, True, 64, "chunked", 2e-2),
     ("bf16 plain, D=128", (2, 1000, 4, 128, 128), torch.bfloat16, False, False, 64, "chunked", 2e-2),
-    # bfloat16 heads of 64 run their own configs on sm_90 (_delta_rule_triton.SM90_HEAD64)
+    # bfloat16 heads of 64 and 128 run their own configs on sm_90 (_delta_rule_triton.SM90_BF16)
     ("bf16 gated + h0, D=64", (2, 1000, 4, 64, 64), torch.bfloat16, True, True, 64, "chunked", 2e-2),
     ("bf16 plain, D=64", (2, 1000, 4, 64, 64), torch.bfloat16, False, False, 64, "chunked", 2e-2),
 ]
