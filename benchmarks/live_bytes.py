@@ -1,5 +1,6 @@
 """Where a model's training memory goes: the bytes a forward leaves alive for the backward, per
-token, and the code that allocated them (CPU, float32, no GPU needed).
+token, and the code that allocated them (CPU, float32, no GPU needed; ``--bf16``: under bf16
+autocast, as training runs on a GPU, so the matmuls' saved operands are their bf16 casts).
 
     OMP_NUM_THREADS=1 python benchmarks/live_bytes.py transformer_pp titans hope --length 128 --json out.json
 
@@ -69,7 +70,7 @@ class _Track(TorchDispatchMode):
         return out
 
 
-def measure(spec: str, overrides: list[str], length: int, top: int) -> dict:
+def measure(spec: str, overrides: list[str], length: int, top: int, bf16: bool = False) -> dict:
     from nlgraph import load_spec
     from nlgraph.lower import build
 
@@ -77,14 +78,14 @@ def measure(spec: str, overrides: list[str], length: int, top: int) -> dict:
     model = build(load_spec(spec, overrides))
     tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
     track = _Track()
-    with track:
+    with track, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(tokens)
     alive = track.now  # while the logits (and through them the graph) are alive
     by_site: collections.Counter = collections.Counter()
     for size, _, site in track.live.values():
         by_site[site] += size
     del logits
-    return {"spec": spec, "overrides": overrides, "length": length, "live_mib": alive / 2**20,
+    return {"spec": spec, "overrides": overrides, "length": length, "bf16": bf16, "live_mib": alive / 2**20,
             "kib_per_token": alive / length / 1024, "peak_mib": track.peak / 2**20,
             "sites": [{"site": s, "mib": b / 2**20} for s, b in by_site.most_common(top)]}
 
@@ -96,12 +97,13 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=None,
                     help="a spec override, repeatable (default: vars.d_model=512 vars.heads=8 vars.layers=1)")
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast (what a GPU run trains in)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.set = args.set or ["vars.d_model=512", "vars.heads=8", "vars.layers=1"]
     rows = []
     for spec in args.specs:
-        row = measure(spec, args.set, args.length, args.top)
+        row = measure(spec, args.set, args.length, args.top, args.bf16)
         rows.append(row)
         print(f"{spec}: {row['live_mib']:.1f} MiB alive after the forward = {row['kib_per_token']:.0f} KiB/token "
               f"(peak during it {row['peak_mib']:.1f} MiB)", flush=True)
@@ -109,7 +111,7 @@ def main() -> int:
             print(f"  {s['mib']:8.1f} MiB  {s['site']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"length": args.length, "overrides": args.set, "rows": rows}, f, indent=1)
+            json.dump({"length": args.length, "overrides": args.set, "bf16": args.bf16, "rows": rows}, f, indent=1)
     return 0
 
 
