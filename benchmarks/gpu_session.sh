@@ -84,6 +84,7 @@ gdn_model_head64|300|python -P -m nlgraph bench gated_deltanet D512 --lengths 20
 kda_bf16_checks|120|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 --no-timing --json $J
 delta_rule_fla_profile|300|python benchmarks/kernels.py --skip-nlgraph-chunked --skip-checks --profile --out $J
 hope_large_chunk_profile|420|python benchmarks/profile_step.py hope_large_chunk --batch 8 --length 2048 --warmup 1 --compile --graph --top 40 --json $J
+conv_warps|200|python benchmarks/short_conv_kernel.py --warps 4 8 16 32 --json $J
 layer_stages_tuned|200|export NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_WARPS=4; python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile --no-fla --tuned --reps 3 --json $J
 kda_stages_tuned|300|export NLGRAPH_TRITON_AUTOTUNE=1; python benchmarks/delta_rule_channel_kernel.py --no-fla --profile --json $J
 la_timing|240|python benchmarks/linear_attention_kernel.py --checks --json $J

@@ -123,3 +123,25 @@ def test_short_conv_traces_under_compile_fullgraph():
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w), [x, w])
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """``benchmarks/short_conv_kernel.py``'s checks (what a GPU session runs at each warp count) pass
+    on the kernels and fail when the kernels compute something else."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("short_conv_kernel", bench / "short_conv_kernel.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "short_conv_kernel", mod)
+    spec.loader.exec_module(mod)
+    rows = mod.run_checks(DEVICE, None, (torch.float32,))
+    assert len(rows) == 2 and all(r["ok"] for r in rows), rows
+    assert all(set(r["errors"]) >= {"y", "dx", "dw"} for r in rows) and "ds" in rows[0]["errors"]
+    # a reference shifted by one token: every check fails
+    real = mod.reference
+    monkeypatch.setattr(mod, "reference", lambda x, w, s, silu: real(x, w.roll(1, dims=1), s, silu))
+    assert not any(r["ok"] for r in mod.run_checks(DEVICE, None, (torch.float32,)))

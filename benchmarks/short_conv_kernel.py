@@ -1,0 +1,175 @@
+"""Check and time the short-convolution kernels (``nlgraph.compilers.kernels.short_conv``) on a GPU at
+several warp counts, against a float64 reference and, in the same process, fla's ``causal_conv1d``.
+
+    bash benchmarks/device.sh python benchmarks/short_conv_kernel.py --warps 4 8 16 --json "$OUT/conv.json"
+
+The kernels launch on Triton's default of 4 warps; fla autotunes its convolution over 4 to 32, and at
+a d_model-512 layer's shape its forward took 14 µs a stream against nlgraph's 22.5 on an H100
+(docs/benchmarks.md, "Pipelining depth"). This measures what another count would do before the
+launch changes: for each count in ``--warps`` (every kernel of the op launched with it,
+``_launch.plain_warps``)
+
+- checks: the op's output and the gradients of its input, taps and state against float64
+  ``x̃ = cat(state or zeros, x)``, ``a[t] = Σ_j w[:, j] x̃[t + j]``, ``act(a)``: SiLU and identity,
+  with and without a state, a partial token block, float32 (limit 1e-5) and bfloat16 (2e-2);
+- timing (``--no-timing`` skips it): forward and forward + backward at ``--batch``, ``--length``,
+  ``--channels`` (default one stream of a d_model-512 layer at B=8, T=2048), 4 taps, SiLU,
+  bfloat16, median of ``--reps`` CUDA-event timings, and fla's ``causal_conv1d`` on the same input
+  when fla is installed.
+
+Without CUDA it says so and exits 0, unless ``--device cpu`` runs the checks under Triton's
+interpreter (``TRITON_INTERPRET=1``; float32 only, the interpreter lacks bfloat16): how its tests
+run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _launch import plain_warps  # noqa: E402
+
+MODULES = ("_short_conv_triton",)
+# name, (B, T, C, K), dtype, with a state, SiLU
+CHECKS = [
+    ("fp32 silu + state, T=100 (a partial block)", (2, 100, 96, 4), torch.float32, True, True),
+    ("fp32 identity, no state", (2, 130, 64, 4), torch.float32, False, False),
+    ("bf16 silu + state", (2, 300, 512, 4), torch.bfloat16, True, True),
+    ("bf16 silu, no state", (2, 300, 512, 4), torch.bfloat16, False, True),
+]
+
+
+def reference(x, w, s, silu: bool) -> torch.Tensor:
+    """float64 causal depthwise convolution: ``x [B, T, C]``, ``w [C, K]``, ``s [B, K−1, C]`` or ``None``."""
+    b, t, c = x.shape
+    k = w.shape[1]
+    pad = s if s is not None else x.new_zeros(b, k - 1, c)
+    xt = torch.cat([pad, x], dim=1)
+    a = sum(w[:, j] * xt[:, j:j + t] for j in range(k))
+    return a * torch.sigmoid(a) if silu else a
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def run_checks(device: str, warps: int | None, dtypes: tuple) -> list[dict]:
+    from nlgraph.compilers.kernels.short_conv import short_conv
+
+    rows = []
+    for name, (b, t, c, k), dtype, with_state, silu in CHECKS:
+        if dtype not in dtypes:
+            continue
+        limit = 1e-5 if dtype == torch.float32 else 2e-2
+        row = {"check": name, "warps": warps, "limit": limit}
+        try:
+            gen = torch.Generator(device=device).manual_seed(t + c)
+            x = torch.randn(b, t, c, device=device, generator=gen).to(dtype)
+            w = (0.5 * torch.randn(c, k, device=device, generator=gen))
+            s = torch.randn(b, k - 1, c, device=device, generator=gen).to(dtype) if with_state else None
+            dy = torch.randn(b, t, c, device=device, generator=gen).to(dtype)
+            leaves = [a.clone().requires_grad_() for a in (x, w) + ((s,) if s is not None else ())]
+            with plain_warps(warps, MODULES):
+                y = short_conv(leaves[0], leaves[1], leaves[2] if s is not None else None, "silu" if silu else "identity")
+                y.backward(dy)
+            ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
+            yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if s is not None else None, silu)
+            yr.backward(dy.double())
+            errors = {"y": rel(y, yr), "dx": rel(leaves[0].grad, ref_leaves[0].grad),
+                      "dw": rel(leaves[1].grad, ref_leaves[1].grad)}
+            if s is not None:
+                errors["ds"] = rel(leaves[2].grad, ref_leaves[2].grad)
+            row.update(errors=errors, max_rel_err=max(errors.values()))
+            row["ok"] = row["max_rel_err"] <= limit
+        except Exception as e:  # noqa: BLE001  (a failing config is the finding: report it, go on)
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_timings(args, dev: torch.device) -> list[dict]:
+    from nlgraph.bench import median_ms
+    from nlgraph.compilers.kernels.short_conv import short_conv
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, t, c, k = args.batch, args.length, args.channels, 4
+    x = torch.randn(b, t, c, device=dev, generator=gen).to(torch.bfloat16).requires_grad_()
+    w = (0.5 * torch.randn(c, k, device=dev, generator=gen)).requires_grad_()
+    dy = torch.randn(b, t, c, device=dev, generator=gen).to(torch.bfloat16)
+
+    def timed(name, fwd, warps=None):
+        def f_b():
+            x.grad = w.grad = None
+            fwd().backward(dy)
+
+        row = {"impl": name, "warps": warps}
+        try:
+            with plain_warps(warps, MODULES):
+                with torch.no_grad():
+                    row["fwd_ms"] = median_ms(fwd, dev, reps=args.reps, warmup=3)
+                row["fwd_bwd_ms"] = median_ms(f_b, dev, reps=args.reps, warmup=3)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = []
+    try:  # an optional anchor, never a dependency
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        wf = w.detach().to(torch.bfloat16).requires_grad_()
+
+        def theirs():
+            return causal_conv1d(x, wf, activation="silu")[0]
+
+        rows.append(timed("fla causal_conv1d", theirs))
+    except ImportError as e:
+        print(json.dumps({"note": f"fla's causal_conv1d not timed ({e})"}), flush=True)
+    for warps in args.warps:
+        rows.append(timed("nlgraph short_conv", lambda: short_conv(x, w, None, "silu"), warps))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--channels", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        print("short_conv_kernel: no CUDA device here; nothing to check or time (--device cpu checks under "
+              "TRITON_INTERPRET=1)")
+        return 0
+    dev = torch.device(device)
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)",
+           "torch": torch.__version__, "checks": [], "timings": []}
+    print(json.dumps({k: res[k] for k in ("device", "torch")}), flush=True)
+    dtypes = (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32,)
+    for warps in args.warps if dev.type == "cuda" else [None]:  # the interpreter has no warps
+        res["checks"] += run_checks(device, warps, dtypes)
+    if dev.type == "cuda" and not args.no_timing:
+        res["timings"] = run_timings(args, dev)
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), json.dumps(res, indent=1).encode())
+    failed = [r["check"] for r in res["checks"] if not r.get("ok")]
+    if failed:
+        print(f"short_conv_kernel: {len(failed)} check(s) failed: {'; '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
