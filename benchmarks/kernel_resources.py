@@ -14,7 +14,8 @@ This finds that before a GPU session. It runs in two steps:
    constexprs) and the compile step types the 16-bit pointers as asked.
 2. compile: each distinct launch is compiled for sm_90 (triton ships ptxas and cuobjdump) with the
    configs the GPU would run: for the autotuned per-head delta-rule kernels, every config their
-   autotuner may pick (warps, and the V block of the chunk recurrences); for Titans' MLP memory,
+   autotuner may pick at that launch (warps, the V block of the chunk recurrences, and for
+   bfloat16 the pipelining depth of the ``SM90_BF16`` entry for its widths); for Titans' MLP memory,
    the warps and stages its launch names; for the others, the warps and stages their launch names
    (the per-channel forms' backward kernels: 8 warps) or Triton's defaults (4 warps, 3 stages);
    ``--plain-warps`` compiles the plain kernels at other counts.
@@ -266,12 +267,12 @@ def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None,
     # the one SM90_BF16 names for its widths (its configs for other widths are pruned there; the
     # combinations offered only under NLGRAPH_TRITON_AUTOTUNE=1 are not)
     consts = consts or {}
-    offered = {c for c in kmod.offered_configs(name) if c[2] == 2 and c[1] in kmod._warps(name)
-               and c[0] in (None, 32, 64)}
+    own = {c for c in kmod.offered_configs(name) if c[2] == 2 and c[1] in kmod._warps(name)
+           and c[0] in (None, 32, 64)}
+    if all_warps:  # the kernel's own value blocks at every count the environment allows
+        own |= {(bv, w, 2) for bv, _, _ in own for w in kmod._WARPS}
     choice = kmod.bf16_choice(name, consts.get("K", 0), consts.get("V", -1), consts.get("GK", False)) if half else None
-    offered |= {choice} if choice is not None else set()
-    if all_warps:
-        offered |= {(bv, w, 2) for bv, _, _ in offered for w in kmod._WARPS}
+    offered = own | ({choice} if choice is not None else set())
     return [({} if bv is None else {"BV": bv}, w, n) for bv, w, n in sorted(offered, key=lambda c: (c[0] or 0, *c[1:]))]
 
 
@@ -331,7 +332,7 @@ def compile_rows(launches: list[dict], dtype: str, smem_limit: int, plain_warps:
         fn = _source(launch["module"], launch["kernel"])
         types = {p: ("*" + short if t == "*fp16" else t) for p, t in launch["types"].items()}
         for extra, warps, stages in _configs(launch["module"], launch["kernel"], plain_warps, all_warps,
-                                             launch.get("options"), launch["constexprs"], dtype != "float32"):
+                                             launch.get("options"), launch["constexprs"], dtype == "bfloat16"):
             consts = launch["constexprs"] | extra
             if "H" in consts:  # recorded at one head; a model's count (a constexpr in some kernels)
                 consts["H"] = heads

@@ -562,9 +562,11 @@ SM90_CHOICES = {
 }
 # bfloat16 heads time otherwise on sm_90: (head width K = V, a decay per key channel) -> kernel ->
 # (BV or None, warps) or (BV or None, warps, pipelining depth; 2 when not given). Measured by the
-# autotuner over 2, 4 and 8 warps, value blocks of 16 to 64 and depths 2 to 4 on an H100 (triton 3.6;
-# NLGRAPH_TRITON_AUTOTUNE=1, docs/benchmarks.md "Whole layers: where the GPU time goes" and
-# "Pipelining depth"; the timings in benchmarks/results/autotune_*_h100.json):
+# autotuner on an H100 (triton 3.6; NLGRAPH_TRITON_AUTOTUNE=1, docs/benchmarks.md "Whole layers: where
+# the GPU time goes" and "Pipelining depth"; the timings in benchmarks/results/autotune_*_h100.json):
+# at heads of 64 over 2, 4 and 8 warps at depth 2, then over depths 2 to 4 and value blocks of 16 to
+# 64 on 4 warps only (NLGRAPH_TRITON_WARPS=4); at heads of 128 over every combination of the warps
+# offered, value blocks and depths:
 # - heads of 64 (a d_model-512 layer's 8 heads; B=8, T=2048, H=8): 2 warps for _prepare (0.096
 #   against 0.113 ms on 4) and 4 for the heavy backward kernels, whose registers fit at this width
 #   (_wy_bwd 0.151 against 0.210 ms on 8, _qkw_bwd 0.072 against 0.108); the recurrences pipelined 4

@@ -583,6 +583,11 @@ def test_sm90_bfloat16_heads_take_their_own_configs(monkeypatch):
     assert chosen("prepare", 64, 64, size=4) == [(0, 4, 2), (0, 8, 2)]
     monkeypatch.setattr(m, "_capability", lambda device: (8, 0))
     assert chosen("prepare", 64, 64) == [(0, 4, 2), (0, 8, 2)] and chosen("wy_bwd", 128, 128) == [(0, 8, 2)]
+    # the deeper configs are pruned there too
+    assert chosen("output", 128, 128) == [(0, 4, 2), (0, 8, 2)]
+    assert chosen("state_fwd", 128, 128) == [(32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2)]
+    assert m.bf16_choice("state_fwd", 128, 128, False) == (64, 4, 4) and m.bf16_choice("output", 64, 64, False) is None
+    assert m.bf16_choice("state_fwd", 128, 64, False) is None
     # NLGRAPH_TRITON_AUTOTUNE=1 times every combination: the warps offered, value blocks 16-64, depths 2-4
     monkeypatch.setattr(m, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(m, "_FULL_TUNING", True)
@@ -594,3 +599,4 @@ def test_sm90_bfloat16_heads_take_their_own_configs(monkeypatch):
     monkeypatch.setattr(m, "_WARPS", (4,))
     assert m.offered_configs("prepare") == [(None, 4, 2)]
     assert m.offered_configs("state_fwd") == [(32, 4, 2), (64, 4, 2)]
+    assert m.bf16_choice("state_fwd", 128, 128, False) is None
