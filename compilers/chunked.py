@@ -58,12 +58,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from nlgraph.errors import NLGraphError
 from nlgraph.levels.gates import AdaptiveGate
 from nlgraph.levels.memories import Memory, gain_normalized, layer_errors
 from nlgraph.levels.optimizers import newton_schulz, sqrt_second_moment
@@ -407,16 +409,65 @@ def solve_chunk(
     return sol
 
 
+#: How :func:`_solve_lower` solves a chunk's unit lower-triangular system, from
+#: ``NLGRAPH_CHUNK_SOLVE``: ``triangular`` (default), one ``torch.linalg.solve_triangular``; or
+#: ``blocked``, the inverse built from the diagonal blocks' inverses by doubling and applied as one
+#: matmul (:func:`_inverse_lower`): a sequential depth of one 64-row block instead of the chunk.
+#: On an H100 cuBLAS's batched triangular solves took 12.8 % of `hope_large_chunk`'s GPU time at
+#: 256-token chunks (docs/benchmarks.md, "HOPE with large chunks"); ``blocked`` is checked against
+#: float64 on CPU and not yet timed on a GPU, so it is opt-in.
+CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "triangular"
+_SOLVE_BLOCK = 64
+
+
 def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``a⁻¹ rhs`` for unit lower-triangular ``a [..., n, n]``, ``rhs [..., n, o]``, in the promoted
     dtype of the two. Half precisions are solved in float32 (no triangular solve takes bfloat16;
     under autocast the operands arrive in mixed dtypes) and cast back."""
+    if CHUNK_SOLVE not in ("triangular", "blocked"):
+        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
+                           path="NLGRAPH_CHUNK_SOLVE")
     work = torch.promote_types(a.dtype, rhs.dtype)
     if work in (torch.float16, torch.bfloat16):
         with torch.autocast(a.device.type, enabled=False):
-            e = torch.linalg.solve_triangular(a.float(), rhs.float(), upper=False, unitriangular=True)
-        return e.to(work)
-    return torch.linalg.solve_triangular(a.to(work), rhs.to(work), upper=False, unitriangular=True)
+            return _solve_lower_in(a.float(), rhs.float()).to(work)
+    return _solve_lower_in(a.to(work), rhs.to(work))
+
+
+def _solve_lower_in(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    n = a.shape[-1]
+    blocks = n // _SOLVE_BLOCK
+    if CHUNK_SOLVE == "blocked" and n % _SOLVE_BLOCK == 0 and blocks > 1 and blocks & (blocks - 1) == 0:
+        return _inverse_lower(a, _SOLVE_BLOCK) @ rhs
+    return torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+
+
+def _inverse_lower(a: torch.Tensor, block: int) -> torch.Tensor:
+    """The inverse of unit lower-triangular ``a [..., n, n]`` with ``n = block · 2^k``: the diagonal
+    blocks inverted in one batched triangular solve, then neighbouring inverses merged, doubling the
+    size each time, by ``[[A⁻¹, 0], [−D⁻¹ C A⁻¹, D⁻¹]]`` for ``[[A, 0], [C, D]]`` (two matmuls per
+    merge, all pairs at once)."""
+    n = a.shape[-1]
+    m = n // block
+    lead = a.shape[:-2]
+    # the diagonal blocks [..., m, b, b]
+    tiles = a.reshape(*lead, m, block, m, block)
+    diag = torch.diagonal(tiles, dim1=-4, dim2=-2).movedim(-1, -3)
+    eye = torch.eye(block, dtype=a.dtype, device=a.device).expand_as(diag)
+    inv = torch.linalg.solve_triangular(diag, eye, upper=False, unitriangular=True)
+    size = block
+    while size < n:
+        pairs = n // (2 * size)
+        # each pair's lower-left block C: rows of its second half, columns of its first
+        grid = a.reshape(*lead, pairs, 2, size, pairs, 2, size)
+        c = torch.diagonal(grid, dim1=-6, dim2=-3)[..., 1, :, 0, :, :].movedim(-1, -3)  # [..., pairs, s, s]
+        first, second = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        lower = -(second @ (c @ first))
+        top = torch.cat([first, torch.zeros_like(first)], dim=-1)
+        bottom = torch.cat([lower, second], dim=-1)
+        inv = torch.cat([top, bottom], dim=-2)  # [..., pairs, 2s, 2s]
+        size *= 2
+    return inv[..., 0, :, :]
 
 
 # --------------------------------------------------------------------------- support

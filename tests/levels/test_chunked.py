@@ -455,3 +455,47 @@ def test_hope_level_stacks_its_slots_once_per_call(hope_level_copies):
     first, second = hope_level_copies("chunked")
     assert first > 0  # the first call stacks W_0 and the meta-learned M_0 once
     assert second == 0  # the second call (four more chunks): its slots arrive as views of stacks
+
+
+def test_the_blocked_chunk_solve_equals_the_triangular_one(monkeypatch):
+    """``NLGRAPH_CHUNK_SOLVE=blocked`` (the inverse from the diagonal blocks' by doubling, one matmul)
+    solves a chunk's unit lower-triangular system as ``solve_triangular`` does, in value and in the
+    gradients of both operands, against float64; chunks that are not 64 · 2^k rows fall back to the
+    triangular solve, and an unknown mode is one error naming the variable."""
+    import pytest
+
+    from nlgraph.compilers import chunked
+    from nlgraph.errors import NLGraphError
+
+    gen = torch.Generator().manual_seed(0)
+
+    def system(n, dtype):
+        a = torch.eye(n) + torch.tril(torch.randn(2, 3, n, n, generator=gen), -1) * (0.5 / n ** 0.5)
+        return a.to(dtype), torch.randn(2, 3, n, 24, generator=gen).to(dtype)
+
+    for n in (128, 256):
+        a64, r64 = system(n, torch.float64)
+        ref_a, ref_r = a64.clone().requires_grad_(), r64.clone().requires_grad_()
+        want = torch.linalg.solve_triangular(ref_a, ref_r, upper=False, unitriangular=True)
+        dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        want.backward(dy)
+        monkeypatch.setattr(chunked, "CHUNK_SOLVE", "blocked")
+        got_a, got_r = a64.float().requires_grad_(), r64.float().requires_grad_()
+        got = chunked._solve_lower(got_a, got_r)
+        got.backward(dy.float())
+        for x, y in ((got, want), (got_a.grad.tril(-1), ref_a.grad.tril(-1)), (got_r.grad, ref_r.grad)):
+            assert ((x.double() - y).norm() / y.norm()).item() < 1e-5
+        # bf16 operands are solved in float32 and cast back
+        assert chunked._solve_lower(a64.bfloat16(), r64.bfloat16()).dtype == torch.bfloat16
+    calls = []
+    real = torch.linalg.solve_triangular
+    monkeypatch.setattr(torch.linalg, "solve_triangular", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    a, r = system(96, torch.float32)  # not 64 · 2^k rows: one triangular solve of the whole chunk
+    chunked._solve_lower(a, r)
+    assert calls == [torch.Size([2, 3, 96, 96])]
+    a, r = system(256, torch.float32)  # blocked: one solve, of the four diagonal blocks
+    chunked._solve_lower(a, r)
+    assert calls[-1] == torch.Size([2, 3, 4, 64, 64])
+    monkeypatch.setattr(chunked, "CHUNK_SOLVE", "lu")
+    with pytest.raises(NLGraphError, match="NLGRAPH_CHUNK_SOLVE"):
+        chunked._solve_lower(a, r)

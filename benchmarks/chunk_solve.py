@@ -1,0 +1,112 @@
+"""Check and time the two chunk solves of the mini-batch forms (``NLGRAPH_CHUNK_SOLVE``:
+``triangular``, one ``torch.linalg.solve_triangular``, and ``blocked``, the inverse by doubling from
+the diagonal blocks' and one matmul; ``compilers/chunked.py``'s ``_solve_lower``).
+
+    bash benchmarks/device.sh python -P benchmarks/chunk_solve.py --json "$OUT/chunk_solve.json"
+
+1. check: a small ``hope_large_chunk`` model (d_model 64, one layer, T=512, float32: two 256-token
+   chunks) gives the same logits and parameter gradients through either solve (relative error,
+   limit 1e-4), and the blocked solve runs there;
+2. timing: the solve alone, forward and forward + backward, at ``[B·H, chunks, n, n] @ [.., n, o]``
+   (default one layer of ``hope_large_chunk`` at B=8, T=2048: 64 sequences·heads, 8 chunks of 256,
+   right-hand sides 64 wide), float32, median of CUDA-event timings.
+
+The model check runs on CPU too (``--device cpu``); the timing needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def model_check(device: str) -> dict:
+    from nlgraph import load_spec
+    from nlgraph.compilers import chunked
+    from nlgraph.lower import build
+
+    torch.manual_seed(0)
+    model = build(load_spec("hope_large_chunk", ["vars.d_model=64", "vars.heads=2", "vars.layers=1"]),
+                  device=torch.device(device))
+    tokens = torch.randint(0, 256, (2, 512), generator=torch.Generator().manual_seed(1)).to(device)
+    out, calls, saved = {}, [], (chunked.CHUNK_SOLVE, chunked._inverse_lower)
+    try:
+        chunked._inverse_lower = lambda *a: calls.append(1) or saved[1](*a)
+        for mode in ("triangular", "blocked"):
+            chunked.CHUNK_SOLVE = mode
+            model.zero_grad()
+            logits = model(tokens)
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            out[mode] = (logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    finally:
+        chunked.CHUNK_SOLVE, chunked._inverse_lower = saved
+    (lt, gt), (lb, gb) = out["triangular"], out["blocked"]
+    rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
+    row = {"check": "hope_large_chunk d_model 64, T=512, float32: blocked == triangular",
+           "logits": rel(lb, lt), "grads": max(rel(b, a) for a, b in zip(gt, gb)), "blocked_calls": len(calls),
+           "limit": 1e-4}
+    row["ok"] = row["logits"] <= 1e-4 and row["grads"] <= 1e-4 and len(calls) > 0
+    return row
+
+
+def timing(args, dev: torch.device) -> list[dict]:
+    from nlgraph.bench import median_ms
+    from nlgraph.compilers import chunked
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    n = args.chunk
+    a = torch.eye(n, device=dev) + torch.tril(torch.randn(args.batch, args.chunks, n, n, device=dev, generator=gen),
+                                              -1) * (0.5 / n ** 0.5)
+    r = torch.randn(args.batch, args.chunks, n, args.width, device=dev, generator=gen)
+    a.requires_grad_(), r.requires_grad_()
+    rows, saved = [], chunked.CHUNK_SOLVE
+    try:
+        for mode in ("triangular", "blocked"):
+            chunked.CHUNK_SOLVE = mode
+
+            def f_b():
+                a.grad = r.grad = None
+                chunked._solve_lower(a, r).sum().backward()
+
+            with torch.no_grad():
+                fwd = median_ms(lambda: chunked._solve_lower(a, r), dev, reps=args.reps, warmup=3)
+            row = {"solve": mode, "shape": [args.batch, args.chunks, n, args.width], "fwd_ms": fwd,
+                   "fwd_bwd_ms": median_ms(f_b, dev, reps=args.reps, warmup=3)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        chunked.CHUNK_SOLVE = saved
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch", type=int, default=64, help="sequences × heads")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--width", type=int, default=64, help="right-hand sides' width")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
+    print(json.dumps(res), flush=True)
+    res["check"] = model_check(device)
+    print(json.dumps(res["check"]), flush=True)
+    res["timings"] = timing(args, dev) if dev.type == "cuda" else []
+    if args.json:
+        from nlgraph.io import atomic_write
+
+        atomic_write(Path(args.json), json.dumps(res, indent=1).encode())
+    return 0 if res["check"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
