@@ -105,7 +105,7 @@ def run_timings(args, dev: torch.device) -> list[dict]:
 
     def timed(name, fwd, warps=None):
         def f_b():
-            x.grad = w.grad = None
+            x.grad = w.grad = wf.grad = None
             fwd().backward(dy)
 
         row = {"impl": name, "warps": warps}
@@ -120,10 +120,9 @@ def run_timings(args, dev: torch.device) -> list[dict]:
         return row
 
     rows = []
+    wf = w.detach().to(torch.bfloat16).requires_grad_()  # fla's taps, in the input's dtype
     try:  # an optional anchor, never a dependency
         from fla.modules.causal_conv1d import causal_conv1d
-
-        wf = w.detach().to(torch.bfloat16).requires_grad_()
 
         def theirs():
             return causal_conv1d(x, wf, activation="silu")[0]

@@ -412,10 +412,12 @@ def solve_chunk(
 #: How :func:`_solve_lower` solves a chunk's unit lower-triangular system, from
 #: ``NLGRAPH_CHUNK_SOLVE``: ``triangular`` (default), one ``torch.linalg.solve_triangular``; or
 #: ``blocked``, the inverse built from the diagonal blocks' inverses by doubling and applied as one
-#: matmul (:func:`_inverse_lower`): a sequential depth of one 64-row block instead of the chunk.
-#: On an H100 cuBLAS's batched triangular solves took 12.8 % of `hope_large_chunk`'s GPU time at
-#: 256-token chunks (docs/benchmarks.md, "HOPE with large chunks"); ``blocked`` is checked against
-#: float64 on CPU and not yet timed on a GPU, so it is opt-in.
+#: matmul (:func:`_inverse_lower`), for chunks of 64 · 2^k rows (k ≥ 1; others stay triangular):
+#: meant to shorten the sequential chain from the chunk to one 64-row block (not yet measured), at
+#: the price of saving about three times ``a``'s size for the backward. On an H100 cuBLAS's batched
+#: triangular solves took 12.8 % of `hope_large_chunk`'s GPU time at 256-token chunks
+#: (docs/benchmarks.md, "HOPE with large chunks"); ``blocked`` is checked against float64 on CPU and
+#: not yet timed on a GPU, so it is opt-in. An unknown value is an error at the first chunk solve.
 CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "triangular"
 _SOLVE_BLOCK = 64
 
@@ -428,10 +430,11 @@ def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
                            path="NLGRAPH_CHUNK_SOLVE")
     work = torch.promote_types(a.dtype, rhs.dtype)
-    if work in (torch.float16, torch.bfloat16):
-        with torch.autocast(a.device.type, enabled=False):
+    # autocast off: the blocked form's matmuls would otherwise run in half precision
+    with torch.autocast(a.device.type, enabled=False):
+        if work in (torch.float16, torch.bfloat16):
             return _solve_lower_in(a.float(), rhs.float()).to(work)
-    return _solve_lower_in(a.to(work), rhs.to(work))
+        return _solve_lower_in(a.to(work), rhs.to(work))
 
 
 def _solve_lower_in(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

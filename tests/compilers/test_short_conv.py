@@ -141,7 +141,9 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
     rows = mod.run_checks(DEVICE, None, (torch.float32,))
     assert len(rows) == 2 and all(r["ok"] for r in rows), rows
     assert all(set(r["errors"]) >= {"y", "dx", "dw"} for r in rows) and "ds" in rows[0]["errors"]
-    # a reference shifted by one token: every check fails
+    # at another warp count (the launches rewritten as the GPU session does)
+    assert all(r["ok"] and r["warps"] == 8 for r in mod.run_checks(DEVICE, 8, (torch.float32,)))
+    # a reference with its taps rotated by one: every check fails
     real = mod.reference
     monkeypatch.setattr(mod, "reference", lambda x, w, s, silu: real(x, w.roll(1, dims=1), s, silu))
     assert not any(r["ok"] for r in mod.run_checks(DEVICE, None, (torch.float32,)))

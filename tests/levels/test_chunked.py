@@ -487,15 +487,24 @@ def test_the_blocked_chunk_solve_equals_the_triangular_one(monkeypatch):
             assert ((x.double() - y).norm() / y.norm()).item() < 1e-5
         # bf16 operands are solved in float32 and cast back
         assert chunked._solve_lower(a64.bfloat16(), r64.bfloat16()).dtype == torch.bfloat16
+    # the model's call: one system broadcast over a leading dim of the right-hand sides
+    a64, r64 = system(128, torch.float64)
+    r64 = torch.stack([r64, 2 * r64.flip(-1)])
+    want = torch.linalg.solve_triangular(a64, r64, upper=False, unitriangular=True)
+    got = chunked._solve_lower(a64.float(), r64.float())
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    # float32 operands under autocast stay float32 (the matmuls must not run in bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked._solve_lower(a64.float(), r64.float())
+    assert got.dtype == torch.float32 and ((got.double() - want).norm() / want.norm()).item() < 1e-5
     calls = []
     real = torch.linalg.solve_triangular
     monkeypatch.setattr(torch.linalg, "solve_triangular", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    a, r = system(96, torch.float32)  # not 64 · 2^k rows: one triangular solve of the whole chunk
-    chunked._solve_lower(a, r)
-    assert calls == [torch.Size([2, 3, 96, 96])]
+    for n in (64, 96, 192):  # not 64 · 2^k rows with k ≥ 1: one triangular solve of the whole chunk
+        chunked._solve_lower(*system(n, torch.float32))
     a, r = system(256, torch.float32)  # blocked: one solve, of the four diagonal blocks
     chunked._solve_lower(a, r)
-    assert calls[-1] == torch.Size([2, 3, 4, 64, 64])
+    assert calls == [torch.Size([2, 3, n, n]) for n in (64, 96, 192)] + [torch.Size([2, 3, 4, 64, 64])]
     monkeypatch.setattr(chunked, "CHUNK_SOLVE", "lu")
     with pytest.raises(NLGraphError, match="NLGRAPH_CHUNK_SOLVE"):
         chunked._solve_lower(a, r)
