@@ -431,7 +431,7 @@ def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
                            path="NLGRAPH_CHUNK_SOLVE")
     work = torch.promote_types(a.dtype, rhs.dtype)
     # autocast off: the blocked form's matmuls would otherwise run in half precision
-    with torch.autocast(a.device.type, enabled=False):
+    with _no_autocast(a):
         if work in (torch.float16, torch.bfloat16):
             return _solve_lower_in(a.float(), rhs.float()).to(work)
         return _solve_lower_in(a.to(work), rhs.to(work))
