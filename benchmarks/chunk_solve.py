@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 def model_check(device: str, bf16: bool = False) -> dict:
     from nlgraph import load_spec
+    from nlgraph.bench import rel_err as rel
     from nlgraph.compilers import chunked
     from nlgraph.lower import build
 
@@ -48,7 +49,6 @@ def model_check(device: str, bf16: bool = False) -> dict:
     finally:
         chunked.CHUNK_SOLVE, chunked._inverse_lower = saved
     (lt, gt), (lb, gb) = out["triangular"], out["blocked"]
-    rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
     limit = 2e-2 if bf16 else 1e-4
     row = {"check": f"hope_large_chunk d_model 64, T=512, {'bf16 autocast' if bf16 else 'float32'}: "
                     "blocked == triangular",

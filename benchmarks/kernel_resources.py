@@ -245,7 +245,7 @@ def record(cases: list[str], d: int, dv: int, chunk: int, dtype: str = "bfloat16
 
 def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None, all_warps: bool = False,
              options: dict | None = None, consts: dict | None = None,
-             half: bool = True) -> list[tuple[dict, int, int]]:
+             bf16: bool = True) -> list[tuple[dict, int, int]]:
     """(constexpr overrides, warps, stages) the GPU may run this kernel with; ``plain_warps``: warp
     counts for the kernels without an autotuner, to see what another count would do (``None``: as
     they launch; for linear attention's and the per-channel delta rule's kernels the counts replace
@@ -263,15 +263,14 @@ def _configs(module: str, name: str, plain_warps: tuple[int, ...] | None = None,
         return [({}, w, stages) for w in (plain_warps or (4,))]
     from nlgraph.compilers.kernels import _delta_rule_triton as kmod
 
-    # the configs the autotuner may choose at this launch: the kernel's own and, for 16-bit inputs,
+    # the configs the autotuner may choose at this launch: the kernel's own and, for bfloat16 inputs,
     # the one SM90_BF16 names for its widths (its configs for other widths are pruned there; the
     # combinations offered only under NLGRAPH_TRITON_AUTOTUNE=1 are not)
     consts = consts or {}
-    own = {c for c in kmod.offered_configs(name) if c[2] == 2 and c[1] in kmod._warps(name)
-           and c[0] in (None, 32, 64)}
+    own = {c for c in kmod.offered_configs(name) if kmod.own_config(name, *c)}
     if all_warps:  # the kernel's own value blocks at every count the environment allows
         own |= {(bv, w, 2) for bv, _, _ in own for w in kmod._WARPS}
-    choice = kmod.bf16_choice(name, consts.get("K", 0), consts.get("V", -1), consts.get("GK", False)) if half else None
+    choice = kmod.bf16_choice(name, consts.get("K", 0), consts.get("V", -1), consts.get("GK", False)) if bf16 else None
     offered = own | ({choice} if choice is not None else set())
     return [({} if bv is None else {"BV": bv}, w, n) for bv, w, n in sorted(offered, key=lambda c: (c[0] or 0, *c[1:]))]
 

@@ -1,6 +1,6 @@
 """Where a model's training memory goes: the bytes a forward leaves alive for the backward, per
-token, and the code that allocated them (CPU, float32, no GPU needed; ``--bf16``: under bf16
-autocast, as training runs on a GPU, so the matmuls' saved operands are their bf16 casts).
+token, and the code that allocated them (CPU, float32, no GPU needed; ``--bf16``: under CPU bf16
+autocast, an approximation of a GPU's training run: CPU's autocast casts another list of operators).
 
     OMP_NUM_THREADS=1 python benchmarks/live_bytes.py transformer_pp titans hope --length 128 --json out.json
 

@@ -607,8 +607,7 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     if k is None or v is None or getattr(k, "device", None) is None or k.device.type != "cuda":
         return configs
     # the configs SM90_BF16 added are compiled only where chosen: elsewhere the kernel's own
-    usual = [c for c in configs if c.num_warps in _warps(name) and c.kwargs.get("BV") in (None, 32, 64)
-             and c.num_stages == 2] or configs
+    usual = [c for c in configs if own_config(name, c.kwargs.get("BV"), c.num_warps, c.num_stages)] or configs
     if _capability(k.device) != (9, 0):
         return usual
     choice = None
@@ -621,6 +620,12 @@ def choose_configs(name: str, configs: list, nargs: dict, **kwargs) -> list:
     bv, warps, depth = (*choice, 2)[:3]
     chosen = [c for c in configs if c.num_warps == warps and c.kwargs.get("BV") == bv and c.num_stages == depth]
     return chosen or usual
+
+
+def own_config(name: str, bv: int | None, warps: int, depth: int) -> bool:
+    """Whether a config is one of the kernel's own (``_warps``, value blocks of 32 or 64 for the
+    recurrences, depth 2), not one a table or full tuning added."""
+    return warps in _warps(name) and bv in (None, 32, 64) and depth == 2
 
 
 def bf16_choice(name: str, k: int, v: int, gk: bool) -> tuple | None:
