@@ -53,6 +53,7 @@ hope_compile_cache_chunk16|330|python benchmarks/compile_check.py hope --cold --
 precompile_check|200|python benchmarks/compile_check.py titans retnet --d-model 256 --heads 4 --layers 2 --length 512 --batch 2 --steps 2 --trace-subprocesses --json $J
 gdn_compile_cache_autotune|330|NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_PRECOMPILE=0 python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --json $J
 gdn_compile_cache_host_cpp|330|python benchmarks/compile_check.py gated_deltanet --cold --d-model 512 --heads 8 --layers 4 --length 2048 --batch 4 --steps 2 --child-timeout 160 --trace-subprocesses --host-cpp --json $J
+hope_tf32|560|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $OUT/hope_tf32_off.json && python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --anchor none --tf32 --json $J
 hope_large_chunk_b8|420|python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --json $J
 hope_recompute_b4|480|python -P -m nlgraph bench hope D512 --lengths 2048 --batch 4 --modes compile --recompute-blocks --anchor none --json $J
 mlp_split_checks|240|python benchmarks/mlp_memory_kernel.py --no-timing --checks 0 1 2 3 4 7 8 9 10 --splits 1 --json $J

@@ -626,6 +626,16 @@ def table(res: dict[str, Any]) -> str:
 
 
 def cmd_bench(args) -> int:
+    before = torch.get_float32_matmul_precision()
+    if args.tf32:  # the whole run, anchors included; the process's setting is put back after
+        torch.set_float32_matmul_precision("high")
+    try:
+        return _cmd_bench(args)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _cmd_bench(args) -> int:
     from .io import atomic_write
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -655,6 +665,7 @@ def cmd_bench(args) -> int:
               "(pass --device cpu for a smoke run of the command)")
         return 0
     m = res["meta"]
+    m["fp32_matmul"] = torch.get_float32_matmul_precision()  # "high": TF32 allowed (--tf32)
     if args.layer:
         print(f"{m['device']}, torch {m['torch']}, layer {m['layer']} ({m['params']:,} parameters, forms "
               f"{m['forms']}), B={m['shape'][0]} T={m['shape'][1]} d_model={m['shape'][2]}, bf16 autocast on CUDA; "
@@ -705,6 +716,10 @@ def add_parser(sub) -> None:
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--anchor", default="transformer_pp", help="the spec timed alongside ('none': no anchor; "
                    "with --level, no fla rows)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let float32 matmuls run as TF32 on the tensor cores for the whole run, anchors included "
+                        "(torch.set_float32_matmul_precision('high')): under bf16 autocast, the float32 work a "
+                        "level keeps out of autocast")
     p.add_argument("--recompute-blocks", action="store_true",
                    help="the spec's blocks recompute their activations in the backward, as `nlgraph train "
                         "--recompute-blocks` (not the anchor's; not with the graph modes)")

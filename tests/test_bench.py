@@ -37,6 +37,27 @@ def test_cpu_smoke_run_writes_rows_with_the_anchor_ratio(tmp_path, capsys):
     assert "| gated_deltanet | 16 | 4 | eager |" in printed
 
 
+def test_tf32_holds_for_the_run_is_recorded_and_put_back(tmp_path, monkeypatch):
+    seen = []
+    real = torch.nn.Module.__call__
+
+    def call(self, *a, **k):  # what the steps ran under
+        seen.append(torch.get_float32_matmul_precision())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", call)
+    before = torch.get_float32_matmul_precision()
+    out = tmp_path / "b.json"
+    assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "eager", "--lengths", "16",
+                 "--batch", "1", "--steps", "1", "--anchor", "none", "--tf32", "--json", str(out)]) == 0
+    assert seen and set(seen) == {"high"}
+    assert json.loads(out.read_text())["meta"]["fp32_matmul"] == "high"
+    assert torch.get_float32_matmul_precision() == before
+    assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "eager", "--lengths", "16",
+                 "--batch", "1", "--steps", "1", "--anchor", "none", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["fp32_matmul"] == before
+
+
 def test_graph_mode_needs_cuda(capsys):
     assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "graph"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
