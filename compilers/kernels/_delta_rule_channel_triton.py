@@ -67,33 +67,40 @@ def _scores(kf, qf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C
 
 
 @triton.jit
-def _prepare(q, k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-             NB: tl.constexpr):
-    """W and U of one chunk. ``tm [B, T, H, 2C]`` float32: T by rows in columns ``0 .. C``, and (written
-    with ``SOLVE``, for ``_output_channel`` and ``_dv_local``) the queries' scores ``P`` in ``C .. 2C``;
-    without ``SOLVE`` T is read back and ``q`` is not read."""
+def _prepare(q, k, v, beta, bcum, tm, w, u, kd, qe, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr,
+             SPREC: tl.constexpr, NB: tl.constexpr):
+    """W and U of one chunk, and for the kernels after it the decayed keys ``kd = K ⊙ e^{b_C − b}``
+    and queries ``qe = Q ⊙ e^b`` (the inputs' dtype, rounded as those kernels rounded them when they
+    built them in the chunk loop: the state recurrences now read them and only ``b_C``). ``tm [B, T,
+    H, 2C]`` float32: T by rows in columns ``0 .. C``, and (written with ``SOLVE``, for
+    ``_output_channel`` and ``_dv_local``) the queries' scores ``P`` in ``C .. 2C``; without
+    ``SOLVE`` T is read back."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     r = tl.arange(0, C)
     row = (i_b * T + i_t * C + r) * H + i_h
-    b, _, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
     kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
+    qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                 padding_option="zero").to(tl.float32)
+    eb = tl.where(valid[:, None], tl.exp(b), 0.)
+    tl.store(_rows(qe, tok, T, H, K, i_t * C, 0, C, BK), (qf * eb).to(qe.dtype.element_ty), boundary_check=(0, 1))
+    kdf = kf * tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)
+    tl.store(_rows(kd, tok, T, H, K, i_t * C, 0, C, BK), kdf.to(kd.dtype.element_ty), boundary_check=(0, 1))
     p_tm = _rows(tm, tok, T, H, 2 * C, i_t * C, 0, C, C)
     if SOLVE:
-        qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
-                     padding_option="zero").to(tl.float32)
         s, pq = _scores(kf, qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC)
         tl.store(_rows(tm, tok, T, H, 2 * C, i_t * C, C, C, C), pq, boundary_check=(0, 1))
         tmf = _unit_lower_inverse(s * bt[:, None], C, NB, SPREC)
         tl.store(p_tm, tmf, boundary_check=(0, 1))
     else:
         tmf = tl.load(p_tm, boundary_check=(0, 1), padding_option="zero")
-    kg = kf * tl.where(valid[:, None], tl.exp(b), 0.) * bt[:, None]
+    kg = kf * eb * bt[:, None]
     wb = tl.dot(tmf, kg, input_precision=PREC)
     tl.store(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), wb.to(w.dtype.element_ty), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):

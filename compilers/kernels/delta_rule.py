@@ -100,7 +100,7 @@ def _wu(kn, p, k, v, beta, g, bcum, tm, solve: bool, bval=None):
     return w, u
 
 
-def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False):
+def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False, kd: bool = False):
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     hs = k.new_empty(b, nt, h, p["K"], p["V"])
     vn = torch.empty_like(u)
@@ -109,17 +109,18 @@ def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False):
     kn.state_fwd[grid](
         k, w, u, bcum if bcum is not None else k.new_empty(0), h0 if h0 is not None else k.new_empty(0), hs, vn,
         ht, t, nt, H=h, K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], USE_G=bcum is not None,
-        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], GK=gk, **blocks)
+        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], GK=gk, KD=kd, **blocks)
     return hs, vn, ht
 
 
 def _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve: bool):
-    w = torch.empty_like(k)
+    """``(W, U, K ⊙ e^{b_C − b}, Q ⊙ e^b)`` of every chunk (and with ``solve`` T and P into ``tm``)."""
+    w, kd, qe = torch.empty_like(k), torch.empty_like(k), torch.empty_like(q)
     u = torch.empty_like(v)
     kc.prepare[(p["NT"], p["B"] * p["H"])](
-        q, k, v, beta, bcum, tm, w, u, p["T"], H=p["H"], K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], BV=p["BV"],
-        SOLVE=solve, PREC=p["PREC"], SPREC=p["SPREC"], NB=p["C"] // 16)
-    return w, u
+        q, k, v, beta, bcum, tm, w, u, kd, qe, p["T"], H=p["H"], K=p["K"], V=p["V"], C=p["C"], BK=p["KP"],
+        BV=p["BV"], SOLVE=solve, PREC=p["PREC"], SPREC=p["SPREC"], NB=p["C"] // 16)
+    return w, u, kd, qe
 
 
 def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
@@ -129,11 +130,12 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     b, t, h = p["B"], p["T"], p["H"]
     tm = q.new_empty(b, t, h, 2 * chunk, dtype=torch.float32)  # T, then the queries' scores P
     bcum = _chunk_cumsum(g, chunk)
-    w, u = _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve=True)
-    hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state, gk=True)
+    w, u, kd, qe = _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve=True)
+    hs, vn, ht = _states(kn, p, kd, w, u, bcum, h0, output_final_state, gk=True, kd=True)
+    del w, u, kd
     o = torch.empty_like(v)
     _la_kernels(q).output_channel[(p["NT"], b * h)](
-        q, k, vn, bcum, hs, tm, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
+        qe, k, vn, bcum, hs, tm, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
         PREC=p["PREC"], PM=True)
     return o, ht, tm, bcum
 
@@ -143,8 +145,8 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     p = _plan(q, v, chunk, channel=True)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     dummy = q.new_empty(0)
-    w, u = _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve=False)
-    hs, vn, _ = _states(kn, p, k, w, u, bcum, h0, False, gk=True)
+    w, u, kd, qe = _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve=False)
+    hs, vn, _ = _states(kn, p, kd, w, u, bcum, h0, False, gk=True, kd=True)
     del u
     do = do.contiguous()
     dvl = torch.empty_like(v)
@@ -157,10 +159,10 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     use_dht = dht is not None
     grid, blocks = _state_launch(p)
     kn.state_bwd[grid](
-        q, k, w, bcum, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale, t, nt, H=h, K=p["K"],
-        V=p["V"], C=chunk, BK=p["KP"], USE_G=True, USE_DHT=use_dht, STORE_DH0=h0 is not None, PREC=p["PREC"],
-        GK=True, **blocks)
-    del dvl, w
+        qe, kd, w, bcum, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale, t, nt, H=h,
+        K=p["K"], V=p["V"], C=chunk, BK=p["KP"], USE_G=True, USE_DHT=use_dht, STORE_DH0=h0 is not None,
+        PREC=p["PREC"], GK=True, KD=True, **blocks)
+    del dvl, w, kd, qe
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     db = torch.empty_like(bcum)
