@@ -71,8 +71,9 @@ def _prepare(q, k, v, beta, bcum, tm, w, u, kd, qe, T, H: tl.constexpr, K: tl.co
              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr,
              SPREC: tl.constexpr, NB: tl.constexpr):
     """W and U of one chunk, and for the kernels after it the decayed keys ``kd = K ⊙ e^{b_C − b}``
-    and queries ``qe = Q ⊙ e^b`` (the inputs' dtype, rounded as those kernels rounded them when they
-    built them in the chunk loop: the state recurrences now read them and only ``b_C``). ``tm [B, T,
+    and queries ``qe = Q ⊙ e^b`` in the inputs' dtype (``kd`` rounded as the state recurrences
+    rounded it when they built it inside their chunk loop, ``qe`` as the output kernel did; the
+    recurrences now read them and only ``b_C``; the backward's scales ``qe`` after it). ``tm [B, T,
     H, 2C]`` float32: T by rows in columns ``0 .. C``, and (written with ``SOLVE``, for
     ``_output_channel`` and ``_dv_local``) the queries' scores ``P`` in ``C .. 2C``; without
     ``SOLVE`` T is read back."""
@@ -180,7 +181,8 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     ``h0``, the gradient of the chunk-end state ``dh1`` and the total gradient of the values written
     ``dVn``. Shapes: q, k, dq, dk, bcum, db ``[B, T, H, K]`` (bcum, db float32); v, vn, dvn, do, dv
     ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, 2C]`` float32 (T of each chunk, by
-    rows, in its first C columns); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start, the gradient at its end)."""
+    rows, in its first C columns); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start,
+    the gradient at its end)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
