@@ -14,13 +14,13 @@ since ``K ⊙ e^{−b}`` overflows once a chunk decays past e^−88: ``_intra_ch
     O  = scale ((Q ⊙ e^b) h0 + P Vn),   P[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}   (j ≤ r)
     h1 = diag(e^{b_C}) h0 + (K ⊙ e^{b_C − b})ᵀ Vn
 
-Forward: linear attention's ``_chunk_cumsum`` (b) → ``_prepare`` (S and P in one walk of the
-tree, then T, W, U; parallel over chunks; T and P kept, ``[B, T, H, 2C]`` float32) → the delta
-rule's ``_state_fwd`` with ``GK`` → linear attention's ``_output_channel`` on ``Vn``, reading P.
-Backward: W and U and the chunk states recomputed from the saved T and b → ``_dv_local``
-(``scale Pᵀ dO``, the saved P) → the delta rule's ``_state_bwd`` with ``GK`` (``dh``, and ``dVn``)
-→ ``_grads`` (everything else, one program per chunk: dq, dk, dv, dβ and ``db [C, K]``; dg is db's
-reverse cumulative sum inside each chunk, linear attention's ``_chunk_cumsum``).
+Forward: linear attention's ``_chunk_cumsum`` (b) → ``_prepare`` (T, W, U; parallel over chunks) →
+the delta rule's ``_state_fwd`` with ``GK``
+→ linear attention's ``_output_channel`` on ``Vn``. Backward: W and U and the chunk states
+recomputed from the saved T and b → ``_dv_local`` (``scale Pᵀ dO``) → the delta rule's ``_state_bwd``
+with ``GK`` (``dh``, and ``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv,
+dβ and ``db [C, K]``; dg is db's reverse cumulative sum inside each chunk, linear attention's
+``_chunk_cumsum``).
 
 The keys of a row's own sub-block run on the CUDA cores (16 steps of ``[C, K]`` elementwise work
 per product), and ``_grads`` holds a dozen ``[C, K]`` float32 tiles: correct first, not tuned. Rows
@@ -39,69 +39,28 @@ __all__ = ["INTERPRETED", "kernels"]
 
 
 @triton.jit
-def _scores(kf, qf, b, k, bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-            PREC: tl.constexpr):
-    """``(S, P)`` of one chunk, each ``[C, C]`` float32: the keys' scores strictly below the diagonal and
-    the queries' on and below it (rows past T zero). With ``CHANNEL_TREE`` one walk of the tree of
-    products builds both: a level's exponentials and its keys' factor are the same for the two, so
-    ``P`` costs one more ``tl.dot`` a level (built apart in ``_output_channel`` and again in
-    ``_dv_local``, it cost two more walks)."""
-    r = tl.arange(0, C)
-    valid = i_t * C + r < T
-    strict = r[:, None] > r[None, :]
-    if CHANNEL_TREE:
-        s = tl.zeros([C, C], dtype=tl.float32)
-        pq = tl.zeros([C, C], dtype=tl.float32)
-        for lvl in range(0, 7):  # not unrolled, as in _intra_channel
-            h = tl.full([], C, tl.int32) >> (lvl + 1)
-            if h >= 1:
-                ex, ek, pair = _tree_factors(b, bcum, tok, i_t, T, H, K, C, BK, h)
-                kek = kf * ek
-                s += tl.where(pair, tl.dot(kf * ex, tl.trans(kek), input_precision=PREC), 0.)
-                pq += tl.where(pair, tl.dot(qf * ex, tl.trans(kek), input_precision=PREC), 0.)
-        pq += tl.where((r[:, None] == r[None, :]) & valid[:, None], tl.sum(qf * kf, axis=1)[:, None], 0.)
-    else:
-        s = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.)
-        pq = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC)
-    return s, pq
-
-
-@triton.jit
-def _prepare(q, k, v, beta, bcum, tm, w, u, kd, qe, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr,
-             SPREC: tl.constexpr, NB: tl.constexpr):
-    """W and U of one chunk, and for the kernels after it the decayed keys ``kd = K ⊙ e^{b_C − b}``
-    and queries ``qe = Q ⊙ e^b`` in the inputs' dtype (``kd`` rounded as the state recurrences
-    rounded it when they built it inside their chunk loop, ``qe`` as the output kernel did; the
-    recurrences now read them and only ``b_C``; the backward's scales ``qe`` after it). ``tm [B, T,
-    H, 2C]`` float32: T by rows in columns ``0 .. C``, and (written with ``SOLVE``, for
-    ``_output_channel`` and ``_dv_local``) the queries' scores ``P`` in ``C .. 2C``; without
-    ``SOLVE`` T is read back."""
+def _prepare(k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+             NB: tl.constexpr):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     r = tl.arange(0, C)
     row = (i_b * T + i_t * C + r) * H + i_h
-    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    b, _, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
     kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
-    qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
-                 padding_option="zero").to(tl.float32)
-    eb = tl.where(valid[:, None], tl.exp(b), 0.)
-    tl.store(_rows(qe, tok, T, H, K, i_t * C, 0, C, BK), (qf * eb).to(qe.dtype.element_ty), boundary_check=(0, 1))
-    kdf = kf * tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)
-    tl.store(_rows(kd, tok, T, H, K, i_t * C, 0, C, BK), kdf.to(kd.dtype.element_ty), boundary_check=(0, 1))
-    p_tm = _rows(tm, tok, T, H, 2 * C, i_t * C, 0, C, C)
+    p_tm = _rows(tm, tok, T, H, C, i_t * C, 0, C, C)
     if SOLVE:
-        s, pq = _scores(kf, qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC)
-        tl.store(_rows(tm, tok, T, H, 2 * C, i_t * C, C, C, C), pq, boundary_check=(0, 1))
-        tmf = _unit_lower_inverse(s * bt[:, None], C, NB, SPREC)
+        strict = r[:, None] > r[None, :]
+        a = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.) * bt[:, None]
+        tmf = _unit_lower_inverse(a, C, NB, SPREC)
         tl.store(p_tm, tmf, boundary_check=(0, 1))
     else:
         tmf = tl.load(p_tm, boundary_check=(0, 1), padding_option="zero")
-    kg = kf * eb * bt[:, None]
+    kg = kf * tl.where(valid[:, None], tl.exp(b), 0.) * bt[:, None]
     wb = tl.dot(tmf, kg, input_precision=PREC)
     tl.store(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), wb.to(w.dtype.element_ty), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
@@ -112,16 +71,18 @@ def _prepare(q, k, v, beta, bcum, tm, w, u, kd, qe, T, H: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def _dv_local(tm, do, dvl, scale, T, H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr):
-    # dVn from the intra-chunk read: scale Pᵀ dO, one program a chunk for every value block; Pᵀ read
-    # by address from the forward's P (a transposed block pointer, not tl.trans of a tile: fla issue 640)
+def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # dVn from the intra-chunk read: scale Pᵀ dO, one program a chunk for every value block (Pᵀ built
+    # once: a program per value block built it once per block)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
-    pt = tl.load(tl.make_block_ptr(tm + tok * 2 * C + C, (C, T), (1, H * 2 * C), (0, i_t * C), (C, C), (0, 1)),
-                 boundary_check=(0, 1), padding_option="zero") * scale
+    b, _, _ = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+    qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+                 padding_option="zero").to(tl.float32)
+    pt = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC, TRANSPOSED=True) * scale  # Pᵀ
     for i_v in range(tl.cdiv(V, BV)):
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                       padding_option="zero").to(tl.float32)
@@ -180,9 +141,8 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     """dq, dk, dv, dβ and ``db`` (the gradient of ``bcum``) of one chunk, from the chunk-start state
     ``h0``, the gradient of the chunk-end state ``dh1`` and the total gradient of the values written
     ``dVn``. Shapes: q, k, dq, dk, bcum, db ``[B, T, H, K]`` (bcum, db float32); v, vn, dvn, do, dv
-    ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, 2C]`` float32 (T of each chunk, by
-    rows, in its first C columns); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start,
-    the gradient at its end)."""
+    ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, C]`` float32 (T of each chunk, by
+    rows); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start, the gradient at its end)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -199,7 +159,7 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     kg = kf * eb  # K ⊙ e^b
     ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # e^{b_C − b}
     # Tᵀ loaded by address (a transposed block pointer), not by tl.trans of a tile (fla issue 640)
-    tmt = tl.load(tl.make_block_ptr(tm + tok * 2 * C, (C, T), (1, H * 2 * C), (0, i_t * C), (C, C), (0, 1)),
+    tmt = tl.load(tl.make_block_ptr(tm + tok * C, (C, T), (1, H * C), (0, i_t * C), (C, C), (0, 1)),
                   boundary_check=(0, 1), padding_option="zero")
     dqh = tl.zeros([C, BK], dtype=tl.float32)   # dO h0ᵀ
     dkd = tl.zeros([C, BK], dtype=tl.float32)   # Vn dh1ᵀ

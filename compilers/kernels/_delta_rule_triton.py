@@ -64,14 +64,6 @@ def _channel_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.c
 
 
 @triton.jit
-def _chunk_end_decays(bcum, tok, i_t, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """``b_C [BK]``, the cumulative log decay at chunk ``i_t``'s last token (as :func:`_channel_decays`)."""
-    c = tl.arange(0, BK)
-    last = tl.minimum(i_t * C + C - 1, T - 1)
-    return tl.load(bcum + (tok + last * H) * K + c, mask=c < K, other=0.)
-
-
-@triton.jit
 def _unit_lower_inverse(a, C: tl.constexpr, NB: tl.constexpr, SPREC: tl.constexpr):
     """``(I + A)⁻¹ [C, C]`` float32 of a strictly lower triangular ``a [C, C]`` (the UT transform)."""
     r = tl.arange(0, C)
@@ -161,11 +153,7 @@ def _prepare(k, v, beta, bval, g, bcum, tm, w, u, T, H: tl.constexpr, K: tl.cons
 
 def _state_fwd(k, w, u, bcum, h0, hs, vn, ht, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False,
-               KD: tl.constexpr = False):
-    """The chunk-start states ``hs`` and the values written ``vn = U − W h``, chunk after chunk. ``GK``:
-    a decay per key channel; with ``KD`` too, ``k`` holds the decayed keys ``K ⊙ e^{b_C − b}``
-    (the per-channel ``_prepare`` wrote them) and only each chunk's ``b_C`` is read."""
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -189,12 +177,10 @@ def _state_fwd(k, w, u, bcum, h0, hs, vn, ht, T, NT, H: tl.constexpr, K: tl.cons
                  boundary_check=(0, 1))
         kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
         if GK:
-            if KD:  # the keys come decayed: the state's decay over the chunk, e^{b_C}, is all
-                blk = _chunk_end_decays(bcum, tok, i_t, T, H, K, C, BK)
-            else:  # a decay per key channel (b [C, BK]); rows past T read b = 0 and are masked
-                bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
-                kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
+            # a decay per key channel (b [C, BK]); rows past T read b = 0 and are masked
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
             h = h * tl.exp(blk)[:, None]
+            kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
         elif USE_G:
             last = tl.minimum(i_t * C + C, T) - 1
             bl = tl.load(bcum + (i_b * T + last) * H + i_h)
@@ -269,12 +255,7 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
 
 def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False,
-               KD: tl.constexpr = False):
-    """The gradients of the chunk-end states ``dhs`` and of the values written ``dvn``, last chunk
-    first. ``GK``: a decay per key channel; with ``KD`` too, ``k`` and ``q`` hold the decayed keys and
-    queries ``K ⊙ e^{b_C − b}`` and ``Q ⊙ e^b`` (the per-channel ``_prepare``'s) and only each
-    chunk's ``b_C`` is read."""
+               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -296,12 +277,9 @@ def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.c
         qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32) * scale
         if GK:
-            if KD:
-                blk = _chunk_end_decays(bcum, tok, i_t, T, H, K, C, BK)
-            else:
-                bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
-                kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
-                qb = qb * tl.exp(bk)
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
+            qb = qb * tl.exp(bk)
         elif USE_G:
             last = tl.minimum(i_t * C + C, T) - 1
             bl = tl.load(bcum + (i_b * T + last) * H + i_h)

@@ -428,29 +428,20 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
 
 
 @triton.jit
-def _output_channel(q, k, v, bcum, hs, pm, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                    PM: tl.constexpr = False):
+def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One chunk's output, all value blocks: ``A`` is built once and used for each block (a program
-    per value block built it once per block, 2x the work at Dv = 128, BV = 64). With ``PM`` it is
-    read instead, from columns ``C .. 2C`` of ``pm [B, T, H, 2C]`` float32, and ``q`` holds the
-    decayed queries ``Q ⊙ e^b`` (the per-channel delta rule's ``_prepare`` builds both, ``A`` beside
-    its keys' scores sharing the tree's exponentials; ``k`` and ``bcum`` are then not read)."""
+    per value block built it once per block, 2x the work at Dv = 128, BV = 64)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     dt = q.dtype.element_ty
+    b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-    if PM:
-        a = tl.load(_rows(pm, tok, T, H, 2 * C, i_t * C, C, C, C), boundary_check=(0, 1),
-                    padding_option="zero").to(dt)
-        qe = qb.to(dt)
-    else:
-        b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
-        qf = qb.to(tl.float32)
-        a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC).to(dt)
-        qe = (qf * tl.exp(b)).to(dt)
+    qf = qb.to(tl.float32)
+    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC).to(dt)
+    qe = (qf * tl.exp(b)).to(dt)
     for i_v in range(tl.cdiv(V, BV)):
         p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
                                 (BK, BV), (1, 0))

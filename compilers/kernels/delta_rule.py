@@ -100,7 +100,7 @@ def _wu(kn, p, k, v, beta, g, bcum, tm, solve: bool, bval=None):
     return w, u
 
 
-def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False, kd: bool = False):
+def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False):
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     hs = k.new_empty(b, nt, h, p["K"], p["V"])
     vn = torch.empty_like(u)
@@ -109,18 +109,17 @@ def _states(kn, p, k, w, u, bcum, h0, store_ht: bool, gk: bool = False, kd: bool
     kn.state_fwd[grid](
         k, w, u, bcum if bcum is not None else k.new_empty(0), h0 if h0 is not None else k.new_empty(0), hs, vn,
         ht, t, nt, H=h, K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], USE_G=bcum is not None,
-        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], GK=gk, KD=kd, **blocks)
+        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=p["PREC"], GK=gk, **blocks)
     return hs, vn, ht
 
 
-def _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve: bool):
-    """``(W, U, K ⊙ e^{b_C − b}, Q ⊙ e^b)`` of every chunk (and with ``solve`` T and P into ``tm``)."""
-    w, kd, qe = torch.empty_like(k), torch.empty_like(k), torch.empty_like(q)
+def _wu_channel(kc, p, k, v, beta, bcum, tm, solve: bool):
+    w = torch.empty_like(k)
     u = torch.empty_like(v)
     kc.prepare[(p["NT"], p["B"] * p["H"])](
-        q, k, v, beta, bcum, tm, w, u, kd, qe, p["T"], H=p["H"], K=p["K"], V=p["V"], C=p["C"], BK=p["KP"],
-        BV=p["BV"], SOLVE=solve, PREC=p["PREC"], SPREC=p["SPREC"], NB=p["C"] // 16)
-    return w, u, kd, qe
+        k, v, beta, bcum, tm, w, u, p["T"], H=p["H"], K=p["K"], V=p["V"], C=p["C"], BK=p["KP"], BV=p["BV"],
+        SOLVE=solve, PREC=p["PREC"], SPREC=p["SPREC"], NB=p["C"] // 16)
+    return w, u
 
 
 def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
@@ -128,15 +127,14 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk, channel=True)
     b, t, h = p["B"], p["T"], p["H"]
-    tm = q.new_empty(b, t, h, 2 * chunk, dtype=torch.float32)  # T, then the queries' scores P
+    tm = q.new_empty(b, t, h, chunk, dtype=torch.float32)
     bcum = _chunk_cumsum(g, chunk)
-    w, u, kd, qe = _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve=True)
-    hs, vn, ht = _states(kn, p, kd, w, u, bcum, h0, output_final_state, gk=True, kd=True)
-    del w, u, kd
+    w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=True)
+    hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state, gk=True)
     o = torch.empty_like(v)
     _la_kernels(q).output_channel[(p["NT"], b * h)](
-        qe, k, vn, bcum, hs, tm, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
-        PREC=p["PREC"], PM=True)
+        q, k, vn, bcum, hs, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
+        PREC=p["PREC"])
     return o, ht, tm, bcum
 
 
@@ -145,24 +143,25 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     p = _plan(q, v, chunk, channel=True)
     b, t, h, nt = p["B"], p["T"], p["H"], p["NT"]
     dummy = q.new_empty(0)
-    w, u, kd, qe = _wu_channel(kc, p, q, k, v, beta, bcum, tm, solve=False)
-    hs, vn, _ = _states(kn, p, kd, w, u, bcum, h0, False, gk=True, kd=True)
+    w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=False)
+    hs, vn, _ = _states(kn, p, k, w, u, bcum, h0, False, gk=True)
     del u
     do = do.contiguous()
     dvl = torch.empty_like(v)
     # the backward's own kernels on 8 warps (timed together, not apart; _load.CHANNEL_BACKWARD_WARPS)
     kc.dv_local[(nt, b * h)](  # a program a chunk, for every value block
-        tm, do, dvl, scale, t, H=h, V=p["V"], C=chunk, BV=p["BV"], PREC=p["PREC"], num_warps=CHANNEL_BACKWARD_WARPS)
+        q, k, do, bcum, dvl, scale, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"],
+        num_warps=CHANNEL_BACKWARD_WARPS)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(v)
     dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else dummy
     use_dht = dht is not None
     grid, blocks = _state_launch(p)
     kn.state_bwd[grid](
-        qe, kd, w, bcum, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale, t, nt, H=h,
-        K=p["K"], V=p["V"], C=chunk, BK=p["KP"], USE_G=True, USE_DHT=use_dht, STORE_DH0=h0 is not None,
-        PREC=p["PREC"], GK=True, KD=True, **blocks)
-    del dvl, w, kd, qe
+        q, k, w, bcum, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale, t, nt, H=h, K=p["K"],
+        V=p["V"], C=chunk, BK=p["KP"], USE_G=True, USE_DHT=use_dht, STORE_DH0=h0 is not None, PREC=p["PREC"],
+        GK=True, **blocks)
+    del dvl, w
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     db = torch.empty_like(bcum)
@@ -265,8 +264,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool,
             bval: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
-    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward. With
-    ``g`` per key channel the third is ``[B, T, H, 2C]`` float32: T, then the queries' scores P.
+    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward.
     ``bval``: the values' own write strength ``[B, T, H]`` (``chunk_delta_rule``'s ``value_beta``)."""
     return run_precompiled(_OP, "fwd", _forward, (q, k, v, beta, g, h0, scale, chunk, output_final_state, bval),
                            q.device)
@@ -277,8 +275,7 @@ def _(q, k, v, beta, g, h0, scale, chunk, output_final_state, bval=None):
     b, t, h, dk = q.shape
     ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
     bcum = g.new_empty(g.shape, dtype=torch.float32) if g is not None else q.new_empty(0)
-    tm = (q.new_empty(b, t, h, 2 * chunk, dtype=torch.float32) if _per_channel(g)  # T and P
-          else q.new_empty(b, t, h, chunk))
+    tm = q.new_empty(b, t, h, chunk, dtype=torch.float32 if _per_channel(g) else q.dtype)
     return torch.empty_like(v), ht, tm, bcum
 
 
