@@ -413,11 +413,12 @@ def solve_chunk(
 #: ``NLGRAPH_CHUNK_SOLVE``: ``triangular`` (default), one ``torch.linalg.solve_triangular``; or
 #: ``blocked``, the inverse built from the diagonal blocks' inverses by doubling and applied as one
 #: matmul (:func:`_inverse_lower`), for chunks of 64 · 2^k rows (k ≥ 1; others stay triangular):
-#: meant to shorten the sequential chain from the chunk to one 64-row block (not yet measured), at
-#: the price of saving about three times ``a``'s size for the backward. On an H100 cuBLAS's batched
-#: triangular solves took 12.8 % of `hope_large_chunk`'s GPU time at 256-token chunks
-#: (docs/benchmarks.md, "HOPE with large chunks"); ``blocked`` is checked against float64 on CPU and
-#: not yet timed on a GPU, so it is opt-in. An unknown value is an error at the first chunk solve.
+#: meant to shorten the sequential chain from the chunk to one 64-row block, at the price of saving
+#: about three times ``a``'s size for the backward. On an H100 cuBLAS's batched triangular solves
+#: took 12.8 % of `hope_large_chunk`'s GPU time at 256-token chunks, but ``blocked``, checked there,
+#: was slower: the solve alone 0.77 / 2.65 against 0.70 / 1.71 ms forward / forward + backward, the
+#: model 0.99x (docs/benchmarks.md, "HOPE with large chunks"), so it stays opt-in. An unknown value
+#: is an error at the first chunk solve.
 CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "triangular"
 _SOLVE_BLOCK = 64
 
