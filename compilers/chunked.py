@@ -431,11 +431,54 @@ def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
                            path="NLGRAPH_CHUNK_SOLVE")
     work = torch.promote_types(a.dtype, rhs.dtype)
+    if CHUNK_SOLVE == "triangular":
+        return _SolveLower.apply(a, rhs)
     # autocast off: the blocked form's matmuls would otherwise run in half precision
     with _no_autocast(a):
         if work in (torch.float16, torch.bfloat16):
             return _solve_lower_in(a.float(), rhs.float()).to(work)
         return _solve_lower_in(a.to(work), rhs.to(work))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a triangular solve runs in: float32 for the half precisions (none takes them)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _SolveLower(torch.autograd.Function):
+    """``a⁻¹ rhs`` (unit lower-triangular ``a``) solved in float32 or wider, returned in the promoted
+    dtype of the two, saving for the backward ``a`` as it came and the returned solution: the
+    solve's own autograd saved the widened copy of ``a`` and the float32 solution, so under bf16
+    autocast a chunk's solution was kept twice, once in float32 (``benchmarks/live_bytes.py``). The
+    backward is ``torch.linalg.solve_triangular``'s: ``∂rhs = a⁻ᵀ g``, ``∂a = −tril₋₁(∂rhs xᵀ)``, with
+    ``x`` the saved (work-dtype) solution, so under autocast ``∂a`` carries its rounding; in float32
+    it is the same computation. Made of differentiable operations (a second-order meta-gradient
+    differentiates through it) and vmapped by the rule PyTorch derives from them."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        work = torch.promote_types(a.dtype, rhs.dtype)
+        wide = _wide(work)
+        with _no_autocast(a):
+            x = torch.linalg.solve_triangular(a.to(wide), rhs.to(wide), upper=False, unitriangular=True)
+        return x.to(work)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        a, rhs = inputs
+        ctx.save_for_backward(a, output)
+        ctx.rhs_dtype = rhs.dtype
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, x = ctx.saved_tensors
+        wide = _wide(torch.promote_types(a.dtype, g.dtype))
+        with _no_autocast(a):
+            grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
+            ga = -(grhs @ x.to(wide).mT).tril(-1)
+        return ga.to(a.dtype), grhs.to(ctx.rhs_dtype)
 
 
 def _solve_lower_in(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

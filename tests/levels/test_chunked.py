@@ -508,3 +508,43 @@ def test_the_blocked_chunk_solve_equals_the_triangular_one(monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_SOLVE", "lu")
     with pytest.raises(NLGraphError, match="NLGRAPH_CHUNK_SOLVE"):
         chunked._solve_lower(a, r)
+
+
+def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are():
+    """The triangular chunk solve (``_SolveLower``): its value and both operands' gradients are
+    ``solve_triangular``'s (float64, first and second order, by ``gradcheck``); half-precision
+    operands are solved in float32 and returned in their dtype, and the backward keeps only ``a`` as
+    it came and the returned solution (no float32 copy of either), with gradients near float32's;
+    it runs under ``torch.func.vmap`` and ``torch.compile(fullgraph=True)``."""
+    from nlgraph.compilers import chunked
+
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    a = torch.eye(n) + torch.tril(torch.randn(2, n, n, generator=gen), -1) * 0.3
+    r = torch.randn(2, n, 5, generator=gen)
+    # the folder runs in float64: .double() would return the tensor itself, so each use takes a copy
+    a64, r64 = a.double().clone().requires_grad_(), r.double().clone().requires_grad_()
+    assert torch.autograd.gradcheck(chunked._SolveLower.apply, (a64, r64))
+    assert torch.autograd.gradgradcheck(chunked._SolveLower.apply, (a64, r64))
+    want = torch.linalg.solve_triangular(a.double(), r.double(), upper=False, unitriangular=True)
+    assert torch.allclose(chunked._solve_lower(a64, r64), want)
+
+    ab, rb = a.bfloat16().requires_grad_(), r.bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = chunked._solve_lower(ab, rb)
+    assert out.dtype == torch.bfloat16 and [t.dtype for t in saved] == [torch.bfloat16, torch.bfloat16]
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-2
+    dy = torch.randn(out.shape, generator=gen)
+    out.backward(dy.bfloat16())
+    ref_a, ref_r = a.double().clone().requires_grad_(), r.double().clone().requires_grad_()
+    torch.linalg.solve_triangular(ref_a, ref_r, upper=False, unitriangular=True).backward(dy.double())
+    assert ab.grad.dtype == torch.bfloat16 and rb.grad.dtype == torch.bfloat16
+    for got, ref in ((ab.grad.tril(-1), ref_a.grad.tril(-1)), (rb.grad, ref_r.grad)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+    a32, r32 = a.float(), r.float()
+    batched = torch.func.vmap(chunked._SolveLower.apply)(a32, r32)
+    assert torch.allclose(batched, chunked._solve_lower(a32, r32), atol=1e-6)
+    compiled = torch.compile(chunked._solve_lower, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(a32, r32), chunked._solve_lower(a32, r32), atol=1e-6)

@@ -32,8 +32,9 @@ def test_titans_form_differs_from_gated_delta_rule_when_alpha_below_one(seed, t,
         m = m @ (a * eye - bb * torch.outer(kk, kk)) + bb * torch.outer(v[0, i, 0], kk)
     assert_close(s_titans["memory.w0"][0, 0], m, "Titans-form state")
     # the first write already differs: GDN erases α·β along k, Titans β (M_0 = 0 hides it until t = 2)
-    # the forms differ materially, not in one stray entry
-    assert (y_titans - y_gdn).abs().max() > 1e-3 * y_gdn.abs().max()
+    # the forms differ materially, not in one stray entry: measured from the second read on, where
+    # they can differ (against the largest read overall, a large first read hid a difference of 1.2 %)
+    assert (y_titans - y_gdn)[:, 1:].abs().max() > 1e-3 * y_gdn[:, 1:].abs().max()
 
 
 @given(SEEDS, st.integers(1, 20), st.integers(2, 5), st.sampled_from(["reference", "chunked"]))
