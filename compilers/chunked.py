@@ -430,9 +430,9 @@ def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     if CHUNK_SOLVE not in ("triangular", "blocked"):
         raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
                            path="NLGRAPH_CHUNK_SOLVE")
-    work = torch.promote_types(a.dtype, rhs.dtype)
     if CHUNK_SOLVE == "triangular":
         return _SolveLower.apply(a, rhs)
+    work = torch.promote_types(a.dtype, rhs.dtype)
     # autocast off: the blocked form's matmuls would otherwise run in half precision
     with _no_autocast(a):
         if work in (torch.float16, torch.bfloat16):
@@ -453,7 +453,8 @@ class _SolveLower(torch.autograd.Function):
     backward is ``torch.linalg.solve_triangular``'s: ``∂rhs = a⁻ᵀ g``, ``∂a = −tril₋₁(∂rhs xᵀ)``, with
     ``x`` the saved (work-dtype) solution, so under autocast ``∂a`` carries its rounding; in float32
     it is the same computation. Made of differentiable operations (a second-order meta-gradient
-    differentiates through it) and vmapped by the rule PyTorch derives from them."""
+    differentiates through it) and vmapped by the rule PyTorch derives from them. No forward mode
+    (``torch.func.jvp``), as :class:`_Transfer`: nothing differentiates the solve forward."""
 
     generate_vmap_rule = True
 
@@ -469,7 +470,7 @@ class _SolveLower(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         a, rhs = inputs
         ctx.save_for_backward(a, output)
-        ctx.rhs_dtype = rhs.dtype
+        ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -477,8 +478,10 @@ class _SolveLower(torch.autograd.Function):
         wide = _wide(torch.promote_types(a.dtype, g.dtype))
         with _no_autocast(a):
             grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
-            ga = -(grhs @ x.to(wide).mT).tril(-1)
-        return ga.to(a.dtype), grhs.to(ctx.rhs_dtype)
+            # summed over the dims a was broadcast along (the model's slots) before the cast
+            ga = -(grhs @ x.to(wide).mT).tril(-1).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        return (None if ga is None else ga.to(a.dtype),
+                grhs.sum_to_size(ctx.rhs_shape).to(ctx.rhs_dtype) if ctx.needs_input_grad[1] else None)
 
 
 def _solve_lower_in(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -626,9 +626,10 @@ def table(res: dict[str, Any]) -> str:
 
 
 def cmd_bench(args) -> int:
+    if not args.tf32:
+        return _cmd_bench(args)
     before = torch.get_float32_matmul_precision()
-    if args.tf32:  # the whole run, anchors included; the process's setting is put back after
-        torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision("high")  # the whole run, anchors included; put back after
     try:
         return _cmd_bench(args)
     finally:
@@ -665,7 +666,7 @@ def _cmd_bench(args) -> int:
               "(pass --device cpu for a smoke run of the command)")
         return 0
     m = res["meta"]
-    m["fp32_matmul"] = torch.get_float32_matmul_precision()  # "high": TF32 allowed (--tf32)
+    m["fp32_matmul"] = "high" if args.tf32 else "as set"  # "high": TF32 allowed (--tf32)
     if args.layer:
         print(f"{m['device']}, torch {m['torch']}, layer {m['layer']} ({m['params']:,} parameters, forms "
               f"{m['forms']}), B={m['shape'][0]} T={m['shape'][1]} d_model={m['shape'][2]}, bf16 autocast on CUDA; "

@@ -510,13 +510,16 @@ def test_the_blocked_chunk_solve_equals_the_triangular_one(monkeypatch):
         chunked._solve_lower(a, r)
 
 
-def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are():
+def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are(monkeypatch):
     """The triangular chunk solve (``_SolveLower``): its value and both operands' gradients are
-    ``solve_triangular``'s (float64, first and second order, by ``gradcheck``); half-precision
-    operands are solved in float32 and returned in their dtype, and the backward keeps only ``a`` as
-    it came and the returned solution (no float32 copy of either), with gradients near float32's;
-    it runs under ``torch.func.vmap`` and ``torch.compile(fullgraph=True)``."""
+    ``solve_triangular``'s (float64, first and second order, by ``gradcheck``; ``a`` broadcast over
+    the right-hand sides' leading slots, as the model calls it); half-precision operands are solved
+    in float32 and returned in their dtype, and the backward keeps only ``a`` as it came and the
+    returned solution (no float32 copy of either), with gradients near float32's; it runs under
+    autocast, ``torch.func.vmap`` and ``torch.compile(fullgraph=True)`` with its backward."""
     from nlgraph.compilers import chunked
+
+    monkeypatch.setattr(chunked, "CHUNK_SOLVE", "triangular")
 
     gen = torch.Generator().manual_seed(0)
     n = 12
@@ -543,8 +546,32 @@ def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are():
     for got, ref in ((ab.grad.tril(-1), ref_a.grad.tril(-1)), (rb.grad, ref_r.grad)):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 2e-2
 
+    # the model's call: a [B, H, n, n] against right-hand sides with a leading slot axis
+    slots = torch.randn(3, 2, n, 5, generator=gen).double().requires_grad_()
+    assert torch.autograd.gradcheck(chunked._SolveLower.apply, (a64, slots))
+    got = torch.autograd.grad(chunked._solve_lower(a64, slots).square().sum(), (a64, slots))
+    ref = torch.autograd.grad(torch.linalg.solve_triangular(a64, slots, upper=False, unitriangular=True)
+                              .square().sum(), (a64, slots))
+    for x, y in zip(got, ref):
+        assert x.shape == y.shape and torch.allclose(x, y)
+    # float32 and bf16 operands under autocast: float32 out, each gradient in its operand's dtype
     a32, r32 = a.float(), r.float()
+    am, rm = a32.clone().requires_grad_(), r.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked._solve_lower(am, rm)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert am.grad.dtype == torch.float32 and rm.grad.dtype == torch.bfloat16
+
     batched = torch.func.vmap(chunked._SolveLower.apply)(a32, r32)
     assert torch.allclose(batched, chunked._solve_lower(a32, r32), atol=1e-6)
-    compiled = torch.compile(chunked._solve_lower, fullgraph=True, backend="eager")
-    assert torch.allclose(compiled(a32, r32), chunked._solve_lower(a32, r32), atol=1e-6)
+    grads = torch.func.vmap(torch.func.grad(lambda x, y: chunked._SolveLower.apply(x, y).sum(), (0, 1)))(a32, r32)
+    for x, y in zip(grads, torch.autograd.grad(chunked._solve_lower(a32.requires_grad_(), r32.requires_grad_()).sum(),
+                                              (a32, r32))):
+        assert torch.allclose(x, y, atol=1e-5)
+    compiled = torch.compile(chunked._solve_lower, fullgraph=True, backend="aot_eager")
+    ac, rc = a32.detach().clone().requires_grad_(), r32.detach().clone().requires_grad_()
+    compiled(ac, rc).square().sum().backward()
+    ae, re_ = a32.detach().clone().requires_grad_(), r32.detach().clone().requires_grad_()
+    chunked._solve_lower(ae, re_).square().sum().backward()
+    assert torch.allclose(ac.grad, ae.grad, atol=1e-5) and torch.allclose(rc.grad, re_.grad, atol=1e-5)
