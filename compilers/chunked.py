@@ -365,6 +365,73 @@ class ChunkSolution:
         return _chunk_end(self.w0, self.s0, self.x, self.e, rows, self.origin)
 
 
+def _product_dtype(u: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype ``u @ xᵀ`` comes out in here: autocast's on its device for float32 or 16-bit operands
+    (matmul is on every device's lower-precision list), else the operands' promoted dtype."""
+    dev = u.device.type
+    both = torch.promote_types(u.dtype, x.dtype)
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and both in (
+            torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(dev)
+    return both
+
+
+class _EraseSystem(torch.autograd.Function):
+    """A chunk's unit lower-triangular system ``I + diag(b) ((U Xᵀ) ⊙ Ω)`` (``u, x [..., n, i]``, ``x``
+    None for X = U, ``b [..., n]``, ``Ω [..., n, n]``), saving only its inputs: autograd saved the
+    score matrix ``U Xᵀ`` and its product with Ω, two more ``[n, n]`` a system (at
+    `hope_large_chunk`'s chunks of 256, 256 values a token, head and memory each), and the backward
+    makes ``U Xᵀ`` again, in the
+    dtype the forward's product had (autocast's, when it was on). The same values and gradients as
+    the expression, in the same dtypes; made of differentiable operations (second order, ``vmap``).
+    No forward mode (``torch.func.jvp``), as :class:`_Transfer`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor, om: torch.Tensor) -> torch.Tensor:
+        x = u if x is None else x
+        n = x.shape[-2]
+        return torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * ((u @ x.transpose(-1, -2)) * om)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, x, b, om = inputs
+        ctx.same = x is None
+        ctx.save_for_backward(u, b, om) if ctx.same else ctx.save_for_backward(u, x, b, om)
+        ctx.mdt = _product_dtype(u, u if x is None else x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if ctx.same:
+            u, b, om = ctx.saved_tensors
+            x = u
+        else:
+            u, x, b, om = ctx.saved_tensors
+        with _no_autocast(u):
+            ul, xl = u.to(ctx.mdt), x.to(ctx.mdt)
+            m = ul @ xl.transpose(-1, -2)
+            gk = g * b.unsqueeze(-1)
+            gb = gom = gu = gx = None
+            if ctx.needs_input_grad[2]:
+                gb = (g * (m * om)).sum(-1).sum_to_size(b.shape).to(b.dtype)
+            if ctx.needs_input_grad[3]:
+                gom = (gk * m).sum_to_size(om.shape).to(om.dtype)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                gm = (gk * om).to(ctx.mdt)
+                if ctx.needs_input_grad[0]:
+                    gu = gm @ xl
+                if ctx.needs_input_grad[1] or ctx.same:
+                    gx = gm.transpose(-1, -2) @ ul
+                if ctx.same:  # X = U: both of the product's operands are U
+                    gu, gx = (gx if gu is None else gu + gx), None
+                if gu is not None:
+                    gu = gu.sum_to_size(u.shape).to(u.dtype)
+                if gx is not None:
+                    gx = gx.sum_to_size(x.shape).to(x.dtype)
+        return gu, gx, gb, gom
+
+
 def solve_chunk(
     w0: torch.Tensor,
     s0: torch.Tensor | None,
@@ -402,8 +469,11 @@ def solve_chunk(
         return sol
     n = x.shape[-2]
     rows = slice(0, n)  # W_{r−1}: the state each token's erase sees
-    k = sol._kernel(erase, rows)
-    a = torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * k
+    if channel:
+        a = torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * sol._kernel(erase, rows)
+    else:
+        # one tensor passed twice to an autograd.Function is what Dynamo refuses: None stands for x = U
+        a = _EraseSystem.apply(erase, None if x is erase else x, b, sol._at(omega, rows, slice(1, None)))
     rhs = b.unsqueeze(-1) * sol._base(erase, rows) + f
     sol.e = _solve_lower(a, rhs)
     return sol

@@ -575,3 +575,65 @@ def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are(monkeypatch
     ae, re_ = a32.detach().clone().requires_grad_(), r32.detach().clone().requires_grad_()
     chunked._solve_lower(ae, re_).square().sum().backward()
     assert torch.allclose(ac.grad, ae.grad, atol=1e-5) and torch.allclose(rc.grad, re_.grad, atol=1e-5)
+
+
+def test_the_erase_system_saves_only_its_inputs():
+    """``_EraseSystem``: ``I + diag(b) ((U Xᵀ) ⊙ Ω)`` with the expression's value and gradients (float64,
+    first and second order, ``Ω`` shared across a leading slot axis as the model calls it), the same
+    under bf16 autocast to bf16's rounding, saving only its four inputs; under ``vmap`` and an
+    ``aot_eager`` compile with the backward; with X = U passed once."""
+    from nlgraph.compilers import chunked
+
+    gen = torch.Generator().manual_seed(1)
+    n, i = 6, 4
+
+    def expr(u, x, b, om):
+        return torch.eye(n, dtype=x.dtype) + b.unsqueeze(-1) * ((u @ x.transpose(-1, -2)) * om)
+
+    u, x = (torch.randn(3, 2, n, i, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+    b = torch.rand(3, 2, n, generator=gen, dtype=torch.float64).requires_grad_()
+    om = torch.rand(2, n, n, generator=gen, dtype=torch.float64).requires_grad_()
+    args = (u, x, b, om)
+    assert torch.autograd.gradcheck(chunked._EraseSystem.apply, args)
+    assert torch.autograd.gradgradcheck(chunked._EraseSystem.apply, args)
+    want = expr(*args)
+    assert torch.equal(chunked._EraseSystem.apply(*args), want)
+    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for got, ref in zip(torch.autograd.grad(chunked._EraseSystem.apply(*args), args, dy),
+                        torch.autograd.grad(want, args, dy)):
+        assert got.shape == ref.shape and torch.allclose(got, ref)
+
+    # bf16 autocast: the product in bf16 as the expression's, gradients within bf16's rounding
+    f32 = [t.detach().float().requires_grad_() for t in args]
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = chunked._EraseSystem.apply(*f32)
+        ref = expr(*f32)
+    assert len(saved) == 4 and all(s is t for s, t in zip(saved, f32))
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    grads = torch.autograd.grad(got, f32, dy.float())
+    refs = torch.autograd.grad(ref, f32, dy.float())
+    for g_, r_ in zip(grads, refs):
+        assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
+
+    plain = [t.detach().float() for t in args]
+    mapped = torch.func.vmap(chunked._EraseSystem.apply, in_dims=(0, 0, 0, None))(*plain)
+    assert torch.allclose(mapped, expr(*plain), atol=1e-5)
+    compiled = torch.compile(chunked._EraseSystem.apply, fullgraph=True, backend="aot_eager")
+    c32 = [t.clone().requires_grad_() for t in plain]
+    e32 = [t.clone().requires_grad_() for t in plain]
+    compiled(*c32).square().sum().backward()
+    expr(*e32).square().sum().backward()
+    for c, e in zip(c32, e32):
+        assert torch.allclose(c.grad, e.grad, atol=1e-4)
+    # X = U (the model's erase of the layer input itself), passed as None: the same tensor twice is
+    # what Dynamo refuses
+    same = [t.clone().requires_grad_() for t in (plain[0], plain[2], plain[3])]
+    ref = [t.clone().requires_grad_() for t in (plain[0], plain[2], plain[3])]
+    compiled(same[0], None, same[1], same[2]).square().sum().backward()
+    expr(ref[0], ref[0], ref[1], ref[2]).square().sum().backward()
+    for c, e in zip(same, ref):
+        assert torch.allclose(c.grad, e.grad, atol=1e-4)
+    u64 = u.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda u_, b_, om_: chunked._EraseSystem.apply(u_, None, b_, om_), (u64, b, om))
