@@ -381,10 +381,9 @@ class _EraseSystem(torch.autograd.Function):
     None for X = U, ``b [..., n]``, ``Ω [..., n, n]``), saving only its inputs: autograd saved the
     score matrix ``U Xᵀ`` and its product with Ω, two more ``[n, n]`` a system (at
     `hope_large_chunk`'s chunks of 256, 256 values a token, head and memory each), and the backward
-    makes ``U Xᵀ`` again, in the
-    dtype the forward's product had (autocast's, when it was on). The same values and gradients as
-    the expression, in the same dtypes; made of differentiable operations (second order, ``vmap``).
-    No forward mode (``torch.func.jvp``), as :class:`_Transfer`."""
+    makes ``U Xᵀ`` again, in the dtype the forward's product had (autocast's, when it was on). The
+    same values and gradients as the expression, in the same dtypes; made of differentiable
+    operations (second order, ``vmap``). No forward mode (``torch.func.jvp``), as :class:`_Transfer`."""
 
     generate_vmap_rule = True
 
@@ -398,16 +397,13 @@ class _EraseSystem(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         u, x, b, om = inputs
         ctx.same = x is None
-        ctx.save_for_backward(u, b, om) if ctx.same else ctx.save_for_backward(u, x, b, om)
-        ctx.mdt = _product_dtype(u, u if x is None else x)
+        x = u if x is None else x
+        ctx.save_for_backward(u, x, b, om)
+        ctx.mdt = _product_dtype(u, x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        if ctx.same:
-            u, b, om = ctx.saved_tensors
-            x = u
-        else:
-            u, x, b, om = ctx.saved_tensors
+        u, x, b, om = ctx.saved_tensors
         with _no_autocast(u):
             ul, xl = u.to(ctx.mdt), x.to(ctx.mdt)
             m = ul @ xl.transpose(-1, -2)
@@ -421,10 +417,10 @@ class _EraseSystem(torch.autograd.Function):
                 gm = (gk * om).to(ctx.mdt)
                 if ctx.needs_input_grad[0]:
                     gu = gm @ xl
-                if ctx.needs_input_grad[1] or ctx.same:
+                if ctx.needs_input_grad[1]:
                     gx = gm.transpose(-1, -2) @ ul
-                if ctx.same:  # X = U: both of the product's operands are U
-                    gu, gx = (gx if gu is None else gu + gx), None
+                if ctx.same:  # X = U: both of the product's operands are U (and x was not an input)
+                    gu = gu + gm.transpose(-1, -2) @ ul
                 if gu is not None:
                     gu = gu.sum_to_size(u.shape).to(u.dtype)
                 if gx is not None:
@@ -505,9 +501,7 @@ def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     work = torch.promote_types(a.dtype, rhs.dtype)
     # autocast off: the blocked form's matmuls would otherwise run in half precision
     with _no_autocast(a):
-        if work in (torch.float16, torch.bfloat16):
-            return _solve_lower_in(a.float(), rhs.float()).to(work)
-        return _solve_lower_in(a.to(work), rhs.to(work))
+        return _solve_lower_in(a.to(_wide(work)), rhs.to(_wide(work))).to(work)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -1277,9 +1271,7 @@ def _walked(walk, w0: torch.Tensor, s0: torch.Tensor | None, x: torch.Tensor, er
     w = w.view(lead + w.shape[-2:])
     out = None
     if rd is not None:  # in the dtype the chunked form's read has: autocast's, else the inputs'
-        dev = u.device.type
-        auto = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
-        out = rd.view(*reader, n, -1).to(torch.get_autocast_dtype(dev) if auto else torch.promote_types(u.dtype, f.dtype))
+        out = rd.view(*reader, n, -1).to(_product_dtype(u, f))
         if origin is not None:
             out = out + u @ origin.transpose(-1, -2).to(u.dtype)
     if w0_origin is not None:
