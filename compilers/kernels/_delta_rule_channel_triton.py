@@ -14,13 +14,13 @@ since ``K ⊙ e^{−b}`` overflows once a chunk decays past e^−88: ``_intra_ch
     O  = scale ((Q ⊙ e^b) h0 + P Vn),   P[r, j] = Σ_c q_rc k_jc e^{b_rc − b_jc}   (j ≤ r)
     h1 = diag(e^{b_C}) h0 + (K ⊙ e^{b_C − b})ᵀ Vn
 
-Forward: linear attention's ``_chunk_cumsum`` (b) → ``_prepare`` (T, W, U; parallel over chunks) →
-the delta rule's ``_state_fwd`` with ``GK``
-→ linear attention's ``_output_channel`` on ``Vn``. Backward: W and U and the chunk states
-recomputed from the saved T and b → ``_dv_local`` (``scale Pᵀ dO``) → the delta rule's ``_state_bwd``
-with ``GK`` (``dh``, and ``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv,
-dβ and ``db [C, K]``; dg is db's reverse cumulative sum inside each chunk, linear attention's
-``_chunk_cumsum``).
+Forward: linear attention's ``_chunk_cumsum`` (b) → ``_prepare`` (T, W, U; parallel over chunks;
+T kept in the first C columns of ``tm [B, T, H, 2C]`` float32) → the delta rule's ``_state_fwd``
+with ``GK`` → linear attention's ``_output_channel`` on ``Vn``, which keeps P in ``tm``'s last C
+columns. Backward: W and U and the chunk states recomputed from the saved T and b → ``_dv_local``
+(``scale Pᵀ dO``, from the kept P) → the delta rule's ``_state_bwd`` with ``GK`` (``dh``, and
+``dVn``) → ``_grads`` (everything else, one program per chunk: dq, dk, dv, dβ and ``db [C, K]``; dg
+is db's reverse cumulative sum inside each chunk, linear attention's ``_chunk_cumsum``).
 
 The keys of a row's own sub-block run on the CUDA cores (16 steps of ``[C, K]`` elementwise work
 per product), and ``_grads`` holds a dozen ``[C, K]`` float32 tiles: correct first, not tuned. Rows
@@ -52,7 +52,7 @@ def _prepare(k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V:
     bt = tl.load(beta + row, mask=valid, other=0.).to(tl.float32)
     kf = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
                  padding_option="zero").to(tl.float32)
-    p_tm = _rows(tm, tok, T, H, C, i_t * C, 0, C, C)
+    p_tm = _rows(tm, tok, T, H, 2 * C, i_t * C, 0, C, C)  # T in the first C columns (P after it)
     if SOLVE:
         strict = r[:, None] > r[None, :]
         a = tl.where(strict, _intra_channel(kf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC), 0.) * bt[:, None]
@@ -71,18 +71,17 @@ def _prepare(k, v, beta, bcum, tm, w, u, T, H: tl.constexpr, K: tl.constexpr, V:
 
 
 @triton.jit
-def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # dVn from the intra-chunk read: scale Pᵀ dO, one program a chunk for every value block (Pᵀ built
-    # once: a program per value block built it once per block)
+def _dv_local(tm, do, dvl, scale, T, H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr):
+    # dVn from the intra-chunk read: scale Pᵀ dO, one program a chunk for every value block; Pᵀ read
+    # by address from the P the forward's output kept in tm's last C columns (a transposed block
+    # pointer, not tl.trans of a tile: fla issue 640), not built again
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
-    b, _, _ = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
-    qf = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
-                 padding_option="zero").to(tl.float32)
-    pt = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC, TRANSPOSED=True) * scale  # Pᵀ
+    pt = tl.load(tl.make_block_ptr(tm + tok * 2 * C + C, (C, T), (1, H * 2 * C), (0, i_t * C), (C, C), (0, 1)),
+                 boundary_check=(0, 1), padding_option="zero") * scale
     for i_v in range(tl.cdiv(V, BV)):
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                       padding_option="zero").to(tl.float32)
@@ -141,8 +140,8 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     """dq, dk, dv, dβ and ``db`` (the gradient of ``bcum``) of one chunk, from the chunk-start state
     ``h0``, the gradient of the chunk-end state ``dh1`` and the total gradient of the values written
     ``dVn``. Shapes: q, k, dq, dk, bcum, db ``[B, T, H, K]`` (bcum, db float32); v, vn, dvn, do, dv
-    ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, C]`` float32 (T of each chunk, by
-    rows); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start, the gradient at its end)."""
+    ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, 2C]`` float32 (T of each chunk, by
+    rows, in its first C columns); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start, the gradient at its end)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -159,7 +158,7 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     kg = kf * eb  # K ⊙ e^b
     ek = tl.where(valid[:, None], tl.exp(bl[None, :] - b), 0.)  # e^{b_C − b}
     # Tᵀ loaded by address (a transposed block pointer), not by tl.trans of a tile (fla issue 640)
-    tmt = tl.load(tl.make_block_ptr(tm + tok * C, (C, T), (1, H * C), (0, i_t * C), (C, C), (0, 1)),
+    tmt = tl.load(tl.make_block_ptr(tm + tok * 2 * C, (C, T), (1, H * 2 * C), (0, i_t * C), (C, C), (0, 1)),
                   boundary_check=(0, 1), padding_option="zero")
     dqh = tl.zeros([C, BK], dtype=tl.float32)   # dO h0ᵀ
     dkd = tl.zeros([C, BK], dtype=tl.float32)   # Vn dh1ᵀ

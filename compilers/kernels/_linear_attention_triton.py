@@ -428,10 +428,13 @@ def _intra_channel_adjoint(xf, b, k, bcum, ds, tok, i_t, T, H: tl.constexpr, K: 
 
 
 @triton.jit
-def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _output_channel(q, k, v, bcum, hs, pm, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                    STORE_P: tl.constexpr):
     """One chunk's output, all value blocks: ``A`` is built once and used for each block (a program
-    per value block built it once per block, 2x the work at Dv = 128, BV = 64)."""
+    per value block built it once per block, 2x the work at Dv = 128, BV = 64). ``STORE_P`` also
+    writes ``A`` (float32, before its cast) into columns ``C .. 2C`` of ``pm [B, T, H, 2C]``, for the
+    per-channel delta rule's backward (``_dv_local`` reads it instead of building it again)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
@@ -440,7 +443,10 @@ def _output_channel(q, k, v, bcum, hs, o, scale, T, NT, H: tl.constexpr, K: tl.c
     b, bl, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
     qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
     qf = qb.to(tl.float32)
-    a = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC).to(dt)
+    af = _intra_channel(qf, b, k, bcum, tok, i_t, T, H, K, C, BK, PREC)
+    if STORE_P:
+        tl.store(_rows(pm, tok, T, H, 2 * C, i_t * C, C, C, C), af, boundary_check=(0, 1))
+    a = af.to(dt)
     qe = (qf * tl.exp(b)).to(dt)
     for i_v in range(tl.cdiv(V, BV)):
         p_h = tl.make_block_ptr(hs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),

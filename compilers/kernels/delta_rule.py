@@ -127,14 +127,14 @@ def _forward_channel(q, k, v, beta, g, h0, scale, chunk, output_final_state):
     kn, kc = _kernels(q), _kernels(q, channel=True)
     p = _plan(q, v, chunk, channel=True)
     b, t, h = p["B"], p["T"], p["H"]
-    tm = q.new_empty(b, t, h, chunk, dtype=torch.float32)
+    tm = q.new_empty(b, t, h, 2 * chunk, dtype=torch.float32)  # T, then the queries' scores P
     bcum = _chunk_cumsum(g, chunk)
     w, u = _wu_channel(kc, p, k, v, beta, bcum, tm, solve=True)
     hs, vn, ht = _states(kn, p, k, w, u, bcum, h0, output_final_state, gk=True)
     o = torch.empty_like(v)
     _la_kernels(q).output_channel[(p["NT"], b * h)](
-        q, k, vn, bcum, hs, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
-        PREC=p["PREC"])
+        q, k, vn, bcum, hs, tm, o, scale, t, p["NT"], H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"],
+        PREC=p["PREC"], STORE_P=True)
     return o, ht, tm, bcum
 
 
@@ -150,8 +150,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     dvl = torch.empty_like(v)
     # the backward's own kernels on 8 warps (timed together, not apart; _load.CHANNEL_BACKWARD_WARPS)
     kc.dv_local[(nt, b * h)](  # a program a chunk, for every value block
-        q, k, do, bcum, dvl, scale, t, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], BV=p["BV"], PREC=p["PREC"],
-        num_warps=CHANNEL_BACKWARD_WARPS)
+        tm, do, dvl, scale, t, H=h, V=p["V"], C=chunk, BV=p["BV"], PREC=p["PREC"], num_warps=CHANNEL_BACKWARD_WARPS)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(v)
     dh0 = q.new_empty(b, h, p["K"], p["V"], dtype=torch.float32) if h0 is not None else dummy
@@ -264,7 +263,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             h0: Optional[torch.Tensor], scale: float, chunk: int, output_final_state: bool,
             bval: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 or empty, T [B, T, H, C],
-    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward.
+    cumulative log decay (g's shape) fp32 or empty)``; the last two are saved for the backward. With
+    ``g`` per key channel the third is ``[B, T, H, 2C]`` float32: T, then the queries' scores P.
     ``bval``: the values' own write strength ``[B, T, H]`` (``chunk_delta_rule``'s ``value_beta``)."""
     return run_precompiled(_OP, "fwd", _forward, (q, k, v, beta, g, h0, scale, chunk, output_final_state, bval),
                            q.device)
@@ -275,7 +275,8 @@ def _(q, k, v, beta, g, h0, scale, chunk, output_final_state, bval=None):
     b, t, h, dk = q.shape
     ht = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0)
     bcum = g.new_empty(g.shape, dtype=torch.float32) if g is not None else q.new_empty(0)
-    tm = q.new_empty(b, t, h, chunk, dtype=torch.float32 if _per_channel(g) else q.dtype)
+    tm = (q.new_empty(b, t, h, 2 * chunk, dtype=torch.float32) if _per_channel(g)  # T and P
+          else q.new_empty(b, t, h, chunk))
     return torch.empty_like(v), ht, tm, bcum
 
 

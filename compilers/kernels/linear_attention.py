@@ -113,8 +113,8 @@ def _forward(q, k, v, g, h0, scale, chunk, output_final_state):
     o = torch.empty_like(v)
     grid = (_cdiv(p["V"], p["BV"]), p["NT"], p["B"] * p["H"])
     if _per_channel(bcum):  # one program a chunk, for all value blocks (its A built once)
-        kn.output_channel[grid[1:]](q, k, v, bcum, hs, o, scale, p["T"], p["NT"], H=p["H"], K=p["K"], V=p["V"], C=chunk,
-                                BK=p["BK"], BV=p["BV"], PREC=p["PREC"])
+        kn.output_channel[grid[1:]](q, k, v, bcum, hs, q.new_empty(0), o, scale, p["T"], p["NT"], H=p["H"], K=p["K"],
+                                    V=p["V"], C=chunk, BK=p["BK"], BV=p["BV"], PREC=p["PREC"], STORE_P=False)
     else:
         kn.output[grid](
             q, k, v, bcum if bcum is not None else q.new_empty(0), hs, o, scale, p["T"], p["NT"], H=p["H"],
