@@ -87,6 +87,7 @@ kda_bf16_checks|120|python benchmarks/delta_rule_channel_kernel.py --checks 4 5 
 delta_rule_fla_profile|300|python benchmarks/kernels.py --skip-nlgraph-chunked --skip-checks --profile --out $J
 hope_large_chunk_profile|420|python benchmarks/profile_step.py hope_large_chunk --batch 8 --length 2048 --warmup 1 --compile --graph --top 40 --json $J
 conv_warps|200|python benchmarks/short_conv_kernel.py --warps 4 8 16 32 --json $J
+conv_tiles|240|python benchmarks/short_conv_kernel.py --warps 4 --tiles 64x64 128x64 64x128 128x128 32x128 256x64 32x256 16x512 --json $J
 chunk_solve|540|python -P benchmarks/chunk_solve.py --json $J && python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --anchor none --json $OUT/chunk_solve_triangular_model.json && NLGRAPH_CHUNK_SOLVE=blocked python -P -m nlgraph bench hope_large_chunk D512 --lengths 2048 --tokens 16384 --modes compile-graph --steps 3 --anchor none --json $OUT/chunk_solve_blocked_model.json
 layer_stages_tuned|200|export NLGRAPH_TRITON_AUTOTUNE=1 NLGRAPH_TRITON_WARPS=4; python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile --no-fla --tuned --reps 3 --json $J
 kda_stages_tuned|300|export NLGRAPH_TRITON_AUTOTUNE=1; python benchmarks/delta_rule_channel_kernel.py --no-fla --profile --json $J

@@ -143,6 +143,14 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
     assert all(set(r["errors"]) >= {"y", "dx", "dw"} for r in rows) and "ds" in rows[0]["errors"]
     # at another warp count (the launches rewritten as the GPU session does)
     assert all(r["ok"] and r["warps"] == 8 for r in mod.run_checks(DEVICE, 8, (torch.float32,)))
+    # on other tiles (the GPU session's --tiles), the launch's tile restored after
+    from nlgraph.compilers.kernels import short_conv as op
+
+    before = (op._BT, op._BC)
+    assert all(r["ok"] and r["tile"] == [16, 32] for r in mod.run_checks(DEVICE, None, (torch.float32,), (16, 32)))
+    assert (op._BT, op._BC) == before
+    with pytest.raises(Exception, match="powers of two"):
+        mod.parse_tile("48x64")
     # a reference with its taps rotated by one: every check fails
     real = mod.reference
     monkeypatch.setattr(mod, "reference", lambda x, w, s, silu: real(x, w.roll(1, dims=1), s, silu))
