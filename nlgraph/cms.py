@@ -351,10 +351,11 @@ def _stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, le
         ic = {**ic, "values": dict(ic["values"]), "buffers": dict(ic["buffers"]), "sums": dict(ic["sums"]),
               "leaves": dict(ic["leaves"]) if ic["leaves"] is not None else None}
     run = model._compiled or model.blocks
+    cast = _ReadCasts(tokens.device.type)
 
     def forward(seg: torch.Tensor, blocks: list, params: dict) -> tuple[torch.Tensor, list]:
         for s in slots:
-            blocks = _put(blocks, s.path, {"params": params[s.key]})
+            blocks = _put(blocks, s.path, {"params": cast(s.key, params[s.key])})
         x = model.embed(seg)
         new = []
         # the segment starts at ic["position"], known here on the host: the levels get its phase
@@ -411,6 +412,41 @@ def _stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, le
     _keep_persistent(model, slots, ic, blocks)
     logits = torch.cat(outs, dim=1) if outs else model.head.weight.new_zeros(b, 0, model.spec.model.vocab)
     return logits, {"blocks": blocks, "in_context": ic}
+
+
+class _ReadCasts:
+    """The per-sequence parameters a segment reads, cast once to autocast's dtype (when autocast is on
+    for ``device_type``) and the cast reused while a level's parameters stay the same tensors.
+
+    Under autocast each of :func:`mlp_forward`'s einsums would cast its float32 weight itself and
+    save that copy for the backward, once a segment: a level whose period spans n segments kept n
+    copies of the same weights (``hope_large_chunk``'s CMS levels of periods 1024 and 2048 read at
+    256-token segments: 8 copies a level at T=2048). Cast here, one copy a period is made and every
+    segment's einsum saves it. The biases are cast too, as ``F.linear`` does under autocast (its
+    output, bias added, in the lower precision), so the in-context MLP computes what the static one
+    does. Gradients reach the float32 tensors through the casts."""
+
+    def __init__(self, device_type: str) -> None:
+        # autocast's devices by name: torch.amp.is_autocast_available is untraceable on torch 2.11,
+        # and a meta tensor (a shape-only run) has no autocast to ask
+        on = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type) if on else None
+        self.made: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, key: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.dtype is None:
+            return params
+        out = {}
+        for name, value in params.items():
+            if not value.is_floating_point() or value.dtype == self.dtype:
+                out[name] = value
+                continue
+            kept = self.made.get((key, name))
+            if kept is None or kept[0] is not value:
+                kept = (value, value.to(self.dtype))
+                self.made[(key, name)] = kept
+            out[name] = kept[1]
+        return out
 
 
 def _add(ic: State, periods: list[int], loss: torch.Tensor) -> None:

@@ -516,3 +516,42 @@ def test_a_persistent_mac_memory_carries_into_the_next_sequence(tmp_path):
     model.reset_memory()
     fresh = model(second)
     assert (got - fresh).abs().max() > 1e-6
+
+
+def test_under_autocast_each_period_casts_its_weights_once_and_the_mlp_reads_like_the_static_one():
+    """Under bf16 autocast the in-context MLP's weights are cast once a period, not once a segment:
+    with periods 4 and 16 read in 4-token segments over 16 tokens, the backward keeps 4 + 1 bf16
+    copies of each weight (not 4 + 4), and the result stays within bf16 of float32's. Before any
+    commit it computes what the static MLP computes under autocast (``F.linear``: bias in bf16)."""
+    spec = tiny([link(4), link(16)], repeat=1)
+    torch.manual_seed(0)
+    model = build(spec, dtype=torch.float32)
+    x = tokens(t=16)
+    shapes = {tuple(p.shape) for n, p in model.named_parameters() if "cms" in n and p.dim() == 2}
+    saved = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.dim() == 3 and tuple(t.shape[1:]) in shapes:
+            saved[t.untyped_storage().data_ptr()] = tuple(t.shape[1:])
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        low, _ = model.stream(x, None)
+    low.float().sum().backward()
+    copies = sorted(saved.values())
+    assert len(copies) == 5 * 2, copies  # (4 periods of the fast link + 1 of the slow) × 2 layers
+    grads_low = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    high, _ = model.stream(x, None)
+    high.sum().backward()
+    assert (low.float() - high).abs().max() <= 5e-2 * high.abs().max()
+    for n, p in model.named_parameters():
+        if n in grads_low:
+            assert (grads_low[n] - p.grad).norm() <= 5e-2 * p.grad.norm() + 1e-6, n
+    # before the first boundary: the static MLP under autocast
+    static = build(never(spec), dtype=torch.float32)
+    static.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = model.stream(x[:, :4], None)
+        b = static(x[:, :4])
+    torch.testing.assert_close(a, b)
