@@ -220,6 +220,18 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
     return rows
 
 
+def best_tile(res: dict) -> str:
+    """``BTxBC`` of the fastest tile (forward + backward GPU time) whose checks all passed; the
+    launch's 64x64 when none was timed."""
+    failed = {tuple(r["tile"]) for r in res.get("checks", []) if r.get("tile") and not r.get("ok")}
+    timed = [r for r in res.get("tile_timings", [])
+             if "tile" in r and "fwd_gpu_ms" in r and "bwd_gpu_ms" in r and tuple(r["tile"]) not in failed]
+    if not timed:
+        return "64x64"
+    bt, bc = min(timed, key=lambda r: r["fwd_gpu_ms"] + r["bwd_gpu_ms"])["tile"]
+    return f"{bt}x{bc}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
@@ -230,10 +242,16 @@ def main() -> int:
     ap.add_argument("--tiles", type=parse_tile, nargs="+", default=None, metavar="TxC",
                     help="token x channel tiles to check and graph-time, at the first of --warps")
     ap.add_argument("--graph-calls", type=int, default=50, help="launches a timed CUDA graph holds")
+    ap.add_argument("--best-tile", default=None, metavar="JSON",
+                    help="print the tile of a --tiles run's JSON with the least forward + backward GPU time among "
+                         "those whose checks all passed (as NLGRAPH_CONV_TILE takes it), and exit")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.best_tile:
+        print(best_tile(json.loads(Path(args.best_tile).read_text())))
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if device is None:
         print("short_conv_kernel: no CUDA device here; nothing to check or time (--device cpu checks under "

@@ -13,6 +13,7 @@ is, in one pass forward and two backward, with the activation fused. Registered 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -24,7 +25,26 @@ from ._load import recording, run_precompiled
 __all__ = ["ACTIVATIONS", "short_conv"]
 
 ACTIVATIONS = ("identity", "silu")
-_BT, _BC = 64, 64
+
+
+def _tile(text: str | None) -> tuple[int, int] | str:
+    """The kernels' token × channel tile from ``NLGRAPH_CONV_TILE`` (``TOKENSxCHANNELS``, default
+    64x64): a pair, or the error message a call then raises (an import does not)."""
+    if text is None or not text.strip():
+        return 64, 64
+    try:
+        bt, bc = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        bt = bc = 0
+    if bt < 16 or bc < 16 or bt > 512 or bc > 512 or bt & (bt - 1) or bc & (bc - 1) or bt * bc > 32768:
+        return (f"NLGRAPH_CONV_TILE={text!r} is not a tile: give TOKENSxCHANNELS, two powers of two from 16 "
+                "to 512 with at most 32768 elements (e.g. 64x64, the default), or unset it")
+    return bt, bc
+
+
+# the tile is read once: the launches and the fake (compile-time) kernels must agree for the process
+_TILE = _tile(os.environ.get("NLGRAPH_CONV_TILE"))
+_BT, _BC = _TILE if isinstance(_TILE, tuple) else (64, 64)
 
 
 def _kernels(x: torch.Tensor):
@@ -126,6 +146,8 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
     Returns:
         ``[B, T, C]`` in ``x``'s dtype (float32 accumulation).
     """
+    if isinstance(_TILE, str):
+        raise NLGraphError(_TILE, path="NLGRAPH_CONV_TILE")
     if act not in ACTIVATIONS:
         raise NLGraphError(f"activation {act!r} is not fused; use one of {', '.join(ACTIVATIONS)}", path="short_conv.act")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:

@@ -155,3 +155,38 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
     real = mod.reference
     monkeypatch.setattr(mod, "reference", lambda x, w, s, silu: real(x, w.roll(1, dims=1), s, silu))
     assert not any(r["ok"] for r in mod.run_checks(DEVICE, None, (torch.float32,)))
+
+
+def test_the_tile_variable_is_parsed_and_a_bad_one_is_one_clear_error(monkeypatch):
+    from nlgraph.compilers.kernels import short_conv as op
+
+    assert op._tile(None) == (64, 64) and op._tile("128x32") == (128, 32) and op._tile("16X512") == (16, 512)
+    for bad in ("64", "48x64", "8x64", "1024x16", "256x256", "axb"):
+        assert "NLGRAPH_CONV_TILE" in op._tile(bad), bad
+    monkeypatch.setattr(op, "_TILE", op._tile("48x64"))
+    with pytest.raises(NLGraphError, match="TOKENSxCHANNELS") as err:
+        op.short_conv(torch.zeros(1, 4, 8), torch.zeros(8, 4))
+    assert err.value.path == "NLGRAPH_CONV_TILE"
+
+
+def test_the_gpu_script_picks_the_fastest_tile_that_passed():
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("short_conv_kernel_pick", bench / "short_conv_kernel.py")
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(bench))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    res = {"checks": [{"tile": [128, 64], "ok": False}, {"tile": [32, 128], "ok": True}, {"tile": None, "ok": True}],
+           "tile_timings": [{"tile": [64, 64], "fwd_gpu_ms": 0.02, "bwd_gpu_ms": 0.05},
+                            {"tile": [128, 64], "fwd_gpu_ms": 0.01, "bwd_gpu_ms": 0.01},  # fastest, but failed
+                            {"tile": [32, 128], "fwd_gpu_ms": 0.015, "bwd_gpu_ms": 0.04},
+                            {"tile": [16, 512], "error": "out of resources"}]}
+    assert mod.best_tile(res) == "32x128"
+    assert mod.best_tile({"checks": [], "tile_timings": []}) == "64x64"
