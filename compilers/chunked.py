@@ -390,8 +390,7 @@ class _EraseSystem(torch.autograd.Function):
     @staticmethod
     def forward(u: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor, om: torch.Tensor) -> torch.Tensor:
         x = u if x is None else x
-        n = x.shape[-2]
-        return torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * ((u @ x.transpose(-1, -2)) * om)
+        return _erase_system(u @ x.transpose(-1, -2), x, b, om)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -406,26 +405,82 @@ class _EraseSystem(torch.autograd.Function):
         u, x, b, om = ctx.saved_tensors
         with _no_autocast(u):
             ul, xl = u.to(ctx.mdt), x.to(ctx.mdt)
+            return _erase_system_grads(g, ul @ xl.transpose(-1, -2), ul, xl, (u, x, b, om), ctx.same,
+                                       ctx.needs_input_grad[:4])
+
+
+def _erase_system(m: torch.Tensor, x: torch.Tensor, b: torch.Tensor, om: torch.Tensor) -> torch.Tensor:
+    """``I + diag(b) (M ⊙ Ω)`` from the score matrix ``M = U Xᵀ`` (``x`` gives the identity's dtype)."""
+    n = x.shape[-2]
+    return torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * (m * om)
+
+
+def _erase_system_grads(g: torch.Tensor, m: torch.Tensor, ul: torch.Tensor, xl: torch.Tensor, inputs: tuple,
+                        same: bool, needs: tuple) -> tuple:
+    """The gradients of :func:`_erase_system`'s ``(u, x, b, Ω)`` (``inputs``, for their shapes and dtypes)
+    from the system's gradient ``g``, with ``m = ul xlᵀ`` made again in the forward product's dtype
+    (``ul``, ``xl`` the operands cast to it); ``same``: X = U, x no input of its own."""
+    u, x, b, om = inputs
+    gk = g * b.unsqueeze(-1)
+    gb = gom = gu = gx = None
+    if needs[2]:
+        gb = (g * (m * om)).sum(-1).sum_to_size(b.shape).to(b.dtype)
+    if needs[3]:
+        gom = (gk * m).sum_to_size(om.shape).to(om.dtype)
+    if needs[0] or needs[1]:
+        gm = (gk * om).to(ul.dtype)
+        if needs[0]:
+            gu = gm @ xl
+        if needs[1]:
+            gx = gm.transpose(-1, -2) @ ul
+        if same:  # X = U: both of the product's operands are U (and x was not an input)
+            gu = gu + gm.transpose(-1, -2) @ ul
+        if gu is not None:
+            gu = gu.sum_to_size(u.shape).to(u.dtype)
+        if gx is not None:
+            gx = gx.sum_to_size(x.shape).to(x.dtype)
+    return gu, gx, gb, gom
+
+
+class _ErasedSolve(torch.autograd.Function):
+    """``(I + diag(b) ((U Xᵀ) ⊙ Ω))⁻¹ rhs``: :class:`_EraseSystem` and :class:`_SolveLower` in one
+    function that saves neither's ``[n, n]`` system: its inputs (``u, x [..., n, i]``, ``x`` None for
+    X = U, ``b [..., n]``, ``Ω [..., n, n]``) and the returned solution only, the backward building
+    the system again (one ``[n, i] × [i, n]`` product, in the forward product's dtype, and the same
+    element-wise steps in the same dtypes, so the same ``a`` to the bit). Kept apart, the solve
+    saved ``a`` itself: at `hope_large_chunk`'s chunks of 256 the largest tensor a chunk kept
+    (``benchmarks/live_bytes.py``). The same values and gradients as the two functions composed;
+    differentiable operations (second order, ``vmap``); no forward mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor, om: torch.Tensor,
+                rhs: torch.Tensor) -> torch.Tensor:
+        xx = u if x is None else x
+        return _SolveLower.forward(_erase_system(u @ xx.transpose(-1, -2), xx, b, om), rhs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, x, b, om, rhs = inputs
+        ctx.same = x is None
+        x = u if x is None else x
+        ctx.save_for_backward(u, x, b, om, output)
+        ctx.mdt = _product_dtype(u, x)
+        ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, x, b, om, sol = ctx.saved_tensors
+        with _no_autocast(u):
+            ul, xl = u.to(ctx.mdt), x.to(ctx.mdt)
             m = ul @ xl.transpose(-1, -2)
-            gk = g * b.unsqueeze(-1)
-            gb = gom = gu = gx = None
-            if ctx.needs_input_grad[2]:
-                gb = (g * (m * om)).sum(-1).sum_to_size(b.shape).to(b.dtype)
-            if ctx.needs_input_grad[3]:
-                gom = (gk * m).sum_to_size(om.shape).to(om.dtype)
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                gm = (gk * om).to(ctx.mdt)
-                if ctx.needs_input_grad[0]:
-                    gu = gm @ xl
-                if ctx.needs_input_grad[1]:
-                    gx = gm.transpose(-1, -2) @ ul
-                if ctx.same:  # X = U: both of the product's operands are U (and x was not an input)
-                    gu = gu + gm.transpose(-1, -2) @ ul
-                if gu is not None:
-                    gu = gu.sum_to_size(u.shape).to(u.dtype)
-                if gx is not None:
-                    gx = gx.sum_to_size(x.shape).to(x.dtype)
-        return gu, gx, gb, gom
+            a = _erase_system(m, x, b, om)
+            need_a = any(ctx.needs_input_grad[:4])
+            ga, grhs = _solve_lower_grads(a, sol, g, need_a, ctx.needs_input_grad[4], ctx.rhs_dtype, ctx.rhs_shape)
+            grads = (_erase_system_grads(ga, m, ul, xl, (u, x, b, om), ctx.same, ctx.needs_input_grad[:4])
+                     if need_a else (None,) * 4)
+        return (*grads, grhs)
 
 
 def solve_chunk(
@@ -449,11 +504,13 @@ def solve_chunk(
         f: ``[..., n, o]`` forcing. g: :func:`transfer` of the retention; y: of the momentum.
         origin: ``W_0 [..., o, i]`` when retention decays toward the initial state, else ``None``.
     """
+    known = None
     if origin is not None:
-        # solve for the deviation U = W − W_0; the erase of the W_0 part is a known forcing
+        # solve for the deviation U = W − W_0; the erase of the W_0 part is a known forcing,
+        # b (X W_0ᵀ), added to the erase's base below so one product is saved for b's gradient
         w0 = w0 - origin
         if b is not None:
-            f = f + b.unsqueeze(-1) * (x @ origin.transpose(-1, -2))
+            known = x @ origin.transpose(-1, -2)
     if y is None:
         omega, z = g, None
     else:
@@ -465,13 +522,17 @@ def solve_chunk(
         return sol
     n = x.shape[-2]
     rows = slice(0, n)  # W_{r−1}: the state each token's erase sees
+    base = sol._base(erase, rows)
+    rhs = b.unsqueeze(-1) * (base if known is None else base + known) + f
     if channel:
         a = torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * sol._kernel(erase, rows)
-    else:
+        sol.e = _solve_lower(a, rhs)
+    elif _chunk_solve() == "triangular":
         # one tensor passed twice to an autograd.Function is what Dynamo refuses: None stands for x = U
+        sol.e = _ErasedSolve.apply(erase, None if x is erase else x, b, sol._at(omega, rows, slice(1, None)), rhs)
+    else:
         a = _EraseSystem.apply(erase, None if x is erase else x, b, sol._at(omega, rows, slice(1, None)))
-    rhs = b.unsqueeze(-1) * sol._base(erase, rows) + f
-    sol.e = _solve_lower(a, rhs)
+        sol.e = _solve_lower(a, rhs)
     return sol
 
 
@@ -489,14 +550,19 @@ CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "tria
 _SOLVE_BLOCK = 64
 
 
+def _chunk_solve() -> str:
+    """:data:`CHUNK_SOLVE`, checked."""
+    if CHUNK_SOLVE not in ("triangular", "blocked"):
+        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
+                           path="NLGRAPH_CHUNK_SOLVE")
+    return CHUNK_SOLVE
+
+
 def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``a⁻¹ rhs`` for unit lower-triangular ``a [..., n, n]``, ``rhs [..., n, o]``, in the promoted
     dtype of the two. Half precisions are solved in float32 (no triangular solve takes bfloat16;
     under autocast the operands arrive in mixed dtypes) and cast back."""
-    if CHUNK_SOLVE not in ("triangular", "blocked"):
-        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
-                           path="NLGRAPH_CHUNK_SOLVE")
-    if CHUNK_SOLVE == "triangular":
+    if _chunk_solve() == "triangular":
         return _SolveLower.apply(a, rhs)
     work = torch.promote_types(a.dtype, rhs.dtype)
     # autocast off: the blocked form's matmuls would otherwise run in half precision
@@ -539,13 +605,20 @@ class _SolveLower(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, x = ctx.saved_tensors
-        wide = _wide(torch.promote_types(a.dtype, g.dtype))
         with _no_autocast(a):
-            grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
-            # summed over the dims a was broadcast along (the model's slots) before the cast
-            ga = -(grhs @ x.to(wide).mT).tril(-1).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
-        return (None if ga is None else ga.to(a.dtype),
-                grhs.sum_to_size(ctx.rhs_shape).to(ctx.rhs_dtype) if ctx.needs_input_grad[1] else None)
+            return _solve_lower_grads(a, x, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rhs_dtype,
+                                      ctx.rhs_shape)
+
+
+def _solve_lower_grads(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, need_a: bool, need_rhs: bool,
+                       rhs_dtype: torch.dtype, rhs_shape: torch.Size) -> tuple:
+    """``(∂a, ∂rhs)`` of ``x = a⁻¹ rhs`` from ``g`` (``None`` where not needed), as
+    ``torch.linalg.solve_triangular``'s backward: ``∂rhs = a⁻ᵀ g``, ``∂a = −tril₋₁(∂rhs xᵀ)``."""
+    wide = _wide(torch.promote_types(a.dtype, g.dtype))
+    grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
+    # summed over the dims a was broadcast along (the model's slots) before the cast
+    ga = (-(grhs @ x.to(wide).mT).tril(-1)).sum_to_size(a.shape).to(a.dtype) if need_a else None
+    return ga, (grhs.sum_to_size(rhs_shape).to(rhs_dtype) if need_rhs else None)
 
 
 def _solve_lower_in(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -637,3 +637,60 @@ def test_the_erase_system_saves_only_its_inputs():
         assert torch.allclose(c.grad, e.grad, atol=1e-4)
     u64 = u.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda u_, b_, om_: chunked._EraseSystem.apply(u_, None, b_, om_), (u64, b, om))
+
+
+def test_the_erased_solve_saves_neither_system_and_equals_the_two_functions():
+    """``_ErasedSolve``: ``(I + diag(b) ((U Xᵀ) ⊙ Ω))⁻¹ rhs`` equal to ``_EraseSystem`` then
+    ``_SolveLower`` in value and every gradient (float64, first and second order, ``Ω`` shared across
+    a slot axis, X = U passed once), bit for bit under bf16 autocast in the value and within bf16's
+    rounding in the gradients, saving its inputs and solution but no ``[n, n]`` system; under
+    ``vmap`` and an ``aot_eager`` compile with the backward."""
+    from nlgraph.compilers import chunked
+
+    gen = torch.Generator().manual_seed(2)
+    n, i, o = 7, 4, 3
+
+    def two(u, x, b, om, rhs):
+        return chunked._SolveLower.apply(chunked._EraseSystem.apply(u, x, b, om), rhs)
+
+    u, x = (0.3 * torch.randn(3, 2, n, i, generator=gen, dtype=torch.float64) for _ in range(2))
+    b = torch.rand(3, 2, n, generator=gen, dtype=torch.float64)
+    om = torch.rand(2, n, n, generator=gen, dtype=torch.float64)
+    rhs = torch.randn(3, 2, n, o, generator=gen, dtype=torch.float64)
+    args = tuple(t.requires_grad_() for t in (u, x, b, om, rhs))
+    assert torch.autograd.gradcheck(chunked._ErasedSolve.apply, args)
+    assert torch.autograd.gradgradcheck(chunked._ErasedSolve.apply, args)
+    want = two(*args)
+    assert torch.allclose(chunked._ErasedSolve.apply(*args), want)
+    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for got, ref in zip(torch.autograd.grad(chunked._ErasedSolve.apply(*args), args, dy),
+                        torch.autograd.grad(want, args, dy)):
+        assert got.shape == ref.shape and torch.allclose(got, ref)
+    same = (args[0], None, *args[2:])
+    assert torch.autograd.gradcheck(lambda u_, b_, om_, r_: chunked._ErasedSolve.apply(u_, None, b_, om_, r_),
+                                    (args[0], *args[2:]))
+    assert torch.allclose(chunked._ErasedSolve.apply(*same), two(*same))
+
+    f32 = [t.detach().float().requires_grad_() for t in args]
+    r32 = [t.detach().float().requires_grad_() for t in args]
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = chunked._ErasedSolve.apply(*f32)
+        ref = two(*r32)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    assert len(saved) == 5 and all(s is t for s, t in zip(saved, f32[:4])) and not any(
+        s.shape[-2:] == (n, n) and s.dim() > 2 and s.shape[0] == 3 for s in saved)
+    for g_, r_ in zip(torch.autograd.grad(got, f32, dy.float()), torch.autograd.grad(ref, r32, dy.float())):
+        assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
+
+    plain = [t.detach().float() for t in args]
+    mapped = torch.func.vmap(chunked._ErasedSolve.apply, in_dims=(0, 0, 0, None, 0))(*plain)
+    assert torch.allclose(mapped, two(*plain), atol=1e-5)
+    compiled = torch.compile(chunked._ErasedSolve.apply, fullgraph=True, backend="aot_eager")
+    c32 = [t.clone().requires_grad_() for t in plain]
+    e32 = [t.clone().requires_grad_() for t in plain]
+    compiled(*c32).square().sum().backward()
+    two(*e32).square().sum().backward()
+    for c, e in zip(c32, e32):
+        assert torch.allclose(c.grad, e.grad, atol=1e-4)
