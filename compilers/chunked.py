@@ -324,11 +324,15 @@ class ChunkSolution:
         """``u [..., n, i]`` times per-token factors ``f [..., n]`` or ``[..., n, i]``."""
         return u * (f if self.channel else f.unsqueeze(-1))
 
+    def _factor(self, f: torch.Tensor) -> torch.Tensor:
+        """Per-token factors ``[..., n]`` (or per channel ``[..., n, i]``) as ``[..., n, 1 or i]``."""
+        return f if self.channel else f.unsqueeze(-1)
+
     def _base(self, u: torch.Tensor, rows: slice) -> torch.Tensor:
-        out = self._scale(u, self._at(self.g, rows, 0)) @ self.w0.transpose(-1, -2)
+        out = _ScaledProduct.apply(u, self._factor(self._at(self.g, rows, 0)), self.w0)
         if self.s0 is not None:
             z = self.z[..., rows, :] if self.channel else self.z[..., rows]
-            out = out + self._scale(u, z) @ self.s0.transpose(-1, -2)
+            out = out + _ScaledProduct.apply(u, self._factor(z), self.s0)
         return out
 
     def _kernel(self, u: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -341,7 +345,12 @@ class ChunkSolution:
         """``W_r u_r`` (or ``W_{r−1} u_r`` when ``before``) for ``u [..., n, i]``: ``[..., n, o]``."""
         n = u.shape[-2]
         rows = slice(0, n) if before else slice(1, n + 1)
-        out = self._base(u, rows) - self._kernel(u, rows) @ self.e
+        if self.channel:
+            scored = self._kernel(u, rows) @ self.e
+        else:
+            scored = _ScoreRead.apply(u, None if u is self.x else self.x, self._at(self.omega, rows, slice(1, None)),
+                                      self.e)
+        out = self._base(u, rows) - scored
         return out if self.origin is None else out + u @ self.origin.transpose(-1, -2)
 
     def pick(self, i: int) -> ChunkSolution:
@@ -374,6 +383,96 @@ def _product_dtype(u: torch.Tensor, x: torch.Tensor) -> torch.dtype:
             torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(dev)
     return both
+
+
+class _ScaledProduct(torch.autograd.Function):
+    """``(U ⊙ F) Wᵀ`` (``u [..., n, i]``, ``f [..., n, 1 or i]`` broadcast against it, ``w [..., o, i]``),
+    saving its inputs instead of the scaled ``U ⊙ F`` (a new ``[n, i]`` tensor each time, which
+    autograd kept for the product's backward, beside a copy of ``W`` cast to autocast's dtype); the
+    backward scales ``U`` again. The same value, and the expression's gradients up to where its
+    products round (in the forward product's dtype, as autocast's backward takes them); differentiable
+    operations (second order, ``vmap``); no forward mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: torch.Tensor, f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (u * f) @ w.transpose(-1, -2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, f, w = inputs
+        ctx.save_for_backward(u, f, w)
+        ctx.sdt = torch.promote_types(u.dtype, f.dtype)
+        ctx.mdt = _product_dtype(u.new_empty(0, dtype=ctx.sdt), w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, f, w = ctx.saved_tensors
+        gu = gf = gw = None
+        with _no_autocast(u):
+            if ctx.needs_input_grad[2]:
+                gw = (g.to(ctx.mdt).transpose(-1, -2) @ (u * f).to(ctx.mdt)).sum_to_size(w.shape).to(w.dtype)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                gs = (g.to(ctx.mdt) @ w.to(ctx.mdt)).to(ctx.sdt)  # ∂/∂(U ⊙ F)
+                if ctx.needs_input_grad[0]:
+                    gu = (gs * f).sum_to_size(u.shape).to(u.dtype)
+                if ctx.needs_input_grad[1]:
+                    gf = (gs * u).sum_to_size(f.shape).to(f.dtype)
+        return gu, gf, gw
+
+
+class _ScoreRead(torch.autograd.Function):
+    """``((U Xᵀ) ⊙ Ω) E`` (``u [..., n, i]``, ``x [..., n, i]`` or None for X = U, ``Ω [..., n, n]``,
+    ``e [..., n, o]``): a chunk's read through its scores, saving its inputs where autograd kept the
+    scores ``U Xᵀ`` and their product with Ω (two ``[n, n]`` a read), and making the scores again in
+    the backward in the forward product's dtype. The expression's value; its gradients up to where
+    the products round; differentiable operations (second order, ``vmap``); no forward mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: torch.Tensor, x: torch.Tensor | None, om: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        x = u if x is None else x
+        return ((u @ x.transpose(-1, -2)) * om) @ e
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, x, om, e = inputs
+        ctx.same = x is None
+        x = u if x is None else x
+        ctx.save_for_backward(u, x, om, e)
+        ctx.mdt = _product_dtype(u, x)
+        ctx.kdt = torch.promote_types(ctx.mdt, om.dtype)  # the scores times Ω
+        ctx.edt = _product_dtype(u.new_empty(0, dtype=ctx.kdt), e)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, x, om, e = ctx.saved_tensors
+        gu = gx = gom = ge = None
+        with _no_autocast(u):
+            ul, xl = u.to(ctx.mdt), x.to(ctx.mdt)
+            m = ul @ xl.transpose(-1, -2)
+            if ctx.needs_input_grad[3]:
+                k = (m * om).to(ctx.edt)
+                ge = (k.transpose(-1, -2) @ g.to(ctx.edt)).sum_to_size(e.shape).to(e.dtype)
+            if any(ctx.needs_input_grad[:3]):
+                gk = (g.to(ctx.edt) @ e.to(ctx.edt).transpose(-1, -2)).to(ctx.kdt)  # ∂/∂((U Xᵀ) ⊙ Ω)
+                if ctx.needs_input_grad[2]:
+                    gom = (gk * m).sum_to_size(om.shape).to(om.dtype)
+                if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                    gm = (gk * om).to(ctx.mdt)
+                    if ctx.needs_input_grad[0] or ctx.same:
+                        gu = gm @ xl
+                    if ctx.needs_input_grad[1]:
+                        gx = gm.transpose(-1, -2) @ ul
+                    if ctx.same:
+                        gu = gu + gm.transpose(-1, -2) @ ul
+                    if gu is not None:
+                        gu = gu.sum_to_size(u.shape).to(u.dtype)
+                    if gx is not None:
+                        gx = gx.sum_to_size(x.shape).to(x.dtype)
+        return gu, gx, gom, ge
 
 
 class _EraseSystem(torch.autograd.Function):

@@ -4,6 +4,7 @@ a parallel form; its implementation chunk size never changes results."""
 
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -694,3 +695,74 @@ def test_the_erased_solve_saves_neither_system_and_equals_the_two_functions():
     two(*e32).square().sum().backward()
     for c, e in zip(c32, e32):
         assert torch.allclose(c.grad, e.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["scaled_product", "score_read"])
+def test_the_chunk_reads_save_only_their_inputs(which):
+    """``_ScaledProduct`` (``(U ⊙ F) Wᵀ``) and ``_ScoreRead`` (``((U Xᵀ) ⊙ Ω) E``): the expressions'
+    values and gradients (float64, first and second order, per-token and per-channel factors, Ω shared
+    across a slot axis, X = U passed once), the same value under bf16 autocast and gradients within
+    its rounding, saving only their inputs; under ``vmap`` and an ``aot_eager`` compile with the
+    backward."""
+    from nlgraph.compilers import chunked
+
+    gen = torch.Generator().manual_seed(3)
+    n, i, o = 6, 4, 3
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if which == "scaled_product":
+        fn = chunked._ScaledProduct.apply
+
+        def expr(u, f, w):
+            return (u * f) @ w.transpose(-1, -2)
+
+        cases = [(rnd(3, 2, n, i), torch.rand(3, 2, n, 1, generator=gen, dtype=torch.float64), rnd(3, 2, o, i)),
+                 (rnd(3, 2, n, i), torch.rand(2, n, i, generator=gen, dtype=torch.float64), rnd(3, 2, o, i))]
+        dims = (0, 0, 0)
+    else:
+        fn = chunked._ScoreRead.apply
+
+        def expr(u, x, om, e):
+            x = u if x is None else x
+            return ((u @ x.transpose(-1, -2)) * om) @ e
+
+        cases = [(rnd(3, 2, n, i), rnd(3, 2, n, i), torch.rand(2, n, n, generator=gen, dtype=torch.float64),
+                  rnd(3, 2, n, o))]
+        dims = (0, 0, None, 0)
+    for case in cases:
+        args = tuple(t.requires_grad_() for t in case)
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+        want = expr(*args)
+        assert torch.allclose(fn(*args), want)
+        dy = rnd(*want.shape)
+        for got, ref in zip(torch.autograd.grad(fn(*args), args, dy), torch.autograd.grad(want, args, dy)):
+            assert got.shape == ref.shape and torch.allclose(got, ref)
+        f32 = [t.detach().float().requires_grad_() for t in args]
+        r32 = [t.detach().float().requires_grad_() for t in args]
+        saved = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                got = fn(*f32)
+            ref = expr(*r32)
+        assert len(saved) == len(f32) and all(s is t for s, t in zip(saved, f32))
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+        for g_, r_ in zip(torch.autograd.grad(got, f32, dy.float()), torch.autograd.grad(ref, r32, dy.float())):
+            assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
+        plain = [t.detach().float() for t in args]
+        if plain[1].dim() == 4:  # vmap over the leading axis (the shared per-channel factors have none)
+            mapped = torch.func.vmap(fn, in_dims=dims)(*plain)
+            assert torch.allclose(mapped, expr(*plain), atol=1e-5)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        c32 = [t.clone().requires_grad_() for t in plain]
+        e32 = [t.clone().requires_grad_() for t in plain]
+        compiled(*c32).square().sum().backward()
+        expr(*e32).square().sum().backward()
+        for c, e in zip(c32, e32):
+            assert torch.allclose(c.grad, e.grad, atol=1e-4, rtol=1e-4)
+    if which == "score_read":  # X = U, passed as None
+        u, om, e = (t.detach().clone().requires_grad_() for t in (cases[0][0], cases[0][2], cases[0][3]))
+        assert torch.autograd.gradcheck(lambda u_, om_, e_: fn(u_, None, om_, e_), (u, om, e))
+        assert torch.allclose(fn(u, None, om, e), expr(u, u, om, e))
