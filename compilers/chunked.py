@@ -320,10 +320,6 @@ class ChunkSolution:
         """``t[..., rows, cols]`` on the two token axes, keeping a trailing channel axis."""
         return t[..., rows, cols, :] if self.channel else t[..., rows, cols]
 
-    def _scale(self, u: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """``u [..., n, i]`` times per-token factors ``f [..., n]`` or ``[..., n, i]``."""
-        return u * (f if self.channel else f.unsqueeze(-1))
-
     def _factor(self, f: torch.Tensor) -> torch.Tensor:
         """Per-token factors ``[..., n]`` (or per channel ``[..., n, i]``) as ``[..., n, 1 or i]``."""
         return f if self.channel else f.unsqueeze(-1)
@@ -374,11 +370,13 @@ class ChunkSolution:
         return _chunk_end(self.w0, self.s0, self.x, self.e, rows, self.origin)
 
 
-def _product_dtype(u: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+def _product_dtype(u: torch.Tensor, x: torch.Tensor, u_dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype ``u @ xᵀ`` comes out in here: autocast's on its device for float32 or 16-bit operands
-    (matmul is on every device's lower-precision list), else the operands' promoted dtype."""
+    (matmul is on every device's lower-precision list), else the operands' promoted dtype.
+    ``u_dtype``: the dtype ``u`` has by the time it is multiplied, when not its own (a product's
+    operand made inside the forward)."""
     dev = u.device.type
-    both = torch.promote_types(u.dtype, x.dtype)
+    both = torch.promote_types(u_dtype or u.dtype, x.dtype)
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and both in (
             torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(dev)
@@ -404,7 +402,7 @@ class _ScaledProduct(torch.autograd.Function):
         u, f, w = inputs
         ctx.save_for_backward(u, f, w)
         ctx.sdt = torch.promote_types(u.dtype, f.dtype)
-        ctx.mdt = _product_dtype(u.new_empty(0, dtype=ctx.sdt), w)
+        ctx.mdt = _product_dtype(u, w, ctx.sdt)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -444,7 +442,7 @@ class _ScoreRead(torch.autograd.Function):
         ctx.save_for_backward(u, x, om, e)
         ctx.mdt = _product_dtype(u, x)
         ctx.kdt = torch.promote_types(ctx.mdt, om.dtype)  # the scores times Ω
-        ctx.edt = _product_dtype(u.new_empty(0, dtype=ctx.kdt), e)
+        ctx.edt = _product_dtype(u, e, ctx.kdt)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
