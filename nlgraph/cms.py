@@ -416,7 +416,8 @@ def _stream_in_context(model: Any, tokens: torch.Tensor, state: State | None, le
 
 class _ReadCasts:
     """The per-sequence parameters a segment reads, cast once to autocast's dtype (when autocast is on
-    for ``device_type``) and the cast reused while a level's parameters stay the same tensors.
+    for ``device_type``) and the cast reused while a level's parameters stay the same tensors, within
+    one call (a period that spans several calls is cast once in each).
 
     Under autocast each of :func:`mlp_forward`'s einsums would cast its float32 weight itself and
     save that copy for the backward, once a segment: a level whose period spans n segments kept n
@@ -431,21 +432,22 @@ class _ReadCasts:
         # and a meta tensor (a shape-only run) has no autocast to ask
         on = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
         self.dtype = torch.get_autocast_dtype(device_type) if on else None
-        self.made: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.made: dict[tuple[str, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def __call__(self, key: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.dtype is None:
             return params
         out = {}
         for name, value in params.items():
-            if not value.is_floating_point() or value.dtype == self.dtype:
+            # autocast's own rule: it casts float32 and the 16-bit floats, never float64
+            if value.dtype not in (torch.float32, torch.float16, torch.bfloat16) or value.dtype == self.dtype:
                 out[name] = value
                 continue
             kept = self.made.get((key, name))
-            if kept is None or kept[0] is not value:
-                kept = (value, value.to(self.dtype))
+            if kept is None or kept[0] is not value or kept[1] != value._version:  # changed in place: cast again
+                kept = (value, value._version, value.to(self.dtype))
                 self.made[(key, name)] = kept
-            out[name] = kept[1]
+            out[name] = kept[2]
         return out
 
 

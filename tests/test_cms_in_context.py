@@ -548,6 +548,19 @@ def test_under_autocast_each_period_casts_its_weights_once_and_the_mlp_reads_lik
     for n, p in model.named_parameters():
         if n in grads_low:
             assert (grads_low[n] - p.grad).norm() <= 5e-2 * p.grad.norm() + 1e-6, n
+    # a float64 model under autocast: autocast leaves float64 alone, and so do the casts
+    wide = build(spec, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert wide.stream(x, None)[0].dtype == torch.float64
+    # a parameter changed in place is cast again, not read from the kept cast
+    from nlgraph.cms import _ReadCasts
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        casts = _ReadCasts("cpu")
+        p = {"w": torch.ones(2, 2)}
+        assert casts("k", p)["w"].dtype == torch.bfloat16 and casts("k", p)["w"] is casts("k", p)["w"]
+        p["w"].mul_(2)
+        assert torch.equal(casts("k", p)["w"], torch.full((2, 2), 2.0, dtype=torch.bfloat16))
     # before the first boundary: the static MLP under autocast
     static = build(never(spec), dtype=torch.float32)
     static.load_state_dict(model.state_dict())
