@@ -460,18 +460,24 @@ class _ScoreRead(torch.autograd.Function):
                 if ctx.needs_input_grad[2]:
                     gom = (gk * m).sum_to_size(om.shape).to(om.dtype)
                 if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                    gm = (gk * om).to(ctx.mdt)
-                    if ctx.needs_input_grad[0] or ctx.same:
-                        gu = gm @ xl
-                    if ctx.needs_input_grad[1]:
-                        gx = gm.transpose(-1, -2) @ ul
-                    if ctx.same:
-                        gu = gu + gm.transpose(-1, -2) @ ul
-                    if gu is not None:
-                        gu = gu.sum_to_size(u.shape).to(u.dtype)
-                    if gx is not None:
-                        gx = gx.sum_to_size(x.shape).to(x.dtype)
+                    gu, gx = _score_grads((gk * om).to(ctx.mdt), ul, xl, u, x, ctx.same, ctx.needs_input_grad[:2])
         return gu, gx, gom, ge
+
+
+def _score_grads(gm: torch.Tensor, ul: torch.Tensor, xl: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
+                 same: bool, needs: tuple) -> tuple:
+    """``(∂U, ∂X)`` of the scores ``M = U Xᵀ`` from their gradient ``gm`` (``ul``, ``xl``: the operands
+    in the product's dtype; ``u``, ``x``: as given, for the shapes and dtypes the gradients take);
+    ``same``: X = U, x no input of its own, so U takes both operands' parts."""
+    gu = gx = None
+    if needs[0]:
+        gu = gm @ xl
+        if same:
+            gu = gu + gm.transpose(-1, -2) @ ul
+        gu = gu.sum_to_size(u.shape).to(u.dtype)
+    if needs[1]:
+        gx = (gm.transpose(-1, -2) @ ul).sum_to_size(x.shape).to(x.dtype)
+    return gu, gx
 
 
 class _EraseSystem(torch.autograd.Function):
@@ -526,17 +532,7 @@ def _erase_system_grads(g: torch.Tensor, m: torch.Tensor, ul: torch.Tensor, xl: 
     if needs[3]:
         gom = (gk * m).sum_to_size(om.shape).to(om.dtype)
     if needs[0] or needs[1]:
-        gm = (gk * om).to(ul.dtype)
-        if needs[0]:
-            gu = gm @ xl
-        if needs[1]:
-            gx = gm.transpose(-1, -2) @ ul
-        if same:  # X = U: both of the product's operands are U (and x was not an input)
-            gu = gu + gm.transpose(-1, -2) @ ul
-        if gu is not None:
-            gu = gu.sum_to_size(u.shape).to(u.dtype)
-        if gx is not None:
-            gx = gx.sum_to_size(x.shape).to(x.dtype)
+        gu, gx = _score_grads((gk * om).to(ul.dtype), ul, xl, u, x, same, needs[:2])
     return gu, gx, gb, gom
 
 
