@@ -140,8 +140,8 @@ class _Transfer(torch.autograd.Function):
     lower triangle: ``G[r, j] = G[k−1, j] · f_k · G[r, k]`` for ``j < k ≤ r``, so
     ``∂L/∂f_k = Σ_{j<k} G[k−1, j] · (Gᵀ Ḡ)[k, j]``: products only, exact when a factor is 0
     (``torch.cumprod``'s own backward asks whether one is, a host synchronisation that breaks
-    CUDA-graph capture), and the saved ``G`` is all it needs (the doubling scan this replaces kept
-    ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward). The backward is made of
+    CUDA-graph capture), and ``G``, made again from the saved factors, is all it needs (the doubling
+    scan this replaces kept ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward). The backward is made of
     differentiable operations, so a second-order meta-gradient differentiates through it, and
     ``torch.func.vmap`` takes the rule PyTorch derives from them. No forward mode (``torch.func.jvp``):
     Dynamo refuses a custom ``jvp`` inside a compiled graph, and nothing differentiates the products
@@ -167,8 +167,10 @@ class _Transfer(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # separate from forward, as torch.func's transforms ask
+        # the factors, not G: under autocast `transfer` returns a 16-bit copy and this float32 G
+        # was kept for the backward alone (32 MiB of `hope_large_chunk`'s T=2048 forward on CPU)
         ctx.channel = inputs[1]
-        ctx.save_for_backward(output)
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def _front(g: torch.Tensor, channel: bool) -> torch.Tensor:
@@ -182,7 +184,11 @@ class _Transfer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (g,) = ctx.saved_tensors
+        (f,) = ctx.saved_tensors
+        # G made again from the factors: as this function when the backward is itself differentiated
+        # (second order), so G's dependence on f has this backward, not torch.cumprod's; otherwise
+        # (every compiled or first-order backward) its forward's operations alone
+        g = _Transfer.apply(f, ctx.channel) if torch.is_grad_enabled() else _Transfer.forward(f, ctx.channel)
         with _no_autocast(g):
             g, grad = _Transfer._front(g, ctx.channel), _Transfer._front(grad.to(g.dtype), ctx.channel)
             # Ḡ on the lower triangle only, selected rather than multiplied: G is a constant 0 above

@@ -766,3 +766,26 @@ def test_the_chunk_reads_save_only_their_inputs(which):
         u, om, e = (t.detach().clone().requires_grad_() for t in (cases[0][0], cases[0][2], cases[0][3]))
         assert torch.autograd.gradcheck(lambda u_, om_, e_: fn(u_, None, om_, e_), (u, om, e))
         assert torch.allclose(fn(u, None, om, e), expr(u, u, om, e))
+
+
+def test_transfer_keeps_only_its_factors_and_compiles_with_its_backward():
+    """``_Transfer`` saves the factors, not ``G`` (made again in the backward): under bf16 autocast
+    nothing ``[n+1, n+1]`` is kept; its gradients equal the eager ones through an ``aot_eager``
+    compile of forward and backward, per head and per channel."""
+    from nlgraph.compilers.chunked import transfer
+
+    f = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)).float().requires_grad_()
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = transfer(f.bfloat16(), False)
+    assert out.dtype == torch.bfloat16 and saved and all(t.shape[-1] != 8 for t in saved)
+    for channel, shape in ((False, (3, 7)), (True, (3, 7, 4))):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(5)).float()
+        w = torch.randn(transfer(x, channel).shape, generator=torch.Generator().manual_seed(6)).float()
+        eager, comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (transfer(eager, channel) * w).sum().backward()
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda y: (transfer(y, channel) * w).sum(), fullgraph=True, backend="aot_eager")
+        compiled(comp).backward()
+        assert torch.allclose(comp.grad, eager.grad, atol=1e-6)
