@@ -141,8 +141,8 @@ class _Transfer(torch.autograd.Function):
     ``∂L/∂f_k = Σ_{j<k} G[k−1, j] · (Gᵀ Ḡ)[k, j]``: products only, exact when a factor is 0
     (``torch.cumprod``'s own backward asks whether one is, a host synchronisation that breaks
     CUDA-graph capture), and ``G``, made again from the saved factors, is all it needs (the doubling
-    scan this replaces kept ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward). The backward is made of
-    differentiable operations, so a second-order meta-gradient differentiates through it, and
+    scan this replaces kept ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward).
+    The backward is made of differentiable operations, so a second-order meta-gradient differentiates through it, and
     ``torch.func.vmap`` takes the rule PyTorch derives from them. No forward mode (``torch.func.jvp``):
     Dynamo refuses a custom ``jvp`` inside a compiled graph, and nothing differentiates the products
     forward. The matmul follows PyTorch's float32 matmul precision: with TF32 allowed
@@ -389,6 +389,16 @@ def _product_dtype(u: torch.Tensor, x: torch.Tensor, u_dtype: torch.dtype | None
     return both
 
 
+def _save_scores(ctx, u: torch.Tensor, x: torch.Tensor | None, *rest: torch.Tensor) -> None:
+    """The context of a function of the scores ``U Xᵀ`` (``x`` None for X = U, passed once: Dynamo
+    refuses one tensor passed twice to an autograd.Function): saves ``(u, x, *rest)`` with ``x``
+    resolved, and records X = U and the dtype the forward's product came out in."""
+    ctx.same = x is None
+    x = u if x is None else x
+    ctx.save_for_backward(u, x, *rest)
+    ctx.mdt = _product_dtype(u, x)
+
+
 class _ScaledProduct(torch.autograd.Function):
     """``(U ⊙ F) Wᵀ`` (``u [..., n, i]``, ``f [..., n, 1 or i]`` broadcast against it, ``w [..., o, i]``),
     saving its inputs instead of the scaled ``U ⊙ F`` (a new ``[n, i]`` tensor each time, which
@@ -443,10 +453,7 @@ class _ScoreRead(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         u, x, om, e = inputs
-        ctx.same = x is None
-        x = u if x is None else x
-        ctx.save_for_backward(u, x, om, e)
-        ctx.mdt = _product_dtype(u, x)
+        _save_scores(ctx, u, x, om, e)
         ctx.kdt = torch.promote_types(ctx.mdt, om.dtype)  # the scores times Ω
         ctx.edt = _product_dtype(u, e, ctx.kdt)
 
@@ -504,11 +511,7 @@ class _EraseSystem(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        u, x, b, om = inputs
-        ctx.same = x is None
-        x = u if x is None else x
-        ctx.save_for_backward(u, x, b, om)
-        ctx.mdt = _product_dtype(u, x)
+        _save_scores(ctx, *inputs)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -563,10 +566,7 @@ class _ErasedSolve(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         u, x, b, om, rhs = inputs
-        ctx.same = x is None
-        x = u if x is None else x
-        ctx.save_for_backward(u, x, b, om, output)
-        ctx.mdt = _product_dtype(u, x)
+        _save_scores(ctx, u, x, b, om, output)
         ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
 
     @staticmethod

@@ -141,7 +141,8 @@ def _grads(q, k, v, beta, bcum, tm, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta, db,
     ``h0``, the gradient of the chunk-end state ``dh1`` and the total gradient of the values written
     ``dVn``. Shapes: q, k, dq, dk, bcum, db ``[B, T, H, K]`` (bcum, db float32); v, vn, dvn, do, dv
     ``[B, T, H, V]``; beta, dbeta ``[B, T, H]``; tm ``[B, T, H, 2C]`` float32 (T of each chunk, by
-    rows, in its first C columns); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start, the gradient at its end)."""
+    rows, in its first C columns); hs, dhs ``[B, NT, H, K, V]`` (the state at each chunk's start,
+    the gradient at its end)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
