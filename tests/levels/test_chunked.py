@@ -578,6 +578,50 @@ def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are(monkeypatch
     assert torch.allclose(ac.grad, ae.grad, atol=1e-5) and torch.allclose(rc.grad, re_.grad, atol=1e-5)
 
 
+def _float64_like(fn, expr, args, gen, exact: bool = False) -> torch.Tensor:
+    """``fn`` against ``expr`` in float64: gradcheck and gradgradcheck, the value (bit for bit with
+    ``exact``), and every input's gradient against a random ``dy`` (drawn from ``gen``, returned)."""
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+    want = expr(*args)
+    got = fn(*args)
+    assert torch.equal(got, want) if exact else torch.allclose(got, want)
+    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for got, ref in zip(torch.autograd.grad(fn(*args), args, dy), torch.autograd.grad(want, args, dy)):
+        assert got.shape == ref.shape and torch.allclose(got, ref)
+    return dy
+
+
+def _under_autocast(fn, expr, args, dy) -> tuple[list, list]:
+    """``fn`` and ``expr`` on float32 copies of ``args`` under CPU bf16 autocast: the same value, dtype
+    and bits, and gradients (against ``dy``) in each input's dtype within 2e-2 of the expression's.
+    Returns what ``fn`` saved for its backward and its float32 inputs."""
+    f32 = [t.detach().float().requires_grad_() for t in args]
+    r32 = [t.detach().float().requires_grad_() for t in args]
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = fn(*f32)
+        ref = expr(*r32)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    for g_, r_ in zip(torch.autograd.grad(got, f32, dy.float()), torch.autograd.grad(ref, r32, dy.float())):
+        assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
+    return saved, f32
+
+
+def _compiled_like(fn, expr, plain, atol: float, rtol: float = 1e-5):
+    """``fn`` compiled (``aot_eager``, fullgraph) gives the expression's gradients on ``plain``;
+    returns the compiled function."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    c32 = [t.clone().requires_grad_() for t in plain]
+    e32 = [t.clone().requires_grad_() for t in plain]
+    compiled(*c32).square().sum().backward()
+    expr(*e32).square().sum().backward()
+    for c, e in zip(c32, e32):
+        assert torch.allclose(c.grad, e.grad, atol=atol, rtol=rtol)
+    return compiled
+
+
 def test_the_erase_system_saves_only_its_inputs():
     """``_EraseSystem``: ``I + diag(b) ((U Xᵀ) ⊙ Ω)`` with the expression's value and gradients (float64,
     first and second order, ``Ω`` shared across a leading slot axis as the model calls it), the same
@@ -595,39 +639,16 @@ def test_the_erase_system_saves_only_its_inputs():
     b = torch.rand(3, 2, n, generator=gen, dtype=torch.float64).requires_grad_()
     om = torch.rand(2, n, n, generator=gen, dtype=torch.float64).requires_grad_()
     args = (u, x, b, om)
-    assert torch.autograd.gradcheck(chunked._EraseSystem.apply, args)
-    assert torch.autograd.gradgradcheck(chunked._EraseSystem.apply, args)
-    want = expr(*args)
-    assert torch.equal(chunked._EraseSystem.apply(*args), want)
-    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    for got, ref in zip(torch.autograd.grad(chunked._EraseSystem.apply(*args), args, dy),
-                        torch.autograd.grad(want, args, dy)):
-        assert got.shape == ref.shape and torch.allclose(got, ref)
+    dy = _float64_like(chunked._EraseSystem.apply, expr, args, gen, exact=True)
 
     # bf16 autocast: the product in bf16 as the expression's, gradients within bf16's rounding
-    f32 = [t.detach().float().requires_grad_() for t in args]
-    saved = []
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            got = chunked._EraseSystem.apply(*f32)
-        ref = expr(*f32)
+    saved, f32 = _under_autocast(chunked._EraseSystem.apply, expr, args, dy)
     assert len(saved) == 4 and all(s is t for s, t in zip(saved, f32))
-    assert got.dtype == ref.dtype and torch.equal(got, ref)
-    grads = torch.autograd.grad(got, f32, dy.float())
-    refs = torch.autograd.grad(ref, f32, dy.float())
-    for g_, r_ in zip(grads, refs):
-        assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
 
     plain = [t.detach().float() for t in args]
     mapped = torch.func.vmap(chunked._EraseSystem.apply, in_dims=(0, 0, 0, None))(*plain)
     assert torch.allclose(mapped, expr(*plain), atol=1e-5)
-    compiled = torch.compile(chunked._EraseSystem.apply, fullgraph=True, backend="aot_eager")
-    c32 = [t.clone().requires_grad_() for t in plain]
-    e32 = [t.clone().requires_grad_() for t in plain]
-    compiled(*c32).square().sum().backward()
-    expr(*e32).square().sum().backward()
-    for c, e in zip(c32, e32):
-        assert torch.allclose(c.grad, e.grad, atol=1e-4)
+    compiled = _compiled_like(chunked._EraseSystem.apply, expr, plain, atol=1e-4)
     # X = U (the model's erase of the layer input itself), passed as None: the same tensor twice is
     # what Dynamo refuses
     same = [t.clone().requires_grad_() for t in (plain[0], plain[2], plain[3])]
@@ -659,42 +680,20 @@ def test_the_erased_solve_saves_neither_system_and_equals_the_two_functions():
     om = torch.rand(2, n, n, generator=gen, dtype=torch.float64)
     rhs = torch.randn(3, 2, n, o, generator=gen, dtype=torch.float64)
     args = tuple(t.requires_grad_() for t in (u, x, b, om, rhs))
-    assert torch.autograd.gradcheck(chunked._ErasedSolve.apply, args)
-    assert torch.autograd.gradgradcheck(chunked._ErasedSolve.apply, args)
-    want = two(*args)
-    assert torch.allclose(chunked._ErasedSolve.apply(*args), want)
-    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    for got, ref in zip(torch.autograd.grad(chunked._ErasedSolve.apply(*args), args, dy),
-                        torch.autograd.grad(want, args, dy)):
-        assert got.shape == ref.shape and torch.allclose(got, ref)
+    dy = _float64_like(chunked._ErasedSolve.apply, two, args, gen)
     same = (args[0], None, *args[2:])
     assert torch.autograd.gradcheck(lambda u_, b_, om_, r_: chunked._ErasedSolve.apply(u_, None, b_, om_, r_),
                                     (args[0], *args[2:]))
     assert torch.allclose(chunked._ErasedSolve.apply(*same), two(*same))
 
-    f32 = [t.detach().float().requires_grad_() for t in args]
-    r32 = [t.detach().float().requires_grad_() for t in args]
-    saved = []
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            got = chunked._ErasedSolve.apply(*f32)
-        ref = two(*r32)
-    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    saved, f32 = _under_autocast(chunked._ErasedSolve.apply, two, args, dy)
     assert len(saved) == 5 and all(s is t for s, t in zip(saved, f32[:4])) and not any(
         s.shape[-2:] == (n, n) and s.dim() > 2 and s.shape[0] == 3 for s in saved)
-    for g_, r_ in zip(torch.autograd.grad(got, f32, dy.float()), torch.autograd.grad(ref, r32, dy.float())):
-        assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
 
     plain = [t.detach().float() for t in args]
     mapped = torch.func.vmap(chunked._ErasedSolve.apply, in_dims=(0, 0, 0, None, 0))(*plain)
     assert torch.allclose(mapped, two(*plain), atol=1e-5)
-    compiled = torch.compile(chunked._ErasedSolve.apply, fullgraph=True, backend="aot_eager")
-    c32 = [t.clone().requires_grad_() for t in plain]
-    e32 = [t.clone().requires_grad_() for t in plain]
-    compiled(*c32).square().sum().backward()
-    two(*e32).square().sum().backward()
-    for c, e in zip(c32, e32):
-        assert torch.allclose(c.grad, e.grad, atol=1e-4)
+    _compiled_like(chunked._ErasedSolve.apply, two, plain, atol=1e-4)
 
 
 @pytest.mark.parametrize("which", ["scaled_product", "score_read"])
@@ -733,35 +732,14 @@ def test_the_chunk_reads_save_only_their_inputs(which):
         dims = (0, 0, None, 0)
     for case in cases:
         args = tuple(t.requires_grad_() for t in case)
-        assert torch.autograd.gradcheck(fn, args)
-        assert torch.autograd.gradgradcheck(fn, args)
-        want = expr(*args)
-        assert torch.allclose(fn(*args), want)
-        dy = rnd(*want.shape)
-        for got, ref in zip(torch.autograd.grad(fn(*args), args, dy), torch.autograd.grad(want, args, dy)):
-            assert got.shape == ref.shape and torch.allclose(got, ref)
-        f32 = [t.detach().float().requires_grad_() for t in args]
-        r32 = [t.detach().float().requires_grad_() for t in args]
-        saved = []
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                got = fn(*f32)
-            ref = expr(*r32)
+        dy = _float64_like(fn, expr, args, gen)
+        saved, f32 = _under_autocast(fn, expr, args, dy)
         assert len(saved) == len(f32) and all(s is t for s, t in zip(saved, f32))
-        assert got.dtype == ref.dtype and torch.equal(got, ref)
-        for g_, r_ in zip(torch.autograd.grad(got, f32, dy.float()), torch.autograd.grad(ref, r32, dy.float())):
-            assert g_.dtype == r_.dtype and ((g_ - r_).norm() / r_.norm()).item() < 2e-2
         plain = [t.detach().float() for t in args]
         if plain[1].dim() == 4:  # vmap over the leading axis (the shared per-channel factors have none)
             mapped = torch.func.vmap(fn, in_dims=dims)(*plain)
             assert torch.allclose(mapped, expr(*plain), atol=1e-5)
-        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-        c32 = [t.clone().requires_grad_() for t in plain]
-        e32 = [t.clone().requires_grad_() for t in plain]
-        compiled(*c32).square().sum().backward()
-        expr(*e32).square().sum().backward()
-        for c, e in zip(c32, e32):
-            assert torch.allclose(c.grad, e.grad, atol=1e-4, rtol=1e-4)
+        _compiled_like(fn, expr, plain, atol=1e-4, rtol=1e-4)
     if which == "score_read":  # X = U, passed as None
         u, om, e = (t.detach().clone().requires_grad_() for t in (cases[0][0], cases[0][2], cases[0][3]))
         assert torch.autograd.gradcheck(lambda u_, om_, e_: fn(u_, None, om_, e_), (u, om, e))
