@@ -76,13 +76,13 @@ def tile(shape: tuple[int, int] | None):
 
 
 def parse_tile(text: str) -> tuple[int, int]:
-    try:
-        bt, bc = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a tile is TOKENSxCHANNELS, e.g. 64x64, not {text!r}") from None
-    if bt < 16 or bc < 16 or bt & (bt - 1) or bc & (bc - 1):
-        raise argparse.ArgumentTypeError(f"a tile's sides are powers of two of at least 16, not {text!r}")
-    return bt, bc
+    """A ``--tiles`` entry, by the rule ``NLGRAPH_CONV_TILE`` follows (``short_conv._tile``)."""
+    from nlgraph.compilers.kernels.short_conv import _tile
+
+    shape = _tile(text)
+    if isinstance(shape, str):
+        raise argparse.ArgumentTypeError(shape)
+    return shape
 
 
 def graph_ms(fn, dev: torch.device, calls: int, reps: int = 20) -> float:

@@ -42,7 +42,7 @@ def _tile(text: str | None) -> tuple[int, int] | str:
     return bt, bc
 
 
-# the tile is read once: the launches and the fake (compile-time) kernels must agree for the process
+# read once, at import: a process runs one tile (benchmarks/short_conv_kernel.py's `tile()` swaps it to measure)
 _TILE = _tile(os.environ.get("NLGRAPH_CONV_TILE"))
 _BT, _BC = _TILE if isinstance(_TILE, tuple) else (64, 64)
 
