@@ -18,7 +18,7 @@ launch changes: for each count in ``--warps`` (every kernel of the op launched w
   when fla is installed.
 
 ``--tiles 64x64 128x64 ...`` repeats the checks and timings for each token × channel tile of the
-three kernels (``short_conv._BT``, ``_BC``; the launch's is 64x64) at the first of ``--warps``, and
+three kernels (``short_conv._BT``, ``_BC``; the launch's is ``short_conv.DEFAULT_TILE``, 64x128) at the first of ``--warps``, and
 times each tile's forward op and backward op alone as the GPU's time a call: a CUDA graph of
 ``--graph-calls`` launches replayed, so the host's launch cost drops out (the per-call timings above
 are host-bound at this size: 0.08 ms a forward call against 22.5 µs of kernel).
@@ -222,12 +222,13 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
 
 def best_tile(res: dict) -> str:
     """``BTxBC`` of the fastest tile (forward + backward GPU time) whose checks all passed; the
-    launch's 64x64 when none was timed."""
+    launch's default (``short_conv.DEFAULT_TILE``) when none was timed."""
     failed = {tuple(r["tile"]) for r in res.get("checks", []) if r.get("tile") and not r.get("ok")}
     timed = [r for r in res.get("tile_timings", [])
              if "tile" in r and "fwd_gpu_ms" in r and "bwd_gpu_ms" in r and tuple(r["tile"]) not in failed]
     if not timed:
-        return "64x64"
+        from nlgraph.compilers.kernels.short_conv import DEFAULT_TILE
+        return "{}x{}".format(*DEFAULT_TILE)
     bt, bc = min(timed, key=lambda r: r["fwd_gpu_ms"] + r["bwd_gpu_ms"])["tile"]
     return f"{bt}x{bc}"
 

@@ -160,7 +160,8 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
 def test_the_tile_variable_is_parsed_and_a_bad_one_is_one_clear_error(monkeypatch):
     from nlgraph.compilers.kernels import short_conv as op
 
-    assert op._tile(None) == (64, 64) and op._tile("128x32") == (128, 32) and op._tile("16X512") == (16, 512)
+    assert op._tile(None) == op.DEFAULT_TILE == (64, 128)
+    assert op._tile("128x32") == (128, 32) and op._tile("16X512") == (16, 512)
     for bad in ("64", "48x64", "8x64", "1024x16", "256x256", "axb"):
         assert "NLGRAPH_CONV_TILE" in op._tile(bad), bad
     monkeypatch.setattr(op, "_TILE", op._tile("48x64"))
@@ -189,4 +190,4 @@ def test_the_gpu_script_picks_the_fastest_tile_that_passed():
                             {"tile": [32, 128], "fwd_gpu_ms": 0.015, "bwd_gpu_ms": 0.04},
                             {"tile": [16, 512], "error": "out of resources"}]}
     assert mod.best_tile(res) == "32x128"
-    assert mod.best_tile({"checks": [], "tile_timings": []}) == "64x64"
+    assert mod.best_tile({"checks": [], "tile_timings": []}) == "64x128"  # short_conv.DEFAULT_TILE
