@@ -31,6 +31,8 @@ ACTIVATIONS = ("identity", "silu")
 #: timed fastest of eight tiles that all passed their checks on an H100 (forward 15.2 and backward
 #: 87.9 µs a call at B=8, T=2048, 512 channels, bf16, against 19.4 and 94.6 for 64 x 64; Gated
 #: DeltaNet's layer forward 0.432 against 0.444 ms of GPU time, fla's 0.554; docs/benchmarks.md).
+#: Compiled for sm_90, its bf16 ``_conv_da`` spills 152 bytes a thread (``benchmarks/
+#: kernel_resources.py --cases short_conv``); timed with that, it was still the fastest backward.
 DEFAULT_TILE = (64, 128)
 
 
