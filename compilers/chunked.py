@@ -568,6 +568,7 @@ class _ErasedSolve(torch.autograd.Function):
         u, x, b, om, rhs = inputs
         _save_scores(ctx, u, x, b, om, output)
         ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
+        ctx.pdt = ctx.mdt  # the scores' product's dtype: autocast's when it was on
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -577,7 +578,8 @@ class _ErasedSolve(torch.autograd.Function):
             m = ul @ xl.transpose(-1, -2)
             a = _erase_system(m, x, b, om)
             need_a = any(ctx.needs_input_grad[:4])
-            ga, grhs = _solve_lower_grads(a, sol, g, need_a, ctx.needs_input_grad[4], ctx.rhs_dtype, ctx.rhs_shape)
+            ga, grhs = _solve_lower_grads(a, sol, g, need_a, ctx.needs_input_grad[4], ctx.rhs_dtype, ctx.rhs_shape,
+                                          ctx.pdt)
             grads = (_erase_system_grads(ga, m, ul, xl, (u, x, b, om), ctx.same, ctx.needs_input_grad[:4])
                      if need_a else (None,) * 4)
         return (*grads, grhs)
@@ -700,23 +702,32 @@ class _SolveLower(torch.autograd.Function):
         a, rhs = inputs
         ctx.save_for_backward(a, output)
         ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
+        ctx.pdt = _product_dtype(a, rhs)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, x = ctx.saved_tensors
         with _no_autocast(a):
             return _solve_lower_grads(a, x, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.rhs_dtype,
-                                      ctx.rhs_shape)
+                                      ctx.rhs_shape, ctx.pdt)
 
 
 def _solve_lower_grads(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, need_a: bool, need_rhs: bool,
-                       rhs_dtype: torch.dtype, rhs_shape: torch.Size) -> tuple:
+                       rhs_dtype: torch.dtype, rhs_shape: torch.Size, pdt: torch.dtype | None = None) -> tuple:
     """``(∂a, ∂rhs)`` of ``x = a⁻¹ rhs`` from ``g`` (``None`` where not needed), as
-    ``torch.linalg.solve_triangular``'s backward: ``∂rhs = a⁻ᵀ g``, ``∂a = −tril₋₁(∂rhs xᵀ)``."""
+    ``torch.linalg.solve_triangular``'s backward: ``∂rhs = a⁻ᵀ g``, ``∂a = −tril₋₁(∂rhs xᵀ)``.
+    ``pdt``: the dtype the forward's products came out in (:func:`_product_dtype`); a 16-bit one
+    (the solve ran under autocast) multiplies ``∂rhs xᵀ`` in it, accumulated in float32, as
+    autocast's backward of a matmul would: in float32 that ``[n, o] × [o, n]`` product ran on the
+    GPU's CUDA cores, not its tensor cores (the profile of `hope_large_chunk`'s step,
+    docs/benchmarks.md). The triangular solve itself stays float32 (none takes 16 bits)."""
     wide = _wide(torch.promote_types(a.dtype, g.dtype))
     grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
-    # summed over the dims a was broadcast along (the model's slots) before the cast
-    ga = (-(grhs @ x.to(wide).mT).tril(-1)).sum_to_size(a.shape).to(a.dtype) if need_a else None
+    ga = None
+    if need_a:
+        low = pdt if pdt in (torch.float16, torch.bfloat16) else wide
+        # summed over the dims a was broadcast along (the model's slots) in the wide dtype, then cast
+        ga = (-(grhs.to(low) @ x.to(low).mT).to(wide).tril(-1)).sum_to_size(a.shape).to(a.dtype)
     return ga, (grhs.sum_to_size(rhs_shape).to(rhs_dtype) if need_rhs else None)
 
 
