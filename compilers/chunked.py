@@ -142,8 +142,8 @@ class _Transfer(torch.autograd.Function):
     (``torch.cumprod``'s own backward asks whether one is, a host synchronisation that breaks
     CUDA-graph capture), and ``G``, made again from the saved factors, is all it needs (the doubling
     scan this replaces kept ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward).
-    The backward is made of differentiable operations, so a second-order meta-gradient differentiates through it, and
-    ``torch.func.vmap`` takes the rule PyTorch derives from them. No forward mode (``torch.func.jvp``):
+    The backward is made of differentiable operations, so a second-order meta-gradient
+    differentiates through it, and ``torch.func.vmap`` takes the rule PyTorch derives from them. No forward mode (``torch.func.jvp``):
     Dynamo refuses a custom ``jvp`` inside a compiled graph, and nothing differentiates the products
     forward. The matmul follows PyTorch's float32 matmul precision: with TF32 allowed
     (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry its rounding."""
@@ -568,7 +568,6 @@ class _ErasedSolve(torch.autograd.Function):
         u, x, b, om, rhs = inputs
         _save_scores(ctx, u, x, b, om, output)
         ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
-        ctx.pdt = ctx.mdt  # the scores' product's dtype: autocast's when it was on
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -578,8 +577,9 @@ class _ErasedSolve(torch.autograd.Function):
             m = ul @ xl.transpose(-1, -2)
             a = _erase_system(m, x, b, om)
             need_a = any(ctx.needs_input_grad[:4])
+            # ctx.mdt, the scores' product's dtype, is autocast's when the forward ran under it
             ga, grhs = _solve_lower_grads(a, sol, g, need_a, ctx.needs_input_grad[4], ctx.rhs_dtype, ctx.rhs_shape,
-                                          ctx.pdt)
+                                          ctx.mdt)
             grads = (_erase_system_grads(ga, m, ul, xl, (u, x, b, om), ctx.same, ctx.needs_input_grad[:4])
                      if need_a else (None,) * 4)
         return (*grads, grhs)
@@ -718,9 +718,10 @@ def _solve_lower_grads(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, need_a
     ``torch.linalg.solve_triangular``'s backward: ``∂rhs = a⁻ᵀ g``, ``∂a = −tril₋₁(∂rhs xᵀ)``.
     ``pdt``: the dtype the forward's products came out in (:func:`_product_dtype`); a 16-bit one
     (the solve ran under autocast) multiplies ``∂rhs xᵀ`` in it, accumulated in float32, as
-    autocast's backward of a matmul would: in float32 that ``[n, o] × [o, n]`` product ran on the
-    GPU's CUDA cores, not its tensor cores (the profile of `hope_large_chunk`'s step,
-    docs/benchmarks.md). The triangular solve itself stays float32 (none takes 16 bits)."""
+    autocast's backward of a matmul would: in float32 that ``[n, o] × [o, n]`` product runs on the
+    GPU's CUDA cores, not its tensor cores (float32 GEMMs of that kind are in the profile of
+    `hope_large_chunk`'s step, docs/benchmarks.md; the gain is not yet measured). The triangular
+    solve itself stays float32 (none takes 16 bits)."""
     wide = _wide(torch.promote_types(a.dtype, g.dtype))
     grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
     ga = None

@@ -16,10 +16,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nlgraph
 from nlgraph.compilers.chunked import transfer
+from opspy import OpDtypes
 
 #: The papers' literal reading of HOPE (specs/hope.yaml header).
 LITERAL = ["levels.titans.values.norm=none", "levels.titans.retention.toward=zero",
@@ -133,21 +133,6 @@ def test_weight_decay_toward_zero_forgets_the_initial_memory():
     assert norms[-1] < 1e-3 * norms[0], norms
 
 
-class _Dtypes(TorchDispatchMode):
-    """Records every op's name, the floating dtypes of its tensor arguments and of its output."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        outs = out.dtype if isinstance(out, torch.Tensor) else None
-        self.seen.append((func.overloadpacket.__name__, ins, outs))
-        return out
-
-
 def _products(f: torch.Tensor) -> torch.Tensor:
     """``G[r, j] = Π_{l=j+1..r} f_l`` by hand, in float64: ``[n+1, n+1]``."""
     n = f.shape[-1]
@@ -167,7 +152,7 @@ def test_retention_products_are_dtype_clean_in_bf16(autocast):
     gradient equals the float64 one of the hand-written products."""
     f = torch.tensor([0.5, 0.0, 0.875, 0.0, 0.75, 1.0], dtype=torch.bfloat16, requires_grad=True)
     weights = torch.linspace(-1, 1, 49).reshape(7, 7)
-    with _Dtypes() as mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with OpDtypes() as mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         g = transfer(f, False)
         loss = (g.float() * weights).sum()
         (grad,) = torch.autograd.grad(loss, f)

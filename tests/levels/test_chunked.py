@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from levelcheck import SEEDS, Draw, assert_close, assert_states_close, run
+from opspy import OpDtypes
 
 from nlgraph.levels import optimizers
 from nlgraph.runtime import init_state, level_form
@@ -565,13 +566,13 @@ def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are(monkeypatch
     assert am.grad.dtype == torch.float32 and rm.grad.dtype == torch.bfloat16
     # under autocast, ∂a's product ∂rhs xᵀ runs in bf16 (float32 accumulation), as a matmul's
     # backward would; the solve in float32: ∂a within bf16's rounding of float32's
-    seen = _Products()
+    seen = OpDtypes()
     am.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = chunked._solve_lower(am, r32)
     with seen:
         out.backward(dy.float())
-    assert torch.bfloat16 in seen.dtypes["bmm"] and torch.float32 not in seen.dtypes["bmm"], seen.dtypes
+    assert torch.bfloat16 in seen.inputs_of("bmm") and torch.float32 not in seen.inputs_of("bmm"), seen.seen
     a_ref = a32.clone().requires_grad_()
     chunked._solve_lower(a_ref, r32).backward(dy.float())
     low, full = am.grad.tril(-1).double(), a_ref.grad.tril(-1).double()
@@ -782,16 +783,3 @@ def test_transfer_keeps_only_its_factors_and_compiles_with_its_backward():
         compiled(comp).backward()
         assert torch.allclose(comp.grad, eager.grad, atol=1e-6)
 
-
-class _Products(torch.utils._python_dispatch.TorchDispatchMode):
-    """The input dtypes of every ``bmm`` / ``mm`` run inside (for which precision a backward multiplies in)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtypes: dict[str, set] = {"bmm": set(), "mm": set()}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.dtypes:
-            self.dtypes[name].add(args[0].dtype)
-        return func(*args, **(kwargs or {}))
