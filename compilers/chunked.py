@@ -545,46 +545,6 @@ def _erase_system_grads(g: torch.Tensor, m: torch.Tensor, ul: torch.Tensor, xl: 
     return gu, gx, gb, gom
 
 
-class _ErasedSolve(torch.autograd.Function):
-    """``(I + diag(b) ((U Xᵀ) ⊙ Ω))⁻¹ rhs``: :class:`_EraseSystem` and :class:`_SolveLower` in one
-    function that saves neither's ``[n, n]`` system: its inputs (``u, x [..., n, i]``, ``x`` None for
-    X = U, ``b [..., n]``, ``Ω [..., n, n]``) and the returned solution only, the backward building
-    the system again (one ``[n, i] × [i, n]`` product, in the forward product's dtype, and the same
-    element-wise steps in the same dtypes, so the same ``a`` to the bit). Kept apart, the solve
-    saved ``a`` itself: at `hope_large_chunk`'s chunks of 256 the largest tensor a chunk kept
-    (``benchmarks/live_bytes.py``). The same values and gradients as the two functions composed;
-    differentiable operations (second order, ``vmap``); no forward mode."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(u: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor, om: torch.Tensor,
-                rhs: torch.Tensor) -> torch.Tensor:
-        xx = u if x is None else x
-        return _SolveLower.forward(_erase_system(u @ xx.transpose(-1, -2), xx, b, om), rhs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        u, x, b, om, rhs = inputs
-        _save_scores(ctx, u, x, b, om, output)
-        ctx.rhs_dtype, ctx.rhs_shape = rhs.dtype, rhs.shape
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        u, x, b, om, sol = ctx.saved_tensors
-        with _no_autocast(u):
-            ul, xl = u.to(ctx.mdt), x.to(ctx.mdt)
-            m = ul @ xl.transpose(-1, -2)
-            a = _erase_system(m, x, b, om)
-            need_a = any(ctx.needs_input_grad[:4])
-            # ctx.mdt, the scores' product's dtype, is autocast's when the forward ran under it
-            ga, grhs = _solve_lower_grads(a, sol, g, need_a, ctx.needs_input_grad[4], ctx.rhs_dtype, ctx.rhs_shape,
-                                          ctx.mdt)
-            grads = (_erase_system_grads(ga, m, ul, xl, (u, x, b, om), ctx.same, ctx.needs_input_grad[:4])
-                     if need_a else (None,) * 4)
-        return (*grads, grhs)
-
-
 def solve_chunk(
     w0: torch.Tensor,
     s0: torch.Tensor | None,
@@ -628,10 +588,11 @@ def solve_chunk(
     if channel:
         a = torch.eye(n, dtype=x.dtype, device=x.device) + b.unsqueeze(-1) * sol._kernel(erase, rows)
         sol.e = _solve_lower(a, rhs)
-    elif _chunk_solve() == "triangular":
-        # one tensor passed twice to an autograd.Function is what Dynamo refuses: None stands for x = U
-        sol.e = _ErasedSolve.apply(erase, None if x is erase else x, b, sol._at(omega, rows, slice(1, None)), rhs)
     else:
+        # one tensor passed twice to an autograd.Function is what Dynamo refuses: None stands for x = U.
+        # (System and solve in one function that saved neither's [n, n] system, building it again in
+        # the backward, kept 8 % less alive on CPU but made hope_large_chunk's step 21 % slower on an
+        # H100, with the same peak: docs/benchmarks.md, "The four later memory changes on the GPU")
         a = _EraseSystem.apply(erase, None if x is erase else x, b, sol._at(omega, rows, slice(1, None)))
         sol.e = _solve_lower(a, rhs)
     return sol

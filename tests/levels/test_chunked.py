@@ -676,41 +676,6 @@ def test_the_erase_system_saves_only_its_inputs():
     assert torch.autograd.gradcheck(lambda u_, b_, om_: chunked._EraseSystem.apply(u_, None, b_, om_), (u64, b, om))
 
 
-def test_the_erased_solve_saves_neither_system_and_equals_the_two_functions():
-    """``_ErasedSolve``: ``(I + diag(b) ((U Xᵀ) ⊙ Ω))⁻¹ rhs`` equal to ``_EraseSystem`` then
-    ``_SolveLower`` in value and every gradient (float64, first and second order, ``Ω`` shared across
-    a slot axis, X = U passed once), bit for bit under bf16 autocast in the value and within bf16's
-    rounding in the gradients, saving its inputs and solution but no ``[n, n]`` system; under
-    ``vmap`` and an ``aot_eager`` compile with the backward."""
-    from nlgraph.compilers import chunked
-
-    gen = torch.Generator().manual_seed(2)
-    n, i, o = 7, 4, 3
-
-    def two(u, x, b, om, rhs):
-        return chunked._SolveLower.apply(chunked._EraseSystem.apply(u, x, b, om), rhs)
-
-    u, x = (0.3 * torch.randn(3, 2, n, i, generator=gen, dtype=torch.float64) for _ in range(2))
-    b = torch.rand(3, 2, n, generator=gen, dtype=torch.float64)
-    om = torch.rand(2, n, n, generator=gen, dtype=torch.float64)
-    rhs = torch.randn(3, 2, n, o, generator=gen, dtype=torch.float64)
-    args = tuple(t.requires_grad_() for t in (u, x, b, om, rhs))
-    dy = _float64_like(chunked._ErasedSolve.apply, two, args, gen)
-    same = (args[0], None, *args[2:])
-    assert torch.autograd.gradcheck(lambda u_, b_, om_, r_: chunked._ErasedSolve.apply(u_, None, b_, om_, r_),
-                                    (args[0], *args[2:]))
-    assert torch.allclose(chunked._ErasedSolve.apply(*same), two(*same))
-
-    saved, f32 = _under_autocast(chunked._ErasedSolve.apply, two, args, dy)
-    assert len(saved) == 5 and all(s is t for s, t in zip(saved, f32[:4])) and not any(
-        s.shape[-2:] == (n, n) and s.dim() > 2 and s.shape[0] == 3 for s in saved)
-
-    plain = [t.detach().float() for t in args]
-    mapped = torch.func.vmap(chunked._ErasedSolve.apply, in_dims=(0, 0, 0, None, 0))(*plain)
-    assert torch.allclose(mapped, two(*plain), atol=1e-5)
-    _compiled_like(chunked._ErasedSolve.apply, two, plain, atol=1e-4)
-
-
 @pytest.mark.parametrize("which", ["scaled_product", "score_read"])
 def test_the_chunk_reads_save_only_their_inputs(which):
     """``_ScaledProduct`` (``(U ⊙ F) Wᵀ``) and ``_ScoreRead`` (``((U Xᵀ) ⊙ Ω) E``): the expressions'
