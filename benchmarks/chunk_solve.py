@@ -1,12 +1,15 @@
-"""Check and time the two chunk solves of the mini-batch forms (``NLGRAPH_CHUNK_SOLVE``:
-``triangular``, one ``torch.linalg.solve_triangular``, and ``blocked``, the inverse by doubling from
-the diagonal blocks' and one matmul; ``compilers/chunked.py``'s ``_solve_lower``).
+"""Check and time the chunk solves of the mini-batch forms (``NLGRAPH_CHUNK_SOLVE``: ``triangular``,
+one ``torch.linalg.solve_triangular``; ``blocked``, the inverse by doubling from the diagonal blocks'
+and one matmul; ``kernel``, nlgraph's Triton solve; ``compilers/chunked.py``'s ``_solve_lower``).
 
     bash benchmarks/device.sh python -P benchmarks/chunk_solve.py --json "$OUT/chunk_solve.json"
 
 1. check: a small ``hope_large_chunk`` model (d_model 64, one layer, T=512: two 256-token chunks)
-   gives the same logits and parameter gradients through either solve, in float32 (limit 1e-4)
-   and, on CUDA, under bf16 autocast as training runs (limit 2e-2), and the blocked solve runs there;
+   gives the same logits and parameter gradients through each solve as through ``triangular``, in
+   float32 (limit 1e-4) and, on CUDA, under bf16 autocast as training runs (limit 2e-2), and the
+   solve runs there; the Triton solve alone, forward and both gradients (``a⁻¹ r`` and ``a⁻ᵀ r``),
+   against float64 at the model's chunk (limit 1e-5; Triton 3.4–3.7 miscompiles some kernels on
+   Hopper that its CPU interpreter runs right);
 2. timing: the solve alone, forward and forward + backward, float32, median of CUDA-event timings,
    at the two calls ``hope_large_chunk`` makes per chunk at d_model 512, B=8 (``--batch``), 8 heads:
    ``a [B, H, 256, 256]`` against right-hand sides ``[5, B, H, 256, 128]`` (the five memories'
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 
-def model_check(device: str, bf16: bool = False) -> dict:
+def model_check(device: str, mode: str, bf16: bool = False) -> dict:
     from nlgraph import load_spec
     from nlgraph.bench import rel_err as rel
     from nlgraph.compilers import chunked
@@ -36,26 +39,57 @@ def model_check(device: str, bf16: bool = False) -> dict:
     model = build(load_spec("hope_large_chunk", ["vars.d_model=64", "vars.heads=2", "vars.layers=1"]),
                   device=torch.device(device))
     tokens = torch.randint(0, 256, (2, 512), generator=torch.Generator().manual_seed(1)).to(device)
-    out, calls, saved = {}, [], (chunked.CHUNK_SOLVE, chunked._inverse_lower)
+    from nlgraph.compilers.kernels import solve_lower
+
+    out, calls = {}, []
+    saved = (chunked.CHUNK_SOLVE, chunked._inverse_lower, solve_lower._solve_op)
     try:
         chunked._inverse_lower = lambda *a: calls.append(1) or saved[1](*a)
-        for mode in ("triangular", "blocked"):
-            chunked.CHUNK_SOLVE = mode
+        solve_lower._solve_op = lambda *a: calls.append(1) or saved[2](*a)
+        for m in ("triangular", mode):
+            chunked.CHUNK_SOLVE = m
+            calls.clear()
             model.zero_grad()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(tokens).float()
             F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            out[mode] = (logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+            out[m] = (logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
     finally:
-        chunked.CHUNK_SOLVE, chunked._inverse_lower = saved
-    (lt, gt), (lb, gb) = out["triangular"], out["blocked"]
+        chunked.CHUNK_SOLVE, chunked._inverse_lower, solve_lower._solve_op = saved
+    (lt, gt), (lb, gb) = out["triangular"], out[mode]
     limit = 2e-2 if bf16 else 1e-4
     row = {"check": f"hope_large_chunk d_model 64, T=512, {'bf16 autocast' if bf16 else 'float32'}: "
-                    "blocked == triangular",
-           "logits": rel(lb, lt), "grads": max(rel(b, a) for a, b in zip(gt, gb)), "blocked_calls": len(calls),
+                    f"{mode} == triangular",
+           "logits": rel(lb, lt), "grads": max(rel(b, a) for a, b in zip(gt, gb)), "calls": len(calls),
            "limit": limit}
     row["ok"] = row["logits"] <= limit and row["grads"] <= limit and len(calls) > 0
     return row
+
+
+def kernel_check(dev: torch.device, n: int = 256) -> dict:
+    """The Triton solve alone against float64: ``a⁻¹ r`` and ``a⁻ᵀ r`` and both operands' gradients,
+    ``a`` broadcast over the right-hand sides' leading dim as the model calls it."""
+    from nlgraph.compilers.kernels.solve_lower import solve_unit_lower
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.eye(n, dtype=torch.float64) + torch.tril(torch.randn(4, 2, n, n, generator=gen, dtype=torch.float64),
+                                                       -1) * (0.5 / n ** 0.5)
+    r = torch.randn(3, 4, 2, n, 40, generator=gen, dtype=torch.float64)
+    dy = torch.randn(3, 4, 2, n, 40, generator=gen, dtype=torch.float64)
+    worst = 0.0
+    for transpose in (False, True):
+        got, want = [], []
+        for fn, dtype, d in ((solve_unit_lower, torch.float32, dev), (None, torch.float64, torch.device("cpu"))):
+            aa = a.to(d, dtype).requires_grad_()
+            rr = r.to(d, dtype).requires_grad_()
+            y = fn(aa, rr, transpose) if fn else torch.linalg.solve_triangular(aa.mT if transpose else aa, rr,
+                                                                               upper=transpose, unitriangular=True)
+            ga, gr = torch.autograd.grad((y * dy.to(d, dtype)).sum(), (aa, rr))
+            (got if fn else want).append([t.detach().double().cpu() for t in (y, ga.tril(-1), gr)])
+        for x, w in zip(got[0], want[0]):
+            worst = max(worst, ((x - w).norm() / w.norm()).item())
+    return {"check": f"Triton solve vs float64, n={n}, fwd and grads, plain and transposed", "rel": worst,
+            "limit": 1e-5, "ok": worst <= 1e-5}
 
 
 def timing(args, dev: torch.device) -> list[dict]:
@@ -70,8 +104,13 @@ def timing(args, dev: torch.device) -> list[dict]:
         r = torch.randn(*r_shape, device=dev, generator=gen)
         a.requires_grad_(), r.requires_grad_()
         try:
-            for mode in ("triangular", "blocked"):
+            from nlgraph.compilers.kernels import solve_lower
+
+            runs = [(m, bs) for m in args.modes for bs in (args.kernel_blocks if m == "kernel" else [None])]
+            for mode, bs in runs:
                 chunked.CHUNK_SOLVE = mode
+                if bs:
+                    solve_lower._BS = bs
 
                 def f_b():
                     a.grad = r.grad = None
@@ -81,13 +120,15 @@ def timing(args, dev: torch.device) -> list[dict]:
                     fwd = median_ms(lambda: chunked._solve_lower(a, r), dev, reps=args.reps, warmup=3)
                 torch.cuda.reset_peak_memory_stats(dev)
                 base = torch.cuda.memory_allocated(dev)
-                row = {"solve": mode, "a": list(a_shape), "rhs": list(r_shape), "fwd_ms": fwd,
+                row = {"solve": mode + (f" (rows {bs} a block)" if bs else ""), "a": list(a_shape),
+                       "rhs": list(r_shape), "fwd_ms": fwd,
                        "fwd_bwd_ms": median_ms(f_b, dev, reps=args.reps, warmup=3),
                        "peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
             chunked.CHUNK_SOLVE = saved
+            solve_lower._BS = args.kernel_blocks[0]
     return rows
 
 
@@ -98,13 +139,22 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--modes", nargs="+", default=["triangular", "blocked", "kernel"])
+    ap.add_argument("--kernel-blocks", type=int, nargs="+", default=[16, 32],
+                    help="the Triton solve's rows a block to time (its default: the first)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
     print(json.dumps(res), flush=True)
-    res["checks"] = [model_check(device)] + ([model_check(device, bf16=True)] if dev.type == "cuda" else [])
+    others = [m for m in args.modes if m != "triangular"]
+    if "kernel" in others:
+        from nlgraph.compilers.kernels import dispatch
+
+        dispatch.set_kernels("auto" if dev.type == "cuda" else "interpret")
+    res["checks"] = ([kernel_check(dev)] if "kernel" in others else []) + [model_check(device, m) for m in others] + (
+        [model_check(device, m, bf16=True) for m in others] if dev.type == "cuda" else [])
     for row in res["checks"]:
         print(json.dumps(row), flush=True)
     res["timings"] = timing(args, dev) if dev.type == "cuda" else []

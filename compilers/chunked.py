@@ -606,25 +606,43 @@ def solve_chunk(
 #: about three times ``a``'s size for the backward. On an H100 cuBLAS's batched triangular solves
 #: took 12.8 % of `hope_large_chunk`'s GPU time at 256-token chunks, but ``blocked``, checked there,
 #: was slower: the solve alone 0.77 / 2.65 against 0.70 / 1.71 ms forward / forward + backward, the
-#: model 0.99x (docs/benchmarks.md, "HOPE with large chunks"), so it stays opt-in. An unknown value
-#: is an error at the first chunk solve.
+#: model 0.99x (docs/benchmarks.md, "HOPE with large chunks"), so it stays opt-in. Or ``kernel``:
+#: :func:`_triangular`'s solves (both the forward's and the backward's transposed one) in nlgraph's
+#: Triton kernel (:mod:`nlgraph.compilers.kernels.solve_lower`: ``a`` read in place, broadcast or
+#: transposed, blocks of rows in float32) for float32 work on tensors the kernels take (CUDA, or CPU
+#: under ``NLGRAPH_KERNELS=interpret``), the others as ``triangular``; opt-in until timed against
+#: cuBLAS on the GPU (docs/benchmarks.md). An unknown value is an error at the first chunk solve.
 CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "triangular"
 _SOLVE_BLOCK = 64
 
 
 def _chunk_solve() -> str:
     """:data:`CHUNK_SOLVE`, checked."""
-    if CHUNK_SOLVE not in ("triangular", "blocked"):
-        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular' or 'blocked', or unset it",
-                           path="NLGRAPH_CHUNK_SOLVE")
+    if CHUNK_SOLVE not in ("triangular", "blocked", "kernel"):
+        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular', 'blocked' or 'kernel', "
+                           "or unset it", path="NLGRAPH_CHUNK_SOLVE")
     return CHUNK_SOLVE
+
+
+def _triangular(a: torch.Tensor, rhs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``a⁻¹ rhs`` (``a⁻ᵀ rhs`` with ``transpose``) for unit lower-triangular ``a``, operands of one
+    dtype: ``torch.linalg.solve_triangular``, or with ``NLGRAPH_CHUNK_SOLVE=kernel`` nlgraph's Triton
+    solve for float32 on tensors the kernels take."""
+    if CHUNK_SOLVE == "kernel" and a.dtype == rhs.dtype == torch.float32:
+        from .kernels import dispatch
+
+        if dispatch.why_no_kernel(rhs.device) is None:
+            from .kernels.solve_lower import solve_unit_lower
+
+            return solve_unit_lower(a, rhs, transpose)
+    return torch.linalg.solve_triangular(a.mT if transpose else a, rhs, upper=transpose, unitriangular=True)
 
 
 def _solve_lower(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``a⁻¹ rhs`` for unit lower-triangular ``a [..., n, n]``, ``rhs [..., n, o]``, in the promoted
     dtype of the two. Half precisions are solved in float32 (no triangular solve takes bfloat16;
     under autocast the operands arrive in mixed dtypes) and cast back."""
-    if _chunk_solve() == "triangular":
+    if _chunk_solve() != "blocked":
         return _SolveLower.apply(a, rhs)
     work = torch.promote_types(a.dtype, rhs.dtype)
     # autocast off: the blocked form's matmuls would otherwise run in half precision
@@ -655,7 +673,7 @@ class _SolveLower(torch.autograd.Function):
         work = torch.promote_types(a.dtype, rhs.dtype)
         wide = _wide(work)
         with _no_autocast(a):
-            x = torch.linalg.solve_triangular(a.to(wide), rhs.to(wide), upper=False, unitriangular=True)
+            x = _triangular(a.to(wide), rhs.to(wide))
         return x.to(work)
 
     @staticmethod
@@ -684,7 +702,7 @@ def _solve_lower_grads(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, need_a
     `hope_large_chunk`'s step, docs/benchmarks.md; the gain is not yet measured). The triangular
     solve itself stays float32 (none takes 16 bits)."""
     wide = _wide(torch.promote_types(a.dtype, g.dtype))
-    grhs = torch.linalg.solve_triangular(a.to(wide).mT, g.to(wide), upper=True, unitriangular=True)
+    grhs = _triangular(a.to(wide), g.to(wide), transpose=True)
     ga = None
     if need_a:
         low = pdt if pdt in (torch.float16, torch.bfloat16) else wide

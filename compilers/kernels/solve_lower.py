@@ -1,0 +1,119 @@
+"""A batched unit lower-triangular solve (``a⁻¹ r`` or ``a⁻ᵀ r``) as a differentiable custom op in Triton.
+
+HOPE's chunks solve ``(I + diag(b) ((U Xᵀ) ⊙ Ω)) E = rhs`` for every chunk, head and memory
+(:mod:`nlgraph.compilers.chunked`): hundreds of ``[n, n]`` systems of ``n`` = 256 with 32–64
+right-hand columns each. ``torch.linalg.solve_triangular`` hands them to cuBLAS's batched ``trsm``,
+which took 12–16 % of ``hope_large_chunk``'s step on an H100 and copies its operands into the
+layout it wants (a broadcast ``a`` once per right-hand side). This op reads ``a`` in place (also
+broadcast, or transposed through its strides) and the right-hand sides as they are, and solves by
+blocks of 16 rows in float32 (:mod:`._solve_lower_triton`). Registered as
+``nlgraph::solve_unit_lower`` with a fake implementation and autograd written with itself, so it
+traces under ``torch.compile(fullgraph=True)`` and differentiates to any order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._load import cdiv, load_kernels, pow2, run_precompiled
+
+__all__ = ["solve_unit_lower"]
+
+_BS = 16  # rows a block: tl.dot's smallest
+
+
+def _kernels(t: torch.Tensor):
+    def importer():
+        from . import _solve_lower_triton
+        return _solve_lower_triton
+
+    return load_kernels(importer, t, "solve_unit_lower", "triangular-solve")
+
+
+def _broadcast_index(a_batch: tuple[int, ...], batch: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(MOD, DIV)`` with ``a``'s flattened batch index ``(b // DIV) % MOD`` for the flattened
+    index ``b`` of ``batch`` (the broadcast shape), when ``a``'s dims other than 1 are one run of
+    ``batch``'s dims; else ``None`` (``a`` is then expanded and copied)."""
+    a_batch = (1,) * (len(batch) - len(a_batch)) + tuple(a_batch)
+    real = [i for i, s in enumerate(a_batch) if s != 1]
+    if not real:
+        return 1, 1
+    lo, hi = real[0], real[-1] + 1
+    if any(a_batch[i] != batch[i] for i in range(lo, hi)):
+        return None
+    return math.prod(batch[lo:hi]), math.prod(batch[hi:])
+
+
+def _solve(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
+    n, o = r.shape[-2], r.shape[-1]
+    batch = torch.broadcast_shapes(a.shape[:-2], r.shape[:-2])
+    rr = r.expand(*batch, n, o).reshape(-1, n, o)
+    if rr.stride(-1) != 1:
+        rr = rr.contiguous()
+    index = _broadcast_index(tuple(a.shape[:-2]), tuple(batch))
+    if index is None:
+        aa, (mod, div) = a.expand(*batch, n, n).reshape(-1, n, n), (math.prod(batch), 1)
+    else:
+        aa, (mod, div) = a.reshape(-1, n, n), index
+    bt = rr.shape[0]
+    x = torch.empty(bt, n, o, dtype=torch.float32, device=r.device)
+    if bt and n and o:
+        bo = min(64, max(16, pow2(o)))
+        s_r, s_c = (aa.stride(2), aa.stride(1)) if transpose else (aa.stride(1), aa.stride(2))
+        _kernels(r).solve[(bt, cdiv(o, bo))](
+            aa, rr, x, n, o, mod, div, aa.stride(0), s_r, s_c, rr.stride(0), rr.stride(1), x.stride(0), x.stride(1),
+            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC="ieee")
+    return x.reshape(*batch, n, o)
+
+
+@torch.library.custom_op("nlgraph::solve_unit_lower", mutates_args=())
+def _solve_op(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return run_precompiled("solve_unit_lower", "solve", _solve, (a, r, transpose), r.device)
+
+
+@_solve_op.register_fake
+def _(a, r, transpose):
+    batch = torch.broadcast_shapes(a.shape[:-2], r.shape[:-2])
+    return r.new_empty(*batch, *r.shape[-2:], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    a, r, transpose = inputs
+    ctx.save_for_backward(a, output)
+    ctx.transpose = transpose
+    ctx.shapes = (a.shape, a.dtype, r.shape, r.dtype)
+
+
+def _backward(ctx, g):
+    a, x = ctx.saved_tensors
+    a_shape, a_dtype, r_shape, r_dtype = ctx.shapes
+    # x = a⁻¹ r: ∂r = a⁻ᵀ g, ∂a = −tril₋₁(∂r xᵀ); x = a⁻ᵀ r: ∂r = a⁻¹ g, ∂a = −tril₋₁(x ∂rᵀ)
+    gr = _solve_op(a, g, not ctx.transpose)
+    ga = None
+    if ctx.needs_input_grad[0]:
+        outer = x @ gr.mT if ctx.transpose else gr @ x.mT
+        ga = (-outer).tril(-1).sum_to_size(a_shape).to(a_dtype)
+    return ga, gr.sum_to_size(r_shape).to(r_dtype), None
+
+
+_solve_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def solve_unit_lower(a: torch.Tensor, rhs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``a⁻¹ rhs`` (``a⁻ᵀ rhs`` with ``transpose``) for unit lower-triangular ``a``, in Triton.
+
+    Args:
+        a: ``[..., n, n]``; only its strict lower triangle is read (the diagonal is taken as ones).
+        rhs: ``[..., n, o]``; the batch dimensions of the two broadcast against each other.
+        transpose: solve with ``aᵀ`` (unit upper) instead.
+
+    Returns:
+        ``[..., n, o]`` in float32 (float32 arithmetic whatever the inputs' dtype).
+    """
+    if a.dim() < 2 or rhs.dim() < 2 or a.shape[-1] != a.shape[-2] or rhs.shape[-2] != a.shape[-1]:
+        from nlgraph.errors import NLGraphError
+        raise NLGraphError(f"expected a [..., n, n] and rhs [..., n, o], got {tuple(a.shape)} and {tuple(rhs.shape)}",
+                           path="solve_unit_lower")
+    return _solve_op(a, rhs, transpose)
