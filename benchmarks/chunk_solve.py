@@ -66,11 +66,13 @@ def model_check(device: str, mode: str, bf16: bool = False) -> dict:
     return row
 
 
-def kernel_check(dev: torch.device, n: int = 256) -> dict:
+def kernel_check(dev: torch.device, n: int = 256, prec: str = "ieee") -> dict:
     """The Triton solve alone against float64: ``a⁻¹ r`` and ``a⁻ᵀ r`` and both operands' gradients,
     ``a`` broadcast over the right-hand sides' leading dim as the model calls it."""
+    from nlgraph.compilers.kernels import solve_lower
     from nlgraph.compilers.kernels.solve_lower import solve_unit_lower
 
+    saved, solve_lower._PREC = solve_lower._PREC, prec
     gen = torch.Generator().manual_seed(3)
     a = torch.eye(n, dtype=torch.float64) + torch.tril(torch.randn(4, 2, n, n, generator=gen, dtype=torch.float64),
                                                        -1) * (0.5 / n ** 0.5)
@@ -88,7 +90,8 @@ def kernel_check(dev: torch.device, n: int = 256) -> dict:
             (got if fn else want).append([t.detach().double().cpu() for t in (y, ga.tril(-1), gr)])
         for x, w in zip(got[0], want[0]):
             worst = max(worst, ((x - w).norm() / w.norm()).item())
-    return {"check": f"Triton solve vs float64, n={n}, fwd and grads, plain and transposed", "rel": worst,
+    solve_lower._PREC = saved
+    return {"check": f"Triton solve ({prec}) vs float64, n={n}, fwd and grads, plain and transposed", "rel": worst,
             "limit": 1e-5, "ok": worst <= 1e-5}
 
 
@@ -106,11 +109,12 @@ def timing(args, dev: torch.device) -> list[dict]:
         try:
             from nlgraph.compilers.kernels import solve_lower
 
-            runs = [(m, bs) for m in args.modes for bs in (args.kernel_blocks if m == "kernel" else [None])]
-            for mode, bs in runs:
+            runs = [(m, bs, p) for m in args.modes for bs in (args.kernel_blocks if m == "kernel" else [None])
+                    for p in (args.kernel_products if m == "kernel" else [None])]
+            for mode, bs, prec in runs:
                 chunked.CHUNK_SOLVE = mode
                 if bs:
-                    solve_lower._BS = bs
+                    solve_lower._BS, solve_lower._PREC = bs, prec
 
                 def f_b():
                     a.grad = r.grad = None
@@ -120,7 +124,7 @@ def timing(args, dev: torch.device) -> list[dict]:
                     fwd = median_ms(lambda: chunked._solve_lower(a, r), dev, reps=args.reps, warmup=3)
                 torch.cuda.reset_peak_memory_stats(dev)
                 base = torch.cuda.memory_allocated(dev)
-                row = {"solve": mode + (f" (rows {bs} a block)" if bs else ""), "a": list(a_shape),
+                row = {"solve": mode + (f" (rows {bs} a block, {prec})" if bs else ""), "a": list(a_shape),
                        "rhs": list(r_shape), "fwd_ms": fwd,
                        "fwd_bwd_ms": median_ms(f_b, dev, reps=args.reps, warmup=3),
                        "peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
@@ -128,7 +132,7 @@ def timing(args, dev: torch.device) -> list[dict]:
                 rows.append(row)
         finally:
             chunked.CHUNK_SOLVE = saved
-            solve_lower._BS = args.kernel_blocks[0]
+            solve_lower._BS, solve_lower._PREC = args.kernel_blocks[0], args.kernel_products[0]
     return rows
 
 
@@ -142,6 +146,8 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["triangular", "blocked", "kernel"])
     ap.add_argument("--kernel-blocks", type=int, nargs="+", default=[16, 32],
                     help="the Triton solve's rows a block to time (its default: the first)")
+    ap.add_argument("--kernel-products", nargs="+", default=["ieee", "tf32x3"],
+                    help="the Triton solve's float32 products (tl.dot input_precision) to time (default: the first)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,7 +159,7 @@ def main() -> int:
         from nlgraph.compilers.kernels import dispatch
 
         dispatch.set_kernels("auto" if dev.type == "cuda" else "interpret")
-    res["checks"] = ([kernel_check(dev)] if "kernel" in others else []) + [model_check(device, m) for m in others] + (
+    res["checks"] = ([kernel_check(dev, prec=p) for p in args.kernel_products] if "kernel" in others else []) + [model_check(device, m) for m in others] + (
         [model_check(device, m, bf16=True) for m in others] if dev.type == "cuda" else [])
     for row in res["checks"]:
         print(json.dumps(row), flush=True)

@@ -22,6 +22,7 @@ from ._load import cdiv, load_kernels, pow2, run_precompiled
 __all__ = ["solve_unit_lower"]
 
 _BS = 16  # rows a block: tl.dot's smallest
+_PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's solve (benchmarks/chunk_solve.py times others)
 
 
 def _kernels(t: torch.Tensor):
@@ -64,7 +65,7 @@ def _solve(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
         s_r, s_c = (aa.stride(2), aa.stride(1)) if transpose else (aa.stride(1), aa.stride(2))
         _kernels(r).solve[(bt, cdiv(o, bo))](
             aa, rr, x, n, o, mod, div, aa.stride(0), s_r, s_c, rr.stride(0), rr.stride(1), x.stride(0), x.stride(1),
-            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC="ieee")
+            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC=_PREC)
     return x.reshape(*batch, n, o)
 
 
