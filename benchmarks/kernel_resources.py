@@ -51,9 +51,9 @@ from _launch import PLAIN  # noqa: E402
 # the H200's (and H100's) shared memory per block with the opt-in carve-out: 227 KiB
 SMEM_LIMIT = 232448
 MODULES = ("_delta_rule_triton", "_linear_attention_triton", "_delta_rule_channel_triton", "_mlp_memory_triton",
-           "_recurrence_triton", "_short_conv_triton", "_chunk_walk_triton")
+           "_recurrence_triton", "_short_conv_triton", "_chunk_walk_triton", "_solve_lower_triton")
 CASES = ("delta_rule", "gated_delta_rule", "linear_attention", "gla", "kda", "mlp_memory", "recurrence",
-         "short_conv", "chunk_walk")
+         "short_conv", "chunk_walk", "solve_lower")
 _TYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.int32": "i32",
           "torch.int64": "i64"}
 
@@ -133,6 +133,12 @@ def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
         return
     if case == "chunk_walk":
         _run_chunk_walk(d, chunk, dt)
+        return
+    if case == "solve_lower":  # a chunk solve of hope_large_chunk (256 rows), forward and transposed
+        from nlgraph.compilers.kernels.solve_lower import solve_unit_lower
+
+        a = (torch.eye(256) + 0.01 * torch.randn(256, 256, generator=gen).tril(-1)).requires_grad_()
+        solve_unit_lower(a, torch.randn(2, 256, 64, generator=gen).requires_grad_()).sum().backward()
         return
     if case == "short_conv":
         from nlgraph.compilers.kernels.short_conv import short_conv
