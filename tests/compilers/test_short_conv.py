@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import set_interpret as _set_interpret  # noqa: E402
+from triton_interp import kernels_on  # noqa: E402,F401  (the fixture below)
 
 from nlgraph.compilers.kernels import dispatch  # noqa: E402
 from nlgraph.compilers.kernels.short_conv import short_conv  # noqa: E402
@@ -24,14 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
-@pytest.fixture(autouse=True)
-def _kernels_on():
-    old = _set_interpret("1") if _INTERPRET else None
-    dispatch.set_kernels("interpret" if _INTERPRET else "auto")
-    yield
-    dispatch.set_kernels(None)
-    if _INTERPRET:
-        _set_interpret(old)
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
 
 def _reference(x, w, s, act):

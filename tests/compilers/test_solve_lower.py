@@ -12,8 +12,7 @@ runs in Triton's interpreter.
 import pytest
 import torch
 
-from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
-from triton_interp import set_interpret as _set_interpret  # noqa: E402
+from triton_interp import kernels_on  # noqa: E402,F401  (sets up triton first; the fixture below)
 
 from nlgraph.compilers.kernels import dispatch  # noqa: E402
 from nlgraph.compilers.kernels.solve_lower import solve_unit_lower  # noqa: E402
@@ -22,14 +21,7 @@ from nlgraph.errors import NLGraphError  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _kernels_on():
-    old = _set_interpret("1") if _INTERPRET else None
-    dispatch.set_kernels("interpret" if _INTERPRET else "auto")
-    yield
-    dispatch.set_kernels(None)
-    if _INTERPRET:
-        _set_interpret(old)
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
 
 def _system(a_batch, r_batch, n, o, seed=0):

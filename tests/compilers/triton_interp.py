@@ -54,6 +54,21 @@ def interpreter_while_testing():
 
 
 @pytest.fixture
+def kernels_on():
+    """Each test with the kernels on: interpreted on CPU (``TRITON_INTERPRET`` kept on while it runs),
+    ``auto`` on CUDA; put back afterwards. A test module imports it and marks it ``autouse`` with
+    ``pytestmark``."""
+    from nlgraph.compilers.kernels import dispatch
+
+    old = set_interpret("1") if INTERPRET else None
+    dispatch.set_kernels("interpret" if INTERPRET else "auto")
+    yield
+    dispatch.set_kernels(None)
+    if INTERPRET:
+        set_interpret(old)
+
+
+@pytest.fixture
 def channel_offsets(monkeypatch):
     """The per-channel kernels with their own-chunk scores built one key offset at a time
     (``_linear_attention_triton.CHANNEL_TREE`` off; the tree of products is the default). Under
