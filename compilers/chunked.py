@@ -699,8 +699,8 @@ def _solve_lower_grads(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, need_a
     (the solve ran under autocast) multiplies ``∂rhs xᵀ`` in it, accumulated in float32, as
     autocast's backward of a matmul would: in float32 that ``[n, o] × [o, n]`` product runs on the
     GPU's CUDA cores, not its tensor cores (float32 GEMMs of that kind are in the profile of
-    `hope_large_chunk`'s step, docs/benchmarks.md; the gain is not yet measured). The triangular
-    solve itself stays float32 (none takes 16 bits)."""
+    `hope_large_chunk`'s step; in bf16 the step ran 4.7 % faster on an H100, docs/benchmarks.md).
+    The triangular solve itself stays float32 (none takes 16 bits)."""
     wide = _wide(torch.promote_types(a.dtype, g.dtype))
     grhs = _triangular(a.to(wide), g.to(wide), transpose=True)
     ga = None
