@@ -107,6 +107,42 @@ def test_the_solve_compiles_whole_with_its_backward():
         assert _rel(x.grad.cpu(), y.grad.cpu()) < 1e-6
 
 
+def test_the_chunk_solve_reaches_the_kernel_when_compiled(monkeypatch):
+    """``NLGRAPH_CHUNK_SOLVE=kernel``: the chunked form's solve (``_solve_lower``, half-precision
+    operands solved in float32) traced whole by ``torch.compile`` holds the kernel in its forward and
+    backward graphs (the transposed solve) and no other solve, and equals the default solve in
+    value and gradients."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from nlgraph.compilers import chunked
+
+    a, r = _system((2,), (3, 2), 32, 8)
+    ops = {}
+
+    def keep(name):
+        def compiler(gm, _inputs):
+            ops[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    grads = {}
+    for mode in ("triangular", "kernel"):
+        monkeypatch.setattr(chunked, "CHUNK_SOLVE", mode)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, r: chunked._solve_lower(a, r).square().sum(), fullgraph=True,
+                           backend=aot_autograd(fw_compiler=keep("fwd"), bw_compiler=keep("bwd")))
+        args = [t.to(DEVICE, torch.float16).requires_grad_() for t in (a.tril(-1), r)]
+        loss = fn(*args)
+        loss.backward()
+        grads[mode] = [loss.detach()] + [t.grad.tril(-1) if i == 0 else t.grad for i, t in enumerate(args)]
+    # the kernel in both graphs (the forward's solve, the backward's transposed one), no other solve
+    assert all(any("solve_unit_lower" in t for t in ops[g]) for g in ("fwd", "bwd"))
+    assert not any("linalg_solve_triangular" in t for g in ("fwd", "bwd") for t in ops[g])
+    for got, want in zip(grads["kernel"], grads["triangular"]):
+        assert _rel(got.cpu(), want.cpu()) < 1e-3  # half-precision results and gradients
+
+
 def test_a_wrong_shape_is_one_error():
     with pytest.raises(NLGraphError, match="solve_unit_lower"):
         solve_unit_lower(torch.zeros(3, 4, 5), torch.zeros(3, 5, 2))
