@@ -39,13 +39,15 @@ def model_check(device: str, mode: str, bf16: bool = False) -> dict:
     model = build(load_spec("hope_large_chunk", ["vars.d_model=64", "vars.heads=2", "vars.layers=1"]),
                   device=torch.device(device))
     tokens = torch.randint(0, 256, (2, 512), generator=torch.Generator().manual_seed(1)).to(device)
-    from nlgraph.compilers.kernels import solve_lower
+    from nlgraph.compilers.kernels import dispatch, solve_lower
 
     out, calls = {}, []
-    saved = (chunked.CHUNK_SOLVE, chunked._inverse_lower, solve_lower._solve_op)
+    saved = (chunked.CHUNK_SOLVE, chunked._inverse_lower, solve_lower._solve_op, dispatch.chunk_walk_for)
     try:
         chunked._inverse_lower = lambda *a: calls.append(1) or saved[1](*a)
         solve_lower._solve_op = lambda *a: calls.append(1) or saved[2](*a)
+        # on CUDA the chunk walk takes chunks up to 16 only; interpreted on CPU it would take these
+        dispatch.chunk_walk_for = lambda run: None
         for m in ("triangular", mode):
             chunked.CHUNK_SOLVE = m
             calls.clear()
@@ -55,7 +57,7 @@ def model_check(device: str, mode: str, bf16: bool = False) -> dict:
             F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
             out[m] = (logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
     finally:
-        chunked.CHUNK_SOLVE, chunked._inverse_lower, solve_lower._solve_op = saved
+        chunked.CHUNK_SOLVE, chunked._inverse_lower, solve_lower._solve_op, dispatch.chunk_walk_for = saved
     (lt, gt), (lb, gb) = out["triangular"], out[mode]
     limit = 2e-2 if bf16 else 1e-4
     row = {"check": f"hope_large_chunk d_model 64, T=512, {'bf16 autocast' if bf16 else 'float32'}: "
@@ -72,25 +74,26 @@ def kernel_check(dev: torch.device, n: int = 256, prec: str = "ieee") -> dict:
     from nlgraph.compilers.kernels import solve_lower
     from nlgraph.compilers.kernels.solve_lower import solve_unit_lower
 
-    saved, solve_lower._PREC = solve_lower._PREC, prec
     gen = torch.Generator().manual_seed(3)
     a = torch.eye(n, dtype=torch.float64) + torch.tril(torch.randn(4, 2, n, n, generator=gen, dtype=torch.float64),
                                                        -1) * (0.5 / n ** 0.5)
     r = torch.randn(3, 4, 2, n, 40, generator=gen, dtype=torch.float64)
     dy = torch.randn(3, 4, 2, n, 40, generator=gen, dtype=torch.float64)
-    worst = 0.0
-    for transpose in (False, True):
-        got, want = [], []
-        for fn, dtype, d in ((solve_unit_lower, torch.float32, dev), (None, torch.float64, torch.device("cpu"))):
-            aa = a.to(d, dtype).requires_grad_()
-            rr = r.to(d, dtype).requires_grad_()
-            y = fn(aa, rr, transpose) if fn else torch.linalg.solve_triangular(aa.mT if transpose else aa, rr,
-                                                                               upper=transpose, unitriangular=True)
-            ga, gr = torch.autograd.grad((y * dy.to(d, dtype)).sum(), (aa, rr))
-            (got if fn else want).append([t.detach().double().cpu() for t in (y, ga.tril(-1), gr)])
-        for x, w in zip(got[0], want[0]):
-            worst = max(worst, ((x - w).norm() / w.norm()).item())
-    solve_lower._PREC = saved
+    worst, saved, solve_lower._PREC = 0.0, solve_lower._PREC, prec
+    try:
+        for transpose in (False, True):
+            got, want = [], []
+            for fn, dtype, d in ((solve_unit_lower, torch.float32, dev), (None, torch.float64, torch.device("cpu"))):
+                aa = a.to(d, dtype).requires_grad_()
+                rr = r.to(d, dtype).requires_grad_()
+                y = fn(aa, rr, transpose) if fn else torch.linalg.solve_triangular(
+                    aa.mT if transpose else aa, rr, upper=transpose, unitriangular=True)
+                ga, gr = torch.autograd.grad((y * dy.to(d, dtype)).sum(), (aa, rr))
+                (got if fn else want).append([t.detach().double().cpu() for t in (y, ga.tril(-1), gr)])
+            for x, w in zip(got[0], want[0]):
+                worst = max(worst, ((x - w).norm() / w.norm()).item())
+    finally:
+        solve_lower._PREC = saved
     return {"check": f"Triton solve ({prec}) vs float64, n={n}, fwd and grads, plain and transposed", "rel": worst,
             "limit": 1e-5, "ok": worst <= 1e-5}
 
@@ -100,15 +103,15 @@ def timing(args, dev: torch.device) -> list[dict]:
     from nlgraph.compilers import chunked
 
     gen = torch.Generator(device=dev).manual_seed(0)
+    from nlgraph.compilers.kernels import solve_lower
+
     n, b, h = args.chunk, args.batch, args.heads
-    rows, saved = [], chunked.CHUNK_SOLVE
+    rows, saved = [], (chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC)
     for a_shape, r_shape in (((b, h, n, n), (5, b, h, n, 128)), ((5, b, h, n, n), (5, b, h, n, 64))):
         a = torch.eye(n, device=dev) + torch.tril(torch.randn(*a_shape, device=dev, generator=gen), -1) * (0.5 / n ** 0.5)
         r = torch.randn(*r_shape, device=dev, generator=gen)
         a.requires_grad_(), r.requires_grad_()
         try:
-            from nlgraph.compilers.kernels import solve_lower
-
             runs = [(m, bs, p) for m in args.modes for bs in (args.kernel_blocks if m == "kernel" else [None])
                     for p in (args.kernel_products if m == "kernel" else [None])]
             for mode, bs, prec in runs:
@@ -131,8 +134,7 @@ def timing(args, dev: torch.device) -> list[dict]:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
-            chunked.CHUNK_SOLVE = saved
-            solve_lower._BS, solve_lower._PREC = args.kernel_blocks[0], args.kernel_products[0]
+            chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC = saved
     return rows
 
 
@@ -145,9 +147,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--modes", nargs="+", default=["triangular", "blocked", "kernel"])
     ap.add_argument("--kernel-blocks", type=int, nargs="+", default=[16, 32],
-                    help="the Triton solve's rows a block to time (its default: the first)")
+                    help="the Triton solve's rows a block to time (its own default: 16)")
     ap.add_argument("--kernel-products", nargs="+", default=["ieee", "tf32x3"],
-                    help="the Triton solve's float32 products (tl.dot input_precision) to time (default: the first)")
+                    help="the Triton solve's float32 products (tl.dot input_precision) to time (its own: ieee)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,8 +161,10 @@ def main() -> int:
         from nlgraph.compilers.kernels import dispatch
 
         dispatch.set_kernels("auto" if dev.type == "cuda" else "interpret")
-    res["checks"] = ([kernel_check(dev, prec=p) for p in args.kernel_products] if "kernel" in others else []) + [model_check(device, m) for m in others] + (
-        [model_check(device, m, bf16=True) for m in others] if dev.type == "cuda" else [])
+    checks = [kernel_check(dev, prec=p) for p in args.kernel_products] if "kernel" in others else []
+    checks += [model_check(device, m) for m in others]
+    checks += [model_check(device, m, bf16=True) for m in others] if dev.type == "cuda" else []
+    res["checks"] = checks
     for row in res["checks"]:
         print(json.dumps(row), flush=True)
     res["timings"] = timing(args, dev) if dev.type == "cuda" else []

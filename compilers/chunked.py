@@ -143,9 +143,9 @@ class _Transfer(torch.autograd.Function):
     CUDA-graph capture), and ``G``, made again from the saved factors, is all it needs (the doubling
     scan this replaces kept ⌈log₂(n+1)⌉ copies of the ``[n+1, n+1]`` products for its backward).
     The backward is made of differentiable operations, so a second-order meta-gradient
-    differentiates through it, and ``torch.func.vmap`` takes the rule PyTorch derives from them. No forward mode (``torch.func.jvp``):
-    Dynamo refuses a custom ``jvp`` inside a compiled graph, and nothing differentiates the products
-    forward. The matmul follows PyTorch's float32 matmul precision: with TF32 allowed
+    differentiates through it, and ``torch.func.vmap`` takes the rule PyTorch derives from them. No
+    forward mode (``torch.func.jvp``): Dynamo refuses a custom ``jvp`` inside a compiled graph, and
+    nothing differentiates the products forward. The matmul follows PyTorch's float32 matmul precision: with TF32 allowed
     (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry its rounding."""
 
     generate_vmap_rule = True

@@ -61,7 +61,7 @@ def _solve(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
     bt = rr.shape[0]
     x = torch.empty(bt, n, o, dtype=torch.float32, device=r.device)
     if bt and n and o:
-        bo = min(64, max(16, pow2(o)))
+        bo = min(64, pow2(o))
         s_r, s_c = (aa.stride(2), aa.stride(1)) if transpose else (aa.stride(1), aa.stride(2))
         _kernels(r).solve[(bt, cdiv(o, bo))](
             aa, rr, x, n, o, mod, div, aa.stride(0), s_r, s_c, rr.stride(0), rr.stride(1), x.stride(0), x.stride(1),
