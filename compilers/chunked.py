@@ -599,36 +599,39 @@ def solve_chunk(
 
 
 #: How :func:`_solve_lower` solves a chunk's unit lower-triangular system, from
-#: ``NLGRAPH_CHUNK_SOLVE``: ``triangular`` (default), one ``torch.linalg.solve_triangular``; or
-#: ``blocked``, the inverse built from the diagonal blocks' inverses by doubling and applied as one
-#: matmul (:func:`_inverse_lower`), for chunks of 64 · 2^k rows (k ≥ 1; others stay triangular):
-#: meant to shorten the sequential chain from the chunk to one 64-row block, at the price of saving
-#: about three times ``a``'s size for the backward. On an H100 cuBLAS's batched triangular solves
-#: took 12.8 % of `hope_large_chunk`'s GPU time at 256-token chunks, but ``blocked``, checked there,
-#: was slower: the solve alone 0.77 / 2.65 against 0.70 / 1.71 ms forward / forward + backward, the
-#: model 0.99x (docs/benchmarks.md, "HOPE with large chunks"), so it stays opt-in. Or ``kernel``:
-#: :func:`_triangular`'s solves (both the forward's and the backward's transposed one) in nlgraph's
-#: Triton kernel (:mod:`nlgraph.compilers.kernels.solve_lower`: ``a`` read in place, broadcast or
-#: transposed, blocks of rows in float32) for float32 work on tensors the kernels take (CUDA, or CPU
-#: under ``NLGRAPH_KERNELS=interpret``), the others as ``triangular``; opt-in until timed against
-#: cuBLAS on the GPU (docs/benchmarks.md). An unknown value is an error at the first chunk solve.
-CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "triangular"
+#: ``NLGRAPH_CHUNK_SOLVE``: ``auto`` (default): nlgraph's Triton solve (``kernel``) for float32 work
+#: on CUDA, ``triangular`` elsewhere. ``kernel``: :func:`_triangular`'s solves (both the forward's
+#: and the backward's transposed one) in nlgraph's Triton kernel
+#: (:mod:`nlgraph.compilers.kernels.solve_lower`: ``a`` read in place, broadcast or transposed,
+#: 16-row blocks in float32) for float32 work on tensors the kernels take (CUDA, or CPU under
+#: ``NLGRAPH_KERNELS=interpret``), the others as ``triangular``. On an H100 it took
+#: ``hope_large_chunk`` (d_model 512, T=2048, B=8) from 46,251 to 56,154 tokens/s against cuBLAS's
+#: batched solve, whose calls had been 12-16 % of the step (docs/benchmarks.md, "The chunk solve as a
+#: Triton kernel"). ``triangular``: one ``torch.linalg.solve_triangular`` everywhere. ``blocked``:
+#: the inverse built from the diagonal blocks' inverses by doubling and applied as one matmul
+#: (:func:`_inverse_lower`), for chunks of 64 · 2^k rows (k ≥ 1; others stay triangular), meant to
+#: shorten the sequential chain to one 64-row block at the price of saving about three times ``a``'s
+#: size for the backward; slower on an H100 (the solve alone 0.77 / 2.65 against 0.70 / 1.71 ms
+#: forward / forward + backward, the model 0.99x), so opt-in. An unknown value is an error at the
+#: first chunk solve.
+CHUNK_SOLVE = os.environ.get("NLGRAPH_CHUNK_SOLVE", "").strip().lower() or "auto"
 _SOLVE_BLOCK = 64
 
 
 def _chunk_solve() -> str:
     """:data:`CHUNK_SOLVE`, checked."""
-    if CHUNK_SOLVE not in ("triangular", "blocked", "kernel"):
-        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'triangular', 'blocked' or 'kernel', "
-                           "or unset it", path="NLGRAPH_CHUNK_SOLVE")
+    if CHUNK_SOLVE not in ("auto", "triangular", "blocked", "kernel"):
+        raise NLGraphError(f"unknown chunk solve {CHUNK_SOLVE!r}; set it to 'auto', 'triangular', 'blocked' or "
+                           "'kernel', or unset it", path="NLGRAPH_CHUNK_SOLVE")
     return CHUNK_SOLVE
 
 
 def _triangular(a: torch.Tensor, rhs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``a⁻¹ rhs`` (``a⁻ᵀ rhs`` with ``transpose``) for unit lower-triangular ``a``, operands of one
-    dtype: ``torch.linalg.solve_triangular``, or with ``NLGRAPH_CHUNK_SOLVE=kernel`` nlgraph's Triton
-    solve for float32 on tensors the kernels take."""
-    if CHUNK_SOLVE == "kernel" and a.dtype == rhs.dtype == torch.float32:
+    dtype: nlgraph's Triton solve for float32 on CUDA (``auto``) or on any tensors the kernels take
+    (``kernel``), else ``torch.linalg.solve_triangular``."""
+    if CHUNK_SOLVE in ("auto", "kernel") and a.dtype == rhs.dtype == torch.float32 \
+            and (CHUNK_SOLVE == "kernel" or rhs.device.type == "cuda"):
         from .kernels import dispatch
 
         if dispatch.why_no_kernel(rhs.device) is None:
