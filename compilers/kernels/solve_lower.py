@@ -8,7 +8,10 @@ layout it wants (a broadcast ``a`` once per right-hand side). This op reads ``a`
 broadcast, or transposed through its strides) and the right-hand sides as they are, and solves by
 blocks of 16 rows in float32 (:mod:`._solve_lower_triton`). Registered as
 ``nlgraph::solve_unit_lower`` with a fake implementation and autograd written with itself, so it
-traces under ``torch.compile(fullgraph=True)`` and differentiates to any order.
+traces under ``torch.compile(fullgraph=True)`` and differentiates to any order. The chunked form's
+default for float32 solves on CUDA (``NLGRAPH_CHUNK_SOLVE`` unset): on an H100 it solved the larger
+of ``hope_large_chunk``'s calls 1.51x / 1.39x faster than cuBLAS forward / forward + backward and
+took the model's step 1.21x faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ._load import cdiv, load_kernels, pow2, run_precompiled
 __all__ = ["solve_unit_lower"]
 
 _BS = 16  # rows a block: tl.dot's smallest
-_PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's solve (benchmarks/chunk_solve.py times others)
+_PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's; tf32x3 was slower on an H100 (chunk_solve.py)
 
 
 def _kernels(t: torch.Tensor):

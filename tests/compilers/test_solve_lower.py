@@ -143,6 +143,30 @@ def test_the_chunk_solve_reaches_the_kernel_when_compiled(monkeypatch):
         assert _rel(got.cpu(), want.cpu()) < 1e-3  # half-precision results and gradients
 
 
+def test_the_default_takes_the_kernel_on_cuda_only(monkeypatch):
+    """``NLGRAPH_CHUNK_SOLVE`` unset (``auto``): float32 solves go to the kernel on CUDA and to
+    ``torch.linalg`` on CPU even where the interpreter could run it; ``kernel`` takes it on CPU
+    too; a float64 pair stays with ``torch.linalg`` (the kernel is float32)."""
+    from nlgraph.compilers import chunked
+    from nlgraph.compilers.kernels import solve_lower
+
+    calls = []
+    real = solve_lower.solve_unit_lower
+    monkeypatch.setattr(solve_lower, "solve_unit_lower", lambda *a: calls.append(1) or real(*a))
+    a, r = _system((2,), (2,), 32, 8)
+    a, r = a.float().to(DEVICE), r.float().to(DEVICE)
+    for mode, want in (("auto", DEVICE == "cuda"), ("kernel", True), ("triangular", False)):
+        monkeypatch.setattr(chunked, "CHUNK_SOLVE", mode)
+        calls.clear()
+        for transpose in (False, True):
+            got = chunked._triangular(a.tril(-1) + torch.eye(32, device=DEVICE), r, transpose)
+            assert _rel(got.cpu(), _reference(a.double().cpu(), r.double().cpu(), transpose)) < 1e-5
+        assert bool(calls) == want, mode
+        calls.clear()
+        chunked._triangular(a.double().tril(-1), r.double())
+        assert not calls, mode
+
+
 def test_a_wrong_shape_is_one_error():
     with pytest.raises(NLGraphError, match="solve_unit_lower"):
         solve_unit_lower(torch.zeros(3, 4, 5), torch.zeros(3, 5, 2))
