@@ -63,6 +63,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph.errors import NLGraphError
@@ -107,12 +108,22 @@ def transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
     dtype = f.dtype
     if dtype in (torch.float16, torch.bfloat16):
         with _no_autocast(f):
-            return _transfer(f.float(), channel).to(dtype)
-    return _transfer(f, channel)
+            return _transfer(f.float(), channel, dtype).to(dtype)
+    return _transfer(f, channel, _autocast_low(f))
 
 
-def _transfer(f: torch.Tensor, channel: bool) -> torch.Tensor:
-    return _Transfer.apply(f, channel)
+def _transfer(f: torch.Tensor, channel: bool, low: torch.dtype | None = None) -> torch.Tensor:
+    return _Transfer.apply(f, channel, low)
+
+
+def _autocast_low(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's 16-bit dtype on ``x``'s device when it is on and ``x`` is float32, else ``None``:
+    the dtype the products made from ``x`` are multiplied in downstream."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        return low if low in (torch.float16, torch.bfloat16) else None
+    return None
 
 
 def _no_autocast(x: torch.Tensor):
@@ -145,13 +156,18 @@ class _Transfer(torch.autograd.Function):
     The backward is made of differentiable operations, so a second-order meta-gradient
     differentiates through it, and ``torch.func.vmap`` takes the rule PyTorch derives from them. No
     forward mode (``torch.func.jvp``): Dynamo refuses a custom ``jvp`` inside a compiled graph, and
-    nothing differentiates the products forward. The matmul follows PyTorch's float32 matmul precision: with TF32 allowed
-    (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry its rounding."""
+    nothing differentiates the products forward. ``low``: the 16-bit dtype ``G`` is used in downstream
+    (it came from 16-bit factors, or autocast was on), in which the backward's matmul then
+    multiplies, accumulating in float32, as autocast's backward of a matmul would: in float32 it
+    ran on the GPU's CUDA cores (`hope_large_chunk`'s `[257, 257]` products, 4.3 % of its step on
+    an H100, docs/benchmarks.md). Otherwise the matmul follows PyTorch's float32 matmul precision:
+    with TF32 allowed (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry
+    its rounding."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(f: torch.Tensor, channel: bool) -> torch.Tensor:
+    def forward(f: torch.Tensor, channel: bool, low: torch.dtype | None = None) -> torch.Tensor:
         with _no_autocast(f):
             n = f.shape[-2] if channel else f.shape[-1]
             strictly, lower = _lower_masks(n, f)
@@ -169,7 +185,7 @@ class _Transfer(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # separate from forward, as torch.func's transforms ask
         # the factors, not G: under autocast `transfer` returns a 16-bit copy and this float32 G
         # was kept for the backward alone (32 MiB of `hope_large_chunk`'s T=2048 forward on CPU)
-        ctx.channel = inputs[1]
+        ctx.channel, ctx.low = inputs[1], inputs[2]
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
@@ -188,16 +204,20 @@ class _Transfer(torch.autograd.Function):
         # G made again from the factors: as this function when the backward is itself differentiated
         # (second order), so G's dependence on f has this backward, not torch.cumprod's; otherwise
         # (every compiled or first-order backward) its forward's operations alone
-        g = _Transfer.apply(f, ctx.channel) if torch.is_grad_enabled() else _Transfer.forward(f, ctx.channel)
+        g = (_Transfer.apply(f, ctx.channel, ctx.low) if torch.is_grad_enabled()
+             else _Transfer.forward(f, ctx.channel))
         with _no_autocast(g):
             g, grad = _Transfer._front(g, ctx.channel), _Transfer._front(grad.to(g.dtype), ctx.channel)
             # Ḡ on the lower triangle only, selected rather than multiplied: G is a constant 0 above
             # it, and an inf there would otherwise meet a 0 of G in the product
             grad = torch.where(_lower_masks(g.shape[-1] - 1, g)[1], grad, 0.0)
-            s = g.transpose(-1, -2) @ grad  # (Gᵀ Ḡ)[k, j]
+            if ctx.low is None:
+                s = g.transpose(-1, -2) @ grad  # (Gᵀ Ḡ)[k, j]
+            else:
+                s = _aligned_matmul(g.transpose(-1, -2).to(ctx.low), grad.to(ctx.low)).to(g.dtype)
             # the sum over j < k comes from G[k−1, j] itself
             df = (_Transfer._before(g) * s).sum(-1)[..., 1:]  # [..., n] (or [..., D, n])
-            return (df.movedim(-2, -1) if ctx.channel else df), None
+            return (df.movedim(-2, -1) if ctx.channel else df), None, None
 
 
 def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -545,6 +565,21 @@ def _erase_system_grads(g: torch.Tensor, m: torch.Tensor, ul: torch.Tensor, xl: 
     return gu, gx, gb, gom
 
 
+def _aligned_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``[..., m, k] @ [..., k, n]``; when it multiplies in a 16-bit dtype and a size
+    is not a multiple of 8, on operands zero-padded to multiples of 8 and the result cut back (the
+    same values). cuBLAS takes 16-bit operands whose rows are not 16-byte aligned only in
+    Turing-era tiles (``cutlass_75…align1``): `hope_large_chunk`'s ``[n+1, n+1]`` transfer products
+    at chunks of 256 (``n+1`` = 257) spent 5.3 % of its step on an H100 there (docs/benchmarks.md)."""
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    dt = _product_dtype(a, b)
+    if dt not in (torch.float16, torch.bfloat16) or not (m % 8 or k % 8 or n % 8):
+        return a @ b
+    pm, pk, pn = -m % 8, -k % 8, -n % 8
+    # cast before padding: one copy of each operand, as autocast would have made
+    return (F.pad(a.to(dt), (0, pk, 0, pm)) @ F.pad(b.to(dt), (0, pn, 0, pk)))[..., :m, :n]
+
+
 def solve_chunk(
     w0: torch.Tensor,
     s0: torch.Tensor | None,
@@ -576,7 +611,7 @@ def solve_chunk(
     if y is None:
         omega, z = g, None
     else:
-        omega = torch.einsum("...rid,...ij->...rjd", g, y) if channel else g @ y
+        omega = torch.einsum("...rid,...ij->...rjd", g, y) if channel else _aligned_matmul(g, y)
         z = omega[..., :, 0, :] - g[..., :, 0, :] if channel else omega[..., :, 0] - g[..., :, 0]
     sol = ChunkSolution(w0, s0, x, g, omega, z, y, channel, origin=origin)
     if b is None:

@@ -593,6 +593,82 @@ def test_the_chunk_solve_keeps_its_operands_and_solution_as_they_are(monkeypatch
     assert torch.allclose(ac.grad, ae.grad, atol=1e-5) and torch.allclose(rc.grad, re_.grad, atol=1e-5)
 
 
+def test_transfer_backward_multiplies_in_autocasts_dtype():
+    """Under bf16 autocast (or from bf16 factors) ``_Transfer``'s backward product ``Gᵀ Ḡ`` runs in
+    bf16 with float32 accumulation, on operands padded to multiples of 8 (``n+1`` = 8 here: 7
+    tokens, already aligned; 9 tokens, padded): the gates' gradients within bf16's rounding of
+    float32's, the same under an ``aot_eager`` compile; outside autocast the product stays float32."""
+    from nlgraph.compilers import chunked
+
+    for n in (7, 9):
+        f = torch.rand(3, n, generator=torch.Generator().manual_seed(4)).float() * 0.5 + 0.5
+        w = torch.randn(3, n + 1, n + 1, generator=torch.Generator().manual_seed(5)).float()
+        full = f.clone().requires_grad_()
+        (chunked.transfer(full, False) * w).sum().backward()
+        for make in ("autocast", "bf16 factors"):
+            low, seen = f.clone().requires_grad_(), OpDtypes()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=make == "autocast"):
+                g = chunked.transfer(low if make == "autocast" else low.bfloat16(), False)
+            with seen:
+                (g.float() * w).sum().backward()
+            assert torch.bfloat16 in seen.inputs_of("bmm") and torch.float32 not in seen.inputs_of("bmm"), make
+            assert ((low.grad - full.grad).norm() / full.grad.norm()).item() < 2e-2, make
+        eager, comp = f.clone().requires_grad_(), f.clone().requires_grad_()
+        fn = lambda y: (chunked.transfer(y, False) * w).sum()  # noqa: E731
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(eager).backward()
+            torch._dynamo.reset()
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(comp).backward()
+        assert torch.allclose(comp.grad, eager.grad, atol=1e-6)
+        seen = OpDtypes()
+        plain = f.clone().requires_grad_()
+        with seen:
+            fn(plain).backward()
+        assert torch.float32 in seen.inputs_of("bmm") and torch.bfloat16 not in seen.inputs_of("bmm")
+
+
+def test_aligned_matmul_pads_16_bit_products_to_multiples_of_8():
+    """``_aligned_matmul``: a 16-bit product (bf16 operands, or float32 under autocast) of sizes not
+    multiples of 8 runs on operands zero-padded to them and equals ``a @ b`` in value and gradients;
+    float32 and float64 products, and aligned ones, are ``a @ b`` itself."""
+    from nlgraph.compilers import chunked
+
+    class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("bmm", "mm"):
+                self.mm.append([tuple(a.shape[-2:]) for a in args[:2]])
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(7)
+    for (m, k, n), aligned in (((9, 257, 5), False), ((8, 16, 24), True)):
+        a = torch.randn(2, m, k, generator=gen, dtype=torch.float32)
+        b = torch.randn(2, k, n, generator=gen, dtype=torch.float32)
+        for autocast in (True, False):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            xr, yr = a.clone().requires_grad_(), b.clone().requires_grad_()
+            shapes = Shapes()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                with shapes:
+                    out = chunked._aligned_matmul(x, y)
+                ref = xr @ yr
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            padded = autocast and not aligned
+            assert all(d % 8 == 0 for pair in shapes.mm for sh in pair for d in sh) == (padded or aligned)
+            assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+            dy = torch.randn(out.shape, generator=gen, dtype=torch.float32)
+            out.backward(dy.to(out.dtype))
+            ref.backward(dy.to(ref.dtype))
+            for p, q in ((x, xr), (y, yr)):
+                assert torch.allclose(p.grad, q.grad, rtol=1e-2, atol=1e-2)
+    a64 = torch.randn(9, 11, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    assert torch.equal(chunked._aligned_matmul(a64, b64), a64 @ b64)
+
+
 def _float64_like(fn, expr, args, gen, exact: bool = False) -> torch.Tensor:
     """``fn`` against ``expr`` in float64: gradcheck and gradgradcheck, the value (bit for bit with
     ``exact``), and every input's gradient against a random ``dy`` (drawn from ``gen``, returned)."""
