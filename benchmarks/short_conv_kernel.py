@@ -23,6 +23,10 @@ times each tile's forward op and backward op alone as the GPU's time a call: a C
 ``--graph-calls`` launches replayed, so the host's launch cost drops out (the per-call timings above
 are host-bound at this size: 0.08 ms a forward call against 22.5 µs of kernel).
 
+``--bwd split fused`` checks each backward (``NLGRAPH_CONV_BWD``: ``_conv_da`` then ``_conv_dx``, or
+the two in one pass) at the first of ``--warps`` and times the backward op alone each way, as the
+GPU's time a call.
+
 Without CUDA it says so and exits 0, unless ``--device cpu`` runs the checks under Triton's
 interpreter (``TRITON_INTERPRET=1``; float32 only, the interpreter lacks bfloat16): how its tests
 run it.
@@ -220,6 +224,45 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def backward_mode(mode: str | None):
+    """``short_conv.CONV_BWD`` set to ``mode`` (``split`` / ``fused``) for the block; ``None`` leaves it."""
+    from nlgraph.compilers.kernels import short_conv as op
+
+    saved = op.CONV_BWD
+    op.CONV_BWD = mode or saved
+    try:
+        yield
+    finally:
+        op.CONV_BWD = saved
+
+
+def run_bwd_timings(args, dev: torch.device) -> list[dict]:
+    """Each of ``--bwd``'s backwards alone (the backward op, SiLU, no state), GPU time a call
+    (:func:`graph_ms`) at the launch's tile and the first of ``--warps``, with the bytes it must move
+    at least (x and dy read, dx written) over that time."""
+    import nlgraph.compilers.kernels.short_conv  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, t, c, k = args.batch, args.length, args.channels, 4
+    x = torch.randn(b, t, c, device=dev, generator=gen).to(torch.bfloat16)
+    w = 0.5 * torch.randn(c, k, device=dev, generator=gen)
+    dy = torch.randn(b, t, c, device=dev, generator=gen).to(torch.bfloat16)
+    least = 3 * x.numel() * x.element_size()
+    bwd, rows = torch.ops.nlgraph.short_conv_bwd, []
+    for mode in args.bwd:
+        row = {"impl": f"nlgraph short_conv backward ({mode})", "warps": args.warps[0]}
+        try:
+            with plain_warps(args.warps[0], MODULES), backward_mode(mode):
+                row["bwd_gpu_ms"] = graph_ms(lambda: bwd(x, w, None, dy, True), dev, args.graph_calls)
+            row["bwd_tb_s"] = least / row["bwd_gpu_ms"] / 1e9
+        except Exception as e:  # noqa: BLE001  (a backward that does not compile is the finding)
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def best_tile(res: dict) -> str:
     """``BTxBC`` of the fastest tile (forward + backward GPU time) whose checks all passed; the
     launch's default (``short_conv.DEFAULT_TILE``) when none was timed."""
@@ -246,6 +289,8 @@ def main() -> int:
     ap.add_argument("--best-tile", default=None, metavar="JSON",
                     help="print the tile of a --tiles run's JSON with the least forward + backward GPU time among "
                          "those whose checks all passed (as NLGRAPH_CONV_TILE takes it), and exit")
+    ap.add_argument("--bwd", nargs="+", default=None, choices=["split", "fused"],
+                    help="also check (at the first of --warps) and graph-time each backward (NLGRAPH_CONV_BWD)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
     ap.add_argument("--json", default=None)
@@ -267,10 +312,16 @@ def main() -> int:
         res["checks"] += run_checks(device, warps, dtypes)
     for shape in args.tiles or []:
         res["checks"] += run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes, shape)
+    for mode in args.bwd or []:
+        with backward_mode(mode):
+            rows = run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes)
+        res["checks"] += [dict(r, check=f"{r['check']} ({mode} backward)", bwd=mode) for r in rows]
     if dev.type == "cuda" and not args.no_timing:
         res["timings"] = run_timings(args, dev)
         if args.tiles:
             res["tile_timings"] = run_tile_timings(args, dev)
+        if args.bwd:
+            res["bwd_timings"] = run_bwd_timings(args, dev)
     if args.json:
         from nlgraph.io import atomic_write
 

@@ -9,6 +9,8 @@ inputs). With ``x̃`` the concatenation of ``s`` (zeros without one) and ``x``::
 Forward: one program per (token block, channel block, batch). Backward: ``_conv_da`` recomputes
 ``a``, forms ``da = dy · act'(a)`` and each program's partial sums of ``dw`` (summed in PyTorch, so
 the result does not depend on scheduling); ``_conv_dx`` then gives ``dx[t] = Σ_j w[c, j] da[t + K−1−j]``.
+Or both in one pass (``_conv_bwd``, ``NLGRAPH_CONV_BWD=fused``), ``da`` made again for the ``K−1``
+rows after a block instead of written and read back.
 Accumulation is float32 whatever the input dtype.
 """
 
@@ -82,6 +84,42 @@ def _conv_da(x, w, s, dy, da, dwp, T, C, NT, K: tl.constexpr, BT: tl.constexpr, 
 
 
 @triton.jit
+def _conv_bwd(x, w, s, dy, dx, dwp, dah, T, C, NT, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+              SILU: tl.constexpr, USE_S: tl.constexpr):
+    """``_conv_da`` and ``_conv_dx`` in one pass, ``da`` never written: a block's ``dx`` needs
+    ``da`` at its rows and the ``K−1`` after them, which it makes again from ``dy`` and ``x`` (each
+    shift's ``a`` recomputed: ``K²`` tile loads of ``x`` that hit the cache, against a float32
+    ``[B, T, C]`` written and read back). ``dah [B, K−1, C]``: ``da`` of the first ``K−1`` rows,
+    for the state's gradient."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = i_t * BT + tl.arange(0, BT)
+    c = i_c * BC + tl.arange(0, BC)
+    cm = c < C
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for sh in tl.static_range(K):
+        ts = t + sh
+        g = tl.load(dy + (i_b * T + ts)[:, None] * C + c[None, :], mask=(ts < T)[:, None] & cm[None, :],
+                    other=0.).to(tl.float32)
+        if SILU:
+            a = _pre(x, w, s, i_b, ts, c, cm, T, C, K, BT, BC, USE_S)
+            sg = tl.sigmoid(a)
+            g = g * sg * (1. + a * (1. - sg))
+        if sh == 0:
+            part = (i_b * NT + i_t) * C * K
+            for j in tl.static_range(K):
+                xj = _shifted(x, s, i_b, t, c, cm, T, C, K, j, USE_S)
+                tl.store(dwp + part + c * K + j, tl.sum(g * xj, axis=0), mask=cm)
+            if USE_S:
+                tl.store(dah + (i_b * (K - 1) + t)[:, None] * C + c[None, :], g,
+                         mask=(t < K - 1)[:, None] & cm[None, :])
+        # dx[t] = Σ_j w[c, j] · da[t + K−1−j], here j = K−1−sh
+        wj = tl.load(w + c * K + (K - 1 - sh), mask=cm, other=0.).to(tl.float32)
+        acc += g * wj[None, :]
+    tl.store(dx + (i_b * T + t)[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
+             mask=(t < T)[:, None] & cm[None, :])
+
+
+@triton.jit
 def _conv_dx(da, w, dx, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = i_t * BT + tl.arange(0, BT)
@@ -101,6 +139,7 @@ class _Kernels:
     fwd = _conv_fwd
     da = _conv_da
     dx = _conv_dx
+    bwd = _conv_bwd
 
 
 def kernels() -> type[_Kernels]:

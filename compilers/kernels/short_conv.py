@@ -55,6 +55,13 @@ def _tile(text: str | None) -> tuple[int, int] | str:
 _TILE = _tile(os.environ.get("NLGRAPH_CONV_TILE"))
 _BT, _BC = _TILE if isinstance(_TILE, tuple) else DEFAULT_TILE
 
+#: ``NLGRAPH_CONV_BWD``: ``split`` (default), the backward as ``_conv_da`` (``da`` written in
+#: float32) then ``_conv_dx``; or ``fused``, one kernel that makes ``da`` again for the ``K−1`` rows
+#: after each block instead (``_conv_bwd``: at B=8, T=2048, 512 channels it saves writing and
+#: reading back 33.5 MB a convolution). Opt-in until checked and timed on the GPU
+#: (``benchmarks/short_conv_kernel.py --bwd split fused``); read once, at import.
+CONV_BWD = os.environ.get("NLGRAPH_CONV_BWD", "").strip().lower() or "split"
+
 
 def _kernels(x: torch.Tensor):
     try:
@@ -102,13 +109,24 @@ def _backward(x, w, s, dy, silu):
     k = w.shape[1]
     kn = _kernels(x)
     grid = _grid(b, t, c)
-    da = x.new_empty(b, t, c, dtype=torch.float32)
     dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
     dummy = x.new_empty(0)
-    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, t, c, grid[0], K=k, BT=_BT, BC=_BC,
-                SILU=silu, USE_S=s is not None)
     dx = torch.empty_like(x)
-    kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
+    if CONV_BWD == "fused":
+        # half the tile's tokens: it holds da, a and dx's sum at once (at the full 64 x 128 tile,
+        # 968 bytes a thread spilled on sm_90; benchmarks/kernel_resources.py --cases short_conv_fused)
+        bt = max(16, _BT // 2)
+        grid = (-(-t // bt), grid[1], b)
+        dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
+        # da of the first K−1 rows only (rows past T stay 0), for the state's gradient
+        da = x.new_zeros(b, k - 1, c, dtype=torch.float32) if s is not None else dummy
+        kn.bwd[grid](x, w, s if s is not None else dummy, dy.contiguous(), dx, dwp, da, t, c, grid[0], K=k, BT=bt,
+                     BC=_BC, SILU=silu, USE_S=s is not None)
+    else:
+        da = x.new_empty(b, t, c, dtype=torch.float32)
+        kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, t, c, grid[0], K=k, BT=_BT,
+                    BC=_BC, SILU=silu, USE_S=s is not None)
+        kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
     ds = dummy
     if s is not None:
         # the state's rows are x̃[0 .. K−2]: ds[i] = Σ_{j ≤ i} w[:, j] · da[i − j] (at most K−1 terms)
@@ -157,6 +175,9 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
     """
     if isinstance(_TILE, str):
         raise NLGraphError(_TILE, path="NLGRAPH_CONV_TILE")
+    if CONV_BWD not in ("split", "fused"):
+        raise NLGraphError(f"NLGRAPH_CONV_BWD={CONV_BWD!r} is not a backward: set it to 'split' (the default) or "
+                           "'fused', or unset it", path="NLGRAPH_CONV_BWD")
     if act not in ACTIVATIONS:
         raise NLGraphError(f"activation {act!r} is not fused; use one of {', '.join(ACTIVATIONS)}", path="short_conv.act")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:

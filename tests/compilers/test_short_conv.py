@@ -3,7 +3,7 @@
 ``nlgraph.compilers.kernels.short_conv`` (forward and backward in Triton, float32 accumulation) is
 checked against ``F.conv1d`` on ``cat(state, x)`` in float64: outputs and the gradients of the input,
 the weight and the state, with and without a state, SiLU or identity, a token block cut short and a
-sequence shorter than the kernel. A ``Stream`` fed in segments gives one pass's output through the
+sequence shorter than the kernel, through both backwards (``NLGRAPH_CONV_BWD``: split and fused). A ``Stream`` fed in segments gives one pass's output through the
 kernel, a model's logits and gradients match the PyTorch path, and the op traces under
 ``torch.compile(fullgraph=True)``. Without CUDA the kernels run in Triton's interpreter.
 """
@@ -47,7 +47,11 @@ def _rel(a, b):
     (3, 65, 16, 2, "silu", False, torch.float16, 2e-3),
     (2, 130, 96, 4, "silu", True, LOW, 1e-2),
 ])
-def test_short_conv_equals_conv1d(b, t, c, k, act, with_state, dtype, tol):
+@pytest.mark.parametrize("bwd", ["split", "fused"])
+def test_short_conv_equals_conv1d(b, t, c, k, act, with_state, dtype, tol, bwd, monkeypatch):
+    from nlgraph.compilers.kernels import short_conv as op
+
+    monkeypatch.setattr(op, "CONV_BWD", bwd)
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(b, t, c, generator=gen).to(DEVICE, dtype).requires_grad_()
     w = torch.randn(c, k, generator=gen).to(DEVICE).requires_grad_()
@@ -148,6 +152,15 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
     real = mod.reference
     monkeypatch.setattr(mod, "reference", lambda x, w, s, silu: real(x, w.roll(1, dims=1), s, silu))
     assert not any(r["ok"] for r in mod.run_checks(DEVICE, None, (torch.float32,)))
+
+
+def test_a_bad_backward_choice_is_one_clear_error(monkeypatch):
+    from nlgraph.compilers.kernels import short_conv as op
+
+    monkeypatch.setattr(op, "CONV_BWD", "fast")
+    x = torch.randn(1, 8, 4, device=DEVICE)
+    with pytest.raises(NLGraphError, match="NLGRAPH_CONV_BWD"):
+        short_conv(x, torch.randn(4, 4, device=DEVICE))
 
 
 def test_the_tile_variable_is_parsed_and_a_bad_one_is_one_clear_error(monkeypatch):
