@@ -1,6 +1,7 @@
 """Check and time the chunk solves of the mini-batch forms (``NLGRAPH_CHUNK_SOLVE``: ``triangular``,
 one ``torch.linalg.solve_triangular``; ``blocked``, the inverse by doubling from the diagonal blocks'
-and one matmul; ``kernel``, nlgraph's Triton solve; ``compilers/chunked.py``'s ``_solve_lower``).
+and one matmul; ``kernel``, nlgraph's Triton solve, which the default ``auto`` takes on CUDA since
+this script timed it there; ``compilers/chunked.py``'s ``_solve_lower``).
 
     bash benchmarks/device.sh python -P benchmarks/chunk_solve.py --json "$OUT/chunk_solve.json"
 
