@@ -600,9 +600,10 @@ def why_no_chunk_walk_on_cuda(spec: Any) -> str | None:
     chunk = periods(spec)[1]
     if CHUNK_WALK_ON_GPU is None and chunk > CHUNK_WALK_AUTO_CHUNK:
         return (f"gradient chunks of {chunk} tokens: the chunk-walk kernel walks a chunk's tokens in order, and "
-                f"on an H100 it trained HOPE slower than the triangular solve at chunks of 256 (faster at 16); "
-                f"on CUDA it takes chunks up to {CHUNK_WALK_AUTO_CHUNK} (NLGRAPH_CHUNK_WALK_GPU=1 turns it on "
-                f"for every chunk)")
+                f"on an H100 it trained HOPE slower than the chunked form's one triangular solve a chunk at "
+                f"chunks of 256 (faster at 16); on CUDA it takes chunks up to {CHUNK_WALK_AUTO_CHUNK} "
+                f"(NLGRAPH_CHUNK_WALK_GPU=1 turns it on for every chunk), and the chunked form solves in "
+                f"nlgraph's Triton solve (NLGRAPH_CHUNK_SOLVE)")
     return None
 
 
