@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -667,18 +668,22 @@ def _cmd_bench(args) -> int:
         return 0
     m = res["meta"]
     m["fp32_matmul"] = "high" if args.tf32 else "as set"  # "high": TF32 allowed (--tf32)
+    # the process's NLGRAPH_* switches (docs/cli.md): which solve, tile or backward a figure ran on
+    m["settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NLGRAPH_")}
+    settings = "".join(f", {k}={v}" for k, v in m["settings"].items())
     if args.layer:
         print(f"{m['device']}, torch {m['torch']}, layer {m['layer']} ({m['params']:,} parameters, forms "
               f"{m['forms']}), B={m['shape'][0]} T={m['shape'][1]} d_model={m['shape'][2]}, bf16 autocast on CUDA; "
-              f"anchor {m['anchor'] or 'none'} (not the same function)")
+              f"anchor {m['anchor'] or 'none'} (not the same function){settings}")
         print(level_table(res))
     elif args.level:
         print(f"{m['device']}, torch {m['torch']}, level {m['level']} in form {m['form']}, "
               f"B={m['shape'][0]} T={m['shape'][1]} H={m['shape'][2]} D={m['shape'][3]} {m['dtype']}; anchor "
-              f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}")
+              f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}{settings}")
         print(level_table(res))
     else:
-        print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first")
+        print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first"
+              f"{settings}")
         print(table(res))
     if args.json:
         path = Path(args.json)

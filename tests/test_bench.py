@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -56,6 +57,19 @@ def test_tf32_holds_for_the_run_is_recorded_and_put_back(tmp_path, monkeypatch):
     assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "eager", "--lengths", "16",
                  "--batch", "1", "--steps", "1", "--anchor", "none", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["meta"]["fp32_matmul"] == "as set"
+
+
+def test_the_nlgraph_switches_of_the_process_are_recorded(tmp_path, monkeypatch, capsys):
+    """The NLGRAPH_* variables a bench ran under go into its JSON and its header line: a figure
+    says which chunk solve, tile or backward it measured."""
+    for k in [k for k in os.environ if k.startswith("NLGRAPH_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("NLGRAPH_CHUNK_SOLVE", "triangular")
+    out = tmp_path / "b.json"
+    assert main(["bench", "gated_deltanet", *TINY, "--device", "cpu", "--modes", "eager", "--lengths", "16",
+                 "--batch", "1", "--steps", "1", "--anchor", "none", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["settings"] == {"NLGRAPH_CHUNK_SOLVE": "triangular"}
+    assert "after the first, NLGRAPH_CHUNK_SOLVE=triangular" in capsys.readouterr().out
 
 
 def test_graph_mode_needs_cuda(capsys):
