@@ -26,6 +26,7 @@ __all__ = ["solve_unit_lower"]
 
 _BS = 16  # rows a block: tl.dot's smallest
 _PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's; tf32x3 was slower on an H100 (chunk_solve.py)
+_BK = 16  # solved rows a left-looking product takes (a multiple of _BS): 16, as timed on an H100; chunk_solve.py times more
 
 
 def _kernels(t: torch.Tensor):
@@ -68,7 +69,7 @@ def _solve(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
         s_r, s_c = (aa.stride(2), aa.stride(1)) if transpose else (aa.stride(1), aa.stride(2))
         _kernels(r).solve[(bt, cdiv(o, bo))](
             aa, rr, x, n, o, mod, div, aa.stride(0), s_r, s_c, rr.stride(0), rr.stride(1), x.stride(0), x.stride(1),
-            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC=_PREC)
+            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC=_PREC, BK=max(_BK, _BS))
     return x.reshape(*batch, n, o)
 
 
