@@ -159,8 +159,8 @@ class _Transfer(torch.autograd.Function):
     nothing differentiates the products forward. ``low``: the 16-bit dtype ``G`` is used in downstream
     (it came from 16-bit factors, or autocast was on), in which the backward's matmul then
     multiplies, accumulating in float32, as autocast's backward of a matmul would: in float32 it
-    ran on the GPU's CUDA cores (`hope_large_chunk`'s `[257, 257]` products, 4.3 % of its step on
-    an H100, docs/benchmarks.md). Otherwise the matmul follows PyTorch's float32 matmul precision:
+    ran on the GPU's CUDA cores (`hope_large_chunk`'s `[257, 257]` products are among the float32
+    GEMMs that took 4.3 % of its step on an H100, docs/benchmarks.md). Otherwise the matmul follows PyTorch's float32 matmul precision:
     with TF32 allowed (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry
     its rounding."""
 
@@ -569,8 +569,9 @@ def _aligned_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for ``[..., m, k] @ [..., k, n]``; when it multiplies in a 16-bit dtype and a size
     is not a multiple of 8, on operands zero-padded to multiples of 8 and the result cut back (the
     same values). cuBLAS takes 16-bit operands whose rows are not 16-byte aligned only in
-    Turing-era tiles (``cutlass_75…align1``): `hope_large_chunk`'s ``[n+1, n+1]`` transfer products
-    at chunks of 256 (``n+1`` = 257) spent 5.3 % of its step on an H100 there (docs/benchmarks.md)."""
+    Turing-era tiles (``cutlass_75…align1``), which took 5.3 % of `hope_large_chunk`'s step on an
+    H100; its ``[n+1, n+1]`` transfer products at chunks of 256 (``n+1`` = 257) are among them
+    (docs/benchmarks.md)."""
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     dt = _product_dtype(a, b)
     if dt not in (torch.float16, torch.bfloat16) or not (m % 8 or k % 8 or n % 8):
@@ -665,8 +666,8 @@ def _triangular(a: torch.Tensor, rhs: torch.Tensor, transpose: bool = False) -> 
     """``a⁻¹ rhs`` (``a⁻ᵀ rhs`` with ``transpose``) for unit lower-triangular ``a``, operands of one
     dtype: nlgraph's Triton solve for float32 on CUDA (``auto``) or on any tensors the kernels take
     (``kernel``), else ``torch.linalg.solve_triangular``."""
-    if CHUNK_SOLVE in ("auto", "kernel") and a.dtype == rhs.dtype == torch.float32 \
-            and (CHUNK_SOLVE == "kernel" or rhs.device.type == "cuda"):
+    wanted = CHUNK_SOLVE == "kernel" or (CHUNK_SOLVE == "auto" and rhs.device.type == "cuda")
+    if wanted and a.dtype == rhs.dtype == torch.float32:
         from .kernels import dispatch
 
         if dispatch.why_no_kernel(rhs.device) is None:

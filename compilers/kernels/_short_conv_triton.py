@@ -88,7 +88,7 @@ def _conv_bwd(x, w, s, dy, dx, dwp, dah, T, C, NT, K: tl.constexpr, BT: tl.const
               SILU: tl.constexpr, USE_S: tl.constexpr):
     """``_conv_da`` and ``_conv_dx`` in one pass, ``da`` never written: a block's ``dx`` needs
     ``da`` at its rows and the ``K−1`` after them, which it makes again from ``dy`` and ``x`` (each
-    shift's ``a`` recomputed: ``K²`` tile loads of ``x`` that hit the cache, against a float32
+    shift's ``a`` recomputed: ``K²`` tile loads of ``x``, meant to come from the cache, against a float32
     ``[B, T, C]`` written and read back). ``dah [B, K−1, C]``: ``da`` of the first ``K−1`` rows,
     for the state's gradient."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)

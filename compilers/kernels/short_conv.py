@@ -73,8 +73,9 @@ def _kernels(x: torch.Tensor):
     return recording(mod.kernels())
 
 
-def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
-    return (-(-t // _BT), -(-c // _BC), b)
+def _grid(b: int, t: int, c: int, bt: int | None = None) -> tuple[int, int, int]:
+    """(token blocks of ``bt`` tokens, the tile's by default; channel blocks; batch)."""
+    return (-(-t // (bt or _BT)), -(-c // _BC), b)
 
 
 @torch.library.custom_op("nlgraph::short_conv_fwd", mutates_args=())
@@ -108,16 +109,15 @@ def _backward(x, w, s, dy, silu):
     b, t, c = x.shape
     k = w.shape[1]
     kn = _kernels(x)
-    grid = _grid(b, t, c)
+    fused = CONV_BWD == "fused"
+    # fused: half the tile's tokens, as it holds da, a and dx's sum at once (at the full 64 x 128
+    # tile, 968 bytes a thread spilled on sm_90; benchmarks/kernel_resources.py --cases short_conv_fused)
+    bt = max(16, _BT // 2) if fused else _BT
+    grid = _grid(b, t, c, bt)
     dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
     dummy = x.new_empty(0)
     dx = torch.empty_like(x)
-    if CONV_BWD == "fused":
-        # half the tile's tokens: it holds da, a and dx's sum at once (at the full 64 x 128 tile,
-        # 968 bytes a thread spilled on sm_90; benchmarks/kernel_resources.py --cases short_conv_fused)
-        bt = max(16, _BT // 2)
-        grid = (-(-t // bt), grid[1], b)
-        dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
+    if fused:
         # da of the first K−1 rows only (rows past T stay 0), for the state's gradient
         da = x.new_zeros(b, k - 1, c, dtype=torch.float32) if s is not None else dummy
         kn.bwd[grid](x, w, s if s is not None else dummy, dy.contiguous(), dx, dwp, da, t, c, grid[0], K=k, BT=bt,

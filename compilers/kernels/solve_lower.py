@@ -26,7 +26,7 @@ __all__ = ["solve_unit_lower"]
 
 _BS = 16  # rows a block: tl.dot's smallest
 _PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's; tf32x3 was slower on an H100 (chunk_solve.py)
-_BK = 16  # solved rows a left-looking product takes (a multiple of _BS): 16, as timed on an H100; chunk_solve.py times more
+_BK = 16  # solved rows a left-looking product takes (a power of two; _BS or fewer: one block), as timed on an H100
 
 
 def _kernels(t: torch.Tensor):
