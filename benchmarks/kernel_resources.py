@@ -53,7 +53,7 @@ SMEM_LIMIT = 232448
 MODULES = ("_delta_rule_triton", "_linear_attention_triton", "_delta_rule_channel_triton", "_mlp_memory_triton",
            "_recurrence_triton", "_short_conv_triton", "_chunk_walk_triton", "_solve_lower_triton")
 CASES = ("delta_rule", "gated_delta_rule", "linear_attention", "gla", "kda", "mlp_memory", "recurrence",
-         "short_conv", "short_conv_fused", "chunk_walk", "solve_lower")
+         "short_conv", "chunk_walk", "solve_lower")
 _TYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.int32": "i32",
           "torch.int64": "i64"}
 
@@ -140,16 +140,13 @@ def _run_case(case: str, d: int, dv: int, chunk: int, t: int, dt) -> None:
         a = (torch.eye(256) + 0.01 * torch.randn(256, 256, generator=gen).tril(-1)).requires_grad_()
         solve_unit_lower(a, torch.randn(2, 256, 64, generator=gen).requires_grad_()).sum().backward()
         return
-    if case in ("short_conv", "short_conv_fused"):  # the backward as two kernels, or as one (NLGRAPH_CONV_BWD)
-        from nlgraph.compilers.kernels import short_conv as op
+    if case == "short_conv":
+        from nlgraph.compilers.kernels.short_conv import short_conv
 
         x = torch.randn(2, t, 4 * d, generator=gen).to(dt).requires_grad_()  # channels: a model's q, k, v
         w = (0.3 * torch.randn(4 * d, 4, generator=gen)).requires_grad_()
-        saved, op.CONV_BWD = op.CONV_BWD, "fused" if case == "short_conv_fused" else "split"
-        try:
-            op.short_conv(x, w, act="silu").float().square().sum().backward()
-        finally:
-            op.CONV_BWD = saved
+        short_conv(x, w, act="silu").float().square().sum().backward()
+        short_conv(x, w, act="silu", l2=d).float().square().sum().backward()  # a stream's L2 norm fused
         return
     if case in ("delta_rule", "gated_delta_rule", "kda"):
         g = {"delta_rule": None, "gated_delta_rule": head, "kda": channel}[case]

@@ -23,9 +23,9 @@ times each tile's forward op and backward op alone as the GPU's time a call: a C
 ``--graph-calls`` launches replayed, so the host's launch cost drops out (the per-call timings above
 are host-bound at this size: 0.08 ms a forward call against 22.5 µs of kernel).
 
-``--bwd split fused`` checks each backward (``NLGRAPH_CONV_BWD``: ``_conv_da`` then ``_conv_dx``, or
-the two in one pass) at the first of ``--warps`` and times the backward op alone each way, as the
-GPU's time a call.
+``--da float32 input`` checks the backward with ``da`` (``_conv_da``'s output, ``_conv_dx``'s input)
+stored each way (``short_conv._DA16``; ``input`` is the default: bfloat16 for bfloat16 inputs) at the
+first of ``--warps`` and times the backward op alone each way, as the GPU's time a call.
 
 Without CUDA it says so and exits 0, unless ``--device cpu`` runs the checks under Triton's
 interpreter (``TRITON_INTERPRET=1``; float32 only, the interpreter lacks bfloat16): how its tests
@@ -41,28 +41,38 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _launch import plain_warps  # noqa: E402
 
 MODULES = ("_short_conv_triton",)
 # name, (B, T, C, K), dtype, with a state, SiLU
+# (name, (B, T, C, K), dtype, with a state, SiLU, l2: the head size of a fused L2 norm, or None)
 CHECKS = [
-    ("fp32 silu + state, T=100 (a partial block)", (2, 100, 96, 4), torch.float32, True, True),
-    ("fp32 identity, no state", (2, 130, 64, 4), torch.float32, False, False),
-    ("bf16 silu + state", (2, 300, 512, 4), torch.bfloat16, True, True),
-    ("bf16 silu, no state", (2, 300, 512, 4), torch.bfloat16, False, True),
+    ("fp32 silu + state, T=100 (a partial block)", (2, 100, 96, 4), torch.float32, True, True, None),
+    ("fp32 identity, no state", (2, 130, 64, 4), torch.float32, False, False, None),
+    ("fp32 silu + state + L2 norm, heads of 32", (2, 100, 96, 4), torch.float32, True, True, 32),
+    ("bf16 silu + state", (2, 300, 512, 4), torch.bfloat16, True, True, None),
+    ("bf16 silu, no state", (2, 300, 512, 4), torch.bfloat16, False, True, None),
+    ("bf16 silu + L2 norm, heads of 64", (2, 300, 512, 4), torch.bfloat16, False, True, 64),
+    ("bf16 silu + state + L2 norm, heads of 128", (2, 300, 512, 4), torch.bfloat16, True, True, 128),
 ]
 
 
-def reference(x, w, s, silu: bool) -> torch.Tensor:
-    """float64 causal depthwise convolution: ``x [B, T, C]``, ``w [C, K]``, ``s [B, K−1, C]`` or ``None``."""
+def reference(x, w, s, silu: bool, l2: int | None = None) -> torch.Tensor:
+    """float64 causal depthwise convolution: ``x [B, T, C]``, ``w [C, K]``, ``s [B, K−1, C]`` or
+    ``None``; then each head of ``l2`` channels divided by its norm (``max(‖y‖, 1e-6)``)."""
     b, t, c = x.shape
     k = w.shape[1]
     pad = s if s is not None else x.new_zeros(b, k - 1, c)
     xt = torch.cat([pad, x], dim=1)
     a = sum(w[:, j] * xt[:, j:j + t] for j in range(k))
-    return a * torch.sigmoid(a) if silu else a
+    y = a * torch.sigmoid(a) if silu else a
+    if l2:
+        y3 = y.unflatten(-1, (c // l2, l2))
+        y = (y3 / y3.norm(dim=-1, keepdim=True).clamp_min(1e-6)).flatten(-2)
+    return y
 
 
 @contextlib.contextmanager
@@ -115,7 +125,7 @@ def run_checks(device: str, warps: int | None, dtypes: tuple, shape: tuple[int, 
     from nlgraph.compilers.kernels.short_conv import short_conv
 
     rows = []
-    for name, (b, t, c, k), dtype, with_state, silu in CHECKS:
+    for name, (b, t, c, k), dtype, with_state, silu, l2 in CHECKS:
         if dtype not in dtypes:
             continue
         limit = 1e-5 if dtype == torch.float32 else 2e-2
@@ -128,10 +138,11 @@ def run_checks(device: str, warps: int | None, dtypes: tuple, shape: tuple[int, 
             dy = torch.randn(b, t, c, device=device, generator=gen).to(dtype)
             leaves = [a.clone().requires_grad_() for a in (x, w) + ((s,) if s is not None else ())]
             with plain_warps(warps, MODULES), tile(shape):
-                y = short_conv(leaves[0], leaves[1], leaves[2] if s is not None else None, "silu" if silu else "identity")
+                y = short_conv(leaves[0], leaves[1], leaves[2] if s is not None else None, "silu" if silu else "identity",
+                               l2)
                 y.backward(dy)
             ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
-            yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if s is not None else None, silu)
+            yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if s is not None else None, silu, l2)
             yr.backward(dy.double())
             errors = {"y": rel(y.detach(), yr.detach()), "dx": rel(leaves[0].grad, ref_leaves[0].grad),
                       "dw": rel(leaves[1].grad, ref_leaves[1].grad)}
@@ -185,6 +196,12 @@ def run_timings(args, dev: torch.device) -> list[dict]:
         print(json.dumps({"note": f"fla's causal_conv1d not timed ({e})"}), flush=True)
     for warps in args.warps:
         rows.append(timed("nlgraph short_conv", lambda: short_conv(x, w, None, "silu"), warps))
+    # a stream's conv + SiLU + L2 norm over heads of 64: fused, and the norm as a pass of its own
+    rows.append(timed("nlgraph short_conv + L2 norm (fused, heads of 64)",
+                      lambda: short_conv(x, w, None, "silu", 64), args.warps[0]))
+    rows.append(timed("nlgraph short_conv, then F.normalize (heads of 64)",
+                      lambda: F.normalize(short_conv(x, w, None, "silu").unflatten(-1, (-1, 64)), dim=-1,
+                                          eps=1e-6).flatten(-2), args.warps[0]))
     return rows
 
 
@@ -225,22 +242,22 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
 
 
 @contextlib.contextmanager
-def backward_mode(mode: str | None):
-    """``short_conv.CONV_BWD`` set to ``mode`` (``split`` / ``fused``) for the block; ``None`` leaves it."""
+def da_dtype(mode: str | None):
+    """``short_conv._DA16`` set by ``mode`` (``float32`` / ``input``) for the block; ``None`` leaves it."""
     from nlgraph.compilers.kernels import short_conv as op
 
-    saved = op.CONV_BWD
-    op.CONV_BWD = mode or saved
+    saved = op._DA16
+    op._DA16 = saved if mode is None else mode == "input"
     try:
         yield
     finally:
-        op.CONV_BWD = saved
+        op._DA16 = saved
 
 
-def run_bwd_timings(args, dev: torch.device) -> list[dict]:
-    """Each of ``--bwd``'s backwards alone (the backward op, SiLU, no state), GPU time a call
-    (:func:`graph_ms`) at the launch's tile and the first of ``--warps``, with the bytes it must move
-    at least (x and dy read, dx written) over that time."""
+def run_da_timings(args, dev: torch.device) -> list[dict]:
+    """The backward op alone (SiLU, no state, bfloat16) with ``da`` stored each way of ``--da``, GPU
+    time a call (:func:`graph_ms`) at the launch's tile and the first of ``--warps``, with the bytes
+    it must move at least (x and dy read, dx written) over that time."""
     import nlgraph.compilers.kernels.short_conv  # noqa: F401  (registers the ops)
 
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -250,10 +267,10 @@ def run_bwd_timings(args, dev: torch.device) -> list[dict]:
     dy = torch.randn(b, t, c, device=dev, generator=gen).to(torch.bfloat16)
     least = 3 * x.numel() * x.element_size()
     bwd, rows = torch.ops.nlgraph.short_conv_bwd, []
-    for mode in args.bwd:
-        row = {"impl": f"nlgraph short_conv backward ({mode})", "warps": args.warps[0]}
+    for mode in args.da:
+        row = {"impl": f"nlgraph short_conv backward (da {mode})", "warps": args.warps[0]}
         try:
-            with plain_warps(args.warps[0], MODULES), backward_mode(mode):
+            with plain_warps(args.warps[0], MODULES), da_dtype(mode):
                 row["bwd_gpu_ms"] = graph_ms(lambda: bwd(x, w, None, dy, True), dev, args.graph_calls)
             row["bwd_tb_s"] = least / row["bwd_gpu_ms"] / 1e9
         except Exception as e:  # noqa: BLE001  (a backward that does not compile is the finding)
@@ -289,8 +306,9 @@ def main() -> int:
     ap.add_argument("--best-tile", default=None, metavar="JSON",
                     help="print the tile of a --tiles run's JSON with the least forward + backward GPU time among "
                          "those whose checks all passed (as NLGRAPH_CONV_TILE takes it), and exit")
-    ap.add_argument("--bwd", nargs="+", default=None, choices=["split", "fused"],
-                    help="also check (at the first of --warps) and graph-time each backward (NLGRAPH_CONV_BWD)")
+    ap.add_argument("--da", nargs="+", default=None, choices=["float32", "input"],
+                    help="also check (at the first of --warps) and graph-time the backward with da stored in float32 "
+                         "or in the input dtype (short_conv._DA16)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
     ap.add_argument("--json", default=None)
@@ -312,16 +330,16 @@ def main() -> int:
         res["checks"] += run_checks(device, warps, dtypes)
     for shape in args.tiles or []:
         res["checks"] += run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes, shape)
-    for mode in args.bwd or []:
-        with backward_mode(mode):
+    for mode in args.da or []:
+        with da_dtype(mode):
             rows = run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes)
-        res["checks"] += [dict(r, check=f"{r['check']} ({mode} backward)", bwd=mode) for r in rows]
+        res["checks"] += [dict(r, check=f"{r['check']} (da {mode})", da=mode) for r in rows]
     if dev.type == "cuda" and not args.no_timing:
         res["timings"] = run_timings(args, dev)
         if args.tiles:
             res["tile_timings"] = run_tile_timings(args, dev)
-        if args.bwd:
-            res["bwd_timings"] = run_bwd_timings(args, dev)
+        if args.da:
+            res["da_timings"] = run_da_timings(args, dev)
     if args.json:
         from nlgraph.io import atomic_write
 

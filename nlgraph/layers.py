@@ -53,15 +53,16 @@ class ShortConv(nn.Module):
             self.weight.normal_(0.0, 0.02)
             self.weight[:, -1] += 1.0
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
-                act: str = "identity") -> tuple[torch.Tensor, torch.Tensor]:
-        """``act`` (``identity`` or ``silu``) is applied to the output, fused into the Triton kernel
-        where it runs (CUDA tensors, float32 / bfloat16 / float16, kernels on)."""
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, act: str = "identity",
+                l2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``act`` (``identity`` or ``silu``) is applied to the output, then, with ``l2 = D``, each
+        head's ``D`` channels are divided by their norm (``F.normalize``, eps 1e-6): fused into the
+        Triton kernel where it runs (CUDA tensors, float32 / bfloat16 / float16, kernels on)."""
         b, t, c = x.shape
         if _conv_kernel_runs(x):
             from .compilers.kernels.short_conv import short_conv
 
-            y = short_conv(x, self.weight, state, act)
+            y = short_conv(x, self.weight, state, act, l2)
             if t >= self.kernel - 1:
                 return y, x[:, t - (self.kernel - 1):]
             prev = state if state is not None else x.new_zeros(b, self.kernel - 1, c)
@@ -69,8 +70,10 @@ class ShortConv(nn.Module):
         if state is None:
             state = x.new_zeros(b, self.kernel - 1, c)
         xp = torch.cat([state, x], dim=1)  # [B, k-1+T, C]
-        y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), groups=c).transpose(1, 2)
-        return _feature_map(act, y), xp[:, xp.shape[1] - (self.kernel - 1):]
+        y = _feature_map(act, F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), groups=c).transpose(1, 2))
+        if l2 is not None:
+            y = F.normalize(y.unflatten(-1, (c // l2, l2)), dim=-1, eps=1e-6).flatten(-2)
+        return y, xp[:, xp.shape[1] - (self.kernel - 1):]
 
 
 def _conv_kernel_runs(x: torch.Tensor) -> bool:
@@ -121,14 +124,17 @@ class Stream(nn.Module):
         y = self.proj(x) if self.proj is not None else x
         new_state = None
         fm = self.spec.feature_map
+        normed = False
         if self.conv is not None and fm in ("identity", "silu"):
-            y, new_state = self.conv(y, state, act=fm)  # the activation fused into the convolution
+            # the activation, and an L2 norm, fused into the convolution
+            normed = self.spec.norm == "l2"
+            y, new_state = self.conv(y, state, act=fm, l2=self.d_head if normed else None)
         else:
             if self.conv is not None:
                 y, new_state = self.conv(y, state)
             y = _feature_map(fm, y)
         y = y.unflatten(-1, (self.heads, self.d_head))
-        if self.spec.norm == "l2":
+        if self.spec.norm == "l2" and not normed:
             y = F.normalize(y, dim=-1, eps=1e-6)
         elif self.spec.norm == "rms":
             y = F.rms_norm(y, (self.d_head,), self.norm_weight, eps=1e-6)

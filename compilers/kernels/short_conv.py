@@ -1,9 +1,10 @@
 """The causal depthwise short convolution of keys, queries and values as a differentiable custom op.
 
-``short_conv(x [B, T, C], weight [C, K], state [B, K−1, C] | None, act)`` returns
+``short_conv(x [B, T, C], weight [C, K], state [B, K−1, C] | None, act, l2)`` returns
 ``act(a)`` with ``a[t, c] = Σ_j weight[c, j] · x̃[t + j, c]`` over ``x̃ = cat(state or zeros, x)``
-(``act``: ``identity`` or ``silu``), the same function as :class:`nlgraph.layers.ShortConv` followed
-by the stream's feature map. PyTorch's depthwise ``conv1d`` wants ``[B, C, T]``, so the layer's two
+(``act``: ``identity`` or ``silu``), each head of ``l2`` channels L2-normalised when ``l2`` is given:
+the same function as :class:`nlgraph.layers.ShortConv` followed by the stream's feature map and
+``norm: l2``. PyTorch's depthwise ``conv1d`` wants ``[B, C, T]``, so the layer's two
 transposes were strided copies, and its depthwise kernel ran at a tenth of the memory bandwidth
 (docs/benchmarks.md, "Where Gated DeltaNet's step went"); this op reads the token-major input as it
 is, in one pass forward and two backward, with the activation fused. Registered as
@@ -17,6 +18,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from nlgraph.errors import NLGraphError
 
@@ -55,12 +57,9 @@ def _tile(text: str | None) -> tuple[int, int] | str:
 _TILE = _tile(os.environ.get("NLGRAPH_CONV_TILE"))
 _BT, _BC = _TILE if isinstance(_TILE, tuple) else DEFAULT_TILE
 
-#: ``NLGRAPH_CONV_BWD``: ``split`` (default), the backward as ``_conv_da`` (``da`` written in
-#: float32) then ``_conv_dx``; or ``fused``, one kernel that makes ``da`` again for the ``K−1`` rows
-#: after each block instead (``_conv_bwd``: at B=8, T=2048, 512 channels it saves writing and
-#: reading back 33.5 MB a convolution). Opt-in until checked and timed on the GPU
-#: (``benchmarks/short_conv_kernel.py --bwd split fused``); read once, at import.
-CONV_BWD = os.environ.get("NLGRAPH_CONV_BWD", "").strip().lower() or "split"
+#: the backward stores ``da`` in the 16-bit input dtype (True) or in float32 (False, as before
+#: 2026-12-07); a module switch so ``benchmarks/short_conv_kernel.py --da`` can check and time both
+_DA16 = True
 
 
 def _kernels(x: torch.Tensor):
@@ -73,60 +72,52 @@ def _kernels(x: torch.Tensor):
     return recording(mod.kernels())
 
 
-def _grid(b: int, t: int, c: int, bt: int | None = None) -> tuple[int, int, int]:
-    """(token blocks of ``bt`` tokens, the tile's by default; channel blocks; batch)."""
-    return (-(-t // (bt or _BT)), -(-c // _BC), b)
+def _grid(b: int, t: int, c: int) -> tuple[int, int, int]:
+    """(token blocks, channel blocks, batch)."""
+    return (-(-t // _BT), -(-c // _BC), b)
 
 
 @torch.library.custom_op("nlgraph::short_conv_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
-    args = (x, w, s, silu)
+def _fwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], silu: bool, l2: int) -> torch.Tensor:
+    args = (x, w, s, silu, l2)
     return run_precompiled("short_conv", "fwd", _forward, args, x.device)
 
 
-def _forward(x, w, s, silu):
+def _forward(x, w, s, silu, l2):
     b, t, c = x.shape
     y = torch.empty_like(x)
     _kernels(x).fwd[_grid(b, t, c)](x, w, s if s is not None else x.new_empty(0), y, t, c, K=w.shape[1], BT=_BT,
-                                    BC=_BC, SILU=silu, USE_S=s is not None)
+                                    BC=_BC, SILU=silu, USE_S=s is not None, L2=l2)
     return y
 
 
 @_fwd_op.register_fake
-def _(x, w, s, silu):
+def _(x, w, s, silu, l2):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("nlgraph::short_conv_bwd", mutates_args=())
-def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: torch.Tensor, silu: bool
+def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: torch.Tensor, silu: bool, l2: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx [B, T, C], dw [C, K] fp32, ds [B, K−1, C] or empty)``."""
-    args = (x, w, s, dy, silu)
+    args = (x, w, s, dy, silu, l2)
     return run_precompiled("short_conv", "bwd", _backward, args, x.device)
 
 
-def _backward(x, w, s, dy, silu):
+def _backward(x, w, s, dy, silu, l2):
     b, t, c = x.shape
     k = w.shape[1]
     kn = _kernels(x)
-    fused = CONV_BWD == "fused"
-    # fused: half the tile's tokens, as it holds da, a and dx's sum at once (at the full 64 x 128
-    # tile, 968 bytes a thread spilled on sm_90; benchmarks/kernel_resources.py --cases short_conv_fused)
-    bt = max(16, _BT // 2) if fused else _BT
-    grid = _grid(b, t, c, bt)
+    grid = _grid(b, t, c)
+    # da in the 16-bit input dtype: written and read back once (at B=8, T=2048, 512 channels 16.8 MB
+    # each way a convolution instead of 33.5 in float32); dw's partial sums use it in float32 first
+    da = x.new_empty(b, t, c, dtype=x.dtype if _DA16 and x.dtype in (torch.bfloat16, torch.float16) else torch.float32)
     dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
     dummy = x.new_empty(0)
+    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, t, c, grid[0], K=k, BT=_BT, BC=_BC,
+                SILU=silu, USE_S=s is not None, L2=l2)
     dx = torch.empty_like(x)
-    if fused:
-        # da of the first K−1 rows only (rows past T stay 0), for the state's gradient
-        da = x.new_zeros(b, k - 1, c, dtype=torch.float32) if s is not None else dummy
-        kn.bwd[grid](x, w, s if s is not None else dummy, dy.contiguous(), dx, dwp, da, t, c, grid[0], K=k, BT=bt,
-                     BC=_BC, SILU=silu, USE_S=s is not None)
-    else:
-        da = x.new_empty(b, t, c, dtype=torch.float32)
-        kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, t, c, grid[0], K=k, BT=_BT,
-                    BC=_BC, SILU=silu, USE_S=s is not None)
-        kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
+    kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
     ds = dummy
     if s is not None:
         # the state's rows are x̃[0 .. K−2]: ds[i] = Σ_{j ≤ i} w[:, j] · da[i − j] (at most K−1 terms)
@@ -141,43 +132,44 @@ def _backward(x, w, s, dy, silu):
 
 
 @_bwd_op.register_fake
-def _(x, w, s, dy, silu):
+def _(x, w, s, dy, silu, l2):
     return torch.empty_like(x), torch.empty_like(w), (torch.empty_like(s) if s is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, s, silu = inputs
+    x, w, s, silu, l2 = inputs
     ctx.save_for_backward(x, w, s)
-    ctx.silu = silu
+    ctx.silu, ctx.l2 = silu, l2
 
 
 def _autograd_backward(ctx, dy):
     x, w, s = ctx.saved_tensors
-    dx, dw, ds = _bwd_op(x, w, s, dy, ctx.silu)
-    return dx, dw, (ds if s is not None else None), None
+    dx, dw, ds = _bwd_op(x, w, s, dy, ctx.silu, ctx.l2)
+    return dx, dw, (ds if s is not None else None), None, None
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
-               act: str = "identity") -> torch.Tensor:
-    """Causal depthwise convolution with a fused activation, in Triton.
+               act: str = "identity", l2: int | None = None) -> torch.Tensor:
+    """Causal depthwise convolution with a fused activation (and per-head L2 norm), in Triton.
 
     Args:
         x: ``[B, T, C]`` inputs (float32 / bfloat16 / float16), token-major.
         weight: ``[C, K]`` taps (``weight[:, -1]`` multiplies the current token); float32 is kept.
         state: ``[B, K−1, C]`` the inputs before ``x`` (``None``: zeros), in ``x``'s dtype.
         act: ``identity`` or ``silu``, applied to the convolution's output.
+        l2: ``D``, to divide each head's ``D`` channels (``C = H·D``) of the activated output by
+            their norm, as ``F.normalize(y, dim=-1, eps=1e-6)`` on ``[B, T, H, D]`` does: in the
+            kernels when ``D`` is a power of two dividing the tile's channel block (up to 128 at
+            the default tile), after them in PyTorch otherwise.
 
     Returns:
         ``[B, T, C]`` in ``x``'s dtype (float32 accumulation).
     """
     if isinstance(_TILE, str):
         raise NLGraphError(_TILE, path="NLGRAPH_CONV_TILE")
-    if CONV_BWD not in ("split", "fused"):
-        raise NLGraphError(f"NLGRAPH_CONV_BWD={CONV_BWD!r} is not a backward: set it to 'split' (the default) or "
-                           "'fused', or unset it", path="NLGRAPH_CONV_BWD")
     if act not in ACTIVATIONS:
         raise NLGraphError(f"activation {act!r} is not fused; use one of {', '.join(ACTIVATIONS)}", path="short_conv.act")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
@@ -187,5 +179,12 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
     if state is not None and tuple(state.shape) != (x.shape[0], k - 1, x.shape[2]):
         raise NLGraphError(f"state: expected [B, K-1, C] = {(x.shape[0], k - 1, x.shape[2])}, got {tuple(state.shape)}",
                            path="short_conv.state")
+    c = x.shape[2]
+    if l2 is not None and (l2 < 1 or c % l2):
+        raise NLGraphError(f"l2: the head size {l2} does not divide the {c} channels", path="short_conv.l2")
+    fused = l2 is not None and (l2 & (l2 - 1)) == 0 and _BC % l2 == 0
     s = state.to(x.dtype).contiguous() if state is not None else None
-    return _fwd_op(x.contiguous(), weight.contiguous(), s, act == "silu")
+    y = _fwd_op(x.contiguous(), weight.contiguous(), s, act == "silu", l2 if fused else 0)
+    if l2 is not None and not fused:
+        y = F.normalize(y.unflatten(-1, (c // l2, l2)), dim=-1, eps=1e-6).flatten(-2)
+    return y

@@ -3,7 +3,8 @@
 ``nlgraph.compilers.kernels.short_conv`` (forward and backward in Triton, float32 accumulation) is
 checked against ``F.conv1d`` on ``cat(state, x)`` in float64: outputs and the gradients of the input,
 the weight and the state, with and without a state, SiLU or identity, a token block cut short and a
-sequence shorter than the kernel, through both backwards (``NLGRAPH_CONV_BWD``: split and fused). A ``Stream`` fed in segments gives one pass's output through the
+sequence shorter than the kernel, with the backward's ``da`` stored in the 16-bit input dtype (the
+default) and in float32. A ``Stream`` fed in segments gives one pass's output through the
 kernel, a model's logits and gradients match the PyTorch path, and the op traces under
 ``torch.compile(fullgraph=True)``. Without CUDA the kernels run in Triton's interpreter.
 """
@@ -40,18 +41,22 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("b, t, c, k, act, with_state, dtype, tol", [
+_CASES = [
     (2, 37, 24, 4, "silu", True, torch.float32, 1e-5),     # partial token block, a state
     (1, 130, 70, 4, "identity", False, torch.float32, 1e-5),  # two token blocks, partial channel block
     (2, 2, 8, 4, "silu", True, torch.float32, 1e-5),       # shorter than the kernel: reads the state
     (3, 65, 16, 2, "silu", False, torch.float16, 2e-3),
     (2, 130, 96, 4, "silu", True, LOW, 1e-2),
-])
-@pytest.mark.parametrize("bwd", ["split", "fused"])
-def test_short_conv_equals_conv1d(b, t, c, k, act, with_state, dtype, tol, bwd, monkeypatch):
+]
+
+
+# da16: the backward's da in the 16-bit input dtype (the default) or float32; float32 inputs have one way
+@pytest.mark.parametrize("b, t, c, k, act, with_state, dtype, tol, da16",
+                         [(*case, True) for case in _CASES] + [(*case, False) for case in _CASES[3:]])
+def test_short_conv_equals_conv1d(b, t, c, k, act, with_state, dtype, tol, da16, monkeypatch):
     from nlgraph.compilers.kernels import short_conv as op
 
-    monkeypatch.setattr(op, "CONV_BWD", bwd)
+    monkeypatch.setattr(op, "_DA16", da16)
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(b, t, c, generator=gen).to(DEVICE, dtype).requires_grad_()
     w = torch.randn(c, k, generator=gen).to(DEVICE).requires_grad_()
@@ -70,6 +75,81 @@ def test_short_conv_equals_conv1d(b, t, c, k, act, with_state, dtype, tol, bwd, 
     assert grads[1].dtype == torch.float32  # the weight's gradient stays in the master dtype
 
 
+@pytest.mark.parametrize("d, fused", [(32, True), (128, True), (8, True), (48, False), (256, False)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_short_conv_fuses_the_l2_norm(d, fused, dtype, tol, monkeypatch):
+    """``l2=D`` divides each head of ``D`` channels by its norm as ``F.normalize(eps=1e-6)`` does,
+    outputs and all gradients against float64 — in the kernels when ``D`` is a power of two dividing
+    the tile's 128 channels (a spy sees the op get ``D``), after them otherwise — in float32 with a
+    head whose inputs are all zero (norm below eps: its gradient is ``dy / eps``, no projection;
+    float16 cannot hold that gradient, as PyTorch's own path cannot)."""
+    from nlgraph.compilers.kernels import short_conv as op
+
+    seen = []
+    real = op._fwd_op
+    monkeypatch.setattr(op, "_fwd_op", lambda *a: (seen.append(a[4]), real(*a))[1])
+    gen = torch.Generator().manual_seed(d)
+    b, t, c, k = 2, 70, {48: 384, 256: 512}.get(d, 256), 4
+    x = torch.randn(b, t, c, generator=gen)
+    s = torch.randn(b, k - 1, c, generator=gen)
+    zero = dtype == torch.float32
+    if zero:  # batch 1, head 0: inputs and state all zero -> output and norm 0
+        x[1, :, :d] = 0
+        s[1, :, :d] = 0
+    x, s = x.to(DEVICE, dtype).requires_grad_(), s.to(DEVICE, dtype).requires_grad_()
+    w = torch.randn(c, k, generator=gen).to(DEVICE).requires_grad_()
+    for act in ("silu", "identity"):
+        y = short_conv(x, w, s, act, d)
+        dy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
+        grads = torch.autograd.grad(y, [x, w, s], dy)
+        ref = [z.detach().double().requires_grad_() for z in (x, w, s)]
+        yr = F.normalize(_reference(*ref, act).unflatten(-1, (c // d, d)), dim=-1, eps=1e-6).flatten(-2)
+        ref_grads = torch.autograd.grad(yr, ref, dy.double())
+        assert _rel(y, yr) < tol, act
+        for name, g, gr in zip(("x", "w", "state"), grads, ref_grads):
+            assert _rel(g, gr) < tol, (act, name)
+        if zero:
+            assert float(y[1, :, :d].detach().abs().max()) == 0.0
+            assert float(grads[0][1, :, :d].abs().max()) > 1e3  # dy / eps reached x through the taps
+    assert seen == [d if fused else 0] * 2
+    with pytest.raises(NLGraphError, match="does not divide"):
+        short_conv(x, w, s, "silu", 7 if c % 7 else 5)
+
+
+def test_the_backward_stores_da_in_the_16_bit_input_dtype(monkeypatch):
+    """``_conv_da`` writes ``da`` (read once, by ``_conv_dx``) in the input's 16-bit dtype, float32
+    for float32 inputs or with ``_DA16`` off."""
+    from nlgraph.compilers.kernels import short_conv as op
+
+    seen = []
+    real = op._kernels
+
+    class Spy:
+        def __init__(self, kn):
+            self.kn = kn
+
+        def __getattr__(self, name):
+            kernel = getattr(self.kn, name)
+            if name != "dx":
+                return kernel
+
+            class Launch:
+                def __getitem__(self, grid):
+                    def launch(da, *args, **kw):
+                        seen.append(da.dtype)
+                        return kernel[grid](da, *args, **kw)
+                    return launch
+            return Launch()
+
+    monkeypatch.setattr(op, "_kernels", lambda x: Spy(real(x)))
+    for dtype, da16, want in [(torch.float16, True, torch.float16), (torch.float16, False, torch.float32),
+                              (torch.float32, True, torch.float32)]:
+        monkeypatch.setattr(op, "_DA16", da16)
+        x = torch.randn(1, 20, 8, device=DEVICE, dtype=dtype, requires_grad=True)
+        short_conv(x, torch.randn(8, 4, device=DEVICE), None, "silu").sum().backward()
+        assert seen.pop() == want, (dtype, da16)
+
+
 def test_short_conv_errors_name_the_argument():
     x = torch.randn(1, 8, 4, device=DEVICE)
     with pytest.raises(NLGraphError, match="short_conv.act"):
@@ -79,8 +159,8 @@ def test_short_conv_errors_name_the_argument():
 
 
 def test_stream_runs_the_kernel_and_streams_in_segments(monkeypatch):
-    """A Stream with a conv and SiLU takes the kernel (a spy counts it), equals the PyTorch path,
-    and two segments chained through the state equal one pass."""
+    """A Stream with a conv, SiLU and an L2 norm takes the kernel with the norm fused (a spy counts
+    it), equals the PyTorch path, and two segments chained through the state equal one pass."""
     from nlgraph.compilers.kernels import short_conv as mod
     from nlgraph.layers import Stream
     from nlgraph.spec.schema import StreamSpec
@@ -90,6 +170,7 @@ def test_stream_runs_the_kernel_and_streams_in_segments(monkeypatch):
 
     def spy(*a):
         calls["n"] += 1
+        calls["l2"] = a[4]
         return real(*a)
 
     monkeypatch.setattr(mod, "_fwd_op", spy)
@@ -97,7 +178,7 @@ def test_stream_runs_the_kernel_and_streams_in_segments(monkeypatch):
     stream = Stream(StreamSpec(conv=4, feature_map="silu", norm="l2"), 12, 2, 4).to(DEVICE)
     x = torch.randn(2, 21, 12, device=DEVICE)
     y, _ = stream(x)
-    assert calls["n"] == 1
+    assert calls["n"] == 1 and calls["l2"] == 4  # the stream's L2 norm fused, heads of 4
     dispatch.set_kernels("off")
     y_ref, _ = stream(x)
     assert calls["n"] == 1
@@ -136,7 +217,7 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setitem(sys.modules, "short_conv_kernel", mod)
     spec.loader.exec_module(mod)
     rows = mod.run_checks(DEVICE, None, (torch.float32,))
-    assert len(rows) == 2 and all(r["ok"] for r in rows), rows
+    assert len(rows) == 3 and all(r["ok"] for r in rows), rows
     assert all(set(r["errors"]) >= {"y", "dx", "dw"} for r in rows) and "ds" in rows[0]["errors"]
     # at another warp count (the launches rewritten as the GPU session does)
     assert all(r["ok"] and r["warps"] == 8 for r in mod.run_checks(DEVICE, 8, (torch.float32,)))
@@ -150,17 +231,8 @@ def test_the_gpu_check_script_passes_and_catches_a_wrong_kernel(monkeypatch):
         mod.parse_tile("48x64")
     # a reference with its taps rotated by one: every check fails
     real = mod.reference
-    monkeypatch.setattr(mod, "reference", lambda x, w, s, silu: real(x, w.roll(1, dims=1), s, silu))
+    monkeypatch.setattr(mod, "reference", lambda x, w, s, silu, l2=None: real(x, w.roll(1, dims=1), s, silu, l2))
     assert not any(r["ok"] for r in mod.run_checks(DEVICE, None, (torch.float32,)))
-
-
-def test_a_bad_backward_choice_is_one_clear_error(monkeypatch):
-    from nlgraph.compilers.kernels import short_conv as op
-
-    monkeypatch.setattr(op, "CONV_BWD", "fast")
-    x = torch.randn(1, 8, 4, device=DEVICE)
-    with pytest.raises(NLGraphError, match="NLGRAPH_CONV_BWD"):
-        short_conv(x, torch.randn(4, 4, device=DEVICE))
 
 
 def test_the_tile_variable_is_parsed_and_a_bad_one_is_one_clear_error(monkeypatch):
