@@ -25,7 +25,8 @@ are host-bound at this size: 0.08 ms a forward call against 22.5 µs of kernel).
 
 ``--da float32 input`` checks the backward with ``da`` (``_conv_da``'s output, ``_conv_dx``'s input)
 stored each way (``short_conv._DA16``; ``input`` is the default: bfloat16 for bfloat16 inputs) at the
-first of ``--warps`` and times the backward op alone each way, as the GPU's time a call.
+first of ``--warps`` and times the backward op alone each way, as the GPU's time a call; ``--dw rows
+inner`` does the same for the layout of the weight's partial sums (``short_conv._DW_INNER``).
 
 Without CUDA it says so and exits 0, unless ``--device cpu`` runs the checks under Triton's
 interpreter (``TRITON_INTERPRET=1``; float32 only, the interpreter lacks bfloat16): how its tests
@@ -241,23 +242,30 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
     return rows
 
 
+# the backward's module switches --da and --dw set: option -> (short_conv attribute, {choice: value})
+SWITCHES = {"da": ("_DA16", {"float32": False, "input": True}),
+            "dw": ("_DW_INNER", {"rows": False, "inner": True})}
+
+
 @contextlib.contextmanager
-def da_dtype(mode: str | None):
-    """``short_conv._DA16`` set by ``mode`` (``float32`` / ``input``) for the block; ``None`` leaves it."""
+def switched(option: str, choice: str | None):
+    """``short_conv``'s attribute behind ``--OPTION`` set to ``choice``'s value for the block
+    (``None`` leaves it)."""
     from nlgraph.compilers.kernels import short_conv as op
 
-    saved = op._DA16
-    op._DA16 = saved if mode is None else mode == "input"
+    attr, values = SWITCHES[option]
+    saved = getattr(op, attr)
+    setattr(op, attr, saved if choice is None else values[choice])
     try:
         yield
     finally:
-        op._DA16 = saved
+        setattr(op, attr, saved)
 
 
-def run_da_timings(args, dev: torch.device) -> list[dict]:
-    """The backward op alone (SiLU, no state, bfloat16) with ``da`` stored each way of ``--da``, GPU
-    time a call (:func:`graph_ms`) at the launch's tile and the first of ``--warps``, with the bytes
-    it must move at least (x and dy read, dx written) over that time."""
+def run_switch_timings(args, dev: torch.device, option: str) -> list[dict]:
+    """The backward op alone (SiLU, no state, bfloat16) at each choice of ``--OPTION``, GPU time a
+    call (:func:`graph_ms`) at the launch's tile and the first of ``--warps``, with the bytes it
+    must move at least (x and dy read, dx written) over that time."""
     import nlgraph.compilers.kernels.short_conv  # noqa: F401  (registers the ops)
 
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -267,11 +275,11 @@ def run_da_timings(args, dev: torch.device) -> list[dict]:
     dy = torch.randn(b, t, c, device=dev, generator=gen).to(torch.bfloat16)
     least = 3 * x.numel() * x.element_size()
     bwd, rows = torch.ops.nlgraph.short_conv_bwd, []
-    for mode in args.da:
-        row = {"impl": f"nlgraph short_conv backward (da {mode})", "warps": args.warps[0]}
+    for choice in getattr(args, option):
+        row = {"impl": f"nlgraph short_conv backward ({option} {choice})", "warps": args.warps[0]}
         try:
-            with plain_warps(args.warps[0], MODULES), da_dtype(mode):
-                row["bwd_gpu_ms"] = graph_ms(lambda: bwd(x, w, None, dy, True), dev, args.graph_calls)
+            with plain_warps(args.warps[0], MODULES), switched(option, choice):
+                row["bwd_gpu_ms"] = graph_ms(lambda: bwd(x, w, None, dy, True, 0), dev, args.graph_calls)
             row["bwd_tb_s"] = least / row["bwd_gpu_ms"] / 1e9
         except Exception as e:  # noqa: BLE001  (a backward that does not compile is the finding)
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
@@ -306,9 +314,12 @@ def main() -> int:
     ap.add_argument("--best-tile", default=None, metavar="JSON",
                     help="print the tile of a --tiles run's JSON with the least forward + backward GPU time among "
                          "those whose checks all passed (as NLGRAPH_CONV_TILE takes it), and exit")
-    ap.add_argument("--da", nargs="+", default=None, choices=["float32", "input"],
+    ap.add_argument("--da", nargs="+", default=None, choices=list(SWITCHES["da"][1]),
                     help="also check (at the first of --warps) and graph-time the backward with da stored in float32 "
                          "or in the input dtype (short_conv._DA16)")
+    ap.add_argument("--dw", nargs="+", default=None, choices=list(SWITCHES["dw"][1]),
+                    help="also check and graph-time the backward with the weight's partial sums laid out "
+                         "[programs, C*K] (rows) or [C*K, programs] (inner) (short_conv._DW_INNER)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
     ap.add_argument("--json", default=None)
@@ -330,16 +341,18 @@ def main() -> int:
         res["checks"] += run_checks(device, warps, dtypes)
     for shape in args.tiles or []:
         res["checks"] += run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes, shape)
-    for mode in args.da or []:
-        with da_dtype(mode):
-            rows = run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes)
-        res["checks"] += [dict(r, check=f"{r['check']} (da {mode})", da=mode) for r in rows]
+    for option in SWITCHES:
+        for choice in getattr(args, option) or []:
+            with switched(option, choice):
+                rows = run_checks(device, args.warps[0] if dev.type == "cuda" else None, dtypes)
+            res["checks"] += [dict(r, check=f"{r['check']} ({option} {choice})", **{option: choice}) for r in rows]
     if dev.type == "cuda" and not args.no_timing:
         res["timings"] = run_timings(args, dev)
         if args.tiles:
             res["tile_timings"] = run_tile_timings(args, dev)
-        if args.da:
-            res["da_timings"] = run_da_timings(args, dev)
+        for option in SWITCHES:
+            if getattr(args, option):
+                res[f"{option}_timings"] = run_switch_timings(args, dev, option)
     if args.json:
         from nlgraph.io import atomic_write
 

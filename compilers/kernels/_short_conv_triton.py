@@ -78,7 +78,7 @@ def _conv_fwd(x, w, s, y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.conste
 
 
 @triton.jit
-def _conv_da(x, w, s, dy, da, dwp, T, C, NT, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _conv_da(x, w, s, dy, da, dwp, sp, sc, T, C, NT, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
              SILU: tl.constexpr, USE_S: tl.constexpr, L2: tl.constexpr):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = i_t * BT + tl.arange(0, BT)
@@ -103,10 +103,10 @@ def _conv_da(x, w, s, dy, da, dwp, T, C, NT, K: tl.constexpr, BT: tl.constexpr, 
         if SILU:
             g = g * sg * (1. + a * (1. - sg))
     tl.store(da + (i_b * T + t)[:, None] * C + c[None, :], g.to(da.dtype.element_ty), mask=m)
-    part = (i_b * NT + i_t) * C * K
+    part = (i_b * NT + i_t) * sp  # the partial sums' strides: sp a program, sc a (channel, tap)
     for j in tl.static_range(K):
         xj = _shifted(x, s, i_b, t, c, cm, T, C, K, j, USE_S)
-        tl.store(dwp + part + c * K + j, tl.sum(g * xj, axis=0), mask=cm)
+        tl.store(dwp + part + (c * K + j) * sc, tl.sum(g * xj, axis=0), mask=cm)
 
 
 @triton.jit

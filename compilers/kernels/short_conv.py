@@ -33,8 +33,9 @@ ACTIVATIONS = ("identity", "silu")
 #: timed fastest of eight tiles that all passed their checks on an H100 (forward 15.2 and backward
 #: 87.9 µs a call at B=8, T=2048, 512 channels, bf16, against 19.4 and 94.6 for 64 x 64; Gated
 #: DeltaNet's layer forward 0.432 against 0.444 ms of GPU time, fla's 0.554; docs/benchmarks.md).
-#: Compiled for sm_90, its bf16 ``_conv_da`` spills 152 bytes a thread (``benchmarks/
-#: kernel_resources.py --cases short_conv``); timed with that, it was still the fastest backward.
+#: Compiled for sm_90, its bf16 ``_conv_da`` spilled 152 bytes a thread (``benchmarks/
+#: kernel_resources.py --cases short_conv``; 128 since ``da`` is stored in 16 bits, 112 with the L2
+#: norm); timed with that, it was still the fastest backward.
 DEFAULT_TILE = (64, 128)
 
 
@@ -60,6 +61,12 @@ _BT, _BC = _TILE if isinstance(_TILE, tuple) else DEFAULT_TILE
 #: the backward stores ``da`` in the 16-bit input dtype (True) or in float32 (False, as before
 #: 2026-12-07); a module switch so ``benchmarks/short_conv_kernel.py --da`` can check and time both
 _DA16 = True
+
+#: the weight's partial sums laid out ``[C·K, programs]`` and summed along their contiguous rows
+#: (True), or ``[programs, C·K]`` summed across rows (False: as timed until 2026-12-07, when ATen's
+#: reductions were 0.043 ms of DeltaNet's layer backward on an H100, among them the three
+#: convolutions'; which is faster is not yet measured: ``benchmarks/short_conv_kernel.py --dw``)
+_DW_INNER = False
 
 
 def _kernels(x: torch.Tensor):
@@ -112,9 +119,13 @@ def _backward(x, w, s, dy, silu, l2):
     # da in the 16-bit input dtype: written and read back once (at B=8, T=2048, 512 channels 16.8 MB
     # each way a convolution instead of 33.5 in float32); dw's partial sums use it in float32 first
     da = x.new_empty(b, t, c, dtype=x.dtype if _DA16 and x.dtype in (torch.bfloat16, torch.float16) else torch.float32)
-    dwp = x.new_empty(b * grid[0], c, k, dtype=torch.float32)
+    parts = b * grid[0]
+    # the weight's partial sums, one set a program: [C·K, programs] when _DW_INNER (each (channel,
+    # tap) sums along contiguous memory), else [programs, C·K]
+    dwp = x.new_empty((c * k, parts) if _DW_INNER else (parts, c * k), dtype=torch.float32)
     dummy = x.new_empty(0)
-    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, t, c, grid[0], K=k, BT=_BT, BC=_BC,
+    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, dwp.stride(1 if _DW_INNER else 0),
+                dwp.stride(0 if _DW_INNER else 1), t, c, grid[0], K=k, BT=_BT, BC=_BC,
                 SILU=silu, USE_S=s is not None, L2=l2)
     dx = torch.empty_like(x)
     kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
@@ -128,7 +139,7 @@ def _backward(x, w, s, dy, silu, l2):
                 if i - j < t:
                     ds[:, i] += wf[:, j] * da[:, i - j]
         ds = ds.to(s.dtype)
-    return dx, dwp.sum(0).to(w.dtype), ds
+    return dx, dwp.sum(1 if _DW_INNER else 0).view(c, k).to(w.dtype), ds
 
 
 @_bwd_op.register_fake

@@ -116,6 +116,32 @@ def test_short_conv_fuses_the_l2_norm(d, fused, dtype, tol, monkeypatch):
         short_conv(x, w, s, "silu", 7 if c % 7 else 5)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_the_weights_partial_sums_in_either_layout(dtype, tol, monkeypatch):
+    """The weight's per-program partial sums laid out ``[programs, C·K]`` or ``[C·K, programs]``
+    (``_DW_INNER``) give the same gradients, equal to float64 (several token blocks and batches, so
+    there are partial sums to add, and a partial channel block)."""
+    from nlgraph.compilers.kernels import short_conv as op
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 150, 200, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(200, 4, generator=gen).to(DEVICE)
+    s = torch.randn(3, 3, 200, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(3, 150, 200, generator=gen).to(DEVICE, dtype)
+    ref = [z.double().requires_grad_() for z in (x, w, s)]
+    ref_grads = torch.autograd.grad(_reference(*ref, "silu"), ref, dy.double())
+    got = []
+    for inner in (False, True):
+        monkeypatch.setattr(op, "_DW_INNER", inner)
+        leaves = [z.clone().requires_grad_() for z in (x, w, s)]
+        grads = torch.autograd.grad(short_conv(*leaves, "silu"), leaves, dy)
+        for name, g, gr in zip(("x", "w", "state"), grads, ref_grads):
+            assert _rel(g, gr) < tol, (inner, name)
+        got.append(grads)
+    assert _rel(got[1][1], got[0][1].double()) < 1e-6  # dw: only the float32 summation order differs
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)  # dx does not use them
+
+
 def test_the_backward_stores_da_in_the_16_bit_input_dtype(monkeypatch):
     """``_conv_da`` writes ``da`` (read once, by ``_conv_dx``) in the input's 16-bit dtype, float32
     for float32 inputs or with ``_DA16`` off."""
