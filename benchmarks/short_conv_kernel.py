@@ -139,8 +139,8 @@ def run_checks(device: str, warps: int | None, dtypes: tuple, shape: tuple[int, 
             dy = torch.randn(b, t, c, device=device, generator=gen).to(dtype)
             leaves = [a.clone().requires_grad_() for a in (x, w) + ((s,) if s is not None else ())]
             with plain_warps(warps, MODULES), tile(shape):
-                y = short_conv(leaves[0], leaves[1], leaves[2] if s is not None else None, "silu" if silu else "identity",
-                               l2)
+                y = short_conv(leaves[0], leaves[1], leaves[2] if s is not None else None,
+                               "silu" if silu else "identity", l2)
                 y.backward(dy)
             ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
             yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if s is not None else None, silu, l2)

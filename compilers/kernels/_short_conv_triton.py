@@ -11,10 +11,11 @@ and, with ``L2 = D > 0``, each head's ``D`` channels of ``y`` divided by their n
 so a stream's key or query normalisation costs no pass of its own, forward or backward.
 
 Forward: one program per (token block, channel block, batch). Backward: ``_conv_da`` recomputes
-``a``, forms ``da = dy · act'(a)`` (``dy`` taken back through the norm first, with ``L2``) and each program's partial sums of ``dw`` (from the float32 ``da``;
-summed in PyTorch, so the result does not depend on scheduling), and stores ``da`` in the 16-bit
-input dtype (float32 for float32 inputs): it is written once and read once, by ``_conv_dx``, which
-gives ``dx[t] = Σ_j w[c, j] da[t + K−1−j]``. Accumulation is float32 whatever the input dtype.
+``a``, forms ``da = dy · act'(a)`` (``dy`` taken back through the norm first, with ``L2``) and each
+program's partial sums of ``dw`` from it in float32 (summed in PyTorch, so the result does not
+depend on scheduling), and stores ``da`` in the 16-bit input dtype (float32 for float32 inputs): it
+is written once and read once, by ``_conv_dx``, which gives ``dx[t] = Σ_j w[c, j] da[t + K−1−j]``.
+Accumulation is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _pre(x, w, s, i_b, t, c, cm, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl
 
 @triton.jit
 def _l2(y, BT: tl.constexpr, BC: tl.constexpr, D: tl.constexpr):
-    """``y [BT, BC]`` as ``[BT, BC/D, D]`` heads: (the heads, ``1 / max(‖y‖, eps)`` a head, whether ``‖y‖ ≥ eps``)."""
+    """``y [BT, BC]`` as ``[BT, BC/D, D]`` heads: (the heads, ``1 / max(‖y‖, eps)`` a head,
+    whether ``‖y‖ ≥ eps``)."""
     y3 = tl.reshape(y, (BT, BC // D, D))
     nrm = tl.sqrt(tl.sum(y3 * y3, axis=2))
     return y3, 1. / tl.maximum(nrm, 1e-6), nrm >= 1e-6

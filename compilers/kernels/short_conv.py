@@ -7,7 +7,7 @@ the same function as :class:`nlgraph.layers.ShortConv` followed by the stream's 
 ``norm: l2``. PyTorch's depthwise ``conv1d`` wants ``[B, C, T]``, so the layer's two
 transposes were strided copies, and its depthwise kernel ran at a tenth of the memory bandwidth
 (docs/benchmarks.md, "Where Gated DeltaNet's step went"); this op reads the token-major input as it
-is, in one pass forward and two backward, with the activation fused. Registered as
+is, in one pass forward and two backward, with the activation (and the norm) fused. Registered as
 ``nlgraph::short_conv_fwd`` / ``nlgraph::short_conv_bwd`` (fake implementations and autograd), so
 ``torch.compile(fullgraph=True)`` traces through it.
 """
