@@ -220,8 +220,9 @@ def test_short_conv_traces_under_compile_fullgraph():
     x = torch.randn(2, 19, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
 
-    def f(x, w):
-        return short_conv(x, w, None, "silu").square().sum()
+    def f(x, w):  # the L2 norm fused over heads of 4 in one call, plain in the other
+        return (short_conv(x, w, None, "silu").square().sum()
+                + (short_conv(x, w, None, "silu", 4) * torch.arange(8.0, device=x.device)).sum())
 
     eager = torch.autograd.grad(f(x, w), [x, w])
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w), [x, w])
