@@ -69,7 +69,7 @@ def model_check(device: str, mode: str, bf16: bool = False) -> dict:
     return row
 
 
-def kernel_check(dev: torch.device, n: int = 256, prec: str = "ieee", bk: int = 16) -> dict:
+def kernel_check(dev: torch.device, n: int = 256, prec: str = "ieee") -> dict:
     """The Triton solve alone against float64: ``a⁻¹ r`` and ``a⁻ᵀ r`` and both operands' gradients,
     ``a`` broadcast over the right-hand sides' leading dim as the model calls it."""
     from nlgraph.compilers.kernels import solve_lower
@@ -80,8 +80,7 @@ def kernel_check(dev: torch.device, n: int = 256, prec: str = "ieee", bk: int = 
                                                        -1) * (0.5 / n ** 0.5)
     r = torch.randn(3, 4, 2, n, 40, generator=gen, dtype=torch.float64)
     dy = torch.randn(3, 4, 2, n, 40, generator=gen, dtype=torch.float64)
-    worst, saved = 0.0, (solve_lower._PREC, solve_lower._BK)
-    solve_lower._PREC, solve_lower._BK = prec, bk
+    worst, saved, solve_lower._PREC = 0.0, solve_lower._PREC, prec
     try:
         for transpose in (False, True):
             got, want = [], []
@@ -95,9 +94,8 @@ def kernel_check(dev: torch.device, n: int = 256, prec: str = "ieee", bk: int = 
             for x, w in zip(got[0], want[0]):
                 worst = max(worst, ((x - w).norm() / w.norm()).item())
     finally:
-        solve_lower._PREC, solve_lower._BK = saved
-    return {"check": f"Triton solve ({prec}, {bk} solved rows a product) vs float64, n={n}, fwd and grads, plain "
-                     "and transposed", "rel": worst,
+        solve_lower._PREC = saved
+    return {"check": f"Triton solve ({prec}) vs float64, n={n}, fwd and grads, plain and transposed", "rel": worst,
             "limit": 1e-5, "ok": worst <= 1e-5}
 
 
@@ -109,19 +107,18 @@ def timing(args, dev: torch.device) -> list[dict]:
     from nlgraph.compilers.kernels import solve_lower
 
     n, b, h = args.chunk, args.batch, args.heads
-    rows, saved = [], (chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC, solve_lower._BK)
+    rows, saved = [], (chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC)
     for a_shape, r_shape in (((b, h, n, n), (5, b, h, n, 128)), ((5, b, h, n, n), (5, b, h, n, 64))):
         a = torch.eye(n, device=dev) + torch.tril(torch.randn(*a_shape, device=dev, generator=gen), -1) * (0.5 / n ** 0.5)
         r = torch.randn(*r_shape, device=dev, generator=gen)
         a.requires_grad_(), r.requires_grad_()
         try:
-            runs = [(m, bs, p, bk) for m in args.modes for bs in (args.kernel_blocks if m == "kernel" else [None])
-                    for p in (args.kernel_products if m == "kernel" else [None])
-                    for bk in (sorted({max(k, bs) for k in args.kernel_k}) if m == "kernel" else [None])]
-            for mode, bs, prec, bk in runs:
+            runs = [(m, bs, p) for m in args.modes for bs in (args.kernel_blocks if m == "kernel" else [None])
+                    for p in (args.kernel_products if m == "kernel" else [None])]
+            for mode, bs, prec in runs:
                 chunked.CHUNK_SOLVE = mode
                 if bs:
-                    solve_lower._BS, solve_lower._PREC, solve_lower._BK = bs, prec, bk
+                    solve_lower._BS, solve_lower._PREC = bs, prec
 
                 def f_b():
                     a.grad = r.grad = None
@@ -131,15 +128,14 @@ def timing(args, dev: torch.device) -> list[dict]:
                     fwd = median_ms(lambda: chunked._solve_lower(a, r), dev, reps=args.reps, warmup=3)
                 torch.cuda.reset_peak_memory_stats(dev)
                 base = torch.cuda.memory_allocated(dev)
-                row = {"solve": mode + (f" (rows {bs} a block, {prec}, {bk} solved rows a product)" if bs else ""),
-                       "a": list(a_shape),
+                row = {"solve": mode + (f" (rows {bs} a block, {prec})" if bs else ""), "a": list(a_shape),
                        "rhs": list(r_shape), "fwd_ms": fwd,
                        "fwd_bwd_ms": median_ms(f_b, dev, reps=args.reps, warmup=3),
                        "peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
-            chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC, solve_lower._BK = saved
+            chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC = saved
     return rows
 
 
@@ -155,9 +151,6 @@ def main() -> int:
                     help="the Triton solve's rows a block to time (its own default: 16)")
     ap.add_argument("--kernel-products", nargs="+", default=["ieee", "tf32x3"],
                     help="the Triton solve's float32 products (tl.dot input_precision) to time (its own: ieee)")
-    ap.add_argument("--kernel-k", type=int, nargs="+", default=[16, 64],
-                    help="the Triton solve's solved rows a left-looking product takes, to time and check (its "
-                         "own: 16; below the block's rows it is the block)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,8 +162,7 @@ def main() -> int:
         from nlgraph.compilers.kernels import dispatch
 
         dispatch.set_kernels("auto" if dev.type == "cuda" else "interpret")
-    checks = ([kernel_check(dev, prec=p, bk=k) for p in args.kernel_products for k in args.kernel_k]
-              if "kernel" in others else [])
+    checks = [kernel_check(dev, prec=p) for p in args.kernel_products] if "kernel" in others else []
     checks += [model_check(device, m) for m in others]
     checks += [model_check(device, m, bf16=True) for m in others] if dev.type == "cuda" else []
     res["checks"] = checks

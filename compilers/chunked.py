@@ -160,9 +160,9 @@ class _Transfer(torch.autograd.Function):
     (it came from 16-bit factors, or autocast was on), in which the backward's matmul then
     multiplies, accumulating in float32, as autocast's backward of a matmul would: in float32 it
     ran on the GPU's CUDA cores (`hope_large_chunk`'s `[257, 257]` products are among the float32
-    GEMMs that took 4.3 % of its step on an H100, docs/benchmarks.md). Otherwise the matmul follows PyTorch's float32 matmul precision:
-    with TF32 allowed (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry
-    its rounding."""
+    GEMMs that took 4.3 % of its step on an H100, docs/benchmarks.md). Otherwise the matmul follows
+    PyTorch's float32 matmul precision: with TF32 allowed
+    (``torch.set_float32_matmul_precision("high")``) the gates' gradients carry its rounding."""
 
     generate_vmap_rule = True
 

@@ -5,8 +5,8 @@ solves with ``a`` (lower, blocks in order) or with ``aᵀ`` (its strides swapped
 reverse order, ``REVERSE``); the diagonal is taken as ones and the other triangle is never read.
 One program per (right-hand side, column block of ``BO``): the rows go in blocks of ``BS`` (16),
 each block's right-hand side minus the blocks solved before it times their solution (``tl.dot``s,
-left-looking: one a solved block, or one a span of ``BK`` solved rows), then the diagonal block's
-inverse, built in registers by substitution over its rows, times that. A solved block is stored to ``x`` and read back by the later blocks of the same
+left-looking), then the diagonal block's inverse, built in registers by substitution over its
+rows, times that. A solved block is stored to ``x`` and read back by the later blocks of the same
 program (a barrier between), so nothing of size ``n`` is held on chip. ``a``'s batch index is
 ``(b // DIV) % MOD`` of the right-hand side's ``b``: one ``a`` broadcast over leading or trailing
 batch dimensions is read in place, not copied.
@@ -42,18 +42,9 @@ def _diag_inverse(d, k, BS: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _subtract(acc, a, x, rows, rm, cols, cm, js, jm, s_ar, s_ac, s_xr, PREC: tl.constexpr):
-    """``acc − a[rows, js] x[js, cols]``: the solved rows ``js`` (those with ``jm``) taken out."""
-    blk = tl.load(a + rows[:, None] * s_ar + js[None, :] * s_ac, mask=rm[:, None] & jm[None, :],
-                  other=0.).to(tl.float32)
-    xj = tl.load(x + js[:, None] * s_xr + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.)
-    return acc - tl.dot(blk, xj, input_precision=PREC)
-
-
-@triton.jit
 def _solve_unit(a, r, x, N, O, MOD, DIV, s_ab, s_ar, s_ac, s_rb, s_rr, s_xb, s_xr,
                 NB: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr, REVERSE: tl.constexpr,
-                PREC: tl.constexpr, BK: tl.constexpr = 16):
+                PREC: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
     i_o = tl.program_id(1)
     a += ((i_b // DIV) % MOD) * s_ab
@@ -68,17 +59,14 @@ def _solve_unit(a, r, x, N, O, MOD, DIV, s_ab, s_ar, s_ac, s_rb, s_rr, s_xb, s_x
         rm = rows < N
         acc = tl.load(r + rows[:, None] * s_rr + cols[None, :], mask=rm[:, None] & cm[None, :],
                       other=0.).to(tl.float32)
-        if BK == BS:  # a block at a time: the loop as timed on an H100 (docs/benchmarks.md)
-            for t in range(step):
-                js = (NB - 1 - t if REVERSE else t) * BS + k
-                acc = _subtract(acc, a, x, rows, rm, cols, cm, js, js < N, s_ar, s_ac, s_xr, PREC)
-        else:
-            # the solved rows in spans of BK: fewer, larger products
-            lo = (i + 1) * BS if REVERSE else 0
-            hi = N if REVERSE else i * BS
-            for kk in range(lo, hi, BK):
-                js = kk + tl.arange(0, BK)
-                acc = _subtract(acc, a, x, rows, rm, cols, cm, js, js < hi, s_ar, s_ac, s_xr, PREC)
+        for t in range(step):
+            j = NB - 1 - t if REVERSE else t
+            js = j * BS + k
+            jm = js < N
+            blk = tl.load(a + rows[:, None] * s_ar + js[None, :] * s_ac, mask=rm[:, None] & jm[None, :],
+                          other=0.).to(tl.float32)
+            xj = tl.load(x + js[:, None] * s_xr + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.)
+            acc -= tl.dot(blk, xj, input_precision=PREC)
         d = tl.load(a + rows[:, None] * s_ar + rows[None, :] * s_ac, mask=rm[:, None] & rm[None, :],
                     other=0.).to(tl.float32)
         acc += tl.dot(_diag_inverse(d, k, BS, REVERSE), acc, input_precision=PREC)

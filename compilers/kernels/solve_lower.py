@@ -26,7 +26,6 @@ __all__ = ["solve_unit_lower"]
 
 _BS = 16  # rows a block: tl.dot's smallest
 _PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's; tf32x3 was slower on an H100 (chunk_solve.py)
-_BK = 16  # solved rows a left-looking product takes (a power of two; _BS or fewer: one block), as timed on an H100
 
 
 def _kernels(t: torch.Tensor):
@@ -69,7 +68,7 @@ def _solve(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
         s_r, s_c = (aa.stride(2), aa.stride(1)) if transpose else (aa.stride(1), aa.stride(2))
         _kernels(r).solve[(bt, cdiv(o, bo))](
             aa, rr, x, n, o, mod, div, aa.stride(0), s_r, s_c, rr.stride(0), rr.stride(1), x.stride(0), x.stride(1),
-            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC=_PREC, BK=max(_BK, _BS))
+            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC=_PREC)
     return x.reshape(*batch, n, o)
 
 

@@ -61,20 +61,6 @@ def test_the_solve_equals_solve_triangular(n, o, a_batch, r_batch, transpose):
     assert _rel(got.cpu(), want) < 2e-6
 
 
-@pytest.mark.parametrize("bk", [32, 64])
-@pytest.mark.parametrize("transpose", [False, True])
-def test_the_solve_with_larger_products_equals_solve_triangular(bk, transpose, monkeypatch):
-    """``_BK`` above the 16-row block: the solved rows are taken ``BK`` at a time (spans cut short
-    at the block being solved, and at ``n``), the same solution."""
-    from nlgraph.compilers.kernels import solve_lower
-
-    monkeypatch.setattr(solve_lower, "_BK", bk)
-    for n, o in ((100, 5), (64, 16)):
-        a, r = _system((2,), (3, 2), n, o)
-        got = solve_unit_lower(a.float().to(DEVICE), r.float().to(DEVICE), transpose)
-        assert _rel(got.cpu(), _reference(a, r, transpose)) < 2e-6
-
-
 def test_the_solve_takes_half_precision_operands_and_strided_ones():
     a, r = _system((2,), (2,), 32, 8)
     want = _reference(a.half().double(), r.half().double(), False)
