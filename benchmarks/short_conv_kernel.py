@@ -42,13 +42,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _launch import plain_warps  # noqa: E402
 
 MODULES = ("_short_conv_triton",)
-# name, (B, T, C, K), dtype, with a state, SiLU
 # (name, (B, T, C, K), dtype, with a state, SiLU, l2: the head size of a fused L2 norm, or None)
 CHECKS = [
     ("fp32 silu + state, T=100 (a partial block)", (2, 100, 96, 4), torch.float32, True, True, None),
@@ -160,7 +158,7 @@ def run_checks(device: str, warps: int | None, dtypes: tuple, shape: tuple[int, 
 
 def run_timings(args, dev: torch.device) -> list[dict]:
     from nlgraph.bench import median_ms
-    from nlgraph.compilers.kernels.short_conv import short_conv
+    from nlgraph.compilers.kernels.short_conv import normalize_heads, short_conv
 
     gen = torch.Generator(device=dev).manual_seed(0)
     b, t, c, k = args.batch, args.length, args.channels, 4
@@ -201,8 +199,7 @@ def run_timings(args, dev: torch.device) -> list[dict]:
     rows.append(timed("nlgraph short_conv + L2 norm (fused, heads of 64)",
                       lambda: short_conv(x, w, None, "silu", 64), args.warps[0]))
     rows.append(timed("nlgraph short_conv, then F.normalize (heads of 64)",
-                      lambda: F.normalize(short_conv(x, w, None, "silu").unflatten(-1, (-1, 64)), dim=-1,
-                                          eps=1e-6).flatten(-2), args.warps[0]))
+                      lambda: normalize_heads(short_conv(x, w, None, "silu"), 64), args.warps[0]))
     return rows
 
 

@@ -72,7 +72,9 @@ class ShortConv(nn.Module):
         xp = torch.cat([state, x], dim=1)  # [B, k-1+T, C]
         y = _feature_map(act, F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), groups=c).transpose(1, 2))
         if l2 is not None:
-            y = F.normalize(y.unflatten(-1, (c // l2, l2)), dim=-1, eps=1e-6).flatten(-2)
+            from .compilers.kernels.short_conv import normalize_heads
+
+            y = normalize_heads(y, l2)
         return y, xp[:, xp.shape[1] - (self.kernel - 1):]
 
 

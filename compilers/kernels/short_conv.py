@@ -24,7 +24,7 @@ from nlgraph.errors import NLGraphError
 
 from ._load import recording, run_precompiled
 
-__all__ = ["ACTIVATIONS", "short_conv"]
+__all__ = ["ACTIVATIONS", "normalize_heads", "short_conv"]
 
 ACTIVATIONS = ("identity", "silu")
 
@@ -196,6 +196,10 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
     fused = l2 is not None and (l2 & (l2 - 1)) == 0 and _BC % l2 == 0
     s = state.to(x.dtype).contiguous() if state is not None else None
     y = _fwd_op(x.contiguous(), weight.contiguous(), s, act == "silu", l2 if fused else 0)
-    if l2 is not None and not fused:
-        y = F.normalize(y.unflatten(-1, (c // l2, l2)), dim=-1, eps=1e-6).flatten(-2)
-    return y
+    return normalize_heads(y, l2) if l2 is not None and not fused else y
+
+
+def normalize_heads(y: torch.Tensor, d: int) -> torch.Tensor:
+    """``y [..., C]`` with each head of ``d`` channels divided by its norm, ``F.normalize(eps=1e-6)``:
+    what ``short_conv(..., l2=d)`` computes, in PyTorch."""
+    return F.normalize(y.unflatten(-1, (y.shape[-1] // d, d)), dim=-1, eps=1e-6).flatten(-2)
