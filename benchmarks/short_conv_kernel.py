@@ -26,7 +26,7 @@ are host-bound at this size: 0.08 ms a forward call against 22.5 µs of kernel).
 ``--da float32 input`` checks the backward with ``da`` (``_conv_da``'s output, ``_conv_dx``'s input)
 stored each way (``short_conv._DA16``; ``input`` is the default: bfloat16 for bfloat16 inputs) at the
 first of ``--warps`` and times the backward op alone each way, as the GPU's time a call; ``--dw rows
-inner`` does the same for the layout of the weight's partial sums (``short_conv._DW_INNER``).
+inner atomic`` does the same for how the weight's gradient is summed over programs (``short_conv._DW``).
 
 Without CUDA it says so and exits 0, unless ``--device cpu`` runs the checks under Triton's
 interpreter (``TRITON_INTERPRET=1``; float32 only, the interpreter lacks bfloat16): how its tests
@@ -241,7 +241,7 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
 
 # the backward's module switches --da and --dw set: option -> (short_conv attribute, {choice: value})
 SWITCHES = {"da": ("_DA16", {"float32": False, "input": True}),
-            "dw": ("_DW_INNER", {"rows": False, "inner": True})}
+            "dw": ("_DW", {"rows": "rows", "inner": "inner", "atomic": "atomic"})}
 
 
 @contextlib.contextmanager
@@ -316,7 +316,8 @@ def main() -> int:
                          "or in the input dtype (short_conv._DA16)")
     ap.add_argument("--dw", nargs="+", default=None, choices=list(SWITCHES["dw"][1]),
                     help="also check and graph-time the backward with the weight's partial sums laid out "
-                         "[programs, C*K] (rows) or [C*K, programs] (inner) (short_conv._DW_INNER)")
+                         "[programs, C*K] (rows) or [C*K, programs] (inner), or added with atomics (atomic) "
+                         "(short_conv._DW)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
     ap.add_argument("--json", default=None)

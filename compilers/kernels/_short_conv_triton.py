@@ -81,7 +81,7 @@ def _conv_fwd(x, w, s, y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.conste
 
 @triton.jit
 def _conv_da(x, w, s, dy, da, dwp, sp, sc, T, C, NT, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-             SILU: tl.constexpr, USE_S: tl.constexpr, L2: tl.constexpr):
+             SILU: tl.constexpr, USE_S: tl.constexpr, L2: tl.constexpr, ATOMIC: tl.constexpr):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = i_t * BT + tl.arange(0, BT)
     c = i_c * BC + tl.arange(0, BC)
@@ -108,7 +108,10 @@ def _conv_da(x, w, s, dy, da, dwp, sp, sc, T, C, NT, K: tl.constexpr, BT: tl.con
     part = (i_b * NT + i_t) * sp  # the partial sums' strides: sp a program, sc a (channel, tap)
     for j in tl.static_range(K):
         xj = _shifted(x, s, i_b, t, c, cm, T, C, K, j, USE_S)
-        tl.store(dwp + part + (c * K + j) * sc, tl.sum(g * xj, axis=0), mask=cm)
+        if ATOMIC:  # every program adds into the one zeroed [C, K]
+            tl.atomic_add(dwp + c * K + j, tl.sum(g * xj, axis=0), mask=cm, sem="relaxed")
+        else:
+            tl.store(dwp + part + (c * K + j) * sc, tl.sum(g * xj, axis=0), mask=cm)
 
 
 @triton.jit

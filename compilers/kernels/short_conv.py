@@ -62,11 +62,17 @@ _BT, _BC = _TILE if isinstance(_TILE, tuple) else DEFAULT_TILE
 #: 2026-12-07); a module switch so ``benchmarks/short_conv_kernel.py --da`` can check and time both
 _DA16 = True
 
-#: the weight's partial sums laid out ``[C·K, programs]`` and summed along their contiguous rows
-#: (True), or ``[programs, C·K]`` summed across rows (False: as timed until 2026-12-07, when ATen's
+#: how the backward sums the weight's gradient over its programs: ``rows``, partial sums laid out
+#: ``[programs, C·K]`` and summed across rows by ATen (as timed until 2026-12-07, when ATen's
 #: reductions were 0.043 ms of DeltaNet's layer backward on an H100, among them the three
-#: convolutions'; which is faster is not yet measured: ``benchmarks/short_conv_kernel.py --dw``)
-_DW_INNER = False
+#: convolutions'); ``inner``, laid out ``[C·K, programs]`` and summed along contiguous rows;
+#: ``atomic``, added by each program into a zeroed float32 ``[C, K]`` (no reduction launch, but the
+#: order of the additions, so the last bits, varies from run to run: under
+#: ``torch.use_deterministic_algorithms(True)`` it takes ``rows``). Which is fastest is not yet
+#: measured: ``benchmarks/short_conv_kernel.py --dw``. ``NLGRAPH_CONV_DW`` sets it, read once a
+#: process (an unknown value is an error at the first backward)
+DW_LAYOUTS = ("rows", "inner", "atomic")
+_DW = (os.environ.get("NLGRAPH_CONV_DW") or "rows").strip()
 
 
 def _kernels(x: torch.Tensor):
@@ -114,19 +120,26 @@ def _bwd_op(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], dy: tor
 def _backward(x, w, s, dy, silu, l2):
     b, t, c = x.shape
     k = w.shape[1]
+    if _DW not in DW_LAYOUTS:
+        raise NLGraphError(f"NLGRAPH_CONV_DW={_DW!r}: give one of {', '.join(DW_LAYOUTS)} (rows, the default), "
+                           "or unset it", path="NLGRAPH_CONV_DW")
     kn = _kernels(x)
     grid = _grid(b, t, c)
     # da in the 16-bit input dtype: written and read back once (at B=8, T=2048, 512 channels 16.8 MB
     # each way a convolution instead of 33.5 in float32); dw's partial sums use it in float32 first
     da = x.new_empty(b, t, c, dtype=x.dtype if _DA16 and x.dtype in (torch.bfloat16, torch.float16) else torch.float32)
     parts = b * grid[0]
-    # the weight's partial sums, one set a program: [C·K, programs] when _DW_INNER (each (channel,
-    # tap) sums along contiguous memory), else [programs, C·K]
-    dwp = x.new_empty((c * k, parts) if _DW_INNER else (parts, c * k), dtype=torch.float32)
+    layout = "rows" if _DW == "atomic" and torch.are_deterministic_algorithms_enabled() else _DW
+    atomic = layout == "atomic"
+    inner = layout == "inner"
+    # the weight's partial sums, one set a program ([C·K, programs] inner: each (channel, tap) sums
+    # along contiguous memory; [programs, C·K] rows), or one zeroed set every program adds into
+    dwp = (torch.zeros(c * k, dtype=torch.float32, device=x.device) if atomic
+           else x.new_empty((c * k, parts) if inner else (parts, c * k), dtype=torch.float32))
     dummy = x.new_empty(0)
-    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, dwp.stride(1 if _DW_INNER else 0),
-                dwp.stride(0 if _DW_INNER else 1), t, c, grid[0], K=k, BT=_BT, BC=_BC,
-                SILU=silu, USE_S=s is not None, L2=l2)
+    sp, sc = (0, 1) if atomic else (dwp.stride(1 if inner else 0), dwp.stride(0 if inner else 1))
+    kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, sp, sc, t, c, grid[0], K=k,
+                BT=_BT, BC=_BC, SILU=silu, USE_S=s is not None, L2=l2, ATOMIC=atomic)
     dx = torch.empty_like(x)
     kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
     ds = dummy
@@ -139,7 +152,8 @@ def _backward(x, w, s, dy, silu, l2):
                 if i - j < t:
                     ds[:, i] += wf[:, j] * da[:, i - j]
         ds = ds.to(s.dtype)
-    return dx, dwp.sum(1 if _DW_INNER else 0).view(c, k).to(w.dtype), ds
+    dw = dwp if atomic else dwp.sum(1 if inner else 0)
+    return dx, dw.view(c, k).to(w.dtype), ds
 
 
 @_bwd_op.register_fake

@@ -117,10 +117,11 @@ def test_short_conv_fuses_the_l2_norm(d, fused, dtype, tol, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_the_weights_partial_sums_in_either_layout(dtype, tol, monkeypatch):
-    """The weight's per-program partial sums laid out ``[programs, C·K]`` or ``[C·K, programs]``
-    (``_DW_INNER``) give the same gradients, equal to float64 (several token blocks and batches, so
-    there are partial sums to add, and a partial channel block)."""
+def test_the_weights_gradient_summed_each_way(dtype, tol, monkeypatch):
+    """The weight's per-program partial sums laid out ``[programs, C·K]`` or ``[C·K, programs]``, or
+    added with atomics (``_DW``), give the same gradients, equal to float64 (several token blocks
+    and batches, so there are partial sums to add, and a partial channel block); under
+    deterministic algorithms ``atomic`` takes ``rows``, bit for bit."""
     from nlgraph.compilers.kernels import short_conv as op
 
     gen = torch.Generator().manual_seed(3)
@@ -130,16 +131,25 @@ def test_the_weights_partial_sums_in_either_layout(dtype, tol, monkeypatch):
     dy = torch.randn(3, 150, 200, generator=gen).to(DEVICE, dtype)
     ref = [z.double().requires_grad_() for z in (x, w, s)]
     ref_grads = torch.autograd.grad(_reference(*ref, "silu"), ref, dy.double())
-    got = []
-    for inner in (False, True):
-        monkeypatch.setattr(op, "_DW_INNER", inner)
+    def grads_with(layout):
+        monkeypatch.setattr(op, "_DW", layout)
         leaves = [z.clone().requires_grad_() for z in (x, w, s)]
-        grads = torch.autograd.grad(short_conv(*leaves, "silu"), leaves, dy)
-        for name, g, gr in zip(("x", "w", "state"), grads, ref_grads):
-            assert _rel(g, gr) < tol, (inner, name)
-        got.append(grads)
-    assert _rel(got[1][1], got[0][1].double()) < 1e-6  # dw: only the float32 summation order differs
-    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)  # dx does not use them
+        return torch.autograd.grad(short_conv(*leaves, "silu"), leaves, dy)
+
+    got = {}
+    for layout in op.DW_LAYOUTS:
+        got[layout] = grads_with(layout)
+        for name, g, gr in zip(("x", "w", "state"), got[layout], ref_grads):
+            assert _rel(g, gr) < tol, (layout, name)
+    for layout in ("inner", "atomic"):
+        assert _rel(got[layout][1], got["rows"][1].double()) < 1e-6  # dw: only the float32 summation order differs
+        torch.testing.assert_close(got[layout][0], got["rows"][0], rtol=0, atol=0)  # dx does not use them
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(grads_with("atomic")[1], got["rows"][1])
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_the_backward_stores_da_in_the_16_bit_input_dtype(monkeypatch):
@@ -273,6 +283,17 @@ def test_the_tile_variable_is_parsed_and_a_bad_one_is_one_clear_error(monkeypatc
     with pytest.raises(NLGraphError, match="TOKENSxCHANNELS") as err:
         op.short_conv(torch.zeros(1, 4, 8), torch.zeros(8, 4))
     assert err.value.path == "NLGRAPH_CONV_TILE"
+
+
+def test_a_bad_weight_gradient_layout_is_one_clear_error(monkeypatch):
+    from nlgraph.compilers.kernels import short_conv as op
+
+    monkeypatch.setattr(op, "_DW", "fast")
+    x = torch.zeros(1, 4, 8, device=DEVICE, requires_grad=True)
+    y = op.short_conv(x, torch.zeros(8, 4, device=DEVICE))
+    with pytest.raises(NLGraphError, match="rows, inner, atomic") as err:
+        y.sum().backward()
+    assert err.value.path == "NLGRAPH_CONV_DW"
 
 
 def test_the_gpu_script_picks_the_fastest_tile_that_passed():
