@@ -41,6 +41,18 @@ def _silu_grad2(z):
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """``a @ b`` in float32: through ``tl.dot``'s ``PREC`` (``ieee``, ``tf32``), or with both
+    operands rounded to 16 bits first (``bf16``, ``fp16``: half the tensor-core instructions of TF32)."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _tokens(i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, md):
     """Chunk ``i_t``'s token rows in a ``[B, T, H, ...]`` tensor, their mask, and the mask of a
     ``[C, D]`` tile of them."""
@@ -100,15 +112,15 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
         qb = _load_tokens(q, row, rd, D, mtd)
         et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
         g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
-        qk = tl.dot(qb, tl.trans(kb), input_precision=PREC) * omr         # (Q Kᵀ) ⊙ Ω
+        qk = _mm(qb, tl.trans(kb), PREC) * omr         # (Q Kᵀ) ⊙ Ω
         # pass 1: Y = W1 σ(W0 k) at the chunk-start weights
         yacc = tl.zeros([C, BD], dtype=tl.float32)
         for i_f in range(tl.cdiv(F, BF)):
             mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
             w0b = tl.load(w0 + st + p0, mask=mfd, other=0.)        # [BF, D]
             w1b = tl.load(w1 + st + p1, mask=mdf, other=0.)        # [D, BF]
-            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)                            # [C, BF]
-            yacc += tl.dot(_silu(zb), tl.trans(w1b), input_precision=PREC)
+            zb = _mm(kb, tl.trans(w0b), PREC)                            # [C, BF]
+            yacc += _mm(_silu(zb), tl.trans(w1b), PREC)
         e1 = et[:, None] * (yacc - vb)                                                        # [C, D]
         # pass 2: hidden errors, reads, end state, block by block
         oacc = tl.zeros([C, BD], dtype=tl.float32)
@@ -127,26 +139,26 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
                     tl.store(hs0 + hs + o0, s0b, mask=mfd)
                     tl.store(hw1 + hs + o1, w1b, mask=mdf)
                     tl.store(hs1 + hs + o1, s1b, mask=mdf)
-            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
-            e0 = tl.dot(e1, w1b, input_precision=PREC) * _silu_grad(zb)                       # [C, BF]
-            zq = (g0[:, None] * tl.dot(qb, tl.trans(w0b), input_precision=PREC)
-                  + z0[:, None] * tl.dot(qb, tl.trans(s0b), input_precision=PREC)
-                  - tl.dot(qk, e0, input_precision=PREC))
+            e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)                       # [C, BF]
+            zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
+                  + z0[:, None] * _mm(qb, tl.trans(s0b), PREC)
+                  - _mm(qk, e0, PREC))
             aq = _silu(zq)
-            oacc += (g0[:, None] * tl.dot(aq, tl.trans(w1b), input_precision=PREC)
-                     + z0[:, None] * tl.dot(aq, tl.trans(s1b), input_precision=PREC))
-            pacc += tl.dot(aq, tl.trans(ab), input_precision=PREC)
+            oacc += (g0[:, None] * _mm(aq, tl.trans(w1b), PREC)
+                     + z0[:, None] * _mm(aq, tl.trans(s1b), PREC))
+            pacc += _mm(aq, tl.trans(ab), PREC)
             # the block's end state (token L, the chunk's last)
-            w0n = gl * w0b + zl * s0b - tl.dot(tl.trans(e0), kb * oml[:, None], input_precision=PREC)
-            s0n = yl * s0b - tl.dot(tl.trans(e0), kb * yll[:, None], input_precision=PREC)
-            w1n = gl * w1b + zl * s1b - tl.dot(tl.trans(e1), ab * oml[:, None], input_precision=PREC)
-            s1n = yl * s1b - tl.dot(tl.trans(e1), ab * yll[:, None], input_precision=PREC)
+            w0n = gl * w0b + zl * s0b - _mm(tl.trans(e0), kb * oml[:, None], PREC)
+            s0n = yl * s0b - _mm(tl.trans(e0), kb * yll[:, None], PREC)
+            w1n = gl * w1b + zl * s1b - _mm(tl.trans(e1), ab * oml[:, None], PREC)
+            s1n = yl * s1b - _mm(tl.trans(e1), ab * yll[:, None], PREC)
             tl.store(w0 + p0, w0n, mask=mfd)
             tl.store(s0 + p0, s0n, mask=mfd)
             tl.store(w1 + p1, w1n, mask=mdf)
             tl.store(s1 + p1, s1n, mask=mdf)
-        ob = oacc - tl.dot(pacc * omr, e1, input_precision=PREC)
+        ob = oacc - _mm(pacc * omr, e1, PREC)
         tl.store(o + row[:, None] * D + rd[None, :], ob.to(o.dtype.element_ty), mask=mtd)
         # the next chunk reads the state this one wrote, from other threads of the program
         tl.debug_barrier()
@@ -182,7 +194,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
         et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
         g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
         hs = (i_bh.to(tl.int64) * (C1 - C0) + (i_t - C0)) * F * D
-        qk_raw = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+        qk_raw = _mm(qb, tl.trans(kb), PREC)
         qk = qk_raw * omr
         # pass 1: Yk and E1 at the chunk-start weights
         yk = tl.zeros([C, BD], dtype=tl.float32)
@@ -190,10 +202,10 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
             w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
             w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
-            yk += tl.dot(_silu(tl.dot(kb, tl.trans(w0b), input_precision=PREC)), tl.trans(w1b), input_precision=PREC)
+            yk += _mm(_silu(_mm(kb, tl.trans(w0b), PREC)), tl.trans(w1b), PREC)
         r1 = yk - vb
         e1 = et[:, None] * r1
-        dpm = -tl.dot(dob, tl.trans(e1), input_precision=PREC) * omr            # dP ⊙ Ω, [C, C]
+        dpm = -_mm(dob, tl.trans(e1), PREC) * omr            # dP ⊙ Ω, [C, C]
         de1 = tl.zeros([C, BD], dtype=tl.float32)
         dqb = tl.zeros([C, BD], dtype=tl.float32)
         dkb = tl.zeros([C, BD], dtype=tl.float32)
@@ -217,61 +229,60 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             gs0 = tl.load(ds0 + st + p0, mask=mfd, other=0.)
             gw1 = tl.load(dw1 + st + p1, mask=mdf, other=0.)
             gs1 = tl.load(ds1 + st + p1, mask=mdf, other=0.)
-            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
             sg = _silu_grad(zb)
-            ub = tl.dot(e1, w1b, input_precision=PREC)                                # E1 W1, [C, BF]
+            ub = _mm(e1, w1b, PREC)                                # E1 W1, [C, BF]
             e0 = ub * sg
-            qw0 = tl.dot(qb, tl.trans(w0b), input_precision=PREC)
-            qs0 = tl.dot(qb, tl.trans(s0b), input_precision=PREC)
-            zq = g0[:, None] * qw0 + z0[:, None] * qs0 - tl.dot(qk, e0, input_precision=PREC)
+            qw0 = _mm(qb, tl.trans(w0b), PREC)
+            qs0 = _mm(qb, tl.trans(s0b), PREC)
+            zq = g0[:, None] * qw0 + z0[:, None] * qs0 - _mm(qk, e0, PREC)
             aq = _silu(zq)
-            pr += tl.dot(aq, tl.trans(ab), input_precision=PREC)
+            pr += _mm(aq, tl.trans(ab), PREC)
             # the output's block terms: O += g0 ⊙ (Aq W1ᵀ) + z0 ⊙ (Aq S1ᵀ)
-            dow1 = tl.dot(dob, w1b, input_precision=PREC)
-            dos1 = tl.dot(dob, s1b, input_precision=PREC)
+            dow1 = _mm(dob, w1b, PREC)
+            dos1 = _mm(dob, s1b, PREC)
             d_g0 += tl.sum(dow1 * aq, axis=1)
             d_z0 += tl.sum(dos1 * aq, axis=1)
-            daq = g0[:, None] * dow1 + z0[:, None] * dos1 + tl.dot(dpm, ab, input_precision=PREC)
+            daq = g0[:, None] * dow1 + z0[:, None] * dos1 + _mm(dpm, ab, PREC)
             dzq = daq * _silu_grad(zq)
             d_g0 += tl.sum(dzq * qw0, axis=1)
             d_z0 += tl.sum(dzq * qs0, axis=1)
-            dqb += tl.dot(g0[:, None] * dzq, w0b, input_precision=PREC) + tl.dot(z0[:, None] * dzq, s0b,
-                                                                                input_precision=PREC)
-            dqk -= tl.dot(dzq, tl.trans(e0), input_precision=PREC)
+            dqb += _mm(g0[:, None] * dzq, w0b, PREC) + _mm(z0[:, None] * dzq, s0b, PREC)
+            dqk -= _mm(dzq, tl.trans(e0), PREC)
             # the end state's terms
-            e0gw = tl.dot(e0, gw0, input_precision=PREC)                            # E0 dW0', [C, D]
-            e0gs = tl.dot(e0, gs0, input_precision=PREC)
-            e1gw = tl.dot(e1, gw1, input_precision=PREC)                            # E1 dW1', [C, BF]
-            e1gs = tl.dot(e1, gs1, input_precision=PREC)
+            e0gw = _mm(e0, gw0, PREC)                            # E0 dW0', [C, D]
+            e0gs = _mm(e0, gs0, PREC)
+            e1gw = _mm(e1, gw1, PREC)                            # E1 dW1', [C, BF]
+            e1gs = _mm(e1, gs1, PREC)
             dkb -= oml[:, None] * e0gw + yll[:, None] * e0gs
             d_oml -= tl.sum(kb * e0gw, axis=1) + tl.sum(ab * e1gw, axis=1)
             d_yll -= tl.sum(kb * e0gs, axis=1) + tl.sum(ab * e1gs, axis=1)
             d_gl += tl.sum(tl.sum(gw0 * w0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * w1b, axis=1), axis=0)
             d_zl += tl.sum(tl.sum(gw0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * s1b, axis=1), axis=0)
             d_yl += tl.sum(tl.sum(gs0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gs1 * s1b, axis=1), axis=0)
-            de0 = (-tl.dot(kb * oml[:, None], tl.trans(gw0), input_precision=PREC)
-                   - tl.dot(kb * yll[:, None], tl.trans(gs0), input_precision=PREC)
-                   - tl.dot(tl.trans(qk), dzq, input_precision=PREC))                # [C, BF]
+            de0 = (-_mm(kb * oml[:, None], tl.trans(gw0), PREC)
+                   - _mm(kb * yll[:, None], tl.trans(gs0), PREC)
+                   - _mm(tl.trans(qk), dzq, PREC))                # [C, BF]
             dub = de0 * sg
-            de1 += (tl.dot(dub, tl.trans(w1b), input_precision=PREC)
-                    - tl.dot(ab * oml[:, None], tl.trans(gw1), input_precision=PREC)
-                    - tl.dot(ab * yll[:, None], tl.trans(gs1), input_precision=PREC))
-            da = tl.dot(tl.trans(dpm), aq, input_precision=PREC) - oml[:, None] * e1gw - yll[:, None] * e1gs
+            de1 += (_mm(dub, tl.trans(w1b), PREC)
+                    - _mm(ab * oml[:, None], tl.trans(gw1), PREC)
+                    - _mm(ab * yll[:, None], tl.trans(gs1), PREC))
+            da = _mm(tl.trans(dpm), aq, PREC) - oml[:, None] * e1gw - yll[:, None] * e1gs
             dzpart = de0 * ub * _silu_grad2(zb) + da * sg
             tl.store(scr + i_bh.to(tl.int64) * C * F + rc[:, None] * F + f[None, :], dzpart, mask=mf[None, :])
             # the state before the chunk, but for the terms through Yk (pass 3)
-            nw0 = gl * gw0 + tl.dot(tl.trans(g0[:, None] * dzq), qb, input_precision=PREC)
-            ns0 = zl * gw0 + yl * gs0 + tl.dot(tl.trans(z0[:, None] * dzq), qb, input_precision=PREC)
-            nw1 = (gl * gw1 + tl.dot(tl.trans(g0[:, None] * dob), aq, input_precision=PREC)
-                   + tl.dot(tl.trans(e1), dub, input_precision=PREC))
-            ns1 = zl * gw1 + yl * gs1 + tl.dot(tl.trans(z0[:, None] * dob), aq, input_precision=PREC)
+            nw0 = gl * gw0 + _mm(tl.trans(g0[:, None] * dzq), qb, PREC)
+            ns0 = zl * gw0 + yl * gs0 + _mm(tl.trans(z0[:, None] * dzq), qb, PREC)
+            nw1 = (gl * gw1 + _mm(tl.trans(g0[:, None] * dob), aq, PREC)
+                   + _mm(tl.trans(e1), dub, PREC))
+            ns1 = zl * gw1 + yl * gs1 + _mm(tl.trans(z0[:, None] * dob), aq, PREC)
             tl.store(dw0 + st + p0, nw0, mask=mfd)
             tl.store(ds0 + st + p0, ns0, mask=mfd)
             tl.store(dw1 + st + p1, nw1, mask=mdf)
             tl.store(ds1 + st + p1, ns1, mask=mdf)
-        de1 -= tl.dot(tl.trans(pr * omr), dob, input_precision=PREC)
-        d_om = tl.where(causal, -tl.dot(dob, tl.trans(e1), input_precision=PREC) * pr + dqk * qk_raw, 0.)
+        de1 -= _mm(tl.trans(pr * omr), dob, PREC)
+        d_om = tl.where(causal, -_mm(dob, tl.trans(e1), PREC) * pr + dqk * qk_raw, 0.)
         dyk = et[:, None] * de1
         tl.store(dv + row[:, None] * D + rd[None, :], (-dyk).to(dv.dtype.element_ty), mask=mtd)
         tl.store(deta + row, tl.sum(de1 * r1, axis=1), mask=mt)
@@ -281,18 +292,18 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
             w0b = tl.load(hw0 + hs + p0, mask=mfd, other=0.)
             w1b = tl.load(hw1 + hs + p1, mask=mdf, other=0.)
-            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
             dzb = tl.load(scr + i_bh.to(tl.int64) * C * F + rc[:, None] * F + f[None, :], mask=mf[None, :], other=0.)
-            dzb += tl.dot(dyk, w1b, input_precision=PREC) * _silu_grad(zb)
-            dkb += tl.dot(dzb, w0b, input_precision=PREC)
-            nw0 = tl.load(dw0 + st + p0, mask=mfd, other=0.) + tl.dot(tl.trans(dzb), kb, input_precision=PREC)
-            nw1 = tl.load(dw1 + st + p1, mask=mdf, other=0.) + tl.dot(tl.trans(dyk), ab, input_precision=PREC)
+            dzb += _mm(dyk, w1b, PREC) * _silu_grad(zb)
+            dkb += _mm(dzb, w0b, PREC)
+            nw0 = tl.load(dw0 + st + p0, mask=mfd, other=0.) + _mm(tl.trans(dzb), kb, PREC)
+            nw1 = tl.load(dw1 + st + p1, mask=mdf, other=0.) + _mm(tl.trans(dyk), ab, PREC)
             tl.store(dw0 + st + p0, nw0, mask=mfd)
             tl.store(dw1 + st + p1, nw1, mask=mdf)
         dqkm = dqk * omr
-        dqb += tl.dot(dqkm, kb, input_precision=PREC)
-        dkb += tl.dot(tl.trans(dqkm), qb, input_precision=PREC)
+        dqb += _mm(dqkm, kb, PREC)
+        dkb += _mm(tl.trans(dqkm), qb, PREC)
         tl.store(dq + row[:, None] * D + rd[None, :], dqb.to(dq.dtype.element_ty), mask=mtd)
         tl.store(dk + row[:, None] * D + rd[None, :], dkb.to(dk.dtype.element_ty), mask=mtd)
         crow = i_bh.to(tl.int64) * NT + i_t
@@ -378,30 +389,30 @@ def _mlp_memory_fwd_step(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, 
                     tl.store(hs0 + hs + o0, s0b, mask=mfd)
                     tl.store(hw1 + hs + o1, w1b, mask=mdf)
                     tl.store(hs1 + hs + o1, s1b, mask=mdf)
-            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
-            e0 = tl.dot(e1, w1b, input_precision=PREC) * _silu_grad(zb)                       # [C, BF]
+            e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)                       # [C, BF]
             if OUT:
-                qk = tl.dot(qb, tl.trans(kb), input_precision=PREC) * omr
-                zq = (g0[:, None] * tl.dot(qb, tl.trans(w0b), input_precision=PREC)
-                      + z0[:, None] * tl.dot(qb, tl.trans(s0b), input_precision=PREC)
-                      - tl.dot(qk, e0, input_precision=PREC))
+                qk = _mm(qb, tl.trans(kb), PREC) * omr
+                zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
+                      + z0[:, None] * _mm(qb, tl.trans(s0b), PREC)
+                      - _mm(qk, e0, PREC))
                 aq = _silu(zq)
-                oacc += (g0[:, None] * tl.dot(aq, tl.trans(w1b), input_precision=PREC)
-                         + z0[:, None] * tl.dot(aq, tl.trans(s1b), input_precision=PREC))
-                pacc += tl.dot(aq, tl.trans(ab), input_precision=PREC)
-            w0n = gl * w0b + zl * s0b - tl.dot(tl.trans(e0), kb * oml[:, None], input_precision=PREC)
-            s0n = yl * s0b - tl.dot(tl.trans(e0), kb * yll[:, None], input_precision=PREC)
-            w1n = gl * w1b + zl * s1b - tl.dot(tl.trans(e1), ab * oml[:, None], input_precision=PREC)
-            s1n = yl * s1b - tl.dot(tl.trans(e1), ab * yll[:, None], input_precision=PREC)
+                oacc += (g0[:, None] * _mm(aq, tl.trans(w1b), PREC)
+                         + z0[:, None] * _mm(aq, tl.trans(s1b), PREC))
+                pacc += _mm(aq, tl.trans(ab), PREC)
+            w0n = gl * w0b + zl * s0b - _mm(tl.trans(e0), kb * oml[:, None], PREC)
+            s0n = yl * s0b - _mm(tl.trans(e0), kb * yll[:, None], PREC)
+            w1n = gl * w1b + zl * s1b - _mm(tl.trans(e1), ab * oml[:, None], PREC)
+            s1n = yl * s1b - _mm(tl.trans(e1), ab * yll[:, None], PREC)
             tl.store(w0 + p0, w0n, mask=mfd)
             tl.store(s0 + p0, s0n, mask=mfd)
             tl.store(w1 + p1, w1n, mask=mdf)
             tl.store(s1 + p1, s1n, mask=mdf)
-        yn += tl.dot(_silu(tl.dot(kn, tl.trans(w0n), input_precision=PREC)), tl.trans(w1n), input_precision=PREC)
+        yn += _mm(_silu(_mm(kn, tl.trans(w0n), PREC)), tl.trans(w1n), PREC)
     if OUT:
         if work:
-            ob = oacc - tl.dot(pacc * omr, e1, input_precision=PREC)
+            ob = oacc - _mm(pacc * omr, e1, PREC)
             tl.atomic_add(o + row[:, None] * D + rd[None, :], ob, mask=mtd, sem="relaxed")
     if i_t + 1 < C1:
         tl.atomic_add(ybuf + (((i_t + 1) % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile, yn, sem="relaxed")
@@ -458,9 +469,9 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
     g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, tb, NT, C)
     hb = i_bh.to(tl.int64) * ns + (tb - C0)
     e1 = et[:, None] * tl.load(hr1 + hb * C * BD + tile)
-    qk_raw = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    qk_raw = _mm(qb, tl.trans(kb), PREC)
     qk = qk_raw * omr
-    dpm = -tl.dot(dob, tl.trans(e1), input_precision=PREC) * omr            # dP ⊙ Ω, [C, C]
+    dpm = -_mm(dob, tl.trans(e1), PREC) * omr            # dP ⊙ Ω, [C, C]
     dku = tl.zeros([C, BD], dtype=tl.float32)
     de1 = tl.zeros([C, BD], dtype=tl.float32)
     dqb = tl.zeros([C, BD], dtype=tl.float32)
@@ -484,64 +495,63 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
         if pa:  # the terms through Yk = A W1ᵀ of chunk u: the gradient after chunk i_t
             w0u = tl.load(hw0 + hu * F * D + p0, mask=mfd, other=0.)
             w1u = tl.load(hw1 + hu * F * D + p1, mask=mdf, other=0.)
-            zu = tl.dot(ku, tl.trans(w0u), input_precision=PREC)
+            zu = _mm(ku, tl.trans(w0u), PREC)
             dzu = tl.load(scr + sp, mask=mf[None, :], other=0.)
-            dzu += tl.dot(dyk, w1u, input_precision=PREC) * _silu_grad(zu)
-            dku += tl.dot(dzu, w0u, input_precision=PREC)
-            gw0 += tl.dot(tl.trans(dzu), ku, input_precision=PREC)
-            gw1 += tl.dot(tl.trans(dyk), _silu(zu), input_precision=PREC)
+            dzu += _mm(dyk, w1u, PREC) * _silu_grad(zu)
+            dku += _mm(dzu, w0u, PREC)
+            gw0 += _mm(tl.trans(dzu), ku, PREC)
+            gw1 += _mm(tl.trans(dyk), _silu(zu), PREC)
         if pb:
             tl.debug_barrier()  # this program read scr and the gradient above; it overwrites them below
             w0b = tl.load(hw0 + hb * F * D + p0, mask=mfd, other=0.)
             s0b = tl.load(hs0 + hb * F * D + p0, mask=mfd, other=0.)
             w1b = tl.load(hw1 + hb * F * D + p1, mask=mdf, other=0.)
             s1b = tl.load(hs1 + hb * F * D + p1, mask=mdf, other=0.)
-            zb = tl.dot(kb, tl.trans(w0b), input_precision=PREC)
+            zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
             sg = _silu_grad(zb)
-            ub = tl.dot(e1, w1b, input_precision=PREC)                                # E1 W1, [C, BF]
+            ub = _mm(e1, w1b, PREC)                                # E1 W1, [C, BF]
             e0 = ub * sg
-            qw0 = tl.dot(qb, tl.trans(w0b), input_precision=PREC)
-            qs0 = tl.dot(qb, tl.trans(s0b), input_precision=PREC)
-            zq = g0[:, None] * qw0 + z0[:, None] * qs0 - tl.dot(qk, e0, input_precision=PREC)
+            qw0 = _mm(qb, tl.trans(w0b), PREC)
+            qs0 = _mm(qb, tl.trans(s0b), PREC)
+            zq = g0[:, None] * qw0 + z0[:, None] * qs0 - _mm(qk, e0, PREC)
             aq = _silu(zq)
-            pr += tl.dot(aq, tl.trans(ab), input_precision=PREC)
-            dow1 = tl.dot(dob, w1b, input_precision=PREC)
-            dos1 = tl.dot(dob, s1b, input_precision=PREC)
+            pr += _mm(aq, tl.trans(ab), PREC)
+            dow1 = _mm(dob, w1b, PREC)
+            dos1 = _mm(dob, s1b, PREC)
             d_g0 += tl.sum(dow1 * aq, axis=1)
             d_z0 += tl.sum(dos1 * aq, axis=1)
-            daq = g0[:, None] * dow1 + z0[:, None] * dos1 + tl.dot(dpm, ab, input_precision=PREC)
+            daq = g0[:, None] * dow1 + z0[:, None] * dos1 + _mm(dpm, ab, PREC)
             dzq = daq * _silu_grad(zq)
             d_g0 += tl.sum(dzq * qw0, axis=1)
             d_z0 += tl.sum(dzq * qs0, axis=1)
-            dqb += tl.dot(g0[:, None] * dzq, w0b, input_precision=PREC) + tl.dot(z0[:, None] * dzq, s0b,
-                                                                                input_precision=PREC)
-            dqk -= tl.dot(dzq, tl.trans(e0), input_precision=PREC)
-            e0gw = tl.dot(e0, gw0, input_precision=PREC)                            # E0 dW0', [C, D]
-            e0gs = tl.dot(e0, gs0, input_precision=PREC)
-            e1gw = tl.dot(e1, gw1, input_precision=PREC)                            # E1 dW1', [C, BF]
-            e1gs = tl.dot(e1, gs1, input_precision=PREC)
+            dqb += _mm(g0[:, None] * dzq, w0b, PREC) + _mm(z0[:, None] * dzq, s0b, PREC)
+            dqk -= _mm(dzq, tl.trans(e0), PREC)
+            e0gw = _mm(e0, gw0, PREC)                            # E0 dW0', [C, D]
+            e0gs = _mm(e0, gs0, PREC)
+            e1gw = _mm(e1, gw1, PREC)                            # E1 dW1', [C, BF]
+            e1gs = _mm(e1, gs1, PREC)
             dkb -= oml[:, None] * e0gw + yll[:, None] * e0gs
             d_oml -= tl.sum(kb * e0gw, axis=1) + tl.sum(ab * e1gw, axis=1)
             d_yll -= tl.sum(kb * e0gs, axis=1) + tl.sum(ab * e1gs, axis=1)
             d_gl += tl.sum(tl.sum(gw0 * w0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * w1b, axis=1), axis=0)
             d_zl += tl.sum(tl.sum(gw0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gw1 * s1b, axis=1), axis=0)
             d_yl += tl.sum(tl.sum(gs0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gs1 * s1b, axis=1), axis=0)
-            de0 = (-tl.dot(kb * oml[:, None], tl.trans(gw0), input_precision=PREC)
-                   - tl.dot(kb * yll[:, None], tl.trans(gs0), input_precision=PREC)
-                   - tl.dot(tl.trans(qk), dzq, input_precision=PREC))                # [C, BF]
+            de0 = (-_mm(kb * oml[:, None], tl.trans(gw0), PREC)
+                   - _mm(kb * yll[:, None], tl.trans(gs0), PREC)
+                   - _mm(tl.trans(qk), dzq, PREC))                # [C, BF]
             dub = de0 * sg
-            de1 += (tl.dot(dub, tl.trans(w1b), input_precision=PREC)
-                    - tl.dot(ab * oml[:, None], tl.trans(gw1), input_precision=PREC)
-                    - tl.dot(ab * yll[:, None], tl.trans(gs1), input_precision=PREC))
-            da = tl.dot(tl.trans(dpm), aq, input_precision=PREC) - oml[:, None] * e1gw - yll[:, None] * e1gs
+            de1 += (_mm(dub, tl.trans(w1b), PREC)
+                    - _mm(ab * oml[:, None], tl.trans(gw1), PREC)
+                    - _mm(ab * yll[:, None], tl.trans(gs1), PREC))
+            da = _mm(tl.trans(dpm), aq, PREC) - oml[:, None] * e1gw - yll[:, None] * e1gs
             tl.store(scr + sp, de0 * ub * _silu_grad2(zb) + da * sg, mask=mf[None, :])
             # the state before the chunk, but for the terms through Yk (the next launch adds them)
-            gw0n = gl * gw0 + tl.dot(tl.trans(g0[:, None] * dzq), qb, input_precision=PREC)
-            gs0 = zl * gw0 + yl * gs0 + tl.dot(tl.trans(z0[:, None] * dzq), qb, input_precision=PREC)
-            gw1n = (gl * gw1 + tl.dot(tl.trans(g0[:, None] * dob), aq, input_precision=PREC)
-                    + tl.dot(tl.trans(e1), dub, input_precision=PREC))
-            gs1 = zl * gw1 + yl * gs1 + tl.dot(tl.trans(z0[:, None] * dob), aq, input_precision=PREC)
+            gw0n = gl * gw0 + _mm(tl.trans(g0[:, None] * dzq), qb, PREC)
+            gs0 = zl * gw0 + yl * gs0 + _mm(tl.trans(z0[:, None] * dzq), qb, PREC)
+            gw1n = (gl * gw1 + _mm(tl.trans(g0[:, None] * dob), aq, PREC)
+                    + _mm(tl.trans(e1), dub, PREC))
+            gs1 = zl * gw1 + yl * gs1 + _mm(tl.trans(z0[:, None] * dob), aq, PREC)
             gw0 = gw0n
             gw1 = gw1n
             tl.store(ds0 + st + p0, gs0, mask=mfd)
@@ -551,11 +561,11 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
     if pa:
         tl.atomic_add(dk + row_u[:, None] * D + rd[None, :], dku, mask=mtd_u, sem="relaxed")
     if pb:
-        de1 -= tl.dot(tl.trans(pr * omr), dob, input_precision=PREC)
-        d_om = tl.where(causal, -tl.dot(dob, tl.trans(e1), input_precision=PREC) * pr + dqk * qk_raw, 0.)
+        de1 -= _mm(tl.trans(pr * omr), dob, PREC)
+        d_om = tl.where(causal, -_mm(dob, tl.trans(e1), PREC) * pr + dqk * qk_raw, 0.)
         dqkm = dqk * omr
-        dqb += tl.dot(dqkm, kb, input_precision=PREC)
-        dkb += tl.dot(tl.trans(dqkm), qb, input_precision=PREC)
+        dqb += _mm(dqkm, kb, PREC)
+        dkb += _mm(tl.trans(dqkm), qb, PREC)
         tl.atomic_add(ebuf + ((tb % 3) * nbh + i_bh).to(tl.int64) * C * BD + tile, de1, sem="relaxed")
         tl.atomic_add(dq + row[:, None] * D + rd[None, :], dqb, mask=mtd, sem="relaxed")
         tl.atomic_add(dk + row[:, None] * D + rd[None, :], dkb, mask=mtd, sem="relaxed")

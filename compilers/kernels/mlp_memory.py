@@ -35,6 +35,8 @@ and on the H200 in float32 and bfloat16 up to a ``[C, D]`` tile of ``MAX_CUDA_TI
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +104,27 @@ def default_split(device: torch.device) -> int:
     return 1 if device.type != "cuda" or SPLIT_ON_CUDA else 0
 
 
+#: The products of 16-bit runs (``NLGRAPH_MLP_PRODUCTS``, read once a process): the float32 state
+#: and the widened inputs through TF32 (``tf32``, the default), or both operands rounded to the
+#: inputs' 16-bit dtype (``input``: half the tensor-core instructions, and on sm_90 the forward step
+#: spills 216 bytes a thread against TF32's 520; a bf16 matmul's rounding of the state, as
+#: PyTorch's path under autocast). float32 runs keep exact products either way.
+MLP_PRODUCTS = (os.environ.get("NLGRAPH_MLP_PRODUCTS") or "tf32").strip().lower()
+_PRODUCT_CHOICES = ("tf32", "input")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s precision (or the 16-bit dtype the operands are rounded to) for inputs of ``dtype``."""
+    if MLP_PRODUCTS not in _PRODUCT_CHOICES:
+        raise NLGraphError(f"NLGRAPH_MLP_PRODUCTS={MLP_PRODUCTS!r}: give one of {', '.join(_PRODUCT_CHOICES)} "
+                           "(tf32, the default), or unset it", path="NLGRAPH_MLP_PRODUCTS")
+    if dtype == torch.float32:
+        return "ieee"
+    if MLP_PRODUCTS == "tf32":
+        return "tf32"
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
 def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> dict:
     b, t, h, d = q.shape
     return dict(T=t, NT=-(-t // chunk), H=h, D=d, F=f, C=chunk, BD=_pow2(d), BF=block_f, num_warps=warps,
@@ -109,7 +132,7 @@ def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> di
                 # at D 128, three TF32 products made the split layout's forward step spill 3,968 bytes
                 # a thread (ieee: 624) and the one-program backward 13,592 (2,432); untimed on a GPU
                 # (benchmarks/kernel_resources.py --dtype float32, docs/benchmarks.md)
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                PREC=_precision(q.dtype))
 
 
 #: The largest ``[C, D]`` tile (chunk × head dim, D rounded up to a power of two) the kernels run on

@@ -173,6 +173,42 @@ def test_bfloat16_inputs_stay_within_bf16_error(split):
 
 
 @SPLITS
+def test_16_bit_products_stay_within_half_precision_error(split, monkeypatch):
+    """With ``NLGRAPH_MLP_PRODUCTS=input`` a 16-bit run rounds both operands of every product to the
+    inputs' dtype (float16 here: the interpreter's bfloat16 is not the GPU's): outputs, state and
+    every gradient stay within half precision's error of the float64 loop, and differ from the
+    TF32 products' (the switch is live)."""
+    from nlgraph.compilers.kernels import mlp_memory as op
+
+    qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=4)
+    leaves = [x.clone().requires_grad_() for x in (*qkv, *gates, *state)]
+    o_ref, s_ref = token_loop(*leaves[:6], tuple(leaves[6:]), 16)
+    want = torch.autograd.grad(o_ref.square().sum() + sum(x.sum() for x in s_ref), leaves)
+    outs = {}
+    for products in ("tf32", "input"):
+        monkeypatch.setattr(op, "MLP_PRODUCTS", products)
+        mine = [x.detach().to(DEVICE, torch.float16 if i < 3 else torch.float32).requires_grad_()
+                for i, x in enumerate(leaves)]
+        o, s = chunk_mlp_memory(*mine[:6], tuple(mine[6:]), split=split, block_f=16)
+        got = torch.autograd.grad(o.float().square().sum() + sum(x.sum() for x in s), mine)
+        assert _rel(o, o_ref) < 1e-2, products
+        for g, w in zip((*s, *got), (*s_ref, *want)):
+            assert _rel(g, w) < 1e-2, products
+        outs[products] = o
+    assert not torch.equal(outs["tf32"], outs["input"])
+
+
+def test_a_bad_products_setting_is_one_clear_error(monkeypatch):
+    from nlgraph.compilers.kernels import mlp_memory as op
+
+    monkeypatch.setattr(op, "MLP_PRODUCTS", "int8")
+    qkv, gates, state = _inputs(1, 16, 1, 16, 32, seed=1)
+    with pytest.raises(NLGraphError, match="tf32, input") as err:
+        _run(qkv, gates, state, torch.float16, split=1, block_f=16)
+    assert err.value.path == "NLGRAPH_MLP_PRODUCTS"
+
+
+@SPLITS
 def test_streaming_equals_one_call(split):
     """The state after a sequence of whole chunks continues it exactly."""
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=5)
