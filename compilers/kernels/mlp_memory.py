@@ -104,23 +104,32 @@ def default_split(device: torch.device) -> int:
     return 1 if device.type != "cuda" or SPLIT_ON_CUDA else 0
 
 
-#: The products of 16-bit runs (``NLGRAPH_MLP_PRODUCTS``, read once a process): the float32 state
-#: and the widened inputs through TF32 (``tf32``, the default), or both operands rounded to the
-#: inputs' 16-bit dtype (``input``: half the tensor-core instructions, and on sm_90 the forward step
-#: spills 216 bytes a thread against TF32's 520; a bf16 matmul's rounding of the state, as
-#: PyTorch's path under autocast). float32 runs keep exact products either way.
-MLP_PRODUCTS = (os.environ.get("NLGRAPH_MLP_PRODUCTS") or "tf32").strip().lower()
-_PRODUCT_CHOICES = ("tf32", "input")
+#: The products of 16-bit runs (``NLGRAPH_MLP_PRODUCTS``, read once a process): both operands rounded
+#: to the inputs' 16-bit dtype (``input``, the default, at ``[C, D]`` tiles up to
+#: :data:`INPUT_PRODUCTS_MAX_TILE`), or the float32 state and widened inputs through TF32 (``tf32``).
+#: ``input`` has half the tensor-core instructions (compiled for sm_90 from CPU, the forward step's
+#: 49 MMAs against TF32's 98; its spills did not shrink at bfloat16's float16 stand-in); on an H100 (2026-12-07) it passed the bfloat16 checks at tiles of 2048
+#: (worst 8.0e-3 against float64, limit 3e-2) and took the compiled Titans model from 297,860 to
+#: 338,034 tokens/s (B=8, T=2048; docs/benchmarks.md). It rounds the state as a bf16 matmul of
+#: PyTorch's path under autocast does. float32 runs keep exact products either way.
+MLP_PRODUCTS = (os.environ.get("NLGRAPH_MLP_PRODUCTS") or "input").strip().lower()
+_PRODUCT_CHOICES = ("input", "tf32")
+#: The largest ``[C, D]`` tile that takes ``input`` products: at 4096 with chunks of 64 (D = 64) the
+#: H100's bfloat16 check raised an illegal memory access with them (TF32 passed in the same call;
+#: D = 128 at chunk 32 passed with both), so larger tiles keep TF32.
+INPUT_PRODUCTS_MAX_TILE = 2048
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s precision (or the 16-bit dtype the operands are rounded to) for inputs of ``dtype``."""
+def _precision(dtype: torch.dtype, tile_elems: int, cuda: bool = True) -> str:
+    """``tl.dot``'s precision (or the 16-bit dtype the operands are rounded to) for inputs of ``dtype``
+    at a ``[C, D]`` tile of ``tile_elems``; off CUDA (Triton's interpreter, whose bfloat16 products
+    are wrong) bfloat16 keeps TF32."""
     if MLP_PRODUCTS not in _PRODUCT_CHOICES:
         raise NLGraphError(f"NLGRAPH_MLP_PRODUCTS={MLP_PRODUCTS!r}: give one of {', '.join(_PRODUCT_CHOICES)} "
-                           "(tf32, the default), or unset it", path="NLGRAPH_MLP_PRODUCTS")
+                           "(input, the default), or unset it", path="NLGRAPH_MLP_PRODUCTS")
     if dtype == torch.float32:
         return "ieee"
-    if MLP_PRODUCTS == "tf32":
+    if MLP_PRODUCTS == "tf32" or tile_elems > INPUT_PRODUCTS_MAX_TILE or (dtype == torch.bfloat16 and not cuda):
         return "tf32"
     return "bf16" if dtype == torch.bfloat16 else "fp16"
 
@@ -132,7 +141,7 @@ def _launch(q: torch.Tensor, f: int, chunk: int, block_f: int, warps: int) -> di
                 # at D 128, three TF32 products made the split layout's forward step spill 3,968 bytes
                 # a thread (ieee: 624) and the one-program backward 13,592 (2,432); untimed on a GPU
                 # (benchmarks/kernel_resources.py --dtype float32, docs/benchmarks.md)
-                PREC=_precision(q.dtype))
+                PREC=_precision(q.dtype, tile(chunk, d), q.is_cuda))
 
 
 #: The largest ``[C, D]`` tile (chunk × head dim, D rounded up to a power of two) the kernels run on

@@ -174,10 +174,10 @@ def test_bfloat16_inputs_stay_within_bf16_error(split):
 
 @SPLITS
 def test_16_bit_products_stay_within_half_precision_error(split, monkeypatch):
-    """With ``NLGRAPH_MLP_PRODUCTS=input`` a 16-bit run rounds both operands of every product to the
-    inputs' dtype (float16 here: the interpreter's bfloat16 is not the GPU's): outputs, state and
-    every gradient stay within half precision's error of the float64 loop, and differ from the
-    TF32 products' (the switch is live)."""
+    """With ``NLGRAPH_MLP_PRODUCTS=input`` (the default) a 16-bit run rounds both operands of every
+    product to the inputs' dtype (float16 here: the interpreter's bfloat16 is not the GPU's):
+    outputs, state and every gradient stay within half precision's error of the float64 loop, and
+    differ from the TF32 products' (the switch is live); tiles above 2048 keep TF32."""
     from nlgraph.compilers.kernels import mlp_memory as op
 
     qkv, gates, state = _inputs(1, 48, 2, 16, 32, seed=4)
@@ -196,6 +196,9 @@ def test_16_bit_products_stay_within_half_precision_error(split, monkeypatch):
             assert _rel(g, w) < 1e-2, products
         outs[products] = o
     assert not torch.equal(outs["tf32"], outs["input"])
+    assert op._precision(torch.bfloat16, 2048) == "bf16" and op._precision(torch.float16, 1024) == "fp16"
+    assert op._precision(torch.bfloat16, 4096) == "tf32" and op._precision(torch.float32, 1024) == "ieee"
+    assert op._precision(torch.bfloat16, 1024, cuda=False) == "tf32"  # the interpreter's bfloat16 products are wrong
 
 
 def test_a_bad_products_setting_is_one_clear_error(monkeypatch):
@@ -203,7 +206,7 @@ def test_a_bad_products_setting_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(op, "MLP_PRODUCTS", "int8")
     qkv, gates, state = _inputs(1, 16, 1, 16, 32, seed=1)
-    with pytest.raises(NLGraphError, match="tf32, input") as err:
+    with pytest.raises(NLGraphError, match="input, tf32") as err:
         _run(qkv, gates, state, torch.float16, split=1, block_f=16)
     assert err.value.path == "NLGRAPH_MLP_PRODUCTS"
 
