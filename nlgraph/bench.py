@@ -18,7 +18,10 @@ CUDA) eagerly and compiled, next to the anchors in the same process: SDPA (Flash
 and, when fla is installed, the fla kernel computing the same function (``chunk_delta_rule``,
 ``chunk_gated_delta_rule``, ``chunk_simple_gla``) with the relative error of the outputs against it,
 else fla's ``chunk_delta_rule`` as the yardstick. Each row gives ms, tokens/s, the ratio to that
-anchor, peak memory and the first call's seconds (compile, autotuning).
+anchor, peak memory and the first call's seconds (compile, autotuning). ``--layer KEY`` times the
+entry's whole layer (:func:`bench_layer`). Both take every ``--lengths`` in turn (with ``--tokens``
+at a fixed B·T), a table each; the JSON then holds every run (``runs``) and their rows with ``T``
+and ``B``.
 
 A GPU tool: without CUDA it says so and exits 0, unless ``--device cpu`` asks for a CPU run (a
 smoke test of the command, not a speed claim).
@@ -637,6 +640,17 @@ def cmd_bench(args) -> int:
         torch.set_float32_matmul_precision(before)
 
 
+def _sweep(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's or layer's results at several lengths as one result: the first run's ``meta``
+    with every run's ``shapes``, every row with its ``T`` and ``B``, and the runs themselves; a
+    single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    meta = dict(runs[0]["meta"], shapes=[r["meta"]["shape"] for r in runs])
+    rows = [dict(row, B=r["meta"]["shape"][0], T=r["meta"]["shape"][1]) for r in runs for row in r["rows"]]
+    return {"meta": meta, "rows": rows, "runs": runs}
+
+
 def _cmd_bench(args) -> int:
     from .io import atomic_write
 
@@ -647,16 +661,25 @@ def _cmd_bench(args) -> int:
         where = "--level" if args.level else "--layer"
         raise NLGraphError(f"--recompute-blocks recomputes a model's blocks; {where} times one part of one: "
                            "drop one of them", path=where)
-    if args.layer:
-        res = bench_layer(args.spec, list(args.overrides), args.layer, batch=args.batch or 8,
-                          length=args.lengths[0] if args.lengths else 2048,
-                          modes=tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",),
-                          device=args.device, fla=args.anchor != "none", log=log)
-    elif args.level:
-        res = bench_level(args.spec, list(args.overrides), args.level, batch=args.batch or 4,
-                          length=args.lengths[0] if args.lengths else 4096, heads=args.heads, dim=args.dim,
-                          dtype=args.dtype, modes=tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",),
-                          device=args.device, fla=args.anchor != "none", log=log)
+    if args.layer or args.level:
+        # one level or layer at each length: B = tokens // T with --tokens (B·T fixed), else --batch
+        lengths = args.lengths or [2048 if args.layer else 4096]
+        default_batch = 8 if args.layer else 4
+        runs = []
+        for length in lengths:
+            b = max(1, args.tokens // length) if args.tokens else (args.batch or default_batch)
+            modes = tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",)
+            if args.layer:
+                one = bench_layer(args.spec, list(args.overrides), args.layer, batch=b, length=length, modes=modes,
+                                  device=args.device, fla=args.anchor != "none", log=log)
+            else:
+                one = bench_level(args.spec, list(args.overrides), args.level, batch=b, length=length,
+                                  heads=args.heads, dim=args.dim, dtype=args.dtype, modes=modes, device=args.device,
+                                  fla=args.anchor != "none", log=log)
+            if one is None:
+                break
+            runs.append(one)
+        res = _sweep(runs) if runs else None
     else:
         res = bench(args.spec, list(args.overrides), lengths=args.lengths or [2048], batch=args.batch or 8,
                     tokens=args.tokens, modes=args.modes, steps=args.steps, device=args.device,
@@ -671,20 +694,22 @@ def _cmd_bench(args) -> int:
     # the process's NLGRAPH_* switches (docs/cli.md): which solve, tile or backward a figure ran on
     m["settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NLGRAPH_")}
     settings = "".join(f", {k}={v}" for k, v in m["settings"].items())
-    if args.layer:
-        print(f"{m['device']}, torch {m['torch']}, layer {m['layer']} ({m['params']:,} parameters, forms "
-              f"{m['forms']}), B={m['shape'][0]} T={m['shape'][1]} d_model={m['shape'][2]}, bf16 autocast on CUDA; "
-              f"anchor {m['anchor'] or 'none'} (not the same function){settings}")
-        print(level_table(res))
-    elif args.level:
-        print(f"{m['device']}, torch {m['torch']}, level {m['level']} in form {m['form']}, "
-              f"B={m['shape'][0]} T={m['shape'][1]} H={m['shape'][2]} D={m['shape'][3]} {m['dtype']}; anchor "
-              f"{m['anchor'] or 'none'}{' (same function)' if m['same_function'] else ''}{settings}")
-        print(level_table(res))
-    else:
-        print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first"
-              f"{settings}")
-        print(table(res))
+    for run in res.get("runs", [res]):
+        r = run["meta"]
+        if args.layer:
+            print(f"{r['device']}, torch {r['torch']}, layer {r['layer']} ({r['params']:,} parameters, forms "
+                  f"{r['forms']}), B={r['shape'][0]} T={r['shape'][1]} d_model={r['shape'][2]}, bf16 autocast on "
+                  f"CUDA; anchor {r['anchor'] or 'none'} (not the same function){settings}")
+            print(level_table(run))
+        elif args.level:
+            print(f"{r['device']}, torch {r['torch']}, level {r['level']} in form {r['form']}, "
+                  f"B={r['shape'][0]} T={r['shape'][1]} H={r['shape'][2]} D={r['shape'][3]} {r['dtype']}; anchor "
+                  f"{r['anchor'] or 'none'}{' (same function)' if r['same_function'] else ''}{settings}")
+            print(level_table(run))
+        else:
+            print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first"
+                  f"{settings}")
+            print(table(res))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -701,7 +726,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     _add_spec_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=None,
-                   help="sequence lengths (default 2048; with --level the first, default 4096)")
+                   help="sequence lengths, each timed in turn (default 2048; with --level 4096); with --tokens "
+                        "the batch at each is tokens // T")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; with --level 4)")
     p.add_argument("--level", default=None, metavar="KEY",
                    help="time this level of the spec alone against fla and SDPA (the anchors' shape by default)")

@@ -202,6 +202,24 @@ def test_bench_level_anchor_none_leaves_fla_out(capsys):
     assert "fla --anchor none: its rows are left out" in err and '"name": "fla' not in err
 
 
+def test_level_and_layer_benches_sweep_the_lengths_at_fixed_tokens(tmp_path, capsys):
+    """``--lengths`` with ``--level`` / ``--layer`` times each length in turn, ``--tokens`` holding
+    B·T fixed: a table each, and the JSON holds every run and its rows with their T and B."""
+    for part in ("--level", "--layer"):
+        out = tmp_path / f"{part[2:]}.json"
+        assert main(["bench", "deltanet", *TINY, part, "mixer", "--device", "cpu", "--lengths", "16", "32",
+                     "--tokens", "64", "--heads", "2", "--dim", "8", "--steps", "1", "--modes", "eager",
+                     "--anchor", "none", "--json", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "B=4 T=16" in printed and "B=2 T=32" in printed, printed
+        res = json.loads(out.read_text())
+        assert [r["meta"]["shape"][:2] for r in res["runs"]] == [[4, 16], [2, 32]]
+        assert [s[:2] for s in res["meta"]["shapes"]] == [[4, 16], [2, 32]]
+        mine = [r for r in res["rows"] if not r.get("anchor")]
+        assert {(r["B"], r["T"]) for r in mine} == {(4, 16), (2, 32)}
+        assert all(r["fwd_ms"] > 0 for r in mine)
+
+
 def test_layer_bench_times_the_whole_layer(tmp_path, capsys, monkeypatch):
     """``--layer KEY`` times the entry's whole layer (forward, forward + backward); where fla's layer
     of that kind cannot be built (no fla here) its row is left out with a note."""
