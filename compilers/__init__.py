@@ -39,6 +39,11 @@ class Form:
             (a model's plan) on tensors it does not support, e.g. a model planned for CUDA given
             CPU tensors, or kernels switched off after it was built (``None``: such a call is an
             error). It must compute the same function.
+        compiles: whether ``torch.compile`` traces the form. A form measured slower under inductor
+            than eager registers ``False``: its ``run`` is then wrapped in
+            ``torch.compiler.disable``, so a compiled block runs the level eagerly between the
+            compiled graphs around it (the plan shows it, and :meth:`NLModel.compile_blocks`
+            compiles such a block without ``fullgraph``): compiling never makes that level slower.
     """
 
     family: str
@@ -48,6 +53,7 @@ class Form:
     run: Callable[..., Any]
     options: frozenset[str] = frozenset()
     fallback: str | None = None
+    compiles: bool = True
 
 
 _REGISTRY: dict[str, dict[str, Form]] = {}
@@ -55,10 +61,11 @@ _REGISTRY: dict[str, dict[str, Form]] = {}
 
 def register_form(
     family: str, name: str, *, priority: int = 0, supports: Callable[..., str | None] | None = None,
-    fallback: str | None = None,
+    fallback: str | None = None, compiles: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as form ``name`` of ``family``. Registering the same
     (family, name) twice is an error, so two backends cannot silently shadow each other.
+    ``compiles=False``: ``torch.compile`` runs the form eagerly (:attr:`Form.compiles`).
 
     ``supports`` is ``(level, device, dtype, head_dim=None) -> str | None``, or ``(level, device,
     dtype)`` for a form that takes every head width, or ``(level, device)`` for one that also takes
@@ -69,8 +76,13 @@ def register_form(
         if name in table:
             raise ValueError(f"form '{name}' of family '{family}' is already registered")
         params = inspect.signature(fn).parameters
-        table[name] = Form(family, name, priority, _adapt_supports(supports), fn, frozenset(list(params)[1:]),
-                           fallback)
+        run = fn
+        if not compiles:
+            import torch
+
+            run = torch.compiler.disable(fn)
+        table[name] = Form(family, name, priority, _adapt_supports(supports), run, frozenset(list(params)[1:]),
+                           fallback, compiles)
         return fn
 
     return deco

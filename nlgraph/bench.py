@@ -378,8 +378,13 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
     peer = _titans_pytorch(level, h, d, dev, dt, amp, log) if use_fla else None
     if peer is not None:
         impls.append(peer)
+    from .compilers import forms as registered
+    from .runtime import _family
+
+    # a form registered not to compile (measured slower under inductor) runs eagerly inside the graph
+    whole = next((f.compiles for f in registered(_family(level)) if f.name == form), True)
     for mode in modes:
-        fn = torch.compile(ours, **compile_options(dev)) if mode == "compile" else ours
+        fn = torch.compile(ours, **compile_options(dev, fullgraph=whole)) if mode == "compile" else ours
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
 
     ref_name = f"fla {anchor}" if anchor else None
@@ -584,8 +589,9 @@ def layer_impls(spec: Any, overrides: list[str], key: str, *, batch: int = 8, le
     except Exception as e:  # noqa: BLE001 - any import or construction failure drops the fla row
         why = str(e) if isinstance(e, LookupError) else f"not available ({type(e).__name__}: {e})"
         log(json.dumps({"note": f"fla {why}: its row is left out"}))
+    whole = all(lv.compiles for lv in model.plan.levels)  # as NLModel.compile_blocks decides
     for mode in modes:
-        fn = torch.compile(ours, **compile_options(dev)) if mode == "compile" else ours
+        fn = torch.compile(ours, **compile_options(dev, fullgraph=whole)) if mode == "compile" else ours
         impls.append((f"nlgraph {key} layer ({mode})", fn, False))
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "layer": key, "forms": model.plan.executions(), "shape": [b, t, width], "anchor": anchor,

@@ -54,6 +54,9 @@ class LevelPlan:
             ``linear_attention`` or ``delta_rule``), the registry form it is built with, a name
             :func:`~nlgraph.runtime.run_level` accepts (``"triton"``, ``"chunked"``, ``"reference"``); ``None``
             for attention, static and in-context MLPs, groups and parts of levels.
+        compiles: whether ``torch.compile`` traces the execution form (:attr:`nlgraph.compilers.Form.compiles`):
+            ``False`` for a form measured slower compiled than eager, which a compiled block runs
+            eagerly (its label says so).
     """
 
     node: str
@@ -63,6 +66,7 @@ class LevelPlan:
     shapes: str
     level: str = ""
     execution: str | None = None
+    compiles: bool = True
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,14 @@ def _declined(node: dict, execution: str, device: str, dtype: torch.dtype | None
         if why is not None:
             out.append((form.name, why))
     return out
+
+
+def _compiles(node: dict, execution: str) -> bool:
+    """Whether ``torch.compile`` traces the node's execution form (its registration's ``compiles``)."""
+    from .compilers import forms
+    from .runtime import _family
+
+    return next((f.compiles for f in forms(_family(node["spec"])) if f.name == execution), True)
 
 
 def _choose_execution(node: dict, key: str, device: str, dtype: torch.dtype | None, want: str) -> str:
@@ -261,7 +273,9 @@ def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = N
                 if key not in forms:
                     declined += [(key, *d) for d in _declined(node, chosen[key], target, dtype)]
             execution = chosen[key]
-        levels.append(LevelPlan(nid, family, _form_of(node, execution, target), freq, shapes, key, execution))
+        compiles = execution is None or _compiles(node, execution)
+        label = _form_of(node, execution, target) + ("" if compiles else ", eager in a compiled block")
+        levels.append(LevelPlan(nid, family, label, freq, shapes, key, execution, compiles))
     unknown = [k for k in forms if k not in chosen]
     if unknown:
         known = ", ".join(sorted(chosen)) or "none"

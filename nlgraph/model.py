@@ -585,8 +585,19 @@ class NLModel(nn.Module):
         opts = compile_options(param.device if param is not None else None, **options)
         # a block with a level reading its own output (`from: self`) stays eager: it calls its
         # level once per token or chunk, continuing the level's state, which reads the position
-        # (a graph of data-dependent sizes), and the unrolled loop would grow with the length
-        self._compiled = [b if _reads_self(b) else torch.compile(b, **opts) for b in self.blocks]
+        # (a graph of data-dependent sizes), and the unrolled loop would grow with the length.
+        # A block holding a level whose form the plan runs eagerly (a form measured slower
+        # compiled, `compiles=False`) is compiled around it: without fullgraph, the level between graphs
+        eager = {lv.level for lv in self.plan.levels if not lv.compiles}
+        split = dict(opts, fullgraph=False)
+
+        def compiled(b: nn.Module) -> nn.Module:
+            if _reads_self(b):
+                return b
+            runs_eager = any(getattr(m, "plan_key", None) in eager for m in b.modules())
+            return torch.compile(b, **(split if runs_eager else opts))
+
+        self._compiled = [compiled(b) for b in self.blocks]
         return self
 
     def recompute(self, on: bool = True) -> NLModel:

@@ -223,6 +223,39 @@ def test_a_registered_backend_form_plugs_in_by_registering_alone():
         registry._REGISTRY["memory"].pop("test_backend")
 
 
+def test_a_form_registered_not_to_compile_runs_eagerly_inside_compiled_blocks():
+    """Issue 10: a form measured slower under inductor registers ``compiles=False``. The plan says
+    so (``LevelPlan.compiles``, the label), and a compiled block runs that level eagerly between its
+    graphs (``torch.compile`` without fullgraph for that block alone): the form's every call in the
+    compiled model is outside Dynamo's trace, and the logits equal eager's."""
+    over = ["vars.d_model=32", "vars.layers=1", "vars.heads=2", "model.vocab=64"]
+    calls = []
+
+    (chunked,) = [f for f in registry.forms("memory") if f.name == "chunked"]
+
+    @registry.register_form("memory", "test_eager", priority=-100, compiles=False)
+    def run_test_eager(run, chunk_size=64):
+        calls.append(torch.compiler.is_compiling())
+        return chunked.run(run, chunk_size=chunk_size)
+
+    try:
+        p = plan("deltanet", over, forms={"mixer": "test_eager"})
+        (mixer,) = [lv for lv in p.levels if lv.execution is not None]
+        assert not mixer.compiles and mixer.form == "test_eager, eager in a compiled block"
+        assert all(lv.compiles for lv in plan("deltanet", over).levels)
+        torch.manual_seed(0)
+        model = build(p)
+        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        want = model(tokens)
+        calls.clear()
+        model.compile_blocks(backend="eager")
+        torch.testing.assert_close(model(tokens), want, rtol=0, atol=0)
+        assert calls == [False], calls  # run, and run outside the trace
+    finally:
+        registry._REGISTRY["memory"].pop("test_eager")
+        torch._dynamo.reset()
+
+
 def test_declined_says_which_faster_form_a_level_does_not_get_and_why(capsys, monkeypatch):
     """``Plan.declined()`` lists the registered forms ranked above a level's form that refused it on
     the plan's target; ``nlgraph compile --device cuda`` prints them as notes."""
