@@ -44,6 +44,8 @@ class Form:
             ``torch.compiler.disable``, so a compiled block runs the level eagerly between the
             compiled graphs around it (the plan shows it, and :meth:`NLModel.compile_blocks`
             compiles such a block without ``fullgraph``): compiling never makes that level slower.
+        describe: ``describe(level, device) -> str | None``, a note the plan adds to the form's
+            label for a level on a device type (e.g. which part of it a kernel runs), or ``None``.
     """
 
     family: str
@@ -54,6 +56,7 @@ class Form:
     options: frozenset[str] = frozenset()
     fallback: str | None = None
     compiles: bool = True
+    describe: Callable[[Any, str], str | None] | None = None
 
 
 _REGISTRY: dict[str, dict[str, Form]] = {}
@@ -61,11 +64,12 @@ _REGISTRY: dict[str, dict[str, Form]] = {}
 
 def register_form(
     family: str, name: str, *, priority: int = 0, supports: Callable[..., str | None] | None = None,
-    fallback: str | None = None, compiles: bool = True,
+    fallback: str | None = None, compiles: bool = True, describe: Callable[[Any, str], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as form ``name`` of ``family``. Registering the same
     (family, name) twice is an error, so two backends cannot silently shadow each other.
-    ``compiles=False``: ``torch.compile`` runs the form eagerly (:attr:`Form.compiles`).
+    ``compiles=False``: ``torch.compile`` runs the form eagerly (:attr:`Form.compiles`); ``describe``:
+    a note on a level for the plan's label (:attr:`Form.describe`).
 
     ``supports`` is ``(level, device, dtype, head_dim=None) -> str | None``, or ``(level, device,
     dtype)`` for a form that takes every head width, or ``(level, device)`` for one that also takes
@@ -82,7 +86,7 @@ def register_form(
 
             run = torch.compiler.disable(fn)
         table[name] = Form(family, name, priority, _adapt_supports(supports), run, frozenset(list(params)[1:]),
-                           fallback, compiles)
+                           fallback, compiles, describe)
         return fn
 
     return deco

@@ -217,7 +217,14 @@ def _entry_form(node: dict, execution: str | None, device: str) -> str:
     if kind in ("adaptive", "optimizer"):
         return "with its level"
     assert execution is not None, f"runtime node {node} has no execution form"
-    return f"{execution} (interpreted)" if execution == "triton" and device == "cpu" else execution
+    from .compilers import forms
+    from .runtime import _family
+
+    notes = ["interpreted"] if execution == "triton" and device == "cpu" else []
+    form = next((f for f in forms(_family(spec)) if f.name == execution), None)
+    note = form.describe(spec, device) if form is not None and form.describe is not None else None
+    notes += [note] if note else []
+    return f"{execution} ({'; '.join(notes)})" if notes else execution
 
 
 def plan(spec: Any, overrides: tuple[str, ...] | list[str] = (), device: Any = None,

@@ -256,6 +256,19 @@ def test_a_form_registered_not_to_compile_runs_eagerly_inside_compiled_blocks():
         torch._dynamo.reset()
 
 
+def test_the_plan_says_what_of_a_level_a_kernel_form_leaves_to_pytorch():
+    """A form's ``describe`` note joins its label: the ``triton`` form of a linear memory with
+    momentum runs only the state recurrence in a kernel, and HOPE's DGD chunks only their walk;
+    a delta rule or Titans' MLP memory is the kernel's whole (no note)."""
+    linear = ["levels.memory.memory={kind: linear, heads: 2}", "levels.memory.gradient_point=token"]
+    momentum = next(lv.form for lv in plan("titans", TITANS + linear, device="cuda").levels if lv.execution)
+    assert momentum == "triton (the state recurrence in a kernel; the chunks' products, solves and reads in PyTorch)"
+    hope = [lv.form for lv in plan("hope", tiny("hope"), device="cuda").levels if lv.execution == "triton"]
+    assert any(f.startswith("triton (each chunk's recurrences walked in a kernel") for f in hope), hope
+    assert [lv.form for lv in plan("titans", TITANS, device="cuda").levels if lv.execution] == ["triton"]
+    assert [lv.form for lv in plan("deltanet", tiny("deltanet"), device="cuda").levels if lv.execution] == ["triton"]
+
+
 def test_declined_says_which_faster_form_a_level_does_not_get_and_why(capsys, monkeypatch):
     """``Plan.declined()`` lists the registered forms ranked above a level's form that refused it on
     the plan's target; ``nlgraph compile --device cuda`` prints them as notes."""

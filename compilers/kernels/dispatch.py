@@ -61,7 +61,7 @@ from ._load import CHANNEL_MAX_KEY_CUDA
 from ._load import switch as _switch
 
 __all__ = ["DELTA_RULE_CHANNEL_ON_GPU", "LINEAR_ATTENTION_CHANNEL_ON_GPU", "LINEAR_ATTENTION_ON_GPU", "MLP_MEMORY_ON_GPU", "ONLINE_RECURRENCE_ON_GPU", "CHUNK_WALK_ON_GPU", "CHUNK_WALK_AUTO_CHUNK",
-           "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_label", "kernel_mode",
+           "online_recurrence_for", "why_no_online_recurrence", "MODES", "closed_form_fits", "delta_rule", "kernel_mode",
            "online_delta_rule", "online_linear_attention", "set_kernels", "why_no_kernel",
            "why_no_online_kernel", "why_no_online_linear_attention", "why_no_mlp_memory_kernel",
            "minibatch_mlp_memory"]
@@ -133,14 +133,6 @@ def why_no_kernel(device: torch.device | str) -> str | None:
     if dev == "cpu" and not mod.INTERPRETED:
         return "triton was imported without TRITON_INTERPRET=1, so it cannot interpret kernels on CPU"
     return None
-
-
-def kernel_label(device: torch.device | str | None) -> str:
-    """What a plan appends to a form that hands its work to the kernels on ``device``: ``" (triton)"``,
-    ``" (triton, interpreted)"`` or ``""``."""
-    if device is None or why_no_kernel(device) is not None:
-        return ""
-    return " (triton, interpreted)" if torch.device(device).type == "cpu" else " (triton)"
 
 
 #: The widest key the per-head delta-rule and linear-attention kernels take in float32. Compiled for

@@ -115,7 +115,23 @@ def delta_rule_triton(spec: Any, *, keys, values, queries, beta=None, decay=None
     return chunked_from_setup(queries, keys, values, beta, alpha, state, chunk_size)
 
 
-@register_form("memory", "triton", priority=PRIORITY, supports=why_not_memory, fallback="chunked")
+def describe_memory(spec: Any, device: str = "cpu") -> str | None:
+    """What of a memory level the ``triton`` form leaves to PyTorch (on any ``device`` it takes),
+    for the plan's label (``nlgraph compile``): ``None`` where a kernel runs the level's recurrence
+    and reads whole (the (gated) delta rules, linear attention, Titans' MLP memory)."""
+    if dispatch.why_no_mlp_memory_kernel(spec) is None:
+        return None
+    if dispatch.why_no_chunk_walk(spec) is None:
+        return "each chunk's recurrences walked in a kernel; the chunks' products and solves in PyTorch"
+    if dispatch.why_no_online_kernel(spec) is None or dispatch.why_no_online_linear_attention(spec) is None:
+        return None
+    if dispatch.why_no_online_recurrence(spec) is None:
+        return "the state recurrence in a kernel; the chunks' products, solves and reads in PyTorch"
+    return None
+
+
+@register_form("memory", "triton", priority=PRIORITY, supports=why_not_memory, fallback="chunked",
+               describe=describe_memory)
 def memory_triton(run: Any, chunk_size: int | None = None, loop: str | None = None):
     """A memory level through its kernel: Titans' MLP memory (``dispatch.minibatch_mlp_memory``), a
     (gated) delta rule (``dispatch.online_delta_rule``), linear attention
