@@ -112,14 +112,14 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
         qb = _load_tokens(q, row, rd, D, mtd)
         et = tl.load(eta + row, mask=mt, other=0.).to(tl.float32)
         g0, z0, omr, gl, zl, yl, oml, yll = _coefficients(cg0, cz0, com, cend, coml, cyll, i_bh, i_t, NT, C)
-        qk = _mm(qb, tl.trans(kb), PREC) * omr         # (Q Kᵀ) ⊙ Ω
+        qk = _mm(qb, tl.trans(kb), PREC) * omr  # (Q Kᵀ) ⊙ Ω
         # pass 1: Y = W1 σ(W0 k) at the chunk-start weights
         yacc = tl.zeros([C, BD], dtype=tl.float32)
         for i_f in range(tl.cdiv(F, BF)):
             mfd, mdf, p0, p1, f, mf = _block(i_f, rf, rd, md, F, D, BF)
             w0b = tl.load(w0 + st + p0, mask=mfd, other=0.)        # [BF, D]
             w1b = tl.load(w1 + st + p1, mask=mdf, other=0.)        # [D, BF]
-            zb = _mm(kb, tl.trans(w0b), PREC)                            # [C, BF]
+            zb = _mm(kb, tl.trans(w0b), PREC)  # [C, BF]
             yacc += _mm(_silu(zb), tl.trans(w1b), PREC)
         e1 = et[:, None] * (yacc - vb)                                                        # [C, D]
         # pass 2: hidden errors, reads, end state, block by block
@@ -141,7 +141,7 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
                     tl.store(hs1 + hs + o1, s1b, mask=mdf)
             zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
-            e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)                       # [C, BF]
+            e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)  # [C, BF]
             zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
                   + z0[:, None] * _mm(qb, tl.trans(s0b), PREC)
                   - _mm(qk, e0, PREC))
@@ -205,7 +205,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             yk += _mm(_silu(_mm(kb, tl.trans(w0b), PREC)), tl.trans(w1b), PREC)
         r1 = yk - vb
         e1 = et[:, None] * r1
-        dpm = -_mm(dob, tl.trans(e1), PREC) * omr            # dP ⊙ Ω, [C, C]
+        dpm = -_mm(dob, tl.trans(e1), PREC) * omr  # dP ⊙ Ω, [C, C]
         de1 = tl.zeros([C, BD], dtype=tl.float32)
         dqb = tl.zeros([C, BD], dtype=tl.float32)
         dkb = tl.zeros([C, BD], dtype=tl.float32)
@@ -232,7 +232,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
             sg = _silu_grad(zb)
-            ub = _mm(e1, w1b, PREC)                                # E1 W1, [C, BF]
+            ub = _mm(e1, w1b, PREC)  # E1 W1, [C, BF]
             e0 = ub * sg
             qw0 = _mm(qb, tl.trans(w0b), PREC)
             qs0 = _mm(qb, tl.trans(s0b), PREC)
@@ -251,9 +251,9 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             dqb += _mm(g0[:, None] * dzq, w0b, PREC) + _mm(z0[:, None] * dzq, s0b, PREC)
             dqk -= _mm(dzq, tl.trans(e0), PREC)
             # the end state's terms
-            e0gw = _mm(e0, gw0, PREC)                            # E0 dW0', [C, D]
+            e0gw = _mm(e0, gw0, PREC)  # E0 dW0', [C, D]
             e0gs = _mm(e0, gs0, PREC)
-            e1gw = _mm(e1, gw1, PREC)                            # E1 dW1', [C, BF]
+            e1gw = _mm(e1, gw1, PREC)  # E1 dW1', [C, BF]
             e1gs = _mm(e1, gs1, PREC)
             dkb -= oml[:, None] * e0gw + yll[:, None] * e0gs
             d_oml -= tl.sum(kb * e0gw, axis=1) + tl.sum(ab * e1gw, axis=1)
@@ -263,7 +263,7 @@ def _mlp_memory_bwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, hs0
             d_yl += tl.sum(tl.sum(gs0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gs1 * s1b, axis=1), axis=0)
             de0 = (-_mm(kb * oml[:, None], tl.trans(gw0), PREC)
                    - _mm(kb * yll[:, None], tl.trans(gs0), PREC)
-                   - _mm(tl.trans(qk), dzq, PREC))                # [C, BF]
+                   - _mm(tl.trans(qk), dzq, PREC))  # [C, BF]
             dub = de0 * sg
             de1 += (_mm(dub, tl.trans(w1b), PREC)
                     - _mm(ab * oml[:, None], tl.trans(gw1), PREC)
@@ -391,7 +391,7 @@ def _mlp_memory_fwd_step(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, 
                     tl.store(hs1 + hs + o1, s1b, mask=mdf)
             zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
-            e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)                       # [C, BF]
+            e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)  # [C, BF]
             if OUT:
                 qk = _mm(qb, tl.trans(kb), PREC) * omr
                 zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
@@ -471,7 +471,7 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
     e1 = et[:, None] * tl.load(hr1 + hb * C * BD + tile)
     qk_raw = _mm(qb, tl.trans(kb), PREC)
     qk = qk_raw * omr
-    dpm = -_mm(dob, tl.trans(e1), PREC) * omr            # dP ⊙ Ω, [C, C]
+    dpm = -_mm(dob, tl.trans(e1), PREC) * omr  # dP ⊙ Ω, [C, C]
     dku = tl.zeros([C, BD], dtype=tl.float32)
     de1 = tl.zeros([C, BD], dtype=tl.float32)
     dqb = tl.zeros([C, BD], dtype=tl.float32)
@@ -510,7 +510,7 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
             zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
             sg = _silu_grad(zb)
-            ub = _mm(e1, w1b, PREC)                                # E1 W1, [C, BF]
+            ub = _mm(e1, w1b, PREC)  # E1 W1, [C, BF]
             e0 = ub * sg
             qw0 = _mm(qb, tl.trans(w0b), PREC)
             qs0 = _mm(qb, tl.trans(s0b), PREC)
@@ -527,9 +527,9 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
             d_z0 += tl.sum(dzq * qs0, axis=1)
             dqb += _mm(g0[:, None] * dzq, w0b, PREC) + _mm(z0[:, None] * dzq, s0b, PREC)
             dqk -= _mm(dzq, tl.trans(e0), PREC)
-            e0gw = _mm(e0, gw0, PREC)                            # E0 dW0', [C, D]
+            e0gw = _mm(e0, gw0, PREC)  # E0 dW0', [C, D]
             e0gs = _mm(e0, gs0, PREC)
-            e1gw = _mm(e1, gw1, PREC)                            # E1 dW1', [C, BF]
+            e1gw = _mm(e1, gw1, PREC)  # E1 dW1', [C, BF]
             e1gs = _mm(e1, gs1, PREC)
             dkb -= oml[:, None] * e0gw + yll[:, None] * e0gs
             d_oml -= tl.sum(kb * e0gw, axis=1) + tl.sum(ab * e1gw, axis=1)
@@ -539,7 +539,7 @@ def _mlp_memory_bwd_step(q, k, eta, cg0, cz0, com, cend, coml, cyll, hw0, hw1, h
             d_yl += tl.sum(tl.sum(gs0 * s0b, axis=1), axis=0) + tl.sum(tl.sum(gs1 * s1b, axis=1), axis=0)
             de0 = (-_mm(kb * oml[:, None], tl.trans(gw0), PREC)
                    - _mm(kb * yll[:, None], tl.trans(gs0), PREC)
-                   - _mm(tl.trans(qk), dzq, PREC))                # [C, BF]
+                   - _mm(tl.trans(qk), dzq, PREC))  # [C, BF]
             dub = de0 * sg
             de1 += (_mm(dub, tl.trans(w1b), PREC)
                     - _mm(ab * oml[:, None], tl.trans(gw1), PREC)

@@ -108,10 +108,11 @@ def default_split(device: torch.device) -> int:
 #: to the inputs' 16-bit dtype (``input``, the default, at ``[C, D]`` tiles up to
 #: :data:`INPUT_PRODUCTS_MAX_TILE`), or the float32 state and widened inputs through TF32 (``tf32``).
 #: ``input`` has half the tensor-core instructions (compiled for sm_90 from CPU, the forward step's
-#: 49 MMAs against TF32's 98; its spills did not shrink at bfloat16's float16 stand-in); on an H100 (2026-12-07) it passed the bfloat16 checks at tiles of 2048
-#: (worst 8.0e-3 against float64, limit 3e-2) and took the compiled Titans model from 297,860 to
-#: 338,034 tokens/s (B=8, T=2048; docs/benchmarks.md). It rounds the state as a bf16 matmul of
-#: PyTorch's path under autocast does. float32 runs keep exact products either way.
+#: 49 MMAs against TF32's 98; its spills did not shrink at bfloat16's float16 stand-in); on an H100
+#: (2026-12-07) it passed the bfloat16 checks at tiles of 2048 (worst 8.0e-3 against float64, limit
+#: 3e-2) and took the compiled Titans model from 297,860 to 338,034 tokens/s (B=8, T=2048;
+#: docs/benchmarks.md). It rounds the state as a bf16 matmul of PyTorch's path under autocast does.
+#: float32 runs keep exact products either way.
 MLP_PRODUCTS = (os.environ.get("NLGRAPH_MLP_PRODUCTS") or "input").strip().lower()
 _PRODUCT_CHOICES = ("input", "tf32")
 #: The largest ``[C, D]`` tile that takes ``input`` products: at 4096 with chunks of 64 (D = 64) the
