@@ -5,8 +5,8 @@ For every sequence length (``--lengths``, with ``--tokens`` the batch is ``token
 fixed) and every mode (``eager``; ``graph``: the step replayed as CUDA graphs, as ``nlgraph train``
 does with ``--no-compile``; ``compile``: per-block ``torch.compile``; ``compile-graph``: both, the
 compiled blocks' step captured as CUDA graphs), one AdamW training step on
-random tokens is timed: the first step alone (it holds compilation or capture), then the median of
-``--steps`` more. The anchor, Transformer++ with the spec's ``d_model`` / layers / heads, runs in
+random tokens is timed: the first step alone (it holds compilation or capture; ``compile s`` is its
+time beyond a timed step's), then the median of ``--steps`` more. The anchor, Transformer++ with the spec's ``d_model`` / layers / heads, runs in
 the same process at the same shapes (its fastest mode measured: ``compile`` on CUDA, and
 ``compile-graph`` when the spec runs it), and each row
 gives its tokens/s as a ratio to the anchor's. Peak memory on CUDA.
@@ -107,8 +107,10 @@ def _time_step(spec: Any, overrides: list[str], batch: int, length: int, mode: s
     first = one()
     times = [one() for _ in range(steps)]
     med = statistics.median(times)
+    # the first step's time beyond a timed step's: compilation, autotuning and graph capture
     row = {"params": sum(p.numel() for p in model.parameters()), "first_step_s": round(first, 3),
-           "ms": round(med * 1e3, 3), "tok_s": round(batch * length / med, 1)}
+           "compile_s": round(max(first - med, 0.0), 3), "ms": round(med * 1e3, 3),
+           "tok_s": round(batch * length / med, 1)}
     if cuda:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return row
@@ -621,17 +623,19 @@ def level_table(res: dict[str, Any]) -> str:
 
 
 def table(res: dict[str, Any]) -> str:
-    head = ["spec", "T", "B", "mode", "params", "first step s", "ms/step", "tok/s", "vs anchor", "peak GiB"]
+    head = ["spec", "T", "B", "mode", "params", "first step s", "compile s", "ms/step", "tok/s", "vs anchor",
+            "peak GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['spec']} | {r['T']} | {r['B']} | {r['mode']} | {r['error']} |" + " |" * 5)
+            lines.append(f"| {r['spec']} | {r['T']} | {r['B']} | {r['mode']} | {r['error']} |" + " |" * 6)
             continue
         ratio = f"{r['vs_anchor']:.3f}x" if "vs_anchor" in r else "-"
         mode = r["mode"] + (" + recompute" if r.get("recompute") else "")
+        compile_s = f"{r['compile_s']:.2f}" if "compile_s" in r else "-"
         lines.append(f"| {r['spec']}{' (anchor)' if r['anchor'] else ''} | {r['T']} | {r['B']} | {mode} | "
-                     f"{r['params']:,} | {r['first_step_s']:.2f} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {ratio} | "
-                     f"{r.get('peak_gib', '-')} |")
+                     f"{r['params']:,} | {r['first_step_s']:.2f} | {compile_s} | {r['ms']:.1f} | {r['tok_s']:,.0f} | "
+                     f"{ratio} | {r.get('peak_gib', '-')} |")
     return "\n".join(lines)
 
 

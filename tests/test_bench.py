@@ -31,11 +31,13 @@ def test_cpu_smoke_run_writes_rows_with_the_anchor_ratio(tmp_path, capsys):
         ("transformer_pp", 32, 2, True), ("gated_deltanet", 32, 2, False)]
     for r in rows:
         assert r["tok_s"] > 0 and r["ms"] > 0
+        # compile time: the first step's beyond a timed step's
+        assert abs(r["compile_s"] - max(r["first_step_s"] - r["ms"] / 1e3, 0.0)) < 2e-3  # of rounded figures
         assert r["vs_anchor"] == (1.0 if r["anchor"] else round(r["tok_s"] / rows[0 if r["T"] == 16 else 2]["tok_s"], 4))
     # the anchor has the spec's width and depth
     assert rows[0]["params"] < 2 * rows[1]["params"] and rows[1]["params"] < 2 * rows[0]["params"]
     printed = capsys.readouterr().out
-    assert "| gated_deltanet | 16 | 4 | eager |" in printed
+    assert "| gated_deltanet | 16 | 4 | eager |" in printed and "| first step s | compile s | ms/step |" in printed
 
 
 def test_tf32_holds_for_the_run_is_recorded_and_put_back(tmp_path, monkeypatch):
