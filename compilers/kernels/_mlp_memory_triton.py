@@ -53,6 +53,28 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _block_reads(qb, qk, e0, w0b, s0b, w1b, s1b, ab, g0, z0, PREC: tl.constexpr):
+    """One hidden block's part of the chunk's reads: ``(g0 ⊙ (Aq W1ᵀ) + z0 ⊙ (Aq S1ᵀ), Aq Aᵀ)``
+    with ``Aq = σ(g0 ⊙ Q W0ᵀ + z0 ⊙ Q S0ᵀ − ((Q Kᵀ) ⊙ Ω) E0)``."""
+    zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
+          + z0[:, None] * _mm(qb, tl.trans(s0b), PREC)
+          - _mm(qk, e0, PREC))
+    aq = _silu(zq)
+    out = g0[:, None] * _mm(aq, tl.trans(w1b), PREC) + z0[:, None] * _mm(aq, tl.trans(s1b), PREC)
+    return out, _mm(aq, tl.trans(ab), PREC)
+
+
+@triton.jit
+def _end_state(w0b, s0b, w1b, s1b, e0, e1, kb, ab, gl, zl, yl, oml, yll, PREC: tl.constexpr):
+    """One hidden block's state at the chunk's last token L: ``(W0, S0, W1, S1)``."""
+    w0n = gl * w0b + zl * s0b - _mm(tl.trans(e0), kb * oml[:, None], PREC)
+    s0n = yl * s0b - _mm(tl.trans(e0), kb * yll[:, None], PREC)
+    w1n = gl * w1b + zl * s1b - _mm(tl.trans(e1), ab * oml[:, None], PREC)
+    s1n = yl * s1b - _mm(tl.trans(e1), ab * yll[:, None], PREC)
+    return w0n, s0n, w1n, s1n
+
+
+@triton.jit
 def _tokens(i_b, i_h, i_t, T, H: tl.constexpr, C: tl.constexpr, md):
     """Chunk ``i_t``'s token rows in a ``[B, T, H, ...]`` tensor, their mask, and the mask of a
     ``[C, D]`` tile of them."""
@@ -142,18 +164,11 @@ def _mlp_memory_fwd(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, s0, s
             zb = _mm(kb, tl.trans(w0b), PREC)
             ab = _silu(zb)
             e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)  # [C, BF]
-            zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
-                  + z0[:, None] * _mm(qb, tl.trans(s0b), PREC)
-                  - _mm(qk, e0, PREC))
-            aq = _silu(zq)
-            oacc += (g0[:, None] * _mm(aq, tl.trans(w1b), PREC)
-                     + z0[:, None] * _mm(aq, tl.trans(s1b), PREC))
-            pacc += _mm(aq, tl.trans(ab), PREC)
+            read_o, read_p = _block_reads(qb, qk, e0, w0b, s0b, w1b, s1b, ab, g0, z0, PREC)
+            oacc += read_o
+            pacc += read_p
             # the block's end state (token L, the chunk's last)
-            w0n = gl * w0b + zl * s0b - _mm(tl.trans(e0), kb * oml[:, None], PREC)
-            s0n = yl * s0b - _mm(tl.trans(e0), kb * yll[:, None], PREC)
-            w1n = gl * w1b + zl * s1b - _mm(tl.trans(e1), ab * oml[:, None], PREC)
-            s1n = yl * s1b - _mm(tl.trans(e1), ab * yll[:, None], PREC)
+            w0n, s0n, w1n, s1n = _end_state(w0b, s0b, w1b, s1b, e0, e1, kb, ab, gl, zl, yl, oml, yll, PREC)
             tl.store(w0 + p0, w0n, mask=mfd)
             tl.store(s0 + p0, s0n, mask=mfd)
             tl.store(w1 + p1, w1n, mask=mdf)
@@ -394,17 +409,10 @@ def _mlp_memory_fwd_step(q, k, v, eta, cg0, cz0, com, cend, coml, cyll, w0, w1, 
             e0 = _mm(e1, w1b, PREC) * _silu_grad(zb)  # [C, BF]
             if OUT:
                 qk = _mm(qb, tl.trans(kb), PREC) * omr
-                zq = (g0[:, None] * _mm(qb, tl.trans(w0b), PREC)
-                      + z0[:, None] * _mm(qb, tl.trans(s0b), PREC)
-                      - _mm(qk, e0, PREC))
-                aq = _silu(zq)
-                oacc += (g0[:, None] * _mm(aq, tl.trans(w1b), PREC)
-                         + z0[:, None] * _mm(aq, tl.trans(s1b), PREC))
-                pacc += _mm(aq, tl.trans(ab), PREC)
-            w0n = gl * w0b + zl * s0b - _mm(tl.trans(e0), kb * oml[:, None], PREC)
-            s0n = yl * s0b - _mm(tl.trans(e0), kb * yll[:, None], PREC)
-            w1n = gl * w1b + zl * s1b - _mm(tl.trans(e1), ab * oml[:, None], PREC)
-            s1n = yl * s1b - _mm(tl.trans(e1), ab * yll[:, None], PREC)
+                read_o, read_p = _block_reads(qb, qk, e0, w0b, s0b, w1b, s1b, ab, g0, z0, PREC)
+                oacc += read_o
+                pacc += read_p
+            w0n, s0n, w1n, s1n = _end_state(w0b, s0b, w1b, s1b, e0, e1, kb, ab, gl, zl, yl, oml, yll, PREC)
             tl.store(w0 + p0, w0n, mask=mfd)
             tl.store(s0 + p0, s0n, mask=mfd)
             tl.store(w1 + p1, w1n, mask=mdf)
