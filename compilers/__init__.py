@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Form", "forms", "register_form", "select_form"]
+__all__ = ["Form", "find_form", "forms", "register_form", "select_form"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,11 @@ def _adapt_supports(supports: Callable[..., str | None] | None) -> Callable[...,
         return supports(*args, **kwargs)
 
     return ask
+
+
+def find_form(family: str, name: str) -> Form | None:
+    """The registered form ``name`` of ``family``, or ``None``."""
+    return _REGISTRY.get(family, {}).get(name)
 
 
 def forms(family: str) -> list[Form]:

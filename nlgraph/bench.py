@@ -380,11 +380,12 @@ def bench_level(spec: Any, overrides: list[str], key: str, *, batch: int = 4, le
     peer = _titans_pytorch(level, h, d, dev, dt, amp, log) if use_fla else None
     if peer is not None:
         impls.append(peer)
-    from .compilers import forms as registered
+    from .compilers import find_form
     from .runtime import _family
 
     # a form registered not to compile (measured slower under inductor) runs eagerly inside the graph
-    whole = next((f.compiles for f in registered(_family(level)) if f.name == form), True)
+    registered = find_form(_family(level), form)
+    whole = registered is None or registered.compiles
     for mode in modes:
         fn = torch.compile(ours, **compile_options(dev, fullgraph=whole)) if mode == "compile" else ours
         impls.append((f"nlgraph {key} ({form}, {mode})", fn, False))
@@ -675,10 +676,10 @@ def _cmd_bench(args) -> int:
         # one level or layer at each length: B = tokens // T with --tokens (B·T fixed), else --batch
         lengths = args.lengths or [2048 if args.layer else 4096]
         default_batch = 8 if args.layer else 4
+        modes = tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",)
         runs = []
         for length in lengths:
             b = max(1, args.tokens // length) if args.tokens else (args.batch or default_batch)
-            modes = tuple(m for m in args.modes if not m.endswith("graph")) or ("eager",)
             if args.layer:
                 one = bench_layer(args.spec, list(args.overrides), args.layer, batch=b, length=length, modes=modes,
                                   device=args.device, fla=args.anchor != "none", log=log)
@@ -704,22 +705,22 @@ def _cmd_bench(args) -> int:
     # the process's NLGRAPH_* switches (docs/cli.md): which solve, tile or backward a figure ran on
     m["settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NLGRAPH_")}
     settings = "".join(f", {k}={v}" for k, v in m["settings"].items())
-    for run in res.get("runs", [res]):
-        r = run["meta"]
-        if args.layer:
-            print(f"{r['device']}, torch {r['torch']}, layer {r['layer']} ({r['params']:,} parameters, forms "
-                  f"{r['forms']}), B={r['shape'][0]} T={r['shape'][1]} d_model={r['shape'][2]}, bf16 autocast on "
-                  f"CUDA; anchor {r['anchor'] or 'none'} (not the same function){settings}")
+    if args.layer or args.level:
+        for run in res.get("runs", [res]):
+            r = run["meta"]
+            if args.layer:
+                print(f"{r['device']}, torch {r['torch']}, layer {r['layer']} ({r['params']:,} parameters, forms "
+                      f"{r['forms']}), B={r['shape'][0]} T={r['shape'][1]} d_model={r['shape'][2]}, bf16 autocast "
+                      f"on CUDA; anchor {r['anchor'] or 'none'} (not the same function){settings}")
+            else:
+                print(f"{r['device']}, torch {r['torch']}, level {r['level']} in form {r['form']}, "
+                      f"B={r['shape'][0]} T={r['shape'][1]} H={r['shape'][2]} D={r['shape'][3]} {r['dtype']}; "
+                      f"anchor {r['anchor'] or 'none'}{' (same function)' if r['same_function'] else ''}{settings}")
             print(level_table(run))
-        elif args.level:
-            print(f"{r['device']}, torch {r['torch']}, level {r['level']} in form {r['form']}, "
-                  f"B={r['shape'][0]} T={r['shape'][1]} H={r['shape'][2]} D={r['shape'][3]} {r['dtype']}; anchor "
-                  f"{r['anchor'] or 'none'}{' (same function)' if r['same_function'] else ''}{settings}")
-            print(level_table(run))
-        else:
-            print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first"
-                  f"{settings}")
-            print(table(res))
+    else:
+        print(f"{m['device']}, torch {m['torch']}, {m['precision']}, median of {m['steps']} steps after the first"
+              f"{settings}")
+        print(table(res))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,10 +160,11 @@ def _declined(node: dict, execution: str, device: str, dtype: torch.dtype | None
 
 def _compiles(node: dict, execution: str) -> bool:
     """Whether ``torch.compile`` traces the node's execution form (its registration's ``compiles``)."""
-    from .compilers import forms
+    from .compilers import find_form
     from .runtime import _family
 
-    return next((f.compiles for f in forms(_family(node["spec"])) if f.name == execution), True)
+    form = find_form(_family(node["spec"]), execution)
+    return form is None or form.compiles
 
 
 def _choose_execution(node: dict, key: str, device: str, dtype: torch.dtype | None, want: str) -> str:
@@ -217,11 +218,11 @@ def _entry_form(node: dict, execution: str | None, device: str) -> str:
     if kind in ("adaptive", "optimizer"):
         return "with its level"
     assert execution is not None, f"runtime node {node} has no execution form"
-    from .compilers import forms
+    from .compilers import find_form
     from .runtime import _family
 
     notes = ["interpreted"] if execution == "triton" and device == "cpu" else []
-    form = next((f for f in forms(_family(spec)) if f.name == execution), None)
+    form = find_form(_family(spec), execution)
     note = form.describe(spec, device) if form is not None and form.describe is not None else None
     notes += [note] if note else []
     return f"{execution} ({'; '.join(notes)})" if notes else execution
