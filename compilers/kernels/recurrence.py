@@ -15,15 +15,40 @@ kernel launch instead of a few PyTorch operators a chunk. Forward and backward i
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from ._load import pow2 as _pow2, products
 
-__all__ = ["fits", "loop", "online_recurrence"]
+__all__ = ["fits", "loop", "online_recurrence", "operand_dtype"]
 
 _OP = "online_recurrence"
+
+#: ``NLGRAPH_RECURRENCE_PRODUCTS``: the dtype of the kernel's ``[n, ·]`` operands (``X̃``, ``P₁``,
+#: ``Ỹ``, ``P₂``) under autocast, read once a process. ``wide`` (default): the promoted dtype of the
+#: four, float32 under autocast (the solve's ``P₁`` / ``P₂`` come out in float32), multiplied with
+#: ``NLGRAPH_FP32_PRODUCTS``' mode (``tf32x3``: three tensor-core products each). ``input``: rounded
+#: to autocast's 16-bit dtype, one tensor-core product each, as the delta-rule kernels take their
+#: ``W = T diag(β) K`` (the errors ``E`` and the state stay float32, the state cast to 16 bits for its
+#: products as there). Outside autocast the operands keep their promoted dtype either way. Any other
+#: value is an error at the first call.
+PRODUCTS = os.environ.get("NLGRAPH_RECURRENCE_PRODUCTS", "").strip().lower() or "wide"
+
+
+def operand_dtype(work: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype :func:`online_recurrence`'s ``[n, ·]`` operands are cast to, given their promoted
+    dtype ``work`` on ``device`` (:data:`PRODUCTS`)."""
+    if PRODUCTS not in ("wide", "input"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown recurrence products {PRODUCTS!r}; set it to 'wide' or 'input', or unset it",
+                           path="NLGRAPH_RECURRENCE_PRODUCTS")
+    if PRODUCTS == "input" and work == torch.float32 and device.type in ("cuda", "cpu") \
+            and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return work
 
 
 def _kernels(x: torch.Tensor):
