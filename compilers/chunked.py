@@ -1181,13 +1181,15 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         y, omega, z = None, g, None
     if coef is not None:
         kern = (erase @ k.transpose(-1, -2)) * omega[..., :n, 1:]  # W_{r−1}: strictly lower
-        a = torch.eye(n, dtype=k.dtype, device=k.device) + coef.unsqueeze(-1) * kern
-        rhs = [coef.unsqueeze(-1) * erase * g[..., :n, 0, None]]
-        if momentum:
-            rhs.append(coef.unsqueeze(-1) * erase * z[..., :n, None])
-        widths = [t.shape[-1] for t in rhs] + [f.shape[-1]]
-        solved = _solve_lower(a, torch.cat([*rhs, f], dim=-1)).split(widths, dim=-1)
-        p1, p2, u = solved[0], (solved[1] if momentum else None), solved[-1]
+        eye = torch.eye(n, dtype=k.dtype, device=k.device)
+        a = eye + coef.unsqueeze(-1) * kern
+        # the system's inverse T = a⁻¹ once (n columns), then P₁, P₂ and U as products with it, as the
+        # delta-rule kernels apply their UT transform: solving the three right-hand sides (3 · D
+        # columns) took 2.7 of a momentum layer's 18.2 ms forward + backward on an H100, compiled
+        tinv = _solve_lower(a, eye.expand(a.shape))
+        p1 = tinv @ (coef.unsqueeze(-1) * erase * g[..., :n, 0, None])
+        p2 = tinv @ (coef.unsqueeze(-1) * erase * z[..., :n, None]) if momentum else None
+        u = tinv @ f
     else:  # the update does not read the state: the written errors are the forcing
         p1 = p2 = None
         u = f

@@ -13,8 +13,9 @@ walks the chunks; it stores every chunk's start state and ``E_c`` for the reads.
 
 Backward: the reverse walk from the final state's gradient, adding at each chunk the gradients the
 reads sent to its start state and to ``E_c``. The per-chunk inputs' gradients that sum over the
-rows (``X̃``, ``Ỹ``, ``P1``, ``P2``, the three scalars) are written per row block and summed in
-PyTorch, so the result does not depend on scheduling.
+rows (``X̃``, ``Ỹ``, ``P1``, ``P2``, the three scalars) are added by every row block's program into
+one zeroed buffer with atomics (``ATOMIC``), or written per row block and summed in PyTorch, so the
+result does not depend on scheduling (``recurrence.SUMS``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def _cols(x, base, R, D, c0, BR: tl.constexpr, BC: tl.constexpr):
     """Block pointer to all rows (``BR`` ≥ R) and columns ``c0 …`` (``BC``) of a row-major ``[R, D]``
     matrix at ``x + base``."""
     return tl.make_block_ptr(x + base, (R, D), (D, 1), (0, c0), (BR, BC), (1, 0))
+
+
+@triton.jit
+def _put(x, base, val, N: tl.constexpr, I, BI: tl.constexpr, ATOMIC: tl.constexpr):
+    """Stores ``val`` into the ``[N, I]`` tile at ``x + base``, or with ``ATOMIC`` adds it there (the
+    row blocks' programs of one (batch, head) all add into one tile)."""
+    if ATOMIC:
+        r = tl.arange(0, N)[:, None]
+        c = tl.arange(0, BI)[None, :]
+        tl.atomic_add(x + base + r * I + c, val, mask=c < I, sem="relaxed")
+    else:
+        tl.store(_tile(x, base, N, I, 0, N, BI), val, boundary_check=(0, 1))
+
+
+@triton.jit
+def _put1(x, off, val, ATOMIC: tl.constexpr):
+    """:func:`_put` of one scalar."""
+    if ATOMIC:
+        tl.atomic_add(x + off, val, sem="relaxed")
+    else:
+        tl.store(x + off, val)
 
 
 @triton.jit
@@ -82,11 +104,13 @@ def _fwd(w0, s0, u, xt, ge, p1, yt, ze, ye, p2, ws, ss, es, wt, st, NC, N: tl.co
 @triton.jit
 def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, ds0, du, dxt, dge, dp1, dyt,
          dze, dye, dp2, NC, BH, N: tl.constexpr, O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr,
-         BI: tl.constexpr, HAS_P1: tl.constexpr, MOM: tl.constexpr, HAS_P2: tl.constexpr, PREC: tl.constexpr):
+         BI: tl.constexpr, HAS_P1: tl.constexpr, MOM: tl.constexpr, HAS_P2: tl.constexpr, PREC: tl.constexpr,
+         ATOMIC: tl.constexpr = False):
     i_o, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o0 = i_o * BO
-    # this row block's partial sums go to slot i_o of the [NOB, BH, NC, ...] buffers
-    part = i_o * BH
+    # this row block's partial sums go to slot i_o of the [NOB, BH, NC, ...] buffers, or with ATOMIC
+    # are added into the one slot of [1, BH, NC, ...] zeroed buffers
+    part = 0 if ATOMIC else i_o * BH
     dw = tl.load(_tile(dwt, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
     if MOM:
         ds = tl.load(_tile(dst, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
@@ -101,9 +125,8 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
         # E's gradient: from the reads, and from the state after the chunk (W' = … − Eᵀ X̃)
         de = tl.load(_cols(des, cc * N * O, N, O, o0, N, BO), boundary_check=(0, 1), padding_option="zero")
         de = de.to(tl.float32) - tl.dot(xa, tl.trans(dw.to(xa.dtype)), input_precision=PREC)
-        tl.store(_tile(dxt, pc * N * I, N, I, 0, N, BI),
-                 -tl.dot(e.to(xa.dtype), dw.to(xa.dtype), input_precision=PREC), boundary_check=(0, 1))
-        tl.store(dge + pc, tl.sum(tl.sum(w * dw, axis=1), axis=0))
+        _put(dxt, pc * N * I, -tl.dot(e.to(xa.dtype), dw.to(xa.dtype), input_precision=PREC), N, I, BI, ATOMIC)
+        _put1(dge, pc, tl.sum(tl.sum(w * dw, axis=1), axis=0), ATOMIC)
         dw_prev = g * dw
         if MOM:
             s = tl.load(_tile(ss, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
@@ -111,23 +134,22 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
             z = tl.load(ze + cc).to(tl.float32)
             y = tl.load(ye + cc).to(tl.float32)
             de -= tl.dot(ya, tl.trans(ds.to(ya.dtype)), input_precision=PREC)
-            tl.store(_tile(dyt, pc * N * I, N, I, 0, N, BI),
-                     -tl.dot(e.to(ya.dtype), ds.to(ya.dtype), input_precision=PREC), boundary_check=(0, 1))
-            tl.store(dze + pc, tl.sum(tl.sum(s * dw, axis=1), axis=0))
-            tl.store(dye + pc, tl.sum(tl.sum(s * ds, axis=1), axis=0))
+            _put(dyt, pc * N * I, -tl.dot(e.to(ya.dtype), ds.to(ya.dtype), input_precision=PREC), N, I, BI,
+                 ATOMIC)
+            _put1(dze, pc, tl.sum(tl.sum(s * dw, axis=1), axis=0), ATOMIC)
+            _put1(dye, pc, tl.sum(tl.sum(s * ds, axis=1), axis=0), ATOMIC)
             ds_prev = z * dw + y * ds
             if HAS_P2:
                 pb = tl.load(_tile(p2, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-                tl.store(_tile(dp2, pc * N * I, N, I, 0, N, BI),
-                         tl.dot(de.to(pb.dtype), s.to(pb.dtype), input_precision=PREC), boundary_check=(0, 1))
+                _put(dp2, pc * N * I, tl.dot(de.to(pb.dtype), s.to(pb.dtype), input_precision=PREC), N, I, BI,
+                     ATOMIC)
                 ds_prev += tl.dot(tl.trans(de.to(pb.dtype)), pb, input_precision=PREC)
             ds_prev += tl.load(_tile(dss, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1),
                                padding_option="zero")
             ds = ds_prev
         if HAS_P1:
             pa = tl.load(_tile(p1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-            tl.store(_tile(dp1, pc * N * I, N, I, 0, N, BI), tl.dot(de.to(pa.dtype), w.to(pa.dtype),
-                                                                    input_precision=PREC), boundary_check=(0, 1))
+            _put(dp1, pc * N * I, tl.dot(de.to(pa.dtype), w.to(pa.dtype), input_precision=PREC), N, I, BI, ATOMIC)
             dw_prev += tl.dot(tl.trans(de.to(pa.dtype)), pa, input_precision=PREC)
         tl.store(_cols(du, cc * N * O, N, O, o0, N, BO), de, boundary_check=(0, 1))
         dw = dw_prev + tl.load(_tile(dws, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1),

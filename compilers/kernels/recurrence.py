@@ -36,6 +36,24 @@ _OP = "online_recurrence"
 #: value is an error at the first call.
 PRODUCTS = os.environ.get("NLGRAPH_RECURRENCE_PRODUCTS", "").strip().lower() or "wide"
 
+#: ``NLGRAPH_RECURRENCE_SUMS``: how the backward sums, over the state's row blocks, the gradients of
+#: the per-chunk inputs ``X̃``, ``P₁``, ``Ỹ``, ``P₂`` and the three scalars, read once a process.
+#: ``atomic`` (default): every row block's program adds into one zeroed buffer (as the short
+#: convolution's weight gradient; under ``torch.use_deterministic_algorithms(True)`` it takes
+#: ``rows``); ``rows``: each row block writes its own partial sums, summed by PyTorch after (bit for
+#: bit the same from run to run, at four times the bytes written at a [128, 128] state). Any other
+#: value is an error at the first backward.
+SUMS = os.environ.get("NLGRAPH_RECURRENCE_SUMS", "").strip().lower() or "atomic"
+
+
+def _atomic_sums(row_blocks: int) -> bool:
+    if SUMS not in ("atomic", "rows"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown recurrence sums {SUMS!r}; set it to 'atomic' or 'rows', or unset it",
+                           path="NLGRAPH_RECURRENCE_SUMS")
+    return row_blocks > 1 and SUMS == "atomic" and not torch.are_deterministic_algorithms_enabled()
+
 
 def operand_dtype(work: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype :func:`online_recurrence`'s ``[n, ·]`` operands are cast to, given their promoted
@@ -134,8 +152,12 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
     bo, bi = _blocks(o, i)
     nob = -(-o // bo)
     e = _empty(ws)
+    atomic = _atomic_sums(nob)
 
-    def part(*shape):  # per row block, summed below (the kernel writes every element)
+    def part(*shape):
+        if atomic:  # every row block adds into one zeroed buffer
+            return ws.new_zeros(1, b, h, nc, *shape, dtype=torch.float32)
+        # per row block, summed below (the kernel writes every element)
         return ws.new_empty(nob, b, h, nc, *shape, dtype=torch.float32)
 
     # distinct empties: a custom op's outputs may not alias each other
@@ -155,10 +177,12 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
         ye if mom else e, p2 if p2 is not None else e, dws.contiguous(), dss.contiguous() if mom else e,
         des.contiguous(), dwt.contiguous(), dst.contiguous() if mom else e, dw0, ds0, du, dxt, dge, dp1, dyt, dze,
         dye, dp2, nc, b * h, N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None,
-        PREC=prec, num_stages=2)
+        PREC=prec, ATOMIC=atomic, num_stages=2)
 
     def total(t):
-        return t.sum(0) if t.numel() else t
+        if not t.numel():
+            return t
+        return t[0] if t.shape[0] == 1 else t.sum(0)
 
     return [dw0, ds0, du, total(dxt), total(dge), total(dp1), total(dyt), total(dze), total(dye), total(dp2)]
 

@@ -251,3 +251,37 @@ def test_the_recurrence_operands_under_autocast_follow_the_switch(mode, rec_call
     # 6.4e-4 / 6.6e-4 measured either way: autocast's other products dominate the rounding
     assert _rel(outs["triton"][0], outs["reference"][0]) < 5e-3
     assert _rel(outs["triton"][1], outs["reference"][1]) < 5e-3
+
+
+@pytest.mark.parametrize("sums", ["atomic", "rows"])
+def test_the_backward_sums_over_row_blocks_either_way(sums, monkeypatch):
+    """Three row blocks (O = 72): the per-chunk inputs' gradients added by every block's program into
+    one buffer (``atomic``) or written per block and summed after (``rows``) equal the loop's; under
+    deterministic algorithms ``atomic`` takes ``rows``; an unknown value is one clear error."""
+    from nlgraph.compilers.kernels import recurrence
+    from nlgraph.errors import NLGraphError
+
+    monkeypatch.setattr(recurrence, "SUMS", sums)
+    args = _args(1, 2, 3, 16, 72, 24, True, True, True, seed=4)
+    names = [k for k, v in args.items() if v is not None]
+    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = loop(**ref_in)
+    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+    out = online_recurrence(**mine)
+    gen = torch.Generator().manual_seed(2)
+    cots = [None if t is None else torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
+    want = torch.autograd.grad(sum((t * c).sum() for t, c in zip(ref, cots) if t is not None), [ref_in[k] for k in names])
+    got = torch.autograd.grad(sum((t * c.to(DEVICE).float()).sum() for t, c in zip(out, cots) if t is not None),
+                              [mine[k] for k in names])
+    for name, a, r in zip(names, got, want):
+        assert _rel(a.double().cpu(), r) < 1e-5, name
+    assert recurrence._atomic_sums(3) is (sums == "atomic")
+    assert recurrence._atomic_sums(1) is False  # one row block: nothing to sum
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert recurrence._atomic_sums(3) is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(recurrence, "SUMS", "trees")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_SUMS"):
+        recurrence._atomic_sums(3)
