@@ -133,6 +133,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="check the recurrence kernel first (CUDA), then time it")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="of the timed keys, values and queries (the gates stay float32), as bf16 autocast gives them")
+    ap.add_argument("--checks-only", action="store_true", help="with --check: stop after the checks")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import nlgraph.compilers.chunked as chunked
@@ -146,6 +147,12 @@ def main() -> int:
         kernel = all(r["ok"] for r in checks)
         dispatch.ONLINE_RECURRENCE_ON_GPU = kernel
     rows = []
+    if args.checks_only:
+        if args.json:
+            from nlgraph.io import atomic_write
+
+            atomic_write(Path(args.json), json.dumps({"args": vars(args), "checks": checks}, indent=1).encode())
+        return 0 if checks and all(r["ok"] for r in checks) else 1
     for name, level in LEVELS.items():
         spec = load_level({**level, "memory": {**level["memory"], "heads": args.heads}})
         x = _inputs(args.batch, args.length, args.heads, args.dim, dev)

@@ -89,8 +89,35 @@ def fits(n: int, o: int, i: int) -> bool:
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: ``NLGRAPH_RECURRENCE_ROWS``: the state rows one program holds (16, 32 or 64; default 32), read
+#: once a process. The walk over the chunks is sequential in each program, so fewer rows a program
+#: means more programs walking side by side (and more partial sums for the backward to add).
+ROWS = os.environ.get("NLGRAPH_RECURRENCE_ROWS", "").strip() or "32"
+
+
+#: ``NLGRAPH_RECURRENCE_STAGES``: the backward kernel's pipeline stages (1 or 2; default 2), read once
+#: a process. Compiled for sm_90 at a [128, 128] state, chunk 64, bfloat16 operands, 32 rows a
+#: program: 176 KiB of shared memory at 2 (one program an SM), 48 KiB at 1
+#: (``benchmarks/kernel_resources.py --cases recurrence``).
+STAGES = os.environ.get("NLGRAPH_RECURRENCE_STAGES", "").strip() or "2"
+
+
+def _stages() -> int:
+    if STAGES not in ("1", "2"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown recurrence stages {STAGES!r}; set it to 1 or 2, or unset it",
+                           path="NLGRAPH_RECURRENCE_STAGES")
+    return int(STAGES)
+
+
 def _blocks(o: int, i: int) -> tuple[int, int]:
-    return min(_pow2(o), 32), _pow2(i)
+    if ROWS not in ("16", "32", "64"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown recurrence rows {ROWS!r}; set it to 16, 32 or 64, or unset it",
+                           path="NLGRAPH_RECURRENCE_ROWS")
+    return min(_pow2(o), int(ROWS)), _pow2(i)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +204,7 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
         ye if mom else e, p2 if p2 is not None else e, dws.contiguous(), dss.contiguous() if mom else e,
         des.contiguous(), dwt.contiguous(), dst.contiguous() if mom else e, dw0, ds0, du, dxt, dge, dp1, dyt, dze,
         dye, dp2, nc, b * h, N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None,
-        PREC=prec, ATOMIC=atomic, num_stages=2)
+        PREC=prec, ATOMIC=atomic, num_stages=_stages())
 
     def total(t):
         if not t.numel():

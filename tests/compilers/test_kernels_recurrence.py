@@ -285,3 +285,36 @@ def test_the_backward_sums_over_row_blocks_either_way(sums, monkeypatch):
     monkeypatch.setattr(recurrence, "SUMS", "trees")
     with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_SUMS"):
         recurrence._atomic_sums(3)
+
+
+@pytest.mark.parametrize("rows, stages", [("16", "1"), ("64", "2")])
+def test_the_rows_a_program_holds_follow_the_switch(rows, stages, monkeypatch):
+    """``NLGRAPH_RECURRENCE_ROWS`` / ``_STAGES``: at 16 and 64 rows a program (O = 72: five and two
+    row blocks) and either pipeline depth the kernel still equals the loop, forward and backward; an
+    unknown value is one clear error."""
+    from nlgraph.compilers.kernels import recurrence
+    from nlgraph.errors import NLGraphError
+
+    monkeypatch.setattr(recurrence, "ROWS", rows)
+    monkeypatch.setattr(recurrence, "STAGES", stages)
+    assert recurrence._stages() == int(stages)
+    assert recurrence._blocks(72, 24) == (int(rows), 32)
+    args = _args(1, 1, 2, 16, 72, 24, True, True, True, seed=6)
+    names = [k for k, v in args.items() if v is not None]
+    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = loop(**ref_in)
+    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+    out = online_recurrence(**mine)
+    for a, r in zip(out, ref):
+        if r is not None:
+            assert _rel(a.detach().double().cpu(), r.detach()) < 1e-5
+    want = torch.autograd.grad(sum(t.sum() for t in ref if t is not None), [ref_in[k] for k in names])
+    got = torch.autograd.grad(sum(t.sum() for t in out if t is not None), [mine[k] for k in names])
+    for name, a, r in zip(names, got, want):
+        assert _rel(a.double().cpu(), r) < 1e-5, name
+    monkeypatch.setattr(recurrence, "ROWS", "48")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_ROWS"):
+        recurrence._blocks(72, 24)
+    monkeypatch.setattr(recurrence, "STAGES", "3")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_STAGES"):
+        recurrence._stages()
