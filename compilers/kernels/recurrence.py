@@ -95,11 +95,13 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROWS = os.environ.get("NLGRAPH_RECURRENCE_ROWS", "").strip() or "32"
 
 
-#: ``NLGRAPH_RECURRENCE_STAGES``: the backward kernel's pipeline stages (1 or 2; default 2), read once
+#: ``NLGRAPH_RECURRENCE_STAGES``: the backward kernel's pipeline stages (1 or 2; default 1), read once
 #: a process. Compiled for sm_90 at a [128, 128] state, chunk 64, bfloat16 operands, 32 rows a
 #: program: 176 KiB of shared memory at 2 (one program an SM), 48 KiB at 1
-#: (``benchmarks/kernel_resources.py --cases recurrence``).
-STAGES = os.environ.get("NLGRAPH_RECURRENCE_STAGES", "").strip() or "2"
+#: (``benchmarks/kernel_resources.py --cases recurrence``). On an H100 the backward took 2.07 ms at 1
+#: against 2.36 at 2 (a momentum layer at B=4, T=4096, H=16, D=128, compiled), and the kernel's
+#: float32 and bfloat16 checks passed at either (docs/benchmarks.md).
+STAGES = os.environ.get("NLGRAPH_RECURRENCE_STAGES", "").strip() or "1"
 
 
 def _stages() -> int:
@@ -145,9 +147,9 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], u: torch.Tensor, xt: t
     # forward + backward ran 1.8–2.5x faster than the PyTorch form in the same run, where with ieee
     # it had been slower for two of three levels (docs/benchmarks.md)
     prec = products(xt.dtype, unset="tf32x3")
-    # two pipeline stages, as the backward: its first GPU check (H100, float32, a [128, 128] state,
-    # chunk 64) failed at launch with Triton's three asking 278,528 bytes of shared memory (232,448
-    # there); benchmarks/kernel_resources.py --cases recurrence --dtype float32 shows it on CPU
+    # two pipeline stages: its first GPU check (H100, float32, a [128, 128] state, chunk 64) failed
+    # at launch with Triton's three asking 278,528 bytes of shared memory (232,448 there);
+    # benchmarks/kernel_resources.py --cases recurrence --dtype float32 shows it on CPU
     _kernels(u).fwd[(-(-o // bo), b * h)](
         w0.float().contiguous(), s0.float().contiguous() if mom else e, u, xt, ge, p1 if p1 is not None else e,
         yt if mom else e, ze if mom else e, ye if mom else e, p2 if p2 is not None else e, ws, ss, es, wt, st, nc,
@@ -196,9 +198,9 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
     dyt, dze, dye = (part(n, i), part(), part()) if mom else (_empty(ws), _empty(ws), _empty(ws))
     dp2 = part(n, i) if p2 is not None else _empty(ws)
     prec = products(xt.dtype, unset="tf32x3")
-    # two pipeline stages, not Triton's three: compiled for sm_90 at a [128, 128] state, chunk 64 and
-    # bfloat16, three asked for 294,912 bytes of shared memory (the H200 has 232,448) and two for
-    # 180,224 (benchmarks/kernel_resources.py --cases recurrence)
+    # STAGES pipeline stages (1 by default), never Triton's three: compiled for sm_90 at a [128, 128]
+    # state, chunk 64 and bfloat16, three asked for 294,912 bytes of shared memory (the H200 has
+    # 232,448), two for 180,224, one for 49,152 (benchmarks/kernel_resources.py --cases recurrence)
     _kernels(ws).bwd[(nob, b * h)](
         ws, ss if mom else e, es, xt, ge, p1 if p1 is not None else e, yt if mom else e, ze if mom else e,
         ye if mom else e, p2 if p2 is not None else e, dws.contiguous(), dss.contiguous() if mom else e,
