@@ -79,8 +79,9 @@ CHECKS = [  # (B, H, C, n, O, I, momentum, P1, P2, dtype, limit)
 ]
 
 
-def check(dev: torch.device) -> list[dict]:
-    """The recurrence kernel against its float64 loop: every output and every input's gradient."""
+def check(dev: torch.device, states: str = "float32") -> list[dict]:
+    """The recurrence kernel against its float64 loop: every output and every input's gradient
+    (``states="input"``: the bfloat16 checks keep the chunk starts in bfloat16)."""
     from nlgraph.compilers.kernels.recurrence import loop, online_recurrence
 
     rows = []
@@ -104,7 +105,8 @@ def check(dev: torch.device) -> list[dict]:
         # the state and the scalars stay float32; the [n, ·] operands take the dtype under test
         mine = {k: (None if v is None else v.to(dev, dtype if k in ("u", "xt", "p1", "yt", "p2") else torch.float32)
                     .requires_grad_()) for k, v in args.items()}
-        out = online_recurrence(**mine)
+        extra = {"states": torch.bfloat16} if states == "input" and dtype == torch.bfloat16 else {}
+        out = online_recurrence(**mine, **extra)
         got_g = torch.autograd.grad(sum((t * ct.to(dev).float()).sum() for t, ct in zip(out, cots) if t is not None),
                                     [mine[k] for k in names])
         errs = {}
@@ -115,7 +117,7 @@ def check(dev: torch.device) -> list[dict]:
             errs[f"d{name}"] = float((a.double().cpu() - r_).norm() / r_.norm())
         worst = max(errs.values())
         rows.append({"check": f"{str(dtype).removeprefix('torch.')} B={b} H={h} C={c} n={n} O={o} I={i} "
-                              f"momentum={mom} P1={has_p1} P2={has_p2}", "max_rel_err": worst, "limit": limit,
+                              f"momentum={mom} P1={has_p1} P2={has_p2}" + (" starts=bfloat16" if extra else ""), "max_rel_err": worst, "limit": limit,
                      "ok": worst < limit, "errors": errs})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -134,6 +136,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="of the timed keys, values and queries (the gates stay float32), as bf16 autocast gives them")
     ap.add_argument("--checks-only", action="store_true", help="with --check: stop after the checks")
+    ap.add_argument("--states", default="float32", choices=("float32", "input"),
+                    help="with --check: the bfloat16 checks keep the chunk starts in bfloat16 (input)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import nlgraph.compilers.chunked as chunked
@@ -143,7 +147,7 @@ def main() -> int:
     dev = torch.device(args.device)
     checks, kernel = [], False
     if args.check and dev.type == "cuda":
-        checks = check(dev)
+        checks = check(dev, args.states)
         kernel = all(r["ok"] for r in checks)
         dispatch.ONLINE_RECURRENCE_ON_GPU = kernel
     rows = []

@@ -1204,14 +1204,16 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         for t in mats[1:]:
             work = torch.promote_types(work, t.dtype)
         # tl.dot takes one dtype for the [n, ·] operands
-        from .kernels.recurrence import operand_dtype
+        from .kernels.recurrence import operand_dtype, states_dtype
 
         work = operand_dtype(work, u.device)  # NLGRAPH_RECURRENCE_PRODUCTS
         kernel_in = {name: (t.to(work) if name in ("xt", "p1", "yt", "p2") else t) for name, t in parts.items()}
+        starts = states_dtype(u.device)  # NLGRAPH_RECURRENCE_STATES
+        if starts != torch.float32:
+            kernel_in["states"] = starts
+        # the chunk starts stay in the kernel's dtype: the reads cast them to the queries' anyway
         starts_w, starts_s, es, w_end, s_end = recurrence(w, s_buf, **kernel_in)
         w, s_buf = w_end.to(w.dtype), (s_end.to(s_buf.dtype) if momentum else None)
-        starts_w = starts_w.to(w.dtype)
-        starts_s = starts_s.to(s_buf.dtype) if momentum else None
         es = es.to(u.dtype)
     elif _use_scan(loop, n_chunks):
         lead = w.shape[:2]

@@ -74,14 +74,14 @@ def _fwd(w0, s0, u, xt, ge, p1, yt, ze, ye, p2, ws, ss, es, wt, st, NC, N: tl.co
         s = tl.load(_tile(s0, i_bh * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
     for c in range(NC):
         cc = i_bh * NC + c
-        tl.store(_tile(ws, cc * O * I, O, I, o0, BO, BI), w, boundary_check=(0, 1))
+        tl.store(_tile(ws, cc * O * I, O, I, o0, BO, BI), w.to(ws.dtype.element_ty), boundary_check=(0, 1))
         e = tl.load(_cols(u, cc * N * O, N, O, o0, N, BO), boundary_check=(0, 1), padding_option="zero")
         e = e.to(tl.float32)
         if HAS_P1:
             pa = tl.load(_tile(p1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
             e += tl.dot(pa, tl.trans(w.to(pa.dtype)), input_precision=PREC)
         if MOM:
-            tl.store(_tile(ss, cc * O * I, O, I, o0, BO, BI), s, boundary_check=(0, 1))
+            tl.store(_tile(ss, cc * O * I, O, I, o0, BO, BI), s.to(ss.dtype.element_ty), boundary_check=(0, 1))
             if HAS_P2:
                 pb = tl.load(_tile(p2, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
                 e += tl.dot(pb, tl.trans(s.to(pb.dtype)), input_precision=PREC)
@@ -119,6 +119,7 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
         cc = i_bh * NC + c
         pc = (part + i_bh) * NC + c
         w = tl.load(_tile(ws, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+        w = w.to(tl.float32)
         e = tl.load(_cols(es, cc * N * O, N, O, o0, N, BO), boundary_check=(0, 1), padding_option="zero")
         xa = tl.load(_tile(xt, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
         g = tl.load(ge + cc).to(tl.float32)
@@ -130,6 +131,7 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
         dw_prev = g * dw
         if MOM:
             s = tl.load(_tile(ss, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1), padding_option="zero")
+            s = s.to(tl.float32)
             ya = tl.load(_tile(yt, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
             z = tl.load(ze + cc).to(tl.float32)
             y = tl.load(ye + cc).to(tl.float32)
@@ -145,7 +147,7 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
                      ATOMIC)
                 ds_prev += tl.dot(tl.trans(de.to(pb.dtype)), pb, input_precision=PREC)
             ds_prev += tl.load(_tile(dss, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1),
-                               padding_option="zero")
+                               padding_option="zero").to(tl.float32)
             ds = ds_prev
         if HAS_P1:
             pa = tl.load(_tile(p1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
@@ -153,7 +155,7 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
             dw_prev += tl.dot(tl.trans(de.to(pa.dtype)), pa, input_precision=PREC)
         tl.store(_cols(du, cc * N * O, N, O, o0, N, BO), de, boundary_check=(0, 1))
         dw = dw_prev + tl.load(_tile(dws, cc * O * I, O, I, o0, BO, BI), boundary_check=(0, 1),
-                               padding_option="zero")
+                               padding_option="zero").to(tl.float32)
     tl.store(_tile(dw0, i_bh * O * I, O, I, o0, BO, BI), dw, boundary_check=(0, 1))
     if MOM:
         tl.store(_tile(ds0, i_bh * O * I, O, I, o0, BO, BI), ds, boundary_check=(0, 1))

@@ -22,7 +22,7 @@ import torch
 
 from ._load import pow2 as _pow2, products
 
-__all__ = ["fits", "loop", "online_recurrence", "operand_dtype"]
+__all__ = ["fits", "loop", "online_recurrence", "operand_dtype", "states_dtype"]
 
 _OP = "online_recurrence"
 
@@ -35,6 +35,27 @@ _OP = "online_recurrence"
 #: products as there). Outside autocast the operands keep their promoted dtype either way. Any other
 #: value is an error at the first call.
 PRODUCTS = os.environ.get("NLGRAPH_RECURRENCE_PRODUCTS", "").strip().lower() or "wide"
+
+#: ``NLGRAPH_RECURRENCE_STATES``: the dtype every chunk's start state ``W_c`` / ``S_c`` is written in
+#: for the reads and the backward, under autocast, read once a process. ``float32`` (default): as the
+#: walk carries them (at B=4, T=4096, 16 heads of 128, chunk 64: 268 MB each for ``W`` and ``S``,
+#: cast again to 16 bits for the reads' products). ``input``: autocast's 16-bit dtype, as the
+#: delta-rule kernels keep their chunk states; the walk itself stays float32 and the backward widens
+#: what it reads. Outside autocast they stay float32. Any other value is an error at the first call.
+STATES = os.environ.get("NLGRAPH_RECURRENCE_STATES", "").strip().lower() or "float32"
+
+
+def states_dtype(device: torch.device) -> torch.dtype:
+    """The dtype :func:`online_recurrence` keeps the chunk starts in on ``device`` (:data:`STATES`)."""
+    if STATES not in ("float32", "input"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown recurrence states {STATES!r}; set it to 'float32' or 'input', or unset it",
+                           path="NLGRAPH_RECURRENCE_STATES")
+    if STATES == "input" and device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
 
 #: ``NLGRAPH_RECURRENCE_SUMS``: how the backward sums, over the state's row blocks, the gradients of
 #: the per-chunk inputs ``X̃``, ``P₁``, ``Ỹ``, ``P₂`` and the three scalars, read once a process.
@@ -129,15 +150,16 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("nlgraph::online_recurrence_fwd", mutates_args=())
 def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], u: torch.Tensor, xt: torch.Tensor, ge: torch.Tensor,
             p1: Optional[torch.Tensor], yt: Optional[torch.Tensor], ze: Optional[torch.Tensor],
-            ye: Optional[torch.Tensor], p2: Optional[torch.Tensor]
+            ye: Optional[torch.Tensor], p2: Optional[torch.Tensor], states: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(starts_w [B,H,C,O,I], starts_s or empty, es [B,H,C,n,O] fp32, w_end, s_end or empty)``."""
+    """Returns ``(starts_w [B,H,C,O,I], starts_s or empty, es [B,H,C,n,O] fp32, w_end, s_end or empty)``,
+    the chunk starts in ``states``, the rest float32."""
     b, h, nc, n, o = u.shape
     i = xt.shape[-1]
     mom = s0 is not None
     bo, bi = _blocks(o, i)
-    ws = w0.new_empty(b, h, nc, o, i, dtype=torch.float32)
-    ss = w0.new_empty(b, h, nc, o, i, dtype=torch.float32) if mom else _empty(w0)
+    ws = w0.new_empty(b, h, nc, o, i, dtype=states)
+    ss = w0.new_empty(b, h, nc, o, i, dtype=states) if mom else _empty(w0)
     es = u.new_empty(b, h, nc, n, o, dtype=torch.float32)
     wt = w0.new_empty(b, h, o, i, dtype=torch.float32)
     st = w0.new_empty(b, h, o, i, dtype=torch.float32) if mom else _empty(w0)
@@ -159,12 +181,12 @@ def _fwd_op(w0: torch.Tensor, s0: Optional[torch.Tensor], u: torch.Tensor, xt: t
 
 
 @_fwd_op.register_fake
-def _(w0, s0, u, xt, ge, p1, yt, ze, ye, p2):
+def _(w0, s0, u, xt, ge, p1, yt, ze, ye, p2, states):
     b, h, nc, n, o = u.shape
     i = xt.shape[-1]
     mom = s0 is not None
-    return (w0.new_empty(b, h, nc, o, i, dtype=torch.float32),
-            w0.new_empty(b, h, nc, o, i, dtype=torch.float32) if mom else w0.new_empty(0),
+    return (w0.new_empty(b, h, nc, o, i, dtype=states),
+            w0.new_empty(b, h, nc, o, i, dtype=states) if mom else w0.new_empty(0),
             u.new_empty(b, h, nc, n, o, dtype=torch.float32), w0.new_empty(b, h, o, i, dtype=torch.float32),
             w0.new_empty(b, h, o, i, dtype=torch.float32) if mom else w0.new_empty(0))
 
@@ -235,10 +257,10 @@ def _(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst):
 
 
 def _setup_context(ctx, inputs, output):
-    w0, s0, u, xt, ge, p1, yt, ze, ye, p2 = inputs
+    w0, s0, u, xt, ge, p1, yt, ze, ye, p2, _ = inputs
     ws, ss, es, _, _ = output
     ctx.save_for_backward(ws, ss if s0 is not None else None, es, xt, ge, p1, yt, ze, ye, p2)
-    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:-1]]
 
 
 def _zeros_if_none(g, like):
@@ -258,13 +280,13 @@ def _autograd_backward(ctx, dws, dss, des, dwt, dst):
     out = []
     for g, dtype in zip(grads, ctx.dtypes):
         out.append(None if dtype is None else g.to(dtype))
-    return tuple(out)
+    return (*out, None)  # no gradient for the states' dtype
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=None):
+def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=None, states=torch.float32):
     """The recurrence in the module docstring through the kernel.
 
     Args:
@@ -272,10 +294,12 @@ def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=
         u: ``[B, H, C, n, O]``; xt, p1, yt, p2: ``[B, H, C, n, I]`` (one dtype); ge, ze, ye: ``[B, H, C]``.
         ``p1`` / ``p2`` are ``None`` when the update does not read the state; ``yt``, ``ze``, ``ye``,
         ``p2`` are ``None`` without momentum.
+        states: the dtype every chunk's start state is kept in (float32, bfloat16 or float16; the
+            walk itself stays float32, the backward reads them back).
 
     Returns:
         ``(starts_w [B, H, C, O, I], starts_s or None, es [B, H, C, n, O], w_end, s_end or None)``,
-        float32.
+        the chunk starts in ``states``, the rest float32.
 
     Raises:
         NLGraphError: a chunk or state size :func:`fits` refuses, or ``[n, ·]`` operands that are not
@@ -290,9 +314,11 @@ def online_recurrence(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=
     if not fits(u.shape[3], u.shape[4], xt.shape[4]):
         raise NLGraphError(f"chunk {u.shape[3]} with a [{u.shape[4]}, {xt.shape[4]}] state: the kernel takes chunks "
                            "of 16, 32 or 64 and states up to [256, 128]; run recurrence.loop", path=_OP)
+    if states not in _DTYPES:
+        raise NLGraphError(f"states {states} must be one of float32, bfloat16 and float16", path=_OP)
     mom = s0 is not None
     args = [t.contiguous() if t is not None else None for t in (u, xt, ge, p1, yt, ze, ye, p2)]
-    ws, ss, es, wt, st = _fwd_op(w0, s0, *args)
+    ws, ss, es, wt, st = _fwd_op(w0, s0, *args, states)
     return ws, (ss if mom else None), es, wt, (st if mom else None)
 
 

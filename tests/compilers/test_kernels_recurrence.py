@@ -318,3 +318,67 @@ def test_the_rows_a_program_holds_follow_the_switch(rows, stages, monkeypatch):
     monkeypatch.setattr(recurrence, "STAGES", "3")
     with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_STAGES"):
         recurrence._stages()
+
+
+def test_the_chunk_starts_kept_in_16_bits_equal_the_loop_within_their_rounding():
+    """``states=float16`` (bfloat16 on a GPU; the interpreter multiplies bfloat16 wrongly): the chunk
+    starts come back in 16 bits, the walk, the errors and the final state stay float32, and every
+    output and gradient equals the float64 loop within the starts' rounding."""
+    args = _args(1, 2, 3, 16, 40, 24, True, True, True, seed=8)
+    names = [k for k, v in args.items() if v is not None]
+    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = loop(**ref_in)
+    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+    out = online_recurrence(**mine, states=torch.float16)
+    assert out[0].dtype == out[1].dtype == torch.float16
+    assert out[2].dtype == out[3].dtype == out[4].dtype == torch.float32
+    for a, r in zip(out, ref):
+        assert _rel(a.detach().double().cpu(), r.detach()) < 2e-3
+    assert _rel(out[3].detach().double().cpu(), ref[3].detach()) < 1e-5  # the walk itself is float32
+    want = torch.autograd.grad(sum(t.sum() for t in ref if t is not None), [ref_in[k] for k in names])
+    got = torch.autograd.grad(sum(t.float().sum() for t in out if t is not None), [mine[k] for k in names])
+    for name, a, r in zip(names, got, want):
+        assert _rel(a.double().cpu(), r) < 5e-3, name
+
+
+@pytest.mark.parametrize("mode", ["float32", "input"])
+def test_the_chunk_starts_under_autocast_follow_the_switch(mode, rec_calls, monkeypatch):
+    """``NLGRAPH_RECURRENCE_STATES``: under autocast the level asks the kernel for its chunk starts in
+    float32 or in autocast's 16-bit dtype, and equals its reference within that rounding either way;
+    an unknown value is one clear error."""
+    from nlgraph.compilers.kernels import recurrence
+    from nlgraph.errors import NLGraphError
+
+    monkeypatch.setattr(recurrence, "STATES", mode)
+    seen = []
+    real = rec_module.online_recurrence
+
+    def spy(*a, **k):
+        seen.append(k.get("states", torch.float32))
+        return real(*a, **k)
+
+    monkeypatch.setattr(rec_module, "online_recurrence", spy)
+    spec = load_level(LEVELS["momentum_weight_decay"])
+    g = torch.Generator().manual_seed(7)
+    b, t, h, d = 1, 32, 2, 16
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(DEVICE)
+
+    x = dict(keys=torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1), values=rnd(b, t, h, d),
+             queries=rnd(b, t, h, d), lr=torch.rand(b, t, h, generator=g).to(DEVICE),
+             momentum=torch.rand(b, t, h, generator=g).to(DEVICE),
+             retention=(0.5 + 0.5 * torch.rand(b, t, h, generator=g)).to(DEVICE))
+    outs = {}
+    for form in ("triton", "reference"):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        with torch.autocast(DEVICE, dtype=torch.float16, enabled=form == "triton"):
+            y, _ = run_level(spec, form=form, chunk_size=16, **leaves)
+        (gk,) = torch.autograd.grad((y.float() * torch.linspace(-1, 1, d, device=DEVICE)).sum(), [leaves["keys"]])
+        outs[form] = (y.float(), gk)
+    assert seen == [torch.float16 if mode == "input" else torch.float32]
+    assert _rel(outs["triton"][0], outs["reference"][0]) < 5e-3
+    assert _rel(outs["triton"][1], outs["reference"][1]) < 5e-3
+    monkeypatch.setattr(recurrence, "STATES", "bf16")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_STATES"):
+        recurrence.states_dtype(torch.device(DEVICE))
