@@ -1249,9 +1249,16 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         starts_s = torch.stack(ss, dim=2) if momentum else None
         es = torch.stack(es_, dim=2)
     rows = slice(0, n) if run.read_before else slice(1, n + 1)
-    out = (q * g[..., rows, 0, None]) @ starts_w.transpose(-1, -2).to(q.dtype)
+
+    def read(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        # x stateᵀ taken as (state xᵀ)ᵀ: the chunk starts' gradient then comes out in their own
+        # [O, I] layout, not as a transposed view that the recurrence's backward copied again (two
+        # strided copies of [B, H, C, O, I] float32 a state)
+        return (state.to(q.dtype) @ x.transpose(-1, -2)).transpose(-1, -2)
+
+    out = read(q * g[..., rows, 0, None], starts_w)
     if momentum:
-        out = out + (q * z[..., rows, None]) @ starts_s.transpose(-1, -2).to(q.dtype)
+        out = out + read(q * z[..., rows, None], starts_s)
     out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(q.dtype)
     if origin is not None:
         out = out + q @ origin.unsqueeze(2).transpose(-1, -2).to(q.dtype)
