@@ -212,25 +212,43 @@ def test_the_recurrence_takes_its_float32_products_from_the_switch(monkeypatch):
         assert all(_rel(a.detach(), r) < 1e-5 for a, r in zip(out, ref) if r is not None)
 
 
-@pytest.mark.parametrize("mode", ["wide", "input"])
-def test_the_recurrence_operands_under_autocast_follow_the_switch(mode, rec_calls, monkeypatch):
-    """Under autocast the kernel's ``[n, ·]`` operands are float32 (``wide``, the solve's dtype) or
-    autocast's 16-bit dtype (``input``, ``NLGRAPH_RECURRENCE_PRODUCTS``); either way the level equals
-    its float32 reference within the 16-bit rounding. float16 stands in for bfloat16 (the
-    interpreter multiplies bfloat16 wrongly)."""
-    from nlgraph.compilers.kernels import recurrence
 
-    monkeypatch.setattr(recurrence, "PRODUCTS", mode)
+def _against_the_loop(args: dict, out_limit: float, grad_limit: float, seed: int = 2, **kernel) -> tuple:
+    """The kernel on ``args`` (float32 on DEVICE, ``kernel``: its keyword options) against the float64
+    loop: every output within ``out_limit`` and every input's gradient (through random cotangents)
+    within ``grad_limit``, relative. Returns the kernel's outputs."""
+    names = [k for k, v in args.items() if v is not None]
+    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = loop(**ref_in)
+    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+    out = online_recurrence(**mine, **kernel)
+    for a, r in zip(out, ref):
+        if r is not None:
+            assert _rel(a.detach().double().cpu(), r.detach()) < out_limit
+    gen = torch.Generator().manual_seed(seed)
+    cots = [None if t is None else torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
+    want = torch.autograd.grad(sum((t * c).sum() for t, c in zip(ref, cots) if t is not None), [ref_in[k] for k in names])
+    got = torch.autograd.grad(sum((t.float() * c.to(DEVICE).float()).sum() for t, c in zip(out, cots) if t is not None),
+                              [mine[k] for k in names])
+    for name, a, r in zip(names, got, want):
+        assert _rel(a.double().cpu(), r) < grad_limit, name
+    return out
+
+
+def _level_under_autocast(monkeypatch, seed: int, record) -> tuple[list, dict]:
+    """A momentum level (32 tokens, chunks of 16) run by the ``triton`` form under float16 autocast
+    (bfloat16's stand-in: the interpreter multiplies bfloat16 wrongly) and by its float32 reference:
+    ``(what record(kwargs) gave at each kernel call, {form: (output, keys' gradient)})``."""
     seen = []
     real = rec_module.online_recurrence
 
     def spy(*a, **k):
-        seen.append(k["xt"].dtype)
+        seen.append(record(k))
         return real(*a, **k)
 
     monkeypatch.setattr(rec_module, "online_recurrence", spy)
     spec = load_level(LEVELS["momentum_weight_decay"])
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     b, t, h, d = 1, 32, 2, 16
 
     def rnd(*s):
@@ -247,6 +265,18 @@ def test_the_recurrence_operands_under_autocast_follow_the_switch(mode, rec_call
             y, _ = run_level(spec, form=form, chunk_size=16, **leaves)
         (gk,) = torch.autograd.grad((y.float() * torch.linspace(-1, 1, d, device=DEVICE)).sum(), [leaves["keys"]])
         outs[form] = (y.float(), gk)
+    return seen, outs
+
+
+@pytest.mark.parametrize("mode", ["wide", "input"])
+def test_the_recurrence_operands_under_autocast_follow_the_switch(mode, rec_calls, monkeypatch):
+    """Under autocast the kernel's ``[n, ·]`` operands are float32 (``wide``, the solve's dtype) or
+    autocast's 16-bit dtype (``input``, ``NLGRAPH_RECURRENCE_PRODUCTS``); either way the level equals
+    its float32 reference within the 16-bit rounding."""
+    from nlgraph.compilers.kernels import recurrence
+
+    monkeypatch.setattr(recurrence, "PRODUCTS", mode)
+    seen, outs = _level_under_autocast(monkeypatch, 5, lambda k: k["xt"].dtype)
     assert seen == [torch.float16 if mode == "input" else torch.float32]
     # 6.4e-4 / 6.6e-4 measured either way: autocast's other products dominate the rounding
     assert _rel(outs["triton"][0], outs["reference"][0]) < 5e-3
@@ -262,19 +292,7 @@ def test_the_backward_sums_over_row_blocks_either_way(sums, monkeypatch):
     from nlgraph.errors import NLGraphError
 
     monkeypatch.setattr(recurrence, "SUMS", sums)
-    args = _args(1, 2, 3, 16, 72, 24, True, True, True, seed=4)
-    names = [k for k, v in args.items() if v is not None]
-    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
-    ref = loop(**ref_in)
-    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
-    out = online_recurrence(**mine)
-    gen = torch.Generator().manual_seed(2)
-    cots = [None if t is None else torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
-    want = torch.autograd.grad(sum((t * c).sum() for t, c in zip(ref, cots) if t is not None), [ref_in[k] for k in names])
-    got = torch.autograd.grad(sum((t * c.to(DEVICE).float()).sum() for t, c in zip(out, cots) if t is not None),
-                              [mine[k] for k in names])
-    for name, a, r in zip(names, got, want):
-        assert _rel(a.double().cpu(), r) < 1e-5, name
+    _against_the_loop(_args(1, 2, 3, 16, 72, 24, True, True, True, seed=4), 1e-5, 1e-5)
     assert recurrence._atomic_sums(3) is (sums == "atomic")
     assert recurrence._atomic_sums(1) is False  # one row block: nothing to sum
     torch.use_deterministic_algorithms(True)
@@ -299,19 +317,7 @@ def test_the_rows_a_program_holds_follow_the_switch(rows, stages, monkeypatch):
     monkeypatch.setattr(recurrence, "STAGES", stages)
     assert recurrence._stages() == int(stages)
     assert recurrence._blocks(72, 24) == (int(rows), 32)
-    args = _args(1, 1, 2, 16, 72, 24, True, True, True, seed=6)
-    names = [k for k, v in args.items() if v is not None]
-    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
-    ref = loop(**ref_in)
-    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
-    out = online_recurrence(**mine)
-    for a, r in zip(out, ref):
-        if r is not None:
-            assert _rel(a.detach().double().cpu(), r.detach()) < 1e-5
-    want = torch.autograd.grad(sum(t.sum() for t in ref if t is not None), [ref_in[k] for k in names])
-    got = torch.autograd.grad(sum(t.sum() for t in out if t is not None), [mine[k] for k in names])
-    for name, a, r in zip(names, got, want):
-        assert _rel(a.double().cpu(), r) < 1e-5, name
+    _against_the_loop(_args(1, 1, 2, 16, 72, 24, True, True, True, seed=6), 1e-5, 1e-5)
     monkeypatch.setattr(recurrence, "ROWS", "48")
     with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_ROWS"):
         recurrence._blocks(72, 24)
@@ -325,20 +331,11 @@ def test_the_chunk_starts_kept_in_16_bits_equal_the_loop_within_their_rounding()
     starts come back in 16 bits, the walk, the errors and the final state stay float32, and every
     output and gradient equals the float64 loop within the starts' rounding."""
     args = _args(1, 2, 3, 16, 40, 24, True, True, True, seed=8)
-    names = [k for k, v in args.items() if v is not None]
-    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
-    ref = loop(**ref_in)
-    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
-    out = online_recurrence(**mine, states=torch.float16)
+    out = _against_the_loop(args, 2e-3, 5e-3, states=torch.float16)
     assert out[0].dtype == out[1].dtype == torch.float16
     assert out[2].dtype == out[3].dtype == out[4].dtype == torch.float32
-    for a, r in zip(out, ref):
-        assert _rel(a.detach().double().cpu(), r.detach()) < 2e-3
-    assert _rel(out[3].detach().double().cpu(), ref[3].detach()) < 1e-5  # the walk itself is float32
-    want = torch.autograd.grad(sum(t.sum() for t in ref if t is not None), [ref_in[k] for k in names])
-    got = torch.autograd.grad(sum(t.float().sum() for t in out if t is not None), [mine[k] for k in names])
-    for name, a, r in zip(names, got, want):
-        assert _rel(a.double().cpu(), r) < 5e-3, name
+    ref_end = loop(**args)[3]
+    assert _rel(out[3].detach().double().cpu(), ref_end) < 1e-5  # the walk itself is float32
 
 
 @pytest.mark.parametrize("mode", ["float32", "input"])
@@ -350,32 +347,7 @@ def test_the_chunk_starts_under_autocast_follow_the_switch(mode, rec_calls, monk
     from nlgraph.errors import NLGraphError
 
     monkeypatch.setattr(recurrence, "STATES", mode)
-    seen = []
-    real = rec_module.online_recurrence
-
-    def spy(*a, **k):
-        seen.append(k.get("states", torch.float32))
-        return real(*a, **k)
-
-    monkeypatch.setattr(rec_module, "online_recurrence", spy)
-    spec = load_level(LEVELS["momentum_weight_decay"])
-    g = torch.Generator().manual_seed(7)
-    b, t, h, d = 1, 32, 2, 16
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g).to(DEVICE)
-
-    x = dict(keys=torch.nn.functional.normalize(rnd(b, t, h, d), dim=-1), values=rnd(b, t, h, d),
-             queries=rnd(b, t, h, d), lr=torch.rand(b, t, h, generator=g).to(DEVICE),
-             momentum=torch.rand(b, t, h, generator=g).to(DEVICE),
-             retention=(0.5 + 0.5 * torch.rand(b, t, h, generator=g)).to(DEVICE))
-    outs = {}
-    for form in ("triton", "reference"):
-        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
-        with torch.autocast(DEVICE, dtype=torch.float16, enabled=form == "triton"):
-            y, _ = run_level(spec, form=form, chunk_size=16, **leaves)
-        (gk,) = torch.autograd.grad((y.float() * torch.linspace(-1, 1, d, device=DEVICE)).sum(), [leaves["keys"]])
-        outs[form] = (y.float(), gk)
+    seen, outs = _level_under_autocast(monkeypatch, 7, lambda k: k.get("states", torch.float32))
     assert seen == [torch.float16 if mode == "input" else torch.float32]
     assert _rel(outs["triton"][0], outs["reference"][0]) < 5e-3
     assert _rel(outs["triton"][1], outs["reference"][1]) < 5e-3
