@@ -29,7 +29,7 @@ def _steps() -> dict[str, str]:
 def _invocations(cmd: str) -> list[tuple[str, list[str] | None]]:
     """``(program, options)`` of every ``python`` command of a step (joined by ``&&`` or ``;``, in a
     ``for`` loop's body, after environment assignments);
-    ``None`` for a script that takes no options."""
+    ``None`` for a script that takes no options; ``("pytest", test files)`` for ``python -m pytest``."""
     calls = []
     for part in re.split(r"\s*(?:&&|;|\bdo\b|\bdone\b)\s*", cmd):
         words = shlex.split(part.replace("$J", "out.json").replace("$OUT", "out"))
@@ -38,6 +38,9 @@ def _invocations(cmd: str) -> list[tuple[str, list[str] | None]]:
         if not words or words[0] != "python":
             continue
         words = [w for w in words[1:] if w != "-P"]
+        if words[:2] == ["-m", "pytest"]:  # pytest's own options; the test files must exist
+            calls.append(("pytest", [w.split("::")[0] for w in words[2:] if w.startswith("tests/")]))
+            continue
         if words[:2] == ["-m", "nlgraph"]:
             program, rest = "nlgraph " + words[2], words[3:]
         else:
@@ -77,6 +80,10 @@ def test_every_step_names_a_script_and_options_it_takes(helps):
     bad = []
     for name, cmd in _steps().items():
         for program, options in _invocations(cmd):
+            if program == "pytest":
+                assert options, f"{name}: pytest runs no test file"
+                bad += [f"{name}: pytest {f} does not exist" for f in options if not (ROOT / f).is_file()]
+                continue
             if options is None:
                 assert (ROOT / program).is_file(), f"{name}: {program} does not exist"
                 continue
