@@ -1250,11 +1250,16 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         es = torch.stack(es_, dim=2)
     rows = slice(0, n) if run.read_before else slice(1, n + 1)
 
+    dev = q.device.type
+    low = torch.get_autocast_dtype(dev) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
+
     def read(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         # x stateᵀ taken as (state xᵀ)ᵀ: the chunk starts' gradient then comes out in their own
         # [O, I] layout, not as a transposed view that the recurrence's backward copied again (two
-        # strided copies of [B, H, C, O, I] float32 a state)
-        return (state.to(q.dtype) @ x.transpose(-1, -2)).transpose(-1, -2)
+        # strided copies of [B, H, C, O, I] float32 a state). Under autocast the product casts
+        # the state itself (16-bit chunk starts not at all), so it is not widened to the queries'
+        # float32 first
+        return (state.to(low or q.dtype) @ x.transpose(-1, -2)).transpose(-1, -2)
 
     out = read(q * g[..., rows, 0, None], starts_w)
     if momentum:
