@@ -1256,15 +1256,14 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     def read(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         # x stateᵀ taken as (state xᵀ)ᵀ: the chunk starts' gradient then comes out in their own
         # [O, I] layout, not as a transposed view that the recurrence's backward copied again (two
-        # strided copies of [B, H, C, O, I] float32 a state). Under autocast the product casts
-        # the state itself (16-bit chunk starts not at all), so it is not widened to the queries'
-        # float32 first
+        # strided copies of [B, H, C, O, I] float32 a state). Under autocast the state (and E
+        # below) goes straight to autocast's dtype, not widened to the queries' float32 first
         return (state.to(low or q.dtype) @ x.transpose(-1, -2)).transpose(-1, -2)
 
     out = read(q * g[..., rows, 0, None], starts_w)
     if momentum:
         out = out + read(q * z[..., rows, None], starts_s)
-    out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(q.dtype)
+    out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(low or q.dtype)
     if origin is not None:
         out = out + q @ origin.unsqueeze(2).transpose(-1, -2).to(q.dtype)
     return out.flatten(2, 3), (w if origin is None else w + origin), s_buf
