@@ -182,10 +182,10 @@ def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
 
 def _run_recurrence(d: int, chunk: int, dt) -> None:
     """The online recurrence kernel with every input (momentum, updates that read the state), a
-    state ``[D, D]``, ``chunk`` tokens a chunk."""
+    state ``[D, D]``, ``chunk`` tokens a chunk; then the reads kernel with momentum."""
     import torch
 
-    from nlgraph.compilers.kernels.recurrence import online_recurrence
+    from nlgraph.compilers.kernels.recurrence import online_reads, online_recurrence
 
     gen = torch.Generator().manual_seed(0)
 
@@ -200,6 +200,10 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
     out = online_recurrence(w0=r(1, 1, d, d), s0=r(1, 1, d, d), u=rows(), xt=rows(), ge=r(1, 1, c), p1=rows(),
                             yt=rows(), ze=r(1, 1, c), ye=r(1, 1, c), p2=rows())
     sum(x.float().square().sum() for x in out if x is not None).backward()
+    # the reads from the chunk starts (NLGRAPH_RECURRENCE_READS=kernel), with momentum
+    reads = online_reads(q=rows(), k=rows(), a=r(1, 1, c, chunk), bz=r(1, 1, c, chunk), m=r(1, 1, c, chunk, chunk),
+                         ws=r(1, 1, c, d, d), ss=r(1, 1, c, d, d), es=r(1, 1, c, chunk, d))
+    reads.square().sum().backward()
 
 
 def _run_chunk_walk(d: int, chunk: int, dt) -> None:

@@ -1260,10 +1260,17 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         # below) goes straight to autocast's dtype, not widened to the queries' float32 first
         return (state.to(low or q.dtype) @ x.transpose(-1, -2)).transpose(-1, -2)
 
-    out = read(q * g[..., rows, 0, None], starts_w)
-    if momentum:
-        out = out + read(q * z[..., rows, None], starts_s)
-    out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(low or q.dtype)
+    from .kernels.recurrence import online_reads, reads_in_kernel
+
+    if recurrence is not None and reads_in_kernel(n, starts_w.shape[-2], q.shape[-1]):  # NLGRAPH_RECURRENCE_READS
+        work = low or torch.promote_types(q.dtype, k.dtype)
+        out = online_reads(q.to(work), k.to(work), g[..., rows, 0], z[..., rows] if momentum else None,
+                           omega[..., rows, 1:], starts_w, starts_s, es).to(low or q.dtype)
+    else:
+        out = read(q * g[..., rows, 0, None], starts_w)
+        if momentum:
+            out = out + read(q * z[..., rows, None], starts_s)
+        out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(low or q.dtype)
     if origin is not None:
         out = out + q @ origin.unsqueeze(2).transpose(-1, -2).to(q.dtype)
     return out.flatten(2, 3), (w if origin is None else w + origin), s_buf

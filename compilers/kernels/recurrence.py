@@ -22,7 +22,8 @@ import torch
 
 from ._load import pow2 as _pow2, products
 
-__all__ = ["fits", "loop", "online_recurrence", "operand_dtype", "states_dtype"]
+__all__ = ["fits", "loop", "online_reads", "online_recurrence", "operand_dtype", "reads_fit", "reads_in_kernel",
+           "states_dtype"]
 
 _OP = "online_recurrence"
 
@@ -346,3 +347,129 @@ def loop(w0, s0, u, xt, ge, p1=None, yt=None, ze=None, ye=None, p2=None):
                                   at(p2, c))
         es.append(e)
     return (torch.stack(ws, 2), torch.stack(ss, 2) if s is not None else None, torch.stack(es, 2), w, s)
+
+
+# --------------------------------------------------------------------------- the reads
+
+#: ``NLGRAPH_RECURRENCE_READS``: who computes the online form's reads from the recurrence's chunk
+#: starts, read once a process. ``pytorch`` (default): three batched products (six backward) and
+#: their elementwise work in PyTorch. ``kernel``: :func:`online_reads`, one Triton program a chunk,
+#: forward and backward. Checked in Triton's interpreter only, not yet on a GPU or timed. Any other
+#: value is an error at the first call.
+READS = os.environ.get("NLGRAPH_RECURRENCE_READS", "").strip().lower() or "pytorch"
+# compiled for sm_90 at a [128, 128] state, chunk 64, bfloat16 (benchmarks/kernel_resources.py
+# --cases recurrence): the backward spilled 1,120 bytes of stack on 4 warps, 512 on 8
+READS_BWD_WARPS = 8
+
+
+def reads_fit(n: int, o: int, i: int) -> bool:
+    """Whether :func:`online_reads` takes chunks of ``n`` tokens and ``[o, i]`` states (one program
+    holds a chunk's whole ``[n, O]`` output and ``[O, I]`` state)."""
+    return n in (16, 32, 64) and 1 <= o <= 128 and 1 <= i <= 128
+
+
+def reads_in_kernel(n: int, o: int, i: int) -> bool:
+    """Whether the online form's reads go through :func:`online_reads` (:data:`READS`, and a chunk
+    and state it takes)."""
+    if READS not in ("pytorch", "kernel"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown recurrence reads {READS!r}; set it to 'pytorch' or 'kernel', or unset it",
+                           path="NLGRAPH_RECURRENCE_READS")
+    return READS == "kernel" and reads_fit(n, o, i)
+
+
+@torch.library.custom_op("nlgraph::online_reads_fwd", mutates_args=())
+def _reads_fwd_op(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, bz: Optional[torch.Tensor], m: torch.Tensor,
+                  ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor) -> torch.Tensor:
+    b, h, nc, n, i = q.shape
+    o = ws.shape[-2]
+    out = es.new_empty(b, h, nc, n, o, dtype=torch.float32)
+    e = _empty(q)
+    mom = ss is not None
+    _kernels(q).reads_fwd[(b * h * nc,)](
+        q, k, a, bz if mom else e, m, ws, ss if mom else e, es, out, N=n, O=o, I=i, BO=_pow2(o), BI=_pow2(i),
+        MOM=mom, PREC=products(q.dtype, unset="tf32x3"))
+    return out
+
+
+@_reads_fwd_op.register_fake
+def _(q, k, a, bz, m, ws, ss, es):
+    return es.new_empty(*q.shape[:-1], ws.shape[-2], dtype=torch.float32)
+
+
+@torch.library.custom_op("nlgraph::online_reads_bwd", mutates_args=())
+def _reads_bwd_op(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, bz: Optional[torch.Tensor], m: torch.Tensor,
+                  ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, do: torch.Tensor
+                  ) -> list[torch.Tensor]:
+    """Returns ``[dq, dk, da, dbz, dm, dws, dss, des]``, float32 (``dbz`` / ``dss`` empty without momentum)."""
+    b, h, nc, n, i = q.shape
+    o = ws.shape[-2]
+    mom = ss is not None
+
+    def f32(*shape):
+        return q.new_empty(*shape, dtype=torch.float32)
+
+    dq, dk, da, dm = f32(b, h, nc, n, i), f32(b, h, nc, n, i), f32(b, h, nc, n), f32(b, h, nc, n, n)
+    dws, des = f32(b, h, nc, o, i), f32(b, h, nc, n, o)
+    dbz, dss = (f32(b, h, nc, n), f32(b, h, nc, o, i)) if mom else (_empty(q), _empty(q))
+    e = _empty(q)
+    _kernels(q).reads_bwd[(b * h * nc,)](
+        q, k, a, bz if mom else e, m, ws, ss if mom else e, es, do.contiguous(), dq, dk, da, dbz, dm, dws, dss, des,
+        N=n, O=o, I=i, BO=_pow2(o), BI=_pow2(i), MOM=mom, PREC=products(q.dtype, unset="tf32x3"),
+        num_warps=READS_BWD_WARPS)
+    return [dq, dk, da, dbz, dm, dws, dss, des]
+
+
+@_reads_bwd_op.register_fake
+def _(q, k, a, bz, m, ws, ss, es, do):
+    b, h, nc, n, i = q.shape
+    o = ws.shape[-2]
+    mom = ss is not None
+
+    def f32(*shape):
+        return q.new_empty(*shape, dtype=torch.float32)
+
+    return [f32(b, h, nc, n, i), f32(b, h, nc, n, i), f32(b, h, nc, n), f32(b, h, nc, n) if mom else q.new_empty(0),
+            f32(b, h, nc, n, n), f32(b, h, nc, o, i), f32(b, h, nc, o, i) if mom else q.new_empty(0),
+            f32(b, h, nc, n, o)]
+
+
+def _reads_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
+
+
+def _reads_backward(ctx, do):
+    grads = _reads_bwd_op(*ctx.saved_tensors, do)
+    return tuple(None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+
+
+_reads_fwd_op.register_autograd(_reads_backward, setup_context=_reads_setup)
+
+
+def online_reads(q, k, a, bz, m, ws, ss, es):
+    """The online form's reads of every chunk from its start state, in one kernel::
+
+        out = diag(a) q Wᵀ + diag(bz) q Sᵀ − (q kᵀ ⊙ M) E
+
+    Args:
+        q, k: ``[B, H, C, n, I]``, one dtype (the products' operands; ``W``, ``S``, ``E`` are cast to it).
+        a, bz: ``[B, H, C, n]`` the rows' weights of ``W`` and ``S`` (``bz`` ``None`` without momentum).
+        m: ``[B, H, C, n, n]`` the mask of the chunk's own writes (float32).
+        ws, ss: ``[B, H, C, O, I]`` every chunk's start state and momentum (``ss`` ``None`` without).
+        es: ``[B, H, C, n, O]`` the chunk's written errors.
+
+    Returns:
+        ``[B, H, C, n, O]`` float32, differentiable in every input.
+    """
+    from nlgraph.errors import NLGraphError
+
+    if q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise NLGraphError(f"q and k must share one dtype among float32, bfloat16 and float16, got {q.dtype} and "
+                           f"{k.dtype}", path="online_reads")
+    if not reads_fit(q.shape[3], ws.shape[-2], q.shape[-1]):
+        raise NLGraphError(f"chunk {q.shape[3]} with a [{ws.shape[-2]}, {q.shape[-1]}] state: the reads kernel takes "
+                           "chunks of 16, 32 or 64 and states up to [128, 128]", path="online_reads")
+    args = [t.contiguous() if t is not None else None for t in (q, k, a, bz, m, ws, ss, es)]
+    return _reads_fwd_op(*args)

@@ -122,10 +122,21 @@ def rec_calls(monkeypatch):
         _set_interpret(old)
 
 
+@pytest.mark.parametrize("reads", ["pytorch", "kernel"])
 @pytest.mark.parametrize("name", sorted(LEVELS))
-def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, rec_calls):
+def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, reads, rec_calls, monkeypatch):
     """70 tokens in chunks of 16: four full chunks through the kernel and a partial one in PyTorch;
-    outputs, final state and every gradient (gates, initial memory and momentum) equal the reference."""
+    outputs, final state and every gradient (gates, initial memory and momentum) equal the reference,
+    with the reads in PyTorch or in their own kernel (``NLGRAPH_RECURRENCE_READS``)."""
+    monkeypatch.setattr(rec_module, "READS", reads)
+    read_calls = []
+    real_reads = rec_module.online_reads
+
+    def reads_spy(*a, **k):
+        read_calls.append(1)
+        return real_reads(*a, **k)
+
+    monkeypatch.setattr(rec_module, "online_reads", reads_spy)
     spec = load_level(LEVELS[name])
     assert dispatch.why_no_online_kernel(spec) is not None and dispatch.why_no_online_linear_attention(spec) is not None
     assert level_form(spec, device=DEVICE) == "triton"
@@ -152,6 +163,7 @@ def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, re
         flat = list(leaves.values()) + [state["memory.w0"], state["optimizer.memory.momentum.w0"]]
         results[form] = (y, st, torch.autograd.grad(loss, flat))
     assert rec_calls["n"] == 1
+    assert len(read_calls) == (1 if reads == "kernel" else 0)
     (y, st, gr), (y_ref, st_ref, gr_ref) = results["triton"], results["reference"]
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for k in ("memory.w0", "optimizer.memory.momentum.w0"):
@@ -354,3 +366,55 @@ def test_the_chunk_starts_under_autocast_follow_the_switch(mode, rec_calls, monk
     monkeypatch.setattr(recurrence, "STATES", "bf16")
     with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_STATES"):
         recurrence.states_dtype(torch.device(DEVICE))
+
+
+@pytest.mark.parametrize("mom", [True, False])
+def test_the_reads_kernel_equals_its_products(mom):
+    """``online_reads`` (one program a chunk) against ``diag(a) q Wᵀ + diag(bz) q Sᵀ − (q kᵀ ⊙ M) E``
+    in float64: the output and the gradient of every input, at widths that are not powers of two;
+    it traces under ``torch.compile(fullgraph=True)``; sizes it cannot take are one clear error."""
+    from nlgraph.compilers.kernels.recurrence import online_reads
+    from nlgraph.errors import NLGraphError
+
+    g = torch.Generator().manual_seed(11)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    b, h, c, n, o, i = 1, 2, 3, 16, 40, 24
+    args = dict(q=r(b, h, c, n, i), k=r(b, h, c, n, i), a=r(b, h, c, n), bz=r(b, h, c, n) if mom else None,
+                m=torch.tril(r(b, h, c, n, n)), ws=r(b, h, c, o, i), ss=r(b, h, c, o, i) if mom else None,
+                es=r(b, h, c, n, o))
+
+    def products(q, k, a, bz, m, ws, ss, es):
+        out = a[..., None] * (q @ ws.mT) - ((q @ k.mT) * m) @ es
+        return out + bz[..., None] * (q @ ss.mT) if ss is not None else out
+
+    names = [k for k, v in args.items() if v is not None]
+    ref_in = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = products(**ref_in)
+    cot = r(*ref.shape)
+    want = torch.autograd.grad((ref * cot).sum(), [ref_in[k] for k in names])
+    mine = {k: (v.float().to(DEVICE).requires_grad_() if v is not None else None) for k, v in args.items()}
+    out = online_reads(**mine)
+    assert _rel(out.detach().double().cpu(), ref.detach()) < 1e-5
+    got = torch.autograd.grad((out * cot.float().to(DEVICE)).sum(), [mine[k] for k in names])
+    for name, a_, r_ in zip(names, got, want):
+        assert _rel(a_.double().cpu(), r_) < 1e-5, name
+    compiled = torch.compile(lambda **kw: (online_reads(**kw) * cot.float().to(DEVICE)).sum(), fullgraph=True,
+                             backend="aot_eager")
+    again = torch.autograd.grad(compiled(**mine), [mine[k] for k in names])
+    for a_, b_ in zip(got, again):
+        torch.testing.assert_close(a_, b_)
+    with pytest.raises(NLGraphError, match="chunk 8"):
+        online_reads(**{**mine, "q": mine["q"][..., :8, :], "k": mine["k"][..., :8, :]})
+
+
+def test_the_reads_switch_refuses_an_unknown_value(monkeypatch):
+    from nlgraph.errors import NLGraphError
+
+    monkeypatch.setattr(rec_module, "READS", "fused")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_READS"):
+        rec_module.reads_in_kernel(16, 16, 16)
+    monkeypatch.setattr(rec_module, "READS", "kernel")
+    assert rec_module.reads_in_kernel(64, 128, 128) and not rec_module.reads_in_kernel(64, 256, 128)
