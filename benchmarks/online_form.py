@@ -116,9 +116,9 @@ def check(dev: torch.device, states: str = "float32") -> list[dict]:
         for name, a, r_ in zip(names, got_g, ref_g):
             errs[f"d{name}"] = float((a.double().cpu() - r_).norm() / r_.norm())
         worst = max(errs.values())
-        rows.append({"check": f"{str(dtype).removeprefix('torch.')} B={b} H={h} C={c} n={n} O={o} I={i} "
-                              f"momentum={mom} P1={has_p1} P2={has_p2}" + (" starts=bfloat16" if extra else ""), "max_rel_err": worst, "limit": limit,
-                     "ok": worst < limit, "errors": errs})
+        label = (f"{str(dtype).removeprefix('torch.')} B={b} H={h} C={c} n={n} O={o} I={i} momentum={mom} "
+                f"P1={has_p1} P2={has_p2}" + (" starts=bfloat16" if extra else ""))
+        rows.append({"check": label, "max_rel_err": worst, "limit": limit, "ok": worst < limit, "errors": errs})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

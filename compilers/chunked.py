@@ -116,14 +116,19 @@ def _transfer(f: torch.Tensor, channel: bool, low: torch.dtype | None = None) ->
     return _Transfer.apply(f, channel, low)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype on a device type while autocast is on there, else ``None`` (autocast's devices
+    by name: a meta tensor has none to ask)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _autocast_low(x: torch.Tensor) -> torch.dtype | None:
     """Autocast's 16-bit dtype on ``x``'s device when it is on and ``x`` is float32, else ``None``:
     the dtype the products made from ``x`` are multiplied in downstream."""
-    dev = x.device.type
-    if x.dtype == torch.float32 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        low = torch.get_autocast_dtype(dev)
-        return low if low in (torch.float16, torch.bfloat16) else None
-    return None
+    low = autocast_dtype(x.device.type) if x.dtype == torch.float32 else None
+    return low if low in (torch.float16, torch.bfloat16) else None
 
 
 def _no_autocast(x: torch.Tensor):
@@ -401,12 +406,9 @@ def _product_dtype(u: torch.Tensor, x: torch.Tensor, u_dtype: torch.dtype | None
     (matmul is on every device's lower-precision list), else the operands' promoted dtype.
     ``u_dtype``: the dtype ``u`` has by the time it is multiplied, when not its own (a product's
     operand made inside the forward)."""
-    dev = u.device.type
     both = torch.promote_types(u_dtype or u.dtype, x.dtype)
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and both in (
-            torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(dev)
-    return both
+    low = autocast_dtype(u.device.type)
+    return low if low is not None and both in (torch.float32, torch.float16, torch.bfloat16) else both
 
 
 def _save_scores(ctx, u: torch.Tensor, x: torch.Tensor | None, *rest: torch.Tensor) -> None:
@@ -1211,7 +1213,7 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         starts = states_dtype(u.device)  # NLGRAPH_RECURRENCE_STATES
         if starts != torch.float32:
             kernel_in["states"] = starts
-        # the chunk starts stay in the kernel's dtype: the reads cast them to the queries' anyway
+        # the chunk starts stay in the kernel's dtype: the reads below cast them for their products
         starts_w, starts_s, es, w_end, s_end = recurrence(w, s_buf, **kernel_in)
         w, s_buf = w_end.to(w.dtype), (s_end.to(s_buf.dtype) if momentum else None)
         es = es.to(u.dtype)
@@ -1250,8 +1252,7 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         es = torch.stack(es_, dim=2)
     rows = slice(0, n) if run.read_before else slice(1, n + 1)
 
-    dev = q.device.type
-    low = torch.get_autocast_dtype(dev) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
+    low = autocast_dtype(q.device.type)
 
     def read(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         # x stateᵀ taken as (state xᵀ)ᵀ: the chunk starts' gradient then comes out in their own

@@ -158,12 +158,17 @@ def _declined(node: dict, execution: str, device: str, dtype: torch.dtype | None
     return out
 
 
-def _compiles(node: dict, execution: str) -> bool:
-    """Whether ``torch.compile`` traces the node's execution form (its registration's ``compiles``)."""
+def _registered(spec: Any, execution: str):
+    """The registry's :class:`~nlgraph.compilers.Form` named ``execution`` for the level ``spec``, or ``None``."""
     from .compilers import find_form
     from .runtime import _family
 
-    form = find_form(_family(node["spec"]), execution)
+    return find_form(_family(spec), execution)
+
+
+def _compiles(node: dict, execution: str) -> bool:
+    """Whether ``torch.compile`` traces the node's execution form (its registration's ``compiles``)."""
+    form = _registered(node["spec"], execution)
     return form is None or form.compiles
 
 
@@ -218,11 +223,8 @@ def _entry_form(node: dict, execution: str | None, device: str) -> str:
     if kind in ("adaptive", "optimizer"):
         return "with its level"
     assert execution is not None, f"runtime node {node} has no execution form"
-    from .compilers import find_form
-    from .runtime import _family
-
     notes = ["interpreted"] if execution == "triton" and device == "cpu" else []
-    form = find_form(_family(spec), execution)
+    form = _registered(spec, execution)
     note = form.describe(spec, device) if form is not None and form.describe is not None else None
     notes += [note] if note else []
     return f"{execution} ({'; '.join(notes)})" if notes else execution

@@ -27,6 +27,21 @@ __all__ = ["fits", "loop", "online_reads", "online_recurrence", "operand_dtype",
 
 _OP = "online_recurrence"
 
+
+def _checked(value: str, choices: tuple[str, ...], var: str) -> str:
+    """``value`` of the environment variable ``var`` if it is one of ``choices``, else one clear error."""
+    if value not in choices:
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown value {value!r}; set it to {', '.join(choices)}, or unset it", path=var)
+    return value
+
+
+def _autocast(device: torch.device) -> torch.dtype | None:
+    from ..chunked import autocast_dtype
+
+    return autocast_dtype(device.type)
+
 #: ``NLGRAPH_RECURRENCE_PRODUCTS``: the dtype of the kernel's ``[n, ·]`` operands (``X̃``, ``P₁``,
 #: ``Ỹ``, ``P₂``) under autocast, read once a process. ``input`` (default): rounded to autocast's
 #: 16-bit dtype, one tensor-core product each, as the delta-rule kernels take their ``W = T diag(β) K``
@@ -51,13 +66,8 @@ STATES = os.environ.get("NLGRAPH_RECURRENCE_STATES", "").strip().lower() or "flo
 
 def states_dtype(device: torch.device) -> torch.dtype:
     """The dtype :func:`online_recurrence` keeps the chunk starts in on ``device`` (:data:`STATES`)."""
-    if STATES not in ("float32", "input"):
-        from nlgraph.errors import NLGraphError
-
-        raise NLGraphError(f"unknown recurrence states {STATES!r}; set it to 'float32' or 'input', or unset it",
-                           path="NLGRAPH_RECURRENCE_STATES")
-    if STATES == "input" and device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+    if _checked(STATES, ("float32", "input"), "NLGRAPH_RECURRENCE_STATES") == "input":
+        return _autocast(device) or torch.float32
     return torch.float32
 
 
@@ -72,25 +82,15 @@ SUMS = os.environ.get("NLGRAPH_RECURRENCE_SUMS", "").strip().lower() or "atomic"
 
 
 def _atomic_sums(row_blocks: int) -> bool:
-    if SUMS not in ("atomic", "rows"):
-        from nlgraph.errors import NLGraphError
-
-        raise NLGraphError(f"unknown recurrence sums {SUMS!r}; set it to 'atomic' or 'rows', or unset it",
-                           path="NLGRAPH_RECURRENCE_SUMS")
-    return row_blocks > 1 and SUMS == "atomic" and not torch.are_deterministic_algorithms_enabled()
+    atomic = _checked(SUMS, ("atomic", "rows"), "NLGRAPH_RECURRENCE_SUMS") == "atomic"
+    return row_blocks > 1 and atomic and not torch.are_deterministic_algorithms_enabled()
 
 
 def operand_dtype(work: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype :func:`online_recurrence`'s ``[n, ·]`` operands are cast to, given their promoted
     dtype ``work`` on ``device`` (:data:`PRODUCTS`)."""
-    if PRODUCTS not in ("wide", "input"):
-        from nlgraph.errors import NLGraphError
-
-        raise NLGraphError(f"unknown recurrence products {PRODUCTS!r}; set it to 'wide' or 'input', or unset it",
-                           path="NLGRAPH_RECURRENCE_PRODUCTS")
-    if PRODUCTS == "input" and work == torch.float32 and device.type in ("cuda", "cpu") \
-            and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+    if _checked(PRODUCTS, ("input", "wide"), "NLGRAPH_RECURRENCE_PRODUCTS") == "input" and work == torch.float32:
+        return _autocast(device) or work
     return work
 
 
@@ -132,21 +132,11 @@ STAGES = os.environ.get("NLGRAPH_RECURRENCE_STAGES", "").strip() or "1"
 
 
 def _stages() -> int:
-    if STAGES not in ("1", "2"):
-        from nlgraph.errors import NLGraphError
-
-        raise NLGraphError(f"unknown recurrence stages {STAGES!r}; set it to 1 or 2, or unset it",
-                           path="NLGRAPH_RECURRENCE_STAGES")
-    return int(STAGES)
+    return int(_checked(STAGES, ("1", "2"), "NLGRAPH_RECURRENCE_STAGES"))
 
 
 def _blocks(o: int, i: int) -> tuple[int, int]:
-    if ROWS not in ("16", "32", "64"):
-        from nlgraph.errors import NLGraphError
-
-        raise NLGraphError(f"unknown recurrence rows {ROWS!r}; set it to 16, 32 or 64, or unset it",
-                           path="NLGRAPH_RECURRENCE_ROWS")
-    return min(_pow2(o), int(ROWS)), _pow2(i)
+    return min(_pow2(o), int(_checked(ROWS, ("16", "32", "64"), "NLGRAPH_RECURRENCE_ROWS"))), _pow2(i)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -371,12 +361,7 @@ def reads_fit(n: int, o: int, i: int) -> bool:
 def reads_in_kernel(n: int, o: int, i: int) -> bool:
     """Whether the online form's reads go through :func:`online_reads` (:data:`READS`, and a chunk
     and state it takes)."""
-    if READS not in ("pytorch", "kernel"):
-        from nlgraph.errors import NLGraphError
-
-        raise NLGraphError(f"unknown recurrence reads {READS!r}; set it to 'pytorch' or 'kernel', or unset it",
-                           path="NLGRAPH_RECURRENCE_READS")
-    return READS == "kernel" and reads_fit(n, o, i)
+    return _checked(READS, ("pytorch", "kernel"), "NLGRAPH_RECURRENCE_READS") == "kernel" and reads_fit(n, o, i)
 
 
 @torch.library.custom_op("nlgraph::online_reads_fwd", mutates_args=())
