@@ -241,6 +241,39 @@ def pow2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+#: The narrowest tile the delta-rule and linear-attention kernels hold a head in on CUDA: a head of
+#: 16 or fewer columns is zero-padded to it (:func:`pad_heads`). On an H100 (triton 3.6, 2026-12-07;
+#: `benchmarks/small_heads.py`, docs/benchmarks.md "Heads narrower than 32 on the GPU") the delta rule
+#: at heads of 8 and 16, whose tiles are 16 wide, raised illegal memory accesses in float32 and
+#: returned wrong values in bfloat16 (relative error 1.6–1.8), and linear attention at 16 with a
+#: strong decay wrong gradients (1.5); heads of 32 and 64 passed in the same calls. Zeros in the
+#: padded key and value columns leave the real columns' function unchanged (the state's padded rows
+#: and columns stay zero).
+MIN_CUDA_HEAD = 32
+#: Pad on every device, not only CUDA (the tests, to check the padding under Triton's interpreter).
+PAD_EVERYWHERE = False
+
+
+def pad_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+              h0: torch.Tensor | None) -> tuple[tuple, tuple[int, int] | None]:
+    """``((q, k, v, g, h0), None)`` as given, or on CUDA, with a key or value width of 16 or less
+    (held in a tile narrower than :data:`MIN_CUDA_HEAD`), those five zero-padded to it (``q``, ``k``
+    and a per-key-channel ``g`` on their last dim when the keys are narrow, ``v`` when the values
+    are, ``h0 [B, H, Dk, Dv]`` on both) with the original ``(Dk, Dv)`` to cut the output and final
+    state back to. Differentiable: the real columns' gradients are the unpadded function's."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    if not (q.device.type == "cuda" or PAD_EVERYWHERE) or min(pow2(dk), pow2(dv)) >= MIN_CUDA_HEAD:
+        return (q, k, v, g, h0), None  # widths of 17 to 31 are held in 32-wide tiles already
+    pk, pv = (MIN_CUDA_HEAD - n if pow2(n) < MIN_CUDA_HEAD else 0 for n in (dk, dv))
+    pad = torch.nn.functional.pad
+    q, k, v = pad(q, (0, pk)), pad(k, (0, pk)), pad(v, (0, pv))
+    if g is not None and g.dim() == 4:  # log decay 0 on the padded channels: their rows stay zero anyway
+        g = pad(g, (0, pk))
+    if h0 is not None:
+        h0 = pad(h0, (0, pv, 0, pk))
+    return (q, k, v, g, h0), (dk, dv)
+
+
 # The kernels with a decay per key channel run 32 tokens a chunk, whatever chunk the caller asks for:
 # the function does not depend on the chunk, and 32 is the chunk their checks passed at on the H200.
 # There (B=4, T=4096, H=16, D=128, bf16; benchmarks/linear_attention_kernel.py --channel) GLA's

@@ -28,7 +28,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
+from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pad_heads, pow2 as _pow2, products, run_precompiled
 from .linear_attention import _chunk_cumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -394,10 +394,14 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
             final = initial_state.float() if initial_state is not None else q.new_zeros(
                 b, h, dk, v.shape[-1], dtype=torch.float32)
         return v.new_zeros(v.shape), final
+    (q, k, v, g, initial_state), widths = pad_heads(q, k, v, g, initial_state)
     o, ht, _, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
                           g.contiguous() if g is not None else None,
                           initial_state.contiguous() if initial_state is not None else None, scale, chunk,
                           output_final_state, value_beta.contiguous() if value_beta is not None else None)
+    if widths is not None:
+        o = o[..., :widths[1]]
+        ht = ht[..., :widths[0], :widths[1]] if output_final_state else ht
     return o, (ht if output_final_state else None)
 
 

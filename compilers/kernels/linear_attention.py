@@ -30,7 +30,7 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pow2 as _pow2, products, run_precompiled
+from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pad_heads, pow2 as _pow2, products, run_precompiled
 
 __all__ = ["chunk_linear_attention", "token_loop"]
 
@@ -241,9 +241,13 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         if output_final_state:
             final = initial_state.float() if initial_state is not None else q.new_zeros(want, dtype=torch.float32)
         return v.new_zeros(v.shape), final
+    (q, k, v, g, initial_state), widths = pad_heads(q, k, v, g, initial_state)
     o, ht, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
                        initial_state.contiguous() if initial_state is not None else None, scale, chunk,
                        output_final_state)
+    if widths is not None:
+        o = o[..., :widths[1]]
+        ht = ht[..., :widths[0], :widths[1]] if output_final_state else ht
     return o, (ht if output_final_state else None)
 
 

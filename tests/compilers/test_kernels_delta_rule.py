@@ -600,3 +600,52 @@ def test_sm90_bfloat16_heads_take_their_own_configs(monkeypatch):
     assert m.offered_configs("prepare") == [(None, 4, 2)]
     assert m.offered_configs("state_fwd") == [(32, 4, 2), (64, 4, 2)]
     assert m.bf16_choice("state_fwd", 128, 128, False) is None
+
+
+@pytest.mark.parametrize("op,decay,dk", [("delta_rule", "head", 8), ("delta_rule", "channel", 8),
+                                         ("delta_rule", None, 8), ("delta_rule", "channel", 24),
+                                         ("linear_attention", "head", 8), ("linear_attention", "channel", 8)])
+def test_narrow_heads_padded_to_the_cuda_minimum_keep_their_function(op, decay, dk, monkeypatch):
+    """Heads narrower than ``_load.MIN_CUDA_HEAD`` are zero-padded to it on CUDA (their 16-wide
+    tiles faulted or gave wrong values on an H100). Padded here under the interpreter
+    (``PAD_EVERYWHERE``): outputs, final state and every input's gradient equal the float64 token
+    loop at keys of 8 (or 24: only the values padded) and values of 6, and the outputs come back at
+    the caller's widths."""
+    from nlgraph.compilers.kernels import _load, chunk_linear_attention
+    from nlgraph.compilers.kernels.delta_rule import token_loop as dr_loop
+    from nlgraph.compilers.kernels.linear_attention import token_loop as la_loop
+
+    monkeypatch.setattr(_load, "PAD_EVERYWHERE", True)
+    b, t, h, dv = 1, 40, 2, 6
+    x64 = _inputs(b, t, h, dk, dv, gated=False, with_h0=True, seed=11)
+    assert _load.pad_heads(x64["q"], x64["k"], x64["v"], None, x64["h0"])[0][0].shape[-1] == (32 if dk <= 16 else dk)
+    gen = torch.Generator().manual_seed(3)
+    if decay == "head":
+        x64["g"] = F.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=torch.float64) + 2.0)
+    elif decay == "channel":
+        x64["g"] = F.logsigmoid(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64) + 2.0)
+    if op == "linear_attention":
+        del x64["beta"]
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    got = {n: a.to(DEVICE, torch.float32).requires_grad_() for n, a in x64.items()}
+    if op == "delta_rule":
+        y_ref, s_ref = dr_loop(ref["q"], ref["k"], ref["v"], ref["beta"], ref.get("g"), ref["h0"], 0.5)
+        o, ht = chunk_delta_rule(got["q"], got["k"], got["v"], got["beta"], g=got.get("g"), initial_state=got["h0"],
+                                 output_final_state=True, scale=0.5, chunk=16)
+    else:
+        y_ref, s_ref = la_loop(ref["q"], ref["k"], ref["v"], ref.get("g"), ref["h0"], 0.5)
+        o, ht = chunk_linear_attention(got["q"], got["k"], got["v"], got.get("g"), initial_state=got["h0"],
+                                       output_final_state=True, scale=0.5, chunk=16)
+    assert o.shape == (b, t, h, dv) and ht.shape == (b, h, dk, dv)
+    assert _rel(o.cpu(), y_ref.detach()) < 1e-5 and _rel(ht.cpu(), s_ref.detach()) < 1e-5
+    do = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    ((y_ref * do).sum() + (s_ref * dht).sum()).backward()
+    ((o * do.float().to(DEVICE)).sum() + (ht * dht.float().to(DEVICE)).sum()).backward()
+    for name in x64:
+        assert got[name].grad.shape == x64[name].shape
+        assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
+    # unless asked, only CUDA tensors are padded
+    monkeypatch.setattr(_load, "PAD_EVERYWHERE", False)
+    assert (_load.pad_heads(got["q"], got["k"], got["v"], None, None)[1] is not None) == (DEVICE == "cuda")
+

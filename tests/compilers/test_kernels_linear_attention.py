@@ -163,7 +163,7 @@ def test_the_per_channel_kernels_run_their_own_chunk(monkeypatch):
     ran, original = [], module._fwd_op
     monkeypatch.setattr(module, "_fwd_op", lambda *a: ran.append(a[6]) or original(*a))
     q, k, v, g, _ = _inputs(1, 40, 1, 16, 16, "channel", False, seed=3)
-    q, k, v, g = (x.float() for x in (q, k, v, g))
+    q, k, v, g = (x.float().to(DEVICE) for x in (q, k, v, g))
     outs = [chunk_linear_attention(q, k, v, g, scale=1.0, chunk=c)[0] for c in (16, 64, 32)]
     chunk_linear_attention(q, k, v, g[..., 0].contiguous(), scale=1.0, chunk=64)
     assert ran == [32, 32, 32, 64]
@@ -184,7 +184,7 @@ def test_plain_warps_launches_the_plain_kernels_at_another_count_and_restores_th
     spec.loader.exec_module(launch)
     before = kmod.kernels().grads_channel
     q, k, v, g, _ = _inputs(1, 40, 1, 16, 16, "channel", False, seed=3)
-    q, k, v, g = (x.float() for x in (q, k, v, g))
+    q, k, v, g = (x.float().to(DEVICE) for x in (q, k, v, g))
     ref = chunk_linear_attention(q, k, v, g, scale=1.0)[0]
     with launch.plain_warps(8):
         assert type(kmod.kernels().grads_channel).__name__ == "_Warps"
