@@ -15,7 +15,8 @@
    and the first call's seconds (compile + autotune): the Triton kernels (plain and gated), nlgraph's
    PyTorch chunked form (eager), and fla's ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` when fla
    is importable (relative error of the outputs against fla's where the function is the same).
-3. ``--profile``: the CUDA kernels of one Triton forward + backward, by total time.
+3. ``--profile``: the CUDA kernels of one forward + backward, by total time: nlgraph's delta rule with
+   and without a decay, and fla's ``chunk_delta_rule``.
 
 ``--resources`` instead compiles every kernel for sm_90 with each autotune config and every warp count
 ``NLGRAPH_TRITON_WARPS`` allows, on any machine (no GPU: triton ships ptxas and cuobjdump), and prints
@@ -331,6 +332,9 @@ def _measure(row, name, fn, gated, anchor, inputs, outputs, args) -> None:
 
 
 def profile_rows(args, device: str) -> list[dict]:
+    """The CUDA kernels of one forward + backward, by total time: nlgraph's delta rule with and without
+    a decay, and fla's ``chunk_delta_rule`` beside them when fla is importable (its gated backward is
+    refused on triton 3.6), so a kernel that falls behind fla's at a shape shows which one it is."""
     from torch.profiler import ProfilerActivity, profile
 
     from nlgraph.compilers.kernels import chunk_delta_rule
@@ -338,17 +342,27 @@ def profile_rows(args, device: str) -> list[dict]:
     x = make_inputs(args.batch, args.length, args.heads, args.dim, args.dim, getattr(torch, args.dtype),
                     gated=True, with_h0=False, seed=0, device=device)
     leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "beta", "g")]
-    run = fwd_bwd(lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g=g, scale=1.0, chunk=args.chunk)[0],
-                  leaves)
-    run()
-    torch.cuda.synchronize()
+    runs = {
+        "nlgraph chunk_delta_rule + g": fwd_bwd(
+            lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g=g, scale=1.0, chunk=args.chunk)[0], leaves),
+        "nlgraph chunk_delta_rule": fwd_bwd(
+            lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta, scale=1.0, chunk=args.chunk)[0], leaves[:4]),
+    }
+    if HAVE_FLA and not args.skip_fla:
+        runs["fla chunk_delta_rule"] = fwd_bwd(lambda q, k, v, beta: fla_delta_rule(q, k, v, beta, scale=1.0)[0],
+                                               leaves[:4])
+    rows = []
     reps = 5
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
+    for impl, run in runs.items():
+        run()
         torch.cuda.synchronize()
-    return [{"kernel": name[:60], "ms_per_step": ms, "calls_per_step": calls}
-            for ms, calls, name in kernel_times(prof, reps)[:16]]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                run()
+            torch.cuda.synchronize()
+        rows += [{"impl": impl, "kernel": name[:60], "ms_per_step": ms, "calls_per_step": calls}
+                 for ms, calls, name in kernel_times(prof, reps)[:16]]
+    return rows
 
 
 def main() -> int:
@@ -418,9 +432,12 @@ def main() -> int:
             if "rel_err" in c and not c["ok"]:
                 print("    " + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_err"].items()))
     if prof:
-        print(f"\n{'kernel (one Triton gated fwd+bwd)':<62} {'ms':>8} {'calls':>6}")
-        for r in prof:
-            print(f"{r['kernel']:<62} {r['ms_per_step']:>8.3f} {r['calls_per_step']:>6.1f}")
+        for impl in dict.fromkeys(r["impl"] for r in prof):
+            rows = [r for r in prof if r["impl"] == impl]
+            print(f"\n{'kernel (' + impl + ', fwd+bwd)':<62} {'ms':>8} {'calls':>6}   total "
+                  f"{sum(r['ms_per_step'] for r in rows):.3f} ms")
+            for r in rows:
+                print(f"{r['kernel']:<62} {r['ms_per_step']:>8.3f} {r['calls_per_step']:>6.1f}")
     print(f"\nB={args.batch} T={args.length} H={args.heads} D={args.dim} {args.dtype}, chunk {args.chunk}; "
           f"median of {args.reps} (CUDA events)")
     anchors = {r["name"]: r for r in timings if r["name"].startswith("fla")}

@@ -255,53 +255,84 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
 
 def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False):
+               USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False,
+               SPLIT: tl.constexpr = False):
+    # SPLIT holds dh's BK key rows as two accumulators of BK / 2 (fla's `blockdim64` recurrence keeps
+    # 64-row ones; NLGRAPH_STATE_BWD_SPLIT), the second half's loads and products under `if SPLIT`
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     tok = i_b * T * H + i_h
     dt = q.dtype.element_ty
-    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    KB: tl.constexpr = BK // 2 if SPLIT else BK
+    dh = tl.zeros([KB, BV], dtype=tl.float32)
+    dh2 = tl.zeros([KB, BV], dtype=tl.float32)
     if USE_DHT:
-        pt = tl.make_block_ptr(dht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        pt = tl.make_block_ptr(dht + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (KB, BV), (1, 0))
         dh += tl.load(pt, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        if SPLIT:
+            dh2 += tl.load(tl.advance(pt, (KB, 0)), boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     r = tl.arange(0, C)
     for i_t in range(NT - 1, -1, -1):
         t = i_t * C + r
         # dhs[n] is the gradient of the state at the END of chunk n
         p_dh = tl.make_block_ptr(dhs + ((i_b * NT + i_t) * H + i_h) * K * V, (K, V), (V, 1), (0, i_v * BV),
-                                 (BK, BV), (1, 0))
+                                 (KB, BV), (1, 0))
         tl.store(p_dh, dh.to(dhs.dtype.element_ty), boundary_check=(0, 1))
-        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
-        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1),
+        kb = tl.load(_rows(k, tok, T, H, K, i_t * C, 0, C, KB), boundary_check=(0, 1), padding_option="zero")
+        qb = tl.load(_rows(q, tok, T, H, K, i_t * C, 0, C, KB), boundary_check=(0, 1),
                      padding_option="zero").to(tl.float32) * scale
+        if SPLIT:
+            tl.store(tl.advance(p_dh, (KB, 0)), dh2.to(dhs.dtype.element_ty), boundary_check=(0, 1))
+            kb2 = tl.load(_rows(k, tok, T, H, K, i_t * C, KB, C, KB), boundary_check=(0, 1), padding_option="zero")
+            qb2 = tl.load(_rows(q, tok, T, H, K, i_t * C, KB, C, KB), boundary_check=(0, 1),
+                          padding_option="zero").to(tl.float32) * scale
         if GK:
-            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, BK)
+            bk, blk, valid = _channel_decays(bcum, tok, i_t, T, H, K, C, KB)
             kb = (kb.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk[None, :] - bk), 0.)).to(dt)
             qb = qb * tl.exp(bk)
+            if SPLIT:
+                bk2, blk2, _ = _channel_decays(bcum, tok, i_t, T, H, K, C, KB, KB)
+                kb2 = (kb2.to(tl.float32) * tl.where(valid[:, None], tl.exp(blk2[None, :] - bk2), 0.)).to(dt)
+                qb2 = qb2 * tl.exp(bk2)
         elif USE_G:
             last = tl.minimum(i_t * C + C, T) - 1
             bl = tl.load(bcum + (i_b * T + last) * H + i_h)
             bb = tl.load(bcum + (i_b * T + tl.minimum(t, T - 1)) * H + i_h)
             kb = (kb * tl.exp(bl - bb)[:, None]).to(dt)
             qb = qb * tl.exp(bb)[:, None]
+            if SPLIT:
+                kb2 = (kb2 * tl.exp(bl - bb)[:, None]).to(dt)
+                qb2 = qb2 * tl.exp(bb)[:, None]
         dvb = tl.load(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1),
                       padding_option="zero").to(tl.float32)
         dvb += tl.dot(kb, dh.to(dt), input_precision=PREC)
+        if SPLIT:
+            dvb += tl.dot(kb2, dh2.to(dt), input_precision=PREC)
         tl.store(_rows(dvn, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvn.dtype.element_ty),
                  boundary_check=(0, 1))
         dob = tl.load(_rows(do, tok, T, H, V, i_t * C, i_v * BV, C, BV), boundary_check=(0, 1), padding_option="zero")
-        wb = tl.load(_rows(w, tok, T, H, K, i_t * C, 0, C, BK), boundary_check=(0, 1), padding_option="zero")
+        wb = tl.load(_rows(w, tok, T, H, K, i_t * C, 0, C, KB), boundary_check=(0, 1), padding_option="zero")
         if GK:
             dh = dh * tl.exp(blk)[:, None]
         elif USE_G:
             dh = dh * tl.exp(bl)
         dh += tl.dot(tl.trans(qb.to(dt)), dob, input_precision=PREC)
         dh -= tl.dot(tl.trans(wb), dvb.to(dt), input_precision=PREC)
+        if SPLIT:
+            wb2 = tl.load(_rows(w, tok, T, H, K, i_t * C, KB, C, KB), boundary_check=(0, 1), padding_option="zero")
+            if GK:
+                dh2 = dh2 * tl.exp(blk2)[:, None]
+            elif USE_G:
+                dh2 = dh2 * tl.exp(bl)
+            dh2 += tl.dot(tl.trans(qb2.to(dt)), dob, input_precision=PREC)
+            dh2 -= tl.dot(tl.trans(wb2), dvb.to(dt), input_precision=PREC)
     if STORE_DH0:
-        p0 = tl.make_block_ptr(dh0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+        p0 = tl.make_block_ptr(dh0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (KB, BV), (1, 0))
         tl.store(p0, dh, boundary_check=(0, 1))
+        if SPLIT:
+            tl.store(tl.advance(p0, (KB, 0)), dh2, boundary_check=(0, 1))
 
 
 def _qkw_bwd(q, k, vn, dvn, do, hs, dhs, bcum, dq, dk, dw, db, scale, T, NT, B, H: tl.constexpr,
@@ -681,7 +712,7 @@ def _tuned(name: str, fn):
     # are not in it: a run at another batch but the same length reuses the choice
     # PREC: float32's products follow NLGRAPH_FP32_PRODUCTS, not the dtype alone, and a config that
     # fits with one mode's tiles may not with the other's (shared memory grows with tf32x3)
-    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "GK", "LOWP", "VB", "PREC"],
+    return triton.autotune(configs=configs, key=["K", "V", "C", "T", "USE_G", "GK", "LOWP", "VB", "PREC", "SPLIT"],
                            restore_value=restore,
                            cache_results=True,
                            prune_configs_by={"early_config_prune": functools.partial(choose_configs, name)})(jitted)

@@ -28,7 +28,8 @@ import torch
 
 from nlgraph.errors import NLGraphError
 
-from ._load import CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pad_heads, pow2 as _pow2, products, run_precompiled
+from ._load import (CHANNEL_BACKWARD_WARPS, cdiv as _cdiv, kernel_chunk, pad_heads, pow2 as _pow2, products,
+                    run_precompiled, switch)
 from .linear_attention import _chunk_cumsum, _per_channel
 from .linear_attention import _kernels as _la_kernels
 
@@ -159,7 +160,7 @@ def _backward_channel(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk):
     kn.state_bwd[grid](
         q, k, w, bcum, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale, t, nt, H=h, K=p["K"],
         V=p["V"], C=chunk, BK=p["KP"], USE_G=True, USE_DHT=use_dht, STORE_DH0=h0 is not None, PREC=p["PREC"],
-        GK=True, **blocks)
+        GK=True, SPLIT=_state_bwd_split(p), **blocks)
     del dvl, w
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
@@ -202,6 +203,15 @@ def _wy_lowp(dtype: torch.dtype) -> int:
     return int(level)
 
 
+def _state_bwd_split(p: dict) -> bool:
+    """Whether ``_state_bwd`` holds a 128-row key tile as two 64-row accumulators, as fla's
+    ``blockdim64`` recurrence does (``NLGRAPH_STATE_BWD_SPLIT``, read at each call so one process can
+    time both; off by default). At B=16, T=4096, 16 heads of 128 on an H100 nlgraph's one-tile
+    ``_state_bwd`` took 1.189 ms against fla's 0.764 (docs/benchmarks.md, "Levels over T at fixed
+    tokens"); the split is checked in Triton's interpreter, not yet timed on a GPU."""
+    return p["KP"] == 128 and bool(switch("NLGRAPH_STATE_BWD_SPLIT", False))
+
+
 def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
     """``(dq, dk, dv, dbeta, dg or empty, dh0 or empty, dbval or empty)``."""
     if _per_channel(g):  # never with bval: chunk_delta_rule refuses the pair
@@ -228,7 +238,7 @@ def _backward(q, k, v, beta, g, h0, tm, bcum, do, dht, scale, chunk, bval=None):
     kn.state_bwd[grid](
         q, k, w, bcum if use_g else dummy, do, dvl, dht.contiguous() if use_dht else dummy, dhs, dvn, dh0, scale,
         t, nt, H=h, K=p["K"], V=p["V"], C=chunk, BK=p["KP"], USE_G=use_g, USE_DHT=use_dht,
-        STORE_DH0=h0 is not None, PREC=p["PREC"], **blocks)
+        STORE_DH0=h0 is not None, PREC=p["PREC"], SPLIT=_state_bwd_split(p), **blocks)
     del dvl
     # K in blocks of 64: with one block of 128 the three [C, 128] fp32 accumulators spill heavily
     # (benchmarks/kernels.py --resources). fla's analogous kernel was miscompiled on Hopper at BK = 64

@@ -649,3 +649,41 @@ def test_narrow_heads_padded_to_the_cuda_minimum_keep_their_function(op, decay, 
     monkeypatch.setattr(_load, "PAD_EVERYWHERE", False)
     assert (_load.pad_heads(got["q"], got["k"], got["v"], None, None)[1] is not None) == (DEVICE == "cuda")
 
+
+@pytest.mark.parametrize("decay", [None, "head", "channel"])
+def test_the_state_backward_split_in_two_key_halves_matches_the_token_loop(decay, monkeypatch):
+    """``NLGRAPH_STATE_BWD_SPLIT=1``: at keys of 128 ``_state_bwd`` keeps ``dh`` as two 64-row
+    accumulators (fla's ``blockdim64`` layout). Outputs, final state and every gradient, the initial
+    state's and the final state's included, equal the float64 token loop, without a decay, with one
+    per head and with one per key channel; the switch is read at each call."""
+    from nlgraph.compilers.kernels import delta_rule as module
+    from nlgraph.compilers.kernels.delta_rule import token_loop
+
+    seen = []
+    original = module._state_bwd_split
+    monkeypatch.setattr(module, "_state_bwd_split", lambda p: seen.append(original(p)) or seen[-1])
+    monkeypatch.setenv("NLGRAPH_STATE_BWD_SPLIT", "1")
+    b, t, h, dk, dv = 1, 40, 1, 128, 24
+    x64 = _inputs(b, t, h, dk, dv, gated=False, with_h0=True, seed=5)
+    gen = torch.Generator().manual_seed(7)
+    if decay == "head":
+        x64["g"] = F.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=torch.float64) + 2.0)
+    elif decay == "channel":
+        x64["g"] = F.logsigmoid(torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64) + 3.0)
+    ref = {n: a.clone().requires_grad_() for n, a in x64.items()}
+    got = {n: a.to(DEVICE, torch.float32).requires_grad_() for n, a in x64.items()}
+    y_ref, s_ref = token_loop(ref["q"], ref["k"], ref["v"], ref["beta"], ref.get("g"), ref["h0"], 0.5)
+    o, ht = chunk_delta_rule(got["q"], got["k"], got["v"], got["beta"], g=got.get("g"), initial_state=got["h0"],
+                             output_final_state=True, scale=0.5, chunk=16)
+    do = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    ((y_ref * do).sum() + (s_ref * dht).sum()).backward()
+    ((o * do.float().to(DEVICE)).sum() + (ht * dht.float().to(DEVICE)).sum()).backward()
+    assert seen == [True]
+    assert _rel(o.detach().cpu(), y_ref.detach()) < 1e-5 and _rel(ht.detach().cpu(), s_ref.detach()) < 1e-5
+    for name in x64:
+        assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name
+    monkeypatch.setenv("NLGRAPH_STATE_BWD_SPLIT", "0")
+    assert original({"KP": 128}) is False
+    monkeypatch.setenv("NLGRAPH_STATE_BWD_SPLIT", "1")
+    assert original({"KP": 128}) is True and original({"KP": 64}) is False
