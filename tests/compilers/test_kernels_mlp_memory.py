@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
 
 
 def _inputs(b, t, h, d, f, seed):
-    return random_inputs(b, t, h, d, f, seed)
+    # on a GPU the kernel leaves heads of 16 or fewer to the PyTorch form (mlp_memory.why_not_on_cuda):
+    # there the narrow cases run at 24, still not a power of two, in the 32-wide tile
+    return random_inputs(b, t, h, d if DEVICE == "cpu" or d > 16 else 24, f, seed)
 
 
 def _run(qkv, gates, state, dtype, **kw):
