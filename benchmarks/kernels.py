@@ -59,6 +59,9 @@ except Exception:  # noqa: BLE001  (any import failure just drops the fla rows)
     HAVE_FLA = False
 
 
+UNGUARDED = "fla chunk_gated_delta_rule, guard lifted"  # time only: its values are wrong on triton 3.4-3.7.0
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     if not torch.isfinite(a).all():
@@ -261,6 +264,22 @@ def wy_lowp(level: str | None):
                 os.environ["NLGRAPH_WY_LOWP"] = old
 
 
+@contextlib.contextmanager
+def fla_gated_guard_lifted():
+    """fla's gated backward with its Hopper guard lifted while the block runs: on triton 3.4-3.7.0
+    fla refuses ``chunk_bwd_dqkwg`` with a decay, because that Triton miscompiles it into wrong
+    values (fla issue 640). Its time is still fla's kernels' time, the only gated forward + backward
+    anchor on this Triton; its values are not compared (``--fla-gated-unguarded``)."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    old = chunk_o.TRITON_ABOVE_3_7_1
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    try:
+        yield
+    finally:
+        chunk_o.TRITON_ABOVE_3_7_1 = old
+
+
 def timing_rows(args, device: str, levels: list[str] = ()) -> list[dict]:
     b, t, h, d = args.batch, args.length, args.heads, args.dim
     dtype = getattr(torch, args.dtype)
@@ -290,12 +309,17 @@ def timing_rows(args, device: str, levels: list[str] = ()) -> list[dict]:
         impls.append(("nlgraph chunked form + decay, eager", nlgraph_chunked(True), True,
                       "fla chunk_gated_delta_rule"))
 
+    if HAVE_FLA and not args.skip_fla and args.fla_gated_unguarded:
+        # last: a kernel Triton miscompiles could fault, and a fault spoils every later row's CUDA context
+        impls.append((UNGUARDED, lambda q, k, v, beta, g: fla_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0],
+                      True, None))
     x = make_inputs(b, t, h, d, d, dtype, gated=True, with_h0=False, seed=0, device=device)
     for name, fn, gated, anchor, *level in impls:
         inputs = [x["q"], x["k"], x["v"], x["beta"]] + ([x["g"]] if gated else [])
         row = {"name": name}
         # the WY level holds for the row's whole measurement (its backward reads it), then is undone
-        with wy_lowp(level[0] if level else None):
+        guard = fla_gated_guard_lifted() if name == UNGUARDED else contextlib.nullcontext()
+        with wy_lowp(level[0] if level else None), guard:
             _measure(row, name, fn, gated, anchor, inputs, outputs, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -383,6 +407,10 @@ def main() -> int:
     p.add_argument("--wy-lowp", default="", metavar="LEVELS",
                    help="check and time the Triton rows once per NLGRAPH_WY_LOWP level, e.g. 0,1,2 (16-bit "
                         "products in the WY backward; default: the environment's setting only)")
+    p.add_argument("--fla-gated-unguarded", action="store_true",
+                   help="also time fla's gated forward + backward with its Hopper guard lifted (triton 3.4-3.7.0 "
+                        "miscompiles it into wrong values, so only its time is used): the gated f+b ratio, "
+                        "marked *, is taken against it")
     p.add_argument("--value-beta", action="store_true",
                    help="run the checks with a write strength of the values' own (Titans' order; "
                         "dispatch.VALUE_BETA_ON_GPU) instead of the plain ones")
@@ -441,6 +469,7 @@ def main() -> int:
     print(f"\nB={args.batch} T={args.length} H={args.heads} D={args.dim} {args.dtype}, chunk {args.chunk}; "
           f"median of {args.reps} (CUDA events)")
     anchors = {r["name"]: r for r in timings if r["name"].startswith("fla")}
+    unguarded = anchors.pop(UNGUARDED, None)
     print(f"{'implementation':<42} {'fwd ms':>8} {'f+b ms':>8} {'x fla f':>8} {'x fla fb':>8} {'peak MiB':>9} "
           f"{'1st s':>6}  note")
     for r in timings:
@@ -448,14 +477,18 @@ def main() -> int:
                                                               or "gated" in r["name"]) else "fla chunk_delta_rule")
 
         def ratio(key):
-            if anchor is None or anchor is r or key not in r or key not in anchor:
+            ref = anchor
+            if ref is not None and key not in ref and ref["name"] == "fla chunk_gated_delta_rule":
+                ref = unguarded  # fla refuses its gated backward here: its time with the guard lifted
+            if ref is None or ref is r or key not in r or key not in ref:
                 return "-"
-            return f"{r[key] / anchor[key]:.2f}"
+            return f"{r[key] / ref[key]:.2f}" + ("*" if ref is unguarded else "")
 
         def num(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
-        note = r.get("error") or r.get("bwd_error") or ", ".join(
+        note = r.get("error") or r.get("bwd_error") or ("time only: fla's values are wrong on this Triton"
+                                                         if r is unguarded else "") or ", ".join(
             f"{k} {v:.1e}" for k, v in r.items() if k.startswith("rel_err"))
         print(f"{r['name']:<42} {num('fwd_ms', '.3f'):>8} {num('fwd_bwd_ms', '.3f'):>8} {ratio('fwd_ms'):>8} "
               f"{ratio('fwd_bwd_ms'):>8} {num('peak_mib', '.0f'):>9} {num('first_call_s', '.1f'):>6}  {note}")
