@@ -265,7 +265,12 @@ def test_the_plan_says_what_of_a_level_a_kernel_form_leaves_to_pytorch():
     assert momentum == "triton (the state recurrence in a kernel; the chunks' products, solves and reads in PyTorch)"
     hope = [lv.form for lv in plan("hope", tiny("hope"), device="cuda").levels if lv.execution == "triton"]
     assert any(f.startswith("triton (each chunk's recurrences walked in a kernel") for f in hope), hope
-    assert [lv.form for lv in plan("titans", TITANS, device="cuda").levels if lv.execution] == ["triton"]
+    # heads of 32 (the MLP memory's kernel leaves heads of 16 or fewer to the PyTorch form on CUDA)
+    wide = TITANS + ["vars.d_model=64"]
+    assert [lv.form for lv in plan("titans", wide, device="cuda").levels if lv.execution] == ["triton"]
+    narrow = plan("titans", TITANS, device="cuda")
+    assert [lv.execution for lv in narrow.levels if lv.execution] == ["chunked"]
+    assert any(name == "memory" and form == "triton" and "16-wide tile" in why for name, form, why in narrow.declined())
     assert [lv.form for lv in plan("deltanet", tiny("deltanet"), device="cuda").levels if lv.execution] == ["triton"]
 
 

@@ -162,9 +162,9 @@ def why_not_on_cuda(chunk: int, d: int, block_f: int | None = None) -> str | Non
     if block_f == 64:  # the H200 sweep that timed it faulted, and no check has passed with it
         return "block_f 64 is not checked on CUDA (the H200 timing sweep with it faulted); take 16 or 32"
     if _pow2(d) < MIN_CUDA_HEAD:
-        return (f"head dim {d} is below {MIN_CUDA_HEAD // 2 + 1}: the kernel's 16-wide tiles are not checked on CUDA (the "
+        return (f"head dim {d} is held in a 16-wide tile, which the kernel is not checked at on CUDA (the "
                 "delta-rule kernels' faulted or gave wrong values there on an H100, docs/benchmarks.md \"Heads "
-                "narrower than 32 on the GPU\"); use fewer, wider heads")
+                "narrower than 32 on the GPU\"); use fewer, wider heads (17 columns or more)")
     if _pow2(d) > MAX_CUDA_HEAD_DIM:
         return (f"head dim {d} is above {MAX_CUDA_HEAD_DIM}, the widest the kernel is checked at on CUDA (its "
                 "shared memory grows with the head dim, not only with the tile); use more heads")

@@ -680,7 +680,7 @@ def test_mlp_memory_refuses_cuda_tiles_it_fails_at():
     assert "head dim 256" in why_not_on_cuda(16, 256) and "head dim 200" in why_not_on_cuda(8, 200)
     assert why_not_on_cuda(16, 64, 32) is None and "take 16 or 32" in why_not_on_cuda(16, 64, 64)
     # heads narrower than 32 (16-wide tiles): the delta-rule kernels' faulted there on an H100
-    assert why_not_on_cuda(16, 24) is None and "below 17" in why_not_on_cuda(16, 16) and "below 17" in why_not_on_cuda(8, 8)
+    assert why_not_on_cuda(16, 24) is None and "16-wide tile" in why_not_on_cuda(16, 16) and "16-wide tile" in why_not_on_cuda(8, 8)
 
 
 def test_the_plan_keeps_the_pytorch_form_for_a_tile_the_kernel_refuses_on_cuda(monkeypatch):
