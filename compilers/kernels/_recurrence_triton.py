@@ -163,63 +163,76 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
 
 @triton.jit
 def _reads_fwd(q, k, a, bz, m, ws, ss, es, o, N: tl.constexpr, O: tl.constexpr, I: tl.constexpr,
-               BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr):
-    """One chunk's reads, all ``O`` columns: ``o = diag(a) q Wᵀ + diag(bz) q Sᵀ − (q kᵀ ⊙ M) E``."""
+               BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr, OB: tl.constexpr = 0):
+    """One chunk's reads, all ``O`` columns: ``o = diag(a) q Wᵀ + diag(bz) q Sᵀ − (q kᵀ ⊙ M) E``,
+    ``OB`` state rows (output columns) a loop step (0: all ``BO`` at once)."""
     cc = tl.program_id(0).to(tl.int64)  # (batch, head, chunk), flattened
     dt = q.dtype.element_ty
     r = tl.arange(0, N)
+    RB: tl.constexpr = BO if OB == 0 else OB
     qa = tl.load(_tile(q, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
     ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-    w = tl.load(_tile(ws, cc * O * I, O, I, 0, BO, BI), boundary_check=(0, 1), padding_option="zero")
     av = tl.load(a + cc * N + r).to(tl.float32)
-    acc = av[:, None] * tl.dot(qa, tl.trans(w.to(dt)), input_precision=PREC)
     if MOM:
-        sa = tl.load(_tile(ss, cc * O * I, O, I, 0, BO, BI), boundary_check=(0, 1), padding_option="zero")
         bv = tl.load(bz + cc * N + r).to(tl.float32)
-        acc += bv[:, None] * tl.dot(qa, tl.trans(sa.to(dt)), input_precision=PREC)
     mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
-    pm = tl.dot(qa, tl.trans(ka), input_precision=PREC) * mm
-    e = tl.load(_tile(es, cc * N * O, N, O, 0, N, BO), boundary_check=(0, 1), padding_option="zero")
-    acc -= tl.dot(pm.to(dt), e.to(dt), input_precision=PREC)
-    tl.store(_tile(o, cc * N * O, N, O, 0, N, BO), acc, boundary_check=(0, 1))
+    pm = (tl.dot(qa, tl.trans(ka), input_precision=PREC) * mm).to(dt)
+    for o0 in range(0, O, RB):
+        w = tl.load(_tile(ws, cc * O * I, O, I, o0, RB, BI), boundary_check=(0, 1), padding_option="zero")
+        acc = av[:, None] * tl.dot(qa, tl.trans(w.to(dt)), input_precision=PREC)
+        if MOM:
+            sa = tl.load(_tile(ss, cc * O * I, O, I, o0, RB, BI), boundary_check=(0, 1), padding_option="zero")
+            acc += bv[:, None] * tl.dot(qa, tl.trans(sa.to(dt)), input_precision=PREC)
+        e = tl.load(_cols(es, cc * N * O, N, O, o0, N, RB), boundary_check=(0, 1), padding_option="zero")
+        acc -= tl.dot(pm, e.to(dt), input_precision=PREC)
+        tl.store(_cols(o, cc * N * O, N, O, o0, N, RB), acc, boundary_check=(0, 1))
 
 
 @triton.jit
 def _reads_bwd(q, k, a, bz, m, ws, ss, es, do, dq, dk, da, dbz, dm, dws, dss, des, N: tl.constexpr,
                O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, OB: tl.constexpr = 0):
     """The gradients of :func:`_reads_fwd`'s chunk: with ``A = q kᵀ ⊙ M`` and ``dA = −dO Eᵀ``,
     ``dW = (a ⊙ dO)ᵀ q``, ``dS = (bz ⊙ dO)ᵀ q``, ``dE = −Aᵀ dO``, ``dM = dA ⊙ q kᵀ``,
     ``dq = a ⊙ dO W + bz ⊙ dO S + (dA ⊙ M) k``, ``dk = (dA ⊙ M)ᵀ q``, ``da = Σ q ⊙ dO W`` (rows),
-    ``dbz = Σ q ⊙ dO S``."""
+    ``dbz = Σ q ⊙ dO S``. ``OB`` state rows a loop step (0: all at once): ``dW``, ``dS`` and ``dE``
+    are per row block, ``dO W``, ``dO S`` and ``dA`` sums over them."""
     cc = tl.program_id(0).to(tl.int64)
     dt = q.dtype.element_ty
     r = tl.arange(0, N)
+    RB: tl.constexpr = BO if OB == 0 else OB
     qa = tl.load(_tile(q, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
     ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-    go = tl.load(_tile(do, cc * N * O, N, O, 0, N, BO), boundary_check=(0, 1), padding_option="zero")
-    go = go.to(tl.float32)
-    w = tl.load(_tile(ws, cc * O * I, O, I, 0, BO, BI), boundary_check=(0, 1), padding_option="zero")
     av = tl.load(a + cc * N + r).to(tl.float32)
-    dow = tl.dot(go.to(dt), w.to(dt), input_precision=PREC)  # [N, BI]: dO W
-    tl.store(da + cc * N + r, tl.sum(qa.to(tl.float32) * dow, axis=1))
-    tl.store(_tile(dws, cc * O * I, O, I, 0, BO, BI),
-             tl.dot(tl.trans((go * av[:, None]).to(dt)), qa, input_precision=PREC), boundary_check=(0, 1))
-    gq = av[:, None] * dow
     if MOM:
-        sa = tl.load(_tile(ss, cc * O * I, O, I, 0, BO, BI), boundary_check=(0, 1), padding_option="zero")
         bv = tl.load(bz + cc * N + r).to(tl.float32)
-        dos = tl.dot(go.to(dt), sa.to(dt), input_precision=PREC)
-        tl.store(dbz + cc * N + r, tl.sum(qa.to(tl.float32) * dos, axis=1))
-        tl.store(_tile(dss, cc * O * I, O, I, 0, BO, BI),
-                 tl.dot(tl.trans((go * bv[:, None]).to(dt)), qa, input_precision=PREC), boundary_check=(0, 1))
-        gq += bv[:, None] * dos
     mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
     p = tl.dot(qa, tl.trans(ka), input_precision=PREC)
-    e = tl.load(_tile(es, cc * N * O, N, O, 0, N, BO), boundary_check=(0, 1), padding_option="zero")
-    tl.store(_tile(des, cc * N * O, N, O, 0, N, BO),
-             -tl.dot(tl.trans((p * mm).to(dt)), go.to(dt), input_precision=PREC), boundary_check=(0, 1))
-    ga = -tl.dot(go.to(dt), tl.trans(e.to(dt)), input_precision=PREC)  # [N, N]: dA
+    pmt = tl.trans(p * mm).to(dt)
+    dow = tl.zeros([N, BI], dtype=tl.float32)  # dO W
+    dos = tl.zeros([N, BI], dtype=tl.float32)  # dO S
+    ga = tl.zeros([N, N], dtype=tl.float32)    # dA
+    for o0 in range(0, O, RB):
+        go = tl.load(_cols(do, cc * N * O, N, O, o0, N, RB), boundary_check=(0, 1), padding_option="zero")
+        go = go.to(tl.float32)
+        w = tl.load(_tile(ws, cc * O * I, O, I, o0, RB, BI), boundary_check=(0, 1), padding_option="zero")
+        dow += tl.dot(go.to(dt), w.to(dt), input_precision=PREC)
+        tl.store(_tile(dws, cc * O * I, O, I, o0, RB, BI),
+                 tl.dot(tl.trans((go * av[:, None]).to(dt)), qa, input_precision=PREC), boundary_check=(0, 1))
+        if MOM:
+            sa = tl.load(_tile(ss, cc * O * I, O, I, o0, RB, BI), boundary_check=(0, 1), padding_option="zero")
+            dos += tl.dot(go.to(dt), sa.to(dt), input_precision=PREC)
+            tl.store(_tile(dss, cc * O * I, O, I, o0, RB, BI),
+                     tl.dot(tl.trans((go * bv[:, None]).to(dt)), qa, input_precision=PREC), boundary_check=(0, 1))
+        e = tl.load(_cols(es, cc * N * O, N, O, o0, N, RB), boundary_check=(0, 1), padding_option="zero")
+        tl.store(_cols(des, cc * N * O, N, O, o0, N, RB), -tl.dot(pmt, go.to(dt), input_precision=PREC),
+                 boundary_check=(0, 1))
+        ga -= tl.dot(go.to(dt), tl.trans(e.to(dt)), input_precision=PREC)
+    tl.store(da + cc * N + r, tl.sum(qa.to(tl.float32) * dow, axis=1))
+    gq = av[:, None] * dow
+    if MOM:
+        tl.store(dbz + cc * N + r, tl.sum(qa.to(tl.float32) * dos, axis=1))
+        gq += bv[:, None] * dos
     tl.store(_tile(dm, cc * N * N, N, N, 0, N, N), ga * p)
     gp = (ga * mm).to(dt)
     gq += tl.dot(gp, ka, input_precision=PREC)

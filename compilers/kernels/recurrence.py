@@ -350,6 +350,20 @@ READS = os.environ.get("NLGRAPH_RECURRENCE_READS", "").strip().lower() or "pytor
 # compiled for sm_90 at a [128, 128] state, chunk 64, bfloat16 (benchmarks/kernel_resources.py
 # --cases recurrence): the backward spilled 1,120 bytes of stack on 4 warps, 512 on 8
 READS_BWD_WARPS = 8
+#: ``NLGRAPH_RECURRENCE_READS_ROWS``: the state rows (output columns) the reads kernels take a loop
+#: step, ``0`` (default: all at once, as timed on an H100: the backward 0.99 ms at B=4, T=4096, 16
+#: heads of 128) or ``32``: the backward then holds one block of ``W``, ``S`` and their gradients at
+#: a time instead of the whole ``[128, 128]`` tiles, and sums ``dO W``, ``dO S`` and ``dA`` over
+#: the blocks. Compiled for sm_90 on CPU at that shape (bf16, chunk 64): the backward's stack 576 →
+#: 232 bytes a thread, the forward's registers 255 → 110; 64 rows a step asked for 245,760 bytes of
+#: shared memory, over the H100's 232,448, so it is not offered. Read once a process.
+READS_ROWS = os.environ.get("NLGRAPH_RECURRENCE_READS_ROWS", "").strip() or "0"
+
+
+def _reads_rows(o: int) -> int:
+    """The reads kernels' ``OB``: :data:`READS_ROWS`, checked, 0 where it would cover every row."""
+    rows = int(_checked(READS_ROWS, ("0", "32"), "NLGRAPH_RECURRENCE_READS_ROWS"))
+    return 0 if rows >= _pow2(o) else rows
 
 
 def reads_fit(n: int, o: int, i: int) -> bool:
@@ -374,7 +388,7 @@ def _reads_fwd_op(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, bz: Optiona
     mom = ss is not None
     _kernels(q).reads_fwd[(b * h * nc,)](
         q, k, a, bz if mom else e, m, ws, ss if mom else e, es, out, N=n, O=o, I=i, BO=_pow2(o), BI=_pow2(i),
-        MOM=mom, PREC=products(q.dtype, unset="tf32x3"))
+        MOM=mom, PREC=products(q.dtype, unset="tf32x3"), OB=_reads_rows(o))
     return out
 
 
@@ -402,7 +416,7 @@ def _reads_bwd_op(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, bz: Optiona
     _kernels(q).reads_bwd[(b * h * nc,)](
         q, k, a, bz if mom else e, m, ws, ss if mom else e, es, do.contiguous(), dq, dk, da, dbz, dm, dws, dss, des,
         N=n, O=o, I=i, BO=_pow2(o), BI=_pow2(i), MOM=mom, PREC=products(q.dtype, unset="tf32x3"),
-        num_warps=READS_BWD_WARPS)
+        OB=_reads_rows(o), num_warps=READS_BWD_WARPS)
     return [dq, dk, da, dbz, dm, dws, dss, des]
 
 

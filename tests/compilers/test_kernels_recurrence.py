@@ -368,13 +368,19 @@ def test_the_chunk_starts_under_autocast_follow_the_switch(mode, rec_calls, monk
         recurrence.states_dtype(torch.device(DEVICE))
 
 
-@pytest.mark.parametrize("mom", [True, False])
-def test_the_reads_kernel_equals_its_products(mom):
+@pytest.mark.parametrize("mom,rows", [(True, "0"), (False, "0"), (True, "32"), (False, "32")])
+def test_the_reads_kernel_equals_its_products(mom, rows, monkeypatch):
     """``online_reads`` (one program a chunk) against ``diag(a) q Wᵀ + diag(bz) q Sᵀ − (q kᵀ ⊙ M) E``
-    in float64: the output and the gradient of every input, at widths that are not powers of two;
-    it traces under ``torch.compile(fullgraph=True)``; sizes it cannot take are one clear error."""
+    in float64: the output and the gradient of every input, at widths that are not powers of two,
+    with the state's 40 rows at once and in loop steps of 32 (the second one cut short:
+    ``NLGRAPH_RECURRENCE_READS_ROWS``); it traces under ``torch.compile(fullgraph=True)``; sizes it
+    cannot take are one clear error."""
+    from nlgraph.compilers.kernels import recurrence
     from nlgraph.compilers.kernels.recurrence import online_reads
     from nlgraph.errors import NLGraphError
+
+    monkeypatch.setattr(recurrence, "READS_ROWS", rows)
+    assert recurrence._reads_rows(40) == int(rows)
 
     g = torch.Generator().manual_seed(11)
 
