@@ -253,6 +253,15 @@ def _dv_local(q, k, do, bcum, dvl, scale, T, H: tl.constexpr, K: tl.constexpr, V
     tl.store(_rows(dvl, tok, T, H, V, i_t * C, i_v * BV, C, BV), dvb.to(dvl.dtype.element_ty), boundary_check=(0, 1))
 
 
+@triton.jit
+def _dh_add(dh, qb, wb, dob, dvb, PREC: tl.constexpr):
+    """``dh + qᵀ dO − wᵀ dv`` for one chunk's key rows (``dO``'s dtype is the inputs')."""
+    dt = dob.dtype
+    dh += tl.dot(tl.trans(qb.to(dt)), dob, input_precision=PREC)
+    dh -= tl.dot(tl.trans(wb), dvb.to(dt), input_precision=PREC)
+    return dh
+
+
 def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, GK: tl.constexpr = False,
@@ -318,16 +327,14 @@ def _state_bwd(q, k, w, bcum, do, dvl, dht, dhs, dvn, dh0, scale, T, NT, H: tl.c
             dh = dh * tl.exp(blk)[:, None]
         elif USE_G:
             dh = dh * tl.exp(bl)
-        dh += tl.dot(tl.trans(qb.to(dt)), dob, input_precision=PREC)
-        dh -= tl.dot(tl.trans(wb), dvb.to(dt), input_precision=PREC)
+        dh = _dh_add(dh, qb, wb, dob, dvb, PREC)
         if SPLIT:
             wb2 = tl.load(_rows(w, tok, T, H, K, i_t * C, KB, C, KB), boundary_check=(0, 1), padding_option="zero")
             if GK:
                 dh2 = dh2 * tl.exp(blk2)[:, None]
             elif USE_G:
                 dh2 = dh2 * tl.exp(bl)
-            dh2 += tl.dot(tl.trans(qb2.to(dt)), dob, input_precision=PREC)
-            dh2 -= tl.dot(tl.trans(wb2), dvb.to(dt), input_precision=PREC)
+            dh2 = _dh_add(dh2, qb2, wb2, dob, dvb, PREC)
     if STORE_DH0:
         p0 = tl.make_block_ptr(dh0 + i_bh.to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (KB, BV), (1, 0))
         tl.store(p0, dh, boundary_check=(0, 1))
