@@ -162,20 +162,30 @@ def _bwd(ws, ss, es, xt, ge, p1, yt, ze, ye, p2, dws, dss, des, dwt, dst, dw0, d
 
 
 @triton.jit
+def _reads_chunk(q, k, a, bz, m, cc, N: tl.constexpr, I, BI: tl.constexpr, MOM: tl.constexpr):
+    """Chunk ``cc``'s inputs of both reads kernels: ``(q, k [N, BI], a, bz [N] float32, M [N, N]
+    float32)``; without momentum ``bz`` is ``a`` again (unused, ``bz`` is a dummy then)."""
+    r = tl.arange(0, N)
+    qa = tl.load(_tile(q, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    av = tl.load(a + cc * N + r).to(tl.float32)
+    if MOM:
+        bv = tl.load(bz + cc * N + r).to(tl.float32)
+    else:
+        bv = av
+    mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
+    return qa, ka, av, bv, mm
+
+
+@triton.jit
 def _reads_fwd(q, k, a, bz, m, ws, ss, es, o, N: tl.constexpr, O: tl.constexpr, I: tl.constexpr,
                BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr, OB: tl.constexpr = 0):
     """One chunk's reads, all ``O`` columns: ``o = diag(a) q Wᵀ + diag(bz) q Sᵀ − (q kᵀ ⊙ M) E``,
     ``OB`` state rows (output columns) a loop step (0: all ``BO`` at once)."""
     cc = tl.program_id(0).to(tl.int64)  # (batch, head, chunk), flattened
     dt = q.dtype.element_ty
-    r = tl.arange(0, N)
     RB: tl.constexpr = BO if OB == 0 else OB
-    qa = tl.load(_tile(q, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-    ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-    av = tl.load(a + cc * N + r).to(tl.float32)
-    if MOM:
-        bv = tl.load(bz + cc * N + r).to(tl.float32)
-    mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
+    qa, ka, av, bv, mm = _reads_chunk(q, k, a, bz, m, cc, N, I, BI, MOM)
     pm = (tl.dot(qa, tl.trans(ka), input_precision=PREC) * mm).to(dt)
     for o0 in range(0, O, RB):
         w = tl.load(_tile(ws, cc * O * I, O, I, o0, RB, BI), boundary_check=(0, 1), padding_option="zero")
@@ -201,12 +211,7 @@ def _reads_bwd(q, k, a, bz, m, ws, ss, es, do, dq, dk, da, dbz, dm, dws, dss, de
     dt = q.dtype.element_ty
     r = tl.arange(0, N)
     RB: tl.constexpr = BO if OB == 0 else OB
-    qa = tl.load(_tile(q, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-    ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
-    av = tl.load(a + cc * N + r).to(tl.float32)
-    if MOM:
-        bv = tl.load(bz + cc * N + r).to(tl.float32)
-    mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
+    qa, ka, av, bv, mm = _reads_chunk(q, k, a, bz, m, cc, N, I, BI, MOM)
     p = tl.dot(qa, tl.trans(ka), input_precision=PREC)
     pmt = tl.trans(p * mm).to(dt)
     dow = tl.zeros([N, BI], dtype=tl.float32)  # dO W

@@ -354,7 +354,7 @@ READS_BWD_WARPS = 8
 #: step, ``0`` (default: all at once, as timed on an H100: the backward 0.99 ms at B=4, T=4096, 16
 #: heads of 128) or ``32``: the backward then holds one block of ``W``, ``S`` and their gradients at
 #: a time instead of the whole ``[128, 128]`` tiles, and sums ``dO W``, ``dO S`` and ``dA`` over
-#: the blocks. Compiled for sm_90 on CPU at that shape (bf16, chunk 64): the backward's stack 576 →
+#: the blocks. Compiled for sm_90 on CPU at that shape (bf16, chunk 64): the backward's stack 568 →
 #: 232 bytes a thread, the forward's registers 255 → 110; 64 rows a step asked for 245,760 bytes of
 #: shared memory, over the H100's 232,448, so it is not offered. Read once a process.
 READS_ROWS = os.environ.get("NLGRAPH_RECURRENCE_READS_ROWS", "").strip() or "0"
