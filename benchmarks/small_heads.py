@@ -41,19 +41,12 @@ def child(kind: str, dk: int, dv: int, t: int, dtype_name: str, gated: bool, dev
         o_ref, ht_ref = reference(xd, 1.0, "reference")
     else:
         from nlgraph.compilers.kernels import chunk_linear_attention
+        from nlgraph.compilers.kernels.linear_attention import token_loop
 
         o, ht = chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], g=leaves.get("g"),
                                        initial_state=leaves["h0"], output_final_state=True, scale=1.0)
         xd = {n: a.detach().double().requires_grad_() for n, a in x.items()}
-        decay = xd["g"].exp() if gated else None
-        h = xd["h0"]
-        outs = []
-        for i in range(t):  # h_t = α_t h_{t−1} + k_t v_tᵀ, o_t = q_t h_t
-            if decay is not None:
-                h = decay[:, i, :, None, None] * h
-            h = h + xd["k"][:, i, :, :, None] * xd["v"][:, i, :, None, :]
-            outs.append(torch.einsum("bhk,bhkv->bhv", xd["q"][:, i], h))
-        o_ref, ht_ref = torch.stack(outs, 1), h
+        o_ref, ht_ref = token_loop(xd["q"], xd["k"], xd["v"], xd.get("g"), xd["h0"], 1.0)
     w = torch.randn_like(o_ref)
     wt = torch.randn_like(ht_ref)
     names = [n for n in ("q", "k", "v", "beta", "g", "h0") if n in leaves and (kind == "delta_rule" or n != "beta")]
