@@ -291,13 +291,16 @@ def test_one_slot_reads_inside_the_stacked_walk(slot, origin, before):
     g = torch.Generator().manual_seed(7)
 
     def r(*s):
-        return 0.3 * torch.randn(*s, generator=g)
+        return 0.3 * torch.randn(*s, generator=g).to(DEVICE)
+
+    def u(*s):
+        return torch.rand(*s, generator=g).to(DEVICE)
 
     S, B, H, n, o, i = 3, 2, 2, 6, 5, 4
     w0, s0, o0 = r(S, B, H, o, i), r(S, B, H, o, i), (r(S, B, H, o, i) if origin else None)
     x = r(B, H, n, i)  # shared by the slots, as the first layer's input
-    b, f = torch.rand(S, B, H, n, generator=g), r(S, B, H, n, o)
-    alpha, mu = 0.5 + 0.5 * torch.rand(B, H, n, generator=g), torch.rand(B, H, n, generator=g)
+    b, f = u(S, B, H, n), r(S, B, H, n, o)
+    alpha, mu = 0.5 + 0.5 * u(B, H, n), u(B, H, n)
     u = r(B, H, n, i)
     sol = chunked.solve_chunk(w0, s0, x, x, b, f, chunked.transfer(alpha, False), chunked.transfer(mu, False), False,
                               o0)
@@ -348,9 +351,9 @@ def test_reads_take_the_autocast_dtype_as_the_chunked_reads_do():
     """Under autocast the chunked form's reads are matmuls in the autocast dtype; the walk's reads
     (float32 from the kernel) are cast to it, so the memory's next layer sees the same dtype."""
     g = torch.Generator().manual_seed(8)
-    w0, x, f = (0.3 * torch.randn(*s, generator=g) for s in ((2, 3, 4), (2, 5, 4), (2, 5, 3)))
-    b = torch.rand(2, 5, generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    w0, x, f = (0.3 * torch.randn(*s, generator=g).to(DEVICE) for s in ((2, 3, 4), (2, 5, 4), (2, 5, 3)))
+    b = torch.rand(2, 5, generator=g).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         reads, w, _ = chunked._walked(chunk_walk, w0, None, x, x, b, f, None, None, None, u=x)
     assert reads.dtype == torch.bfloat16 and w.dtype == torch.float32
     reads, _, _ = chunked._walked(chunk_walk, w0, None, x, x, b, f, None, None, None, u=x)

@@ -356,9 +356,9 @@ def test_the_per_channel_kernels_run_their_own_chunk(monkeypatch):
     ran, original = [], module._fwd_op
     monkeypatch.setattr(module, "_fwd_op", lambda *a: ran.append(a[7]) or original(*a))
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 40, 1, 16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 40, 1, 16, generator=gen).to(DEVICE) for _ in range(3))
     k = F.normalize(k, dim=-1)
-    beta, g = torch.rand(1, 40, 1, generator=gen), -torch.rand(1, 40, 1, 16, generator=gen)
+    beta, g = torch.rand(1, 40, 1, generator=gen).to(DEVICE), -torch.rand(1, 40, 1, 16, generator=gen).to(DEVICE)
     outs = [chunk_delta_rule(q, k, v, beta, g, scale=1.0, chunk=c)[0] for c in (16, 64, 32)]
     chunk_delta_rule(q, k, v, beta, g[..., 0].contiguous(), scale=1.0, chunk=16)
     assert ran == [32, 32, 32, 16]
@@ -679,7 +679,8 @@ def test_the_state_backward_split_in_two_key_halves_matches_the_token_loop(decay
     dht = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
     ((y_ref * do).sum() + (s_ref * dht).sum()).backward()
     ((o * do.float().to(DEVICE)).sum() + (ht * dht.float().to(DEVICE)).sum()).backward()
-    assert seen == [True]
+    # on CUDA the first call also precompiles the backward's kernels (run_precompiled): asked twice
+    assert seen and all(seen)
     assert _rel(o.detach().cpu(), y_ref.detach()) < 1e-5 and _rel(ht.detach().cpu(), s_ref.detach()) < 1e-5
     for name in x64:
         assert _rel(got[name].grad.cpu(), ref[name].grad) < 2e-5, name

@@ -233,7 +233,9 @@ def test_it_is_the_titans_memory_level():
     from nlgraph.spec.loader import load_spec
 
     level = load_spec("titans", ["vars.heads=2"]).levels["memory"]
-    (q, k, v), (lr, alpha, mu), (w0, w1, s0, s1) = _inputs(1, 40, 2, 8, 16, seed=11)
+    # the spec's hidden layer is twice the head: on a GPU the head is 24 (see _inputs), so 48
+    d = 8 if DEVICE == "cpu" else 24
+    (q, k, v), (lr, alpha, mu), (w0, w1, s0, s1) = _inputs(1, 40, 2, d, 2 * d, seed=11)
     state = {"memory.w0": w0, "memory.w1": w1, "optimizer.memory.momentum.w0": s0,
              "optimizer.memory.momentum.w1": s1}
     y, st = run_level(level, keys=k, values=v, queries=q, lr=lr, retention=alpha, momentum=mu, state=state,
@@ -329,7 +331,7 @@ def test_the_step_kernels_run_on_cuda_unless_switched_off(env, want):
     env_vars = {k: v for k, v in os.environ.items() if k != "NLGRAPH_MLP_MEMORY_SPLIT"}
     if env is not None:
         env_vars["NLGRAPH_MLP_MEMORY_SPLIT"] = env
-    out = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-P", "-c", code], env=env_vars, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == [str(want), "1"], out.stderr
 
 
