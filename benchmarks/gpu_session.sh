@@ -146,6 +146,7 @@ walk_layout_timing|150|for tw in 2048:4 512:1 1024:2 512:2 1024:1; do NLGRAPH_WA
 walk_layout_check_w1|90|NLGRAPH_WALK_TILE=512 NLGRAPH_WALK_WARPS=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_layout_check_w2|90|NLGRAPH_WALK_TILE=1024 NLGRAPH_WALK_WARPS=2 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_layout_check_1024|90|NLGRAPH_WALK_TILE=1024 NLGRAPH_WALK_WARPS=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
+gdn_layer_code|200|TORCH_LOGS=output_code python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile --no-fla --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
 }

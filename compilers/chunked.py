@@ -715,7 +715,11 @@ class _SolveLower(torch.autograd.Function):
         wide = _wide(work)
         with _no_autocast(a):
             x = _triangular(a.to(wide), rhs.to(wide))
-        return x.to(work)
+        # x itself when it is already in ``work``, not ``x.to(work)``: that no-op cast returns an alias
+        # of x, and torch 2.11's ``scan`` (not 2.13's) then differentiates a chunk loop through this
+        # function into wrong gradients of every input, the carried state's among them (relative
+        # errors ~1: tests/compilers/test_scan.py on torch 2.11, the GPU machine's)
+        return x if x.dtype == work else x.to(work)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
