@@ -293,14 +293,14 @@ def test_one_slot_reads_inside_the_stacked_walk(slot, origin, before):
     def r(*s):
         return 0.3 * torch.randn(*s, generator=g).to(DEVICE)
 
-    def u(*s):
+    def uni(*s):
         return torch.rand(*s, generator=g).to(DEVICE)
 
     S, B, H, n, o, i = 3, 2, 2, 6, 5, 4
     w0, s0, o0 = r(S, B, H, o, i), r(S, B, H, o, i), (r(S, B, H, o, i) if origin else None)
     x = r(B, H, n, i)  # shared by the slots, as the first layer's input
-    b, f = u(S, B, H, n), r(S, B, H, n, o)
-    alpha, mu = 0.5 + 0.5 * u(B, H, n), u(B, H, n)
+    b, f = uni(S, B, H, n), r(S, B, H, n, o)
+    alpha, mu = 0.5 + 0.5 * uni(B, H, n), uni(B, H, n)
     u = r(B, H, n, i)
     sol = chunked.solve_chunk(w0, s0, x, x, b, f, chunked.transfer(alpha, False), chunked.transfer(mu, False), False,
                               o0)
