@@ -14,7 +14,7 @@ venv=${NLGRAPH_TORCH_VENV:-.venv-torch-$version}
 if [ ! -x "$venv/bin/python" ]; then
   python3.11 -m venv "$venv"
   "$venv/bin/pip" install -q "torch==$version"
-  "$venv/bin/pip" install -q -e '.[test]' numpy
+  "$venv/bin/pip" install -q -e '.[test,viz]' numpy
   # CUDA builds bring the triton they were built with; the CPU build none: then the GPU machine's
   "$venv/bin/python" -c 'import triton' 2>/dev/null || "$venv/bin/pip" install -q triton==3.6.0
 fi
