@@ -208,7 +208,9 @@ def _state_bwd_split(p: dict) -> bool:
     ``blockdim64`` recurrence does (``NLGRAPH_STATE_BWD_SPLIT``, read at each call so one process can
     time both; off by default). At B=16, T=4096, 16 heads of 128 on an H100 nlgraph's one-tile
     ``_state_bwd`` took 1.189 ms against fla's 0.764 (docs/benchmarks.md, "Levels over T at fixed
-    tokens"); the split is checked in Triton's interpreter, not yet timed on a GPU."""
+    tokens"); the split is checked in Triton's interpreter and on an H200, where at B=4 it was no
+    faster than the one tile (2.790 against 2.667 ms f+b; "Issue 10's targets on the H200"); its B=16
+    timing beside fla is still to run."""
     return p["KP"] == 128 and bool(switch("NLGRAPH_STATE_BWD_SPLIT", False))
 
 
