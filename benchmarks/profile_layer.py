@@ -35,6 +35,9 @@ def main() -> int:
     ap.add_argument("--tuned", action="store_true",
                     help="also record the config each autotuned delta-rule kernel ran with (its last call's: "
                          "with NLGRAPH_TRITON_AUTOTUNE=1, what the autotuner chose at this shape)")
+    ap.add_argument("--separate-gates", action="store_true",
+                    help="build the layer with a matmul a gate (nlgraph.memory.FUSE_GATES off), as before "
+                         "gates projecting the same input shared one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -45,13 +48,16 @@ def main() -> int:
         return 2
     from _launch import kernel_profile
 
+    import nlgraph.memory
     from nlgraph.bench import layer_impls
+
+    nlgraph.memory.FUSE_GATES = not args.separate_gates
 
     impls, x, meta = layer_impls(args.spec, list(args.overrides), args.layer, batch=args.batch, length=args.length,
                                  modes=tuple(args.modes), fla=not args.no_fla)
     print(json.dumps(meta), flush=True)
     rows = kernel_profile(impls, [x], x.device, reps=args.reps, top=args.top)
-    out = {"meta": meta, "command": sys.argv, "profile": rows}
+    out = {"meta": {**meta, "fused_gates": nlgraph.memory.FUSE_GATES}, "command": sys.argv, "profile": rows}
     if args.tuned:
         from nlgraph.compilers.kernels._delta_rule_triton import kernels
 

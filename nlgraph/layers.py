@@ -161,7 +161,12 @@ class Gate(nn.Module):
             self.proj.bias.fill_(spec.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = scaled(self.spec.act, self.proj(x), self.spec.scale)
+        return self.activate(self.proj(x))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """The gate from its projection ``pre = W x + b`` (``[B, T, out]``): what :meth:`forward`
+        returns, for a caller that projected several gates' inputs in one matmul."""
+        y = scaled(self.spec.act, pre, self.spec.scale)
         if self.spec.per == "channel":
             return y.unflatten(-1, (self.heads, self.d_head))
         return y

@@ -28,6 +28,11 @@ from .spec.schema import (
 __all__ = ["ClosedFormLevel", "MemoryLevel", "level_widths", "self_read_chunk"]
 
 
+#: gates projecting the same tensor share one matmul (:meth:`_Entry._gates`); False builds entries
+#: with a matmul a gate, as before 2026-12-07 (``benchmarks/profile_layer.py --separate-gates`` times both)
+FUSE_GATES = True
+
+
 def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:
     """``(heads, d_key, d_value)`` per head of a level fed a ``width``-wide input (as the graph's
     dimension checks infer them)."""
@@ -104,6 +109,13 @@ class _Entry(nn.Module):
                 if rate.from_ != "input":
                     self.reads[name] = rate.from_
                 self.gates[name] = Gate(rate, width, heads, dk)
+        # gates projecting the same tensor share one matmul (their weights stacked at each call):
+        # Gated DeltaNet's two per-head gates were two launches of a [B·T, C] × [C, H] product,
+        # each reading all of x for H outputs (8 µs each on an H200 at B=8, T=2048, C=512)
+        by_source: dict[str, list[str]] = {}
+        for name in self.gates:
+            by_source.setdefault(self.reads.get(name, "") if FUSE_GATES else name, []).append(name)
+        self.gate_groups = tuple(tuple(names) for names in by_source.values())
 
     def _build_output(self, spec: Any, width: int) -> None:
         dv = self.d_value
@@ -122,7 +134,22 @@ class _Entry(nn.Module):
             tensors[role], cs = self.streams[role[0]](src(role), state.get(f"conv.{role}"))
             if cs is not None:
                 conv_state[f"conv.{role}"] = cs
-        return tensors, {name: g(src(name)) for name, g in self.gates.items()}, conv_state
+        return tensors, self._gates(src), conv_state
+
+    def _gates(self, src) -> dict[str, torch.Tensor]:
+        """Every gate's value, ``{name: [B, T, H] | [B, T, H, D] | [B, T, 1]}``, those reading one
+        tensor (``src(name)``) projected together."""
+        out = {}
+        for names in self.gate_groups:
+            x = src(names[0])
+            if len(names) == 1:
+                out[names[0]] = self.gates[names[0]](x)
+                continue
+            projs = [self.gates[n].proj for n in names]
+            pre = F.linear(x, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
+            for n, part in zip(names, pre.split([p.out_features for p in projs], dim=-1)):
+                out[n] = self.gates[n].activate(part)
+        return out
 
     @property
     def reads_self(self) -> bool:

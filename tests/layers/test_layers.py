@@ -117,3 +117,38 @@ def test_attention_matches_naive_and_streams(window, kv_heads, persistent):
         if window is not None:
             assert state["k"].shape[2] <= window - 1
     assert torch.allclose(torch.cat(ys, 1), full, atol=1e-10)
+
+
+@pytest.mark.parametrize("name, groups", [("gated_deltanet", {("lr", "retention")}),
+                                          ("titans", {("lr", "momentum", "retention")}),
+                                          ("deltanet", {("lr",)})])
+def test_gates_reading_one_tensor_share_one_matmul(name, groups, monkeypatch):
+    """Gates projecting the same tensor run as one matmul over their stacked weights
+    (``_Entry.gate_groups``), with the same logits and parameter gradients as a matmul a gate, and
+    the same parameters (a checkpoint of either loads into the other)."""
+    import nlgraph.memory
+    from nlgraph.lower import build
+    from nlgraph.spec import load_spec
+
+    spec = load_spec(f"specs/{name}.yaml", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"])
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def run(fused: bool):
+        monkeypatch.setattr(nlgraph.memory, "FUSE_GATES", fused)
+        torch.manual_seed(0)
+        model = build(spec)
+        entries = [m for m in model.modules() if isinstance(m, nlgraph.memory._Entry)]
+        out = model(tokens)
+        logits = out[0] if isinstance(out, tuple) else out
+        logits.sum().backward()
+        return model, entries, logits
+
+    fused, entries, logits = run(True)
+    assert {g for e in entries for g in e.gate_groups} == groups
+    apart, entries_apart, logits_apart = run(False)
+    assert all(len(g) == 1 for e in entries_apart for g in e.gate_groups)
+    assert fused.state_dict().keys() == apart.state_dict().keys()
+    torch.testing.assert_close(logits, logits_apart, rtol=1e-12, atol=1e-12)
+    for (n, p), (_, q) in zip(fused.named_parameters(), apart.named_parameters()):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
