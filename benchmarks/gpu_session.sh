@@ -146,6 +146,8 @@ walk_layout_timing|150|for tw in 2048:4 512:1 1024:2 512:2 1024:1; do NLGRAPH_WA
 walk_layout_check_w1|90|NLGRAPH_WALK_TILE=512 NLGRAPH_WALK_WARPS=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_layout_check_w2|90|NLGRAPH_WALK_TILE=1024 NLGRAPH_WALK_WARPS=2 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
 walk_layout_check_1024|90|NLGRAPH_WALK_TILE=1024 NLGRAPH_WALK_WARPS=1 python benchmarks/chunk_walk.py --check --no-timing --chunks 16 40 --json $J
+gate_fusion|420|for r in fused_a separate fused_b; do f=""; [ $r = separate ] && f=--separate-gates; python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile $f --json $OUT/gate_fusion_gdn_$r.json || exit 1; done; for r in fused separate; do f=""; [ $r = separate ] && f=--separate-gates; python -P benchmarks/profile_layer.py titans 'levels.memory.memory={kind: linear, heads: 8}' levels.memory.gradient_point=token vars.d_model=512 vars.heads=8 --layer memory --modes compile --no-fla $f --json $OUT/gate_fusion_titans_$r.json || exit 1; done
+conv_dw_dx|420|python benchmarks/short_conv_kernel.py --warps 4 --dw atomic dx --json $OUT/conv_dw_dx_kernel.json || exit 1; for r in atomic_a dx atomic_b; do NLGRAPH_CONV_DW=${r%_?} python -P benchmarks/profile_layer.py deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile --json $OUT/layer_profile_deltanet_dw_$r.json || exit 1; done
 gdn_layer_code|200|TORCH_LOGS=output_code python -P benchmarks/profile_layer.py gated_deltanet vars.d_model=512 vars.heads=8 --layer mixer --modes compile --no-fla --json $J
 ddp_2gpu|540|python benchmarks/ddp_check.py --procs 2 --d-model 512 --layers 4 --length 4096 --batch 8 --steps 20 --json $J
 EOF
