@@ -129,9 +129,8 @@ def _conv_dx(da, w, dx, x, s, dwp, T, C, K: tl.constexpr, BT: tl.constexpr, BC: 
     c = i_c * BC + tl.arange(0, BC)
     cm = c < C
     acc = tl.zeros([BT, BC], dtype=tl.float32)
-    if DW:
-        xt = tl.load(x + (i_b * T + t)[:, None] * C + c[None, :], mask=(t < T)[:, None] & cm[None, :],
-                     other=0.).to(tl.float32)
+    if DW:  # kept in the input dtype, widened at each product: a float32 tile spilled beside acc
+        xt = tl.load(x + (i_b * T + t)[:, None] * C + c[None, :], mask=(t < T)[:, None] & cm[None, :], other=0.)
     for j in tl.static_range(K):
         wj = tl.load(w + c * K + j, mask=cm, other=0.).to(tl.float32)
         dst = t + (K - 1 - j)
@@ -139,7 +138,7 @@ def _conv_dx(da, w, dx, x, s, dwp, T, C, K: tl.constexpr, BT: tl.constexpr, BC: 
         g = g.to(tl.float32)
         acc += g * wj[None, :]
         if DW:
-            dwj = tl.sum(g * xt, axis=0)
+            dwj = tl.sum(g * xt.to(tl.float32), axis=0)
             if USE_S:
                 if i_t == 0:
                     for r in tl.static_range(j, K - 1):

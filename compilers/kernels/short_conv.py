@@ -145,8 +145,11 @@ def _backward(x, w, s, dy, silu, l2):
     kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, sp, sc, t, c, grid[0], K=k,
                 BT=_BT, BC=_BC, SILU=silu, USE_S=s is not None, L2=l2, ATOMIC=atomic, DW=not late)
     dx = torch.empty_like(x)
+    # forming dw too, the dx kernel holds an x tile beside its accumulator: on 4 warps it spilled 128
+    # bytes a thread (compiled for sm_90, bf16, benchmarks/kernel_resources.py), on 8 none (188 registers)
+    extra = {"num_warps": 8} if late else {}
     kn.dx[grid](da, w, dx, x, s if s is not None else dummy, dwp, t, c, K=k, BT=_BT, BC=_BC, DW=late,
-                USE_S=late and s is not None)
+                USE_S=late and s is not None, **extra)
     ds = dummy
     if s is not None:
         # the state's rows are x̃[0 .. K−2]: ds[i] = Σ_{j ≤ i} w[:, j] · da[i − j] (at most K−1 terms)
