@@ -72,8 +72,9 @@ _DA16 = True
 #: f+b 1.128 / 1.153 / 1.167 ms (docs/benchmarks.md). ``dx``: the sums formed in ``_conv_dx`` from
 #: the shifted ``da`` rows it reads anyway against one load of ``x`` (``_conv_da`` loaded ``K``
 #: shifted ``x`` tiles a second time for them), added with atomics (``rows`` under deterministic
-#: algorithms too); it sums ``da`` as stored, in 16 bits for 16-bit inputs, as ``dx`` does. ``NLGRAPH_CONV_DW`` sets it, read once a process (an unknown value is an error
-#: at the first backward)
+#: algorithms too); it sums ``da`` as stored, in 16 bits for 16-bit inputs, as ``dx`` does.
+#: ``NLGRAPH_CONV_DW`` sets it, read once a process (an unknown value is an error at the first
+#: backward)
 DW_LAYOUTS = ("rows", "inner", "atomic", "dx")
 _DW = (os.environ.get("NLGRAPH_CONV_DW") or "atomic").strip()
 
