@@ -241,7 +241,7 @@ def run_tile_timings(args, dev: torch.device) -> list[dict]:
 
 # the backward's module switches --da and --dw set: option -> (short_conv attribute, {choice: value})
 SWITCHES = {"da": ("_DA16", {"float32": False, "input": True}),
-            "dw": ("_DW", {"rows": "rows", "inner": "inner", "atomic": "atomic", "dx": "dx"})}
+            "dw": ("_DW", {"rows": "rows", "inner": "inner", "atomic": "atomic"})}
 
 
 @contextlib.contextmanager
@@ -316,8 +316,8 @@ def main() -> int:
                          "or in the input dtype (short_conv._DA16)")
     ap.add_argument("--dw", nargs="+", default=None, choices=list(SWITCHES["dw"][1]),
                     help="also check and graph-time the backward with the weight's partial sums laid out "
-                         "[programs, C*K] (rows) or [C*K, programs] (inner), or added with atomics (atomic), or "
-                         "formed in the dx kernel and added with atomics (dx) (short_conv._DW)")
+                         "[programs, C*K] (rows) or [C*K, programs] (inner), or added with atomics (atomic) "
+                         "(short_conv._DW)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (the interpreter)")
     ap.add_argument("--json", default=None)

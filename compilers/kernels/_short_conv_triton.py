@@ -12,12 +12,10 @@ so a stream's key or query normalisation costs no pass of its own, forward or ba
 
 Forward: one program per (token block, channel block, batch). Backward: ``_conv_da`` recomputes
 ``a``, forms ``da = dy · act'(a)`` (``dy`` taken back through the norm first, with ``L2``) and each
-program's partial sums of ``dw`` from it in float32 (added with atomics, or stored for PyTorch to
-sum so the result does not depend on scheduling), and stores ``da`` in the 16-bit input dtype
-(float32 for float32 inputs): it is written once and read once, by ``_conv_dx``, which gives
-``dx[t] = Σ_j w[c, j] da[t + K−1−j]`` (and, in the ``dx`` layout of ``short_conv._DW``, the
-weight's gradient from those same rows instead of ``_conv_da``). Accumulation is float32 whatever
-the input dtype.
+program's partial sums of ``dw`` from it in float32 (summed in PyTorch, so the result does not
+depend on scheduling), and stores ``da`` in the 16-bit input dtype (float32 for float32 inputs): it
+is written once and read once, by ``_conv_dx``, which gives ``dx[t] = Σ_j w[c, j] da[t + K−1−j]``.
+Accumulation is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -83,8 +81,7 @@ def _conv_fwd(x, w, s, y, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.conste
 
 @triton.jit
 def _conv_da(x, w, s, dy, da, dwp, sp, sc, T, C, NT, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-             SILU: tl.constexpr, USE_S: tl.constexpr, L2: tl.constexpr, ATOMIC: tl.constexpr,
-             DW: tl.constexpr = True):
+             SILU: tl.constexpr, USE_S: tl.constexpr, L2: tl.constexpr, ATOMIC: tl.constexpr):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = i_t * BT + tl.arange(0, BT)
     c = i_c * BC + tl.arange(0, BC)
@@ -108,44 +105,27 @@ def _conv_da(x, w, s, dy, da, dwp, sp, sc, T, C, NT, K: tl.constexpr, BT: tl.con
         if SILU:
             g = g * sg * (1. + a * (1. - sg))
     tl.store(da + (i_b * T + t)[:, None] * C + c[None, :], g.to(da.dtype.element_ty), mask=m)
-    if DW:  # else _conv_dx forms dw from the da it reads
-        part = (i_b * NT + i_t) * sp  # the partial sums' strides: sp a program, sc a (channel, tap)
-        for j in tl.static_range(K):
-            xj = _shifted(x, s, i_b, t, c, cm, T, C, K, j, USE_S)
-            if ATOMIC:  # every program adds into the one zeroed [C, K]
-                tl.atomic_add(dwp + c * K + j, tl.sum(g * xj, axis=0), mask=cm, sem="relaxed")
-            else:
-                tl.store(dwp + part + (c * K + j) * sc, tl.sum(g * xj, axis=0), mask=cm)
+    part = (i_b * NT + i_t) * sp  # the partial sums' strides: sp a program, sc a (channel, tap)
+    for j in tl.static_range(K):
+        xj = _shifted(x, s, i_b, t, c, cm, T, C, K, j, USE_S)
+        if ATOMIC:  # every program adds into the one zeroed [C, K]
+            tl.atomic_add(dwp + c * K + j, tl.sum(g * xj, axis=0), mask=cm, sem="relaxed")
+        else:
+            tl.store(dwp + part + (c * K + j) * sc, tl.sum(g * xj, axis=0), mask=cm)
 
 
 @triton.jit
-def _conv_dx(da, w, dx, x, s, dwp, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-             DW: tl.constexpr = False, USE_S: tl.constexpr = False):
-    # DW: also dw[c, j] = Σ_t da[t] x̃[t + j] from the shifted da rows read for dx: over the inputs,
-    # Σ_t' da[t' + K−1−j] x[t'] (one load of x a program, where _conv_da took K shifted ones), and
-    # over the state rows r ≥ j, da[r − j] s[r] (the first token block only); added with atomics
+def _conv_dx(da, w, dx, T, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = i_t * BT + tl.arange(0, BT)
     c = i_c * BC + tl.arange(0, BC)
     cm = c < C
     acc = tl.zeros([BT, BC], dtype=tl.float32)
-    if DW:  # kept in the input dtype, widened at each product: a float32 tile spilled beside acc
-        xt = tl.load(x + (i_b * T + t)[:, None] * C + c[None, :], mask=(t < T)[:, None] & cm[None, :], other=0.)
     for j in tl.static_range(K):
         wj = tl.load(w + c * K + j, mask=cm, other=0.).to(tl.float32)
         dst = t + (K - 1 - j)
         g = tl.load(da + (i_b * T + dst)[:, None] * C + c[None, :], mask=(dst < T)[:, None] & cm[None, :], other=0.)
-        g = g.to(tl.float32)
-        acc += g * wj[None, :]
-        if DW:
-            dwj = tl.sum(g * xt.to(tl.float32), axis=0)
-            if USE_S:
-                if i_t == 0:
-                    for r in tl.static_range(j, K - 1):
-                        sr = tl.load(s + (i_b * (K - 1) + r) * C + c, mask=cm, other=0.).to(tl.float32)
-                        dr = tl.load(da + (i_b * T + (r - j)) * C + c, mask=cm & (r - j < T), other=0.)
-                        dwj += sr * dr.to(tl.float32)
-            tl.atomic_add(dwp + c * K + j, dwj, mask=cm, sem="relaxed")
+        acc += g.to(tl.float32) * wj[None, :]
     tl.store(dx + (i_b * T + t)[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
              mask=(t < T)[:, None] & cm[None, :])
 

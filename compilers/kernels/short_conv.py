@@ -69,13 +69,9 @@ _DA16 = True
 #: ``[programs, C·K]`` and summed across rows by ATen (the default until 2026-12-07); ``inner``,
 #: laid out ``[C·K, programs]`` and summed along contiguous rows. On an H100 (bf16, B=8, T=2048, 512
 #: channels) the backward op took 0.0608 ms atomic, 0.0671 inner, 0.0742 rows, and DeltaNet's layer
-#: f+b 1.128 / 1.153 / 1.167 ms (docs/benchmarks.md). ``dx``: the sums formed in ``_conv_dx`` from
-#: the shifted ``da`` rows it reads anyway against one load of ``x`` (``_conv_da`` loaded ``K``
-#: shifted ``x`` tiles a second time for them), added with atomics (``rows`` under deterministic
-#: algorithms too); it sums ``da`` as stored, in 16 bits for 16-bit inputs, as ``dx`` does.
-#: ``NLGRAPH_CONV_DW`` sets it, read once a process (an unknown value is an error at the first
-#: backward)
-DW_LAYOUTS = ("rows", "inner", "atomic", "dx")
+#: f+b 1.128 / 1.153 / 1.167 ms (docs/benchmarks.md). ``NLGRAPH_CONV_DW`` sets it, read once a
+#: process (an unknown value is an error at the first backward)
+DW_LAYOUTS = ("rows", "inner", "atomic")
 _DW = (os.environ.get("NLGRAPH_CONV_DW") or "atomic").strip()
 
 
@@ -133,9 +129,8 @@ def _backward(x, w, s, dy, silu, l2):
     # each way a convolution instead of 33.5 in float32); dw's partial sums use it in float32 first
     da = x.new_empty(b, t, c, dtype=x.dtype if _DA16 and x.dtype in (torch.bfloat16, torch.float16) else torch.float32)
     parts = b * grid[0]
-    layout = "rows" if _DW in ("atomic", "dx") and torch.are_deterministic_algorithms_enabled() else _DW
-    late = layout == "dx"  # dw formed by _conv_dx
-    atomic = layout in ("atomic", "dx")
+    layout = "rows" if _DW == "atomic" and torch.are_deterministic_algorithms_enabled() else _DW
+    atomic = layout == "atomic"
     inner = layout == "inner"
     # the weight's partial sums, one set a program ([C·K, programs] inner: each (channel, tap) sums
     # along contiguous memory; [programs, C·K] rows), or one zeroed set every program adds into
@@ -144,13 +139,9 @@ def _backward(x, w, s, dy, silu, l2):
     dummy = x.new_empty(0)
     sp, sc = (0, 1) if atomic else (dwp.stride(1 if inner else 0), dwp.stride(0 if inner else 1))
     kn.da[grid](x, w, s if s is not None else dummy, dy.contiguous(), da, dwp, sp, sc, t, c, grid[0], K=k,
-                BT=_BT, BC=_BC, SILU=silu, USE_S=s is not None, L2=l2, ATOMIC=atomic, DW=not late)
+                BT=_BT, BC=_BC, SILU=silu, USE_S=s is not None, L2=l2, ATOMIC=atomic)
     dx = torch.empty_like(x)
-    # forming dw too, the dx kernel holds an x tile beside its accumulator: on 4 warps it spilled 128
-    # bytes a thread (compiled for sm_90, bf16, benchmarks/kernel_resources.py), on 8 none (188 registers)
-    extra = {"num_warps": 8} if late else {}
-    kn.dx[grid](da, w, dx, x, s if s is not None else dummy, dwp, t, c, K=k, BT=_BT, BC=_BC, DW=late,
-                USE_S=late and s is not None, **extra)
+    kn.dx[grid](da, w, dx, t, c, K=k, BT=_BT, BC=_BC)
     ds = dummy
     if s is not None:
         # the state's rows are x̃[0 .. K−2]: ds[i] = Σ_{j ≤ i} w[:, j] · da[i − j] (at most K−1 terms)
