@@ -17,6 +17,11 @@ from nlgraph.compilers.kernels.mlp_memory import chunk_mlp_memory, random_inputs
 
 pytestmark = pytest.mark.usefixtures("interpreter_while_testing")
 
+# on a GPU machine the kernels run there (the interpreter only runs without CUDA), at a head width
+# the CUDA kernels are checked at (the MLP memory's wrapper refuses 16-wide tiles on CUDA)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D = 32 if DEVICE == "cuda" else 16
+
 
 @pytest.fixture
 def dry_runs(monkeypatch):
@@ -35,16 +40,17 @@ def _recorded(seen) -> dict:
     return out
 
 
-def _qkv(b=1, t=40, h=2, d=16, grad=True):
+def _qkv(b=1, t=40, h=2, d=D, grad=True):
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(b, t, h, d, generator=gen).requires_grad_(grad) for _ in range(3)]
+    return [torch.randn(b, t, h, d, generator=gen).to(DEVICE).requires_grad_(grad) for _ in range(3)]
 
 
 @pytest.mark.parametrize("decay", [None, "head", "channel"])
 def test_delta_rule_passes_record_their_kernels(dry_runs, decay):
     q, k, v = _qkv()
-    beta = torch.rand(1, 40, 2).requires_grad_()
-    g = {None: None, "head": -torch.rand(1, 40, 2), "channel": -torch.rand(1, 40, 2, 16)}[decay]
+    beta = torch.rand(1, 40, 2, device=DEVICE).requires_grad_()
+    g = {None: None, "head": -torch.rand(1, 40, 2, device=DEVICE),
+         "channel": -torch.rand(1, 40, 2, D, device=DEVICE)}[decay]
     o, _ = chunk_delta_rule(q, k, v, beta, g=g, output_final_state=True, scale=1.0, chunk=16)
     o.square().sum().backward()
     got = _recorded(dry_runs)
@@ -60,7 +66,7 @@ def test_delta_rule_passes_record_their_kernels(dry_runs, decay):
 @pytest.mark.parametrize("decay", [None, "channel"])
 def test_linear_attention_passes_record_their_kernels(dry_runs, decay):
     q, k, v = _qkv()
-    g = None if decay is None else -torch.rand(1, 40, 2, 16)
+    g = None if decay is None else -torch.rand(1, 40, 2, D, device=DEVICE)
     o, _ = chunk_linear_attention(q, k, v, g=g, output_final_state=True, scale=1.0, chunk=16)
     o.square().sum().backward()
     got = _recorded(dry_runs)
@@ -75,8 +81,8 @@ def test_linear_attention_passes_record_their_kernels(dry_runs, decay):
 @pytest.mark.parametrize("checkpoint", [1, 2])
 @pytest.mark.parametrize("split", [0, 1])
 def test_mlp_memory_passes_record_their_kernels(dry_runs, checkpoint, split):
-    (q, k, v), gates, state = random_inputs(1, 40, 2, 16, 32, seed=0)
-    leaves = [x.float().requires_grad_() for x in (q, k, v, *gates, *state)]
+    (q, k, v), gates, state = random_inputs(1, 40, 2, D, 32, seed=0)
+    leaves = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v, *gates, *state)]
     o, _ = chunk_mlp_memory(*leaves[:6], tuple(leaves[6:]), chunk=16, checkpoint=checkpoint, split=split)
     o.square().sum().backward()
     got = _recorded(dry_runs)
@@ -93,9 +99,9 @@ def test_mlp_memory_passes_record_their_kernels(dry_runs, checkpoint, split):
 
 @pytest.mark.parametrize("with_state", [False, True])
 def test_short_conv_passes_record_their_kernels(dry_runs, with_state):
-    x = torch.randn(2, 20, 8, requires_grad=True)
-    w = torch.randn(8, 4, requires_grad=True)
-    s = torch.randn(2, 3, 8) if with_state else None
+    x = torch.randn(2, 20, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
+    s = torch.randn(2, 3, 8, device=DEVICE) if with_state else None
     short_conv.short_conv(x, w, s, "silu").square().sum().backward()
     assert _recorded(dry_runs) == {"fwd": ["fwd"], "bwd": ["da", "dx"]}
 
@@ -103,7 +109,7 @@ def test_short_conv_passes_record_their_kernels(dry_runs, with_state):
 def test_dry_runs_leave_the_results_alone(dry_runs):
     """Running the captured dry runs (as precompile does before the real pass) changes nothing."""
     q, k, v = _qkv()
-    beta = torch.rand(1, 40, 2)
+    beta = torch.rand(1, 40, 2, device=DEVICE)
     first, _ = chunk_delta_rule(q, k, v, beta, scale=1.0, chunk=16)
     _recorded(dry_runs)
     again, _ = chunk_delta_rule(q, k, v, beta, scale=1.0, chunk=16)
