@@ -33,6 +33,32 @@ __all__ = ["ClosedFormLevel", "MemoryLevel", "level_widths", "self_read_chunk"]
 FUSE_GATES = True
 
 
+class MatmulInputs:
+    """Each tensor an entry projects, cast once to autocast's 16-bit dtype (the same value every
+    projection's autocast cast gives it), shared by all the entry's projections of that tensor in
+    one call. Each autocast matmul casts its float32 input itself, and inductor kept the casts apart:
+    Gated DeltaNet's layer wrote five bf16 copies of its input in one kernel (0.042 ms of its 0.39
+    ms forward on an H100 at B=8, T=2048, d_model 512; docs/benchmarks.md), each then saved for the
+    backward. Without autocast, or for a tensor already in 16 bits, the tensor itself."""
+
+    def __init__(self) -> None:
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        device = t.device.type
+        if t.dtype != torch.float32 or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return t
+        low = torch.get_autocast_dtype(device)
+        if low not in (torch.float16, torch.bfloat16):
+            return t
+        for src, cast in self._seen:
+            if src is t:
+                return cast
+        cast = t.to(low)
+        self._seen.append((t, cast))
+        return cast
+
+
 def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:
     """``(heads, d_key, d_value)`` per head of a level fed a ``width``-wide input (as the graph's
     dimension checks infer them)."""
@@ -124,17 +150,22 @@ class _Entry(nn.Module):
         self.out_gate = nn.Linear(width, self.heads * dv, bias=False) if spec.output.gate != "none" else None
         self.out = nn.Linear(self.heads * dv, width, bias=False)
 
-    def _inputs(self, x: torch.Tensor, state: dict, sources: dict | None) -> tuple[dict, dict, dict]:
+    def _inputs(self, x: torch.Tensor, state: dict, sources: dict | None,
+                cast: MatmulInputs | None = None) -> tuple[dict, dict, dict]:
         """``(streams {role: [B, T, H, D]}, gates {name: [B, T, H]}, conv tails)``; a stream or
-        gate that reads another level takes that level's output from ``sources`` instead of ``x``."""
+        gate that reads another level takes that level's output from ``sources`` instead of ``x``.
+        ``cast``: the call's :class:`MatmulInputs`, which the projections read their input through."""
+        cast = cast or MatmulInputs()
         src = lambda name: sources[self.reads[name]] if name in self.reads else x  # noqa: E731
         conv_state: dict[str, torch.Tensor] = {}
         tensors = {}
         for role in ("keys", "values", "queries"):
-            tensors[role], cs = self.streams[role[0]](src(role), state.get(f"conv.{role}"))
+            stream = self.streams[role[0]]
+            inp = src(role)
+            tensors[role], cs = stream(cast(inp) if stream.proj is not None else inp, state.get(f"conv.{role}"))
             if cs is not None:
                 conv_state[f"conv.{role}"] = cs
-        return tensors, self._gates(src), conv_state
+        return tensors, self._gates(lambda name: cast(src(name))), conv_state
 
     def _gates(self, src) -> dict[str, torch.Tensor]:
         """Every gate's value, ``{name: [B, T, H] | [B, T, H, D] | [B, T, 1]}``, those reading one
@@ -165,9 +196,10 @@ class _Entry(nn.Module):
         token by token. The previous output is carried in the state (``self.prev``, ``[B, 1, C]``), so
         a sequence fed in pieces gives the outputs of one pass."""
         if not self.reads_self:
-            tensors, gates, conv_state = self._inputs(x, state, sources)
+            cast = MatmulInputs()
+            tensors, gates, conv_state = self._inputs(x, state, sources, cast)
             y, level_state = step(tensors, gates, state.get("level"))
-            return self._output(x, y), {"level": level_state, **conv_state}
+            return self._output(x, y, cast), {"level": level_state, **conv_state}
         prev = state.get("self.prev")
         if prev is None:
             prev = x.new_zeros(x.shape[0], 1, x.shape[-1])
@@ -190,10 +222,11 @@ class _Entry(nn.Module):
                 # the previous output for the first token and this read for the others
                 o = self._read_at_start(xs, carry, level_state, src)
                 src["self"] = torch.cat([prev, o[:, :-1]], dim=1)
-            tensors, gates, conv_state = self._inputs(xs, carry, src)
+            cast = MatmulInputs()
+            tensors, gates, conv_state = self._inputs(xs, carry, src, cast)
             carry.update(conv_state)
             y, level_state = step(tensors, gates, level_state)
-            out = self._output(xs, y)
+            out = self._output(xs, y, cast)
             prev = out[:, -1:]
             outs.append(out)
         if not outs:  # an empty sequence: nothing read, nothing carried forward
@@ -206,13 +239,13 @@ class _Entry(nn.Module):
         """Segments a level reading its own output can run whole, or ``None`` (token by token)."""
         return None
 
-    def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _output(self, x: torch.Tensor, y: torch.Tensor, cast: MatmulInputs | None = None) -> torch.Tensor:
         """The read ``y [B, T, H, D_v]`` normalised, gated by the input ``x`` and projected back to
-        ``[B, T, C]``."""
+        ``[B, T, C]`` (``cast``: the call's :class:`MatmulInputs`, shared with the streams')."""
         if self.out_norm is not None:
             y = self.out_norm(y)
         if self.out_gate is not None:
-            g = self.out_gate(x).unflatten(-1, (self.heads, self.d_value))
+            g = self.out_gate((cast or MatmulInputs())(x)).unflatten(-1, (self.heads, self.d_value))
             y = y * (torch.sigmoid(g) if self.spec.output.gate == "sigmoid" else F.silu(g))
         return self.out(y.flatten(2))
 

@@ -152,3 +152,80 @@ def test_gates_reading_one_tensor_share_one_matmul(name, groups, monkeypatch):
     for (n, p), (_, q) in zip(fused.named_parameters(), apart.named_parameters()):
         if p.grad is not None or q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name, before", [("gated_deltanet", 5), ("titans", 5), ("deltanet", 4)])
+def test_an_entry_casts_its_input_once_for_its_projections(name, before, monkeypatch):
+    """Under autocast every projection of the entry's float32 input reads one 16-bit copy
+    (:class:`~nlgraph.memory.MatmulInputs`), where each autocast matmul cast it itself (Gated
+    DeltaNet: five copies written, and saved for the backward): the same forward, bit for bit,
+    and the gradients within bf16's rounding (the shared copy's gradient is summed in bf16)."""
+    import nlgraph.memory
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nlgraph.lower import build
+    from nlgraph.spec import load_spec
+
+    class Casts(TorchDispatchMode):
+        def __init__(self, x):
+            super().__init__()
+            self.x, self.n = x, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                    and args[0].untyped_storage().data_ptr() == self.x.untyped_storage().data_ptr()):
+                self.n += 1
+            return func(*args, **kwargs)
+
+    spec = load_spec(f"specs/{name}.yaml", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"])
+    torch.manual_seed(0)
+    entry = next(m for m in build(spec, dtype=torch.float32).modules() if isinstance(m, nlgraph.memory._Entry))
+    x = torch.randn(2, 24, 32, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        h = leaf * 1.0  # an activation, as in a model: autocast caches the casts of leaves only
+        entry.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), Casts(h) as seen:
+            y, _ = entry(h)
+        y.float().square().sum().backward()
+        return seen.n, y, [leaf.grad] + [p.grad for p in entry.parameters() if p.grad is not None]
+
+    n, y, grads = run()
+    monkeypatch.setattr(nlgraph.memory.MatmulInputs, "__call__", lambda self, t: t)  # each matmul casts its own
+    n_before, y_before, grads_before = run()
+    assert (n, n_before) == (1, before)
+    assert torch.equal(y, y_before)
+    for g, gb in zip(grads, grads_before, strict=True):
+        torch.testing.assert_close(g, gb, rtol=2e-2, atol=2e-2 * gb.abs().max().item())
+
+
+def test_the_compiled_forward_casts_the_entrys_input_once():
+    """Traced as ``torch.compile`` traces it (AOT autograd's forward graph), Gated DeltaNet's entry
+    converts its float32 input to bf16 once under autocast: the graph inductor fused into one kernel
+    writing five copies (``benchmarks/results/gdn_layer_code_cast_h100.txt``) had five conversions."""
+    import nlgraph.memory
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from nlgraph.lower import build
+    from nlgraph.spec import load_spec
+
+    seen = []
+
+    def forward_graph(gm, example_inputs):
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and tuple(n.meta["val"].shape) == (2, 64, 32)]
+        seen.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] in inputs
+                        and ("convert_element_type" in str(n.target) or "_to_copy" in str(n.target))))
+        return make_boxed_func(gm.forward)
+
+    spec = load_spec("specs/gated_deltanet.yaml", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"])
+    entry = next(m for m in build(spec, dtype=torch.float32).modules() if isinstance(m, nlgraph.memory._Entry))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h: entry(h)[0], backend=aot_autograd(fw_compiler=forward_graph), fullgraph=True)
+    x = torch.randn(2, 64, 32, dtype=torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fn(x * 1.0).float().sum().backward()
+    torch._dynamo.reset()
+    assert sum(seen) == 1 and x.grad is not None  # (a second, inner graph reads no input of that shape)
