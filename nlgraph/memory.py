@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Gate, RMSNorm, ShortConv, Stream
+from .layers import Gate, MatmulInputs, RMSNorm, ShortConv, Stream
 from .levels.memories import build_memory
 from .spec.schema import (
     DeltaRuleSpec,
@@ -31,32 +31,6 @@ __all__ = ["ClosedFormLevel", "MemoryLevel", "level_widths", "self_read_chunk"]
 #: gates projecting the same tensor share one matmul (:meth:`_Entry._gates`); False builds entries
 #: with a matmul a gate, as before 2026-12-07 (``benchmarks/profile_layer.py --separate-gates`` times both)
 FUSE_GATES = True
-
-
-class MatmulInputs:
-    """Each tensor an entry projects, cast once to autocast's 16-bit dtype (the same value every
-    projection's autocast cast gives it), shared by all the entry's projections of that tensor in
-    one call. Each autocast matmul casts its float32 input itself, and inductor kept the casts apart:
-    Gated DeltaNet's layer wrote five bf16 copies of its input in one kernel (0.042 ms of its 0.39
-    ms forward on an H100 at B=8, T=2048, d_model 512; docs/benchmarks.md), each then saved for the
-    backward. Without autocast, or for a tensor already in 16 bits, the tensor itself."""
-
-    def __init__(self) -> None:
-        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        device = t.device.type
-        if t.dtype != torch.float32 or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-            return t
-        low = torch.get_autocast_dtype(device)
-        if low not in (torch.float16, torch.bfloat16):
-            return t
-        for src, cast in self._seen:
-            if src is t:
-                return cast
-        cast = t.to(low)
-        self._seen.append((t, cast))
-        return cast
 
 
 def level_widths(spec: LevelSpec, width: int) -> tuple[int, int, int]:

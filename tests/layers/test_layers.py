@@ -154,12 +154,15 @@ def test_gates_reading_one_tensor_share_one_matmul(name, groups, monkeypatch):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
-@pytest.mark.parametrize("name, before", [("gated_deltanet", 5), ("titans", 5), ("deltanet", 4)])
+@pytest.mark.parametrize("name, before", [("gated_deltanet", 5), ("titans", 5), ("deltanet", 4),
+                                          ("transformer_pp", 3)])
 def test_an_entry_casts_its_input_once_for_its_projections(name, before, monkeypatch):
     """Under autocast every projection of the entry's float32 input reads one 16-bit copy
-    (:class:`~nlgraph.memory.MatmulInputs`), where each autocast matmul cast it itself (Gated
-    DeltaNet: five copies written, and saved for the backward): the same forward, bit for bit,
-    and the gradients within bf16's rounding (the shared copy's gradient is summed in bf16)."""
+    (:class:`~nlgraph.layers.MatmulInputs`), where each autocast matmul cast it itself (Gated
+    DeltaNet: five copies written, and saved for the backward; attention's three): the same
+    forward, bit for bit, and the gradients within bf16's rounding (the shared copy's gradient is
+    summed in bf16)."""
+    import nlgraph.layers
     import nlgraph.memory
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -180,7 +183,8 @@ def test_an_entry_casts_its_input_once_for_its_projections(name, before, monkeyp
 
     spec = load_spec(f"specs/{name}.yaml", overrides=["vars.d_model=32", "vars.heads=2", "vars.layers=1"])
     torch.manual_seed(0)
-    entry = next(m for m in build(spec, dtype=torch.float32).modules() if isinstance(m, nlgraph.memory._Entry))
+    entry = next(m for m in build(spec, dtype=torch.float32).modules()
+                 if isinstance(m, (nlgraph.memory._Entry, nlgraph.layers.Attention)))
     x = torch.randn(2, 24, 32, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
 
     def run():
@@ -193,7 +197,7 @@ def test_an_entry_casts_its_input_once_for_its_projections(name, before, monkeyp
         return seen.n, y, [leaf.grad] + [p.grad for p in entry.parameters() if p.grad is not None]
 
     n, y, grads = run()
-    monkeypatch.setattr(nlgraph.memory.MatmulInputs, "__call__", lambda self, t: t)  # each matmul casts its own
+    monkeypatch.setattr(nlgraph.layers.MatmulInputs, "__call__", lambda self, t: t)  # each matmul casts its own
     n_before, y_before, grads_before = run()
     assert (n, n_before) == (1, before)
     assert torch.equal(y, y_before)
