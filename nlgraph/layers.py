@@ -107,13 +107,30 @@ def _feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown feature map {name!r}")
 
 
+class _CastCopy(torch.autograd.Function):
+    """``low``, a 16-bit copy of ``t`` made once, handed to one consumer with a gradient path of its
+    own back to ``t``: each consumer's gradient is widened to ``t``'s dtype before autograd adds them
+    at ``t``, in float32, as the per-matmul casts it replaces did (one shared cast would have its
+    gradients summed in 16 bits first)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = t.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
 class MatmulInputs:
     """Each tensor an entry projects, cast once to autocast's 16-bit dtype (the same value every
     projection's autocast cast gives it), shared by all the entry's projections of that tensor in
     one call. Each autocast matmul casts its float32 input itself, and inductor kept the casts apart:
     Gated DeltaNet's layer wrote five bf16 copies of its input in one kernel (0.042 ms of its 0.39
     ms forward on an H100 at B=8, T=2048, d_model 512; docs/benchmarks.md), each then saved for the
-    backward. Without autocast, or for a tensor already in 16 bits, the tensor itself."""
+    backward. The gradients are those of the separate casts (:class:`_CastCopy`). Without autocast,
+    or for a tensor already in 16 bits, the tensor itself."""
 
     def __init__(self) -> None:
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -125,12 +142,11 @@ class MatmulInputs:
         low = torch.get_autocast_dtype(device)
         if low not in (torch.float16, torch.bfloat16):
             return t
-        for src, cast in self._seen:
-            if src is t:
-                return cast
-        cast = t.to(low)
-        self._seen.append((t, cast))
-        return cast
+        copy = next((c for src, c in self._seen if src is t), None)
+        if copy is None:
+            copy = t.detach().to(low)
+            self._seen.append((t, copy))
+        return _CastCopy.apply(t, copy) if t.requires_grad else copy
 
 
 class Stream(nn.Module):

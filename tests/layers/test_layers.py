@@ -160,8 +160,8 @@ def test_an_entry_casts_its_input_once_for_its_projections(name, before, monkeyp
     """Under autocast every projection of the entry's float32 input reads one 16-bit copy
     (:class:`~nlgraph.layers.MatmulInputs`), where each autocast matmul cast it itself (Gated
     DeltaNet: five copies written, and saved for the backward; attention's three): the same
-    forward, bit for bit, and the gradients within bf16's rounding (the shared copy's gradient is
-    summed in bf16)."""
+    forward and the same gradients, bit for bit (each projection's gradient widened to float32
+    before they are added, as before)."""
     import nlgraph.layers
     import nlgraph.memory
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -202,7 +202,7 @@ def test_an_entry_casts_its_input_once_for_its_projections(name, before, monkeyp
     assert (n, n_before) == (1, before)
     assert torch.equal(y, y_before)
     for g, gb in zip(grads, grads_before, strict=True):
-        torch.testing.assert_close(g, gb, rtol=2e-2, atol=2e-2 * gb.abs().max().item())
+        assert torch.equal(g, gb)
 
 
 def test_the_compiled_forward_casts_the_entrys_input_once():
@@ -220,7 +220,14 @@ def test_the_compiled_forward_casts_the_entrys_input_once():
 
     def forward_graph(gm, example_inputs):
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and tuple(n.meta["val"].shape) == (2, 64, 32)]
-        seen.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] in inputs
+
+        def source(n):  # through detach / alias nodes to what they view
+            while n.op == "call_function" and any(w in str(n.target) for w in ("detach", "alias")):
+                n = n.args[0]
+            return n
+
+        seen.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.args
+                        and isinstance(n.args[0], torch.fx.Node) and source(n.args[0]) in inputs
                         and ("convert_element_type" in str(n.target) or "_to_copy" in str(n.target))))
         return make_boxed_func(gm.forward)
 
