@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--separate-gates", action="store_true",
                     help="build the layer with a matmul a gate (nlgraph.memory.FUSE_GATES off), as before "
                          "gates projecting the same input shared one")
+    ap.add_argument("--separate-casts", action="store_true",
+                    help="let each autocast matmul cast the layer's input itself (nlgraph.layers.SHARE_CASTS off), "
+                         "as before its projections shared one 16-bit copy")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -48,16 +51,19 @@ def main() -> int:
         return 2
     from _launch import kernel_profile
 
+    import nlgraph.layers
     import nlgraph.memory
     from nlgraph.bench import layer_impls
 
     nlgraph.memory.FUSE_GATES = not args.separate_gates
+    nlgraph.layers.SHARE_CASTS = not args.separate_casts
 
     impls, x, meta = layer_impls(args.spec, list(args.overrides), args.layer, batch=args.batch, length=args.length,
                                  modes=tuple(args.modes), fla=not args.no_fla)
     print(json.dumps(meta), flush=True)
     rows = kernel_profile(impls, [x], x.device, reps=args.reps, top=args.top)
-    out = {"meta": {**meta, "fused_gates": nlgraph.memory.FUSE_GATES}, "command": sys.argv, "profile": rows}
+    out = {"meta": {**meta, "fused_gates": nlgraph.memory.FUSE_GATES,
+                    "shared_casts": nlgraph.layers.SHARE_CASTS}, "command": sys.argv, "profile": rows}
     if args.tuned:
         from nlgraph.compilers.kernels._delta_rule_triton import kernels
 

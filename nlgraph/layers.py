@@ -107,6 +107,12 @@ def _feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown feature map {name!r}")
 
 
+#: an entry's projections share one 16-bit copy of each input (:class:`MatmulInputs`); False leaves
+#: each autocast matmul to cast its own, as before 2026-12-07 (``benchmarks/profile_layer.py
+#: --separate-casts`` times both)
+SHARE_CASTS = True
+
+
 class _CastCopy(torch.autograd.Function):
     """``low``, a 16-bit copy of ``t`` made once, handed to one consumer with a gradient path of its
     own back to ``t``: each consumer's gradient is widened to ``t``'s dtype before autograd adds them
@@ -137,7 +143,8 @@ class MatmulInputs:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         device = t.device.type
-        if t.dtype != torch.float32 or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        if (not SHARE_CASTS or t.dtype != torch.float32 or device not in ("cpu", "cuda")
+                or not torch.is_autocast_enabled(device)):
             return t
         low = torch.get_autocast_dtype(device)
         if low not in (torch.float16, torch.bfloat16):
