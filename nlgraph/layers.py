@@ -142,11 +142,9 @@ class MatmulInputs:
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        device = t.device.type
-        if (not SHARE_CASTS or t.dtype != torch.float32 or device not in ("cpu", "cuda")
-                or not torch.is_autocast_enabled(device)):
-            return t
-        low = torch.get_autocast_dtype(device)
+        from nlgraph.compilers.chunked import autocast_dtype  # here: not on `import nlgraph.layers`'s path
+
+        low = autocast_dtype(t.device.type) if SHARE_CASTS and t.dtype == torch.float32 else None
         if low not in (torch.float16, torch.bfloat16):
             return t
         copy = next((c for src, c in self._seen if src is t), None)
