@@ -182,10 +182,11 @@ def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
 
 def _run_recurrence(d: int, chunk: int, dt) -> None:
     """The online recurrence kernel with every input (momentum, updates that read the state), a
-    state ``[D, D]``, ``chunk`` tokens a chunk; then the reads kernel with momentum."""
+    state ``[D, D]``, ``chunk`` tokens a chunk; then the reads and the chunk systems' kernels with
+    momentum."""
     import torch
 
-    from nlgraph.compilers.kernels.recurrence import online_reads, online_recurrence
+    from nlgraph.compilers.kernels.recurrence import online_prepare, online_reads, online_recurrence
 
     gen = torch.Generator().manual_seed(0)
 
@@ -204,6 +205,10 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
     reads = online_reads(q=rows(), k=rows(), a=r(1, 1, c, chunk), bz=r(1, 1, c, chunk), m=r(1, 1, c, chunk, chunk),
                          ws=r(1, 1, c, d, d), ss=r(1, 1, c, d, d), es=r(1, 1, c, chunk, d))
     reads.square().sum().backward()
+    # the chunk systems (NLGRAPH_RECURRENCE_PREPARE=kernel), with momentum
+    sys_out = online_prepare(rows(), rows(), r(1, 1, c, chunk), r(1, 1, c, chunk, chunk), r(1, 1, c, chunk),
+                             r(1, 1, c, chunk), rows())
+    sum(x.float().square().sum() for x in sys_out).backward()
 
 
 def _run_chunk_walk(d: int, chunk: int, dt) -> None:

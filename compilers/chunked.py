@@ -1137,6 +1137,31 @@ def recurrence_step(w: torch.Tensor, s: torch.Tensor | None, u: torch.Tensor, xt
     return w_new.to(w.dtype), s, e
 
 
+def solve_chunks(k: torch.Tensor, erase: torch.Tensor, coef: torch.Tensor, m: torch.Tensor, g0: torch.Tensor,
+                 z: torch.Tensor | None, f: torch.Tensor):
+    """The online form's chunk systems and their three solutions, every chunk at once::
+
+        T = (I + strict(diag(coef) (erase kᵀ ⊙ M)))⁻¹,
+        P₁ = T diag(coef g0) erase,   P₂ = T diag(coef z) erase,   U = T f
+
+    ``k, erase [B, H, C, n, I]``, ``coef, g0, z [B, H, C, n]`` (``z`` ``None`` without momentum),
+    ``m [B, H, C, n, n]`` (strictly lower part read: the transfer product ``Ω[:n, 1:]``),
+    ``f [B, H, C, n, O]``. Returns ``(P₁, P₂ or None, U)``. The chunk's errors are
+    ``E = U + P₁ W_cᵀ + P₂ S_cᵀ``; ``nlgraph.compilers.kernels.recurrence.online_prepare`` is the
+    same in one Triton kernel."""
+    n = k.shape[-2]
+    kern = (erase @ k.transpose(-1, -2)) * m  # W_{r−1}: strictly lower
+    eye = torch.eye(n, dtype=k.dtype, device=k.device)
+    a = eye + coef.unsqueeze(-1) * kern
+    # the system's inverse T = a⁻¹ once (n columns), then P₁, P₂ and U as products with it, as the
+    # delta-rule kernels apply their UT transform: solving the three right-hand sides (3 · D
+    # columns) took 2.7 of a momentum layer's 18.2 ms forward + backward on an H100, compiled
+    tinv = _solve_lower(a, eye.expand(a.shape))
+    p1 = tinv @ (coef.unsqueeze(-1) * erase * g0.unsqueeze(-1))
+    p2 = tinv @ (coef.unsqueeze(-1) * erase * z.unsqueeze(-1)) if z is not None else None
+    return p1, p2, tinv @ f
+
+
 def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch.Tensor,
                  s_buf: torch.Tensor | None, origin: torch.Tensor | None, loop: str, recurrence=None):
     """The first ``n_chunks`` full chunks of ``n`` tokens of the online form, for levels whose gates
@@ -1186,16 +1211,14 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     else:
         y, omega, z = None, g, None
     if coef is not None:
-        kern = (erase @ k.transpose(-1, -2)) * omega[..., :n, 1:]  # W_{r−1}: strictly lower
-        eye = torch.eye(n, dtype=k.dtype, device=k.device)
-        a = eye + coef.unsqueeze(-1) * kern
-        # the system's inverse T = a⁻¹ once (n columns), then P₁, P₂ and U as products with it, as the
-        # delta-rule kernels apply their UT transform: solving the three right-hand sides (3 · D
-        # columns) took 2.7 of a momentum layer's 18.2 ms forward + backward on an H100, compiled
-        tinv = _solve_lower(a, eye.expand(a.shape))
-        p1 = tinv @ (coef.unsqueeze(-1) * erase * g[..., :n, 0, None])
-        p2 = tinv @ (coef.unsqueeze(-1) * erase * z[..., :n, None]) if momentum else None
-        u = tinv @ f
+        from .kernels.recurrence import online_prepare, operand_dtype, prepare_in_kernel
+
+        sys_args = (k, erase, coef, omega[..., :n, 1:], g[..., :n, 0], z[..., :n] if momentum else None, f)
+        if recurrence is not None and prepare_in_kernel(n, f.shape[-1], k.shape[-1]):  # NLGRAPH_RECURRENCE_PREPARE
+            work = operand_dtype(torch.promote_types(k.dtype, erase.dtype), k.device)
+            p1, p2, u = online_prepare(k.to(work), erase.to(work), *sys_args[2:], out=work)
+        else:
+            p1, p2, u = solve_chunks(*sys_args)
     else:  # the update does not read the state: the written errors are the forcing
         p1 = p2 = None
         u = f

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._delta_rule_triton import INTERPRETED
+from ._delta_rule_triton import INTERPRETED, _unit_lower_inverse
 
 __all__ = ["INTERPRETED", "kernels"]
 
@@ -246,11 +246,122 @@ def _reads_bwd(q, k, a, bz, m, ws, ss, es, do, dq, dk, da, dbz, dm, dws, dss, de
              boundary_check=(0, 1))
 
 
+# --------------------------------------------------------------------------- the chunks' systems
+
+
+@triton.jit
+def _prep_chunk(k, er, cf, m, cc, N: tl.constexpr, I, BI: tl.constexpr, PREC: tl.constexpr):
+    """Chunk ``cc``'s inputs of both prepare kernels: ``(k, erase [N, BI], coef [N] float32,
+    M [N, N] float32, erase kᵀ [N, N] float32)``."""
+    r = tl.arange(0, N)
+    ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    ea = tl.load(_tile(er, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    cv = tl.load(cf + cc * N + r).to(tl.float32)
+    mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
+    kk = tl.dot(ea, tl.trans(ka), input_precision=PREC)
+    return ka, ea, cv, mm, kk
+
+
+@triton.jit
+def _prepare_fwd(k, er, cf, m, g0, z, f, tm, p1, p2, u, N: tl.constexpr, O: tl.constexpr, I: tl.constexpr,
+                 BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                 NB: tl.constexpr):
+    """One chunk's system and its three solutions (the module docstring's ``P1``, ``P2``, ``U``)::
+
+        A = I + strict(diag(coef) (erase kᵀ ⊙ M)),   T = A⁻¹                        [N, N]
+        P1 = T diag(coef g0) erase,   P2 = T diag(coef z) erase,   U = T f
+
+    ``T`` (float32) is kept for the backward."""
+    cc = tl.program_id(0).to(tl.int64)  # (batch, head, chunk), flattened
+    dt = k.dtype.element_ty
+    r = tl.arange(0, N)
+    ka, ea, cv, mm, kk = _prep_chunk(k, er, cf, m, cc, N, I, BI, PREC)
+    a = tl.where(r[:, None] > r[None, :], kk * mm * cv[:, None], 0.)
+    tmf = _unit_lower_inverse(a, N, NB, SPREC)
+    tl.store(_tile(tm, cc * N * N, N, N, 0, N, N), tmf)
+    tmd = tmf.to(dt)
+    ef = ea.to(tl.float32)
+    w1 = cv * tl.load(g0 + cc * N + r).to(tl.float32)
+    tl.store(_tile(p1, cc * N * I, N, I, 0, N, BI),
+             tl.dot(tmd, (ef * w1[:, None]).to(dt), input_precision=PREC).to(p1.dtype.element_ty),
+             boundary_check=(0, 1))
+    if MOM:
+        w2 = cv * tl.load(z + cc * N + r).to(tl.float32)
+        tl.store(_tile(p2, cc * N * I, N, I, 0, N, BI),
+                 tl.dot(tmd, (ef * w2[:, None]).to(dt), input_precision=PREC).to(p2.dtype.element_ty),
+                 boundary_check=(0, 1))
+    fa = tl.load(_tile(f, cc * N * O, N, O, 0, N, BO), boundary_check=(0, 1), padding_option="zero")
+    tl.store(_tile(u, cc * N * O, N, O, 0, N, BO), tl.dot(tmd, fa.to(dt), input_precision=PREC),
+             boundary_check=(0, 1))
+
+
+@triton.jit
+def _prepare_bwd(k, er, cf, m, g0, z, f, tm, dp1, dp2, du, dk, der, dcf, dm, dg0, dz, df, N: tl.constexpr,
+                 O: tl.constexpr, I: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, MOM: tl.constexpr,
+                 PREC: tl.constexpr):
+    """The gradients of :func:`_prepare_fwd`'s chunk. With ``R`` a right-hand side and ``P = T R``:
+    ``dR = Tᵀ dP``, and ``A``'s strict part takes ``D = −strict(Σ dR Pᵀ)`` over the three; then
+    ``dM = D ⊙ diag(coef) erase kᵀ``, ``d erase = (D ⊙ M ⊙ coef) k + diag(coef g0) dR1 + diag(coef z) dR2``,
+    ``dk = (D ⊙ M ⊙ coef)ᵀ erase``, ``d coef = Σ_j D ⊙ erase kᵀ ⊙ M + g0 Σ dR1 ⊙ erase + z Σ dR2 ⊙ erase``
+    (rows), ``dg0 = coef Σ dR1 ⊙ erase``, ``dz = coef Σ dR2 ⊙ erase``, ``df = dU``. Each right-hand
+    side's ``dR`` and ``P`` are formed, used and dropped in turn (``dR1`` / ``dR2`` formed again at
+    the end), so few ``[N, I]`` float32 tiles are alive at once: compiled for sm_90 at chunk 64 and
+    128-wide heads, keeping them all spilled 976 bytes a thread."""
+    cc = tl.program_id(0).to(tl.int64)
+    dt = k.dtype.element_ty
+    r = tl.arange(0, N)
+    tmd = tl.load(_tile(tm, cc * N * N, N, N, 0, N, N)).to(dt)
+    tmt = tl.trans(tmd)
+    ea = tl.load(_tile(er, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    cv = tl.load(cf + cc * N + r).to(tl.float32)
+    gv = tl.load(g0 + cc * N + r).to(tl.float32)
+    g1 = tl.load(_tile(dp1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    dr = tl.dot(tmt, g1.to(dt), input_precision=PREC)
+    pv = tl.dot(tmd, (ea.to(tl.float32) * (cv * gv)[:, None]).to(dt), input_precision=PREC)
+    ga = tl.dot(dr.to(dt), tl.trans(pv.to(dt)), input_precision=PREC)
+    s1 = tl.sum(dr * ea.to(tl.float32), axis=1)
+    tl.store(dg0 + cc * N + r, cv * s1)
+    dcv = gv * s1
+    if MOM:
+        zv = tl.load(z + cc * N + r).to(tl.float32)
+        g2 = tl.load(_tile(dp2, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+        dr = tl.dot(tmt, g2.to(dt), input_precision=PREC)
+        pv = tl.dot(tmd, (ea.to(tl.float32) * (cv * zv)[:, None]).to(dt), input_precision=PREC)
+        ga += tl.dot(dr.to(dt), tl.trans(pv.to(dt)), input_precision=PREC)
+        s2 = tl.sum(dr * ea.to(tl.float32), axis=1)
+        tl.store(dz + cc * N + r, cv * s2)
+        dcv += zv * s2
+    gu = tl.load(_tile(du, cc * N * O, N, O, 0, N, BO), boundary_check=(0, 1), padding_option="zero")
+    dfv = tl.dot(tmt, gu.to(dt), input_precision=PREC)
+    tl.store(_tile(df, cc * N * O, N, O, 0, N, BO), dfv, boundary_check=(0, 1))
+    fa = tl.load(_tile(f, cc * N * O, N, O, 0, N, BO), boundary_check=(0, 1), padding_option="zero")
+    uv = tl.dot(tmd, fa.to(dt), input_precision=PREC)
+    ga += tl.dot(dfv.to(dt), tl.trans(uv.to(dt)), input_precision=PREC)
+    d = tl.where(r[:, None] > r[None, :], -ga, 0.)
+    ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    kk = tl.dot(ea, tl.trans(ka), input_precision=PREC)
+    mm = tl.load(_tile(m, cc * N * N, N, N, 0, N, N)).to(tl.float32)
+    tl.store(_tile(dm, cc * N * N, N, N, 0, N, N), d * kk * cv[:, None])
+    dcv += tl.sum(d * kk * mm, axis=1)
+    tl.store(dcf + cc * N + r, dcv)
+    dmc = (d * mm * cv[:, None]).to(dt)
+    tl.store(_tile(dk, cc * N * I, N, I, 0, N, BI), tl.dot(tl.trans(dmc), ea, input_precision=PREC),
+             boundary_check=(0, 1))
+    gerase = tl.dot(dmc, ka, input_precision=PREC)
+    g1 = tl.load(_tile(dp1, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+    gerase += (cv * gv)[:, None] * tl.dot(tmt, g1.to(dt), input_precision=PREC)
+    if MOM:
+        g2 = tl.load(_tile(dp2, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")
+        gerase += (cv * zv)[:, None] * tl.dot(tmt, g2.to(dt), input_precision=PREC)
+    tl.store(_tile(der, cc * N * I, N, I, 0, N, BI), gerase, boundary_check=(0, 1))
+
 class _Kernels:
     fwd = _fwd
     bwd = _bwd
     reads_fwd = _reads_fwd
     reads_bwd = _reads_bwd
+    prepare_fwd = _prepare_fwd
+    prepare_bwd = _prepare_bwd
 
 
 def kernels() -> type[_Kernels]:

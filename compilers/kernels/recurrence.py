@@ -22,7 +22,8 @@ import torch
 
 from ._load import pow2 as _pow2, products
 
-__all__ = ["fits", "loop", "online_reads", "online_recurrence", "operand_dtype", "reads_fit", "reads_in_kernel",
+__all__ = ["fits", "loop", "online_prepare", "online_reads", "online_recurrence", "operand_dtype", "prepare_in_kernel",
+           "reads_fit", "reads_in_kernel",
            "states_dtype"]
 
 _OP = "online_recurrence"
@@ -472,3 +473,145 @@ def online_reads(q, k, a, bz, m, ws, ss, es):
                            "chunks of 16, 32 or 64 and states up to [128, 128]", path="online_reads")
     args = [t.contiguous() if t is not None else None for t in (q, k, a, bz, m, ws, ss, es)]
     return _reads_fwd_op(*args)
+
+
+# --------------------------------------------------------------------------- the chunks' systems
+
+#: ``NLGRAPH_RECURRENCE_PREPARE``: who forms the online form's chunk systems and their solutions
+#: ``P₁``, ``P₂``, ``U`` (``compilers/chunked.py``, :func:`~compilers.chunked.solve_chunks`) where the
+#: recurrence runs in the kernel, read once a process. ``pytorch`` (default): the erase products,
+#: the triangular inverse (``solve_lower``) and three batched products, and their backward, as
+#: separate operators. ``kernel``: :func:`online_prepare`, one Triton program a chunk, forward and
+#: backward. Checked in Triton's interpreter; not yet on a GPU or timed. Any other value is an error
+#: at the first call.
+PREPARE = os.environ.get("NLGRAPH_RECURRENCE_PREPARE", "").strip().lower() or "pytorch"
+# the backward holds a chunk's [n, n] and [n, I] tiles at once: 8 warps halve what each thread keeps
+PREPARE_BWD_WARPS = 8
+
+
+def prepare_in_kernel(n: int, o: int, i: int) -> bool:
+    """Whether the chunk systems go through :func:`online_prepare` (:data:`PREPARE`, and a chunk and
+    state :func:`reads_fit` takes: one program holds a chunk's ``[n, O]`` and ``[n, I]`` tiles)."""
+    return _checked(PREPARE, ("pytorch", "kernel"), "NLGRAPH_RECURRENCE_PREPARE") == "kernel" and reads_fit(n, o, i)
+
+
+def _prep_prec(k: torch.Tensor) -> str:
+    return products(k.dtype, unset="tf32x3")
+
+
+@torch.library.custom_op("nlgraph::online_prepare_fwd", mutates_args=())
+def _prep_fwd_op(k: torch.Tensor, er: torch.Tensor, cf: torch.Tensor, m: torch.Tensor, g0: torch.Tensor,
+                 z: Optional[torch.Tensor], f: torch.Tensor, out: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(p1, p2 or empty, u float32, T float32)``, ``p1`` / ``p2`` in ``out``."""
+    b, h, nc, n, i = k.shape
+    o = f.shape[-1]
+    mom = z is not None
+    p1 = k.new_empty(b, h, nc, n, i, dtype=out)
+    p2 = k.new_empty(b, h, nc, n, i, dtype=out) if mom else _empty(k)
+    u = k.new_empty(b, h, nc, n, o, dtype=torch.float32)
+    tm = k.new_empty(b, h, nc, n, n, dtype=torch.float32)
+    prec = _prep_prec(k)
+    _kernels(k).prepare_fwd[(b * h * nc,)](
+        k, er, cf, m, g0, z if mom else _empty(k), f, tm, p1, p2, u, N=n, O=o, I=i, BO=_pow2(o), BI=_pow2(i),
+        MOM=mom, PREC=prec, SPREC=prec, NB=n // 16)
+    return p1, p2, u, tm
+
+
+@_prep_fwd_op.register_fake
+def _(k, er, cf, m, g0, z, f, out):
+    b, h, nc, n, i = k.shape
+    return (k.new_empty(b, h, nc, n, i, dtype=out), k.new_empty(b, h, nc, n, i, dtype=out) if z is not None
+            else k.new_empty(0), k.new_empty(b, h, nc, n, f.shape[-1], dtype=torch.float32),
+            k.new_empty(b, h, nc, n, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("nlgraph::online_prepare_bwd", mutates_args=())
+def _prep_bwd_op(k: torch.Tensor, er: torch.Tensor, cf: torch.Tensor, m: torch.Tensor, g0: torch.Tensor,
+                 z: Optional[torch.Tensor], f: torch.Tensor, tm: torch.Tensor, dp1: torch.Tensor,
+                 dp2: Optional[torch.Tensor], du: torch.Tensor) -> list[torch.Tensor]:
+    """Returns ``[dk, d erase, d coef, dm, dg0, dz, df]``, float32 (``dz`` empty without momentum)."""
+    b, h, nc, n, i = k.shape
+    o = f.shape[-1]
+    mom = z is not None
+
+    def f32(*shape):
+        return k.new_empty(*shape, dtype=torch.float32)
+
+    dk, der, dcf, dm, dg0, df = (f32(b, h, nc, n, i), f32(b, h, nc, n, i), f32(b, h, nc, n), f32(b, h, nc, n, n),
+                                 f32(b, h, nc, n), f32(b, h, nc, n, o))
+    dz = f32(b, h, nc, n) if mom else _empty(k)
+    e = _empty(k)
+    _kernels(k).prepare_bwd[(b * h * nc,)](
+        k, er, cf, m, g0, z if mom else e, f, tm, dp1.contiguous(), dp2.contiguous() if mom else e,
+        du.contiguous(), dk, der, dcf, dm, dg0, dz, df, N=n, O=o, I=i, BO=_pow2(o), BI=_pow2(i), MOM=mom,
+        PREC=_prep_prec(k), num_warps=PREPARE_BWD_WARPS)
+    return [dk, der, dcf, dm, dg0, dz, df]
+
+
+@_prep_bwd_op.register_fake
+def _(k, er, cf, m, g0, z, f, tm, dp1, dp2, du):
+    b, h, nc, n, i = k.shape
+
+    def f32(*shape):
+        return k.new_empty(*shape, dtype=torch.float32)
+
+    return [f32(b, h, nc, n, i), f32(b, h, nc, n, i), f32(b, h, nc, n), f32(b, h, nc, n, n), f32(b, h, nc, n),
+            f32(b, h, nc, n) if z is not None else k.new_empty(0), f32(b, h, nc, n, f.shape[-1])]
+
+
+def _prep_setup(ctx, inputs, output):
+    k, er, cf, m, g0, z, f, _ = inputs
+    ctx.save_for_backward(k, er, cf, m, g0, z, f, output[3])
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:-1]]
+
+
+def _prep_backward(ctx, dp1, dp2, du, _dtm):
+    k, er, cf, m, g0, z, f, tm = ctx.saved_tensors
+    mom = z is not None
+    p_shape = k.shape
+    dp1 = torch.zeros(p_shape, dtype=torch.float32, device=k.device) if dp1 is None else dp1
+    if mom:
+        dp2 = torch.zeros(p_shape, dtype=torch.float32, device=k.device) if dp2 is None else dp2
+    else:
+        dp2 = None
+    du = torch.zeros(*k.shape[:-1], f.shape[-1], dtype=torch.float32, device=k.device) if du is None else du
+    grads = _prep_bwd_op(k, er, cf, m, g0, z, f, tm, dp1, dp2, du)
+    return (*(None if dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
+
+
+_prep_fwd_op.register_autograd(_prep_backward, setup_context=_prep_setup)
+
+
+def online_prepare(k, erase, coef, m, g0, z, f, out=None):
+    """Every chunk's system and its solutions in one kernel (``compilers/chunked.py``,
+    :func:`~compilers.chunked.solve_chunks` is the same in PyTorch)::
+
+        T = (I + strict(diag(coef) (erase kᵀ ⊙ M)))⁻¹,
+        P₁ = T diag(coef g0) erase,   P₂ = T diag(coef z) erase,   U = T f
+
+    Args:
+        k, erase: ``[B, H, C, n, I]``, one dtype among float32, bfloat16 and float16 (the products'
+            operands: ``T`` and ``f`` are cast to it; float32 multiplies in ``NLGRAPH_FP32_PRODUCTS``'
+            mode, three TF32 products unless told).
+        coef, g0, z: ``[B, H, C, n]`` the rows' write strength and the state terms' weights (``z``
+            ``None`` without momentum).
+        m: ``[B, H, C, n, n]`` the chunk's transfer mask (only its strictly lower part is read).
+        f: ``[B, H, C, n, O]`` the forcing.
+        out: the dtype of ``P₁`` / ``P₂`` (default ``k``'s).
+
+    Returns:
+        ``(P₁, P₂ or None, U)``: ``[B, H, C, n, I]`` in ``out``, and ``U`` ``[B, H, C, n, O]`` float32,
+        differentiable in every input.
+    """
+    from nlgraph.errors import NLGraphError
+
+    if k.dtype not in _DTYPES or erase.dtype != k.dtype:
+        raise NLGraphError(f"k and erase must share one dtype among float32, bfloat16 and float16, got {k.dtype} "
+                           f"and {erase.dtype}", path="online_prepare")
+    if not reads_fit(k.shape[3], f.shape[-1], k.shape[-1]):
+        raise NLGraphError(f"chunk {k.shape[3]} with {k.shape[-1]} keys and {f.shape[-1]} values: the prepare "
+                           "kernel takes chunks of 16, 32 or 64 and widths up to 128", path="online_prepare")
+    args = [t.contiguous() if t is not None else None for t in (k, erase, coef, m, g0, z, f)]
+    p1, p2, u, _ = _prep_fwd_op(*args, out or k.dtype)
+    return p1, (p2 if z is not None else None), u

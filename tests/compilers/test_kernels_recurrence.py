@@ -127,16 +127,23 @@ def rec_calls(monkeypatch):
 def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, reads, rec_calls, monkeypatch):
     """70 tokens in chunks of 16: four full chunks through the kernel and a partial one in PyTorch;
     outputs, final state and every gradient (gates, initial memory and momentum) equal the reference,
-    with the reads in PyTorch or in their own kernel (``NLGRAPH_RECURRENCE_READS``)."""
+    with the reads and the chunk systems in PyTorch or in their own kernels
+    (``NLGRAPH_RECURRENCE_READS``, ``NLGRAPH_RECURRENCE_PREPARE``)."""
     monkeypatch.setattr(rec_module, "READS", reads)
-    read_calls = []
-    real_reads = rec_module.online_reads
+    monkeypatch.setattr(rec_module, "PREPARE", reads)
+    read_calls, prepare_calls = [], []
+    real_reads, real_prepare = rec_module.online_reads, rec_module.online_prepare
 
     def reads_spy(*a, **k):
         read_calls.append(1)
         return real_reads(*a, **k)
 
+    def prepare_spy(*a, **k):
+        prepare_calls.append(1)
+        return real_prepare(*a, **k)
+
     monkeypatch.setattr(rec_module, "online_reads", reads_spy)
+    monkeypatch.setattr(rec_module, "online_prepare", prepare_spy)
     spec = load_level(LEVELS[name])
     assert dispatch.why_no_online_kernel(spec) is not None and dispatch.why_no_online_linear_attention(spec) is not None
     assert level_form(spec, device=DEVICE) == "triton"
@@ -164,6 +171,8 @@ def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, re
         results[form] = (y, st, torch.autograd.grad(loss, flat))
     assert rec_calls["n"] == 1
     assert len(read_calls) == (1 if reads == "kernel" else 0)
+    # the dot objective's update does not read the state: no system to solve
+    assert len(prepare_calls) == (1 if reads == "kernel" and spec.objective.kind != "dot" else 0)
     (y, st, gr), (y_ref, st_ref, gr_ref) = results["triton"], results["reference"]
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for k in ("memory.w0", "optimizer.memory.momentum.w0"):
@@ -424,3 +433,75 @@ def test_the_reads_switch_refuses_an_unknown_value(monkeypatch):
         rec_module.reads_in_kernel(16, 16, 16)
     monkeypatch.setattr(rec_module, "READS", "kernel")
     assert rec_module.reads_in_kernel(64, 128, 128) and not rec_module.reads_in_kernel(64, 256, 128)
+
+
+@pytest.mark.parametrize("mom,n,o,i,same", [(True, 16, 40, 24, False), (False, 32, 24, 20, True),
+                                            (True, 64, 16, 16, True)])
+def test_the_prepare_kernel_equals_the_chunk_solves(mom, n, o, i, same):
+    """``online_prepare`` (one program a chunk) against ``compilers.chunked.solve_chunks`` in float64:
+    ``P₁``, ``P₂``, ``U`` and the gradient of every input, at widths that are not powers of two, the
+    erase its own tensor or the keys themselves (``same``: retention without decay) and chunks of 16,
+    32 and 64; it traces under ``torch.compile(fullgraph=True)``; sizes it cannot take are one clear
+    error."""
+    from nlgraph.compilers.chunked import solve_chunks
+    from nlgraph.compilers.kernels.recurrence import online_prepare
+    from nlgraph.errors import NLGraphError
+
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    b, h, c = 1, 2, 2
+    k = torch.nn.functional.normalize(r(b, h, c, n, i), dim=-1)
+    # a transfer mask of products of gates in (0, 1], as Ω is
+    mask = torch.rand(b, h, c, n, n, generator=g, dtype=torch.float64)
+    args = dict(k=k, erase=k if same else 0.9 * k + 0.1 * r(b, h, c, n, i), coef=torch.rand(b, h, c, n, generator=g,
+                dtype=torch.float64), m=mask, g0=0.5 + 0.5 * torch.rand(b, h, c, n, generator=g, dtype=torch.float64),
+                z=r(b, h, c, n, scale=0.5) if mom else None, f=r(b, h, c, n, o))
+    names = [a for a, v in args.items() if v is not None and not (same and a == "erase")]
+
+    def leaves_of(conv):
+        out = {a: (conv(v).requires_grad_() if v is not None else None) for a, v in args.items() if a != "erase"}
+        out["erase"] = out["k"] if same else conv(args["erase"]).requires_grad_()
+        return out
+
+    ref_in = leaves_of(lambda t: t.clone())
+    ref = solve_chunks(ref_in["k"], ref_in["erase"], ref_in["coef"], ref_in["m"], ref_in["g0"], ref_in["z"],
+                       ref_in["f"])
+    cots = [None if t is None else r(*t.shape) for t in ref]
+
+    def loss(outs):
+        return sum((t * ct.to(t.device, t.dtype)).sum() for t, ct in zip(outs, cots) if t is not None)
+
+    want = torch.autograd.grad(loss(ref), [ref_in[a] for a in names])
+    mine = leaves_of(lambda t: t.float().to(DEVICE))
+    order = ("k", "erase", "coef", "m", "g0", "z", "f")
+    out = online_prepare(*(mine[a] for a in order))
+    assert (out[1] is None) == (not mom)
+    assert out[2].dtype == torch.float32 and out[0].dtype == torch.float32
+    for a_, r_ in zip(out, ref):
+        if r_ is not None:
+            assert _rel(a_.detach().double().cpu(), r_.detach()) < 1e-5
+    got = torch.autograd.grad(loss(out), [mine[a] for a in names])
+    for name, a_, r_ in zip(names, got, want):
+        assert _rel(a_.double().cpu(), r_) < 1e-5, name
+    compiled = torch.compile(lambda *xs: loss(online_prepare(*xs)), fullgraph=True, backend="aot_eager")
+    again = torch.autograd.grad(compiled(*(mine[a] for a in order)), [mine[a] for a in names])
+    for a_, b_ in zip(got, again):
+        torch.testing.assert_close(a_, b_)
+    with pytest.raises(NLGraphError, match="chunk 8"):
+        cut = {a: (v[..., :8, :] if v is not None and v.dim() == 5 else v[..., :8] if v is not None else None)
+               for a, v in mine.items()}
+        cut["m"] = mine["m"][..., :8, :8]
+        online_prepare(*(cut[a] for a in order))
+
+
+def test_the_prepare_switch_refuses_an_unknown_value(monkeypatch):
+    from nlgraph.errors import NLGraphError
+
+    monkeypatch.setattr(rec_module, "PREPARE", "fused")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_PREPARE"):
+        rec_module.prepare_in_kernel(16, 16, 16)
+    monkeypatch.setattr(rec_module, "PREPARE", "kernel")
+    assert rec_module.prepare_in_kernel(64, 128, 128) and not rec_module.prepare_in_kernel(64, 128, 256)
