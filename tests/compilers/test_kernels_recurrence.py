@@ -505,3 +505,35 @@ def test_the_prepare_switch_refuses_an_unknown_value(monkeypatch):
         rec_module.prepare_in_kernel(16, 16, 16)
     monkeypatch.setattr(rec_module, "PREPARE", "kernel")
     assert rec_module.prepare_in_kernel(64, 128, 128) and not rec_module.prepare_in_kernel(64, 128, 256)
+
+
+def test_the_prepare_kernel_in_16_bits_stays_within_their_rounding():
+    """float16 keys and erase (the interpreter's stand-in for bfloat16, which it rounds wrongly):
+    ``T`` is rounded to them for the products, as the delta-rule kernels do; ``P₁``, ``P₂``, ``U``
+    and the gradients stay within 16-bit rounding of the float64 solves."""
+    from nlgraph.compilers.chunked import solve_chunks
+    from nlgraph.compilers.kernels.recurrence import online_prepare
+
+    g = torch.Generator().manual_seed(7)
+    b, h, c, n, i, o = 1, 2, 2, 32, 32, 32
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    k = torch.nn.functional.normalize(r(b, h, c, n, i), dim=-1)
+    args = [k, k * 0.95, torch.rand(b, h, c, n, generator=g, dtype=torch.float64),
+            torch.rand(b, h, c, n, n, generator=g, dtype=torch.float64),
+            torch.rand(b, h, c, n, generator=g, dtype=torch.float64), 0.5 * r(b, h, c, n), r(b, h, c, n, o)]
+    ref_in = [a.clone().requires_grad_() for a in args]
+    ref = solve_chunks(*ref_in)
+    cots = [r(*t.shape) for t in ref]
+    want = torch.autograd.grad(sum((t * ct).sum() for t, ct in zip(ref, cots)), ref_in)
+    mine = [(a.half() if j < 2 else a.float()).to(DEVICE).requires_grad_() for j, a in enumerate(args)]
+    out = online_prepare(*mine, out=torch.float16)
+    assert out[0].dtype == out[1].dtype == torch.float16 and out[2].dtype == torch.float32
+    for a_, r_ in zip(out, ref):
+        assert _rel(a_.detach().double().cpu(), r_.detach()) < 1e-2
+    got = torch.autograd.grad(sum((t.float() * ct.float().to(DEVICE)).sum() for t, ct in zip(out, cots)), mine)
+    for j, (a_, r_) in enumerate(zip(got, want)):
+        assert a_.dtype == mine[j].dtype
+        assert _rel(a_.double().cpu(), r_) < 2e-2, j
