@@ -107,7 +107,7 @@ def timing(args, dev: torch.device) -> list[dict]:
     from nlgraph.compilers.kernels import solve_lower
 
     n, b, h = args.chunk, args.batch, args.heads
-    rows, saved = [], (chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC)
+    rows, saved = [], (chunked.CHUNK_SOLVE, solve_lower.ROWS, solve_lower._PREC)
     for a_shape, r_shape in (((b, h, n, n), (5, b, h, n, 128)), ((5, b, h, n, n), (5, b, h, n, 64))):
         a = torch.eye(n, device=dev) + torch.tril(torch.randn(*a_shape, device=dev, generator=gen), -1) * (0.5 / n ** 0.5)
         r = torch.randn(*r_shape, device=dev, generator=gen)
@@ -118,7 +118,7 @@ def timing(args, dev: torch.device) -> list[dict]:
             for mode, bs, prec in runs:
                 chunked.CHUNK_SOLVE = mode
                 if bs:
-                    solve_lower._BS, solve_lower._PREC = bs, prec
+                    solve_lower.ROWS, solve_lower._PREC = str(bs), prec
 
                 def f_b():
                     a.grad = r.grad = None
@@ -135,7 +135,7 @@ def timing(args, dev: torch.device) -> list[dict]:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
-            chunked.CHUNK_SOLVE, solve_lower._BS, solve_lower._PREC = saved
+            chunked.CHUNK_SOLVE, solve_lower.ROWS, solve_lower._PREC = saved
     return rows
 
 
@@ -147,8 +147,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--modes", nargs="+", default=["triangular", "blocked", "kernel"])
-    ap.add_argument("--kernel-blocks", type=int, nargs="+", default=[16, 32],
-                    help="the Triton solve's rows a block to time (its own default: 16)")
+    ap.add_argument("--kernel-blocks", type=int, nargs="+", default=[16, 32, 64], choices=(16, 32, 64),
+                    help="the Triton solve's rows a block to time (NLGRAPH_SOLVE_ROWS; its own default: 16)")
     ap.add_argument("--kernel-products", nargs="+", default=["ieee", "tf32x3"],
                     help="the Triton solve's float32 products (tl.dot input_precision) to time (its own: ieee)")
     ap.add_argument("--json", default=None)

@@ -3,10 +3,12 @@
 ``a [Ba, n, n]`` is read through two strides (``s_ar`` a row, ``s_ac`` a column), so the same kernel
 solves with ``a`` (lower, blocks in order) or with ``aᵀ`` (its strides swapped: upper, blocks in
 reverse order, ``REVERSE``); the diagonal is taken as ones and the other triangle is never read.
-One program per (right-hand side, column block of ``BO``): the rows go in blocks of ``BS`` (16),
-each block's right-hand side minus the blocks solved before it times their solution (``tl.dot``s,
-left-looking), then the diagonal block's inverse, built in registers by substitution over its
-rows, times that. A solved block is stored to ``x`` and read back by the later blocks of the same
+One program per (right-hand side, column block of ``BO``): the rows go in blocks of ``BS`` (16, or
+32 / 64), each block's right-hand side minus the blocks solved before it times their solution
+(``tl.dot``s, left-looking), then the diagonal block's inverse times that: at 16 rows built in
+registers by substitution over its rows, at 32 or 64 by the delta-rule kernels' UT inverse (16-row
+blocks by substitution, the rest in ``BS / 16 − 1`` products), so a system of 256 rows takes 4
+sequential block steps of 64 instead of 16 of 16. A solved block is stored to ``x`` and read back by the later blocks of the same
 program (a barrier between), so nothing of size ``n`` is held on chip. ``a``'s batch index is
 ``(b // DIV) % MOD`` of the right-hand side's ``b``: one ``a`` broadcast over leading or trailing
 batch dimensions is read in place, not copied.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._delta_rule_triton import INTERPRETED
+from ._delta_rule_triton import INTERPRETED, _unit_lower_inverse
 
 __all__ = ["INTERPRETED", "kernels"]
 
@@ -39,6 +41,17 @@ def _diag_inverse(d, k, BS: tl.constexpr, REVERSE: tl.constexpr):
         new = -row - tl.sum(row[:, None] * n, axis=0)
         n = tl.where(here[:, None], new[None, :], n)
     return n
+
+
+@triton.jit
+def _block_inverse(d, k, BS: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr):
+    """``inv(D)`` for the unit triangular ``D`` whose strict part is the lower (upper when
+    ``REVERSE``) triangle of ``d [BS, BS]``, ``BS`` a multiple of 16: the delta-rule kernels' UT
+    inverse by blocks of 16 (an upper ``D`` inverted as the transpose of its transpose's)."""
+    if REVERSE:
+        low = tl.where(k[:, None] > k[None, :], tl.trans(d), 0.)
+        return tl.trans(_unit_lower_inverse(low, BS, BS // 16, PREC))
+    return _unit_lower_inverse(tl.where(k[:, None] > k[None, :], d, 0.), BS, BS // 16, PREC)
 
 
 @triton.jit
@@ -69,7 +82,10 @@ def _solve_unit(a, r, x, N, O, MOD, DIV, s_ab, s_ar, s_ac, s_rb, s_rr, s_xb, s_x
             acc -= tl.dot(blk, xj, input_precision=PREC)
         d = tl.load(a + rows[:, None] * s_ar + rows[None, :] * s_ac, mask=rm[:, None] & rm[None, :],
                     other=0.).to(tl.float32)
-        acc += tl.dot(_diag_inverse(d, k, BS, REVERSE), acc, input_precision=PREC)
+        if BS == 16:
+            acc += tl.dot(_diag_inverse(d, k, BS, REVERSE), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(_block_inverse(d, k, BS, REVERSE, PREC), acc, input_precision=PREC)
         tl.store(x + rows[:, None] * s_xr + cols[None, :], acc, mask=rm[:, None] & cm[None, :])
         # the later blocks of this program read what its threads stored
         tl.debug_barrier()

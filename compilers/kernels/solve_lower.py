@@ -17,6 +17,7 @@ took the model's step 1.21x faster (docs/benchmarks.md).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -24,7 +25,27 @@ from ._load import cdiv, load_kernels, pow2, run_precompiled
 
 __all__ = ["solve_unit_lower"]
 
-_BS = 16  # rows a block: tl.dot's smallest
+#: ``NLGRAPH_SOLVE_ROWS``: the rows of a block the solve walks (``16``, default, ``32`` or ``64``),
+#: read once a process. At 16 each diagonal block is inverted by substitution and a system of 256
+#: rows takes 16 sequential block steps (``hope_large_chunk``'s solves took 190 µs a call, 14 % of
+#: its step on an H100); at 32 or 64 the diagonal blocks go through the delta-rule kernels' UT
+#: inverse and the steps are 8 or 4, with larger products (at 64 on 8 warps). Compiled for sm_90 on
+#: CPU (``benchmarks/kernel_resources.py --cases solve_lower``): 106–108 registers a thread at 16,
+#: 184–186 at 32, no spills; 255 and 280–304 bytes of stack at 64 (1,592–1,864 on 4 warps).
+#: Checked in Triton's interpreter, not yet timed on a GPU (an earlier 32-row walk that inverted its
+#: blocks by substitution was slower than 16 on an H100). Any other value is an error at the first
+#: solve.
+ROWS = os.environ.get("NLGRAPH_SOLVE_ROWS", "").strip() or "16"
+
+
+def _rows() -> int:
+    if ROWS not in ("16", "32", "64"):
+        from nlgraph.errors import NLGraphError
+
+        raise NLGraphError(f"unknown value {ROWS!r}; set it to 16, 32 or 64, or unset it", path="NLGRAPH_SOLVE_ROWS")
+    return int(ROWS)
+
+
 _PREC = "ieee"  # tl.dot's float32 products: exact, as cuBLAS's; tf32x3 was slower on an H100 (chunk_solve.py)
 
 
@@ -65,10 +86,11 @@ def _solve(a: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
     x = torch.empty(bt, n, o, dtype=torch.float32, device=r.device)
     if bt and n and o:
         bo = min(64, pow2(o))
+        bs = min(_rows(), max(16, pow2(n)))  # no block wider than the system (n = 16 stays 16)
         s_r, s_c = (aa.stride(2), aa.stride(1)) if transpose else (aa.stride(1), aa.stride(2))
         _kernels(r).solve[(bt, cdiv(o, bo))](
             aa, rr, x, n, o, mod, div, aa.stride(0), s_r, s_c, rr.stride(0), rr.stride(1), x.stride(0), x.stride(1),
-            NB=cdiv(n, _BS), BS=_BS, BO=bo, REVERSE=transpose, PREC=_PREC)
+            NB=cdiv(n, bs), BS=bs, BO=bo, REVERSE=transpose, PREC=_PREC, num_warps=8 if bs == 64 else 4)
     return x.reshape(*batch, n, o)
 
 

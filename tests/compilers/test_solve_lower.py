@@ -202,3 +202,25 @@ def test_hope_through_the_kernel_solve_equals_the_default(monkeypatch):
     (lt, gt), (lk, gk) = out["triangular"], out["kernel"]
     assert _rel(lk, lt) < 1e-5
     assert max(_rel(b, a) for a, b in zip(gt, gk)) < 1e-4
+
+
+@pytest.mark.parametrize("rows", ["32", "64"])
+@pytest.mark.parametrize("n, o, a_batch, r_batch", [
+    (128, 40, (2,), (2,)),         # whole blocks, a column block short
+    (70, 5, (1, 2), (3, 1, 2)),    # rows short of their last block, a broadcast over a leading dim
+    (16, 8, (), ()),               # a system smaller than the block: one block of 16
+])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_the_solve_by_larger_blocks_equals_solve_triangular(rows, n, o, a_batch, r_batch, transpose, monkeypatch):
+    """``NLGRAPH_SOLVE_ROWS`` of 32 and 64: the diagonal blocks through the UT inverse, fewer block
+    steps; the same solutions (lower and transposed) as the 16-row walk; an unknown value is one
+    clear error."""
+    from nlgraph.compilers.kernels import solve_lower
+
+    monkeypatch.setattr(solve_lower, "ROWS", rows)
+    a, r = _system(a_batch, r_batch, n, o, seed=3)
+    got = solve_unit_lower(a.float().to(DEVICE), r.float().to(DEVICE), transpose)
+    assert _rel(got.cpu(), _reference(a, r, transpose)) < 1e-5
+    monkeypatch.setattr(solve_lower, "ROWS", "48")
+    with pytest.raises(NLGraphError, match="NLGRAPH_SOLVE_ROWS"):
+        solve_unit_lower(a.float().to(DEVICE), r.float().to(DEVICE), transpose)
