@@ -367,6 +367,21 @@ def _reads_rows(o: int) -> int:
     return 0 if rows >= _pow2(o) else rows
 
 
+def _check_chunk_kernel(op: str, a: tuple[str, torch.Tensor], b: tuple[str, torch.Tensor], n: int, o: int) -> None:
+    """One clear error unless the two ``[B, H, C, n, I]`` operands ``a``, ``b`` (name, tensor) share a
+    dtype the kernels take and the chunk ``n`` and the ``[o, I]`` state fit one program a chunk
+    (:func:`reads_fit`)."""
+    from nlgraph.errors import NLGraphError
+
+    (na, ta), (nb, tb) = a, b
+    if ta.dtype not in _DTYPES or tb.dtype != ta.dtype:
+        raise NLGraphError(f"{na} and {nb} must share one dtype among float32, bfloat16 and float16, got {ta.dtype} "
+                           f"and {tb.dtype}", path=op)
+    if not reads_fit(n, o, ta.shape[-1]):
+        raise NLGraphError(f"chunk {n} with a [{o}, {ta.shape[-1]}] state: the kernel takes chunks of 16, 32 or 64 "
+                           "and states up to [128, 128]", path=op)
+
+
 def reads_fit(n: int, o: int, i: int) -> bool:
     """Whether :func:`online_reads` takes chunks of ``n`` tokens and ``[o, i]`` states (one program
     holds a chunk's whole ``[n, O]`` output and ``[O, I]`` state)."""
@@ -463,14 +478,7 @@ def online_reads(q, k, a, bz, m, ws, ss, es):
     Returns:
         ``[B, H, C, n, O]`` float32, differentiable in every input.
     """
-    from nlgraph.errors import NLGraphError
-
-    if q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise NLGraphError(f"q and k must share one dtype among float32, bfloat16 and float16, got {q.dtype} and "
-                           f"{k.dtype}", path="online_reads")
-    if not reads_fit(q.shape[3], ws.shape[-2], q.shape[-1]):
-        raise NLGraphError(f"chunk {q.shape[3]} with a [{ws.shape[-2]}, {q.shape[-1]}] state: the reads kernel takes "
-                           "chunks of 16, 32 or 64 and states up to [128, 128]", path="online_reads")
+    _check_chunk_kernel("online_reads", ("q", q), ("k", k), q.shape[3], ws.shape[-2])
     args = [t.contiguous() if t is not None else None for t in (q, k, a, bz, m, ws, ss, es)]
     return _reads_fwd_op(*args)
 
@@ -604,14 +612,7 @@ def online_prepare(k, erase, coef, m, g0, z, f, out=None):
         ``(P₁, P₂ or None, U)``: ``[B, H, C, n, I]`` in ``out``, and ``U`` ``[B, H, C, n, O]`` float32,
         differentiable in every input.
     """
-    from nlgraph.errors import NLGraphError
-
-    if k.dtype not in _DTYPES or erase.dtype != k.dtype:
-        raise NLGraphError(f"k and erase must share one dtype among float32, bfloat16 and float16, got {k.dtype} "
-                           f"and {erase.dtype}", path="online_prepare")
-    if not reads_fit(k.shape[3], f.shape[-1], k.shape[-1]):
-        raise NLGraphError(f"chunk {k.shape[3]} with {k.shape[-1]} keys and {f.shape[-1]} values: the prepare "
-                           "kernel takes chunks of 16, 32 or 64 and widths up to 128", path="online_prepare")
+    _check_chunk_kernel("online_prepare", ("k", k), ("erase", erase), k.shape[3], f.shape[-1])
     args = [t.contiguous() if t is not None else None for t in (k, erase, coef, m, g0, z, f)]
     p1, p2, u, _ = _prep_fwd_op(*args, out or k.dtype)
     return p1, (p2 if z is not None else None), u

@@ -425,14 +425,15 @@ def test_the_reads_kernel_equals_its_products(mom, rows, monkeypatch):
         online_reads(**{**mine, "q": mine["q"][..., :8, :], "k": mine["k"][..., :8, :]})
 
 
-def test_the_reads_switch_refuses_an_unknown_value(monkeypatch):
+@pytest.mark.parametrize("switch, ask", [("READS", "reads_in_kernel"), ("PREPARE", "prepare_in_kernel")])
+def test_the_reads_and_prepare_switches_refuse_an_unknown_value(switch, ask, monkeypatch):
     from nlgraph.errors import NLGraphError
 
-    monkeypatch.setattr(rec_module, "READS", "fused")
-    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_READS"):
-        rec_module.reads_in_kernel(16, 16, 16)
-    monkeypatch.setattr(rec_module, "READS", "kernel")
-    assert rec_module.reads_in_kernel(64, 128, 128) and not rec_module.reads_in_kernel(64, 256, 128)
+    monkeypatch.setattr(rec_module, switch, "fused")
+    with pytest.raises(NLGraphError, match=f"NLGRAPH_RECURRENCE_{switch}"):
+        getattr(rec_module, ask)(16, 16, 16)
+    monkeypatch.setattr(rec_module, switch, "kernel")
+    assert getattr(rec_module, ask)(64, 128, 128) and not getattr(rec_module, ask)(64, 256, 128)
 
 
 @pytest.mark.parametrize("mom,n,o,i,same", [(True, 16, 40, 24, False), (False, 32, 24, 20, True),
@@ -495,16 +496,6 @@ def test_the_prepare_kernel_equals_the_chunk_solves(mom, n, o, i, same):
                for a, v in mine.items()}
         cut["m"] = mine["m"][..., :8, :8]
         online_prepare(*(cut[a] for a in order))
-
-
-def test_the_prepare_switch_refuses_an_unknown_value(monkeypatch):
-    from nlgraph.errors import NLGraphError
-
-    monkeypatch.setattr(rec_module, "PREPARE", "fused")
-    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_PREPARE"):
-        rec_module.prepare_in_kernel(16, 16, 16)
-    monkeypatch.setattr(rec_module, "PREPARE", "kernel")
-    assert rec_module.prepare_in_kernel(64, 128, 128) and not rec_module.prepare_in_kernel(64, 128, 256)
 
 
 def test_the_prepare_kernel_in_16_bits_stays_within_their_rounding():
