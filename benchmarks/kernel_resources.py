@@ -182,11 +182,11 @@ def _run_mlp_memory(d: int, chunk: int, t: int, dt) -> None:
 
 def _run_recurrence(d: int, chunk: int, dt) -> None:
     """The online recurrence kernel with every input (momentum, updates that read the state), a
-    state ``[D, D]``, ``chunk`` tokens a chunk; then the reads and the chunk systems' kernels with
-    momentum."""
+    state ``[D, D]``, ``chunk`` tokens a chunk; then the reads', the chunk systems' and the transfer
+    products' kernels with momentum."""
     import torch
 
-    from nlgraph.compilers.kernels.recurrence import online_prepare, online_reads, online_recurrence
+    from nlgraph.compilers.kernels.recurrence import online_gates, online_prepare, online_reads, online_recurrence
 
     gen = torch.Generator().manual_seed(0)
 
@@ -209,6 +209,9 @@ def _run_recurrence(d: int, chunk: int, dt) -> None:
     sys_out = online_prepare(rows(), rows(), r(1, 1, c, chunk), r(1, 1, c, chunk, chunk), r(1, 1, c, chunk),
                              r(1, 1, c, chunk), rows())
     sum(x.float().square().sum() for x in sys_out).backward()
+    # the transfer products (NLGRAPH_RECURRENCE_GATES=kernel), a read after the write
+    pieces = online_gates(r(1, 1, c, chunk), r(1, 1, c, chunk), True)
+    sum(x.square().sum() for x in pieces.values() if x is not None).backward()
 
 
 def _run_chunk_walk(d: int, chunk: int, dt) -> None:

@@ -1137,6 +1137,24 @@ def recurrence_step(w: torch.Tensor, s: torch.Tensor | None, u: torch.Tensor, xt
     return w_new.to(w.dtype), s, e
 
 
+def gate_pieces(g: torch.Tensor, y: torch.Tensor | None, after: bool) -> dict[str, torch.Tensor | None]:
+    """The rows and columns of a chunk's transfer products the online form takes, from the
+    retention's ``g`` and (with momentum) the momentum's ``y`` (:func:`transfer`'s ``[..., n+1, n+1]``,
+    index 0 the chunk start), with ``Ω = G Y`` (``G`` without momentum) and ``z = Ω[:, 0] − G[:, 0]``:
+    ``omp = Ω[:n, 1:]`` (the system's mask; a read before the write's), ``om = Ω[1:, 1:]`` (a read
+    after it, with ``after``), ``gp = G[:n, 0]``, ``ga = G[1:, 0]``, ``zp = z[:n]``, ``z = z[1:]``,
+    ``yu = Y[1:, 0]``, ``yend = Y[n, 1:]``, ``oml = Ω[n, 1:]`` (``z``-s and ``y``-s ``None`` without
+    momentum). ``nlgraph.compilers.kernels.recurrence.online_gates`` forms the momentum case's in one
+    kernel."""
+    n = g.shape[-1] - 1
+    omega = g @ y if y is not None else g
+    z = omega[..., :, 0] - g[..., :, 0] if y is not None else None  # [..., n+1]
+    return dict(omp=omega[..., :n, 1:], om=omega[..., 1:, 1:] if after else None, gp=g[..., :n, 0],
+                ga=g[..., 1:, 0], zp=z[..., :n] if z is not None else None, z=z[..., 1:] if z is not None else None,
+                yu=y[..., 1:, 0] if y is not None else None, yend=y[..., n, 1:] if y is not None else None,
+                oml=omega[..., n, 1:])
+
+
 def solve_chunks(k: torch.Tensor, erase: torch.Tensor, coef: torch.Tensor, m: torch.Tensor, g0: torch.Tensor,
                  z: torch.Tensor | None, f: torch.Tensor):
     """The online form's chunk systems and their three solutions, every chunk at once::
@@ -1190,7 +1208,6 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     k, v, q, lr = (split(ch.seq(role)) for role in ("keys", "values", "queries", "lr"))
     alpha = _rate(run, "alpha", ch, {})
     alpha = split(alpha) if alpha is not None else None
-    g = transfer(alpha, False) if alpha is not None else _no_decay(n, tuple(lr.shape[:3]), lr)  # [B, H, C, n+1, n+1]
     if run.optimizer.kind == "dgd":
         eta = lr / (1.0 + lr * k.square().sum(-1)) if run.optimizer.proximal else lr
         coef = eta * (2.0 if obj == "l2" else 1.0)
@@ -1204,16 +1221,20 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         w = w - origin
         if coef is not None:
             f = f + coef.unsqueeze(-1) * (k @ origin.unsqueeze(2).transpose(-1, -2))
-    if momentum:
-        y = transfer(split(ch.seq("mu")), False)
-        omega = g @ y
-        z = omega[..., :, 0] - g[..., :, 0]  # [B, H, C, n+1]
+    from .kernels.recurrence import gates_in_kernel, online_gates
+
+    after = not run.read_before
+    if momentum and recurrence is not None and gates_in_kernel(n):  # NLGRAPH_RECURRENCE_GATES
+        mu = split(ch.seq("mu"))
+        gp = online_gates(alpha if alpha is not None else torch.ones_like(mu), mu, after)
     else:
-        y, omega, z = None, g, None
+        # [B, H, C, n+1, n+1]
+        g = transfer(alpha, False) if alpha is not None else _no_decay(n, tuple(lr.shape[:3]), lr)
+        gp = gate_pieces(g, transfer(split(ch.seq("mu")), False) if momentum else None, after)
     if coef is not None:
         from .kernels.recurrence import online_prepare, operand_dtype, prepare_in_kernel
 
-        sys_args = (k, erase, coef, omega[..., :n, 1:], g[..., :n, 0], z[..., :n] if momentum else None, f)
+        sys_args = (k, erase, coef, gp["omp"], gp["gp"], gp["zp"], f)
         if recurrence is not None and prepare_in_kernel(n, f.shape[-1], k.shape[-1]):  # NLGRAPH_RECURRENCE_PREPARE
             work = operand_dtype(torch.promote_types(k.dtype, erase.dtype), k.device)
             p1, p2, u = online_prepare(k.to(work), erase.to(work), *sys_args[2:], out=work)
@@ -1223,9 +1244,9 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         p1 = p2 = None
         u = f
     # the recurrence's per-chunk inputs [B, H, C, ...], by name (recurrence_step's arguments)
-    parts = {"u": u, "xt": k * omega[..., n, 1:, None], "ge": g[..., n, 0], "p1": p1}
+    parts = {"u": u, "xt": k * gp["oml"].unsqueeze(-1), "ge": gp["ga"][..., -1], "p1": p1}
     if momentum:
-        parts.update(yt=k * y[..., n, 1:, None], ze=z[..., n], ye=y[..., n, 0], p2=p2)
+        parts.update(yt=k * gp["yend"].unsqueeze(-1), ze=gp["z"][..., -1], ye=gp["yu"][..., -1], p2=p2)
     parts = {name: t for name, t in parts.items() if t is not None}
     if recurrence is not None:
         mats = [parts[name] for name in ("xt", "p1", "yt", "p2") if name in parts]
@@ -1277,7 +1298,8 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         starts_w = torch.stack(ws, dim=2)
         starts_s = torch.stack(ss, dim=2) if momentum else None
         es = torch.stack(es_, dim=2)
-    rows = slice(0, n) if run.read_before else slice(1, n + 1)
+    # the reads' rows: the state before each token's write, or after it
+    ra, rz, rm = (gp["ga"], gp["z"], gp["om"]) if after else (gp["gp"], gp["zp"], gp["omp"])
 
     low = autocast_dtype(q.device.type)
 
@@ -1292,13 +1314,12 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
 
     if recurrence is not None and reads_in_kernel(n, starts_w.shape[-2], q.shape[-1]):  # NLGRAPH_RECURRENCE_READS
         work = low or torch.promote_types(q.dtype, k.dtype)
-        out = online_reads(q.to(work), k.to(work), g[..., rows, 0], z[..., rows] if momentum else None,
-                           omega[..., rows, 1:], starts_w, starts_s, es).to(low or q.dtype)
+        out = online_reads(q.to(work), k.to(work), ra, rz, rm, starts_w, starts_s, es).to(low or q.dtype)
     else:
-        out = read(q * g[..., rows, 0, None], starts_w)
+        out = read(q * ra.unsqueeze(-1), starts_w)
         if momentum:
-            out = out + read(q * z[..., rows, None], starts_s)
-        out = out - ((q @ k.transpose(-1, -2)) * omega[..., rows, 1:]) @ es.to(low or q.dtype)
+            out = out + read(q * rz.unsqueeze(-1), starts_s)
+        out = out - ((q @ k.transpose(-1, -2)) * rm) @ es.to(low or q.dtype)
     if origin is not None:
         out = out + q @ origin.unsqueeze(2).transpose(-1, -2).to(q.dtype)
     return out.flatten(2, 3), (w if origin is None else w + origin), s_buf

@@ -355,6 +355,96 @@ def _prepare_bwd(k, er, cf, m, g0, z, f, tm, dp1, dp2, du, dk, der, dcf, dm, dg0
         gerase += (cv * zv)[:, None] * tl.dot(tmt, g2.to(dt), input_precision=PREC)
     tl.store(_tile(der, cc * N * I, N, I, 0, N, BI), gerase, boundary_check=(0, 1))
 
+# --------------------------------------------------------------------------- the chunks' gates
+
+
+@triton.jit
+def _transfer_mats(f, cc, N: tl.constexpr):
+    """A chunk's products of the factors ``f [N]`` (token ``t`` at row ``t``), float32:
+    ``(P [N, N], Pp [N, N], p [N], pp [N])`` with ``P[r, m] = Π_{l=m+1..r} f_l`` (``r ≥ m``),
+    ``Pp[r, m] = Π_{l=m+1..r−1} f_l`` (``r > m``: the previous row's), ``p[r] = Π_{l≤r} f_l`` and
+    ``pp[r] = Π_{l<r} f_l``. The matrices come from the factors' cumulative log-sums as
+    ``exp(L[r] − L[m])`` (no scan over a tile: a cumulative product down an [N, N] tile spilled
+    tens of KiB a thread compiled for sm_90), zero wherever a factor of exactly 0 lies in the range
+    (a running count of them), so a product over a zero is exactly 0 and one that skips it is the
+    product of the others; the vectors are cumulative products."""
+    r = tl.arange(0, N)
+    fv = tl.load(f + cc * N + r).to(tl.float32)
+    zero = fv == 0.
+    lg = tl.cumsum(tl.log(tl.where(zero, 1., fv)), axis=0)   # L[r] = Σ_{l≤r} log f_l over nonzero f
+    nz = tl.cumsum(zero.to(tl.int32), axis=0)                 # zeros among f_0 … f_r
+    lgp = lg - tl.log(tl.where(zero, 1., fv))                 # L[r − 1]
+    nzp = nz - zero.to(tl.int32)
+    diff = lg[:, None] - lg[None, :]
+    clean = (nz[:, None] - nz[None, :]) == 0
+    pm = tl.where((r[:, None] >= r[None, :]) & clean, tl.exp(tl.where(r[:, None] >= r[None, :], diff, 0.)), 0.)
+    diffp = lgp[:, None] - lg[None, :]
+    cleanp = (nzp[:, None] - nz[None, :]) == 0
+    ppm = tl.where((r[:, None] > r[None, :]) & cleanp, tl.exp(tl.where(r[:, None] > r[None, :], diffp, 0.)), 0.)
+    fp = tl.load(f + cc * N + r - 1, mask=r > 0, other=1.).to(tl.float32)  # f_{r−1}, 1 at r = 0
+    return pm, ppm, tl.cumprod(fv, axis=0), tl.cumprod(fp, axis=0)
+
+
+@triton.jit
+def _gates_fwd(a, u, omp, om, vec, N: tl.constexpr, OM: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's transfer products with momentum, from the retention factors ``a`` and the
+    momentum factors ``u`` (``[N]`` each), in the online form's ``(N+1)``-index terms (index 0 the
+    chunk start): ``Ω = G Y``, ``z = Ω[:, 0] − G[:, 0]``. Stores ``Ω[0:N, 1:]`` (``omp``, the system's
+    and a read-before-write's mask), ``Ω[1:, 1:]`` (``om``, with ``OM``: a read after the write's)
+    and seven ``[N]`` rows in ``vec``: ``G[0:N, 0]``, ``z[0:N]``, ``G[1:, 0]``, ``z[1:]``,
+    ``Y[1:, 0]``, ``Y[N, 1:]``, ``Ω[N, 1:]``."""
+    cc = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, N)
+    ga_m, gp_m, ga, gp = _transfer_mats(a, cc, N)
+    yu_m, _, yu, _ = _transfer_mats(u, cc, N)
+    o1 = tl.dot(ga_m, yu_m, input_precision=PREC)
+    tl.store(_tile(omp, cc * N * N, N, N, 0, N, N), tl.dot(gp_m, yu_m, input_precision=PREC))
+    if OM:
+        tl.store(_tile(om, cc * N * N, N, N, 0, N, N), o1)
+    last = (r == N - 1)[:, None]
+    v = vec + cc * 7 * N + r
+    tl.store(v, gp)
+    tl.store(v + N, tl.sum(gp_m * yu[None, :], axis=1))
+    tl.store(v + 2 * N, ga)
+    tl.store(v + 3 * N, tl.sum(ga_m * yu[None, :], axis=1))
+    tl.store(v + 4 * N, yu)
+    tl.store(v + 5 * N, tl.sum(tl.where(last, yu_m, 0.), axis=0))
+    tl.store(v + 6 * N, tl.sum(tl.where(last, o1, 0.), axis=0))
+
+
+@triton.jit
+def _gates_bwd(a, u, domp, dom, dvec, da, du, N: tl.constexpr, OM: tl.constexpr, PREC: tl.constexpr):
+    """The factors' gradients of :func:`_gates_fwd`'s chunk. The products' gradients first
+    (``dG = dΩ Yᵀ + dz yᵀ``, ``dY = Gᵀ dΩ + …`` for each of the two row ranges), then, with
+    ``P[r, m] = Pp[k, m] f_k P[r, k]`` for ``m < k ≤ r``, a factor's gradient
+    ``∂f_k = Σ_m Pp[k, m] (Pᵀ dP)[k, m]`` and ``pp[k] (Pᵀ dp)[k]`` for the column of products from
+    the start: products only, so exact where a factor is 0."""
+    cc = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, N)
+    ga_m, gp_m, ga, gp = _transfer_mats(a, cc, N)
+    yu_m, yp_m, yu, yp = _transfer_mats(u, cc, N)
+    v = dvec + cc * 7 * N + r
+    dgp, dzp, dga, dz = tl.load(v), tl.load(v + N), tl.load(v + 2 * N), tl.load(v + 3 * N)
+    dyu, dyend, doml = tl.load(v + 4 * N), tl.load(v + 5 * N), tl.load(v + 6 * N)
+    last = (r == N - 1)[:, None]
+    d1 = tl.where(last, doml[None, :], 0.)
+    if OM:
+        d1 += tl.load(_tile(dom, cc * N * N, N, N, 0, N, N))
+    d0 = tl.load(_tile(domp, cc * N * N, N, N, 0, N, N))
+    yt = tl.trans(yu_m)
+    dg1 = tl.dot(d1, yt, input_precision=PREC) + dz[:, None] * yu[None, :]
+    dg0 = tl.dot(d0, yt, input_precision=PREC) + dzp[:, None] * yu[None, :]
+    dym = (tl.dot(tl.trans(ga_m), d1, input_precision=PREC) + tl.dot(tl.trans(gp_m), d0, input_precision=PREC)
+           + tl.where(last, dyend[None, :], 0.))
+    dyv = dyu + tl.sum(ga_m * dz[:, None], axis=0) + tl.sum(gp_m * dzp[:, None], axis=0)
+    inner = tl.dot(tl.trans(ga_m), dg1, input_precision=PREC) + tl.dot(tl.trans(gp_m), dg0, input_precision=PREC)
+    col = tl.sum(ga_m * dga[:, None], axis=0) + tl.sum(gp_m * dgp[:, None], axis=0)  # (Gᵀ dg)[k] of both
+    gda = tl.sum(gp_m * inner, axis=1) + gp * col
+    tl.store(da + cc * N + r, gda)
+    gdu = tl.sum(yp_m * tl.dot(yt, dym, input_precision=PREC), axis=1) + yp * tl.sum(yu_m * dyv[:, None], axis=0)
+    tl.store(du + cc * N + r, gdu)
+
+
 class _Kernels:
     fwd = _fwd
     bwd = _bwd
@@ -362,6 +452,8 @@ class _Kernels:
     reads_bwd = _reads_bwd
     prepare_fwd = _prepare_fwd
     prepare_bwd = _prepare_bwd
+    gates_fwd = _gates_fwd
+    gates_bwd = _gates_bwd
 
 
 def kernels() -> type[_Kernels]:

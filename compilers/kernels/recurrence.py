@@ -22,9 +22,8 @@ import torch
 
 from ._load import pow2 as _pow2, products
 
-__all__ = ["fits", "loop", "online_prepare", "online_reads", "online_recurrence", "operand_dtype", "prepare_in_kernel",
-           "reads_fit", "reads_in_kernel",
-           "states_dtype"]
+__all__ = ["fits", "gates_fit", "gates_in_kernel", "loop", "online_gates", "online_prepare", "online_reads",
+           "online_recurrence", "operand_dtype", "prepare_in_kernel", "reads_fit", "reads_in_kernel", "states_dtype"]
 
 _OP = "online_recurrence"
 
@@ -616,3 +615,110 @@ def online_prepare(k, erase, coef, m, g0, z, f, out=None):
     args = [t.contiguous() if t is not None else None for t in (k, erase, coef, m, g0, z, f)]
     p1, p2, u, _ = _prep_fwd_op(*args, out or k.dtype)
     return p1, (p2 if z is not None else None), u
+
+
+# --------------------------------------------------------------------------- the chunks' gates
+
+#: ``NLGRAPH_RECURRENCE_GATES``: who forms a momentum level's transfer products (``Ω = G Y`` and
+#: the rows and columns the system, the reads and the recurrence take: :func:`~compilers.chunked.gate_pieces`)
+#: where the recurrence runs in the kernel, read once a process. ``pytorch`` (default): two
+#: ``[n+1, n+1]`` cumulative products, a batched product and a dozen slices (each a zero-filled
+#: buffer and a copy backward, eagerly). ``kernel``: :func:`online_gates`, one Triton program a chunk
+#: each way, products only (exact at gates of 0), float32. Checked in Triton's interpreter; not yet
+#: on a GPU. Any other value is an error at the first call.
+GATES = os.environ.get("NLGRAPH_RECURRENCE_GATES", "").strip().lower() or "pytorch"
+
+
+def gates_in_kernel(n: int) -> bool:
+    """Whether a momentum level's transfer products go through :func:`online_gates` (:data:`GATES`,
+    and a chunk of 16, 32 or 64 tokens)."""
+    return _checked(GATES, ("pytorch", "kernel"), "NLGRAPH_RECURRENCE_GATES") == "kernel" and gates_fit(n)
+
+
+# compiled for sm_90 at n = 64 (benchmarks/kernel_resources.py), forward / backward: 824 / 1,872 bytes of
+# stack a thread at 8 warps, 1,008 / 2,608 at 4, 632 / 2,424 at 16 (128 registers there)
+GATES_WARPS = 8
+_GATES_PREC = "tf32x3"  # [n, n] float32 products of the gates: three TF32 products, float32-close
+
+
+@torch.library.custom_op("nlgraph::online_gates_fwd", mutates_args=())
+def _gates_fwd_op(a: torch.Tensor, u: torch.Tensor, after: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(omp [B,H,C,n,n], om [B,H,C,n,n] or empty, vec [B,H,C,7,n])``, float32."""
+    b, h, nc, n = a.shape
+    omp = a.new_empty(b, h, nc, n, n, dtype=torch.float32)
+    om = a.new_empty(b, h, nc, n, n, dtype=torch.float32) if after else _empty(a)
+    vec = a.new_empty(b, h, nc, 7, n, dtype=torch.float32)
+    _kernels(a).gates_fwd[(b * h * nc,)](a, u, omp, om, vec, N=n, OM=after, PREC=_GATES_PREC, num_warps=GATES_WARPS)
+    return omp, om, vec
+
+
+@_gates_fwd_op.register_fake
+def _(a, u, after):
+    b, h, nc, n = a.shape
+    return (a.new_empty(b, h, nc, n, n, dtype=torch.float32),
+            a.new_empty(b, h, nc, n, n, dtype=torch.float32) if after else a.new_empty(0),
+            a.new_empty(b, h, nc, 7, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("nlgraph::online_gates_bwd", mutates_args=())
+def _gates_bwd_op(a: torch.Tensor, u: torch.Tensor, domp: torch.Tensor, dom: torch.Tensor, dvec: torch.Tensor,
+                  after: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    da, du = torch.empty_like(a, dtype=torch.float32), torch.empty_like(u, dtype=torch.float32)
+    n = a.shape[-1]
+    _kernels(a).gates_bwd[(a.numel() // n,)](a, u, domp.contiguous(), dom.contiguous() if after else _empty(a),
+                                             dvec.contiguous(), da, du, N=n, OM=after, PREC=_GATES_PREC,
+                                             num_warps=GATES_WARPS)
+    return da, du
+
+
+@_gates_bwd_op.register_fake
+def _(a, u, domp, dom, dvec, after):
+    return torch.empty_like(a, dtype=torch.float32), torch.empty_like(u, dtype=torch.float32)
+
+
+def _gates_setup(ctx, inputs, output):
+    a, u, after = inputs
+    ctx.save_for_backward(a, u)
+    ctx.after = after
+
+
+def _gates_backward(ctx, domp, dom, dvec):
+    a, u = ctx.saved_tensors
+    b, h, nc, n = a.shape
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.float32, device=a.device)
+
+    domp = zeros(b, h, nc, n, n) if domp is None else domp
+    dom = (zeros(b, h, nc, n, n) if dom is None else dom) if ctx.after else _empty(a)
+    dvec = zeros(b, h, nc, 7, n) if dvec is None else dvec
+    da, du = _gates_bwd_op(a, u, domp, dom, dvec, ctx.after)
+    return da.to(a.dtype), du.to(u.dtype), None
+
+
+_gates_fwd_op.register_autograd(_gates_backward, setup_context=_gates_setup)
+
+
+def online_gates(a: torch.Tensor, u: torch.Tensor, after: bool) -> dict[str, torch.Tensor]:
+    """A momentum level's transfer products of every chunk in one kernel: the same pieces as
+    :func:`compilers.chunked.gate_pieces` (its docstring names them), float32, differentiable in ``a``
+    and ``u``.
+
+    Args:
+        a, u: ``[B, H, C, n]`` the retention and momentum factors (float32 or 16 bits; ones for
+            ``a`` without retention).
+        after: whether the reads come after the write (then ``om``, ``ga`` and ``z`` are their rows).
+    """
+    from nlgraph.errors import NLGraphError
+
+    if a.shape != u.shape or a.dim() != 4 or not gates_fit(a.shape[-1]):
+        raise NLGraphError(f"expected a and u [B, H, C, n] with n 16, 32 or 64, got {tuple(a.shape)} and "
+                           f"{tuple(u.shape)}", path="online_gates")
+    omp, om, vec = _gates_fwd_op(a.contiguous(), u.contiguous(), after)
+    gp, zp, ga, z, yu, yend, oml = vec.unbind(-2)
+    return dict(omp=omp, om=om if after else None, gp=gp, zp=zp, ga=ga, z=z, yu=yu, yend=yend, oml=oml)
+
+
+def gates_fit(n: int) -> bool:
+    """Whether :func:`online_gates` takes chunks of ``n`` tokens."""
+    return n in (16, 32, 64)

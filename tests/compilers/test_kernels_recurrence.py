@@ -127,12 +127,18 @@ def rec_calls(monkeypatch):
 def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, reads, rec_calls, monkeypatch):
     """70 tokens in chunks of 16: four full chunks through the kernel and a partial one in PyTorch;
     outputs, final state and every gradient (gates, initial memory and momentum) equal the reference,
-    with the reads and the chunk systems in PyTorch or in their own kernels
-    (``NLGRAPH_RECURRENCE_READS``, ``NLGRAPH_RECURRENCE_PREPARE``)."""
-    monkeypatch.setattr(rec_module, "READS", reads)
-    monkeypatch.setattr(rec_module, "PREPARE", reads)
-    read_calls, prepare_calls = [], []
-    real_reads, real_prepare = rec_module.online_reads, rec_module.online_prepare
+    with the reads, the chunk systems and the transfer products in PyTorch or in their own kernels
+    (``NLGRAPH_RECURRENCE_READS``, ``NLGRAPH_RECURRENCE_PREPARE``, ``NLGRAPH_RECURRENCE_GATES``)."""
+    for switch in ("READS", "PREPARE", "GATES"):
+        monkeypatch.setattr(rec_module, switch, reads)
+    read_calls, prepare_calls, gate_calls = [], [], []
+    real_reads, real_prepare, real_gates = rec_module.online_reads, rec_module.online_prepare, rec_module.online_gates
+
+    def gates_spy(*a, **k):
+        gate_calls.append(1)
+        return real_gates(*a, **k)
+
+    monkeypatch.setattr(rec_module, "online_gates", gates_spy)
 
     def reads_spy(*a, **k):
         read_calls.append(1)
@@ -173,6 +179,7 @@ def test_levels_without_a_kernel_of_their_own_run_the_recurrence_kernel(name, re
     assert len(read_calls) == (1 if reads == "kernel" else 0)
     # the dot objective's update does not read the state: no system to solve
     assert len(prepare_calls) == (1 if reads == "kernel" and spec.objective.kind != "dot" else 0)
+    assert len(gate_calls) == (1 if reads == "kernel" else 0)  # every level here has momentum
     (y, st, gr), (y_ref, st_ref, gr_ref) = results["triton"], results["reference"]
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for k in ("memory.w0", "optimizer.memory.momentum.w0"):
@@ -528,3 +535,38 @@ def test_the_prepare_kernel_in_16_bits_stays_within_their_rounding():
     for j, (a_, r_) in enumerate(zip(got, want)):
         assert a_.dtype == mine[j].dtype
         assert _rel(a_.double().cpu(), r_) < 2e-2, j
+
+
+@pytest.mark.parametrize("n,after,zero", [(16, True, False), (32, False, True), (64, True, True)])
+def test_the_gates_kernel_equals_the_transfer_products(n, after, zero):
+    """``online_gates`` (one program a chunk) against ``compilers.chunked.gate_pieces`` of
+    ``transfer``'s products in float64: every piece and both factors' gradients, with a read after
+    the write or before it, and with factors of exactly 0 (products only: no division by a gate)."""
+    from nlgraph.compilers.chunked import gate_pieces, transfer
+    from nlgraph.compilers.kernels.recurrence import online_gates
+
+    g = torch.Generator().manual_seed(n)
+    b, h, c = 1, 2, 3
+    a = 0.5 + 0.5 * torch.rand(b, h, c, n, generator=g, dtype=torch.float64)
+    u = torch.rand(b, h, c, n, generator=g, dtype=torch.float64)
+    if zero:
+        a[0, 0, 1, n // 2] = 0.0
+        u[0, 1, 0, 3] = 0.0
+    ref_in = [a.clone().requires_grad_(), u.clone().requires_grad_()]
+    ref = gate_pieces(transfer(ref_in[0], False), transfer(ref_in[1], False), after)
+    names = [k for k, v in ref.items() if v is not None]
+    cots = {k: torch.randn(ref[k].shape, generator=g, dtype=torch.float64) for k in names}
+    want = torch.autograd.grad(sum((ref[k] * cots[k]).sum() for k in names), ref_in)
+    mine = [a.float().to(DEVICE).requires_grad_(), u.float().to(DEVICE).requires_grad_()]
+    out = online_gates(*mine, after)
+    assert sorted(k for k, v in out.items() if v is not None) == sorted(names)
+    for k in names:
+        assert out[k].dtype == torch.float32 and _rel(out[k].detach().double().cpu(), ref[k].detach()) < 1e-5, k
+    got = torch.autograd.grad(sum((out[k] * cots[k].float().to(DEVICE)).sum() for k in names), mine)
+    for which, a_, r_ in zip("au", got, want):
+        assert torch.isfinite(a_).all() and _rel(a_.double().cpu(), r_) < 1e-5, which
+    compiled = torch.compile(lambda x, y: sum((v * cots[k].float().to(DEVICE)).sum()
+                                              for k, v in online_gates(x, y, after).items() if v is not None),
+                             fullgraph=True, backend="aot_eager")
+    for a_, b_ in zip(got, torch.autograd.grad(compiled(*mine), mine)):
+        torch.testing.assert_close(a_, b_)
