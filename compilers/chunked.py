@@ -1226,15 +1226,15 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
     after = not run.read_before
     if momentum and recurrence is not None and gates_in_kernel(n):  # NLGRAPH_RECURRENCE_GATES
         mu = split(ch.seq("mu"))
-        gp = online_gates(alpha if alpha is not None else torch.ones_like(mu), mu, after)
+        gates = online_gates(alpha if alpha is not None else torch.ones_like(mu), mu, after)
     else:
         # [B, H, C, n+1, n+1]
         g = transfer(alpha, False) if alpha is not None else _no_decay(n, tuple(lr.shape[:3]), lr)
-        gp = gate_pieces(g, transfer(split(ch.seq("mu")), False) if momentum else None, after)
+        gates = gate_pieces(g, transfer(split(ch.seq("mu")), False) if momentum else None, after)
     if coef is not None:
         from .kernels.recurrence import online_prepare, operand_dtype, prepare_in_kernel
 
-        sys_args = (k, erase, coef, gp["omp"], gp["gp"], gp["zp"], f)
+        sys_args = (k, erase, coef, gates["omp"], gates["gp"], gates["zp"], f)
         if recurrence is not None and prepare_in_kernel(n, f.shape[-1], k.shape[-1]):  # NLGRAPH_RECURRENCE_PREPARE
             work = operand_dtype(torch.promote_types(k.dtype, erase.dtype), k.device)
             p1, p2, u = online_prepare(k.to(work), erase.to(work), *sys_args[2:], out=work)
@@ -1244,9 +1244,9 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         p1 = p2 = None
         u = f
     # the recurrence's per-chunk inputs [B, H, C, ...], by name (recurrence_step's arguments)
-    parts = {"u": u, "xt": k * gp["oml"].unsqueeze(-1), "ge": gp["ga"][..., -1], "p1": p1}
+    parts = {"u": u, "xt": k * gates["oml"].unsqueeze(-1), "ge": gates["ga"][..., -1], "p1": p1}
     if momentum:
-        parts.update(yt=k * gp["yend"].unsqueeze(-1), ze=gp["z"][..., -1], ye=gp["yu"][..., -1], p2=p2)
+        parts.update(yt=k * gates["yend"].unsqueeze(-1), ze=gates["z"][..., -1], ye=gates["yu"][..., -1], p2=p2)
     parts = {name: t for name, t in parts.items() if t is not None}
     if recurrence is not None:
         mats = [parts[name] for name in ("xt", "p1", "yt", "p2") if name in parts]
@@ -1299,7 +1299,7 @@ def _online_full(run: LevelRun, inputs: _Inputs, n_chunks: int, n: int, w: torch
         starts_s = torch.stack(ss, dim=2) if momentum else None
         es = torch.stack(es_, dim=2)
     # the reads' rows: the state before each token's write, or after it
-    ra, rz, rm = (gp["ga"], gp["z"], gp["om"]) if after else (gp["gp"], gp["zp"], gp["omp"])
+    ra, rz, rm = (gates["ga"], gates["z"], gates["om"]) if after else (gates["gp"], gates["zp"], gates["omp"])
 
     low = autocast_dtype(q.device.type)
 
