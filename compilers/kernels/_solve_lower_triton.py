@@ -8,8 +8,9 @@ One program per (right-hand side, column block of ``BO``): the rows go in blocks
 (``tl.dot``s, left-looking), then the diagonal block's inverse times that: at 16 rows built in
 registers by substitution over its rows, at 32 or 64 by the delta-rule kernels' UT inverse (16-row
 blocks by substitution, the rest in ``BS / 16 − 1`` products), so a system of 256 rows takes 4
-sequential block steps of 64 instead of 16 of 16. A solved block is stored to ``x`` and read back by the later blocks of the same
-program (a barrier between), so nothing of size ``n`` is held on chip. ``a``'s batch index is
+sequential block steps of 64 instead of 16 of 16. A solved block is stored to ``x`` and read back
+by the later blocks of the same program (a barrier between), so nothing of size ``n`` is held on
+chip. ``a``'s batch index is
 ``(b // DIV) % MOD`` of the right-hand side's ``b``: one ``a`` broadcast over leading or trailing
 batch dimensions is read in place, not copied.
 """

@@ -6,7 +6,7 @@ right-hand columns each. ``torch.linalg.solve_triangular`` hands them to cuBLAS'
 which took 12–16 % of ``hope_large_chunk``'s step on an H100 and copies its operands into the
 layout it wants (a broadcast ``a`` once per right-hand side). This op reads ``a`` in place (also
 broadcast, or transposed through its strides) and the right-hand sides as they are, and solves by
-blocks of 16 rows in float32 (:mod:`._solve_lower_triton`). Registered as
+blocks of 16 rows (:data:`ROWS`: 32 or 64 on request) in float32 (:mod:`._solve_lower_triton`). Registered as
 ``nlgraph::solve_unit_lower`` with a fake implementation and autograd written with itself, so it
 traces under ``torch.compile(fullgraph=True)`` and differentiates to any order. The chunked form's
 default for float32 solves on CUDA (``NLGRAPH_CHUNK_SOLVE`` unset): on an H100 it solved the larger
