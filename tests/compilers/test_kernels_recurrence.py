@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from triton_interp import INTERPRET as _INTERPRET  # noqa: E402  (sets up triton first)
 from triton_interp import interpreter_while_testing  # noqa: E402, F401  (the module fixture)
@@ -570,3 +572,54 @@ def test_the_gates_kernel_equals_the_transfer_products(n, after, zero):
                              fullgraph=True, backend="aot_eager")
     for a_, b_ in zip(got, torch.autograd.grad(compiled(*mine), mine)):
         torch.testing.assert_close(a_, b_)
+
+
+@settings(max_examples=8)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([16, 32]), st.integers(1, 3), st.integers(1, 40),
+       st.integers(1, 40), st.booleans(), st.booleans(), st.integers(0, 3))
+def test_the_gates_and_systems_kernels_chained_equal_pytorch(seed, n, c, i, o, mom, after, zeros):
+    """Property: the transfer products' kernel feeding the systems' kernel (as a momentum level runs
+    them) equals ``gate_pieces`` feeding ``solve_chunks`` in float64 at drawn chunks, widths, gates
+    (some exactly 0) and read order: ``P₁``, ``P₂``, ``U``, the reads' pieces and the gradients of
+    the keys, the write strengths, the forcing and both gates."""
+    from nlgraph.compilers.chunked import gate_pieces, solve_chunks, transfer
+    from nlgraph.compilers.kernels.recurrence import online_gates, online_prepare
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    b, h = 1, 2
+    k = torch.nn.functional.normalize(r(b, h, c, n, i), dim=-1)
+    a = 0.6 + 0.4 * torch.rand(b, h, c, n, generator=g, dtype=torch.float64)
+    u = torch.rand(b, h, c, n, generator=g, dtype=torch.float64)
+    for _ in range(zeros):  # gates of exactly 0 at drawn tokens
+        j = int(torch.randint(0, c * n, (1,), generator=g))
+        (a if j % 2 else u)[0, j % h, j // n, j % n] = 0.0
+    coef, f = torch.rand(b, h, c, n, generator=g, dtype=torch.float64), r(b, h, c, n, o)
+
+    def run(conv, kernels):
+        x = [conv(t).requires_grad_() for t in (k, a, u, coef, f)]
+        kk, aa, uu, cf, ff = x
+        if kernels:
+            p = online_gates(aa, uu, after) if mom else gate_pieces(transfer(aa, False), None, after)
+            outs = online_prepare(kk, kk, cf, p["omp"], p["gp"], p["zp"], ff)
+        else:
+            p = gate_pieces(transfer(aa, False), transfer(uu, False) if mom else None, after)
+            outs = solve_chunks(kk, kk, cf, p["omp"], p["gp"], p["zp"], ff)
+        reads = [p[name] for name in ("om", "ga", "z", "oml", "yend") if p[name] is not None]
+        return x, [t for t in (*outs, *reads) if t is not None]
+
+    (x_ref, ref), (x_mine, mine) = run(lambda t: t.clone(), False), run(lambda t: t.float().to(DEVICE), True)
+    assert len(ref) == len(mine)
+    cots = [r(*t.shape) for t in ref]
+    # without momentum nothing reads u
+    want = torch.autograd.grad(sum((t * ct).sum() for t, ct in zip(ref, cots)),
+                               x_ref if mom else x_ref[:2] + x_ref[3:])
+    got = torch.autograd.grad(sum((t * ct.float().to(DEVICE)).sum() for t, ct in zip(mine, cots)),
+                              x_mine if mom else x_mine[:2] + x_mine[3:])
+    for t, t_ref in zip(mine, ref):
+        assert _rel(t.detach().double().cpu(), t_ref.detach()) < 1e-4
+    for gr, gr_ref in zip(got, want):
+        assert torch.isfinite(gr).all() and _rel(gr.double().cpu(), gr_ref) < 1e-4
