@@ -16,6 +16,11 @@ reads sent to its start state and to ``E_c``. The per-chunk inputs' gradients th
 rows (``X̃``, ``Ỹ``, ``P1``, ``P2``, the three scalars) are added by every row block's program into
 one zeroed buffer with atomics (``ATOMIC``), or written per row block and summed in PyTorch, so the
 result does not depend on scheduling (``recurrence.SUMS``).
+
+The per-chunk parts can run here too, one program a chunk each way (each behind its switch in
+``recurrence``): the reads from the chunk starts (``_reads_*``), the chunk systems and their
+solutions ``P1``, ``P2``, ``U`` (``_prepare_*``) and a momentum level's transfer products
+(``_gates_*``).
 """
 
 from __future__ import annotations
@@ -251,7 +256,7 @@ def _reads_bwd(q, k, a, bz, m, ws, ss, es, do, dq, dk, da, dbz, dm, dws, dss, de
 
 @triton.jit
 def _prep_chunk(k, er, cf, m, cc, N: tl.constexpr, I, BI: tl.constexpr, PREC: tl.constexpr):
-    """Chunk ``cc``'s inputs of both prepare kernels: ``(k, erase [N, BI], coef [N] float32,
+    """Chunk ``cc``'s inputs of :func:`_prepare_fwd`: ``(k, erase [N, BI], coef [N] float32,
     M [N, N] float32, erase kᵀ [N, N] float32)``."""
     r = tl.arange(0, N)
     ka = tl.load(_tile(k, cc * N * I, N, I, 0, N, BI), boundary_check=(0, 1), padding_option="zero")

@@ -11,6 +11,12 @@ kernel launch instead of a few PyTorch operators a chunk. Forward and backward i
 (``_recurrence_triton``), float32 state; registered as ``nlgraph::online_recurrence_fwd`` /
 ``_bwd`` with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces it.
 :func:`loop` is the same function in PyTorch (the tests' reference, and the fallback).
+
+The rest of a chunk's work has kernels of its own, each a custom op with its PyTorch form in
+``compilers/chunked.py`` and a switch (off until a GPU has timed it, unless said otherwise):
+:func:`online_reads` (``NLGRAPH_RECURRENCE_READS``), :func:`online_prepare` (the chunk systems,
+``NLGRAPH_RECURRENCE_PREPARE``; ``solve_chunks``) and :func:`online_gates` (a momentum level's
+transfer products, ``NLGRAPH_RECURRENCE_GATES``; ``gate_pieces``).
 """
 
 from __future__ import annotations
