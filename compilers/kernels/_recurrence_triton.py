@@ -368,24 +368,31 @@ def _transfer_mats(f, cc, N: tl.constexpr):
     """A chunk's products of the factors ``f [N]`` (token ``t`` at row ``t``), float32:
     ``(P [N, N], Pp [N, N], p [N], pp [N])`` with ``P[r, m] = Π_{l=m+1..r} f_l`` (``r ≥ m``),
     ``Pp[r, m] = Π_{l=m+1..r−1} f_l`` (``r > m``: the previous row's), ``p[r] = Π_{l≤r} f_l`` and
-    ``pp[r] = Π_{l<r} f_l``. The matrices come from the factors' cumulative log-sums as
-    ``exp(L[r] − L[m])`` (no scan over a tile: a cumulative product down an [N, N] tile spilled
-    tens of KiB a thread compiled for sm_90), zero wherever a factor of exactly 0 lies in the range
-    (a running count of them), so a product over a zero is exactly 0 and one that skips it is the
-    product of the others; the vectors are cumulative products."""
+    ``pp[r] = Π_{l<r} f_l``. The matrices come from the factors' cumulative log-magnitudes as
+    ``± exp(L[r] − L[m])`` (no scan over a tile: a cumulative product down an [N, N] tile spilled
+    tens of KiB a thread compiled for sm_90), with running counts of exact zeros (a product over
+    one is exactly 0, one that skips it the product of the others) and of negative factors (the
+    sign: gates need not be positive, ``act: tanh`` or ``identity``); the vectors are cumulative
+    products."""
     r = tl.arange(0, N)
     fv = tl.load(f + cc * N + r).to(tl.float32)
     zero = fv == 0.
-    lg = tl.cumsum(tl.log(tl.where(zero, 1., fv)), axis=0)   # L[r] = Σ_{l≤r} log f_l over nonzero f
-    nz = tl.cumsum(zero.to(tl.int32), axis=0)                 # zeros among f_0 … f_r
-    lgp = lg - tl.log(tl.where(zero, 1., fv))                 # L[r − 1]
+    neg = (fv < 0.).to(tl.int32)
+    lf = tl.log(tl.where(zero, 1., tl.abs(fv)))
+    lg = tl.cumsum(lf, axis=0)                            # L[r] = Σ_{l≤r} log |f_l| over nonzero f
+    lgp = lg - lf                                         # L[r − 1]
+    nz = tl.cumsum(zero.to(tl.int32), axis=0)             # zeros among f_0 … f_r
     nzp = nz - zero.to(tl.int32)
-    diff = lg[:, None] - lg[None, :]
-    clean = (nz[:, None] - nz[None, :]) == 0
-    pm = tl.where((r[:, None] >= r[None, :]) & clean, tl.exp(tl.where(r[:, None] >= r[None, :], diff, 0.)), 0.)
-    diffp = lgp[:, None] - lg[None, :]
-    cleanp = (nzp[:, None] - nz[None, :]) == 0
-    ppm = tl.where((r[:, None] > r[None, :]) & cleanp, tl.exp(tl.where(r[:, None] > r[None, :], diffp, 0.)), 0.)
+    ng = tl.cumsum(neg, axis=0)                           # negatives among f_0 … f_r
+    ngp = ng - neg
+    low = r[:, None] >= r[None, :]
+    sign = tl.where(((ng[:, None] - ng[None, :]) % 2) == 1, -1., 1.)
+    pm = tl.where(low & ((nz[:, None] - nz[None, :]) == 0),
+                  sign * tl.exp(tl.where(low, lg[:, None] - lg[None, :], 0.)), 0.)
+    strict = r[:, None] > r[None, :]
+    signp = tl.where(((ngp[:, None] - ng[None, :]) % 2) == 1, -1., 1.)
+    ppm = tl.where(strict & ((nzp[:, None] - nz[None, :]) == 0),
+                   signp * tl.exp(tl.where(strict, lgp[:, None] - lg[None, :], 0.)), 0.)
     fp = tl.load(f + cc * N + r - 1, mask=r > 0, other=1.).to(tl.float32)  # f_{r−1}, 1 at r = 0
     return pm, ppm, tl.cumprod(fv, axis=0), tl.cumprod(fp, axis=0)
 

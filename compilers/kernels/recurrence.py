@@ -641,8 +641,8 @@ def gates_in_kernel(n: int) -> bool:
     return _checked(GATES, ("pytorch", "kernel"), "NLGRAPH_RECURRENCE_GATES") == "kernel" and gates_fit(n)
 
 
-# compiled for sm_90 at n = 64 (benchmarks/kernel_resources.py), forward / backward: 824 / 1,872 bytes of
-# stack a thread at 8 warps, 1,008 / 2,608 at 4, 632 / 2,424 at 16 (128 registers there)
+# compiled for sm_90 at n = 64 (benchmarks/kernel_resources.py), forward / backward: 824 / 1,968 bytes of
+# stack a thread at 8 warps, 984 / 3,544 at 4, 632 / 2,344 at 16 (128 registers there)
 GATES_WARPS = 8
 _GATES_PREC = "tf32x3"  # [n, n] float32 products of the gates: three TF32 products, float32-close
 

@@ -539,11 +539,13 @@ def test_the_prepare_kernel_in_16_bits_stays_within_their_rounding():
         assert _rel(a_.double().cpu(), r_) < 2e-2, j
 
 
-@pytest.mark.parametrize("n,after,zero", [(16, True, False), (32, False, True), (64, True, True)])
-def test_the_gates_kernel_equals_the_transfer_products(n, after, zero):
+@pytest.mark.parametrize("n,after,zero,negative", [(16, True, False, False), (32, False, True, False),
+                                                   (64, True, True, False), (16, False, True, True)])
+def test_the_gates_kernel_equals_the_transfer_products(n, after, zero, negative):
     """``online_gates`` (one program a chunk) against ``compilers.chunked.gate_pieces`` of
     ``transfer``'s products in float64: every piece and both factors' gradients, with a read after
-    the write or before it, and with factors of exactly 0 (products only: no division by a gate)."""
+    the write or before it, with factors of exactly 0 (products only: no division by a gate) and
+    negative ones (a gate through ``tanh`` or ``identity``)."""
     from nlgraph.compilers.chunked import gate_pieces, transfer
     from nlgraph.compilers.kernels.recurrence import online_gates
 
@@ -551,6 +553,8 @@ def test_the_gates_kernel_equals_the_transfer_products(n, after, zero):
     b, h, c = 1, 2, 3
     a = 0.5 + 0.5 * torch.rand(b, h, c, n, generator=g, dtype=torch.float64)
     u = torch.rand(b, h, c, n, generator=g, dtype=torch.float64)
+    if negative:
+        a, u = 2 * a - 1.5, 2 * u - 1
     if zero:
         a[0, 0, 1, n // 2] = 0.0
         u[0, 1, 0, 3] = 0.0
