@@ -141,6 +141,18 @@ def _stages() -> int:
     return int(_checked(STAGES, ("1", "2"), "NLGRAPH_RECURRENCE_STAGES"))
 
 
+#: ``NLGRAPH_RECURRENCE_BWD_WARPS``: the backward kernel's warps (``4``, default, or ``8``), read
+#: once a process. Compiled for sm_90 at a [128, 128] state, chunk 64, bfloat16, 32 rows a program
+#: (``benchmarks/kernel_resources.py --cases recurrence``): 496 bytes of stack a thread at 4 warps,
+#: 80 at 8, but 8 warps at 255 registers fill an SM's register file, so one program an SM instead
+#: of two (B=4, H=16's 256 programs then run in two waves on 132 SMs, not one). Not yet timed.
+BWD_WARPS = os.environ.get("NLGRAPH_RECURRENCE_BWD_WARPS", "").strip() or "4"
+
+
+def _bwd_warps() -> int:
+    return int(_checked(BWD_WARPS, ("4", "8"), "NLGRAPH_RECURRENCE_BWD_WARPS"))
+
+
 def _blocks(o: int, i: int) -> tuple[int, int]:
     return min(_pow2(o), int(_checked(ROWS, ("16", "32", "64"), "NLGRAPH_RECURRENCE_ROWS"))), _pow2(i)
 
@@ -230,7 +242,7 @@ def _bwd_op(ws: torch.Tensor, ss: Optional[torch.Tensor], es: torch.Tensor, xt: 
         ye if mom else e, p2 if p2 is not None else e, dws.contiguous(), dss.contiguous() if mom else e,
         des.contiguous(), dwt.contiguous(), dst.contiguous() if mom else e, dw0, ds0, du, dxt, dge, dp1, dyt, dze,
         dye, dp2, nc, b * h, N=n, O=o, I=i, BO=bo, BI=bi, HAS_P1=p1 is not None, MOM=mom, HAS_P2=p2 is not None,
-        PREC=prec, ATOMIC=atomic, num_stages=_stages())
+        PREC=prec, ATOMIC=atomic, num_stages=_stages(), num_warps=_bwd_warps())
 
     def total(t):
         if not t.numel():

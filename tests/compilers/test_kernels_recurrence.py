@@ -627,3 +627,16 @@ def test_the_gates_and_systems_kernels_chained_equal_pytorch(seed, n, c, i, o, m
         assert _rel(t.detach().double().cpu(), t_ref.detach()) < 1e-4
     for gr, gr_ref in zip(got, want):
         assert torch.isfinite(gr).all() and _rel(gr.double().cpu(), gr_ref) < 1e-4
+
+
+def test_the_backward_warps_follow_their_switch(monkeypatch):
+    """``NLGRAPH_RECURRENCE_BWD_WARPS``: 4 or 8 warps for the backward; any other value is one clear
+    error naming the variable."""
+    from nlgraph.errors import NLGraphError
+
+    for w in ("4", "8"):
+        monkeypatch.setattr(rec_module, "BWD_WARPS", w)
+        assert rec_module._bwd_warps() == int(w)
+    monkeypatch.setattr(rec_module, "BWD_WARPS", "6")
+    with pytest.raises(NLGraphError, match="NLGRAPH_RECURRENCE_BWD_WARPS"):
+        rec_module._bwd_warps()
