@@ -1147,12 +1147,14 @@ def gate_pieces(g: torch.Tensor, y: torch.Tensor | None, after: bool) -> dict[st
     momentum). ``nlgraph.compilers.kernels.recurrence.online_gates`` forms the momentum case's in one
     kernel."""
     n = g.shape[-1] - 1
-    omega = g @ y if y is not None else g
-    z = omega[..., :, 0] - g[..., :, 0] if y is not None else None  # [..., n+1]
-    return dict(omp=omega[..., :n, 1:], om=omega[..., 1:, 1:] if after else None, gp=g[..., :n, 0],
-                ga=g[..., 1:, 0], zp=z[..., :n] if z is not None else None, z=z[..., 1:] if z is not None else None,
-                yu=y[..., 1:, 0] if y is not None else None, yend=y[..., n, 1:] if y is not None else None,
-                oml=omega[..., n, 1:])
+    pieces = dict(gp=g[..., :n, 0], ga=g[..., 1:, 0], zp=None, z=None, yu=None, yend=None)
+    omega = g
+    if y is not None:
+        omega = g @ y
+        z = omega[..., :, 0] - g[..., :, 0]  # [..., n+1]
+        pieces.update(zp=z[..., :n], z=z[..., 1:], yu=y[..., 1:, 0], yend=y[..., n, 1:])
+    return {**pieces, "omp": omega[..., :n, 1:], "om": omega[..., 1:, 1:] if after else None,
+            "oml": omega[..., n, 1:]}
 
 
 def solve_chunks(k: torch.Tensor, erase: torch.Tensor, coef: torch.Tensor, m: torch.Tensor, g0: torch.Tensor,

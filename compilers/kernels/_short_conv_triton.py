@@ -12,8 +12,8 @@ so a stream's key or query normalisation costs no pass of its own, forward or ba
 
 Forward: one program per (token block, channel block, batch). Backward: ``_conv_da`` recomputes
 ``a``, forms ``da = dy · act'(a)`` (``dy`` taken back through the norm first, with ``L2``) and each
-program's partial sums of ``dw`` from it in float32 (summed in PyTorch, so the result does not
-depend on scheduling), and stores ``da`` in the 16-bit input dtype (float32 for float32 inputs): it
+program's partial sums of ``dw`` from it in float32 (added with atomics, or stored for PyTorch to
+sum so the result does not depend on scheduling: ``short_conv._DW``), and stores ``da`` in the 16-bit input dtype (float32 for float32 inputs): it
 is written once and read once, by ``_conv_dx``, which gives ``dx[t] = Σ_j w[c, j] da[t + K−1−j]``.
 Accumulation is float32 whatever the input dtype.
 """
